@@ -1,10 +1,20 @@
-"""Cut one R-CNN into the edge's Head and the server's Tail.
+"""Cut one student R-CNN into the edge's Head and the server's Tail.
 
-Filled in below; SplitMeta is defined first because the wire protocol carries it.
+Head = transform + stem + bottleneck encoder; Tail = bottleneck decoder + layer2..4 +
+FPN + RPN + ROI heads + postprocess. ``tail(*head(images)) == model(images)`` bit for
+bit in eval mode (tests/test_split.py).
 """
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models.detection.image_list import ImageList
+
+from hnd.common.models import Bottleneck, model_kind
 
 
 @dataclass(frozen=True)
@@ -22,3 +32,142 @@ class SplitMeta:
 
     def __len__(self) -> int:
         return len(self.image_sizes)
+
+# Head parameter names -> the full model's names (head exports and loads use the full names).
+HEAD_PREFIXES = {
+    "conv1.": "backbone.body.conv1.",
+    "bn1.": "backbone.body.bn1.",
+    "encoder.": "backbone.body.layer1.encoder.",
+}
+
+
+def concat_meta(metas: list[SplitMeta]) -> SplitMeta:
+    """Meta of a batch made by concatenating bottlenecks of the same padded size along dim 0."""
+    padded = {m.padded_size for m in metas}
+    if len(padded) != 1:
+        raise ValueError(f"cannot batch bottlenecks of different padded sizes: {sorted(padded)}")
+    return SplitMeta(
+        original_sizes=tuple(s for m in metas for s in m.original_sizes),
+        image_sizes=tuple(s for m in metas for s in m.image_sizes),
+        padded_size=metas[0].padded_size,
+    )
+
+
+class Head(nn.Module):
+    """Edge side: images -> bottleneck.
+
+    Runs torchvision's GeneralizedRCNNTransform (normalize, resize, pad to a multiple of
+    32), the ResNet stem (conv1, bn1, relu, maxpool) and the bottleneck encoder.
+    Holds no tail parameter.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        body = model.backbone.body
+        if not isinstance(body.layer1, Bottleneck):
+            raise TypeError("split_model needs a student (backbone.body.layer1 must be an HND bottleneck)")
+        self.kind = model_kind(model)
+        self.bottleneck_channels = body.layer1.bottleneck_channels
+        self.transform = model.transform
+        self.conv1 = body.conv1
+        self.bn1 = body.bn1
+        self.relu = body.relu
+        self.maxpool = body.maxpool
+        self.encoder = body.layer1.encoder
+
+    def preprocess(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, SplitMeta]:
+        """list of [3, H_i, W_i] floats in 0..1 -> (padded batch [B, 3, Hp, Wp], SplitMeta)."""
+        original_sizes = tuple((int(img.shape[-2]), int(img.shape[-1])) for img in images)
+        image_list, _ = self.transform(images)
+        meta = SplitMeta(
+            original_sizes=original_sizes,
+            image_sizes=tuple((int(h), int(w)) for h, w in image_list.image_sizes),
+            padded_size=(int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1])),
+        )
+        return image_list.tensors, meta
+
+    def stem(self, batch: torch.Tensor) -> torch.Tensor:
+        """[B, 3, Hp, Wp] -> [B, 64, Hp/4, Wp/4] (the tap point of the neural filter)."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(batch))))
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """[B, 3, Hp, Wp] -> bottleneck [B, C, Hp/4 + 4, Wp/4 + 4]."""
+        return self.encoder(self.stem(batch))
+
+    def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, SplitMeta]:
+        batch, meta = self.preprocess(images)
+        return self.encode(batch), meta
+
+
+class Tail(nn.Module):
+    """Server side: bottleneck + SplitMeta -> detections, as the full model returns them.
+
+    Runs the bottleneck decoder, layer2..4, FPN, RPN, ROI heads and the transform's
+    postprocess (boxes, masks and keypoints scaled back to the original image sizes).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        body = model.backbone.body
+        self.transform = model.transform  # postprocess only; holds no parameters
+        self.decoder = body.layer1.decoder
+        # IntermediateLayerGetter's children after layer1, and the output names it gives them.
+        self.return_layers = dict(body.return_layers)
+        self.layers = nn.ModuleDict((name, body[name]) for name in ("layer2", "layer3", "layer4"))
+        self.fpn = model.backbone.fpn
+        self.rpn = model.rpn
+        self.roi_heads = model.roi_heads
+
+    def features(self, z: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """[B, C, h+4, w+4] -> FPN feature maps, as BackboneWithFPN would give them."""
+        x = self.decoder(z)
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        out[self.return_layers["layer1"]] = x
+        for name, layer in self.layers.items():
+            x = layer(x)
+            if name in self.return_layers:
+                out[self.return_layers[name]] = x
+        return self.fpn(out)
+
+    def forward(self, z: torch.Tensor, meta: SplitMeta) -> list[dict[str, torch.Tensor]]:
+        if z.shape[0] != len(meta):
+            raise ValueError(f"bottleneck batch {z.shape[0]} != {len(meta)} images in meta")
+        features = self.features(z)
+        # The RPN's anchor generator reads only the padded batch shape from ImageList.tensors:
+        # an empty stand-in of that shape avoids sending or allocating the image.
+        stand_in = z.new_empty((z.shape[0], 0, *meta.padded_size))
+        image_sizes = [tuple(s) for s in meta.image_sizes]
+        images = ImageList(stand_in, image_sizes)
+        proposals, _ = self.rpn(images, features)
+        detections, _ = self.roi_heads(features, proposals, images.image_sizes)
+        return self.transform.postprocess(detections, images.image_sizes, [tuple(s) for s in meta.original_sizes])
+
+
+def split_model(model: nn.Module, copy_modules: bool = False) -> tuple[Head, Tail]:
+    """Cut a student R-CNN into (Head, Tail) sharing the model's modules.
+
+    ``tail(*head(images))`` equals ``model(images)`` bit for bit in eval mode. With
+    ``copy_modules`` the halves get deep copies, so the model can be freed or changed.
+    """
+    if copy_modules:
+        model = copy.deepcopy(model)
+    head, tail = Head(model), Tail(model)
+    head.train(model.training)
+    tail.train(model.training)
+    return head, tail
+
+
+def head_state_dict(head: Head) -> "OrderedDict[str, torch.Tensor]":
+    """The head's weights under the full model's key names."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in head.state_dict().items():
+        for short, full in HEAD_PREFIXES.items():
+            if key.startswith(short):
+                out[full + key[len(short):]] = value
+                break
+    return out
+
+
+def is_head_key(full_key: str) -> bool:
+    """True for full-model state-dict keys the head holds."""
+    return any(full_key.startswith(full) for full in HEAD_PREFIXES.values())

@@ -1,0 +1,347 @@
+"""Checkpoints: our format, the original HND / GHND files, fingerprints and head-only exports.
+
+Formats read by :func:`load_checkpoint`:
+
+* ours: ``{"format": "hnd-checkpoint", "version": 1, "model": state_dict, "fingerprint": str,
+  "model_info": {...}, ...training state}``;
+* a head-only export: ``{"format": "hnd-head", "model": head state_dict (full-model key
+  names), "fingerprint": fingerprint of the full model it came from, "model_info": {...}}``;
+* the original repository's ``save_ckpt``: ``{"model", "optimizer", "best_value",
+  "lr_scheduler", "config", "args"}`` with torchvision 0.4.2 key names;
+* a bare state dict (e.g. torchvision's released COCO weights).
+
+Everything is read with ``torch.load(weights_only=True)`` and an explicit allowlist of
+the few non-tensor types the original files hold; anything else is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = "hnd-checkpoint"
+HEAD_FORMAT = "hnd-head"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+def _numpy_globals() -> list[Any]:
+    # Pickles of numpy scalars (the original's best_value) name numpy.core (numpy 1.x) or
+    # numpy._core (numpy 2.x) for the same functions.
+    from numpy._core import multiarray
+
+    pairs: list[Any] = [np.dtype, np.ndarray, type(np.dtype("float64")), type(np.dtype("float32")),
+                        type(np.dtype("int64"))]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        pairs.append((multiarray.scalar, f"{module}.scalar"))
+        pairs.append((multiarray._reconstruct, f"{module}._reconstruct"))
+    return pairs
+
+
+# What the original repository's checkpoints contain besides tensors and plain containers.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_globals()]
+
+
+def read_file(path: str | os.PathLike) -> Any:
+    """torch.load a file safely (weights_only + allowlist), turning every failure into CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"{path}: refused, it holds objects outside the checkpoint allowlist ({_unsafe_names(path)})"
+            ) from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({first})") from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({text})") from None
+
+
+def _unsafe_names(path: Path) -> str:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # the file is broken beyond listing; the caller's message stands
+        return "unlisted"
+    allowed = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in SAFE_GLOBALS}
+    return ", ".join(n for n in names if n not in allowed) or "unlisted"
+
+
+# ---------------------------------------------------------------------------------------------
+# State-dict keys of older code.
+
+_LEGACY_RENAMES = [
+    # torchvision < 0.13 names (the original ran 0.4.2); newer torchvision remaps these only
+    # through _load_from_state_dict when the version metadata is missing, so do it explicitly.
+    (re.compile(r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$"), r"\1.0.\2"),
+    (re.compile(r"^(rpn\.head\.conv)\.(weight|bias)$"), r"\1.0.0.\2"),
+    (re.compile(r"^(roi_heads\.mask_head)\.mask_fcn(\d+)\.(weight|bias)$"), None),  # index shifts by one
+    # torchdistill / kdkit ports flatten the bottleneck encoder one level.
+    (re.compile(r"^(backbone\.body\.layer1\.encoder)\.(\d+\..+)$"), r"\1.encoder.\2"),
+]
+
+
+def upgrade_legacy_keys(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """Rename torchvision-0.4.2-era and port-specific keys to the names our models use.
+
+    Also strips a DataParallel ``module.`` prefix. Keys that are already current pass through.
+    """
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in state_dict.items():
+        if key.startswith("module."):
+            key = key[len("module."):]
+        for pattern, replacement in _LEGACY_RENAMES:
+            match = pattern.match(key)
+            if match is None:
+                continue
+            if replacement is None:  # mask_fcn{i} -> {i-1}.0
+                key = f"{match.group(1)}.{int(match.group(2)) - 1}.0.{match.group(3)}"
+            else:
+                key = pattern.sub(replacement, key)
+            break
+        out[key] = value
+    return out
+
+
+def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, int | None]:
+    """(model kind, bottleneck channels or None for a teacher) read off the keys and shapes."""
+    if any(k.startswith("roi_heads.keypoint_predictor.") for k in state_dict):
+        kind = "keypoint_rcnn"
+    elif any(k.startswith("roi_heads.mask_predictor.") for k in state_dict):
+        kind = "mask_rcnn"
+    else:
+        kind = "faster_rcnn"
+    z = state_dict.get("backbone.body.layer1.encoder.encoder.7.weight")
+    return kind, (int(z.shape[0]) if z is not None else None)
+
+
+def _what(kind: str, channels: int | None) -> str:
+    return f"{kind} teacher" if channels is None else f"{kind} student with a {channels}-channel bottleneck"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprint.
+
+
+def fingerprint(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) over the sorted names, dtypes, shapes and bytes of a state dict.
+
+    Independent of the file format and key order, so a model loaded from the original's
+    file, from ours, or rebuilt from the same seed reports the same fingerprint.
+    """
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Save.
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def model_info(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    kind, channels = describe_state_dict(state_dict)
+    return {"kind": kind, "bottleneck_channels": channels}
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> str:
+    """Write ``model``'s weights and any training state (``extra``) atomically; returns the fingerprint.
+
+    ``extra`` must hold only tensors, numbers, strings and containers (it is read back with
+    ``weights_only=True``): optimizer / scheduler state dicts, epoch, config as a dict.
+    """
+    sd = model.state_dict()
+    fp = fingerprint(sd)
+    atomic_torch_save(
+        {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "model": sd, "fingerprint": fp,
+         "model_info": model_info(sd), **extra},
+        path,
+    )
+    return fp
+
+
+# ---------------------------------------------------------------------------------------------
+# Load.
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read any supported checkpoint into ``{"format", "model": state_dict (current key names), ...}``.
+
+    The original's layout gets ``format: "original"``; a bare state dict ``format: "state_dict"``.
+    """
+    raw = read_file(path)
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(raw).__name__}, expected a dict)")
+    if raw.get("format") in (CHECKPOINT_FORMAT, HEAD_FORMAT):
+        ckpt = dict(raw)
+        if ckpt.get("version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{path}: written by a newer hnd (format version {ckpt['version']})")
+    elif isinstance(raw.get("model"), Mapping):
+        ckpt = dict(raw, format="original")
+    elif raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        ckpt = {"format": "state_dict", "model": raw}
+    else:
+        raise CheckpointError(f"{path}: not a model checkpoint (no 'model' state dict; keys: {sorted(raw)[:6]})")
+    sd = ckpt["model"]
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{path}: 'model' is not a state dict of tensors")
+    ckpt["model"] = upgrade_legacy_keys(sd)
+    return ckpt
+
+
+def _check_compatible(path: Any, sd: Mapping[str, torch.Tensor], model: nn.Module, keys: set[str] | None) -> None:
+    """Say in one line why a state dict does not fit a model (kind, teacher/student, channels, keys)."""
+    from hnd.common.models import bottleneck_channels_of, model_kind
+
+    want = (model_kind(model), bottleneck_channels_of(model))
+    have = describe_state_dict(sd)
+    if have != want:
+        raise CheckpointError(f"{path}: holds a {_what(*have)}, but the model is a {_what(*want)}")
+    model_sd = model.state_dict()
+    expected = set(model_sd) if keys is None else keys
+    missing = sorted(expected - set(sd))
+    unexpected = sorted(set(sd) - set(model_sd))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} missing keys, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:3])}")
+    for k in expected:
+        if tuple(sd[k].shape) != tuple(model_sd[k].shape):
+            raise CheckpointError(
+                f"{path}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(model_sd[k].shape)}"
+            )
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = True) -> dict[str, Any]:
+    """Load a full checkpoint (ours, the original's, or a bare state dict) into ``model``.
+
+    Returns the checkpoint dict (training state and metadata, ``model`` holding the
+    upgraded state dict). With ``strict`` every key must match; otherwise keys absent
+    from the file keep the model's values (e.g. a student initialised from a teacher).
+    Raises CheckpointError naming the file and the problem.
+    """
+    ckpt = read_checkpoint(path)
+    if ckpt["format"] == HEAD_FORMAT:
+        raise CheckpointError(f"{path}: a head-only export; load it into the edge's Head with load_head()")
+    sd = ckpt["model"]
+    if strict:
+        _check_compatible(path, sd, model, None)
+    model_sd = model.state_dict()
+    usable = {k: v for k, v in sd.items() if k in model_sd and tuple(v.shape) == tuple(model_sd[k].shape)}
+    model.load_state_dict(usable, strict=strict)
+    stored = ckpt.get("fingerprint")
+    if strict and stored is not None and stored != fingerprint(model):
+        raise CheckpointError(f"{path}: weights do not match the fingerprint stored in the file (corrupted?)")
+    return ckpt
+
+
+def load_weights(path_or_url: str, model: nn.Module) -> dict[str, Any]:
+    """Load full-model weights from a file or, only when given a URL, from torchvision's download cache."""
+    if re.match(r"^https?://", path_or_url):
+        # Only reached when a config or caller names a URL; tests never do.
+        sd = torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", weights_only=True)
+        ckpt = {"format": "state_dict", "model": upgrade_legacy_keys(sd)}
+        _check_compatible(path_or_url, ckpt["model"], model, None)
+        model.load_state_dict(ckpt["model"])
+        return ckpt
+    return load_checkpoint(path_or_url, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Head-only export for the edge.
+
+
+def export_head(path_in: str | os.PathLike, path_out: str | os.PathLike) -> str:
+    """Write only the head's weights of a full student checkpoint; returns the full model's fingerprint.
+
+    The export keeps full-model key names and carries the fingerprint of the full model,
+    so an edge holding only the head still proves to the server which weights it runs.
+    """
+    from hnd.common.split import is_head_key
+
+    ckpt = read_checkpoint(path_in)
+    if ckpt["format"] == HEAD_FORMAT:
+        raise CheckpointError(f"{path_in}: already a head-only export")
+    sd = ckpt["model"]
+    kind, channels = describe_state_dict(sd)
+    if channels is None:
+        raise CheckpointError(f"{path_in}: holds a {_what(kind, channels)}; only a student can be split")
+    fp = fingerprint(sd)
+    head_sd = OrderedDict((k, v) for k, v in sd.items() if is_head_key(k))
+    atomic_torch_save(
+        {"format": HEAD_FORMAT, "version": FORMAT_VERSION, "model": head_sd, "fingerprint": fp,
+         "model_info": model_info(sd)},
+        path_out,
+    )
+    return fp
+
+
+def load_head(path: str | os.PathLike, head: nn.Module) -> str:
+    """Load a head-only export (or the head part of a full checkpoint) into a Head; returns the full fingerprint."""
+    from hnd.common.split import HEAD_PREFIXES, head_state_dict
+
+    ckpt = read_checkpoint(path)
+    sd = ckpt["model"]
+    full_fp = ckpt.get("fingerprint") if ckpt["format"] == HEAD_FORMAT else fingerprint(sd)
+    if full_fp is None:
+        raise CheckpointError(f"{path}: head export without a fingerprint")
+    expected = head_state_dict(head)
+    have_kind = ckpt.get("model_info", {}).get("kind") if ckpt["format"] == HEAD_FORMAT else describe_state_dict(sd)[0]
+    head_kind = getattr(head, "kind", None)
+    if have_kind is not None and head_kind != have_kind:
+        raise CheckpointError(f"{path}: weights of a {have_kind}, but the head belongs to a {head_kind}")
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} head keys missing, e.g. {', '.join(missing[:3])}")
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the head expects {tuple(v.shape)}")
+    short = {}
+    for full_key in expected:
+        for s, f in HEAD_PREFIXES.items():
+            if full_key.startswith(f):
+                short[s + full_key[len(f):]] = sd[full_key]
+                break
+    head.load_state_dict(short, strict=True)
+    return full_fp

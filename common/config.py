@@ -1,0 +1,278 @@
+"""YAML configs: one schema of dataclasses, one loader, clear errors.
+
+A config file has the sections ``model`` (required), ``teacher``, ``dataset``, ``train``
+and ``runtime``. Unknown keys, missing required keys and values of the wrong type are
+errors that name the file and the dotted key. Relative paths in a config are taken
+relative to the working directory, as in the original repository
+(``./resource/ckpt/...``, ``./resource/dataset/coco2017``).
+
+Weights are never silently random: a model section names a ``checkpoint`` (which must
+exist), a torchvision ``weights_url``, or ``random_weights: SEED`` explicitly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from hnd.common.models import MODEL_KINDS, build_model
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the file, the key and the problem."""
+
+
+@dataclass
+class ModelConfig:
+    """A detector and where its weights come from."""
+
+    kind: str
+    bottleneck_channels: int | None = None  # None: the teacher (plain ResNet-50 layer1)
+    num_classes: int | None = None  # default 91, or 2 for keypoint_rcnn
+    params: dict[str, Any] = field(default_factory=dict)  # torchvision kwargs: min_size, max_size, ...
+    checkpoint: str | None = None  # our format, the original's, or a bare state dict
+    weights_url: str | None = None  # torchvision full-model weights (downloaded only when named)
+    random_weights: int | None = None  # seed; only when asked for explicitly
+
+
+@dataclass
+class DataSplitConfig:
+    images: str  # folder, relative to dataset.root
+    annotations: str  # COCO json, relative to dataset.root
+    remove_non_annotated_imgs: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    root: str
+    name: str = "coco2017"
+    num_workers: int = 4
+    aspect_ratio_group_factor: int = 3
+    splits: dict[str, DataSplitConfig] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = "adam"  # adam | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    method: str = "ghnd"  # hnd | ghnd | supervised | filter
+    epochs: int = 20
+    batch_size: int = 4
+    log_freq: int = 1000
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    warmup_iters: int = 1000
+    distill_layers: list[str] = field(default_factory=lambda: ["backbone.body.layer1"])
+    trainable: list[str] = field(default_factory=lambda: ["backbone.body.conv1", "backbone.body.layer1"])
+    holdout_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class RuntimeConfig:
+    """Codec settings and serving limits shared by hnd-server, hnd-edge and hnd-bench."""
+
+    bits: int = 8
+    granularity: str = "tensor"  # tensor | channel | original
+    compression: str = "zstd"  # zstd | none
+    level: int = 3
+    port: int = 50051
+    max_message_bytes: int = 32 * 1024 * 1024
+    max_batch: int = 8
+    max_delay_ms: float = 5.0
+    max_queue: int = 64
+    max_inflight: int = 4
+    deadline_s: float = 30.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    teacher: ModelConfig | None = None
+    dataset: DatasetConfig | None = None
+    train: TrainConfig | None = None
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    path: str = field(default="<memory>", metadata={"from_file": False})
+
+
+_CHOICES = {
+    ("model", "kind"): MODEL_KINDS,
+    ("teacher", "kind"): MODEL_KINDS,
+    ("train", "method"): ("hnd", "ghnd", "supervised", "filter"),
+    ("optimizer", "type"): ("adam", "sgd"),
+    ("runtime", "bits"): (2, 4, 6, 8, 16, 32),
+    ("runtime", "granularity"): ("tensor", "channel", "original"),
+    ("runtime", "compression"): ("zstd", "none"),
+}
+
+
+def _check_type(value: Any, hint: Any, where: str, path: str) -> Any:
+    """Check ``value`` against a simple type hint (int, float, str, bool, list[...], dict[...], X | None)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], where, path)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: {where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_type(v, item, f"{where}[{i}]", path) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {where}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(hint)
+        return {k: _check_type(v, item, f"{where}.{k}", path) for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}: {where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, where: str, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {where or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("from_file", True)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"{path}: unknown key {prefix}{unknown[0]} (expected one of: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{path}: missing required key {key}")
+            continue
+        value = _check_type(data[name], hints[name], key, path)
+        choices = _CHOICES.get((where.rsplit(".", 1)[-1], name))
+        if choices is not None and value is not None and value not in choices:
+            raise ConfigError(f"{path}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> Config:
+    """Build and validate a Config from a parsed YAML mapping."""
+    cfg = _build(Config, data, "", path)
+    cfg.path = path
+    for section in (cfg.model, cfg.teacher):
+        if section is not None and section.bottleneck_channels is not None and section.bottleneck_channels < 1:
+            raise ConfigError(f"{path}: bottleneck_channels must be >= 1")
+    if cfg.teacher is not None and cfg.teacher.kind != cfg.model.kind:
+        raise ConfigError(
+            f"{path}: teacher.kind {cfg.teacher.kind} and model.kind {cfg.model.kind} disagree"
+        )
+    if cfg.runtime.granularity == "original" and cfg.runtime.bits != 8:
+        raise ConfigError(f"{path}: runtime.granularity original is the original's 8-bit scheme; bits must be 8")
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML config file; a name like ``test/faster_rcnn-b3ch`` also finds the bundled configs."""
+    p = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read: {exc}") from None
+    return config_from_dict(data, str(p))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file path, or the name of a bundled config (``hnd/faster_rcnn-b3ch``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = str(path).removesuffix(".yaml") + ".yaml"
+    bundled = resources.files("hnd.configs").joinpath(name)
+    if bundled.is_file():
+        return Path(str(bundled))
+    raise ConfigError(f"{path}: no such config file (nor a bundled config of that name)")
+
+
+def with_weights(model_cfg: ModelConfig, checkpoint: str | None = None, random_weights: int | None = None) -> ModelConfig:
+    """The model config with command-line weight options applied (they override the file's)."""
+    if checkpoint is not None and random_weights is not None:
+        raise ConfigError("give either --checkpoint or --random-weights, not both")
+    if checkpoint is not None:
+        return dataclasses.replace(model_cfg, checkpoint=checkpoint, weights_url=None, random_weights=None)
+    if random_weights is not None:
+        return dataclasses.replace(model_cfg, checkpoint=None, weights_url=None, random_weights=random_weights)
+    return model_cfg
+
+
+def build_model_from_config(model_cfg: ModelConfig, config_path: str = "<config>") -> nn.Module:
+    """Build the configured model and load its weights; eval mode.
+
+    Order: ``checkpoint`` (must exist), else ``weights_url``, else ``random_weights`` (seeded,
+    with a warning). With none of them it is an error: never a silent random model.
+    """
+    from hnd.common.checkpoint import load_checkpoint, load_weights
+
+    def build() -> nn.Module:
+        return build_model(model_cfg.kind, model_cfg.bottleneck_channels, model_cfg.num_classes, **model_cfg.params)
+
+    if model_cfg.checkpoint is not None:
+        if not Path(model_cfg.checkpoint).is_file():
+            raise ConfigError(
+                f"{config_path}: checkpoint {model_cfg.checkpoint} does not exist "
+                "(train it with hnd-train, pass --checkpoint, or ask for --random-weights SEED)"
+            )
+        model = build()
+        load_checkpoint(model_cfg.checkpoint, model)
+        return model.eval()
+    if model_cfg.weights_url is not None:
+        model = build()
+        load_weights(model_cfg.weights_url, model)
+        return model.eval()
+    if model_cfg.random_weights is not None:
+        log.warning("using seeded random weights (seed %d): detections are meaningless", model_cfg.random_weights)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model_cfg.random_weights)
+            return build().eval()
+    raise ConfigError(
+        f"{config_path}: the model has no weights: set model.checkpoint, model.weights_url or "
+        "model.random_weights (or pass --checkpoint / --random-weights SEED)"
+    )
