@@ -75,6 +75,8 @@ def read_file(path: str | os.PathLike) -> Any:
     except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({text})") from None
+    except Exception as exc:  # the weights-only unpickler raises IndexError, KeyError, struct.error ... on garbage
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def _unsafe_names(path: Path) -> str:
