@@ -1,0 +1,295 @@
+"""COCO evaluation (bbox, segm, keypoints mAP with pycocotools), optionally through the split and codec.
+
+``hnd-eval --config C [--checkpoint P] [--bits N --granularity G] [--split-mode] [--split val]``
+
+With ``--bits`` the student runs as head -> ``hnd.common.codec.roundtrip`` -> tail, the
+same quantization the runtime applies on the wire, so the accuracy printed here is the
+accuracy hnd-server delivers. ``--split-mode`` without ``--bits`` runs head -> tail
+losslessly (it equals the full model bit for bit).
+
+Results follow torchvision's references/detection/coco_eval.py: boxes as [x, y, w, h],
+masks pasted at the original size, binarised at 0.5 and RLE-encoded, keypoints flattened
+[x, y, v] * K. An image or a whole run without predictions is evaluated (scores 0), never
+an error (the original's filtered placeholder broke segm evaluation).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+
+from hnd.train.errors import HndError
+
+IOU_TYPES = {"faster_rcnn": ("bbox",), "mask_rcnn": ("bbox", "segm"), "keypoint_rcnn": ("bbox", "keypoints")}
+STAT_NAMES = {
+    "bbox": ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"],
+    "keypoints": ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"],
+}
+STAT_NAMES["segm"] = STAT_NAMES["bbox"]
+
+Predictor = Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions -> COCO results
+
+
+def to_coco_results(outputs: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int],
+                    iou_types: Iterable[str]) -> dict[str, list[dict]]:
+    """torchvision detections (at original image size) -> COCO result lists per iou type.
+
+    outputs[i]: ``boxes`` [N, 4] xyxy, ``scores`` [N], ``labels`` [N] (category ids), and
+    ``masks`` [N, 1, H, W] probabilities (segm) or ``keypoints`` [N, K, 3] (keypoints).
+    N is taken from ``scores``: extra masks or keypoints without a score are ignored.
+    """
+    results: dict[str, list[dict]] = {t: [] for t in iou_types}
+    for out, image_id in zip(outputs, image_ids):
+        scores = out["scores"].detach().cpu().tolist()
+        n = len(scores)
+        if n == 0:
+            continue
+        labels = out["labels"].detach().cpu().tolist()[:n]
+        if "bbox" in results:
+            boxes = out["boxes"].detach().cpu()[:n].clone()
+            boxes[:, 2:] -= boxes[:, :2]
+            for box, label, score in zip(boxes.tolist(), labels, scores):
+                results["bbox"].append({"image_id": int(image_id), "category_id": int(label),
+                                        "bbox": [round(v, 3) for v in box], "score": float(score)})
+        if "segm" in results:
+            masks = out["masks"].detach().cpu()[:n]
+            masks = (masks.reshape(n, *masks.shape[-2:]) > 0.5).numpy().astype(np.uint8)
+            for mask, label, score in zip(masks, labels, scores):
+                rle = mask_utils.encode(np.asfortranarray(mask))
+                rle["counts"] = rle["counts"].decode("ascii")
+                results["segm"].append({"image_id": int(image_id), "category_id": int(label),
+                                        "segmentation": rle, "score": float(score)})
+        if "keypoints" in results:
+            kps = out["keypoints"].detach().cpu()[:n].reshape(n, -1)
+            for kp, label, score in zip(kps.tolist(), labels, scores):
+                results["keypoints"].append({"image_id": int(image_id), "category_id": int(label),
+                                             "keypoints": [round(v, 3) for v in kp], "score": float(score)})
+    return results
+
+
+def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
+    """COCO.loadRes, but an empty result list gives an empty detection set instead of an IndexError."""
+    if results:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return coco_gt.loadRes(copy.deepcopy(results))
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
+                       "categories": copy.deepcopy(coco_gt.dataset["categories"])}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt.createIndex()
+    return coco_dt
+
+
+def coco_evaluate(coco_gt: COCO, results: dict[str, list[dict]], image_ids: Sequence[int]
+                  ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Run COCOeval per iou type on ``image_ids``; return ({type: {stat: value}}, {type: summary text}).
+
+    Values are pycocotools' stats (-1 where a statistic has no ground truth, e.g. no small objects).
+    """
+    metrics: dict[str, dict[str, float]] = {}
+    summaries: dict[str, str] = {}
+    for iou_type, res in results.items():
+        coco_dt = _load_results(coco_gt, res)
+        ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        ev.params.imgIds = sorted(int(i) for i in image_ids)
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        lines = [ln for ln in text.getvalue().splitlines() if ln.lstrip().startswith("Average")]
+        summaries[iou_type] = "\n".join(lines)
+        metrics[iou_type] = {name: float(v) for name, v in zip(STAT_NAMES[iou_type], ev.stats)}
+    return metrics, summaries
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a model
+
+
+def make_predictor(model: nn.Module, bits: int | None = None, granularity: str = "tensor",
+                   split_mode: bool = False, compression: str = "none") -> Predictor:
+    """images (list of [3, H, W] in 0..1) -> detections; full model, or head -> [codec] -> tail.
+
+    ``bits`` (student only) applies ``hnd.common.codec.roundtrip`` to the bottleneck between
+    head and tail; ``split_mode`` without bits runs head -> tail losslessly.
+    """
+    model.eval()
+    if bits is None and not split_mode:
+        return lambda images: model(images)
+    from hnd.common.models import is_student
+    from hnd.common.split import split_model
+
+    if not is_student(model):
+        raise HndError("model", "--bits / --split-mode need a student (a model with a bottleneck)")
+    head, tail = split_model(model)
+    if bits is None:
+        return lambda images: tail(*head(images))
+    from hnd.common.codec import roundtrip
+
+    def predict(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        z, meta = head(images)
+        # The codec works on CPU (as the wire does); bring the result back to the model's device.
+        z = roundtrip(z, bits=bits, granularity=granularity, compression=compression).to(z.device)
+        return tail(z, meta)
+
+    return predict
+
+
+@torch.no_grad()
+def predict_dataset(predictor: Predictor, loader: Iterable, device: torch.device | str = "cpu",
+                    progress: bool = False) -> tuple[list[dict[str, torch.Tensor]], list[int], float]:
+    """Run ``predictor`` over a loader of (images, targets); return (outputs on CPU, image ids, seconds)."""
+    outputs: list[dict[str, torch.Tensor]] = []
+    ids: list[int] = []
+    start = time.perf_counter()
+    it = loader
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(loader, desc="eval", unit="batch", disable=None)
+    for images, targets in it:
+        images = [img.to(device) for img in images]
+        for out, target in zip(predictor(images), targets):
+            outputs.append({k: v.cpu() for k, v in out.items()})
+            ids.append(int(target["image_id"]))
+    return outputs, ids, time.perf_counter() - start
+
+
+def evaluate_model(model: nn.Module, loader: Any, device: torch.device | str = "cpu", kind: str | None = None,
+                   bits: int | None = None, granularity: str = "tensor", split_mode: bool = False,
+                   progress: bool = False) -> dict[str, Any]:
+    """COCO metrics of ``model`` on ``loader.dataset`` (a CocoDetection): {iou_type: {stat: value}, ...}.
+
+    Also returns ``summary`` (pycocotools' printed lines per iou type), ``images`` and ``seconds``.
+    The model is left in eval mode.
+    """
+    from hnd.common.models import model_kind
+
+    kind = kind or model_kind(model)
+    predictor = make_predictor(model, bits=bits, granularity=granularity, split_mode=split_mode)
+    outputs, ids, seconds = predict_dataset(predictor, loader, device, progress=progress)
+    results = to_coco_results(outputs, ids, IOU_TYPES[kind])
+    metrics, summaries = coco_evaluate(loader.dataset.coco, results, ids)
+    return {**metrics, "summary": summaries, "images": len(ids), "seconds": round(seconds, 3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """json.dump to a temp file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, split: str = "val",
+                    bits: int | None = None, granularity: str = "tensor", split_mode: bool = False,
+                    device: str = "cpu", workers: int | None = None, batch_size: int = 1,
+                    max_images: int | None = None, random_weights: int | None = None,
+                    progress: bool = False) -> dict[str, Any]:
+    """Build the configured model (``checkpoint`` overrides the config's weights) and evaluate it on a split."""
+    from hnd.common.config import build_model_from_config, load_config, with_weights
+    from hnd.train.data import build_dataset, make_loader
+
+    cfg = load_config(config)
+    if cfg.dataset is None:
+        raise HndError(cfg.path, "config has no dataset section")
+    model_cfg = with_weights(cfg.model, checkpoint=checkpoint, random_weights=random_weights)
+    model = build_model_from_config(model_cfg, cfg.path).to(device)
+    dataset = build_dataset(cfg.dataset, split, cfg.model.kind, train=False)
+    if max_images is not None:
+        dataset.ids = dataset.ids[:max_images]
+    loader = make_loader(dataset, batch_size, cfg.dataset.num_workers if workers is None else workers)
+    metrics = evaluate_model(model, loader, device, cfg.model.kind, bits=bits, granularity=granularity,
+                             split_mode=split_mode, progress=progress)
+    from hnd.common.checkpoint import fingerprint
+
+    metrics.update(config=str(cfg.path), checkpoint=model_cfg.checkpoint, split=split, kind=cfg.model.kind,
+                   bottleneck_channels=cfg.model.bottleneck_channels, bits=bits,
+                   granularity=granularity if bits is not None else None,
+                   split_mode=bool(split_mode or bits is not None), fingerprint=fingerprint(model))
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hnd-eval", description="COCO bbox / segm / keypoints mAP of a configured model.")
+    p.add_argument("--config", required=True, help="YAML config (file or bundled name, e.g. test/faster_rcnn-b3ch)")
+    p.add_argument("--checkpoint", help="weights to evaluate (default: the config's model weights)")
+    p.add_argument("--random-weights", type=int, metavar="SEED", help="evaluate seeded random weights")
+    p.add_argument("--bits", type=int, choices=[2, 4, 6, 8, 16, 32],
+                   help="quantize the bottleneck to N bits at the split (students only; 16 = fp16, 32 = lossless)")
+    p.add_argument("--granularity", choices=["tensor", "channel", "original"], default="tensor")
+    p.add_argument("--split-mode", action="store_true", help="run head -> tail (lossless without --bits)")
+    p.add_argument("--split", default="val", help="dataset split of the config (default val)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--workers", type=int, help="data loader workers (default: the config's)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    p.add_argument("--output", help="write metrics JSON here (atomically)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from hnd.common.checkpoint import CheckpointError
+    from hnd.common.codec import CodecError
+    from hnd.common.config import ConfigError
+
+    try:
+        if args.granularity == "original" and args.bits not in (None, 8):
+            raise HndError("--granularity", "original is the original's 8-bit scheme; use --bits 8")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise HndError("--device", "CUDA is not available on this machine")
+        metrics = evaluate_config(args.config, checkpoint=args.checkpoint, split=args.split, bits=args.bits,
+                                  granularity=args.granularity, split_mode=args.split_mode, device=args.device,
+                                  workers=args.workers, batch_size=args.batch_size, max_images=args.max_images,
+                                  random_weights=args.random_weights, progress=True)
+    except (HndError, ConfigError, CheckpointError, CodecError) as exc:
+        print(f"hnd-eval: error: {exc}", file=sys.stderr)
+        return 2
+    how = "full model" if not metrics["split_mode"] else (
+        f"head -> {args.bits}-bit {args.granularity} codec -> tail" if args.bits else "head -> tail")
+    print(f"{metrics['kind']} ({how}) on {metrics['split']}: {metrics['images']} images "
+          f"in {metrics['seconds']:.1f} s")
+    for iou_type, text in metrics["summary"].items():
+        print(f"IoU metric: {iou_type}")
+        print(text)
+    if args.output:
+        write_json_atomic(args.output, metrics)
+        print(f"metrics written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
