@@ -20,7 +20,6 @@ import hashlib
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -30,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from hnd.common.files import atomic_write
 
 CHECKPOINT_FORMAT = "hnd-checkpoint"
 HEAD_FORMAT = "hnd-head"
@@ -167,19 +168,7 @@ def fingerprint(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def model_info(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:

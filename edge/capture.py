@@ -1,0 +1,251 @@
+"""Frame sources for the edge: image files, video files (every frame, in order) and live cameras.
+
+A live source (a camera, or a video paced at its own frame rate to stand in for one)
+runs a capture thread that keeps only the newest frame: when the pipeline is slower
+than the camera, stale frames are dropped and counted instead of queueing up latency.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class SourceError(Exception):
+    """A frame source that cannot be opened; the message names it."""
+
+
+@dataclass
+class Frame:
+    """One captured frame.
+
+    image: [H, W, 3] uint8 RGB (None when ``error`` says why the frame could not be read).
+    captured_ns: monotonic time at which capture of this frame finished.
+    capture_ms: time spent reading/decoding it.
+    """
+
+    index: int
+    source: str
+    image: np.ndarray | None
+    captured_ns: int
+    capture_ms: float
+    wall_time: float
+    error: str | None = None
+
+
+class FrameSource:
+    """Iterable of Frames; ``dropped`` counts frames a live source discarded as stale."""
+
+    name = "source"
+    dropped = 0
+
+    def __iter__(self) -> Iterator[Frame]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _read_start() -> tuple[int, float]:
+    return time.perf_counter_ns(), time.time()
+
+
+class ImageFiles(FrameSource):
+    """Every image of a folder or glob, in sorted order."""
+
+    def __init__(self, pattern: str, max_frames: int | None = None) -> None:
+        p = Path(pattern)
+        if p.is_dir():
+            paths = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths = sorted(f for f in glob.glob(pattern) if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise SourceError(f"{pattern}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.paths = paths[:max_frames] if max_frames else paths
+        self.name = pattern
+
+    def __iter__(self) -> Iterator[Frame]:
+        for i, path in enumerate(self.paths):
+            start, wall = _read_start()
+            bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+            done = time.perf_counter_ns()
+            if bgr is None:
+                yield Frame(i, path, None, done, (done - start) / 1e6, wall, error=f"{path}: cannot decode image")
+                continue
+            yield Frame(i, path, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), done, (done - start) / 1e6, wall)
+
+
+class ArrayFrames(FrameSource):
+    """Frames from in-memory RGB arrays (samples, tests)."""
+
+    def __init__(self, images: list[np.ndarray], names: list[str] | None = None) -> None:
+        self.images = images
+        self.names = names or [f"frame{i}" for i in range(len(images))]
+        self.name = "memory"
+
+    def __iter__(self) -> Iterator[Frame]:
+        for i, (img, name) in enumerate(zip(self.images, self.names)):
+            start, wall = _read_start()
+            done = time.perf_counter_ns()
+            yield Frame(i, name, img, done, (done - start) / 1e6, wall)
+
+
+def _open_capture(target: int | str) -> cv2.VideoCapture:
+    cap = cv2.VideoCapture(target)
+    if not cap.isOpened():
+        cap.release()
+        what = f"camera {target}" if isinstance(target, int) else str(target)
+        hint = " (no such video device?)" if isinstance(target, int) else " (missing file or unsupported format)"
+        raise SourceError(f"{what}: cannot open{hint}")
+    return cap
+
+
+class VideoFile(FrameSource):
+    """Every frame of a video file, in order (no drops: the pipeline sets the pace)."""
+
+    def __init__(self, path: str, max_frames: int | None = None) -> None:
+        if not os.path.isfile(path):
+            raise SourceError(f"{path}: no such video file")
+        self.cap = _open_capture(path)
+        self.max_frames = max_frames
+        self.name = path
+
+    def __iter__(self) -> Iterator[Frame]:
+        i = 0
+        while self.max_frames is None or i < self.max_frames:
+            start, wall = _read_start()
+            ok, bgr = self.cap.read()
+            if not ok:
+                break
+            done = time.perf_counter_ns()
+            yield Frame(i, self.name, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), done, (done - start) / 1e6, wall)
+            i += 1
+        self.close()
+
+    def close(self) -> None:
+        self.cap.release()
+
+
+class LiveCapture(FrameSource):
+    """Latest-frame capture thread over a camera (or a video paced at its frame rate).
+
+    The thread reads continuously; the consumer always gets the newest frame, and every
+    frame overwritten before it was taken counts in ``dropped``.
+    """
+
+    def __init__(self, target: int | str, max_frames: int | None = None, pace_fps: float | None = None) -> None:
+        self.cap = _open_capture(target)
+        self.name = f"camera:{target}" if isinstance(target, int) else f"live:{target}"
+        self.max_frames = max_frames
+        # A file reads faster than real time; pacing it at its own fps makes it behave like a camera.
+        fps = pace_fps if pace_fps is not None else (self.cap.get(cv2.CAP_PROP_FPS) if isinstance(target, str) else 0)
+        self.period = 1.0 / fps if fps and fps > 0 else 0.0
+        self.dropped = 0
+        self.captured = 0
+        self._cond = threading.Condition()
+        self._latest: tuple[np.ndarray, int, float, float] | None = None
+        self._ended = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._reader, name="hnd-capture", daemon=True)
+        self._thread.start()
+
+    def _reader(self) -> None:
+        next_due = time.perf_counter()
+        while not self._stop.is_set():
+            start, wall = _read_start()
+            ok, bgr = self.cap.read()
+            if not ok:
+                break
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            done = time.perf_counter_ns()
+            with self._cond:
+                if self._latest is not None:
+                    self.dropped += 1  # the previous frame was never taken
+                self._latest = (rgb, done, (done - start) / 1e6, wall)
+                self.captured += 1
+                self._cond.notify()
+            if self.period:
+                next_due += self.period
+                delay = next_due - time.perf_counter()
+                if delay > 0:
+                    self._stop.wait(delay)
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def __iter__(self) -> Iterator[Frame]:
+        i = 0
+        try:
+            while self.max_frames is None or i < self.max_frames:
+                with self._cond:
+                    while self._latest is None and not self._ended:
+                        self._cond.wait(0.5)
+                    if self._latest is None:
+                        return
+                    rgb, done, capture_ms, wall = self._latest
+                    self._latest = None
+                yield Frame(i, self.name, rgb, done, capture_ms, wall)
+                i += 1
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=2)
+        self.cap.release()
+
+
+def open_source(
+    camera: int | None = None,
+    video: str | None = None,
+    images: str | None = None,
+    max_frames: int | None = None,
+    live: bool = False,
+) -> FrameSource:
+    """The frame source the CLI names: ``--camera N``, ``--video FILE [--live]`` or ``--images DIR_OR_GLOB``."""
+    if sum(x is not None for x in (camera, video, images)) != 1:
+        raise SourceError("give exactly one of --camera, --video, --images")
+    if camera is not None:
+        return LiveCapture(camera, max_frames=max_frames)
+    if video is not None:
+        if live:
+            if not os.path.isfile(video):
+                raise SourceError(f"{video}: no such video file")
+            return LiveCapture(video, max_frames=max_frames)
+        return VideoFile(video, max_frames=max_frames)
+    return ImageFiles(images, max_frames=max_frames)
+
+
+def sample_images() -> tuple[list[np.ndarray], list[str]]:
+    """Natural photos that ship with scikit-image (no download): RGB uint8 arrays and names."""
+    from skimage import data
+
+    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"]
+    images = []
+    for n in names:
+        img = getattr(data, n)()
+        if img.ndim == 2:
+            img = np.stack([img] * 3, axis=-1)
+        images.append(np.ascontiguousarray(img[..., :3]))
+    return images, names
+
+
+def write_video(path: str, frames: list[np.ndarray], fps: float = 10.0) -> None:
+    """Write RGB frames to a video file (mp4v); used to make sample and test videos."""
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    if not writer.isOpened():
+        raise SourceError(f"{path}: cannot open for writing")
+    for f in frames:
+        writer.write(cv2.cvtColor(cv2.resize(f, (w, h)), cv2.COLOR_RGB2BGR))
+    writer.release()

@@ -1,0 +1,211 @@
+"""hnd-edge: run the head on frames, stream bottlenecks to hnd-server, report size and latency.
+
+    hnd-edge --server gpu-host:50051 --camera 0 --config hnd/faster_rcnn-b3ch --head head.pt
+    hnd-edge --server 127.0.0.1:50051 --images frames/ --config test/faster_rcnn-b3ch --random-weights 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hnd.common import codec
+from hnd.common.checkpoint import CheckpointError, fingerprint, load_head
+from hnd.common.files import atomic_write_text
+from hnd.common.config import Config, ConfigError, build_model_from_config, load_config, with_weights
+from hnd.common.models import build_model
+from hnd.common.split import Head, split_model
+from hnd.edge.capture import Frame, SourceError, open_source
+from hnd.edge.client import ClientSettings, EdgeError, SplitClient
+from hnd.edge.draw import VideoSink, draw_detections
+from hnd.edge.pipeline import EdgeOptions, EdgeRunner, Summary
+from hnd.proto.v1 import split_inference_pb2 as pb
+
+PROG = "hnd-edge"
+DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Run the edge half of a split R-CNN and stream to hnd-server.")
+    p.add_argument("--server", default="127.0.0.1:50051", help="hnd-server address HOST:PORT")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--camera", type=int, metavar="N", help="live camera index (latest frame, stale ones dropped)")
+    src.add_argument("--video", metavar="FILE", help="video file (every frame, in order)")
+    src.add_argument("--images", metavar="DIR_OR_GLOB", help="image folder or glob (every image, in order)")
+    p.add_argument("--live", action="store_true", help="treat --video as a live camera paced at its frame rate")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config or bundled name (default {DEFAULT_CONFIG})")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--checkpoint", help="full student checkpoint")
+    w.add_argument("--head", help="head-only export (hnd-export-head): the edge never holds the tail")
+    w.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights (demos, tests)")
+    p.add_argument("--mode", default="split", choices=("split", "offload", "local"))
+    p.add_argument("--bits", type=int, default=None, choices=codec.BITS, help="bottleneck bits (default: config)")
+    p.add_argument("--granularity", default=None, choices=codec.GRANULARITIES)
+    p.add_argument("--compression", default=None, choices=codec.COMPRESSIONS)
+    p.add_argument("--image-format", default="jpeg", choices=("jpeg", "png"), help="offload mode's frame format")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--max-inflight", type=int, default=None, help="requests in flight (pipelining window K)")
+    p.add_argument("--stream", action="store_true", help="use the bidirectional InferStream instead of unary calls")
+    p.add_argument("--score-threshold", type=float, default=None, help="server drops detections below this")
+    p.add_argument("--output", metavar="JSONL", help="per-frame records (written atomically at the end)")
+    p.add_argument("--summary-json", metavar="FILE", help="write the closing summary as JSON")
+    p.add_argument("--save-video", metavar="MP4", help="frames with the detections drawn on them")
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=None, help="per-request deadline in seconds")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) of the server: use TLS")
+    p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
+    p.add_argument("--token-file", help="file holding the bearer token")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+@dataclass
+class EdgeModel:
+    head: Head | None
+    fingerprint: str
+    model: nn.Module | None  # the full model (local mode only)
+
+
+def load_edge_model(cfg: Config, mode: str, checkpoint: str | None = None, head_path: str | None = None,
+                    random_weights: int | None = None) -> EdgeModel:
+    """What the edge runs: the head (split), the full model (local) or nothing (offload)."""
+    if mode == "offload":
+        return EdgeModel(None, "", None)
+    if head_path is not None:
+        if mode == "local":
+            raise ConfigError("--head holds only the head; local mode needs --checkpoint or --random-weights")
+        m = cfg.model
+        head, _ = split_model(build_model(m.kind, m.bottleneck_channels, m.num_classes, **m.params))
+        fp = load_head(head_path, head)
+        return EdgeModel(head, fp, None)
+    model = build_model_from_config(with_weights(cfg.model, checkpoint, random_weights), cfg.path)
+    fp = fingerprint(model)
+    if mode == "local":
+        return EdgeModel(None, fp, model)
+    if cfg.model.bottleneck_channels is None:
+        raise ConfigError(f"{cfg.path}: model is a teacher (no bottleneck); split mode needs a student")
+    head, _ = split_model(model)
+    return EdgeModel(head, fp, None)
+
+
+def check_server(info: pb.ModelInfo, em: EdgeModel, options: EdgeOptions) -> None:
+    """Stop with one clear line when the server cannot serve this edge."""
+    if options.mode == "offload":
+        if not info.accepted_image_formats:
+            raise EdgeError("the server does not accept full frames (started with --no-offload)")
+        return
+    if info.weights_fingerprint != em.fingerprint:
+        raise EdgeError(
+            f"weights fingerprint mismatch: edge {em.fingerprint}, server {info.weights_fingerprint} "
+            "(both sides must load the same checkpoint or seed)"
+        )
+    if options.bits not in info.accepted_bits:
+        raise EdgeError(f"the server does not accept {options.bits}-bit bottlenecks (accepts {list(info.accepted_bits)})")
+    head = em.head
+    if head is not None and (info.min_size, info.max_size) != (int(head.transform.min_size[-1]), int(head.transform.max_size)):
+        raise EdgeError(f"resize mismatch: edge {head.transform.min_size[-1]}/{head.transform.max_size}, "
+                        f"server {info.min_size}/{info.max_size}")
+
+
+class RecordWriter:
+    """JSONL records to a temp file, renamed into place at close (readers never see half a file)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        self.file = self.tmp.open("w")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+
+def run_edge(args: argparse.Namespace) -> Summary:
+    """Everything main() does, as a function tests call; raises ConfigError / EdgeError / SourceError."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    rt = cfg.runtime
+    options = EdgeOptions(
+        mode=args.mode,
+        bits=args.bits or rt.bits,
+        granularity=args.granularity or rt.granularity,
+        compression=args.compression or rt.compression,
+        level=rt.level,
+        image_format=args.image_format,
+        jpeg_quality=args.jpeg_quality,
+        max_inflight=args.max_inflight or rt.max_inflight,
+        stream=args.stream,
+        score_threshold=args.score_threshold,
+    )
+    if options.granularity == "original" and options.bits != 8:
+        raise ConfigError("--granularity original is the original's 8-bit scheme; use --bits 8")
+    source = open_source(args.camera, args.video, args.images, args.max_frames, live=args.live)
+    em = load_edge_model(cfg, args.mode, args.checkpoint, args.head, args.random_weights)
+    client = None
+    if args.mode != "local":
+        token = Path(args.token_file).read_text().strip() if args.token_file else None
+        client = SplitClient(ClientSettings(
+            target=args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token,
+            max_message_bytes=rt.max_message_bytes, timeout_s=args.timeout or rt.deadline_s,
+        ))
+        check_server(client.model_info(), em, options)
+    runner = EdgeRunner(options, head=em.head, fingerprint=em.fingerprint, model=em.model, client=client)
+    writer = RecordWriter(args.output) if args.output else None
+    video = VideoSink(str(Path(args.save_video).with_name(f".partial.{Path(args.save_video).name}"))) \
+        if args.save_video else None
+
+    def on_record(record: dict[str, Any], frame: Frame) -> None:
+        if writer is not None:
+            writer.write(record)
+        if video is not None and frame.image is not None:
+            dets = runner.last_detections if record["status"] == "OK" else None
+            video.write(draw_detections(frame.image, dets[0]) if dets else frame.image)
+
+    try:
+        summary = runner.run(source, on_record, progress=not args.no_progress and sys.stderr.isatty())
+    finally:
+        if writer is not None:
+            writer.close()
+        if video is not None:
+            video.close()
+            if video.writer is not None:
+                os.replace(video.path, args.save_video)
+        if client is not None:
+            client.close()
+    if args.summary_json:
+        atomic_write_text(args.summary_json, json.dumps(summary.as_dict(), indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        summary = run_edge(args)
+    except (ConfigError, CheckpointError, EdgeError, SourceError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(summary.format())
+    return 0 if summary.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""hnd-demo: a local hnd-server and hnd-edge on sample photos; prints bytes per frame and latency.
+
+    hnd-demo                                  # HND Faster R-CNN, 3-channel bottleneck, seeded weights
+    hnd-demo --checkpoint student.pt --config hnd/faster_rcnn-b3ch
+
+The server runs as its own process (``hnd-server``), as it would on a GPU host; the edge
+runs here on the natural photos that ship with scikit-image (no download).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+
+from hnd.edge import cli as edge_cli
+from hnd.edge.capture import sample_images
+from hnd.server.healthcheck import check
+
+DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server_process(config: str, port: int, weights: list[str], extra: list[str] | None = None,
+                         timeout_s: float = 300.0) -> subprocess.Popen:
+    """Start ``hnd-server`` on 127.0.0.1:port and wait until its health check says SERVING."""
+    cmd = [sys.executable, "-m", "hnd.server.cli", "--config", config, "--port", str(port), *weights, *(extra or [])]
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"hnd-server exited with code {proc.returncode}")
+        if check(f"127.0.0.1:{port}", timeout_s=1.0) == "SERVING":
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"hnd-server did not become SERVING within {timeout_s:.0f} s")
+
+
+def stop_server_process(proc: subprocess.Popen) -> None:
+    """SIGTERM (graceful drain), then kill if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def write_samples(folder: Path, count: int) -> None:
+    images, names = sample_images()
+    for img, name in list(zip(images, names))[:count]:
+        cv2.imwrite(str(folder / f"{name}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="hnd-demo", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--checkpoint", help="student checkpoint both sides load (default: seeded random weights)")
+    w.add_argument("--random-weights", type=int, default=0, metavar="SEED")
+    p.add_argument("--frames", type=int, default=4, help="sample photos to send (up to 6)")
+    p.add_argument("--bits", type=int, default=8)
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--output", help="per-frame JSONL records")
+    args = p.parse_args(argv)
+
+    weights = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--random-weights", str(args.random_weights)]
+    if not args.checkpoint:
+        print(f"hnd-demo: {args.config} with seeded random weights (seed {args.random_weights}): "
+              "bytes and latency are real, detections are not", file=sys.stderr)
+    # Server and edge share this machine's cores: give each half of them, as two machines would have.
+    threads = str(max(1, (os.cpu_count() or 2) // 2))
+    port = free_port()
+    try:
+        server = start_server_process(args.config, port, weights, ["--log-level", "WARNING", "--threads", threads])
+    except RuntimeError as exc:
+        print(f"hnd-demo: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_samples(Path(tmp), args.frames)
+            edge_args = ["--server", f"127.0.0.1:{port}", "--images", tmp, "--config", args.config, *weights,
+                         "--bits", str(args.bits), "--no-progress", "--threads", threads]
+            if args.stream:
+                edge_args.append("--stream")
+            if args.output:
+                edge_args += ["--output", args.output]
+            return edge_cli.main(edge_args)
+    finally:
+        stop_server_process(server)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""hnd-server's transport: grpc.aio server, health, reflection, TLS, token auth, drain.
+
+``start_server`` returns a running server on the current event loop; ``serve`` runs one
+until SIGTERM / SIGINT and drains it; ``BackgroundServer`` runs one in a thread (tests,
+the demo, the benchmark).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hnd.proto.v1 import split_inference_pb2 as pb
+from hnd.server.service import SERVICE_NAME, BatchingOptions, ModelRunner, ServerLimits, SplitInferenceService
+
+log = logging.getLogger("hnd.server")
+
+# Methods reachable without a token: orchestrators probe health, tools list services.
+_PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+@dataclass
+class TlsFiles:
+    cert: str
+    key: str
+    client_ca: str | None = None  # set: mutual TLS, clients must present a certificate signed by it
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
+    tls: TlsFiles | None = None
+    token: str | None = None
+    metrics_port: int | None = None
+    offload: bool = True
+    drain_s: float = 10.0
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message-size and keepalive options shared by the server and the edge's channel."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without ``authorization: Bearer <token>`` metadata with UNAUTHENTICATED."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(_PUBLIC_PREFIXES):
+            return await continuation(handler_call_details)
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected):
+            return await continuation(handler_call_details)
+        log.warning("%s UNAUTHENTICATED: missing or wrong bearer token", handler_call_details.method)
+
+        async def deny(request_or_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        if handler_call_details.method.endswith("Stream"):
+            return grpc.stream_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def read_token(path: str) -> str:
+    """The bearer token from a file (surrounding whitespace ignored); it must not be empty."""
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"{path}: token file is empty")
+    return token
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    service: SplitInferenceService
+    health: health.aio.HealthServicer
+    port: int
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking new calls (health NOT_SERVING), let in-flight ones finish, then stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        await self.service.batcher.stop()
+
+
+async def start_server(runner: ModelRunner, settings: ServerSettings) -> RunningServer:
+    """Build, bind and start the server on the running loop; health turns SERVING after warm-up."""
+    service = SplitInferenceService(runner, settings.limits, settings.batching, offload=settings.offload)
+    interceptors = [TokenAuthInterceptor(settings.token)] if settings.token else []
+    server = grpc.aio.server(
+        interceptors=interceptors, options=channel_options(settings.limits.max_message_bytes)
+    )
+    server.add_generic_rpc_handlers((service.generic_handler(),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls is not None:
+        creds = grpc.ssl_server_credentials(
+            [(Path(settings.tls.key).read_bytes(), Path(settings.tls.cert).read_bytes())],
+            root_certificates=Path(settings.tls.client_ca).read_bytes() if settings.tls.client_ca else None,
+            require_client_auth=settings.tls.client_ca is not None,
+        )
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    if settings.metrics_port is not None:
+        service.metrics.serve(settings.metrics_port, settings.host)
+    await server.start()
+    service.batcher.start()
+    # Warm up off the event loop so health checks are answered (NOT_SERVING) meanwhile.
+    await asyncio.get_running_loop().run_in_executor(None, runner.warm_up)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s (%s, %d-channel bottleneck, weights %s) on %s:%d",
+             SERVICE_NAME, runner.kind, runner.channels, runner.fingerprint[:12], settings.host, port)
+    return RunningServer(server, service, health_servicer, port)
+
+
+async def serve(runner: ModelRunner, settings: ServerSettings) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    running = await start_server(runner, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining (up to %.0f s for in-flight requests)", settings.drain_s)
+    await running.drain(settings.drain_s)
+    log.info("stopped")
+
+
+class BackgroundServer:
+    """A server on its own event loop thread: ``with BackgroundServer(runner, settings) as s: s.port``."""
+
+    def __init__(self, runner: ModelRunner, settings: ServerSettings) -> None:
+        self.runner = runner
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.running: RunningServer | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="hnd-server", daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        self._thread.start()
+        self.running = asyncio.run_coroutine_threadsafe(start_server(self.runner, self.settings), self.loop).result()
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def service(self) -> SplitInferenceService:
+        return self.running.service
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        if self.running is not None:
+            asyncio.run_coroutine_threadsafe(self.running.drain(grace_s), self.loop).result()
+            self.running = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+__all__ = ["BackgroundServer", "ServerSettings", "TlsFiles", "start_server", "serve", "channel_options", "pb"]

@@ -1,0 +1,106 @@
+"""hnd-server: serve the tail of a split R-CNN over gRPC.
+
+    hnd-server --config hnd/faster_rcnn-b3ch --checkpoint student.pt --device cuda --host 0.0.0.0
+    hnd-server --config test/faster_rcnn-b3ch --random-weights 0        # demo / tests
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import torch
+
+from hnd.common import codec
+from hnd.common.checkpoint import CheckpointError
+from hnd.common.config import ConfigError, build_model_from_config, load_config, with_weights
+from hnd.server.app import ServerSettings, TlsFiles, read_token, serve
+from hnd.server.service import BatchingOptions, ModelRunner, ServerLimits
+
+DEFAULT_METRICS_PORT = 9100
+
+PROG = "hnd-server"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Serve the tail of a split HND/GHND R-CNN over gRPC.")
+    p.add_argument("--config", required=True, help="YAML config file, or a bundled name like hnd/faster_rcnn-b3ch")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--checkpoint", help="full student checkpoint (default: the config's model.checkpoint)")
+    w.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights (demos, tests)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's runtime.port, 50051)")
+    p.add_argument("--max-batch", type=int, default=None, help="images per tail batch")
+    p.add_argument("--max-delay-ms", type=float, default=None, help="how long a batch waits to fill")
+    p.add_argument("--max-queue", type=int, default=None, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
+    p.add_argument("--token-file", help="file holding the bearer token clients must send")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help=f"serve Prometheus metrics on this port (e.g. {DEFAULT_METRICS_PORT})")
+    p.add_argument("--no-offload", action="store_true", help="refuse full-frame (JPEG/PNG) requests")
+    p.add_argument("--drain-seconds", type=float, default=10.0, help="grace for in-flight requests on SIGTERM")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def settings_from_args(args: argparse.Namespace, runtime) -> ServerSettings:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    return ServerSettings(
+        host=args.host,
+        port=args.port if args.port is not None else runtime.port,
+        limits=ServerLimits(max_message_bytes=runtime.max_message_bytes, codec=codec.DEFAULT_LIMITS),
+        batching=BatchingOptions(
+            max_batch=args.max_batch or runtime.max_batch,
+            max_delay_ms=args.max_delay_ms if args.max_delay_ms is not None else runtime.max_delay_ms,
+            max_queue=args.max_queue or runtime.max_queue,
+        ),
+        tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
+        token=read_token(args.token_file) if args.token_file else None,
+        metrics_port=args.metrics_port,
+        offload=not args.no_offload,
+        drain_s=args.drain_seconds,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        cfg = load_config(args.config)
+        settings = settings_from_args(args, cfg.runtime)
+        model_cfg = with_weights(cfg.model, args.checkpoint, args.random_weights)
+        if model_cfg.bottleneck_channels is None:
+            raise ConfigError(f"{cfg.path}: model is a teacher (no bottleneck); hnd-server serves a student's tail")
+        device = pick_device(args.device)
+        runner = ModelRunner(build_model_from_config(model_cfg, cfg.path), device)
+    except (ConfigError, CheckpointError, OSError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(runner, settings))
+    except OSError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

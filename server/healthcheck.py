@@ -1,0 +1,43 @@
+"""hnd-healthcheck: exit 0 when hnd-server's grpc.health.v1 status is SERVING (container health checks).
+
+    hnd-healthcheck --server 127.0.0.1:50051 [--tls-ca ca.pem] [--timeout 3]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hnd.server.service import SERVICE_NAME
+
+
+def check(target: str, tls_ca: str | None = None, timeout_s: float = 3.0, service: str = SERVICE_NAME) -> str:
+    """The serving status name (SERVING, NOT_SERVING, ...) or the gRPC error code name."""
+    channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
+               if tls_ca else grpc.insecure_channel(target))
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="hnd-healthcheck", description=__doc__.splitlines()[0])
+    p.add_argument("--server", default="127.0.0.1:50051")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) when the server uses TLS")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--service", default=SERVICE_NAME, help="service name ('' for the whole server)")
+    args = p.parse_args(argv)
+    status = check(args.server, args.tls_ca, args.timeout, args.service)
+    print(f"{args.server}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

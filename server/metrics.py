@@ -1,0 +1,35 @@
+"""Prometheus metrics of hnd-server (one registry per server, so tests can run several)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+STAGES = ("decode", "queue", "compute", "encode")
+
+
+class ServerMetrics:
+    """``hnd_requests_total{method,code}``, ``hnd_batch_size``, ``hnd_queue_depth``,
+    ``hnd_stage_seconds{stage}`` and ``hnd_request_bytes_total``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hnd_requests", "Requests answered, by method and gRPC status code", ["method", "code"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "hnd_batch_size", "Images per tail batch", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge("hnd_queue_depth", "Requests waiting for a batch slot", registry=self.registry)
+        self.stage_seconds = Histogram(
+            "hnd_stage_seconds", "Server stage durations", ["stage"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.request_bytes = Counter(
+            "hnd_request_bytes", "Serialized request bytes received", registry=self.registry
+        )
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        """Expose /metrics over HTTP on ``host:port`` (a daemon thread)."""
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,352 @@
+"""The hnd.v1.SplitInference service: validate, decode, batch, run the tail, answer.
+
+Every request is validated before any work (fingerprint, payload, shapes, codec
+settings, limits); a bad one gets one status code and one server log line, and the
+server goes on serving the others. Handlers take the raw request bytes so that even
+unparseable bytes get INVALID_ARGUMENT rather than a generic INTERNAL error.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError
+from PIL import Image
+from torch import nn
+
+import hnd
+from hnd.common import codec, wire
+from hnd.common.checkpoint import fingerprint
+from hnd.common.models import bottleneck_channels_of, model_kind
+from hnd.common.split import SplitMeta, concat_meta, split_model
+from hnd.proto.v1 import split_inference_pb2 as pb
+from hnd.proto.v1 import tensor_pb2
+from hnd.server.batching import Batcher, DeadlineExpired, QueueFull
+from hnd.server.metrics import ServerMetrics
+
+log = logging.getLogger("hnd.server")
+
+SERVICE_NAME = "hnd.v1.SplitInference"
+IMAGE_FORMATS = {pb.EncodedImage.FORMAT_JPEG: "JPEG", pb.EncodedImage.FORMAT_PNG: "PNG"}
+
+
+class RequestError(Exception):
+    """A request refused with a gRPC status code; the message goes to the client."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ServerLimits:
+    """Bounds enforced on every request (DESIGN.md invariant 5)."""
+
+    max_message_bytes: int = 32 * 1024 * 1024
+    codec: codec.Limits = field(default_factory=lambda: codec.DEFAULT_LIMITS)
+    max_images_per_request: int = 8
+    max_image_pixels: int = 4096 * 4096
+    max_stream_inflight: int = 32
+
+
+@dataclass
+class BatchingOptions:
+    max_batch: int = 8
+    max_delay_ms: float = 5.0
+    max_queue: int = 64
+
+
+class ModelRunner:
+    """The model on its device: tail batches for split requests, the whole model for images."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.kind = model_kind(model)
+        self.channels = bottleneck_channels_of(model)
+        self.fingerprint = fingerprint(model)
+        self.min_size = int(model.transform.min_size[-1])
+        self.max_size = int(model.transform.max_size)
+        self.num_keypoints = int(getattr(model.roi_heads, "keypoint_predictor", None).kps_score_lowres.out_channels) \
+            if self.kind == "keypoint_rcnn" else 0
+        self.device = device
+        self.model = model.to(device).eval()
+        self.head, self.tail = split_model(self.model)
+
+    @torch.inference_mode()
+    def run_split(self, items: list[tuple[torch.Tensor, SplitMeta]]) -> list[list[dict[str, torch.Tensor]]]:
+        """Batch same-shape bottlenecks [B_i, C, h, w] -> per request, its images' detections (on CPU)."""
+        z = torch.cat([t for t, _ in items]).to(self.device)
+        out = self.tail(z, concat_meta([m for _, m in items]))
+        out = [{k: v.cpu() for k, v in d.items()} for d in out]
+        results, i = [], 0
+        for t, _ in items:
+            results.append(out[i:i + t.shape[0]])
+            i += t.shape[0]
+        return results
+
+    @torch.inference_mode()
+    def run_images(self, items: list[torch.Tensor]) -> list[list[dict[str, torch.Tensor]]]:
+        """Full model on one image per request ([3, H, W] float 0..1): the offload comparison."""
+        return [[{k: v.cpu() for k, v in d.items()} for d in self.model([img.to(self.device)])] for img in items]
+
+    def compute(self, payloads: list[tuple[str, Any]]) -> list[Any]:
+        kind = payloads[0][0]
+        data = [p for _, p in payloads]
+        return self.run_split(data) if kind == "split" else self.run_images(data)
+
+    def warm_up(self) -> None:
+        """One tail pass on a zero bottleneck so the first request does not pay for lazy init."""
+        size = (self.min_size // 32 * 32 or 32, self.min_size // 32 * 32 or 32)
+        z = torch.zeros(1, self.channels, size[0] // 4 + 4, size[1] // 4 + 4)
+        self.run_split([(z, SplitMeta(((size[0], size[1]),), ((size[0], size[1]),), size))])
+
+
+def _filter_detections(dets: dict[str, torch.Tensor], request: pb.InferRequest) -> dict[str, torch.Tensor]:
+    keep = torch.ones(dets["scores"].shape[0], dtype=torch.bool)
+    if request.HasField("score_threshold"):
+        keep &= dets["scores"] >= request.score_threshold
+    idx = keep.nonzero().flatten()
+    if request.HasField("max_detections"):
+        idx = idx[: request.max_detections]
+    return {k: v[idx] for k, v in dets.items()} if idx.numel() != keep.numel() else dets
+
+
+class SplitInferenceService:
+    """Request handling, independent of the transport setup in hnd.server.app."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        limits: ServerLimits,
+        batching: BatchingOptions,
+        metrics: ServerMetrics | None = None,
+        offload: bool = True,
+    ) -> None:
+        self.runner = runner
+        self.limits = limits
+        self.metrics = metrics or ServerMetrics()
+        self.offload = offload
+        self.batcher = Batcher(
+            runner.compute,
+            max_batch=batching.max_batch,
+            max_delay_ms=batching.max_delay_ms,
+            max_queue=batching.max_queue,
+            on_batch=lambda n: self.metrics.batch_size.observe(n),
+            on_depth=lambda n: self.metrics.queue_depth.set(n),
+        )
+        self.batching = batching
+
+    # --- model info -------------------------------------------------------------------------
+
+    def model_info(self) -> pb.ModelInfo:
+        r = self.runner
+        lim = self.limits
+        return pb.ModelInfo(
+            model_kind=r.kind,
+            bottleneck_channels=r.channels,
+            weights_fingerprint=r.fingerprint,
+            accepted_bits=list(codec.BITS),
+            accepted_granularities=[tensor_pb2.GRANULARITY_TENSOR, tensor_pb2.GRANULARITY_CHANNEL,
+                                    tensor_pb2.GRANULARITY_ORIGINAL],
+            accepted_compressions=[tensor_pb2.COMPRESSION_NONE, tensor_pb2.COMPRESSION_ZSTD],
+            accepted_image_formats=list(IMAGE_FORMATS) if self.offload else [],
+            limits=pb.ServerLimits(
+                max_message_bytes=lim.max_message_bytes,
+                max_elements=lim.codec.max_elements,
+                max_decompressed_bytes=lim.codec.max_decompressed_bytes,
+                max_dims=lim.codec.max_dims,
+                max_batch=lim.max_images_per_request,
+                max_queue=self.batching.max_queue,
+                max_image_pixels=lim.max_image_pixels,
+            ),
+            server_version=hnd.__version__,
+            min_size=r.min_size,
+            max_size=r.max_size,
+            num_keypoints=r.num_keypoints,
+        )
+
+    # --- validation and decoding --------------------------------------------------------------
+
+    def _decode_bottleneck(self, request: pb.InferRequest) -> tuple[tuple, tuple[str, Any]]:
+        r = self.runner
+        if request.weights_fingerprint != r.fingerprint:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"weights fingerprint mismatch: request {request.weights_fingerprint or '(none)'}, "
+                f"server {r.fingerprint}",
+            )
+        encoded = wire.tensor_from_proto(request.bottleneck.tensor)
+        meta = wire.meta_from_proto(request.bottleneck.meta)
+        shape = encoded.shape
+        if len(shape) != 4:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bottleneck must be [B, C, h, w], got shape {list(shape)}")
+        b, c, h, w = shape
+        if b != len(meta):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bottleneck batch {b} != {len(meta)} images in meta")
+        if b > self.limits.max_images_per_request:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{b} images in one request; the limit is {self.limits.max_images_per_request}")
+        if c != r.channels:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bottleneck has {c} channels, the model {r.channels}")
+        ph, pw = meta.padded_size
+        if ph % 32 or pw % 32 or (h, w) != (ph // 4 + 4, pw // 4 + 4):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"bottleneck spatial size {h}x{w} does not fit padded size {ph}x{pw}")
+        z = codec.decode(encoded, self.limits.codec).reshape(shape)
+        return ("split", (c, h, w), meta.padded_size), ("split", (z, meta))
+
+    def _decode_image(self, request: pb.InferRequest) -> tuple[tuple, tuple[str, Any]]:
+        if not self.offload:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "this server does not accept images (offload off)")
+        if request.weights_fingerprint and request.weights_fingerprint != self.runner.fingerprint:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"weights fingerprint mismatch: request {request.weights_fingerprint}, server {self.runner.fingerprint}",
+            )
+        fmt = IMAGE_FORMATS.get(request.image.format)
+        if fmt is None:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unsupported image format {request.image.format}")
+        try:
+            img = Image.open(io.BytesIO(request.image.data), formats=[fmt])
+            w, h = img.size  # header only: check before decoding pixels
+            if w * h > self.limits.max_image_pixels:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"image {w}x{h} exceeds {self.limits.max_image_pixels} pixels")
+            rgb = np.asarray(img.convert("RGB"))
+        except RequestError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode {fmt} image: {exc}") from None
+        tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
+        return ("image", id(request)), ("image", tensor)
+
+    def _decode(self, request: pb.InferRequest) -> tuple[tuple, tuple[str, Any]]:
+        which = request.WhichOneof("payload")
+        try:
+            if which == "bottleneck":
+                return self._decode_bottleneck(request)
+            if which == "image":
+                return self._decode_image(request)
+        except codec.CodecError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad bottleneck: {exc}") from None
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request carries neither a bottleneck nor an image")
+
+    # --- one request ----------------------------------------------------------------------------
+
+    async def infer(self, request: pb.InferRequest, time_remaining: float | None) -> pb.InferResponse:
+        """Validate, decode, batch, compute and encode one request; raises RequestError."""
+        t0 = time.perf_counter_ns()
+        key, payload = self._decode(request)
+        decode_ns = time.perf_counter_ns() - t0
+        deadline = time.monotonic() + time_remaining if time_remaining is not None else None
+        try:
+            item, result = await self.batcher.submit(key, payload, deadline)
+        except QueueFull as exc:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        except DeadlineExpired as exc:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
+        t1 = time.perf_counter_ns()
+        response = pb.InferResponse(
+            request_id=request.request_id,
+            detections=[wire.detections_to_proto(_filter_detections(d, request)) for d in result],
+        )
+        encode_ns = time.perf_counter_ns() - t1
+        queue_ns = item.started_ns - item.enqueued_ns
+        response.timings.CopyFrom(pb.ServerTimings(
+            decode_us=decode_ns // 1000, queue_us=queue_ns // 1000, compute_us=item.compute_ns // 1000,
+            encode_us=encode_ns // 1000, batch_size=item.batch_size,
+        ))
+        m = self.metrics.stage_seconds
+        m.labels("decode").observe(decode_ns / 1e9)
+        m.labels("queue").observe(queue_ns / 1e9)
+        m.labels("compute").observe(item.compute_ns / 1e9)
+        m.labels("encode").observe(encode_ns / 1e9)
+        return response
+
+    def _parse(self, raw: bytes) -> pb.InferRequest:
+        self.metrics.request_bytes.inc(len(raw))
+        try:
+            return pb.InferRequest.FromString(raw)
+        except DecodeError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"not an hnd.v1.InferRequest: {exc}") from None
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: RequestError) -> None:
+        self.metrics.requests.labels(method, exc.code.name).inc()
+        log.warning("%s %s: %s (peer %s)", method, exc.code.name, exc, context.peer())
+        await context.abort(exc.code, str(exc))
+
+    # --- gRPC handlers (raw bytes in, messages out) ---------------------------------------------
+
+    async def Infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.InferResponse:
+        try:
+            response = await self.infer(self._parse(raw), context.time_remaining())
+        except RequestError as exc:
+            await self._fail(context, "Infer", exc)
+        except Exception:  # noqa: BLE001 - never a traceback to the client; one to the log
+            log.exception("Infer failed")
+            await self._fail(context, "Infer", RequestError(grpc.StatusCode.INTERNAL, "internal server error"))
+        self.metrics.requests.labels("Infer", "OK").inc()
+        return response
+
+    async def InferStream(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
+        """Requests are processed concurrently (so they can batch) and answered in order.
+
+        A bad request ends the stream with its status code; the client reopens a stream.
+        """
+        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=self.limits.max_stream_inflight)
+
+        async def read() -> None:
+            try:
+                async for raw in request_iterator:
+                    request = self._parse(raw)  # parse errors surface in order, below
+                    await pending.put(asyncio.ensure_future(self.infer(request, context.time_remaining())))
+            except RequestError as exc:
+                failed: asyncio.Future = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                await pending.put(failed)
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await pending.get()) is not None:
+                try:
+                    response = await task
+                except RequestError as exc:
+                    await self._fail(context, "InferStream", exc)
+                except Exception:  # noqa: BLE001
+                    log.exception("InferStream failed")
+                    await self._fail(context, "InferStream",
+                                     RequestError(grpc.StatusCode.INTERNAL, "internal server error"))
+                self.metrics.requests.labels("InferStream", "OK").inc()
+                yield response
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                task = pending.get_nowait()
+                if task is not None:
+                    task.cancel()
+
+    async def GetModelInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        self.metrics.requests.labels("GetModelInfo", "OK").inc()
+        return self.model_info()
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        identity = None  # request_deserializer None: handlers get raw bytes
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Infer": grpc.unary_unary_rpc_method_handler(
+                self.Infer, request_deserializer=identity, response_serializer=pb.InferResponse.SerializeToString),
+            "InferStream": grpc.stream_stream_rpc_method_handler(
+                self.InferStream, request_deserializer=identity,
+                response_serializer=pb.InferResponse.SerializeToString),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.GetModelInfo, request_deserializer=identity,
+                response_serializer=pb.ModelInfo.SerializeToString),
+        })
