@@ -1,0 +1,472 @@
+"""The bottleneck codec: quantize, bit-pack, entropy-code; and a decoder that trusts nothing it is sent.
+
+Every path uses this one module: the edge runtime (``encode``), the server (``decode``), evaluation
+(``roundtrip``, which gives bit for bit what ``decode(encode(x))`` gives) and the benchmark.
+
+Modes (``bits`` x ``granularity``):
+
+* ``bits`` in {2, 4, 6, 8} with ``granularity="tensor"`` or ``"channel"``: affine min/max quantization,
+  one (scale, zero point) per tensor, or per channel (dim 1 of a [B, C, H, W] tensor, statistics over
+  batch and space). The range is widened to include 0 (so 0 is exact and the zero point is an integer
+  in [0, 2^bits - 1]), the zero point is rounded and values are rounded, then clamped. A constant
+  tensor (or channel) gets one level placed on its value, so it comes back exactly.
+  Error bound: ``|decode(encode(x)) - x| <= scale / 2`` per element, up to float32 rounding
+  (about ``1e-4 * scale + 2**-23 * |x|``).
+* ``bits=8, granularity="original"``: the original HND repository's per-tensor 8-bit scheme, reproduced
+  exactly (truncated zero point, clamp before round; ORIGINAL.md section 3), except that a constant
+  tensor no longer divides by zero. Its error is below ``scale`` (not ``scale / 2``) when the range
+  includes 0, and unbounded when it does not (it clamps the zero point to [0, 255]).
+* ``bits=16``: float16 (granularity ignored); ``bits=32``: lossless float32, bit for bit.
+
+Sub-byte symbols are packed densely, first value in the high bits: 2-bit packs 4 values per byte,
+4-bit 2 per byte, 6-bit 4 values in 3 bytes. Multi-byte values are little-endian. The packed bytes are
+then optionally compressed with zstd.
+
+``decode`` checks every declared field (shape, bits, enum strings, parameter arrays, sizes) against
+``Limits`` before it decompresses or allocates anything, and decompresses with a bounded output, so a
+lying header or a zstd bomb costs nothing. Every refusal is a ``CodecError``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zstandard
+
+__all__ = [
+    "AFFINE_BITS",
+    "BITS",
+    "COMPRESSIONS",
+    "DEFAULT_LIMITS",
+    "DTYPES",
+    "GRANULARITIES",
+    "CodecError",
+    "EncodedTensor",
+    "Limits",
+    "Quantized",
+    "decode",
+    "dequantize",
+    "encode",
+    "packed_size",
+    "quantize",
+    "roundtrip",
+    "validate",
+]
+
+AFFINE_BITS = (2, 4, 6, 8)
+BITS = AFFINE_BITS + (16, 32)
+GRANULARITIES = ("tensor", "channel", "original")
+COMPRESSIONS = ("zstd", "none")
+DTYPES = ("float32",)
+
+# Values per packing group and bytes per group: each group fills whole bytes.
+_GROUP = {2: (4, 1), 4: (2, 1), 6: (4, 3)}
+_FLOAT_DTYPE = {16: np.dtype("<f2"), 32: np.dtype("<f4")}
+_FLOAT16_OVERFLOW = 65520.0  # float16 rounds |x| >= this to inf
+# Affine modes refuse |x| above this, and decode refuses larger scales, so scale * (q - zp) stays finite.
+_MAX_AFFINE_ABS = float(np.finfo(np.float32).max) / 256
+_ZSTD_MIN_LEVEL = -(1 << 17)
+
+
+class CodecError(ValueError):
+    """Input the codec refuses: bad arguments, non-finite values, or a malformed / hostile encoding."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds ``decode`` enforces before it decompresses or allocates."""
+
+    max_elements: int = 1 << 24  # 16M values
+    max_decompressed_bytes: int = 64 << 20  # 64 MiB of packed symbols
+    max_dims: int = 8
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class EncodedTensor:
+    """A tensor as it travels: what ``encode`` returns and ``decode`` takes (mirrors hnd.v1.Tensor).
+
+    shape: shape of the decoded tensor, e.g. (B, C, H, W).
+    dtype: dtype of the decoded tensor; always "float32".
+    bits: 2, 4, 6, 8 (affine), 16 (float16) or 32 (float32).
+    granularity: "tensor", "channel" or "original" ("tensor" for 16 / 32 bits).
+    scale, zero_point: quantization parameters; length 1 per tensor, C per channel, 0 for 16 / 32 bits.
+    compression: "zstd" or "none".
+    raw_size: bytes of the packed symbols before compression (``packed_size(numel, bits)``).
+    payload: the (compressed) packed symbols.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    bits: int
+    granularity: str
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+    compression: str
+    raw_size: int
+    payload: bytes
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def wire_size(self) -> int:
+        """Bytes of payload plus quantization parameters (float32 scale, int32 zero point each).
+
+        The protobuf envelope adds a few dozen bytes on top; ``hnd.common.wire.tensor_to_proto(t).ByteSize()``
+        gives the exact message size.
+        """
+        return len(self.payload) + 4 * (len(self.scale) + len(self.zero_point))
+
+
+@dataclass
+class Quantized:
+    """Symbols before packing: what the entropy coder sees.
+
+    symbols: flat array of ``numel`` values in C order; uint8 codes for affine modes,
+        float16 / float32 values for 16 / 32 bits.
+    """
+
+    shape: tuple[int, ...]
+    bits: int
+    granularity: str
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+    symbols: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+
+
+def encode(
+    tensor: torch.Tensor,
+    bits: int = 8,
+    granularity: str = "tensor",
+    compression: str = "zstd",
+    level: int = 3,
+) -> EncodedTensor:
+    """Quantize, pack and compress a float tensor (any shape; [B, C, H, W] for "channel")."""
+    _check_compression(compression, level)
+    q = quantize(tensor, bits, granularity)
+    raw = _pack(q.symbols, bits)
+    payload = zstandard.ZstdCompressor(level=level).compress(raw) if compression == "zstd" else raw
+    return EncodedTensor(
+        shape=q.shape,
+        dtype="float32",
+        bits=bits,
+        granularity=q.granularity,
+        scale=q.scale,
+        zero_point=q.zero_point,
+        compression=compression,
+        raw_size=len(raw),
+        payload=payload,
+    )
+
+
+def decode(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
+    """Validate, decompress, unpack and dequantize; returns a float32 tensor of ``encoded.shape``.
+
+    Raises CodecError on anything malformed or over ``limits``, before any large allocation.
+    """
+    validate(encoded, limits)
+    raw = _decompress(encoded)
+    symbols = _unpack(raw, encoded.bits, encoded.numel)
+    # numpy, not torch: torch's threaded kernels can cost far more than the work at this size.
+    if encoded.bits in _FLOAT_DTYPE and not (np.isfinite(symbols.min()) and np.isfinite(symbols.max())):
+        raise CodecError("payload holds NaN or Inf values")
+    q = Quantized(encoded.shape, encoded.bits, encoded.granularity, encoded.scale, encoded.zero_point, symbols)
+    return dequantize(q)
+
+
+def roundtrip(
+    tensor: torch.Tensor,
+    bits: int = 8,
+    granularity: str = "tensor",
+    compression: str = "zstd",
+    level: int = 3,
+) -> torch.Tensor:
+    """Exactly (bit for bit) ``decode(encode(tensor, ...))``, without packing or compressing.
+
+    compression and level do not change the result; they are checked so that the same arguments fail
+    here as in ``encode``.
+    """
+    _check_compression(compression, level)
+    return dequantize(quantize(tensor, bits, granularity))
+
+
+def quantize(tensor: torch.Tensor, bits: int = 8, granularity: str = "tensor") -> Quantized:
+    """Map a finite float tensor to symbols and quantization parameters (no packing, no compression)."""
+    _check_mode(bits, granularity)
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise CodecError(f"expected a floating-point torch.Tensor, got {_describe(tensor)}")
+    shape = tuple(int(d) for d in tensor.shape)
+    if not shape or min(shape) < 1:
+        raise CodecError(f"cannot encode a tensor of shape {shape}: need at least one dim, all positive")
+    if granularity == "channel" and len(shape) < 2:
+        raise CodecError(f"per-channel quantization needs a channel dim 1, got shape {shape}")
+    x = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+
+    if bits in _FLOAT_DTYPE:
+        lo, hi = float(x.min()), float(x.max())
+        _check_finite(lo, hi)
+        if bits == 16 and max(-lo, hi) >= _FLOAT16_OVERFLOW:
+            raise CodecError(f"values in [{lo}, {hi}] overflow float16")
+        return Quantized(shape, bits, "tensor", (), (), x.reshape(-1).astype(_FLOAT_DTYPE[bits]))
+
+    if granularity == "channel":
+        axes = (0,) + tuple(range(2, x.ndim))
+        lo, hi = x.min(axis=axes), x.max(axis=axes)
+    else:
+        lo, hi = x.min(keepdims=True).reshape(1), x.max(keepdims=True).reshape(1)
+    _check_finite(lo, hi)
+    if max(-float(lo.min()), float(hi.max())) > _MAX_AFFINE_ABS:
+        raise CodecError(f"values beyond +-{_MAX_AFFINE_ABS:.3g} are too large to quantize; use bits=32")
+
+    if granularity == "original":
+        scale, zero_point = _original_params(lo, hi)
+    else:
+        scale, zero_point = _affine_params(lo, hi, bits)
+    s, zp = _param_arrays(scale, zero_point, x.ndim, granularity)
+    v = x / np.where(s == 0, np.float32(1), s)  # scale 0 only where the values are all 0
+    v += zp
+    qmax = (1 << bits) - 1
+    # Round and clamp commute here (integer bounds); the original's order is clamp, then round.
+    np.rint(v, out=v)
+    np.clip(v, 0, qmax, out=v)
+    symbols = v.astype(np.uint8).reshape(-1)
+    return Quantized(shape, bits, granularity, scale, zero_point, symbols)
+
+
+def dequantize(q: Quantized) -> torch.Tensor:
+    """Symbols back to a float32 tensor of ``q.shape``: ``scale * (q - zero_point)`` for affine modes.
+
+    The one dequantization both ``decode`` and ``roundtrip`` run, so they cannot drift apart.
+    """
+    if q.bits in _FLOAT_DTYPE:
+        out = q.symbols.astype(np.float32)  # always a copy: never alias the caller's tensor or buffer
+    else:
+        x = q.symbols.reshape(q.shape).astype(np.float32)
+        s, zp = _param_arrays(q.scale, q.zero_point, len(q.shape), q.granularity)
+        x -= zp
+        x *= s
+        out = x
+    return torch.from_numpy(out.reshape(q.shape))
+
+
+def packed_size(numel: int, bits: int) -> int:
+    """Bytes that ``numel`` symbols of ``bits`` bits take once packed (whole packing groups)."""
+    if bits in _GROUP:
+        per_group, group_bytes = _GROUP[bits]
+        return -(-numel // per_group) * group_bytes
+    return numel * bits // 8
+
+
+def validate(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Check every declared field of ``encoded`` against the format and ``limits``; cheap, allocates nothing.
+
+    ``decode`` calls it first; a server may call it on receipt, before queueing.
+    """
+    if not isinstance(encoded, EncodedTensor):
+        raise CodecError(f"expected an EncodedTensor, got {_describe(encoded)}")
+    if encoded.dtype not in DTYPES:
+        raise CodecError(f"unknown dtype {encoded.dtype!r}; expected one of {DTYPES}")
+    _check_mode(encoded.bits, encoded.granularity)
+    if encoded.compression not in COMPRESSIONS:
+        raise CodecError(f"unknown compression {encoded.compression!r}; expected one of {COMPRESSIONS}")
+
+    shape = encoded.shape
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise CodecError(f"shape must be a tuple of ints, got {shape!r}"[:200])
+    if not 1 <= len(shape) <= limits.max_dims:
+        raise CodecError(f"shape has {len(shape)} dims; expected 1 to {limits.max_dims}")
+    if min(shape) < 1:
+        raise CodecError(f"shape {shape} has a non-positive dimension")
+    numel = math.prod(shape)  # Python ints: no overflow, however large the dims
+    if numel > limits.max_elements:
+        raise CodecError(f"shape {shape} has {numel} elements; the limit is {limits.max_elements}")
+    expected = packed_size(numel, encoded.bits)
+    if expected > limits.max_decompressed_bytes:
+        raise CodecError(f"{expected} packed bytes exceed the limit of {limits.max_decompressed_bytes}")
+    if encoded.raw_size != expected:
+        raise CodecError(
+            f"raw_size {encoded.raw_size!r} does not match shape {shape} at {encoded.bits} bits ({expected} bytes)"
+        )
+    if not isinstance(encoded.payload, bytes):
+        raise CodecError(f"payload must be bytes, got {_describe(encoded.payload)}")
+    if encoded.compression == "none" and len(encoded.payload) != expected:
+        raise CodecError(f"payload has {len(encoded.payload)} bytes; {expected} declared")
+    _check_params(encoded)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantization parameters
+
+
+def _affine_params(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """Per-group (scale, zero point) from float32 minima / maxima [G]."""
+    qmax = (1 << bits) - 1
+    lo64, hi64 = lo.astype(np.float64), hi.astype(np.float64)
+    # A constant group gets one level on its value: scale = |value|, q - zp = +-1 (or scale 0 for zeros).
+    levels = np.where(lo64 == hi64, 1, qmax)
+    lo64, hi64 = np.minimum(lo64, 0.0), np.maximum(hi64, 0.0)  # include 0: integer zp in [0, qmax]
+    exact = (hi64 - lo64) / levels
+    scale = exact.astype(np.float32)
+    # Round the float32 scale up, never down, so [lo, hi] stays inside the representable range.
+    scale = np.where(scale < exact, np.nextafter(scale, np.float32(np.inf)), scale)
+    safe = np.where(scale == 0, 1.0, scale.astype(np.float64))
+    zero_point = np.clip(np.rint(-lo64 / safe), 0, qmax).astype(np.int64)
+    return tuple(float(s) for s in scale), tuple(int(z) for z in zero_point)
+
+
+def _original_params(lo: np.ndarray, hi: np.ndarray) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """The original repository's per-tensor 8-bit parameters, in the same float32 arithmetic as its torch code."""
+    qmin, qmax = np.float32(0.0), np.float32(255.0)
+    mn, mx = np.float32(lo[0]), np.float32(hi[0])
+    if mn == mx:  # the original divides by zero here; place one level on the constant instead
+        scale = np.float32(abs(mn))
+    else:
+        scale = (mx - mn) / (qmax - qmin)
+    initial = qmin - mn / scale if scale != 0 else qmin
+    zero_point = int(min(max(initial, qmin), qmax))  # int() truncates, as the original does
+    return (float(scale),), (zero_point,)
+
+
+def _param_arrays(
+    scale: tuple[float, ...], zero_point: tuple[int, ...], ndim: int, granularity: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """float32 scale and zero point, shaped to broadcast against the tensor (channel = dim 1)."""
+    shape = (1, len(scale)) + (1,) * (ndim - 2) if granularity == "channel" else (1,) * ndim
+    return (
+        np.asarray(scale, dtype=np.float32).reshape(shape),
+        np.asarray(zero_point, dtype=np.float32).reshape(shape),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packing and compression
+
+
+def _pack(symbols: np.ndarray, bits: int) -> bytes:
+    """Flat symbols -> packed bytes; sub-byte codes are grouped so each group fills whole bytes."""
+    if bits not in _GROUP:  # 8-bit codes, float16, float32: already bytes
+        return symbols.tobytes()
+    per_group, group_bytes = _GROUP[bits]
+    pad = -symbols.size % per_group
+    if pad:
+        symbols = np.concatenate([symbols, np.zeros(pad, dtype=symbols.dtype)])
+    cols = symbols.reshape(-1, per_group).astype(np.uint32)
+    word = np.zeros(len(cols), dtype=np.uint32)
+    for i in range(per_group):  # loops over columns (<= 4), not elements
+        word = (word << bits) | cols[:, i]
+    out = np.empty((len(cols), group_bytes), dtype=np.uint8)
+    for j in range(group_bytes):
+        out[:, j] = (word >> (8 * (group_bytes - 1 - j))) & 0xFF
+    return out.tobytes()
+
+
+def _unpack(raw: bytes, bits: int, numel: int) -> np.ndarray:
+    """Packed bytes (length already checked) -> flat symbols of length ``numel``."""
+    if bits in _FLOAT_DTYPE:
+        return np.frombuffer(raw, dtype=_FLOAT_DTYPE[bits])
+    if bits not in _GROUP:
+        return np.frombuffer(raw, dtype=np.uint8)
+    per_group, group_bytes = _GROUP[bits]
+    packed = np.frombuffer(raw, dtype=np.uint8).reshape(-1, group_bytes).astype(np.uint32)
+    word = np.zeros(len(packed), dtype=np.uint32)
+    for j in range(group_bytes):
+        word = (word << 8) | packed[:, j]
+    mask = (1 << bits) - 1
+    cols = np.empty((len(packed), per_group), dtype=np.uint8)
+    for i in range(per_group):
+        cols[:, i] = (word >> (bits * (per_group - 1 - i))) & mask
+    return cols.reshape(-1)[:numel]
+
+
+def _decompress(encoded: EncodedTensor) -> bytes:
+    """The packed bytes, exactly ``raw_size`` of them; zstd output is bounded by the validated size."""
+    data, expected = encoded.payload, encoded.raw_size
+    if encoded.compression == "none":
+        return data
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"payload is not a zstd frame: {e}") from None
+    if declared != expected:
+        what = "no content size" if declared < 0 else f"content size {declared}"
+        raise CodecError(f"zstd frame declares {what}; {expected} bytes expected")
+    # One frame, nothing after it, output bounded by the validated size: a lying frame fails early.
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"corrupt zstd payload: {e}") from None
+    if len(raw) != expected:
+        raise CodecError(f"zstd payload decompressed to {len(raw)} bytes; {expected} expected")
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_mode(bits: object, granularity: object) -> None:
+    if bits not in BITS or isinstance(bits, bool):
+        raise CodecError(f"unsupported bits {bits!r}; expected one of {BITS}")
+    if granularity not in GRANULARITIES:
+        raise CodecError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+    if granularity == "original" and bits != 8:
+        raise CodecError(f"granularity 'original' is the original 8-bit scheme; got bits={bits}")
+
+
+def _check_compression(compression: object, level: object) -> None:
+    if compression not in COMPRESSIONS:
+        raise CodecError(f"unknown compression {compression!r}; expected one of {COMPRESSIONS}")
+    if not isinstance(level, int) or not _ZSTD_MIN_LEVEL <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+        raise CodecError(f"zstd level must be an int up to {zstandard.MAX_COMPRESSION_LEVEL}, got {level!r}")
+
+
+def _check_finite(lo: object, hi: object) -> None:
+    # min / max propagate NaN and expose Inf, so checking them covers every element.
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise CodecError("tensor holds NaN or Inf values; the codec needs finite input")
+
+
+def _check_params(encoded: EncodedTensor) -> None:
+    """Scale / zero point arrays: right length, scale finite in [0, max], zero point in [0, 2^bits - 1]."""
+    scale, zero_point = encoded.scale, encoded.zero_point
+    if encoded.bits in _FLOAT_DTYPE:
+        expected = 0
+    elif encoded.granularity == "channel":
+        if len(encoded.shape) < 2:
+            raise CodecError(f"per-channel tensor needs a channel dim 1, got shape {encoded.shape}")
+        expected = encoded.shape[1]
+    else:
+        expected = 1
+    if len(scale) != expected or len(zero_point) != expected:
+        raise CodecError(
+            f"{encoded.granularity} quantization at {encoded.bits} bits needs {expected} scale and zero point "
+            f"values; got {len(scale)} and {len(zero_point)}"
+        )
+    if expected == 0:
+        return
+    try:
+        s = np.asarray(scale, dtype=np.float64)
+        zp = np.asarray(zero_point, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise CodecError("scale and zero point must be numbers") from None
+    if s.ndim != 1 or zp.ndim != 1:
+        raise CodecError("scale and zero point must be flat sequences of numbers")
+    if not (np.isfinite(s).all() and (s >= 0).all() and (s <= _MAX_AFFINE_ABS).all()):
+        raise CodecError(f"scale must be finite and in [0, {_MAX_AFFINE_ABS:.3g}]")
+    qmax = (1 << encoded.bits) - 1
+    if not ((zp == np.round(zp)).all() and (zp >= 0).all() and (zp <= qmax).all()):
+        raise CodecError(f"zero point must be an integer in [0, {qmax}]")
+
+
+def _describe(obj: object) -> str:
+    return type(obj).__name__

@@ -1,0 +1,175 @@
+from hnd.proto.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Size(_message.Message):
+    __slots__ = ("height", "width")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    width: int
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
+
+class SplitMeta(_message.Message):
+    __slots__ = ("original_sizes", "image_sizes", "padded_size")
+    ORIGINAL_SIZES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZES_FIELD_NUMBER: _ClassVar[int]
+    PADDED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    original_sizes: _containers.RepeatedCompositeFieldContainer[Size]
+    image_sizes: _containers.RepeatedCompositeFieldContainer[Size]
+    padded_size: Size
+    def __init__(self, original_sizes: _Optional[_Iterable[_Union[Size, _Mapping]]] = ..., image_sizes: _Optional[_Iterable[_Union[Size, _Mapping]]] = ..., padded_size: _Optional[_Union[Size, _Mapping]] = ...) -> None: ...
+
+class Bottleneck(_message.Message):
+    __slots__ = ("tensor", "meta")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    tensor: _tensor_pb2.Tensor
+    meta: SplitMeta
+    def __init__(self, tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., meta: _Optional[_Union[SplitMeta, _Mapping]] = ...) -> None: ...
+
+class EncodedImage(_message.Message):
+    __slots__ = ("format", "data")
+    class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        FORMAT_UNSPECIFIED: _ClassVar[EncodedImage.Format]
+        FORMAT_JPEG: _ClassVar[EncodedImage.Format]
+        FORMAT_PNG: _ClassVar[EncodedImage.Format]
+    FORMAT_UNSPECIFIED: EncodedImage.Format
+    FORMAT_JPEG: EncodedImage.Format
+    FORMAT_PNG: EncodedImage.Format
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    format: EncodedImage.Format
+    data: bytes
+    def __init__(self, format: _Optional[_Union[EncodedImage.Format, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class InferRequest(_message.Message):
+    __slots__ = ("request_id", "weights_fingerprint", "bottleneck", "image", "score_threshold", "max_detections")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    BOTTLENECK_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    weights_fingerprint: str
+    bottleneck: Bottleneck
+    image: EncodedImage
+    score_threshold: float
+    max_detections: int
+    def __init__(self, request_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., bottleneck: _Optional[_Union[Bottleneck, _Mapping]] = ..., image: _Optional[_Union[EncodedImage, _Mapping]] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ...) -> None: ...
+
+class Masks(_message.Message):
+    __slots__ = ("height", "width", "counts")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    width: int
+    counts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., counts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class Keypoints(_message.Message):
+    __slots__ = ("num_keypoints", "points", "scores")
+    NUM_KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    num_keypoints: int
+    points: _containers.RepeatedScalarFieldContainer[float]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, num_keypoints: _Optional[int] = ..., points: _Optional[_Iterable[float]] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Detections(_message.Message):
+    __slots__ = ("boxes", "labels", "scores", "masks", "keypoints")
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
+    boxes: _containers.RepeatedScalarFieldContainer[float]
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    masks: Masks
+    keypoints: Keypoints
+    def __init__(self, boxes: _Optional[_Iterable[float]] = ..., labels: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., masks: _Optional[_Union[Masks, _Mapping]] = ..., keypoints: _Optional[_Union[Keypoints, _Mapping]] = ...) -> None: ...
+
+class ServerTimings(_message.Message):
+    __slots__ = ("decode_us", "queue_us", "compute_us", "encode_us", "batch_size")
+    DECODE_US_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_US_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_US_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    decode_us: int
+    queue_us: int
+    compute_us: int
+    encode_us: int
+    batch_size: int
+    def __init__(self, decode_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class InferResponse(_message.Message):
+    __slots__ = ("request_id", "detections", "timings")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    detections: _containers.RepeatedCompositeFieldContainer[Detections]
+    timings: ServerTimings
+    def __init__(self, request_id: _Optional[str] = ..., detections: _Optional[_Iterable[_Union[Detections, _Mapping]]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ...) -> None: ...
+
+class ModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerLimits(_message.Message):
+    __slots__ = ("max_message_bytes", "max_elements", "max_decompressed_bytes", "max_dims", "max_batch", "max_queue", "max_image_pixels")
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DECOMPRESSED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_DIMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    max_message_bytes: int
+    max_elements: int
+    max_decompressed_bytes: int
+    max_dims: int
+    max_batch: int
+    max_queue: int
+    max_image_pixels: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., max_decompressed_bytes: _Optional[int] = ..., max_dims: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_kind", "bottleneck_channels", "weights_fingerprint", "accepted_bits", "accepted_granularities", "accepted_compressions", "accepted_image_formats", "limits", "server_version", "min_size", "max_size", "num_keypoints")
+    MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
+    BOTTLENECK_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_BITS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_GRANULARITIES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_COMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_IMAGE_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
+    model_kind: str
+    bottleneck_channels: int
+    weights_fingerprint: str
+    accepted_bits: _containers.RepeatedScalarFieldContainer[int]
+    accepted_granularities: _containers.RepeatedScalarFieldContainer[_tensor_pb2.Granularity]
+    accepted_compressions: _containers.RepeatedScalarFieldContainer[_tensor_pb2.Compression]
+    accepted_image_formats: _containers.RepeatedScalarFieldContainer[EncodedImage.Format]
+    limits: ServerLimits
+    server_version: str
+    min_size: int
+    max_size: int
+    num_keypoints: int
+    def __init__(self, model_kind: _Optional[str] = ..., bottleneck_channels: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., accepted_bits: _Optional[_Iterable[int]] = ..., accepted_granularities: _Optional[_Iterable[_Union[_tensor_pb2.Granularity, str]]] = ..., accepted_compressions: _Optional[_Iterable[_Union[_tensor_pb2.Compression, str]]] = ..., accepted_image_formats: _Optional[_Iterable[_Union[EncodedImage.Format, str]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., num_keypoints: _Optional[int] = ...) -> None: ...
