@@ -201,7 +201,11 @@ def roundtrip(
 
 
 def quantize(tensor: torch.Tensor, bits: int = 8, granularity: str = "tensor") -> Quantized:
-    """Map a finite float tensor to symbols and quantization parameters (no packing, no compression)."""
+    """Map a finite float tensor to symbols and quantization parameters (no packing, no compression).
+
+    tensor: any shape with positive dims, typically a bottleneck [B, C, H, W]; "channel" quantizes
+    each index of dim 1 over all other dims. Returns ``numel`` symbols in C order.
+    """
     _check_mode(bits, granularity)
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         raise CodecError(f"expected a floating-point torch.Tensor, got {_describe(tensor)}")
