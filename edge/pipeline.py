@@ -242,6 +242,7 @@ class EdgeRunner:
             server = {"decode": t.decode_us / 1e3, "queue": t.queue_us / 1e3, "compute": t.compute_us / 1e3,
                       "encode": t.encode_us / 1e3}
             record["server_ms"] = server
+            record["bytes"]["response"] = reply.response.ByteSize()  # the link model needs both directions
             record["batch_size"] = t.batch_size
             record["ms"]["network_server"] = round((reply.done_ns - p.done_ns) / 1e6, 3)
             done = reply.done_ns
