@@ -78,11 +78,13 @@ class ModelRunner:
         self.device = device
         self.model = model.to(device).eval()
         self.head, self.tail = split_model(self.model)
+        self.images_computed = 0  # bottleneck images run through the tail (tests check dropped work)
 
     @torch.inference_mode()
     def run_split(self, items: list[tuple[torch.Tensor, SplitMeta]]) -> list[list[dict[str, torch.Tensor]]]:
         """Batch same-shape bottlenecks [B_i, C, h, w] -> per request, its images' detections (on CPU)."""
         z = torch.cat([t for t, _ in items]).to(self.device)
+        self.images_computed += z.shape[0]
         out = self.tail(z, concat_meta([m for _, m in items]))
         out = [{k: v.cpu() for k, v in d.items()} for d in out]
         results, i = [], 0
@@ -182,8 +184,7 @@ class SplitInferenceService:
                 f"weights fingerprint mismatch: request {request.weights_fingerprint or '(none)'}, "
                 f"server {r.fingerprint}",
             )
-        encoded = wire.tensor_from_proto(request.bottleneck.tensor)
-        meta = wire.meta_from_proto(request.bottleneck.meta)
+        encoded, meta = wire.bottleneck_from_proto(request.bottleneck, self.limits.codec)
         shape = encoded.shape
         if len(shape) != 4:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bottleneck must be [B, C, h, w], got shape {list(shape)}")

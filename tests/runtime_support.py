@@ -1,0 +1,92 @@
+"""Helpers for the runtime tests: servers on loopback, edges, frames, certificates."""
+from __future__ import annotations
+
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hnd.common import codec, wire
+from hnd.common.checkpoint import fingerprint
+from hnd.common.split import split_model
+from hnd.edge.capture import ArrayFrames
+from hnd.edge.client import ClientSettings, SplitClient
+from hnd.edge.pipeline import EdgeOptions, EdgeRunner, to_tensor
+from hnd.server.app import BackgroundServer, ServerSettings
+from hnd.server.service import BatchingOptions, ModelRunner
+
+
+def frames(count: int = 3, seed: int = 0, sizes=((120, 150), (200, 100), (90, 90))) -> list[np.ndarray]:
+    """Seeded RGB uint8 frames of different sizes (smooth blobs, so JPEG/PNG behave like photos)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        h, w = sizes[i % len(sizes)]
+        base = rng.integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3)).astype(np.uint8)
+        out.append(np.ascontiguousarray(np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))[:h, :w]))
+    return out
+
+
+@contextmanager
+def serving(model: torch.nn.Module, **settings):
+    """A BackgroundServer on a free loopback port; ``batching`` defaults to one image per batch."""
+    settings.setdefault("port", 0)
+    settings.setdefault("batching", BatchingOptions(max_batch=1, max_delay_ms=0, max_queue=64))
+    with BackgroundServer(ModelRunner(model, torch.device("cpu")), ServerSettings(**settings)) as server:
+        yield server
+
+
+def client_for(server, **kw) -> SplitClient:
+    return SplitClient(ClientSettings(f"127.0.0.1:{server.port}", **kw))
+
+
+def run_edge(model, client, images, **options):
+    """Run an EdgeRunner over in-memory frames; returns (summary, records, detections per frame)."""
+    head, _ = split_model(model)
+    runner = EdgeRunner(EdgeOptions(**options), head=head, fingerprint=fingerprint(model), model=model, client=client)
+    records, dets = [], []
+
+    def on_record(record, frame):
+        records.append(record)
+        dets.append(runner.last_detections if record["status"] == "OK" else None)
+
+    summary = runner.run(ArrayFrames(images), on_record)
+    return summary, records, dets
+
+
+@torch.inference_mode()
+def expected_split(model, image: np.ndarray, **codec_args) -> list[dict[str, torch.Tensor]]:
+    """tail(codec.roundtrip(head(x))) in process, through the wire's detection format (masks as RLE)."""
+    head, tail = split_model(model)
+    z, meta = head([to_tensor(image)])
+    out = tail(codec.roundtrip(z, **codec_args), meta)
+    return [wire.detections_from_proto(wire.detections_to_proto(d)) for d in out]
+
+
+def assert_same_detections(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+def make_certs(folder: Path) -> dict[str, str]:
+    """A CA, a server certificate for localhost / 127.0.0.1 and a client certificate (openssl CLI)."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key", "-out", "ca.pem",
+        "-subj", "/CN=hnd-test-ca")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={'localhost' if name == 'server' else 'hnd-edge'}")
+        (folder / f"{name}.ext").write_text(
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n" if name == "server" else "extendedKeyUsage=clientAuth\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {k: str(folder / v) for k, v in {
+        "ca": "ca.pem", "server_cert": "server.pem", "server_key": "server.key",
+        "client_cert": "client.pem", "client_key": "client.key"}.items()}
