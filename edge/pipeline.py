@@ -274,9 +274,11 @@ class EdgeRunner:
                 if self.client.reconnect():
                     p.request.request_id = next_request_id(p.frame.index)
                     try:
-                        return self._record(p, reply=self._send(p).result())
+                        record = self._record(p, reply=self._send(p).result())
                     except grpc.RpcError as again:
-                        return self._record(p, status=again.code().name, error=again.details())
+                        record = self._record(p, status=again.code().name, error=again.details())
+                    record["attempts"] = 2
+                    return record
             return self._record(p, status=code.name, error=exc.details())
         except EdgeError as exc:
             return self._record(p, status="UNAVAILABLE", error=str(exc))

@@ -1,0 +1,149 @@
+"""hnd-edge: CLI, records, reconnect after a server restart, live capture, head-only weights."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from runtime_support import frames, serving
+
+from hnd.common.checkpoint import export_head, fingerprint, save_checkpoint
+from hnd.edge import cli as edge_cli
+from hnd.edge.capture import ArrayFrames, LiveCapture, write_video
+from hnd.edge.client import ClientSettings, SplitClient
+from hnd.edge.pipeline import EdgeOptions, EdgeRunner
+from hnd.common.split import split_model
+from hnd.server import cli as server_cli
+from hnd.server.app import BackgroundServer, ServerSettings
+from hnd.server.service import ModelRunner
+
+CONFIG = "test/faster_rcnn-b3ch"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model("faster_rcnn")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with serving(model) as s:
+        yield s
+
+
+@pytest.fixture()
+def image_dir(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, img in enumerate(frames(3)):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    (folder / "999.jpg").write_bytes(b"not an image")  # a bad file is recorded, not fatal
+    return folder
+
+
+def test_cli_writes_records_summary_and_video(server, image_dir, tmp_path, capsys):
+    out, video, summary = tmp_path / "r.jsonl", tmp_path / "v.mp4", tmp_path / "s.json"
+    code = edge_cli.main(["--server", f"127.0.0.1:{server.port}", "--images", str(image_dir), "--config", CONFIG,
+                          "--random-weights", "0", "--output", str(out), "--save-video", str(video),
+                          "--summary-json", str(summary), "--no-progress"])
+    assert code == 1  # one frame failed (the bad file), the rest were answered
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["frame"] for r in records] == [0, 1, 2, 3]
+    assert [r["status"] for r in records] == ["OK", "OK", "OK", "INVALID_ARGUMENT"]
+    assert "999.jpg" in records[3]["error"]
+    assert records[0]["detections"][0]["count"] == len(records[0]["detections"][0]["boxes"]) > 0
+    stats = json.loads(summary.read_text())
+    assert stats["answered"] == 3 and stats["failed"] == 1
+    assert stats["payload_bytes"]["mean"] == pytest.approx(np.mean([r["bytes"]["payload"] for r in records[:3]]))
+    cap = cv2.VideoCapture(str(video))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3  # the undecodable file has no pixels to draw
+    printed = capsys.readouterr().out
+    assert "bytes/frame" in printed and "network_server" in printed
+
+
+def test_cli_stops_on_fingerprint_mismatch(server, image_dir, capsys):
+    code = edge_cli.main(["--server", f"127.0.0.1:{server.port}", "--images", str(image_dir), "--config", CONFIG,
+                          "--random-weights", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "fingerprint mismatch" in err[0] and "Traceback" not in err[0]
+
+
+def test_missing_camera_is_one_clear_line(capsys):
+    code = edge_cli.main(["--camera", "97", "--config", CONFIG, "--random-weights", "0", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [err[0]] and "camera 97: cannot open" in err[0]
+
+
+def test_server_cli_refuses_missing_checkpoint(tmp_path, capsys):
+    code = server_cli.main(["--config", CONFIG, "--checkpoint", str(tmp_path / "nope.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nope.pt" in err[0]
+
+
+def test_head_only_export_serves_the_same_detections(model, server, image_dir, tmp_path):
+    full = tmp_path / "student.pt"
+    save_checkpoint(full, model)
+    head_file = tmp_path / "head.pt"
+    assert export_head(full, head_file) == fingerprint(model)
+    args = ["--server", f"127.0.0.1:{server.port}", "--images", str(image_dir / "000.png"), "--config", CONFIG,
+            "--no-progress"]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert edge_cli.main([*args, "--head", str(head_file), "--output", str(a)]) == 0
+    assert edge_cli.main([*args, "--checkpoint", str(full), "--output", str(b)]) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["detections"] == rb["detections"] and ra["bytes"] == rb["bytes"]
+
+
+def test_edge_reconnects_after_server_restart(model):
+    """The server goes away after frame 1 and comes back on the same port: every frame is accounted for."""
+    first = BackgroundServer(ModelRunner(model, torch.device("cpu")), ServerSettings(port=0)).__enter__()
+    port = first.port
+    state = {"second": None}
+
+    def restart():
+        time.sleep(1.0)
+        state["second"] = BackgroundServer(ModelRunner(model, torch.device("cpu")),
+                                           ServerSettings(port=port)).__enter__()
+
+    class RestartingSource(ArrayFrames):
+        def __iter__(self):
+            for frame in super().__iter__():
+                if frame.index == 2:
+                    first.stop(grace_s=5)
+                    threading.Thread(target=restart, daemon=True).start()
+                yield frame
+
+    client = SplitClient(ClientSettings(f"127.0.0.1:{port}", reconnect_timeout_s=30))
+    head, _ = split_model(model)
+    runner = EdgeRunner(EdgeOptions(max_inflight=1), head=head, fingerprint=fingerprint(model), client=client)
+    records = []
+    try:
+        summary = runner.run(RestartingSource(frames(5)), lambda r, f: records.append(r))
+    finally:
+        client.close()
+        if state["second"] is not None:
+            state["second"].stop()
+    assert [r["frame"] for r in records] == [0, 1, 2, 3, 4]
+    assert summary.answered + summary.failed == 5
+    assert summary.answered == 5, [r.get("error") for r in records]
+    assert [r.get("attempts", 1) for r in records] == [1, 1, 2, 1, 1]  # frame 2 met the restart and was resent
+
+
+def test_live_capture_keeps_the_latest_frame_and_counts_drops(tmp_path):
+    """A generated 20 fps video through the live-camera code path, consumed slower than it plays."""
+    path = str(tmp_path / "live.mp4")
+    video = [np.full((48, 64, 3), i * 8, dtype=np.uint8) for i in range(30)]
+    write_video(path, video, fps=20)
+    source = LiveCapture(path)  # paced at the file's own 20 fps, like a camera
+    taken = []
+    for frame in source:
+        taken.append(int(frame.image.mean() // 8 + 0.5))
+        time.sleep(0.15)  # a slow pipeline: ~3 camera frames go by per frame processed
+    assert source.dropped > 0
+    assert len(taken) + source.dropped == source.captured == 30
+    assert taken == sorted(taken) and len(set(taken)) == len(taken)  # always newer frames, none twice
