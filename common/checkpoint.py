@@ -69,8 +69,18 @@ def read_file(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "Weights only load failed" in str(exc):
+            # Only a blocked GLOBAL means "holds objects outside the allowlist"; anything else (e.g.
+            # "Unsupported operand 84" for a text file) means the bytes are not a pickle we can read.
+            blocked = list(dict.fromkeys(re.findall(r"GLOBAL ([\w.]+)", str(exc))))
+            if blocked:
+                names = _unsafe_names(path)
+                raise CheckpointError(
+                    f"{path}: refused, it holds objects outside the checkpoint allowlist "
+                    f"({', '.join(blocked) if names == 'unlisted' else names})"
+                ) from None
+            detail = re.search(r"Unsupported operand \S+", str(exc))
             raise CheckpointError(
-                f"{path}: refused, it holds objects outside the checkpoint allowlist ({_unsafe_names(path)})"
+                f"{path}: not a PyTorch checkpoint ({detail.group(0) if detail else 'unreadable pickle'})"
             ) from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({first})") from None
     except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as exc:
