@@ -8,7 +8,9 @@ Formats read by :func:`load_checkpoint`:
   names), "fingerprint": fingerprint of the full model it came from, "model_info": {...}}``;
 * the original repository's ``save_ckpt``: ``{"model", "optimizer", "best_value",
   "lr_scheduler", "config", "args"}`` with torchvision 0.4.2 key names;
-* a bare state dict (e.g. torchvision's released COCO weights).
+* a bare state dict (e.g. torchvision's released COCO weights);
+* a neural-filter file (the original's ext checkpoint, or ours with ``format: "hnd-filter"``):
+  read here, loaded with ``hnd.common.neural_filter.load_filter``.
 
 Everything is read with ``torch.load(weights_only=True)`` and an explicit allowlist of
 the few non-tensor types the original files hold; anything else is refused.
@@ -214,7 +216,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     raw = read_file(path)
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(raw).__name__}, expected a dict)")
-    if raw.get("format") in (CHECKPOINT_FORMAT, HEAD_FORMAT):
+    from hnd.common.neural_filter import FILTER_FORMAT
+
+    if raw.get("format") in (CHECKPOINT_FORMAT, HEAD_FORMAT, FILTER_FORMAT):
         ckpt = dict(raw)
         if ckpt.get("version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{path}: written by a newer hnd (format version {ckpt['version']})")
@@ -234,6 +238,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def _check_compatible(path: Any, sd: Mapping[str, torch.Tensor], model: nn.Module, keys: set[str] | None) -> None:
     """Say in one line why a state dict does not fit a model (kind, teacher/student, channels, keys)."""
     from hnd.common.models import bottleneck_channels_of, model_kind
+    from hnd.common.neural_filter import FILTER_PREFIX, is_filter_state_dict
+
+    if is_filter_state_dict(sd):
+        raise CheckpointError(f"{path}: holds only neural filter weights; name it in model.filter.checkpoint")
 
     want = (model_kind(model), bottleneck_channels_of(model))
     have = describe_state_dict(sd)
@@ -243,6 +251,12 @@ def _check_compatible(path: Any, sd: Mapping[str, torch.Tensor], model: nn.Modul
     expected = set(model_sd) if keys is None else keys
     missing = sorted(expected - set(sd))
     unexpected = sorted(set(sd) - set(model_sd))
+    if unexpected and all(k.startswith(FILTER_PREFIX) for k in unexpected):
+        raise CheckpointError(f"{path}: holds a neural filter ({FILTER_PREFIX}*), the model has none: "
+                              "add a model.filter section to the config")
+    if missing and all(k.startswith(FILTER_PREFIX) for k in missing):
+        raise CheckpointError(f"{path}: holds no neural filter weights ({FILTER_PREFIX}*); "
+                              "set model.filter.checkpoint to the filter's file")
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} missing keys, e.g. {', '.join(missing[:3])}")
     if unexpected:
@@ -268,12 +282,13 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = Tr
     sd = ckpt["model"]
     if strict:
         _check_compatible(path, sd, model, None)
+    # Check the stored fingerprint before touching the model, so a refused file leaves it as it was.
+    stored = ckpt.get("fingerprint")
+    if stored is not None and stored != fingerprint(sd):
+        raise CheckpointError(f"{path}: weights do not match the fingerprint stored in the file (corrupted?)")
     model_sd = model.state_dict()
     usable = {k: v for k, v in sd.items() if k in model_sd and tuple(v.shape) == tuple(model_sd[k].shape)}
     model.load_state_dict(usable, strict=strict)
-    stored = ckpt.get("fingerprint")
-    if strict and stored is not None and stored != fingerprint(model):
-        raise CheckpointError(f"{path}: weights do not match the fingerprint stored in the file (corrupted?)")
     return ckpt
 
 
