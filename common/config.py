@@ -34,6 +34,21 @@ class ConfigError(Exception):
 
 
 @dataclass
+class FilterConfig:
+    """The GHND neural filter (Ext4ResNet on the stem output, in the head): the edge skips a frame
+    whose probability of holding anything to detect is below ``threshold``.
+
+    Its weights come from ``checkpoint`` when given (the original's separate ext file, ours from
+    ``hnd-train`` with ``train.method: filter``, or any checkpoint holding the filter's keys; it
+    overrides filter weights in ``model.checkpoint``), else from ``model.checkpoint`` (a full
+    student saved with its filter), else from ``model.random_weights``.
+    """
+
+    threshold: float = 0.01  # the original's ext config; hnd-edge --filter-threshold overrides it
+    checkpoint: str | None = None
+
+
+@dataclass
 class ModelConfig:
     """A detector and where its weights come from."""
 
@@ -44,6 +59,7 @@ class ModelConfig:
     checkpoint: str | None = None  # our format, the original's, or a bare state dict
     weights_url: str | None = None  # torchvision full-model weights (downloaded only when named)
     random_weights: int | None = None  # seed; only when asked for explicitly
+    filter: FilterConfig | None = None  # neural filter (students only); None: no filter, keys unchanged
 
 
 @dataclass
@@ -197,6 +213,17 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> Config:
     for section in (cfg.model, cfg.teacher):
         if section is not None and section.bottleneck_channels is not None and section.bottleneck_channels < 1:
             raise ConfigError(f"{path}: bottleneck_channels must be >= 1")
+    if cfg.teacher is not None and cfg.teacher.filter is not None:
+        raise ConfigError(f"{path}: teacher.filter: a neural filter belongs to the student (model.filter)")
+    flt = cfg.model.filter
+    if flt is not None:
+        if cfg.model.bottleneck_channels is None:
+            raise ConfigError(f"{path}: model.filter needs a student (model.bottleneck_channels): "
+                              "the filter sits in the bottleneck encoder's slot")
+        if not 0.0 <= flt.threshold <= 1.0:
+            raise ConfigError(f"{path}: model.filter.threshold must be a probability in [0, 1], got {flt.threshold}")
+    if cfg.train is not None and cfg.train.method == "filter" and flt is None:
+        raise ConfigError(f"{path}: train.method filter needs a model.filter section (e.g. filter: {{threshold: 0.01}})")
     if cfg.teacher is not None and cfg.teacher.kind != cfg.model.kind:
         raise ConfigError(
             f"{path}: teacher.kind {cfg.teacher.kind} and model.kind {cfg.model.kind} disagree"
@@ -243,16 +270,43 @@ def with_weights(model_cfg: ModelConfig, checkpoint: str | None = None, random_w
     return model_cfg
 
 
+def build_architecture(model_cfg: ModelConfig) -> nn.Module:
+    """The configured model with initial weights from torch's global RNG, filter attached when configured.
+
+    The filter is attached after the detector is built, so the detector's initial weights (and
+    keys) are the same with or without it.
+    """
+    model = build_model(model_cfg.kind, model_cfg.bottleneck_channels, model_cfg.num_classes, **model_cfg.params)
+    if model_cfg.filter is not None:
+        from hnd.common.neural_filter import attach_filter
+
+        attach_filter(model, model_cfg.filter.threshold)
+    return model
+
+
 def build_model_from_config(model_cfg: ModelConfig, config_path: str = "<config>") -> nn.Module:
     """Build the configured model and load its weights; eval mode.
 
     Order: ``checkpoint`` (must exist), else ``weights_url``, else ``random_weights`` (seeded,
     with a warning). With none of them it is an error: never a silent random model.
+    With a ``filter`` section the neural filter's weights come from ``filter.checkpoint`` when
+    given (loaded last, so it wins), else from ``checkpoint`` or the seed; a checkpoint without
+    filter weights and no ``filter.checkpoint`` is an error, and so is a checkpoint holding a
+    filter when the config has none.
     """
-    from hnd.common.checkpoint import load_checkpoint, load_weights
+    from hnd.common.checkpoint import CheckpointError, load_checkpoint, load_weights
+    from hnd.common.neural_filter import FILTER_PREFIX, get_filter, load_filter
 
-    def build() -> nn.Module:
-        return build_model(model_cfg.kind, model_cfg.bottleneck_channels, model_cfg.num_classes, **model_cfg.params)
+    flt = model_cfg.filter
+    filter_file = flt.checkpoint if flt is not None else None
+    if filter_file is not None and not Path(filter_file).is_file():
+        raise ConfigError(f"{config_path}: model.filter.checkpoint {filter_file} does not exist "
+                          "(train it with hnd-train and train.method filter)")
+
+    def finish(model: nn.Module) -> nn.Module:
+        if filter_file is not None:
+            load_filter(filter_file, get_filter(model))
+        return model.eval()
 
     if model_cfg.checkpoint is not None:
         if not Path(model_cfg.checkpoint).is_file():
@@ -260,18 +314,24 @@ def build_model_from_config(model_cfg: ModelConfig, config_path: str = "<config>
                 f"{config_path}: checkpoint {model_cfg.checkpoint} does not exist "
                 "(train it with hnd-train, pass --checkpoint, or ask for --random-weights SEED)"
             )
-        model = build()
-        load_checkpoint(model_cfg.checkpoint, model)
-        return model.eval()
+        model = build_architecture(model_cfg)
+        # Filter keys may be missing from the main file only when the filter comes from its own file.
+        ckpt = load_checkpoint(model_cfg.checkpoint, model, optional=(FILTER_PREFIX,) if filter_file else ())
+        if flt is not None and filter_file is None and not any(k.startswith(FILTER_PREFIX) for k in ckpt["model"]):
+            raise CheckpointError(f"{model_cfg.checkpoint}: holds no neural filter weights; set "
+                                  "model.filter.checkpoint to the filter's file")
+        return finish(model)
     if model_cfg.weights_url is not None:
-        model = build()
+        if flt is not None:
+            raise ConfigError(f"{config_path}: model.filter needs a student; weights_url names torchvision weights")
+        model = build_architecture(model_cfg)
         load_weights(model_cfg.weights_url, model)
         return model.eval()
     if model_cfg.random_weights is not None:
         log.warning("using seeded random weights (seed %d): detections are meaningless", model_cfg.random_weights)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model_cfg.random_weights)
-            return build().eval()
+            return finish(build_architecture(model_cfg))
     raise ConfigError(
         f"{config_path}: the model has no weights: set model.checkpoint, model.weights_url or "
         "model.random_weights (or pass --checkpoint / --random-weights SEED)"

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
 from hnd.common.models import Bottleneck, model_kind
+from hnd.common.neural_filter import Ext4ResNet, get_filter
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,31 @@ class SplitMeta:
 
     def __len__(self) -> int:
         return len(self.image_sizes)
+
+    def select(self, indices: list[int]) -> "SplitMeta":
+        """Meta of the images at ``indices`` (e.g. the frames a neural filter kept); same padded size."""
+        return SplitMeta(
+            original_sizes=tuple(self.original_sizes[i] for i in indices),
+            image_sizes=tuple(self.image_sizes[i] for i in indices),
+            padded_size=self.padded_size,
+        )
+
+
+@dataclass
+class FilteredBatch:
+    """What :meth:`Head.encode_filtered` gives for a batch of B images, K of them kept.
+
+    z: bottleneck [K, C, h+4, w+4] of the kept images, None when K == 0 (the encoder did not run).
+    keep: [B] bool, probability >= threshold. probability: [B] class-1 probability of the filter.
+    """
+
+    z: torch.Tensor | None
+    keep: torch.Tensor
+    probability: torch.Tensor
+
+    @property
+    def kept(self) -> list[int]:
+        return self.keep.nonzero().flatten().tolist()
 
 # Head parameter names -> the full model's names (head exports and loads use the full names).
 HEAD_PREFIXES = {
@@ -58,7 +84,9 @@ class Head(nn.Module):
 
     Runs torchvision's GeneralizedRCNNTransform (normalize, resize, pad to a multiple of
     32), the ResNet stem (conv1, bn1, relu, maxpool) and the bottleneck encoder.
-    Holds no tail parameter.
+    Holds no tail parameter. When the student carries a neural filter (at
+    ``encoder.ext_classifier``), :meth:`encode_filtered` runs it on the stem output and the
+    encoder only on the frames it keeps; :meth:`encode` and :meth:`forward` ignore it.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -74,6 +102,9 @@ class Head(nn.Module):
         self.relu = body.relu
         self.maxpool = body.maxpool
         self.encoder = body.layer1.encoder
+        # Shape of an empty keypoint result on the edge (frames the filter drops).
+        predictor = getattr(model.roi_heads, "keypoint_predictor", None)
+        self.num_keypoints = int(predictor.kps_score_lowres.out_channels) if predictor is not None else 0
 
     def preprocess(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, SplitMeta]:
         """list of [3, H_i, W_i] floats in 0..1 -> (padded batch [B, 3, Hp, Wp], SplitMeta)."""
@@ -90,9 +121,51 @@ class Head(nn.Module):
         """[B, 3, Hp, Wp] -> [B, 64, Hp/4, Wp/4] (the tap point of the neural filter)."""
         return self.maxpool(self.relu(self.bn1(self.conv1(batch))))
 
+    def encode_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Stem output [B, 64, h, w] -> bottleneck [B, C, h + 4, w + 4]."""
+        return self.encoder(features)
+
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """[B, 3, Hp, Wp] -> bottleneck [B, C, Hp/4 + 4, Wp/4 + 4]."""
-        return self.encoder(self.stem(batch))
+        return self.encode_features(self.stem(batch))
+
+    @property
+    def filter(self) -> Ext4ResNet | None:
+        """The neural filter (Ext4ResNet) of this student, or None."""
+        return get_filter(self)
+
+    @property
+    def filter_threshold(self) -> float | None:
+        """The configured default threshold of the filter, None without a filter."""
+        ext = self.filter
+        return ext.threshold if ext is not None else None
+
+    def filter_probability(self, features: torch.Tensor) -> torch.Tensor:
+        """Stem output [B, 64, h, w] -> [B] probability that a frame holds something to detect.
+
+        Independent of train / eval mode (the original's Ext4ResNet returned logits in train mode).
+        """
+        ext = self.filter
+        if ext is None:
+            raise RuntimeError("this head has no neural filter (the config needs a model.filter section)")
+        return ext.probability(features)
+
+    def encode_filtered(self, batch: torch.Tensor, threshold: float) -> FilteredBatch:
+        """[B, 3, Hp, Wp] -> stem -> filter -> encoder on the kept frames only (stem computed once).
+
+        A frame is kept when its probability >= ``threshold`` (the original skipped p < threshold).
+        Works for any B; the original filtered only batches of one.
+        """
+        features = self.stem(batch)
+        probability = self.filter_probability(features)
+        keep = probability >= threshold
+        if bool(keep.all()):
+            z = self.encode_features(features)
+        elif bool(keep.any()):
+            z = self.encode_features(features[keep])
+        else:
+            z = None
+        return FilteredBatch(z, keep, probability)
 
     def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, SplitMeta]:
         batch, meta = self.preprocess(images)
