@@ -268,27 +268,35 @@ def _check_compatible(path: Any, sd: Mapping[str, torch.Tensor], model: nn.Modul
             )
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = True) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = True,
+                    optional: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load a full checkpoint (ours, the original's, or a bare state dict) into ``model``.
 
     Returns the checkpoint dict (training state and metadata, ``model`` holding the
     upgraded state dict). With ``strict`` every key must match; otherwise keys absent
     from the file keep the model's values (e.g. a student initialised from a teacher).
+    ``optional``: key prefixes that may be absent even with ``strict`` (they keep the model's
+    values), e.g. a neural filter whose weights come from their own file.
     Raises CheckpointError naming the file and the problem.
     """
+    from hnd.common.neural_filter import FILTER_FORMAT
+
     ckpt = read_checkpoint(path)
     if ckpt["format"] == HEAD_FORMAT:
         raise CheckpointError(f"{path}: a head-only export; load it into the edge's Head with load_head()")
+    if ckpt["format"] == FILTER_FORMAT:
+        raise CheckpointError(f"{path}: holds only neural filter weights; name it in model.filter.checkpoint")
     sd = ckpt["model"]
+    absent = {k for k in model.state_dict() if k not in sd and k.startswith(optional)} if optional else set()
     if strict:
-        _check_compatible(path, sd, model, None)
+        _check_compatible(path, sd, model, None if not absent else set(model.state_dict()) - absent)
     # Check the stored fingerprint before touching the model, so a refused file leaves it as it was.
     stored = ckpt.get("fingerprint")
     if stored is not None and stored != fingerprint(sd):
         raise CheckpointError(f"{path}: weights do not match the fingerprint stored in the file (corrupted?)")
     model_sd = model.state_dict()
     usable = {k: v for k, v in sd.items() if k in model_sd and tuple(v.shape) == tuple(model_sd[k].shape)}
-    model.load_state_dict(usable, strict=strict)
+    model.load_state_dict(usable, strict=strict and not absent)
     return ckpt
 
 
