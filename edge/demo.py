@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=4, help="sample photos to send (up to 6)")
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--max-inflight", type=int, default=2, help="pipelining window K")
+    p.add_argument("--summary-json", help="write the summary as JSON")
     p.add_argument("--output", help="per-frame JSONL records")
     args = p.parse_args(argv)
 
@@ -96,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
                          "--bits", str(args.bits), "--no-progress", "--threads", threads]
             if args.stream:
                 edge_args.append("--stream")
+            edge_args += ["--max-inflight", str(args.max_inflight)]
             if args.output:
                 edge_args += ["--output", args.output]
+            if args.summary_json:
+                edge_args += ["--summary-json", args.summary_json]
             return edge_cli.main(edge_args)
     finally:
         stop_server_process(server)
