@@ -2,6 +2,11 @@
 
     hnd-edge --server gpu-host:50051 --camera 0 --config hnd/faster_rcnn-b3ch --head head.pt
     hnd-edge --server 127.0.0.1:50051 --images frames/ --config test/faster_rcnn-b3ch --random-weights 0
+    hnd-edge --server gpu-host:50051 --camera 0 --config ext/keypoint_rcnn-b3ch --filter-threshold 0.05
+
+With a neural filter in the config (``model.filter``) the edge skips frames whose probability of
+holding anything to detect is below ``--filter-threshold`` (default: the config's threshold);
+``--no-filter`` sends every frame.
 """
 from __future__ import annotations
 
@@ -20,8 +25,7 @@ from torch import nn
 from hnd.common import codec
 from hnd.common.checkpoint import CheckpointError, fingerprint, load_head
 from hnd.common.files import atomic_write_text
-from hnd.common.config import Config, ConfigError, build_model_from_config, load_config, with_weights
-from hnd.common.models import build_model
+from hnd.common.config import Config, ConfigError, build_architecture, build_model_from_config, load_config, with_weights
 from hnd.common.split import Head, split_model
 from hnd.edge.capture import Frame, SourceError, open_source
 from hnd.edge.client import ClientSettings, EdgeError, SplitClient
@@ -55,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=int, default=None, help="requests in flight (pipelining window K)")
     p.add_argument("--stream", action="store_true", help="use the bidirectional InferStream instead of unary calls")
     p.add_argument("--score-threshold", type=float, default=None, help="server drops detections below this")
+    f = p.add_mutually_exclusive_group()
+    f.add_argument("--filter-threshold", type=float, default=None, metavar="T",
+                   help="neural filter: do not send frames whose probability of holding anything is below T "
+                        "(default: the config's model.filter.threshold; needs a model.filter section)")
+    f.add_argument("--no-filter", action="store_true", help="send every frame even when the model has a filter")
     p.add_argument("--output", metavar="JSONL", help="per-frame records (written atomically at the end)")
     p.add_argument("--summary-json", metavar="FILE", help="write the closing summary as JSON")
     p.add_argument("--save-video", metavar="MP4", help="frames with the detections drawn on them")
@@ -85,8 +94,7 @@ def load_edge_model(cfg: Config, mode: str, checkpoint: str | None = None, head_
     if head_path is not None:
         if mode == "local":
             raise ConfigError("--head holds only the head; local mode needs --checkpoint or --random-weights")
-        m = cfg.model
-        head, _ = split_model(build_model(m.kind, m.bottleneck_channels, m.num_classes, **m.params))
+        head, _ = split_model(build_architecture(cfg.model))  # the filter too, when configured
         fp = load_head(head_path, head)
         return EdgeModel(head, fp, None)
     model = build_model_from_config(with_weights(cfg.model, checkpoint, random_weights), cfg.path)
@@ -135,6 +143,23 @@ class RecordWriter:
         os.replace(self.tmp, self.path)
 
 
+def filter_threshold(cfg: Config, args: argparse.Namespace) -> float | None:
+    """The neural filter's threshold for this run, None when it is off (no filter, --no-filter, offload)."""
+    flt = cfg.model.filter
+    given = getattr(args, "filter_threshold", None)
+    if given is not None:
+        if flt is None:
+            raise ConfigError(f"--filter-threshold: {cfg.path} has no neural filter (add a model.filter section)")
+        if args.mode == "offload":
+            raise ConfigError("--filter-threshold: the filter runs on the edge's head; offload mode has none")
+        if not 0.0 <= given <= 1.0:
+            raise ConfigError(f"--filter-threshold must be a probability in [0, 1], got {given}")
+        return given
+    if flt is None or getattr(args, "no_filter", False) or args.mode == "offload":
+        return None
+    return flt.threshold
+
+
 def run_edge(args: argparse.Namespace) -> Summary:
     """Everything main() does, as a function tests call; raises ConfigError / EdgeError / SourceError."""
     if args.threads:
@@ -155,6 +180,7 @@ def run_edge(args: argparse.Namespace) -> Summary:
     )
     if options.granularity == "original" and options.bits != 8:
         raise ConfigError("--granularity original is the original's 8-bit scheme; use --bits 8")
+    options.filter_threshold = filter_threshold(cfg, args)
     source = open_source(args.camera, args.video, args.images, args.max_frames, live=args.live)
     em = load_edge_model(cfg, args.mode, args.checkpoint, args.head, args.random_weights)
     client = None
