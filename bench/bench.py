@@ -1,0 +1,632 @@
+"""hnd-bench: what the split buys -- bytes on the wire and end-to-end latency against full offload and
+local inference, per network link.
+
+    hnd-bench --samples --out bench-out                      # seeded random weights, 3 photos (says so)
+    hnd-bench --config hnd/faster_rcnn-b3ch --checkpoint student.pt --images frames/ --frames 20 \\
+              --links "wifi=50mbit/5ms,lte=10mbit/40ms,3g=1mbit/100ms" --bits 2,4,8 --granularity tensor,channel
+    hnd-bench --quick --out /tmp/bench                        # tiny model, 2 frames: a smoke test (< 1 min)
+
+The same frames go through every mode, interleaved frame by frame in one process lifetime, so the
+ratios between modes hold on a noisy machine:
+
+* ``split``: the edge runs the head, quantizes + zstd-codes the bottleneck (``hnd.common.codec``) and sends
+  it through the real ``EdgeRunner`` / ``SplitClient`` to a real ``hnd-server`` on loopback (a separate
+  process started like a deployment; ``--in-process`` or ``--quick`` use ``BackgroundServer`` instead).
+  One setting per bits x granularity.
+* ``offload``: the frame itself as JPEG q75, JPEG q95 and PNG, both at its original size and resized as the
+  model's transform would resize it (``min_size`` / ``max_size``) before encoding ("resized"): same server,
+  whole model there. Results of "resized" requests refer to the resized frame; boxes are scaled back to the
+  original frame before they are compared.
+* ``local``: the whole model on the edge (this process). Its detections are the reference for agreement.
+
+Each side gets half the cores (``--threads``), as two machines would. Requests go one at a time
+(``max_inflight=1``) and the server does not wait to fill batches (``--max-delay-ms 0``): this measures
+per-frame latency, not pipelined throughput.
+
+Link model
+----------
+Deterministic, applied per frame to the sizes of that frame's actual messages::
+
+    latency_ms = edge_ms + 8 * (request_bytes + response_bytes) / bandwidth_bits_per_ms
+                 + rtt_ms + loopback_ms + server_ms
+
+* ``edge_ms``: what the edge computes before sending: preprocess + head + codec encode (split); image
+  encode, plus the resize for "resized" variants (offload); preprocess + whole model (local).
+* ``request_bytes`` / ``response_bytes``: the serialized ``hnd.v1.InferRequest`` / ``InferResponse``.
+* ``bandwidth``: the link's rate, the same in both directions; ``rtt_ms``: one round trip.
+* ``server_ms``: the server's own stages as it reports them: decode + queue + compute + encode.
+* ``loopback_ms``: ``network_server - server_ms``, what gRPC and the loopback cost in the measured run.
+* ``local`` has no link: ``latency_ms = edge_ms``.
+
+Not modeled: gRPC / HTTP/2 / TCP / IP framing (a few percent: 5 B per message, 9 B per 16 KiB HTTP/2
+frame, ~40 B per ~1.4 kB TCP segment, plus headers), TCP slow start, loss and jitter. No real traffic
+shaping is done: a ``tc tbf`` link inside an ``unshare -n`` namespace would need the server and the edge
+both re-executed inside it and still could not add delay (no netem on this kernel), while compute
+dominates every figure here; the model is exact for what it states and cheap to sweep.
+
+Outputs in ``--out``: ``results.md``, ``results.json`` (with a machine header), ``bytes_per_frame.png`` and
+``latency_vs_bandwidth.png`` (bandwidth sweep at a fixed RTT, crossover points marked).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from hnd.common.checkpoint import CheckpointError, fingerprint
+from hnd.common.config import (ConfigError, ModelConfig, build_model_from_config, load_config, resolve_config_path,
+                               with_weights)
+from hnd.common.files import atomic_write_text
+from hnd.common.split import split_model
+from hnd.common.timing import ms_since, now_ns, percentiles
+from hnd.edge.capture import ArrayFrames, ImageFiles, SourceError, VideoFile, sample_images
+from hnd.edge.client import ClientSettings, EdgeError, SplitClient
+from hnd.edge.pipeline import EdgeOptions, EdgeRunner, to_tensor
+
+from hnd.bench.linkmodel import (CROSSOVER_MBIT, FORMULA, SWEEP_MBIT, Link, crossovers, link_latency_ms, parse_links,
+                                 transfer_ms)
+from hnd.bench.report import machine_info, plot_bytes, plot_latency, render_markdown
+
+PROG = "hnd-bench"
+DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
+QUICK_CONFIG = "test/faster_rcnn-b3ch"
+DEFAULT_LINKS = "wifi=50mbit/5ms,lte=10mbit/40ms,3g=1mbit/100ms"
+DEFAULT_BITS = "2,4,8,16"
+DEFAULT_FRAMES = 3
+QUICK_FRAMES = 2
+QUICK_BITS = (8, 4)
+OUTPUTS = ("results.md", "results.json", "bytes_per_frame.png", "latency_vs_bandwidth.png")
+FLOAT_BITS = (16, 32)  # codec modes where granularity means nothing
+
+
+# ---------------------------------------------------------------------------------------------------
+# What is measured
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way of getting a frame's detections: a mode plus its codec / image options."""
+
+    mode: str  # split | offload | local
+    name: str
+    options: EdgeOptions
+    resized: bool = False  # offload: the frame resized to the model's input size before encoding
+
+    @property
+    def key(self) -> str:
+        return f"{self.mode}: {self.name}"
+
+
+def split_settings(bits: list[int], granularities: list[str] | None, base: EdgeOptions) -> list[Setting]:
+    """bits x granularities (float modes once); ``granularities=None``: tensor at every bits, channel at 8."""
+    pairs: list[tuple[int, str]] = []
+    for b in bits:
+        if b in FLOAT_BITS:
+            pairs.append((b, "tensor"))
+        elif granularities is None:
+            pairs += [(b, "tensor")] + ([(b, "channel")] if b == 8 else [])
+        else:
+            pairs += [(b, g) for g in granularities]
+    out = []
+    for b, g in dict.fromkeys(pairs):  # dedupe, keep order
+        name = {16: "float16", 32: "float32"}.get(b, f"{b}-bit {g}")
+        out.append(Setting("split", name, dataclasses.replace(base, mode="split", bits=b, granularity=g)))
+    return out
+
+
+def offload_settings(base: EdgeOptions) -> list[Setting]:
+    """JPEG q75, JPEG q95 and PNG of the original frame and of the resized model input."""
+    formats = [("jpeg q75", "jpeg", 75), ("jpeg q95", "jpeg", 95), ("png", "png", 95)]
+    out = []
+    for resized in (False, True):
+        for name, fmt, q in formats:
+            options = dataclasses.replace(base, mode="offload", image_format=fmt, jpeg_quality=q)
+            out.append(Setting("offload", f"{name} {'resized' if resized else 'original'}", options, resized))
+    return out
+
+
+def all_settings(bits: list[int], granularities: list[str] | None, base: EdgeOptions) -> list[Setting]:
+    local = Setting("local", "whole model on the edge", dataclasses.replace(base, mode="local"))
+    return split_settings(bits, granularities, base) + offload_settings(base) + [local]
+
+
+@dataclass
+class Sample:
+    """One frame through one setting: sizes, times and agreement with the reference."""
+
+    frame: int
+    source: str
+    raw_bytes: int  # H * W * 3 of the original frame
+    request_bytes: int
+    payload_bytes: int
+    response_bytes: int
+    edge_ms: float
+    server_ms: float
+    server_compute_ms: float
+    loopback_ms: float
+    measured_total_ms: float  # the edge's own end-to-end time on loopback
+    f1: float | None = None
+
+    def latency_ms(self, link: Link, local: bool) -> float:
+        if local:
+            return self.edge_ms
+        return link_latency_ms(self.edge_ms, self.request_bytes, self.response_bytes, self.server_ms,
+                               self.loopback_ms, link)
+
+
+def sample_from_record(record: dict[str, Any], frame: int, raw_bytes: int, extra_edge_ms: float) -> Sample:
+    """A Sample from an EdgeRunner record (the same record hnd-edge writes)."""
+    if record["status"] != "OK":
+        raise EdgeError(f"frame {frame} ({record['source']}): {record['status']}: {record.get('error', '')}")
+    ms = record["ms"]
+    server = record.get("server_ms", {})
+    server_ms = sum(server.values())
+    network = ms.get("network_server", 0.0)
+    return Sample(
+        frame=frame, source=record["source"], raw_bytes=raw_bytes,
+        request_bytes=record["bytes"]["message"], payload_bytes=record["bytes"]["payload"],
+        response_bytes=record["bytes"].get("response", 0),
+        edge_ms=ms.get("preprocess", 0.0) + ms.get("head", 0.0) + ms.get("encode", 0.0) + extra_edge_ms,
+        server_ms=server_ms, server_compute_ms=server.get("compute", 0.0),
+        loopback_ms=max(0.0, network - server_ms) if server else 0.0,
+        measured_total_ms=ms["total"] + extra_edge_ms,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Frames
+
+
+def load_frames(images: str | None, video: str | None, count: int) -> tuple[list[np.ndarray], list[str]]:
+    """The first ``count`` frames of a folder, a video or scikit-image's sample photos, in memory."""
+    if images is not None:
+        source = ImageFiles(images, max_frames=count)
+    elif video is not None:
+        source = VideoFile(video, max_frames=count)
+    else:
+        photos, names = sample_images()
+        return photos[:count], names[:count]
+    frames, names = [], []
+    for f in source:
+        if f.error is not None:
+            raise SourceError(f.error)
+        frames.append(f.image)
+        names.append(Path(f.source).name if images is not None else f"{Path(f.source).name}#{f.index}")
+    if not frames:
+        raise SourceError(f"{images or video}: no frames")
+    return frames, names
+
+
+@torch.inference_mode()
+def resize_like_model(image: np.ndarray, transform: torch.nn.Module) -> np.ndarray:
+    """The frame resized exactly as the model's GeneralizedRCNNTransform would (bilinear), as uint8 RGB."""
+    resized, _ = transform.resize(to_tensor(image))
+    return resized.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Detection agreement
+
+
+def match_f1(reference: dict[str, torch.Tensor], got: dict[str, torch.Tensor], iou: float = 0.5,
+             score: float = 0.5) -> float:
+    """F1 of ``got`` against ``reference``: greedy same-label matching at IoU >= iou, both cut at score.
+
+    Both empty counts as full agreement (1.0).
+    """
+    from torchvision.ops import box_iou
+
+    r = reference["scores"] >= score
+    g = got["scores"] >= score
+    rb, rl = reference["boxes"][r], reference["labels"][r]
+    order = torch.argsort(got["scores"][g], descending=True)
+    gb, gl = got["boxes"][g][order], got["labels"][g][order]
+    if len(rb) == 0 and len(gb) == 0:
+        return 1.0
+    if len(rb) == 0 or len(gb) == 0:
+        return 0.0
+    ious = box_iou(gb, rb)
+    ious[gl[:, None] != rl[None, :]] = -1.0
+    taken = torch.zeros(len(rb), dtype=torch.bool)
+    tp = 0
+    for i in range(len(gb)):
+        cand = ious[i].masked_fill(taken, -1.0)
+        j = int(cand.argmax())
+        if cand[j] >= iou:
+            taken[j] = True
+            tp += 1
+    return 2 * tp / (len(gb) + len(rb))
+
+
+def scale_boxes(dets: dict[str, torch.Tensor], from_hw: tuple[int, int], to_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Detections on a resized frame mapped back onto the original frame."""
+    sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
+    out = dict(dets)
+    out["boxes"] = dets["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=dets["boxes"].dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The server
+
+
+@contextlib.contextmanager
+def serving(config_path: str, weights: list[str], model: torch.nn.Module, in_process: bool,
+            threads: int) -> Iterator[tuple[str, str]]:
+    """A real hnd-server on loopback; yields (HOST:PORT, description)."""
+    if in_process:
+        from hnd.server.app import BackgroundServer, ServerSettings
+        from hnd.server.service import BatchingOptions, ModelRunner
+
+        settings = ServerSettings(port=0, batching=BatchingOptions(max_delay_ms=0.0))
+        with BackgroundServer(ModelRunner(model, torch.device("cpu")), settings) as server:
+            yield f"127.0.0.1:{server.port}", "in-process BackgroundServer (shares this process's threads)"
+        return
+    from hnd.edge.demo import free_port, start_server_process, stop_server_process
+
+    port = free_port()
+    extra = ["--log-level", "WARNING", "--threads", str(threads), "--max-delay-ms", "0", "--device", "cpu"]
+    proc = start_server_process(config_path, port, weights, extra)
+    try:
+        yield f"127.0.0.1:{port}", f"hnd-server subprocess, {threads} torch thread(s), --max-delay-ms 0"
+    finally:
+        stop_server_process(proc)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class BenchOptions:
+    """Everything ``run_bench`` needs; ``main`` fills it from the command line."""
+
+    config: str | None = None
+    checkpoint: str | None = None
+    random_weights: int | None = None
+    images: str | None = None
+    video: str | None = None
+    links: str = DEFAULT_LINKS
+    bits: list[int] = field(default_factory=lambda: [int(b) for b in DEFAULT_BITS.split(",")])
+    granularities: list[str] | None = None
+    out: str = "bench-out"
+    quick: bool = False
+    frames: int | None = None
+    sweep_rtt_ms: float = 20.0
+    agreement_score: float | None = None  # default: 0.5 with trained weights, 0.0 with random ones
+    in_process: bool = False
+    threads: int | None = None  # per side; default half the cores
+    progress: bool = True
+
+
+@dataclass
+class Plan:
+    """Resolved choices: what runs, on what, and what the output must say about it."""
+
+    config: str
+    config_path: str  # the file the server loads (a copy; score threshold 0 for random weights)
+    model: ModelConfig  # the edge's model: the config's, with weights and score threshold applied
+    weights: list[str]  # hnd-server's weight arguments
+    random: bool
+    notes: list[str]
+    links: list[Link]
+    frames: int
+    bits: list[int]
+    agreement_score: float
+    in_process: bool
+    threads: int
+
+
+def plan(o: BenchOptions, out: Path) -> Plan:
+    """Apply defaults (--quick, no --config) and write the config the server will load."""
+    notes = []
+    config = o.config or (QUICK_CONFIG if o.quick else DEFAULT_CONFIG)
+    random_weights = o.random_weights
+    if o.config is None and o.checkpoint is None and random_weights is None:
+        random_weights = 0
+        notes.append(f"No --config given: {config} with seeded random weights (--random-weights 0).")
+    cfg = load_config(config)
+    model_cfg = with_weights(cfg.model, o.checkpoint, random_weights)
+    if model_cfg.bottleneck_channels is None:
+        raise ConfigError(f"{cfg.path}: model is a teacher (no bottleneck); hnd-bench needs a student")
+    random = model_cfg.checkpoint is None and model_cfg.weights_url is None
+    data = yaml.safe_load(Path(resolve_config_path(config)).read_text())
+    if random:
+        notes.append(f"Random weights (seed {model_cfg.random_weights}): bytes and latency are real, detections "
+                     "are not; agreement only measures how much quantization moves the outputs, with the score "
+                     "threshold at 0 so that there are detections to compare.")
+        # Untrained heads score every box ~1/num_classes: keep them all so agreement has something to compare.
+        data["model"].setdefault("params", {})["box_score_thresh"] = 0.0
+        model_cfg = dataclasses.replace(model_cfg, params={**model_cfg.params, "box_score_thresh": 0.0})
+    derived = out / "bench-config.yaml"
+    atomic_write_text(derived, yaml.safe_dump(data, sort_keys=False))
+    weights = ["--random-weights", str(model_cfg.random_weights)] if random else \
+        (["--checkpoint", str(Path(model_cfg.checkpoint).resolve())] if model_cfg.checkpoint else [])
+    links = parse_links(o.links)
+    if o.quick:
+        links = links[:1]
+    half = max(1, (os.cpu_count() or 2) // 2)
+    return Plan(
+        config=config, config_path=str(derived), model=model_cfg, weights=weights, random=random, notes=notes, links=links,
+        frames=o.frames or (QUICK_FRAMES if o.quick else DEFAULT_FRAMES),
+        bits=list(QUICK_BITS) if o.quick else o.bits,
+        agreement_score=o.agreement_score if o.agreement_score is not None else (0.0 if random else 0.5),
+        in_process=o.in_process or o.quick, threads=o.threads or half,
+    )
+
+
+Measured = tuple[dict[str, list[Sample]], dict[str, list[dict]], dict[str, list[dict[str, torch.Tensor]]]]
+
+
+def measure(settings: list[Setting], frames: list[np.ndarray], names: list[str], model: torch.nn.Module,
+            fp: str, client: SplitClient, progress: bool) -> Measured:
+    """Every frame through every setting, frame by frame (settings interleaved, so drift hits all alike).
+
+    Returns per setting key its Samples, the EdgeRunner records and the detections (original frame coordinates).
+    """
+    from tqdm import tqdm
+
+    head, _ = split_model(model)
+    runners = {s.key: EdgeRunner(s.options, head=head, fingerprint=fp, model=model, client=client) for s in settings}
+    samples: dict[str, list[Sample]] = {s.key: [] for s in settings}
+    records: dict[str, list[dict]] = {s.key: [] for s in settings}
+    detections: dict[str, list[dict[str, torch.Tensor]]] = {s.key: [] for s in settings}
+    bar = tqdm(total=len(frames) * len(settings), desc=PROG, unit="run", disable=not progress)
+    try:
+        for i, (image, name) in enumerate(zip(frames, names)):
+            for s in settings:
+                bar.set_postfix_str(f"{name}: {s.key}", refresh=False)
+                extra_ms, sent = 0.0, image
+                if s.resized:
+                    t = now_ns()
+                    sent = resize_like_model(image, head.transform)
+                    extra_ms = ms_since(t)
+                runner = runners[s.key]
+                got: list[dict] = []
+                runner.run(ArrayFrames([sent], [name]), on_record=lambda r, f: got.append(r))
+                record = got[0]
+                dets = runner.last_detections[0]
+                if s.resized:
+                    dets = scale_boxes(dets, sent.shape[:2], image.shape[:2])
+                record["frame"] = i
+                records[s.key].append(record)
+                samples[s.key].append(sample_from_record(record, i, image.size, extra_ms))
+                detections[s.key].append(dets)
+                bar.update(1)
+    finally:
+        bar.close()
+    return samples, records, detections
+
+
+def add_agreement(settings: list[Setting], samples: dict[str, list[Sample]],
+                  detections: dict[str, list[dict[str, torch.Tensor]]], score: float) -> None:
+    """F1 of every setting's detections against local mode's (the unsplit float model), per frame."""
+    reference = detections[next(s.key for s in settings if s.mode == "local")]
+    for s in settings:
+        for sample, dets, ref in zip(samples[s.key], detections[s.key], reference):
+            sample.f1 = match_f1(ref, dets, 0.5, score)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Summaries
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return percentiles(values, (50, 95))
+
+
+def summarize(setting: Setting, samples: list[Sample], links: list[Link]) -> dict[str, Any]:
+    """Per-setting figures: sizes, ratios, times, agreement, and latency per link."""
+    local = setting.mode == "local"
+    o = setting.options
+    request = [s.request_bytes for s in samples]
+    row: dict[str, Any] = {
+        "mode": setting.mode, "setting": setting.name,
+        "options": {"bits": o.bits, "granularity": o.granularity, "compression": o.compression, "level": o.level}
+        if setting.mode == "split" else
+        ({"image_format": o.image_format, "jpeg_quality": o.jpeg_quality if o.image_format == "jpeg" else None,
+          "resized": setting.resized} if setting.mode == "offload" else {}),
+        "request_bytes": _stats(request),
+        "payload_bytes": _stats([s.payload_bytes for s in samples]),
+        "response_bytes": _stats([s.response_bytes for s in samples]),
+        "raw_rgb_bytes": _stats([s.raw_bytes for s in samples]),
+        # Ratio of totals: raw H*W*3 bytes of the original frames over the request bytes sent for them.
+        "compression_ratio": (sum(s.raw_bytes for s in samples) / sum(request)) if sum(request) else None,
+        "edge_ms": _stats([s.edge_ms for s in samples]),
+        "server_ms": _stats([s.server_ms for s in samples]) if not local else None,
+        "server_compute_ms": _stats([s.server_compute_ms for s in samples]) if not local else None,
+        "loopback_ms": _stats([s.loopback_ms for s in samples]) if not local else None,
+        "measured_total_ms": _stats([s.measured_total_ms for s in samples]),
+        "agreement_f1": float(np.mean([s.f1 for s in samples])) if samples and samples[0].f1 is not None else None,
+        "latency_ms": {link.name: _stats([s.latency_ms(link, local) for s in samples]) for link in links},
+        "frames": [dataclasses.asdict(s) for s in samples],
+    }
+    return row
+
+
+def sweep_p50(samples: list[Sample], local: bool, mbits: np.ndarray, rtt_ms: float) -> np.ndarray:
+    """p50 over frames of the modeled latency at each bandwidth (fixed RTT)."""
+    lat = np.array([[s.latency_ms(Link("sweep", float(b), rtt_ms), local) for b in mbits] for s in samples])
+    return np.median(lat, axis=0)
+
+
+def wire_p50(samples: list[Sample], mbits: np.ndarray, rtt_ms: float) -> np.ndarray:
+    """p50 over frames of the link's share alone (serialization both ways + RTT) at each bandwidth."""
+    lat = np.array([[transfer_ms(s.request_bytes + s.response_bytes, float(b)) + rtt_ms for b in mbits]
+                    for s in samples])
+    return np.median(lat, axis=0)
+
+
+def envelopes(settings: list[Setting], samples: dict[str, list[Sample]], mbits: np.ndarray,
+              rtt_ms: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-setting sweep curves, and per mode the best (lowest) of its settings at each bandwidth."""
+    curves = {s.key: sweep_p50(samples[s.key], s.mode == "local", mbits, rtt_ms) for s in settings}
+    best: dict[str, np.ndarray] = {}
+    for mode in ("split", "offload", "local"):
+        mine = [curves[s.key] for s in settings if s.mode == mode]
+        if mine:
+            best[mode if mode == "local" else f"best {mode}"] = np.min(mine, axis=0)
+    return curves, best
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole run
+
+
+def run_bench(o: BenchOptions) -> dict[str, Any]:
+    """Measure, model, write results.md / results.json / plots into ``o.out``; returns the JSON data."""
+    out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
+    p = plan(o, out)
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    for note in p.notes:
+        print(f"{PROG}: {note}", file=sys.stderr)
+    frames, names = load_frames(o.images, o.video, p.frames)
+    cfg = load_config(p.config_path)
+    rt = cfg.runtime
+    model = build_model_from_config(p.model, cfg.path)
+    fp = fingerprint(model)
+    base = EdgeOptions(compression=rt.compression, level=rt.level, max_inflight=1, keep_detections=False)
+    settings = all_settings(p.bits, o.granularities, base)
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(p.threads)  # the edge's half of the machine
+    try:
+        with serving(p.config_path, p.weights, model, p.in_process, p.threads) as (target, server_desc):
+            client = SplitClient(ClientSettings(target=target, max_message_bytes=rt.max_message_bytes,
+                                                timeout_s=max(rt.deadline_s, 600.0)))
+            try:
+                info = client.model_info()
+                if info.weights_fingerprint != fp:
+                    raise EdgeError(f"weights fingerprint mismatch: edge {fp}, server {info.weights_fingerprint}")
+                samples, records, detections = measure(settings, frames, names, model, fp, client, o.progress)
+            finally:
+                client.close()
+    finally:
+        torch.set_num_threads(previous_threads)
+    add_agreement(settings, samples, detections, p.agreement_score)
+
+    rows = [summarize(s, samples[s.key], p.links) for s in settings]
+    mbits = np.geomspace(*CROSSOVER_MBIT, 2000)
+    curves, best = envelopes(settings, samples, mbits, o.sweep_rtt_ms)
+    marks = crossovers(best, mbits)
+    shown = (mbits >= SWEEP_MBIT[0]) & (mbits <= SWEEP_MBIT[1])
+    result: dict[str, Any] = {
+        "machine": {**machine_info(), "loadavg_at_start": load_before},
+        "run": {
+            "config": p.config, "weights": ("seeded random, seed " + p.weights[1]) if p.random else
+            (p.weights[1] if p.weights else "from the config"), "random_weights": p.random,
+            "notes": p.notes, "server": server_desc, "threads": p.threads, "formula": FORMULA,
+            "agreement_score": p.agreement_score, "agreement_iou": 0.5,
+            "links": [dataclasses.asdict(link) for link in p.links],
+            "frames": [{"name": n, "height": int(f.shape[0]), "width": int(f.shape[1])} for f, n in zip(frames, names)],
+            "settings": [s.key for s in settings],
+        },
+        "results": rows,
+        "records": records,
+        "sweep": {  # the plotted range, every 5th grid point; crossovers come from the full grid
+            "rtt_ms": o.sweep_rtt_ms, "mbit": mbits[shown][::5].tolist(),
+            "best": {k: v[shown][::5].tolist() for k, v in best.items()},
+            "crossovers": marks,
+            "split_vs_best_offload": {
+                s.key: crossovers({s.key: curves[s.key], "best offload": best["best offload"]}, mbits)
+                for s in settings if s.mode == "split"},
+        },
+    }
+    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "results.md", render_markdown(result))
+    plot_bytes(rows, out / "bytes_per_frame.png")
+    wire = {s.key: wire_p50(samples[s.key], mbits[shown], o.sweep_rtt_ms) for s in settings if s.mode != "local"}
+    plot_latency({k: v[shown] for k, v in curves.items()}, {k: v[shown] for k, v in best.items()}, wire, mbits[shown],
+                 [c for c in marks if SWEEP_MBIT[0] <= c["mbit"] <= SWEEP_MBIT[1]], o.sweep_rtt_ms,
+                 out / "latency_vs_bandwidth.png")
+    for name in OUTPUTS:
+        (out / name).chmod(0o644)  # atomic writes create 0600 temp files; results are for sharing
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()),
+                                epilog=f"Link model: {FORMULA}. What it covers and leaves out: hnd.bench.linkmodel.")
+    p.add_argument("--config", help=f"YAML config or bundled name (default {DEFAULT_CONFIG} with --random-weights 0)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--checkpoint", help="student checkpoint both sides load (agreement is then meaningful)")
+    w.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--images", metavar="DIR_OR_GLOB", help="image folder or glob")
+    src.add_argument("--video", metavar="FILE", help="video file (its first --frames frames)")
+    src.add_argument("--samples", action="store_true", help="scikit-image's natural photos (the default)")
+    p.add_argument("--links", default=DEFAULT_LINKS, help=f"NAME=RATE/RTT,... (default {DEFAULT_LINKS!r})")
+    p.add_argument("--bits", default=DEFAULT_BITS, help=f"split bits settings (default {DEFAULT_BITS})")
+    p.add_argument("--granularity", default=None,
+                   help="tensor,channel: every bits x each (default: tensor at every bits, plus channel at 8)")
+    p.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke test: {QUICK_CONFIG}, {QUICK_FRAMES} frames, bits 8 and 4, first link, in-process server")
+    p.add_argument("--frames", type=int, default=None, help=f"frames to use (default {DEFAULT_FRAMES})")
+    p.add_argument("--sweep-rtt-ms", type=float, default=20.0, help="RTT of the bandwidth sweep plot (default 20)")
+    p.add_argument("--agreement-score", type=float, default=None,
+                   help="score cut for agreement F1 (default 0.5; 0 with random weights)")
+    p.add_argument("--in-process", action="store_true", help="BackgroundServer in this process, not a subprocess")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per side (default: half the cores)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    from hnd.common import codec
+
+    bits = _ints(args.bits)
+    bad = [b for b in bits if b not in codec.BITS]
+    if not bits or bad:
+        raise ValueError(f"--bits: {bad or args.bits!r} not in {codec.BITS}")
+    grans = [g.strip() for g in args.granularity.split(",")] if args.granularity else None
+    if grans is not None and not set(grans) <= {"tensor", "channel"}:
+        raise ValueError(f"--granularity: expected tensor and/or channel, got {args.granularity!r}")
+    if args.frames is not None and args.frames < 1:
+        raise ValueError("--frames must be >= 1")
+    parse_links(args.links)  # fail before any model is built
+    return BenchOptions(
+        config=args.config, checkpoint=args.checkpoint, random_weights=args.random_weights, images=args.images,
+        video=args.video, links=args.links, bits=bits, granularities=grans, out=args.out, quick=args.quick,
+        frames=args.frames, sweep_rtt_ms=args.sweep_rtt_ms, agreement_score=args.agreement_score,
+        in_process=args.in_process, threads=args.threads, progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run_bench(options_from_args(args))
+    except (ValueError, ConfigError, CheckpointError, EdgeError, SourceError, OSError, RuntimeError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(render_markdown(result))
+    print(f"{PROG}: wrote results.md, results.json, bytes_per_frame.png, latency_vs_bandwidth.png to {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""hnd-bench's outputs: the machine header, results.md and the PNG plots (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hnd.bench.linkmodel import CROSSOVER_MBIT
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, GPU, library versions and the date: enough to know where numbers came from."""
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        m = re.search(r"^Model name:\s*(.+)$", lscpu, re.M)
+        if m and cpu in ("unknown", ""):
+            cpu = m.group(1).strip()
+    import torchvision
+
+    import hnd
+
+    return {
+        "cpu": cpu, "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
+        "hnd": hnd.__version__, "platform": platform.platform(),
+        "loadavg_1_5_15min": [round(v, 2) for v in os.getloadavg()],  # other work on the machine skews timings
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _fmt(v: float | None, spec: str = ",.0f") -> str:
+    return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """results.md: run notes, a per-setting summary, the mode x setting x link table and the crossovers."""
+    run, rows, links = result["run"], result["results"], result["run"]["links"]
+    lines = [f"# hnd-bench results", ""]
+    m = result["machine"]
+    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['torch']}; "
+                 f"{m['date']}.  ")
+    lines.append(f"Model: `{run['config']}`, weights: {run['weights']}. Frames: "
+                 + ", ".join(f"{f['name']} ({f['width']}x{f['height']})" for f in run["frames"]) + ".  ")
+    lines.append(f"Server: {run['server']}; edge: this process, {run['threads']} torch thread(s).  ")
+    lines += [f"**{n}**  " for n in run["notes"]]
+    f1_label = "F1 vs local" + (" (random weights: not meaningful)" if run["random_weights"] else "")
+    lines += ["", f"Link model: `{run['formula']}`. Agreement: IoU-matched F1 at IoU 0.5, score >= "
+              f"{run['agreement_score']}, against local mode's (unsplit float model) detections.", ""]
+
+    lines += ["## Per setting", "",
+              "| mode | setting | request B/frame mean | p50 | ratio vs raw RGB | response B | edge ms p50 | "
+              "server ms p50 | loopback ms p50 | measured e2e ms p50 | " + f1_label + " | "
+              + " | ".join(f"{link['name']} p50 ms" for link in links) + " |",
+              "|" + "---|" * (11 + len(links))]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['setting']} | {_fmt(r['request_bytes']['mean'])} | {_fmt(r['request_bytes']['p50'])} | "
+            f"{_fmt(r['compression_ratio'], '.1f')} | {_fmt(r['response_bytes']['mean'])} | "
+            f"{_fmt(r['edge_ms']['p50'], '.1f')} | {_fmt((r['server_ms'] or {}).get('p50'), '.1f')} | "
+            f"{_fmt((r['loopback_ms'] or {}).get('p50'), '.2f')} | {_fmt(r['measured_total_ms']['p50'], '.1f')} | "
+            f"{_fmt(r['agreement_f1'], '.3f')} | "
+            + " | ".join(_fmt(r["latency_ms"][link["name"]]["p50"], ".1f") for link in links) + " |")
+
+    lines += ["", "## Mode x setting x link", "",
+              "| mode | setting | link | bytes/frame mean | bytes/frame p50 | ratio vs raw RGB | edge ms p50 | "
+              "server ms p50 | e2e ms p50 | e2e ms p95 |", "|" + "---|" * 10]
+    for r in rows:
+        for link in links:
+            lat = r["latency_ms"][link["name"]]
+            lines.append(
+                f"| {r['mode']} | {r['setting']} | {link['name']} ({_fmt(link['mbit'], 'g')} Mbit/s, "
+                f"{_fmt(link['rtt_ms'], 'g')} ms) | {_fmt(r['request_bytes']['mean'])} | {_fmt(r['request_bytes']['p50'])} | "
+                f"{_fmt(r['compression_ratio'], '.1f')} | {_fmt(r['edge_ms']['p50'], '.1f')} | "
+                f"{_fmt((r['server_ms'] or {}).get('p50'), '.1f')} | {_fmt(lat['p50'], '.1f')} | {_fmt(lat['p95'], '.1f')} |")
+
+    sweep = result["sweep"]
+    lines += ["", f"## Crossovers (bandwidth sweep at RTT {sweep['rtt_ms']:g} ms, p50 latency)", ""]
+    if not sweep["crossovers"]:
+        lines.append(f"None between {CROSSOVER_MBIT[0]:g} and {CROSSOVER_MBIT[1]:g} Mbit/s: "
+                     + _ordering(sweep) + ".")
+    for c in sweep["crossovers"]:
+        a, b = c["between"]
+        slower = b if c["faster_above"] == a else a
+        lines.append(f"- {a} vs {b}: cross at {c['mbit']:.3g} Mbit/s ({c['latency_ms']:.0f} ms); "
+                     f"{c['faster_above']} is faster above, {slower} below.")
+    for end in (0, -1):
+        lines.append(f"- at {sweep['mbit'][end]:.3g} Mbit/s: {_ordering(sweep, end)}.")
+    lines += ["", "Each split setting against the best offload setting at each bandwidth:", ""]
+    for key, found in sweep["split_vs_best_offload"].items():
+        where = "; ".join(f"cross at {c['mbit']:.3g} Mbit/s, {c['faster_above']} faster above" for c in found)
+        lines.append(f"- {key}: {where or f'no crossover in {CROSSOVER_MBIT[0]:g}-{CROSSOVER_MBIT[1]:g} Mbit/s'}.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _ordering(sweep: dict[str, Any], index: int | None = None) -> str:
+    """The modes from fastest to slowest at one sweep point (the middle one by default)."""
+    i = len(sweep["mbit"]) // 2 if index is None else index
+    at = {k: v[i] for k, v in sweep["best"].items()}
+    return " < ".join(f"{k} ({at[k] / 1e3:.2f} s)" for k in sorted(at, key=at.get)) + \
+        (" throughout" if index is None else "")
+
+
+def plot_bytes(rows: list[dict[str, Any]], path: Path) -> None:
+    """Horizontal bars: request bytes per frame per setting (log scale), raw RGB as a reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sent = [r for r in rows if r["mode"] != "local"]
+    colors = {"split": "tab:blue", "offload": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(sent) + 1.6), dpi=100)
+    y = np.arange(len(sent))
+    ax.barh(y, [r["request_bytes"]["mean"] for r in sent], color=[colors[r["mode"]] for r in sent])
+    ax.set_yticks(y, [f"{r['mode']}: {r['setting']}" for r in sent], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    raw = rows[0]["raw_rgb_bytes"]["mean"]
+    ax.axvline(raw, color="k", ls="--", lw=1)
+    ax.text(raw, len(sent) - 0.4, " raw RGB", fontsize=8, va="bottom")
+    ax.set_xlabel("request bytes per frame (mean, log scale)")
+    ax.set_title("Bytes on the wire per frame (local mode sends nothing)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_latency(curves: dict[str, np.ndarray], best: dict[str, np.ndarray], wire: dict[str, np.ndarray],
+                 mbits: np.ndarray, marks: list[dict[str, Any]], rtt_ms: float, path: Path) -> None:
+    """Left: modeled p50 latency against bandwidth, every setting thin, each mode's best thick, crossovers
+    marked. Right: the link's share alone (serialization both ways + RTT) per setting, free of compute noise.
+
+    curves, wire: per setting key ("split: 4-bit tensor", ...); best: "best split", "best offload", "local".
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    colors = {"split": "tab:blue", "offload": "tab:orange", "local": "tab:green"}
+    fig, (ax, ax_wire) = plt.subplots(1, 2, figsize=(13, 5.2), dpi=90)
+    for key, curve in curves.items():
+        ax.plot(mbits, curve / 1e3, color=colors[key.split(":")[0]], lw=0.7, alpha=0.45)
+    for name, curve in best.items():
+        ax.plot(mbits, curve / 1e3, color=colors[name.split()[-1]], lw=2.2, label=name)
+    for c in marks:
+        ax.plot(c["mbit"], c["latency_ms"] / 1e3, "kx", ms=9, mew=2)
+        ax.annotate(f"{c['mbit']:.2g} Mbit/s", (c["mbit"], c["latency_ms"] / 1e3), textcoords="offset points",
+                    xytext=(6, 8), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("link bandwidth (Mbit/s, both directions)")
+    ax.set_ylabel("end-to-end latency p50 (s)")
+    ax.set_title(f"End-to-end latency at RTT {rtt_ms:g} ms (thin: each setting; x: crossovers)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    styles = ["-", "--", ":", "-."]
+    count = {"split": 0, "offload": 0}
+    for key, curve in wire.items():
+        mode = key.split(":")[0]
+        ax_wire.plot(mbits, curve / 1e3, color=colors[mode], ls=styles[count[mode] % 4],
+                     lw=1.0 + 0.6 * (count[mode] // 4), label=key)
+        count[mode] += 1
+    ax_wire.set_xscale("log")
+    ax_wire.set_yscale("log")
+    ax_wire.set_xlabel("link bandwidth (Mbit/s, both directions)")
+    ax_wire.set_ylabel("time on the link p50 (s)")
+    ax_wire.set_title("Link share only: 8 * (request + response bytes) / bandwidth + RTT", fontsize=10)
+    ax_wire.grid(True, which="both", alpha=0.3)
+    ax_wire.legend(fontsize=6.5, ncol=2)
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    for axis in (ax.xaxis, ax_wire.xaxis, ax_wire.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,183 @@
+"""hnd-bench: the link model by hand, agreement and crossovers on toy data, and one --quick run end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hnd.bench.bench import BenchOptions, main, match_f1, run_bench, scale_boxes, split_settings
+from hnd.bench.linkmodel import Link, crossovers, link_latency_ms, parse_links, transfer_ms
+from hnd.edge.pipeline import EdgeOptions
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --- link model ------------------------------------------------------------------------------------
+
+
+def test_link_model_matches_a_hand_computed_case():
+    lte = Link("lte", mbit=10.0, rtt_ms=40.0)
+    # 126,250 B * 8 = 1,010,000 bits at 10,000 bits/ms = 101 ms on the wire.
+    assert transfer_ms(125_000 + 1_250, 10.0) == pytest.approx(101.0)
+    # 10 edge + 101 transfer + 40 RTT + 1 loopback + 100 server.
+    assert link_latency_ms(10.0, 125_000, 1_250, server_ms=100.0, loopback_ms=1.0, link=lte) == pytest.approx(252.0)
+    assert transfer_ms(1_000_000, 8.0) == pytest.approx(1000.0)  # 1 MB at 8 Mbit/s: one second
+
+
+def test_parse_links_units_and_errors():
+    links = parse_links("wifi=50mbit/5ms, 3g=800kbit/0.1s,lan=1gbit/200us")
+    assert links == [Link("wifi", 50.0, 5.0), Link("3g", 0.8, 100.0), Link("lan", 1000.0, 0.2)]
+    for bad in ("wifi", "wifi=50/5ms", "wifi=50mbit", "a=1mbit/1ms,a=2mbit/1ms", "z=0mbit/1ms"):
+        with pytest.raises(ValueError):
+            parse_links(bad)
+
+
+def test_crossover_of_two_lines_is_where_they_meet():
+    # a = 100 + 800/b, b = 300 + 80/b (ms, b in Mbit/s): equal at b = 720 / 200 = 3.6 Mbit/s.
+    mbits = np.geomspace(0.1, 100, 4000)
+    found = crossovers({"a": 100 + 800 / mbits, "b": 300 + 80 / mbits}, mbits)
+    assert len(found) == 1
+    assert found[0]["mbit"] == pytest.approx(3.6, rel=1e-3)
+    assert found[0]["faster_above"] == "a"
+
+
+# --- agreement and settings ------------------------------------------------------------------------
+
+
+def _dets(boxes, labels, scores):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64), "scores": torch.tensor(scores)}
+
+
+def test_match_f1():
+    ref = _dets([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 2], [0.9, 0.8])
+    assert match_f1(ref, ref) == 1.0
+    one = _dets([[0, 0, 10, 11]], [1], [0.9])  # IoU 10/11 with the first box
+    assert match_f1(ref, one) == pytest.approx(2 * 1 / 3)
+    wrong_label = _dets([[0, 0, 10, 10]], [5], [0.9])
+    assert match_f1(ref, wrong_label) == 0.0
+    low = _dets([[0, 0, 10, 10]], [1], [0.3])  # below the 0.5 score cut: nothing predicted
+    assert match_f1(ref, low) == 0.0
+    assert match_f1(_dets([], [], []), low) == 1.0  # nothing on either side above the cut
+    scaled = scale_boxes(_dets([[0, 0, 20, 40]], [1], [0.9]), from_hw=(40, 20), to_hw=(20, 10))
+    assert scaled["boxes"].tolist() == [[0, 0, 10, 20]]
+
+
+def test_default_split_settings_are_tensor_everywhere_plus_channel_at_8():
+    names = [s.name for s in split_settings([2, 4, 8, 16], None, EdgeOptions())]
+    assert names == ["2-bit tensor", "4-bit tensor", "8-bit tensor", "8-bit channel", "float16"]
+    crossed = [s.name for s in split_settings([4, 16], ["tensor", "channel"], EdgeOptions())]
+    assert crossed == ["4-bit tensor", "4-bit channel", "float16"]
+
+
+def test_cli_refuses_a_bad_link_before_building_anything(tmp_path, capsys):
+    assert main(["--quick", "--links", "wifi=fast", "--out", str(tmp_path)]) == 2
+    assert "bad link" in capsys.readouterr().err
+
+
+# --- one --quick run -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    returned = run_bench(BenchOptions(quick=True, out=str(out), progress=False))
+    return out, returned, json.loads((out / "results.json").read_text())
+
+
+def test_quick_writes_every_mode_and_link(quick):
+    out, returned, data = quick
+    assert data["run"]["settings"] == returned["run"]["settings"]
+    modes = {r["mode"] for r in data["results"]}
+    assert modes == {"split", "offload", "local"}
+    settings = [(r["mode"], r["setting"]) for r in data["results"]]
+    assert ("split", "8-bit tensor") in settings and ("split", "4-bit tensor") in settings
+    for fmt in ("jpeg q75", "jpeg q95", "png"):
+        for size in ("original", "resized"):
+            assert ("offload", f"{fmt} {size}") in settings
+    links = [link["name"] for link in data["run"]["links"]]
+    assert links == ["wifi"]  # --quick keeps the first link
+    for r in data["results"]:
+        assert set(r["latency_ms"]) == set(links)
+        assert len(r["frames"]) == 2
+    assert data["run"]["random_weights"] is True
+    md = (out / "results.md").read_text()
+    assert "Random weights" in md and "not meaningful" in md and "seeded random weights" in md
+    assert data["machine"]["cores"] >= 1 and data["machine"]["torch"] == torch.__version__
+
+
+def test_quick_split_bytes_are_the_edge_records(quick):
+    _, _, data = quick
+    for r in data["results"]:
+        if r["mode"] == "local":
+            continue
+        records = data["records"][f"{r['mode']}: {r['setting']}"]
+        assert [rec["status"] for rec in records] == ["OK", "OK"]
+        sent = [rec["bytes"]["message"] for rec in records]
+        assert [f["request_bytes"] for f in r["frames"]] == sent
+        assert [f["payload_bytes"] for f in r["frames"]] == [rec["bytes"]["payload"] for rec in records]
+        assert [f["response_bytes"] for f in r["frames"]] == [rec["bytes"]["response"] for rec in records]
+        assert r["request_bytes"]["mean"] == pytest.approx(np.mean(sent))
+        assert r["request_bytes"]["p50"] == pytest.approx(np.median(sent))
+        raw = sum(f["raw_bytes"] for f in r["frames"])
+        assert r["compression_ratio"] == pytest.approx(raw / sum(sent))
+    by = {(r["mode"], r["setting"]): r for r in data["results"]}
+    # Fewer bits, fewer bytes; the bottleneck message is more than its payload (shape, meta, parameters).
+    assert by["split", "4-bit tensor"]["request_bytes"]["mean"] < by["split", "8-bit tensor"]["request_bytes"]["mean"]
+    for f in by["split", "8-bit tensor"]["frames"]:
+        assert f["request_bytes"] > f["payload_bytes"] > 0
+
+
+def test_quick_split_payload_is_what_the_codec_gives_for_the_head(quick):
+    """Recompute one split payload outside the runtime: head + codec.encode give the byte count the edge sent."""
+    from hnd.common import codec
+    from hnd.common.config import build_model_from_config, load_config
+    from hnd.common.split import split_model
+    from hnd.edge.capture import sample_images
+    from hnd.edge.pipeline import to_tensor
+
+    out, _, data = quick
+    cfg = load_config(out / "bench-config.yaml")
+    head, _ = split_model(build_model_from_config(cfg.model, cfg.path))
+    image = sample_images()[0][0]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(data["run"]["threads"])  # same thread count as the edge: same float rounding
+    try:
+        with torch.inference_mode():
+            batch, _ = head.preprocess([to_tensor(image)])
+            encoded = codec.encode(head.encode(batch), 8, "tensor", cfg.runtime.compression, cfg.runtime.level)
+    finally:
+        torch.set_num_threads(previous)
+    assert data["records"]["split: 8-bit tensor"][0]["bytes"]["payload"] == len(encoded.payload)
+
+
+def test_quick_latency_is_the_link_model_of_the_samples(quick):
+    _, _, data = quick
+    link = Link(**data["run"]["links"][0])
+    for r in data["results"]:
+        per_frame = [f["edge_ms"] if r["mode"] == "local" else
+                     link_latency_ms(f["edge_ms"], f["request_bytes"], f["response_bytes"], f["server_ms"],
+                                     f["loopback_ms"], link) for f in r["frames"]]
+        assert r["latency_ms"][link.name]["p50"] == pytest.approx(np.median(per_frame))
+        if r["mode"] != "local":
+            for f in r["frames"]:  # the measured loopback run: edge, then the wire and the server
+                assert f["server_ms"] >= f["server_compute_ms"] > 0 and f["loopback_ms"] >= 0
+
+
+def test_quick_agreement_reference_and_lossless_offload(quick):
+    _, _, data = quick
+    by = {(r["mode"], r["setting"]): r for r in data["results"]}
+    assert by["local", "whole model on the edge"]["agreement_f1"] == 1.0  # the reference against itself
+    # PNG is lossless and the server runs the same model on the same pixels: the same detections.
+    assert by["offload", "png original"]["agreement_f1"] == 1.0
+    for r in data["results"]:
+        assert 0.0 <= r["agreement_f1"] <= 1.0
+
+
+def test_quick_plots_exist(quick):
+    out, _, _ = quick
+    for name in ("bytes_per_frame.png", "latency_vs_bandwidth.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and 5_000 < len(data) < 200_000
