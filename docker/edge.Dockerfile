@@ -1,0 +1,78 @@
+# hnd-edge: camera -> head -> quantized bottleneck -> gRPC, on a CPU-only device.
+#
+# Build (from the repository root):
+#   docker build -f docker/edge.Dockerfile -t hnd-edge:0.1.0 .
+#   docker buildx build --platform linux/arm64 -f docker/edge.Dockerfile -t hnd-edge:0.1.0 .   # ARM boards
+# Run with a camera and head-only weights (`hnd-export-head full.pt head.pt`), so the device never holds the tail:
+#   docker run --rm --init --device /dev/video0 --group-add "$(stat -c %g /dev/video0)" \
+#     -v "$PWD/head.pt:/models/head.pt:ro" hnd-edge:0.1.0 \
+#     --server gpu-host:50051 --camera 0 --config hnd/faster_rcnn-b3ch --head /models/head.pt
+# See DEPLOY.md for TLS, tokens and the compose file.
+#
+# torch / torchvision come from the PyTorch CPU index (no CUDA libraries: ~1/5 of the size of the
+# PyPI CUDA build). That is a download at image build time; everything else comes from PyPI.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
+
+# Pinned to constraints.txt (tests/test_docker.py checks they agree; pip -c enforces it at build time).
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+# The CPU index names its wheels 2.14.1+cpu; the local label keeps pip from taking PyPI's CUDA build.
+ARG TORCH_VARIANT=+cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PYPI_INDEX_URL=https://pypi.org/simple
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/hnd \
+    PATH=/opt/hnd/bin:$PATH
+
+RUN python3 -m venv /opt/hnd \
+ && pip install "setuptools>=68" wheel
+
+WORKDIR /src
+
+# 1. Dependencies only (this layer is rebuilt only when pyproject.toml or constraints.txt change).
+COPY pyproject.toml constraints.txt ./
+RUN pip install -c constraints.txt --index-url "${TORCH_INDEX_URL}" --extra-index-url "${PYPI_INDEX_URL}" \
+      "torch==${TORCH_VERSION}${TORCH_VARIANT}" "torchvision==${TORCHVISION_VERSION}${TORCH_VARIANT}" \
+ && python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && pip install -c constraints.txt --index-url "${PYPI_INDEX_URL}" -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt \
+ && python3 -c "import torch; assert torch.version.cuda is None, 'edge image got a CUDA torch build'"
+
+# 2. The hnd package itself (cheap to rebuild when the source changes).
+COPY README.md ./
+COPY hnd_init ./hnd_init
+COPY common ./common
+COPY proto ./proto
+COPY server ./server
+COPY edge ./edge
+COPY train ./train
+COPY bench ./bench
+COPY configs ./configs
+RUN pip install --no-deps --no-build-isolation . \
+ && rm -rf build *.egg-info \
+ && hnd-edge --help > /dev/null
+
+# 3. Unprivileged user in the `video` group (camera devices); head weights at /models, results in /out.
+RUN groupadd --system --gid 10001 hnd \
+ && useradd --system --uid 10001 --gid hnd --groups video --home-dir /home/hnd --create-home \
+      --shell /usr/sbin/nologin hnd \
+ && mkdir -p /models /out \
+ && chown hnd:hnd /out
+USER hnd
+WORKDIR /home/hnd
+
+LABEL org.opencontainers.image.title="hnd-edge" \
+      org.opencontainers.image.description="Split-computing R-CNN head on the edge device: camera to quantized bottleneck over gRPC (HND/GHND)" \
+      org.opencontainers.image.licenses="MIT"
+
+# `docker stop` sends SIGINT: hnd-edge stops like on Ctrl-C, writes --output and prints its summary.
+STOPSIGNAL SIGINT
+ENTRYPOINT ["hnd-edge"]
+CMD ["--server", "server:50051", "--camera", "0", "--config", "hnd/faster_rcnn-b3ch", "--head", "/models/head.pt", \
+     "--output", "/out/results.jsonl"]
