@@ -167,10 +167,11 @@ def load_filter(path: str | os.PathLike, ext: Ext4ResNet) -> dict[str, Any]:
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{path}: filter weight {k} has shape {tuple(v.shape)}, "
                                   f"Ext4ResNet expects {tuple(expected[k].shape)}")
-    ext.load_state_dict(sd, strict=False)  # missing num_batches_tracked keep 0, as BatchNorm would set
+    # Check the stored fingerprint first, so a refused file leaves the filter as it was.
     stored = ckpt.get("fingerprint") if ckpt.get("format") == FILTER_FORMAT else None
-    if stored is not None and stored != fingerprint(ext):
+    if stored is not None and stored != fingerprint(sd):
         raise CheckpointError(f"{path}: filter weights do not match the fingerprint stored in the file (corrupted?)")
+    ext.load_state_dict(sd, strict=False)  # missing num_batches_tracked keep 0, as BatchNorm would set
     return ckpt
 
 

@@ -257,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-images", type=int, help="evaluate only the first N images")
     p.add_argument("--output", help="write metrics JSON here (atomically)")
+    f = p.add_argument_group("neural filter (configs with model.filter; see hnd.train.filter)")
+    f.add_argument("--min-recall", type=float, default=0.9,
+                   help="operating threshold: the highest one whose TPR >= this (default 0.9)")
+    f.add_argument("--coco", action="store_true", help="also COCO metrics with and without the filter")
     return p
 
 
@@ -271,6 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise HndError("--granularity", "original is the original's 8-bit scheme; use --bits 8")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise HndError("--device", "CUDA is not available on this machine")
+        from hnd.common.config import load_config
+
+        if load_config(args.config).model.filter is not None:  # ROC of the neural filter (hnd.train.filter)
+            from hnd.train.filter import eval_main
+
+            return eval_main(args)
         metrics = evaluate_config(args.config, checkpoint=args.checkpoint, split=args.split, bits=args.bits,
                                   granularity=args.granularity, split_mode=args.split_mode, device=args.device,
                                   workers=args.workers, batch_size=args.batch_size, max_images=args.max_images,

@@ -1,0 +1,485 @@
+"""Neural filter training and evaluation (GHND's Ext4ResNet, shared/reference/ORIGINAL.md section 4).
+
+``hnd-train --config ext/keypoint_rcnn-b3ch`` (``train.method: filter``), as the original's ext runner:
+
+* the student (``model.checkpoint``, e.g. the GHND keypoint b3ch model; or ``model.random_weights``)
+  is loaded strictly and frozen; a fresh Ext4ResNet (seeded by ``train.seed``) is attached at
+  ``backbone.body.layer1.encoder.ext_classifier`` and is the only thing that trains. It sees
+  the stem output (max-pool, 64 channels, 1/4 resolution) of the student's transform;
+* labels come from the annotations: 1 when the image holds something to detect, else 0
+  (:func:`filter_label`); the empty images stay in (``remove_non_annotated_imgs`` is ignored);
+* cross-entropy, SGD (lr 1e-3, momentum 0.9, weight decay 1e-4 in the original), MultiStepLR
+  stepped once per epoch, epoch-0 linear warmup (as hnd-train's distillation);
+* model selection by ROC-AUC on a held-out part of train (``train.holdout_fraction``), never val.
+
+The best filter goes to ``<output-dir>/best.pt`` when ``--output-dir`` is given, else to
+``model.filter.checkpoint`` (where hnd-edge, hnd-server and hnd-eval look for it), in the
+original's ext layout (``{"model": Ext4ResNet keys without prefix, ...}``, see
+hnd.common.neural_filter.save_filter). ``<output-dir>/best-model.pt`` holds the whole student
+with the best filter (our checkpoint format), e.g. for ``hnd-export-head``. ``last.pt`` (filter,
+optimizer, scheduler, RNG) lets ``--resume`` continue.
+
+``hnd-eval --config C`` on a config with ``model.filter`` prints the ROC-AUC of the filter on a
+split and a threshold table (threshold, TPR, FPR, share of frames dropped); ``--min-recall R``
+picks the operating threshold: the highest threshold whose TPR >= R. ``--coco`` adds the COCO
+metrics of the detector with and without the filter at that threshold.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from hnd.train.errors import HndError
+
+FILTER_MODULE = "backbone.body.layer1.encoder.ext_classifier"
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+
+
+def filter_label(anns: list[dict], keypoints: bool = False) -> int:
+    """1 when an image's COCO annotations hold something to detect, else 0 (the original's rule).
+
+    The original: 1 if the image has at least one box, not every box has ``x2 <= 1 or y2 <= 1``,
+    and, for the keypoint task, at least 10 visible keypoints in total. Its box test came from
+    torchvision's ``has_only_empty_bbox``, written for [x, y, w, h] but applied to xyxy boxes;
+    what it means is "a box without extent", so a box counts only when its width and height
+    exceed 1 pixel (x2 - x1 > 1 and y2 - y1 > 1). Crowd annotations are ignored, as in the
+    detector's training targets. This is the same rule hnd.train.data uses to drop
+    non-annotated training images, so "kept for training" and "worth sending" agree.
+    """
+    from hnd.train.data import _has_valid_annotation
+
+    return int(_has_valid_annotation(anns, keypoints))
+
+
+def image_labels(coco: Any, ids: Sequence[int], keypoints: bool) -> dict[int, int]:
+    """{image id: filter label} for the given images of a pycocotools COCO."""
+    return {int(i): filter_label(coco.loadAnns(coco.getAnnIds(imgIds=[i])), keypoints) for i in ids}
+
+
+# ---------------------------------------------------------------------------------------------
+# ROC (numpy only)
+
+
+def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) over every distinct score, thresholds decreasing, first = +inf.
+
+    A frame counts as positive (kept) when its score >= threshold, as sklearn's roc_curve.
+    """
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} must be 1-d of one length")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"ROC needs both classes (got {n_pos} positives and {n_neg} negatives)")
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last_of_each = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # ties share one point
+    tps = np.cumsum(y)[last_of_each]
+    fps = (last_of_each + 1) - tps
+    tpr = np.r_[0.0, tps / n_pos]
+    fpr = np.r_[0.0, fps / n_neg]
+    return fpr, tpr, np.r_[np.inf, s[last_of_each]]
+
+
+def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """Area under the ROC curve (trapezoidal; ties count half), NaN when a class is missing."""
+    try:
+        fpr, tpr, _ = roc_curve(labels, scores)
+    except ValueError:
+        return float("nan")
+    return float(np.trapezoid(tpr, fpr))
+
+
+def rates_at(labels: Sequence[int], scores: Sequence[float], threshold: float) -> dict[str, float]:
+    """TPR, FPR and the share of frames dropped (score < threshold) at one threshold."""
+    y = np.asarray(labels).astype(bool)
+    keep = np.asarray(scores, dtype=np.float64) >= threshold
+    return {"threshold": float(threshold),
+            "tpr": float(keep[y].mean()) if y.any() else float("nan"),
+            "fpr": float(keep[~y].mean()) if (~y).any() else float("nan"),
+            "dropped": float(1.0 - keep.mean()) if keep.size else float("nan")}
+
+
+def threshold_table(labels: Sequence[int], scores: Sequence[float]) -> list[dict[str, float]]:
+    """One row per ROC threshold (decreasing): threshold, tpr, fpr, dropped (share of frames below it)."""
+    _, _, thresholds = roc_curve(labels, scores)
+    return [rates_at(labels, scores, t) for t in thresholds[1:]]
+
+
+def operating_point(table: list[dict[str, float]], min_recall: float) -> dict[str, float]:
+    """The row with the highest threshold whose TPR >= min_recall (TPR only grows as thresholds fall)."""
+    for row in table:
+        if row["tpr"] >= min_recall:
+            return row
+    return table[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and data
+
+
+def build_filter_student(cfg: Any, device: str = "cpu") -> nn.Module:
+    """The configured student, loaded strictly without a filter, with a fresh Ext4ResNet attached
+    (initialised from ``train.seed``); eval mode, everything frozen but the filter."""
+    from hnd.common.config import build_model_from_config
+    from hnd.common.neural_filter import attach_filter
+
+    if cfg.model.filter is None:
+        raise HndError(cfg.path, "train.method filter needs a model.filter section")
+    if cfg.model.bottleneck_channels is None:
+        raise HndError(cfg.path, "the neural filter needs a student (model.bottleneck_channels)")
+    student_cfg = dataclasses.replace(cfg.model, filter=None)  # the filter is what we are about to train
+    model = build_model_from_config(student_cfg, cfg.path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed if cfg.train is not None else 0)
+        attach_filter(model, cfg.model.filter.threshold)
+    model.requires_grad_(False)
+    from hnd.common.neural_filter import get_filter
+
+    get_filter(model).requires_grad_(True)
+    return model.to(device).eval()
+
+
+def check_trainable(cfg: Any) -> None:
+    """train.trainable must be left at hnd-train's default or name the filter: nothing else trains here."""
+    from hnd.common.config import TrainConfig
+
+    trainable = list(cfg.train.trainable)
+    if trainable == TrainConfig().trainable:
+        return
+    if not trainable or any(not (t == FILTER_MODULE or t.startswith(FILTER_MODULE + ".")) for t in trainable):
+        raise HndError(cfg.path, f"train.trainable: train.method filter trains only {FILTER_MODULE} "
+                                 f"(got {trainable})")
+
+
+def _dataset(cfg: Any, split: str, ids: Sequence[int] | None, train: bool, seed: int) -> Any:
+    """Images of a split (empty ones included) without masks / keypoints in the targets."""
+    from hnd.train.data import CocoDetection, load_coco, split_paths
+
+    images, ann_file, _ = split_paths(cfg.dataset, split)  # remove_non_annotated_imgs: the filter needs them
+    coco = load_coco(ann_file)
+    chosen = sorted(coco.imgs) if ids is None else list(ids)
+    if not chosen:
+        raise HndError(ann_file, "no images in this split")
+    return CocoDetection(images, coco, ids=chosen, flip_prob=0.5 if train else 0.0, seed=seed, ann_path=ann_file)
+
+
+def _label_tensor(targets: Sequence[dict], labels: dict[int, int], device: str) -> torch.Tensor:
+    return torch.tensor([labels[int(t["image_id"])] for t in targets], dtype=torch.int64, device=device)
+
+
+@torch.no_grad()
+def filter_scores(head: Any, loader: Any, labels: dict[int, int], device: str = "cpu"
+                  ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(labels [N], class-1 probabilities [N], image ids) of the filter over a loader, eval mode."""
+    was_training = head.training
+    head.eval()
+    ys, ps, ids = [], [], []
+    try:
+        for images, targets in loader:
+            batch, _ = head.preprocess([img.to(device) for img in images])
+            ps.append(head.filter_probability(head.stem(batch)).cpu().numpy())
+            ids += [int(t["image_id"]) for t in targets]
+            ys += [labels[i] for i in ids[-len(targets):]]
+    finally:
+        head.train(was_training)
+    return np.asarray(ys, dtype=np.int64), np.concatenate(ps) if ps else np.zeros(0), ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train_filter(cfg: Any, options: Any) -> dict[str, Any]:
+    """hnd-train for ``train.method: filter``; returns the same summary as hnd.train.train.train."""
+    from hnd.common.checkpoint import fingerprint, save_checkpoint
+    from hnd.common.neural_filter import get_filter, load_filter, save_filter
+    from hnd.common.split import split_model
+    from hnd.train.data import holdout_split, load_coco, make_loader, set_loader_epoch, split_paths
+    from hnd.train.train import (JsonlLog, _progress, _rng_state, _set_rng_state, default_output_dir,
+                                 make_optimizer, warmup_scheduler)
+
+    if cfg.train is None or cfg.dataset is None:
+        raise HndError(cfg.path, "hnd-train needs the train and dataset sections")
+    tcfg = cfg.train
+    check_trainable(cfg)
+    device = options.device
+    epochs = tcfg.epochs if options.epochs is None else options.epochs
+    workers = cfg.dataset.num_workers if options.workers is None else options.workers
+    out_dir = Path(options.output_dir) if options.output_dir else default_output_dir(cfg)
+    if options.output_dir or cfg.model.filter.checkpoint is None:
+        best_path = out_dir / "best.pt"
+    else:
+        best_path = Path(cfg.model.filter.checkpoint)
+    last_path = out_dir / "last.pt"
+    log = JsonlLog(out_dir / "log.jsonl")
+    select_by = "last" if options.select_by == "last" else "roc_auc"
+
+    # Data: labels from the annotations; the held-out part of train selects the model.
+    _, ann_file, _ = split_paths(cfg.dataset, "train")
+    coco = load_coco(ann_file)
+    keypoints = cfg.model.kind == "keypoint_rcnn"
+    labels = image_labels(coco, sorted(coco.imgs), keypoints)
+    train_ids, hold_ids = holdout_split(sorted(coco.imgs), tcfg.holdout_fraction, tcfg.seed)
+    n_pos = sum(labels[i] for i in train_ids)
+    if n_pos == 0 or n_pos == len(train_ids):
+        raise HndError(ann_file, f"the filter needs images with and without objects to learn from "
+                                 f"({n_pos} of {len(train_ids)} training images hold objects)")
+    train_set = _dataset(cfg, "train", train_ids, train=True, seed=tcfg.seed)
+    train_loader = make_loader(train_set, tcfg.batch_size, workers, train=True,
+                               aspect_ratio_group_factor=cfg.dataset.aspect_ratio_group_factor, seed=tcfg.seed)
+    hold_loader = None
+    if hold_ids and len({labels[i] for i in hold_ids}) == 2:
+        hold_loader = make_loader(_dataset(cfg, "train", hold_ids, train=False, seed=tcfg.seed),
+                                  tcfg.batch_size, workers)
+    elif select_by == "roc_auc":
+        print("hnd-train: the held-out images do not hold both classes; keeping the last epoch", file=sys.stderr)
+        select_by = "last"
+
+    # Model: the frozen student and its trainable filter; head = transform + stem + encoder (+ filter).
+    torch.manual_seed(tcfg.seed)
+    model = build_filter_student(cfg, device)
+    head, _ = split_model(model)
+    ext = get_filter(model)
+    params = list(ext.parameters())
+    optimizer = make_optimizer(params, tcfg.optimizer)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, tcfg.scheduler.milestones, tcfg.scheduler.gamma)
+    criterion = nn.CrossEntropyLoss()
+    best_value, best_epoch, start_epoch = -math.inf, -1, 0
+    history: list[dict[str, Any]] = []
+    student_fp = fingerprint({k: v for k, v in model.state_dict().items() if not k.startswith(FILTER_MODULE + ".")})
+
+    if options.resume:
+        if not last_path.is_file():
+            raise HndError(last_path, "nothing to resume (no checkpoint from an earlier run)")
+        state = load_filter(last_path, ext)
+        if state.get("method") != "filter" or state.get("select_by") != select_by:
+            raise HndError(last_path, f"was written by a {state.get('method')} run selecting by "
+                                      f"{state.get('select_by')}, not filter / {select_by}")
+        if state.get("student_fingerprint") != student_fp:
+            raise HndError(last_path, "was trained on another student (its fingerprint differs)")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"]) + 1
+        best_value, best_epoch = float(state["best_value"]), int(state["best_epoch"])
+        history = list(state.get("history", []))
+        print(f"hnd-train: resuming {last_path} at epoch {start_epoch}", file=sys.stderr)
+
+    print(f"hnd-train: filter on {cfg.model.kind} b{cfg.model.bottleneck_channels}ch, {len(train_set)} train "
+          f"({n_pos} with objects) / {len(hold_ids)} held-out images, {sum(p.numel() for p in params):,} trainable "
+          f"parameters, epochs {start_epoch}..{epochs - 1}, select by {select_by}, output {best_path}",
+          file=sys.stderr)
+    config_dict = dataclasses.asdict(cfg)
+    for epoch in range(start_epoch, epochs):
+        set_loader_epoch(train_loader, epoch)
+        warmup = (warmup_scheduler(optimizer, len(train_loader), tcfg.warmup_iters)
+                  if epoch == 0 and tcfg.warmup_iters > 0 else None)
+        # Only the filter trains (its BatchNorms use batch statistics); the transform in train mode
+        # picks a random size for multi-size configs (keypoints), as in distillation.
+        model.eval()
+        ext.train()
+        head.transform.train()
+        total, n_images, start = 0.0, 0, time.perf_counter()
+        bar = _progress(train_loader, f"epoch {epoch}", options.progress)
+        for it, (images, targets) in enumerate(bar):
+            with torch.no_grad():
+                batch, _ = head.preprocess([img.to(device) for img in images])
+                features = head.stem(batch)
+            loss = criterion(ext.logits(features), _label_tensor(targets, labels, device))
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise HndError("training", f"loss is {value} at epoch {epoch} iteration {it}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if warmup is not None:
+                warmup.step()
+            total += value * len(images)
+            n_images += len(images)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{value:.4g}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if it % max(tcfg.log_freq, 1) == 0 or it == len(train_loader) - 1:
+                log.write(kind="iter", epoch=epoch, iter=it, loss=value, lr=optimizer.param_groups[0]["lr"])
+        scheduler.step()  # once per epoch
+        seconds = time.perf_counter() - start
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(n_images, 1),
+                                  "seconds": round(seconds, 3), "images_per_s": round(n_images / max(seconds, 1e-9), 3)}
+        head.transform.eval()
+        if select_by == "roc_auc":
+            y, p, _ = filter_scores(head, hold_loader, labels, device)
+            record["heldout_roc_auc"] = value = roc_auc(y, p)
+        else:
+            value = float(epoch)
+        if value > best_value:
+            best_value, best_epoch = value, epoch
+            save_filter(best_path, ext, epoch=epoch, best_value=float(value), select_by=select_by, method="filter",
+                        student_fingerprint=student_fp, config=config_dict)
+        record.update(best_epoch=best_epoch, best_value=best_value)
+        history.append(record)
+        log.write(kind="epoch", **record)
+        save_filter(last_path, ext, optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
+                    epoch=epoch, best_value=float(best_value), best_epoch=best_epoch, select_by=select_by,
+                    method="filter", student_fingerprint=student_fp, config=config_dict, rng=_rng_state(),
+                    history=history)
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
+        print(f"hnd-train: {json.dumps(shown)}", file=sys.stderr)
+
+    # The whole student with the best filter, in our format (hnd-export-head, --checkpoint).
+    model_path = out_dir / "best-model.pt"
+    if best_epoch >= 0:
+        load_filter(best_path, ext)
+        save_checkpoint(model_path, model.eval(), epoch=best_epoch, best_value=float(best_value), method="filter",
+                        select_by=select_by, config=config_dict)
+    return {"best_value": best_value, "best_epoch": best_epoch, "select_by": select_by, "best": str(best_path),
+            "best_model": str(model_path), "last": str(last_path), "log": str(log.path), "history": history}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def make_filtered_predictor(model: nn.Module, threshold: float) -> Any:
+    """images -> detections through head -> filter -> (encoder -> tail for kept images); dropped
+    images get the kind's normal empty result (hnd.common.neural_filter.empty_detections)."""
+    from hnd.common.neural_filter import empty_detections
+    from hnd.common.split import split_model
+
+    head, tail = split_model(model.eval())
+
+    def predict(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        batch, meta = head.preprocess(images)
+        fb = head.encode_filtered(batch, threshold)
+        out: list[dict[str, torch.Tensor]] = [
+            empty_detections(head.kind, meta.original_sizes[i], head.num_keypoints or 17) for i in range(len(images))]
+        if fb.z is not None:
+            kept = fb.kept
+            for i, det in zip(kept, tail(fb.z, meta.select(kept))):
+                out[i] = det
+        return out
+
+    return predict
+
+
+def _filter_file(path: str) -> bool:
+    """True when ``path`` holds only neural filter weights (ours or the original's ext layout)."""
+    from hnd.common.checkpoint import read_checkpoint
+    from hnd.common.neural_filter import FILTER_FORMAT, is_filter_state_dict
+
+    ckpt = read_checkpoint(path)
+    return ckpt["format"] == FILTER_FORMAT or is_filter_state_dict(ckpt["model"])
+
+
+def evaluate_filter(config: Any, checkpoint: str | None = None, split: str = "val", min_recall: float = 0.9,
+                    device: str = "cpu", workers: int | None = None, batch_size: int = 1,
+                    max_images: int | None = None, random_weights: int | None = None, coco: bool = False,
+                    progress: bool = False) -> dict[str, Any]:
+    """ROC-AUC and threshold table of the configured filter on a split; optionally COCO metrics with
+    and without it. ``checkpoint`` may be a full student (with its filter) or a filter-only file."""
+    from hnd.common.checkpoint import fingerprint
+    from hnd.common.config import build_model_from_config, load_config, with_weights
+    from hnd.common.split import split_model
+    from hnd.train.data import make_loader
+    from hnd.train.evaluate import IOU_TYPES, coco_evaluate, predict_dataset, to_coco_results
+
+    cfg = config if hasattr(config, "model") else load_config(config)
+    if cfg.model.filter is None:
+        raise HndError(cfg.path, "has no neural filter (model.filter)")
+    if cfg.dataset is None:
+        raise HndError(cfg.path, "config has no dataset section")
+    if not 0.0 <= min_recall <= 1.0:
+        raise HndError("--min-recall", f"must be in [0, 1], got {min_recall}")
+    model_cfg = cfg.model
+    if checkpoint is not None and _filter_file(checkpoint):
+        model_cfg = dataclasses.replace(model_cfg, filter=dataclasses.replace(model_cfg.filter, checkpoint=checkpoint))
+        checkpoint = None
+    model_cfg = with_weights(model_cfg, checkpoint=checkpoint, random_weights=random_weights)
+    model = build_model_from_config(model_cfg, cfg.path).to(device)
+    head, _ = split_model(model)
+
+    dataset = _dataset(cfg, split, None, train=False, seed=0)
+    if max_images is not None:
+        dataset.ids = dataset.ids[:max_images]
+    loader = make_loader(dataset, batch_size, cfg.dataset.num_workers if workers is None else workers)
+    labels = image_labels(dataset.coco, dataset.ids, cfg.model.kind == "keypoint_rcnn")
+    start = time.perf_counter()
+    y, p, ids = filter_scores(head, loader, labels, device)
+    result: dict[str, Any] = {
+        "config": str(cfg.path), "split": split, "kind": cfg.model.kind, "images": len(ids),
+        "positives": int(y.sum()), "negatives": int(len(y) - y.sum()), "seconds": round(time.perf_counter() - start, 3),
+        "roc_auc": roc_auc(y, p), "min_recall": min_recall, "config_threshold": cfg.model.filter.threshold,
+        "at_config_threshold": rates_at(y, p, cfg.model.filter.threshold), "fingerprint": fingerprint(model),
+        "scores": {str(i): float(s) for i, s in zip(ids, p)},
+    }
+    if result["positives"] and result["negatives"]:
+        table = threshold_table(y, p)
+        result["table"] = table
+        result["operating_point"] = operating_point(table, min_recall)
+    else:
+        result["table"], result["operating_point"] = [], None
+    if coco:
+        iou_types = IOU_TYPES[cfg.model.kind]
+        threshold = (result["operating_point"] or result["at_config_threshold"])["threshold"]
+        for name, predictor in (("coco_without_filter", lambda imgs: model(imgs)),
+                                ("coco_with_filter", make_filtered_predictor(model, threshold))):
+            outputs, out_ids, _ = predict_dataset(predictor, loader, device, progress=progress)
+            metrics, _ = coco_evaluate(dataset.coco, to_coco_results(outputs, out_ids, iou_types), out_ids)
+            result[name] = metrics
+        result["coco_threshold"] = threshold
+    return result
+
+
+def format_filter_report(result: dict[str, Any], max_rows: int = 20) -> str:
+    """ROC-AUC, the operating point and a threshold table of at most ``max_rows`` ROC points."""
+    lines = [f"neural filter ({result['kind']}) on {result['split']}: {result['images']} images, "
+             f"{result['positives']} with objects / {result['negatives']} without",
+             f"ROC-AUC {result['roc_auc']:.4f}"]
+    table, op = result["table"], result["operating_point"]
+    if table:
+        step = max(1, math.ceil(len(table) / max_rows))
+        rows = table[::step]
+        cfg_row = result["at_config_threshold"]
+        rows = sorted({id(r): r for r in rows + [table[-1], op, cfg_row]}.values(), key=lambda r: -r["threshold"])
+        lines.append(f"{'threshold':>12}{'TPR':>8}{'FPR':>8}{'dropped':>9}")
+        for r in rows:
+            mark = "  <- operating point" if r is op else ("  <- config threshold" if r is cfg_row else "")
+            lines.append(f"{r['threshold']:>12.6g}{r['tpr']:>8.3f}{r['fpr']:>8.3f}{r['dropped']:>9.3f}{mark}")
+        lines.append(f"operating threshold for TPR >= {result['min_recall']:g}: {op['threshold']:.6g} "
+                     f"(TPR {op['tpr']:.3f}, FPR {op['fpr']:.3f}, {100 * op['dropped']:.1f}% of frames dropped)")
+    else:
+        lines.append("(one class only in this split: no ROC curve)")
+    for name in ("coco_without_filter", "coco_with_filter"):
+        if name in result:
+            stats = ", ".join(f"{t} AP {m['AP']:.4f}" for t, m in result[name].items())
+            label = "without filter" if name.endswith("without_filter") else \
+                f"with filter at {result['coco_threshold']:.6g}"
+            lines.append(f"COCO {label}: {stats}")
+    return "\n".join(lines)
+
+
+def eval_main(args: Any) -> int:
+    """hnd-eval on a config with a neural filter (called by hnd.train.evaluate.main)."""
+    from hnd.train.evaluate import write_json_atomic
+
+    result = evaluate_filter(args.config, checkpoint=args.checkpoint, split=args.split,
+                             min_recall=getattr(args, "min_recall", 0.9), device=args.device, workers=args.workers,
+                             batch_size=args.batch_size, max_images=args.max_images,
+                             random_weights=args.random_weights, coco=getattr(args, "coco", False), progress=True)
+    print(format_filter_report(result))
+    if args.output:
+        write_json_atomic(args.output, result)
+        print(f"metrics written to {args.output}")
+    return 0
