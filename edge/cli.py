@@ -14,7 +14,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,8 +221,15 @@ def run_edge(args: argparse.Namespace) -> Summary:
     return summary
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    # SIGTERM (systemd, docker stop) ends the run like Ctrl-C: records so far are written out.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         summary = run_edge(args)
@@ -228,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; records so far were written", file=sys.stderr)
         return 130
     print(summary.format())
     return 0 if summary.failed == 0 else 1

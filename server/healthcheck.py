@@ -14,10 +14,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hnd.server.service import SERVICE_NAME
 
 
-def check(target: str, tls_ca: str | None = None, timeout_s: float = 3.0, service: str = SERVICE_NAME) -> str:
-    """The serving status name (SERVING, NOT_SERVING, ...) or the gRPC error code name."""
-    channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
-               if tls_ca else grpc.insecure_channel(target))
+def check(target: str, tls_ca: str | None = None, timeout_s: float = 3.0, service: str = SERVICE_NAME,
+          tls_cert: str | None = None, tls_key: str | None = None) -> str:
+    """The serving status name (SERVING, NOT_SERVING, ...) or the gRPC error code name.
+
+    tls_cert / tls_key: a client certificate, for servers that require mutual TLS.
+    """
+    if tls_ca or tls_cert:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
+            private_key=Path(tls_key).read_bytes() if tls_key else None,
+            certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+        )
+        channel = grpc.secure_channel(target, creds)
+    else:
+        channel = grpc.insecure_channel(target)
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -31,10 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hnd-healthcheck", description=__doc__.splitlines()[0])
     p.add_argument("--server", default="127.0.0.1:50051")
     p.add_argument("--tls-ca", help="CA certificate (PEM) when the server uses TLS")
+    p.add_argument("--tls-cert", help="client certificate (PEM) when the server requires mutual TLS")
+    p.add_argument("--tls-key", help="client private key (PEM) for --tls-cert")
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--service", default=SERVICE_NAME, help="service name ('' for the whole server)")
     args = p.parse_args(argv)
-    status = check(args.server, args.tls_ca, args.timeout, args.service)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    status = check(args.server, args.tls_ca, args.timeout, args.service, args.tls_cert, args.tls_key)
     print(f"{args.server}: {status}")
     return 0 if status == "SERVING" else 1
 

@@ -195,6 +195,11 @@ def test_tls_and_mutual_tls(model, tmp_path):
         summary, _, _ = run_edge(model, client, frames(1))
         client.close()
         assert summary.answered == 1
+        from hnd.server.healthcheck import check
+
+        target = f"127.0.0.1:{server.port}"
+        assert check(target, certs["ca"], timeout_s=2) != "SERVING"
+        assert check(target, certs["ca"], tls_cert=certs["client_cert"], tls_key=certs["client_key"]) == "SERVING"
 
 
 def test_drain_finishes_in_flight_and_refuses_new(model, good_request):
