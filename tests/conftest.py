@@ -1,7 +1,6 @@
 """Shared fixtures: the tiny seeded models of configs/test/ and a few small images."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 # Busy-waiting OpenMP workers burn the CPU that the other processes of a test (servers, edges, other
@@ -13,15 +12,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
-# Fewer RPN proposals than torchvision's 1000 per image: the box head's fc6 on 1000 RoIs is most of a
-# tiny forward's cost. Added only where the config leaves them unset; weights are unaffected.
+# The RPN proposal counts the configs/test/ models use (torchvision: 1000), for tests that build
+# models from other configs.
 FAST_PARAMS = {"rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100}
 
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    """``tiny_model(kind)``: the student of ``configs/test/{kind}-b3ch.yaml`` (seeded random weights, eval),
-    with FAST_PARAMS.
+    """``tiny_model(kind)``: the student of ``configs/test/{kind}-b3ch.yaml`` (seeded random weights, eval).
 
     Built once per session and shared: treat it as read-only (``copy.deepcopy`` it to change it).
     """
@@ -32,8 +30,7 @@ def tiny_model():
     def get(kind: str) -> torch.nn.Module:
         if kind not in cache:
             cfg = load_config(f"test/{kind}-b3ch")
-            model_cfg = dataclasses.replace(cfg.model, params={**FAST_PARAMS, **cfg.model.params})
-            cache[kind] = build_model_from_config(model_cfg, cfg.path)
+            cache[kind] = build_model_from_config(cfg.model, cfg.path)
         return cache[kind]
 
     return get
