@@ -18,7 +18,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.server.service import SERVICE_NAME, BatchingOptions, ModelRunner, ServerLimits, SplitInferenceService
 
 log = logging.getLogger("hnd.server")
@@ -190,5 +189,3 @@ class BackgroundServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-__all__ = ["BackgroundServer", "ServerSettings", "TlsFiles", "start_server", "serve", "channel_options", "pb"]

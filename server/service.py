@@ -73,8 +73,8 @@ class ModelRunner:
         self.fingerprint = fingerprint(model)
         self.min_size = int(model.transform.min_size[-1])
         self.max_size = int(model.transform.max_size)
-        self.num_keypoints = int(getattr(model.roi_heads, "keypoint_predictor", None).kps_score_lowres.out_channels) \
-            if self.kind == "keypoint_rcnn" else 0
+        predictor = getattr(model.roi_heads, "keypoint_predictor", None)
+        self.num_keypoints = int(predictor.kps_score_lowres.out_channels) if predictor is not None else 0
         self.device = device
         self.model = model.to(device).eval()
         self.head, self.tail = split_model(self.model)

@@ -69,6 +69,8 @@ class SplitInferenceServicer:
 
     def InferStream(self, request_iterator, context):
         """Bidirectional: exactly one response per request, in request order, carrying its request_id.
+        Requests in one stream are processed concurrently (they may share a batch). A request the server
+        refuses ends the stream with that request's status code; the client opens a new stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
