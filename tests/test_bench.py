@@ -163,12 +163,27 @@ def test_quick_latency_is_the_link_model_of_the_samples(quick):
         assert r["latency_ms"][link.name]["p50"] == pytest.approx(np.median(per_frame))
         if r["mode"] != "local":
             for f in r["frames"]:  # the measured loopback run: edge, then the wire and the server
-                assert f["server_ms"] >= f["server_compute_ms"] > 0 and f["loopback_ms"] >= 0
+                assert f["server_ms_raw"] >= f["server_compute_ms_raw"] > 0 and f["loopback_ms"] >= 0
+
+
+def test_quick_pooled_compute_keeps_per_setting_costs(quick):
+    """Pooling swaps only the network's compute for the mode's per-frame median; codec costs stay per setting."""
+    _, _, data = quick
+    for mode in ("split", "offload"):
+        rows = [r for r in data["results"] if r["mode"] == mode]
+        for i in range(2):
+            frames = [r["frames"][i] for r in rows]
+            tail = np.median([f["server_compute_ms_raw"] for f in frames])
+            head = np.median([f["edge_model_ms_raw"] for f in frames])
+            for f in frames:
+                assert f["server_ms"] == pytest.approx(f["server_ms_raw"] - f["server_compute_ms_raw"] + tail)
+                assert f["edge_ms"] == pytest.approx(f["edge_ms_raw"] - f["edge_model_ms_raw"] + head)
 
 
 def test_quick_agreement_reference_and_lossless_offload(quick):
     _, _, data = quick
     by = {(r["mode"], r["setting"]): r for r in data["results"]}
+    assert min(data["run"]["reference_detections"]) > 0  # F1 over no boxes would prove nothing
     assert by["local", "whole model on the edge"]["agreement_f1"] == 1.0  # the reference against itself
     # PNG is lossless and the server runs the same model on the same pixels: the same detections.
     assert by["offload", "png original"]["agreement_f1"] == 1.0
