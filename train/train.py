@@ -372,6 +372,10 @@ def train(config: str | os.PathLike | Any, options: TrainOptions | None = None) 
         raise HndError(cfg.path, "hnd-train needs the train and dataset sections")
     tcfg = cfg.train
     method = tcfg.method
+    if method == "filter":  # the neural filter has its own loop and selection (hnd.train.filter)
+        from hnd.train.filter import train_filter
+
+        return train_filter(cfg, options)
     if method not in DISTILL_METHODS + ("supervised",):
         raise HndError(cfg.path, f"train.method {method} is not handled by hnd-train")
     if options.select_by not in ("bbox", "loss", "last"):
