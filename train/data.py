@@ -309,13 +309,14 @@ def split_paths(dataset_cfg: Any, split: str) -> tuple[Path, Path, bool]:
 
 
 def build_dataset(dataset_cfg: Any, split: str, kind: str, train: bool = False, seed: int = 0,
-                  ids: Sequence[int] | None = None, remove_empty: bool | None = None) -> CocoDetection:
+                  ids: Sequence[int] | None = None, remove_empty: bool | None = None,
+                  masks: bool | None = None) -> CocoDetection:
     """The dataset of one configured split for a model kind (masks for mask_rcnn, keypoints for keypoint_rcnn).
 
     With ``train`` images are flipped with probability 0.5 and, when the split says
     remove_non_annotated_imgs, images without usable annotations are dropped.
     ``ids`` restricts the images (e.g. one side of :func:`holdout_split`); ``remove_empty``
-    overrides the split's remove_non_annotated_imgs.
+    overrides the split's remove_non_annotated_imgs; ``masks`` overrides whether masks are decoded.
     """
     images, ann_file, configured = split_paths(dataset_cfg, split)
     remove_empty = configured if remove_empty is None else remove_empty
@@ -326,7 +327,8 @@ def build_dataset(dataset_cfg: Any, split: str, kind: str, train: bool = False, 
         chosen = annotated_image_ids(coco, chosen, keypoints)
     if not chosen:
         raise HndError(ann_file, "no usable images in this split")
-    return CocoDetection(images, coco, ids=chosen, masks=kind == "mask_rcnn", keypoints=keypoints,
+    masks = kind == "mask_rcnn" if masks is None else masks
+    return CocoDetection(images, coco, ids=chosen, masks=masks, keypoints=keypoints,
                          flip_prob=0.5 if train else 0.0, seed=seed, ann_path=ann_file)
 
 

@@ -22,7 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -243,6 +243,30 @@ def make_synthetic_coco(out: str | os.PathLike, images: int = 16, size: tuple[in
         os.replace(tmp, ann_file)
         written[split] = {"images": out / folder, "annotations": ann_file}
     return written
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def write_config(base: str | os.PathLike, root: str | os.PathLike, path: str | os.PathLike,
+                 **sections: Any) -> Path:
+    """Copy config ``base`` (a file or bundled name such as ``test/faster_rcnn-b3ch``) to ``path``
+    with ``dataset.root`` set to ``root`` and each keyword (a section) merged in, e.g.
+    ``train={"epochs": 2}``. Returns ``path``. Used by tests and the synthetic experiment."""
+    import yaml
+
+    from hnd.common.config import resolve_config_path
+
+    data = yaml.safe_load(resolve_config_path(base).read_text())
+    data = _merge(_merge(data, sections), {"dataset": {"root": str(Path(root).resolve())}})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -62,6 +62,7 @@ class TrainOptions:
     resume: bool = False
     select_by: str = "bbox"  # bbox | loss | last
     progress: bool = True
+    train_bn: bool = False  # supervised from scratch: train the backbone's batch norms (see unfreeze_batchnorm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +132,57 @@ def freeze_except(model: nn.Module, trainable: Sequence[str]) -> list[str]:
     if not names:
         raise HndError("train.trainable", f"no parameter matches {list(trainable)}")
     return names
+
+
+class SwappedBatchNorm2d(nn.BatchNorm2d):
+    """A FrozenBatchNorm2d made trainable by :func:`unfreeze_batchnorm`; folded back on save."""
+
+
+def unfreeze_batchnorm(model: nn.Module) -> int:
+    """Replace every FrozenBatchNorm2d by a trainable BatchNorm2d with the same statistics; return how many.
+
+    Our R-CNNs use FrozenBatchNorm2d (as the original and torchvision's pretrained models):
+    fine for fine-tuning, but a network trained from random weights gets no normalisation
+    at all. For from-scratch supervised training (``--train-bn``) the norms train as usual
+    BatchNorm2d and :func:`fold_batchnorm` turns them back before the model is saved.
+    """
+    from torchvision.ops import FrozenBatchNorm2d
+
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FrozenBatchNorm2d):
+                bn = SwappedBatchNorm2d(child.weight.numel())
+                with torch.no_grad():
+                    bn.weight.copy_(child.weight)
+                    bn.bias.copy_(child.bias)
+                    bn.running_mean.copy_(child.running_mean)
+                    bn.running_var.copy_((child.running_var + child.eps - bn.eps).clamp_(min=0))
+                setattr(parent, name, bn.to(child.weight.device))
+                count += 1
+    return count
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose SwappedBatchNorm2d layers are FrozenBatchNorm2d again (eps 0, as built).
+
+    Same eval-mode function; the state dict then loads into a model from ``build_model``.
+    """
+    import copy
+    from torchvision.ops import FrozenBatchNorm2d
+
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SwappedBatchNorm2d):
+                frozen = FrozenBatchNorm2d(child.num_features, eps=0.0)
+                with torch.no_grad():
+                    frozen.weight.copy_(child.weight)
+                    frozen.bias.copy_(child.bias)
+                    frozen.running_mean.copy_(child.running_mean)
+                    frozen.running_var.copy_(child.running_var + child.eps)
+                setattr(parent, name, frozen.to(child.weight.device))
+    return model
 
 
 def set_distillation_modes(student: nn.Module, trainable: Sequence[str]) -> None:
@@ -305,7 +357,8 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
             terms = {k: float(v.detach()) for k, v in loss_dict.items()}
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise HndError("training", f"loss is {value} at epoch {epoch} iteration {it} ({terms})")
+            raise HndError("training", f"loss is {value} at epoch {epoch} iteration {it} ({terms}); "
+                                       "lower train.optimizer.lr or raise train.warmup_iters")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -317,8 +370,13 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         lr = optimizer.param_groups[0]["lr"]
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{value:.4g}", img_s=f"{rate:.2f}", lr=f"{lr:.2e}")
-        if log is not None and (it % log_freq == 0 or it == len(loader) - 1):
-            log.write(kind="iter", epoch=epoch, iter=it, loss=value, terms=terms, lr=lr, images_per_s=round(rate, 3))
+        if it % log_freq == 0 or it == len(loader) - 1:
+            if log is not None:
+                log.write(kind="iter", epoch=epoch, iter=it, loss=value, terms=terms, lr=lr,
+                          images_per_s=round(rate, 3))
+            if getattr(bar, "disable", True):  # no live progress bar (off, or not a terminal): print a line
+                print(f"hnd-train: epoch {epoch} iter {it}/{len(loader)} loss {value:.4g} lr {lr:.2e} "
+                      f"{rate:.2f} img/s", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
     return {"loss": total / max(len(loader), 1), "images": n_images, "seconds": seconds,
             "lr": optimizer.param_groups[0]["lr"]}
@@ -395,7 +453,9 @@ def train(config: str | os.PathLike | Any, options: TrainOptions | None = None) 
     _, train_ann, _ = split_paths(cfg.dataset, "train")
     all_ids = sorted(load_coco(train_ann).imgs)
     train_ids, hold_ids = holdout_split(all_ids, tcfg.holdout_fraction, tcfg.seed)
-    train_set = build_dataset(cfg.dataset, "train", cfg.model.kind, train=True, seed=tcfg.seed, ids=train_ids)
+    # Distillation needs only the images: skip decoding masks.
+    train_set = build_dataset(cfg.dataset, "train", cfg.model.kind, train=True, seed=tcfg.seed, ids=train_ids,
+                              masks=False if method in DISTILL_METHODS else None)
     train_loader = make_loader(train_set, tcfg.batch_size, workers, train=True,
                                aspect_ratio_group_factor=cfg.dataset.aspect_ratio_group_factor, seed=tcfg.seed)
     hold_loader = None
@@ -416,8 +476,13 @@ def train(config: str | os.PathLike | Any, options: TrainOptions | None = None) 
     else:
         model = build_model_from_config(cfg.model, cfg.path)
         layers = []
+    if options.train_bn:
+        if method != "supervised":
+            raise HndError("--train-bn", "is for supervised training; distillation keeps the teacher's norms frozen")
+        unfreeze_batchnorm(model)
     model.to(device)
-    params = [p for n, p in model.named_parameters() if n in set(freeze_except(model, tcfg.trainable))]
+    trainable_names = set(freeze_except(model, tcfg.trainable))
+    params = [p for n, p in model.named_parameters() if n in trainable_names]
     optimizer = make_optimizer(params, tcfg.optimizer)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, tcfg.scheduler.milestones, tcfg.scheduler.gamma)
     higher_is_better = select_by != "loss"
@@ -430,9 +495,11 @@ def train(config: str | os.PathLike | Any, options: TrainOptions | None = None) 
         if not last_path.is_file():
             raise HndError(last_path, "nothing to resume (no checkpoint from an earlier run)")
         state = load_checkpoint(last_path, model)
-        if state.get("method") != method or state.get("select_by") != select_by:
+        if (state.get("method"), state.get("select_by"), state.get("train_bn", False)) != \
+                (method, select_by, options.train_bn):
             raise HndError(last_path, f"was written by a {state.get('method')} run selecting by "
-                                      f"{state.get('select_by')}, not {method} / {select_by}")
+                                      f"{state.get('select_by')} (train_bn {state.get('train_bn', False)}), "
+                                      f"not {method} / {select_by} (train_bn {options.train_bn})")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])
         _set_rng_state(state["rng"])
@@ -465,14 +532,16 @@ def train(config: str | os.PathLike | Any, options: TrainOptions | None = None) 
         improved = value > best_value if higher_is_better else value < best_value
         if improved:
             best_value, best_epoch = value, epoch
-            save_checkpoint(best_path, model, epoch=epoch, best_value=float(value), select_by=select_by,
-                            method=method, config=dataclasses.asdict(cfg))
+            save_checkpoint(best_path, fold_batchnorm(model) if options.train_bn else model, epoch=epoch,
+                            best_value=float(value), select_by=select_by, method=method,
+                            config=dataclasses.asdict(cfg))
         record.update(best_epoch=best_epoch, best_value=best_value)
         history.append(record)
         log.write(kind="epoch", **record)
         save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
                         epoch=epoch, best_value=float(best_value), best_epoch=best_epoch, select_by=select_by,
-                        method=method, config=dataclasses.asdict(cfg), rng=_rng_state(), history=history)
+                        method=method, config=dataclasses.asdict(cfg), rng=_rng_state(), history=history,
+                        train_bn=options.train_bn)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
         print(f"hnd-train: {json.dumps(shown)}", file=sys.stderr)
     return {"best_value": best_value, "best_epoch": best_epoch, "select_by": select_by, "best": str(best_path),
@@ -493,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="checkpoints and log.jsonl (default resource/train/<config name>)")
     p.add_argument("--select-by", choices=["bbox", "loss", "last"], default="bbox",
                    help="model selection on the held-out split: bbox AP (default), distillation loss, or last epoch")
+    p.add_argument("--train-bn", action="store_true",
+                   help="supervised from scratch: train the backbone's (otherwise frozen) batch norms; "
+                        "best.pt folds them back into FrozenBatchNorm2d")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -509,7 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise HndError("--epochs", "must be >= 1")
         summary = train(args.config, TrainOptions(output_dir=args.output_dir, device=args.device,
                                                   workers=args.workers, epochs=args.epochs, resume=args.resume,
-                                                  select_by=args.select_by, progress=not args.no_progress))
+                                                  select_by=args.select_by, progress=not args.no_progress,
+                                                  train_bn=args.train_bn))
     except (HndError, ConfigError, CheckpointError) as exc:
         print(f"hnd-train: error: {exc}", file=sys.stderr)
         return 2
