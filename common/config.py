@@ -118,7 +118,7 @@ class RuntimeConfig:
     port: int = 50051
     max_message_bytes: int = 32 * 1024 * 1024
     max_batch: int = 8
-    max_delay_ms: float = 5.0
+    max_delay_ms: float = 0.0
     max_queue: int = 64
     max_inflight: int = 4
     deadline_s: float = 30.0

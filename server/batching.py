@@ -51,7 +51,7 @@ class Batcher:
         self,
         compute: Callable[[list[Any]], list[Any]],
         max_batch: int = 8,
-        max_delay_ms: float = 5.0,
+        max_delay_ms: float = 0.0,
         max_queue: int = 64,
         on_batch: Callable[[int], None] | None = None,
         on_depth: Callable[[int], None] | None = None,

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's runtime.port, 50051)")
     p.add_argument("--max-batch", type=int, default=None, help="images per tail batch")
-    p.add_argument("--max-delay-ms", type=float, default=None, help="how long a batch waits to fill")
+    p.add_argument("--max-delay-ms", type=float, default=None, help="how long a batch waits to fill (default 0: it takes what queued meanwhile)")
     p.add_argument("--max-queue", type=int, default=None, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")

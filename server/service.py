@@ -60,7 +60,7 @@ class ServerLimits:
 @dataclass
 class BatchingOptions:
     max_batch: int = 8
-    max_delay_ms: float = 5.0
+    max_delay_ms: float = 0.0
     max_queue: int = 64
 
 
