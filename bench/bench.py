@@ -5,6 +5,8 @@ local inference, per network link.
     hnd-bench --config hnd/faster_rcnn-b3ch --checkpoint student.pt --images frames/ --frames 20 \\
               --links "wifi=50mbit/5ms,lte=10mbit/40ms,3g=1mbit/100ms" --bits 2,4,8 --granularity tensor,channel
     hnd-bench --quick --out /tmp/bench                        # tiny model, 2 frames: a smoke test (< 1 min)
+    hnd-bench --quick --config test/keypoint_rcnn-b3ch-filter --mixed 4 --filter-threshold 0.5 --out /tmp/bf
+                                                              # the same with the neural filter, mixed frames
 
 The same frames go through every mode, interleaved frame by frame in one process lifetime, so the
 ratios between modes hold on a noisy machine:
@@ -18,6 +20,19 @@ ratios between modes hold on a noisy machine:
   whole model there. Results of "resized" requests refer to the resized frame; boxes are scaled back to the
   original frame before they are compared.
 * ``local``: the whole model on the edge (this process). Its detections are the reference for agreement.
+* ``split ..., with filter``: when the model carries a neural filter (config ``model.filter``), each split
+  setting once more with ``EdgeOptions.filter_threshold`` (the config's threshold or ``--filter-threshold``;
+  ``--no-filter`` leaves these rows out). A frame whose filter probability is below the threshold is not
+  encoded nor sent: 0 bytes on the wire, no server time, and its latency is its edge time (preprocess +
+  stem + filter), with no link cost. Per setting the summary counts frames sent / filtered, and gives bytes
+  per frame and latency over all frames (what the link carries on average) and over the sent frames only.
+  Each setting's request count as the server's ``hnd_requests_total`` saw it is in ``server_requests``.
+
+Frames: scikit-image's photos (default), ``--images``, ``--video``, or ``--mixed N``: N synthetic frames
+(``hnd.train.synthetic``, the generator the filter is trained on) of which ``--empty-fraction`` (default
+0.5) are empty scenes, the textured background without objects; the rest hold shapes (stick figures for
+keypoint models). Each frame's label (objects or empty, by the filter's training rule) goes into the
+results, so the filtered rows say how many frames with objects and how many empty ones were dropped.
 
 Each side gets half the cores (``--threads``), as two machines would. Requests go one at a time
 (``max_inflight=1``) and the server does not wait to fill batches (``--max-delay-ms 0``): this measures
@@ -36,7 +51,8 @@ Deterministic, applied per frame to the sizes of that frame's actual messages::
 * ``bandwidth``: the link's rate, the same in both directions; ``rtt_ms``: one round trip.
 * ``server_ms``: the server's own stages as it reports them: decode + queue + compute + encode.
 * ``loopback_ms``: ``network_server - server_ms``, what gRPC and the loopback cost in the measured run.
-* ``local`` has no link: ``latency_ms = edge_ms``.
+* ``local`` has no link: ``latency_ms = edge_ms``; nor has a frame the neural filter dropped (its edge_ms is
+  preprocess + stem + filter).
 
 Compute noise: whatever the codec setting, a mode runs the same network on the same frame, so between
 its settings that time differs only by machine noise (+-40 % on a shared 2-core machine). The model
@@ -52,7 +68,8 @@ both re-executed inside it and still could not add delay (no netem on this kerne
 dominates every figure here; the model is exact for what it states and cheap to sweep.
 
 Outputs in ``--out``: ``results.md``, ``results.json`` (with a machine header), ``bytes_per_frame.png`` and
-``latency_vs_bandwidth.png`` (bandwidth sweep at a fixed RTT, crossover points marked).
+``latency_vs_bandwidth.png`` (bandwidth sweep at a fixed RTT, crossover points marked; the per-mode "best"
+curves leave the filter settings out), and the ``--mixed`` frames in ``mixed-frames/``.
 """
 from __future__ import annotations
 
@@ -62,7 +79,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +100,7 @@ from hnd.edge.pipeline import EdgeOptions, EdgeRunner, to_tensor
 
 from hnd.bench.linkmodel import (CROSSOVER_MBIT, FORMULA, SWEEP_MBIT, Link, crossovers, link_latency_ms, parse_links,
                                  transfer_ms)
-from hnd.bench.report import machine_info, plot_bytes, plot_latency, render_markdown
+from hnd.bench.report import FILTER_SUFFIX, machine_info, plot_bytes, plot_latency, render_markdown
 
 PROG = "hnd-bench"
 DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
@@ -95,6 +112,8 @@ QUICK_FRAMES = 2
 QUICK_BITS = (8, 4)
 OUTPUTS = ("results.md", "results.json", "bytes_per_frame.png", "latency_vs_bandwidth.png")
 FLOAT_BITS = (16, 32)  # codec modes where granularity means nothing
+MIXED_SIZE = (320, 240)  # (width, height) of --mixed frames
+MIXED_SEED = 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,6 +132,11 @@ class Setting:
     @property
     def key(self) -> str:
         return f"{self.mode}: {self.name}"
+
+    @property
+    def filtered(self) -> bool:
+        """True for the settings that run the neural filter before sending."""
+        return self.options.filter_threshold is not None
 
 
 def split_settings(bits: list[int], granularities: list[str] | None, base: EdgeOptions) -> list[Setting]:
@@ -143,9 +167,19 @@ def offload_settings(base: EdgeOptions) -> list[Setting]:
     return out
 
 
-def all_settings(bits: list[int], granularities: list[str] | None, base: EdgeOptions) -> list[Setting]:
+def filter_settings(split: list[Setting], threshold: float) -> list[Setting]:
+    """Each split setting once more with the neural filter at ``threshold`` ("..., with filter")."""
+    return [Setting("split", s.name + FILTER_SUFFIX, dataclasses.replace(s.options, filter_threshold=threshold))
+            for s in split]
+
+
+def all_settings(bits: list[int], granularities: list[str] | None, base: EdgeOptions,
+                 filter_threshold: float | None = None) -> list[Setting]:
+    """split settings, their filtered twins (when ``filter_threshold`` is set), offload, local."""
     local = Setting("local", "whole model on the edge", dataclasses.replace(base, mode="local"))
-    return split_settings(bits, granularities, base) + offload_settings(base) + [local]
+    split = split_settings(bits, granularities, base)
+    filtered = filter_settings(split, filter_threshold) if filter_threshold is not None else []
+    return split + filtered + offload_settings(base) + [local]
 
 
 @dataclass
@@ -171,20 +205,28 @@ class Sample:
     edge_ms: float = 0.0
     server_ms: float = 0.0
     f1: float | None = None
+    filtered: bool | None = None  # None: no filter ran; True: the filter dropped the frame (nothing sent)
+    filter_probability: float | None = None
+    filter_ms_raw: float = 0.0  # the filter's share of edge_ms_raw
 
     def __post_init__(self) -> None:
         self.edge_ms = self.edge_ms or self.edge_ms_raw
         self.server_ms = self.server_ms or self.server_ms_raw
 
     def latency_ms(self, link: Link, local: bool, raw: bool = False) -> float:
+        """Modeled end-to-end latency over ``link``; the edge time alone for local mode and dropped frames."""
         edge, server = (self.edge_ms_raw, self.server_ms_raw) if raw else (self.edge_ms, self.server_ms)
-        if local:
+        if local or self.filtered:
             return edge
         return link_latency_ms(edge, self.request_bytes, self.response_bytes, server, self.loopback_ms, link)
 
 
 def sample_from_record(record: dict[str, Any], frame: int, raw_bytes: int, extra_edge_ms: float) -> Sample:
-    """A Sample from an EdgeRunner record (the same record hnd-edge writes)."""
+    """A Sample from an EdgeRunner record (the same record hnd-edge writes).
+
+    A frame the neural filter dropped (``filtered: true``) has 0 bytes, no server times and no response:
+    its edge time is preprocess + stem (its ``ms.head``) + filter, and that is its whole latency.
+    """
     if record["status"] != "OK":
         raise EdgeError(f"frame {frame} ({record['source']}): {record['status']}: {record.get('error', '')}")
     ms = record["ms"]
@@ -195,11 +237,14 @@ def sample_from_record(record: dict[str, Any], frame: int, raw_bytes: int, extra
         frame=frame, source=record["source"], raw_bytes=raw_bytes,
         request_bytes=record["bytes"]["message"], payload_bytes=record["bytes"]["payload"],
         response_bytes=record["bytes"].get("response", 0),
-        edge_ms_raw=ms.get("preprocess", 0.0) + ms.get("head", 0.0) + ms.get("encode", 0.0) + extra_edge_ms,
+        edge_ms_raw=ms.get("preprocess", 0.0) + ms.get("head", 0.0) + ms.get("filter", 0.0) + ms.get("encode", 0.0)
+        + extra_edge_ms,
         edge_model_ms_raw=ms.get("head", 0.0),
         server_ms_raw=server_ms, server_compute_ms_raw=server.get("compute", 0.0),
         loopback_ms=max(0.0, network - server_ms) if server else 0.0,
         measured_total_ms=ms["total"] + extra_edge_ms,
+        filtered=record.get("filtered"), filter_probability=record.get("filter_probability"),
+        filter_ms_raw=ms.get("filter", 0.0),
     )
 
 
@@ -212,15 +257,29 @@ def pool_compute(settings: list[Setting], samples: dict[str, list[Sample]]) -> N
     study. Pooling keeps the settings' real differences (codec / image encode and decode, bytes) and drops
     that noise, and a per-mode "best setting" no longer picks whichever run was lucky. Raw times stay in
     ``*_raw``.
+
+    With the neural filter the same holds per kind of work: the head (stem + encoder) of every run that
+    encoded the frame, the stem alone of the runs whose filter dropped it, the filter of every run that ran
+    it, and the tail of every run the server computed. A dropped frame has no server time.
     """
+    def median(values: list[float]) -> float:
+        return float(np.median(values)) if values else 0.0
+
     for mode in ("split", "offload", "local"):
         runs = [samples[s.key] for s in settings if s.mode == mode]
         for per_frame in zip(*runs):
-            edge_model = float(np.median([x.edge_model_ms_raw for x in per_frame]))
-            server_compute = float(np.median([x.server_compute_ms_raw for x in per_frame]))
+            kept = [x for x in per_frame if not x.filtered]
+            dropped = [x for x in per_frame if x.filtered]
+            head = median([x.edge_model_ms_raw for x in kept])
+            stem = median([x.edge_model_ms_raw for x in dropped])
+            filt = median([x.filter_ms_raw for x in per_frame if x.filtered is not None])
+            server_compute = median([x.server_compute_ms_raw for x in kept])
             for x in per_frame:
-                x.edge_ms = x.edge_ms_raw - x.edge_model_ms_raw + edge_model
-                x.server_ms = x.server_ms_raw - x.server_compute_ms_raw + server_compute
+                edge = x.edge_ms_raw - x.edge_model_ms_raw + (stem if x.filtered else head)
+                if x.filtered is not None:
+                    edge += filt - x.filter_ms_raw
+                x.edge_ms = edge
+                x.server_ms = 0.0 if x.filtered else x.server_ms_raw - x.server_compute_ms_raw + server_compute
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,6 +304,39 @@ def load_frames(images: str | None, video: str | None, count: int) -> tuple[list
     if not frames:
         raise SourceError(f"{images or video}: no frames")
     return frames, names
+
+
+def mixed_frames(count: int, kind: str, folder: Path, empty_fraction: float = 0.5,
+                 size: tuple[int, int] = MIXED_SIZE, seed: int = MIXED_SEED
+                 ) -> tuple[list[np.ndarray], list[str], list[bool]]:
+    """``count`` synthetic frames, ``round(empty_fraction * count)`` of them empty scenes, in a seeded order.
+
+    Written by ``hnd.train.synthetic.make_synthetic_coco`` (the val split) into ``folder`` and read back, so
+    they are the JPEGs a filter trained on that generator sees. Frames with objects hold shapes, or stick
+    figures for a keypoint model; an empty scene is the same kind of textured background without them.
+    Returns (frames, names, labels): label True when the frame holds something to detect by the filter's
+    training rule (``hnd.train.filter.filter_label``).
+    """
+    from PIL import Image
+
+    from hnd.train.filter import filter_label
+    from hnd.train.synthetic import make_synthetic_coco
+
+    keypoints = kind == "keypoint_rcnn"
+    written = make_synthetic_coco(folder, images=0, val_images=count, size=size,
+                                  kind="keypoints" if keypoints else "detection", seed=seed,
+                                  empty_fraction=empty_fraction)["val"]
+    doc = json.loads(Path(written["annotations"]).read_text())
+    anns: dict[int, list[dict]] = {}
+    for a in doc["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    frames, names, labels = [], [], []
+    for info in doc["images"]:
+        with Image.open(Path(written["images"]) / info["file_name"]) as img:
+            frames.append(np.array(img.convert("RGB")))  # a writable copy (torch.from_numpy warns otherwise)
+        names.append(info["file_name"])
+        labels.append(bool(filter_label(anns.get(info["id"], []), keypoints)))
+    return frames, names, labels
 
 
 @torch.inference_mode()
@@ -301,25 +393,52 @@ def scale_boxes(dets: dict[str, torch.Tensor], from_hw: tuple[int, int],
 # The server
 
 
+REQUESTS_METRIC = "hnd_requests_total"
+REQUESTS_LABELS = {"method": "Infer", "code": "OK"}
+
+
+def _scrape_requests(metrics_url: str) -> float:
+    """hnd_requests_total{method="Infer",code="OK"} from a server's Prometheus endpoint (0 before the first)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:  # noqa: S310 - loopback
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == REQUESTS_METRIC and sample.labels == REQUESTS_LABELS:
+                return float(sample.value)
+    return 0.0
+
+
 @contextlib.contextmanager
 def serving(config_path: str, weights: list[str], model: torch.nn.Module, in_process: bool,
-            threads: int) -> Iterator[tuple[str, str]]:
-    """A real hnd-server on loopback; yields (HOST:PORT, description)."""
+            threads: int) -> Iterator[tuple[str, str, Callable[[], float]]]:
+    """A real hnd-server on loopback; yields (HOST:PORT, description, answered()).
+
+    ``answered()`` reads the server's own count of answered Infer requests (``hnd_requests_total``), so the
+    bench can check how many requests each setting really sent.
+    """
     if in_process:
         from hnd.server.app import BackgroundServer, ServerSettings
         from hnd.server.service import BatchingOptions, ModelRunner
 
         settings = ServerSettings(port=0, batching=BatchingOptions(max_delay_ms=0.0))
         with BackgroundServer(ModelRunner(model, torch.device("cpu")), settings) as server:
-            yield f"127.0.0.1:{server.port}", "in-process BackgroundServer (shares this process's threads)"
+            registry = server.service.metrics.registry
+            yield (f"127.0.0.1:{server.port}", "in-process BackgroundServer (shares this process's threads)",
+                   lambda: registry.get_sample_value(REQUESTS_METRIC, REQUESTS_LABELS) or 0.0)
         return
     from hnd.edge.demo import free_port, start_server_process, stop_server_process
 
-    port = free_port()
-    extra = ["--log-level", "WARNING", "--threads", str(threads), "--max-delay-ms", "0", "--device", "cpu"]
+    port, metrics_port = free_port(), free_port()
+    extra = ["--log-level", "WARNING", "--threads", str(threads), "--max-delay-ms", "0", "--device", "cpu",
+             "--metrics-port", str(metrics_port)]
     proc = start_server_process(config_path, port, weights, extra)
     try:
-        yield f"127.0.0.1:{port}", f"hnd-server subprocess, {threads} torch thread(s), --max-delay-ms 0"
+        yield (f"127.0.0.1:{port}", f"hnd-server subprocess, {threads} torch thread(s), --max-delay-ms 0",
+               lambda: _scrape_requests(f"http://127.0.0.1:{metrics_port}/metrics"))
     finally:
         stop_server_process(proc)
 
@@ -348,6 +467,10 @@ class BenchOptions:
     in_process: bool = False
     threads: int | None = None  # per side; default half the cores
     progress: bool = True
+    mixed: int | None = None  # N synthetic frames, some empty (instead of images / video / photos)
+    empty_fraction: float = 0.5  # share of the --mixed frames that are empty scenes
+    filter_threshold: float | None = None  # default: the config's model.filter.threshold
+    no_filter: bool = False  # leave out the "with filter" rows even when the model has a filter
 
 
 @dataclass
@@ -366,6 +489,7 @@ class Plan:
     agreement_score: float
     in_process: bool
     threads: int
+    filter: dict[str, Any] | None = None  # threshold, where it came from, what the filter's weights are
 
 
 def plan(o: BenchOptions, out: Path) -> Plan:
@@ -384,6 +508,38 @@ def plan(o: BenchOptions, out: Path) -> Plan:
     if random and model_cfg.random_weights is None:
         raise ConfigError(f"{cfg.path}: the model has no weights: pass --checkpoint or --random-weights SEED")
     data = yaml.safe_load(Path(resolve_config_path(config)).read_text())
+    flt = model_cfg.filter
+    if o.filter_threshold is not None:
+        if flt is None:
+            raise ConfigError(f"--filter-threshold: {cfg.path} has no neural filter (add a model.filter section)")
+        if o.no_filter:
+            raise ConfigError("--filter-threshold and --no-filter contradict each other")
+        if not 0.0 <= o.filter_threshold <= 1.0:
+            raise ValueError(f"--filter-threshold must be a probability in [0, 1], got {o.filter_threshold}")
+    filter_info = None
+    if flt is not None and not o.no_filter:
+        if flt.checkpoint is not None:
+            # The server subprocess reads the derived config from the output folder: an absolute path.
+            data["model"]["filter"]["checkpoint"] = str(Path(flt.checkpoint).resolve())
+            weights_text, trained = f"trained, from {flt.checkpoint}", True
+        elif not random:
+            weights_text, trained = "from the model checkpoint", True
+        else:
+            weights_text, trained = f"seeded random (seed {model_cfg.random_weights}), like the detector", False
+        threshold = o.filter_threshold if o.filter_threshold is not None else flt.threshold
+        filter_info = {"threshold": threshold,
+                       "threshold_from": "--filter-threshold" if o.filter_threshold is not None else "the config",
+                       "weights": weights_text, "trained": trained}
+        if trained:
+            notes.append(f"Neural filter at threshold {threshold:g} ({filter_info['threshold_from']}), weights "
+                         f"{weights_text}: its decisions are a trained classifier's; bytes and time of the "
+                         "dropped frames are real." + (" The detector's weights are random, so detections "
+                                                        "of the sent frames are not." if random else ""))
+        else:
+            notes.append(f"Neural filter at threshold {threshold:g} ({filter_info['threshold_from']}) with random "
+                         "weights: which frames it drops says nothing about what they show. The filter rows "
+                         "measure the mechanics: what a dropped frame costs (bytes, edge time) and what the "
+                         "averages become at that drop rate.")
     if random:
         notes.append(f"Random weights (seed {model_cfg.random_weights}): bytes and latency are real, detections "
                      "are not; agreement only measures how much quantization moves the outputs, with the score "
@@ -401,21 +557,24 @@ def plan(o: BenchOptions, out: Path) -> Plan:
     half = max(1, (os.cpu_count() or 2) // 2)
     return Plan(
         config=config, config_path=str(derived), model=model_cfg, weights=weights, random=random, notes=notes,
-        links=links,        frames=o.frames or (QUICK_FRAMES if o.quick else DEFAULT_FRAMES),
+        links=links, frames=o.mixed or o.frames or (QUICK_FRAMES if o.quick else DEFAULT_FRAMES),
         bits=list(QUICK_BITS) if o.quick else o.bits,
         agreement_score=o.agreement_score if o.agreement_score is not None else (0.0 if random else 0.5),
-        in_process=o.in_process or o.quick, threads=o.threads or half,
+        in_process=o.in_process or o.quick, threads=o.threads or half, filter=filter_info,
     )
 
 
-Measured = tuple[dict[str, list[Sample]], dict[str, list[dict]], dict[str, list[dict[str, torch.Tensor]]]]
+Measured = tuple[dict[str, list[Sample]], dict[str, list[dict]], dict[str, list[dict[str, torch.Tensor]]],
+                 dict[str, int]]
 
 
 def measure(settings: list[Setting], frames: list[np.ndarray], names: list[str], model: torch.nn.Module,
-            fp: str, client: SplitClient, progress: bool) -> Measured:
+            fp: str, client: SplitClient, progress: bool, answered: Callable[[], float] | None = None) -> Measured:
     """Every frame through every setting, frame by frame (settings interleaved, so drift hits all alike).
 
-    Returns per setting key its Samples, the EdgeRunner records and the detections (original frame coordinates).
+    Returns per setting key its Samples, the EdgeRunner records, the detections (original frame coordinates)
+    and the requests the server answered for it (its ``hnd_requests_total`` before and after each run; empty
+    without ``answered``).
     """
     from tqdm import tqdm
 
@@ -424,6 +583,7 @@ def measure(settings: list[Setting], frames: list[np.ndarray], names: list[str],
     samples: dict[str, list[Sample]] = {s.key: [] for s in settings}
     records: dict[str, list[dict]] = {s.key: [] for s in settings}
     detections: dict[str, list[dict[str, torch.Tensor]]] = {s.key: [] for s in settings}
+    requests: dict[str, int] = {s.key: 0 for s in settings} if answered is not None else {}
     bar = tqdm(total=len(frames) * len(settings), desc=PROG, unit="run", disable=not progress)
     try:
         step = max(1, len(settings) // len(frames))
@@ -438,7 +598,10 @@ def measure(settings: list[Setting], frames: list[np.ndarray], names: list[str],
                     extra_ms = ms_since(t)
                 runner = runners[s.key]
                 got: list[dict] = []
+                before = answered() if answered is not None else 0.0
                 runner.run(ArrayFrames([sent], [name]), on_record=lambda r, f: got.append(r))
+                if answered is not None:
+                    requests[s.key] += int(round(answered() - before))
                 record = got[0]
                 dets = runner.last_detections[0]
                 if s.resized:
@@ -450,7 +613,7 @@ def measure(settings: list[Setting], frames: list[np.ndarray], names: list[str],
                 bar.update(1)
     finally:
         bar.close()
-    return samples, records, detections
+    return samples, records, detections, requests
 
 
 def add_agreement(settings: list[Setting], samples: dict[str, list[Sample]],
@@ -474,11 +637,23 @@ def _stats(values: list[float]) -> dict[str, float]:
     return percentiles(values, (50, 95))
 
 
-def summarize(setting: Setting, samples: list[Sample], links: list[Link]) -> dict[str, Any]:
-    """Per-setting figures: sizes, ratios, times, agreement, and latency per link."""
+def _stats_or_none(values: list[float]) -> dict[str, float] | None:
+    return _stats(values) if values else None
+
+
+def summarize(setting: Setting, samples: list[Sample], links: list[Link], labels: list[bool] | None = None,
+              server_requests: int | None = None) -> dict[str, Any]:
+    """Per-setting figures: sizes, ratios, times, agreement, and latency per link.
+
+    Bytes, edge times and latencies are over all frames (a frame the filter dropped counts with 0 bytes and
+    its edge time as latency): what the link carries and what a frame costs on average. ``sent_only`` gives
+    the same over the frames that went to the server; server times are over those frames. ``filter`` (filter
+    settings only) counts what the filter dropped, by label when the frames have one (``labels``).
+    """
     local = setting.mode == "local"
     o = setting.options
     request = [s.request_bytes for s in samples]
+    sent = [s for s in samples if not s.filtered] if not local else []
     row: dict[str, Any] = {
         "mode": setting.mode, "setting": setting.name,
         "options": {"bits": o.bits, "granularity": o.granularity, "compression": o.compression, "level": o.level}
@@ -492,19 +667,51 @@ def summarize(setting: Setting, samples: list[Sample], links: list[Link]) -> dic
         # Ratio of totals: raw H*W*3 bytes of the original frames over the request bytes sent for them.
         "compression_ratio": (sum(s.raw_bytes for s in samples) / sum(request)) if sum(request) else None,
         "edge_ms": _stats([s.edge_ms for s in samples]),
-        "server_ms": _stats([s.server_ms for s in samples]) if not local else None,
+        "server_ms": _stats_or_none([s.server_ms for s in sent]),
         "edge_ms_raw": _stats([s.edge_ms_raw for s in samples]),
-        "server_ms_raw": _stats([s.server_ms_raw for s in samples]) if not local else None,
-        "server_compute_ms_raw": _stats([s.server_compute_ms_raw for s in samples]) if not local else None,
-        "loopback_ms": _stats([s.loopback_ms for s in samples]) if not local else None,
+        "server_ms_raw": _stats_or_none([s.server_ms_raw for s in sent]),
+        "server_compute_ms_raw": _stats_or_none([s.server_compute_ms_raw for s in sent]),
+        "loopback_ms": _stats_or_none([s.loopback_ms for s in sent]),
         "measured_total_ms": _stats([s.measured_total_ms for s in samples]),
         "agreement_f1": float(np.mean([s.f1 for s in samples])) if samples and samples[0].f1 is not None else None,
         "latency_ms": {link.name: _stats([s.latency_ms(link, local) for s in samples]) for link in links},
         "latency_raw_ms": {link.name: _stats([s.latency_ms(link, local, raw=True) for s in samples])
                            for link in links},
+        "frames_total": len(samples),
+        "frames_sent": len(sent),
+        "frames_filtered": sum(1 for s in samples if s.filtered),
+        "server_requests": server_requests,  # as the server counted them (hnd_requests_total)
+        "sent_only": None if local else {
+            "frames": len(sent),
+            "request_bytes": _stats_or_none([s.request_bytes for s in sent]),
+            "payload_bytes": _stats_or_none([s.payload_bytes for s in sent]),
+            "edge_ms": _stats_or_none([s.edge_ms for s in sent]),
+            "latency_ms": {link.name: _stats_or_none([s.latency_ms(link, local) for s in sent]) for link in links},
+        },
+        "filter": filter_summary(setting, samples, labels) if setting.filtered else None,
         "frames": [dataclasses.asdict(s) for s in samples],
     }
     return row
+
+
+def filter_summary(setting: Setting, samples: list[Sample], labels: list[bool] | None) -> dict[str, Any]:
+    """What the filter did in one setting: frames sent / dropped (by label when known), its probabilities,
+    and the edge time of a dropped frame (preprocess + stem + filter: its whole latency)."""
+    dropped = [s for s in samples if s.filtered]
+    out: dict[str, Any] = {
+        "threshold": setting.options.filter_threshold,
+        "sent": len(samples) - len(dropped), "filtered": len(dropped),
+        "filtered_share": len(dropped) / len(samples) if samples else 0.0,
+        "probability": [s.filter_probability for s in samples],
+        "filtered_edge_ms": _stats_or_none([s.edge_ms for s in dropped]),
+        "filter_ms_raw": _stats([s.filter_ms_raw for s in samples]),
+    }
+    if labels is not None:
+        for name, want in (("with_objects", True), ("empty", False)):
+            mine = [s for s, label in zip(samples, labels) if label == want]
+            out[name] = {"frames": len(mine), "sent": sum(1 for s in mine if not s.filtered),
+                         "filtered": sum(1 for s in mine if s.filtered)}
+    return out
 
 
 def sweep_p50(samples: list[Sample], local: bool, mbits: np.ndarray, rtt_ms: float) -> np.ndarray:
@@ -514,7 +721,9 @@ def sweep_p50(samples: list[Sample], local: bool, mbits: np.ndarray, rtt_ms: flo
 
 
 def wire_p50(samples: list[Sample], mbits: np.ndarray, rtt_ms: float) -> np.ndarray:
-    """p50 over frames of the link's share alone (serialization both ways + RTT) at each bandwidth."""
+    """p50 over frames of the link's share alone (serialization both ways + RTT) at each bandwidth.
+
+    For settings without the filter (a sent frame's link share is the same with it)."""
     lat = np.array([[transfer_ms(s.request_bytes + s.response_bytes, float(b)) + rtt_ms for b in mbits]
                     for s in samples])
     return np.median(lat, axis=0)
@@ -522,11 +731,14 @@ def wire_p50(samples: list[Sample], mbits: np.ndarray, rtt_ms: float) -> np.ndar
 
 def envelopes(settings: list[Setting], samples: dict[str, list[Sample]], mbits: np.ndarray,
               rtt_ms: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per-setting sweep curves, and per mode the best (lowest) of its settings at each bandwidth."""
+    """Per-setting sweep curves, and per mode the best (lowest) of its settings at each bandwidth.
+
+    The best-of-mode envelopes leave the filter settings out: they answer dropped frames with nothing.
+    """
     curves = {s.key: sweep_p50(samples[s.key], s.mode == "local", mbits, rtt_ms) for s in settings}
     best: dict[str, np.ndarray] = {}
     for mode in ("split", "offload", "local"):
-        mine = [curves[s.key] for s in settings if s.mode == mode]
+        mine = [curves[s.key] for s in settings if s.mode == mode and not s.filtered]
         if mine:
             best[mode if mode == "local" else f"best {mode}"] = np.min(mine, axis=0)
     return curves, best
@@ -544,25 +756,30 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     load_before = [round(v, 2) for v in os.getloadavg()]
     for note in p.notes:
         print(f"{PROG}: {note}", file=sys.stderr)
-    frames, names = load_frames(o.images, o.video, p.frames)
     cfg = load_config(p.config_path)
     rt = cfg.runtime
     model = build_model_from_config(p.model, cfg.path)
     fp = fingerprint(model)
+    labels: list[bool] | None = None
+    if o.mixed:
+        frames, names, labels = mixed_frames(p.frames, p.model.kind, out / "mixed-frames", o.empty_fraction)
+    else:
+        frames, names = load_frames(o.images, o.video, p.frames)
     base = EdgeOptions(compression=rt.compression, level=rt.level, max_inflight=1, keep_detections=False)
-    settings = all_settings(p.bits, o.granularities, base)
+    settings = all_settings(p.bits, o.granularities, base, p.filter["threshold"] if p.filter else None)
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(p.threads)  # the edge's half of the machine
     try:
-        with serving(p.config_path, p.weights, model, p.in_process, p.threads) as (target, server_desc):
+        with serving(p.config_path, p.weights, model, p.in_process, p.threads) as (target, server_desc, answered):
             client = SplitClient(ClientSettings(target=target, max_message_bytes=rt.max_message_bytes,
                                                 timeout_s=max(rt.deadline_s, 600.0)))
             try:
                 info = client.model_info()
                 if info.weights_fingerprint != fp:
                     raise EdgeError(f"weights fingerprint mismatch: edge {fp}, server {info.weights_fingerprint}")
-                samples, records, detections = measure(settings, frames, names, model, fp, client, o.progress)
+                samples, records, detections, requests = measure(settings, frames, names, model, fp, client,
+                                                                 o.progress, answered)
             finally:
                 client.close()
     finally:
@@ -570,7 +787,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     reference_counts = add_agreement(settings, samples, detections, p.agreement_score)
     pool_compute(settings, samples)
 
-    rows = [summarize(s, samples[s.key], p.links) for s in settings]
+    rows = [summarize(s, samples[s.key], p.links, labels, requests.get(s.key)) for s in settings]
     mbits = np.geomspace(*CROSSOVER_MBIT, 2000)
     curves, best = envelopes(settings, samples, mbits, o.sweep_rtt_ms)
     marks = crossovers(best, mbits)
@@ -584,7 +801,12 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
             "agreement_score": p.agreement_score, "agreement_iou": 0.5,
             "reference_detections": reference_counts,
             "links": [dataclasses.asdict(link) for link in p.links],
-            "frames": [{"name": n, "height": int(f.shape[0]), "width": int(f.shape[1])} for f, n in zip(frames, names)],
+            "frames": [{"name": n, "height": int(f.shape[0]), "width": int(f.shape[1]),
+                        **({"objects": labels[i]} if labels is not None else {})}
+                       for i, (f, n) in enumerate(zip(frames, names))],
+            "mixed": {"frames": p.frames, "empty_fraction": o.empty_fraction, "size": list(MIXED_SIZE),
+                      "seed": MIXED_SEED, "folder": str(out / "mixed-frames")} if o.mixed else None,
+            "filter": p.filter,
             "settings": [s.key for s in settings],
         },
         "results": rows,
@@ -601,7 +823,8 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     atomic_write_text(out / "results.json", json.dumps(result, indent=1))
     atomic_write_text(out / "results.md", render_markdown(result))
     plot_bytes(rows, out / "bytes_per_frame.png")
-    wire = {s.key: wire_p50(samples[s.key], mbits[shown], o.sweep_rtt_ms) for s in settings if s.mode != "local"}
+    wire = {s.key: wire_p50(samples[s.key], mbits[shown], o.sweep_rtt_ms) for s in settings
+            if s.mode != "local" and not s.filtered}
     plot_latency({k: v[shown] for k, v in curves.items()}, {k: v[shown] for k, v in best.items()}, wire, mbits[shown],
                  [c for c in marks if SWEEP_MBIT[0] <= c["mbit"] <= SWEEP_MBIT[1]], o.sweep_rtt_ms,
                  out / "latency_vs_bandwidth.png")
@@ -629,6 +852,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", metavar="DIR_OR_GLOB", help="image folder or glob")
     src.add_argument("--video", metavar="FILE", help="video file (its first --frames frames)")
     src.add_argument("--samples", action="store_true", help="scikit-image's natural photos (the default)")
+    src.add_argument("--mixed", type=int, metavar="N",
+                     help=f"N synthetic {MIXED_SIZE[0]}x{MIXED_SIZE[1]} frames, --empty-fraction of them empty "
+                          "scenes (written to OUT/mixed-frames): shows what the neural filter drops")
+    p.add_argument("--empty-fraction", type=float, default=0.5, help="share of empty --mixed frames (default 0.5)")
+    f = p.add_mutually_exclusive_group()
+    f.add_argument("--filter-threshold", type=float, default=None, metavar="T",
+                   help="neural filter threshold of the 'with filter' rows (default: the config's "
+                        "model.filter.threshold; needs a model.filter section)")
+    f.add_argument("--no-filter", action="store_true", help="no 'with filter' rows even when the model has a filter")
     p.add_argument("--links", default=DEFAULT_LINKS, help=f"NAME=RATE/RTT,... (default {DEFAULT_LINKS!r})")
     p.add_argument("--bits", default=DEFAULT_BITS, help=f"split bits settings (default {DEFAULT_BITS})")
     p.add_argument("--granularity", default=None,
@@ -659,12 +891,20 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         raise ValueError(f"--granularity: expected tensor and/or channel, got {args.granularity!r}")
     if args.frames is not None and args.frames < 1:
         raise ValueError("--frames must be >= 1")
+    if args.mixed is not None and (args.mixed < 1 or args.frames is not None):
+        raise ValueError("--mixed N: N >= 1 frames, and no --frames (N is the frame count)")
+    if not 0.0 <= args.empty_fraction <= 1.0:
+        raise ValueError(f"--empty-fraction must be in [0, 1], got {args.empty_fraction}")
+    if args.filter_threshold is not None and not 0.0 <= args.filter_threshold <= 1.0:
+        raise ValueError(f"--filter-threshold must be a probability in [0, 1], got {args.filter_threshold}")
     parse_links(args.links)  # fail before any model is built
     return BenchOptions(
         config=args.config, checkpoint=args.checkpoint, random_weights=args.random_weights, images=args.images,
         video=args.video, links=args.links, bits=bits, granularities=grans, out=args.out, quick=args.quick,
         frames=args.frames, sweep_rtt_ms=args.sweep_rtt_ms, agreement_score=args.agreement_score,
         in_process=args.in_process, threads=args.threads, progress=not args.no_progress,
+        mixed=args.mixed, empty_fraction=args.empty_fraction, filter_threshold=args.filter_threshold,
+        no_filter=args.no_filter,
     )
 
 

@@ -15,6 +15,8 @@ import torch
 
 from hnd.bench.linkmodel import CROSSOVER_MBIT
 
+FILTER_SUFFIX = ", with filter"  # hnd.bench.bench names a split setting's filtered twin "<setting>, with filter"
+
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, GPU, library versions and the date: enough to know where numbers came from."""
@@ -59,8 +61,15 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['torch']}; "
                  f"{m['date']}; load average {m.get('loadavg_at_start', ['?'])[0]} at the start, "
                  f"{m['loadavg_1_5_15min'][0]} at the end.  ")
-    lines.append(f"Model: `{run['config']}`, weights: {run['weights']}. Frames: "
-                 + ", ".join(f"{f['name']} ({f['width']}x{f['height']})" for f in run["frames"]) + ".  ")
+    if run.get("mixed"):
+        mixed = run["mixed"]
+        objects = sum(1 for f in run["frames"] if f.get("objects"))
+        lines.append(f"Model: `{run['config']}`, weights: {run['weights']}. Frames: {len(run['frames'])} synthetic "
+                     f"{mixed['size'][0]}x{mixed['size'][1]} frames (`--mixed`, seed {mixed['seed']}), {objects} with "
+                     f"objects and {len(run['frames']) - objects} empty scenes, in {mixed['folder']}.  ")
+    else:
+        lines.append(f"Model: `{run['config']}`, weights: {run['weights']}. Frames: "
+                     + ", ".join(f"{f['name']} ({f['width']}x{f['height']})" for f in run["frames"]) + ".  ")
     lines.append(f"Server: {run['server']}; edge: this process, {run['threads']} torch thread(s).  ")
     lines += [f"**{n}**  " for n in run["notes"]]
     f1_label = "F1 vs local" + (" (random weights: not meaningful)" if run["random_weights"] else "")
@@ -72,7 +81,7 @@ def render_markdown(result: dict[str, Any]) -> str:
               "results.json.", ""]
 
     lines += ["## Per setting", "",
-              "| mode | setting | request B/frame mean | p50 | ratio vs raw RGB | response B | edge ms p50 | "
+              "| mode | setting | request B/frame mean (all frames) | p50 | ratio vs raw RGB | response B | edge ms p50 | "
               "server ms p50 | loopback ms p50 | measured e2e ms p50 | " + f1_label + " | "
               + " | ".join(f"{link['name']} p50 ms" for link in links) + " |",
               "|" + "---|" * (11 + len(links))]
@@ -100,6 +109,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{_fmt((r['server_ms'] or {}).get('p50'), '.1f')} | {_fmt(lat['p50'], '.1f')} | "
                 f"{_fmt(lat['p95'], '.1f')} |")
 
+    lines += _filter_section(result)
+
     sweep = result["sweep"]
     lines += ["", f"## Crossovers (bandwidth sweep at RTT {sweep['rtt_ms']:g} ms, p50 latency)", ""]
     if not sweep["crossovers"]:
@@ -120,6 +131,59 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _filter_section(result: dict[str, Any]) -> list[str]:
+    """"With the neural filter": each filtered setting next to the same setting without the filter."""
+    run, rows, links = result["run"], result["results"], result["run"]["links"]
+    filtered = [r for r in rows if r.get("filter")]
+    if not filtered:
+        return []
+    flt = run["filter"]
+    by = {(r["mode"], r["setting"]): r for r in rows}
+    labelled = "with_objects" in filtered[0]["filter"]
+    lines = ["", "## With the neural filter", "",
+             f"Threshold {flt['threshold']:g} ({flt['threshold_from']}); filter weights: {flt['weights']}. A frame "
+             "whose filter probability is below the threshold is not encoded nor sent: 0 bytes, no server time, "
+             "and its latency is its edge time (preprocess + stem + filter), with no link cost. \"all frames\" "
+             "counts those frames (what the link carries on average); \"sent\" only the frames that went to "
+             "the server. Server requests: the server's own count (hnd_requests_total) for that setting.", ""]
+    if not flt["trained"]:
+        lines += ["**The filter has random weights: which frames it drops says nothing about what they show.**", ""]
+    head = ["setting", "frames sent / filtered"]
+    if labelled:
+        head.append("filtered: with objects / empty")
+    head += ["server requests", "request B/frame mean, all frames", "mean, sent frames",
+             "payload B/frame mean, all frames", "edge ms p50 of a filtered frame"]
+    for link in links:
+        head += [f"{link['name']} e2e ms mean / p50 / p95, all frames", f"{link['name']} mean / p50 / p95, sent frames"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pair(stats: dict[str, float] | None) -> str:
+        return "—" if not stats else " / ".join(_fmt(stats[k], ",.1f") for k in ("mean", "p50", "p95"))
+
+    for r in filtered:
+        plain = by.get((r["mode"], r["setting"][:-len(FILTER_SUFFIX)]))
+        for row in ([plain] if plain else []) + [r]:
+            f = row.get("filter")
+            cells = [row["setting"], f"{row['frames_sent']} / {row['frames_filtered']}"]
+            if labelled:
+                cells.append(f"{f['with_objects']['filtered']} / {f['empty']['filtered']}" if f else "—")
+            sent = row["sent_only"]
+            cells += [_fmt(row["server_requests"], "d") if row["server_requests"] is not None else "—",
+                      _fmt(row["request_bytes"]["mean"]), _fmt((sent["request_bytes"] or {}).get("mean")),
+                      _fmt(row["payload_bytes"]["mean"]),
+                      _fmt((f["filtered_edge_ms"] or {}).get("p50"), ".1f") if f else "—"]
+            for link in links:
+                cells += [pair(row["latency_ms"][link["name"]]), pair(sent["latency_ms"][link["name"]])]
+            lines.append("| " + " | ".join(cells) + " |")
+    probs = filtered[0]["filter"]["probability"]
+    frames = run["frames"]
+    lines += ["", "Filter probability per frame (" + ("objects / empty, " if labelled else "")
+              + "< threshold: dropped): " + ", ".join(
+                  f"{fr['name']}" + (f" ({'objects' if fr.get('objects') else 'empty'})" if labelled else "")
+                  + f" {p:.4f}" for fr, p in zip(frames, probs)) + "."]
+    return lines
+
+
 def _ordering(sweep: dict[str, Any], index: int | None = None) -> str:
     """The modes from fastest to slowest at one sweep point (the middle one by default)."""
     i = len(sweep["mbit"]) // 2 if index is None else index
@@ -136,18 +200,22 @@ def plot_bytes(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sent = [r for r in rows if r["mode"] != "local"]
-    colors = {"split": "tab:blue", "offload": "tab:orange"}
+    colors = {"split": "tab:blue", "offload": "tab:orange", "filter": "tab:cyan"}
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(sent) + 1.6), dpi=100)
     y = np.arange(len(sent))
-    ax.barh(y, [r["request_bytes"]["mean"] for r in sent], color=[colors[r["mode"]] for r in sent])
+    ax.barh(y, [r["request_bytes"]["mean"] for r in sent],
+            color=[colors["filter" if r.get("filter") else r["mode"]] for r in sent])
     ax.set_yticks(y, [f"{r['mode']}: {r['setting']}" for r in sent], fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
     raw = rows[0]["raw_rgb_bytes"]["mean"]
     ax.axvline(raw, color="k", ls="--", lw=1)
     ax.text(raw, len(sent) - 0.4, " raw RGB", fontsize=8, va="bottom")
-    ax.set_xlabel("request bytes per frame (mean, log scale)")
-    ax.set_title("Bytes on the wire per frame (local mode sends nothing)", fontsize=10)
+    ax.set_xlabel("request bytes per frame (mean over all frames, log scale)")
+    title = "Bytes on the wire per frame (local mode sends nothing)"
+    if any(r.get("filter") for r in sent):
+        title += "\nwith filter: frames the filter drops count as 0 B"
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -196,3 +196,176 @@ def test_quick_plots_exist(quick):
     for name in ("bytes_per_frame.png", "latency_vs_bandwidth.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and 5_000 < len(data) < 200_000
+
+
+# --- the neural filter: records, pooling, and one --quick run on mixed frames ----------------------
+
+
+def _filtered_record(**ms):
+    """A record of a frame the edge's filter dropped, as hnd.edge.pipeline writes it."""
+    return {"frame": 0, "source": "f.jpg", "status": "OK", "mode": "split", "filtered": True,
+            "filter_probability": 0.002, "bytes": {"payload": 0, "message": 0}, "detections": [{"count": 0}],
+            "ms": {"capture": 0.0, "preprocess": 2.0, "head": 5.0, "filter": 1.5, "total": 9.0, **ms}}
+
+
+def test_sample_from_a_filtered_record_costs_its_edge_time_and_nothing_on_the_link():
+    from hnd.bench.bench import sample_from_record
+
+    s = sample_from_record(_filtered_record(), frame=0, raw_bytes=300, extra_edge_ms=0.0)
+    assert (s.request_bytes, s.payload_bytes, s.response_bytes) == (0, 0, 0)
+    assert (s.server_ms, s.server_compute_ms_raw, s.loopback_ms) == (0.0, 0.0, 0.0)
+    assert s.filtered is True and s.filter_probability == 0.002
+    assert s.edge_ms_raw == pytest.approx(2.0 + 5.0 + 1.5)  # preprocess + stem + filter
+    for link in (Link("3g", 1.0, 100.0), Link("wifi", 50.0, 5.0)):
+        assert s.latency_ms(link, local=False) == pytest.approx(8.5)  # no RTT, no transfer
+    sent = dict(_filtered_record(encode=0.5, network_server=40.0), filtered=False,
+                bytes={"payload": 900, "message": 1000, "response": 200},
+                server_ms={"decode": 1.0, "queue": 0.0, "compute": 30.0, "encode": 1.0})
+    sent["ms"]["head"] = 9.0
+    s = sample_from_record(sent, frame=0, raw_bytes=300, extra_edge_ms=0.0)
+    assert s.edge_ms_raw == pytest.approx(2.0 + 9.0 + 1.5 + 0.5) and s.loopback_ms == pytest.approx(8.0)
+    lte = Link("lte", 10.0, 40.0)
+    assert s.latency_ms(lte, local=False) == pytest.approx(13.0 + 0.96 + 40.0 + 8.0 + 32.0)
+
+
+def test_pooling_keeps_dropped_frames_free_of_server_time():
+    from hnd.bench.bench import Sample, Setting, pool_compute
+
+    def sample(head, filt, compute, filtered):
+        return Sample(frame=0, source="f", raw_bytes=1, request_bytes=0 if filtered else 10, payload_bytes=0,
+                      response_bytes=0, edge_ms_raw=1.0 + head + filt, edge_model_ms_raw=head,
+                      server_ms_raw=0.0 if filtered else compute + 2.0, server_compute_ms_raw=compute,
+                      loopback_ms=0.0, measured_total_ms=0.0, filtered=filtered, filter_ms_raw=filt)
+
+    plain = [Setting("split", f"{b}-bit tensor", EdgeOptions(bits=b)) for b in (8, 4)]
+    settings = plain + [Setting("split", s.name + ", with filter", EdgeOptions(bits=s.options.bits,
+                                                                               filter_threshold=0.5)) for s in plain]
+    samples = {settings[0].key: [sample(10.0, 0.0, 100.0, None)], settings[1].key: [sample(14.0, 0.0, 120.0, None)],
+               settings[2].key: [sample(3.0, 1.0, 0.0, True)], settings[3].key: [sample(5.0, 3.0, 0.0, True)]}
+    pool_compute(settings, samples)
+    assert [samples[s.key][0].edge_ms for s in plain] == [1.0 + 12.0, 1.0 + 12.0]  # median head of the sent runs
+    assert [samples[s.key][0].server_ms for s in plain] == [112.0, 112.0]
+    for s in settings[2:]:  # median stem + median filter of the dropped runs, and no server
+        assert samples[s.key][0].edge_ms == 1.0 + 4.0 + 2.0 and samples[s.key][0].server_ms == 0.0
+
+
+MIXED = 4
+
+
+@pytest.fixture(scope="module")
+def quick_filter(tmp_path_factory):
+    """--quick on the tiny keypoint student with its (random) filter, 4 mixed frames, threshold at their median."""
+    from hnd.bench.bench import mixed_frames
+    from hnd.common.config import build_model_from_config, load_config
+    from hnd.common.split import split_model
+    from hnd.edge.pipeline import to_tensor
+
+    config = "test/keypoint_rcnn-b3ch-filter"
+    cfg = load_config(config)
+    head, _ = split_model(build_model_from_config(cfg.model, cfg.path))
+    frames, _, labels = mixed_frames(MIXED, cfg.model.kind, tmp_path_factory.mktemp("frames"))
+    assert sorted(labels) == [False, False, True, True]  # half of them empty scenes
+    with torch.inference_mode():
+        probs = [float(head.filter_probability(head.stem(head.preprocess([to_tensor(f)])[0]))[0]) for f in frames]
+    ordered = sorted(probs)
+    threshold = (ordered[1] + ordered[2]) / 2  # two frames below it, two above
+    assert ordered[1] < threshold < ordered[2]
+    out = tmp_path_factory.mktemp("bench-filter")
+    run_bench(BenchOptions(quick=True, config=config, mixed=MIXED, filter_threshold=threshold, out=str(out),
+                           progress=False))
+    return out, json.loads((out / "results.json").read_text()), probs, threshold
+
+
+def test_quick_filter_rows_sit_next_to_the_plain_split_rows(quick_filter):
+    out, data, probs, threshold = quick_filter
+    by = {(r["mode"], r["setting"]): r for r in data["results"]}
+    plain = [r for r in data["results"] if r["mode"] == "split" and r["filter"] is None]
+    filtered = [r for r in data["results"] if r["filter"] is not None]
+    assert [r["setting"] for r in filtered] == [r["setting"] + ", with filter" for r in plain]
+    assert {"8-bit tensor, with filter", "4-bit tensor, with filter"} <= {r["setting"] for r in filtered}
+    assert data["run"]["filter"]["threshold"] == threshold and data["run"]["filter"]["trained"] is False
+    assert [f["objects"] for f in data["run"]["frames"]].count(True) == 2
+    dropped = [p < threshold for p in probs]
+    for r in filtered:
+        assert r["filter"]["probability"] == pytest.approx(probs, abs=1e-4)
+        assert [f["filtered"] for f in r["frames"]] == dropped
+        assert (r["frames_sent"], r["frames_filtered"], r["filter"]["sent"], r["filter"]["filtered"]) == (2, 2, 2, 2)
+        assert r["filter"]["with_objects"]["filtered"] + r["filter"]["empty"]["filtered"] == 2
+    for r in plain:  # without the filter every frame went to the server
+        assert (r["frames_sent"], r["frames_filtered"]) == (MIXED, 0)
+        assert all(f["filtered"] is None for f in r["frames"])
+        assert by["split", r["setting"] + ", with filter"]["frames_total"] == r["frames_total"] == MIXED
+    md = (out / "results.md").read_text()
+    assert "## With the neural filter" in md and "8-bit tensor, with filter" in md
+    assert "random weights: which frames it drops says nothing" in md
+
+
+def test_quick_filter_bytes_are_zero_for_dropped_frames_and_averaged_over_all(quick_filter):
+    _, data, _, _ = quick_filter
+    for r in data["results"]:
+        if r["mode"] == "local":
+            continue
+        records = data["records"][f"{r['mode']}: {r['setting']}"]
+        sent = [rec for rec in records if not rec.get("filtered")]
+        for rec, f in zip(records, r["frames"]):
+            if rec.get("filtered"):
+                assert rec["bytes"] == {"payload": 0, "message": 0} and "server_ms" not in rec
+                assert (f["request_bytes"], f["payload_bytes"], f["response_bytes"]) == (0, 0, 0)
+                assert f["server_ms"] == f["server_ms_raw"] == 0.0
+        # Over ALL frames: what the link carries on average. Over sent frames only: what one request costs.
+        assert r["payload_bytes"]["mean"] == pytest.approx(sum(rec["bytes"]["payload"] for rec in sent) / MIXED)
+        assert r["request_bytes"]["mean"] == pytest.approx(sum(rec["bytes"]["message"] for rec in sent) / MIXED)
+        assert r["sent_only"]["frames"] == len(sent)
+        assert r["sent_only"]["payload_bytes"]["mean"] == pytest.approx(np.mean([x["bytes"]["payload"] for x in sent]))
+    by = {(r["mode"], r["setting"]): r for r in data["results"]}
+    for bits in ("8-bit tensor", "4-bit tensor"):
+        plain, filtered = by["split", bits], by["split", bits + ", with filter"]
+        # The frames that are sent are encoded the same way with or without the filter.
+        kept = [not f["filtered"] for f in filtered["frames"]]
+        assert [f["payload_bytes"] for f in filtered["frames"] if not f["filtered"]] == \
+            [f["payload_bytes"] for f, k in zip(plain["frames"], kept) if k]
+        assert filtered["payload_bytes"]["mean"] < plain["payload_bytes"]["mean"]
+
+
+def test_quick_filter_server_answered_only_the_sent_frames(quick_filter):
+    _, data, _, _ = quick_filter
+    for r in data["results"]:
+        if r["mode"] == "local":
+            assert r["server_requests"] == 0
+        else:  # the server's own count (hnd_requests_total), read around each run
+            assert r["server_requests"] == r["frames_sent"]
+    assert sum(r["server_requests"] for r in data["results"] if r["filter"]) == 2 * sum(
+        1 for r in data["results"] if r["filter"])
+
+
+def test_quick_filter_latency_of_a_dropped_frame_is_its_edge_time(quick_filter):
+    _, data, _, _ = quick_filter
+    link = Link(**data["run"]["links"][0])
+    for r in (r for r in data["results"] if r["filter"]):
+        per_frame, per_sent = [], []
+        records = data["records"][f"split: {r['setting']}"]
+        for f, rec in zip(r["frames"], records):
+            if f["filtered"]:
+                ms = rec["ms"]
+                assert "encode" not in ms and "network_server" not in ms and ms["filter"] > 0
+                assert f["edge_ms_raw"] == pytest.approx(ms["preprocess"] + ms["head"] + ms["filter"])
+                per_frame.append(f["edge_ms"])
+            else:
+                lat = link_latency_ms(f["edge_ms"], f["request_bytes"], f["response_bytes"], f["server_ms"],
+                                      f["loopback_ms"], link)
+                per_frame.append(lat)
+                per_sent.append(lat)
+        assert r["latency_ms"][link.name]["p50"] == pytest.approx(np.median(per_frame))
+        assert r["latency_ms"][link.name]["p95"] == pytest.approx(np.percentile(per_frame, 95))
+        assert r["sent_only"]["latency_ms"][link.name]["p50"] == pytest.approx(np.median(per_sent))
+        assert r["filter"]["filtered_edge_ms"]["p50"] < r["sent_only"]["latency_ms"][link.name]["p50"]
+
+
+def test_bench_filter_options_are_checked(tmp_path, capsys):
+    assert main(["--quick", "--filter-threshold", "0.5", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "no neural filter" in capsys.readouterr().err  # test/faster_rcnn-b3ch has none
+    assert main(["--quick", "--mixed", "4", "--frames", "2", "--out", str(tmp_path)]) == 2
+    assert main(["--quick", "--config", "test/keypoint_rcnn-b3ch-filter", "--filter-threshold", "1.5",
+                 "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit):
+        main(["--quick", "--filter-threshold", "0.5", "--no-filter"])
