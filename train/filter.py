@@ -209,7 +209,7 @@ def train_filter(cfg: Any, options: Any) -> dict[str, Any]:
     from hnd.common.neural_filter import get_filter, load_filter, save_filter
     from hnd.common.split import split_model
     from hnd.train.data import holdout_split, load_coco, make_loader, set_loader_epoch, split_paths
-    from hnd.train.train import (JsonlLog, _progress, _rng_state, _set_rng_state, default_output_dir,
+    from hnd.train.train import (JsonlLog, _progress, _rng_state, default_output_dir, restore_training_state,
                                  make_optimizer, warmup_scheduler)
 
     if cfg.train is None or cfg.dataset is None:
@@ -271,12 +271,7 @@ def train_filter(cfg: Any, options: Any) -> dict[str, Any]:
                                       f"{state.get('select_by')}, not filter / {select_by}")
         if state.get("student_fingerprint") != student_fp:
             raise HndError(last_path, "was trained on another student (its fingerprint differs)")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["lr_scheduler"])
-        _set_rng_state(state["rng"])
-        start_epoch = int(state["epoch"]) + 1
-        best_value, best_epoch = float(state["best_value"]), int(state["best_epoch"])
-        history = list(state.get("history", []))
+        start_epoch, best_value, best_epoch, history = restore_training_state(state, optimizer, scheduler)
         print(f"hnd-train: resuming {last_path} at epoch {start_epoch}", file=sys.stderr)
 
     print(f"hnd-train: filter on {cfg.model.kind} b{cfg.model.bottleneck_channels}ch, {len(train_set)} train "

@@ -413,6 +413,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                           scheduler: Any) -> tuple[int, float, int, list]:
+    """Load optimizer, scheduler and RNG state of a ``last.pt``; returns (start epoch, best value, best epoch, history)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["lr_scheduler"])
+    _set_rng_state(state["rng"])
+    return (int(state["epoch"]) + 1, float(state["best_value"]), int(state["best_epoch"]),
+            list(state.get("history", [])))
+
+
 def default_output_dir(cfg: Any) -> Path:
     return Path("resource") / "train" / Path(str(cfg.path)).stem
 
@@ -500,12 +510,7 @@ def train(config: str | os.PathLike | Any, options: TrainOptions | None = None) 
             raise HndError(last_path, f"was written by a {state.get('method')} run selecting by "
                                       f"{state.get('select_by')} (train_bn {state.get('train_bn', False)}), "
                                       f"not {method} / {select_by} (train_bn {options.train_bn})")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["lr_scheduler"])
-        _set_rng_state(state["rng"])
-        start_epoch = int(state["epoch"]) + 1
-        best_value, best_epoch = float(state["best_value"]), int(state["best_epoch"])
-        history = list(state.get("history", []))
+        start_epoch, best_value, best_epoch, history = restore_training_state(state, optimizer, scheduler)
         print(f"hnd-train: resuming {last_path} at epoch {start_epoch}", file=sys.stderr)
 
     n_train = sum(p.numel() for p in params)
