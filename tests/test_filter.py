@@ -451,7 +451,6 @@ def test_hnd_train_and_hnd_eval_reach_a_useful_roc_auc(trained, capsys):
 def test_hnd_edge_sends_only_frames_above_the_threshold(trained, tmp_path):
     from hnd.edge.cli import main as edge_main
     from hnd.edge.pipeline import to_tensor
-    from hnd.server.service import ModelRunner
     from runtime_support import serving
 
     root, config = trained

@@ -19,12 +19,9 @@ import contextlib
 import copy
 import io
 import json
-import math
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -34,6 +31,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
+from hnd.common.files import atomic_write_text
 from hnd.train.errors import HndError
 
 IOU_TYPES = {"faster_rcnn": ("bbox",), "mask_rcnn": ("bbox", "segm"), "keypoint_rcnn": ("bbox", "keypoints")}
@@ -198,19 +196,8 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device | str = "
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """json.dump to a temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Metrics as indented, key-sorted JSON, written atomically (hnd.common.files)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, split: str = "val",

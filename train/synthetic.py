@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from hnd.common.files import atomic_write_text
+
 SHAPE_CATEGORIES = [
     {"id": 1, "name": "rectangle", "supercategory": "shape"},
     {"id": 2, "name": "ellipse", "supercategory": "shape"},
@@ -238,9 +240,7 @@ def make_synthetic_coco(out: str | os.PathLike, images: int = 16, size: tuple[in
         ann_file = out / "annotations" / f"{prefix}_{folder}.json"
         doc = {"info": {"description": f"hnd synthetic {kind} seed {seed}"}, "licenses": [],
                "images": info_images, "annotations": info_anns, "categories": categories}
-        tmp = ann_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, ann_file)
+        atomic_write_text(ann_file, json.dumps(doc))
         written[split] = {"images": out / folder, "annotations": ann_file}
     return written
 
