@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,12 @@ log = logging.getLogger("hnd.server")
 
 # Methods reachable without a token: orchestrators probe health, tools list services.
 _PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+# Metadata every SplitInference call carries back (trailing; a stream also in its initial metadata):
+# which replica answered and which weights it holds. Behind a balancer the client cannot see the
+# peer, so this is how an edge names the replica with other weights and counts answers per replica.
+REPLICA_KEY = "hnd-replica"
+WEIGHTS_KEY = "hnd-weights"
 
 
 @dataclass
@@ -44,6 +51,11 @@ class ServerSettings:
     metrics_port: int | None = None
     offload: bool = True
     drain_s: float = 10.0
+    replica: str | None = None  # the name in REPLICA_KEY; None: "<hostname>:<port>" (the pod name on Kubernetes)
+    # Close each client connection after this long (GOAWAY; calls in flight finish within the
+    # grace), so clients re-resolve DNS and spread over replicas added since. None: never.
+    max_connection_age_s: float | None = None
+    max_connection_age_grace_s: float = 30.0
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -80,6 +92,47 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
+class ReplicaTagInterceptor(grpc.aio.ServerInterceptor):
+    """Adds REPLICA_KEY and WEIGHTS_KEY to the metadata of every SplitInference call.
+
+    Unary calls get them as trailing metadata only: sending headers early would commit the call
+    and stop the client's gRPC retry policy from moving it to another replica.
+    """
+
+    def __init__(self, fingerprint: str) -> None:
+        self.metadata: tuple[tuple[str, str], ...] = ((WEIGHTS_KEY, fingerprint),)
+
+    def name(self, replica: str) -> None:
+        self.metadata = ((REPLICA_KEY, replica), *((k, v) for k, v in self.metadata if k != REPLICA_KEY))
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        metadata = self.metadata
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def tagged_unary(request, context):
+                context.set_trailing_metadata(metadata)
+                return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                tagged_unary, handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream is not None:
+            stream = handler.stream_stream
+
+            async def tagged_stream(request_iterator, context):
+                await context.send_initial_metadata(metadata)
+                context.set_trailing_metadata(metadata)
+                async for response in stream(request_iterator, context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                tagged_stream, handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
 def read_token(path: str) -> str:
     """The bearer token from a file (surrounding whitespace ignored); it must not be empty."""
     token = Path(path).read_text().strip()
@@ -96,8 +149,11 @@ class RunningServer:
     port: int
 
     async def drain(self, grace_s: float) -> None:
-        """Stop taking new calls (health NOT_SERVING), let in-flight ones finish, then stop."""
+        """Health NOT_SERVING first (probes and client-side balancers move away while in-flight work
+        still runs), open streams end UNAVAILABLE after answering what they read, in-flight calls
+        get ``grace_s`` to finish, then stop."""
         await self.health.enter_graceful_shutdown()
+        self.service.begin_drain()
         await self.server.stop(grace_s)
         await self.service.batcher.stop()
 
@@ -105,10 +161,14 @@ class RunningServer:
 async def start_server(runner: ModelRunner, settings: ServerSettings) -> RunningServer:
     """Build, bind and start the server on the running loop; health turns SERVING after warm-up."""
     service = SplitInferenceService(runner, settings.limits, settings.batching, offload=settings.offload)
+    tag = ReplicaTagInterceptor(runner.fingerprint)
     interceptors = [TokenAuthInterceptor(settings.token)] if settings.token else []
-    server = grpc.aio.server(
-        interceptors=interceptors, options=channel_options(settings.limits.max_message_bytes)
-    )
+    interceptors.append(tag)
+    options = channel_options(settings.limits.max_message_bytes)
+    if settings.max_connection_age_s:
+        options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000))]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     server.add_generic_rpc_handlers((service.generic_handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -130,6 +190,7 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
+    tag.name(settings.replica or f"{socket.gethostname()}:{port}")
     if settings.metrics_port is not None:
         service.metrics.serve(settings.metrics_port, settings.host)
     await server.start()

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"serve Prometheus metrics on this port (e.g. {DEFAULT_METRICS_PORT})")
     p.add_argument("--no-offload", action="store_true", help="refuse full-frame (JPEG/PNG) requests")
     p.add_argument("--drain-seconds", type=float, default=10.0, help="grace for in-flight requests on SIGTERM")
+    p.add_argument("--max-connection-age", type=float, default=None, metavar="S",
+                   help="close client connections after S seconds (GOAWAY, in-flight calls finish) so "
+                        "clients re-resolve and spread over new replicas (default: never)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
@@ -75,6 +78,7 @@ def settings_from_args(args: argparse.Namespace, runtime) -> ServerSettings:
         metrics_port=args.metrics_port,
         offload=not args.no_offload,
         drain_s=args.drain_seconds,
+        max_connection_age_s=args.max_connection_age,
     )
 
 

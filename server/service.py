@@ -144,6 +144,15 @@ class SplitInferenceService:
             on_depth=lambda n: self.metrics.queue_depth.set(n),
         )
         self.batching = batching
+        self.draining = False
+        self._stream_readers: set[asyncio.Task] = set()
+
+    def begin_drain(self) -> None:
+        """Open InferStreams stop reading, answer what they read, then end UNAVAILABLE (clients
+        resend the rest elsewhere); new streams are refused UNAVAILABLE."""
+        self.draining = True
+        for reader in list(self._stream_readers):
+            reader.cancel()
 
     # --- model info -------------------------------------------------------------------------
 
@@ -302,12 +311,20 @@ class SplitInferenceService:
         A bad request ends the stream with its status code; the client reopens a stream.
         """
         pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=self.limits.max_stream_inflight)
+        draining = RequestError(grpc.StatusCode.UNAVAILABLE, "server is draining: reopen the stream on another replica")
+        if self.draining:
+            await self._fail(context, "InferStream", draining)
 
         async def read() -> None:
             try:
                 async for raw in request_iterator:
                     request = self._parse(raw)  # parse errors surface in order, below
-                    await pending.put(asyncio.ensure_future(self.infer(request, context.time_remaining())))
+                    task = asyncio.ensure_future(self.infer(request, context.time_remaining()))
+                    try:
+                        await pending.put(task)
+                    except asyncio.CancelledError:  # drain: this one was read but will not be answered
+                        task.cancel()
+                        raise
             except RequestError as exc:
                 failed: asyncio.Future = asyncio.get_running_loop().create_future()
                 failed.set_exception(exc)
@@ -316,6 +333,8 @@ class SplitInferenceService:
                 await pending.put(None)
 
         reader = asyncio.ensure_future(read())
+        self._stream_readers.add(reader)
+        reader.add_done_callback(self._stream_readers.discard)
         try:
             while (task := await pending.get()) is not None:
                 try:
@@ -328,6 +347,8 @@ class SplitInferenceService:
                                      RequestError(grpc.StatusCode.INTERNAL, "internal server error"))
                 self.metrics.requests.labels("InferStream", "OK").inc()
                 yield response
+            if self.draining:
+                await self._fail(context, "InferStream", draining)
         finally:
             reader.cancel()
             while not pending.empty():
