@@ -51,6 +51,8 @@ class ServerSettings:
     metrics_port: int | None = None
     offload: bool = True
     drain_s: float = 10.0
+    # Plain-text port that serves only grpc.health.v1 (kubelet's gRPC probes cannot use TLS). None: off.
+    health_port: int | None = None
     replica: str | None = None  # the name in REPLICA_KEY; None: "<hostname>:<port>" (the pod name on Kubernetes)
     # Close each client connection after this long (GOAWAY; calls in flight finish within the
     # grace), so clients re-resolve DNS and spread over replicas added since. None: never.
@@ -147,6 +149,8 @@ class RunningServer:
     service: SplitInferenceService
     health: health.aio.HealthServicer
     port: int
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
 
     async def drain(self, grace_s: float) -> None:
         """Health NOT_SERVING first (probes and client-side balancers move away while in-flight work
@@ -155,6 +159,8 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         self.service.begin_drain()
         await self.server.stop(grace_s)
+        if self.health_server is not None:  # probes read NOT_SERVING until the end of the drain
+            await self.health_server.stop(None)
         await self.service.batcher.stop()
 
 
@@ -191,6 +197,15 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     tag.name(settings.replica or f"{socket.gethostname()}:{port}")
+    health_server, health_port = None, None
+    if settings.health_port is not None:
+        # Health only, no SplitInference: a plain-text port must not bypass TLS for inference.
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+        if health_port == 0:
+            raise OSError(f"cannot listen on {settings.host}:{settings.health_port} (--health-port)")
+        await health_server.start()
     if settings.metrics_port is not None:
         service.metrics.serve(settings.metrics_port, settings.host)
     await server.start()
@@ -201,7 +216,7 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s (%s, %d-channel bottleneck, weights %s) on %s:%d",
              SERVICE_NAME, runner.kind, runner.channels, runner.fingerprint[:12], settings.host, port)
-    return RunningServer(server, service, health_servicer, port)
+    return RunningServer(server, service, health_servicer, port, health_server, health_port)
 
 
 async def serve(runner: ModelRunner, settings: ServerSettings) -> None:

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="file holding the bearer token clients must send")
     p.add_argument("--metrics-port", type=int, default=None,
                    help=f"serve Prometheus metrics on this port (e.g. {DEFAULT_METRICS_PORT})")
+    p.add_argument("--health-port", type=int, default=None,
+                   help="also serve grpc.health.v1 alone, plain text, on this port (Kubernetes gRPC probes "
+                        "cannot use TLS; inference stays on --port)")
     p.add_argument("--no-offload", action="store_true", help="refuse full-frame (JPEG/PNG) requests")
     p.add_argument("--drain-seconds", type=float, default=10.0, help="grace for in-flight requests on SIGTERM")
     p.add_argument("--max-connection-age", type=float, default=None, metavar="S",
@@ -79,6 +82,7 @@ def settings_from_args(args: argparse.Namespace, runtime) -> ServerSettings:
         offload=not args.no_offload,
         drain_s=args.drain_seconds,
         max_connection_age_s=args.max_connection_age,
+        health_port=args.health_port,
     )
 
 

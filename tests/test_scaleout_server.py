@@ -20,6 +20,7 @@ from hnd.common.split import split_model
 from hnd.edge.pipeline import to_tensor
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.server.app import REPLICA_KEY, WEIGHTS_KEY
+from hnd.server.healthcheck import check
 from hnd.server.service import SERVICE_NAME
 
 INFER = f"/{SERVICE_NAME}/Infer"
@@ -68,9 +69,11 @@ def metadata(call_or_error) -> dict[str, str]:
 
 def test_health_turns_not_serving_when_drain_starts_before_in_flight_work_ends(model):
     request = request_for(model).SerializeToString()
-    with serving(model) as server:
+    with serving(model, health_port=0) as server:
         gate = gate_compute(server)
         target = f"127.0.0.1:{server.port}"
+        probe = f"127.0.0.1:{server.running.health_port}"  # what kubelet's gRPC probes dial
+        assert check(probe) == "SERVING"
         with grpc.insecure_channel(target) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
                                                               timeout=30)
@@ -92,6 +95,7 @@ def test_health_turns_not_serving_when_drain_starts_before_in_flight_work_ends(m
             drainer = start_drain(server)
             # NOT_SERVING arrives while the request is still held in the tail.
             assert statuses.get(timeout=10) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert check(probe) == "NOT_SERVING"
             assert not in_flight.done()
             watch.cancel()  # an open Watch would hold the drain for its whole grace
             gate.set()
@@ -151,3 +155,11 @@ def test_every_call_names_the_replica_and_its_weights(model):
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             _, call = channel.unary_unary(INFER).with_call(request_for(model).SerializeToString(), timeout=30)
             assert metadata(call)[REPLICA_KEY].endswith(f":{server.port}")
+
+
+def test_health_port_serves_health_only(model):
+    with serving(model, health_port=0) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{server.running.health_port}") as channel:
+            with pytest.raises(grpc.RpcError) as exc:
+                channel.unary_unary(INFER)(request_for(model).SerializeToString(), timeout=10)
+        assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED  # inference never bypasses --port's TLS
