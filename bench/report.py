@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from hnd.bench.linkmodel import CROSSOVER_MBIT
-
-FILTER_SUFFIX = ", with filter"  # hnd.bench.bench names a split setting's filtered twin "<setting>, with filter"
+from hnd.bench.plan import FILTER_SUFFIX
 
 
 def machine_info() -> dict[str, Any]:

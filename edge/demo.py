@@ -9,54 +9,19 @@ runs here on the natural photos that ship with scikit-image (no download).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
 
 from hnd.edge import cli as edge_cli
 from hnd.edge.capture import sample_images
-from hnd.server.healthcheck import check
+from hnd.server.local import server_process
 
 DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server_process(config: str, port: int, weights: list[str], extra: list[str] | None = None,
-                         timeout_s: float = 300.0) -> subprocess.Popen:
-    """Start ``hnd-server`` on 127.0.0.1:port and wait until its health check says SERVING."""
-    cmd = [sys.executable, "-m", "hnd.server.cli", "--config", config, "--port", str(port), *weights, *(extra or [])]
-    proc = subprocess.Popen(cmd)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"hnd-server exited with code {proc.returncode}")
-        if check(f"127.0.0.1:{port}", timeout_s=1.0) == "SERVING":
-            return proc
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"hnd-server did not become SERVING within {timeout_s:.0f} s")
-
-
-def stop_server_process(proc: subprocess.Popen) -> None:
-    """SIGTERM (graceful drain), then kill if it lingers."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def write_samples(folder: Path, count: int) -> None:
@@ -85,27 +50,25 @@ def main(argv: list[str] | None = None) -> int:
               "bytes and latency are real, detections are not", file=sys.stderr)
     # Server and edge share this machine's cores: give each half of them, as two machines would have.
     threads = str(max(1, (os.cpu_count() or 2) // 2))
-    port = free_port()
-    try:
-        server = start_server_process(args.config, port, weights, ["--log-level", "WARNING", "--threads", threads])
-    except RuntimeError as exc:
-        print(f"hnd-demo: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            write_samples(Path(tmp), args.frames)
-            edge_args = ["--server", f"127.0.0.1:{port}", "--images", tmp, "--config", args.config, *weights,
-                         "--bits", str(args.bits), "--no-progress", "--threads", threads]
-            if args.stream:
-                edge_args.append("--stream")
-            edge_args += ["--max-inflight", str(args.max_inflight)]
-            if args.output:
-                edge_args += ["--output", args.output]
-            if args.summary_json:
-                edge_args += ["--summary-json", args.summary_json]
-            return edge_cli.main(edge_args)
-    finally:
-        stop_server_process(server)
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(
+                server_process(args.config, weights, ["--log-level", "WARNING", "--threads", threads]))
+        except RuntimeError as exc:
+            print(f"hnd-demo: error: {exc}", file=sys.stderr)
+            return 2
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        write_samples(Path(tmp), args.frames)
+        edge_args = ["--server", server.target, "--images", tmp, "--config", args.config, *weights,
+                     "--bits", str(args.bits), "--no-progress", "--threads", threads]
+        if args.stream:
+            edge_args.append("--stream")
+        edge_args += ["--max-inflight", str(args.max_inflight)]
+        if args.output:
+            edge_args += ["--output", args.output]
+        if args.summary_json:
+            edge_args += ["--summary-json", args.summary_json]
+        return edge_cli.main(edge_args)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from hnd.common.split import split_model
 from hnd.edge.capture import ArrayFrames
 from hnd.edge.client import ClientSettings, SplitClient
 from hnd.edge.pipeline import EdgeOptions, EdgeRunner, to_tensor
-from hnd.server.app import BackgroundServer, ServerSettings
-from hnd.server.service import BatchingOptions, ModelRunner
+from hnd.server.local import background_server
+from hnd.server.service import BatchingOptions
 
 
 def frames(count: int = 3, seed: int = 0, sizes=((120, 150), (200, 100), (90, 90))) -> list[np.ndarray]:
@@ -31,10 +31,9 @@ def frames(count: int = 3, seed: int = 0, sizes=((120, 150), (200, 100), (90, 90
 
 @contextmanager
 def serving(model: torch.nn.Module, **settings):
-    """A BackgroundServer on a free loopback port; ``batching`` defaults to one image per batch."""
-    settings.setdefault("port", 0)
+    """``hnd.server.local.background_server`` with ``batching`` defaulting to one image per batch."""
     settings.setdefault("batching", BatchingOptions(max_batch=1, max_delay_ms=0, max_queue=64))
-    with BackgroundServer(ModelRunner(model, torch.device("cpu")), ServerSettings(**settings)) as server:
+    with background_server(model, **settings) as server:
         yield server
 
 

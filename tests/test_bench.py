@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from hnd.bench.bench import BenchOptions, main, match_f1, run_bench, scale_boxes, split_settings
+from hnd.bench.agreement import match_f1
+from hnd.bench.cli import main
+from hnd.bench.frames import scale_boxes
+from hnd.bench.plan import BenchOptions, split_settings
+from hnd.bench.run import run_bench
 from hnd.bench.linkmodel import Link, crossovers, link_latency_ms, parse_links, transfer_ms
 from hnd.edge.pipeline import EdgeOptions
 
@@ -209,7 +213,7 @@ def _filtered_record(**ms):
 
 
 def test_sample_from_a_filtered_record_costs_its_edge_time_and_nothing_on_the_link():
-    from hnd.bench.bench import sample_from_record
+    from hnd.bench.measure import sample_from_record
 
     s = sample_from_record(_filtered_record(), frame=0, raw_bytes=300, extra_edge_ms=0.0)
     assert (s.request_bytes, s.payload_bytes, s.response_bytes) == (0, 0, 0)
@@ -229,7 +233,8 @@ def test_sample_from_a_filtered_record_costs_its_edge_time_and_nothing_on_the_li
 
 
 def test_pooling_keeps_dropped_frames_free_of_server_time():
-    from hnd.bench.bench import Sample, Setting, pool_compute
+    from hnd.bench.measure import Sample, pool_compute
+    from hnd.bench.plan import Setting
 
     def sample(head, filt, compute, filtered):
         return Sample(frame=0, source="f", raw_bytes=1, request_bytes=0 if filtered else 10, payload_bytes=0,
@@ -255,7 +260,7 @@ MIXED = 4
 @pytest.fixture(scope="module")
 def quick_filter(tmp_path_factory):
     """--quick on the tiny keypoint student with its (random) filter, 4 mixed frames, threshold at their median."""
-    from hnd.bench.bench import mixed_frames
+    from hnd.bench.frames import mixed_frames
     from hnd.common.config import build_model_from_config, load_config
     from hnd.common.split import split_model
     from hnd.edge.pipeline import to_tensor

@@ -1,0 +1,128 @@
+"""Servers on this machine, for hnd-demo, hnd-bench and the tests: one place for how they start and stop.
+
+* ``server_process``: a real ``hnd-server`` subprocess on 127.0.0.1 (as on a GPU host), waited for until
+  its health check says SERVING, stopped with SIGTERM (graceful drain).
+* ``background_server``: a ``BackgroundServer`` in this process on a free port around a model (CPU).
+* ``answered_requests`` / ``scrape_answered_requests``: the server's own count of answered ``Infer``
+  calls (``hnd_requests_total``), from its registry or its Prometheus endpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from hnd.server.app import BackgroundServer, ServerSettings
+from hnd.server.healthcheck import check
+from hnd.server.service import BatchingOptions, ModelRunner
+
+LOOPBACK = "127.0.0.1"
+REQUESTS_METRIC = "hnd_requests_total"
+REQUESTS_LABELS = {"method": "Infer", "code": "OK"}
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback right now (the OS's choice)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def start_server_process(config: str, port: int, weights: list[str], extra: list[str] | None = None,
+                         timeout_s: float = 300.0) -> subprocess.Popen:
+    """Start ``hnd-server`` on 127.0.0.1:port and wait until its health check says SERVING.
+
+    ``weights``: hnd-server's weight arguments (``["--checkpoint", P]`` or ``["--random-weights", S]``);
+    ``extra``: further hnd-server flags. Raises RuntimeError when it exits or is not SERVING in time.
+    """
+    cmd = [sys.executable, "-m", "hnd.server.cli", "--config", config, "--port", str(port), *weights, *(extra or [])]
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"hnd-server exited with code {proc.returncode}")
+        if check(f"{LOOPBACK}:{port}", timeout_s=1.0) == "SERVING":
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"hnd-server did not become SERVING within {timeout_s:.0f} s")
+
+
+def stop_server_process(proc: subprocess.Popen) -> None:
+    """SIGTERM (graceful drain), then kill if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    """A running hnd-server subprocess: its address and, when started with one, its metrics URL."""
+
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        return None if self.metrics_port is None else f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+
+
+@contextlib.contextmanager
+def server_process(config: str, weights: list[str], extra: list[str] | None = None, metrics: bool = False,
+                   timeout_s: float = 300.0) -> Iterator[ServerProcess]:
+    """``start_server_process`` on a free port (and a free ``--metrics-port`` with ``metrics``), stopped on exit."""
+    port = free_port()
+    metrics_port = free_port() if metrics else None
+    flags = [*(extra or []), *(["--metrics-port", str(metrics_port)] if metrics_port is not None else [])]
+    proc = start_server_process(config, port, weights, flags, timeout_s)
+    try:
+        yield ServerProcess(proc, port, metrics_port)
+    finally:
+        stop_server_process(proc)
+
+
+@contextlib.contextmanager
+def background_server(model: torch.nn.Module, device: str = "cpu", **settings: Any) -> Iterator[BackgroundServer]:
+    """A ``BackgroundServer`` serving ``model`` on a free loopback port (``ServerSettings(**settings)``).
+
+    ``batching`` defaults to ``BatchingOptions(max_delay_ms=0)``: take what queued meanwhile, never wait.
+    """
+    settings.setdefault("port", 0)
+    settings.setdefault("batching", BatchingOptions(max_delay_ms=0.0))
+    with BackgroundServer(ModelRunner(model, torch.device(device)), ServerSettings(**settings)) as server:
+        yield server
+
+
+def answered_requests(registry: CollectorRegistry) -> float:
+    """hnd_requests_total{method="Infer",code="OK"} of an in-process server's registry (0 before the first)."""
+    return registry.get_sample_value(REQUESTS_METRIC, REQUESTS_LABELS) or 0.0
+
+
+def scrape_answered_requests(metrics_url: str) -> float:
+    """The same count read from a server's Prometheus endpoint (0 before the first)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:  # noqa: S310 - loopback
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == REQUESTS_METRIC and sample.labels == REQUESTS_LABELS:
+                return float(sample.value)
+    return 0.0
