@@ -51,6 +51,7 @@ __all__ = [
     "encode",
     "packed_size",
     "quantize",
+    "quantize_with",
     "roundtrip",
     "validate",
 ]
@@ -236,15 +237,31 @@ def quantize(tensor: torch.Tensor, bits: int = 8, granularity: str = "tensor") -
         scale, zero_point = _original_params(lo, hi)
     else:
         scale, zero_point = _affine_params(lo, hi, bits)
+    return quantize_with(x, bits, granularity, scale, zero_point)[0]
+
+
+def quantize_with(
+    x: np.ndarray, bits: int, granularity: str, scale: tuple[float, ...], zero_point: tuple[int, ...],
+    count_clamped: bool = False,
+) -> tuple[Quantized, int]:
+    """Symbols of a finite float32 array under given affine parameters; the arithmetic of ``quantize``.
+
+    ``quantize`` derives the parameters from ``x`` and calls this; a temporal stream
+    (``hnd.common.stream_codec``) reuses its key frame's parameters for the frames that follow, where
+    values beyond the key's range clamp. Returns (Quantized, values clamped; 0 unless ``count_clamped``).
+    """
     s, zp = _param_arrays(scale, zero_point, x.ndim, granularity)
     v = x / np.where(s == 0, np.float32(1), s)  # scale 0 only where the values are all 0
     v += zp
     qmax = (1 << bits) - 1
     # Round and clamp commute here (integer bounds); the original's order is clamp, then round.
     np.rint(v, out=v)
+    clamped = 0
+    if count_clamped:  # a group of scale 0 (all zeros in the key) cannot represent any other value
+        clamped = int(np.count_nonzero((v < 0) | (v > qmax) | ((s == 0) & (x != 0))))
     np.clip(v, 0, qmax, out=v)
     symbols = v.astype(np.uint8).reshape(-1)
-    return Quantized(shape, bits, granularity, scale, zero_point, symbols)
+    return Quantized(tuple(int(d) for d in x.shape), bits, granularity, tuple(scale), tuple(zero_point), symbols), clamped
 
 
 def dequantize(q: Quantized) -> torch.Tensor:

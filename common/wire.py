@@ -295,3 +295,26 @@ def _floats(t: torch.Tensor) -> list[float]:
 def _tensor(values, dtype: type, shape: tuple[int, ...]) -> torch.Tensor:
     """A repeated field as a tensor of ``shape``; the callers have checked its length."""
     return torch.from_numpy(np.array(values, dtype=dtype).reshape(shape))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stream frames (temporal coding on InferStream: hnd.common.stream_codec, hnd.common.video)
+
+STREAM_FRAME_TO_PROTO = {"key": pb.StreamFrame.TYPE_KEY, "delta": pb.StreamFrame.TYPE_DELTA}
+_STREAM_FRAME_FROM_PROTO = {v: k for k, v in STREAM_FRAME_TO_PROTO.items()}
+
+
+def stream_frame_to_proto(kind: str, key_sequence: int, sequence: int) -> pb.StreamFrame:
+    """("key" | "delta", key sequence, sequence) -> hnd.v1.StreamFrame."""
+    return pb.StreamFrame(type=_lookup(STREAM_FRAME_TO_PROTO, kind, "stream frame type"),
+                          key_sequence=key_sequence, sequence=sequence)
+
+
+def stream_frame_from_proto(msg: pb.StreamFrame) -> tuple[str, int, int]:
+    """hnd.v1.StreamFrame -> (kind, key_sequence, sequence); a key frame must name itself as its key."""
+    kind = _lookup(_STREAM_FRAME_FROM_PROTO, msg.type, "stream frame type")
+    if kind == "key" and msg.key_sequence != msg.sequence:
+        raise CodecError(f"key frame {msg.sequence} names key {msg.key_sequence}; a key frame names itself")
+    if kind == "delta" and msg.key_sequence >= msg.sequence:
+        raise CodecError(f"delta frame {msg.sequence} names key {msg.key_sequence}, which does not precede it")
+    return kind, int(msg.key_sequence), int(msg.sequence)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hnd.proto.v1 import tensor_pb2 as hnd_dot_proto_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"hnd/proto/v1/split_inference.proto\x12\x06hnd.v1\x1a\x19hnd/proto/v1/tensor.proto\"+\n\x04Size\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\rJ\x04\x08\x03\x10\x08\"}\n\tSplitMeta\x12$\n\x0eoriginal_sizes\x18\x01 \x03(\x0b\x32\x0c.hnd.v1.Size\x12!\n\x0bimage_sizes\x18\x02 \x03(\x0b\x32\x0c.hnd.v1.Size\x12!\n\x0bpadded_size\x18\x03 \x01(\x0b\x32\x0c.hnd.v1.SizeJ\x04\x08\x04\x10\x08\"S\n\nBottleneck\x12\x1e\n\x06tensor\x18\x01 \x01(\x0b\x32\x0e.hnd.v1.Tensor\x12\x1f\n\x04meta\x18\x02 \x01(\x0b\x32\x11.hnd.v1.SplitMetaJ\x04\x08\x03\x10\x08\"\x92\x01\n\x0c\x45ncodedImage\x12+\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1b.hnd.v1.EncodedImage.Format\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"A\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x46ORMAT_JPEG\x10\x01\x12\x0e\n\nFORMAT_PNG\x10\x02J\x04\x08\x03\x10\x08\"\x83\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\x02 \x01(\t\x12(\n\nbottleneck\x18\x03 \x01(\x0b\x32\x12.hnd.v1.BottleneckH\x00\x12%\n\x05image\x18\x04 \x01(\x0b\x32\x14.hnd.v1.EncodedImageH\x00\x12\x1c\n\x0fscore_threshold\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x06 \x01(\rH\x02\x88\x01\x01\x42\t\n\x07payloadB\x12\n\x10_score_thresholdB\x11\n\x0f_max_detectionsJ\x04\x08\x07\x10\x10\"<\n\x05Masks\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x0cJ\x04\x08\x04\x10\x08\"H\n\tKeypoints\x12\x15\n\rnum_keypoints\x18\x01 \x01(\r\x12\x0e\n\x06points\x18\x02 \x03(\x02\x12\x0e\n\x06scores\x18\x03 \x03(\x02J\x04\x08\x04\x10\x08\"\x85\x01\n\nDetections\x12\r\n\x05\x62oxes\x18\x01 \x03(\x02\x12\x0e\n\x06labels\x18\x02 \x03(\x03\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12\x1c\n\x05masks\x18\x04 \x01(\x0b\x32\r.hnd.v1.Masks\x12$\n\tkeypoints\x18\x05 \x01(\x0b\x32\x11.hnd.v1.KeypointsJ\x04\x08\x06\x10\x10\"u\n\rServerTimings\x12\x11\n\tdecode_us\x18\x01 \x01(\x04\x12\x10\n\x08queue_us\x18\x02 \x01(\x04\x12\x12\n\ncompute_us\x18\x03 \x01(\x04\x12\x11\n\tencode_us\x18\x04 \x01(\x04\x12\x12\n\nbatch_size\x18\x05 \x01(\rJ\x04\x08\x06\x10\x10\"y\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\ndetections\x18\x02 \x03(\x0b\x32\x12.hnd.v1.Detections\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.hnd.v1.ServerTimingsJ\x04\x08\x04\x10\x10\"\x12\n\x10ModelInfoRequest\"\xb7\x01\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cmax_elements\x18\x02 \x01(\x04\x12\x1e\n\x16max_decompressed_bytes\x18\x03 \x01(\x04\x12\x10\n\x08max_dims\x18\x04 \x01(\r\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x11\n\tmax_queue\x18\x06 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x07 \x01(\x04J\x04\x08\x08\x10\x10\"\x95\x03\n\tModelInfo\x12\x12\n\nmodel_kind\x18\x01 \x01(\t\x12\x1b\n\x13\x62ottleneck_channels\x18\x02 \x01(\r\x12\x1b\n\x13weights_fingerprint\x18\x03 \x01(\t\x12\x15\n\raccepted_bits\x18\x04 \x03(\r\x12\x33\n\x16\x61\x63\x63\x65pted_granularities\x18\x05 \x03(\x0e\x32\x13.hnd.v1.Granularity\x12\x32\n\x15\x61\x63\x63\x65pted_compressions\x18\x06 \x03(\x0e\x32\x13.hnd.v1.Compression\x12;\n\x16\x61\x63\x63\x65pted_image_formats\x18\x07 \x03(\x0e\x32\x1b.hnd.v1.EncodedImage.Format\x12$\n\x06limits\x18\x08 \x01(\x0b\x32\x14.hnd.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x10\n\x08min_size\x18\n \x01(\r\x12\x10\n\x08max_size\x18\x0b \x01(\r\x12\x15\n\rnum_keypoints\x18\x0c \x01(\rJ\x04\x08\r\x10 2\xc3\x01\n\x0eSplitInference\x12\x34\n\x05Infer\x12\x14.hnd.v1.InferRequest\x1a\x15.hnd.v1.InferResponse\x12>\n\x0bInferStream\x12\x14.hnd.v1.InferRequest\x1a\x15.hnd.v1.InferResponse(\x01\x30\x01\x12;\n\x0cGetModelInfo\x12\x18.hnd.v1.ModelInfoRequest\x1a\x11.hnd.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"hnd/proto/v1/split_inference.proto\x12\x06hnd.v1\x1a\x19hnd/proto/v1/tensor.proto\"+\n\x04Size\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\rJ\x04\x08\x03\x10\x08\"}\n\tSplitMeta\x12$\n\x0eoriginal_sizes\x18\x01 \x03(\x0b\x32\x0c.hnd.v1.Size\x12!\n\x0bimage_sizes\x18\x02 \x03(\x0b\x32\x0c.hnd.v1.Size\x12!\n\x0bpadded_size\x18\x03 \x01(\x0b\x32\x0c.hnd.v1.SizeJ\x04\x08\x04\x10\x08\"S\n\nBottleneck\x12\x1e\n\x06tensor\x18\x01 \x01(\x0b\x32\x0e.hnd.v1.Tensor\x12\x1f\n\x04meta\x18\x02 \x01(\x0b\x32\x11.hnd.v1.SplitMetaJ\x04\x08\x03\x10\x08\"\xc5\x01\n\x0c\x45ncodedImage\x12+\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1b.hnd.v1.EncodedImage.Format\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"t\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x46ORMAT_JPEG\x10\x01\x12\x0e\n\nFORMAT_PNG\x10\x02\x12\x0f\n\x0b\x46ORMAT_WEBP\x10\x03\x12\x0f\n\x0b\x46ORMAT_H264\x10\x04\x12\x0f\n\x0b\x46ORMAT_HEVC\x10\x05J\x04\x08\x03\x10\x08\"\x9f\x01\n\x0bStreamFrame\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.hnd.v1.StreamFrame.Type\x12\x14\n\x0ckey_sequence\x18\x02 \x01(\x04\x12\x10\n\x08sequence\x18\x03 \x01(\x04\":\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08TYPE_KEY\x10\x01\x12\x0e\n\nTYPE_DELTA\x10\x02J\x04\x08\x04\x10\x08\"\xae\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\x02 \x01(\t\x12(\n\nbottleneck\x18\x03 \x01(\x0b\x32\x12.hnd.v1.BottleneckH\x00\x12%\n\x05image\x18\x04 \x01(\x0b\x32\x14.hnd.v1.EncodedImageH\x00\x12\x1c\n\x0fscore_threshold\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x06 \x01(\rH\x02\x88\x01\x01\x12)\n\x0cstream_frame\x18\x10 \x01(\x0b\x32\x13.hnd.v1.StreamFrameB\t\n\x07payloadB\x12\n\x10_score_thresholdB\x11\n\x0f_max_detectionsJ\x04\x08\x07\x10\x10\"<\n\x05Masks\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x0cJ\x04\x08\x04\x10\x08\"H\n\tKeypoints\x12\x15\n\rnum_keypoints\x18\x01 \x01(\r\x12\x0e\n\x06points\x18\x02 \x03(\x02\x12\x0e\n\x06scores\x18\x03 \x03(\x02J\x04\x08\x04\x10\x08\"\x85\x01\n\nDetections\x12\r\n\x05\x62oxes\x18\x01 \x03(\x02\x12\x0e\n\x06labels\x18\x02 \x03(\x03\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12\x1c\n\x05masks\x18\x04 \x01(\x0b\x32\r.hnd.v1.Masks\x12$\n\tkeypoints\x18\x05 \x01(\x0b\x32\x11.hnd.v1.KeypointsJ\x04\x08\x06\x10\x10\"u\n\rServerTimings\x12\x11\n\tdecode_us\x18\x01 \x01(\x04\x12\x10\n\x08queue_us\x18\x02 \x01(\x04\x12\x12\n\ncompute_us\x18\x03 \x01(\x04\x12\x11\n\tencode_us\x18\x04 \x01(\x04\x12\x12\n\nbatch_size\x18\x05 \x01(\rJ\x04\x08\x06\x10\x10\"\xa6\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\ndetections\x18\x02 \x03(\x0b\x32\x12.hnd.v1.Detections\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.hnd.v1.ServerTimings\x12\x1a\n\x12key_frame_required\x18\x10 \x01(\x08\x12\x0f\n\x07refusal\x18\x11 \x01(\tJ\x04\x08\x04\x10\x10\"\x12\n\x10ModelInfoRequest\"\xb7\x01\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cmax_elements\x18\x02 \x01(\x04\x12\x1e\n\x16max_decompressed_bytes\x18\x03 \x01(\x04\x12\x10\n\x08max_dims\x18\x04 \x01(\r\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x11\n\tmax_queue\x18\x06 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x07 \x01(\x04J\x04\x08\x08\x10\x10\"\xc6\x03\n\tModelInfo\x12\x12\n\nmodel_kind\x18\x01 \x01(\t\x12\x1b\n\x13\x62ottleneck_channels\x18\x02 \x01(\r\x12\x1b\n\x13weights_fingerprint\x18\x03 \x01(\t\x12\x15\n\raccepted_bits\x18\x04 \x03(\r\x12\x33\n\x16\x61\x63\x63\x65pted_granularities\x18\x05 \x03(\x0e\x32\x13.hnd.v1.Granularity\x12\x32\n\x15\x61\x63\x63\x65pted_compressions\x18\x06 \x03(\x0e\x32\x13.hnd.v1.Compression\x12;\n\x16\x61\x63\x63\x65pted_image_formats\x18\x07 \x03(\x0e\x32\x1b.hnd.v1.EncodedImage.Format\x12$\n\x06limits\x18\x08 \x01(\x0b\x32\x14.hnd.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x10\n\x08min_size\x18\n \x01(\r\x12\x10\n\x08max_size\x18\x0b \x01(\r\x12\x15\n\rnum_keypoints\x18\x0c \x01(\r\x12/\n\x0fstream_sessions\x18  \x01(\x0b\x32\x16.hnd.v1.StreamSessionsJ\x04\x08\r\x10 \"\x97\x01\n\x0eStreamSessions\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\x1b\n\x13max_reference_bytes\x18\x02 \x01(\x04\x12\x32\n\rvideo_formats\x18\x03 \x03(\x0e\x32\x1b.hnd.v1.EncodedImage.Format\x12\x18\n\x10max_video_pixels\x18\x04 \x01(\x04J\x04\x08\x05\x10\x10\x32\xc3\x01\n\x0eSplitInference\x12\x34\n\x05Infer\x12\x14.hnd.v1.InferRequest\x1a\x15.hnd.v1.InferResponse\x12>\n\x0bInferStream\x12\x14.hnd.v1.InferRequest\x1a\x15.hnd.v1.InferResponse(\x01\x30\x01\x12;\n\x0cGetModelInfo\x12\x18.hnd.v1.ModelInfoRequest\x1a\x11.hnd.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,27 +39,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BOTTLENECK']._serialized_start=245
   _globals['_BOTTLENECK']._serialized_end=328
   _globals['_ENCODEDIMAGE']._serialized_start=331
-  _globals['_ENCODEDIMAGE']._serialized_end=477
+  _globals['_ENCODEDIMAGE']._serialized_end=528
   _globals['_ENCODEDIMAGE_FORMAT']._serialized_start=406
-  _globals['_ENCODEDIMAGE_FORMAT']._serialized_end=471
-  _globals['_INFERREQUEST']._serialized_start=480
-  _globals['_INFERREQUEST']._serialized_end=739
-  _globals['_MASKS']._serialized_start=741
-  _globals['_MASKS']._serialized_end=801
-  _globals['_KEYPOINTS']._serialized_start=803
-  _globals['_KEYPOINTS']._serialized_end=875
-  _globals['_DETECTIONS']._serialized_start=878
-  _globals['_DETECTIONS']._serialized_end=1011
-  _globals['_SERVERTIMINGS']._serialized_start=1013
-  _globals['_SERVERTIMINGS']._serialized_end=1130
-  _globals['_INFERRESPONSE']._serialized_start=1132
-  _globals['_INFERRESPONSE']._serialized_end=1253
-  _globals['_MODELINFOREQUEST']._serialized_start=1255
-  _globals['_MODELINFOREQUEST']._serialized_end=1273
-  _globals['_SERVERLIMITS']._serialized_start=1276
-  _globals['_SERVERLIMITS']._serialized_end=1459
-  _globals['_MODELINFO']._serialized_start=1462
-  _globals['_MODELINFO']._serialized_end=1867
-  _globals['_SPLITINFERENCE']._serialized_start=1870
-  _globals['_SPLITINFERENCE']._serialized_end=2065
+  _globals['_ENCODEDIMAGE_FORMAT']._serialized_end=522
+  _globals['_STREAMFRAME']._serialized_start=531
+  _globals['_STREAMFRAME']._serialized_end=690
+  _globals['_STREAMFRAME_TYPE']._serialized_start=626
+  _globals['_STREAMFRAME_TYPE']._serialized_end=684
+  _globals['_INFERREQUEST']._serialized_start=693
+  _globals['_INFERREQUEST']._serialized_end=995
+  _globals['_MASKS']._serialized_start=997
+  _globals['_MASKS']._serialized_end=1057
+  _globals['_KEYPOINTS']._serialized_start=1059
+  _globals['_KEYPOINTS']._serialized_end=1131
+  _globals['_DETECTIONS']._serialized_start=1134
+  _globals['_DETECTIONS']._serialized_end=1267
+  _globals['_SERVERTIMINGS']._serialized_start=1269
+  _globals['_SERVERTIMINGS']._serialized_end=1386
+  _globals['_INFERRESPONSE']._serialized_start=1389
+  _globals['_INFERRESPONSE']._serialized_end=1555
+  _globals['_MODELINFOREQUEST']._serialized_start=1557
+  _globals['_MODELINFOREQUEST']._serialized_end=1575
+  _globals['_SERVERLIMITS']._serialized_start=1578
+  _globals['_SERVERLIMITS']._serialized_end=1761
+  _globals['_MODELINFO']._serialized_start=1764
+  _globals['_MODELINFO']._serialized_end=2218
+  _globals['_STREAMSESSIONS']._serialized_start=2221
+  _globals['_STREAMSESSIONS']._serialized_end=2372
+  _globals['_SPLITINFERENCE']._serialized_start=2375
+  _globals['_SPLITINFERENCE']._serialized_end=2570
 # @@protoc_insertion_point(module_scope)

@@ -41,30 +41,56 @@ class EncodedImage(_message.Message):
         FORMAT_UNSPECIFIED: _ClassVar[EncodedImage.Format]
         FORMAT_JPEG: _ClassVar[EncodedImage.Format]
         FORMAT_PNG: _ClassVar[EncodedImage.Format]
+        FORMAT_WEBP: _ClassVar[EncodedImage.Format]
+        FORMAT_H264: _ClassVar[EncodedImage.Format]
+        FORMAT_HEVC: _ClassVar[EncodedImage.Format]
     FORMAT_UNSPECIFIED: EncodedImage.Format
     FORMAT_JPEG: EncodedImage.Format
     FORMAT_PNG: EncodedImage.Format
+    FORMAT_WEBP: EncodedImage.Format
+    FORMAT_H264: EncodedImage.Format
+    FORMAT_HEVC: EncodedImage.Format
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     format: EncodedImage.Format
     data: bytes
     def __init__(self, format: _Optional[_Union[EncodedImage.Format, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class StreamFrame(_message.Message):
+    __slots__ = ("type", "key_sequence", "sequence")
+    class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        TYPE_UNSPECIFIED: _ClassVar[StreamFrame.Type]
+        TYPE_KEY: _ClassVar[StreamFrame.Type]
+        TYPE_DELTA: _ClassVar[StreamFrame.Type]
+    TYPE_UNSPECIFIED: StreamFrame.Type
+    TYPE_KEY: StreamFrame.Type
+    TYPE_DELTA: StreamFrame.Type
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    KEY_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    type: StreamFrame.Type
+    key_sequence: int
+    sequence: int
+    def __init__(self, type: _Optional[_Union[StreamFrame.Type, str]] = ..., key_sequence: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "weights_fingerprint", "bottleneck", "image", "score_threshold", "max_detections")
+    __slots__ = ("request_id", "weights_fingerprint", "bottleneck", "image", "score_threshold", "max_detections", "stream_frame")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     BOTTLENECK_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FRAME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     weights_fingerprint: str
     bottleneck: Bottleneck
     image: EncodedImage
     score_threshold: float
     max_detections: int
-    def __init__(self, request_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., bottleneck: _Optional[_Union[Bottleneck, _Mapping]] = ..., image: _Optional[_Union[EncodedImage, _Mapping]] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ...) -> None: ...
+    stream_frame: StreamFrame
+    def __init__(self, request_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., bottleneck: _Optional[_Union[Bottleneck, _Mapping]] = ..., image: _Optional[_Union[EncodedImage, _Mapping]] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., stream_frame: _Optional[_Union[StreamFrame, _Mapping]] = ...) -> None: ...
 
 class Masks(_message.Message):
     __slots__ = ("height", "width", "counts")
@@ -115,14 +141,18 @@ class ServerTimings(_message.Message):
     def __init__(self, decode_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("request_id", "detections", "timings")
+    __slots__ = ("request_id", "detections", "timings", "key_frame_required", "refusal")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    KEY_FRAME_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     detections: _containers.RepeatedCompositeFieldContainer[Detections]
     timings: ServerTimings
-    def __init__(self, request_id: _Optional[str] = ..., detections: _Optional[_Iterable[_Union[Detections, _Mapping]]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ...) -> None: ...
+    key_frame_required: bool
+    refusal: str
+    def __init__(self, request_id: _Optional[str] = ..., detections: _Optional[_Iterable[_Union[Detections, _Mapping]]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ..., key_frame_required: _Optional[bool] = ..., refusal: _Optional[str] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -147,7 +177,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., max_decompressed_bytes: _Optional[int] = ..., max_dims: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_kind", "bottleneck_channels", "weights_fingerprint", "accepted_bits", "accepted_granularities", "accepted_compressions", "accepted_image_formats", "limits", "server_version", "min_size", "max_size", "num_keypoints")
+    __slots__ = ("model_kind", "bottleneck_channels", "weights_fingerprint", "accepted_bits", "accepted_granularities", "accepted_compressions", "accepted_image_formats", "limits", "server_version", "min_size", "max_size", "num_keypoints", "stream_sessions")
     MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
     BOTTLENECK_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +190,7 @@ class ModelInfo(_message.Message):
     MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     model_kind: str
     bottleneck_channels: int
     weights_fingerprint: str
@@ -172,4 +203,17 @@ class ModelInfo(_message.Message):
     min_size: int
     max_size: int
     num_keypoints: int
-    def __init__(self, model_kind: _Optional[str] = ..., bottleneck_channels: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., accepted_bits: _Optional[_Iterable[int]] = ..., accepted_granularities: _Optional[_Iterable[_Union[_tensor_pb2.Granularity, str]]] = ..., accepted_compressions: _Optional[_Iterable[_Union[_tensor_pb2.Compression, str]]] = ..., accepted_image_formats: _Optional[_Iterable[_Union[EncodedImage.Format, str]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., num_keypoints: _Optional[int] = ...) -> None: ...
+    stream_sessions: StreamSessions
+    def __init__(self, model_kind: _Optional[str] = ..., bottleneck_channels: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., accepted_bits: _Optional[_Iterable[int]] = ..., accepted_granularities: _Optional[_Iterable[_Union[_tensor_pb2.Granularity, str]]] = ..., accepted_compressions: _Optional[_Iterable[_Union[_tensor_pb2.Compression, str]]] = ..., accepted_image_formats: _Optional[_Iterable[_Union[EncodedImage.Format, str]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., num_keypoints: _Optional[int] = ..., stream_sessions: _Optional[_Union[StreamSessions, _Mapping]] = ...) -> None: ...
+
+class StreamSessions(_message.Message):
+    __slots__ = ("max_sessions", "max_reference_bytes", "video_formats", "max_video_pixels")
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REFERENCE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VIDEO_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    max_sessions: int
+    max_reference_bytes: int
+    video_formats: _containers.RepeatedScalarFieldContainer[EncodedImage.Format]
+    max_video_pixels: int
+    def __init__(self, max_sessions: _Optional[int] = ..., max_reference_bytes: _Optional[int] = ..., video_formats: _Optional[_Iterable[_Union[EncodedImage.Format, str]]] = ..., max_video_pixels: _Optional[int] = ...) -> None: ...
