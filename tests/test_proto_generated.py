@@ -40,7 +40,7 @@ def test_every_enum_starts_unspecified():
 
     enums = list(tensor_pb2.DESCRIPTOR.enum_types_by_name.values())
     enums += [e for m in split_inference_pb2.DESCRIPTOR.message_types_by_name.values() for e in m.enum_types]
-    assert len(enums) == 4
+    assert len(enums) == 5  # + StreamFrame.Type
     for enum in enums:
         assert enum.values_by_number[0].name.endswith("_UNSPECIFIED"), enum.full_name
 
