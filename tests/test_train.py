@@ -8,8 +8,8 @@ import torch
 
 from hnd.common.config import load_config
 from hnd.train.synthetic import make_synthetic_coco, write_config
+from hnd.train.engine import TrainOptions, warmup_scheduler
 from hnd.train.train import (
-    TrainOptions,
     build_distillation_models,
     distill_batch,
     distill_layer_names,
@@ -17,7 +17,6 @@ from hnd.train.train import (
     main,
     set_distillation_modes,
     train,
-    warmup_scheduler,
 )
 
 SMALL = {"min_size": 128, "max_size": 128, "box_score_thresh": 0.0, "box_detections_per_img": 10,

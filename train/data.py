@@ -64,7 +64,7 @@ def load_coco(ann_file: str | Path) -> COCO:
     return coco
 
 
-def _has_valid_annotation(anns: list[dict], keypoints: bool) -> bool:
+def has_valid_annotation(anns: list[dict], keypoints: bool) -> bool:
     """torchvision references' test, with boxes checked as [x, y, w, h] (w and h > 1)."""
     anns = [a for a in anns if not a.get("iscrowd", 0)]
     if not anns:
@@ -79,7 +79,7 @@ def _has_valid_annotation(anns: list[dict], keypoints: bool) -> bool:
 
 def annotated_image_ids(coco: COCO, ids: Sequence[int], keypoints: bool) -> list[int]:
     """The ids with at least one usable (non-crowd, non-degenerate) annotation, order kept."""
-    return [i for i in ids if _has_valid_annotation(coco.loadAnns(coco.getAnnIds(imgIds=[i])), keypoints)]
+    return [i for i in ids if has_valid_annotation(coco.loadAnns(coco.getAnnIds(imgIds=[i])), keypoints)]
 
 
 def holdout_split(ids: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -27,18 +27,27 @@ metrics of the detector with and without the filter at that threshold.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
-from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from pycocotools.coco import COCO
 from torch import nn
 
+from hnd.common.checkpoint import fingerprint, read_checkpoint, save_checkpoint
+from hnd.common.config import Config, TrainConfig, build_model_from_config, load_config, with_weights
+from hnd.common.neural_filter import (FILTER_FORMAT, attach_filter, empty_detections, get_filter,
+                                      is_filter_state_dict, load_filter, save_filter)
+from hnd.common.split import Head, split_model
+from hnd.train.data import CocoDetection, has_valid_annotation, holdout_split, load_coco, make_loader, \
+    set_loader_epoch, split_paths
+from hnd.train.engine import Recipe, RunPaths, Selection, TrainOptions, check_sections, count_parameters, fit
 from hnd.train.errors import HndError
+from hnd.train.evaluate import IOU_TYPES, coco_evaluate, predict_dataset, to_coco_results, write_json_atomic
 
 FILTER_MODULE = "backbone.body.layer1.encoder.ext_classifier"
 
@@ -58,12 +67,10 @@ def filter_label(anns: list[dict], keypoints: bool = False) -> int:
     detector's training targets. This is the same rule hnd.train.data uses to drop
     non-annotated training images, so "kept for training" and "worth sending" agree.
     """
-    from hnd.train.data import _has_valid_annotation
-
-    return int(_has_valid_annotation(anns, keypoints))
+    return int(has_valid_annotation(anns, keypoints))
 
 
-def image_labels(coco: Any, ids: Sequence[int], keypoints: bool) -> dict[int, int]:
+def image_labels(coco: COCO, ids: Sequence[int], keypoints: bool) -> dict[int, int]:
     """{image id: filter label} for the given images of a pycocotools COCO."""
     return {int(i): filter_label(coco.loadAnns(coco.getAnnIds(imgIds=[i])), keypoints) for i in ids}
 
@@ -131,12 +138,9 @@ def operating_point(table: list[dict[str, float]], min_recall: float) -> dict[st
 # Models and data
 
 
-def build_filter_student(cfg: Any, device: str = "cpu") -> nn.Module:
+def build_filter_student(cfg: Config, device: str = "cpu") -> nn.Module:
     """The configured student, loaded strictly without a filter, with a fresh Ext4ResNet attached
     (initialised from ``train.seed``); eval mode, everything frozen but the filter."""
-    from hnd.common.config import build_model_from_config
-    from hnd.common.neural_filter import attach_filter
-
     if cfg.model.filter is None:
         raise HndError(cfg.path, "train.method filter needs a model.filter section")
     if cfg.model.bottleneck_channels is None:
@@ -147,16 +151,13 @@ def build_filter_student(cfg: Any, device: str = "cpu") -> nn.Module:
         torch.manual_seed(cfg.train.seed if cfg.train is not None else 0)
         attach_filter(model, cfg.model.filter.threshold)
     model.requires_grad_(False)
-    from hnd.common.neural_filter import get_filter
 
     get_filter(model).requires_grad_(True)
     return model.to(device).eval()
 
 
-def check_trainable(cfg: Any) -> None:
+def check_trainable(cfg: Config) -> None:
     """train.trainable must be left at hnd-train's default or name the filter: nothing else trains here."""
-    from hnd.common.config import TrainConfig
-
     trainable = list(cfg.train.trainable)
     if trainable == TrainConfig().trainable:
         return
@@ -165,10 +166,8 @@ def check_trainable(cfg: Any) -> None:
                                  f"(got {trainable})")
 
 
-def _dataset(cfg: Any, split: str, ids: Sequence[int] | None, train: bool, seed: int) -> Any:
+def _dataset(cfg: Config, split: str, ids: Sequence[int] | None, train: bool, seed: int) -> Any:
     """Images of a split (empty ones included) without masks / keypoints in the targets."""
-    from hnd.train.data import CocoDetection, load_coco, split_paths
-
     images, ann_file, _ = split_paths(cfg.dataset, split)  # remove_non_annotated_imgs: the filter needs them
     coco = load_coco(ann_file)
     chosen = sorted(coco.imgs) if ids is None else list(ids)
@@ -182,7 +181,7 @@ def _label_tensor(targets: Sequence[dict], labels: dict[int, int], device: str) 
 
 
 @torch.no_grad()
-def filter_scores(head: Any, loader: Any, labels: dict[int, int], device: str = "cpu"
+def filter_scores(head: Head, loader: Any, labels: dict[int, int], device: str = "cpu"
                   ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(labels [N], class-1 probabilities [N], image ids) of the filter over a loader, eval mode."""
     was_training = head.training
@@ -203,29 +202,17 @@ def filter_scores(head: Any, loader: Any, labels: dict[int, int], device: str = 
 # Training
 
 
-def train_filter(cfg: Any, options: Any) -> dict[str, Any]:
+def train_filter(cfg: Config, options: TrainOptions) -> dict[str, Any]:
     """hnd-train for ``train.method: filter``; returns the same summary as hnd.train.train.train."""
-    from hnd.common.checkpoint import fingerprint, save_checkpoint
-    from hnd.common.neural_filter import get_filter, load_filter, save_filter
-    from hnd.common.split import split_model
-    from hnd.train.data import holdout_split, load_coco, make_loader, set_loader_epoch, split_paths
-    from hnd.train.train import (JsonlLog, _progress, _rng_state, default_output_dir, restore_training_state,
-                                 make_optimizer, warmup_scheduler)
-
-    if cfg.train is None or cfg.dataset is None:
-        raise HndError(cfg.path, "hnd-train needs the train and dataset sections")
-    tcfg = cfg.train
+    tcfg = check_sections(cfg)
+    assert cfg.dataset is not None
+    if cfg.model.filter is None:
+        raise HndError(cfg.path, "train.method filter needs a model.filter section")
     check_trainable(cfg)
     device = options.device
     epochs = tcfg.epochs if options.epochs is None else options.epochs
     workers = cfg.dataset.num_workers if options.workers is None else options.workers
-    out_dir = Path(options.output_dir) if options.output_dir else default_output_dir(cfg)
-    if options.output_dir or cfg.model.filter.checkpoint is None:
-        best_path = out_dir / "best.pt"
-    else:
-        best_path = Path(cfg.model.filter.checkpoint)
-    last_path = out_dir / "last.pt"
-    log = JsonlLog(out_dir / "log.jsonl")
+    paths = RunPaths.of(cfg, options, cfg.model.filter.checkpoint)
     select_by = "last" if options.select_by == "last" else "roc_auc"
 
     # Data: labels from the annotations; the held-out part of train selects the model.
@@ -254,93 +241,49 @@ def train_filter(cfg: Any, options: Any) -> dict[str, Any]:
     model = build_filter_student(cfg, device)
     head, _ = split_model(model)
     ext = get_filter(model)
-    params = list(ext.parameters())
-    optimizer = make_optimizer(params, tcfg.optimizer)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, tcfg.scheduler.milestones, tcfg.scheduler.gamma)
     criterion = nn.CrossEntropyLoss()
-    best_value, best_epoch, start_epoch = -math.inf, -1, 0
-    history: list[dict[str, Any]] = []
     student_fp = fingerprint({k: v for k, v in model.state_dict().items() if not k.startswith(FILTER_MODULE + ".")})
 
-    if options.resume:
-        if not last_path.is_file():
-            raise HndError(last_path, "nothing to resume (no checkpoint from an earlier run)")
-        state = load_filter(last_path, ext)
-        if state.get("method") != "filter" or state.get("select_by") != select_by:
-            raise HndError(last_path, f"was written by a {state.get('method')} run selecting by "
-                                      f"{state.get('select_by')}, not filter / {select_by}")
-        if state.get("student_fingerprint") != student_fp:
-            raise HndError(last_path, "was trained on another student (its fingerprint differs)")
-        start_epoch, best_value, best_epoch, history = restore_training_state(state, optimizer, scheduler)
-        print(f"hnd-train: resuming {last_path} at epoch {start_epoch}", file=sys.stderr)
-
-    print(f"hnd-train: filter on {cfg.model.kind} b{cfg.model.bottleneck_channels}ch, {len(train_set)} train "
-          f"({n_pos} with objects) / {len(hold_ids)} held-out images, {sum(p.numel() for p in params):,} trainable "
-          f"parameters, epochs {start_epoch}..{epochs - 1}, select by {select_by}, output {best_path}",
-          file=sys.stderr)
-    config_dict = dataclasses.asdict(cfg)
-    for epoch in range(start_epoch, epochs):
-        set_loader_epoch(train_loader, epoch)
-        warmup = (warmup_scheduler(optimizer, len(train_loader), tcfg.warmup_iters)
-                  if epoch == 0 and tcfg.warmup_iters > 0 else None)
+    def train_modes() -> None:
         # Only the filter trains (its BatchNorms use batch statistics); the transform in train mode
         # picks a random size for multi-size configs (keypoints), as in distillation.
         model.eval()
         ext.train()
         head.transform.train()
-        total, n_images, start = 0.0, 0, time.perf_counter()
-        bar = _progress(train_loader, f"epoch {epoch}", options.progress)
-        for it, (images, targets) in enumerate(bar):
-            with torch.no_grad():
-                batch, _ = head.preprocess([img.to(device) for img in images])
-                features = head.stem(batch)
-            loss = criterion(ext.logits(features), _label_tensor(targets, labels, device))
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise HndError("training", f"loss is {value} at epoch {epoch} iteration {it}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if warmup is not None:
-                warmup.step()
-            total += value * len(images)
-            n_images += len(images)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{value:.4g}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            if it % max(tcfg.log_freq, 1) == 0 or it == len(train_loader) - 1:
-                log.write(kind="iter", epoch=epoch, iter=it, loss=value, lr=optimizer.param_groups[0]["lr"])
-        scheduler.step()  # once per epoch
-        seconds = time.perf_counter() - start
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(n_images, 1),
-                                  "seconds": round(seconds, 3), "images_per_s": round(n_images / max(seconds, 1e-9), 3)}
+
+    def step(images: list[torch.Tensor], targets: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            batch, _ = head.preprocess(images)
+            features = head.stem(batch)
+        return criterion(ext.logits(features), _label_tensor(targets, labels, device)), {}
+
+    def heldout_roc_auc() -> float:
         head.transform.eval()
-        if select_by == "roc_auc":
-            y, p, _ = filter_scores(head, hold_loader, labels, device)
-            record["heldout_roc_auc"] = value = roc_auc(y, p)
-        else:
-            value = float(epoch)
-        if value > best_value:
-            best_value, best_epoch = value, epoch
-            save_filter(best_path, ext, epoch=epoch, best_value=float(value), select_by=select_by, method="filter",
-                        student_fingerprint=student_fp, config=config_dict)
-        record.update(best_epoch=best_epoch, best_value=best_value)
-        history.append(record)
-        log.write(kind="epoch", **record)
-        save_filter(last_path, ext, optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
-                    epoch=epoch, best_value=float(best_value), best_epoch=best_epoch, select_by=select_by,
-                    method="filter", student_fingerprint=student_fp, config=config_dict, rng=_rng_state(),
-                    history=history)
-        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
-        print(f"hnd-train: {json.dumps(shown)}", file=sys.stderr)
+        y, p, _ = filter_scores(head, hold_loader, labels, device)
+        return roc_auc(y, p)
+
+    def check_resume(state: dict[str, Any]) -> None:
+        if state.get("student_fingerprint") != student_fp:
+            raise HndError(paths.last, "was trained on another student (its fingerprint differs)")
+
+    recipe = Recipe(method="filter", params=list(ext.parameters()), step=step, train_modes=train_modes,
+                    save=lambda path, entries, best: save_filter(path, ext, student_fingerprint=student_fp, **entries),
+                    load=lambda path: load_filter(path, ext), check_resume=check_resume, loss_average="image")
+    selection = Selection("roc_auc", heldout_roc_auc, "heldout_roc_auc") if select_by == "roc_auc" else Selection("last")
+    config_dict = dataclasses.asdict(cfg)
+    result = fit(recipe, train_loader, tcfg, selection, paths, epochs=epochs, device=device, resume=options.resume,
+                 progress=options.progress, config=config_dict, set_epoch=set_loader_epoch, shown_output=paths.best,
+                 banner=f"filter on {cfg.model.kind} b{cfg.model.bottleneck_channels}ch, {len(train_set)} train "
+                        f"({n_pos} with objects) / {len(hold_ids)} held-out images, "
+                        f"{count_parameters(recipe.params):,} trainable parameters")
 
     # The whole student with the best filter, in our format (hnd-export-head, --checkpoint).
-    model_path = out_dir / "best-model.pt"
-    if best_epoch >= 0:
-        load_filter(best_path, ext)
-        save_checkpoint(model_path, model.eval(), epoch=best_epoch, best_value=float(best_value), method="filter",
-                        select_by=select_by, config=config_dict)
-    return {"best_value": best_value, "best_epoch": best_epoch, "select_by": select_by, "best": str(best_path),
-            "best_model": str(model_path), "last": str(last_path), "log": str(log.path), "history": history}
+    model_path = paths.out_dir / "best-model.pt"
+    if result.best_epoch >= 0:
+        load_filter(paths.best, ext)
+        save_checkpoint(model_path, model.eval(), epoch=result.best_epoch, best_value=float(result.best_value),
+                        method="filter", select_by=select_by, config=config_dict)
+    return {**result.summary(), "best_model": str(model_path)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,9 +293,6 @@ def train_filter(cfg: Any, options: Any) -> dict[str, Any]:
 def make_filtered_predictor(model: nn.Module, threshold: float) -> Any:
     """images -> detections through head -> filter -> (encoder -> tail for kept images); dropped
     images get the kind's normal empty result (hnd.common.neural_filter.empty_detections)."""
-    from hnd.common.neural_filter import empty_detections
-    from hnd.common.split import split_model
-
     head, tail = split_model(model.eval())
 
     def predict(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -371,25 +311,16 @@ def make_filtered_predictor(model: nn.Module, threshold: float) -> Any:
 
 def _filter_file(path: str) -> bool:
     """True when ``path`` holds only neural filter weights (ours or the original's ext layout)."""
-    from hnd.common.checkpoint import read_checkpoint
-    from hnd.common.neural_filter import FILTER_FORMAT, is_filter_state_dict
-
     ckpt = read_checkpoint(path)
     return ckpt["format"] == FILTER_FORMAT or is_filter_state_dict(ckpt["model"])
 
 
-def evaluate_filter(config: Any, checkpoint: str | None = None, split: str = "val", min_recall: float = 0.9,
+def evaluate_filter(config: str | Config, checkpoint: str | None = None, split: str = "val", min_recall: float = 0.9,
                     device: str = "cpu", workers: int | None = None, batch_size: int = 1,
                     max_images: int | None = None, random_weights: int | None = None, coco: bool = False,
                     progress: bool = False) -> dict[str, Any]:
     """ROC-AUC and threshold table of the configured filter on a split; optionally COCO metrics with
     and without it. ``checkpoint`` may be a full student (with its filter) or a filter-only file."""
-    from hnd.common.checkpoint import fingerprint
-    from hnd.common.config import build_model_from_config, load_config, with_weights
-    from hnd.common.split import split_model
-    from hnd.train.data import make_loader
-    from hnd.train.evaluate import IOU_TYPES, coco_evaluate, predict_dataset, to_coco_results
-
     cfg = config if hasattr(config, "model") else load_config(config)
     if cfg.model.filter is None:
         raise HndError(cfg.path, "has no neural filter (model.filter)")
@@ -467,8 +398,6 @@ def format_filter_report(result: dict[str, Any], max_rows: int = 20) -> str:
 
 def eval_main(args: Any) -> int:
     """hnd-eval on a config with a neural filter (called by hnd.train.evaluate.main)."""
-    from hnd.train.evaluate import write_json_atomic
-
     result = evaluate_filter(args.config, checkpoint=args.checkpoint, split=args.split,
                              min_recall=getattr(args, "min_recall", 0.9), device=args.device, workers=args.workers,
                              batch_size=args.batch_size, max_images=args.max_images,

@@ -30,39 +30,32 @@ config's ``model.checkpoint`` (where hnd-eval and hnd-server look for it).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
-import json
-import math
 import os
 import sys
-import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.ops import FrozenBatchNorm2d
 
+from hnd.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hnd.common.config import Config, ConfigError, build_model_from_config, load_config
+from hnd.common.models import build_model
+from hnd.train.data import build_dataset, holdout_split, load_coco, make_loader, set_loader_epoch, split_paths
+from hnd.train.engine import Recipe, RunPaths, Selection, TrainOptions, check_sections, count_parameters, fit
 from hnd.train.errors import HndError
+from hnd.train.evaluate import evaluate_model
+from hnd.train.filter import train_filter
 
 BOTTLENECK_PREFIX = "backbone.body.layer1."
 DISTILL_METHODS = ("hnd", "ghnd")
-
-
-@dataclass
-class TrainOptions:
-    """Command-line settings that are not part of the config."""
-
-    output_dir: str | None = None
-    device: str = "cpu"
-    workers: int | None = None  # None: dataset.num_workers
-    epochs: int | None = None  # None: train.epochs
-    resume: bool = False
-    select_by: str = "bbox"  # bbox | loss | last
-    progress: bool = True
-    train_bn: bool = False  # supervised from scratch: train the backbone's batch norms (see unfreeze_batchnorm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,15 +84,12 @@ def copy_teacher_weights(teacher: nn.Module, student: nn.Module, skip_prefix: st
     return copied
 
 
-def build_distillation_models(cfg: Any) -> tuple[nn.Module, nn.Module]:
+def build_distillation_models(cfg: Config) -> tuple[nn.Module, nn.Module]:
     """(teacher, student) of a distillation config; the student's non-bottleneck weights are the teacher's.
 
     The student's bottleneck is initialised from ``model.random_weights`` (or ``train.seed``);
     ``model.checkpoint`` is where training writes the result, so it is not read here.
     """
-    from hnd.common.config import build_model_from_config
-    from hnd.common.models import build_model
-
     if cfg.teacher is None:
         raise HndError(cfg.path, f"train.method {cfg.train.method} needs a teacher section")
     if cfg.teacher.kind != cfg.model.kind:
@@ -146,8 +136,6 @@ def unfreeze_batchnorm(model: nn.Module) -> int:
     at all. For from-scratch supervised training (``--train-bn``) the norms train as usual
     BatchNorm2d and :func:`fold_batchnorm` turns them back before the model is saved.
     """
-    from torchvision.ops import FrozenBatchNorm2d
-
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -168,9 +156,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     Same eval-mode function; the state dict then loads into a model from ``build_model``.
     """
-    import copy
-    from torchvision.ops import FrozenBatchNorm2d
-
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -259,7 +244,7 @@ def distillation_loss(student_feats: dict[str, torch.Tensor], teacher_feats: dic
     return total, {n: float(v.detach()) for n, v in terms.items()}
 
 
-def distill_layer_names(cfg: Any) -> list[str]:
+def distill_layer_names(cfg: Config) -> list[str]:
     """train.distill_layers with the short forms (``layer2``) expanded to backbone.body names."""
     layers = list(cfg.train.distill_layers)
     if not layers:
@@ -278,108 +263,7 @@ def distill_batch(student: nn.Module, teacher: nn.Module, images: list[torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimisation
-
-
-def make_optimizer(params: list[nn.Parameter], opt_cfg: Any) -> torch.optim.Optimizer:
-    if opt_cfg.type == "adam":
-        return torch.optim.Adam(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
-    if opt_cfg.type == "sgd":
-        return torch.optim.SGD(params, lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
-    raise HndError("train.optimizer.type", f"unknown optimizer {opt_cfg.type!r}")
-
-
-def warmup_scheduler(optimizer: torch.optim.Optimizer, iterations: int, warmup_iters: int,
-                     warmup_factor: float = 1e-3) -> torch.optim.lr_scheduler.LambdaLR:
-    """torchvision references' warmup: factor warmup_factor -> 1 linearly over min(warmup_iters, iterations - 1)."""
-    n = min(warmup_iters, iterations - 1)
-
-    def factor(i: int) -> float:
-        if i >= n:
-            return 1.0
-        alpha = i / n
-        return warmup_factor * (1 - alpha) + alpha
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ---------------------------------------------------------------------------------------------
-# Logging helpers
-
-
-class JsonlLog:
-    """Append-only JSON-lines log (one record per line, flushed each time)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, **record: Any) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def _progress(loader: Any, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return loader
-    from tqdm import tqdm
-
-    return tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, disable=None, leave=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# One epoch
-
-
-def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, epoch: int, device: str,
-                    teacher: nn.Module | None = None, layers: Sequence[str] = (), trainable: Sequence[str] = (),
-                    warmup_iters: int = 0, log: JsonlLog | None = None, log_freq: int = 100,
-                    progress: bool = True) -> dict[str, float]:
-    """One pass over ``loader``: distillation when ``teacher`` is given, detection losses otherwise.
-
-    Returns {"loss": mean loss, "images": n, "seconds": s, "lr": last lr}.
-    """
-    warmup = warmup_scheduler(optimizer, len(loader), warmup_iters) if epoch == 0 and warmup_iters > 0 else None
-    if teacher is not None:
-        set_distillation_modes(model, trainable)
-    else:
-        set_supervised_modes(model)
-    total, n_images, start = 0.0, 0, time.perf_counter()
-    bar = _progress(loader, f"epoch {epoch}", progress)
-    for it, (images, targets) in enumerate(bar):
-        images = [img.to(device) for img in images]
-        if teacher is not None:
-            loss, terms = distill_batch(model, teacher, images, layers)
-        else:
-            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
-            terms = {k: float(v.detach()) for k, v in loss_dict.items()}
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise HndError("training", f"loss is {value} at epoch {epoch} iteration {it} ({terms}); "
-                                       "lower train.optimizer.lr or raise train.warmup_iters")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if warmup is not None:
-            warmup.step()
-        total += value
-        n_images += len(images)
-        rate = n_images / max(time.perf_counter() - start, 1e-9)
-        lr = optimizer.param_groups[0]["lr"]
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{value:.4g}", img_s=f"{rate:.2f}", lr=f"{lr:.2e}")
-        if it % log_freq == 0 or it == len(loader) - 1:
-            if log is not None:
-                log.write(kind="iter", epoch=epoch, iter=it, loss=value, terms=terms, lr=lr,
-                          images_per_s=round(rate, 3))
-            if getattr(bar, "disable", True):  # no live progress bar (off, or not a terminal): print a line
-                print(f"hnd-train: epoch {epoch} iter {it}/{len(loader)} loss {value:.4g} lr {lr:.2e} "
-                      f"{rate:.2f} img/s", file=sys.stderr, flush=True)
-    seconds = time.perf_counter() - start
-    return {"loss": total / max(len(loader), 1), "images": n_images, "seconds": seconds,
-            "lr": optimizer.param_groups[0]["lr"]}
+# Selection
 
 
 @torch.no_grad()
@@ -397,73 +281,25 @@ def heldout_distillation_loss(student: nn.Module, teacher: nn.Module, loader: An
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# The recipe
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@dataclass
+class Data:
+    train_set: Any
+    train_loader: Any
+    hold_ids: list[int]
+    hold_loader: Any | None
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimizer,
-                           scheduler: Any) -> tuple[int, float, int, list]:
-    """Load optimizer, scheduler and RNG state of a ``last.pt``; returns (start epoch, best value, best epoch, history)."""
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["lr_scheduler"])
-    _set_rng_state(state["rng"])
-    return (int(state["epoch"]) + 1, float(state["best_value"]), int(state["best_epoch"]),
-            list(state.get("history", [])))
-
-
-def default_output_dir(cfg: Any) -> Path:
-    return Path("resource") / "train" / Path(str(cfg.path)).stem
-
-
-def train(config: str | os.PathLike | Any, options: TrainOptions | None = None) -> dict[str, Any]:
-    """Run training as configured; return a summary (best value, epoch, paths, history)."""
-    from hnd.common.checkpoint import load_checkpoint, save_checkpoint
-    from hnd.common.config import build_model_from_config, load_config
-    from hnd.train.data import build_dataset, holdout_split, load_coco, make_loader, set_loader_epoch, split_paths
-    from hnd.train.evaluate import evaluate_model
-
-    options = options or TrainOptions()
-    cfg = config if hasattr(config, "model") else load_config(config)
-    if cfg.train is None or cfg.dataset is None:
-        raise HndError(cfg.path, "hnd-train needs the train and dataset sections")
+def distillation_data(cfg: Config, method: str, select_by: str, workers: int) -> Data:
+    """Train loader over train minus the held-out part (``train.holdout_fraction``) that selects the
+    model; val / test stay untouched. Distillation needs only the images: masks are not decoded."""
     tcfg = cfg.train
-    method = tcfg.method
-    if method == "filter":  # the neural filter has its own loop and selection (hnd.train.filter)
-        from hnd.train.filter import train_filter
-
-        return train_filter(cfg, options)
-    if method not in DISTILL_METHODS + ("supervised",):
-        raise HndError(cfg.path, f"train.method {method} is not handled by hnd-train")
-    if options.select_by not in ("bbox", "loss", "last"):
-        raise HndError("--select-by", f"unknown selection {options.select_by!r}")
-    device = options.device
-    epochs = tcfg.epochs if options.epochs is None else options.epochs
-    workers = cfg.dataset.num_workers if options.workers is None else options.workers
-    out_dir = Path(options.output_dir) if options.output_dir else default_output_dir(cfg)
-    if options.output_dir or method == "supervised" or not cfg.model.checkpoint:
-        best_path = out_dir / "best.pt"
-    else:
-        best_path = Path(cfg.model.checkpoint)
-    last_path = out_dir / "last.pt"
-    log = JsonlLog(out_dir / "log.jsonl")
-
-    # Data: the held-out part of train selects the model; val / test stay untouched.
+    assert tcfg is not None and cfg.dataset is not None
     _, train_ann, _ = split_paths(cfg.dataset, "train")
     all_ids = sorted(load_coco(train_ann).imgs)
     train_ids, hold_ids = holdout_split(all_ids, tcfg.holdout_fraction, tcfg.seed)
-    # Distillation needs only the images: skip decoding masks.
     train_set = build_dataset(cfg.dataset, "train", cfg.model.kind, train=True, seed=tcfg.seed, ids=train_ids,
                               masks=False if method in DISTILL_METHODS else None)
     train_loader = make_loader(train_set, tcfg.batch_size, workers, train=True,
@@ -471,12 +307,20 @@ def train(config: str | os.PathLike | Any, options: TrainOptions | None = None) 
     hold_loader = None
     if hold_ids:
         hold_set = build_dataset(cfg.dataset, "train", cfg.model.kind, ids=hold_ids, remove_empty=False)
-        hold_loader = make_loader(hold_set, 1 if options.select_by == "bbox" else tcfg.batch_size, workers)
-    select_by = options.select_by if hold_loader is not None else "last"
-    if select_by == "loss" and method == "supervised":
-        raise HndError("--select-by", "loss selection is for distillation; use bbox or last")
+        hold_loader = make_loader(hold_set, 1 if select_by == "bbox" else tcfg.batch_size, workers)
+    return Data(train_set, train_loader, hold_ids, hold_loader)
 
-    # Models.
+
+def detector_recipe(cfg: Config, options: TrainOptions, paths: RunPaths) -> tuple[Recipe, nn.Module,
+                                                                                    nn.Module | None, list[str]]:
+    """(recipe, model, teacher, distilled layers) of a distillation or supervised config.
+
+    Distillation: the student's stem + bottleneck train against the teacher's features
+    (:func:`distill_batch`); supervised: ``train.trainable`` trains on torchvision's detection losses.
+    """
+    tcfg = cfg.train
+    assert tcfg is not None
+    method, device = tcfg.method, options.device
     torch.manual_seed(tcfg.seed)
     teacher: nn.Module | None = None
     if method in DISTILL_METHODS:
@@ -493,64 +337,74 @@ def train(config: str | os.PathLike | Any, options: TrainOptions | None = None) 
     model.to(device)
     trainable_names = set(freeze_except(model, tcfg.trainable))
     params = [p for n, p in model.named_parameters() if n in trainable_names]
-    optimizer = make_optimizer(params, tcfg.optimizer)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, tcfg.scheduler.milestones, tcfg.scheduler.gamma)
-    higher_is_better = select_by != "loss"
-    best_value = -math.inf if higher_is_better else math.inf
-    best_epoch = -1
-    start_epoch = 0
-    history: list[dict[str, Any]] = []
 
-    if options.resume:
-        if not last_path.is_file():
-            raise HndError(last_path, "nothing to resume (no checkpoint from an earlier run)")
-        state = load_checkpoint(last_path, model)
-        if (state.get("method"), state.get("select_by"), state.get("train_bn", False)) != \
-                (method, select_by, options.train_bn):
-            raise HndError(last_path, f"was written by a {state.get('method')} run selecting by "
-                                      f"{state.get('select_by')} (train_bn {state.get('train_bn', False)}), "
-                                      f"not {method} / {select_by} (train_bn {options.train_bn})")
-        start_epoch, best_value, best_epoch, history = restore_training_state(state, optimizer, scheduler)
-        print(f"hnd-train: resuming {last_path} at epoch {start_epoch}", file=sys.stderr)
+    def distill_step(images: list[torch.Tensor], targets: list[dict[str, Any]]) -> tuple[torch.Tensor, dict]:
+        assert teacher is not None
+        return distill_batch(model, teacher, images, layers)
 
-    n_train = sum(p.numel() for p in params)
-    print(f"hnd-train: {method} {cfg.model.kind}"
-          + (f" b{cfg.model.bottleneck_channels}ch" if cfg.model.bottleneck_channels else "")
-          + f", {len(train_set)} train / {len(hold_ids)} held-out images, {n_train:,} trainable parameters, "
-            f"epochs {start_epoch}..{epochs - 1}, select by {select_by}, output {out_dir}", file=sys.stderr)
+    def supervised_step(images: list[torch.Tensor], targets: list[dict[str, Any]]) -> tuple[torch.Tensor, dict]:
+        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        loss_dict = model(images, targets)
+        return sum(loss_dict.values()), {k: float(v.detach()) for k, v in loss_dict.items()}
 
-    for epoch in range(start_epoch, epochs):
-        set_loader_epoch(train_loader, epoch)
-        stats = train_one_epoch(model, train_loader, optimizer, epoch, device, teacher=teacher, layers=layers,
-                                trainable=tcfg.trainable, warmup_iters=tcfg.warmup_iters, log=log,
-                                log_freq=max(tcfg.log_freq, 1), progress=options.progress)
-        scheduler.step()  # once per epoch (the original's coco_runner stepped twice)
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"], "seconds": round(stats["seconds"], 3),
-                                  "images_per_s": round(stats["images"] / max(stats["seconds"], 1e-9), 3)}
-        if select_by == "bbox":
-            metrics = evaluate_model(model, hold_loader, device, cfg.model.kind)
-            record["heldout_bbox_AP"] = value = metrics["bbox"]["AP"]
-        elif select_by == "loss":
-            record["heldout_loss"] = value = heldout_distillation_loss(model, teacher, hold_loader, layers, device)
+    def save(path: Path, entries: dict[str, Any], best: bool) -> None:
+        if best:
+            save_checkpoint(path, fold_batchnorm(model) if options.train_bn else model, **entries)
         else:
-            value = float(epoch)
-        improved = value > best_value if higher_is_better else value < best_value
-        if improved:
-            best_value, best_epoch = value, epoch
-            save_checkpoint(best_path, fold_batchnorm(model) if options.train_bn else model, epoch=epoch,
-                            best_value=float(value), select_by=select_by, method=method,
-                            config=dataclasses.asdict(cfg))
-        record.update(best_epoch=best_epoch, best_value=best_value)
-        history.append(record)
-        log.write(kind="epoch", **record)
-        save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
-                        epoch=epoch, best_value=float(best_value), best_epoch=best_epoch, select_by=select_by,
-                        method=method, config=dataclasses.asdict(cfg), rng=_rng_state(), history=history,
-                        train_bn=options.train_bn)
-        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
-        print(f"hnd-train: {json.dumps(shown)}", file=sys.stderr)
-    return {"best_value": best_value, "best_epoch": best_epoch, "select_by": select_by, "best": str(best_path),
-            "last": str(last_path), "log": str(log.path), "history": history}
+            save_checkpoint(path, model, **entries, train_bn=options.train_bn)
+
+    def check_resume(state: dict[str, Any]) -> None:
+        if state.get("train_bn", False) != options.train_bn:
+            raise HndError(paths.last, f"was written by a run with train_bn {state.get('train_bn', False)}, "
+                                       f"not train_bn {options.train_bn}")
+
+    recipe = Recipe(
+        method=method, params=params, step=distill_step if teacher is not None else supervised_step,
+        train_modes=(lambda: set_distillation_modes(model, tcfg.trainable)) if teacher is not None else
+        (lambda: set_supervised_modes(model)),
+        save=save, load=lambda path: load_checkpoint(path, model), check_resume=check_resume)
+    return recipe, model, teacher, layers
+
+
+def train(config: str | os.PathLike | Config, options: TrainOptions | None = None) -> dict[str, Any]:
+    """Run training as configured; return a summary (best value, epoch, paths, history)."""
+    options = options or TrainOptions()
+    cfg = config if isinstance(config, Config) else load_config(config)
+    tcfg = check_sections(cfg)
+    method = tcfg.method
+    if method == "filter":  # the neural filter's recipe (hnd.train.filter)
+        return train_filter(cfg, options)
+    if method not in DISTILL_METHODS + ("supervised",):
+        raise HndError(cfg.path, f"train.method {method} is not handled by hnd-train")
+    if options.select_by not in ("bbox", "loss", "last"):
+        raise HndError("--select-by", f"unknown selection {options.select_by!r}")
+    assert cfg.dataset is not None
+    epochs = tcfg.epochs if options.epochs is None else options.epochs
+    workers = cfg.dataset.num_workers if options.workers is None else options.workers
+    paths = RunPaths.of(cfg, options, None if method == "supervised" else cfg.model.checkpoint)
+    data = distillation_data(cfg, method, options.select_by, workers)
+    select_by = options.select_by if data.hold_loader is not None else "last"
+    if select_by == "loss" and method == "supervised":
+        raise HndError("--select-by", "loss selection is for distillation; use bbox or last")
+    recipe, model, teacher, layers = detector_recipe(cfg, options, paths)
+    hold, device = data.hold_loader, options.device
+    if select_by == "bbox":
+        selection = Selection("bbox", lambda: evaluate_model(model, hold, device, cfg.model.kind)["bbox"]["AP"],
+                              "heldout_bbox_AP")
+    elif select_by == "loss":
+        assert teacher is not None
+        selection = Selection("loss", lambda: heldout_distillation_loss(model, teacher, hold, layers, device),
+                              "heldout_loss", higher_is_better=False)
+    else:
+        selection = Selection("last")
+    banner = (f"{method} {cfg.model.kind}"
+              + (f" b{cfg.model.bottleneck_channels}ch" if cfg.model.bottleneck_channels else "")
+              + f", {len(data.train_set)} train / {len(data.hold_ids)} held-out images, "
+                f"{count_parameters(recipe.params):,} trainable parameters")
+    result = fit(recipe, data.train_loader, tcfg, selection, paths, epochs=epochs, device=device,
+                 resume=options.resume, progress=options.progress, config=dataclasses.asdict(cfg), banner=banner,
+                 set_epoch=set_loader_epoch)
+    return result.summary()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,9 +430,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from hnd.common.checkpoint import CheckpointError
-    from hnd.common.config import ConfigError
-
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise HndError("--device", "CUDA is not available on this machine")
