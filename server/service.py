@@ -27,15 +27,18 @@ from hnd.common import codec, wire
 from hnd.common.checkpoint import fingerprint
 from hnd.common.models import bottleneck_channels_of, model_kind
 from hnd.common.split import SplitMeta, concat_meta, split_model
+from hnd.common.video import VideoError
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import tensor_pb2
 from hnd.server.batching import Batcher, DeadlineExpired, QueueFull
 from hnd.server.metrics import ServerMetrics
+from hnd.server.streams import KeyFrameRequired, StreamLimits, StreamSession, StreamSessions, video_request
 
 log = logging.getLogger("hnd.server")
 
 SERVICE_NAME = "hnd.v1.SplitInference"
-IMAGE_FORMATS = {pb.EncodedImage.FORMAT_JPEG: "JPEG", pb.EncodedImage.FORMAT_PNG: "PNG"}
+IMAGE_FORMATS = {pb.EncodedImage.FORMAT_JPEG: "JPEG", pb.EncodedImage.FORMAT_PNG: "PNG",
+                 pb.EncodedImage.FORMAT_WEBP: "WEBP"}
 
 
 class RequestError(Exception):
@@ -55,6 +58,7 @@ class ServerLimits:
     max_images_per_request: int = 8
     max_image_pixels: int = 4096 * 4096
     max_stream_inflight: int = 32
+    streams: StreamLimits = field(default_factory=StreamLimits)  # per-InferStream sessions (server/streams.py)
 
 
 @dataclass
@@ -144,6 +148,7 @@ class SplitInferenceService:
             on_depth=lambda n: self.metrics.queue_depth.set(n),
         )
         self.batching = batching
+        self.streams = StreamSessions(limits.streams, limits.codec)
         self.draining = False
         self._stream_readers: set[asyncio.Task] = set()
 
@@ -167,7 +172,7 @@ class SplitInferenceService:
             accepted_granularities=[tensor_pb2.GRANULARITY_TENSOR, tensor_pb2.GRANULARITY_CHANNEL,
                                     tensor_pb2.GRANULARITY_ORIGINAL],
             accepted_compressions=[tensor_pb2.COMPRESSION_NONE, tensor_pb2.COMPRESSION_ZSTD],
-            accepted_image_formats=list(IMAGE_FORMATS) if self.offload else [],
+            accepted_image_formats=(list(IMAGE_FORMATS) + self.streams.video_format_enums()) if self.offload else [],
             limits=pb.ServerLimits(
                 max_message_bytes=lim.max_message_bytes,
                 max_elements=lim.codec.max_elements,
@@ -181,11 +186,13 @@ class SplitInferenceService:
             min_size=r.min_size,
             max_size=r.max_size,
             num_keypoints=r.num_keypoints,
+            stream_sessions=self.streams.info(offload=self.offload),
         )
 
     # --- validation and decoding --------------------------------------------------------------
 
-    def _decode_bottleneck(self, request: pb.InferRequest) -> tuple[tuple, tuple[str, Any]]:
+    def _decode_bottleneck(self, request: pb.InferRequest, session: StreamSession | None = None
+                           ) -> tuple[tuple, tuple[str, Any]]:
         r = self.runner
         if request.weights_fingerprint != r.fingerprint:
             raise RequestError(
@@ -209,10 +216,17 @@ class SplitInferenceService:
         if ph % 32 or pw % 32 or (h, w) != (ph // 4 + 4, pw // 4 + 4):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"bottleneck spatial size {h}x{w} does not fit padded size {ph}x{pw}")
-        z = codec.decode(encoded, self.limits.codec).reshape(shape)
+        if request.HasField("stream_frame"):  # temporal coding: the session holds the reference
+            decoded = session.decode_bottleneck(*wire.stream_frame_from_proto(request.stream_frame), encoded)
+            self._stream_note = decoded.note
+            value = decoded.value
+        else:
+            value = codec.decode(encoded, self.limits.codec)
+        z = value.reshape(shape)
         return ("split", (c, h, w), meta.padded_size), ("split", (z, meta))
 
-    def _decode_image(self, request: pb.InferRequest) -> tuple[tuple, tuple[str, Any]]:
+    def _decode_image(self, request: pb.InferRequest, session: StreamSession | None = None
+                      ) -> tuple[tuple, tuple[str, Any]]:
         if not self.offload:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "this server does not accept images (offload off)")
         if request.weights_fingerprint and request.weights_fingerprint != self.runner.fingerprint:
@@ -220,6 +234,11 @@ class SplitInferenceService:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"weights fingerprint mismatch: request {request.weights_fingerprint}, server {self.runner.fingerprint}",
             )
+        if request.image.format in (pb.EncodedImage.FORMAT_H264, pb.EncodedImage.FORMAT_HEVC):
+            decoded = video_request(session, request, self.limits.max_image_pixels)
+            self._stream_note = decoded.note
+            tensor = torch.from_numpy(decoded.value).permute(2, 0, 1).float().div_(255)
+            return ("image", id(request)), ("image", tensor)
         fmt = IMAGE_FORMATS.get(request.image.format)
         if fmt is None:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unsupported image format {request.image.format}")
@@ -237,23 +256,41 @@ class SplitInferenceService:
         tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
         return ("image", id(request)), ("image", tensor)
 
-    def _decode(self, request: pb.InferRequest) -> tuple[tuple, tuple[str, Any]]:
+    def _decode(self, request: pb.InferRequest, session: StreamSession | None = None
+                ) -> tuple[tuple, tuple[str, Any]]:
         which = request.WhichOneof("payload")
+        # Set by the stream decoders when a key frame was answered but not kept; read by infer right
+        # after this synchronous call, before any await, so requests cannot mix their notes.
+        self._stream_note = ""
+        if request.HasField("stream_frame") and session is None:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "stream frames (key / delta, H.264 / HEVC) need InferStream, not Infer")
         try:
             if which == "bottleneck":
-                return self._decode_bottleneck(request)
+                return self._decode_bottleneck(request, session)
             if which == "image":
-                return self._decode_image(request)
+                return self._decode_image(request, session)
         except codec.CodecError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad bottleneck: {exc}") from None
+        except VideoError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad video frame: {exc}") from None
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request carries neither a bottleneck nor an image")
 
     # --- one request ----------------------------------------------------------------------------
 
-    async def infer(self, request: pb.InferRequest, time_remaining: float | None) -> pb.InferResponse:
-        """Validate, decode, batch, compute and encode one request; raises RequestError."""
+    async def infer(self, request: pb.InferRequest, time_remaining: float | None,
+                    session: StreamSession | None = None) -> pb.InferResponse:
+        """Validate, decode, batch, compute and encode one request; raises RequestError.
+
+        session: the InferStream's stream session. Decoding happens before the first await, so a stream's
+        frames meet its session in the order they were read.
+        """
         t0 = time.perf_counter_ns()
-        key, payload = self._decode(request)
+        try:
+            key, payload = self._decode(request, session)
+        except KeyFrameRequired as exc:  # no valid reference: refuse this frame in-band, compute nothing
+            return pb.InferResponse(request_id=request.request_id, key_frame_required=True, refusal=str(exc))
+        stream_note = self._stream_note
         decode_ns = time.perf_counter_ns() - t0
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         try:
@@ -266,6 +303,7 @@ class SplitInferenceService:
         response = pb.InferResponse(
             request_id=request.request_id,
             detections=[wire.detections_to_proto(_filter_detections(d, request)) for d in result],
+            key_frame_required=bool(stream_note),  # answered, but not kept as a reference
         )
         encode_ns = time.perf_counter_ns() - t1
         queue_ns = item.started_ns - item.enqueued_ns
@@ -311,6 +349,7 @@ class SplitInferenceService:
         A bad request ends the stream with its status code; the client reopens a stream.
         """
         pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=self.limits.max_stream_inflight)
+        session = self.streams.open()  # temporal state of this stream; freed in the finally below
         draining = RequestError(grpc.StatusCode.UNAVAILABLE, "server is draining: reopen the stream on another replica")
         if self.draining:
             await self._fail(context, "InferStream", draining)
@@ -319,7 +358,7 @@ class SplitInferenceService:
             try:
                 async for raw in request_iterator:
                     request = self._parse(raw)  # parse errors surface in order, below
-                    task = asyncio.ensure_future(self.infer(request, context.time_remaining()))
+                    task = asyncio.ensure_future(self.infer(request, context.time_remaining(), session))
                     try:
                         await pending.put(task)
                     except asyncio.CancelledError:  # drain: this one was read but will not be answered
@@ -350,6 +389,7 @@ class SplitInferenceService:
             if self.draining:
                 await self._fail(context, "InferStream", draining)
         finally:
+            session.close()
             reader.cancel()
             while not pending.empty():
                 task = pending.get_nowait()

@@ -207,13 +207,15 @@ class ModelInfo(_message.Message):
     def __init__(self, model_kind: _Optional[str] = ..., bottleneck_channels: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., accepted_bits: _Optional[_Iterable[int]] = ..., accepted_granularities: _Optional[_Iterable[_Union[_tensor_pb2.Granularity, str]]] = ..., accepted_compressions: _Optional[_Iterable[_Union[_tensor_pb2.Compression, str]]] = ..., accepted_image_formats: _Optional[_Iterable[_Union[EncodedImage.Format, str]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., num_keypoints: _Optional[int] = ..., stream_sessions: _Optional[_Union[StreamSessions, _Mapping]] = ...) -> None: ...
 
 class StreamSessions(_message.Message):
-    __slots__ = ("max_sessions", "max_reference_bytes", "video_formats", "max_video_pixels")
+    __slots__ = ("max_sessions", "max_reference_bytes", "video_formats", "max_video_pixels", "max_video_sessions")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_REFERENCE_BYTES_FIELD_NUMBER: _ClassVar[int]
     VIDEO_FORMATS_FIELD_NUMBER: _ClassVar[int]
     MAX_VIDEO_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VIDEO_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     max_reference_bytes: int
     video_formats: _containers.RepeatedScalarFieldContainer[EncodedImage.Format]
     max_video_pixels: int
-    def __init__(self, max_sessions: _Optional[int] = ..., max_reference_bytes: _Optional[int] = ..., video_formats: _Optional[_Iterable[_Union[EncodedImage.Format, str]]] = ..., max_video_pixels: _Optional[int] = ...) -> None: ...
+    max_video_sessions: int
+    def __init__(self, max_sessions: _Optional[int] = ..., max_reference_bytes: _Optional[int] = ..., video_formats: _Optional[_Iterable[_Union[EncodedImage.Format, str]]] = ..., max_video_pixels: _Optional[int] = ..., max_video_sessions: _Optional[int] = ...) -> None: ...
