@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from hnd.common.timing import ms_since, now_ns
 from hnd.edge.capture import ArrayFrames
 from hnd.edge.client import EdgeError, SplitClient
 from hnd.edge.pipeline import EdgeRunner
+from hnd.edge.records import FrameRecord
 from hnd.server.local import answered_requests, background_server, scrape_answered_requests, server_process
 
 from hnd.bench.frames import resize_like_model, scale_boxes
@@ -65,30 +65,28 @@ class Sample:
         return link_latency_ms(edge, self.request_bytes, self.response_bytes, server, self.loopback_ms, link)
 
 
-def sample_from_record(record: dict[str, Any], frame: int, raw_bytes: int, extra_edge_ms: float) -> Sample:
-    """A Sample from an EdgeRunner record (the same record hnd-edge writes).
+def sample_from_record(record: FrameRecord, frame: int, raw_bytes: int, extra_edge_ms: float) -> Sample:
+    """A Sample from an EdgeRunner record (the same typed record hnd-edge writes).
 
     A frame the neural filter dropped (``filtered: true``) has 0 bytes, no server times and no response:
     its edge time is preprocess + stem (its ``ms.head``) + filter, and that is its whole latency.
     """
-    if record["status"] != "OK":
-        raise EdgeError(f"frame {frame} ({record['source']}): {record['status']}: {record.get('error', '')}")
-    ms = record["ms"]
-    server = record.get("server_ms", {})
-    server_ms = sum(server.values())
-    network = ms.get("network_server", 0.0)
+    if not record.ok:
+        raise EdgeError(f"frame {frame} ({record.source}): {record.status}: {record.error or ''}")
+    ms = record.ms
+    server = record.server_ms
+    server_ms = server.total() if server is not None else 0.0
     return Sample(
-        frame=frame, source=record["source"], raw_bytes=raw_bytes,
-        request_bytes=record["bytes"]["message"], payload_bytes=record["bytes"]["payload"],
-        response_bytes=record["bytes"].get("response", 0),
-        edge_ms_raw=ms.get("preprocess", 0.0) + ms.get("head", 0.0) + ms.get("filter", 0.0) + ms.get("encode", 0.0)
-        + extra_edge_ms,
-        edge_model_ms_raw=ms.get("head", 0.0),
-        server_ms_raw=server_ms, server_compute_ms_raw=server.get("compute", 0.0),
-        loopback_ms=max(0.0, network - server_ms) if server else 0.0,
-        measured_total_ms=ms["total"] + extra_edge_ms,
-        filtered=record.get("filtered"), filter_probability=record.get("filter_probability"),
-        filter_ms_raw=ms.get("filter", 0.0),
+        frame=frame, source=record.source, raw_bytes=raw_bytes,
+        request_bytes=record.bytes.message, payload_bytes=record.bytes.payload,
+        response_bytes=record.bytes.response or 0,
+        edge_ms_raw=ms.edge_ms() + extra_edge_ms,
+        edge_model_ms_raw=ms.get("head"),
+        server_ms_raw=server_ms, server_compute_ms_raw=server.compute if server is not None else 0.0,
+        loopback_ms=max(0.0, ms.get("network_server") - server_ms) if server is not None else 0.0,
+        measured_total_ms=ms.get("total") + extra_edge_ms,
+        filtered=record.filtered, filter_probability=record.filter_probability,
+        filter_ms_raw=ms.get("filter"),
     )
 
 
@@ -158,7 +156,7 @@ def measure(settings: list[Setting], frames: list[np.ndarray], names: list[str],
                     sent = resize_like_model(image, head.transform)
                     extra_ms = ms_since(t)
                 runner = runners[s.key]
-                got: list[dict] = []
+                got: list[FrameRecord] = []
                 before = answered() if answered is not None else 0.0
                 runner.run(ArrayFrames([sent], [name]), on_record=lambda r, f: got.append(r))
                 if answered is not None:
@@ -167,8 +165,8 @@ def measure(settings: list[Setting], frames: list[np.ndarray], names: list[str],
                 dets = runner.last_detections[0]
                 if s.resized:
                     dets = scale_boxes(dets, sent.shape[:2], image.shape[:2])
-                record["frame"] = i
-                records[s.key].append(record)
+                record.frame = i
+                records[s.key].append(record.to_dict())
                 samples[s.key].append(sample_from_record(record, i, image.size, extra_ms))
                 detections[s.key].append(dets)
                 bar.update(1)

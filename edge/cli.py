@@ -19,7 +19,6 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -32,8 +31,10 @@ from hnd.common.split import Head, split_model
 from hnd.edge.capture import Frame, SourceError, open_source
 from hnd.edge.client import ClientSettings, EdgeError, SplitClient
 from hnd.edge.draw import VideoSink, draw_detections
-from hnd.edge.pipeline import EdgeOptions, EdgeRunner, Summary
-from hnd.proto.v1 import split_inference_pb2 as pb
+from hnd.edge.modes import EdgeOptions, make_mode
+from hnd.edge.pipeline import EdgeRunner
+from hnd.edge.records import FrameRecord, RecordWriter
+from hnd.edge.summary import Summary
 
 PROG = "hnd-edge"
 DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
@@ -109,42 +110,6 @@ def load_edge_model(cfg: Config, mode: str, checkpoint: str | None = None, head_
     return EdgeModel(head, fp, None)
 
 
-def check_server(info: pb.ModelInfo, em: EdgeModel, options: EdgeOptions) -> None:
-    """Stop with one clear line when the server cannot serve this edge."""
-    if options.mode == "offload":
-        if not info.accepted_image_formats:
-            raise EdgeError("the server does not accept full frames (started with --no-offload)")
-        return
-    if info.weights_fingerprint != em.fingerprint:
-        raise EdgeError(
-            f"weights fingerprint mismatch: edge {em.fingerprint}, server {info.weights_fingerprint} "
-            "(both sides must load the same checkpoint or seed)"
-        )
-    if options.bits not in info.accepted_bits:
-        raise EdgeError(f"the server does not accept {options.bits}-bit bottlenecks (accepts {list(info.accepted_bits)})")
-    head = em.head
-    if head is not None and (info.min_size, info.max_size) != (int(head.transform.min_size[-1]), int(head.transform.max_size)):
-        raise EdgeError(f"resize mismatch: edge {head.transform.min_size[-1]}/{head.transform.max_size}, "
-                        f"server {info.min_size}/{info.max_size}")
-
-
-class RecordWriter:
-    """JSONL records to a temp file, renamed into place at close (readers never see half a file)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.partial")
-        self.file = self.tmp.open("w")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        self.file.close()
-        os.replace(self.tmp, self.path)
-
-
 def filter_threshold(cfg: Config, args: argparse.Namespace) -> float | None:
     """The neural filter's threshold for this run, None when it is off (no filter, --no-filter, offload)."""
     flt = cfg.model.filter
@@ -192,17 +157,19 @@ def run_edge(args: argparse.Namespace) -> Summary:
             target=args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token,
             max_message_bytes=rt.max_message_bytes, timeout_s=args.timeout or rt.deadline_s,
         ))
-        check_server(client.model_info(), em, options)
-    runner = EdgeRunner(options, head=em.head, fingerprint=em.fingerprint, model=em.model, client=client)
+    mode = make_mode(options, em.head, em.fingerprint, em.model)
+    if client is not None:
+        mode.check_server(client.model_info())
+    runner = EdgeRunner(options, client=client, mode=mode)
     writer = RecordWriter(args.output) if args.output else None
     video = VideoSink(str(Path(args.save_video).with_name(f".partial.{Path(args.save_video).name}"))) \
         if args.save_video else None
 
-    def on_record(record: dict[str, Any], frame: Frame) -> None:
+    def on_record(record: FrameRecord, frame: Frame) -> None:
         if writer is not None:
             writer.write(record)
         if video is not None and frame.image is not None:
-            dets = runner.last_detections if record["status"] == "OK" else None
+            dets = runner.last_detections if record.ok else None
             video.write(draw_detections(frame.image, dets[0]) if dets else frame.image)
 
     try:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import grpc
 
+from hnd.common.channel import channel_options
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import split_inference_pb2_grpc as pb_grpc
-from hnd.server.app import channel_options
 
 log = logging.getLogger("hnd.edge")
 

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hnd.common.channel import channel_options
 from hnd.server.service import SERVICE_NAME, BatchingOptions, ModelRunner, ServerLimits, SplitInferenceService
 
 log = logging.getLogger("hnd.server")
@@ -58,18 +59,6 @@ class ServerSettings:
     # grace), so clients re-resolve DNS and spread over replicas added since. None: never.
     max_connection_age_s: float | None = None
     max_connection_age_grace_s: float = 30.0
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Message-size and keepalive options shared by the server and the edge's channel."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):

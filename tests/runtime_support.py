@@ -42,14 +42,14 @@ def client_for(server, **kw) -> SplitClient:
 
 
 def run_edge(model, client, images, **options):
-    """Run an EdgeRunner over in-memory frames; returns (summary, records, detections per frame)."""
+    """Run an EdgeRunner over in-memory frames; returns (summary, records as JSON dicts, detections per frame)."""
     head, _ = split_model(model)
     runner = EdgeRunner(EdgeOptions(**options), head=head, fingerprint=fingerprint(model), model=model, client=client)
     records, dets = [], []
 
     def on_record(record, frame):
-        records.append(record)
-        dets.append(runner.last_detections if record["status"] == "OK" else None)
+        records.append(record.to_dict())  # the JSON form hnd-edge writes
+        dets.append(runner.last_detections if record.ok else None)
 
     summary = runner.run(ArrayFrames(images), on_record)
     return summary, records, dets

@@ -14,6 +14,7 @@ from hnd.bench.plan import BenchOptions, split_settings
 from hnd.bench.run import run_bench
 from hnd.bench.linkmodel import Link, crossovers, link_latency_ms, parse_links, transfer_ms
 from hnd.edge.pipeline import EdgeOptions
+from hnd.edge.records import FrameRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -215,7 +216,7 @@ def _filtered_record(**ms):
 def test_sample_from_a_filtered_record_costs_its_edge_time_and_nothing_on_the_link():
     from hnd.bench.measure import sample_from_record
 
-    s = sample_from_record(_filtered_record(), frame=0, raw_bytes=300, extra_edge_ms=0.0)
+    s = sample_from_record(FrameRecord.from_dict(_filtered_record()), frame=0, raw_bytes=300, extra_edge_ms=0.0)
     assert (s.request_bytes, s.payload_bytes, s.response_bytes) == (0, 0, 0)
     assert (s.server_ms, s.server_compute_ms_raw, s.loopback_ms) == (0.0, 0.0, 0.0)
     assert s.filtered is True and s.filter_probability == 0.002
@@ -226,7 +227,7 @@ def test_sample_from_a_filtered_record_costs_its_edge_time_and_nothing_on_the_li
                 bytes={"payload": 900, "message": 1000, "response": 200},
                 server_ms={"decode": 1.0, "queue": 0.0, "compute": 30.0, "encode": 1.0})
     sent["ms"]["head"] = 9.0
-    s = sample_from_record(sent, frame=0, raw_bytes=300, extra_edge_ms=0.0)
+    s = sample_from_record(FrameRecord.from_dict(sent), frame=0, raw_bytes=300, extra_edge_ms=0.0)
     assert s.edge_ms_raw == pytest.approx(2.0 + 9.0 + 1.5 + 0.5) and s.loopback_ms == pytest.approx(8.0)
     lte = Link("lte", 10.0, 40.0)
     assert s.latency_ms(lte, local=False) == pytest.approx(13.0 + 0.96 + 40.0 + 8.0 + 32.0)

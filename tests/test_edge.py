@@ -123,7 +123,7 @@ def test_edge_reconnects_after_server_restart(model):
     runner = EdgeRunner(EdgeOptions(max_inflight=1), head=head, fingerprint=fingerprint(model), client=client)
     records = []
     try:
-        summary = runner.run(RestartingSource(frames(5)), lambda r, f: records.append(r))
+        summary = runner.run(RestartingSource(frames(5)), lambda r, f: records.append(r.to_dict()))
     finally:
         client.close()
         if state["second"] is not None:

@@ -1,0 +1,198 @@
+"""Edge modes: how one frame becomes a request (or a local result). One interface, several modes.
+
+The interface (:class:`EdgeMode`), as the runner (:class:`hnd.edge.pipeline.EdgeRunner`) uses it::
+
+    mode.check_server(info)            # once, after GetModelInfo: raise EdgeError (one line) if the
+                                       # server cannot serve this mode (fingerprint, bits, formats...)
+    p = mode.prepare(frame)            # per frame, on the edge: -> Prepared, a typed request
+                                       #   (p.request: pb.InferRequest, None when computed here)
+                                       #   + its timings (p.ms: records.Timings) and byte counts
+    ...the runner sends p.request (unary or stream), in a window of K in flight...
+    dets = mode.detections(p, response)  # the frame's detections: the server's response decoded,
+                                       #   or what prepare computed locally (response None)
+    mode.after(p, record)              # every frame's final FrameRecord, in frame order, failed ones
+                                       #   included: stream sessions reset state here (e.g. "next frame
+                                       #   is a key frame" after a failure); default: nothing
+    mode.close()                       # end of the run
+
+``prepare`` owns every edge stage it runs and times them into ``Prepared.ms`` (capture is the source's;
+network_server / total / overhead are the runner's). A mode can add record keys through
+``Prepared.extra`` (merged into the record's top level). ``mode.name`` is the record's ``mode``
+("split", "offload", "local"); ``mode.uses_server`` says whether the runner needs a client.
+
+Modes here: :class:`OffloadMode` (the frame as JPEG/PNG; no torch). The torch modes (split with a
+torch head, local) live in :mod:`hnd.edge.torch_modes`, so a torch-free edge never imports torch;
+:func:`make_mode` picks one from :class:`EdgeOptions` and the parts given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from hnd.common import wire
+from hnd.common.timing import ms_since, now_ns
+from hnd.edge.capture import Frame
+from hnd.edge.client import EdgeError, next_request_id
+from hnd.edge.records import Timings
+from hnd.proto.v1 import split_inference_pb2 as pb
+
+Detections = dict[str, Any]  # boxes [N, 4], labels [N], scores [N] (+ masks, keypoints): tensors or arrays
+
+
+@dataclass
+class EdgeOptions:
+    mode: str = "split"  # split | offload | local
+    bits: int = 8
+    granularity: str = "tensor"
+    compression: str = "zstd"
+    level: int = 3
+    image_format: str = "jpeg"  # offload: jpeg | png
+    jpeg_quality: int = 90
+    max_inflight: int = 2
+    stream: bool = False
+    score_threshold: float | None = None
+    retry_unavailable: bool = True  # after a reconnect, resend a frame that failed with UNAVAILABLE
+    keep_detections: bool = True  # put boxes / labels / scores in the records
+    # Neural filter: frames whose probability of holding anything to detect is below this are not
+    # sent (split) or not run (local). None: off. Needs a student with a filter (model.filter).
+    filter_threshold: float | None = None
+
+
+@dataclass
+class Prepared:
+    """A frame made ready to send (``request``), or already computed here (``local_result``).
+
+    ms: the edge stages prepare ran; payload_bytes: the bottleneck / image bytes; message_bytes: the whole
+    request; done_ns: monotonic time prepare finished (the runner resets it when it sends).
+    """
+
+    frame: Frame
+    ms: Timings
+    request: pb.InferRequest | None = None
+    payload_bytes: int = 0
+    message_bytes: int = 0
+    local_result: list[Detections] | None = None
+    done_ns: int = 0
+    filtered: bool | None = None  # None: no filter ran
+    filter_probability: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EdgeMode:
+    """One way of running a frame (see the module docstring for the call order). Subclass and implement
+    ``prepare``; override ``check_server`` / ``detections`` / ``after`` / ``close`` when the mode needs to."""
+
+    name = "mode"
+    uses_server = True
+
+    def __init__(self, options: EdgeOptions, fingerprint: str = "") -> None:
+        self.options = options
+        self.fingerprint = fingerprint
+
+    def check_server(self, info: pb.ModelInfo) -> None:
+        """Raise EdgeError with one line when the server cannot serve this mode."""
+
+    def prepare(self, frame: Frame) -> Prepared:
+        raise NotImplementedError
+
+    def detections(self, prepared: Prepared, response: pb.InferResponse | None) -> list[Detections]:
+        if response is None:
+            return prepared.local_result or []
+        return [wire.detections_from_proto(d) for d in response.detections]
+
+    def after(self, prepared: Prepared, record: Any) -> None:
+        """Called with every frame's final FrameRecord, in frame order."""
+
+    def close(self) -> None:
+        pass
+
+    def new_request(self, frame: Frame) -> pb.InferRequest:
+        """An InferRequest with this frame's id, the weights fingerprint and the score threshold set."""
+        request = pb.InferRequest(request_id=next_request_id(frame.index), weights_fingerprint=self.fingerprint)
+        if self.options.score_threshold is not None:
+            request.score_threshold = self.options.score_threshold
+        return request
+
+
+def check_split_server(info: pb.ModelInfo, fingerprint: str, bits: int, resize: tuple[int, int] | None) -> None:
+    """What a split mode needs of the server: the same weights, its bits and (given) the same resize."""
+    if info.weights_fingerprint != fingerprint:
+        raise EdgeError(
+            f"weights fingerprint mismatch: edge {fingerprint}, server {info.weights_fingerprint} "
+            "(both sides must load the same checkpoint or seed)"
+        )
+    if bits not in info.accepted_bits:
+        raise EdgeError(f"the server does not accept {bits}-bit bottlenecks (accepts {list(info.accepted_bits)})")
+    if resize is not None and (info.min_size, info.max_size) != resize:
+        raise EdgeError(f"resize mismatch: edge {resize[0]}/{resize[1]}, server {info.min_size}/{info.max_size}")
+
+
+class OffloadMode(EdgeMode):
+    """The frame itself on the wire, compressed as JPEG (``jpeg_quality``) or PNG; the whole model on the server."""
+
+    name = "offload"
+
+    def __init__(self, options: EdgeOptions, fingerprint: str = "") -> None:
+        super().__init__(options, fingerprint)
+        if options.filter_threshold is not None:
+            raise ValueError("the neural filter runs on the edge's head: split or local mode, not offload")
+
+    def check_server(self, info: pb.ModelInfo) -> None:
+        if not info.accepted_image_formats:
+            raise EdgeError("the server does not accept full frames (started with --no-offload)")
+
+    def prepare(self, frame: Frame) -> Prepared:
+        o = self.options
+        ms = Timings(capture=frame.capture_ms, preprocess=0.0, head=0.0)
+        request = self.new_request(frame)
+        t = now_ns()
+        bgr = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)
+        if o.image_format == "png":
+            ok, buf = cv2.imencode(".png", bgr)
+            request.image.format = pb.EncodedImage.FORMAT_PNG
+        else:
+            ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, o.jpeg_quality])
+            request.image.format = pb.EncodedImage.FORMAT_JPEG
+        if not ok:
+            raise EdgeError(f"{frame.source}: cannot encode frame as {o.image_format}")
+        request.image.data = buf.tobytes()
+        ms.encode = ms_since(t)
+        return Prepared(frame, ms, request=request, payload_bytes=len(request.image.data),
+                        message_bytes=request.ByteSize())
+
+
+def detections_json(dets: list[Detections], keep: bool) -> list[dict[str, Any]]:
+    """The records' JSON form of detections (torch tensors or numpy arrays): counts, and boxes / labels /
+    scores / keypoints when ``keep``."""
+    out = []
+    for d in dets:
+        item: dict[str, Any] = {"count": int(len(d["scores"]))}
+        if keep:
+            item["boxes"] = [[round(float(v), 2) for v in box] for box in np.asarray(d["boxes"]).tolist()]
+            item["labels"] = [int(v) for v in np.asarray(d["labels"]).tolist()]
+            item["scores"] = [round(float(s), 4) for s in np.asarray(d["scores"]).tolist()]
+            if "keypoints" in d:
+                item["keypoints"] = [[[round(float(v), 1) for v in p] for p in kp]
+                                     for kp in np.asarray(d["keypoints"]).tolist()]
+        out.append(item)
+    return out
+
+
+def make_mode(options: EdgeOptions, head: Any = None, fingerprint: str = "", model: Any = None) -> EdgeMode:
+    """The mode ``options.mode`` names, over the parts given: a torch head (split), the full model (local)."""
+    if options.mode == "offload":
+        return OffloadMode(options, fingerprint)
+    if options.mode in ("split", "local"):
+        from hnd.edge.torch_modes import LocalMode, TorchSplitMode  # torch only when a torch mode is used
+
+        if options.mode == "split":
+            if head is None:
+                raise ValueError("split mode needs a head")
+            return TorchSplitMode(options, head, fingerprint)
+        if model is None:
+            raise ValueError("local mode needs the full model")
+        return LocalMode(options, model, fingerprint)
+    raise ValueError(f"unknown edge mode {options.mode!r} (split, offload, local)")
