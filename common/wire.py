@@ -78,7 +78,7 @@ def tensor_from_proto(msg: tensor_pb2.Tensor, limits: Limits = DEFAULT_LIMITS) -
         shape=tuple(msg.shape),
         dtype=_lookup(_DTYPE_FROM_PROTO, msg.dtype, "dtype"),
         bits=msg.bits,
-        granularity=_lookup(_GRANULARITY_FROM_PROTO, msg.granularity, "granularity"),
+        granularity=_granularity_from_proto(msg),
         scale=tuple(msg.scale),
         zero_point=tuple(msg.zero_point),
         compression=_lookup(_COMPRESSION_FROM_PROTO, msg.compression, "compression"),
@@ -87,6 +87,13 @@ def tensor_from_proto(msg: tensor_pb2.Tensor, limits: Limits = DEFAULT_LIMITS) -
     )
     validate(t, limits)
     return t
+
+
+def _granularity_from_proto(msg: tensor_pb2.Tensor) -> str:
+    # 16 / 32 bits carry no scale or zero point: the proto says granularity is ignored there, so unset is fine.
+    if msg.bits in (16, 32) and msg.granularity == tensor_pb2.GRANULARITY_UNSPECIFIED:
+        return "tensor"
+    return _lookup(_GRANULARITY_FROM_PROTO, msg.granularity, "granularity")
 
 
 def meta_to_proto(meta: SplitMeta) -> pb.SplitMeta:

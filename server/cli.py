@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=None, help="images per tail batch")
     p.add_argument("--max-delay-ms", type=float, default=None, help="how long a batch waits to fill (default 0: it takes what queued meanwhile)")
     p.add_argument("--max-queue", type=int, default=None, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-short-side", type=int, default=None,
+                   help="largest resized short side accepted, i.e. the largest edge min_size (default: the model's)")
+    p.add_argument("--max-long-side", type=int, default=None,
+                   help="largest resized long side accepted, i.e. the largest edge max_size (default: the model's)")
+    p.add_argument("--max-original-side", type=int, default=ServerLimits.max_original_side,
+                   help="largest original frame height / width a request may declare (default %(default)s)")
+    p.add_argument("--max-mask-mib", type=int, default=ServerLimits.max_mask_bytes >> 20,
+                   help="Mask R-CNN: float32 masks one request may paste at its original size (default %(default)s)")
     p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
@@ -67,10 +75,18 @@ def settings_from_args(args: argparse.Namespace, runtime) -> ServerSettings:
         raise ConfigError("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    for flag in ("max_short_side", "max_long_side", "max_original_side", "max_mask_mib"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     return ServerSettings(
         host=args.host,
         port=args.port if args.port is not None else runtime.port,
-        limits=ServerLimits(max_message_bytes=runtime.max_message_bytes, codec=codec.DEFAULT_LIMITS),
+        limits=ServerLimits(
+            max_message_bytes=runtime.max_message_bytes, codec=codec.DEFAULT_LIMITS,
+            max_short_side=args.max_short_side, max_long_side=args.max_long_side,
+            max_original_side=args.max_original_side, max_mask_bytes=args.max_mask_mib << 20,
+        ),
         batching=BatchingOptions(
             max_batch=args.max_batch or runtime.max_batch,
             max_delay_ms=args.max_delay_ms if args.max_delay_ms is not None else runtime.max_delay_ms,

@@ -7,8 +7,13 @@ STAGES = ("decode", "queue", "compute", "encode")
 
 
 class ServerMetrics:
-    """``hnd_requests_total{method,code}``, ``hnd_batch_size``, ``hnd_queue_depth``,
-    ``hnd_stage_seconds{stage}`` and ``hnd_request_bytes_total``."""
+    """``hnd_requests_total{method,code}``, ``hnd_refusals_total{method,code,reason}``,
+    ``hnd_deadline_drops_total{method}``, ``hnd_request_seconds{method,code}``,
+    ``hnd_stream_messages_total{outcome}``, ``hnd_log_suppressed_total``, ``hnd_batch_size``,
+    ``hnd_queue_depth``, ``hnd_stage_seconds{stage}`` and ``hnd_request_bytes_total``.
+
+    InferStream counts per message: one request = one stream message.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -25,6 +30,26 @@ class ServerMetrics:
             "hnd_stage_seconds", "Server stage durations", ["stage"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
+        )
+        self.refusals = Counter(
+            "hnd_refusals", "Requests refused, by method, status code and reason (a fixed label)",
+            ["method", "code", "reason"], registry=self.registry,
+        )
+        self.deadline_drops = Counter(
+            "hnd_deadline_drops", "Requests whose deadline passed while queued (never computed)", ["method"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "hnd_request_seconds", "Server time of a request from receipt to answer or refusal", ["method", "code"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.stream_messages = Counter(
+            "hnd_stream_messages", "InferStream messages: answered, refused, or dropped because their stream "
+            "had ended (not computed)", ["outcome"], registry=self.registry,
+        )
+        self.log_suppressed = Counter(
+            "hnd_log_suppressed", "Refusal log lines left out by the rate limit", registry=self.registry
         )
         self.request_bytes = Counter(
             "hnd_request_bytes", "Serialized request bytes received", registry=self.registry

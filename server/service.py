@@ -11,6 +11,7 @@ import asyncio
 import io
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +32,10 @@ from hnd.common.video import VideoError
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import tensor_pb2
 from hnd.server.batching import Batcher, DeadlineExpired, QueueFull
+from hnd.server.budget import BudgetError, check_bottleneck_shape, check_originals, check_split_meta, make_budget
 from hnd.server.metrics import ServerMetrics
 from hnd.server.streams import KeyFrameRequired, StreamLimits, StreamSession, StreamSessions, video_request
+from hnd.server.text import RateLimitedLog, client_text
 
 log = logging.getLogger("hnd.server")
 
@@ -42,11 +45,15 @@ IMAGE_FORMATS = {pb.EncodedImage.FORMAT_JPEG: "JPEG", pb.EncodedImage.FORMAT_PNG
 
 
 class RequestError(Exception):
-    """A request refused with a gRPC status code; the message goes to the client."""
+    """A request refused with a gRPC status code; the message goes to the client.
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    reason: a short fixed label for the refusals metric (never client text).
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "invalid") -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 @dataclass
@@ -58,6 +65,13 @@ class ServerLimits:
     max_images_per_request: int = 8
     max_image_pixels: int = 4096 * 4096
     max_stream_inflight: int = 32
+    # Accepted resize (hnd.server.budget): None = the model's own min_size / max_size.
+    max_short_side: int | None = None
+    max_long_side: int | None = None
+    max_original_side: int = 8192
+    # Mask R-CNN pastes detections_per_img float32 masks per image at its original size: this bounds them
+    # per request (and so the original pixels a request may declare).
+    max_mask_bytes: int = 1 << 30
     streams: StreamLimits = field(default_factory=StreamLimits)  # per-InferStream sessions (server/streams.py)
 
 
@@ -77,6 +91,9 @@ class ModelRunner:
         self.fingerprint = fingerprint(model)
         self.min_size = int(model.transform.min_size[-1])
         self.max_size = int(model.transform.max_size)
+        self.size_divisible = int(model.transform.size_divisible)
+        # Masks pasted per image at its original size (0: the model predicts no masks).
+        self.mask_detections = int(model.roi_heads.detections_per_img) if model.roi_heads.has_mask() else 0
         predictor = getattr(model.roi_heads, "keypoint_predictor", None)
         self.num_keypoints = int(predictor.kps_score_lowres.out_channels) if predictor is not None else 0
         self.device = device
@@ -151,6 +168,14 @@ class SplitInferenceService:
         self.streams = StreamSessions(limits.streams, limits.codec)
         self.draining = False
         self._stream_readers: set[asyncio.Task] = set()
+        self.budget = make_budget(
+            max_images=limits.max_images_per_request, model_min_size=runner.min_size,
+            model_max_size=runner.max_size, size_divisible=runner.size_divisible,
+            mask_detections=runner.mask_detections, max_short_side=limits.max_short_side,
+            max_long_side=limits.max_long_side, max_original_side=limits.max_original_side,
+            max_mask_bytes=limits.max_mask_bytes,
+        )
+        self.refusal_log = RateLimitedLog(log, on_suppressed=self.metrics.log_suppressed.inc)
 
     def begin_drain(self) -> None:
         """Open InferStreams stop reading, answer what they read, then end UNAVAILABLE (clients
@@ -164,6 +189,7 @@ class SplitInferenceService:
     def model_info(self) -> pb.ModelInfo:
         r = self.runner
         lim = self.limits
+        b = self.budget
         return pb.ModelInfo(
             model_kind=r.kind,
             bottleneck_channels=r.channels,
@@ -181,6 +207,15 @@ class SplitInferenceService:
                 max_batch=lim.max_images_per_request,
                 max_queue=self.batching.max_queue,
                 max_image_pixels=lim.max_image_pixels,
+                max_short_side=b.max_short_side,
+                max_long_side=b.max_long_side,
+                size_divisible=b.size_divisible,
+                max_padded_side=b.max_padded_side,
+                max_padded_pixels=b.max_padded_pixels,
+                max_original_side=b.max_original_side,
+                max_original_pixels=b.max_original_pixels,
+                max_mask_bytes=b.max_mask_bytes,
+                max_stream_inflight=lim.max_stream_inflight,
             ),
             server_version=hnd.__version__,
             min_size=r.min_size,
@@ -191,31 +226,26 @@ class SplitInferenceService:
 
     # --- validation and decoding --------------------------------------------------------------
 
-    def _decode_bottleneck(self, request: pb.InferRequest, session: StreamSession | None = None
-                           ) -> tuple[tuple, tuple[str, Any]]:
-        r = self.runner
-        if request.weights_fingerprint != r.fingerprint:
+    def _check_fingerprint(self, given: str) -> None:
+        if given != self.runner.fingerprint:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"weights fingerprint mismatch: request {request.weights_fingerprint or '(none)'}, "
-                f"server {r.fingerprint}",
+                f"weights fingerprint mismatch: request {client_text(given) if given else '(none)'}, "
+                f"server {self.runner.fingerprint}", "fingerprint",
             )
+
+    def _decode_bottleneck(self, request: pb.InferRequest, session: StreamSession | None = None
+                           ) -> tuple[tuple, tuple[str, Any]]:
+        self._check_fingerprint(request.weights_fingerprint)
+        # Sizes first (budget.py): nothing is decompressed or allocated for a request beyond the limits.
         encoded, meta = wire.bottleneck_from_proto(request.bottleneck, self.limits.codec)
+        try:
+            check_split_meta(meta, self.budget)
+            check_bottleneck_shape(encoded.shape, meta, self.runner.channels)
+        except BudgetError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason) from None
         shape = encoded.shape
-        if len(shape) != 4:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bottleneck must be [B, C, h, w], got shape {list(shape)}")
-        b, c, h, w = shape
-        if b != len(meta):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bottleneck batch {b} != {len(meta)} images in meta")
-        if b > self.limits.max_images_per_request:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"{b} images in one request; the limit is {self.limits.max_images_per_request}")
-        if c != r.channels:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bottleneck has {c} channels, the model {r.channels}")
-        ph, pw = meta.padded_size
-        if ph % 32 or pw % 32 or (h, w) != (ph // 4 + 4, pw // 4 + 4):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"bottleneck spatial size {h}x{w} does not fit padded size {ph}x{pw}")
+        _, c, h, w = shape
         if request.HasField("stream_frame"):  # temporal coding: the session holds the reference
             decoded = session.decode_bottleneck(*wire.stream_frame_from_proto(request.stream_frame), encoded)
             self._stream_note = decoded.note
@@ -228,31 +258,39 @@ class SplitInferenceService:
     def _decode_image(self, request: pb.InferRequest, session: StreamSession | None = None
                       ) -> tuple[tuple, tuple[str, Any]]:
         if not self.offload:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "this server does not accept images (offload off)")
-        if request.weights_fingerprint and request.weights_fingerprint != self.runner.fingerprint:
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"weights fingerprint mismatch: request {request.weights_fingerprint}, server {self.runner.fingerprint}",
-            )
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "this server does not accept images (offload off)",
+                               "offload_off")
+        if request.weights_fingerprint:
+            self._check_fingerprint(request.weights_fingerprint)
         if request.image.format in (pb.EncodedImage.FORMAT_H264, pb.EncodedImage.FORMAT_HEVC):
             decoded = video_request(session, request, self.limits.max_image_pixels)
             self._stream_note = decoded.note
+            try:  # the full model pastes masks at the picture's size
+                check_originals([tuple(decoded.value.shape[:2])], self.budget)
+            except BudgetError as exc:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason) from None
             tensor = torch.from_numpy(decoded.value).permute(2, 0, 1).float().div_(255)
             return ("image", id(request)), ("image", tensor)
         fmt = IMAGE_FORMATS.get(request.image.format)
         if fmt is None:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unsupported image format {request.image.format}")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"unsupported image format {request.image.format} (expected one of "
+                               f"{', '.join(pb.EncodedImage.Format.Name(f) for f in IMAGE_FORMATS)})", "image")
         try:
             img = Image.open(io.BytesIO(request.image.data), formats=[fmt])
             w, h = img.size  # header only: check before decoding pixels
             if w * h > self.limits.max_image_pixels:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"image {w}x{h} exceeds {self.limits.max_image_pixels} pixels")
+                                   f"image {w}x{h} exceeds max_image_pixels {self.limits.max_image_pixels}",
+                                   "image_size")
+            check_originals([(h, w)], self.budget)  # the full model pastes masks at this size too
             rgb = np.asarray(img.convert("RGB"))
         except RequestError:
             raise
+        except BudgetError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason) from None
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode {fmt} image: {exc}") from None
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode {fmt} image: {exc}", "image") from None
         tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
         return ("image", id(request)), ("image", tensor)
 
@@ -264,22 +302,23 @@ class SplitInferenceService:
         self._stream_note = ""
         if request.HasField("stream_frame") and session is None:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               "stream frames (key / delta, H.264 / HEVC) need InferStream, not Infer")
+                               "stream frames (key / delta, H.264 / HEVC) need InferStream, not Infer", "stream_frame")
         try:
             if which == "bottleneck":
                 return self._decode_bottleneck(request, session)
             if which == "image":
                 return self._decode_image(request, session)
         except codec.CodecError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad bottleneck: {exc}") from None
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad bottleneck: {exc}", "codec") from None
         except VideoError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad video frame: {exc}") from None
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request carries neither a bottleneck nor an image")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad video frame: {exc}", "video") from None
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "request carries neither a bottleneck nor an image (set payload)", "no_payload")
 
     # --- one request ----------------------------------------------------------------------------
 
     async def infer(self, request: pb.InferRequest, time_remaining: float | None,
-                    session: StreamSession | None = None) -> pb.InferResponse:
+                    session: StreamSession | None = None, method: str = "Infer") -> pb.InferResponse:
         """Validate, decode, batch, compute and encode one request; raises RequestError.
 
         session: the InferStream's stream session. Decoding happens before the first await, so a stream's
@@ -296,9 +335,10 @@ class SplitInferenceService:
         try:
             item, result = await self.batcher.submit(key, payload, deadline)
         except QueueFull as exc:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "queue_full") from None
         except DeadlineExpired as exc:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
+            self.metrics.deadline_drops.labels(method).inc()
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), "deadline") from None
         t1 = time.perf_counter_ns()
         response = pb.InferResponse(
             request_id=request.request_id,
@@ -323,51 +363,91 @@ class SplitInferenceService:
         try:
             return pb.InferRequest.FromString(raw)
         except DecodeError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"not an hnd.v1.InferRequest: {exc}") from None
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"not an hnd.v1.InferRequest ({len(raw)} bytes): {exc}", "parse") from None
 
-    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: RequestError) -> None:
-        self.metrics.requests.labels(method, exc.code.name).inc()
-        log.warning("%s %s: %s (peer %s)", method, exc.code.name, exc, context.peer())
+    def _done(self, method: str, code: str, start_ns: int) -> None:
+        self.metrics.requests.labels(method, code).inc()
+        self.metrics.request_seconds.labels(method, code).observe((time.perf_counter_ns() - start_ns) / 1e9)
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: RequestError, start_ns: int,
+                    request_id: str = "") -> None:
+        self._done(method, exc.code.name, start_ns)
+        self.metrics.refusals.labels(method, exc.code.name, exc.reason).inc()
+        # str(exc) holds client text only through client_text(); the request id is clipped here.
+        self.refusal_log.warning("%s %s (%s) request %s: %s (peer %s)", method, exc.code.name, exc.reason,
+                                 client_text(request_id) or "-", exc, client_text(context.peer()))
         await context.abort(exc.code, str(exc))
 
     # --- gRPC handlers (raw bytes in, messages out) ---------------------------------------------
 
     async def Infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.InferResponse:
+        start = time.perf_counter_ns()
+        request_id = ""
         try:
-            response = await self.infer(self._parse(raw), context.time_remaining())
+            request = self._parse(raw)
+            request_id = request.request_id
+            response = await self.infer(request, context.time_remaining(), method="Infer")
         except RequestError as exc:
-            await self._fail(context, "Infer", exc)
+            await self._fail(context, "Infer", exc, start, request_id)
         except Exception:  # noqa: BLE001 - never a traceback to the client; one to the log
             log.exception("Infer failed")
-            await self._fail(context, "Infer", RequestError(grpc.StatusCode.INTERNAL, "internal server error"))
-        self.metrics.requests.labels("Infer", "OK").inc()
+            await self._fail(context, "Infer", RequestError(grpc.StatusCode.INTERNAL, "internal server error",
+                                                            "internal"), start, request_id)
+        self._done("Infer", "OK", start)
         return response
 
     async def InferStream(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
         """Requests are processed concurrently (so they can batch) and answered in order.
 
-        A bad request ends the stream with its status code; the client reopens a stream.
+        A bad request ends the stream with its status code; the client reopens a stream. As soon as
+        one message is refused, the messages queued behind it are cancelled (never computed) and no
+        more are read.
         """
-        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=self.limits.max_stream_inflight)
+        method = "InferStream"
+        pending: asyncio.Queue[tuple[asyncio.Future, int, str] | None] = asyncio.Queue(
+            maxsize=self.limits.max_stream_inflight)
+        # Read but not yet answered, in request order: a refusal cancels the ones behind it.
+        tasks: deque[asyncio.Future] = deque()
+        ended = asyncio.Event()
+
+        def end_after(failed: asyncio.Future) -> None:
+            if failed.cancelled() or failed.exception() is None:
+                return
+            ended.set()
+            behind = False
+            for task in tasks:
+                if behind and not task.done():
+                    task.cancel()
+                behind = behind or task is failed
+
         session = self.streams.open()  # temporal state of this stream; freed in the finally below
-        draining = RequestError(grpc.StatusCode.UNAVAILABLE, "server is draining: reopen the stream on another replica")
+        draining = RequestError(grpc.StatusCode.UNAVAILABLE,
+                                "server is draining: reopen the stream on another replica", "draining")
         if self.draining:
-            await self._fail(context, "InferStream", draining)
+            session.close()
+            await self._fail(context, method, draining, time.perf_counter_ns())
 
         async def read() -> None:
             try:
                 async for raw in request_iterator:
+                    if ended.is_set():
+                        break
+                    start = time.perf_counter_ns()
                     request = self._parse(raw)  # parse errors surface in order, below
-                    task = asyncio.ensure_future(self.infer(request, context.time_remaining(), session))
+                    task = asyncio.ensure_future(
+                        self.infer(request, context.time_remaining(), session, method=method))
+                    tasks.append(task)
+                    task.add_done_callback(end_after)
                     try:
-                        await pending.put(task)
+                        await pending.put((task, start, request.request_id))
                     except asyncio.CancelledError:  # drain: this one was read but will not be answered
                         task.cancel()
                         raise
             except RequestError as exc:
                 failed: asyncio.Future = asyncio.get_running_loop().create_future()
                 failed.set_exception(exc)
-                await pending.put(failed)
+                await pending.put((failed, time.perf_counter_ns(), ""))
             finally:
                 await pending.put(None)
 
@@ -375,30 +455,44 @@ class SplitInferenceService:
         self._stream_readers.add(reader)
         reader.add_done_callback(self._stream_readers.discard)
         try:
-            while (task := await pending.get()) is not None:
+            while (entry := await pending.get()) is not None:
+                task, start, request_id = entry
                 try:
                     response = await task
                 except RequestError as exc:
-                    await self._fail(context, "InferStream", exc)
+                    self.metrics.stream_messages.labels("refused").inc()
+                    await self._fail(context, method, exc, start, request_id)
                 except Exception:  # noqa: BLE001
                     log.exception("InferStream failed")
-                    await self._fail(context, "InferStream",
-                                     RequestError(grpc.StatusCode.INTERNAL, "internal server error"))
-                self.metrics.requests.labels("InferStream", "OK").inc()
+                    self.metrics.stream_messages.labels("refused").inc()
+                    await self._fail(context, method,
+                                     RequestError(grpc.StatusCode.INTERNAL, "internal server error", "internal"),
+                                     start, request_id)
+                if tasks and tasks[0] is task:
+                    tasks.popleft()
+                self.metrics.stream_messages.labels("answered").inc()
+                self._done(method, "OK", start)
                 yield response
             if self.draining:
-                await self._fail(context, "InferStream", draining)
+                await self._fail(context, method, draining, time.perf_counter_ns())
         finally:
             session.close()
             reader.cancel()
-            while not pending.empty():
-                task = pending.get_nowait()
-                if task is not None:
+            dropped = 0
+            for task in tasks:
+                if not task.done():
                     task.cancel()
+                    dropped += 1
+                elif task.cancelled():
+                    dropped += 1
+            if dropped:
+                self.metrics.stream_messages.labels("dropped").inc(dropped)
 
     async def GetModelInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        self.metrics.requests.labels("GetModelInfo", "OK").inc()
-        return self.model_info()
+        start = time.perf_counter_ns()
+        info = self.model_info()
+        self._done("GetModelInfo", "OK", start)
+        return info
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         identity = None  # request_deserializer None: handlers get raw bytes

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from hnd.proto.v1 import split_inference_pb2 as hnd_dot_proto_dot_v1_dot_split__inference__pb2
+from hnd.proto.v1 import split_inference_pb2 as hnd_dot_v1_dot_split__inference__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in hnd/proto/v1/split_inference_pb2_grpc.py depends on'
+        + ' but the generated code in hnd/v1/split_inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -39,18 +39,18 @@ class SplitInferenceStub:
         """
         self.Infer = channel.unary_unary(
                 '/hnd.v1.SplitInference/Infer',
-                request_serializer=hnd_dot_proto_dot_v1_dot_split__inference__pb2.InferRequest.SerializeToString,
-                response_deserializer=hnd_dot_proto_dot_v1_dot_split__inference__pb2.InferResponse.FromString,
+                request_serializer=hnd_dot_v1_dot_split__inference__pb2.InferRequest.SerializeToString,
+                response_deserializer=hnd_dot_v1_dot_split__inference__pb2.InferResponse.FromString,
                 _registered_method=True)
         self.InferStream = channel.stream_stream(
                 '/hnd.v1.SplitInference/InferStream',
-                request_serializer=hnd_dot_proto_dot_v1_dot_split__inference__pb2.InferRequest.SerializeToString,
-                response_deserializer=hnd_dot_proto_dot_v1_dot_split__inference__pb2.InferResponse.FromString,
+                request_serializer=hnd_dot_v1_dot_split__inference__pb2.InferRequest.SerializeToString,
+                response_deserializer=hnd_dot_v1_dot_split__inference__pb2.InferResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/hnd.v1.SplitInference/GetModelInfo',
-                request_serializer=hnd_dot_proto_dot_v1_dot_split__inference__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=hnd_dot_proto_dot_v1_dot_split__inference__pb2.ModelInfo.FromString,
+                request_serializer=hnd_dot_v1_dot_split__inference__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=hnd_dot_v1_dot_split__inference__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -88,18 +88,18 @@ def add_SplitInferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
-                    request_deserializer=hnd_dot_proto_dot_v1_dot_split__inference__pb2.InferRequest.FromString,
-                    response_serializer=hnd_dot_proto_dot_v1_dot_split__inference__pb2.InferResponse.SerializeToString,
+                    request_deserializer=hnd_dot_v1_dot_split__inference__pb2.InferRequest.FromString,
+                    response_serializer=hnd_dot_v1_dot_split__inference__pb2.InferResponse.SerializeToString,
             ),
             'InferStream': grpc.stream_stream_rpc_method_handler(
                     servicer.InferStream,
-                    request_deserializer=hnd_dot_proto_dot_v1_dot_split__inference__pb2.InferRequest.FromString,
-                    response_serializer=hnd_dot_proto_dot_v1_dot_split__inference__pb2.InferResponse.SerializeToString,
+                    request_deserializer=hnd_dot_v1_dot_split__inference__pb2.InferRequest.FromString,
+                    response_serializer=hnd_dot_v1_dot_split__inference__pb2.InferResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=hnd_dot_proto_dot_v1_dot_split__inference__pb2.ModelInfoRequest.FromString,
-                    response_serializer=hnd_dot_proto_dot_v1_dot_split__inference__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=hnd_dot_v1_dot_split__inference__pb2.ModelInfoRequest.FromString,
+                    response_serializer=hnd_dot_v1_dot_split__inference__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,8 +130,8 @@ class SplitInference:
             request,
             target,
             '/hnd.v1.SplitInference/Infer',
-            hnd_dot_proto_dot_v1_dot_split__inference__pb2.InferRequest.SerializeToString,
-            hnd_dot_proto_dot_v1_dot_split__inference__pb2.InferResponse.FromString,
+            hnd_dot_v1_dot_split__inference__pb2.InferRequest.SerializeToString,
+            hnd_dot_v1_dot_split__inference__pb2.InferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -157,8 +157,8 @@ class SplitInference:
             request_iterator,
             target,
             '/hnd.v1.SplitInference/InferStream',
-            hnd_dot_proto_dot_v1_dot_split__inference__pb2.InferRequest.SerializeToString,
-            hnd_dot_proto_dot_v1_dot_split__inference__pb2.InferResponse.FromString,
+            hnd_dot_v1_dot_split__inference__pb2.InferRequest.SerializeToString,
+            hnd_dot_v1_dot_split__inference__pb2.InferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -184,8 +184,8 @@ class SplitInference:
             request,
             target,
             '/hnd.v1.SplitInference/GetModelInfo',
-            hnd_dot_proto_dot_v1_dot_split__inference__pb2.ModelInfoRequest.SerializeToString,
-            hnd_dot_proto_dot_v1_dot_split__inference__pb2.ModelInfo.FromString,
+            hnd_dot_v1_dot_split__inference__pb2.ModelInfoRequest.SerializeToString,
+            hnd_dot_v1_dot_split__inference__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
