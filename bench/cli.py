@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true", help="BackgroundServer in this process, not a subprocess")
     p.add_argument("--threads", type=int, default=None, help="torch threads per side (default: half the cores)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--rate-accuracy", action="store_true",
+                   help="bytes/frame vs accuracy sweep instead (split intra/temporal, JPEG, WebP, H.264, HEVC); "
+                        "its options: hnd-bench --rate-accuracy --help")
     return p
 
 
@@ -160,6 +163,11 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--rate-accuracy" in argv:  # bytes vs accuracy sweep: its own options (hnd.bench.rate)
+        from hnd.bench.rate import main as rate_main
+
+        return rate_main(argv)
     args = build_parser().parse_args(argv)
     try:
         result = run_bench(options_from_args(args))

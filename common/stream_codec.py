@@ -117,6 +117,12 @@ class StreamEncoder:
         """Sequence number of the current chain's key frame."""
         return self._key_sequence
 
+    def reconstruction(self) -> np.ndarray:
+        """The last frame as the decoder reconstructs it (``codec.dequantize`` of its symbols)."""
+        if self._ref is None:
+            raise CodecError("no frame encoded yet")
+        return codec.dequantize(self._ref)
+
     def quantize(self, tensor) -> StreamQuantized:
         """Decide key or delta for the next frame and quantize it; advances the stream. No packing."""
         x = codec.as_float32(tensor) if hasattr(codec, "as_float32") else _as_float32(tensor)

@@ -1,0 +1,441 @@
+"""hnd-bench --rate-accuracy: bytes per frame against accuracy, for every way of getting a camera's frames
+to the model, on the same frames.
+
+    hnd-bench --rate-accuracy --video clip.mp4 [--annotations instances.json] --frames 20 --out ra-out
+    hnd-bench --rate-accuracy --images DIR --bits 8,4,2 --granularity tensor,channel --sizes native,model
+
+Settings (each gives bytes/frame and agreement, and COCO bbox mAP when annotations are given):
+
+* **split** (the student's head on the edge): bits x granularity x coding x input size. ``intra`` codes
+  every frame on its own (``hnd.common.codec``, today's runtime); ``temporal`` is the stream session
+  (``hnd.common.stream_codec``): a key frame every ``--key-interval`` frames (or when more than
+  ``--max-clamped`` of the values would clamp to the key's range), deltas between. Sizes: ``native`` runs
+  the transform at the frame's own size (min_size = its short side, no upscaling), ``model`` at the
+  config's min_size / max_size (800 / 1333 for the bundled configs).
+* **offload** (the whole model on the server): JPEG at each ``--jpeg-quality``, WebP at each
+  ``--webp-quality``, H.264 (libx264, tune zerolatency, no B-frames, key frame every ``--key-interval``
+  frames) at each ``--crf``, HEVC at each ``--hevc-crf``; frames decoded as the server decodes them.
+* **local**: the unsplit float model at the first size of ``--sizes``: the agreement reference.
+
+Agreement is the IoU-matched F1 (``hnd.bench.agreement.match_f1``, IoU 0.5) of a setting's detections
+against the reference's, per frame, averaged. Bytes are what goes on the wire for the frame's payload: the
+bottleneck's coded symbols plus its quantization parameters, or the encoded image / access unit.
+
+Everything runs in this process. That is the runtime's result, not an approximation of it: the runtime
+path equals the in-process codec round trip bit for bit (tests/test_runtime.py), the temporal stream
+equals the in-process quantization with its key's parameters (tests/test_streams.py), and the server
+decodes images and video with the same libraries used here. Latency is not measured here (that is the
+main ``hnd-bench`` run); this sweep is about what each byte buys.
+
+Outputs in ``--out``: ``rate_accuracy.md``, ``rate_accuracy.json`` (with a machine header) and
+``rate_accuracy.png`` (bytes/frame on a log axis vs agreement, one curve per family).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from hnd.common import codec
+from hnd.common.files import atomic_write_text
+from hnd.common.split import split_model
+from hnd.common.stream_codec import StreamEncoder
+from hnd.common.video import VideoDecoder, VideoEncoder, VideoSettings, available_formats
+from hnd.edge.pipeline import to_tensor
+
+from hnd.bench.agreement import match_f1
+
+PROG = "hnd-bench --rate-accuracy"
+FAMILIES = ("split intra", "split temporal", "JPEG", "WebP", "H.264", "HEVC", "local")
+
+
+@dataclass(frozen=True)
+class RateSetting:
+    """One way of getting a frame to the model.
+
+    family: one of FAMILIES. size: "native" or "model" (split and local); offload runs at the first size.
+    params: bits / granularity / coding (split), quality (JPEG, WebP), crf (H.264, HEVC).
+    """
+
+    family: str
+    name: str
+    size: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RateRow:
+    family: str
+    name: str
+    size: str
+    params: dict[str, Any]
+    bytes_per_frame: float
+    bytes_first: int
+    bytes_rest_mean: float | None  # frames after the first: the steady state of a temporal stream
+    f1: float
+    map50_95: float | None = None
+    map50: float | None = None
+    key_frames: int | None = None
+    clamp_keys: int | None = None
+    clamped_share: float | None = None
+    seconds: float = 0.0
+
+
+def parse_sizes(text: str) -> list[str]:
+    sizes = [s.strip() for s in text.split(",") if s.strip()]
+    if not sizes or not set(sizes) <= {"native", "model"}:
+        raise ValueError(f"--sizes: expected native and/or model, got {text!r}")
+    return sizes
+
+
+def rate_settings(bits: list[int], granularities: list[str], codings: list[str], sizes: list[str],
+                  jpeg: list[int], webp: list[int], crf: list[float], hevc_crf: list[float]) -> list[RateSetting]:
+    """The sweep: split bits x granularity x coding x size, offload qualities / CRFs, local at the first size."""
+    out = [RateSetting("local", f"local, {sizes[0]}", sizes[0])]
+    for size in sizes:
+        for coding in codings:
+            for b in bits:
+                for g in (granularities if b in codec.AFFINE_BITS else ["tensor"]):
+                    out.append(RateSetting(f"split {coding}", f"{b}-bit {g}, {coding}, {size}", size,
+                                           {"bits": b, "granularity": g, "coding": coding}))
+    out += [RateSetting("JPEG", f"JPEG q{q}", sizes[0], {"quality": q}) for q in jpeg]
+    out += [RateSetting("WebP", f"WebP q{q}", sizes[0], {"quality": q}) for q in webp]
+    formats = available_formats()
+    if "h264" in formats:
+        out += [RateSetting("H.264", f"H.264 crf {c:g}", sizes[0], {"crf": c}) for c in crf]
+    if "hevc" in formats:
+        out += [RateSetting("HEVC", f"HEVC crf {c:g}", sizes[0], {"crf": c}) for c in hevc_crf]
+    return out
+
+
+def model_at(model: torch.nn.Module, size: str, frame_hw: tuple[int, int]) -> torch.nn.Module:
+    """The model with its transform at ``size``: "model" (as configured) or "native" (the frame's own size).
+
+    A shallow copy sharing every weight; only the transform differs.
+    """
+    if size == "model":
+        return model
+    t = model.transform
+    h, w = frame_hw
+    m = copy.copy(model)
+    m._modules = dict(model._modules)  # a shallow copy shares _modules: give the copy its own
+    m.transform = GeneralizedRCNNTransform(min(h, w), max(h, w), t.image_mean, t.image_std,
+                                           size_divisible=t.size_divisible, fixed_size=t.fixed_size)
+    return m.eval()
+
+
+def _image_roundtrip(family: str, quality: int) -> Callable[[np.ndarray], tuple[bytes, np.ndarray]]:
+    ext, flag = {"JPEG": (".jpg", cv2.IMWRITE_JPEG_QUALITY), "WebP": (".webp", cv2.IMWRITE_WEBP_QUALITY)}[family]
+
+    def run(rgb: np.ndarray) -> tuple[bytes, np.ndarray]:
+        ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [flag, quality])
+        if not ok:
+            raise RuntimeError(f"cannot encode a frame as {family}")
+        return buf.tobytes(), cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+    return run
+
+
+@torch.inference_mode()
+def run_sweep(model: torch.nn.Module, frames: list[np.ndarray], settings: list[RateSetting],
+              key_interval: int = 30, max_clamped: float = 0.001, score: float = 0.5, preset: str = "medium",
+              fps: float = 10.0, coco_gt=None, image_ids: list[int] | None = None,
+              progress: Callable[[str], None] | None = None) -> list[RateRow]:
+    """Every frame through every setting, in frame order; returns one row per setting."""
+    hw = frames[0].shape[:2]
+    models = {s.size: model_at(model, s.size, hw) for s in settings}
+    splits = {size: split_model(m) for size, m in models.items()}
+    inputs = [to_tensor(f) for f in frames]
+    heads: dict[str, list] = {}  # size -> [(z, meta)]: the head runs once per frame and size
+
+    def head_outputs(size: str) -> list:
+        if size not in heads:
+            head = splits[size][0]
+            heads[size] = [head([x]) for x in inputs]
+        return heads[size]
+
+    reference = None
+    rows = []
+    for s in settings:
+        t0 = time.perf_counter()
+        sizes, dets, extra = _run_setting(s, models, splits, inputs, frames, head_outputs, key_interval,
+                                          max_clamped, preset, fps)
+        if reference is None:
+            if s.family != "local":
+                raise ValueError("the first setting must be the local reference")
+            reference = dets
+        f1 = float(np.mean([match_f1(r, d, 0.5, score) for r, d in zip(reference, dets)]))
+        row = RateRow(s.family, s.name, s.size, dict(s.params), float(np.mean(sizes)), int(sizes[0]),
+                      float(np.mean(sizes[1:])) if len(sizes) > 1 else None, f1, **extra)
+        if coco_gt is not None:
+            row.map50_95, row.map50 = _coco_map(coco_gt, dets, image_ids)
+        row.seconds = round(time.perf_counter() - t0, 2)
+        rows.append(row)
+        if progress is not None:
+            progress(f"{s.name}: {row.bytes_per_frame:,.0f} B/frame, F1 {row.f1:.3f} ({row.seconds:.0f} s)")
+    return rows
+
+
+def _run_setting(s: RateSetting, models, splits, inputs, frames, head_outputs, key_interval, max_clamped,
+                 preset, fps) -> tuple[list[int], list[dict], dict[str, Any]]:
+    extra: dict[str, Any] = {}
+    if s.family == "local":
+        m = models[s.size]
+        return [0] * len(inputs), [m([x])[0] for x in inputs], extra
+    if s.family.startswith("split"):
+        p = s.params
+        tail = splits[s.size][1]
+        out_sizes, dets = [], []
+        if p["coding"] == "temporal":
+            enc = StreamEncoder(p["bits"], p["granularity"], key_interval=key_interval, max_clamped=max_clamped)
+            clamped = []
+            for z, meta in head_outputs(s.size):
+                frame = enc.encode(z)
+                # what the server reconstructs (tests/test_streams.py): the encoder's own symbols
+                zq = enc.reconstruction()
+                out_sizes.append(frame.tensor.wire_size)
+                clamped.append(frame.clamped / frame.tensor.numel)
+                dets.append(tail(torch.as_tensor(np.asarray(zq)), meta)[0])
+            extra.update(key_frames=enc.keys, clamp_keys=enc.clamp_keys, clamped_share=float(np.mean(clamped)))
+        else:
+            for z, meta in head_outputs(s.size):
+                encoded = codec.encode(z, p["bits"], p["granularity"])
+                out_sizes.append(encoded.wire_size)
+                zq = codec.roundtrip(z, p["bits"], p["granularity"])  # == decode(encoded), bit for bit
+                dets.append(tail(torch.as_tensor(np.asarray(zq)), meta)[0])
+        return out_sizes, dets, extra
+    m = models[s.size]
+    if s.family in ("JPEG", "WebP"):
+        codec_fn = _image_roundtrip(s.family, s.params["quality"])
+        out_sizes, dets = [], []
+        for rgb in frames:
+            data, decoded = codec_fn(rgb)
+            out_sizes.append(len(data))
+            dets.append(m([to_tensor(decoded)])[0])
+        return out_sizes, dets, extra
+    fmt = {"H.264": "h264", "HEVC": "hevc"}[s.family]
+    enc = VideoEncoder(VideoSettings(format=fmt, crf=s.params["crf"], gop=key_interval, fps=fps, preset=preset))
+    dec = VideoDecoder(fmt)
+    out_sizes, dets, keys = [], [], 0
+    for rgb in frames:
+        data, key = enc.encode(rgb)
+        keys += int(key)
+        out_sizes.append(len(data))
+        decoded = dec.decode(data, key_frame=key)[: rgb.shape[0], : rgb.shape[1]]
+        dets.append(m([to_tensor(np.ascontiguousarray(decoded))])[0])
+    extra["key_frames"] = keys
+    return out_sizes, dets, extra
+
+
+def _coco_map(coco_gt, dets: list[dict], image_ids: list[int]) -> tuple[float, float]:
+    from hnd.train.evaluate import coco_evaluate, to_coco_results
+
+    metrics, _ = coco_evaluate(coco_gt, to_coco_results(dets, image_ids, ["bbox"]), image_ids)
+    return metrics["bbox"]["AP"], metrics["bbox"]["AP50"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def render_markdown(rows: list[RateRow], header: dict[str, Any]) -> str:
+    lines = ["# hnd-bench rate-accuracy", ""]
+    m = header["machine"]
+    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; load "
+                 f"{m['loadavg_1_5_15min']}; {m['date']}.")
+    r = header["run"]
+    lines.append(f"Frames: {r['frames']} x {r['frame_size'][1]}x{r['frame_size'][0]} from {r['source']}; weights: "
+                 f"{r['weights']}; key interval {r['key_interval']} (split temporal and H.264 / HEVC gop), "
+                 f"max clamped {r['max_clamped']:g}; agreement: F1 at IoU 0.5 and score >= {r['score']:g} "
+                 f"against {rows[0].name}.")
+    for note in r.get("notes", []):
+        lines.append(f"Note: {note}")
+    has_map = any(row.map50_95 is not None for row in rows)
+    lines += ["", "| setting | bytes/frame | first frame | later frames (mean) | agreement F1 |"
+              + (" bbox mAP | mAP@0.5 |" if has_map else "") + " key frames | clamped |",
+              "|---|---:|---:|---:|---:|" + ("---:|---:|" if has_map else "") + "---:|---:|"]
+    for row in rows:
+        rest = "—" if row.bytes_rest_mean is None else f"{row.bytes_rest_mean:,.0f}"
+        cells = [row.name, f"{row.bytes_per_frame:,.0f}", f"{row.bytes_first:,}", rest, f"{row.f1:.3f}"]
+        if has_map:
+            cells += ["—" if row.map50_95 is None else f"{row.map50_95:.3f}",
+                      "—" if row.map50 is None else f"{row.map50:.3f}"]
+        cells += ["—" if row.key_frames is None else str(row.key_frames),
+                  "—" if row.clamped_share is None else f"{100 * row.clamped_share:.3f} %"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[RateRow], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    curves: dict[str, list[RateRow]] = {}
+    for row in rows:
+        if row.family == "local":
+            continue
+        label = f"{row.family}, {row.size}" + (f", {row.params['granularity']}"
+                                               if row.family.startswith("split") else "")
+        curves.setdefault(label, []).append(row)
+    for label, pts in curves.items():
+        pts = sorted(pts, key=lambda r: r.bytes_per_frame)
+        ax.plot([p.bytes_per_frame for p in pts], [p.f1 for p in pts], marker="o", label=label)
+        for p in pts:
+            tag = f"{p.params['bits']}b" if "bits" in p.params else (
+                f"q{p.params['quality']}" if "quality" in p.params else f"crf{p.params['crf']:g}")
+            ax.annotate(tag, (p.bytes_per_frame, p.f1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per frame (log)")
+    ax.set_ylabel(f"agreement F1 vs {rows[0].name}")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--rate-accuracy", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML config or bundled name (default hnd/faster_rcnn-b3ch with --random-weights 0)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--checkpoint", help="student checkpoint (agreement and mAP are then meaningful)")
+    w.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--video", metavar="FILE", help="video file (its first --frames frames, in order)")
+    src.add_argument("--images", metavar="DIR_OR_GLOB", help="image files, in name order (a frame sequence)")
+    p.add_argument("--annotations", help="COCO annotation file of the frames (matched by file name, else in "
+                                         "order): adds bbox mAP per setting")
+    p.add_argument("--frames", type=int, default=20, help="frames to use (default 20)")
+    p.add_argument("--fps", type=float, default=10.0, help="frame rate for H.264 / HEVC rate control (default 10)")
+    p.add_argument("--bits", default="8,4,2", help="split bits (default 8,4,2)")
+    p.add_argument("--granularity", default="tensor", help="tensor and/or channel (default tensor)")
+    p.add_argument("--coding", default="intra,temporal", help="intra and/or temporal (default both)")
+    p.add_argument("--sizes", default="native", help="native and/or model (default native)")
+    p.add_argument("--key-interval", type=int, default=30, help="key frame interval, split temporal and H.264 gop "
+                                                                "(default 30)")
+    p.add_argument("--max-clamped", type=float, default=0.001,
+                   help="temporal split: key frame when more than this share of values would clamp (default 0.001)")
+    p.add_argument("--jpeg-quality", default="50,75,95", help="JPEG qualities (default 50,75,95)")
+    p.add_argument("--webp-quality", default="50,80", help="WebP qualities (default 50,80)")
+    p.add_argument("--crf", default="18,23,28,33", help="H.264 CRFs (default 18,23,28,33)")
+    p.add_argument("--hevc-crf", default="28", help="HEVC CRFs (default 28; empty for none)")
+    p.add_argument("--preset", default="medium", help="x264 / x265 preset (default medium, libx264's default)")
+    p.add_argument("--agreement-score", type=float, default=None,
+                   help="score cut for agreement F1 (default 0.5; 0 with random weights)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default="rate-out", help="output folder (default rate-out)")
+    return p
+
+
+def _frames_and_gt(args) -> tuple[list[np.ndarray], list[str], Any, list[int] | None]:
+    from hnd.bench.frames import load_frames
+
+    frames, names = load_frames(args.images, args.video, args.frames)
+    if len({f.shape for f in frames}) != 1:
+        raise ValueError("the frames must all have one size (a camera's frames)")
+    if args.annotations is None:
+        return frames, names, None, None
+    from hnd.train.data import load_coco
+
+    coco = load_coco(args.annotations)
+    by_name = {Path(im["file_name"]).name: im["id"] for im in coco.dataset["images"]}
+    if all(n in by_name for n in names):
+        ids = [by_name[n] for n in names]
+    else:
+        ordered = sorted(coco.dataset["images"], key=lambda im: (im.get("video_id", 0), im.get("frame_index", 0),
+                                                                 im["id"]))
+        if len(ordered) < len(frames):
+            raise ValueError(f"{args.annotations}: {len(ordered)} images for {len(frames)} frames")
+        ids = [im["id"] for im in ordered[: len(frames)]]
+    return frames, names, coco, ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
+    from hnd.common.config import build_model_from_config, load_config, with_weights
+
+    from hnd.bench.report import machine_info
+
+    if args.frames < 1 or args.key_interval < 1 or not 0 <= args.max_clamped <= 1:
+        raise ValueError("--frames and --key-interval must be >= 1, --max-clamped in [0, 1]")
+    bits = _ints(args.bits)
+    if not bits or not set(bits) <= set(codec.BITS):
+        raise ValueError(f"--bits: expected values of {codec.BITS}, got {args.bits!r}")
+    grans = [g.strip() for g in args.granularity.split(",") if g.strip()]
+    codings = [c.strip() for c in args.coding.split(",") if c.strip()]
+    if not grans or not set(grans) <= {"tensor", "channel"} or not codings or not set(codings) <= {"intra", "temporal"}:
+        raise ValueError("--granularity: tensor and/or channel; --coding: intra and/or temporal")
+    settings = rate_settings(bits, grans, codings, parse_sizes(args.sizes), _ints(args.jpeg_quality),
+                             _ints(args.webp_quality), _floats(args.crf), _floats(args.hevc_crf))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = args.config or "hnd/faster_rcnn-b3ch"
+    random_weights = args.random_weights
+    if args.config is None and args.checkpoint is None and random_weights is None:
+        random_weights = 0
+    cfg = load_config(config)
+    model = build_model_from_config(with_weights(cfg.model, args.checkpoint, random_weights), cfg.path)
+    frames, names, coco, ids = _frames_and_gt(args)
+    score = args.agreement_score if args.agreement_score is not None else (0.0 if random_weights is not None else 0.5)
+    notes = []
+    if random_weights is not None:
+        notes.append(f"seeded random weights (seed {random_weights}): bytes are real, agreement only says how "
+                     "far each setting moves the untrained model's output, and mAP means nothing")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = run_sweep(model, frames, settings, key_interval=args.key_interval, max_clamped=args.max_clamped,
+                     score=score, preset=args.preset, fps=args.fps, coco_gt=coco, image_ids=ids,
+                     progress=lambda line: print(f"{PROG}: {line}", file=sys.stderr))
+    header = {"machine": machine_info(), "run": {
+        "source": args.video or args.images, "frames": len(frames), "frame_size": list(frames[0].shape[:2]),
+        "config": config, "weights": args.checkpoint or f"random (seed {random_weights})",
+        "key_interval": args.key_interval, "max_clamped": args.max_clamped, "score": score,
+        "preset": args.preset, "annotations": args.annotations, "notes": notes}}
+    text = render_markdown(rows, header)
+    atomic_write_text(out / "rate_accuracy.md", text)
+    atomic_write_text(out / "rate_accuracy.json", json.dumps({**header, "rows": [asdict(r) for r in rows]}, indent=1))
+    plot(rows, out / "rate_accuracy.png", f"{Path(str(header['run']['source'])).name}: {len(frames)} frames "
+                                           f"{frames[0].shape[1]}x{frames[0].shape[0]}, {header['run']['weights']}")
+    print(text)
+    print(f"{PROG}: wrote rate_accuracy.md, rate_accuracy.json, rate_accuracy.png to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
