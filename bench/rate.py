@@ -379,10 +379,14 @@ def _frames_and_gt(args) -> tuple[list[np.ndarray], list[str], Any, list[int] | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hnd.common.checkpoint import CheckpointError
+    from hnd.common.config import ConfigError
+    from hnd.edge.capture import SourceError
+
     args = build_parser().parse_args(argv)
     try:
         return _main(args)
-    except (ValueError, OSError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError, SourceError, ConfigError, CheckpointError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -409,9 +413,9 @@ def _main(args) -> int:
     random_weights = args.random_weights
     if args.config is None and args.checkpoint is None and random_weights is None:
         random_weights = 0
+    frames, names, coco, ids = _frames_and_gt(args)
     cfg = load_config(config)
     model = build_model_from_config(with_weights(cfg.model, args.checkpoint, random_weights), cfg.path)
-    frames, names, coco, ids = _frames_and_gt(args)
     score = args.agreement_score if args.agreement_score is not None else (0.0 if random_weights is not None else 0.5)
     notes = []
     if random_weights is not None:

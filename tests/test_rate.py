@@ -1,0 +1,72 @@
+"""hnd-bench --rate-accuracy on a tiny model and a short synthetic annotated video."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hnd.bench import cli
+from hnd.bench.rate import model_at, rate_settings, run_sweep
+from hnd.common.video import available_formats
+from hnd.train.synthetic_video import make_synthetic_video
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return make_synthetic_video(tmp_path_factory.mktemp("clip"), frames=4, size=(96, 64), noise=1.0, seed=2)
+
+
+def test_sweep_rows_bytes_and_agreement(tiny_model, clip):
+    from PIL import Image
+
+    model = tiny_model("faster_rcnn")
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(clip["images"].iterdir())]
+    settings = rate_settings([4], ["tensor"], ["intra", "temporal"], ["native"], [75], [80], [23], [])
+    rows = {r.name: r for r in run_sweep(model, frames, settings, key_interval=30, max_clamped=1.0, score=0.0)}
+    assert rows["local, native"].f1 == 1.0 and rows["local, native"].bytes_per_frame == 0
+    intra, temporal = rows["4-bit tensor, intra, native"], rows["4-bit tensor, temporal, native"]
+    assert temporal.bytes_first == intra.bytes_first  # the key frame is an intra frame
+    assert temporal.bytes_rest_mean < intra.bytes_rest_mean  # deltas are smaller
+    assert temporal.key_frames == 1 and temporal.clamp_keys == 0
+    h264 = rows["H.264 crf 23"]
+    assert h264.key_frames == 1 and h264.bytes_rest_mean < h264.bytes_first
+    assert {"JPEG q75", "WebP q80"} <= set(rows)
+    for r in rows.values():
+        assert 0.0 <= r.f1 <= 1.0
+
+
+def test_native_size_model_shares_weights(tiny_model):
+    model = tiny_model("faster_rcnn")
+    native = model_at(model, "native", (64, 96))
+    assert native.transform.min_size == (64,) and native.transform.max_size == 96
+    assert model.transform.min_size == (160,)  # the original is untouched
+    assert native.backbone is model.backbone
+    x = torch.rand(3, 64, 96)
+    with torch.inference_mode():
+        images, _ = native.transform([x])
+    assert tuple(images.tensors.shape[-2:]) == (64, 96)  # no upscaling (96 is a multiple of 32)
+
+
+def test_cli_writes_outputs_with_map(clip, tmp_path, capsys):
+    out = tmp_path / "ra"
+    rc = cli.main(["--rate-accuracy", "--config", "test/faster_rcnn-b3ch", "--video", str(clip["video"]),
+                   "--annotations", str(clip["annotations"]), "--frames", "3", "--bits", "8", "--coding", "temporal",
+                   "--jpeg-quality", "75", "--webp-quality", "", "--crf", "28", "--hevc-crf", "", "--preset",
+                   "ultrafast", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "rate_accuracy.json").read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert names == ["local, native", "8-bit tensor, temporal, native", "JPEG q75"] + (
+        ["H.264 crf 28"] if "h264" in available_formats() else [])
+    assert all(r["map50_95"] is not None for r in data["rows"])
+    assert (out / "rate_accuracy.png").stat().st_size > 0
+    assert "| setting | bytes/frame |" in (out / "rate_accuracy.md").read_text()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert cli.main(["--rate-accuracy", "--video", str(tmp_path / "missing.mp4"), "--out", str(tmp_path)]) == 2
+    assert cli.main(["--rate-accuracy", "--video", "x.mp4", "--sizes", "huge"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("hnd-bench --rate-accuracy: error:") for line in err)
