@@ -12,3 +12,10 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+
+
+# Metadata every SplitInference call carries back (trailing; a stream also in its initial metadata):
+# which replica answered and which weights it holds. Behind a balancer the client cannot see the
+# peer, so this is how an edge names the replica with other weights and counts answers per replica.
+REPLICA_KEY = "hnd-replica"
+WEIGHTS_KEY = "hnd-weights"

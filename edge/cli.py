@@ -29,7 +29,7 @@ from hnd.common.files import atomic_write_text
 from hnd.common.config import Config, ConfigError, build_architecture, build_model_from_config, load_config, with_weights
 from hnd.common.split import Head, split_model
 from hnd.edge.capture import Frame, SourceError, open_source
-from hnd.edge.client import ClientSettings, EdgeError, SplitClient
+from hnd.edge.client import LB_POLICIES, ClientSettings, EdgeError, SplitClient, check_target
 from hnd.edge.draw import VideoSink, draw_detections
 from hnd.edge.modes import EdgeOptions, make_mode
 from hnd.edge.pipeline import EdgeRunner
@@ -42,7 +42,19 @@ DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Run the edge half of a split R-CNN and stream to hnd-server.")
-    p.add_argument("--server", default="127.0.0.1:50051", help="hnd-server address HOST:PORT")
+    p.add_argument("--server", default="127.0.0.1:50051",
+                   help="hnd-server address HOST:PORT, or a gRPC target for several replicas: "
+                        "dns:///hnd-server.NAMESPACE.svc.cluster.local:50051 (a Kubernetes headless Service), "
+                        "ipv4:10.0.0.5:50051,10.0.0.6:50051")
+    p.add_argument("--lb", default="round_robin", choices=LB_POLICIES,
+                   help="gRPC load balancing over the replicas the target resolves to (default round_robin: "
+                        "per request, skipping replicas whose health is NOT_SERVING; pick_first: one replica "
+                        "at a time, the next when it goes away)")
+    p.add_argument("--max-attempts", type=int, default=3, metavar="N",
+                   help="sends per frame when a replica fails UNAVAILABLE (dies, drains); gRPC's retry "
+                        "policy and the edge's resend, each bounded by N (1-5) and the request deadline")
+    p.add_argument("--tls-server-name", metavar="NAME",
+                   help="name to check in the server certificate instead of the --server host")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--camera", type=int, metavar="N", help="live camera index (latest frame, stale ones dropped)")
     src.add_argument("--video", metavar="FILE", help="video file (every frame, in order)")
@@ -131,6 +143,10 @@ def run_edge(args: argparse.Namespace) -> Summary:
     """Everything main() does, as a function tests call; raises ConfigError / EdgeError / SourceError."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mode != "local":
+        check_target(args.server)  # before loading anything
+    if not 1 <= args.max_attempts <= 5:
+        raise ConfigError(f"--max-attempts {args.max_attempts}: expected 1 to 5 (gRPC's retry policy allows at most 5)")
     cfg = load_config(args.config)
     rt = cfg.runtime
     options = EdgeOptions(
@@ -144,6 +160,7 @@ def run_edge(args: argparse.Namespace) -> Summary:
         max_inflight=args.max_inflight or rt.max_inflight,
         stream=args.stream,
         score_threshold=args.score_threshold,
+        max_attempts=args.max_attempts,
     )
     if options.granularity == "original" and options.bits != 8:
         raise ConfigError("--granularity original is the original's 8-bit scheme; use --bits 8")
@@ -156,10 +173,17 @@ def run_edge(args: argparse.Namespace) -> Summary:
         client = SplitClient(ClientSettings(
             target=args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token,
             max_message_bytes=rt.max_message_bytes, timeout_s=args.timeout or rt.deadline_s,
+            lb=args.lb, max_attempts=args.max_attempts, tls_server_name=args.tls_server_name,
         ))
     mode = make_mode(options, em.head, em.fingerprint, em.model)
     if client is not None:
-        mode.check_server(client.model_info())
+        info = client.model_info()
+        try:
+            mode.check_server(info)
+        except EdgeError as exc:
+            raise EdgeError(f"{exc} (replica {client.info_replica})" if client.info_replica else str(exc)) from None
+        # Every replica must hold these weights (split: the edge's own; offload: the first replica's).
+        client.expected_fingerprint = em.fingerprint or info.weights_fingerprint
     runner = EdgeRunner(options, client=client, mode=mode)
     writer = RecordWriter(args.output) if args.output else None
     video = VideoSink(str(Path(args.save_video).with_name(f".partial.{Path(args.save_video).name}"))) \

@@ -1,9 +1,18 @@
 """The edge's gRPC client: channel set-up (TLS, token), model-info check, unary and streaming
-requests as futures, and reconnection with backoff."""
+requests as futures, and reconnection with backoff.
+
+Several replicas: ``target`` takes gRPC's target syntax (``dns:///hnd-server.hnd.svc:50051`` for a
+Kubernetes headless Service, ``ipv4:10.0.0.5:50051,10.0.0.6:50051``), and the channel balances with
+gRPC's own policies (``round_robin`` or ``pick_first``) from a service config that also turns on
+client-side health checking (a draining replica, NOT_SERVING, gets no new calls) and gRPC's retry
+policy (a unary call that failed UNAVAILABLE before any answer is sent again, to another replica).
+Every answer names its replica and weights (server metadata); an answer from a replica with other
+weights stops the edge (WeightsMismatch)."""
 from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import json
 import logging
 import queue
 import threading
@@ -13,20 +22,85 @@ from pathlib import Path
 
 import grpc
 
-from hnd.common.channel import channel_options
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import split_inference_pb2_grpc as pb_grpc
+from hnd.common.channel import REPLICA_KEY, WEIGHTS_KEY, channel_options
 
 log = logging.getLogger("hnd.edge")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitInference"].full_name  # hnd.v1.SplitInference
+LB_POLICIES = ("round_robin", "pick_first")
+# Schemes of gRPC's target syntax (https://github.com/grpc/grpc/blob/master/doc/naming.md).
+TARGET_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract")
 
 
 class EdgeError(Exception):
     """A condition that stops the edge (one clear line for the user)."""
 
 
+class StreamBroken(EdgeError):
+    """The InferStream ended before answering this request (the request may be sent again)."""
+
+
+class WeightsMismatch(EdgeError):
+    """A replica answered with other weights than this edge's: all replicas must share the fingerprint."""
+
+
+def check_target(target: str) -> str:
+    """``target`` unchanged when it is HOST:PORT or gRPC target syntax; EdgeError naming the problem."""
+    scheme, sep, rest = target.partition(":")
+    if sep and scheme in TARGET_SCHEMES:
+        if not rest.strip("/"):
+            raise EdgeError(f"--server {target}: no address after '{scheme}:'")
+        return target
+    if "://" in target:
+        raise EdgeError(f"--server {target}: unknown scheme (gRPC targets: {', '.join(TARGET_SCHEMES)}; "
+                        "e.g. dns:///hnd-server.hnd.svc:50051)")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise EdgeError(f"--server {target}: expected HOST:PORT or a gRPC target such as "
+                        "dns:///hnd-server.hnd.svc:50051 or ipv4:10.0.0.5:50051,10.0.0.6:50051")
+    return target
+
+
+def service_config(lb: str = "round_robin", max_attempts: int = 3) -> str:
+    """The channel's gRPC service config (JSON): balancing policy, health checking, retry policy.
+
+    Inference is idempotent (same request, same answer on any replica with the same weights), so
+    UNAVAILABLE calls are retried; gRPC retries only calls no replica has answered yet, caps
+    attempts at 5, and keeps every attempt inside the call's deadline.
+    """
+    if lb not in LB_POLICIES:
+        raise EdgeError(f"--lb {lb}: expected one of {', '.join(LB_POLICIES)}")
+    if not 1 <= max_attempts <= 5:
+        raise EdgeError(f"max attempts {max_attempts}: gRPC allows 1 to 5")
+    config: dict = {
+        "loadBalancingConfig": [{lb: {}}],
+        # round_robin watches grpc.health.v1 per replica and skips NOT_SERVING ones (pick_first ignores it).
+        "healthCheckConfig": {"serviceName": SERVICE_NAME},
+        # A retry storm against a fleet that is down stops itself: retries pause when most calls fail.
+        "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
+    }
+    if max_attempts > 1:
+        config["methodConfig"] = [{
+            "name": [{"service": SERVICE_NAME, "method": "Infer"}, {"service": SERVICE_NAME, "method": "GetModelInfo"}],
+            "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.05s", "maxBackoff": "1s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+        }]
+    return json.dumps(config)
+
+
+def metadata_of(call) -> dict[str, str]:
+    """Trailing metadata of a finished call or RpcError as a dict ({} when there is none)."""
+    try:
+        return dict(call.trailing_metadata() or ())
+    except Exception:  # noqa: BLE001 - errors raised before any call existed carry none
+        return {}
+
+
 @dataclass
 class ClientSettings:
-    target: str  # host:port
+    target: str  # host:port, or gRPC target syntax (dns:///name:port, ipv4:a:p,b:p)
     tls_ca: str | None = None  # CA that signed the server's certificate; set: use TLS
     tls_cert: str | None = None  # client certificate for mutual TLS
     tls_key: str | None = None
@@ -35,12 +109,16 @@ class ClientSettings:
     timeout_s: float = 30.0  # per-request deadline
     connect_timeout_s: float = 10.0
     reconnect_timeout_s: float = 30.0  # how long to keep retrying after the server went away
+    lb: str = "round_robin"  # gRPC load-balancing policy over the addresses the target resolves to
+    max_attempts: int = 3  # gRPC retry policy: attempts per unary call (1..5), on UNAVAILABLE
+    tls_server_name: str | None = None  # name checked against the certificate instead of the target's
 
 
 @dataclass
 class Reply:
     response: pb.InferResponse
     done_ns: int  # monotonic time the response arrived
+    replica: str = ""  # the replica that answered (server metadata)
 
 
 class SplitClient:
@@ -48,14 +126,27 @@ class SplitClient:
 
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
+        check_target(settings.target)
         self.metadata = (("authorization", f"Bearer {settings.token}"),) if settings.token else ()
+        # Weights every replica must hold (set by the edge after its model-info check); None: not checked.
+        self.expected_fingerprint: str | None = None
+        self.info_replica = ""
         self.channel = self._make_channel()
         self.stub = pb_grpc.SplitInferenceStub(self.channel)
         self._stream: _Stream | None = None
 
     def _make_channel(self) -> grpc.Channel:
         s = self.settings
-        options = channel_options(s.max_message_bytes)
+        options = channel_options(s.max_message_bytes) + [
+            ("grpc.service_config", service_config(s.lb, s.max_attempts)),
+            ("grpc.enable_retries", 1),
+            # gRPC keeps a copy of each request to retry it: room for the largest one allowed.
+            ("grpc.per_rpc_retry_buffer_size", s.max_message_bytes),
+            # A replica that restarts is back in the rotation within seconds (gRPC's default: up to 120 s).
+            ("grpc.max_reconnect_backoff_ms", 5_000),
+        ]
+        if s.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", s.tls_server_name))
         if s.tls_ca or s.tls_cert:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=Path(s.tls_ca).read_bytes() if s.tls_ca else None,
@@ -68,10 +159,12 @@ class SplitClient:
     def model_info(self) -> pb.ModelInfo:
         """GetModelInfo, waiting up to connect_timeout_s for the server to come up."""
         try:
-            return self.stub.GetModelInfo(
+            info, call = self.stub.GetModelInfo.with_call(
                 pb.ModelInfoRequest(), timeout=self.settings.connect_timeout_s, metadata=self.metadata,
                 wait_for_ready=True,
             )
+            self.info_replica = metadata_of(call).get(REPLICA_KEY, "")  # which replica answered
+            return info
         except grpc.RpcError as exc:
             raise EdgeError(f"{self.settings.target}: {exc.code().name}: {exc.details()}") from None
 
@@ -87,14 +180,28 @@ class SplitClient:
         def done(f: grpc.Future) -> None:
             now = time.perf_counter_ns()
             try:
-                out.set_result(Reply(f.result(), now))
-            except grpc.RpcError as exc:
+                response = f.result()
+                md = metadata_of(f)
+                self.check_weights(md)
+                out.set_result(Reply(response, now, md.get(REPLICA_KEY, "")))
+            except (grpc.RpcError, WeightsMismatch) as exc:
                 out.set_exception(exc)
             except Exception as exc:  # noqa: BLE001 - cancelled and the like
                 out.set_exception(exc)
 
         call.add_done_callback(done)
         return out
+
+    def check_weights(self, md: dict[str, str]) -> None:
+        """WeightsMismatch when the replica that sent ``md`` holds other weights than expected."""
+        weights = md.get(WEIGHTS_KEY)
+        if self.expected_fingerprint is not None and weights is not None and weights != self.expected_fingerprint:
+            raise WeightsMismatch(self.mismatch_message(md.get(REPLICA_KEY, "?"), weights))
+
+    def mismatch_message(self, replica: str, weights: str) -> str:
+        return (f"replica {replica} behind {self.settings.target} serves other weights "
+                f"(fingerprint {weights[:16]}..., this edge {(self.expected_fingerprint or '?')[:16]}...): "
+                "all replicas must load the same checkpoint")
 
     def reconnect(self) -> bool:
         """Wait, with exponential backoff, until the server answers again; False after reconnect_timeout_s."""
@@ -126,6 +233,8 @@ class _Stream:
         self.pending: queue.Queue[tuple[str, concurrent.futures.Future]] = queue.Queue()
         self.broken = False
         self._lock = threading.Lock()
+        self.client = client
+        self.replica = ""
         self.call = client.stub.InferStream(iter(self.requests.get, self._SENTINEL), metadata=client.metadata)
         self.reader = threading.Thread(target=self._read, name="hnd-stream-reader", daemon=True)
         self.reader.start()
@@ -134,7 +243,7 @@ class _Stream:
         out: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self.broken:
-                out.set_exception(EdgeError("stream closed"))
+                out.set_exception(StreamBroken("stream closed"))
                 return out
             self.pending.put((request.request_id, out))
             self.requests.put(request)
@@ -143,13 +252,19 @@ class _Stream:
     def _read(self) -> None:
         error: BaseException | None = None
         try:
+            md = dict(self.call.initial_metadata() or ())  # the server names replica and weights first
+            self.replica = md.get(REPLICA_KEY, "")
+            self.client.check_weights(md)
             for response in self.call:
                 now = time.perf_counter_ns()
                 request_id, fut = self.pending.get_nowait()
                 if response.request_id != request_id:
                     fut.set_exception(EdgeError(f"stream out of order: got {response.request_id}, want {request_id}"))
                 else:
-                    fut.set_result(Reply(response, now))
+                    fut.set_result(Reply(response, now, self.replica))
+        except WeightsMismatch as exc:
+            error = exc
+            self.call.cancel()
         except grpc.RpcError as exc:
             error = exc
         except queue.Empty:
@@ -161,7 +276,7 @@ class _Stream:
                     _, fut = self.pending.get_nowait()
                 except queue.Empty:
                     break
-                fut.set_exception(error or EdgeError("stream ended before answering"))
+                fut.set_exception(error or StreamBroken("stream ended before answering"))
 
     def close(self) -> None:
         self.requests.put(self._SENTINEL)

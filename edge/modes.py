@@ -55,6 +55,9 @@ class EdgeOptions:
     stream: bool = False
     score_threshold: float | None = None
     retry_unavailable: bool = True  # after a reconnect, resend a frame that failed with UNAVAILABLE
+    # Sends per frame, first included (each may hold gRPC's own retries): a frame whose replica died
+    # or drained, or whose stream broke, goes again to whichever replica the balancer picks.
+    max_attempts: int = 3
     keep_detections: bool = True  # put boxes / labels / scores in the records
     # Neural filter: frames whose probability of holding anything to detect is below this are not
     # sent (split) or not run (local). None: off. Needs a student with a filter (model.filter).

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from hnd.common.timing import now_ns
 from hnd.edge.capture import Frame, FrameSource
-from hnd.edge.client import EdgeError, Reply, SplitClient, next_request_id
+from hnd.common.channel import REPLICA_KEY, WEIGHTS_KEY
+from hnd.edge.client import EdgeError, Reply, SplitClient, StreamBroken, WeightsMismatch, metadata_of, next_request_id
 from hnd.edge.modes import Detections, EdgeMode, EdgeOptions, Prepared, detections_json, make_mode
 from hnd.edge.records import SERVER_STAGES, STAGES, ByteCounts, FrameRecord, ServerTimings, Timings
 from hnd.edge.summary import Summary
@@ -65,6 +66,7 @@ class EdgeRunner:
         self.options = options
         self.client = client
         self.last_detections: list[Detections] | None = None
+        self.mismatch: FrameRecord | None = None  # the record of the frame a WeightsMismatch stopped
 
     def prepare(self, frame: Frame) -> Prepared:
         """Everything the edge computes for a frame before it goes on the wire (the mode's ``prepare``)."""
@@ -88,6 +90,7 @@ class EdgeRunner:
             record.server_ms = server
             record.bytes.response = reply.response.ByteSize()  # the link model needs both directions
             record.batch_size = reply.response.timings.batch_size
+            record.replica = reply.replica or None
             ms.network_server = (reply.done_ns - p.done_ns) / 1e6
             done = reply.done_ns
             compute = server.compute
@@ -107,24 +110,47 @@ class EdgeRunner:
         return self.client.submit(p.request, stream=self.options.stream)
 
     def _finish(self, p: Prepared, future: concurrent.futures.Future) -> FrameRecord:
-        try:
-            return self._record(p, reply=future.result())
-        except grpc.RpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.UNAVAILABLE and self.options.retry_unavailable:
-                log.warning("frame %d: server unavailable, reconnecting", p.frame.index)
-                if self.client.reconnect():
-                    p.request.request_id = next_request_id(p.frame.index)
-                    try:
-                        record = self._record(p, reply=self._send(p).result())
-                    except grpc.RpcError as again:
-                        record = self._record(p, status=again.code().name, error=again.details())
-                    record.attempts = 2
-                    return record
-            return self._record(p, status=code.name, error=exc.details())
-        except EdgeError as exc:
-            return self._record(p, status="UNAVAILABLE", error=str(exc))
+        """The frame's record; a frame that failed UNAVAILABLE (replica died or drained, stream
+        broken) is sent again, up to ``max_attempts`` sends, each after the channel has a ready
+        replica again (``reconnect``, bounded by the client's reconnect timeout).
 
+        Raises WeightsMismatch (after keeping the frame's record in ``self.mismatch``) when a
+        replica holds other weights than this edge.
+        """
+        attempts = 1
+        while True:
+            retry = False
+            try:
+                record = self._record(p, reply=future.result())
+                break
+            except WeightsMismatch as exc:
+                self.mismatch = self._record(p, status="FAILED_PRECONDITION", error=str(exc))
+                raise
+            except grpc.RpcError as exc:
+                code, status, error = exc.code(), exc.code().name, exc.details()
+                md = metadata_of(exc)
+                if code == grpc.StatusCode.FAILED_PRECONDITION and WEIGHTS_KEY in md and "fingerprint" in (error or ""):
+                    message = self.client.mismatch_message(md.get(REPLICA_KEY, "?"), md[WEIGHTS_KEY])
+                    self.mismatch = self._record(p, status=status, error=message)
+                    raise WeightsMismatch(message) from None
+                retry = code == grpc.StatusCode.UNAVAILABLE
+            except StreamBroken as exc:
+                status, error, retry = "UNAVAILABLE", str(exc), True
+            except EdgeError as exc:
+                status, error = "UNAVAILABLE", str(exc)
+            if not (retry and self.options.retry_unavailable and attempts < self.options.max_attempts):
+                record = self._record(p, status=status, error=error)
+                break
+            log.warning("frame %d: %s (%s), sending again (attempt %d of %d)", p.frame.index, status, error,
+                        attempts + 1, self.options.max_attempts)
+            if not self.client.reconnect():
+                record = self._record(p, status=status, error=f"{error}; no replica came back")
+                break
+            attempts += 1
+            p.request.request_id = next_request_id(p.frame.index)
+            future = self._send(p)
+        record.attempts = attempts
+        return record
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -146,7 +172,13 @@ class EdgeRunner:
             elif fut is None:
                 record = self._record(p)
             else:
-                record = self._finish(p, fut)
+                try:
+                    record = self._finish(p, fut)
+                except WeightsMismatch:  # the frame is recorded, then the run stops
+                    summary.add(self.mismatch)
+                    if on_record is not None:
+                        on_record(self.mismatch, p.frame)
+                    raise
             self.mode.after(p, record)
             summary.add(record)
             bar.update(1)

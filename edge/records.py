@@ -11,8 +11,8 @@ layout of a record (one line of ``--output``) is::
      "server_ms": {"decode": 0.4, "queue": 0.0, "compute": 45.0, "encode": 0.3}, "batch_size": 1,
      "detections": [{"count": 2, "boxes": [[x1, y1, x2, y2], ...], "labels": [...], "scores": [...]}]}
 
-Optional keys appear only when they apply: ``error`` (failed frames), ``attempts`` (resent after a
-reconnect), ``filtered`` / ``filter_probability`` (the neural filter ran), ``server_ms`` /
+Optional keys appear only when they apply: ``error`` (failed frames), ``attempts`` (sent more than
+once: its replica died or drained, or its stream broke), ``replica`` (the server replica that answered), ``filtered`` / ``filter_probability`` (the neural filter ran), ``server_ms`` /
 ``batch_size`` / ``bytes.response`` (a server answered), plus whatever a mode adds in ``extra``
 (merged at the top level, e.g. a stream session's key/delta flag). Durations are milliseconds of one
 host's monotonic clock; ``wall_time`` is the capture's wall-clock time (seconds since the epoch).
@@ -129,6 +129,7 @@ class FrameRecord:
     filter_probability: float | None = None
     error: str | None = None
     attempts: int = 1
+    replica: str | None = None  # the server replica that answered (its hnd-replica metadata)
     detections: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # mode-specific keys, merged at the top level
 
@@ -154,6 +155,8 @@ class FrameRecord:
             d["batch_size"] = self.batch_size
         if self.attempts != 1:
             d["attempts"] = self.attempts
+        if self.replica is not None:
+            d["replica"] = self.replica
         if self.detections is not None:
             d["detections"] = self.detections
         d.update(self.extra)
@@ -177,7 +180,7 @@ class FrameRecord:
             server_ms=ServerTimings(**server) if server is not None else None,
             batch_size=d.get("batch_size"), filtered=d.get("filtered"),
             filter_probability=d.get("filter_probability"), error=d.get("error"),
-            attempts=int(d.get("attempts", 1)), detections=d.get("detections"),
+            attempts=int(d.get("attempts", 1)), replica=d.get("replica"), detections=d.get("detections"),
             extra={k: v for k, v in d.items() if k not in known},
         )
 

@@ -23,6 +23,8 @@ class Summary:
     server_ms: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SERVER_STAGES})
     overhead_ms: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
+    replicas: dict[str, int] = field(default_factory=dict)  # answered frames per server replica
+    retried: int = 0  # frames sent more than once (replica died or drained, stream broke)
     filter_threshold: float | None = None  # set when the neural filter ran
     filtered: int = 0  # answered frames the filter dropped (nothing sent; counted in answered)
     filter_probability: list[float] = field(default_factory=list)
@@ -57,6 +59,9 @@ class Summary:
     def add(self, record: FrameRecord) -> None:
         self.frames += 1
         self.statuses[record.status] = self.statuses.get(record.status, 0) + 1
+        self.retried += record.attempts > 1
+        if record.replica and record.ok:
+            self.replicas[record.replica] = self.replicas.get(record.replica, 0) + 1
         if not record.ok:
             self.failed += 1
             return
@@ -82,6 +87,7 @@ class Summary:
         return {
             "frames": self.frames, "answered": self.answered, "failed": self.failed, "dropped": self.dropped,
             "statuses": self.statuses, "wall_s": self.wall_s, "fps": self.fps,
+            "replicas": self.replicas, "retried": self.retried,
             "payload_bytes": percentiles(self.payload_bytes, (50,)),
             "message_bytes": percentiles(self.message_bytes, (50,)),
             "ms": {s: percentiles(v) for s, v in self.ms.items() if v},
@@ -113,4 +119,8 @@ class Summary:
                 lines.append(f"{name:<22}{stats['p50']:>10.2f}{stats['p95']:>10.2f}{stats['p99']:>10.2f}")
         if self.failed:
             lines.append("statuses " + ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items())))
+        if len(self.replicas) > 1 or self.retried:
+            lines.append(f"replicas {len(self.replicas)}: "
+                         + ", ".join(f"{k} {v}" for k, v in sorted(self.replicas.items()))
+                         + f"  retried frames {self.retried}")
         return "\n".join(lines)

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hnd.common.channel import channel_options
+from hnd.common.channel import REPLICA_KEY, WEIGHTS_KEY, channel_options
 from hnd.server.service import SERVICE_NAME, BatchingOptions, ModelRunner, ServerLimits, SplitInferenceService
 
 log = logging.getLogger("hnd.server")
@@ -27,11 +27,6 @@ log = logging.getLogger("hnd.server")
 # Methods reachable without a token: orchestrators probe health, tools list services.
 _PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
-# Metadata every SplitInference call carries back (trailing; a stream also in its initial metadata):
-# which replica answered and which weights it holds. Behind a balancer the client cannot see the
-# peer, so this is how an edge names the replica with other weights and counts answers per replica.
-REPLICA_KEY = "hnd-replica"
-WEIGHTS_KEY = "hnd-weights"
 
 
 @dataclass

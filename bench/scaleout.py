@@ -1,0 +1,280 @@
+"""Several hnd-server replicas on loopback and edges balancing over them (gRPC round_robin).
+
+``python -m hnd.bench.scaleout`` measures throughput with 1, 2, 3 replicas (each one ``hnd-server``
+process) and several edges in this process, and prints a table (``--json`` keeps it). On a CPU
+host it measures the mechanism (balancing, per-replica spread, what failover costs), not GPU
+capacity: replicas share the host's cores.
+
+The same pieces drive the loopback tests (tests/test_scaleout.py): ``Replica`` starts, kills,
+drains and restarts one server process and reads its Prometheus counters; ``run_edge`` runs one
+edge over a frame source against a target.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from hnd.common.files import atomic_write_text
+from hnd.edge.capture import Frame, FrameSource
+from hnd.edge.client import ClientSettings, SplitClient
+from hnd.edge.pipeline import EdgeOptions, EdgeRunner, Summary
+from hnd.server.healthcheck import check
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (bound and released together, so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class Replica:
+    """One ``hnd-server`` process on loopback (``python -m hnd.server.cli``), seeded random weights."""
+
+    name: str
+    config: str = "test/faster_rcnn-b3ch"
+    seed: int = 0
+    threads: int = 1
+    drain_s: float = 10.0
+    extra: list[str] = field(default_factory=list)
+    log_dir: Path | None = None
+    port: int = 0
+    metrics_port: int = 0
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.port:
+            self.port, self.metrics_port = free_ports(2)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "hnd.server.cli", "--config", self.config, "--random-weights", str(self.seed),
+                "--device", "cpu", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+                "--threads", str(self.threads), "--drain-seconds", str(self.drain_s), "--log-level", "WARNING",
+                *self.extra]
+
+    def start(self) -> "Replica":
+        """Start the process (returns at once; ``wait_serving`` waits for the warm-up)."""
+        self.starts += 1
+        log = subprocess.DEVNULL
+        if self.log_dir is not None:
+            log = (Path(self.log_dir) / f"{self.name}-{self.starts}.log").open("w")
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "OMP_WAIT_POLICY": "PASSIVE"}
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def wait_serving(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name}: hnd-server exited with {self.proc.returncode}")
+            if check(self.address, timeout_s=2.0) == "SERVING":
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name}: not SERVING after {timeout_s:.0f} s")
+
+    def kill(self) -> None:
+        """SIGKILL: the replica dies with work in flight."""
+        self._signal(signal.SIGKILL)
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM and wait for the drain to end; returns the exit code."""
+        return self._signal(signal.SIGTERM, timeout_s)
+
+    def _signal(self, sig: int, timeout_s: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout_s)
+
+    def restart(self, timeout_s: float = 180.0) -> None:
+        """Rolling-restart step: drain (SIGTERM), start again on the same ports, wait until SERVING."""
+        self.terminate()
+        self.start()
+        self.wait_serving(timeout_s)
+
+    def counters(self) -> dict[tuple[str, str], float]:
+        """``hnd_requests_total`` by (method, code), read from the replica's /metrics."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        out = {}
+        for family in text_string_to_metric_families(text):
+            if family.name == "hnd_requests":
+                for s in family.samples:
+                    if s.name == "hnd_requests_total":
+                        out[(s.labels["method"], s.labels["code"])] = s.value
+        return out
+
+    def answered(self) -> int:
+        """Inference requests this replica answered OK (unary and stream messages)."""
+        c = self.counters()
+        return int(c.get(("Infer", "OK"), 0) + c.get(("InferStream", "OK"), 0))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def target_of(replicas: list[Replica]) -> str:
+    """gRPC target syntax for a fixed list of replicas: ``ipv4:127.0.0.1:p1,127.0.0.1:p2``."""
+    return "ipv4:" + ",".join(r.address for r in replicas)
+
+
+class RepeatedFrames(FrameSource):
+    """``count`` frames cycling over ``images`` (or until ``stop`` is set), ``fps`` apart when given.
+
+    Frames are in order and never dropped, as from a file: every one must end as a record.
+    """
+
+    def __init__(self, images: list[np.ndarray], count: int | None = None, fps: float | None = None,
+                 stop: threading.Event | None = None) -> None:
+        self.images, self.count, self.fps, self.stop = images, count, fps, stop
+        self.name = "repeat"
+
+    def __iter__(self) -> Iterator[Frame]:
+        i = 0
+        next_t = time.monotonic()
+        while (self.count is None or i < self.count) and not (self.stop is not None and self.stop.is_set()):
+            if self.fps:
+                time.sleep(max(0.0, next_t - time.monotonic()))
+                next_t += 1.0 / self.fps
+            wall = time.time()
+            start = time.perf_counter_ns()
+            yield Frame(i, f"frame{i}", self.images[i % len(self.images)], time.perf_counter_ns(),
+                        (time.perf_counter_ns() - start) / 1e6, wall)
+            i += 1
+
+
+def sample_frames(n: int = 3, size: tuple[int, int] = (120, 160), seed: int = 0) -> list[np.ndarray]:
+    """Seeded smooth RGB frames (blocks of 8 px), small so a CPU tail stays fast."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    out = []
+    for _ in range(n):
+        base = rng.integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3)).astype(np.uint8)
+        out.append(np.ascontiguousarray(np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))[:h, :w]))
+    return out
+
+
+def edge_model(config: str = "test/faster_rcnn-b3ch", seed: int = 0):
+    """(head, fingerprint) of the student the replicas serve with ``--random-weights seed``."""
+    from hnd.common.checkpoint import fingerprint
+    from hnd.common.config import build_model_from_config, load_config, with_weights
+    from hnd.common.split import split_model
+
+    cfg = load_config(config)
+    model = build_model_from_config(with_weights(cfg.model, None, seed), cfg.path)
+    head, _ = split_model(model)
+    return head, fingerprint(model)
+
+
+def run_edge(target: str, head, fp: str, source: FrameSource, records: list[dict[str, Any]] | None = None,
+             lb: str = "round_robin", stream: bool = False, max_inflight: int = 2, max_attempts: int = 3,
+             timeout_s: float = 60.0, reconnect_timeout_s: float = 60.0) -> Summary:
+    """One edge over ``source`` against ``target``; records are appended to ``records`` in frame order."""
+    client = SplitClient(ClientSettings(target, lb=lb, timeout_s=timeout_s, connect_timeout_s=60.0,
+                                        reconnect_timeout_s=reconnect_timeout_s, max_attempts=max_attempts))
+    try:
+        client.expected_fingerprint = fp
+        runner = EdgeRunner(EdgeOptions(max_inflight=max_inflight, stream=stream, max_attempts=max_attempts,
+                                        keep_detections=False), head=head, fingerprint=fp, client=client)
+        on_record = (lambda record, frame: records.append(record)) if records is not None else None
+        return runner.run(source, on_record)
+    finally:
+        client.close()
+
+
+def measure(replicas: list[Replica], head, fp: str, edges: int, frames: int, max_inflight: int,
+            stream: bool = False) -> dict[str, Any]:
+    """Run ``edges`` edges of ``frames`` frames each at once over the replicas; throughput and spread."""
+    images = sample_frames()
+    before = [r.answered() for r in replicas]
+    summaries: list[Summary] = []
+    threads = [threading.Thread(target=lambda: summaries.append(run_edge(
+        target_of(replicas), head, fp, RepeatedFrames(images, frames), stream=stream, max_inflight=max_inflight)))
+        for _ in range(edges)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    answered = sum(s.answered for s in summaries)
+    totals = [s.as_dict()["ms"].get("total", {}).get("p50", float("nan")) for s in summaries]
+    return {
+        "replicas": len(replicas), "edges": edges, "frames": edges * frames, "answered": answered,
+        "failed": sum(s.failed for s in summaries), "wall_s": wall, "images_per_s": answered / wall,
+        "p50_total_ms": float(np.nanmedian(totals)),
+        "per_replica": [r.answered() - b for r, b in zip(replicas, before)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hnd.bench.scaleout", description=__doc__.splitlines()[0])
+    p.add_argument("--replicas", default="1,2,3", help="replica counts to measure (comma-separated)")
+    p.add_argument("--edges", type=int, default=3)
+    p.add_argument("--frames", type=int, default=20, help="frames per edge")
+    p.add_argument("--max-inflight", type=int, default=2)
+    p.add_argument("--stream", action="store_true", help="edges use InferStream instead of unary calls")
+    p.add_argument("--config", default="test/faster_rcnn-b3ch")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+    counts = [int(c) for c in args.replicas.split(",")]
+    import torch
+
+    torch.set_num_threads(1)
+    head, fp = edge_model(args.config)
+    pool = [Replica(f"r{i}", args.config, threads=args.threads) for i in range(max(counts))]
+    rows = []
+    try:
+        for r in pool:
+            r.start()
+        for r in pool:
+            r.wait_serving()
+        measure(pool[:1], head, fp, 1, 2, 1)  # warm the edge (first calls pay lazy init)
+        for n in counts:
+            row = measure(pool[:n], head, fp, args.edges, args.frames, args.max_inflight, args.stream)
+            rows.append(row)
+            print(f"replicas {n}: {row['images_per_s']:.2f} images/s, p50 total {row['p50_total_ms']:.0f} ms, "
+                  f"per replica {row['per_replica']}, failed {row['failed']}", flush=True)
+    finally:
+        for r in pool:
+            r.stop()
+    base = rows[0]["images_per_s"] if rows else float("nan")
+    print(f"\n| replicas | edges x frames | images/s | x 1 replica | p50 total ms | answers per replica |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for row in rows:
+        print(f"| {row['replicas']} | {row['edges']} x {args.frames} | {row['images_per_s']:.2f} | "
+              f"{row['images_per_s'] / base:.2f} | {row['p50_total_ms']:.0f} | {row['per_replica']} |")
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""deploy/k8s agrees with the Kubernetes API and with the code.
+
+Every manifest is validated offline against the Kubernetes OpenAPI schemas bundled with
+kubernetes-validate (strict: unknown fields fail), for the oldest and newest versions we claim.
+Then the manifests are held against the real CLI parsers, the server image and each other: flags,
+ports, probes, Secrets and their mount paths, the volume holding the checkpoint, labels and
+selectors, drain timing, the HPA's metrics and the adapter rules that produce them.
+"""
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+from test_docker import DOCKERFILES, compose, grpc_port, parse_cli, parse_dockerfile
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+# The preStop sleep action is GA in 1.34, on by default since 1.30 (beta).
+VERSIONS = ("1.30.0", "1.37.0")
+NOT_API_OBJECTS = {"kustomization.yaml", "prometheus-adapter-values.yaml"}
+
+
+def manifest_files() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name not in NOT_API_OBJECTS)
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def objects() -> dict[tuple[str, str], dict]:
+    out = {}
+    for path in manifest_files():
+        for d in docs(path):
+            out[(d["kind"], d["metadata"]["name"])] = d
+    return out
+
+
+def kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def deployment() -> dict:
+    return objects()[("Deployment", "hnd-server")]
+
+
+def server_container() -> dict:
+    (c,) = deployment()["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def server_args():
+    return parse_cli("hnd-server", server_container()["args"], "server-deployment.yaml args")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Validation must work offline: any connection attempt fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("kubernetes-validate tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(K8S)))
+def test_manifest_is_valid_against_the_kubernetes_schema(path, version, no_network):
+    import kubernetes_validate
+
+    for d in docs(path):
+        try:
+            kubernetes_validate.validate(d, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path.relative_to(ROOT)} {d['kind']}/{d['metadata']['name']} (Kubernetes {version}): "
+                        f"{exc.message} at {'.'.join(map(str, exc.path))}")
+
+
+def test_validation_catches_what_it_should(no_network):
+    """The schemas are really applied: a misspelt field and a wrong type are refused."""
+    import kubernetes_validate
+
+    bad = yaml.safe_load((K8S / "server-pdb.yaml").read_text())
+    bad["spec"]["maxUnavailabel"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, VERSIONS[-1], strict=True)
+    bad = deployment()
+    bad["spec"]["replicas"] = "three"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, VERSIONS[-1], strict=True)
+
+
+def test_kustomization_lists_every_base_manifest():
+    k = kustomization()
+    assert k["kind"] == "Kustomization" and k["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
+    base = sorted(p.name for p in K8S.glob("*.yaml") if p.name not in NOT_API_OBJECTS)
+    assert sorted(k["resources"]) == base
+    ns = objects()[("Namespace", k["namespace"])]
+    assert ns["metadata"]["name"] == k["namespace"]
+    assert {i["name"] for i in k["images"]} == {server_container()["image"].split(":")[0]}
+
+
+def test_server_command_ports_and_probes_match_the_cli():
+    from hnd.server.service import SERVICE_NAME
+
+    ns = server_args()
+    c = server_container()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ns.host == "0.0.0.0"
+    assert ports == {"grpc": grpc_port(ns), "grpc-health": ns.health_port, "metrics": ns.metrics_port}
+    assert ns.device == "cuda"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        g = c[probe]["grpc"]  # kubelet's own gRPC probe on grpc.health.v1, plain text: the health port
+        assert g["port"] == ns.health_port, probe
+        assert g.get("service", "") in (SERVICE_NAME, ""), probe
+    assert c["readinessProbe"]["grpc"]["service"] == SERVICE_NAME  # the inference service itself
+    annotations = deployment()["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == ns.metrics_port
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_server_image_user_ports_and_entrypoint_fit():
+    ins = parse_dockerfile(DOCKERFILES["server"])
+    run = " ".join(i.args for i in ins if i.keyword == "RUN")
+    uid = int(re.search(r"--uid (\d+)", run).group(1))
+    gid = int(re.search(r"--gid (\d+)", run).group(1))
+    sec = deployment()["spec"]["template"]["spec"]["securityContext"]
+    assert (sec["runAsUser"], sec["runAsGroup"], sec["fsGroup"]) == (uid, gid, gid)
+    exposed = {int(p.split("/")[0]) for i in ins if i.keyword == "EXPOSE" for p in i.args.split()}
+    assert exposed <= {p["containerPort"] for p in server_container()["ports"]}
+    entry = next(i for i in ins if i.keyword == "ENTRYPOINT").exec_form()
+    assert entry == ["hnd-server"] and "command" not in server_container()  # args replace CMD only
+    assert server_container()["image"] == compose()["services"]["server"]["image"]
+
+
+def test_secrets_and_checkpoint_are_mounted_where_the_flags_point():
+    ns = server_args()
+    c = server_container()
+    volumes = {v["name"]: v for v in deployment()["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+
+    def source(path: str) -> tuple[dict, str]:
+        """(the volume, the key inside it) that a file path lands in."""
+        for mount_path, m in mounts.items():
+            if path.startswith(mount_path.rstrip("/") + "/"):
+                assert m.get("readOnly"), f"{mount_path} must be read-only"
+                return volumes[m["name"]], path[len(mount_path.rstrip("/")) + 1:]
+        raise AssertionError(f"{path} is on no mounted volume")
+
+    tls, cert_key = source(ns.tls_cert)
+    assert source(ns.tls_key)[0] is tls
+    # A kubernetes.io/tls Secret (kubectl create secret tls) holds tls.crt and tls.key.
+    assert (cert_key, source(ns.tls_key)[1]) == ("tls.crt", "tls.key")
+    token, token_key = source(ns.token_file)
+    assert token["secret"]["secretName"] != tls["secret"]["secretName"]
+    assert token_key == "token"
+    for secret in (tls, token):
+        assert secret["secret"]["defaultMode"] & 0o007 == 0, "secrets must not be world-readable"
+    model, _ = source(ns.checkpoint)
+    claim = model["persistentVolumeClaim"]
+    assert claim["readOnly"] is True
+    pvc = objects()[("PersistentVolumeClaim", claim["claimName"])]
+    assert set(pvc["spec"]["accessModes"]) & {"ReadOnlyMany", "ReadWriteMany"}, "every replica mounts it"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert any(m == "/tmp" for m in mounts), "a writable /tmp on a read-only root"
+
+
+def test_gpu_resources_and_drain_timing():
+    ns = server_args()
+    c = server_container()
+    res = c["resources"]
+    assert int(res["limits"]["nvidia.com/gpu"]) == int(res["requests"]["nvidia.com/gpu"]) == 1
+    for kind in ("cpu", "memory"):
+        assert kind in res["requests"] and kind in res["limits"]
+    spec = deployment()["spec"]["template"]["spec"]
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    # The kubelet sends SIGKILL after the grace period, counted from the start of preStop.
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop + ns.drain_seconds + 5
+    # A draining replica (NOT_SERVING) must outlive its drain before liveness would restart it.
+    live = c["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > ns.drain_seconds
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 120  # load + warm-up
+    rolling = deployment()["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"] >= 1
+
+
+def test_service_pdb_and_hpa_select_the_deployment():
+    objs = objects()
+    dep = deployment()
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    svc = objs[("Service", "hnd-server")]
+    assert svc["spec"]["clusterIP"] == "None", "headless: DNS lists every replica for client-side balancing"
+    assert svc["spec"]["selector"].items() <= labels.items()
+    names = {p["name"] for p in server_container()["ports"]}
+    ns = server_args()
+    by_name = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert by_name["grpc"]["port"] == grpc_port(ns) and by_name["grpc"]["targetPort"] in names
+    assert by_name["metrics"]["port"] == ns.metrics_port and by_name["metrics"]["targetPort"] in names
+    pdb = objs[("PodDisruptionBudget", "hnd-server")]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    hpa = objs[("HorizontalPodAutoscaler", "hnd-server")]
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["kind"], ref["name"]) == ("Deployment", dep["metadata"]["name"])
+    assert hpa["spec"]["minReplicas"] > pdb["spec"]["maxUnavailable"], "a disruption leaves a replica serving"
+
+
+def test_hpa_metrics_come_from_adapter_rules_over_metrics_the_server_exports():
+    from hnd.server.metrics import ServerMetrics
+
+    exported = set()
+    for family in ServerMetrics().registry.collect():
+        exported.add(family.name + ("_total" if family.type == "counter" else ""))
+    values = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())
+    produced = {}
+    for rule in values["rules"]["custom"]:
+        series = re.match(r"\s*([a-z_]+)\{", rule["seriesQuery"]).group(1)
+        assert series in exported, f"adapter rule reads {series}, which hnd-server does not export"
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+        produced[rule["name"]["as"]] = rule
+    hpa = objects()[("HorizontalPodAutoscaler", "hnd-server")]
+    for m in hpa["spec"]["metrics"]:
+        assert m["type"] == "Pods"
+        assert m["pods"]["metric"]["name"] in produced, f"no adapter rule produces {m['pods']['metric']['name']}"
+    # The request rate counts inference only (not GetModelInfo) under the label names the server uses.
+    query = produced["hnd_inference_requests_per_second"]["metricsQuery"]
+    assert 'method=~"Infer|InferStream"' in query
+    assert {"Infer", "InferStream"} <= _methods_counted()
+
+
+def _methods_counted() -> set[str]:
+    from hnd.server.service import SplitInferenceService
+
+    return {name for name in ("Infer", "InferStream", "GetModelInfo") if hasattr(SplitInferenceService, name)}
+
+
+def test_edge_example_dials_the_headless_service_with_flags_the_edge_accepts():
+    from hnd.edge.client import check_target
+
+    k = kustomization()
+    job = objects()[("Job", "hnd-edge-replay")]
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    ns = parse_cli("hnd-edge", c["args"], "examples/edge-job.yaml args")
+    assert check_target(ns.server) == ns.server
+    svc = objects()[("Service", "hnd-server")]
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    assert ns.server == f"dns:///{svc['metadata']['name']}.{k['namespace']}.svc.cluster.local:{port}"
+    assert ns.lb == "round_robin"
+    assert ns.head and ns.checkpoint is None, "edges get the head only"
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    for path in (ns.head, ns.video, ns.tls_ca, ns.token_file, ns.output):
+        assert any(path.startswith(m + "/") for m in mounts), f"{path} is on no mounted volume"

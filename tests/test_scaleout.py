@@ -1,0 +1,121 @@
+"""Three hnd-server processes on loopback and several edges balancing over them (gRPC round_robin):
+answers spread over the replicas; a replica SIGKILLed and one drained with SIGTERM mid-run, and a
+rolling restart of all of them, lose no frame of any edge. Tiny test model, CPU, few frames."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from hnd.bench.scaleout import Replica, RepeatedFrames, edge_model, run_edge, sample_frames, target_of
+
+CONFIG = "test/faster_rcnn-b3ch"
+
+
+@pytest.fixture(scope="module")
+def head_fp():
+    return edge_model(CONFIG)
+
+
+@pytest.fixture
+def replicas(tmp_path):
+    pool = [Replica(f"r{i}", CONFIG, log_dir=tmp_path) for i in range(3)]
+    for r in pool:
+        r.start()
+    try:
+        for r in pool:
+            r.wait_serving()
+        yield pool
+    finally:
+        for r in pool:
+            r.stop()
+
+
+def start_edges(target, head_fp, modes, stop=None, count=None, fps=None):
+    """One thread per edge; returns (threads, {edge: records}, {edge: summary})."""
+    head, fp = head_fp
+    records: dict[str, list] = {name: [] for name in modes}
+    summaries: dict[str, object] = {}
+    images = sample_frames()
+
+    def edge(name: str, stream: bool) -> None:
+        summaries[name] = run_edge(target, head, fp, RepeatedFrames(images, count, fps, stop), records[name],
+                                   stream=stream, max_inflight=2, max_attempts=3)
+
+    threads = [threading.Thread(target=edge, args=(name, stream), name=name) for name, stream in modes.items()]
+    for t in threads:
+        t.start()
+    return threads, records, summaries
+
+
+def wait_for(predicate, timeout_s=120.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def assert_every_frame_answered(records, summaries, count=None):
+    for name, recs in records.items():
+        frames = [r["frame"] for r in recs]
+        assert frames == list(range(len(frames))), f"{name}: frames missing or out of order"
+        if count is not None:
+            assert len(frames) == count, name
+        bad = [(r["frame"], r["status"], r.get("error")) for r in recs if r["status"] != "OK"]
+        assert not bad, f"{name}: frames not answered: {bad}"
+        assert summaries[name].failed == 0
+
+
+MODES = {"unary-a": False, "unary-b": False, "stream": True}
+
+
+@pytest.mark.timeout(600)
+def test_spread_then_sigkill_and_sigterm_mid_run_lose_no_frame(replicas, head_fp):
+    target = target_of(replicas)
+    # 1. Spread: every replica answers a share (its own Prometheus counters say so).
+    threads, records, summaries = start_edges(target, head_fp, {"unary-a": False, "unary-b": False}, count=9)
+    for t in threads:
+        t.join()
+    assert_every_frame_answered(records, summaries, 9)
+    counts = [r.answered() for r in replicas]
+    assert sum(counts) == 18 and all(c > 0 for c in counts), counts
+    per_replica = {}
+    for recs in records.values():
+        for rec in recs:
+            per_replica[rec["replica"]] = per_replica.get(rec["replica"], 0) + 1
+    assert sorted(per_replica.values()) == sorted(counts)  # the edges' view matches the servers'
+
+    # 2. Faults mid-run: SIGKILL one replica, drain another with SIGTERM, while unary and stream edges run.
+    stop = threading.Event()
+    threads, records, summaries = start_edges(target, head_fp, MODES, stop=stop)
+    done = lambda n: lambda: all(len(r) >= n for r in records.values())  # noqa: E731
+    wait_for(done(3))
+    replicas[0].kill()
+    wait_for(done(6))
+    assert replicas[1].terminate() == 0  # the drain ended cleanly
+    wait_for(done(10))
+    stop.set()
+    for t in threads:
+        t.join(timeout=300)
+    assert_every_frame_answered(records, summaries)
+    retried = sum(s.retried for s in summaries.values())
+    assert retried > 0, "no frame needed a second send: the faults did not hit work in flight"
+    late = [rec["replica"] for recs in records.values() for rec in recs[-3:]]
+    assert all(r.endswith(f":{replicas[2].port}") for r in late), late  # only the survivor is left
+
+
+@pytest.mark.timeout(900)
+def test_rolling_restart_of_all_replicas_loses_no_frame(replicas, head_fp):
+    stop = threading.Event()
+    threads, records, summaries = start_edges(target_of(replicas), head_fp, MODES, stop=stop, fps=4)
+    wait_for(lambda: all(len(r) >= 2 for r in records.values()))
+    for r in replicas:
+        r.restart()
+    n = {name: len(recs) for name, recs in records.items()}
+    wait_for(lambda: all(len(records[k]) >= n[k] + 2 for k in records))  # still flowing after the last restart
+    stop.set()
+    for t in threads:
+        t.join(timeout=300)
+    assert_every_frame_answered(records, summaries)
+    assert all(r.starts == 2 for r in replicas)
