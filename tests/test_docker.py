@@ -606,7 +606,15 @@ def test_deploy_md_commands_use_flags_the_clis_accept():
     # Every hnd-* word anywhere in the guide is a console script or an image name.
     scripts = set(console_scripts())
     for word in set(re.findall(r"(?<![\w/.-])hnd-[a-z]+(?:-[a-z]+)*(?![\w-])", deploy_text())):
-        assert word in scripts or word in ("hnd-server", "hnd-edge", "hnd-edge-out"), word
+        assert word in scripts or word in ("hnd-server", "hnd-edge", "hnd-edge-out") or word in kubernetes_names(), word
+
+
+def kubernetes_names() -> set[str]:
+    """hnd-* names that deploy/k8s defines (objects, Secrets, claims) and the metadata keys the server sends."""
+    from hnd.server.app import REPLICA_KEY, WEIGHTS_KEY
+
+    text = "\n".join(p.read_text() for p in (ROOT / "deploy" / "k8s").rglob("*.yaml"))
+    return set(re.findall(r"(?<![\w/.-])hnd-[a-z]+(?:-[a-z]+)*(?![\w-])", text)) | {REPLICA_KEY, WEIGHTS_KEY}
 
 
 def test_deploy_md_names_the_metrics_the_server_exports():
@@ -617,6 +625,10 @@ def test_deploy_md_names_the_metrics_the_server_exports():
         exported.add(family.name + ("_total" if family.type == "counter" else ""))
     documented = set(re.findall(r"\bhnd_[a-z_]+", deploy_text()))
     documented = {re.sub(r"_(bucket|sum|count)$", "", n) for n in documented}
+    # Custom-metrics names that deploy/k8s's prometheus-adapter rules derive from the exported ones
+    # (tests/test_k8s.py checks the derivation).
+    adapter = yaml.safe_load((ROOT / "deploy" / "k8s" / "prometheus-adapter-values.yaml").read_text())
+    documented -= {rule["name"]["as"] for rule in adapter["rules"]["custom"]} - exported
     assert documented <= exported, f"DEPLOY.md names metrics the server lacks: {sorted(documented - exported)}"
     assert exported <= documented, f"DEPLOY.md misses metrics: {sorted(exported - documented)}"
     from hnd.server.metrics import STAGES
