@@ -33,6 +33,7 @@ from hnd.common.files import atomic_write_text
 from hnd.edge.capture import Frame, FrameSource
 from hnd.edge.client import ClientSettings, SplitClient
 from hnd.edge.pipeline import EdgeOptions, EdgeRunner, Summary
+from hnd.edge.records import FrameRecord
 from hnd.server.healthcheck import check
 
 
@@ -192,7 +193,7 @@ def edge_model(config: str = "test/faster_rcnn-b3ch", seed: int = 0):
     return head, fingerprint(model)
 
 
-def run_edge(target: str, head, fp: str, source: FrameSource, records: list[dict[str, Any]] | None = None,
+def run_edge(target: str, head, fp: str, source: FrameSource, records: list[FrameRecord] | None = None,
              lb: str = "round_robin", stream: bool = False, max_inflight: int = 2, max_attempts: int = 3,
              timeout_s: float = 60.0, reconnect_timeout_s: float = 60.0) -> Summary:
     """One edge over ``source`` against ``target``; records are appended to ``records`` in frame order."""
@@ -214,15 +215,24 @@ def measure(replicas: list[Replica], head, fp: str, edges: int, frames: int, max
     images = sample_frames()
     before = [r.answered() for r in replicas]
     summaries: list[Summary] = []
-    threads = [threading.Thread(target=lambda: summaries.append(run_edge(
-        target_of(replicas), head, fp, RepeatedFrames(images, frames), stream=stream, max_inflight=max_inflight)))
-        for _ in range(edges)]
+    errors: list[BaseException] = []
+
+    def edge() -> None:
+        try:
+            summaries.append(run_edge(target_of(replicas), head, fp, RepeatedFrames(images, frames), stream=stream,
+                                      max_inflight=max_inflight))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=edge) for _ in range(edges)]
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    if errors:
+        raise errors[0]
     answered = sum(s.answered for s in summaries)
     totals = [s.as_dict()["ms"].get("total", {}).get("p50", float("nan")) for s in summaries]
     return {

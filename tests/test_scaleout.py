@@ -58,11 +58,11 @@ def wait_for(predicate, timeout_s=120.0):
 
 def assert_every_frame_answered(records, summaries, count=None):
     for name, recs in records.items():
-        frames = [r["frame"] for r in recs]
+        frames = [r.frame for r in recs]
         assert frames == list(range(len(frames))), f"{name}: frames missing or out of order"
         if count is not None:
             assert len(frames) == count, name
-        bad = [(r["frame"], r["status"], r.get("error")) for r in recs if r["status"] != "OK"]
+        bad = [(r.frame, r.status, r.error) for r in recs if not r.ok]
         assert not bad, f"{name}: frames not answered: {bad}"
         assert summaries[name].failed == 0
 
@@ -83,7 +83,7 @@ def test_spread_then_sigkill_and_sigterm_mid_run_lose_no_frame(replicas, head_fp
     per_replica = {}
     for recs in records.values():
         for rec in recs:
-            per_replica[rec["replica"]] = per_replica.get(rec["replica"], 0) + 1
+            per_replica[rec.replica] = per_replica.get(rec.replica, 0) + 1
     assert sorted(per_replica.values()) == sorted(counts)  # the edges' view matches the servers'
 
     # 2. Faults mid-run: SIGKILL one replica, drain another with SIGTERM, while unary and stream edges run.
@@ -101,7 +101,7 @@ def test_spread_then_sigkill_and_sigterm_mid_run_lose_no_frame(replicas, head_fp
     assert_every_frame_answered(records, summaries)
     retried = sum(s.retried for s in summaries.values())
     assert retried > 0, "no frame needed a second send: the faults did not hit work in flight"
-    late = [rec["replica"] for recs in records.values() for rec in recs[-3:]]
+    late = [rec.replica for recs in records.values() for rec in recs[-3:]]
     assert all(r.endswith(f":{replicas[2].port}") for r in late), late  # only the survivor is left
 
 
