@@ -1,0 +1,418 @@
+"""python -m hnd.bench.overhead: hnd's runtime overhead next to the plain gRPC floor, in one run.
+
+    python -m hnd.bench.overhead                         # HND Faster R-CNN 3ch, a 640x480 frame, 8-bit + zstd
+    python -m hnd.bench.overhead --requests 300 --json overhead.json
+
+Two servers run as their own processes on loopback, side by side, and are measured in alternating rounds
+so machine load hits both alike:
+
+* **floor**: a grpc.aio server (the transport hnd-server uses) whose handlers take the request bytes and
+  answer with a reply of the same size as hnd's response: what any Python gRPC service pays.
+* **hnd**: ``hnd-server``'s own service (validation, codec.decode, batching queue, compute thread,
+  response encoding) on the real model's fingerprint, shapes and limits, with the tail replaced by a
+  trivial one that returns a fixed set of detections (``--tail trivial``, the default), so the model's
+  compute does not drown the runtime's cost; ``--tail real`` runs the real tail.
+
+The client side is the edge's own ``SplitClient`` (unary ``Infer`` and ``InferStream``, one request in
+flight) against a plain gRPC stub sending the same bytes (unary call and a bidi stream, ping-pong).
+
+``overhead = end-to-end - server compute`` per request: the request's serialization, transport, server
+parse / validation / decode, batch queue, compute-thread hand-offs, response encoding and the client's
+reply handling. The target is overhead p50 <= 2x the floor's p50 at the same message size.
+``--profile`` adds an in-process breakdown of the CPU steps on both sides (no transport).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from hnd.common.files import atomic_write_text
+from hnd.common.timing import percentiles
+
+FLOOR_SERVICE = "hnd.bench.Floor"
+TARGET_RATIO = 2.0
+DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Servers (child processes)
+
+
+def _floor_handler(reply: bytes) -> grpc.GenericRpcHandler:
+    async def unary(raw: bytes, context) -> bytes:
+        return reply
+
+    async def stream(request_iterator, context):
+        async for _ in request_iterator:
+            yield reply
+
+    return grpc.method_handlers_generic_handler(FLOOR_SERVICE, {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "Stream": grpc.stream_stream_rpc_method_handler(stream),
+    })
+
+
+async def _serve_floor(port: int, reply_bytes: int) -> None:
+    from hnd.server.app import channel_options
+
+    server = grpc.aio.server(options=channel_options(64 * 1024 * 1024))
+    server.add_generic_rpc_handlers((_floor_handler(b"\x00" * reply_bytes),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+class TrivialTail:
+    """Stands in for the tail: ``n`` fixed detections per image, no compute (so only the runtime is timed).
+
+    Called as the real one: (z [B, C, h, w], SplitMeta) -> B dicts of boxes [n, 4], labels [n], scores [n].
+    """
+
+    def __init__(self, detections: int = 100) -> None:
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        self.dets = {
+            "boxes": torch.rand(detections, 4, generator=g) * 400,
+            "labels": torch.randint(1, 91, (detections,), generator=g),
+            "scores": torch.rand(detections, generator=g),
+        }
+
+    def __call__(self, z, meta) -> list[dict]:
+        return [dict(self.dets) for _ in range(z.shape[0])]
+
+
+def build_runner(config: str, seed: int, tail: str, detections: int, server_args: list[str] | None = None):
+    """The hnd-server ModelRunner for ``config`` (seeded weights), its tail trivial or real."""
+    import torch
+
+    from hnd.common.config import build_model_from_config, load_config, with_weights
+    from hnd.server.service import ModelRunner
+
+    torch.set_num_threads(1)
+    cfg = load_config(config)
+    runner = ModelRunner(build_model_from_config(with_weights(cfg.model, None, seed), cfg.path), torch.device("cpu"))
+    if tail == "trivial":
+        runner.tail = TrivialTail(detections)
+    return runner
+
+
+async def _serve_hnd(port: int, config: str, seed: int, tail: str, detections: int) -> None:
+    from hnd.server.app import ServerSettings, start_server
+
+    runner = build_runner(config, seed, tail, detections)
+    running = await start_server(runner, ServerSettings(port=port))
+    print("ready", flush=True)
+    await running.server.wait_for_termination()
+
+
+def _start_child(args: list[str], timeout_s: float = 300.0) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "hnd.bench.overhead", *args], stdout=subprocess.PIPE, env=env,
+                            text=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.strip() == "ready":
+            return proc
+        if proc.poll() is not None:
+            raise RuntimeError(f"benchmark server {args[:2]} exited with code {proc.returncode}")
+    proc.kill()
+    raise RuntimeError(f"benchmark server {args[:2]} not ready within {timeout_s:.0f} s")
+
+
+def _stop_child(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The request
+
+
+def make_request(config: str, seed: int, bits: int, size: tuple[int, int]):
+    """One real InferRequest: a sample photo resized to ``size`` (H, W) through the config's head and codec.
+
+    Returns (request, codec encode ms).
+    """
+    import cv2
+    import torch
+
+    from hnd.common import codec, wire
+    from hnd.common.checkpoint import fingerprint
+    from hnd.common.config import build_model_from_config, load_config, with_weights
+    from hnd.common.split import split_model
+    from hnd.edge.capture import sample_images
+    from hnd.edge.pipeline import to_tensor
+    from hnd.proto.v1 import split_inference_pb2 as pb
+
+    cfg = load_config(config)
+    model = build_model_from_config(with_weights(cfg.model, None, seed), cfg.path)
+    head, _ = split_model(model)
+    image = cv2.resize(sample_images()[0][0], (size[1], size[0]))
+    with torch.inference_mode():
+        batch, meta = head.preprocess([to_tensor(image)])
+        z = head.encode(batch)
+    t = time.perf_counter_ns()
+    encoded = codec.encode(z, bits, "tensor", "zstd", 3)
+    encode_ms = (time.perf_counter_ns() - t) / 1e6
+    request = pb.InferRequest(request_id="0", weights_fingerprint=fingerprint(model))
+    request.bottleneck.CopyFrom(wire.bottleneck_to_proto(encoded, meta))
+    return request, encode_ms
+
+
+# ---------------------------------------------------------------------------------------------------
+# Clients
+
+
+class FloorClient:
+    """Plain gRPC stub: the same bytes in, a same-sized reply out; unary call or a ping-pong bidi stream."""
+
+    def __init__(self, port: int) -> None:
+        from hnd.server.app import channel_options
+
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(64 * 1024 * 1024))
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+        self.unary = self.channel.unary_unary(f"/{FLOOR_SERVICE}/Unary")
+        stream = self.channel.stream_stream(f"/{FLOOR_SERVICE}/Stream")
+        self.requests: queue.Queue = queue.Queue()
+        self.responses = stream(iter(self.requests.get, None))
+
+    def call(self, data: bytes) -> None:
+        self.unary(data, timeout=30)
+
+    def stream_call(self, data: bytes) -> None:
+        self.requests.put(data)
+        next(self.responses)
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.channel.close()
+
+
+@dataclass
+class Sample:
+    total_ms: float
+    compute_ms: float = 0.0
+    decode_ms: float = 0.0
+    queue_ms: float = 0.0
+    encode_ms: float = 0.0
+
+    @property
+    def overhead_ms(self) -> float:
+        return self.total_ms - self.compute_ms
+
+
+def _time_floor(fn, data: bytes, n: int) -> list[Sample]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter_ns()
+        fn(data)
+        out.append(Sample((time.perf_counter_ns() - t) / 1e6))
+    return out
+
+
+def _time_hnd(client, request, n: int, stream: bool) -> list[Sample]:
+    from hnd.edge.client import next_request_id
+
+    out = []
+    for i in range(n):
+        request.request_id = next_request_id(i)
+        t = time.perf_counter_ns()
+        reply = client.submit(request, stream=stream).result()
+        total = (reply.done_ns - t) / 1e6
+        s = reply.response.timings
+        out.append(Sample(total, s.compute_us / 1e3, s.decode_us / 1e3, s.queue_us / 1e3, s.encode_us / 1e3))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-process profile of the CPU steps
+
+
+def profile_steps(request, runner, repeats: int = 50) -> dict[str, float]:
+    """Median ms of each CPU step of the request path, in process (no transport, no threads)."""
+    from hnd.common import wire
+    from hnd.proto.v1 import split_inference_pb2 as pb
+    from hnd.server.service import BatchingOptions, ServerLimits, SplitInferenceService, _filter_detections
+
+    service = SplitInferenceService(runner, ServerLimits(), BatchingOptions())
+    raw = request.SerializeToString()
+    parsed = pb.InferRequest.FromString(raw)
+    key, payload = service._decode(parsed)
+    result = runner.compute([payload])[0]
+
+    def response() -> bytes:
+        msg = pb.InferResponse(request_id=parsed.request_id,
+                               detections=[wire.detections_to_proto(_filter_detections(d, parsed)) for d in result])
+        return msg.SerializeToString()
+
+    steps = {
+        "edge: serialize request": lambda: request.SerializeToString(),
+        "server: parse request": lambda: pb.InferRequest.FromString(raw),
+        "server: validate + decode": lambda: service._decode(parsed),
+        "server: run_split (tail stand-in)": lambda: runner.compute([payload]),
+        "server: build + serialize response": response,
+        "edge: parse response + detections": lambda: [
+            wire.detections_from_proto(d) for d in pb.InferResponse.FromString(response()).detections],
+    }
+    out = {}
+    for name, fn in steps.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter_ns()
+            fn()
+            times.append((time.perf_counter_ns() - t) / 1e6)
+        out[name] = float(np.median(times))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run
+
+
+def run(config: str = DEFAULT_CONFIG, seed: int = 0, bits: int = 8, size: tuple[int, int] = (480, 640),
+        requests: int = 200, rounds: int = 5, warmup: int = 20, tail: str = "trivial", detections: int = 100,
+        profile: bool = False) -> dict[str, Any]:
+    """Measure the floor and hnd side by side; returns the result dict (see ``format_table``)."""
+    from hnd.edge.client import ClientSettings, SplitClient
+
+    request, encode_ms = make_request(config, seed, bits, size)
+    message = request.SerializeToString()
+    hnd_port, floor_port = _free_port(), _free_port()
+    hnd = _start_child(["--serve", "hnd", "--port", str(hnd_port), "--config", config, "--seed", str(seed),
+                        "--tail", tail, "--detections", str(detections)])
+    floor = None
+    try:
+        client = SplitClient(ClientSettings(f"127.0.0.1:{hnd_port}"))
+        client.model_info()
+        reply_bytes = client.submit(request).result().response.ByteSize()
+        floor = _start_child(["--serve", "floor", "--port", str(floor_port), "--reply-bytes", str(reply_bytes)])
+        fc = FloorClient(floor_port)
+        # Warm both (connections, stream set-up, allocator), then alternate short rounds of each.
+        _time_floor(fc.call, message, warmup)
+        _time_floor(fc.stream_call, message, warmup)
+        _time_hnd(client, request, warmup, False)
+        _time_hnd(client, request, warmup, True)
+        samples: dict[str, list[Sample]] = {k: [] for k in ("floor unary", "floor stream", "hnd unary", "hnd stream")}
+        per_round = max(1, requests // rounds)
+        for _ in range(rounds):
+            samples["floor unary"] += _time_floor(fc.call, message, per_round)
+            samples["hnd unary"] += _time_hnd(client, request, per_round, False)
+            samples["floor stream"] += _time_floor(fc.stream_call, message, per_round)
+            samples["hnd stream"] += _time_hnd(client, request, per_round, True)
+        fc.close()
+        client.close()
+    finally:
+        _stop_child(hnd)
+        if floor is not None:
+            _stop_child(floor)
+
+    result: dict[str, Any] = {
+        "config": config, "tail": tail, "message_bytes": len(message), "reply_bytes": reply_bytes,
+        "payload_bytes": len(request.bottleneck.tensor.data), "bits": bits, "frame": list(size),
+        "edge_codec_encode_ms": encode_ms, "requests_per_mode": per_round * rounds, "modes": {},
+    }
+    for call in ("unary", "stream"):
+        f = samples[f"floor {call}"]
+        h = samples[f"hnd {call}"]
+        floor_p = percentiles([s.total_ms for s in f])
+        over_p = percentiles([s.overhead_ms for s in h])
+        result["modes"][call] = {
+            "floor_ms": floor_p,
+            "hnd_total_ms": percentiles([s.total_ms for s in h]),
+            "hnd_overhead_ms": over_p,
+            "server_ms": {k: percentiles([getattr(s, f"{k}_ms") for s in h], (50,))["p50"]
+                          for k in ("decode", "queue", "compute", "encode")},
+            "ratio_p50": over_p["p50"] / floor_p["p50"],
+            "target_met": over_p["p50"] <= TARGET_RATIO * floor_p["p50"],
+        }
+    if profile:
+        result["profile_ms"] = profile_steps(request, build_runner(config, seed, tail, detections))
+    return result
+
+
+def format_table(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['config']} ({r['tail']} tail), frame {r['frame'][1]}x{r['frame'][0]}, {r['bits']}-bit + zstd: "
+        f"request {r['message_bytes']:,} B (payload {r['payload_bytes']:,} B), reply {r['reply_bytes']:,} B, "
+        f"{r['requests_per_mode']} requests per mode, one in flight",
+        f"{'call':<8}{'floor p50/p95 ms':>20}{'hnd total p50/p95':>20}{'hnd overhead p50/p95':>23}"
+        f"{'server dec/queue/comp/enc p50':>32}{'overhead/floor':>16}  target <= {TARGET_RATIO:g}x",
+    ]
+    for call, m in r["modes"].items():
+        f, t, o, s = m["floor_ms"], m["hnd_total_ms"], m["hnd_overhead_ms"], m["server_ms"]
+        server = f"{s['decode']:.2f}/{s['queue']:.2f}/{s['compute']:.2f}/{s['encode']:.2f}"
+        lines.append(f"{call:<8}{f['p50']:>11.2f} / {f['p95']:<6.2f}{t['p50']:>11.2f} / {t['p95']:<6.2f}"
+                     f"{o['p50']:>14.2f} / {o['p95']:<6.2f}{server:>32}{m['ratio_p50']:>15.2f}x  "
+                     f"{'met' if m['target_met'] else 'NOT met'}")
+    if "profile_ms" in r:
+        lines.append("in-process CPU steps (median ms):")
+        lines += [f"  {k:<40}{v:>8.3f}" for k, v in r["profile_ms"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hnd.bench.overhead", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--seed", type=int, default=0, help="seeded random weights (both sides)")
+    p.add_argument("--bits", type=int, default=8)
+    p.add_argument("--frame", default="480x640", help="HxW the sample photo is resized to (default 480x640)")
+    p.add_argument("--requests", type=int, default=200, help="timed requests per mode")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds the requests are split into")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--tail", choices=("trivial", "real"), default="trivial")
+    p.add_argument("--detections", type=int, default=100, help="detections the trivial tail returns per image")
+    p.add_argument("--profile", action="store_true", help="add an in-process breakdown of the CPU steps")
+    p.add_argument("--json", help="write the result as JSON")
+    # Child-process entry points (used by run()).
+    p.add_argument("--serve", choices=("floor", "hnd"), help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--reply-bytes", type=int, default=64, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve == "floor":
+        asyncio.run(_serve_floor(args.port, args.reply_bytes))
+        return 0
+    if args.serve == "hnd":
+        asyncio.run(_serve_hnd(args.port, args.config, args.seed, args.tail, args.detections))
+        return 0
+    try:
+        h, w = (int(v) for v in args.frame.lower().split("x"))
+    except ValueError:
+        p.error(f"--frame must be HxW, got {args.frame!r}")
+    result = run(args.config, args.seed, args.bits, (h, w), args.requests, args.rounds, args.warmup, args.tail,
+                 args.detections, args.profile)
+    print(format_table(result))
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
