@@ -1,18 +1,25 @@
 """Dynamic batching: same-shape bottlenecks waiting together run as one tail batch.
 
-Requests enter a bounded queue (full -> the caller answers RESOURCE_EXHAUSTED). One
-worker task takes the oldest request, gathers more with the same batching key for up to
-``max_delay_ms`` or ``max_batch`` items, drops those whose deadline has passed (they are
-never computed), and runs the batch in a single compute thread so the event loop keeps
-accepting and validating requests meanwhile.
+Requests enter a bounded queue (full -> the caller answers RESOURCE_EXHAUSTED). One compute
+thread owns the model: it takes the oldest request, adds the queued requests with the same
+batching key up to ``max_batch`` images, optionally waits up to ``max_delay_ms`` (counted from
+the oldest request's arrival) for more, drops those whose deadline has passed or whose client
+went away (they are never computed), runs the batch and hands the results back to the event
+loop. It then takes the next batch itself, without a round trip through the loop, so the model
+is fed back to back while requests queue; the loop only validates, decodes and answers.
+
+Policy: with ``max_delay_ms = 0`` (the default) nothing ever waits for a batch to fill: an idle
+compute thread starts on the first request at once, and a busy one finds, when it is done,
+everything that queued meanwhile -- batches grow only while the model is busy (adaptive).
+A positive delay trades that latency for fuller batches when requests arrive just apart.
 """
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +32,10 @@ class DeadlineExpired(Exception):
     """The request's deadline passed while it waited; it was not computed."""
 
 
+class BatcherStopped(Exception):
+    """The server stopped before the request was computed."""
+
+
 @dataclass
 class WorkItem:
     """One request waiting for the tail.
@@ -32,11 +43,14 @@ class WorkItem:
     key: requests with equal keys may share a batch (e.g. bottleneck shape and padded size).
     payload: what the compute function needs for this request.
     deadline: ``time.monotonic()`` by which the client stops waiting, or None.
+    images: how many images the request carries (counted against ``max_batch``).
+    started_ns / compute_ns: when its batch started on the compute thread and how long it ran.
     """
 
     key: Hashable
     payload: Any
     deadline: float | None
+    images: int = 1
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     future: asyncio.Future | None = None
     started_ns: int = 0
@@ -45,7 +59,10 @@ class WorkItem:
 
 
 class Batcher:
-    """Bounded queue + batching worker around ``compute(payloads) -> results`` (run in one thread)."""
+    """Bounded queue + one compute thread around ``compute(payloads) -> results``.
+
+    ``submit`` is called on the event loop; ``compute`` runs on the compute thread only.
+    """
 
     def __init__(
         self,
@@ -60,40 +77,59 @@ class Batcher:
             raise ValueError("max_batch and max_queue must be >= 1, max_delay_ms >= 0")
         self.compute = compute
         self.max_batch = max_batch
-        self.max_delay = max_delay_ms / 1000.0
+        self.max_delay_ns = int(max_delay_ms * 1e6)
         self.max_queue = max_queue
         self.on_batch = on_batch
         self.on_depth = on_depth
-        self._queue: asyncio.Queue[WorkItem] = asyncio.Queue()
-        self._held: deque[WorkItem] = deque()  # taken from the queue, waiting for a batch of their key
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hnd-compute")
-        self._task: asyncio.Task | None = None
+        self._waiting: deque[WorkItem] = deque()  # arrival order; guarded by _cond
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = False  # the compute thread is running a batch (read for metrics and benchmarks)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize() + len(self._held)
+        """Requests queued, not yet taken into a batch."""
+        return len(self._waiting)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="hnd-batcher")
+        """Start the compute thread; results are delivered on the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._work, name="hnd-compute", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._executor.shutdown(wait=True)
+        """Stop the compute thread after its current batch; requests still queued fail with BatcherStopped."""
+        with self._cond:
+            self._stopping = True
+            left = list(self._waiting)
+            self._waiting.clear()
+            self._cond.notify_all()
+        for item in left:
+            if not item.future.done():
+                item.future.set_exception(BatcherStopped("server stopping; request not computed"))
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
 
-    async def submit(self, key: Hashable, payload: Any, deadline: float | None) -> tuple[WorkItem, Any]:
+    async def submit(self, key: Hashable, payload: Any, deadline: float | None, images: int = 1) -> tuple[WorkItem, Any]:
         """Queue one request and wait for it; returns (the item with its timings, the compute result).
 
         Raises QueueFull at once when the queue is full, DeadlineExpired when it expired waiting.
         """
-        if self.depth >= self.max_queue:
-            raise QueueFull(f"server queue is full ({self.max_queue} requests waiting)")
-        item = WorkItem(key, payload, deadline, future=asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(item)
+        item = WorkItem(key, payload, deadline, images, future=asyncio.get_running_loop().create_future())
+        with self._cond:
+            if self._stopping:
+                raise BatcherStopped("server stopping")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"server queue is full ({self.max_queue} requests waiting)")
+            self._waiting.append(item)
+            self._cond.notify()
         self._report_depth()
         return await item.future
 
@@ -101,74 +137,83 @@ class Batcher:
         if self.on_depth is not None:
             self.on_depth(self.depth)
 
-    async def _next(self) -> WorkItem:
-        if self._held:
-            return self._held.popleft()
-        return await self._queue.get()
+    # --- compute thread -------------------------------------------------------------------------
 
-    def _take(self, first: WorkItem, batch: list[WorkItem]) -> None:
-        """Move held items with ``first``'s key into ``batch``."""
-        keep: deque[WorkItem] = deque()
-        while self._held and len(batch) < self.max_batch:
-            item = self._held.popleft()
-            (batch if item.key == first.key else keep).append(item)
-        keep.extend(self._held)
-        self._held = keep
+    def _take(self) -> list[WorkItem] | None:
+        """Block until a batch is ready (None: stopping); called with the condition held."""
+        while True:
+            while not self._waiting and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            first = self._waiting[0]
+            batch = self._same_key(first)
+            if self.max_delay_ns and sum(i.images for i in batch) < self.max_batch:
+                remaining = (first.enqueued_ns + self.max_delay_ns - time.perf_counter_ns()) / 1e9
+                if remaining > 0:
+                    self._cond.wait(remaining)  # woken by each submit: look again
+                    continue
+            for item in batch:
+                self._waiting.remove(item)
+            return batch
 
-    async def _gather(self, first: WorkItem) -> list[WorkItem]:
-        batch = [first]
-        self._take(first, batch)
-        loop = asyncio.get_running_loop()
-        until = loop.time() + self.max_delay
-        while len(batch) < self.max_batch:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = until - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-            if item.key == first.key:
-                batch.append(item)
-            else:
-                self._held.append(item)
+    def _same_key(self, first: WorkItem) -> list[WorkItem]:
+        """The oldest requests sharing ``first``'s key, up to max_batch images (``first`` always)."""
+        batch, images = [first], first.images
+        for item in self._waiting:
+            if item is first or item.key != first.key:
+                continue
+            if images + item.images > self.max_batch:
+                break
+            batch.append(item)
+            images += item.images
         return batch
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _work(self) -> None:
         while True:
-            first = await self._next()
-            batch = await self._gather(first)
-            self._report_depth()
+            with self._cond:
+                batch = self._take()
+            if batch is None:
+                return
             now = time.monotonic()
-            live = []
+            live, expired = [], []
             for item in batch:
-                if item.future.done():  # cancelled by the client
+                if item.future.done():  # the client went away (cancelled on the loop)
                     continue
-                if item.deadline is not None and item.deadline <= now:
-                    item.future.set_exception(DeadlineExpired("deadline expired while queued; not computed"))
-                    continue
-                live.append(item)
-            if not live:
-                continue
+                (expired if item.deadline is not None and item.deadline <= now else live).append(item)
+            results: list[Any] | None = None
+            error: BaseException | None = None
             start = time.perf_counter_ns()
-            for item in live:
-                item.started_ns = start
-            try:
-                results = await loop.run_in_executor(self._executor, self.compute, [i.payload for i in live])
-            except Exception as exc:  # noqa: BLE001 - delivered to each waiting request
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
+            if live:
+                self._busy = True
+                try:
+                    results = self.compute([i.payload for i in live])
+                except Exception as exc:  # noqa: BLE001 - delivered to each waiting request
+                    error = exc
+                finally:
+                    self._busy = False
             compute_ns = time.perf_counter_ns() - start
-            if self.on_batch is not None:
-                self.on_batch(len(live))
-            for item, result in zip(live, results):
-                item.batch_size = len(live)
-                item.compute_ns = compute_ns
-                if not item.future.done():
-                    item.future.set_result((item, result))
+            if live and error is None and self.on_batch is not None:
+                self.on_batch(sum(i.images for i in live))
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, live, expired, results, error, start, compute_ns)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    # --- back on the event loop -------------------------------------------------------------------
+
+    def _deliver(self, live: list[WorkItem], expired: list[WorkItem], results: list[Any] | None,
+                 error: BaseException | None, start_ns: int, compute_ns: int) -> None:
+        for item in expired:
+            if not item.future.done():
+                item.future.set_exception(DeadlineExpired("deadline expired while queued; not computed"))
+        images = sum(i.images for i in live)
+        for k, item in enumerate(live):
+            item.started_ns, item.compute_ns, item.batch_size = start_ns, compute_ns, images
+            if item.future.done():
+                continue
+            if error is not None:
+                item.future.set_exception(error)
+            else:
+                item.future.set_result((item, results[k]))
+        self._report_depth()

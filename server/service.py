@@ -31,7 +31,7 @@ from hnd.common.split import SplitMeta, concat_meta, split_model
 from hnd.common.video import VideoError
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import tensor_pb2
-from hnd.server.batching import Batcher, DeadlineExpired, QueueFull
+from hnd.server.batching import Batcher, BatcherStopped, DeadlineExpired, QueueFull
 from hnd.server.budget import BudgetError, check_bottleneck_shape, check_originals, check_split_meta, make_budget
 from hnd.server.metrics import ServerMetrics
 from hnd.server.streams import KeyFrameRequired, StreamLimits, StreamSession, StreamSessions, video_request
@@ -104,10 +104,13 @@ class ModelRunner:
     @torch.inference_mode()
     def run_split(self, items: list[tuple[torch.Tensor, SplitMeta]]) -> list[list[dict[str, torch.Tensor]]]:
         """Batch same-shape bottlenecks [B_i, C, h, w] -> per request, its images' detections (on CPU)."""
-        z = torch.cat([t for t, _ in items]).to(self.device)
+        # One request: its tensor as it is (no copy); several: one concatenation, then one transfer.
+        z = items[0][0] if len(items) == 1 else torch.cat([t for t, _ in items])
+        z = z.to(self.device)
         self.images_computed += z.shape[0]
-        out = self.tail(z, concat_meta([m for _, m in items]))
-        out = [{k: v.cpu() for k, v in d.items()} for d in out]
+        out = self.tail(z, items[0][1] if len(items) == 1 else concat_meta([m for _, m in items]))
+        if self.device.type != "cpu":
+            out = [{k: v.cpu() for k, v in d.items()} for d in out]
         results, i = [], 0
         for t, _ in items:
             results.append(out[i:i + t.shape[0]])
@@ -131,7 +134,15 @@ class ModelRunner:
         self.run_split([(z, SplitMeta(((size[0], size[1]),), ((size[0], size[1]),), size))])
 
 
+def _images(payload: tuple[str, Any]) -> int:
+    """Images a decoded payload carries: B of a split bottleneck [B, C, h, w], 1 for an image."""
+    kind, data = payload
+    return int(data[0].shape[0]) if kind == "split" else 1
+
+
 def _filter_detections(dets: dict[str, torch.Tensor], request: pb.InferRequest) -> dict[str, torch.Tensor]:
+    if not request.HasField("score_threshold") and not request.HasField("max_detections"):
+        return dets
     keep = torch.ones(dets["scores"].shape[0], dtype=torch.bool)
     if request.HasField("score_threshold"):
         keep &= dets["scores"] >= request.score_threshold
@@ -333,7 +344,9 @@ class SplitInferenceService:
         decode_ns = time.perf_counter_ns() - t0
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         try:
-            item, result = await self.batcher.submit(key, payload, deadline)
+            item, result = await self.batcher.submit(key, payload, deadline, images=_images(payload))
+        except BatcherStopped as exc:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc), "stopping") from None
         except QueueFull as exc:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "queue_full") from None
         except DeadlineExpired as exc:
