@@ -143,14 +143,6 @@ def _stop_child(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------------------
 # The request
 
@@ -302,10 +294,11 @@ def run(config: str = DEFAULT_CONFIG, seed: int = 0, bits: int = 8, size: tuple[
         profile: bool = False) -> dict[str, Any]:
     """Measure the floor and hnd side by side; returns the result dict (see ``format_table``)."""
     from hnd.edge.client import ClientSettings, SplitClient
+    from hnd.server.local import free_port
 
     request, encode_ms = make_request(config, seed, bits, size)
     message = request.SerializeToString()
-    hnd_port, floor_port = _free_port(), _free_port()
+    hnd_port, floor_port = free_port(), free_port()
     hnd = _start_child(["--serve", "hnd", "--port", str(hnd_port), "--config", config, "--seed", str(seed),
                         "--tail", tail, "--detections", str(detections)])
     floor = None

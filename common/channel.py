@@ -19,3 +19,4 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 # peer, so this is how an edge names the replica with other weights and counts answers per replica.
 REPLICA_KEY = "hnd-replica"
 WEIGHTS_KEY = "hnd-weights"
+TAIL_KEY = "hnd-tail"  # how the tail ran, e.g. "fp32" or "bf16+channels_last" (hnd.server.accel)

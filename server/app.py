@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hnd.common.channel import REPLICA_KEY, WEIGHTS_KEY, channel_options
+from hnd.common.channel import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY, channel_options
 from hnd.server.service import SERVICE_NAME, BatchingOptions, ModelRunner, ServerLimits, SplitInferenceService
 
 log = logging.getLogger("hnd.server")
@@ -79,14 +79,14 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 class ReplicaTagInterceptor(grpc.aio.ServerInterceptor):
-    """Adds REPLICA_KEY and WEIGHTS_KEY to the metadata of every SplitInference call.
+    """Adds REPLICA_KEY, WEIGHTS_KEY and TAIL_KEY to the metadata of every SplitInference call.
 
     Unary calls get them as trailing metadata only: sending headers early would commit the call
     and stop the client's gRPC retry policy from moving it to another replica.
     """
 
-    def __init__(self, fingerprint: str) -> None:
-        self.metadata: tuple[tuple[str, str], ...] = ((WEIGHTS_KEY, fingerprint),)
+    def __init__(self, fingerprint: str, tail: str = "fp32") -> None:
+        self.metadata: tuple[tuple[str, str], ...] = ((WEIGHTS_KEY, fingerprint), (TAIL_KEY, tail))
 
     def name(self, replica: str) -> None:
         self.metadata = ((REPLICA_KEY, replica), *((k, v) for k, v in self.metadata if k != REPLICA_KEY))
@@ -151,7 +151,7 @@ class RunningServer:
 async def start_server(runner: ModelRunner, settings: ServerSettings) -> RunningServer:
     """Build, bind and start the server on the running loop; health turns SERVING after warm-up."""
     service = SplitInferenceService(runner, settings.limits, settings.batching, offload=settings.offload)
-    tag = ReplicaTagInterceptor(runner.fingerprint)
+    tag = ReplicaTagInterceptor(runner.fingerprint, runner.tail_info["summary"])
     interceptors = [TokenAuthInterceptor(settings.token)] if settings.token else []
     interceptors.append(tag)
     options = channel_options(settings.limits.max_message_bytes)
@@ -198,8 +198,9 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
     await asyncio.get_running_loop().run_in_executor(None, runner.warm_up)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s (%s, %d-channel bottleneck, weights %s) on %s:%d",
-             SERVICE_NAME, runner.kind, runner.channels, runner.fingerprint[:12], settings.host, port)
+    log.info("serving %s (%s, %d-channel bottleneck, weights %s, tail %s on %s) on %s:%d",
+             SERVICE_NAME, runner.kind, runner.channels, runner.fingerprint[:12], runner.tail_info["summary"],
+             runner.tail_info["device"], settings.host, port)
     return RunningServer(server, service, health_servicer, port, health_server, health_port)
 
 

@@ -15,6 +15,7 @@ import torch
 from hnd.common import codec
 from hnd.common.checkpoint import CheckpointError
 from hnd.common.config import ConfigError, build_model_from_config, load_config, with_weights
+from hnd.server.accel import COMPILE_MODES, PRECISIONS, TailOptions, check_options
 from hnd.server.app import ServerSettings, TlsFiles, read_token, serve
 from hnd.server.service import BatchingOptions, ModelRunner, ServerLimits
 
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "clients re-resolve and spread over new replicas (default: never)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a = p.add_argument_group("tail execution (dense part: decoder, layer2..4, FPN, RPN head)")
+    a.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="autocast type of the dense part; proposals, RoI heads and postprocess stay fp32 "
+                        "(fp16 needs CUDA; default fp32: bit for bit the in-process tail)")
+    a.add_argument("--channels-last", action="store_true", help="dense part in NHWC memory format")
+    a.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                   help="torch.compile the dense part per (batch bucket, padded size); reduce-overhead = "
+                        "CUDA graphs (CUDA only)")
     return p
 
 
@@ -114,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         if model_cfg.bottleneck_channels is None:
             raise ConfigError(f"{cfg.path}: model is a teacher (no bottleneck); hnd-server serves a student's tail")
         device = pick_device(args.device)
-        runner = ModelRunner(build_model_from_config(model_cfg, cfg.path), device)
+        options = TailOptions(args.precision, args.channels_last, args.compile)
+        check_options(options, device)  # before building the model: refuse at once
+        runner = ModelRunner(build_model_from_config(model_cfg, cfg.path), device, options)
     except (ConfigError, CheckpointError, OSError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

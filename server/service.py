@@ -31,6 +31,7 @@ from hnd.common.split import SplitMeta, concat_meta, split_model
 from hnd.common.video import VideoError
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import tensor_pb2
+from hnd.server.accel import TailOptions, build_tail, tail_info
 from hnd.server.batching import Batcher, BatcherStopped, DeadlineExpired, QueueFull
 from hnd.server.budget import BudgetError, check_bottleneck_shape, check_originals, check_split_meta, make_budget
 from hnd.server.metrics import ServerMetrics
@@ -85,7 +86,7 @@ class BatchingOptions:
 class ModelRunner:
     """The model on its device: tail batches for split requests, the whole model for images."""
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, tail_options: TailOptions | None = None) -> None:
         self.kind = model_kind(model)
         self.channels = bottleneck_channels_of(model)
         self.fingerprint = fingerprint(model)
@@ -99,6 +100,11 @@ class ModelRunner:
         self.device = device
         self.model = model.to(device).eval()
         self.head, self.tail = split_model(self.model)
+        # Reduced precision / channels_last / torch.compile of the dense part (hnd.server.accel); fp32
+        # defaults keep the plain Tail: bit for bit the in-process tail.
+        self.tail_options = tail_options or TailOptions()
+        self.tail = build_tail(self.tail, self.tail_options, device)
+        self.tail_info = tail_info(self.tail_options, device)
         self.images_computed = 0  # bottleneck images run through the tail (tests check dropped work)
 
     @torch.inference_mode()
@@ -233,6 +239,7 @@ class SplitInferenceService:
             max_size=r.max_size,
             num_keypoints=r.num_keypoints,
             stream_sessions=self.streams.info(offload=self.offload),
+            tail=pb.TailInfo(**r.tail_info),
         )
 
     # --- validation and decoding --------------------------------------------------------------

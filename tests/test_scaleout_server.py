@@ -19,7 +19,7 @@ from hnd.common.checkpoint import fingerprint
 from hnd.common.split import split_model
 from hnd.edge.pipeline import to_tensor
 from hnd.proto.v1 import split_inference_pb2 as pb
-from hnd.server.app import REPLICA_KEY, WEIGHTS_KEY
+from hnd.server.app import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY
 from hnd.server.healthcheck import check
 from hnd.server.service import SERVICE_NAME
 
@@ -137,7 +137,7 @@ def test_every_call_names_the_replica_and_its_weights(model):
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             infer = channel.unary_unary(INFER)
             _, call = infer.with_call(request_for(model).SerializeToString(), timeout=30)
-            assert metadata(call) == {REPLICA_KEY: "replica-a", WEIGHTS_KEY: fingerprint(model)}
+            assert metadata(call) == {REPLICA_KEY: "replica-a", WEIGHTS_KEY: fingerprint(model), TAIL_KEY: "fp32"}
             # A refusal carries them too: the edge names the replica with other weights.
             with pytest.raises(grpc.RpcError) as exc:
                 infer(request_for(model, fp="0" * 64).SerializeToString(), timeout=30)

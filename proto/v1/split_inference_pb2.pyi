@@ -195,7 +195,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., max_decompressed_bytes: _Optional[int] = ..., max_dims: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_short_side: _Optional[int] = ..., max_long_side: _Optional[int] = ..., size_divisible: _Optional[int] = ..., max_padded_side: _Optional[int] = ..., max_padded_pixels: _Optional[int] = ..., max_original_side: _Optional[int] = ..., max_original_pixels: _Optional[int] = ..., max_mask_bytes: _Optional[int] = ..., max_stream_inflight: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_kind", "bottleneck_channels", "weights_fingerprint", "accepted_bits", "accepted_granularities", "accepted_compressions", "accepted_image_formats", "limits", "server_version", "min_size", "max_size", "num_keypoints", "stream_sessions")
+    __slots__ = ("model_kind", "bottleneck_channels", "weights_fingerprint", "accepted_bits", "accepted_granularities", "accepted_compressions", "accepted_image_formats", "limits", "server_version", "min_size", "max_size", "num_keypoints", "stream_sessions", "tail")
     MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
     BOTTLENECK_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class ModelInfo(_message.Message):
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
     STREAM_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
     model_kind: str
     bottleneck_channels: int
     weights_fingerprint: str
@@ -222,7 +223,26 @@ class ModelInfo(_message.Message):
     max_size: int
     num_keypoints: int
     stream_sessions: StreamSessions
-    def __init__(self, model_kind: _Optional[str] = ..., bottleneck_channels: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., accepted_bits: _Optional[_Iterable[int]] = ..., accepted_granularities: _Optional[_Iterable[_Union[_tensor_pb2.Granularity, str]]] = ..., accepted_compressions: _Optional[_Iterable[_Union[_tensor_pb2.Compression, str]]] = ..., accepted_image_formats: _Optional[_Iterable[_Union[EncodedImage.Format, str]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., num_keypoints: _Optional[int] = ..., stream_sessions: _Optional[_Union[StreamSessions, _Mapping]] = ...) -> None: ...
+    tail: TailInfo
+    def __init__(self, model_kind: _Optional[str] = ..., bottleneck_channels: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., accepted_bits: _Optional[_Iterable[int]] = ..., accepted_granularities: _Optional[_Iterable[_Union[_tensor_pb2.Granularity, str]]] = ..., accepted_compressions: _Optional[_Iterable[_Union[_tensor_pb2.Compression, str]]] = ..., accepted_image_formats: _Optional[_Iterable[_Union[EncodedImage.Format, str]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., num_keypoints: _Optional[int] = ..., stream_sessions: _Optional[_Union[StreamSessions, _Mapping]] = ..., tail: _Optional[_Union[TailInfo, _Mapping]] = ...) -> None: ...
+
+class TailInfo(_message.Message):
+    __slots__ = ("precision", "channels_last", "compile", "device", "summary", "reduced_precision_part", "fp32_part")
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_LAST_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    REDUCED_PRECISION_PART_FIELD_NUMBER: _ClassVar[int]
+    FP32_PART_FIELD_NUMBER: _ClassVar[int]
+    precision: str
+    channels_last: bool
+    compile: str
+    device: str
+    summary: str
+    reduced_precision_part: str
+    fp32_part: str
+    def __init__(self, precision: _Optional[str] = ..., channels_last: _Optional[bool] = ..., compile: _Optional[str] = ..., device: _Optional[str] = ..., summary: _Optional[str] = ..., reduced_precision_part: _Optional[str] = ..., fp32_part: _Optional[str] = ...) -> None: ...
 
 class StreamSessions(_message.Message):
     __slots__ = ("max_sessions", "max_reference_bytes", "video_formats", "max_video_pixels", "max_video_sessions")
