@@ -65,7 +65,7 @@ def _floor_handler(reply: bytes) -> grpc.GenericRpcHandler:
 
 
 async def _serve_floor(port: int, reply_bytes: int) -> None:
-    from hnd.server.app import channel_options
+    from hnd.common.channel import channel_options
 
     server = grpc.aio.server(options=channel_options(64 * 1024 * 1024))
     server.add_generic_rpc_handlers((_floor_handler(b"\x00" * reply_bytes),))
@@ -160,7 +160,7 @@ def make_request(config: str, seed: int, bits: int, size: tuple[int, int]):
     from hnd.common.config import build_model_from_config, load_config, with_weights
     from hnd.common.split import split_model
     from hnd.edge.capture import sample_images
-    from hnd.edge.pipeline import to_tensor
+    from hnd.edge.torch_modes import to_tensor
     from hnd.proto.v1 import split_inference_pb2 as pb
 
     cfg = load_config(config)
@@ -186,7 +186,7 @@ class FloorClient:
     """Plain gRPC stub: the same bytes in, a same-sized reply out; unary call or a ping-pong bidi stream."""
 
     def __init__(self, port: int) -> None:
-        from hnd.server.app import channel_options
+        from hnd.common.channel import channel_options
 
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(64 * 1024 * 1024))
         grpc.channel_ready_future(self.channel).result(timeout=30)
@@ -331,6 +331,7 @@ def run(config: str = DEFAULT_CONFIG, seed: int = 0, bits: int = 8, size: tuple[
         "config": config, "tail": tail, "message_bytes": len(message), "reply_bytes": reply_bytes,
         "payload_bytes": len(request.bottleneck.tensor.data), "bits": bits, "frame": list(size),
         "edge_codec_encode_ms": encode_ms, "requests_per_mode": per_round * rounds, "modes": {},
+        "load_average": os.getloadavg()[0], "cpus": os.cpu_count(),
     }
     for call in ("unary", "stream"):
         f = samples[f"floor {call}"]
@@ -355,7 +356,8 @@ def format_table(r: dict[str, Any]) -> str:
     lines = [
         f"{r['config']} ({r['tail']} tail), frame {r['frame'][1]}x{r['frame'][0]}, {r['bits']}-bit + zstd: "
         f"request {r['message_bytes']:,} B (payload {r['payload_bytes']:,} B), reply {r['reply_bytes']:,} B, "
-        f"{r['requests_per_mode']} requests per mode, one in flight",
+        f"{r['requests_per_mode']} requests per mode, one in flight; load average {r['load_average']:.1f} on "
+        f"{r['cpus']} CPUs",
         f"{'call':<8}{'floor p50/p95 ms':>20}{'hnd total p50/p95':>20}{'hnd overhead p50/p95':>23}"
         f"{'server dec/queue/comp/enc p50':>32}{'overhead/floor':>16}  target <= {TARGET_RATIO:g}x",
     ]

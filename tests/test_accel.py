@@ -13,7 +13,7 @@ from hnd.common.checkpoint import fingerprint
 from hnd.common.split import Tail, split_model
 from hnd.edge.capture import sample_images
 from hnd.edge.client import ClientSettings, SplitClient
-from hnd.edge.pipeline import to_tensor
+from hnd.edge.torch_modes import to_tensor
 from hnd.server import accel
 from hnd.server import cli as server_cli
 from hnd.server.accel import AccelError, AcceleratedTail, TailOptions, batch_bucket, build_tail, check_options
