@@ -28,6 +28,7 @@ from hnd.common.checkpoint import CheckpointError, fingerprint, load_head
 from hnd.common.files import atomic_write_text
 from hnd.common.config import Config, ConfigError, build_architecture, build_model_from_config, load_config, with_weights
 from hnd.common.split import Head, split_model
+from hnd.common.video import VideoError
 from hnd.edge.capture import Frame, SourceError, open_source
 from hnd.edge.client import LB_POLICIES, ClientSettings, EdgeError, SplitClient, check_target
 from hnd.edge.draw import VideoSink, draw_detections
@@ -69,8 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=None, choices=codec.BITS, help="bottleneck bits (default: config)")
     p.add_argument("--granularity", default=None, choices=codec.GRANULARITIES)
     p.add_argument("--compression", default=None, choices=codec.COMPRESSIONS)
-    p.add_argument("--image-format", default="jpeg", choices=("jpeg", "png"), help="offload mode's frame format")
+    p.add_argument("--image-format", default="jpeg", choices=("jpeg", "png", "webp", "h264", "hevc"),
+                   help="offload mode's frame format; h264 / hevc: a low-latency video stream on InferStream")
     p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--webp-quality", type=int, default=80)
+    t = p.add_argument_group("temporal coding on InferStream (implies --stream; hnd.edge.streaming)")
+    t.add_argument("--key-interval", type=int, default=1, metavar="N",
+                   help="split: a key frame every N frames, deltas between (default 1: every frame intra)")
+    t.add_argument("--max-clamped", type=float, default=0.001, metavar="F",
+                   help="split: a key frame as soon as more than this share of values would clamp to the key's "
+                        "range (default 0.001)")
+    t.add_argument("--crf", type=float, default=23.0, help="h264 / hevc: constant rate factor (default 23)")
+    t.add_argument("--bitrate", type=int, default=None, metavar="BPS", help="h264 / hevc: target bit/s instead of CRF")
+    t.add_argument("--gop", type=int, default=30, help="h264 / hevc: key frame interval in frames (default 30)")
+    t.add_argument("--preset", default="medium", help="h264 / hevc: x264 / x265 preset (default medium)")
     p.add_argument("--max-inflight", type=int, default=None, help="requests in flight (pipelining window K)")
     p.add_argument("--stream", action="store_true", help="use the bidirectional InferStream instead of unary calls")
     p.add_argument("--score-threshold", type=float, default=None, help="server drops detections below this")
@@ -157,11 +170,24 @@ def run_edge(args: argparse.Namespace) -> Summary:
         level=rt.level,
         image_format=args.image_format,
         jpeg_quality=args.jpeg_quality,
+        webp_quality=args.webp_quality,
         max_inflight=args.max_inflight or rt.max_inflight,
-        stream=args.stream,
+        # key / delta frames and video need a stream session on the server
+        stream=args.stream or args.key_interval > 1 or (args.mode == "offload" and args.image_format in ("h264", "hevc")),
+        key_interval=args.key_interval,
+        max_clamped=args.max_clamped,
+        crf=args.crf,
+        bitrate=args.bitrate,
+        gop=args.gop,
+        preset=args.preset,
         score_threshold=args.score_threshold,
         max_attempts=args.max_attempts,
     )
+    if args.key_interval < 1 or args.gop < 1 or not 0.0 <= args.max_clamped <= 1.0:
+        raise ConfigError("--key-interval and --gop must be >= 1, --max-clamped in [0, 1]")
+    if args.key_interval > 1 and args.mode != "split":
+        raise ConfigError("--key-interval: temporal coding of the bottleneck is for split mode "
+                          "(offload video: --image-format h264 --gop N)")
     if options.granularity == "original" and options.bits != 8:
         raise ConfigError("--granularity original is the original's 8-bit scheme; use --bits 8")
     options.filter_threshold = filter_threshold(cfg, args)
@@ -224,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         summary = run_edge(args)
-    except (ConfigError, CheckpointError, EdgeError, SourceError, OSError) as exc:
+    except (ConfigError, CheckpointError, EdgeError, SourceError, OSError, VideoError, codec.CodecError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

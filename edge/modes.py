@@ -49,8 +49,19 @@ class EdgeOptions:
     granularity: str = "tensor"
     compression: str = "zstd"
     level: int = 3
-    image_format: str = "jpeg"  # offload: jpeg | png
+    image_format: str = "jpeg"  # offload: jpeg | png | webp | h264 | hevc (video: InferStream)
     jpeg_quality: int = 90
+    webp_quality: int = 80
+    # Temporal coding (hnd.edge.streaming). Split: a key frame every key_interval frames (1: every frame
+    # intra, as unary calls do), or when more than max_clamped of the values would clamp to the key's range.
+    key_interval: int = 1
+    max_clamped: float = 0.001
+    # H.264 / HEVC offload (hnd.common.video): CRF, or a bitrate in bit/s; key frame interval; x264 preset.
+    crf: float = 23.0
+    bitrate: int | None = None
+    gop: int = 30
+    preset: str = "medium"
+    video_fps: float = 10.0
     max_inflight: int = 2
     stream: bool = False
     score_threshold: float | None = None
@@ -109,6 +120,12 @@ class EdgeMode:
     def after(self, prepared: Prepared, record: Any) -> None:
         """Called with every frame's final FrameRecord, in frame order."""
 
+    def reencode(self, prepared: Prepared, reason: str) -> bool:
+        """Rebuild ``prepared.request`` before the runner resends it: reason "reconnect" (a new stream after
+        UNAVAILABLE) or "refused" (the server had no reference for this stream frame). False: nothing to
+        redo (resend as is, or, for "refused", record the refusal). Stream modes: hnd.edge.streaming."""
+        return False
+
     def close(self) -> None:
         pass
 
@@ -156,6 +173,9 @@ class OffloadMode(EdgeMode):
         if o.image_format == "png":
             ok, buf = cv2.imencode(".png", bgr)
             request.image.format = pb.EncodedImage.FORMAT_PNG
+        elif o.image_format == "webp":
+            ok, buf = cv2.imencode(".webp", bgr, [cv2.IMWRITE_WEBP_QUALITY, o.webp_quality])
+            request.image.format = pb.EncodedImage.FORMAT_WEBP
         else:
             ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, o.jpeg_quality])
             request.image.format = pb.EncodedImage.FORMAT_JPEG
@@ -187,6 +207,10 @@ def detections_json(dets: list[Detections], keep: bool) -> list[dict[str, Any]]:
 def make_mode(options: EdgeOptions, head: Any = None, fingerprint: str = "", model: Any = None) -> EdgeMode:
     """The mode ``options.mode`` names, over the parts given: a torch head (split), the full model (local)."""
     if options.mode == "offload":
+        if options.image_format in ("h264", "hevc"):
+            from hnd.edge.streaming import VideoOffloadMode
+
+            return VideoOffloadMode(options, fingerprint)
         return OffloadMode(options, fingerprint)
     if options.mode in ("split", "local"):
         from hnd.edge.torch_modes import LocalMode, TorchSplitMode  # torch only when a torch mode is used

@@ -109,19 +109,38 @@ class EdgeRunner:
         p.done_ns = now_ns()
         return self.client.submit(p.request, stream=self.options.stream)
 
+    def _answered(self, p: Prepared, reply: Reply) -> FrameRecord:
+        """A reply's record: a stream frame the server refused for want of a reference (and that was not
+        re-coded and resent) is FAILED_PRECONDITION, never a frame with no detections."""
+        if reply.response.refusal:
+            return self._record(p, status="FAILED_PRECONDITION",
+                                error=f"server asked for a key frame: {reply.response.refusal}")
+        return self._record(p, reply=reply)
+
     def _finish(self, p: Prepared, future: concurrent.futures.Future) -> FrameRecord:
         """The frame's record; a frame that failed UNAVAILABLE (replica died or drained, stream
         broken) is sent again, up to ``max_attempts`` sends, each after the channel has a ready
-        replica again (``reconnect``, bounded by the client's reconnect timeout).
+        replica again (``reconnect``, bounded by the client's reconnect timeout). A stream frame the
+        server refused for want of a reference is re-coded by the mode (``reencode``: a key frame) and
+        sent once more; so is a frame resent on a new stream after a reconnect.
 
         Raises WeightsMismatch (after keeping the frame's record in ``self.mismatch``) when a
         replica holds other weights than this edge.
         """
         attempts = 1
+        refused = False
         while True:
             retry = False
             try:
-                record = self._record(p, reply=future.result())
+                reply = future.result()
+                if reply.response.refusal and not refused and self.mode.reencode(p, "refused"):
+                    log.info("frame %d: %s; sending it again re-coded", p.frame.index, reply.response.refusal)
+                    refused = True
+                    attempts += 1
+                    p.request.request_id = next_request_id(p.frame.index)
+                    future = self._send(p)
+                    continue
+                record = self._answered(p, reply)
                 break
             except WeightsMismatch as exc:
                 self.mismatch = self._record(p, status="FAILED_PRECONDITION", error=str(exc))
@@ -147,6 +166,7 @@ class EdgeRunner:
                 record = self._record(p, status=status, error=f"{error}; no replica came back")
                 break
             attempts += 1
+            self.mode.reencode(p, "reconnect")  # a new stream: stream modes start it with a key frame
             p.request.request_id = next_request_id(p.frame.index)
             future = self._send(p)
         record.attempts = attempts

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from hnd.common import codec, wire
 from hnd.common.neural_filter import empty_detections, get_filter
 from hnd.common.split import Head, split_model
 from hnd.common.timing import ms_since, now_ns
 from hnd.edge.capture import Frame
 from hnd.edge.modes import EdgeMode, EdgeOptions, Prepared, check_split_server
 from hnd.edge.records import Timings
+from hnd.edge.streaming import BottleneckCoder
 from hnd.proto.v1 import split_inference_pb2 as pb
 
 
@@ -65,14 +65,26 @@ class TorchSplitMode(_FilterMixin, EdgeMode):
         super().__init__(options, fingerprint)
         self.head = head
         self.filter_on = _check_filter(options, head)
+        self.coder = BottleneckCoder(options)  # per frame, or key / delta frames on a stream
 
     def check_server(self, info: pb.ModelInfo) -> None:
         t = self.head.transform
         check_split_server(info, self.fingerprint, self.options.bits, (int(t.min_size[-1]), int(t.max_size)))
+        self.coder.check_server(info)
+
+    def detections(self, prepared: Prepared, response: pb.InferResponse | None):
+        if response is not None:
+            self.coder.observe(response)
+        return super().detections(prepared, response)
+
+    def reencode(self, prepared: Prepared, reason: str) -> bool:
+        return self.coder.reencode(prepared, reason)
+
+    def after(self, prepared: Prepared, record) -> None:
+        self.coder.after(prepared, record)
 
     @torch.inference_mode()
     def prepare(self, frame: Frame) -> Prepared:
-        o = self.options
         ms = Timings(capture=frame.capture_ms)
         start = now_ns()
         request = self.new_request(frame)
@@ -95,11 +107,11 @@ class TorchSplitMode(_FilterMixin, EdgeMode):
             z = self.head.encode_features(features)
             ms.head = stem_ms + ms_since(t)
         t = now_ns()
-        encoded = codec.encode(z, o.bits, o.granularity, o.compression, o.level)
-        request.bottleneck.CopyFrom(wire.bottleneck_to_proto(encoded, meta))
+        payload, extra = self.coder.encode(z, meta, request, frame.index)
         ms.encode = ms_since(t)
-        return Prepared(frame, ms, request=request, payload_bytes=len(encoded.payload),
-                        message_bytes=request.ByteSize(), filtered=filtered, filter_probability=probability)
+        return Prepared(frame, ms, request=request, payload_bytes=payload,
+                        message_bytes=request.ByteSize(), filtered=filtered, filter_probability=probability,
+                        extra=extra)
 
 
 class LocalMode(_FilterMixin, EdgeMode):

@@ -1,0 +1,171 @@
+"""hnd-edge temporal coding against a live server: split key / delta frames (--key-interval), key frames
+after refusals and when the server keeps no session, and H.264 / HEVC / WebP offload."""
+from __future__ import annotations
+
+import queue
+
+import grpc
+import pytest
+import torch
+from runtime_support import assert_same_detections, client_for, run_edge, serving
+from test_streams import STREAM, bottleneck_requests, in_process, video_frames, wait_sessions_free
+
+from hnd.common import wire
+from hnd.common.checkpoint import fingerprint
+from hnd.common.split import split_model
+from hnd.common.stream_codec import StreamEncoder
+from hnd.common.video import VideoDecoder, VideoEncoder, VideoSettings, available_formats
+from hnd.edge import cli
+from hnd.edge.capture import ArrayFrames
+from hnd.edge.client import EdgeError
+from hnd.edge.modes import EdgeOptions, make_mode
+from hnd.edge.pipeline import EdgeRunner
+from hnd.edge.torch_modes import to_tensor
+from hnd.proto.v1 import split_inference_pb2 as pb
+from hnd.server.service import ServerLimits
+from hnd.server.streams import StreamLimits
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model("faster_rcnn")
+
+
+def expected_temporal(model, images, bits, key_interval):
+    """In process: the same stream decisions, dequantized without the delta step, through the tail."""
+    head, _ = split_model(model)
+    mirror = StreamEncoder(bits, "tensor", key_interval=key_interval, max_clamped=0.001)
+    out = []
+    for img in images:
+        with torch.inference_mode():
+            z, meta = head([to_tensor(img)])
+        out.append(in_process(model, mirror.quantize(z).dequantize(), meta))
+    return out
+
+
+def test_split_key_interval_is_exact_and_smaller(model):
+    images = video_frames(5)
+    with serving(model) as server:
+        client = client_for(server)
+        try:
+            summary, records, dets = run_edge(model, client, images, bits=4, key_interval=3, stream=True,
+                                              max_inflight=2)
+            _, intra_records, _ = run_edge(model, client, images, bits=4, stream=True, max_inflight=2)
+        finally:
+            client.close()
+        wait_sessions_free(server)
+    assert summary.failed == 0
+    assert [r["frame_type"] for r in records] == ["key", "delta", "delta", "key", "delta"]
+    assert "frame_type" not in intra_records[0]  # key_interval 1: today's per-frame coding
+    for got, want in zip(dets, expected_temporal(model, images, 4, 3)):
+        assert_same_detections(got, want)
+    delta_bytes = [r["bytes"]["payload"] for r in records if r["frame_type"] == "delta"]
+    assert max(delta_bytes) < min(r["bytes"]["payload"] for r in intra_records)
+
+
+def test_refused_frame_is_resent_as_a_key_frame(model):
+    images = video_frames(4)
+    with serving(model) as server:
+        client = client_for(server)
+        head, _ = split_model(model)
+        mode = make_mode(EdgeOptions(bits=4, key_interval=100, stream=True, max_inflight=1), head,
+                         fingerprint(model))
+        original = mode.prepare
+
+        def prepare_skipping(frame):  # frame 2's delta skips a sequence number: the server has no reference
+            if frame.index == 2:
+                mode.coder.encoder.sequence += 1
+            return original(frame)
+
+        mode.prepare = prepare_skipping
+        records = []
+        runner = EdgeRunner(mode.options, client=client, mode=mode)
+        try:
+            summary = runner.run(ArrayFrames(images), lambda r, f: records.append(r.to_dict()))
+        finally:
+            client.close()
+        wait_sessions_free(server)
+    assert summary.failed == 0
+    assert [(r["frame_type"], r.get("attempts", 1)) for r in records] == [("key", 1), ("delta", 1), ("key", 2),
+                                                                   ("delta", 1)]
+
+
+def test_server_without_free_session_gets_key_frames_only(model):
+    images = video_frames(3)
+    limits = ServerLimits(streams=StreamLimits(max_sessions=1))
+    holder, _, _ = bottleneck_requests(model, images[:1], StreamEncoder(4))
+    with serving(model, limits=limits) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            outbox: queue.Queue = queue.Queue()
+            call = channel.stream_stream(STREAM)(iter(outbox.get, None), timeout=120)
+            outbox.put(holder[0].SerializeToString())
+            next(call)  # another stream holds the only session
+            client = client_for(server)
+            try:
+                summary, records, dets = run_edge(model, client, images, bits=4, key_interval=10, stream=True,
+                                                  max_inflight=2)
+            finally:
+                client.close()
+            outbox.put(None)
+            list(call)
+        wait_sessions_free(server)
+    assert summary.failed == 0  # every frame answered: the refused delta was resent as a key frame
+    assert [r["frame_type"] for r in records] == ["key", "key", "key"]
+    assert [r.get("attempts", 1) for r in records] == [1, 2, 1]
+
+
+def test_temporal_needs_a_stream_and_a_server_with_sessions(model):
+    head, _ = split_model(model)
+    with pytest.raises(ValueError, match="InferStream"):
+        make_mode(EdgeOptions(key_interval=5, stream=False), head, "fp")
+    with serving(model, limits=ServerLimits(streams=StreamLimits(max_sessions=0))) as server:
+        client = client_for(server)
+        try:
+            mode = make_mode(EdgeOptions(key_interval=5, stream=True), head,
+                             fingerprint(model))
+            with pytest.raises(EdgeError, match="stream sessions"):
+                mode.check_server(client.model_info())
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("fmt", available_formats())
+def test_video_offload_through_the_edge(model, fmt):
+    images = video_frames(4)
+    with serving(model) as server:
+        client = client_for(server)
+        try:
+            summary, records, dets = run_edge(model, client, images, mode="offload", image_format=fmt, stream=True,
+                                              gop=3, preset="ultrafast", max_inflight=2)
+        finally:
+            client.close()
+        wait_sessions_free(server)
+    assert summary.failed == 0
+    assert [r["frame_type"] for r in records] == ["key", "delta", "delta", "key"]
+    assert records[1]["bytes"]["payload"] < records[0]["bytes"]["payload"]
+    # What the server answered is the model on the frames as decoded: replay the same packets here.
+    enc = VideoEncoder(VideoSettings(format=fmt, gop=3, preset="ultrafast"))
+    dec = VideoDecoder(fmt)
+    for img, got in zip(images, dets):
+        decoded = dec.decode(enc.encode(img)[0])
+        with torch.inference_mode():
+            want = [wire.detections_from_proto(wire.detections_to_proto(d)) for d in model([to_tensor(decoded)])]
+        assert_same_detections(got, want)
+
+
+def test_webp_offload_through_the_edge(model):
+    with serving(model) as server:
+        client = client_for(server)
+        try:
+            summary, records, _ = run_edge(model, client, video_frames(2), mode="offload", image_format="webp")
+        finally:
+            client.close()
+    assert summary.failed == 0 and all(r["bytes"]["payload"] > 0 for r in records)
+
+
+def test_cli_refuses_key_interval_outside_split(capsys, tmp_path):
+    rc = cli.main(["--server", "127.0.0.1:1", "--images", str(tmp_path), "--config", "test/faster_rcnn-b3ch",
+                   "--random-weights", "0", "--mode", "offload", "--key-interval", "5"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--key-interval" in err[0]
