@@ -82,7 +82,7 @@ class RateRow:
     bytes_per_frame: float
     bytes_first: int
     bytes_rest_mean: float | None  # frames after the first: the steady state of a temporal stream
-    f1: float
+    f1: float | None  # None with accuracy off (bytes only)
     map50_95: float | None = None
     map50: float | None = None
     key_frames: int | None = None
@@ -150,8 +150,11 @@ def _image_roundtrip(family: str, quality: int) -> Callable[[np.ndarray], tuple[
 def run_sweep(model: torch.nn.Module, frames: list[np.ndarray], settings: list[RateSetting],
               key_interval: int = 30, max_clamped: float = 0.001, score: float = 0.5, preset: str = "medium",
               fps: float = 10.0, coco_gt=None, image_ids: list[int] | None = None,
-              progress: Callable[[str], None] | None = None) -> list[RateRow]:
-    """Every frame through every setting, in frame order; returns one row per setting."""
+              progress: Callable[[str], None] | None = None, accuracy: bool = True) -> list[RateRow]:
+    """Every frame through every setting, in frame order; returns one row per setting.
+
+    accuracy False: bytes only (no tail, no full model: the head runs once per frame and size).
+    """
     hw = frames[0].shape[:2]
     models = {s.size: model_at(model, s.size, hw) for s in settings}
     splits = {size: split_model(m) for size, m in models.items()}
@@ -169,7 +172,12 @@ def run_sweep(model: torch.nn.Module, frames: list[np.ndarray], settings: list[R
     for s in settings:
         t0 = time.perf_counter()
         sizes, dets, extra = _run_setting(s, models, splits, inputs, frames, head_outputs, key_interval,
-                                          max_clamped, preset, fps)
+                                          max_clamped, preset, fps, accuracy)
+        if not accuracy:
+            rows.append(RateRow(s.family, s.name, s.size, dict(s.params), float(np.mean(sizes)), int(sizes[0]),
+                                float(np.mean(sizes[1:])) if len(sizes) > 1 else None, None, **extra))
+            rows[-1].seconds = round(time.perf_counter() - t0, 2)
+            continue
         if reference is None:
             if s.family != "local":
                 raise ValueError("the first setting must be the local reference")
@@ -183,12 +191,18 @@ def run_sweep(model: torch.nn.Module, frames: list[np.ndarray], settings: list[R
         rows.append(row)
         if progress is not None:
             progress(f"{s.name}: {row.bytes_per_frame:,.0f} B/frame, F1 {row.f1:.3f} ({row.seconds:.0f} s)")
+    if not accuracy and progress is not None:
+        for row in rows:
+            progress(f"{row.name}: {row.bytes_per_frame:,.0f} B/frame")
     return rows
 
 
 def _run_setting(s: RateSetting, models, splits, inputs, frames, head_outputs, key_interval, max_clamped,
-                 preset, fps) -> tuple[list[int], list[dict], dict[str, Any]]:
+                 preset, fps, accuracy: bool = True) -> tuple[list[int], list[dict], dict[str, Any]]:
     extra: dict[str, Any] = {}
+    if not accuracy:  # bytes only: skip every tail / full-model pass
+        splits = {k: (h, lambda z, meta: [None]) for k, (h, _) in splits.items()}
+        models = {k: (lambda images: [None]) for k in models}
     if s.family == "local":
         m = models[s.size]
         return [0] * len(inputs), [m([x])[0] for x in inputs], extra
@@ -266,7 +280,8 @@ def render_markdown(rows: list[RateRow], header: dict[str, Any]) -> str:
               "|---|---:|---:|---:|---:|" + ("---:|---:|" if has_map else "") + "---:|---:|"]
     for row in rows:
         rest = "—" if row.bytes_rest_mean is None else f"{row.bytes_rest_mean:,.0f}"
-        cells = [row.name, f"{row.bytes_per_frame:,.0f}", f"{row.bytes_first:,}", rest, f"{row.f1:.3f}"]
+        cells = [row.name, f"{row.bytes_per_frame:,.0f}", f"{row.bytes_first:,}", rest,
+                 "—" if row.f1 is None else f"{row.f1:.3f}"]
         if has_map:
             cells += ["—" if row.map50_95 is None else f"{row.map50_95:.3f}",
                       "—" if row.map50 is None else f"{row.map50:.3f}"]
@@ -324,7 +339,8 @@ def _floats(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--rate-accuracy", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--config", help="YAML config or bundled name (default hnd/faster_rcnn-b3ch with --random-weights 0)")
+    p.add_argument("--config",
+                   help="YAML config or bundled name (default hnd/faster_rcnn-b3ch with --random-weights 0)")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--checkpoint", help="student checkpoint (agreement and mAP are then meaningful)")
     w.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights")
@@ -350,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="medium", help="x264 / x265 preset (default medium, libx264's default)")
     p.add_argument("--agreement-score", type=float, default=None,
                    help="score cut for agreement F1 (default 0.5; 0 with random weights)")
+    p.add_argument("--no-accuracy", action="store_true",
+                   help="bytes only: no tail and no full model (the head runs once per frame), no F1 or mAP")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default="rate-out", help="output folder (default rate-out)")
     return p
@@ -425,19 +443,22 @@ def _main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = run_sweep(model, frames, settings, key_interval=args.key_interval, max_clamped=args.max_clamped,
                      score=score, preset=args.preset, fps=args.fps, coco_gt=coco, image_ids=ids,
-                     progress=lambda line: print(f"{PROG}: {line}", file=sys.stderr))
+                     progress=lambda line: print(f"{PROG}: {line}", file=sys.stderr), accuracy=not args.no_accuracy)
     header = {"machine": machine_info(), "run": {
         "source": args.video or args.images, "frames": len(frames), "frame_size": list(frames[0].shape[:2]),
         "config": config, "weights": args.checkpoint or f"random (seed {random_weights})",
         "key_interval": args.key_interval, "max_clamped": args.max_clamped, "score": score,
-        "preset": args.preset, "annotations": args.annotations, "notes": notes}}
+        "preset": args.preset, "annotations": args.annotations, "accuracy": not args.no_accuracy, "notes": notes}}
     text = render_markdown(rows, header)
     atomic_write_text(out / "rate_accuracy.md", text)
     atomic_write_text(out / "rate_accuracy.json", json.dumps({**header, "rows": [asdict(r) for r in rows]}, indent=1))
-    plot(rows, out / "rate_accuracy.png", f"{Path(str(header['run']['source'])).name}: {len(frames)} frames "
-                                           f"{frames[0].shape[1]}x{frames[0].shape[0]}, {header['run']['weights']}")
+    written = ["rate_accuracy.md", "rate_accuracy.json"]
+    if not args.no_accuracy:
+        plot(rows, out / "rate_accuracy.png", f"{Path(str(header['run']['source'])).name}: {len(frames)} frames "
+                                               f"{frames[0].shape[1]}x{frames[0].shape[0]}, {header['run']['weights']}")
+        written.append("rate_accuracy.png")
     print(text)
-    print(f"{PROG}: wrote rate_accuracy.md, rate_accuracy.json, rate_accuracy.png to {out}", file=sys.stderr)
+    print(f"{PROG}: wrote {', '.join(written)} to {out}", file=sys.stderr)
     return 0
 
 

@@ -96,7 +96,9 @@ def test_head_only_export_serves_the_same_detections(model, server, image_dir, t
     assert edge_cli.main([*args, "--head", str(head_file), "--output", str(a)]) == 0
     assert edge_cli.main([*args, "--checkpoint", str(full), "--output", str(b)]) == 0
     ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
-    assert ra["detections"] == rb["detections"] and ra["bytes"] == rb["bytes"]
+    assert ra["detections"] == rb["detections"]
+    # The response's size varies with the server's timings (varints of microseconds): compare the request.
+    assert (ra["bytes"]["payload"], ra["bytes"]["message"]) == (rb["bytes"]["payload"], rb["bytes"]["message"])
 
 
 def test_edge_reconnects_after_server_restart(model):

@@ -21,7 +21,6 @@ from hnd.edge.client import EdgeError
 from hnd.edge.modes import EdgeOptions, make_mode
 from hnd.edge.pipeline import EdgeRunner
 from hnd.edge.torch_modes import to_tensor
-from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.server.service import ServerLimits
 from hnd.server.streams import StreamLimits
 

@@ -70,3 +70,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli.main(["--rate-accuracy", "--video", "x.mp4", "--sizes", "huge"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("hnd-bench --rate-accuracy: error:") for line in err)
+
+
+def test_bytes_only_sweep_skips_the_model(tiny_model, clip, monkeypatch):
+    from PIL import Image
+
+    import hnd.bench.rate as rate
+
+    model = tiny_model("faster_rcnn")
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(clip["images"].iterdir())]
+    settings = rate_settings([4], ["tensor"], ["temporal"], ["native"], [75], [], [], [])
+    calls = []
+    real_split = rate.split_model
+
+    def counting_split(m):
+        head, tail = real_split(m)
+        return head, lambda *a: calls.append(1) or tail(*a)
+
+    monkeypatch.setattr(rate, "split_model", counting_split)
+    rows = run_sweep(model, frames, settings, max_clamped=1.0, accuracy=False)
+    assert [r.f1 for r in rows] == [None, None, None] and not calls
+    assert rows[1].bytes_per_frame > 0 and rows[1].key_frames == 1

@@ -16,12 +16,12 @@ import torch
 import zstandard
 from runtime_support import assert_same_detections, serving
 
-from hnd.common import codec, wire
+from hnd.common import wire
 from hnd.common.checkpoint import fingerprint
 from hnd.common.split import split_model
 from hnd.common.stream_codec import StreamEncoder
 from hnd.common.video import VideoDecoder, VideoEncoder, VideoSettings, available_formats
-from hnd.edge.pipeline import to_tensor
+from hnd.edge.torch_modes import to_tensor
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.server.service import BatchingOptions, ServerLimits
 from hnd.server.streams import StreamLimits

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from hnd.common.video import VideoDecoder, VideoEncoder, VideoError, VideoSettings, available_formats
@@ -64,7 +65,7 @@ def test_synthetic_video_layout_annotations_and_file(tmp_path):
     # The recording holds the same frames, close to the lossless PNGs.
     frames = [f.image for f in VideoFile(str(written["video"]))]
     assert len(frames) == 8
-    png = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(written["images"] / doc["images"][0]["file_name"]))
+    png = np.asarray(Image.open(written["images"] / doc["images"][0]["file_name"]))
     assert _psnr(frames[0], png) > 30
 
 
@@ -74,8 +75,6 @@ def test_synthetic_video_is_deterministic_and_noisy(tmp_path):
     assert a["annotations"].read_text().replace(str(tmp_path / "a"), "") == \
         b["annotations"].read_text().replace(str(tmp_path / "b"), "")
     names = sorted(p.name for p in a["images"].iterdir())
-    from PIL import Image
-
     f0, f1 = (np.asarray(Image.open(a["images"] / n), dtype=np.int16) for n in names[:2])
     assert np.array_equal(f0, np.asarray(Image.open(b["images"] / names[0]), dtype=np.int16))
     assert np.abs(f0 - f1).mean() > 0.5  # fresh sensor noise every frame

@@ -299,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--background", default="photo", help="photo (a scikit-image photo per sequence), texture, "
                    "or a photo name: rocket, coffee, chelsea, astronaut (default photo)")
     v.add_argument("--noise", type=float, default=3.0, help="sensor noise sigma in 8-bit levels (default 3)")
+    v.add_argument("--object-size", default="0.12,0.3", metavar="MIN,MAX",
+                   help="object height range as a fraction of the frame height (default 0.12,0.3)")
     args = p.parse_args(argv)
     if args.video:
         return _video_main(p, args)
@@ -323,11 +325,17 @@ def _video_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.frames < 1 or args.sequences < 1 or args.noise < 0 or args.fps <= 0:
         p.error("--frames and --sequences must be >= 1, --noise >= 0, --fps > 0")
     w, h = args.size or (320, 240)  # video default: a small camera frame
+    try:
+        lo, hi = (float(v) for v in args.object_size.split(","))
+    except ValueError:
+        p.error(f"--object-size must look like 0.1,0.2, not {args.object_size!r}")
+    if not 0 < lo <= hi < 0.9:
+        p.error("--object-size: need 0 < MIN <= MAX < 0.9")
     if w % 2 or h % 2:
         p.error("--size must be even for H.264 (e.g. 320x240)")
     written = make_synthetic_video(args.out, frames=args.frames, size=(w, h), fps=args.fps,
                                    sequences=args.sequences, objects=args.max_objects, background=args.background,
-                                   noise=args.noise, seed=args.seed)
+                                   noise=args.noise, seed=args.seed, object_size=(lo, hi))
     print(f"val: {written['images']} {written['annotations']} {written['video']}")
     return 0
 

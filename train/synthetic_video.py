@@ -93,11 +93,11 @@ def _sequence_background(rng: np.random.Generator, kind: str, index: int, width:
 
 
 def _movers(rng: np.random.Generator, bg: np.ndarray, count: int, width: int, height: int,
-            speed: tuple[float, float]) -> list[_Mover]:
+            speed: tuple[float, float], object_size: tuple[float, float]) -> list[_Mover]:
     out = []
     for _ in range(count):
-        h = rng.uniform(0.12, 0.3) * height
-        w = rng.uniform(0.12, 0.3) * height * rng.uniform(0.7, 1.6)
+        h = rng.uniform(*object_size) * height
+        w = rng.uniform(*object_size) * height * rng.uniform(0.7, 1.6)
         w = min(w, width - 4)
         x, y = rng.uniform(1, width - w - 1), rng.uniform(1, height - h - 1)
         angle = rng.uniform(0, 2 * np.pi)
@@ -141,12 +141,14 @@ def render_frame(bg: np.ndarray, movers: list[_Mover], noise: float,
 def make_synthetic_video(out: str | os.PathLike, frames: int = 40, size: tuple[int, int] = (320, 240),
                          fps: float = 10.0, sequences: int = 1, objects: int = 3, background: str = "photo",
                          noise: float = 3.0, speed: tuple[float, float] = (2.0, 6.0), seed: int = 0,
-                         split: str = "val", video: bool = True) -> dict[str, Path]:
+                         split: str = "val", video: bool = True,
+                         object_size: tuple[float, float] = (0.12, 0.3)) -> dict[str, Path]:
     """Write ``sequences`` annotated sequences of ``frames`` frames into split ``split`` under ``out``.
 
     size: (width, height), both even (H.264 4:2:0). background: "photo" (a different scikit-image photo
     per sequence), "texture" or a photo name (``PHOTOS``). noise: standard deviation of the per-frame
     Gaussian sensor noise, in 8-bit levels. speed: object speed range in pixels per frame at 240 rows.
+    object_size: range of object heights (and base widths) as a fraction of the frame height.
     Returns {"images": folder, "annotations": json, "video": mp4 (when ``video``)}.
     """
     width, height = size
@@ -156,6 +158,8 @@ def make_synthetic_video(out: str | os.PathLike, frames: int = 40, size: tuple[i
         raise ValueError(f"background must be one of {BACKGROUNDS}, not {background!r}")
     if frames < 1 or sequences < 1 or objects < 0 or noise < 0 or fps <= 0:
         raise ValueError("frames and sequences must be >= 1, objects and noise >= 0, fps > 0")
+    if not 0 < object_size[0] <= object_size[1] < 0.9:
+        raise ValueError(f"object_size must be 0 < min <= max < 0.9, got {object_size}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, not {split!r}")
     folder, first_id = SPLITS[split]
@@ -166,7 +170,7 @@ def make_synthetic_video(out: str | os.PathLike, frames: int = 40, size: tuple[i
     for s in range(sequences):
         rng = np.random.default_rng([seed, s, 11])
         bg = _sequence_background(rng, background, s, width, height)
-        movers = _movers(rng, bg, objects, width, height, speed)
+        movers = _movers(rng, bg, objects, width, height, speed, object_size)
         for f in range(frames):
             image_id = first_id + len(images)
             img, anns = render_frame(bg, movers, noise, rng)
