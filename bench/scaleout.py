@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
-
 from hnd.common.files import atomic_write_text
 from hnd.edge.capture import Frame, FrameSource
 from hnd.edge.client import ClientSettings, SplitClient
 from hnd.edge.pipeline import EdgeOptions, EdgeRunner, Summary
 from hnd.edge.records import FrameRecord
 from hnd.server.healthcheck import check
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_ports(n: int) -> list[int]:
@@ -79,7 +78,7 @@ class Replica:
                 "--threads", str(self.threads), "--drain-seconds", str(self.drain_s), "--log-level", "WARNING",
                 *self.extra]
 
-    def start(self) -> "Replica":
+    def start(self) -> Replica:
         """Start the process (returns at once; ``wait_serving`` waits for the warm-up)."""
         self.starts += 1
         log = subprocess.DEVNULL
@@ -243,6 +242,56 @@ def measure(replicas: list[Replica], head, fp: str, edges: int, frames: int, max
     }
 
 
+def faults(replicas: list[Replica], head, fp: str, edges: int, frames: int, rolling: bool = False) -> dict[str, Any]:
+    """Edges (half unary, half stream) run ``frames`` frames each while replicas fail under them.
+
+    Default: SIGKILL the first replica after a quarter of the frames, SIGTERM (drain) the second after
+    half. ``rolling``: restart every replica in turn (drain, start, wait until SERVING), paced edges.
+    Returns frames, answered, failed, retried and answers per replica (from the edges' records).
+    """
+    images = sample_frames()
+    records: list[list[FrameRecord]] = [[] for _ in range(edges)]
+    summaries: list[Summary] = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=lambda i=i: summaries.append(run_edge(
+        target_of(replicas), head, fp,
+        RepeatedFrames(images, None if rolling else frames, fps=2.0 if rolling else None, stop=stop),
+        records[i], stream=i % 2 == 1))) for i in range(edges)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+
+    def wait_frames(n: int) -> None:
+        while min(len(r) for r in records) < n and any(t.is_alive() for t in threads):
+            time.sleep(0.05)
+
+    if rolling:
+        wait_frames(2)
+        for r in replicas:
+            r.restart()
+        wait_frames(max(len(r) for r in records) + 2)
+        stop.set()
+    else:
+        wait_frames(frames // 4)
+        replicas[0].kill()
+        wait_frames(frames // 2)
+        replicas[1].terminate()
+    for t in threads:
+        t.join()
+    flat = [rec for recs in records for rec in recs]
+    per_replica: dict[str, int] = {}
+    for rec in flat:
+        if rec.ok and rec.replica:
+            per_replica[rec.replica] = per_replica.get(rec.replica, 0) + 1
+    return {
+        "scenario": "rolling restart" if rolling else "SIGKILL r0, SIGTERM r1", "edges": edges,
+        "frames": len(flat), "answered": sum(r.ok for r in flat), "failed": sum(not r.ok for r in flat),
+        "retried": sum(r.attempts > 1 for r in flat), "max_attempts_used": max((r.attempts for r in flat), default=0),
+        "in_order": all([r.frame for r in recs] == list(range(len(recs))) for recs in records),
+        "wall_s": time.perf_counter() - start, "per_replica": per_replica,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hnd.bench.scaleout", description=__doc__.splitlines()[0])
     p.add_argument("--replicas", default="1,2,3", help="replica counts to measure (comma-separated)")
@@ -252,8 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream", action="store_true", help="edges use InferStream instead of unary calls")
     p.add_argument("--config", default="test/faster_rcnn-b3ch")
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--faults", action="store_true",
+                   help="instead: 3 replicas, SIGKILL one and drain one mid-run, then a rolling restart; "
+                        "reports frames answered / failed / retried")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
+    if args.faults:
+        return main_faults(args)
     counts = [int(c) for c in args.replicas.split(",")]
     import torch
 
@@ -276,11 +330,41 @@ def main(argv: list[str] | None = None) -> int:
         for r in pool:
             r.stop()
     base = rows[0]["images_per_s"] if rows else float("nan")
-    print(f"\n| replicas | edges x frames | images/s | x 1 replica | p50 total ms | answers per replica |")
+    print("\n| replicas | edges x frames | images/s | x 1 replica | p50 total ms | answers per replica |")
     print("|---:|---:|---:|---:|---:|---|")
     for row in rows:
         print(f"| {row['replicas']} | {row['edges']} x {args.frames} | {row['images_per_s']:.2f} | "
               f"{row['images_per_s'] / base:.2f} | {row['p50_total_ms']:.0f} | {row['per_replica']} |")
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    return 0
+
+
+def main_faults(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(1)
+    head, fp = edge_model(args.config)
+    rows = []
+    for rolling in (False, True):
+        pool = [Replica(f"r{i}", args.config, threads=args.threads) for i in range(3)]
+        try:
+            for r in pool:
+                r.start()
+            for r in pool:
+                r.wait_serving()
+            row = faults(pool, head, fp, args.edges, args.frames, rolling=rolling)
+        finally:
+            for r in pool:
+                r.stop()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| scenario | edges | frames | answered | failed | resent | in order | answers per replica |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
+    for row in rows:
+        spread = ", ".join(str(v) for _, v in sorted(row["per_replica"].items()))
+        print(f"| {row['scenario']} | {row['edges']} | {row['frames']} | {row['answered']} | {row['failed']} | "
+              f"{row['retried']} | {'yes' if row['in_order'] else 'NO'} | {spread} |")
     if args.json:
         atomic_write_text(args.json, json.dumps({"args": vars(args), "rows": rows}, indent=2))
     return 0

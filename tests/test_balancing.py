@@ -9,11 +9,17 @@ import cv2
 import grpc
 import pytest
 import torch
-from runtime_support import frames, run_edge, serving
-
 from hnd.common.checkpoint import fingerprint
 from hnd.edge import cli
-from hnd.edge.client import ClientSettings, EdgeError, SplitClient, WeightsMismatch, check_target, service_config
+from hnd.edge.client import (
+    ClientSettings,
+    EdgeError,
+    SplitClient,
+    WeightsMismatch,
+    check_target,
+    service_config,
+)
+from runtime_support import frames, run_edge, serving
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,14 @@ import threading
 import time
 
 import pytest
-
-from hnd.bench.scaleout import Replica, RepeatedFrames, edge_model, run_edge, sample_frames, target_of
+from hnd.bench.scaleout import (
+    RepeatedFrames,
+    Replica,
+    edge_model,
+    run_edge,
+    sample_frames,
+    target_of,
+)
 
 CONFIG = "test/faster_rcnn-b3ch"
 
@@ -19,8 +25,9 @@ def head_fp():
 
 
 @pytest.fixture
-def replicas(tmp_path):
-    pool = [Replica(f"r{i}", CONFIG, log_dir=tmp_path) for i in range(3)]
+def replicas(tmp_path, request):
+    """``count`` (indirect parameter, default 3) hnd-server processes, started together."""
+    pool = [Replica(f"r{i}", CONFIG, log_dir=tmp_path) for i in range(getattr(request, "param", 3))]
     for r in pool:
         r.start()
     try:
@@ -89,7 +96,7 @@ def test_spread_then_sigkill_and_sigterm_mid_run_lose_no_frame(replicas, head_fp
     # 2. Faults mid-run: SIGKILL one replica, drain another with SIGTERM, while unary and stream edges run.
     stop = threading.Event()
     threads, records, summaries = start_edges(target, head_fp, MODES, stop=stop)
-    done = lambda n: lambda: all(len(r) >= n for r in records.values())  # noqa: E731
+    done = lambda n: lambda: all(len(r) >= n for r in records.values())
     wait_for(done(3))
     replicas[0].kill()
     wait_for(done(6))
@@ -106,6 +113,7 @@ def test_spread_then_sigkill_and_sigterm_mid_run_lose_no_frame(replicas, head_fp
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("replicas", [2], indirect=True)  # two keep it short: each restart is a model load
 def test_rolling_restart_of_all_replicas_loses_no_frame(replicas, head_fp):
     stop = threading.Event()
     threads, records, summaries = start_edges(target_of(replicas), head_fp, MODES, stop=stop, fps=4)

@@ -12,8 +12,6 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from runtime_support import frames, serving
-
 from hnd.common import codec, wire
 from hnd.common.checkpoint import fingerprint
 from hnd.common.split import split_model
@@ -22,6 +20,7 @@ from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.server.app import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY
 from hnd.server.healthcheck import check
 from hnd.server.service import SERVICE_NAME
+from runtime_support import frames, serving
 
 INFER = f"/{SERVICE_NAME}/Infer"
 STREAM = f"/{SERVICE_NAME}/InferStream"
