@@ -6,11 +6,13 @@ than the camera, stale frames are dropped and counted instead of queueing up lat
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,22 +137,42 @@ class VideoFile(FrameSource):
         self.cap.release()
 
 
+class SourceLost(SourceError):
+    """A live source stopped delivering frames and did not come back in time (exit code 3)."""
+
+
 class LiveCapture(FrameSource):
     """Latest-frame capture thread over a camera (or a video paced at its frame rate).
 
     The thread reads continuously; the consumer always gets the newest frame, and every
     frame overwritten before it was taken counts in ``dropped``.
+
+    A camera (or stream URL) that stops delivering — unplugged, a driver that hangs — gets one clear
+    line on stderr, and the thread reopens it with backoff (0.5 s doubling up to 5 s); one line again when
+    frames come back. After ``lost_after_s`` seconds without a frame the source gives up: iterating
+    raises :class:`SourceLost` naming it (hnd-edge exits with code 3). A video file ends at its end.
     """
 
-    def __init__(self, target: int | str, max_frames: int | None = None, pace_fps: float | None = None) -> None:
-        self.cap = _open_capture(target)
+    def __init__(self, target: int | str, max_frames: int | None = None, pace_fps: float | None = None,
+                 lost_after_s: float = 60.0, opener: Callable[[int | str], cv2.VideoCapture] | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
+        self.opener = opener or _open_capture
+        self.cap = self.opener(target)
+        self.target = target
         self.name = f"camera:{target}" if isinstance(target, int) else f"live:{target}"
+        self.what = f"camera {target}" if isinstance(target, int) else str(target)
         self.max_frames = max_frames
+        self.lost_after_s = lost_after_s
+        self.retries = not (isinstance(target, str) and os.path.isfile(target))  # a file just ends
+        self.warn = warn or (lambda line: print(f"hnd-edge: {line}", file=sys.stderr))
         # A file reads faster than real time; pacing it at its own fps makes it behave like a camera.
         fps = pace_fps if pace_fps is not None else (self.cap.get(cv2.CAP_PROP_FPS) if isinstance(target, str) else 0)
         self.period = 1.0 / fps if fps and fps > 0 else 0.0
         self.dropped = 0
         self.captured = 0
+        self.reopened = 0  # times the source came back after it stopped delivering
+        self.lost: str | None = None  # set when the source gave up: why
+        self.last_frame_at = time.monotonic()
         self._cond = threading.Condition()
         self._latest: tuple[np.ndarray, int, float, float] | None = None
         self._ended = False
@@ -158,21 +180,60 @@ class LiveCapture(FrameSource):
         self._thread = threading.Thread(target=self._reader, name="hnd-capture", daemon=True)
         self._thread.start()
 
+    @property
+    def stalled_s(self) -> float:
+        """Seconds since the last frame arrived (0 while frames flow, and once the source has ended)."""
+        if self._ended:
+            return 0.0
+        return max(0.0, time.monotonic() - self.last_frame_at - max(self.period, 1.0))
+
+    def _recover(self) -> bool:
+        """The source stopped delivering: reopen with backoff until it does, or until lost_after_s."""
+        self.warn(f"{self.what}: no frame (unplugged or stalled?); reopening, giving up after "
+                  f"{self.lost_after_s:g} s without frames")
+        delay = 0.5
+        while not self._stop.is_set():
+            if time.monotonic() - self.last_frame_at >= self.lost_after_s:
+                self.lost = f"{self.what}: no frames for {self.lost_after_s:g} s (unplugged?); giving up"
+                return False
+            self._stop.wait(delay)
+            delay = min(delay * 2, 5.0)
+            with contextlib.suppress(Exception):
+                self.cap.release()
+            try:
+                self.cap = self.opener(self.target)
+            except SourceError:
+                continue
+            ok, bgr = self.cap.read()
+            if ok:
+                self.reopened += 1
+                self.warn(f"{self.what}: delivering frames again after {time.monotonic() - self.last_frame_at:.1f} s")
+                self._deliver(bgr, *_read_start())
+                return True
+        return False
+
+    def _deliver(self, bgr: np.ndarray, start: int, wall: float) -> None:
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        done = time.perf_counter_ns()
+        self.last_frame_at = time.monotonic()
+        with self._cond:
+            if self._latest is not None:
+                self.dropped += 1  # the previous frame was never taken
+            self._latest = (rgb, done, (done - start) / 1e6, wall)
+            self.captured += 1
+            self._cond.notify()
+
     def _reader(self) -> None:
         next_due = time.perf_counter()
         while not self._stop.is_set():
             start, wall = _read_start()
             ok, bgr = self.cap.read()
             if not ok:
-                break
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            done = time.perf_counter_ns()
-            with self._cond:
-                if self._latest is not None:
-                    self.dropped += 1  # the previous frame was never taken
-                self._latest = (rgb, done, (done - start) / 1e6, wall)
-                self.captured += 1
-                self._cond.notify()
+                if not self.retries or not self._recover():
+                    break
+                next_due = time.perf_counter()
+                continue
+            self._deliver(bgr, start, wall)
             if self.period:
                 next_due += self.period
                 delay = next_due - time.perf_counter()
@@ -189,7 +250,14 @@ class LiveCapture(FrameSource):
                 with self._cond:
                     while self._latest is None and not self._ended:
                         self._cond.wait(0.5)
+                        if self.retries and time.monotonic() - self.last_frame_at >= self.lost_after_s + 5.0:
+                            # read() itself hangs (it never returned to let the reader give up)
+                            self.lost = self.lost or (f"{self.what}: no frames for {self.lost_after_s:g} s "
+                                                      "(read hangs); giving up")
+                            self._ended = True
                     if self._latest is None:
+                        if self.lost is not None:
+                            raise SourceLost(self.lost)
                         return
                     rgb, done, capture_ms, wall = self._latest
                     self._latest = None
@@ -202,7 +270,8 @@ class LiveCapture(FrameSource):
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=2)
-        self.cap.release()
+        if not self._thread.is_alive():
+            self.cap.release()
 
 
 def open_source(
@@ -211,17 +280,18 @@ def open_source(
     images: str | None = None,
     max_frames: int | None = None,
     live: bool = False,
+    lost_after_s: float = 60.0,
 ) -> FrameSource:
     """The frame source the CLI names: ``--camera N``, ``--video FILE [--live]`` or ``--images DIR_OR_GLOB``."""
     if sum(x is not None for x in (camera, video, images)) != 1:
         raise SourceError("give exactly one of --camera, --video, --images")
     if camera is not None:
-        return LiveCapture(camera, max_frames=max_frames)
+        return LiveCapture(camera, max_frames=max_frames, lost_after_s=lost_after_s)
     if video is not None:
         if live:
             if not os.path.isfile(video):
                 raise SourceError(f"{video}: no such video file")
-            return LiveCapture(video, max_frames=max_frames)
+            return LiveCapture(video, max_frames=max_frames, lost_after_s=lost_after_s)
         return VideoFile(video, max_frames=max_frames)
     return ImageFiles(images, max_frames=max_frames)
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,15 +30,21 @@ from hnd.common.files import atomic_write_text
 from hnd.common.config import Config, ConfigError, build_architecture, build_model_from_config, load_config, with_weights
 from hnd.common.split import Head, split_model
 from hnd.common.video import VideoError
-from hnd.edge.capture import Frame, SourceError, open_source
+from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceError, SourceLost, open_source
 from hnd.edge.client import LB_POLICIES, ClientSettings, EdgeError, SplitClient, check_target
 from hnd.edge.draw import VideoSink, draw_detections
 from hnd.edge.modes import EdgeOptions, make_mode
 from hnd.edge.pipeline import EdgeRunner
-from hnd.edge.records import FrameRecord, RecordWriter
+from hnd.edge.live import EdgeMetrics, LiveStats
+from hnd.edge.records import FrameRecord, RecordWriteError, RecordWriter, parse_rotate
 from hnd.edge.summary import Summary
 
 PROG = "hnd-edge"
+# Exit codes: 0 every frame answered, 1 some frames failed, 2 the edge could not start (config, model,
+# server check, source), 3 a live source stopped delivering for --source-timeout, 4 --output could not be
+# written with --on-write-error stop, 130 interrupted (Ctrl-C, SIGTERM). Records so far are kept in every case.
+EXIT_SOURCE_LOST = 3
+EXIT_WRITE_ERROR = 4
 DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
 
 
@@ -92,9 +99,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neural filter: do not send frames whose probability of holding anything is below T "
                         "(default: the config's model.filter.threshold; needs a model.filter section)")
     f.add_argument("--no-filter", action="store_true", help="send every frame even when the model has a filter")
-    p.add_argument("--output", metavar="JSONL", help="per-frame records (written atomically at the end)")
+    p.add_argument("--output", metavar="JSONL",
+                   help="per-frame records, appended and flushed record by record (an existing file is appended to)")
+    p.add_argument("--output-rotate", metavar="SIZE|DURATION",
+                   help="rotate --output by size (100MB) to FILE.1..N or by time (1h, 1d) to FILE.<date>")
+    p.add_argument("--output-keep", type=int, default=10, metavar="N", help="rotated record files kept (default 10)")
+    p.add_argument("--on-write-error", default="continue", choices=("continue", "stop"),
+                   help="when --output cannot be written (disk full...): go on and count lost records (default), "
+                        "or stop cleanly with exit code 4")
     p.add_argument("--summary-json", metavar="FILE", help="write the closing summary as JSON")
     p.add_argument("--save-video", metavar="MP4", help="frames with the detections drawn on them")
+    p.add_argument("--video-segment", metavar="DURATION", default=None,
+                   help="cut --save-video into segments of this long (10m, 1h): STEM-<UTC time>.mp4 each")
+    p.add_argument("--video-keep", type=int, default=None, metavar="N", help="video segments kept (default: all)")
+    p.add_argument("--stats-interval", type=float, default=None, metavar="S",
+                   help="every S seconds, write the last window's figures as one JSON line")
+    p.add_argument("--stats-file", default="-", metavar="FILE", help="where --stats-interval lines go (default stdout)")
+    p.add_argument("--window", type=float, default=10.0, metavar="S",
+                   help="seconds of the sliding window behind the status line and stats lines (default 10)")
+    p.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
+    p.add_argument("--view-port", type=int, default=None, metavar="PORT",
+                   help="serve a live view (annotated stream, charts) at http://127.0.0.1:PORT/")
+    p.add_argument("--view-host", default="127.0.0.1", help="address for --view-port (default 127.0.0.1)")
+    p.add_argument("--source-timeout", type=float, default=60.0, metavar="S",
+                   help="a live camera/stream that delivers no frame for S seconds (retried meanwhile) ends the "
+                        "run with exit code 3 (default 60)")
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--timeout", type=float, default=None, help="per-request deadline in seconds")
     p.add_argument("--tls-ca", help="CA certificate (PEM) of the server: use TLS")
@@ -191,7 +221,8 @@ def run_edge(args: argparse.Namespace) -> Summary:
     if options.granularity == "original" and options.bits != 8:
         raise ConfigError("--granularity original is the original's 8-bit scheme; use --bits 8")
     options.filter_threshold = filter_threshold(cfg, args)
-    source = open_source(args.camera, args.video, args.images, args.max_frames, live=args.live)
+    source = open_source(args.camera, args.video, args.images, args.max_frames, live=args.live,
+                         lost_after_s=args.source_timeout)
     em = load_edge_model(cfg, args.mode, args.checkpoint, args.head, args.random_weights)
     client = None
     if args.mode != "local":
@@ -200,6 +231,9 @@ def run_edge(args: argparse.Namespace) -> Summary:
             target=args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token,
             max_message_bytes=rt.max_message_bytes, timeout_s=args.timeout or rt.deadline_s,
             lb=args.lb, max_attempts=args.max_attempts, tls_server_name=args.tls_server_name,
+            # A live source waits for a server that went away as long as it takes (capturing meanwhile);
+            # files keep the bounded wait.
+            reconnect_timeout_s=None if isinstance(source, LiveCapture) else 30.0,
         ))
     mode = make_mode(options, em.head, em.fingerprint, em.model)
     if client is not None:
@@ -211,31 +245,114 @@ def run_edge(args: argparse.Namespace) -> Summary:
         # Every replica must hold these weights (split: the edge's own; offload: the first replica's).
         client.expected_fingerprint = em.fingerprint or info.weights_fingerprint
     runner = EdgeRunner(options, client=client, mode=mode)
-    writer = RecordWriter(args.output) if args.output else None
-    video = VideoSink(str(Path(args.save_video).with_name(f".partial.{Path(args.save_video).name}"))) \
-        if args.save_video else None
+    global _current_runner
+    _current_runner = runner
+    writer = None
+    if args.output:
+        writer = RecordWriter(args.output, rotate=args.output_rotate, keep=args.output_keep,
+                              on_error=args.on_write_error)
+        if writer.appended_to:
+            print(f"{PROG}: appending to {args.output} ({writer.appended_to:,} bytes already there)", file=sys.stderr)
+    video = VideoSink(args.save_video, segment_s=parse_duration(args.video_segment, "--video-segment"),
+                      keep=args.video_keep) if args.save_video else None
+    live = make_live_stats(args, runner, client, source, writer)
+    view = None
+    if args.view_port is not None:
+        from hnd.edge.view import LiveView  # tornado only when asked for
+
+        view = LiveView(args.view_port, args.view_host)
+        live.listeners.append(view.window)
+        print(f"{PROG}: live view on {view.url}", file=sys.stderr)
 
     def on_record(record: FrameRecord, frame: Frame) -> None:
         if writer is not None:
             writer.write(record)
+        live.add(record)
+        dets = runner.last_detections if record.ok else None
+        if view is not None:
+            view.publish(frame.image, dets[0] if dets else None, record)
         if video is not None and frame.image is not None:
-            dets = runner.last_detections if record.ok else None
             video.write(draw_detections(frame.image, dets[0]) if dets else frame.image)
 
+    progress = not args.no_progress and sys.stderr.isatty()
+    live.start()
     try:
-        summary = runner.run(source, on_record, progress=not args.no_progress and sys.stderr.isatty())
+        summary = runner.run(source, on_record, progress=progress)
     finally:
+        live.stop()
+        if view is not None:
+            view.close()
+        if runner.summary is not None:
+            live.emit(force_stats=True)  # the last window, also for a run shorter than one interval
         if writer is not None:
             writer.close()
+            if runner.summary is not None:
+                runner.summary.records_lost = writer.lost
         if video is not None:
             video.close()
-            if video.writer is not None:
-                os.replace(video.path, args.save_video)
         if client is not None:
             client.close()
+        if live.stats_out is not None and live.stats_out is not sys.stdout:
+            live.stats_out.close()
     if args.summary_json:
         atomic_write_text(args.summary_json, json.dumps(summary.as_dict(), indent=2))
     return summary
+
+
+_current_runner: EdgeRunner | None = None  # the run in progress, for SIGUSR1
+
+
+def parse_duration(value: str | None, flag: str) -> float | None:
+    """"90", "90s", "10m", "1h", "1d" -> seconds (None stays None)."""
+    if value is None:
+        return None
+    try:
+        kind, seconds = parse_rotate(value if value.strip()[-1:].isalpha() else f"{value}s")
+    except ValueError:
+        kind, seconds = "", 0
+    if kind != "time" or seconds <= 0:
+        raise ConfigError(f"{flag} {value!r}: give a duration such as 90s, 10m, 1h")
+    return float(seconds)
+
+
+def make_live_stats(args: argparse.Namespace, runner: EdgeRunner, client: SplitClient | None, source: FrameSource,
+                    writer: RecordWriter | None) -> LiveStats:
+    """The status line (tqdm postfix on a terminal), --stats-interval lines and --metrics-port of this run."""
+
+    def counters() -> dict[str, Any]:
+        s = runner.summary
+        waiting = client.waiting_since if client is not None else None
+        return {
+            "frames": s.frames if s else 0, "answered": s.answered if s else 0, "failed": s.failed if s else 0,
+            "dropped": getattr(source, "dropped", 0), "reconnects": client.reconnects if client is not None else 0,
+            "records_lost": writer.lost if writer is not None else 0,
+            "waiting_s": time.monotonic() - waiting if waiting is not None else None,
+            "source_stalled_s": getattr(source, "stalled_s", 0.0) or None,
+        }
+
+    def status(line: str) -> None:
+        if runner.bar is not None and not runner.bar.disable:
+            runner.bar.set_postfix_str(line)
+
+    stats_out = None
+    if args.stats_interval is not None:
+        stats_out = sys.stdout if args.stats_file == "-" else open(args.stats_file, "a", encoding="utf-8")  # noqa: SIM115
+    metrics = None
+    if args.metrics_port is not None:
+        metrics = EdgeMetrics()
+        metrics.serve(args.metrics_port, args.metrics_host)
+    try:
+        return LiveStats(counters, window_s=args.window, stats_interval_s=args.stats_interval, stats_out=stats_out,
+                         status=status, metrics=metrics)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _print_running_summary(signum, frame) -> None:
+    # SIGUSR1 prints the summary so far, as dd does; the run goes on.
+    runner = _current_runner
+    if runner is not None and runner.summary is not None:
+        print(runner.running_summary().format(), file=sys.stderr, flush=True)
 
 
 def _stop_on_sigterm(signum, frame) -> None:
@@ -247,9 +364,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        signal.signal(signal.SIGUSR1, _print_running_summary)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         summary = run_edge(args)
+    except SourceLost as exc:
+        runner = _current_runner
+        if runner is not None and runner.summary is not None:
+            print(runner.summary.format())
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_SOURCE_LOST
+    except RecordWriteError as exc:
+        print(f"{PROG}: error: {exc} (--on-write-error stop); records before it were written", file=sys.stderr)
+        return EXIT_WRITE_ERROR
     except (ConfigError, CheckpointError, EdgeError, SourceError, OSError, VideoError, codec.CodecError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -108,7 +108,7 @@ class ClientSettings:
     max_message_bytes: int = 32 * 1024 * 1024
     timeout_s: float = 30.0  # per-request deadline
     connect_timeout_s: float = 10.0
-    reconnect_timeout_s: float = 30.0  # how long to keep retrying after the server went away
+    reconnect_timeout_s: float | None = 30.0  # how long to wait for a server that went away (None: forever)
     lb: str = "round_robin"  # gRPC load-balancing policy over the addresses the target resolves to
     max_attempts: int = 3  # gRPC retry policy: attempts per unary call (1..5), on UNAVAILABLE
     tls_server_name: str | None = None  # name checked against the certificate instead of the target's
@@ -134,6 +134,8 @@ class SplitClient:
         self.channel = self._make_channel()
         self.stub = pb_grpc.SplitInferenceStub(self.channel)
         self._stream: _Stream | None = None
+        self.reconnects = 0
+        self.waiting_since: float | None = None
 
     def _make_channel(self) -> grpc.Channel:
         s = self.settings
@@ -204,18 +206,32 @@ class SplitClient:
                 "all replicas must load the same checkpoint")
 
     def reconnect(self) -> bool:
-        """Wait, with exponential backoff, until the server answers again; False after reconnect_timeout_s."""
-        deadline = time.monotonic() + self.settings.reconnect_timeout_s
+        """Wait, with exponential backoff (0.1 s doubling up to 5 s), until the server answers again.
+
+        False after ``reconnect_timeout_s`` (None: wait until it comes back). While waiting,
+        ``waiting_since`` holds the monotonic time the wait began (status lines say "waiting for the
+        server"); every wait that ends with the server back counts in ``reconnects``.
+        """
+        timeout = self.settings.reconnect_timeout_s
+        start = time.monotonic()
+        self.waiting_since = start
+        log.warning("%s: server unavailable; waiting for it (%s)", self.settings.target,
+                    "no time limit" if timeout is None else f"up to {timeout:g} s")
         delay = 0.1
-        while time.monotonic() < deadline:
-            try:
-                grpc.channel_ready_future(self.channel).result(timeout=delay)
-                self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=max(delay, 1.0), metadata=self.metadata)
-                return True
-            except (grpc.FutureTimeoutError, grpc.RpcError):
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        return False
+        try:
+            while timeout is None or time.monotonic() - start < timeout:
+                try:
+                    grpc.channel_ready_future(self.channel).result(timeout=delay)
+                    self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=max(delay, 1.0), metadata=self.metadata)
+                    self.reconnects += 1
+                    log.warning("%s: server back after %.1f s", self.settings.target, time.monotonic() - start)
+                    return True
+                except (grpc.FutureTimeoutError, grpc.RpcError):
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            return False
+        finally:
+            self.waiting_since = None
 
     def close(self) -> None:
         if self._stream is not None:

@@ -1,6 +1,10 @@
 """Draw detections on frames (boxes, masks, keypoints) so a person can see what the server found."""
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import cv2
 import numpy as np
 import torch
@@ -40,25 +44,76 @@ def draw_detections(image: np.ndarray, dets: dict[str, torch.Tensor], min_score:
 
 
 class VideoSink:
-    """Writes annotated frames to a video (mp4v); opened on the first frame's size."""
+    """Writes annotated frames to a video (mp4v); opened on the first frame's size.
 
-    def __init__(self, path: str, fps: float = 10.0) -> None:
+    An MP4 is readable only once closed (its index is written last), so a file is written under a hidden
+    ``.partial.`` name and renamed when finished. ``segment_s`` cuts a long run into segments of that many
+    seconds, ``STEM-YYYYmmddTHHMMSSZ.mp4`` each (a crash keeps every finished segment and loses at most the
+    current one); ``keep`` bounds how many finished segments stay (the oldest are deleted).
+    """
+
+    def __init__(self, path: str, fps: float = 10.0, segment_s: float | None = None, keep: int | None = None) -> None:
+        if segment_s is not None and segment_s <= 0:
+            raise ValueError(f"--video-segment must be > 0 s, got {segment_s}")
         self.path = path
         self.fps = fps
+        self.segment_s = segment_s
+        self.keep = keep
         self.writer: cv2.VideoWriter | None = None
         self.size: tuple[int, int] | None = None
+        self.current: Path | None = None  # the file being written (its final name)
+        self.finished: list[str] = []
+        self._opened_at = 0.0
+
+    def _final_name(self) -> Path:
+        p = Path(self.path)
+        if self.segment_s is None:
+            return p
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        name = p.with_name(f"{p.stem}-{stamp}{p.suffix}")
+        n = 1
+        while name.exists():  # two segments within one second: never overwrite
+            name = p.with_name(f"{p.stem}-{stamp}-{n}{p.suffix}")
+            n += 1
+        return name
+
+    def _partial(self) -> Path:
+        return self.current.with_name(f".partial.{self.current.name}")
+
+    def _open(self, size: tuple[int, int]) -> None:
+        self.current = self._final_name()
+        self.current.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = cv2.VideoWriter(str(self._partial()), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, size)
+        if not self.writer.isOpened():
+            self.writer = None
+            raise OSError(f"{self.current}: cannot open for writing")
+        self._opened_at = time.monotonic()
 
     def write(self, image: np.ndarray) -> None:
-        if self.writer is None:
+        if self.size is None:
             h, w = image.shape[:2]
             self.size = (w, h)
-            self.writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
-            if not self.writer.isOpened():
-                raise OSError(f"{self.path}: cannot open for writing")
+        if self.writer is not None and self.segment_s is not None and \
+                time.monotonic() - self._opened_at >= self.segment_s:
+            self._finish()
+        if self.writer is None:
+            self._open(self.size)
         if (image.shape[1], image.shape[0]) != self.size:
             image = cv2.resize(image, self.size)
         self.writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
 
+    def _finish(self) -> None:
+        self.writer.release()
+        self.writer = None
+        os.replace(self._partial(), self.current)
+        self.finished.append(str(self.current))
+        if self.keep is not None and self.segment_s is not None:
+            p = Path(self.path)
+            segments = sorted(p.parent.glob(f"{p.stem}-*{p.suffix}"), key=lambda f: f.stat().st_mtime)
+            for old in segments[:-self.keep]:
+                old.unlink(missing_ok=True)
+            self.finished = [f for f in self.finished if Path(f).exists()]
+
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.release()
+            self._finish()

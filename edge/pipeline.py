@@ -21,7 +21,7 @@ import grpc
 from tqdm import tqdm
 
 from hnd.common.timing import now_ns
-from hnd.edge.capture import Frame, FrameSource
+from hnd.edge.capture import Frame, FrameSource, SourceLost
 from hnd.common.channel import REPLICA_KEY, WEIGHTS_KEY
 from hnd.edge.client import EdgeError, Reply, SplitClient, StreamBroken, WeightsMismatch, metadata_of, next_request_id
 from hnd.edge.modes import Detections, EdgeMode, EdgeOptions, Prepared, detections_json, make_mode
@@ -67,6 +67,10 @@ class EdgeRunner:
         self.client = client
         self.last_detections: list[Detections] | None = None
         self.mismatch: FrameRecord | None = None  # the record of the frame a WeightsMismatch stopped
+        self.summary: Summary | None = None  # of the run in progress (or the last one)
+        self.source: FrameSource | None = None
+        self.bar: tqdm | None = None
+        self._started = time.perf_counter()
 
     def prepare(self, frame: Frame) -> Prepared:
         """Everything the edge computes for a frame before it goes on the wire (the mode's ``prepare``)."""
@@ -181,10 +185,11 @@ class EdgeRunner:
         progress: bool = False,
     ) -> Summary:
         """Process every frame the source yields; returns the summary (records go to ``on_record``)."""
-        summary = Summary(filter_threshold=self.options.filter_threshold)
+        summary = self.summary = Summary(filter_threshold=self.options.filter_threshold)
+        self.source = source
         inflight: deque[tuple[Prepared, concurrent.futures.Future | None]] = deque()
-        start = time.perf_counter()
-        bar = tqdm(desc=f"hnd-edge {self.options.mode}", unit="frame", disable=not progress, leave=False)
+        start = self._started = time.perf_counter()
+        bar = self.bar = tqdm(desc=f"hnd-edge {self.options.mode}", unit="frame", disable=not progress, leave=False)
 
         def emit(p: Prepared, fut: concurrent.futures.Future | None) -> None:
             if p.frame.error is not None:
@@ -206,20 +211,33 @@ class EdgeRunner:
                 on_record(record, p.frame)
 
         try:
-            for frame in source:
-                if frame.error is not None:
-                    p, fut = Prepared(frame, Timings(capture=frame.capture_ms)), None
-                else:
-                    p = self.prepare(frame)
-                    fut = self._send(p) if p.request is not None else None
-                inflight.append((p, fut))
-                while len(inflight) >= self.options.max_inflight or (inflight and inflight[0][1] is None):
+            try:
+                for frame in source:
+                    if frame.error is not None:
+                        p, fut = Prepared(frame, Timings(capture=frame.capture_ms)), None
+                    else:
+                        p = self.prepare(frame)
+                        fut = self._send(p) if p.request is not None else None
+                    inflight.append((p, fut))
+                    while len(inflight) >= self.options.max_inflight or (inflight and inflight[0][1] is None):
+                        emit(*inflight.popleft())
+            except SourceLost:
+                while inflight:  # the frames already sent still get their records
                     emit(*inflight.popleft())
+                raise
             while inflight:
                 emit(*inflight.popleft())
         finally:
             bar.close()
             source.close()
-        summary.wall_s = time.perf_counter() - start
-        summary.dropped = source.dropped
+            self.running_summary()
+        return summary
+
+    def running_summary(self) -> Summary:
+        """The summary so far (SIGUSR1, live figures): counters brought up to date, in bounded memory."""
+        summary = self.summary
+        if summary is not None:
+            summary.wall_s = time.perf_counter() - self._started
+            summary.dropped = getattr(self.source, "dropped", 0)
+            summary.reconnects = getattr(self.client, "reconnects", 0)
         return summary

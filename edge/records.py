@@ -21,12 +21,20 @@ No torch here: the records are plain data, shared by every edge mode (torch, ONN
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import logging.handlers
 import os
-from collections.abc import Iterator
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("hnd.edge")
 
 STAGES = ("capture", "preprocess", "head", "filter", "encode", "network_server", "total")
 SERVER_STAGES = ("decode", "queue", "compute", "encode")
@@ -190,27 +198,149 @@ class FrameRecord:
 
 
 def read_records(path: str | Path) -> Iterator[FrameRecord]:
-    """The records of a JSONL file, in order; a last line cut short by a crash is skipped."""
+    """The records of a JSONL file, in order. A last line cut short by a crash is skipped, and so is a line
+    that a failed write (disk full) left half written: the writer ends it before it writes again."""
     with Path(path).open() as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.endswith("\n"):
                 return  # a writer died mid-line: that record is lost, the ones before are whole
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 yield FrameRecord.from_json(line)
+            except (ValueError, KeyError):
+                log.warning("%s:%d: not a whole record, skipped", path, n)
+
+
+def parse_rotate(value: str) -> tuple[str, int]:
+    """``--output-rotate`` -> ("size", bytes) or ("time", seconds): "100MB", "512KB", "1GiB" / "30s", "10m", "1h", "1d"."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    unit = m.group(2).lower() if m else ""
+    if m and unit in _SIZE_UNITS:
+        return "size", int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if m and unit in _TIME_UNITS:
+        return "time", int(float(m.group(1)) * _TIME_UNITS[unit])
+    raise ValueError(f"--output-rotate {value!r}: give a size (100MB, 512KB, 1GB) or a duration (30s, 10m, 1h, 1d)")
+
+
+# "m" is minutes: sizes spell their B (100MB, 512KB, 1GiB).
+_SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_TIME_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+class RecordWriteError(OSError):
+    """--output cannot be written (disk full, permission, ...) and the writer was told to stop."""
 
 
 class RecordWriter:
-    """JSONL records to a temp file, renamed into place at close (readers never see half a file)."""
+    """JSONL records appended to ``path``, one whole line per write, flushed record by record.
 
-    def __init__(self, path: str | Path) -> None:
+    - A reader (``tail -f``, ``read_records``) never sees half a record; a crash or ``kill -9`` loses at
+      most the record being written. The OS gets every line at once; ``fsync`` runs at most once per
+      ``fsync_s`` (default 1 s), so a power cut loses at most that last second.
+    - An existing file is appended to (never truncated); ``appended_to`` says how big it was.
+    - ``rotate`` ("100MB" or "1h", see :func:`parse_rotate`) rotates with the standard library's rotating
+      handlers: by size to ``path.1`` .. ``path.N``, by time to ``path.YYYY-MM-DD_HH-MM-SS``; ``keep``
+      bounds the rotated files kept (the oldest are deleted).
+    - A write that fails (disk full, permission, a removed folder) prints one line and, with
+      ``on_error="continue"`` (the default), the run goes on: the record is counted in ``lost`` and the
+      writer tries again with the next record, saying so once when writing works again. With
+      ``on_error="stop"`` it raises :class:`RecordWriteError` and the edge stops cleanly.
+    """
+
+    def __init__(self, path: str | Path, rotate: str | None = None, keep: int = 10, on_error: str = "continue",
+                 fsync_s: float = 1.0, warn: Callable[[str], None] | None = None) -> None:
+        if on_error not in ("continue", "stop"):
+            raise ValueError(f"on_error must be continue or stop, got {on_error!r}")
+        if keep < 1:
+            raise ValueError(f"--output-keep must be >= 1, got {keep}")
         self.path = Path(path)
+        self.on_error = on_error
+        self.fsync_s = fsync_s
+        self.warn = warn or (lambda line: print(line, file=sys.stderr))
+        self.lost = 0
+        self.written = 0
+        self._failing = False
+        self._last_sync = time.monotonic()
+        if self.path.is_dir():
+            raise IsADirectoryError(f"{self.path}: is a folder, not a file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.partial")
-        self.file = self.tmp.open("w")
+        self.appended_to = self.path.stat().st_size if self.path.exists() else 0
+        if rotate is None:
+            handler: logging.FileHandler = logging.FileHandler(self.path, mode="a", encoding="utf-8", delay=False)
+        else:
+            kind, amount = parse_rotate(rotate)
+            if kind == "size":
+                handler = logging.handlers.RotatingFileHandler(self.path, mode="a", maxBytes=amount, backupCount=keep,
+                                                               encoding="utf-8")
+            else:
+                handler = logging.handlers.TimedRotatingFileHandler(self.path, when="S", interval=max(1, amount),
+                                                                    backupCount=keep, encoding="utf-8", utc=True)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.handleError = self._handle_error  # type: ignore[method-assign]
+        self.handler = handler
+        self._error: BaseException | None = None
 
-    def write(self, record: FrameRecord) -> None:
-        self.file.write(record.to_json() + "\n")
+    def _handle_error(self, _record: logging.LogRecord) -> None:
+        self._error = sys.exc_info()[1]
+
+    def write(self, record: FrameRecord) -> bool:
+        """Append one record; False when it could not be written (counted in ``lost``)."""
+        self._error = None
+        if self._failing:
+            self._reopen()
+        if self._error is None:
+            self.handler.emit(logging.makeLogRecord({"msg": record.to_json(), "levelno": logging.INFO}))
+        if self._error is None and self.fsync_s >= 0 and time.monotonic() - self._last_sync >= self.fsync_s:
+            self._sync()
+        if self._error is not None:
+            return self._failed(self._error)
+        if self._failing:
+            self.warn(f"hnd-edge: writing records to {self.path} again ({self.lost} lost meanwhile)")
+            self._failing = False
+        self.written += 1
+        return True
+
+    def _failed(self, exc: BaseException) -> bool:
+        self.lost += 1
+        if self.on_error == "stop":
+            raise RecordWriteError(f"{self.path}: cannot write records: {exc}") from None
+        if not self._failing:
+            self.warn(f"hnd-edge: cannot write records to {self.path}: {exc}; going on without them "
+                      "(counted as records lost; retried with every record)")
+        self._failing = True
+        # Drop what the failed write left buffered: it would otherwise land later, out of order or halved.
+        stream, self.handler.stream = self.handler.stream, None
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.close()
+        return False
+
+    def _reopen(self) -> None:
+        """After a failure: a fresh stream, and end a half-written last line so the next record is whole."""
+        try:
+            if self.handler.stream is None:
+                self.handler.stream = self.handler._open()
+            if self.path.exists() and self.path.stat().st_size:
+                with self.path.open("rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        self.handler.stream.write("\n")
+        except OSError as exc:
+            self._error = exc
+
+    def _sync(self) -> None:
+        try:
+            if self.handler.stream is not None:
+                self.handler.stream.flush()
+                os.fsync(self.handler.stream.fileno())
+            self._last_sync = time.monotonic()
+        except OSError as exc:
+            self._error = exc
 
     def close(self) -> None:
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        self._error = None
+        self._sync()
+        with contextlib.suppress(OSError, ValueError):
+            self.handler.close()

@@ -1,13 +1,58 @@
-"""The closing summary of an edge run: counts, fps, bytes per frame and per-stage latency percentiles."""
+"""The summary of an edge run in bounded memory: counters, fps, bytes per frame, per-stage latency quantiles.
+
+A camera run lasts weeks (10 fps is ~864k frames a day), so nothing here keeps per-frame values:
+every figure is a :class:`StreamingStat` — count, sum (exact mean) and a DDSketch for quantiles.
+DDSketch (Datadog's, the ``ddsketch`` package) guarantees a relative error of at most 1 % on every
+quantile, for any distribution, and its collapsing variant is capped at ``BIN_LIMIT`` bins, so a
+stat's memory is bounded (a few tens of kB) whatever the run's length. A figure read from the summary
+is therefore within 1 % of the exact percentile; means, counts and totals are exact.
+"""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from ddsketch import LogCollapsingLowestDenseDDSketch
 
-from hnd.common.timing import percentiles
 from hnd.edge.records import SERVER_STAGES, STAGES, FrameRecord
+
+RELATIVE_ACCURACY = 0.01
+BIN_LIMIT = 2048  # 1 % accuracy over 2048 bins spans ~18 orders of magnitude: never collapses in practice
+
+
+class StreamingStat:
+    """Count, exact mean and sum, and 1 %-accurate quantiles of a stream of floats, in bounded memory."""
+
+    def __init__(self) -> None:
+        self.sketch = LogCollapsingLowestDenseDDSketch(relative_accuracy=RELATIVE_ACCURACY, bin_limit=BIN_LIMIT)
+        self.count = 0
+        self.sum = 0.0
+
+    def add(self, value: float) -> None:
+        self.sketch.add(float(value))
+        self.count += 1
+        self.sum += float(value)
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else float("nan")
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile (q in 0..1), NaN when empty."""
+        if not self.count:
+            return float("nan")
+        value = self.sketch.get_quantile_value(q)
+        return float("nan") if value is None else float(value)
+
+    def stats(self, qs: Iterable[float] = (50, 95, 99)) -> dict[str, float]:
+        """``{"p50": ..., "p95": ..., "p99": ..., "mean": ...}`` like :func:`hnd.common.timing.percentiles`."""
+        out = {f"p{int(q)}": self.quantile(q / 100) for q in qs}
+        out["mean"] = self.mean
+        return out
 
 
 @dataclass
@@ -17,17 +62,20 @@ class Summary:
     failed: int = 0
     dropped: int = 0
     wall_s: float = 0.0
-    payload_bytes: list[int] = field(default_factory=list)
-    message_bytes: list[int] = field(default_factory=list)
-    ms: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
-    server_ms: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SERVER_STAGES})
-    overhead_ms: list[float] = field(default_factory=list)
+    payload_bytes: StreamingStat = field(default_factory=StreamingStat)
+    message_bytes: StreamingStat = field(default_factory=StreamingStat)
+    response_bytes: int = 0  # total, over answered frames
+    ms: dict[str, StreamingStat] = field(default_factory=lambda: {s: StreamingStat() for s in STAGES})
+    server_ms: dict[str, StreamingStat] = field(default_factory=lambda: {s: StreamingStat() for s in SERVER_STAGES})
+    overhead_ms: StreamingStat = field(default_factory=StreamingStat)
     statuses: dict[str, int] = field(default_factory=dict)
     replicas: dict[str, int] = field(default_factory=dict)  # answered frames per server replica
     retried: int = 0  # frames sent more than once (replica died or drained, stream broke)
     filter_threshold: float | None = None  # set when the neural filter ran
     filtered: int = 0  # answered frames the filter dropped (nothing sent; counted in answered)
-    filter_probability: list[float] = field(default_factory=list)
+    filter_probability: StreamingStat = field(default_factory=StreamingStat)
+    reconnects: int = 0  # times the server came back after the edge waited for it
+    records_lost: int = 0  # records --output could not write (disk full, ...)
 
     @property
     def fps(self) -> float:
@@ -46,14 +94,14 @@ class Summary:
         """
         if self.filter_threshold is None:
             return None
-        mean_payload = float(np.mean(self.payload_bytes)) if self.payload_bytes else 0.0
-        mean_message = float(np.mean(self.message_bytes)) if self.message_bytes else 0.0
+        mean_payload = self.payload_bytes.mean if self.payload_bytes.count else 0.0
+        mean_message = self.message_bytes.mean if self.message_bytes.count else 0.0
         return {
             "threshold": self.filter_threshold, "sent": self.sent, "filtered": self.filtered,
             "filtered_share": self.filtered / self.answered if self.answered else 0.0,
             "payload_bytes_saved_est": mean_payload * self.filtered,
             "message_bytes_saved_est": mean_message * self.filtered,
-            "probability": percentiles(self.filter_probability, (50,)),
+            "probability": self.filter_probability.stats((50,)),
         }
 
     def add(self, record: FrameRecord) -> None:
@@ -67,32 +115,35 @@ class Summary:
             return
         self.answered += 1
         if record.filter_probability is not None:
-            self.filter_probability.append(record.filter_probability)
+            self.filter_probability.add(record.filter_probability)
         if record.filtered:
             self.filtered += 1  # nothing went on the wire: keep it out of the bytes/frame figures
         else:
-            self.payload_bytes.append(record.bytes.payload)
-            self.message_bytes.append(record.bytes.message)
+            self.payload_bytes.add(record.bytes.payload)
+            self.message_bytes.add(record.bytes.message)
+        self.response_bytes += record.bytes.response or 0
         for s in STAGES:
             value = getattr(record.ms, s)
             if value is not None:
-                self.ms[s].append(value)
+                self.ms[s].add(value)
         if record.server_ms is not None:
             for s in SERVER_STAGES:
-                self.server_ms[s].append(getattr(record.server_ms, s))
+                self.server_ms[s].add(getattr(record.server_ms, s))
         if record.ms.overhead is not None:
-            self.overhead_ms.append(record.ms.overhead)
+            self.overhead_ms.add(record.ms.overhead)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "frames": self.frames, "answered": self.answered, "failed": self.failed, "dropped": self.dropped,
             "statuses": self.statuses, "wall_s": self.wall_s, "fps": self.fps,
             "replicas": self.replicas, "retried": self.retried,
-            "payload_bytes": percentiles(self.payload_bytes, (50,)),
-            "message_bytes": percentiles(self.message_bytes, (50,)),
-            "ms": {s: percentiles(v) for s, v in self.ms.items() if v},
-            "server_ms": {s: percentiles(v) for s, v in self.server_ms.items() if v},
-            "overhead_ms": percentiles(self.overhead_ms),
+            "reconnects": self.reconnects, "records_lost": self.records_lost,
+            "payload_bytes": self.payload_bytes.stats((50,)),
+            "message_bytes": self.message_bytes.stats((50,)),
+            "ms": {s: v.stats() for s, v in self.ms.items() if v.count},
+            "server_ms": {s: v.stats() for s, v in self.server_ms.items() if v.count},
+            "overhead_ms": self.overhead_ms.stats(),
+            "quantiles": f"DDSketch, relative error <= {RELATIVE_ACCURACY:.0%}; means and counts exact",
             **({"filter": self.filter_stats()} if self.filter_threshold is not None else {}),
         }
 
@@ -102,20 +153,22 @@ class Summary:
             f"frames {d['frames']}  answered {d['answered']}  failed {d['failed']}  dropped {d['dropped']}  "
             f"fps {d['fps']:.2f}  wall {d['wall_s']:.1f} s",
         ]
+        if self.reconnects or self.records_lost:
+            lines.append(f"reconnects {self.reconnects}  records lost {self.records_lost}")
         if self.filter_threshold is not None:
             f = d["filter"]
             lines.append(f"filter threshold {f['threshold']:g}  sent {f['sent']}  filtered {f['filtered']} "
                          f"({100 * f['filtered_share']:.0f}%)  bytes saved ~{f['payload_bytes_saved_est']:,.0f} payload"
                          f" / ~{f['message_bytes_saved_est']:,.0f} message (mean of sent frames x filtered)")
         if self.answered:
-            if self.payload_bytes:  # none when the filter dropped every frame
+            if self.payload_bytes.count:  # none when the filter dropped every frame
                 lines.append(f"bytes/frame  payload mean {d['payload_bytes']['mean']:,.0f} "
                              f"p50 {d['payload_bytes']['p50']:,.0f}  message mean {d['message_bytes']['mean']:,.0f} "
                              f"p50 {d['message_bytes']['p50']:,.0f}")
             lines.append(f"{'stage (ms)':<22}{'p50':>10}{'p95':>10}{'p99':>10}")
             for name, stats in [(s, d["ms"][s]) for s in STAGES if s in d["ms"]] + \
                     [(f"server.{s}", d["server_ms"][s]) for s in SERVER_STAGES if s in d["server_ms"]] + \
-                    ([("overhead", d["overhead_ms"])] if self.overhead_ms else []):
+                    ([("overhead", d["overhead_ms"])] if self.overhead_ms.count else []):
                 lines.append(f"{name:<22}{stats['p50']:>10.2f}{stats['p95']:>10.2f}{stats['p99']:>10.2f}")
         if self.failed:
             lines.append("statuses " + ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items())))

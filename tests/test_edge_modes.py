@@ -81,7 +81,7 @@ def test_a_new_mode_plugs_into_the_runner():
     assert [r.mode for r in records] == ["counting"] * 3 and [r.extra["mean"] for r in records] == [0.0, 51.0, 255.0]
     assert [r.detections[0]["scores"] for r in records] == [[0.0], [0.2], [1.0]]
     assert all(r.ms.head == 0.5 and r.ms.total is not None for r in records)
-    assert summary.answered == 3 and summary.as_dict()["ms"]["head"]["p50"] == 0.5
+    assert summary.answered == 3 and summary.as_dict()["ms"]["head"]["p50"] == pytest.approx(0.5, rel=0.01)  # DDSketch
 
 
 def test_modes_check_what_they_need():
