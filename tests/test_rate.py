@@ -91,3 +91,33 @@ def test_bytes_only_sweep_skips_the_model(tiny_model, clip, monkeypatch):
     rows = run_sweep(model, frames, settings, max_clamped=1.0, accuracy=False)
     assert [r.f1 for r in rows] == [None, None, None] and not calls
     assert rows[1].bytes_per_frame > 0 and rows[1].key_frames == 1
+
+
+def test_hnd_eval_temporal_stream_is_the_runtime_stream(tiny_model, clip, tmp_path):
+    from PIL import Image
+
+    from hnd.common.split import split_model
+    from hnd.common.stream_codec import StreamEncoder
+    from hnd.edge.torch_modes import to_tensor
+    from hnd.train.evaluate import main as eval_main
+    from hnd.train.evaluate import make_predictor
+    from hnd.train.synthetic import write_config
+
+    model = tiny_model("faster_rcnn")
+    images = [to_tensor(np.asarray(Image.open(p).convert("RGB"))) for p in sorted(clip["images"].iterdir())]
+    predict = make_predictor(model, bits=4, key_interval=3)
+    mirror = StreamEncoder(4, key_interval=3, max_clamped=0.001)  # what hnd-edge --key-interval 3 sends
+    head, tail = split_model(model)
+    with torch.inference_mode():
+        for img in images:
+            got = predict([img])[0]
+            z, meta = head([img])
+            want = tail(torch.as_tensor(mirror.quantize(z).dequantize()), meta)[0]
+            assert all(torch.equal(got[k], want[k]) for k in want)
+    cfg = write_config("test/faster_rcnn-b3ch", clip["images"].parent, tmp_path / "c.yaml")
+    out = tmp_path / "m.json"
+    assert eval_main(["--config", str(cfg), "--bits", "4", "--key-interval", "3", "--max-images", "2",
+                      "--output", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["key_interval"] == 3 and metrics["images"] == 2 and "bbox" in metrics
+    assert eval_main(["--config", str(cfg), "--key-interval", "3"]) == 2  # needs --bits

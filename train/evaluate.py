@@ -126,11 +126,16 @@ def coco_evaluate(coco_gt: COCO, results: dict[str, list[dict]], image_ids: Sequ
 
 
 def make_predictor(model: nn.Module, bits: int | None = None, granularity: str = "tensor",
-                   split_mode: bool = False, compression: str = "none") -> Predictor:
+                   split_mode: bool = False, compression: str = "none", key_interval: int = 1,
+                   max_clamped: float = 0.001) -> Predictor:
     """images (list of [3, H, W] in 0..1) -> detections; full model, or head -> [codec] -> tail.
 
     ``bits`` (student only) applies ``hnd.common.codec.roundtrip`` to the bottleneck between
-    head and tail; ``split_mode`` without bits runs head -> tail losslessly.
+    head and tail; ``split_mode`` without bits runs head -> tail losslessly. ``key_interval`` > 1
+    codes the images as one temporal stream, in the order given (``hnd.common.stream_codec``: a key
+    frame every ``key_interval`` images, on a size change, or when more than ``max_clamped`` of the
+    values would clamp; the other images quantized with their key's parameters), exactly what the
+    runtime's ``hnd-edge --key-interval`` stream delivers to the tail.
     """
     model.eval()
     if bits is None and not split_mode:
@@ -143,6 +148,20 @@ def make_predictor(model: nn.Module, bits: int | None = None, granularity: str =
     head, tail = split_model(model)
     if bits is None:
         return lambda images: tail(*head(images))
+    if key_interval > 1:
+        from hnd.common.stream_codec import StreamEncoder
+
+        stream = StreamEncoder(bits, granularity, key_interval=key_interval, max_clamped=max_clamped)
+
+        def predict_stream(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            out = []
+            for img in images:  # one frame at a time: each is the next of the stream
+                z, meta = head([img])
+                zq = torch.as_tensor(stream.quantize(z).dequantize()).to(z.device)
+                out += tail(zq, meta)
+            return out
+
+        return predict_stream
     from hnd.common.codec import roundtrip
 
     def predict(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -175,7 +194,7 @@ def predict_dataset(predictor: Predictor, loader: Iterable, device: torch.device
 
 def evaluate_model(model: nn.Module, loader: Any, device: torch.device | str = "cpu", kind: str | None = None,
                    bits: int | None = None, granularity: str = "tensor", split_mode: bool = False,
-                   progress: bool = False) -> dict[str, Any]:
+                   progress: bool = False, key_interval: int = 1) -> dict[str, Any]:
     """COCO metrics of ``model`` on ``loader.dataset`` (a CocoDetection): {iou_type: {stat: value}, ...}.
 
     Also returns ``summary`` (pycocotools' printed lines per iou type), ``images`` and ``seconds``.
@@ -184,7 +203,8 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device | str = "
     from hnd.common.models import model_kind
 
     kind = kind or model_kind(model)
-    predictor = make_predictor(model, bits=bits, granularity=granularity, split_mode=split_mode)
+    predictor = make_predictor(model, bits=bits, granularity=granularity, split_mode=split_mode,
+                               key_interval=key_interval)
     outputs, ids, seconds = predict_dataset(predictor, loader, device, progress=progress)
     results = to_coco_results(outputs, ids, IOU_TYPES[kind])
     metrics, summaries = coco_evaluate(loader.dataset.coco, results, ids)
@@ -204,7 +224,7 @@ def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, sp
                     bits: int | None = None, granularity: str = "tensor", split_mode: bool = False,
                     device: str = "cpu", workers: int | None = None, batch_size: int = 1,
                     max_images: int | None = None, random_weights: int | None = None,
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, key_interval: int = 1) -> dict[str, Any]:
     """Build the configured model (``checkpoint`` overrides the config's weights) and evaluate it on a split."""
     from hnd.common.config import build_model_from_config, load_config, with_weights
     from hnd.train.data import build_dataset, make_loader
@@ -219,12 +239,13 @@ def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, sp
         dataset.ids = dataset.ids[:max_images]
     loader = make_loader(dataset, batch_size, cfg.dataset.num_workers if workers is None else workers)
     metrics = evaluate_model(model, loader, device, cfg.model.kind, bits=bits, granularity=granularity,
-                             split_mode=split_mode, progress=progress)
+                             split_mode=split_mode, progress=progress, key_interval=key_interval)
     from hnd.common.checkpoint import fingerprint
 
     metrics.update(config=str(cfg.path), checkpoint=model_cfg.checkpoint, split=split, kind=cfg.model.kind,
                    bottleneck_channels=cfg.model.bottleneck_channels, bits=bits,
                    granularity=granularity if bits is not None else None,
+                   key_interval=key_interval if bits is not None else None,
                    split_mode=bool(split_mode or bits is not None), fingerprint=fingerprint(model))
     return metrics
 
@@ -238,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the bottleneck to N bits at the split (students only; 16 = fp16, 32 = lossless)")
     p.add_argument("--granularity", choices=["tensor", "channel", "original"], default="tensor")
     p.add_argument("--split-mode", action="store_true", help="run head -> tail (lossless without --bits)")
+    p.add_argument("--key-interval", type=int, default=1, metavar="N",
+                   help="with --bits: code the split's images as one temporal stream in dataset order, a key "
+                        "frame every N (as hnd-edge --key-interval; default 1: every image intra)")
     p.add_argument("--split", default="val", help="dataset split of the config (default val)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--workers", type=int, help="data loader workers (default: the config's)")
@@ -260,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.granularity == "original" and args.bits not in (None, 8):
             raise HndError("--granularity", "original is the original's 8-bit scheme; use --bits 8")
+        if args.key_interval < 1 or (args.key_interval > 1 and args.bits not in (2, 4, 6, 8)):
+            raise HndError("--key-interval", "must be >= 1, and > 1 only with --bits 2, 4, 6 or 8")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise HndError("--device", "CUDA is not available on this machine")
         from hnd.common.config import load_config
@@ -271,12 +297,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = evaluate_config(args.config, checkpoint=args.checkpoint, split=args.split, bits=args.bits,
                                   granularity=args.granularity, split_mode=args.split_mode, device=args.device,
                                   workers=args.workers, batch_size=args.batch_size, max_images=args.max_images,
-                                  random_weights=args.random_weights, progress=True)
+                                  random_weights=args.random_weights, progress=True,
+                                  key_interval=args.key_interval)
     except (HndError, ConfigError, CheckpointError, CodecError) as exc:
         print(f"hnd-eval: error: {exc}", file=sys.stderr)
         return 2
     how = "full model" if not metrics["split_mode"] else (
-        f"head -> {args.bits}-bit {args.granularity} codec -> tail" if args.bits else "head -> tail")
+        f"head -> {args.bits}-bit {args.granularity} codec"
+        f"{f' (temporal, key every {args.key_interval})' if args.key_interval > 1 else ''} -> tail"
+        if args.bits else "head -> tail")
     print(f"{metrics['kind']} ({how}) on {metrics['split']}: {metrics['images']} images "
           f"in {metrics['seconds']:.1f} s")
     for iou_type, text in metrics["summary"].items():
