@@ -18,6 +18,7 @@ from hnd.common.config import ConfigError, build_model_from_config, load_config,
 from hnd.server.accel import COMPILE_MODES, PRECISIONS, TailOptions, check_options
 from hnd.server.app import ServerSettings, TlsFiles, read_token, serve
 from hnd.server.service import BatchingOptions, ModelRunner, ServerLimits
+from hnd.server.streams import StreamLimits
 
 DEFAULT_METRICS_PORT = 9100
 
@@ -58,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connection-age", type=float, default=None, metavar="S",
                    help="close client connections after S seconds (GOAWAY, in-flight calls finish) so "
                         "clients re-resolve and spread over new replicas (default: never)")
+    st = p.add_argument_group("stream sessions (temporal bottleneck frames, H.264 / HEVC offload; server/streams.py)")
+    st.add_argument("--max-stream-sessions", type=int, default=StreamLimits.max_sessions,
+                    help=f"InferStreams holding a reference or video decoder at once (default {StreamLimits.max_sessions}; "
+                         "0: no temporal coding)")
+    st.add_argument("--max-reference-mib", type=int, default=StreamLimits.max_reference_bytes >> 20,
+                    help=f"largest bottleneck reference per stream (default {StreamLimits.max_reference_bytes >> 20})")
+    st.add_argument("--max-video-sessions", type=int, default=StreamLimits.max_video_sessions,
+                    help=f"streams decoding H.264 / HEVC at once (default {StreamLimits.max_video_sessions})")
+    st.add_argument("--max-video-pixels", type=int, default=StreamLimits.max_video_pixels,
+                    help=f"largest decoded video picture, width x height (default {StreamLimits.max_video_pixels})")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.add_argument_group("tail execution (dense part: decoder, layer2..4, FPN, RPN head)")
@@ -84,6 +95,11 @@ def settings_from_args(args: argparse.Namespace, runtime) -> ServerSettings:
         raise ConfigError("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    for flag in ("max_stream_sessions", "max_reference_mib", "max_video_sessions", "max_video_pixels"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.max_video_pixels < 64:
+        raise ConfigError(f"--max-video-pixels must be >= 64, got {args.max_video_pixels}")
     for flag in ("max_short_side", "max_long_side", "max_original_side", "max_mask_mib"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -95,6 +111,8 @@ def settings_from_args(args: argparse.Namespace, runtime) -> ServerSettings:
             max_message_bytes=runtime.max_message_bytes, codec=codec.DEFAULT_LIMITS,
             max_short_side=args.max_short_side, max_long_side=args.max_long_side,
             max_original_side=args.max_original_side, max_mask_bytes=args.max_mask_mib << 20,
+            streams=StreamLimits(max_sessions=args.max_stream_sessions, max_reference_bytes=args.max_reference_mib << 20,
+                                 max_video_sessions=args.max_video_sessions, max_video_pixels=args.max_video_pixels),
         ),
         batching=BatchingOptions(
             max_batch=args.max_batch or runtime.max_batch,

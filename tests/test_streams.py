@@ -323,3 +323,18 @@ def test_webp_frames_on_unary_infer(model):
         expected = [wire.detections_from_proto(wire.detections_to_proto(d)) for d in model([to_tensor(decoded)])]
     # PIL (server) and OpenCV (here) both decode WebP with libwebp: same pixels, same detections.
     assert_same_detections([wire.detections_from_proto(d) for d in response.detections], expected)
+
+
+def test_server_cli_stream_limits():
+    from hnd.common.config import ConfigError, load_config
+    from hnd.server import cli as server_cli
+
+    runtime = load_config("test/faster_rcnn-b3ch").runtime
+    args = server_cli.build_parser().parse_args(["--config", "test/faster_rcnn-b3ch", "--max-stream-sessions", "3",
+                                                 "--max-reference-mib", "2", "--max-video-sessions", "1",
+                                                 "--max-video-pixels", "100000"])
+    s = server_cli.settings_from_args(args, runtime).limits.streams
+    assert (s.max_sessions, s.max_reference_bytes, s.max_video_sessions, s.max_video_pixels) == (3, 2 << 20, 1, 100000)
+    bad = server_cli.build_parser().parse_args(["--config", "test/faster_rcnn-b3ch", "--max-video-pixels", "10"])
+    with pytest.raises(ConfigError, match="max-video-pixels"):
+        server_cli.settings_from_args(bad, runtime)
