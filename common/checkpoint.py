@@ -104,6 +104,7 @@ def _unsafe_names(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # State-dict keys of older code.
 
+_EB_OLD_NAMES = {"matrices": "_matrix", "biases": "_bias", "factors": "_factor"}
 _LEGACY_RENAMES = [
     # torchvision < 0.13 names (the original ran 0.4.2); newer torchvision remaps these only
     # through _load_from_state_dict when the version metadata is missing, so do it explicitly.
@@ -112,7 +113,12 @@ _LEGACY_RENAMES = [
     (re.compile(r"^(roi_heads\.mask_head)\.mask_fcn(\d+)\.(weight|bias)$"), None),  # index shifts by one
     # torchdistill / kdkit ports flatten the bottleneck encoder one level.
     (re.compile(r"^(backbone\.body\.layer1\.encoder)\.(\d+\..+)$"), r"\1.encoder.\2"),
+    # Entropic Student (sc2bench) files written with CompressAI >= 1.2.7: matrices.0 -> _matrix0, ...
+    (re.compile(r"^(backbone\.body\.bottleneck_layer\.entropy_bottleneck)\.(matrices|biases|factors)\.(\d+)$"),
+     lambda m: f"{m.group(1)}.{_EB_OLD_NAMES[m.group(2)]}{m.group(3)}"),
 ]
+# Entropy-bottleneck buffers whose shapes come from training (empty until update()): any shape loads.
+_TABLE_KEY = re.compile(r"^backbone\.body\.bottleneck_layer\.entropy_bottleneck\._(offset|quantized_cdf|cdf_length)$")
 
 
 def upgrade_legacy_keys(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
@@ -130,11 +136,20 @@ def upgrade_legacy_keys(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[
                 continue
             if replacement is None:  # mask_fcn{i} -> {i-1}.0
                 key = f"{match.group(1)}.{int(match.group(2)) - 1}.0.{match.group(3)}"
+            elif callable(replacement):
+                key = replacement(match)
             else:
                 key = pattern.sub(replacement, key)
             break
         out[key] = value
     return out
+
+
+def bottleneck_type_of_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """``hnd``, ``entropic`` or None (a teacher) read off the keys."""
+    if "backbone.body.bottleneck_layer.encoder.4.weight" in state_dict:
+        return "entropic"
+    return "hnd" if "backbone.body.layer1.encoder.encoder.7.weight" in state_dict else None
 
 
 def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, int | None]:
@@ -146,6 +161,8 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, in
     else:
         kind = "faster_rcnn"
     z = state_dict.get("backbone.body.layer1.encoder.encoder.7.weight")
+    if z is None:
+        z = state_dict.get("backbone.body.bottleneck_layer.encoder.4.weight")  # Entropic Student
     return kind, (int(z.shape[0]) if z is not None else None)
 
 
@@ -185,7 +202,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def model_info(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     kind, channels = describe_state_dict(state_dict)
-    return {"kind": kind, "bottleneck_channels": channels}
+    info: dict[str, Any] = {"kind": kind, "bottleneck_channels": channels}
+    if bottleneck_type_of_state_dict(state_dict) == "entropic":
+        info["bottleneck_type"] = "entropic"
+    return info
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> str:
@@ -243,10 +263,16 @@ def _check_compatible(path: Any, sd: Mapping[str, torch.Tensor], model: nn.Modul
     if is_filter_state_dict(sd):
         raise CheckpointError(f"{path}: holds only neural filter weights; name it in model.filter.checkpoint")
 
+    from hnd.common.models import bottleneck_type_of
+
     want = (model_kind(model), bottleneck_channels_of(model))
     have = describe_state_dict(sd)
-    if have != want:
-        raise CheckpointError(f"{path}: holds a {_what(*have)}, but the model is a {_what(*want)}")
+    have_type, want_type = bottleneck_type_of_state_dict(sd), bottleneck_type_of(model)
+    if have != want or have_type != want_type:
+        def what(desc: tuple[str, int | None], btype: str | None) -> str:
+            return _what(*desc).replace(" student", " Entropic Student") if btype == "entropic" else _what(*desc)
+
+        raise CheckpointError(f"{path}: holds a {what(have, have_type)}, but the model is a {what(want, want_type)}")
     model_sd = model.state_dict()
     expected = set(model_sd) if keys is None else keys
     missing = sorted(expected - set(sd))
@@ -262,7 +288,7 @@ def _check_compatible(path: Any, sd: Mapping[str, torch.Tensor], model: nn.Modul
     if unexpected:
         raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:3])}")
     for k in expected:
-        if tuple(sd[k].shape) != tuple(model_sd[k].shape):
+        if tuple(sd[k].shape) != tuple(model_sd[k].shape) and not _TABLE_KEY.match(k):
             raise CheckpointError(
                 f"{path}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(model_sd[k].shape)}"
             )
@@ -295,7 +321,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = Tr
     if stored is not None and stored != fingerprint(sd):
         raise CheckpointError(f"{path}: weights do not match the fingerprint stored in the file (corrupted?)")
     model_sd = model.state_dict()
-    usable = {k: v for k, v in sd.items() if k in model_sd and tuple(v.shape) == tuple(model_sd[k].shape)}
+    usable = {k: v for k, v in sd.items()
+              if k in model_sd and (tuple(v.shape) == tuple(model_sd[k].shape) or _TABLE_KEY.match(k))}
     model.load_state_dict(usable, strict=strict and not absent)
     return ckpt
 
@@ -343,7 +370,7 @@ def export_head(path_in: str | os.PathLike, path_out: str | os.PathLike) -> str:
 
 def load_head(path: str | os.PathLike, head: nn.Module) -> str:
     """Load a head-only export (or the head part of a full checkpoint) into a Head; returns the full fingerprint."""
-    from hnd.common.split import HEAD_PREFIXES, head_state_dict
+    from hnd.common.split import head_prefixes, head_state_dict
 
     ckpt = read_checkpoint(path)
     sd = ckpt["model"]
@@ -363,7 +390,7 @@ def load_head(path: str | os.PathLike, head: nn.Module) -> str:
             raise CheckpointError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the head expects {tuple(v.shape)}")
     short = {}
     for full_key in expected:
-        for s, f in HEAD_PREFIXES.items():
+        for s, f in head_prefixes(head).items():
             if full_key.startswith(f):
                 short[s + full_key[len(f):]] = sd[full_key]
                 break

@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch import nn
 
-from hnd.common.models import MODEL_KINDS, build_model
+from hnd.common.models import BOTTLENECK_TYPES, MODEL_KINDS, build_model
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ class ModelConfig:
 
     kind: str
     bottleneck_channels: int | None = None  # None: the teacher (plain ResNet-50 layer1)
+    # hnd: layer1 replaced by the HND bottleneck; entropic: stem + layer1 replaced by sc2bench's
+    # Entropic Student bottleneck (learned entropy coding; docs/ENTROPIC.md).
+    bottleneck_type: str = "hnd"
     num_classes: int | None = None  # default 91, or 2 for keypoint_rcnn
     params: dict[str, Any] = field(default_factory=dict)  # torchvision kwargs: min_size, max_size, ...
     checkpoint: str | None = None  # our format, the original's, or a bare state dict
@@ -136,6 +139,7 @@ class Config:
 
 _CHOICES = {
     ("model", "kind"): MODEL_KINDS,
+    ("model", "bottleneck_type"): BOTTLENECK_TYPES,
     ("teacher", "kind"): MODEL_KINDS,
     ("train", "method"): ("hnd", "ghnd", "supervised", "filter"),
     ("optimizer", "type"): ("adam", "sgd"),
@@ -213,6 +217,14 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> Config:
     for section in (cfg.model, cfg.teacher):
         if section is not None and section.bottleneck_channels is not None and section.bottleneck_channels < 1:
             raise ConfigError(f"{path}: bottleneck_channels must be >= 1")
+    if cfg.teacher is not None and cfg.teacher.bottleneck_type != "hnd":
+        raise ConfigError(f"{path}: teacher.bottleneck_type: the teacher has no bottleneck")
+    if cfg.model.bottleneck_type == "entropic":
+        if cfg.model.bottleneck_channels is None:
+            raise ConfigError(f"{path}: model.bottleneck_type entropic needs model.bottleneck_channels (sc2bench: 24)")
+        if cfg.model.filter is not None:
+            raise ConfigError(f"{path}: model.filter: the neural filter taps the ResNet stem, which an Entropic "
+                              "Student does not have")
     if cfg.teacher is not None and cfg.teacher.filter is not None:
         raise ConfigError(f"{path}: teacher.filter: a neural filter belongs to the student (model.filter)")
     flt = cfg.model.filter
@@ -276,7 +288,8 @@ def build_architecture(model_cfg: ModelConfig) -> nn.Module:
     The filter is attached after the detector is built, so the detector's initial weights (and
     keys) are the same with or without it.
     """
-    model = build_model(model_cfg.kind, model_cfg.bottleneck_channels, model_cfg.num_classes, **model_cfg.params)
+    model = build_model(model_cfg.kind, model_cfg.bottleneck_channels, model_cfg.num_classes,
+                        bottleneck_type=model_cfg.bottleneck_type, **model_cfg.params)
     if model_cfg.filter is not None:
         from hnd.common.neural_filter import attach_filter
 
@@ -317,6 +330,12 @@ def build_model_from_config(model_cfg: ModelConfig, config_path: str = "<config>
         model = build_architecture(model_cfg)
         # Filter keys may be missing from the main file only when the filter comes from its own file.
         ckpt = load_checkpoint(model_cfg.checkpoint, model, optional=(FILTER_PREFIX,) if filter_file else ())
+        from hnd.common.entropic import entropic_bottleneck_of, is_entropic
+
+        if is_entropic(model) and not entropic_bottleneck_of(model).updated:
+            # Tables computed here could differ from the edge's (other hardware): only a file's tables count.
+            log.warning("%s: the entropy bottleneck has no CDF tables (stage-1 checkpoint?): "
+                        "entropy coding is unavailable until hnd-train writes them", model_cfg.checkpoint)
         if flt is not None and filter_file is None and not any(k.startswith(FILTER_PREFIX) for k in ckpt["model"]):
             raise CheckpointError(f"{model_cfg.checkpoint}: holds no neural filter weights; set "
                                   "model.filter.checkpoint to the filter's file")
@@ -331,7 +350,12 @@ def build_model_from_config(model_cfg: ModelConfig, config_path: str = "<config>
         log.warning("using seeded random weights (seed %d): detections are meaningless", model_cfg.random_weights)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model_cfg.random_weights)
-            return finish(build_architecture(model_cfg))
+            model = build_architecture(model_cfg)
+        from hnd.common.entropic import is_entropic, update_entropy_tables
+
+        if is_entropic(model):
+            update_entropy_tables(model)  # seeded test models: tables from the seeded densities, on CPU
+        return finish(model)
     raise ConfigError(
         f"{config_path}: the model has no weights: set model.checkpoint, model.weights_url or "
         "model.random_weights (or pass --checkpoint / --random-weights SEED)"

@@ -20,6 +20,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
 MODEL_KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
+BOTTLENECK_TYPES = ("hnd", "entropic")
 
 # torchvision COCO weights the original initialised its teachers (and students) from.
 TORCHVISION_WEIGHT_URLS = {
@@ -113,14 +114,17 @@ def build_model(
     bottleneck_channels: int | None = None,
     num_classes: int | None = None,
     weights: str | None = None,
+    bottleneck_type: str = "hnd",
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a teacher (``bottleneck_channels=None``) or an HND student R-CNN.
+    """Build a teacher (``bottleneck_channels=None``), an HND student or an Entropic Student R-CNN.
 
     Args:
         kind: ``faster_rcnn``, ``mask_rcnn`` or ``keypoint_rcnn``.
         bottleneck_channels: C of the bottleneck replacing ``backbone.body.layer1``; None for the teacher.
         num_classes: including background; defaults 91 (COCO) or 2 (person keypoints).
+        bottleneck_type: ``hnd`` (layer1 replaced by the HND bottleneck) or ``entropic`` (stem and
+            layer1 replaced by sc2bench's entropy-coded bottleneck, ``hnd.common.entropic``).
         weights: optional path or URL of full-model weights (torchvision or original layout),
             loaded with ``hnd.common.checkpoint``. Nothing is downloaded unless this is a URL.
         **kwargs: passed to torchvision's FasterRCNN / MaskRCNN / KeypointRCNN
@@ -135,11 +139,18 @@ def build_model(
         num_classes = _DEFAULT_NUM_CLASSES[kind]
     # FrozenBatchNorm2d with eps 0 as in the original (torchvision 0.4.2's frozen BN had no eps,
     # and torchvision itself sets eps 0 for these COCO_V1 weights).
-    frozen_bn = partial(FrozenBatchNorm2d, eps=0.0)
-    body = resnet50(weights=None, norm_layer=frozen_bn)
-    backbone = _resnet_fpn_extractor(body, trainable_layers=5)
-    if bottleneck_channels is not None:
-        backbone.body.layer1 = Bottleneck(bottleneck_channels)
+    if bottleneck_type not in BOTTLENECK_TYPES:
+        raise ValueError(f"unknown bottleneck_type {bottleneck_type!r}; expected one of {', '.join(BOTTLENECK_TYPES)}")
+    if bottleneck_type == "entropic":
+        from hnd.common.entropic import DEFAULT_CHANNELS, build_entropic_backbone
+
+        backbone = build_entropic_backbone(bottleneck_channels or DEFAULT_CHANNELS)
+    else:
+        frozen_bn = partial(FrozenBatchNorm2d, eps=0.0)
+        body = resnet50(weights=None, norm_layer=frozen_bn)
+        backbone = _resnet_fpn_extractor(body, trainable_layers=5)
+        if bottleneck_channels is not None:
+            backbone.body.layer1 = Bottleneck(bottleneck_channels)
     model = detector(backbone, num_classes=num_classes, **kwargs)
     if weights is not None:
         from hnd.common.checkpoint import load_weights  # late import: checkpoint imports this module
@@ -149,8 +160,19 @@ def build_model(
 
 
 def is_student(model: nn.Module) -> bool:
-    """True when ``backbone.body.layer1`` is an HND bottleneck."""
-    return isinstance(model.backbone.body.layer1, Bottleneck)
+    """True for a splittable student: an HND bottleneck at ``backbone.body.layer1`` or an Entropic Student."""
+    from hnd.common.entropic import is_entropic
+
+    return isinstance(getattr(model.backbone.body, "layer1", None), Bottleneck) or is_entropic(model)
+
+
+def bottleneck_type_of(model: nn.Module) -> str | None:
+    """``hnd``, ``entropic``, or None for a teacher."""
+    from hnd.common.entropic import is_entropic
+
+    if is_entropic(model):
+        return "entropic"
+    return "hnd" if isinstance(getattr(model.backbone.body, "layer1", None), Bottleneck) else None
 
 
 def model_kind(model: nn.Module) -> str:
@@ -165,6 +187,10 @@ def model_kind(model: nn.Module) -> str:
 
 
 def bottleneck_channels_of(model: nn.Module) -> int | None:
-    """C of the student's bottleneck, None for a teacher."""
-    layer1 = model.backbone.body.layer1
+    """C of the student's bottleneck (HND or Entropic), None for a teacher."""
+    from hnd.common.entropic import entropic_bottleneck_of, is_entropic
+
+    if is_entropic(model):
+        return entropic_bottleneck_of(model).bottleneck_channels
+    layer1 = getattr(model.backbone.body, "layer1", None)
     return layer1.bottleneck_channels if isinstance(layer1, Bottleneck) else None

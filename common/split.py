@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
+from hnd.common.entropic import FPBottleneck, is_entropic
 from hnd.common.models import Bottleneck, model_kind
 from hnd.common.neural_filter import Ext4ResNet, get_filter
 
@@ -65,6 +66,16 @@ HEAD_PREFIXES = {
     "bn1.": "backbone.body.bn1.",
     "encoder.": "backbone.body.layer1.encoder.",
 }
+# The same for an Entropic Student's head (encoder + the prior whose tables the edge codes with).
+ENTROPIC_HEAD_PREFIXES = {
+    "encoder.": "backbone.body.bottleneck_layer.encoder.",
+    "entropy_bottleneck.": "backbone.body.bottleneck_layer.entropy_bottleneck.",
+}
+
+
+def head_prefixes(head: nn.Module) -> dict[str, str]:
+    """Head parameter-name prefixes -> full model names, for this kind of head."""
+    return ENTROPIC_HEAD_PREFIXES if isinstance(head, EntropicHead) else HEAD_PREFIXES
 
 
 def concat_meta(metas: list[SplitMeta]) -> SplitMeta:
@@ -77,6 +88,18 @@ def concat_meta(metas: list[SplitMeta]) -> SplitMeta:
         image_sizes=tuple(s for m in metas for s in m.image_sizes),
         padded_size=metas[0].padded_size,
     )
+
+
+def preprocess(transform: nn.Module, images: list[torch.Tensor]) -> tuple[torch.Tensor, SplitMeta]:
+    """list of [3, H_i, W_i] floats in 0..1 -> (padded batch [B, 3, Hp, Wp], SplitMeta) via the model's transform."""
+    original_sizes = tuple((int(img.shape[-2]), int(img.shape[-1])) for img in images)
+    image_list, _ = transform(images)
+    meta = SplitMeta(
+        original_sizes=original_sizes,
+        image_sizes=tuple((int(h), int(w)) for h, w in image_list.image_sizes),
+        padded_size=(int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1])),
+    )
+    return image_list.tensors, meta
 
 
 class Head(nn.Module):
@@ -92,7 +115,7 @@ class Head(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         body = model.backbone.body
-        if not isinstance(body.layer1, Bottleneck):
+        if not isinstance(getattr(body, "layer1", None), Bottleneck):
             raise TypeError("split_model needs a student (backbone.body.layer1 must be an HND bottleneck)")
         self.kind = model_kind(model)
         self.bottleneck_channels = body.layer1.bottleneck_channels
@@ -108,14 +131,7 @@ class Head(nn.Module):
 
     def preprocess(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, SplitMeta]:
         """list of [3, H_i, W_i] floats in 0..1 -> (padded batch [B, 3, Hp, Wp], SplitMeta)."""
-        original_sizes = tuple((int(img.shape[-2]), int(img.shape[-1])) for img in images)
-        image_list, _ = self.transform(images)
-        meta = SplitMeta(
-            original_sizes=original_sizes,
-            image_sizes=tuple((int(h), int(w)) for h, w in image_list.image_sizes),
-            padded_size=(int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1])),
-        )
-        return image_list.tensors, meta
+        return preprocess(self.transform, images)
 
     def stem(self, batch: torch.Tensor) -> torch.Tensor:
         """[B, 3, Hp, Wp] -> [B, 64, Hp/4, Wp/4] (the tap point of the neural filter)."""
@@ -183,19 +199,36 @@ class Tail(nn.Module):
         super().__init__()
         body = model.backbone.body
         self.transform = model.transform  # postprocess only; holds no parameters
-        self.decoder = body.layer1.decoder
-        # IntermediateLayerGetter's children after layer1, and the output names it gives them.
+        # IntermediateLayerGetter's children after the bottleneck, and the output names it gives them.
         self.return_layers = dict(body.return_layers)
+        self.entropy_bottleneck: nn.Module | None = None
+        if is_entropic(model):
+            bottleneck: FPBottleneck = body.bottleneck_layer
+            self.decoder = bottleneck.decoder
+            # Only its medians are used: the tail re-rounds what it is given (see features()).
+            self.entropy_bottleneck = bottleneck.entropy_bottleneck
+            self.first_layer = "bottleneck_layer"
+        else:
+            self.decoder = body.layer1.decoder
+            self.first_layer = "layer1"
         self.layers = nn.ModuleDict((name, body[name]) for name in ("layer2", "layer3", "layer4"))
         self.fpn = model.backbone.fpn
         self.rpn = model.rpn
         self.roi_heads = model.roi_heads
 
     def features(self, z: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        """[B, C, h+4, w+4] -> FPN feature maps, as BackboneWithFPN would give them."""
+        """Bottleneck -> FPN feature maps, as BackboneWithFPN would give them.
+
+        HND: z [B, C, h+4, w+4]. Entropic: the latent [B, C, Hp/4 - 1, Wp/4 - 1], raw (from the head) or
+        decoded (round(y - median) + median): rounding again is exact for a decoded latent, so
+        tail(head(x)) and tail(codec round trip) both equal the model's own forward bit for bit.
+        """
+        if self.entropy_bottleneck is not None:
+            m = self.entropy_bottleneck.medians().reshape(1, -1, 1, 1)
+            z = torch.round(z - m) + m
         x = self.decoder(z)
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
-        out[self.return_layers["layer1"]] = x
+        out[self.return_layers[self.first_layer]] = x
         for name, layer in self.layers.items():
             x = layer(x)
             if name in self.return_layers:
@@ -216,25 +249,79 @@ class Tail(nn.Module):
         return self.transform.postprocess(detections, images.image_sizes, [tuple(s) for s in meta.original_sizes])
 
 
-def split_model(model: nn.Module, copy_modules: bool = False) -> tuple[Head, Tail]:
-    """Cut a student R-CNN into (Head, Tail) sharing the model's modules.
+class EntropicHead(nn.Module):
+    """Edge side of an Entropic Student: images -> latent y [B, C, Hp/4 - 1, Wp/4 - 1] (raw, unrounded).
+
+    Runs the transform and the bottleneck's encoder (there is no ResNet stem: the encoder replaces
+    it). The codec rounds y against the prior's medians and entropy-codes it with the prior's tables
+    (``hnd.common.entropy_coder``); :meth:`prior_tables` gives them from this head's weights.
+    """
+
+    bottleneck_type = "entropic"
+    filter = None
+    filter_threshold = None
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        bottleneck: FPBottleneck = model.backbone.body.bottleneck_layer
+        self.kind = model_kind(model)
+        self.bottleneck_channels = bottleneck.bottleneck_channels
+        self.transform = model.transform
+        self.encoder = bottleneck.encoder
+        self.entropy_bottleneck = bottleneck.entropy_bottleneck
+        predictor = getattr(model.roi_heads, "keypoint_predictor", None)
+        self.num_keypoints = int(predictor.kps_score_lowres.out_channels) if predictor is not None else 0
+
+    def preprocess(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, SplitMeta]:
+        """list of [3, H_i, W_i] floats in 0..1 -> (padded batch [B, 3, Hp, Wp], SplitMeta)."""
+        return preprocess(self.transform, images)
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """[B, 3, Hp, Wp] -> latent y [B, C, Hp/4 - 1, Wp/4 - 1]."""
+        return self.encoder(batch)
+
+    def prior_tables(self):  # -> hnd.common.entropy_coder.PriorTables
+        """The integer CDF tables and medians the codec codes with (refuses a model never update()d)."""
+        return prior_tables_of(self.entropy_bottleneck)
+
+    def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, SplitMeta]:
+        batch, meta = self.preprocess(images)
+        return self.encode(batch), meta
+
+
+def prior_tables_of(entropy_bottleneck: nn.Module):  # -> hnd.common.entropy_coder.PriorTables
+    """PriorTables from an EntropyBottleneck's buffers (CPU numpy copies)."""
+    from hnd.common.entropy_coder import EntropyCodingError, PriorTables
+
+    eb = entropy_bottleneck
+    if not eb.updated:
+        raise EntropyCodingError("the entropy bottleneck has no CDF tables yet: run update() "
+                                 "(hnd.common.entropic.update_entropy_tables) before coding")
+    return PriorTables(eb._quantized_cdf.cpu().numpy(), eb._cdf_length.cpu().numpy(),
+                       eb._offset.cpu().numpy(), eb.medians().cpu().numpy())
+
+
+def split_model(model: nn.Module, copy_modules: bool = False) -> tuple[Head | EntropicHead, Tail]:
+    """Cut a student R-CNN (HND or Entropic) into (Head, Tail) sharing the model's modules.
 
     ``tail(*head(images))`` equals ``model(images)`` bit for bit in eval mode. With
     ``copy_modules`` the halves get deep copies, so the model can be freed or changed.
     """
     if copy_modules:
         model = copy.deepcopy(model)
-    head, tail = Head(model), Tail(model)
+    head: Head | EntropicHead = EntropicHead(model) if is_entropic(model) else Head(model)
+    tail = Tail(model)
     head.train(model.training)
     tail.train(model.training)
     return head, tail
 
 
-def head_state_dict(head: Head) -> "OrderedDict[str, torch.Tensor]":
+def head_state_dict(head: nn.Module) -> "OrderedDict[str, torch.Tensor]":
     """The head's weights under the full model's key names."""
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    prefixes = head_prefixes(head)
     for key, value in head.state_dict().items():
-        for short, full in HEAD_PREFIXES.items():
+        for short, full in prefixes.items():
             if key.startswith(short):
                 out[full + key[len(short):]] = value
                 break
@@ -243,4 +330,4 @@ def head_state_dict(head: Head) -> "OrderedDict[str, torch.Tensor]":
 
 def is_head_key(full_key: str) -> bool:
     """True for full-model state-dict keys the head holds."""
-    return any(full_key.startswith(full) for full in HEAD_PREFIXES.values())
+    return any(full_key.startswith(full) for full in (*HEAD_PREFIXES.values(), *ENTROPIC_HEAD_PREFIXES.values()))
