@@ -17,6 +17,11 @@ Modes (``bits`` x ``granularity``):
   tensor no longer divides by zero. Its error is below ``scale`` (not ``scale / 2``) when the range
   includes 0, and unbounded when it does not (it clamps the zero point to [0, 255]).
 * ``bits=16``: float16 (granularity ignored); ``bits=32``: lossless float32, bit for bit.
+* ``compression="learned"`` (bits 0, granularity "channel"): learned entropy coding of an Entropic
+  Student latent [B, C, h, w] against the model's factorized prior (``prior``, a
+  ``hnd.common.entropy_coder.PriorTables``): symbols ``round(x - median_c)``, range-coded with the
+  prior's integer CDF tables (docs/ENTROPIC.md). ``decode`` gives ``float32(symbol) + median_c``;
+  the model's own forward rounds the same way, so this mode adds no error beyond the model's.
 
 Sub-byte symbols are packed densely, first value in the high bits: 2-bit packs 4 values per byte,
 4-bit 2 per byte, 6-bit 4 values in 3 bytes. Multi-byte values are little-endian. The packed bytes are
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +65,9 @@ __all__ = [
 AFFINE_BITS = (2, 4, 6, 8)
 BITS = AFFINE_BITS + (16, 32)
 GRANULARITIES = ("tensor", "channel", "original")
-COMPRESSIONS = ("zstd", "none")
+COMPRESSIONS = ("zstd", "none", "learned")
+LEARNED = "learned"  # learned entropy coding against an Entropic Student's prior (bits 0)
+LEARNED_BITS = 0
 DTYPES = ("float32",)
 
 # Values per packing group and bytes per group: each group fills whole bytes.
@@ -151,9 +159,16 @@ def encode(
     granularity: str = "tensor",
     compression: str = "zstd",
     level: int = 3,
+    prior: Any = None,
 ) -> EncodedTensor:
-    """Quantize, pack and compress a float tensor (any shape; [B, C, H, W] for "channel")."""
+    """Quantize, pack and compress a float tensor (any shape; [B, C, H, W] for "channel").
+
+    ``compression="learned"`` codes an Entropic Student latent against ``prior`` (PriorTables);
+    bits must then be 0 and granularity "channel".
+    """
     _check_compression(compression, level)
+    if compression == LEARNED:
+        return _encode_learned(tensor, bits, granularity, prior)
     q = quantize(tensor, bits, granularity)
     raw = _pack(q.symbols, bits)
     payload = zstandard.ZstdCompressor(level=level).compress(raw) if compression == "zstd" else raw
@@ -170,12 +185,15 @@ def encode(
     )
 
 
-def decode(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
+def decode(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS, prior: Any = None) -> torch.Tensor:
     """Validate, decompress, unpack and dequantize; returns a float32 tensor of ``encoded.shape``.
 
     Raises CodecError on anything malformed or over ``limits``, before any large allocation.
+    ``prior``: the served model's PriorTables, needed (only) for ``compression="learned"``.
     """
     validate(encoded, limits)
+    if encoded.compression == LEARNED:
+        return _decode_learned(encoded, limits, prior)
     raw = _decompress(encoded)
     symbols = _unpack(raw, encoded.bits, encoded.numel)
     # numpy, not torch: torch's threaded kernels can cost far more than the work at this size.
@@ -191,13 +209,19 @@ def roundtrip(
     granularity: str = "tensor",
     compression: str = "zstd",
     level: int = 3,
+    prior: Any = None,
 ) -> torch.Tensor:
     """Exactly (bit for bit) ``decode(encode(tensor, ...))``, without packing or compressing.
 
     compression and level do not change the result; they are checked so that the same arguments fail
-    here as in ``encode``.
+    here as in ``encode``. With ``compression="learned"``: round against ``prior``'s medians, no coding.
     """
     _check_compression(compression, level)
+    if compression == LEARNED:
+        from hnd.common import entropy_coder
+
+        tables = _check_learned(bits, granularity, prior)
+        return torch.from_numpy(entropy_coder.dequantize(_learned_symbols(tensor, tables), tables))
     return dequantize(quantize(tensor, bits, granularity))
 
 
@@ -297,6 +321,9 @@ def validate(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS) -> None:
         raise CodecError(f"expected an EncodedTensor, got {_describe(encoded)}")
     if encoded.dtype not in DTYPES:
         raise CodecError(f"unknown dtype {encoded.dtype!r}; expected one of {DTYPES}")
+    if encoded.compression == LEARNED:
+        _validate_learned(encoded, limits)
+        return
     _check_mode(encoded.bits, encoded.granularity)
     if encoded.compression not in COMPRESSIONS:
         raise CodecError(f"unknown compression {encoded.compression!r}; expected one of {COMPRESSIONS}")
@@ -323,6 +350,82 @@ def validate(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS) -> None:
     if encoded.compression == "none" and len(encoded.payload) != expected:
         raise CodecError(f"payload has {len(encoded.payload)} bytes; {expected} declared")
     _check_params(encoded)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learned entropy coding (Entropic Student)
+
+
+def _check_learned(bits: object, granularity: object, prior: Any) -> Any:
+    """The PriorTables to code with; refuses affine settings mixed into the learned mode."""
+    from hnd.common.entropy_coder import PriorTables
+
+    if bits != LEARNED_BITS or isinstance(bits, bool) or granularity != "channel":
+        raise CodecError(f"learned entropy coding has no affine bits: use bits=0, granularity='channel' "
+                         f"(got bits={bits!r}, granularity={granularity!r})")
+    if not isinstance(prior, PriorTables):
+        raise CodecError("learned entropy coding needs the Entropic Student's prior tables "
+                         "(the model is not an Entropic Student, or its tables were not given)")
+    return prior
+
+
+def _learned_symbols(tensor: Any, tables: Any) -> np.ndarray:
+    from hnd.common import entropy_coder
+
+    if isinstance(tensor, torch.Tensor):
+        tensor = tensor.detach().to("cpu").contiguous().numpy()
+    try:
+        return entropy_coder.quantize(np.asarray(tensor), tables)
+    except entropy_coder.EntropyCodingError as e:
+        raise CodecError(str(e)) from None
+
+
+def _encode_learned(tensor: Any, bits: int, granularity: str, prior: Any) -> EncodedTensor:
+    from hnd.common import entropy_coder
+
+    tables = _check_learned(bits, granularity, prior)
+    symbols = _learned_symbols(tensor, tables)
+    try:
+        payload = entropy_coder.encode(symbols, tables)
+    except entropy_coder.EntropyCodingError as e:
+        raise CodecError(str(e)) from None
+    return EncodedTensor(shape=tuple(int(d) for d in symbols.shape), dtype="float32", bits=LEARNED_BITS,
+                         granularity="channel", scale=(), zero_point=(), compression=LEARNED,
+                         raw_size=4 * symbols.size, payload=payload)
+
+
+def _validate_learned(encoded: EncodedTensor, limits: Limits) -> None:
+    shape = encoded.shape
+    if encoded.bits != LEARNED_BITS or encoded.granularity != "channel":
+        raise CodecError(f"learned entropy coding needs bits 0 and granularity 'channel'; got bits "
+                         f"{encoded.bits!r}, granularity {encoded.granularity!r}")
+    if not isinstance(shape, tuple) or len(shape) != 4 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise CodecError(f"a learned-coded latent has shape [B, C, h, w] with positive dims, got {shape!r}"[:200])
+    numel = math.prod(shape)
+    if numel > limits.max_elements:
+        raise CodecError(f"shape {shape} has {numel} elements; the limit is {limits.max_elements}")
+    if encoded.raw_size != 4 * numel:
+        raise CodecError(f"raw_size {encoded.raw_size!r} does not match shape {shape} as int32 symbols ({4 * numel} bytes)")
+    if encoded.scale or encoded.zero_point:
+        raise CodecError("learned entropy coding takes no scale / zero point (the prior's medians are the model's)")
+    if not isinstance(encoded.payload, bytes):
+        raise CodecError(f"payload must be bytes, got {_describe(encoded.payload)}")
+    if len(encoded.payload) > limits.max_decompressed_bytes:
+        raise CodecError(f"payload of {len(encoded.payload)} bytes exceeds the limit of {limits.max_decompressed_bytes}")
+
+
+def _decode_learned(encoded: EncodedTensor, limits: Limits, prior: Any) -> torch.Tensor:
+    from hnd.common import entropy_coder
+
+    if not isinstance(prior, entropy_coder.PriorTables):
+        raise CodecError("this model takes no learned entropy coding (it is not an Entropic Student)")
+    try:
+        symbols = entropy_coder.decode(encoded.payload, encoded.shape, prior, max_elements=limits.max_elements,
+                                       max_payload=limits.max_decompressed_bytes)
+    except entropy_coder.EntropyCodingError as e:
+        raise CodecError(str(e)) from None
+    return torch.from_numpy(entropy_coder.dequantize(symbols, prior))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -143,9 +143,9 @@ _CHOICES = {
     ("teacher", "kind"): MODEL_KINDS,
     ("train", "method"): ("hnd", "ghnd", "supervised", "filter"),
     ("optimizer", "type"): ("adam", "sgd"),
-    ("runtime", "bits"): (2, 4, 6, 8, 16, 32),
+    ("runtime", "bits"): (0, 2, 4, 6, 8, 16, 32),
     ("runtime", "granularity"): ("tensor", "channel", "original"),
-    ("runtime", "compression"): ("zstd", "none"),
+    ("runtime", "compression"): ("zstd", "none", "learned"),
 }
 
 
@@ -240,6 +240,13 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> Config:
         raise ConfigError(
             f"{path}: teacher.kind {cfg.teacher.kind} and model.kind {cfg.model.kind} disagree"
         )
+    rt = cfg.runtime
+    if cfg.model.bottleneck_type == "entropic" and (rt.compression, rt.bits, rt.granularity) != ("learned", 0, "channel"):
+        raise ConfigError(f"{path}: runtime: an Entropic Student's bottleneck is entropy-coded against its prior: "
+                          "set runtime {bits: 0, granularity: channel, compression: learned}")
+    if cfg.model.bottleneck_type != "entropic" and (rt.compression == "learned" or rt.bits == 0):
+        raise ConfigError(f"{path}: runtime: compression learned / bits 0 is for Entropic Student models "
+                          "(model.bottleneck_type: entropic)")
     if cfg.runtime.granularity == "original" and cfg.runtime.bits != 8:
         raise ConfigError(f"{path}: runtime.granularity original is the original's 8-bit scheme; bits must be 8")
     return cfg

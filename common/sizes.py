@@ -38,9 +38,11 @@ def padded_size(image_sizes: Sequence[Hw], size_divisible: int = SIZE_DIVISIBLE)
             round_up(max(w for _, w in image_sizes), size_divisible))
 
 
-def bottleneck_hw(padded: Hw) -> Hw:
-    """Spatial size (h, w) of the bottleneck of a padded batch (Hp, Wp): (Hp/4 + 4, Wp/4 + 4)."""
-    return padded[0] // 4 + 4, padded[1] // 4 + 4
+def bottleneck_hw(padded: Hw, bottleneck_type: str = "hnd") -> Hw:
+    """Spatial size (h, w) of the bottleneck of a padded batch (Hp, Wp): (Hp/4 + 4, Wp/4 + 4) for HND,
+    (Hp/4 - 1, Wp/4 - 1) for an Entropic Student's latent."""
+    grow = -1 if bottleneck_type == "entropic" else 4
+    return padded[0] // 4 + grow, padded[1] // 4 + grow
 
 
 def is_resize_of(image: Hw, original: Hw, tolerance: int = RESIZE_TOLERANCE) -> bool:

@@ -36,7 +36,8 @@ GRANULARITY_TO_PROTO = {
     "channel": tensor_pb2.GRANULARITY_CHANNEL,
     "original": tensor_pb2.GRANULARITY_ORIGINAL,
 }
-COMPRESSION_TO_PROTO = {"none": tensor_pb2.COMPRESSION_NONE, "zstd": tensor_pb2.COMPRESSION_ZSTD}
+COMPRESSION_TO_PROTO = {"none": tensor_pb2.COMPRESSION_NONE, "zstd": tensor_pb2.COMPRESSION_ZSTD,
+                        "learned": tensor_pb2.COMPRESSION_LEARNED}
 _DTYPE_TO_PROTO = {"float32": tensor_pb2.DTYPE_FLOAT32}
 _GRANULARITY_FROM_PROTO = {v: k for k, v in GRANULARITY_TO_PROTO.items()}
 _COMPRESSION_FROM_PROTO = {v: k for k, v in COMPRESSION_TO_PROTO.items()}

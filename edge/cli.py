@@ -74,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--head", help="head-only export (hnd-export-head): the edge never holds the tail")
     w.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights (demos, tests)")
     p.add_argument("--mode", default="split", choices=("split", "offload", "local"))
-    p.add_argument("--bits", type=int, default=None, choices=codec.BITS, help="bottleneck bits (default: config)")
+    p.add_argument("--bits", type=int, default=None, choices=(codec.LEARNED_BITS, *codec.BITS),
+                   help="bottleneck bits (default: config; 0 with --compression learned for Entropic Students)")
     p.add_argument("--granularity", default=None, choices=codec.GRANULARITIES)
-    p.add_argument("--compression", default=None, choices=codec.COMPRESSIONS)
+    p.add_argument("--compression", default=None, choices=codec.ALL_COMPRESSIONS)
     p.add_argument("--image-format", default="jpeg", choices=("jpeg", "png", "webp", "h264", "hevc"),
                    help="offload mode's frame format; h264 / hevc: a low-latency video stream on InferStream")
     p.add_argument("--jpeg-quality", type=int, default=90)
@@ -194,7 +195,7 @@ def run_edge(args: argparse.Namespace) -> Summary:
     rt = cfg.runtime
     options = EdgeOptions(
         mode=args.mode,
-        bits=args.bits or rt.bits,
+        bits=args.bits if args.bits is not None else rt.bits,
         granularity=args.granularity or rt.granularity,
         compression=args.compression or rt.compression,
         level=rt.level,

@@ -38,6 +38,7 @@ from hnd.edge.capture import Frame
 from hnd.edge.client import EdgeError, next_request_id
 from hnd.edge.records import Timings
 from hnd.proto.v1 import split_inference_pb2 as pb
+from hnd.proto.v1 import tensor_pb2
 
 Detections = dict[str, Any]  # boxes [N, 4], labels [N], scores [N] (+ masks, keypoints): tensors or arrays
 
@@ -137,13 +138,21 @@ class EdgeMode:
         return request
 
 
-def check_split_server(info: pb.ModelInfo, fingerprint: str, bits: int, resize: tuple[int, int] | None) -> None:
-    """What a split mode needs of the server: the same weights, its bits and (given) the same resize."""
+def check_split_server(info: pb.ModelInfo, fingerprint: str, bits: int, resize: tuple[int, int] | None,
+                       compression: str = "zstd") -> None:
+    """What a split mode needs of the server: the same weights, its codec mode and bits and (given) the same resize."""
     if info.weights_fingerprint != fingerprint:
         raise EdgeError(
             f"weights fingerprint mismatch: edge {fingerprint}, server {info.weights_fingerprint} "
             "(both sides must load the same checkpoint or seed)"
         )
+    entropic_server = tensor_pb2.COMPRESSION_LEARNED in info.accepted_compressions
+    if compression == "learned" and not entropic_server:
+        raise EdgeError(f"the server's {info.model_kind} is an HND student: it takes no learned entropy coding "
+                        f"(accepts bits {list(info.accepted_bits)}); use an Entropic Student config")
+    if compression != "learned" and entropic_server:
+        raise EdgeError(f"the server's {info.model_kind} is an Entropic Student: it takes only learned entropy "
+                        f"coding (--compression learned --bits 0), not {bits}-bit {compression}")
     if bits not in info.accepted_bits:
         raise EdgeError(f"the server does not accept {bits}-bit bottlenecks (accepts {list(info.accepted_bits)})")
     if resize is not None and (info.min_size, info.max_size) != resize:

@@ -45,9 +45,12 @@ class BottleneckCoder:
     above 1 it is a stream session (``hnd.common.stream_codec``), which needs InferStream.
     """
 
-    def __init__(self, options: EdgeOptions) -> None:
+    def __init__(self, options: EdgeOptions, prior: Any = None) -> None:
         self.options = options
+        self.prior = prior  # an Entropic Student's PriorTables (learned coding), else None
         self.temporal = options.key_interval > 1
+        if self.temporal and prior is not None:
+            raise ValueError("temporal coding is for affine bottlenecks; an Entropic Student codes every frame")
         if self.temporal and not options.stream:
             raise ValueError("temporal coding (key_interval > 1) needs InferStream (stream=True, --stream)")
         self.encoder = StreamEncoder(options.bits, options.granularity, options.compression, options.level,
@@ -67,7 +70,7 @@ class BottleneckCoder:
         """Fill ``request`` with frame ``frame_index``'s bottleneck; returns (payload bytes, record extras)."""
         if not self.temporal:
             encoded = codec.encode(z, self.options.bits, self.options.granularity, self.options.compression,
-                                   self.options.level)
+                                   self.options.level, prior=self.prior)
             request.bottleneck.CopyFrom(wire.bottleneck_to_proto(encoded, meta))
             return len(encoded.payload), {}
         self._pending[frame_index] = (z, meta)

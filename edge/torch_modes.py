@@ -65,11 +65,14 @@ class TorchSplitMode(_FilterMixin, EdgeMode):
         super().__init__(options, fingerprint)
         self.head = head
         self.filter_on = _check_filter(options, head)
-        self.coder = BottleneckCoder(options)  # per frame, or key / delta frames on a stream
+        # An Entropic Student's head codes against its prior's tables (loaded with its weights).
+        prior = head.prior_tables() if getattr(head, "bottleneck_type", None) == "entropic" else None
+        self.coder = BottleneckCoder(options, prior)  # per frame, or key / delta frames on a stream
 
     def check_server(self, info: pb.ModelInfo) -> None:
         t = self.head.transform
-        check_split_server(info, self.fingerprint, self.options.bits, (int(t.min_size[-1]), int(t.max_size)))
+        check_split_server(info, self.fingerprint, self.options.bits, (int(t.min_size[-1]), int(t.max_size)),
+                           self.options.compression)
         self.coder.check_server(info)
 
     def detections(self, prepared: Prepared, response: pb.InferResponse | None):

@@ -138,11 +138,12 @@ def check_split_meta(meta: SplitMeta, budget: RequestBudget) -> None:
             f"max_padded_pixels {budget.max_padded_pixels} (expected {_hw(least)})", "padded_size")
 
 
-def check_bottleneck_shape(shape: Sequence[int], meta: SplitMeta, channels: int) -> None:
+def check_bottleneck_shape(shape: Sequence[int], meta: SplitMeta, channels: int, bottleneck_type: str = "hnd") -> None:
     """Tensor shape [B, C, h, w] against the meta and the model; says the shape it expected."""
-    expected = (len(meta), channels, *bottleneck_hw(meta.padded_size))
+    expected = (len(meta), channels, *bottleneck_hw(meta.padded_size, bottleneck_type))
     if tuple(shape) != expected:
         ph, pw = meta.padded_size
+        rule = "Hp/4 - 1, Wp/4 - 1" if bottleneck_type == "entropic" else "Hp/4 + 4, Wp/4 + 4"
         raise BudgetError(
             f"bottleneck shape {list(shape)} does not fit {len(meta)} image(s) padded to {ph}x{pw} with a "
-            f"{channels}-channel model: expected {list(expected)} ([B, C, Hp/4 + 4, Wp/4 + 4])", "shape")
+            f"{channels}-channel model: expected {list(expected)} ([B, C, {rule}])", "shape")

@@ -26,7 +26,8 @@ from torch import nn
 import hnd
 from hnd.common import codec, wire
 from hnd.common.checkpoint import fingerprint
-from hnd.common.models import bottleneck_channels_of, model_kind
+from hnd.common.models import bottleneck_channels_of, bottleneck_type_of, model_kind
+from hnd.common.sizes import bottleneck_hw
 from hnd.common.split import SplitMeta, concat_meta, split_model
 from hnd.common.video import VideoError
 from hnd.proto.v1 import split_inference_pb2 as pb
@@ -105,6 +106,10 @@ class ModelRunner:
         self.tail_options = tail_options or TailOptions()
         self.tail = build_tail(self.tail, self.tail_options, device)
         self.tail_info = tail_info(self.tail_options, device)
+        # Entropic Students code against their prior's integer tables (from the weights, so the
+        # fingerprint covers them); HND students take the affine modes.
+        self.bottleneck_type = bottleneck_type_of(self.model)
+        self.prior = self.head.prior_tables() if self.bottleneck_type == "entropic" else None
         self.images_computed = 0  # bottleneck images run through the tail (tests check dropped work)
 
     @torch.inference_mode()
@@ -133,10 +138,27 @@ class ModelRunner:
         data = [p for _, p in payloads]
         return self.run_split(data) if kind == "split" else self.run_images(data)
 
+    def latent_size(self, padded_size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the bottleneck for a padded input: Hp/4 + 4 (HND) or Hp/4 - 1 (Entropic Student)."""
+        return bottleneck_hw(padded_size, self.bottleneck_type or "hnd")
+
+    def codec_refusal(self, tensor: Any) -> str | None:
+        """One line when a bottleneck's codec mode (hnd.v1.Tensor) is not this model's, else None."""
+        learned = tensor.compression == tensor_pb2.COMPRESSION_LEARNED
+        if self.prior is not None and not learned:
+            name = tensor_pb2.Compression.Name(tensor.compression) if tensor.compression in \
+                tensor_pb2.Compression.values() else str(tensor.compression)
+            return (f"this server runs an Entropic Student ({self.kind}): it takes only learned entropy coding "
+                    f"(compression learned, bits 0), not {tensor.bits}-bit {name}")
+        if self.prior is None and learned:
+            return (f"this server runs an HND student ({self.kind}): learned entropy coding is for Entropic "
+                    f"Student models; send affine bits ({', '.join(map(str, codec.BITS))})")
+        return None
+
     def warm_up(self) -> None:
         """One tail pass on a zero bottleneck so the first request does not pay for lazy init."""
         size = (self.min_size // 32 * 32 or 32, self.min_size // 32 * 32 or 32)
-        z = torch.zeros(1, self.channels, size[0] // 4 + 4, size[1] // 4 + 4)
+        z = torch.zeros(1, self.channels, *self.latent_size(size))
         self.run_split([(z, SplitMeta(((size[0], size[1]),), ((size[0], size[1]),), size))])
 
 
@@ -207,14 +229,17 @@ class SplitInferenceService:
         r = self.runner
         lim = self.limits
         b = self.budget
+        entropic = r.prior is not None
         return pb.ModelInfo(
             model_kind=r.kind,
             bottleneck_channels=r.channels,
             weights_fingerprint=r.fingerprint,
-            accepted_bits=list(codec.BITS),
-            accepted_granularities=[tensor_pb2.GRANULARITY_TENSOR, tensor_pb2.GRANULARITY_CHANNEL,
-                                    tensor_pb2.GRANULARITY_ORIGINAL],
-            accepted_compressions=[tensor_pb2.COMPRESSION_NONE, tensor_pb2.COMPRESSION_ZSTD],
+            bottleneck_type=r.bottleneck_type or "",
+            accepted_bits=[codec.LEARNED_BITS] if entropic else list(codec.BITS),
+            accepted_granularities=[tensor_pb2.GRANULARITY_CHANNEL] if entropic else [
+                tensor_pb2.GRANULARITY_TENSOR, tensor_pb2.GRANULARITY_CHANNEL, tensor_pb2.GRANULARITY_ORIGINAL],
+            accepted_compressions=[tensor_pb2.COMPRESSION_LEARNED] if entropic else [
+                tensor_pb2.COMPRESSION_NONE, tensor_pb2.COMPRESSION_ZSTD],
             accepted_image_formats=(list(IMAGE_FORMATS) + self.streams.video_format_enums()) if self.offload else [],
             limits=pb.ServerLimits(
                 max_message_bytes=lim.max_message_bytes,
@@ -255,21 +280,27 @@ class SplitInferenceService:
     def _decode_bottleneck(self, request: pb.InferRequest, session: StreamSession | None = None
                            ) -> tuple[tuple, tuple[str, Any]]:
         self._check_fingerprint(request.weights_fingerprint)
+        refusal = self.runner.codec_refusal(request.bottleneck.tensor)  # the codec mode first: the clearest line
+        if refusal is not None:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, refusal, "codec_mode")
         # Sizes first (budget.py): nothing is decompressed or allocated for a request beyond the limits.
         encoded, meta = wire.bottleneck_from_proto(request.bottleneck, self.limits.codec)
         try:
             check_split_meta(meta, self.budget)
-            check_bottleneck_shape(encoded.shape, meta, self.runner.channels)
+            check_bottleneck_shape(encoded.shape, meta, self.runner.channels, self.runner.bottleneck_type or "hnd")
         except BudgetError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason) from None
         shape = encoded.shape
         _, c, h, w = shape
         if request.HasField("stream_frame"):  # temporal coding: the session holds the reference
+            if self.runner.prior is not None:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "temporal stream coding is for affine "
+                                   "bottlenecks; an Entropic Student's frames are each entropy-coded")
             decoded = session.decode_bottleneck(*wire.stream_frame_from_proto(request.stream_frame), encoded)
             self._stream_note = decoded.note
             value = decoded.value
         else:
-            value = codec.decode(encoded, self.limits.codec)
+            value = codec.decode(encoded, self.limits.codec, prior=self.runner.prior)
         z = value.reshape(shape)
         return ("split", (c, h, w), meta.padded_size), ("split", (z, meta))
 

@@ -29,14 +29,14 @@ KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
 
 @pytest.fixture(scope="session")
 def entropic_model():
-    """``entropic_model(kind)``: the student of configs/test/{kind}-entropic.yaml (seeded, tables updated)."""
+    """``entropic_model(kind)``: the student of configs/test/{kind}-entropic-b24ch.yaml (seeded, tables updated)."""
     from hnd.common.config import build_model_from_config, load_config
 
     cache: dict[str, torch.nn.Module] = {}
 
     def get(kind: str) -> torch.nn.Module:
         if kind not in cache:
-            cfg = load_config(f"test/{kind}-entropic")
+            cfg = load_config(f"test/{kind}-entropic-b24ch")
             cache[kind] = build_model_from_config(cfg.model, cfg.path)
         return cache[kind]
 

@@ -195,7 +195,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., max_decompressed_bytes: _Optional[int] = ..., max_dims: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_short_side: _Optional[int] = ..., max_long_side: _Optional[int] = ..., size_divisible: _Optional[int] = ..., max_padded_side: _Optional[int] = ..., max_padded_pixels: _Optional[int] = ..., max_original_side: _Optional[int] = ..., max_original_pixels: _Optional[int] = ..., max_mask_bytes: _Optional[int] = ..., max_stream_inflight: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_kind", "bottleneck_channels", "weights_fingerprint", "accepted_bits", "accepted_granularities", "accepted_compressions", "accepted_image_formats", "limits", "server_version", "min_size", "max_size", "num_keypoints", "stream_sessions", "tail")
+    __slots__ = ("model_kind", "bottleneck_channels", "weights_fingerprint", "accepted_bits", "accepted_granularities", "accepted_compressions", "accepted_image_formats", "limits", "server_version", "min_size", "max_size", "num_keypoints", "stream_sessions", "bottleneck_type", "tail")
     MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
     BOTTLENECK_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class ModelInfo(_message.Message):
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
     STREAM_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    BOTTLENECK_TYPE_FIELD_NUMBER: _ClassVar[int]
     TAIL_FIELD_NUMBER: _ClassVar[int]
     model_kind: str
     bottleneck_channels: int
@@ -223,8 +224,9 @@ class ModelInfo(_message.Message):
     max_size: int
     num_keypoints: int
     stream_sessions: StreamSessions
+    bottleneck_type: str
     tail: TailInfo
-    def __init__(self, model_kind: _Optional[str] = ..., bottleneck_channels: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., accepted_bits: _Optional[_Iterable[int]] = ..., accepted_granularities: _Optional[_Iterable[_Union[_tensor_pb2.Granularity, str]]] = ..., accepted_compressions: _Optional[_Iterable[_Union[_tensor_pb2.Compression, str]]] = ..., accepted_image_formats: _Optional[_Iterable[_Union[EncodedImage.Format, str]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., num_keypoints: _Optional[int] = ..., stream_sessions: _Optional[_Union[StreamSessions, _Mapping]] = ..., tail: _Optional[_Union[TailInfo, _Mapping]] = ...) -> None: ...
+    def __init__(self, model_kind: _Optional[str] = ..., bottleneck_channels: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., accepted_bits: _Optional[_Iterable[int]] = ..., accepted_granularities: _Optional[_Iterable[_Union[_tensor_pb2.Granularity, str]]] = ..., accepted_compressions: _Optional[_Iterable[_Union[_tensor_pb2.Compression, str]]] = ..., accepted_image_formats: _Optional[_Iterable[_Union[EncodedImage.Format, str]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., num_keypoints: _Optional[int] = ..., stream_sessions: _Optional[_Union[StreamSessions, _Mapping]] = ..., bottleneck_type: _Optional[str] = ..., tail: _Optional[_Union[TailInfo, _Mapping]] = ...) -> None: ...
 
 class TailInfo(_message.Message):
     __slots__ = ("precision", "channels_last", "compile", "device", "summary", "reduced_precision_part", "fp32_part")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13hnd/v1/tensor.proto\x12\x06hnd.v1\"\xe0\x01\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1c\n\x05\x64type\x18\x02 \x01(\x0e\x32\r.hnd.v1.DType\x12\x0c\n\x04\x62its\x18\x03 \x01(\r\x12(\n\x0bgranularity\x18\x04 \x01(\x0e\x32\x13.hnd.v1.Granularity\x12\r\n\x05scale\x18\x05 \x03(\x02\x12\x12\n\nzero_point\x18\x06 \x03(\x05\x12(\n\x0b\x63ompression\x18\x07 \x01(\x0e\x32\x13.hnd.v1.Compression\x12\x10\n\x08raw_size\x18\x08 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\t \x01(\x0cJ\x04\x08\n\x10\x10*u\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x16\n\x12GRANULARITY_TENSOR\x10\x01\x12\x17\n\x13GRANULARITY_CHANNEL\x10\x02\x12\x18\n\x14GRANULARITY_ORIGINAL\x10\x03*V\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x02*1\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13hnd/v1/tensor.proto\x12\x06hnd.v1\"\xe0\x01\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1c\n\x05\x64type\x18\x02 \x01(\x0e\x32\r.hnd.v1.DType\x12\x0c\n\x04\x62its\x18\x03 \x01(\r\x12(\n\x0bgranularity\x18\x04 \x01(\x0e\x32\x13.hnd.v1.Granularity\x12\r\n\x05scale\x18\x05 \x03(\x02\x12\x12\n\nzero_point\x18\x06 \x03(\x05\x12(\n\x0b\x63ompression\x18\x07 \x01(\x0e\x32\x13.hnd.v1.Compression\x12\x10\n\x08raw_size\x18\x08 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\t \x01(\x0cJ\x04\x08\n\x10\x10*u\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x16\n\x12GRANULARITY_TENSOR\x10\x01\x12\x17\n\x13GRANULARITY_CHANNEL\x10\x02\x12\x18\n\x14GRANULARITY_ORIGINAL\x10\x03*o\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x02\x12\x17\n\x13\x43OMPRESSION_LEARNED\x10\x03*1\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRANULARITY']._serialized_start=258
   _globals['_GRANULARITY']._serialized_end=375
   _globals['_COMPRESSION']._serialized_start=377
-  _globals['_COMPRESSION']._serialized_end=463
-  _globals['_DTYPE']._serialized_start=465
-  _globals['_DTYPE']._serialized_end=514
+  _globals['_COMPRESSION']._serialized_end=488
+  _globals['_DTYPE']._serialized_start=490
+  _globals['_DTYPE']._serialized_end=539
   _globals['_TENSOR']._serialized_start=32
   _globals['_TENSOR']._serialized_end=256
 # @@protoc_insertion_point(module_scope)

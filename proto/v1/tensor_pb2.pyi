@@ -19,6 +19,7 @@ class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPRESSION_UNSPECIFIED: _ClassVar[Compression]
     COMPRESSION_NONE: _ClassVar[Compression]
     COMPRESSION_ZSTD: _ClassVar[Compression]
+    COMPRESSION_LEARNED: _ClassVar[Compression]
 
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,6 +32,7 @@ GRANULARITY_ORIGINAL: Granularity
 COMPRESSION_UNSPECIFIED: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
+COMPRESSION_LEARNED: Compression
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 
