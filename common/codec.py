@@ -65,8 +65,9 @@ __all__ = [
 AFFINE_BITS = (2, 4, 6, 8)
 BITS = AFFINE_BITS + (16, 32)
 GRANULARITIES = ("tensor", "channel", "original")
-COMPRESSIONS = ("zstd", "none", "learned")
+COMPRESSIONS = ("zstd", "none")  # of the affine modes
 LEARNED = "learned"  # learned entropy coding against an Entropic Student's prior (bits 0)
+ALL_COMPRESSIONS = COMPRESSIONS + (LEARNED,)
 LEARNED_BITS = 0
 DTYPES = ("float32",)
 
@@ -325,8 +326,8 @@ def validate(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS) -> None:
         _validate_learned(encoded, limits)
         return
     _check_mode(encoded.bits, encoded.granularity)
-    if encoded.compression not in COMPRESSIONS:
-        raise CodecError(f"unknown compression {encoded.compression!r}; expected one of {COMPRESSIONS}")
+    if encoded.compression not in ALL_COMPRESSIONS:
+        raise CodecError(f"unknown compression {encoded.compression!r}; expected one of {ALL_COMPRESSIONS}")
 
     shape = encoded.shape
     if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
@@ -548,8 +549,8 @@ def _check_mode(bits: object, granularity: object) -> None:
 
 
 def _check_compression(compression: object, level: object) -> None:
-    if compression not in COMPRESSIONS:
-        raise CodecError(f"unknown compression {compression!r}; expected one of {COMPRESSIONS}")
+    if compression not in ALL_COMPRESSIONS:
+        raise CodecError(f"unknown compression {compression!r}; expected one of {ALL_COMPRESSIONS}")
     if not isinstance(level, int) or not _ZSTD_MIN_LEVEL <= level <= zstandard.MAX_COMPRESSION_LEVEL:
         raise CodecError(f"zstd level must be an int up to {zstandard.MAX_COMPRESSION_LEVEL}, got {level!r}")
 

@@ -96,8 +96,19 @@ class SchedulerConfig:
 
 
 @dataclass
+class StageConfig:
+    """A second training stage's schedule (the Entropic Student's detection fine-tuning)."""
+
+    epochs: int = 5
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(type="sgd", lr=1e-4, momentum=0.9,
+                                                                               weight_decay=5e-4))
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(milestones=[3]))
+    warmup_iters: int = 0
+
+
+@dataclass
 class TrainConfig:
-    method: str = "ghnd"  # hnd | ghnd | supervised | filter
+    method: str = "ghnd"  # hnd | ghnd | supervised | filter | entropic
     epochs: int = 20
     batch_size: int = 4
     log_freq: int = 1000
@@ -108,6 +119,9 @@ class TrainConfig:
     trainable: list[str] = field(default_factory=lambda: ["backbone.body.conv1", "backbone.body.layer1"])
     holdout_fraction: float = 0.1
     seed: int = 0
+    # entropic: stage 1's rate weight (loss += beta * bits) and stage 2's schedule (train/entropic.py).
+    beta: float = 0.0
+    stage2: StageConfig | None = None
 
 
 @dataclass
@@ -141,7 +155,7 @@ _CHOICES = {
     ("model", "kind"): MODEL_KINDS,
     ("model", "bottleneck_type"): BOTTLENECK_TYPES,
     ("teacher", "kind"): MODEL_KINDS,
-    ("train", "method"): ("hnd", "ghnd", "supervised", "filter"),
+    ("train", "method"): ("hnd", "ghnd", "supervised", "filter", "entropic"),
     ("optimizer", "type"): ("adam", "sgd"),
     ("runtime", "bits"): (0, 2, 4, 6, 8, 16, 32),
     ("runtime", "granularity"): ("tensor", "channel", "original"),
@@ -234,6 +248,10 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> Config:
                               "the filter sits in the bottleneck encoder's slot")
         if not 0.0 <= flt.threshold <= 1.0:
             raise ConfigError(f"{path}: model.filter.threshold must be a probability in [0, 1], got {flt.threshold}")
+    if cfg.train is not None and (cfg.train.method == "entropic") != (cfg.model.bottleneck_type == "entropic"):
+        raise ConfigError(f"{path}: train.method entropic and model.bottleneck_type entropic go together")
+    if cfg.train is not None and cfg.train.method == "entropic" and (cfg.train.stage2 is None or cfg.train.beta < 0):
+        raise ConfigError(f"{path}: train.method entropic needs train.beta >= 0 and a train.stage2 section")
     if cfg.train is not None and cfg.train.method == "filter" and flt is None:
         raise ConfigError(f"{path}: train.method filter needs a model.filter section (e.g. filter: {{threshold: 0.01}})")
     if cfg.teacher is not None and cfg.teacher.kind != cfg.model.kind:

@@ -372,3 +372,24 @@ def test_crc_covers_the_symbols(tables):
     s = ec.quantize(_latent(), tables)
     payload = ec.encode(s, tables)
     assert int.from_bytes(payload[-4:], "little") == zlib.crc32(s.astype("<i4").tobytes())
+
+
+def test_head_export_carries_encoder_prior_tables_and_fingerprint(tmp_path, entropic_model, images):
+    from hnd.common.checkpoint import export_head, load_head
+
+    model = entropic_model("faster_rcnn")
+    full = tmp_path / "full.pt"
+    save_checkpoint(full, model)
+    fp = export_head(full, tmp_path / "head.pt")
+    assert fp == fingerprint(model)
+    head_sd = torch.load(tmp_path / "head.pt", weights_only=True)["model"]
+    assert f"{ENTROPIC_PREFIX}entropy_bottleneck._quantized_cdf" in head_sd
+    assert not any(".decoder." in k or k.startswith(("backbone.body.layer2", "roi_heads")) for k in head_sd)
+    fresh = build_model("faster_rcnn", 24, bottleneck_type="entropic", min_size=160, max_size=256)
+    head, _ = split_model(fresh)
+    assert load_head(tmp_path / "head.pt", head) == fp
+    ref_head, _ = split_model(model)
+    with torch.no_grad():
+        assert torch.equal(head(images[:1])[0], ref_head(images[:1])[0])
+    a, b = head.prior_tables(), ref_head.prior_tables()
+    assert a.digest() == b.digest()

@@ -125,19 +125,56 @@ def coco_evaluate(coco_gt: COCO, results: dict[str, list[dict]], image_ids: Sequ
 # Running a model
 
 
+class CodedSplit:
+    """head -> codec.encode -> codec.decode -> tail, counting the coded bytes of every batch.
+
+    Real coding, as the runtime does it (decode(encode(z)) is exactly codec.roundtrip(z)): affine
+    ``bits`` with ``compression`` (zstd by default, as the runtime), or learned entropy coding
+    (``compression="learned"``, bits 0) against an Entropic Student's prior. ``coded_bytes`` holds
+    one payload size per batch (one frame per batch by default, as the edge sends them).
+    """
+
+    def __init__(self, model: nn.Module, bits: int, granularity: str, compression: str) -> None:
+        from hnd.common.split import split_model
+
+        self.head, self.tail = split_model(model)
+        self.bits, self.granularity, self.compression = bits, granularity, compression
+        self.prior = self.head.prior_tables() if compression == "learned" else None
+        self.coded_bytes: list[int] = []
+        self.images = 0
+
+    def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        from hnd.common import codec
+
+        z, meta = self.head(images)
+        # The codec works on CPU (as the wire does); bring the result back to the model's device.
+        encoded = codec.encode(z.cpu(), self.bits, self.granularity, self.compression, prior=self.prior)
+        self.coded_bytes.append(len(encoded.payload))
+        self.images += len(images)
+        z_hat = torch.as_tensor(codec.decode(encoded, prior=self.prior)).to(z.device)
+        return self.tail(z_hat, meta)
+
+    @property
+    def bytes_per_image(self) -> float:
+        return sum(self.coded_bytes) / max(self.images, 1)
+
+
 def make_predictor(model: nn.Module, bits: int | None = None, granularity: str = "tensor",
-                   split_mode: bool = False, compression: str = "none", key_interval: int = 1,
+                   split_mode: bool = False, compression: str | None = None, key_interval: int = 1,
                    max_clamped: float = 0.001) -> Predictor:
     """images (list of [3, H, W] in 0..1) -> detections; full model, or head -> [codec] -> tail.
 
-    ``bits`` (student only) applies ``hnd.common.codec.roundtrip`` to the bottleneck between
-    head and tail; ``split_mode`` without bits runs head -> tail losslessly. ``key_interval`` > 1
-    codes the images as one temporal stream, in the order given (``hnd.common.stream_codec``: a key
-    frame every ``key_interval`` images, on a size change, or when more than ``max_clamped`` of the
-    values would clamp; the other images quantized with their key's parameters), exactly what the
-    runtime's ``hnd-edge --key-interval`` stream delivers to the tail.
+    ``bits`` (student only) codes the bottleneck between head and tail (:class:`CodedSplit`; affine
+    bits with zstd unless ``compression`` says otherwise); ``compression="learned"`` codes an Entropic
+    Student's latent with its prior (bits 0); ``split_mode`` without bits runs head -> tail losslessly.
+    ``key_interval`` > 1 codes the images as one temporal stream, in the order given
+    (``hnd.common.stream_codec``: a key frame every ``key_interval`` images, on a size change, or when
+    more than ``max_clamped`` of the values would clamp; the other images quantized with their key's
+    parameters), exactly what the runtime's ``hnd-edge --key-interval`` stream delivers to the tail.
     """
     model.eval()
+    if compression == "learned":
+        bits, granularity = 0, "channel"
     if bits is None and not split_mode:
         return lambda images: model(images)
     from hnd.common.models import is_student
@@ -145,12 +182,21 @@ def make_predictor(model: nn.Module, bits: int | None = None, granularity: str =
 
     if not is_student(model):
         raise HndError("model", "--bits / --split-mode need a student (a model with a bottleneck)")
-    head, tail = split_model(model)
+    from hnd.common.entropic import is_entropic
+
+    if bits is not None and is_entropic(model) != (compression == "learned"):
+        raise HndError("--compression", "an Entropic Student is coded with --compression learned; "
+                                        "HND students with --bits N" if is_entropic(model) else
+                       "learned entropy coding is for Entropic Student models")
     if bits is None:
+        head, tail = split_model(model)
         return lambda images: tail(*head(images))
     if key_interval > 1:
+        if compression == "learned":
+            raise HndError("--key-interval", "temporal coding is for affine bottlenecks, not learned entropy coding")
         from hnd.common.stream_codec import StreamEncoder
 
+        head, tail = split_model(model)
         stream = StreamEncoder(bits, granularity, key_interval=key_interval, max_clamped=max_clamped)
 
         def predict_stream(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -162,15 +208,7 @@ def make_predictor(model: nn.Module, bits: int | None = None, granularity: str =
             return out
 
         return predict_stream
-    from hnd.common.codec import roundtrip
-
-    def predict(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        z, meta = head(images)
-        # The codec works on CPU (as the wire does); bring the result back to the model's device.
-        z = roundtrip(z, bits=bits, granularity=granularity, compression=compression).to(z.device)
-        return tail(z, meta)
-
-    return predict
+    return CodedSplit(model, bits, granularity, compression or "zstd")
 
 
 @torch.no_grad()
@@ -194,21 +232,23 @@ def predict_dataset(predictor: Predictor, loader: Iterable, device: torch.device
 
 def evaluate_model(model: nn.Module, loader: Any, device: torch.device | str = "cpu", kind: str | None = None,
                    bits: int | None = None, granularity: str = "tensor", split_mode: bool = False,
-                   progress: bool = False, key_interval: int = 1) -> dict[str, Any]:
+                   progress: bool = False, key_interval: int = 1, compression: str | None = None) -> dict[str, Any]:
     """COCO metrics of ``model`` on ``loader.dataset`` (a CocoDetection): {iou_type: {stat: value}, ...}.
 
-    Also returns ``summary`` (pycocotools' printed lines per iou type), ``images`` and ``seconds``.
-    The model is left in eval mode.
+    Also returns ``summary`` (pycocotools' printed lines per iou type), ``images`` and ``seconds``,
+    and with a codec (``bits`` or ``compression="learned"``) ``coded_bytes_per_image``, the mean
+    payload the edge would send. The model is left in eval mode.
     """
     from hnd.common.models import model_kind
 
     kind = kind or model_kind(model)
     predictor = make_predictor(model, bits=bits, granularity=granularity, split_mode=split_mode,
-                               key_interval=key_interval)
+                               key_interval=key_interval, compression=compression)
     outputs, ids, seconds = predict_dataset(predictor, loader, device, progress=progress)
     results = to_coco_results(outputs, ids, IOU_TYPES[kind])
     metrics, summaries = coco_evaluate(loader.dataset.coco, results, ids)
-    return {**metrics, "summary": summaries, "images": len(ids), "seconds": round(seconds, 3)}
+    extra = {"coded_bytes_per_image": round(predictor.bytes_per_image, 1)} if isinstance(predictor, CodedSplit) else {}
+    return {**metrics, **extra, "summary": summaries, "images": len(ids), "seconds": round(seconds, 3)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +264,7 @@ def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, sp
                     bits: int | None = None, granularity: str = "tensor", split_mode: bool = False,
                     device: str = "cpu", workers: int | None = None, batch_size: int = 1,
                     max_images: int | None = None, random_weights: int | None = None,
-                    progress: bool = False, key_interval: int = 1) -> dict[str, Any]:
+                    progress: bool = False, key_interval: int = 1, compression: str | None = None) -> dict[str, Any]:
     """Build the configured model (``checkpoint`` overrides the config's weights) and evaluate it on a split."""
     from hnd.common.config import build_model_from_config, load_config, with_weights
     from hnd.train.data import build_dataset, make_loader
@@ -239,14 +279,18 @@ def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, sp
         dataset.ids = dataset.ids[:max_images]
     loader = make_loader(dataset, batch_size, cfg.dataset.num_workers if workers is None else workers)
     metrics = evaluate_model(model, loader, device, cfg.model.kind, bits=bits, granularity=granularity,
-                             split_mode=split_mode, progress=progress, key_interval=key_interval)
+                             split_mode=split_mode, progress=progress, key_interval=key_interval,
+                             compression=compression)
+    if compression == "learned":
+        bits, granularity = 0, "channel"
     from hnd.common.checkpoint import fingerprint
 
     metrics.update(config=str(cfg.path), checkpoint=model_cfg.checkpoint, split=split, kind=cfg.model.kind,
                    bottleneck_channels=cfg.model.bottleneck_channels, bits=bits,
                    granularity=granularity if bits is not None else None,
                    key_interval=key_interval if bits is not None else None,
-                   split_mode=bool(split_mode or bits is not None), fingerprint=fingerprint(model))
+                   split_mode=bool(split_mode or bits is not None), fingerprint=fingerprint(model),
+                   compression=(compression or "zstd") if bits is not None else None)
     return metrics
 
 
@@ -258,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=[2, 4, 6, 8, 16, 32],
                    help="quantize the bottleneck to N bits at the split (students only; 16 = fp16, 32 = lossless)")
     p.add_argument("--granularity", choices=["tensor", "channel", "original"], default="tensor")
+    p.add_argument("--compression", choices=["zstd", "none", "learned"],
+                   help="payload coding at the split: zstd (default with --bits) or none; learned = the Entropic "
+                        "Student's entropy coding (no --bits). Reports the mean coded bytes per image")
     p.add_argument("--split-mode", action="store_true", help="run head -> tail (lossless without --bits)")
     p.add_argument("--key-interval", type=int, default=1, metavar="N",
                    help="with --bits: code the split's images as one temporal stream in dataset order, a key "
@@ -298,16 +345,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   granularity=args.granularity, split_mode=args.split_mode, device=args.device,
                                   workers=args.workers, batch_size=args.batch_size, max_images=args.max_images,
                                   random_weights=args.random_weights, progress=True,
-                                  key_interval=args.key_interval)
+                                  key_interval=args.key_interval, compression=args.compression)
     except (HndError, ConfigError, CheckpointError, CodecError) as exc:
         print(f"hnd-eval: error: {exc}", file=sys.stderr)
         return 2
     how = "full model" if not metrics["split_mode"] else (
+        "head -> learned entropy coding -> tail" if args.compression == "learned" else
         f"head -> {args.bits}-bit {args.granularity} codec"
         f"{f' (temporal, key every {args.key_interval})' if args.key_interval > 1 else ''} -> tail"
         if args.bits else "head -> tail")
+    coded = (f", {metrics['coded_bytes_per_image']:.1f} coded bytes per image"
+             if "coded_bytes_per_image" in metrics else "")
     print(f"{metrics['kind']} ({how}) on {metrics['split']}: {metrics['images']} images "
-          f"in {metrics['seconds']:.1f} s")
+          f"in {metrics['seconds']:.1f} s{coded}")
     for iou_type, text in metrics["summary"].items():
         print(f"IoU metric: {iou_type}")
         print(text)

@@ -374,6 +374,10 @@ def train(config: str | os.PathLike | Config, options: TrainOptions | None = Non
     method = tcfg.method
     if method == "filter":  # the neural filter's recipe (hnd.train.filter)
         return train_filter(cfg, options)
+    if method == "entropic":  # the Entropic Student's two stages (hnd.train.entropic)
+        from hnd.train.entropic import train_entropic
+
+        return train_entropic(cfg, options)
     if method not in DISTILL_METHODS + ("supervised",):
         raise HndError(cfg.path, f"train.method {method} is not handled by hnd-train")
     if options.select_by not in ("bbox", "loss", "last"):
