@@ -11,8 +11,8 @@ from hnd.common import codec, entropy_coder, wire
 from hnd.common.checkpoint import fingerprint
 from hnd.common.entropic import EntropyBottleneck
 from hnd.common.split import prior_tables_of, split_model
-from hnd.edge.cli import EdgeOptions, check_server
 from hnd.edge.client import EdgeError
+from hnd.edge.modes import check_split_server
 from hnd.edge.pipeline import to_tensor
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import tensor_pb2
@@ -172,21 +172,19 @@ def test_hnd_server_refuses_learned_coding_with_one_line(tiny_model, latent, pri
 
 
 def test_edge_negotiation_gives_one_line(server, model):
-    from hnd.edge.cli import EdgeModel
-
     client = client_for(server)
     info = client.model_info()
     client.close()
-    em = EdgeModel(split_model(model)[0], fingerprint(model), None)
-    check_server(info, em, EdgeOptions(**LEARNED))
+    fp = fingerprint(model)
+    check_split_server(info, fp, 0, None, "learned")
     with pytest.raises(EdgeError, match="is an Entropic Student: it takes only learned entropy coding"):
-        check_server(info, em, EdgeOptions(bits=8))
+        check_split_server(info, fp, 8, None, "zstd")
     hnd_info = pb.ModelInfo()
     hnd_info.CopyFrom(info)
     hnd_info.ClearField("accepted_compressions")
     hnd_info.accepted_compressions.append(tensor_pb2.COMPRESSION_ZSTD)
     with pytest.raises(EdgeError, match="is an HND student: it takes no learned entropy coding"):
-        check_server(hnd_info, em, EdgeOptions(**LEARNED))
+        check_split_server(hnd_info, fp, 0, None, "learned")
 
 
 def test_codec_mode_errors_are_clear(prior, latent):
