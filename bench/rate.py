@@ -105,6 +105,12 @@ def rate_settings(bits: list[int], granularities: list[str], codings: list[str],
     for size in sizes:
         for coding in codings:
             for b in bits:
+                if b == codec.LEARNED_BITS:  # an Entropic Student: its learned entropy coding, intra only
+                    if coding == "intra":
+                        out.append(RateSetting("split intra", f"learned entropy coding, {size}", size,
+                                               {"bits": b, "granularity": "channel", "coding": coding,
+                                                "compression": codec.LEARNED}))
+                    continue
                 for g in (granularities if b in codec.AFFINE_BITS else ["tensor"]):
                     out.append(RateSetting(f"split {coding}", f"{b}-bit {g}, {coding}, {size}", size,
                                            {"bits": b, "granularity": g, "coding": coding}))
@@ -222,10 +228,14 @@ def _run_setting(s: RateSetting, models, splits, inputs, frames, head_outputs, k
                 dets.append(tail(torch.as_tensor(np.asarray(zq)), meta)[0])
             extra.update(key_frames=enc.keys, clamp_keys=enc.clamp_keys, clamped_share=float(np.mean(clamped)))
         else:
+            compression = p.get("compression", "zstd")
+            head = splits[s.size][0]
+            prior = head.prior_tables() if compression == codec.LEARNED else None
             for z, meta in head_outputs(s.size):
-                encoded = codec.encode(z, p["bits"], p["granularity"])
+                encoded = codec.encode(z, p["bits"], p["granularity"], compression, prior=prior)
                 out_sizes.append(encoded.wire_size)
-                zq = codec.roundtrip(z, p["bits"], p["granularity"])  # == decode(encoded), bit for bit
+                # == decode(encoded), bit for bit
+                zq = codec.roundtrip(z, p["bits"], p["granularity"], compression, prior=prior)
                 dets.append(tail(torch.as_tensor(np.asarray(zq)), meta)[0])
         return out_sizes, dets, extra
     m = models[s.size]
@@ -417,8 +427,9 @@ def _main(args) -> int:
     if args.frames < 1 or args.key_interval < 1 or not 0 <= args.max_clamped <= 1:
         raise ValueError("--frames and --key-interval must be >= 1, --max-clamped in [0, 1]")
     bits = _ints(args.bits)
-    if not bits or not set(bits) <= set(codec.BITS):
-        raise ValueError(f"--bits: expected values of {codec.BITS}, got {args.bits!r}")
+    if not bits or not set(bits) <= {codec.LEARNED_BITS, *codec.BITS}:
+        raise ValueError(f"--bits: expected values of {codec.BITS} (or 0: an Entropic Student's learned coding), "
+                         f"got {args.bits!r}")
     grans = [g.strip() for g in args.granularity.split(",") if g.strip()]
     codings = [c.strip() for c in args.coding.split(",") if c.strip()]
     if not grans or not set(grans) <= {"tensor", "channel"} or not codings or not set(codings) <= {"intra", "temporal"}:
@@ -433,6 +444,14 @@ def _main(args) -> int:
         random_weights = 0
     frames, names, coco, ids = _frames_and_gt(args)
     cfg = load_config(config)
+    if (cfg.model.bottleneck_type == "entropic") != (bits == [codec.LEARNED_BITS]):
+        if cfg.model.bottleneck_type == "entropic" and args.bits == build_parser().get_default("bits"):
+            bits = [codec.LEARNED_BITS]  # an Entropic Student has one split setting: its learned coding
+            settings = rate_settings(bits, grans, codings, parse_sizes(args.sizes), _ints(args.jpeg_quality),
+                                     _ints(args.webp_quality), _floats(args.crf), _floats(args.hevc_crf))
+        else:
+            raise ValueError("--bits 0 (learned entropy coding) is for Entropic Student configs, and an Entropic "
+                             "Student takes only --bits 0")
     model = build_model_from_config(with_weights(cfg.model, args.checkpoint, random_weights), cfg.path)
     score = args.agreement_score if args.agreement_score is not None else (0.0 if random_weights is not None else 0.5)
     notes = []

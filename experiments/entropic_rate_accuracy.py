@@ -40,7 +40,7 @@ from hnd.train.synthetic import write_config  # noqa: E402
 BETAS = (0.08, 1.28, 20.48)
 # Sized for the project's 2-core machine while 7 other engineers load it (~1/5 of a core each): minutes.
 base.PROFILES.setdefault("mini", dict(train_images=64, val_images=16, size=64, batch_size=4, teacher_epochs=4,
-                                      student_epochs=2, teacher_lr=0.01, workers=0,
+                                      student_epochs=2, teacher_lr=0.005, workers=0,
                                       bits=[(8, "tensor"), (4, "tensor"), (2, "tensor")]))
 JPEG_QUALITIES = (10, 25, 50, 75, 95)
 AFFINE = ((8, "tensor"), (4, "tensor"), (2, "tensor"))

@@ -200,3 +200,33 @@ def test_codec_mode_errors_are_clear(prior, latent):
     assert torch.equal(back, codec.roundtrip(y, **LEARNED, prior=prior))
     assert encoded.raw_size == 4 * y.numel() and len(encoded.payload) < y.numel()
     assert isinstance(prior, entropy_coder.PriorTables)
+
+
+def test_rate_bench_codes_entropic_students_with_their_prior(model, tmp_path):
+    """hnd-bench --rate-accuracy: an Entropic Student's one split setting is its learned coding, which
+    changes nothing the model would not do itself (agreement with local exactly 1)."""
+    from hnd.bench import cli
+    from hnd.bench.rate import rate_settings, run_sweep
+
+    images = frames(3, sizes=((96, 128),))
+    settings = rate_settings([0], ["tensor"], ["intra", "temporal"], ["native"], [75], [], [], [])
+    assert [s.name for s in settings] == ["local, native", "learned entropy coding, native", "JPEG q75"]
+    rows = {r.name: r for r in run_sweep(model, images, settings, score=0.0)}
+    learned = rows["learned entropy coding, native"]
+    assert learned.f1 == 1.0 and learned.bytes_per_frame > 0
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    import cv2
+
+    for i, img in enumerate(images):
+        cv2.imwrite(str(folder / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    out = tmp_path / "ra"
+    assert cli.main(["--rate-accuracy", "--config", "test/faster_rcnn-entropic-b24ch", "--images", str(folder),
+                     "--frames", "2", "--jpeg-quality", "75", "--webp-quality", "", "--crf", "", "--hevc-crf", "",
+                     "--out", str(out)]) == 0
+    import json
+
+    names = [r["name"] for r in json.loads((out / "rate_accuracy.json").read_text())["rows"]]
+    assert names[:2] == ["local, native", "learned entropy coding, native"]
+    assert cli.main(["--rate-accuracy", "--config", "test/faster_rcnn-entropic-b24ch", "--images", str(folder),
+                     "--bits", "8", "--out", str(out)]) == 2
