@@ -386,7 +386,7 @@ def load_head(path: str | os.PathLike, head: nn.Module) -> str:
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} head keys missing, e.g. {', '.join(missing[:3])}")
     for k, v in expected.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
+        if tuple(sd[k].shape) != tuple(v.shape) and not _TABLE_KEY.match(k):
             raise CheckpointError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the head expects {tuple(v.shape)}")
     short = {}
     for full_key in expected:
