@@ -50,7 +50,8 @@ def entropic_config(out: Path, data: Path, p: dict, beta: float, stage1_epochs: 
     params = base.model_params(p["size"])
     dataset = {"name": "synthetic", "num_workers": p["workers"], "aspect_ratio_group_factor": 0}
     return write_config(
-        "test/faster_rcnn-entropic-b24ch", data, out / "configs" / f"entropic-beta{beta}.yaml", dataset=dataset,
+        "test/faster_rcnn-entropic-b24ch", data, out / "configs" / f"entropic-beta{beta}-e{stage1_epochs}.yaml",
+        dataset=dataset,
         model={"num_classes": 4, "params": params, "random_weights": 0},
         teacher={"num_classes": 4, "params": params, "checkpoint": str(out / "teacher" / "best.pt"),
                  "random_weights": None},
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ent_cfgs: dict[float, Path] = {}
     for beta in args.betas:
         ent_cfgs[beta] = entropic_config(out, data, p, beta, stage1, args.stage2_epochs)
-        target = out / f"entropic-beta{beta}"
+        target = out / f"entropic-beta{beta}-e{stage1}"
         if not (target / "best.pt").is_file():
             t = time.perf_counter()
             base.run(hnd_train.main, ["--config", str(ent_cfgs[beta]), "--output-dir", str(target),
@@ -198,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"name": f"{name.upper()} b3ch {bits}-bit zstd", "family": name, "AP": m["bbox"]["AP"],
                          "AP50": m["bbox"]["AP50"], "bytes": m["coded_bytes_per_image"]})
     for beta, cfg in ent_cfgs.items():
-        m = evaluate(cfg, out / f"entropic-beta{beta}" / "best.pt", evals / f"entropic-beta{beta}.json", device,
-                     workers, compression="learned")
+        m = evaluate(cfg, out / f"entropic-beta{beta}-e{stage1}" / "best.pt", evals / f"entropic-beta{beta}-e{stage1}.json",
+                     device, workers, compression="learned")
         rows.append({"name": f"Entropic b24ch beta {beta}", "family": "entropic", "AP": m["bbox"]["AP"],
                      "AP50": m["bbox"]["AP50"], "bytes": m["coded_bytes_per_image"]})
     for q, m in jpeg_sweep(cfgs["teacher"], out / "teacher" / "best.pt", device).items():
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     spent["eval"] = time.perf_counter() - t
     timing = timings({"hnd": cfgs["hnd"], **{f"entropic-beta{b}": c for b, c in ent_cfgs.items()}},
                      {"hnd": out / "hnd" / "best.pt",
-                      **{f"entropic-beta{b}": out / f"entropic-beta{b}" / "best.pt" for b in ent_cfgs}})
+                      **{f"entropic-beta{b}": out / f"entropic-beta{b}-e{stage1}" / "best.pt" for b in ent_cfgs}})
     spent["total"] = time.perf_counter() - t0
     machine = torch.cuda.get_device_name(0) if device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
