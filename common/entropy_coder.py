@@ -116,7 +116,7 @@ class PriorTables:
         return h.hexdigest()[:16]
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "PriorTables":
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PriorTables:
         """From ``{"quantized_cdf", "cdf_length", "offset", "medians"}`` numpy arrays (e.g. an edge export)."""
         try:
             return cls(arrays["quantized_cdf"], arrays["cdf_length"], arrays["offset"], arrays["medians"])
@@ -258,7 +258,7 @@ def decode(payload: bytes, shape: tuple[int, int, int, int], tables: PriorTables
         exhausted = dec.maybe_exhausted()
     except EntropyCodingError:
         raise
-    except Exception as exc:  # constriction raises AssertionError / ValueError on streams it cannot decode
+    except Exception as exc:  # noqa: BLE001 - constriction raises AssertionError / ValueError on streams it cannot decode
         raise EntropyCodingError(f"payload is not a valid stream for this shape and prior ({type(exc).__name__})") from None
     if not exhausted:
         raise EntropyCodingError("payload has data after the coded symbols")

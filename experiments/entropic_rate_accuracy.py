@@ -31,11 +31,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import synthetic_distillation as base  # noqa: E402
-
-from hnd.train import evaluate as hnd_eval  # noqa: E402
-from hnd.train import train as hnd_train  # noqa: E402
-from hnd.train.synthetic import write_config  # noqa: E402
+import synthetic_distillation as base
+from hnd.train import evaluate as hnd_eval
+from hnd.train import train as hnd_train
+from hnd.train.synthetic import write_config
 
 BETAS = (0.08, 1.28, 20.48)
 # Sized for the project's 2-core machine while 7 other engineers load it (~1/5 of a core each): minutes.

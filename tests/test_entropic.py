@@ -9,9 +9,13 @@ import zlib
 import numpy as np
 import pytest
 import torch
-
 from hnd.common import entropy_coder as ec
-from hnd.common.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
+from hnd.common.checkpoint import (
+    CheckpointError,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from hnd.common.entropic import (
     ENTROPIC_PREFIX,
     GDN1,
@@ -19,7 +23,6 @@ from hnd.common.entropic import (
     FPBottleneck,
     is_entropic,
     pmf_to_quantized_cdf,
-    update_entropy_tables,
 )
 from hnd.common.models import build_model, is_student
 from hnd.common.split import EntropicHead, head_state_dict, prior_tables_of, split_model
@@ -61,7 +64,7 @@ def test_bottleneck_layout_keys_and_parameter_counts():
         "_cdf_length", "target", "likelihood_lower_bound.bound")]
     gdn = ["beta", "gamma", "beta_reparam.pedestal", "beta_reparam.lower_bound.bound",
            "gamma_reparam.pedestal", "gamma_reparam.lower_bound.bound"]
-    conv_gdn = lambda part: [f"{part}.0.weight", *(f"{part}.1.{k}" for k in gdn), f"{part}.2.weight",  # noqa: E731
+    conv_gdn = lambda part: [f"{part}.0.weight", *(f"{part}.1.{k}" for k in gdn), f"{part}.2.weight",
                              *(f"{part}.3.{k}" for k in gdn), f"{part}.4.weight"]
     assert names == eb_keys + conv_gdn("encoder") + conv_gdn("decoder")
     sd = b.state_dict()
@@ -73,7 +76,7 @@ def test_bottleneck_layout_keys_and_parameter_counts():
               "entropy_bottleneck.quantiles": (24, 1, 3), "entropy_bottleneck._quantized_cdf": (0,)}
     for key, shape in shapes.items():
         assert tuple(sd[key].shape) == shape, key
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(b.encoder) == 228 * 24 * 24 + 306 * 24 == 138_672
     assert count(b.decoder) == 1_164_032
     assert count(b.entropy_bottleneck) == 1_464  # CompressAI's default filters (3, 3, 3, 3)

@@ -5,8 +5,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from runtime_support import assert_same_detections, client_for, expected_split, frames, run_edge, serving
-
 from hnd.common import codec, entropy_coder, wire
 from hnd.common.checkpoint import fingerprint
 from hnd.common.entropic import EntropyBottleneck
@@ -17,6 +15,14 @@ from hnd.edge.pipeline import to_tensor
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import tensor_pb2
 from hnd.server.service import BatchingOptions
+from runtime_support import (
+    assert_same_detections,
+    client_for,
+    expected_split,
+    frames,
+    run_edge,
+    serving,
+)
 
 INFER = "/hnd.v1.SplitInference/Infer"
 LEARNED = dict(bits=0, granularity="channel", compression="learned")
@@ -154,9 +160,6 @@ def test_hostile_entropy_payloads_get_invalid_argument_and_the_next_request_succ
 
 def test_hnd_server_refuses_learned_coding_with_one_line(tiny_model, latent, prior):
     hnd = tiny_model("faster_rcnn")
-    head, _ = split_model(hnd)
-    with torch.inference_mode():
-        z, meta = head([to_tensor(frames(1)[0])])
     y, y_meta = latent
     request = pb.InferRequest(request_id="x", weights_fingerprint=fingerprint(hnd))
     request.bottleneck.CopyFrom(wire.bottleneck_to_proto(codec.encode(y, **LEARNED, prior=prior), y_meta))

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from hnd.common.config import ConfigError, config_from_dict, load_config
 from hnd.train.engine import TrainOptions
 from hnd.train.entropic import BOTTLENECK, build_entropic_models, rate_bits, stage1_loss
@@ -109,7 +108,6 @@ def test_entropic_config_rules(tmp_path):
     cfg = load_config("test/faster_rcnn-entropic-b24ch")
     assert cfg.train.method == "entropic" and cfg.train.beta == 0.08 and cfg.train.stage2.epochs == 1
     import yaml
-
     from hnd.common.config import resolve_config_path
 
     data = yaml.safe_load(resolve_config_path("test/faster_rcnn-entropic-b24ch").read_text())

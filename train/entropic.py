@@ -34,14 +34,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from hnd.common.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from hnd.common.config import Config, build_model_from_config
-from hnd.common.entropic import ENTROPIC_PREFIX, entropic_bottleneck_of, update_entropy_tables
+from hnd.common.entropic import (
+    ENTROPIC_PREFIX,
+    entropic_bottleneck_of,
+    update_entropy_tables,
+)
 from hnd.common.models import build_model
-from hnd.train.engine import Recipe, RunPaths, Selection, TrainOptions, count_parameters, fit
+from hnd.train.engine import (
+    Recipe,
+    RunPaths,
+    Selection,
+    TrainOptions,
+    count_parameters,
+    fit,
+)
 from hnd.train.errors import HndError
+from torch import nn
 
 BOTTLENECK = "backbone.body.bottleneck_layer"
 STAGE1_TRAINABLE = [BOTTLENECK]
@@ -137,7 +147,11 @@ def _stage_done(paths: RunPaths, epochs: int) -> bool:
 def train_entropic(cfg: Config, options: TrainOptions) -> dict[str, Any]:
     """Both stages; returns hnd-train's summary (of stage 2) with ``stage1`` added."""
     from hnd.train.evaluate import evaluate_model
-    from hnd.train.train import distillation_data, set_distillation_modes, set_supervised_modes
+    from hnd.train.train import (
+        distillation_data,
+        set_distillation_modes,
+        set_supervised_modes,
+    )
 
     tcfg = cfg.train
     assert tcfg is not None and cfg.dataset is not None
