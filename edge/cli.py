@@ -261,7 +261,8 @@ def run_edge(args: argparse.Namespace) -> Summary:
     if args.view_port is not None:
         from hnd.edge.view import LiveView  # tornado only when asked for
 
-        view = LiveView(args.view_port, args.view_host)
+        view = LiveView(args.view_port, args.view_host,
+                        min_score=args.score_threshold if args.score_threshold is not None else 0.5)
         live.listeners.append(view.window)
         print(f"{PROG}: live view on {view.url}", file=sys.stderr)
 

@@ -30,7 +30,8 @@ from hnd.edge.summary import Summary
 
 log = logging.getLogger("hnd.edge")
 
-__all__ = ["STAGES", "SERVER_STAGES", "EdgeOptions", "EdgeRunner", "FrameRecord", "Prepared", "Summary", "to_tensor"]
+# to_tensor too, lazily (module __getattr__ below)
+__all__ = ["STAGES", "SERVER_STAGES", "EdgeOptions", "EdgeRunner", "FrameRecord", "Prepared", "Summary"]
 
 
 def __getattr__(name: str) -> Any:
@@ -188,7 +189,7 @@ class EdgeRunner:
         summary = self.summary = Summary(filter_threshold=self.options.filter_threshold)
         self.source = source
         inflight: deque[tuple[Prepared, concurrent.futures.Future | None]] = deque()
-        start = self._started = time.perf_counter()
+        self._started = time.perf_counter()
         bar = self.bar = tqdm(desc=f"hnd-edge {self.options.mode}", unit="frame", disable=not progress, leave=False)
 
         def emit(p: Prepared, fut: concurrent.futures.Future | None) -> None:

@@ -278,7 +278,7 @@ class RecordWriter:
                 handler = logging.handlers.TimedRotatingFileHandler(self.path, when="S", interval=max(1, amount),
                                                                     backupCount=keep, encoding="utf-8", utc=True)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.handleError = self._handle_error  # type: ignore[method-assign]
+        handler.handleError = self._handle_error  # type: ignore[method-assign,assignment]
         self.handler = handler
         self._error: BaseException | None = None
 

@@ -45,8 +45,9 @@ class LiveView:
     live stats ticker; ``close()`` at the end of the run."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", max_fps: float = 10.0, max_width: int = 960,
-                 jpeg_quality: int = 80) -> None:
+                 jpeg_quality: int = 80, min_score: float = 0.5) -> None:
         self.host = host
+        self.min_score = min_score
         self.max_fps = max_fps
         self.max_width = max_width
         self.jpeg_quality = jpeg_quality
@@ -99,7 +100,7 @@ class LiveView:
         if now - self._last_publish < 1.0 / self.max_fps:
             return
         self._last_publish = now
-        shown = draw_detections(image, detections) if detections is not None else image
+        shown = draw_detections(image, detections, self.min_score) if detections is not None else image
         h, w = shown.shape[:2]
         if w > self.max_width:
             shown = cv2.resize(shown, (self.max_width, round(h * self.max_width / w)), interpolation=cv2.INTER_AREA)
