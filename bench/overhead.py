@@ -95,8 +95,34 @@ class TrivialTail:
         return [dict(self.dets) for _ in range(z.shape[0])]
 
 
-def build_runner(config: str, seed: int, tail: str, detections: int, server_args: list[str] | None = None):
-    """The hnd-server ModelRunner for ``config`` (seeded weights), its tail trivial or real."""
+class SleepTail(TrivialTail):
+    """A stand-in with a GPU's cost shape: ``base_ms + per_image_ms * B`` of waiting (the GIL released, as
+    while a GPU computes), then the trivial tail's detections. Default: the H100 float32 tail of the README
+    (batch 1 in 23.3 ms, batch 8 in 71.4 ms)."""
+
+    def __init__(self, base_ms: float = 16.4, per_image_ms: float = 6.9, detections: int = 100) -> None:
+        super().__init__(detections)
+        self.base_s, self.per_image_s = base_ms / 1e3, per_image_ms / 1e3
+
+    def __call__(self, z, meta) -> list[dict]:
+        time.sleep(self.base_s + self.per_image_s * z.shape[0])
+        return super().__call__(z, meta)
+
+
+def parse_tail(tail: str, detections: int = 100):
+    """``trivial`` | ``real`` | ``sleep`` | ``sleep:BASE,PER_IMAGE`` (ms) -> the stand-in, or None for the real tail."""
+    if tail == "real":
+        return None
+    if tail == "trivial":
+        return TrivialTail(detections)
+    if tail == "sleep" or tail.startswith("sleep:"):
+        args = [float(v) for v in tail.split(":", 1)[1].split(",")] if ":" in tail else []
+        return SleepTail(*args, detections=detections)
+    raise ValueError(f"unknown tail {tail!r}: trivial, real, sleep or sleep:BASE_MS,PER_IMAGE_MS")
+
+
+def build_runner(config: str, seed: int, tail: str, detections: int):
+    """The hnd-server ModelRunner for ``config`` (seeded weights), its tail real or a stand-in (``parse_tail``)."""
     import torch
 
     from hnd.common.config import build_model_from_config, load_config, with_weights
@@ -105,21 +131,25 @@ def build_runner(config: str, seed: int, tail: str, detections: int, server_args
     torch.set_num_threads(1)
     cfg = load_config(config)
     runner = ModelRunner(build_model_from_config(with_weights(cfg.model, None, seed), cfg.path), torch.device("cpu"))
-    if tail == "trivial":
-        runner.tail = TrivialTail(detections)
+    stand_in = parse_tail(tail, detections)
+    if stand_in is not None:
+        runner.tail = stand_in
     return runner
 
 
-async def _serve_hnd(port: int, config: str, seed: int, tail: str, detections: int) -> None:
+async def _serve_hnd(port: int, config: str, seed: int, tail: str, detections: int, max_batch: int = 8,
+                     max_delay_ms: float = 0.0) -> None:
     from hnd.server.app import ServerSettings, start_server
+    from hnd.server.service import BatchingOptions
 
     runner = build_runner(config, seed, tail, detections)
-    running = await start_server(runner, ServerSettings(port=port))
+    settings = ServerSettings(port=port, batching=BatchingOptions(max_batch=max_batch, max_delay_ms=max_delay_ms))
+    running = await start_server(runner, settings)
     print("ready", flush=True)
     await running.server.wait_for_termination()
 
 
-def _start_child(args: list[str], timeout_s: float = 300.0) -> subprocess.Popen:
+def start_child(args: list[str], timeout_s: float = 300.0) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "hnd.bench.overhead", *args], stdout=subprocess.PIPE, env=env,
                             text=True)
@@ -134,7 +164,7 @@ def _start_child(args: list[str], timeout_s: float = 300.0) -> subprocess.Popen:
     raise RuntimeError(f"benchmark server {args[:2]} not ready within {timeout_s:.0f} s")
 
 
-def _stop_child(proc: subprocess.Popen) -> None:
+def stop_child(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -299,14 +329,14 @@ def run(config: str = DEFAULT_CONFIG, seed: int = 0, bits: int = 8, size: tuple[
     request, encode_ms = make_request(config, seed, bits, size)
     message = request.SerializeToString()
     hnd_port, floor_port = free_port(), free_port()
-    hnd = _start_child(["--serve", "hnd", "--port", str(hnd_port), "--config", config, "--seed", str(seed),
+    hnd = start_child(["--serve", "hnd", "--port", str(hnd_port), "--config", config, "--seed", str(seed),
                         "--tail", tail, "--detections", str(detections)])
     floor = None
     try:
         client = SplitClient(ClientSettings(f"127.0.0.1:{hnd_port}"))
         client.model_info()
         reply_bytes = client.submit(request).result().response.ByteSize()
-        floor = _start_child(["--serve", "floor", "--port", str(floor_port), "--reply-bytes", str(reply_bytes)])
+        floor = start_child(["--serve", "floor", "--port", str(floor_port), "--reply-bytes", str(reply_bytes)])
         fc = FloorClient(floor_port)
         # Warm both (connections, stream set-up, allocator), then alternate short rounds of each.
         _time_floor(fc.call, message, warmup)
@@ -323,9 +353,9 @@ def run(config: str = DEFAULT_CONFIG, seed: int = 0, bits: int = 8, size: tuple[
         fc.close()
         client.close()
     finally:
-        _stop_child(hnd)
+        stop_child(hnd)
         if floor is not None:
-            _stop_child(floor)
+            stop_child(floor)
 
     result: dict[str, Any] = {
         "config": config, "tail": tail, "message_bytes": len(message), "reply_bytes": reply_bytes,
@@ -382,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="timed requests per mode")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds the requests are split into")
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--tail", choices=("trivial", "real"), default="trivial")
+    p.add_argument("--tail", default="trivial", help="trivial (default) | real | sleep[:BASE_MS,PER_IMAGE_MS]")
     p.add_argument("--detections", type=int, default=100, help="detections the trivial tail returns per image")
     p.add_argument("--profile", action="store_true", help="add an in-process breakdown of the CPU steps")
     p.add_argument("--json", help="write the result as JSON")
@@ -390,12 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve", choices=("floor", "hnd"), help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--reply-bytes", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--max-batch", type=int, default=8, help=argparse.SUPPRESS)
+    p.add_argument("--max-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve == "floor":
         asyncio.run(_serve_floor(args.port, args.reply_bytes))
         return 0
     if args.serve == "hnd":
-        asyncio.run(_serve_hnd(args.port, args.config, args.seed, args.tail, args.detections))
+        asyncio.run(_serve_hnd(args.port, args.config, args.seed, args.tail, args.detections, args.max_batch,
+                               args.max_delay_ms))
         return 0
     try:
         h, w = (int(v) for v in args.frame.lower().split("x"))

@@ -280,6 +280,8 @@ def run_edge(args: argparse.Namespace) -> Summary:
     live.start()
     try:
         summary = runner.run(source, on_record, progress=progress)
+        if client is not None and info.HasField("tail"):
+            summary.server_tail = f"{info.tail.summary} on {info.tail.device}"
     finally:
         live.stop()
         if view is not None:

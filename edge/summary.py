@@ -76,6 +76,7 @@ class Summary:
     filter_probability: StreamingStat = field(default_factory=StreamingStat)
     reconnects: int = 0  # times the server came back after the edge waited for it
     records_lost: int = 0  # records --output could not write (disk full, ...)
+    server_tail: str | None = None  # how the server ran the tail (GetModelInfo TailInfo), e.g. "bf16 on NVIDIA H100"
 
     @property
     def fps(self) -> float:
@@ -145,13 +146,15 @@ class Summary:
             "overhead_ms": self.overhead_ms.stats(),
             "quantiles": f"DDSketch, relative error <= {RELATIVE_ACCURACY:.0%}; means and counts exact",
             **({"filter": self.filter_stats()} if self.filter_threshold is not None else {}),
+            **({"server_tail": self.server_tail} if self.server_tail is not None else {}),
         }
 
     def format(self) -> str:
         d = self.as_dict()
         lines = [
             f"frames {d['frames']}  answered {d['answered']}  failed {d['failed']}  dropped {d['dropped']}  "
-            f"fps {d['fps']:.2f}  wall {d['wall_s']:.1f} s",
+            f"fps {d['fps']:.2f}  wall {d['wall_s']:.1f} s"
+            + (f"  server tail {self.server_tail}" if self.server_tail else ""),
         ]
         if self.reconnects or self.records_lost:
             lines.append(f"reconnects {self.reconnects}  records lost {self.records_lost}")

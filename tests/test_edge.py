@@ -58,6 +58,7 @@ def test_cli_writes_records_summary_and_video(server, image_dir, tmp_path, capsy
     assert records[0]["detections"][0]["count"] == len(records[0]["detections"][0]["boxes"]) > 0
     stats = json.loads(summary.read_text())
     assert stats["answered"] == 3 and stats["failed"] == 1
+    assert stats["server_tail"] == "fp32 on cpu"  # what the server ran (GetModelInfo tail)
     assert stats["payload_bytes"]["mean"] == pytest.approx(np.mean([r["bytes"]["payload"] for r in records[:3]]))
     cap = cv2.VideoCapture(str(video))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3  # the undecodable file has no pixels to draw

@@ -131,3 +131,28 @@ def test_hnd_eval_errors(data, tmp_path, capsys):
                                model={"bottleneck_channels": None})
     assert main(["--config", str(teacher_cfg), "--bits", "8"]) == 2
     assert "need a student" in capsys.readouterr().err
+
+
+def test_hnd_eval_precision(data, tmp_path, capsys):
+    """--precision runs the tail as hnd-server --precision does: bf16 on CPU differs from fp32 (it ran) and
+    is reported; fp16 needs CUDA and is refused in one line."""
+    root, det, _ = data
+    cfg = write_config("test/faster_rcnn-b3ch", root / "det", tmp_path / "c.yaml",
+                       model={"num_classes": 4, "params": {"min_size": 128, "max_size": 128}})
+    out = tmp_path / "m.json"
+    assert main(["--config", str(cfg), "--precision", "bf16", "--output", str(out)]) == 0
+    assert "head -> tail (bf16 dense part)" in capsys.readouterr().out
+    metrics = json.loads(out.read_text())
+    assert metrics["precision"] == "bf16" and metrics["split_mode"] and metrics["images"] == 3
+    assert main(["--config", str(cfg), "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("hnd-eval: error:")]
+    assert len(lines) == 1 and "needs a CUDA device" in lines[0] and "Traceback" not in err
+
+
+def test_make_predictor_precision_changes_the_tail_only(tiny_model, images):
+    model = tiny_model("faster_rcnn")
+    with torch.no_grad():
+        fp32 = make_predictor(model, split_mode=True)(images[:1])[0]
+        bf16 = make_predictor(model, precision="bf16")(images[:1])[0]
+    assert not torch.equal(fp32["boxes"], bf16["boxes"]) or not torch.equal(fp32["scores"], bf16["scores"])

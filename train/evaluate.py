@@ -161,7 +161,7 @@ class CodedSplit:
 
 def make_predictor(model: nn.Module, bits: int | None = None, granularity: str = "tensor",
                    split_mode: bool = False, compression: str | None = None, key_interval: int = 1,
-                   max_clamped: float = 0.001) -> Predictor:
+                   max_clamped: float = 0.001, precision: str = "fp32") -> Predictor:
     """images (list of [3, H, W] in 0..1) -> detections; full model, or head -> [codec] -> tail.
 
     ``bits`` (student only) codes the bottleneck between head and tail (:class:`CodedSplit`; affine
@@ -171,8 +171,11 @@ def make_predictor(model: nn.Module, bits: int | None = None, granularity: str =
     (``hnd.common.stream_codec``: a key frame every ``key_interval`` images, on a size change, or when
     more than ``max_clamped`` of the values would clamp; the other images quantized with their key's
     parameters), exactly what the runtime's ``hnd-edge --key-interval`` stream delivers to the tail.
+    ``precision`` other than fp32 runs the tail as ``hnd-server --precision`` does (hnd.server.accel;
+    implies split mode).
     """
     model.eval()
+    split_mode = split_mode or precision != "fp32"
     if compression == "learned":
         bits, granularity = 0, "channel"
     if bits is None and not split_mode:
@@ -188,8 +191,16 @@ def make_predictor(model: nn.Module, bits: int | None = None, granularity: str =
         raise HndError("--compression", "an Entropic Student is coded with --compression learned; "
                                         "HND students with --bits N" if is_entropic(model) else
                        "learned entropy coding is for Entropic Student models")
+    def served(tail):  # the tail as hnd-server runs it with --precision
+        if precision == "fp32":
+            return tail
+        from hnd.server.accel import TailOptions, build_tail
+
+        return build_tail(tail, TailOptions(precision), next(model.parameters()).device)
+
     if bits is None:
         head, tail = split_model(model)
+        tail = served(tail)
         return lambda images: tail(*head(images))
     if key_interval > 1:
         if compression == "learned":
@@ -197,6 +208,7 @@ def make_predictor(model: nn.Module, bits: int | None = None, granularity: str =
         from hnd.common.stream_codec import StreamEncoder
 
         head, tail = split_model(model)
+        tail = served(tail)
         stream = StreamEncoder(bits, granularity, key_interval=key_interval, max_clamped=max_clamped)
 
         def predict_stream(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -208,7 +220,9 @@ def make_predictor(model: nn.Module, bits: int | None = None, granularity: str =
             return out
 
         return predict_stream
-    return CodedSplit(model, bits, granularity, compression or "zstd")
+    coded = CodedSplit(model, bits, granularity, compression or "zstd")
+    coded.tail = served(coded.tail)
+    return coded
 
 
 @torch.no_grad()
@@ -232,7 +246,8 @@ def predict_dataset(predictor: Predictor, loader: Iterable, device: torch.device
 
 def evaluate_model(model: nn.Module, loader: Any, device: torch.device | str = "cpu", kind: str | None = None,
                    bits: int | None = None, granularity: str = "tensor", split_mode: bool = False,
-                   progress: bool = False, key_interval: int = 1, compression: str | None = None) -> dict[str, Any]:
+                   progress: bool = False, key_interval: int = 1, compression: str | None = None,
+                   precision: str = "fp32") -> dict[str, Any]:
     """COCO metrics of ``model`` on ``loader.dataset`` (a CocoDetection): {iou_type: {stat: value}, ...}.
 
     Also returns ``summary`` (pycocotools' printed lines per iou type), ``images`` and ``seconds``,
@@ -243,7 +258,7 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device | str = "
 
     kind = kind or model_kind(model)
     predictor = make_predictor(model, bits=bits, granularity=granularity, split_mode=split_mode,
-                               key_interval=key_interval, compression=compression)
+                               key_interval=key_interval, compression=compression, precision=precision)
     outputs, ids, seconds = predict_dataset(predictor, loader, device, progress=progress)
     results = to_coco_results(outputs, ids, IOU_TYPES[kind])
     metrics, summaries = coco_evaluate(loader.dataset.coco, results, ids)
@@ -264,7 +279,8 @@ def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, sp
                     bits: int | None = None, granularity: str = "tensor", split_mode: bool = False,
                     device: str = "cpu", workers: int | None = None, batch_size: int = 1,
                     max_images: int | None = None, random_weights: int | None = None,
-                    progress: bool = False, key_interval: int = 1, compression: str | None = None) -> dict[str, Any]:
+                    progress: bool = False, key_interval: int = 1, compression: str | None = None,
+                    precision: str = "fp32") -> dict[str, Any]:
     """Build the configured model (``checkpoint`` overrides the config's weights) and evaluate it on a split."""
     from hnd.common.config import build_model_from_config, load_config, with_weights
     from hnd.train.data import build_dataset, make_loader
@@ -280,7 +296,7 @@ def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, sp
     loader = make_loader(dataset, batch_size, cfg.dataset.num_workers if workers is None else workers)
     metrics = evaluate_model(model, loader, device, cfg.model.kind, bits=bits, granularity=granularity,
                              split_mode=split_mode, progress=progress, key_interval=key_interval,
-                             compression=compression)
+                             compression=compression, precision=precision)
     if compression == "learned":
         bits, granularity = 0, "channel"
     from hnd.common.checkpoint import fingerprint
@@ -289,7 +305,8 @@ def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, sp
                    bottleneck_channels=cfg.model.bottleneck_channels, bits=bits,
                    granularity=granularity if bits is not None else None,
                    key_interval=key_interval if bits is not None else None,
-                   split_mode=bool(split_mode or bits is not None), fingerprint=fingerprint(model),
+                   split_mode=bool(split_mode or bits is not None or precision != "fp32"), precision=precision,
+                   fingerprint=fingerprint(model),
                    compression=(compression or "zstd") if bits is not None else None)
     return metrics
 
@@ -306,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="payload coding at the split: zstd (default with --bits) or none; learned = the Entropic "
                         "Student's entropy coding (no --bits). Reports the mean coded bytes per image")
     p.add_argument("--split-mode", action="store_true", help="run head -> tail (lossless without --bits)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="run the tail's dense part as hnd-server --precision does (fp16 needs CUDA; implies --split-mode)")
     p.add_argument("--key-interval", type=int, default=1, metavar="N",
                    help="with --bits: code the split's images as one temporal stream in dataset order, a key "
                         "frame every N (as hnd-edge --key-interval; default 1: every image intra)")
@@ -327,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hnd.common.checkpoint import CheckpointError
     from hnd.common.codec import CodecError
     from hnd.common.config import ConfigError
+    from hnd.server.accel import AccelError
 
     try:
         if args.granularity == "original" and args.bits not in (None, 8):
@@ -345,8 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   granularity=args.granularity, split_mode=args.split_mode, device=args.device,
                                   workers=args.workers, batch_size=args.batch_size, max_images=args.max_images,
                                   random_weights=args.random_weights, progress=True,
-                                  key_interval=args.key_interval, compression=args.compression)
-    except (HndError, ConfigError, CheckpointError, CodecError) as exc:
+                                  key_interval=args.key_interval, compression=args.compression,
+                                  precision=args.precision)
+    except (HndError, ConfigError, CheckpointError, CodecError, AccelError) as exc:
         print(f"hnd-eval: error: {exc}", file=sys.stderr)
         return 2
     how = "full model" if not metrics["split_mode"] else (
@@ -354,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"head -> {args.bits}-bit {args.granularity} codec"
         f"{f' (temporal, key every {args.key_interval})' if args.key_interval > 1 else ''} -> tail"
         if args.bits else "head -> tail")
+    if args.precision != "fp32":
+        how += f" ({args.precision} dense part)"
     coded = (f", {metrics['coded_bytes_per_image']:.1f} coded bytes per image"
              if "coded_bytes_per_image" in metrics else "")
     print(f"{metrics['kind']} ({how}) on {metrics['split']}: {metrics['images']} images "
