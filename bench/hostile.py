@@ -1,0 +1,251 @@
+"""Hostile requests against a live hnd-server: what each costs the server in time and memory.
+
+    python -m hnd.bench.hostile [--server-python .venv/bin/python] [--repeat 3] [--json out.json]
+
+Each request class (small requests that declare huge sizes, oversized client strings, ...) is sent to a
+fresh ``hnd-server --config test/mask_rcnn-b3ch --random-weights 0`` subprocess on loopback; the table
+gives the status code, the worst answer time, and the server's peak RSS growth over its warmed-up
+RSS (``VmHWM`` after resetting it through ``/proc/PID/clear_refs``; Linux only). ``--server-python``
+picks the interpreter whose ``hnd`` serves, so an older checkout can be measured the same way.
+tests/test_hostile.py sends the same classes to an in-process server.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from PIL import Image
+
+from hnd.common import codec, wire
+from hnd.common.checkpoint import fingerprint
+from hnd.common.config import build_model_from_config, load_config
+from hnd.common.split import SplitMeta, split_model
+from hnd.proto.v1 import split_inference_pb2 as pb
+
+INFER = "/hnd.v1.SplitInference/Infer"
+CONFIG = "test/mask_rcnn-b3ch"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One hostile request class: ``make(good)`` -> serialized request bytes."""
+
+    name: str
+    make: Callable[["Good"], bytes]
+    issue: str  # what it used to cost, in words
+
+
+@dataclass
+class Good:
+    """A valid request of a square frame (90x90 -> resized to 160x160) and its parts."""
+
+    request: pb.InferRequest
+    z: torch.Tensor
+    fingerprint: str
+
+
+def good_request(model: torch.nn.Module) -> Good:
+    head, _ = split_model(model)
+    frame = torch.rand(3, 90, 90, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        z, meta = head([frame])
+    fp = fingerprint(model)
+    request = pb.InferRequest(request_id="good", weights_fingerprint=fp)
+    request.bottleneck.CopyFrom(wire.bottleneck_to_proto(codec.encode(z), meta))
+    return Good(request, z, fp)
+
+
+def _with(good: Good, change: Callable[[pb.InferRequest], None]) -> bytes:
+    r = pb.InferRequest()
+    r.CopyFrom(good.request)
+    change(r)
+    return r.SerializeToString()
+
+
+def _original(h: int, w: int) -> Callable[[Good], bytes]:
+    def make(good: Good) -> bytes:
+        def change(r: pb.InferRequest) -> None:
+            r.bottleneck.meta.original_sizes[0].height = h
+            r.bottleneck.meta.original_sizes[0].width = w
+        return _with(good, change)
+    return make
+
+
+def _padded(side: int) -> Callable[[Good], bytes]:
+    """A zero bottleneck for a side x side padded input, zstd-compressed to a few hundred bytes."""
+    def make(good: Good) -> bytes:
+        z = torch.zeros(1, good.z.shape[1], side // 4 + 4, side // 4 + 4)
+        meta = SplitMeta(((side, side),), ((side, side),), (side, side))
+        r = pb.InferRequest(request_id="padded", weights_fingerprint=good.fingerprint)
+        r.bottleneck.CopyFrom(wire.bottleneck_to_proto(codec.encode(z, 8, "tensor", "zstd", 19), meta))
+        return r.SerializeToString()
+    return make
+
+
+def _off_rule(good: Good) -> bytes:
+    def change(r: pb.InferRequest) -> None:  # 160x160 claimed for a 120x150 frame: boxes would be mis-scaled
+        r.bottleneck.meta.original_sizes[0].height = 120
+        r.bottleneck.meta.original_sizes[0].width = 150
+    return _with(good, change)
+
+
+def _fingerprint(text: str) -> Callable[[Good], bytes]:
+    return lambda good: _with(good, lambda r: setattr(r, "weights_fingerprint", text))
+
+
+def _offload_jpeg(side: int) -> Callable[[Good], bytes]:
+    def make(good: Good) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((side, side, 3), 128, np.uint8)).save(buf, "JPEG", quality=50)
+        r = pb.InferRequest(request_id="offload")
+        r.image.format = pb.EncodedImage.FORMAT_JPEG
+        r.image.data = buf.getvalue()
+        return r.SerializeToString()
+    return make
+
+
+CASES = (
+    Case("mask paste: original 4000x4000", _original(4000, 4000), "3.5 GB peak"),
+    Case("mask paste: original 8000x8000", _original(8000, 8000), "22.9 s, 12.9 GB peak"),
+    Case("original 100000x100000", _original(100_000, 100_000), "INTERNAL after 8.4 s"),
+    Case("padded 2048x2048 (zstd zeros)", _padded(2048), "17.1 s tail compute, +1.46 GB"),
+    Case("image size off the resize rule", _off_rule, "OK with mis-scaled boxes"),
+    Case("1 MB fingerprint", _fingerprint("f" * (1 << 20)), "metadata RESOURCE_EXHAUSTED, 1 MB log line"),
+    Case("newline in fingerprint", _fingerprint("ab\n2026-01-01 00:00:00 hnd.server INFO forged"), "forged log line"),
+    Case("offload JPEG 4000x4000", _offload_jpeg(4000), "full model + mask paste at 4000x4000"),
+)
+
+
+def call(port: int, payload: bytes, timeout: float = 120.0) -> tuple[str, str, float]:
+    """One raw Infer call -> (status code name, details, seconds)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        start = time.perf_counter()
+        try:
+            ch.unary_unary(INFER)(payload, timeout=timeout)
+            code, details = "OK", ""
+        except grpc.RpcError as exc:
+            code, details = exc.code().name, exc.details() or ""
+        return code, details, time.perf_counter() - start
+
+
+def proc_status_kib(pid: int | str, field: str) -> int:
+    """A ``/proc/PID/status`` field in KiB (``VmRSS``, ``VmHWM``); pid ``"self"`` for this process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss(pid: int | str) -> bool:
+    """Reset VmHWM to the current RSS (``echo 5 > clear_refs``); False where the kernel refuses."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Row:
+    case: str
+    request_bytes: int
+    code: str
+    worst_s: float
+    peak_rss_growth_mib: float
+    details: str
+    before: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(python: str, port: int) -> subprocess.Popen:
+    cmd = [python, "-m", "hnd.server.cli", "--config", CONFIG, "--random-weights", "0", "--port", str(port),
+           "--threads", "1", "--log-level", "ERROR", "--drain-seconds", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            try:
+                ch.unary_unary("/hnd.v1.SplitInference/GetModelInfo")(b"", timeout=2)
+                return proc
+            except grpc.RpcError:
+                time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def measure(python: str, repeat: int = 1, cases: tuple[Case, ...] = CASES) -> list[Row]:
+    """Each case on a fresh server subprocess: worst time over ``repeat`` sends and peak RSS growth."""
+    cfg = load_config(CONFIG)
+    good = good_request(build_model_from_config(cfg.model, cfg.path))
+    rows = []
+    for case in cases:
+        payload = case.make(good)
+        port = _free_port()
+        proc = _start_server(python, port)
+        try:
+            call(port, good.request.SerializeToString())  # warm: the first real request allocates buffers
+            base = proc_status_kib(proc.pid, "VmRSS")
+            reset_peak_rss(proc.pid)
+            worst, code, details = 0.0, "", ""
+            for _ in range(repeat):
+                code, details, seconds = call(port, payload)
+                worst = max(worst, seconds)
+            peak = proc_status_kib(proc.pid, "VmHWM")
+            rows.append(Row(case.name, len(payload), code, worst, max(peak - base, 0) / 1024,
+                            details[:160], case.issue))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:  # still computing a hostile request
+                proc.kill()
+                proc.wait()
+        print(f"{case.name}: {code} {worst:.3f} s +{rows[-1].peak_rss_growth_mib:.0f} MiB", file=sys.stderr)
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| class | request bytes | status | worst server time | peak RSS growth |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.case} | {r.request_bytes:,} | {r.code} | {r.worst_s * 1000:,.0f} ms | "
+                     f"{r.peak_rss_growth_mib:,.0f} MiB |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hnd.bench.hostile", description=__doc__.split("\n")[0])
+    p.add_argument("--server-python", default=sys.executable, help="interpreter whose hnd runs the server")
+    p.add_argument("--repeat", type=int, default=1, help="sends per class (the worst time is kept)")
+    p.add_argument("--only", nargs="*", help="case names to run (default: all)")
+    p.add_argument("--json", help="write the rows as JSON")
+    args = p.parse_args(argv)
+    cases = tuple(c for c in CASES if not args.only or c.name in args.only)
+    rows = measure(args.server_python, args.repeat, cases)
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.exit(main())
