@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from hnd.common.channel import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY, channel_options
 from hnd.server.service import SERVICE_NAME, BatchingOptions, ModelRunner, ServerLimits, SplitInferenceService
@@ -26,6 +26,7 @@ log = logging.getLogger("hnd.server")
 
 # Methods reachable without a token: orchestrators probe health, tools list services.
 _PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 
@@ -119,6 +120,23 @@ class ReplicaTagInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def add_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
+    """Server reflection as grpc.reflection.v1 (what grpcurl and current tools ask first) and v1alpha.
+
+    grpcio-reflection implements only v1alpha; v1 is the same protocol (same messages and field
+    numbers) under another package name, so the same servicer answers both.
+    """
+    names = (*service_names, REFLECTION_V1, reflection.SERVICE_NAME)
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString),
+    }),))
+
+
 def read_token(path: str) -> str:
     """The bearer token from a file (surrounding whitespace ignored); it must not be empty."""
     token = Path(path).read_text().strip()
@@ -164,10 +182,7 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    add_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     address = f"{settings.host}:{settings.port}"
     if settings.tls is not None:
         creds = grpc.ssl_server_credentials(
