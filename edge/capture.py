@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -20,6 +22,12 @@ import cv2
 import numpy as np
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# Statuses of frames that failed on the edge, before any request (records' "status"; the server's are
+# gRPC status names).
+READ_ERROR = "EDGE_READ_ERROR"  # the file could not be read (permission denied, vanished, not a file...)
+DECODE_ERROR = "EDGE_DECODE_ERROR"  # read, but not a decodable image (corrupt, truncated, unknown format)
+
+log = logging.getLogger("hnd.edge")
 
 
 class SourceError(Exception):
@@ -33,6 +41,7 @@ class Frame:
     image: [H, W, 3] uint8 RGB (None when ``error`` says why the frame could not be read).
     captured_ns: monotonic time at which capture of this frame finished.
     capture_ms: time spent reading/decoding it.
+    status: with ``error``, READ_ERROR or DECODE_ERROR.
     """
 
     index: int
@@ -42,6 +51,7 @@ class Frame:
     capture_ms: float
     wall_time: float
     error: str | None = None
+    status: str | None = None
 
 
 class FrameSource:
@@ -61,8 +71,60 @@ def _read_start() -> tuple[int, float]:
     return time.perf_counter_ns(), time.time()
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a non-regular file is ("a FIFO", ...), None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def _decode_failure(data: bytes) -> str:
+    """Why OpenCV could not decode ``data``, as far as the container tells."""
+    if not data:
+        return "empty file"
+    if data.startswith(b"\xff\xd8"):
+        # The EOI marker cannot occur inside entropy-coded data (0xFF is stuffed there), and an EXIF
+        # thumbnail's EOI comes before the main image's last start-of-scan.
+        if data.find(b"\xff\xd9", max(data.rfind(b"\xff\xda"), 0)) < 0:
+            return "truncated JPEG (no end-of-image marker after the last scan)"
+        return "corrupt JPEG data"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "truncated PNG (no IEND chunk)" if b"IEND" not in data[-16:] else "corrupt PNG data"
+    return "not an image format OpenCV decodes"
+
+
+def read_image(path: str) -> tuple[np.ndarray | None, str | None, str | None]:
+    """One image file -> (RGB [H, W, 3] uint8, None, None), or (None, status, "path: reason").
+
+    Decodes from memory: ``cv2.imdecode`` refuses a truncated file, where ``cv2.imread`` returns it
+    filled with grey and only warns on stderr. The file is opened non-blocking and checked to be a
+    regular file first, so a FIFO swapped in cannot hang the edge.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            kind = _not_regular(os.fstat(f.fileno()).st_mode)
+            if kind is not None:
+                return None, READ_ERROR, f"{path}: cannot read: {kind}, not a regular file"
+            data = f.read()
+    except OSError as exc:
+        return None, READ_ERROR, f"{path}: cannot read: {exc.strerror or exc}"
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if bgr is None:
+        return None, DECODE_ERROR, f"{path}: cannot decode: {_decode_failure(data)}"
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None, None
+
+
 class ImageFiles(FrameSource):
-    """Every image of a folder or glob, in sorted order."""
+    """Every image of a folder or glob, in sorted order.
+
+    Entries that exist but are not regular files (FIFOs, sockets, devices, folders named like images)
+    are skipped with a warning (listed in ``skipped``); reading one could block forever.
+    """
 
     def __init__(self, pattern: str, max_frames: int | None = None) -> None:
         p = Path(pattern)
@@ -70,20 +132,30 @@ class ImageFiles(FrameSource):
             paths = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             paths = sorted(f for f in glob.glob(pattern) if Path(f).suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise SourceError(f"{pattern}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-        self.paths = paths[:max_frames] if max_frames else paths
+        self.skipped: list[str] = []
+        kept = []
+        for path in paths:
+            try:
+                kind = _not_regular(os.stat(path).st_mode)
+            except OSError:
+                kind = None  # vanished or unreadable: recorded as a failed frame with its reason
+            if kind is None:
+                kept.append(path)
+            else:
+                log.warning("%s: skipped: %s, not a regular file", path, kind)
+                self.skipped.append(path)
+        if not kept:
+            raise SourceError(f"{pattern}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
+                              + (f"; skipped {len(self.skipped)} non-regular files" if self.skipped else "") + ")")
+        self.paths = kept[:max_frames] if max_frames else kept
         self.name = pattern
 
     def __iter__(self) -> Iterator[Frame]:
         for i, path in enumerate(self.paths):
             start, wall = _read_start()
-            bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+            rgb, status, error = read_image(path)
             done = time.perf_counter_ns()
-            if bgr is None:
-                yield Frame(i, path, None, done, (done - start) / 1e6, wall, error=f"{path}: cannot decode image")
-                continue
-            yield Frame(i, path, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), done, (done - start) / 1e6, wall)
+            yield Frame(i, path, rgb, done, (done - start) / 1e6, wall, error=error, status=status)
 
 
 class ArrayFrames(FrameSource):

@@ -34,7 +34,7 @@ from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceError, Sourc
 from hnd.edge.client import LB_POLICIES, ClientSettings, EdgeError, SplitClient, check_target
 from hnd.edge.draw import VideoSink, draw_detections
 from hnd.edge.modes import EdgeOptions, make_mode
-from hnd.edge.pipeline import EdgeRunner
+from hnd.edge.pipeline import EdgeRunner, ServerGone
 from hnd.edge.live import EdgeMetrics, LiveStats
 from hnd.edge.records import FrameRecord, RecordWriteError, RecordWriter, parse_rotate
 from hnd.edge.summary import Summary
@@ -45,6 +45,8 @@ PROG = "hnd-edge"
 # written with --on-write-error stop, 130 interrupted (Ctrl-C, SIGTERM). Records so far are kept in every case.
 EXIT_SOURCE_LOST = 3
 EXIT_WRITE_ERROR = 4
+EXIT_SERVER_GONE = 5
+DEFAULT_GIVE_UP_S = 30.0
 DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
 
 
@@ -128,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "run with exit code 3 (default 60)")
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--timeout", type=float, default=None, help="per-request deadline in seconds")
+    p.add_argument("--give-up-after", type=float, default=None, metavar="S",
+                   help=f"end the run (exit {EXIT_SERVER_GONE}) once the server has been unreachable for S seconds "
+                        "since its last answer, every frame so far recorded (default: "
+                        f"{DEFAULT_GIVE_UP_S:g} for files; a live camera waits for its server; 0: never give up)")
     p.add_argument("--tls-ca", help="CA certificate (PEM) of the server: use TLS")
     p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
     p.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
@@ -224,6 +230,12 @@ def run_edge(args: argparse.Namespace) -> Summary:
     options.filter_threshold = filter_threshold(cfg, args)
     source = open_source(args.camera, args.video, args.images, args.max_frames, live=args.live,
                          lost_after_s=args.source_timeout)
+    give_up = args.give_up_after
+    if give_up is not None and give_up < 0:
+        raise ConfigError(f"--give-up-after must be >= 0 seconds (0: never), got {give_up:g}")
+    if give_up is None:  # files end after a while; a live camera keeps capturing and waits for its server
+        give_up = None if isinstance(source, LiveCapture) else DEFAULT_GIVE_UP_S
+    options.give_up_after_s = give_up if give_up else None
     em = load_edge_model(cfg, args.mode, args.checkpoint, args.head, args.random_weights)
     client = None
     if args.mode != "local":
@@ -282,6 +294,10 @@ def run_edge(args: argparse.Namespace) -> Summary:
         summary = runner.run(source, on_record, progress=progress)
         if client is not None and info.HasField("tail"):
             summary.server_tail = f"{info.tail.summary} on {info.tail.device}"
+    except ServerGone as exc:
+        if args.summary_json and exc.summary is not None:
+            atomic_write_text(args.summary_json, json.dumps(exc.summary.as_dict(), indent=2))
+        raise
     finally:
         live.stop()
         if view is not None:
@@ -372,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         summary = run_edge(args)
+    except ServerGone as exc:
+        if exc.summary is not None:
+            print(exc.summary.format())
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_SERVER_GONE
     except SourceLost as exc:
         runner = _current_runner
         if runner is not None and runner.summary is not None:

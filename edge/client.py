@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from hnd.edge.diagnose import describe_failure
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import split_inference_pb2_grpc as pb_grpc
 from hnd.common.channel import REPLICA_KEY, WEIGHTS_KEY, channel_options
@@ -168,7 +169,11 @@ class SplitClient:
             self.info_replica = metadata_of(call).get(REPLICA_KEY, "")  # which replica answered
             return info
         except grpc.RpcError as exc:
-            raise EdgeError(f"{self.settings.target}: {exc.code().name}: {exc.details()}") from None
+            def probe() -> None:  # the same call, failing fast with the transport's reason
+                self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=3, metadata=self.metadata)
+
+            tls = bool(self.settings.tls_ca or self.settings.tls_cert)
+            raise EdgeError(describe_failure(exc, probe, self.settings.target, tls)) from None
 
     def submit(self, request: pb.InferRequest, stream: bool = False) -> concurrent.futures.Future:
         """Send one request; the future resolves to a Reply or raises grpc.RpcError."""
@@ -205,14 +210,14 @@ class SplitClient:
                 f"(fingerprint {weights[:16]}..., this edge {(self.expected_fingerprint or '?')[:16]}...): "
                 "all replicas must load the same checkpoint")
 
-    def reconnect(self) -> bool:
+    def reconnect(self, timeout_s: float | None = None) -> bool:
         """Wait, with exponential backoff (0.1 s doubling up to 5 s), until the server answers again.
 
-        False after ``reconnect_timeout_s`` (None: wait until it comes back). While waiting,
+        False after ``timeout_s`` (default ``reconnect_timeout_s``; None: wait until it comes back). While waiting,
         ``waiting_since`` holds the monotonic time the wait began (status lines say "waiting for the
         server"); every wait that ends with the server back counts in ``reconnects``.
         """
-        timeout = self.settings.reconnect_timeout_s
+        timeout = self.settings.reconnect_timeout_s if timeout_s is None else timeout_s
         start = time.monotonic()
         self.waiting_since = start
         log.warning("%s: server unavailable; waiting for it (%s)", self.settings.target,

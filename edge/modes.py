@@ -70,6 +70,9 @@ class EdgeOptions:
     # Sends per frame, first included (each may hold gRPC's own retries): a frame whose replica died
     # or drained, or whose stream broke, goes again to whichever replica the balancer picks.
     max_attempts: int = 3
+    # End the run (ServerGone) once the server has been unreachable this long, counted from the first
+    # UNAVAILABLE since the last answer. None: reconnect for every frame, forever.
+    give_up_after_s: float | None = 30.0
     keep_detections: bool = True  # put boxes / labels / scores in the records
     # Neural filter: frames whose probability of holding anything to detect is below this are not
     # sent (split) or not run (local). None: off. Needs a student with a filter (model.filter).

@@ -21,7 +21,7 @@ import grpc
 from tqdm import tqdm
 
 from hnd.common.timing import now_ns
-from hnd.edge.capture import Frame, FrameSource, SourceLost
+from hnd.edge.capture import READ_ERROR, Frame, FrameSource, SourceLost
 from hnd.common.channel import REPLICA_KEY, WEIGHTS_KEY
 from hnd.edge.client import EdgeError, Reply, SplitClient, StreamBroken, WeightsMismatch, metadata_of, next_request_id
 from hnd.edge.modes import Detections, EdgeMode, EdgeOptions, Prepared, detections_json, make_mode
@@ -29,6 +29,20 @@ from hnd.edge.records import SERVER_STAGES, STAGES, ByteCounts, FrameRecord, Ser
 from hnd.edge.summary import Summary
 
 log = logging.getLogger("hnd.edge")
+
+INTERRUPTED = "CANCELLED"  # a frame in flight when the run was interrupted (its call is cancelled)
+
+
+class ServerGone(EdgeError):
+    """The server stayed unreachable for ``give_up_after_s``; every frame so far is recorded.
+
+    summary: the run's summary up to that point (the CLI prints it, then this line).
+    """
+
+    def __init__(self, message: str, summary: Summary | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
 
 # to_tensor too, lazily (module __getattr__ below)
 __all__ = ["STAGES", "SERVER_STAGES", "EdgeOptions", "EdgeRunner", "FrameRecord", "Prepared", "Summary"]
@@ -72,6 +86,8 @@ class EdgeRunner:
         self.source: FrameSource | None = None
         self.bar: tqdm | None = None
         self._started = time.perf_counter()
+        self._unavailable_since: float | None = None  # monotonic time of the first UNAVAILABLE since an answer
+        self._gave_up: str | None = None  # set once the server counts as gone: no more sends or retries
 
     def prepare(self, frame: Frame) -> Prepared:
         """Everything the edge computes for a frame before it goes on the wire (the mode's ``prepare``)."""
@@ -122,6 +138,22 @@ class EdgeRunner:
                                 error=f"server asked for a key frame: {reply.response.refusal}")
         return self._record(p, reply=reply)
 
+    def _reconnect(self) -> bool:
+        """Wait for a ready server within what is left of ``give_up_after_s`` (counted from the first
+        UNAVAILABLE since the last answer); marks the server gone when that runs out."""
+        give_up = self.options.give_up_after_s
+        if give_up is None:
+            return self.client.reconnect()
+        now = time.monotonic()
+        if self._unavailable_since is None:
+            self._unavailable_since = now
+        left = give_up - (now - self._unavailable_since)
+        if left > 0 and self.client.reconnect(timeout_s=left):
+            return True
+        self._gave_up = (f"server {self.client.settings.target} unreachable for {give_up:g} s "
+                         "(--give-up-after): giving up")
+        return False
+
     def _finish(self, p: Prepared, future: concurrent.futures.Future) -> FrameRecord:
         """The frame's record; a frame that failed UNAVAILABLE (replica died or drained, stream
         broken) is sent again, up to ``max_attempts`` sends, each after the channel has a ready
@@ -146,6 +178,7 @@ class EdgeRunner:
                     future = self._send(p)
                     continue
                 record = self._answered(p, reply)
+                self._unavailable_since = None
                 break
             except WeightsMismatch as exc:
                 self.mismatch = self._record(p, status="FAILED_PRECONDITION", error=str(exc))
@@ -162,12 +195,13 @@ class EdgeRunner:
                 status, error, retry = "UNAVAILABLE", str(exc), True
             except EdgeError as exc:
                 status, error = "UNAVAILABLE", str(exc)
-            if not (retry and self.options.retry_unavailable and attempts < self.options.max_attempts):
+            if not (retry and self.options.retry_unavailable and attempts < self.options.max_attempts) \
+                    or self._gave_up:
                 record = self._record(p, status=status, error=error)
                 break
             log.warning("frame %d: %s (%s), sending again (attempt %d of %d)", p.frame.index, status, error,
                         attempts + 1, self.options.max_attempts)
-            if not self.client.reconnect():
+            if not self._reconnect():
                 record = self._record(p, status=status, error=f"{error}; no replica came back")
                 break
             attempts += 1
@@ -176,6 +210,13 @@ class EdgeRunner:
             future = self._send(p)
         record.attempts = attempts
         return record
+
+    def _abandon(self, p: Prepared, fut: concurrent.futures.Future, status: str, why: str) -> FrameRecord:
+        """The record of a frame whose answer will not be waited for (interrupt, server gone)."""
+        if fut.done():
+            return self._finish(p, fut)  # answered (or failed) already: record what came back
+        fut.cancel()
+        return self._record(p, status=status, error=why)
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -192,11 +233,13 @@ class EdgeRunner:
         self._started = time.perf_counter()
         bar = self.bar = tqdm(desc=f"hnd-edge {self.options.mode}", unit="frame", disable=not progress, leave=False)
 
-        def emit(p: Prepared, fut: concurrent.futures.Future | None) -> None:
+        def emit(p: Prepared, fut: concurrent.futures.Future | None, abandon: tuple[str, str] | None = None) -> None:
             if p.frame.error is not None:
-                record = self._record(p, status="INVALID_ARGUMENT", error=p.frame.error)
+                record = self._record(p, status=p.frame.status or READ_ERROR, error=p.frame.error)
             elif fut is None:
                 record = self._record(p)
+            elif abandon is not None:
+                record = self._abandon(p, fut, *abandon)
             else:
                 try:
                     record = self._finish(p, fut)
@@ -211,6 +254,11 @@ class EdgeRunner:
             if on_record is not None:
                 on_record(record, p.frame)
 
+        def emit_first(abandon: tuple[str, str] | None = None) -> None:
+            # Popped only once recorded: an interrupt while waiting for its answer leaves it to the handler.
+            emit(*inflight[0], abandon=abandon)
+            inflight.popleft()
+
         try:
             try:
                 for frame in source:
@@ -221,17 +269,29 @@ class EdgeRunner:
                         fut = self._send(p) if p.request is not None else None
                     inflight.append((p, fut))
                     while len(inflight) >= self.options.max_inflight or (inflight and inflight[0][1] is None):
-                        emit(*inflight.popleft())
+                        emit_first()
+                        if self._gave_up:
+                            break
+                    if self._gave_up:
+                        break
             except SourceLost:
                 while inflight:  # the frames already sent still get their records
-                    emit(*inflight.popleft())
+                    emit_first()
                 raise
             while inflight:
-                emit(*inflight.popleft())
+                emit_first(abandon=("UNAVAILABLE", self._gave_up) if self._gave_up else None)
+        except KeyboardInterrupt:
+            # SIGTERM / Ctrl-C: answers already here are recorded, the rest marked; nothing waits.
+            self._gave_up = self._gave_up or "interrupted"
+            while inflight:
+                emit_first(abandon=(INTERRUPTED, "interrupted before the server answered"))
+            raise
         finally:
             bar.close()
             source.close()
             self.running_summary()
+        if self._gave_up:
+            raise ServerGone(self._gave_up, summary)
         return summary
 
     def running_summary(self) -> Summary:

@@ -53,7 +53,7 @@ def test_cli_writes_records_summary_and_video(server, image_dir, tmp_path, capsy
     assert code == 1  # one frame failed (the bad file), the rest were answered
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["frame"] for r in records] == [0, 1, 2, 3]
-    assert [r["status"] for r in records] == ["OK", "OK", "OK", "INVALID_ARGUMENT"]
+    assert [r["status"] for r in records] == ["OK", "OK", "OK", "EDGE_DECODE_ERROR"]
     assert "999.jpg" in records[3]["error"]
     assert records[0]["detections"][0]["count"] == len(records[0]["detections"][0]["boxes"]) > 0
     stats = json.loads(summary.read_text())

@@ -1,0 +1,235 @@
+"""Honest frame statuses on the edge: local read/decode failures with their reasons, non-regular files
+skipped, a dead server given up on after --give-up-after, answers received before SIGTERM written,
+and connection errors that name the likely TLS / network cause."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from runtime_support import frames, make_certs, serving
+
+from hnd.common.checkpoint import fingerprint
+from hnd.common.split import split_model
+from hnd.edge import cli as edge_cli
+from hnd.edge.capture import DECODE_ERROR, READ_ERROR, ArrayFrames, ImageFiles, read_image
+from hnd.edge.client import ClientSettings, EdgeError, SplitClient
+from hnd.edge.diagnose import connection_hint
+from hnd.edge.pipeline import INTERRUPTED, EdgeOptions, EdgeRunner, ServerGone
+from hnd.server.app import TlsFiles
+
+CONFIG = "test/faster_rcnn-b3ch"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model("faster_rcnn")
+
+
+def _jpeg(img: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    assert ok
+    return buf.tobytes()
+
+
+def test_local_failures_get_local_statuses_and_the_real_reason(tmp_path):
+    img = frames(1, sizes=((96, 128),))[0]
+    data = _jpeg(img)
+    (tmp_path / "good.jpg").write_bytes(data)
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    got = {p.name: read_image(str(p))[1:] for p in sorted(tmp_path.iterdir())}
+    assert got["good.jpg"] == (None, None)
+    assert got["cut.jpg"][0] == DECODE_ERROR and "truncated JPEG" in got["cut.jpg"][1]
+    assert got["empty.png"][0] == DECODE_ERROR and "empty file" in got["empty.png"][1]
+    assert got["text.jpg"][0] == DECODE_ERROR and "text.jpg: cannot decode" in got["text.jpg"][1]
+    assert got["gone.jpg"][0] == READ_ERROR and "No such file or directory" in got["gone.jpg"][1]
+    rgb, _, _ = read_image(str(tmp_path / "good.jpg"))
+    expected = cv2.cvtColor(cv2.imread(str(tmp_path / "good.jpg")), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(rgb, expected)  # the same pixels as cv2.imread gives a whole file
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_permission_denied_is_named(tmp_path):
+    path = tmp_path / "locked.jpg"
+    path.write_bytes(_jpeg(frames(1)[0]))
+    path.chmod(0)
+    status, error = read_image(str(path))[1:]
+    assert status == READ_ERROR and "Permission denied" in error
+
+
+def test_non_regular_files_are_skipped_with_a_message_and_never_block(tmp_path, caplog):
+    (tmp_path / "a.jpg").write_bytes(_jpeg(frames(1)[0]))
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "folder.png").mkdir()
+    with caplog.at_level("WARNING", logger="hnd.edge"):
+        source = ImageFiles(str(tmp_path))
+    assert [Path(p).name for p in source.paths] == ["a.jpg"]
+    assert sorted(Path(p).name for p in source.skipped) == ["folder.png", "pipe.jpg"]
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "pipe.jpg: skipped: a FIFO" in messages and "folder.png: skipped: a directory" in messages
+    # a FIFO swapped in after the listing is refused, not read (opening it blocking would hang)
+    start = time.monotonic()
+    status, error = read_image(str(tmp_path / "pipe.jpg"))[1:]
+    assert status == READ_ERROR and "a FIFO, not a regular file" in error and time.monotonic() - start < 2
+
+
+def test_cli_records_a_truncated_jpeg_as_failed(model, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    data = _jpeg(frames(1, sizes=((96, 128),))[0])
+    (folder / "0.jpg").write_bytes(data)
+    (folder / "1.jpg").write_bytes(data[:-200])
+    out = tmp_path / "r.jsonl"
+    with serving(model) as server:
+        code = edge_cli.main(["--server", f"127.0.0.1:{server.port}", "--images", str(folder), "--config", CONFIG,
+                              "--random-weights", "0", "--output", str(out), "--no-progress"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 1
+    assert [r["status"] for r in records] == ["OK", DECODE_ERROR]
+    assert "truncated JPEG" in records[1]["error"] and "detections" not in records[1]
+
+
+def _runner(model, client, **options):
+    head, _ = split_model(model)
+    return EdgeRunner(EdgeOptions(**options), head=head, fingerprint=fingerprint(model), client=client)
+
+
+def test_a_dead_server_ends_the_run_after_give_up_after(model):
+    """The server stops for good after frame 2: the run ends within give_up_after_s, every frame recorded."""
+    records = []
+    with serving(model) as server:
+        client = SplitClient(ClientSettings(f"127.0.0.1:{server.port}", timeout_s=10))
+
+        class DyingSource(ArrayFrames):
+            def __iter__(self):
+                for frame in super().__iter__():
+                    if frame.index == 2:
+                        server.stop(grace_s=0.5)
+                    yield frame
+
+        runner = _runner(model, client, max_inflight=1, give_up_after_s=2.0)
+        start = time.monotonic()
+        with pytest.raises(ServerGone, match=r"unreachable for 2 s \(--give-up-after\): giving up") as info:
+            runner.run(DyingSource(frames(40)), lambda r, f: records.append(r.to_dict()))
+        elapsed = time.monotonic() - start
+        client.close()
+    assert elapsed < 20, elapsed  # not 30 s per frame, forever
+    summary = info.value.summary
+    assert summary.frames == len(records) >= 3 and len(records) < 40
+    assert [r["frame"] for r in records] == list(range(len(records)))
+    assert [r["status"] for r in records[:2]] == ["OK", "OK"]
+    assert {r["status"] for r in records[2:]} == {"UNAVAILABLE"}
+
+
+def test_cli_exits_with_its_own_code_and_one_line_when_it_gives_up(monkeypatch, capsys):
+    from hnd.edge.summary import Summary
+
+    def gone(args):
+        raise ServerGone("server 10.0.0.1:50051 unreachable for 30 s (--give-up-after): giving up", Summary())
+
+    monkeypatch.setattr(edge_cli, "run_edge", gone)
+    code = edge_cli.main(["--images", "x", "--config", CONFIG, "--give-up-after", "30"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == edge_cli.EXIT_SERVER_GONE and err == ["hnd-edge: error: server 10.0.0.1:50051 unreachable for 30 s (--give-up-after): "
+                                 "giving up"]
+
+
+def test_answers_received_before_sigterm_are_written(model, tmp_path, monkeypatch):
+    """SIGTERM (raised as KeyboardInterrupt by the CLI's handler) while K frames are in flight."""
+    with serving(model) as server:
+        sample = server.service.metrics.registry.get_sample_value
+
+        class InterruptedSource(ArrayFrames):
+            def __iter__(self):
+                for frame in super().__iter__():
+                    yield frame
+                deadline = time.monotonic() + 60  # every request answered on the server, none read yet
+                while (sample("hnd_requests_total", {"method": "Infer", "code": "OK"}) or 0) < 4:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                time.sleep(0.3)
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(edge_cli, "open_source", lambda *a, **k: InterruptedSource(frames(4)))
+        out = tmp_path / "r.jsonl"
+        code = edge_cli.main(["--server", f"127.0.0.1:{server.port}", "--images", "x", "--config", CONFIG,
+                              "--random-weights", "0", "--max-inflight", "5", "--output", str(out), "--no-progress"])
+    assert code == 130
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["frame"] for r in records] == [0, 1, 2, 3]
+    assert [r["status"] for r in records] == ["OK"] * 4  # the server answered 4: the JSONL holds 4
+
+
+def test_interrupt_marks_unanswered_frames_cancelled(model):
+    with serving(model) as server:
+        runner_ref = {}
+        client = SplitClient(ClientSettings(f"127.0.0.1:{server.port}"))
+        hold = server.service.runner.run_split
+
+        def never(items):
+            time.sleep(3)
+            return hold(items)
+
+        server.service.runner.run_split = never
+
+        class InterruptedSource(ArrayFrames):
+            def __iter__(self):
+                yield from super().__iter__()
+                raise KeyboardInterrupt
+
+        records = []
+        runner_ref["r"] = _runner(model, client, max_inflight=5)
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            runner_ref["r"].run(InterruptedSource(frames(2)), lambda r, f: records.append(r.to_dict()))
+        assert time.monotonic() - start < 2.5  # nothing waited for the slow answers
+        server.service.runner.run_split = hold
+        client.close()
+    assert [(r["frame"], r["status"]) for r in records] == [(0, INTERRUPTED), (1, INTERRUPTED)]
+    assert all("interrupted before the server answered" in r["error"] for r in records)
+
+
+@pytest.mark.parametrize("details,tls,hint", [
+    ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed", False,
+     "expects TLS"),
+    ("... Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: ... CERTIFICATE_VERIFY_FAILED: unable to get "
+     "local issuer certificate: OK", True, "not signed by the CA given in --tls-ca"),
+    ("... SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER", True,
+     "speaks plain text"),
+    ("... Socket closed", True, "requires a client certificate"),
+    ("... Custom verification check failed with error: UNAUTHENTICATED: Hostname Verification Check failed.", True,
+     "does not name the host"),
+    ("... Failed to connect to remote host: Connection refused", False, "nothing listens there"),
+])
+def test_connection_hints(details, tls, hint):
+    assert hint in connection_hint(details, tls)
+
+
+def test_tls_mistakes_name_their_likely_cause(model, tmp_path):
+    certs = make_certs(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    wrong_ca = make_certs(other)["ca"]
+
+    def first_call(port, **kw) -> str:
+        client = SplitClient(ClientSettings(f"127.0.0.1:{port}", connect_timeout_s=1.5, **kw))
+        try:
+            with pytest.raises(EdgeError) as info:
+                client.model_info()
+        finally:
+            client.close()
+        return str(info.value)
+
+    with serving(model, tls=TlsFiles(certs["server_cert"], certs["server_key"])) as server:
+        assert "probably expects TLS (give --tls-ca)" in first_call(server.port)
+        assert "not signed by the CA given in --tls-ca" in first_call(server.port, tls_ca=wrong_ca)
+    with serving(model) as server:
+        assert "speaks plain text" in first_call(server.port, tls_ca=certs["ca"])
