@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from hnd.common.channel import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY, channel_options
 from hnd.server.service import SERVICE_NAME, BatchingOptions, ModelRunner, ServerLimits, SplitInferenceService
+from hnd.server.text import client_text
 
 log = logging.getLogger("hnd.server")
 
@@ -60,8 +61,9 @@ class ServerSettings:
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without ``authorization: Bearer <token>`` metadata with UNAUTHENTICATED."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, service: SplitInferenceService | None = None) -> None:
         self._expected = f"Bearer {token}".encode()
+        self._service = service  # its rate-limited refusal log and refusal counter, when given
 
     async def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(_PUBLIC_PREFIXES):
@@ -69,7 +71,14 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(given.encode(), self._expected):
             return await continuation(handler_call_details)
-        log.warning("%s UNAUTHENTICATED: missing or wrong bearer token", handler_call_details.method)
+        method = handler_call_details.method  # client text: clipped, and a fixed label for metrics
+        if self._service is not None:
+            known = method.rsplit("/", 1)[-1] if method.startswith(f"/{SERVICE_NAME}/") else ""
+            label = known if known in ("Infer", "InferStream", "GetModelInfo") else "other"
+            self._service.metrics.refusals.labels(label, "UNAUTHENTICATED", "token").inc()
+            self._service.refusal_log.warning("%s UNAUTHENTICATED: missing or wrong bearer token", client_text(method))
+        else:
+            log.warning("%s UNAUTHENTICATED: missing or wrong bearer token", client_text(method))
 
         async def deny(request_or_iterator, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -170,7 +179,7 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
     """Build, bind and start the server on the running loop; health turns SERVING after warm-up."""
     service = SplitInferenceService(runner, settings.limits, settings.batching, offload=settings.offload)
     tag = ReplicaTagInterceptor(runner.fingerprint, runner.tail_info["summary"])
-    interceptors = [TokenAuthInterceptor(settings.token)] if settings.token else []
+    interceptors = [TokenAuthInterceptor(settings.token, service)] if settings.token else []
     interceptors.append(tag)
     options = channel_options(settings.limits.max_message_bytes)
     if settings.max_connection_age_s:

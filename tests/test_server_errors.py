@@ -161,6 +161,9 @@ def test_token_auth(model, good_request, tmp_path):
         assert call_raw(server, good_request.SerializeToString()).code() == grpc.StatusCode.UNAUTHENTICATED
         wrong = call_raw(server, good_request.SerializeToString(), metadata=(("authorization", "Bearer nope"),))
         assert wrong.code() == grpc.StatusCode.UNAUTHENTICATED
+        refused = server.service.metrics.registry.get_sample_value(
+            "hnd_refusals_total", {"method": "Infer", "code": "UNAUTHENTICATED", "reason": "token"})
+        assert refused == 2  # counted like every refusal, and logged through the rate-limited log
         ok = call_raw(server, good_request.SerializeToString(), metadata=(("authorization", "Bearer s3cret"),))
         assert isinstance(ok, bytes)
         client = client_for(server, token="s3cret")
