@@ -20,6 +20,7 @@ The JSON line (``--stats-interval S``, to ``--stats-file`` or stdout)::
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -32,6 +33,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from hnd.edge.records import FrameRecord
+
+log = logging.getLogger("hnd.edge")
 
 MAX_WINDOW = 20_000  # records kept for the window at most (bounds memory whatever the frame rate)
 CHART_STAGES = ("capture", "preprocess", "head", "encode", "network_server", "total")
@@ -185,7 +188,10 @@ class LiveStats:
     def _tick(self) -> None:
         next_stats = time.monotonic() + (self.stats_interval_s or 0)
         while not self._stop.wait(1.0 if self.stats_interval_s is None else min(1.0, self.stats_interval_s)):
-            self.emit(force_stats=False, now_due=next_stats)
+            try:
+                self.emit(force_stats=False, now_due=next_stats)
+            except Exception:  # noqa: BLE001 - live figures must never stop the edge; say it and go on
+                log.exception("live stats tick failed")
             if self.stats_interval_s is not None and time.monotonic() >= next_stats:
                 next_stats += self.stats_interval_s * max(1, int((time.monotonic() - next_stats)
                                                                   // self.stats_interval_s) + 1)
