@@ -84,6 +84,7 @@ from hnd.edge.client import EdgeError
 
 from hnd.bench.frames import MIXED_SIZE
 from hnd.bench.linkmodel import FORMULA, parse_links
+from hnd.bench.measure import parse_server_profile
 from hnd.bench.plan import (DEFAULT_BITS, DEFAULT_CONFIG, DEFAULT_FRAMES, DEFAULT_LINKS, PROG, QUICK_CONFIG,
                             QUICK_FRAMES, BenchOptions)
 from hnd.bench.report import render_markdown
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true", help="BackgroundServer in this process, not a subprocess")
     p.add_argument("--threads", type=int, default=None, help="torch threads per side (default: half the cores)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--server-profile", metavar="MODE=MS,...",
+                   help="link model with another server: server compute per frame for split (tail) and / or "
+                        "offload (whole model) in ms, e.g. split=23.3,offload=21.2 (the H100 figures in the README)")
     p.add_argument("--rate-accuracy", action="store_true",
                    help="bytes/frame vs accuracy sweep instead (split intra/temporal, JPEG, WebP, H.264, HEVC); "
                         "its options: hnd-bench --rate-accuracy --help")
@@ -159,6 +163,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         in_process=args.in_process, threads=args.threads, progress=not args.no_progress,
         mixed=args.mixed, empty_fraction=args.empty_fraction, filter_threshold=args.filter_threshold,
         no_filter=args.no_filter,
+        server_profile=parse_server_profile(args.server_profile) if args.server_profile else None,
     )
 
 

@@ -125,6 +125,37 @@ def pool_compute(settings: list[Setting], samples: dict[str, list[Sample]]) -> N
 
 
 
+def parse_server_profile(text: str) -> dict[str, float]:
+    """``"split=23.3,offload=21.2"`` -> {"split": 23.3, "offload": 21.2}: server compute ms per frame by mode."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = -1.0
+        if name not in ("split", "offload") or ms < 0 or name in out:
+            raise ValueError(f"--server-profile: bad entry {part.strip()!r}; expected split=MS and/or offload=MS "
+                             "(server compute per frame, e.g. split=23.3,offload=21.2)")
+        out[name] = ms
+    return out
+
+
+def apply_server_profile(settings: list, samples: dict[str, list[Sample]], profile: dict[str, float]) -> None:
+    """Replace the measured server compute (tail for split, whole model for offload) with ``profile``'s ms.
+
+    Decode, queue and response encoding stay as measured; frames the neural filter dropped have no server
+    time. Run after ``pool_compute``: the link model then shows another server's crossovers (e.g. a GPU's).
+    """
+    for s in settings:
+        if s.mode not in profile:
+            continue
+        for x in samples[s.key]:
+            if not x.filtered:
+                x.server_ms = x.server_ms_raw - x.server_compute_ms_raw + profile[s.mode]
+
+
 Measured = tuple[dict[str, list[Sample]], dict[str, list[dict]], dict[str, list[dict[str, torch.Tensor]]],
                  dict[str, int]]
 

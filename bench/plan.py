@@ -137,6 +137,8 @@ class BenchOptions:
     empty_fraction: float = 0.5  # share of the --mixed frames that are empty scenes
     filter_threshold: float | None = None  # default: the config's model.filter.threshold
     no_filter: bool = False  # leave out the "with filter" rows even when the model has a filter
+    # Server compute ms per frame by mode ("split", "offload") replacing the measured one in the link model.
+    server_profile: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

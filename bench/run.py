@@ -20,7 +20,7 @@ from hnd.edge.pipeline import EdgeOptions
 from hnd.bench.agreement import add_agreement
 from hnd.bench.frames import MIXED_SEED, MIXED_SIZE, load_frames, mixed_frames
 from hnd.bench.linkmodel import CROSSOVER_MBIT, FORMULA, SWEEP_MBIT, crossovers
-from hnd.bench.measure import Measured, measure, pool_compute, serving
+from hnd.bench.measure import Measured, apply_server_profile, measure, pool_compute, serving
 from hnd.bench.plan import PROG, BenchOptions, Plan, Setting, all_settings, plan
 from hnd.bench.report import machine_info, plot_bytes, plot_latency, render_markdown
 from hnd.bench.summary import (BenchResult, FrameInfo, MixedInfo, RunInfo, Sweep, envelopes, summarize, to_json,
@@ -72,6 +72,10 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     p = plan(o, out)
     load_before = [round(v, 2) for v in os.getloadavg()]
+    if o.server_profile:
+        p.notes.append("server compute replaced by --server-profile " + ", ".join(
+            f"{k} {v:g} ms" for k, v in o.server_profile.items()) + " in the link model (decode, queue and "
+            "response encoding as measured; measured e2e and *_raw stay this machine's)")
     for note in p.notes:
         print(f"{PROG}: {note}", file=sys.stderr)
     cfg = load_config(p.config_path)
@@ -84,6 +88,8 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     (samples, records, detections, requests), server_desc = _measure(p, model, settings, frames, o.progress)
     reference_counts = add_agreement(settings, samples, detections, p.agreement_score)
     pool_compute(settings, samples)
+    if o.server_profile:
+        apply_server_profile(settings, samples, o.server_profile)
 
     rows = [summarize(s, samples[s.key], p.links, frames.labels, requests.get(s.key)) for s in settings]
     mbits = np.geomspace(*CROSSOVER_MBIT, 2000)

@@ -48,6 +48,14 @@ class ServerMetrics:
             "hnd_stream_messages", "InferStream messages: answered, refused, or dropped because their stream "
             "had ended (not computed)", ["outcome"], registry=self.registry,
         )
+        self.stream_sessions = Gauge(
+            "hnd_stream_sessions", "InferStream sessions holding a slot (server/streams.py), by what they hold",
+            ["kind"], registry=self.registry,
+        )
+        self.key_frames_required = Counter(
+            "hnd_key_frames_required", "Stream frames answered with key_frame_required: refused (no valid "
+            "reference) or not_kept (answered, no session free)", ["outcome"], registry=self.registry,
+        )
         self.log_suppressed = Counter(
             "hnd_log_suppressed", "Refusal log lines left out by the rate limit", registry=self.registry
         )

@@ -204,7 +204,9 @@ class SplitInferenceService:
             on_depth=lambda n: self.metrics.queue_depth.set(n),
         )
         self.batching = batching
-        self.streams = StreamSessions(limits.streams, limits.codec)
+        gauge = self.metrics.stream_sessions
+        self.streams = StreamSessions(limits.streams, limits.codec, on_change=lambda bottleneck, video: (
+            gauge.labels("bottleneck").set(bottleneck), gauge.labels("video").set(video)))
         self.draining = False
         self._stream_readers: set[asyncio.Task] = set()
         self.budget = make_budget(
@@ -377,8 +379,11 @@ class SplitInferenceService:
         try:
             key, payload = self._decode(request, session)
         except KeyFrameRequired as exc:  # no valid reference: refuse this frame in-band, compute nothing
+            self.metrics.key_frames_required.labels("refused").inc()
             return pb.InferResponse(request_id=request.request_id, key_frame_required=True, refusal=str(exc))
         stream_note = self._stream_note
+        if stream_note:
+            self.metrics.key_frames_required.labels("not_kept").inc()
         decode_ns = time.perf_counter_ns() - t0
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         try:

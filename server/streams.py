@@ -65,7 +65,8 @@ class StreamSessions:
     """The server's bounded table of stream sessions (thread-safe counters; sessions live on the event loop)."""
 
     def __init__(self, limits: StreamLimits | None = None, codec_limits: codec.Limits = codec.DEFAULT_LIMITS,
-                 video_formats: tuple[str, ...] | None = None) -> None:
+                 video_formats: tuple[str, ...] | None = None, on_change=None) -> None:
+        """on_change(bottleneck_sessions, video_sessions): called whenever a slot is taken or given back."""
         self.limits = limits or StreamLimits()
         self.codec_limits = codec_limits
         self.video_formats = available_formats() if video_formats is None else video_formats
@@ -73,6 +74,7 @@ class StreamSessions:
         self.active = 0  # sessions holding a slot
         self.video_active = 0
         self.opened = 0
+        self.on_change = on_change
 
     def open(self) -> "StreamSession":
         """A session for one InferStream call (takes a slot only at its first key frame)."""
@@ -101,12 +103,18 @@ class StreamSessions:
                 return False
             self.active += 1
             self.video_active += int(video)
+            self._changed()
             return True
 
     def _give(self, video: bool) -> None:
         with self._lock:
             self.active -= 1
             self.video_active -= int(video)
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.active - self.video_active, self.video_active)
 
 
 class StreamSession:

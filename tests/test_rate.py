@@ -121,3 +121,31 @@ def test_hnd_eval_temporal_stream_is_the_runtime_stream(tiny_model, clip, tmp_pa
     metrics = json.loads(out.read_text())
     assert metrics["key_interval"] == 3 and metrics["images"] == 2 and "bbox" in metrics
     assert eval_main(["--config", str(cfg), "--key-interval", "3"]) == 2  # needs --bits
+
+
+def test_server_profile_replaces_server_compute_in_the_link_model():
+    from types import SimpleNamespace
+
+    from hnd.bench.linkmodel import Link
+    from hnd.bench.measure import Sample, apply_server_profile, parse_server_profile
+
+    assert parse_server_profile("split=23.3,offload=21.2") == {"split": 23.3, "offload": 21.2}
+    for bad in ("split=x", "gpu=3", "split=-1", "split=1,split=2"):
+        with pytest.raises(ValueError, match="--server-profile"):
+            parse_server_profile(bad)
+
+    def sample(**kw):
+        return Sample(frame=0, source="f", raw_bytes=1, request_bytes=1000, payload_bytes=900, response_bytes=100,
+                      edge_ms_raw=10.0, edge_model_ms_raw=8.0, server_ms_raw=900.0, server_compute_ms_raw=880.0,
+                      loopback_ms=1.0, measured_total_ms=1000.0, **kw)
+
+    settings = [SimpleNamespace(mode="split", key="split: 4"), SimpleNamespace(mode="offload", key="offload: j"),
+                SimpleNamespace(mode="local", key="local")]
+    samples = {"split: 4": [sample(), sample(filtered=True)], "offload: j": [sample()], "local": [sample()]}
+    apply_server_profile(settings, samples, {"split": 23.3})
+    assert samples["split: 4"][0].server_ms == pytest.approx(900.0 - 880.0 + 23.3)
+    assert samples["split: 4"][1].server_ms == 900.0  # a filtered frame never reached the server
+    assert samples["offload: j"][0].server_ms == 900.0  # not in the profile: as measured
+    link = Link("lte", 8.0, 40.0)  # 1 ms per 1000 B
+    assert samples["split: 4"][0].latency_ms(link, local=False) == pytest.approx(10 + 1.1 + 40 + 1 + 43.3)
+    assert samples["split: 4"][0].latency_ms(link, local=False, raw=True) == pytest.approx(10 + 1.1 + 40 + 1 + 900)

@@ -205,6 +205,10 @@ def test_sessions_are_bounded_and_advertised(model):
             outbox.put(None)
             assert list(call_a) == []
         wait_sessions_free(server)  # A's session was freed when its stream ended
+        m = server.service.metrics
+        assert m.key_frames_required.labels("not_kept")._value.get() == 1
+        assert m.key_frames_required.labels("refused")._value.get() == 1
+        assert m.stream_sessions.labels("bottleneck")._value.get() == 0
         responses, _ = stream_call(server.port, b_requests)
         assert [r.key_frame_required for r in responses] == [False, False]
         wait_sessions_free(server)
