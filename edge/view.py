@@ -5,7 +5,8 @@ own event loop in a daemon thread, so the edge loop never waits for a browser). 
 unless ``--view-host`` says otherwise. Everything the page needs is in this file: no external assets,
 it works offline.
 
-- ``GET /``: the page. ``GET /frame.jpg``: the latest annotated frame. ``GET /ws``: a WebSocket that
+- ``GET /``: the page. ``GET /frame.jpg``: the latest annotated frame. ``GET /stream.mjpg``: the same
+  frames as MJPEG (``multipart/x-mixed-replace``), for VLC, ffplay or an ``<img>``. ``GET /ws``: a WebSocket that
   sends, per published frame, a JSON text message ``{"type": "frame", "frame": i, "status", "bytes",
   "ms": {stage: ms}}`` followed by the JPEG as a binary message, and once a second the live window
   (``{"type": "window", ...}``, the ``--stats-interval`` line's figures).
@@ -27,6 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 import tornado.httpserver
+import tornado.iostream
 import tornado.netutil
 import tornado.web
 import tornado.websocket
@@ -52,6 +54,8 @@ class LiveView:
         self.max_width = max_width
         self.jpeg_quality = jpeg_quality
         self.clients: set[_Socket] = set()
+        self.mjpeg_clients = 0
+        self._waiters: list[asyncio.Future] = []  # MJPEG handlers waiting for the next frame
         self.latest_jpeg: bytes | None = None
         self.published = 0
         self._last_publish = 0.0
@@ -74,6 +78,7 @@ class LiveView:
         app = tornado.web.Application([
             (r"/", _Page),
             (r"/frame.jpg", _Frame, {"view": self}),
+            (r"/stream.mjpg", _Mjpeg, {"view": self}),
             (r"/ws", _Socket, {"view": self}),
         ])
         try:
@@ -94,7 +99,7 @@ class LiveView:
 
     def publish(self, image: np.ndarray | None, detections: dict[str, Any] | None, record: FrameRecord) -> None:
         """Draw, encode and send one frame to the connected browsers (skipped when none, or too soon)."""
-        if self.loop is None or not self.clients or image is None:
+        if self.loop is None or not (self.clients or self.mjpeg_clients) or image is None:
             return
         now = time.monotonic()
         if now - self._last_publish < 1.0 / self.max_fps:
@@ -120,6 +125,10 @@ class LiveView:
         if jpeg is not None:
             self.latest_jpeg = jpeg
             self.published += 1
+            waiters, self._waiters = self._waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
         for client in list(self.clients):
             try:
                 client.write_message(meta)
@@ -151,6 +160,31 @@ class _Frame(tornado.web.RequestHandler):
         self.set_header("Content-Type", "image/jpeg")
         self.set_header("Cache-Control", "no-store")
         self.write(self.view.latest_jpeg)
+
+
+class _Mjpeg(tornado.web.RequestHandler):
+    def initialize(self, view: LiveView) -> None:
+        self.view = view
+
+    async def get(self) -> None:
+        self.set_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.set_header("Cache-Control", "no-store")
+        self.view.mjpeg_clients += 1
+        try:
+            await self.flush()  # the headers now: a player connects before the first frame
+            while True:
+                fut = asyncio.get_running_loop().create_future()
+                self.view._waiters.append(fut)
+                await fut
+                jpeg = self.view.latest_jpeg
+                self.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg))
+                self.write(jpeg)
+                self.write(b"\r\n")
+                await self.flush()
+        except tornado.iostream.StreamClosedError:
+            pass
+        finally:
+            self.view.mjpeg_clients -= 1
 
 
 class _Socket(tornado.websocket.WebSocketHandler):

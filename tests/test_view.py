@@ -22,7 +22,7 @@ from hnd.server.local import free_port
 
 CONFIG = "test/mask_rcnn-b3ch"
 
-pytestmark = pytest.mark.skipif(chromium_binary() is None, reason="chromium not installed (apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(chromium_binary() is None, reason="chromium not installed (apt-get install chromium)")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def model(tiny_model):
     return tiny_model("mask_rcnn")
 
 
+@needs_chromium
 def test_live_view_in_a_headless_browser(model, tmp_path):
     images, _ = sample_images()
     video = str(tmp_path / "live.mp4")
@@ -109,3 +110,46 @@ def test_live_view_in_a_headless_browser(model, tmp_path):
     assert int(later["frames"]) > int(first["frames"]) and int(later["chartUpdates"]) > int(first["chartUpdates"])
     assert frame_jpg[:2] == b"\xff\xd8"
     assert os.path.getsize(shot) > 10_000
+
+
+def test_view_serves_page_frames_and_mjpeg_without_a_model():
+    """The view alone: page without external assets, /frame.jpg, /stream.mjpg parts as frames are published."""
+    import numpy as np
+
+    from hnd.edge.records import FrameRecord, Timings
+    from hnd.edge.view import LiveView
+
+    view = LiveView(0)
+    try:
+        page = urllib.request.urlopen(view.url, timeout=10).read().decode()
+        assert "new WebSocket" in page and "src=\"http" not in page and "href=\"http" not in page
+        stream = urllib.request.urlopen(view.url + "stream.mjpg", timeout=10)
+        assert stream.headers["Content-Type"].startswith("multipart/x-mixed-replace")
+        import torch
+
+        dets = {"boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0]]), "labels": torch.tensor([1]),
+                "scores": torch.tensor([0.9])}
+
+        def publish():
+            for i in range(40):
+                view._last_publish = 0.0  # not rate-limited in this test
+                view.publish(np.full((48, 64, 3), (10 * i) % 256, dtype=np.uint8), dets,
+                             FrameRecord(i, "t", 0.0, "split", ms=Timings(total=5.0)))
+                time.sleep(0.05)
+
+        threading.Thread(target=publish, daemon=True).start()
+        parts = []
+        while len(parts) < 2:
+            assert stream.readline() == b"--frame\r\n"
+            assert stream.readline() == b"Content-Type: image/jpeg\r\n"
+            length = int(stream.readline().split(b":")[1])
+            stream.readline()
+            parts.append(stream.read(length))
+            stream.readline()
+        assert all(p[:2] == b"\xff\xd8" for p in parts) and parts[0] != parts[1]  # JPEGs, and they change
+        decoded = cv2.imdecode(np.frombuffer(parts[1], np.uint8), cv2.IMREAD_COLOR)
+        assert decoded.shape == (48, 64, 3)
+        assert urllib.request.urlopen(view.url + "frame.jpg", timeout=10).read()[:2] == b"\xff\xd8"
+        stream.close()
+    finally:
+        view.close()
