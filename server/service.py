@@ -303,7 +303,7 @@ class SplitInferenceService:
             value = decoded.value
         else:
             value = codec.decode(encoded, self.limits.codec, prior=self.runner.prior)
-        z = value.reshape(shape)
+        z = torch.as_tensor(value).reshape(shape)  # torch or numpy codec output alike
         return ("split", (c, h, w), meta.padded_size), ("split", (z, meta))
 
     def _decode_image(self, request: pb.InferRequest, session: StreamSession | None = None
