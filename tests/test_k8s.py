@@ -8,6 +8,7 @@ selectors, drain timing, the HPA's metrics and the adapter rules that produce th
 """
 from __future__ import annotations
 
+import functools
 import re
 import socket
 from pathlib import Path
@@ -54,6 +55,17 @@ def server_container() -> dict:
 
 def server_args():
     return parse_cli("hnd-server", server_container()["args"], "server-deployment.yaml args")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cached_schemas():
+    """Read each bundled schema file once (kubernetes-validate parses the multi-MB definitions per call)."""
+    from kubernetes_validate import utils
+
+    original = utils.schema_contents
+    utils.schema_contents = functools.lru_cache(maxsize=None)(original)
+    yield
+    utils.schema_contents = original
 
 
 @pytest.fixture
