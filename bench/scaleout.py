@@ -102,6 +102,11 @@ class Replica:
         """SIGKILL: the replica dies with work in flight."""
         self._signal(signal.SIGKILL)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the replica stops answering while its connections stay up (calls pile up on it)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
     def terminate(self, timeout_s: float = 60.0) -> int:
         """SIGTERM and wait for the drain to end; returns the exit code."""
         return self._signal(signal.SIGTERM, timeout_s)
@@ -253,10 +258,16 @@ def faults(replicas: list[Replica], head, fp: str, edges: int, frames: int, roll
     records: list[list[FrameRecord]] = [[] for _ in range(edges)]
     summaries: list[Summary] = []
     stop = threading.Event()
-    threads = [threading.Thread(target=lambda i=i: summaries.append(run_edge(
-        target_of(replicas), head, fp,
-        RepeatedFrames(images, None if rolling else frames, fps=2.0 if rolling else None, stop=stop),
-        records[i], stream=i % 2 == 1))) for i in range(edges)]
+    errors: list[BaseException] = []
+
+    def edge(i: int) -> None:
+        try:
+            source = RepeatedFrames(images, None if rolling else frames, fps=2.0 if rolling else None, stop=stop)
+            summaries.append(run_edge(target_of(replicas), head, fp, source, records[i], stream=i % 2 == 1))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=edge, args=(i,)) for i in range(edges)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -278,6 +289,8 @@ def faults(replicas: list[Replica], head, fp: str, edges: int, frames: int, roll
         replicas[1].terminate()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     flat = [rec for recs in records for rec in recs]
     per_replica: dict[str, int] = {}
     for rec in flat:

@@ -160,3 +160,21 @@ def test_pick_first_moves_to_the_next_address_when_one_is_dead(model):
             client.close()
     assert summary.answered == 2 and {r["replica"] for r in records} == {"alive"}
     assert grpc.StatusCode.UNAVAILABLE.name not in summary.statuses
+
+
+def test_tls_over_an_ipv4_list_checks_the_given_server_name(model, tmp_path):
+    """An ipv4: list has no host name to check the certificate against: --tls-server-name gives it."""
+    from runtime_support import make_certs
+
+    from hnd.server.app import TlsFiles
+
+    certs = make_certs(tmp_path)  # server certificate for DNS:localhost, IP:127.0.0.1
+    tls = TlsFiles(certs["server_cert"], certs["server_key"])
+    with serving(model, tls=tls, replica="a") as a, serving(model, tls=tls, replica="b") as b:
+        client = SplitClient(ClientSettings(f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}", tls_ca=certs["ca"],
+                                            tls_server_name="localhost"))
+        try:
+            summary, _, _ = run_edge(model, client, frames(4), max_inflight=2)
+        finally:
+            client.close()
+    assert summary.answered == 4 and set(summary.replicas) == {"a", "b"}

@@ -98,6 +98,13 @@ def test_spread_then_sigkill_and_sigterm_mid_run_lose_no_frame(replicas, head_fp
     threads, records, summaries = start_edges(target, head_fp, MODES, stop=stop)
     done = lambda n: lambda: all(len(r) >= n for r in records.values())
     wait_for(done(3))
+    # Freeze replica 0 first, so calls are surely in flight on it when it dies: round_robin keeps
+    # sending to it (its connection is up), and an edge whose oldest frame waits there stalls.
+    replicas[0].freeze()
+    before = {k: len(v) for k, v in records.items()}
+    time.sleep(3)
+    stalled = [k for k, v in records.items() if len(v) == before[k]]
+    assert stalled, "no edge had a frame waiting on the frozen replica"
     replicas[0].kill()
     wait_for(done(6))
     assert replicas[1].terminate() == 0  # the drain ended cleanly
@@ -105,9 +112,9 @@ def test_spread_then_sigkill_and_sigterm_mid_run_lose_no_frame(replicas, head_fp
     stop.set()
     for t in threads:
         t.join(timeout=300)
+    # The frames stuck on the killed replica were answered by another: sent again by gRPC's retry
+    # policy (unary; invisible to the edge) or by the edge (a broken stream: record.attempts > 1).
     assert_every_frame_answered(records, summaries)
-    retried = sum(s.retried for s in summaries.values())
-    assert retried > 0, "no frame needed a second send: the faults did not hit work in flight"
     late = [rec.replica for recs in records.values() for rec in recs[-3:]]
     assert all(r.endswith(f":{replicas[2].port}") for r in late), late  # only the survivor is left
 
