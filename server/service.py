@@ -222,6 +222,7 @@ class SplitInferenceService:
         """Open InferStreams stop reading, answer what they read, then end UNAVAILABLE (clients
         resend the rest elsewhere); new streams are refused UNAVAILABLE."""
         self.draining = True
+        self.refusal_log.flush()
         for reader in list(self._stream_readers):
             reader.cancel()
 

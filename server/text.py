@@ -49,6 +49,14 @@ class RateLimitedLog:
         self.suppressed = 0  # in the current window
         self.suppressed_total = 0
 
+    def flush(self) -> None:
+        """Report what the current window suppressed now (e.g. when the server drains)."""
+        with self._lock:
+            if self.suppressed:
+                self.logger.warning("%d similar refusal lines suppressed in the last %.0f s",
+                                    self.suppressed, self.clock() - self._window_start)
+            self._window_start, self._logged, self.suppressed = self.clock(), 0, 0
+
     def warning(self, msg: str, *args: object) -> bool:
         """Log like ``logger.warning`` unless over the rate; returns whether the line was written."""
         with self._lock:

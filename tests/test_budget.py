@@ -117,3 +117,9 @@ def test_refusal_log_is_rate_limited_and_counts_what_it_left_out(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["refused 0", "refused 1", "refused 2",
                      "97 similar refusal lines suppressed in the last 11 s", "refused again"]
+    for _ in range(5):
+        limited.warning("more")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hnd.test"):
+        limited.flush()  # the server drains: what was left out is reported at once
+    assert [r.getMessage() for r in caplog.records] == ["3 similar refusal lines suppressed in the last 0 s"]
