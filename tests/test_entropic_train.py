@@ -21,7 +21,7 @@ SMALL = {"min_size": 64, "max_size": 64, "box_score_thresh": 0.0, "box_detection
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("entropic-data")
-    make_synthetic_coco(root, images=4, val_images=2, size=(64, 64), seed=3, empty_fraction=0.0)
+    make_synthetic_coco(root, images=3, val_images=1, size=(64, 64), seed=3, empty_fraction=0.0)
     return root
 
 
@@ -63,6 +63,7 @@ def test_stage1_loss_distils_four_layers_plus_rate_and_falls(data_root, tmp_path
     assert float(rate_bits(lik)) == pytest.approx(3.0)
 
 
+@pytest.mark.timeout(1500)  # three short trainings: minutes on a loaded 2-core machine
 def test_two_stages_resume_exactly_and_eval_reports_bytes(data_root, tmp_path, capsys):
     opts = dict(select_by="last", progress=False)
     full_cfg = _config(data_root, tmp_path / "full.yaml", stage2_epochs=2)
