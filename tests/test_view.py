@@ -70,9 +70,14 @@ def test_live_view_in_a_headless_browser(model, tmp_path):
                 await page.goto(url)
                 state = {}
                 while time.monotonic() < deadline:
-                    state = await page.eval("Object.assign({}, document.body.dataset, "
+                    # null until the navigation has produced the page (the old document may still be there)
+                    state = await page.eval("document.getElementById('frame') ? Object.assign({}, "
+                                            "document.body.dataset, "
                                             "{img: document.getElementById('frame').naturalWidth, "
-                                            "status: document.getElementById('status').textContent})")
+                                            "status: document.getElementById('status').textContent}) : null")
+                    if state is None:
+                        await asyncio.sleep(0.2)
+                        continue
                     if int(state["distinct"]) >= 3 and int(state["chartUpdates"]) >= 3 and int(state["windows"]) >= 2 \
                             and state["img"] > 0:
                         break
