@@ -77,10 +77,7 @@ import argparse
 import sys
 
 from hnd.common import codec
-from hnd.common.checkpoint import CheckpointError
-from hnd.common.config import ConfigError
-from hnd.edge.capture import SourceError
-from hnd.edge.client import EdgeError
+from hnd.common.errors import USER_ERRORS, UsageError, report
 
 from hnd.bench.frames import MIXED_SIZE
 from hnd.bench.linkmodel import FORMULA, parse_links
@@ -143,18 +140,18 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     bits = _ints(args.bits)
     bad = [b for b in bits if b not in codec.BITS]
     if not bits or bad:
-        raise ValueError(f"--bits: {bad or args.bits!r} not in {codec.BITS}")
+        raise UsageError(f"--bits: {bad or args.bits!r} not in {codec.BITS}")
     grans = [g.strip() for g in args.granularity.split(",")] if args.granularity else None
     if grans is not None and not set(grans) <= {"tensor", "channel"}:
-        raise ValueError(f"--granularity: expected tensor and/or channel, got {args.granularity!r}")
+        raise UsageError(f"--granularity: expected tensor and/or channel, got {args.granularity!r}")
     if args.frames is not None and args.frames < 1:
-        raise ValueError("--frames must be >= 1")
+        raise UsageError("--frames must be >= 1")
     if args.mixed is not None and (args.mixed < 1 or args.frames is not None):
-        raise ValueError("--mixed N: N >= 1 frames, and no --frames (N is the frame count)")
+        raise UsageError("--mixed N: N >= 1 frames, and no --frames (N is the frame count)")
     if not 0.0 <= args.empty_fraction <= 1.0:
-        raise ValueError(f"--empty-fraction must be in [0, 1], got {args.empty_fraction}")
+        raise UsageError(f"--empty-fraction must be in [0, 1], got {args.empty_fraction}")
     if args.filter_threshold is not None and not 0.0 <= args.filter_threshold <= 1.0:
-        raise ValueError(f"--filter-threshold must be a probability in [0, 1], got {args.filter_threshold}")
+        raise UsageError(f"--filter-threshold must be a probability in [0, 1], got {args.filter_threshold}")
     parse_links(args.links)  # fail before any model is built
     return BenchOptions(
         config=args.config, checkpoint=args.checkpoint, random_weights=args.random_weights, images=args.images,
@@ -176,9 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = run_bench(options_from_args(args))
-    except (ValueError, ConfigError, CheckpointError, EdgeError, SourceError, OSError, RuntimeError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report(PROG, exc)
     except KeyboardInterrupt:
         return 130
     print(render_markdown(result))

@@ -142,7 +142,7 @@ def table(rows: list[Row]) -> str:
     for bits, granularity, compression in SETTINGS:
         group = [r for r in rows if (r.bits, r.granularity, r.compression) == (bits, granularity, compression)]
         by_photo = {r.photo: r for r in group}
-        mean = lambda key: statistics.fmean(getattr(r, key) for r in group)  # noqa: E731
+        mean = lambda key, group=group: statistics.fmean(getattr(r, key) for r in group)
         lines.append(
             f"| {bits} | {granularity if bits <= 8 else '-'} | {compression} | "
             + " | ".join(f"{by_photo[p].payload_bytes:,}" for p in PHOTOS)

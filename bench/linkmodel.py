@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from hnd.common.errors import UsageError
+
 SWEEP_MBIT = (0.5, 100.0)  # the plot's bandwidth axis
 CROSSOVER_MBIT = (0.01, 10_000.0)  # crossovers are searched on a wider range than the plot shows
 FORMULA = ("latency_ms = edge_ms + 8 * (request_bytes + response_bytes) / bandwidth_bits_per_ms "
@@ -45,15 +47,15 @@ def parse_links(text: str) -> list[Link]:
     for part in text.split(","):
         m = _LINK_RE.match(part)
         if m is None:
-            raise ValueError(f"bad link {part.strip()!r}: expected NAME=RATE(kbit|mbit|gbit)/RTT(us|ms|s), "
+            raise UsageError(f"bad link {part.strip()!r}: expected NAME=RATE(kbit|mbit|gbit)/RTT(us|ms|s), "
                              "e.g. lte=10mbit/40ms")
         name, rate, rate_unit, rtt, rtt_unit = m.groups()
         mbit = float(rate) * _RATE_UNITS[rate_unit.lower()]
         if mbit <= 0:
-            raise ValueError(f"bad link {part.strip()!r}: the rate must be positive")
+            raise UsageError(f"bad link {part.strip()!r}: the rate must be positive")
         links.append(Link(name, mbit, float(rtt) * _TIME_UNITS[rtt_unit.lower()]))
     if len({link.name for link in links}) != len(links):
-        raise ValueError(f"link names must be unique: {text!r}")
+        raise UsageError(f"link names must be unique: {text!r}")
     return links
 
 

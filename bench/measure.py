@@ -189,7 +189,7 @@ def measure(settings: list[Setting], frames: list[np.ndarray], names: list[str],
                 runner = runners[s.key]
                 got: list[FrameRecord] = []
                 before = answered() if answered is not None else 0.0
-                runner.run(ArrayFrames([sent], [name]), on_record=lambda r, f: got.append(r))
+                runner.run(ArrayFrames([sent], [name]), on_record=lambda r, f, got=got: got.append(r))
                 if answered is not None:
                     requests[s.key] += int(round(answered() - before))
                 record = got[0]

@@ -125,7 +125,8 @@ def build_runner(config: str, seed: int, tail: str, detections: int):
     """The hnd-server ModelRunner for ``config`` (seeded weights), its tail real or a stand-in (``parse_tail``)."""
     import torch
 
-    from hnd.common.config import build_model_from_config, load_config, with_weights
+    from hnd.common.config import load_config, with_weights
+    from hnd.common.build import build_model_from_config
     from hnd.server.service import ModelRunner
 
     torch.set_num_threads(1)
@@ -187,7 +188,8 @@ def make_request(config: str, seed: int, bits: int, size: tuple[int, int]):
 
     from hnd.common import codec, wire
     from hnd.common.checkpoint import fingerprint
-    from hnd.common.config import build_model_from_config, load_config, with_weights
+    from hnd.common.config import load_config, with_weights
+    from hnd.common.build import build_model_from_config
     from hnd.common.split import split_model
     from hnd.edge.capture import sample_images
     from hnd.edge.torch_modes import to_tensor

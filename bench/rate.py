@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from hnd.common.config import build_model_from_config, load_config, with_weights
+    from hnd.common.config import load_config, with_weights
+    from hnd.common.build import build_model_from_config
 
     from hnd.bench.report import machine_info
 

@@ -40,7 +40,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
         "hnd": hnd.__version__, "platform": platform.platform(),
         "loadavg_1_5_15min": [round(v, 2) for v in os.getloadavg()],  # other work on the machine skews timings
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -187,7 +187,7 @@ def _ordering(sweep: dict[str, Any], index: int | None = None) -> str:
     """The modes from fastest to slowest at one sweep point (the middle one by default)."""
     i = len(sweep["mbit"]) // 2 if index is None else index
     at = {k: v[i] for k, v in sweep["best"].items()}
-    return " < ".join(f"{k} ({at[k] / 1e3:.2f} s)" for k in sorted(at, key=at.get)) + \
+    return " < ".join(f"{k} ({at[k] / 1e3:.2f} s)" for k in sorted(at, key=lambda k: at[k])) + \
         (" throughout" if index is None else "")
 
 

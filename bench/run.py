@@ -12,9 +12,11 @@ import numpy as np
 import torch
 
 from hnd.common.checkpoint import fingerprint
-from hnd.common.config import build_model_from_config, load_config
+from hnd.common.config import load_config
+from hnd.common.build import build_model_from_config
 from hnd.common.files import atomic_write_text
-from hnd.edge.client import ClientSettings, EdgeError, SplitClient
+from hnd.edge.client import ClientSettings, SplitClient
+from hnd.edge.modes import check_fingerprint
 from hnd.edge.pipeline import EdgeOptions
 
 from hnd.bench.agreement import add_agreement
@@ -38,8 +40,10 @@ class Frames:
 
 def _frames(o: BenchOptions, p: Plan, out: Path) -> Frames:
     if o.mixed:
-        return Frames(*mixed_frames(p.frames, p.model.kind, out / "mixed-frames", o.empty_fraction))
-    return Frames(*load_frames(o.images, o.video, p.frames), labels=None)
+        images, names, labels = mixed_frames(p.frames, p.model.kind, out / "mixed-frames", o.empty_fraction)
+        return Frames(images, names, labels)
+    images, names = load_frames(o.images, o.video, p.frames)
+    return Frames(images, names, None)
 
 
 def _measure(p: Plan, model: torch.nn.Module, settings: list[Setting], frames: Frames,
@@ -56,8 +60,7 @@ def _measure(p: Plan, model: torch.nn.Module, settings: list[Setting], frames: F
                                                 timeout_s=max(rt.deadline_s, 600.0)))
             try:
                 info = client.model_info()
-                if info.weights_fingerprint != fp:
-                    raise EdgeError(f"weights fingerprint mismatch: edge {fp}, server {info.weights_fingerprint}")
+                check_fingerprint(info, fp)
                 measured = measure(settings, frames.images, frames.names, model, fp, client, progress, answered)
             finally:
                 client.close()
@@ -92,7 +95,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
         apply_server_profile(settings, samples, o.server_profile)
 
     rows = [summarize(s, samples[s.key], p.links, frames.labels, requests.get(s.key)) for s in settings]
-    mbits = np.geomspace(*CROSSOVER_MBIT, 2000)
+    mbits = np.geomspace(CROSSOVER_MBIT[0], CROSSOVER_MBIT[1], 2000)
     curves, best = envelopes(settings, samples, mbits, o.sweep_rtt_ms)
     marks = crossovers(best, mbits)
     shown = (mbits >= SWEEP_MBIT[0]) & (mbits <= SWEEP_MBIT[1])

@@ -188,7 +188,8 @@ def sample_frames(n: int = 3, size: tuple[int, int] = (120, 160), seed: int = 0)
 def edge_model(config: str = "test/faster_rcnn-b3ch", seed: int = 0):
     """(head, fingerprint) of the student the replicas serve with ``--random-weights seed``."""
     from hnd.common.checkpoint import fingerprint
-    from hnd.common.config import build_model_from_config, load_config, with_weights
+    from hnd.common.config import load_config, with_weights
+    from hnd.common.build import build_model_from_config
     from hnd.common.split import split_model
 
     cfg = load_config(config)

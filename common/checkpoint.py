@@ -10,7 +10,7 @@ Formats read by :func:`load_checkpoint`:
   "lr_scheduler", "config", "args"}`` with torchvision 0.4.2 key names;
 * a bare state dict (e.g. torchvision's released COCO weights);
 * a neural-filter file (the original's ext checkpoint, or ours with ``format: "hnd-filter"``):
-  read here, loaded with ``hnd.common.neural_filter.load_filter``.
+  read here, loaded with ``hnd.common.checkpoint.load_filter``.
 
 Everything is read with ``torch.load(weights_only=True)`` and an explicit allowlist of
 the few non-tensor types the original files hold; anything else is refused.
@@ -32,14 +32,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from hnd.common.errors import HndError
 from hnd.common.files import atomic_write
+from hnd.common.models import bottleneck_channels_of, bottleneck_type_of, model_kind
+from hnd.common.neural_filter import FILTER_FORMAT, FILTER_FORMAT_VERSION, FILTER_PREFIX, Ext4ResNet, \
+    filter_state_dict_from, is_filter_state_dict
+from hnd.common.split import head_prefixes, head_state_dict, is_head_key
 
 CHECKPOINT_FORMAT = "hnd-checkpoint"
 HEAD_FORMAT = "hnd-head"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(HndError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
@@ -236,8 +241,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     raw = read_file(path)
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(raw).__name__}, expected a dict)")
-    from hnd.common.neural_filter import FILTER_FORMAT
-
     if raw.get("format") in (CHECKPOINT_FORMAT, HEAD_FORMAT, FILTER_FORMAT):
         ckpt = dict(raw)
         if ckpt.get("version", 0) > FORMAT_VERSION:
@@ -257,13 +260,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def _check_compatible(path: Any, sd: Mapping[str, torch.Tensor], model: nn.Module, keys: set[str] | None) -> None:
     """Say in one line why a state dict does not fit a model (kind, teacher/student, channels, keys)."""
-    from hnd.common.models import bottleneck_channels_of, model_kind
-    from hnd.common.neural_filter import FILTER_PREFIX, is_filter_state_dict
-
     if is_filter_state_dict(sd):
         raise CheckpointError(f"{path}: holds only neural filter weights; name it in model.filter.checkpoint")
-
-    from hnd.common.models import bottleneck_type_of
 
     want = (model_kind(model), bottleneck_channels_of(model))
     have = describe_state_dict(sd)
@@ -305,8 +303,6 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = Tr
     values), e.g. a neural filter whose weights come from their own file.
     Raises CheckpointError naming the file and the problem.
     """
-    from hnd.common.neural_filter import FILTER_FORMAT
-
     ckpt = read_checkpoint(path)
     if ckpt["format"] == HEAD_FORMAT:
         raise CheckpointError(f"{path}: a head-only export; load it into the edge's Head with load_head()")
@@ -332,7 +328,7 @@ def load_weights(path_or_url: str, model: nn.Module) -> dict[str, Any]:
     if re.match(r"^https?://", path_or_url):
         # Only reached when a config or caller names a URL; tests never do.
         sd = torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", weights_only=True)
-        ckpt = {"format": "state_dict", "model": upgrade_legacy_keys(sd)}
+        ckpt: dict[str, Any] = {"format": "state_dict", "model": upgrade_legacy_keys(sd)}
         _check_compatible(path_or_url, ckpt["model"], model, None)
         model.load_state_dict(ckpt["model"])
         return ckpt
@@ -349,8 +345,6 @@ def export_head(path_in: str | os.PathLike, path_out: str | os.PathLike) -> str:
     The export keeps full-model key names and carries the fingerprint of the full model,
     so an edge holding only the head still proves to the server which weights it runs.
     """
-    from hnd.common.split import is_head_key
-
     ckpt = read_checkpoint(path_in)
     if ckpt["format"] == HEAD_FORMAT:
         raise CheckpointError(f"{path_in}: already a head-only export")
@@ -370,8 +364,6 @@ def export_head(path_in: str | os.PathLike, path_out: str | os.PathLike) -> str:
 
 def load_head(path: str | os.PathLike, head: nn.Module) -> str:
     """Load a head-only export (or the head part of a full checkpoint) into a Head; returns the full fingerprint."""
-    from hnd.common.split import head_prefixes, head_state_dict
-
     ckpt = read_checkpoint(path)
     sd = ckpt["model"]
     full_fp = ckpt.get("fingerprint") if ckpt["format"] == HEAD_FORMAT else fingerprint(sd)
@@ -396,3 +388,51 @@ def load_head(path: str | os.PathLike, head: nn.Module) -> str:
                 break
     head.load_state_dict(short, strict=True)
     return full_fp
+
+
+# ---------------------------------------------------------------------------------------------
+# Neural filter files (layouts: hnd.common.neural_filter)
+
+
+def save_filter(path: str | os.PathLike, ext: Ext4ResNet, **extra: Any) -> str:
+    """Write the filter's weights in the original's ext layout plus our metadata; returns their fingerprint.
+
+    ``extra`` (best_value, epoch, config as a dict, ...) must be plain data (read back with weights_only).
+    """
+    sd = ext.state_dict()
+    fp = fingerprint(sd)
+    atomic_torch_save({"format": FILTER_FORMAT, "version": FILTER_FORMAT_VERSION, "model": sd, "fingerprint": fp,
+                       "threshold": ext.threshold, **extra}, path)
+    return fp
+
+
+def load_filter(path: str | os.PathLike, ext: Ext4ResNet) -> dict[str, Any]:
+    """Load filter weights from any layout listed in the module docstring into ``ext`` (strict).
+
+    Returns the checkpoint dict. Raises CheckpointError naming the file and the problem.
+    """
+    ckpt = read_checkpoint(path)
+    sd = filter_state_dict_from(ckpt["model"])
+    if not sd:
+        raise CheckpointError(f"{path}: holds no neural filter weights (no Ext4ResNet keys, with or without "
+                              f"the prefix {FILTER_PREFIX})")
+    expected = ext.state_dict()
+    # num_batches_tracked is optional: BatchNorm fills it in when a file lacks it (older torch).
+    required = {k for k in expected if not k.endswith("num_batches_tracked")}
+    missing = sorted(required - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} neural filter keys missing, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        raise CheckpointError(f"{path}: {len(unexpected)} unexpected neural filter keys, e.g. "
+                              f"{', '.join(unexpected[:3])}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{path}: filter weight {k} has shape {tuple(v.shape)}, "
+                                  f"Ext4ResNet expects {tuple(expected[k].shape)}")
+    # Check the stored fingerprint first, so a refused file leaves the filter as it was.
+    stored = ckpt.get("fingerprint") if ckpt.get("format") == FILTER_FORMAT else None
+    if stored is not None and stored != fingerprint(sd):
+        raise CheckpointError(f"{path}: filter weights do not match the fingerprint stored in the file (corrupted?)")
+    ext.load_state_dict(sd, strict=False)  # missing num_batches_tracked keep 0, as BatchNorm would set
+    return ckpt

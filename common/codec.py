@@ -13,7 +13,7 @@ Modes (``bits`` x ``granularity``):
   Error bound: ``|decode(encode(x)) - x| <= scale / 2`` per element, up to float32 rounding
   (about ``1e-4 * scale + 2**-23 * |x|``).
 * ``bits=8, granularity="original"``: the original HND repository's per-tensor 8-bit scheme, reproduced
-  exactly (truncated zero point, clamp before round; ORIGINAL.md section 3), except that a constant
+  exactly (truncated zero point, clamp before round; docs/ORIGINAL_MODELS.md section 3), except that a constant
   tensor no longer divides by zero. Its error is below ``scale`` (not ``scale / 2``) when the range
   includes 0, and unbounded when it does not (it clamps the zero point to [0, 255]).
 * ``bits=16``: float16 (granularity ignored); ``bits=32``: lossless float32, bit for bit.
@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 import zstandard
+
+from hnd.common.errors import HndError
 
 __all__ = [
     "AFFINE_BITS",
@@ -80,7 +82,7 @@ _MAX_AFFINE_ABS = float(np.finfo(np.float32).max) / 256
 _ZSTD_MIN_LEVEL = -(1 << 17)
 
 
-class CodecError(ValueError):
+class CodecError(HndError, ValueError):
     """Input the codec refuses: bad arguments, non-finite values, or a malformed / hostile encoding."""
 
 

@@ -5,7 +5,7 @@ student is the same model with ``backbone.body.layer1`` replaced by the HND
 bottleneck: an encoder that squeezes the 64-channel stem output into C channels
 (what the edge sends) and a decoder that restores layer1's 256 channels. Layer
 order and state-dict key names follow the original code (Bottleneck4LargeResNet,
-see shared/reference/ORIGINAL.md section 1) so its checkpoints load.
+see docs/ORIGINAL_MODELS.md section 1) so its checkpoints load.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from torchvision.models import resnet50
 from torchvision.models.detection import FasterRCNN, KeypointRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
+
+from hnd.common.entropic import DEFAULT_CHANNELS, build_entropic_backbone, entropic_bottleneck_of, is_entropic
 
 MODEL_KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
 BOTTLENECK_TYPES = ("hnd", "entropic")
@@ -113,7 +115,6 @@ def build_model(
     kind: str,
     bottleneck_channels: int | None = None,
     num_classes: int | None = None,
-    weights: str | None = None,
     bottleneck_type: str = "hnd",
     **kwargs: Any,
 ) -> nn.Module:
@@ -125,14 +126,13 @@ def build_model(
         num_classes: including background; defaults 91 (COCO) or 2 (person keypoints).
         bottleneck_type: ``hnd`` (layer1 replaced by the HND bottleneck) or ``entropic`` (stem and
             layer1 replaced by sc2bench's entropy-coded bottleneck, ``hnd.common.entropic``).
-        weights: optional path or URL of full-model weights (torchvision or original layout),
-            loaded with ``hnd.common.checkpoint``. Nothing is downloaded unless this is a URL.
         **kwargs: passed to torchvision's FasterRCNN / MaskRCNN / KeypointRCNN
             (min_size, max_size, box_score_thresh, num_keypoints, ...).
 
     Returns:
         the model in eval mode. Parameters are randomly initialised from torch's
-        global RNG unless ``weights`` is given; seed it for reproducible weights.
+        global RNG; seed it for reproducible weights. Weights come from
+        ``hnd.common.build.build_model_from_config`` (or ``hnd.common.checkpoint.load_weights``).
     """
     detector = _detector_class(kind)
     if num_classes is None:
@@ -142,8 +142,6 @@ def build_model(
     if bottleneck_type not in BOTTLENECK_TYPES:
         raise ValueError(f"unknown bottleneck_type {bottleneck_type!r}; expected one of {', '.join(BOTTLENECK_TYPES)}")
     if bottleneck_type == "entropic":
-        from hnd.common.entropic import DEFAULT_CHANNELS, build_entropic_backbone
-
         backbone = build_entropic_backbone(bottleneck_channels or DEFAULT_CHANNELS)
     else:
         frozen_bn = partial(FrozenBatchNorm2d, eps=0.0)
@@ -152,24 +150,16 @@ def build_model(
         if bottleneck_channels is not None:
             backbone.body.layer1 = Bottleneck(bottleneck_channels)
     model = detector(backbone, num_classes=num_classes, **kwargs)
-    if weights is not None:
-        from hnd.common.checkpoint import load_weights  # late import: checkpoint imports this module
-
-        load_weights(weights, model)
     return model.eval()
 
 
 def is_student(model: nn.Module) -> bool:
     """True for a splittable student: an HND bottleneck at ``backbone.body.layer1`` or an Entropic Student."""
-    from hnd.common.entropic import is_entropic
-
     return isinstance(getattr(model.backbone.body, "layer1", None), Bottleneck) or is_entropic(model)
 
 
 def bottleneck_type_of(model: nn.Module) -> str | None:
     """``hnd``, ``entropic``, or None for a teacher."""
-    from hnd.common.entropic import is_entropic
-
     if is_entropic(model):
         return "entropic"
     return "hnd" if isinstance(getattr(model.backbone.body, "layer1", None), Bottleneck) else None
@@ -188,8 +178,6 @@ def model_kind(model: nn.Module) -> str:
 
 def bottleneck_channels_of(model: nn.Module) -> int | None:
     """C of the student's bottleneck (HND or Entropic), None for a teacher."""
-    from hnd.common.entropic import entropic_bottleneck_of, is_entropic
-
     if is_entropic(model):
         return entropic_bottleneck_of(model).bottleneck_channels
     layer1 = getattr(model.backbone.body, "layer1", None)

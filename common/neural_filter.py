@@ -4,7 +4,7 @@ the edge skip frames with nothing to detect.
 It sits in the student at ``backbone.body.layer1.encoder.ext_classifier`` (the slot of the
 original's ``ExtEncoder``), so it belongs to the head: the head's state dict, the head-only
 export and the weights fingerprint include it. Layer order and key names follow the original
-(shared/reference/ORIGINAL.md section 4), so its filter checkpoints load:
+(docs/ORIGINAL_MODELS.md section 4), so its filter checkpoints load:
 
     extractor.{1,4,7}.{weight,bias}  convs 64->64 k4 s2, 64->32 k3 s2, 32->16 k2 s1
     extractor.{2,5,8}.*              BatchNorm2d 64, 32, 16
@@ -13,25 +13,26 @@ export and the weights fingerprint include it. Layer order and key names follow 
 23 keys, 88,402 parameters. Class 1 means "something to detect"; a frame whose class-1
 probability is below the threshold (0.01 in the original's config) is not sent.
 
-Filter checkpoint files (:func:`load_filter`) are read with the same safe loader as every other
+Filter checkpoint files (``hnd.common.checkpoint.load_filter``) are read with the same safe loader as every other
 checkpoint (``torch.load(weights_only=True)`` plus the allowlist of the original's extras):
 
 * the original's ext checkpoint: ``{"model": Ext4ResNet keys without prefix, "optimizer",
   "best_value", "lr_scheduler", "config", "args"}``;
-* ours (:func:`save_filter`): the same layout plus ``format: "hnd-filter"``, ``version`` and
+* ours (``hnd.common.checkpoint.save_filter``): the same layout plus ``format: "hnd-filter"``, ``version`` and
   ``fingerprint`` (of the filter's own state dict), so the original code can read it too;
 * a full student checkpoint or head export that holds the filter under its prefix;
 * a bare state dict, with or without the prefix.
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from hnd.common.models import Bottleneck
 
 FILTER_PREFIX = "backbone.body.layer1.encoder.ext_classifier."
 FILTER_FORMAT = "hnd-filter"
@@ -101,8 +102,6 @@ def attach_filter(model: nn.Module, threshold: float = DEFAULT_THRESHOLD,
     A fresh filter draws its initial weights from torch's global RNG *after* the model was
     built, so a model's own weights do not depend on whether a filter gets attached.
     """
-    from hnd.common.models import Bottleneck
-
     layer1 = model.backbone.body.layer1
     if not isinstance(layer1, Bottleneck):
         raise TypeError("a neural filter needs a student (backbone.body.layer1 must be an HND bottleneck)")
@@ -125,54 +124,6 @@ def filter_state_dict_from(sd: Mapping[str, torch.Tensor]) -> "OrderedDict[str, 
     if is_filter_state_dict(sd):
         return OrderedDict(sd)
     return OrderedDict((k[len(FILTER_PREFIX):], v) for k, v in sd.items() if k.startswith(FILTER_PREFIX))
-
-
-def save_filter(path: str | os.PathLike, ext: Ext4ResNet, **extra: Any) -> str:
-    """Write the filter's weights in the original's ext layout plus our metadata; returns their fingerprint.
-
-    ``extra`` (best_value, epoch, config as a dict, ...) must be plain data (read back with weights_only).
-    """
-    from hnd.common.checkpoint import atomic_torch_save, fingerprint
-
-    sd = ext.state_dict()
-    fp = fingerprint(sd)
-    atomic_torch_save({"format": FILTER_FORMAT, "version": FILTER_FORMAT_VERSION, "model": sd, "fingerprint": fp,
-                       "threshold": ext.threshold, **extra}, path)
-    return fp
-
-
-def load_filter(path: str | os.PathLike, ext: Ext4ResNet) -> dict[str, Any]:
-    """Load filter weights from any layout listed in the module docstring into ``ext`` (strict).
-
-    Returns the checkpoint dict. Raises CheckpointError naming the file and the problem.
-    """
-    from hnd.common.checkpoint import CheckpointError, fingerprint, read_checkpoint
-
-    ckpt = read_checkpoint(path)
-    sd = filter_state_dict_from(ckpt["model"])
-    if not sd:
-        raise CheckpointError(f"{path}: holds no neural filter weights (no Ext4ResNet keys, with or without "
-                              f"the prefix {FILTER_PREFIX})")
-    expected = ext.state_dict()
-    # num_batches_tracked is optional: BatchNorm fills it in when a file lacks it (older torch).
-    required = {k for k in expected if not k.endswith("num_batches_tracked")}
-    missing = sorted(required - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing:
-        raise CheckpointError(f"{path}: {len(missing)} neural filter keys missing, e.g. {', '.join(missing[:3])}")
-    if unexpected:
-        raise CheckpointError(f"{path}: {len(unexpected)} unexpected neural filter keys, e.g. "
-                              f"{', '.join(unexpected[:3])}")
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{path}: filter weight {k} has shape {tuple(v.shape)}, "
-                                  f"Ext4ResNet expects {tuple(expected[k].shape)}")
-    # Check the stored fingerprint first, so a refused file leaves the filter as it was.
-    stored = ckpt.get("fingerprint") if ckpt.get("format") == FILTER_FORMAT else None
-    if stored is not None and stored != fingerprint(sd):
-        raise CheckpointError(f"{path}: filter weights do not match the fingerprint stored in the file (corrupted?)")
-    ext.load_state_dict(sd, strict=False)  # missing num_batches_tracked keep 0, as BatchNorm would set
-    return ckpt
 
 
 def empty_detections(kind: str, image_size: tuple[int, int], num_keypoints: int = 17,

@@ -27,6 +27,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from hnd.common.errors import HndError
+
 __all__ = [
     "ENCODERS",
     "VIDEO_FORMATS",
@@ -43,7 +45,7 @@ ENCODERS = {"h264": "libx264", "hevc": "libx265"}
 _DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
-class VideoError(ValueError):
+class VideoError(HndError, ValueError):
     """A frame the codec refuses: bad settings, or a damaged / hostile / out-of-bounds bitstream."""
 
 

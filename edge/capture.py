@@ -21,6 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from hnd.common.errors import HndError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 # Statuses of frames that failed on the edge, before any request (records' "status"; the server's are
 # gRPC status names).
@@ -30,7 +32,7 @@ DECODE_ERROR = "EDGE_DECODE_ERROR"  # read, but not a decodable image (corrupt, 
 log = logging.getLogger("hnd.edge")
 
 
-class SourceError(Exception):
+class SourceError(HndError):
     """A frame source that cannot be opened; the message names it."""
 
 
@@ -365,6 +367,7 @@ def open_source(
                 raise SourceError(f"{video}: no such video file")
             return LiveCapture(video, max_frames=max_frames, lost_after_s=lost_after_s)
         return VideoFile(video, max_frames=max_frames)
+    assert images is not None
     return ImageFiles(images, max_frames=max_frames)
 
 

@@ -25,12 +25,13 @@ import torch
 from torch import nn
 
 from hnd.common import codec
-from hnd.common.checkpoint import CheckpointError, fingerprint, load_head
+from hnd.common.checkpoint import fingerprint, load_head
+from hnd.common.errors import USER_ERRORS, report
 from hnd.common.files import atomic_write_text
-from hnd.common.config import Config, ConfigError, build_architecture, build_model_from_config, load_config, with_weights
+from hnd.common.config import Config, ConfigError, load_config, with_weights
+from hnd.common.build import build_architecture, build_model_from_config
 from hnd.common.split import Head, split_model
-from hnd.common.video import VideoError
-from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceError, SourceLost, open_source
+from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceLost, open_source
 from hnd.edge.client import LB_POLICIES, ClientSettings, EdgeError, SplitClient, check_target
 from hnd.edge.draw import VideoSink, draw_detections
 from hnd.edge.modes import EdgeOptions, make_mode
@@ -402,9 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     except RecordWriteError as exc:
         print(f"{PROG}: error: {exc} (--on-write-error stop); records before it were written", file=sys.stderr)
         return EXIT_WRITE_ERROR
-    except (ConfigError, CheckpointError, EdgeError, SourceError, OSError, VideoError, codec.CodecError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report(PROG, exc)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; records so far were written", file=sys.stderr)
         return 130

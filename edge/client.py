@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from hnd.common.errors import HndError
 from hnd.edge.diagnose import describe_failure
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import split_inference_pb2_grpc as pb_grpc
@@ -35,7 +36,7 @@ LB_POLICIES = ("round_robin", "pick_first")
 TARGET_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract")
 
 
-class EdgeError(Exception):
+class EdgeError(HndError):
     """A condition that stops the edge (one clear line for the user)."""
 
 

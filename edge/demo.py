@@ -19,6 +19,7 @@ import cv2
 
 from hnd.edge import cli as edge_cli
 from hnd.edge.capture import sample_images
+from hnd.common.errors import USER_ERRORS, report
 from hnd.server.local import server_process
 
 DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
@@ -54,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server = stack.enter_context(
                 server_process(args.config, weights, ["--log-level", "WARNING", "--threads", threads]))
-        except RuntimeError as exc:
-            print(f"hnd-demo: error: {exc}", file=sys.stderr)
-            return 2
+        except USER_ERRORS as exc:
+            return report("hnd-demo", exc)
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
         write_samples(Path(tmp), args.frames)
         edge_args = ["--server", server.target, "--images", tmp, "--config", args.config, *weights,

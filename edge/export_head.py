@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hnd.common.checkpoint import CheckpointError, export_head
+from hnd.common.checkpoint import export_head
+from hnd.common.errors import USER_ERRORS, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,9 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         fp = export_head(args.checkpoint, args.output)
-    except (CheckpointError, OSError) as exc:
-        print(f"hnd-export-head: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report("hnd-export-head", exc)
     print(f"{args.output}: head of model {fp}")
     return 0
 

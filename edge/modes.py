@@ -141,14 +141,19 @@ class EdgeMode:
         return request
 
 
-def check_split_server(info: pb.ModelInfo, fingerprint: str, bits: int, resize: tuple[int, int] | None,
-                       compression: str = "zstd") -> None:
-    """What a split mode needs of the server: the same weights, its codec mode and bits and (given) the same resize."""
+def check_fingerprint(info: pb.ModelInfo, fingerprint: str) -> None:
+    """The edge's side of the one-checkpoint rule: the server holds the same weights (else EdgeError naming both)."""
     if info.weights_fingerprint != fingerprint:
         raise EdgeError(
             f"weights fingerprint mismatch: edge {fingerprint}, server {info.weights_fingerprint} "
             "(both sides must load the same checkpoint or seed)"
         )
+
+
+def check_split_server(info: pb.ModelInfo, fingerprint: str, bits: int, resize: tuple[int, int] | None,
+                       compression: str = "zstd") -> None:
+    """What a split mode needs of the server: the same weights, its codec mode and bits and (given) the same resize."""
+    check_fingerprint(info, fingerprint)
     entropic_server = tensor_pb2.COMPRESSION_LEARNED in info.accepted_compressions
     if compression == "learned" and not entropic_server:
         raise EdgeError(f"the server's {info.model_kind} is an HND student: it takes no learned entropy coding "

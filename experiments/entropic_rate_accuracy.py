@@ -80,7 +80,8 @@ def evaluate(cfg: Path, ckpt: Path, out_json: Path, device: str, workers: int, b
 
 def jpeg_sweep(cfg: Path, ckpt: Path, device: str) -> dict[int, dict]:
     """Teacher on JPEG-compressed val frames: {quality: {"AP", "AP50", "bytes"}}."""
-    from hnd.common.config import build_model_from_config, load_config, with_weights
+    from hnd.common.config import load_config, with_weights
+    from hnd.common.build import build_model_from_config
     from hnd.train.data import build_dataset, make_loader
 
     c = load_config(cfg)
@@ -114,7 +115,8 @@ def jpeg_sweep(cfg: Path, ckpt: Path, device: str) -> dict[int, dict]:
 def timings(cfgs: dict[str, Path], ckpts: dict[str, Path], frames: int = 20) -> dict[str, dict]:
     """Per frame on the val images: head ms, codec encode / decode ms, bytes; encoder parameters."""
     from hnd.common import codec
-    from hnd.common.config import build_model_from_config, load_config, with_weights
+    from hnd.common.config import load_config, with_weights
+    from hnd.common.build import build_model_from_config
     from hnd.common.split import split_model
     from hnd.train.data import build_dataset
 

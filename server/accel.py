@@ -32,6 +32,7 @@ from torch import nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
+from hnd.common.errors import HndError
 from hnd.common.split import SplitMeta, Tail
 
 log = logging.getLogger("hnd.server")
@@ -44,7 +45,7 @@ DENSE_PART = "bottleneck decoder, layer2..4, FPN, RPN head"
 FP32_PART = "anchors, proposal decoding + NMS, RoIAlign, box/mask/keypoint heads, postprocess"
 
 
-class AccelError(ValueError):
+class AccelError(HndError, ValueError):
     """An option this device or installation cannot run (one line for the user)."""
 
 

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from hnd.common.channel import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY, channel_options
+from hnd.common.errors import UsageError
 from hnd.server.service import SERVICE_NAME, BatchingOptions, ModelRunner, ServerLimits, SplitInferenceService
 from hnd.server.text import client_text
 
@@ -150,7 +151,7 @@ def read_token(path: str) -> str:
     """The bearer token from a file (surrounding whitespace ignored); it must not be empty."""
     token = Path(path).read_text().strip()
     if not token:
-        raise ValueError(f"{path}: token file is empty")
+        raise UsageError(path, "token file is empty")
     return token
 
 

@@ -23,6 +23,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hnd.common.errors import UsageError
+
 
 class QueueFull(Exception):
     """The batch queue holds max_queue requests already."""
@@ -74,7 +76,7 @@ class Batcher:
         on_depth: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_delay_ms < 0:
-            raise ValueError("max_batch and max_queue must be >= 1, max_delay_ms >= 0")
+            raise UsageError("max_batch and max_queue must be >= 1, max_delay_ms >= 0")
         self.compute = compute
         self.max_batch = max_batch
         self.max_delay_ns = int(max_delay_ms * 1e6)
@@ -122,7 +124,8 @@ class Batcher:
 
         Raises QueueFull at once when the queue is full, DeadlineExpired when it expired waiting.
         """
-        item = WorkItem(key, payload, deadline, images, future=asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        item = WorkItem(key, payload, deadline, images, future=future)
         with self._cond:
             if self._stopping:
                 raise BatcherStopped("server stopping")
@@ -131,7 +134,7 @@ class Batcher:
             self._waiting.append(item)
             self._cond.notify()
         self._report_depth()
-        return await item.future
+        return await future
 
     def _report_depth(self) -> None:
         if self.on_depth is not None:
@@ -176,7 +179,8 @@ class Batcher:
             if batch is None:
                 return
             now = time.monotonic()
-            live, expired = [], []
+            live: list[WorkItem] = []
+            expired: list[WorkItem] = []
             for item in batch:
                 if item.future.done():  # the client went away (cancelled on the loop)
                     continue

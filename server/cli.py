@@ -13,8 +13,9 @@ import sys
 import torch
 
 from hnd.common import codec
-from hnd.common.checkpoint import CheckpointError
-from hnd.common.config import ConfigError, build_model_from_config, load_config, with_weights
+from hnd.common.build import build_model_from_config
+from hnd.common.config import ConfigError, RuntimeConfig, load_config, with_weights
+from hnd.common.errors import USER_ERRORS, report
 from hnd.server.accel import COMPILE_MODES, PRECISIONS, TailOptions, check_options
 from hnd.server.app import ServerSettings, TlsFiles, read_token, serve
 from hnd.server.service import BatchingOptions, ModelRunner, ServerLimits
@@ -90,7 +91,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def settings_from_args(args: argparse.Namespace, runtime) -> ServerSettings:
+def settings_from_args(args: argparse.Namespace, runtime: RuntimeConfig) -> ServerSettings:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
@@ -144,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         options = TailOptions(args.precision, args.channels_last, args.compile)
         check_options(options, device)  # before building the model: refuse at once
         runner = ModelRunner(build_model_from_config(model_cfg, cfg.path), device, options)
-    except (ConfigError, CheckpointError, OSError, ValueError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report(PROG, exc)
     try:
         asyncio.run(serve(runner, settings))
     except OSError as exc:

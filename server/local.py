@@ -23,6 +23,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from hnd.common.errors import HndError
 from hnd.server.app import BackgroundServer, ServerSettings
 from hnd.server.healthcheck import check
 from hnd.server.service import BatchingOptions, ModelRunner
@@ -30,6 +31,10 @@ from hnd.server.service import BatchingOptions, ModelRunner
 LOOPBACK = "127.0.0.1"
 REQUESTS_METRIC = "hnd_requests_total"
 REQUESTS_LABELS = {"method": "Infer", "code": "OK"}
+
+
+class ServerStartError(HndError, RuntimeError):
+    """A local hnd-server that exited or did not become SERVING in time."""
 
 
 def free_port() -> int:
@@ -51,12 +56,12 @@ def start_server_process(config: str, port: int, weights: list[str], extra: list
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"hnd-server exited with code {proc.returncode}")
+            raise ServerStartError(f"hnd-server exited with code {proc.returncode}")
         if check(f"{LOOPBACK}:{port}", timeout_s=1.0) == "SERVING":
             return proc
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"hnd-server did not become SERVING within {timeout_s:.0f} s")
+    raise ServerStartError(f"hnd-server did not become SERVING within {timeout_s:.0f} s")
 
 
 def stop_server_process(proc: subprocess.Popen) -> None:

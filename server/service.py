@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import cast
 
 import grpc
 import numpy as np
@@ -46,6 +46,24 @@ IMAGE_FORMATS = {pb.EncodedImage.FORMAT_JPEG: "JPEG", pb.EncodedImage.FORMAT_PNG
                  pb.EncodedImage.FORMAT_WEBP: "WEBP"}
 
 
+@dataclass(frozen=True)
+class SplitPayload:
+    """A decoded bottleneck request: z [B, C, h, w] and its images' sizes; batched with same-shape ones."""
+
+    z: torch.Tensor
+    meta: SplitMeta
+
+
+@dataclass(frozen=True)
+class ImagePayload:
+    """A decoded full-offload image [3, H, W] float in 0..1; the whole model runs on it."""
+
+    image: torch.Tensor
+
+
+Payload = SplitPayload | ImagePayload
+
+
 class RequestError(Exception):
     """A request refused with a gRPC status code; the message goes to the client.
 
@@ -60,7 +78,7 @@ class RequestError(Exception):
 
 @dataclass
 class ServerLimits:
-    """Bounds enforced on every request (DESIGN.md invariant 5)."""
+    """Bounds enforced on every request (README, invariant 5)."""
 
     max_message_bytes: int = 32 * 1024 * 1024
     codec: codec.Limits = field(default_factory=lambda: codec.DEFAULT_LIMITS)
@@ -113,30 +131,32 @@ class ModelRunner:
         self.images_computed = 0  # bottleneck images run through the tail (tests check dropped work)
 
     @torch.inference_mode()
-    def run_split(self, items: list[tuple[torch.Tensor, SplitMeta]]) -> list[list[dict[str, torch.Tensor]]]:
+    def run_split(self, items: list[SplitPayload]) -> list[list[dict[str, torch.Tensor]]]:
         """Batch same-shape bottlenecks [B_i, C, h, w] -> per request, its images' detections (on CPU)."""
         # One request: its tensor as it is (no copy); several: one concatenation, then one transfer.
-        z = items[0][0] if len(items) == 1 else torch.cat([t for t, _ in items])
+        z = items[0].z if len(items) == 1 else torch.cat([item.z for item in items])
         z = z.to(self.device)
         self.images_computed += z.shape[0]
-        out = self.tail(z, items[0][1] if len(items) == 1 else concat_meta([m for _, m in items]))
+        out = self.tail(z, items[0].meta if len(items) == 1 else concat_meta([item.meta for item in items]))
         if self.device.type != "cpu":
             out = [{k: v.cpu() for k, v in d.items()} for d in out]
         results, i = [], 0
-        for t, _ in items:
-            results.append(out[i:i + t.shape[0]])
-            i += t.shape[0]
+        for item in items:
+            results.append(out[i:i + item.z.shape[0]])
+            i += item.z.shape[0]
         return results
 
     @torch.inference_mode()
-    def run_images(self, items: list[torch.Tensor]) -> list[list[dict[str, torch.Tensor]]]:
+    def run_images(self, items: list[ImagePayload]) -> list[list[dict[str, torch.Tensor]]]:
         """Full model on one image per request ([3, H, W] float 0..1): the offload comparison."""
-        return [[{k: v.cpu() for k, v in d.items()} for d in self.model([img.to(self.device)])] for img in items]
+        return [[{k: v.cpu() for k, v in d.items()} for d in self.model([item.image.to(self.device)])]
+                for item in items]
 
-    def compute(self, payloads: list[tuple[str, Any]]) -> list[Any]:
-        kind = payloads[0][0]
-        data = [p for _, p in payloads]
-        return self.run_split(data) if kind == "split" else self.run_images(data)
+    def compute(self, payloads: list[Payload]) -> list[list[dict[str, torch.Tensor]]]:
+        """One batch (the batcher groups same-key payloads, so all of one kind)."""
+        if isinstance(payloads[0], SplitPayload):
+            return self.run_split(cast(list[SplitPayload], payloads))
+        return self.run_images(cast(list[ImagePayload], payloads))
 
     def latent_size(self, padded_size: tuple[int, int]) -> tuple[int, int]:
         """(h, w) of the bottleneck for a padded input: Hp/4 + 4 (HND) or Hp/4 - 1 (Entropic Student)."""
@@ -159,13 +179,12 @@ class ModelRunner:
         """One tail pass on a zero bottleneck so the first request does not pay for lazy init."""
         size = (self.min_size // 32 * 32 or 32, self.min_size // 32 * 32 or 32)
         z = torch.zeros(1, self.channels, *self.latent_size(size))
-        self.run_split([(z, SplitMeta(((size[0], size[1]),), ((size[0], size[1]),), size))])
+        self.run_split([SplitPayload(z, SplitMeta(((size[0], size[1]),), ((size[0], size[1]),), size))])
 
 
-def _images(payload: tuple[str, Any]) -> int:
+def _images(payload: Payload) -> int:
     """Images a decoded payload carries: B of a split bottleneck [B, C, h, w], 1 for an image."""
-    kind, data = payload
-    return int(data[0].shape[0]) if kind == "split" else 1
+    return int(payload.z.shape[0]) if isinstance(payload, SplitPayload) else 1
 
 
 def _filter_detections(dets: dict[str, torch.Tensor], request: pb.InferRequest) -> dict[str, torch.Tensor]:
@@ -281,7 +300,7 @@ class SplitInferenceService:
             )
 
     def _decode_bottleneck(self, request: pb.InferRequest, session: StreamSession | None = None
-                           ) -> tuple[tuple, tuple[str, Any]]:
+                           ) -> tuple[tuple, Payload]:
         self._check_fingerprint(request.weights_fingerprint)
         refusal = self.runner.codec_refusal(request.bottleneck.tensor)  # the codec mode first: the clearest line
         if refusal is not None:
@@ -305,10 +324,10 @@ class SplitInferenceService:
         else:
             value = codec.decode(encoded, self.limits.codec, prior=self.runner.prior)
         z = torch.as_tensor(value).reshape(shape)  # torch or numpy codec output alike
-        return ("split", (c, h, w), meta.padded_size), ("split", (z, meta))
+        return ("split", (c, h, w), meta.padded_size), SplitPayload(z, meta)
 
     def _decode_image(self, request: pb.InferRequest, session: StreamSession | None = None
-                      ) -> tuple[tuple, tuple[str, Any]]:
+                      ) -> tuple[tuple, Payload]:
         if not self.offload:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "this server does not accept images (offload off)",
                                "offload_off")
@@ -322,7 +341,7 @@ class SplitInferenceService:
             except BudgetError as exc:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason) from None
             tensor = torch.from_numpy(decoded.value).permute(2, 0, 1).float().div_(255)
-            return ("image", id(request)), ("image", tensor)
+            return ("image", id(request)), ImagePayload(tensor)
         fmt = IMAGE_FORMATS.get(request.image.format)
         if fmt is None:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -344,10 +363,10 @@ class SplitInferenceService:
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode {fmt} image: {exc}", "image") from None
         tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
-        return ("image", id(request)), ("image", tensor)
+        return ("image", id(request)), ImagePayload(tensor)
 
     def _decode(self, request: pb.InferRequest, session: StreamSession | None = None
-                ) -> tuple[tuple, tuple[str, Any]]:
+                ) -> tuple[tuple, Payload]:
         which = request.WhichOneof("payload")
         # Set by the stream decoders when a key frame was answered but not kept; read by infer right
         # after this synchronous call, before any await, so requests cannot mix their notes.

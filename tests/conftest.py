@@ -12,6 +12,52 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
+
+# Test layers (markers registered in pyproject.toml). A test is
+#   e2e    when it runs a real server (in process or a subprocess) with an edge, or a CLI end to end;
+#   slow   when it trains, runs hnd-bench, or otherwise takes over ~10 s on the project machine;
+#   docker when it checks deployment files: containers, compose, Kubernetes manifests, DEPLOY.md.
+# `pytest -m "not slow and not e2e and not docker"` is the fast unit layer; `.ci/run` runs everything.
+# Marks are given here, in one place: per module, per fixture a test uses, and per test.
+MODULE_MARKS = {
+    "test_docker.py": ("docker",),
+    "test_k8s.py": ("docker",),
+    "test_edge_streams.py": ("e2e",),
+    "test_demo.py": ("e2e", "slow"),
+    "test_edge.py": ("e2e",),
+    "test_runtime.py": ("e2e",),
+    "test_server_errors.py": ("e2e",),
+    "test_streams.py": ("e2e",),
+    "test_train.py": ("slow",),
+    "test_rate.py": ("e2e", "slow"),
+    "test_eval.py": ("slow",),
+    "test_balancing.py": ("e2e",),
+    "test_scaleout.py": ("e2e", "slow"),
+    "test_scaleout_server.py": ("e2e",),
+}
+FIXTURE_MARKS = {
+    "quick": ("e2e", "slow"),  # test_bench: one hnd-bench --quick run
+    "quick_filter": ("e2e", "slow"),
+    "trained": ("e2e", "slow"),  # test_filter: hnd-train of the neural filter, then hnd-eval / hnd-edge
+}
+TEST_MARKS = {
+    "test_bench.py::test_bench_filter_options_are_checked": ("e2e",),
+    "test_split.py::test_split_is_bit_exact": ("slow",),  # every kind, batches of 1 and 3 (~1 min)
+    "test_edge_modes.py::test_the_edge_imports_no_server_module": ("slow",),  # a fresh interpreter
+    "test_filter.py::test_filter_errors_are_one_clear_line": ("slow",),
+    "test_filter.py::test_head_holds_the_filter_export_and_fingerprint": ("slow",),
+    "test_filter.py::test_edge_drops_frames_below_threshold_with_empty_results_shaped_as_the_servers": ("e2e",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.name
+        names = [*MODULE_MARKS.get(module, ()), *TEST_MARKS.get(f"{module}::{item.originalname}", ())]
+        for fixture in getattr(item, "fixturenames", ()):
+            names += FIXTURE_MARKS.get(fixture, ())
+        for name in dict.fromkeys(names):
+            item.add_marker(name)
 # The RPN proposal counts the configs/test/ models use (torchvision: 1000), for tests that build
 # models from other configs.
 FAST_PARAMS = {"rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100}
@@ -23,7 +69,8 @@ def tiny_model():
 
     Built once per session and shared: treat it as read-only (``copy.deepcopy`` it to change it).
     """
-    from hnd.common.config import build_model_from_config, load_config
+    from hnd.common.config import load_config
+    from hnd.common.build import build_model_from_config
 
     cache: dict[str, torch.nn.Module] = {}
 

@@ -138,7 +138,8 @@ def test_quick_split_bytes_are_the_edge_records(quick):
 def test_quick_split_payload_is_what_the_codec_gives_for_the_head(quick):
     """Recompute one split payload outside the runtime: head + codec.encode give the byte count the edge sent."""
     from hnd.common import codec
-    from hnd.common.config import build_model_from_config, load_config
+    from hnd.common.config import load_config
+    from hnd.common.build import build_model_from_config
     from hnd.common.split import split_model
     from hnd.edge.capture import sample_images
     from hnd.edge.pipeline import to_tensor
@@ -262,7 +263,8 @@ MIXED = 4
 def quick_filter(tmp_path_factory):
     """--quick on the tiny keypoint student with its (random) filter, 4 mixed frames, threshold at their median."""
     from hnd.bench.frames import mixed_frames
-    from hnd.common.config import build_model_from_config, load_config
+    from hnd.common.config import load_config
+    from hnd.common.build import build_model_from_config
     from hnd.common.split import split_model
     from hnd.edge.pipeline import to_tensor
 

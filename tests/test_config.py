@@ -11,18 +11,12 @@ import torch
 import yaml
 
 from hnd.common.checkpoint import fingerprint, save_checkpoint, upgrade_legacy_keys
-from hnd.common.config import (
-    Config,
-    ConfigError,
-    build_model_from_config,
-    config_from_dict,
-    load_config,
-    with_weights,
-)
+from hnd.common.config import Config, ConfigError, config_from_dict, load_config, with_weights
+from hnd.common.build import build_model_from_config
 from hnd.common.models import TORCHVISION_WEIGHT_URLS, build_model
 
 KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
-FAMILY_CHANNELS = {"hnd": (3, 6, 9, 12, 15), "ghnd": (3, 6, 9, 12)}  # ORIGINAL.md section 2
+FAMILY_CHANNELS = {"hnd": (3, 6, 9, 12, 15), "ghnd": (3, 6, 9, 12)}  # docs/ORIGINAL_MODELS.md section 2
 CONFIG_ROOT = Path(str(resources.files("hnd.configs")))
 
 

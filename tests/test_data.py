@@ -20,7 +20,7 @@ from hnd.train.data import (
     make_loader,
     set_loader_epoch,
 )
-from hnd.train.errors import HndError
+from hnd.common.errors import HndError
 from hnd.train.synthetic import make_synthetic_coco
 
 

@@ -33,7 +33,8 @@ KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
 @pytest.fixture(scope="session")
 def entropic_model():
     """``entropic_model(kind)``: the student of configs/test/{kind}-entropic-b24ch.yaml (seeded, tables updated)."""
-    from hnd.common.config import build_model_from_config, load_config
+    from hnd.common.config import load_config
+    from hnd.common.build import build_model_from_config
 
     cache: dict[str, torch.nn.Module] = {}
 

@@ -15,18 +15,18 @@ import pytest
 import torch
 from torch import nn
 
-from hnd.common.checkpoint import CheckpointError, export_head, fingerprint, load_head, save_checkpoint
-from hnd.common.config import ConfigError, FilterConfig, build_architecture, build_model_from_config, \
-    config_from_dict, load_config
-from hnd.common.neural_filter import FILTER_PREFIX, Ext4ResNet, attach_filter, empty_detections, get_filter, \
-    load_filter, save_filter
+from hnd.common.build import build_architecture, build_model_from_config
+from hnd.common.checkpoint import CheckpointError, export_head, fingerprint, load_filter, load_head, save_checkpoint, \
+    save_filter
+from hnd.common.config import ConfigError, FilterConfig, config_from_dict, load_config
+from hnd.common.neural_filter import FILTER_PREFIX, Ext4ResNet, attach_filter, empty_detections, get_filter
 from hnd.common.split import head_state_dict, split_model
 
 from conftest import FAST_PARAMS
 
 KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
 
-# ORIGINAL.md section 4: Ext4ResNet(64) state-dict keys and shapes (BN ".*" = weight, bias, running stats).
+# docs/ORIGINAL_MODELS.md section 4: Ext4ResNet(64) state-dict keys and shapes (BN ".*" = weight, bias, running stats).
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 ORIGINAL_KEYS = {
     "extractor.1.weight": (64, 64, 4, 4), "extractor.1.bias": (64,),

@@ -1,4 +1,4 @@
-"""Teacher and student R-CNNs: the HND bottleneck matches the original (ORIGINAL.md section 1)."""
+"""Teacher and student R-CNNs: the HND bottleneck matches the original (docs/ORIGINAL_MODELS.md section 1)."""
 from __future__ import annotations
 
 import socket

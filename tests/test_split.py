@@ -187,7 +187,7 @@ def test_bottleneck_size_of_a_640x480_frame(channels):
     assert r["uint8_bytes"] == channels * 204 * 276
     assert r["float32_bytes"] == 4 * r["uint8_bytes"]
     if channels == 3:
-        assert r["uint8_bytes"] == 168_912  # ORIGINAL.md sections 3 and 6
+        assert r["uint8_bytes"] == 168_912  # docs/ORIGINAL_MODELS.md sections 3 and 6
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from hnd.common import codec, wire
 from hnd.common.codec import CodecError, Limits
 from hnd.common.split import SplitMeta
 from hnd.proto.v1 import split_inference_pb2 as pb
-from hnd.proto.v1 import tensor_pb2
 
 MODES = [(b, g) for b in codec.AFFINE_BITS for g in ("tensor", "channel")] + [(8, "original"), (16, "tensor"), (32, "tensor")]
 

@@ -25,7 +25,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset, Sampler
 
-from hnd.train.errors import HndError
+from hnd.common.config import DatasetConfig
+from hnd.common.errors import HndError
 
 # COCO keypoint order mirrored left <-> right (torchvision references' flip_inds).
 COCO_KEYPOINT_FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
@@ -291,7 +292,7 @@ class GroupedBatchSampler(Sampler[list[int]]):
             emitted += 1
 
 
-def split_paths(dataset_cfg: Any, split: str) -> tuple[Path, Path, bool]:
+def split_paths(dataset_cfg: DatasetConfig, split: str) -> tuple[Path, Path, bool]:
     """(images dir, annotation file, remove_non_annotated_imgs) of a configured split, resolved under root."""
     splits = getattr(dataset_cfg, "splits", None) or {}
     if split not in splits:
@@ -308,7 +309,7 @@ def split_paths(dataset_cfg: Any, split: str) -> tuple[Path, Path, bool]:
     return images, ann, bool(get("remove_non_annotated_imgs", False))
 
 
-def build_dataset(dataset_cfg: Any, split: str, kind: str, train: bool = False, seed: int = 0,
+def build_dataset(dataset_cfg: DatasetConfig, split: str, kind: str, train: bool = False, seed: int = 0,
                   ids: Sequence[int] | None = None, remove_empty: bool | None = None,
                   masks: bool | None = None) -> CocoDetection:
     """The dataset of one configured split for a model kind (masks for mask_rcnn, keypoints for keypoint_rcnn).
@@ -338,7 +339,7 @@ def make_loader(dataset: CocoDetection, batch_size: int, workers: int = 0, train
     if train:
         k = aspect_ratio_group_factor if aspect_ratio_group_factor >= 0 else 0
         groups = aspect_ratio_groups(dataset.aspect_ratios(), k)
-        sampler = GroupedBatchSampler(groups, batch_size, seed=seed)
+        sampler: GroupedBatchSampler | torch.utils.data.BatchSampler = GroupedBatchSampler(groups, batch_size, seed=seed)
     else:  # every image exactly once, in order
         sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), batch_size, False)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,

@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from hnd.common.config import Config, OptimizerConfig, TrainConfig
-from hnd.train.errors import HndError
+from hnd.common.errors import HndError
 
 PROG = "hnd-train"
 

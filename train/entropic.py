@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 from hnd.common.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from hnd.common.config import Config, build_model_from_config
+from hnd.common.config import Config
+from hnd.common.build import build_model_from_config
 from hnd.common.entropic import (
     ENTROPIC_PREFIX,
     entropic_bottleneck_of,

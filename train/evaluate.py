@@ -32,7 +32,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from hnd.common.files import atomic_write_text
-from hnd.train.errors import HndError
+from hnd.common.errors import USER_ERRORS, HndError, report
 
 IOU_TYPES = {"faster_rcnn": ("bbox",), "mask_rcnn": ("bbox", "segm"), "keypoint_rcnn": ("bbox", "keypoints")}
 STAT_NAMES = {
@@ -282,7 +282,8 @@ def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, sp
                     progress: bool = False, key_interval: int = 1, compression: str | None = None,
                     precision: str = "fp32") -> dict[str, Any]:
     """Build the configured model (``checkpoint`` overrides the config's weights) and evaluate it on a split."""
-    from hnd.common.config import build_model_from_config, load_config, with_weights
+    from hnd.common.config import load_config, with_weights
+    from hnd.common.build import build_model_from_config
     from hnd.train.data import build_dataset, make_loader
 
     cfg = load_config(config)
@@ -343,11 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from hnd.common.checkpoint import CheckpointError
-    from hnd.common.codec import CodecError
-    from hnd.common.config import ConfigError
-    from hnd.server.accel import AccelError
-
     try:
         if args.granularity == "original" and args.bits not in (None, 8):
             raise HndError("--granularity", "original is the original's 8-bit scheme; use --bits 8")
@@ -367,9 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   random_weights=args.random_weights, progress=True,
                                   key_interval=args.key_interval, compression=args.compression,
                                   precision=args.precision)
-    except (HndError, ConfigError, CheckpointError, CodecError, AccelError) as exc:
-        print(f"hnd-eval: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report("hnd-eval", exc)
     how = "full model" if not metrics["split_mode"] else (
         "head -> learned entropy coding -> tail" if args.compression == "learned" else
         f"head -> {args.bits}-bit {args.granularity} codec"

@@ -1,4 +1,4 @@
-"""Neural filter training and evaluation (GHND's Ext4ResNet, shared/reference/ORIGINAL.md section 4).
+"""Neural filter training and evaluation (GHND's Ext4ResNet, docs/ORIGINAL_MODELS.md section 4).
 
 ``hnd-train --config ext/keypoint_rcnn-b3ch`` (``train.method: filter``), as the original's ext runner:
 
@@ -15,7 +15,7 @@
 The best filter goes to ``<output-dir>/best.pt`` when ``--output-dir`` is given, else to
 ``model.filter.checkpoint`` (where hnd-edge, hnd-server and hnd-eval look for it), in the
 original's ext layout (``{"model": Ext4ResNet keys without prefix, ...}``, see
-hnd.common.neural_filter.save_filter). ``<output-dir>/best-model.pt`` holds the whole student
+hnd.common.checkpoint.save_filter). ``<output-dir>/best-model.pt`` holds the whole student
 with the best filter (our checkpoint format), e.g. for ``hnd-export-head``. ``last.pt`` (filter,
 optimizer, scheduler, RNG) lets ``--resume`` continue.
 
@@ -34,19 +34,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 import torch
 from pycocotools.coco import COCO
 from torch import nn
 
-from hnd.common.checkpoint import fingerprint, read_checkpoint, save_checkpoint
-from hnd.common.config import Config, TrainConfig, build_model_from_config, load_config, with_weights
-from hnd.common.neural_filter import (FILTER_FORMAT, attach_filter, empty_detections, get_filter,
-                                      is_filter_state_dict, load_filter, save_filter)
+from hnd.common.build import build_model_from_config
+from hnd.common.checkpoint import fingerprint, load_filter, read_checkpoint, save_checkpoint, save_filter
+from hnd.common.config import Config, TrainConfig, load_config, with_weights
+from hnd.common.errors import HndError
+from hnd.common.neural_filter import FILTER_FORMAT, attach_filter, empty_detections, get_filter, is_filter_state_dict
 from hnd.common.split import Head, split_model
 from hnd.train.data import CocoDetection, has_valid_annotation, holdout_split, load_coco, make_loader, \
     set_loader_epoch, split_paths
 from hnd.train.engine import Recipe, RunPaths, Selection, TrainOptions, check_sections, count_parameters, fit
-from hnd.train.errors import HndError
 from hnd.train.evaluate import IOU_TYPES, coco_evaluate, predict_dataset, to_coco_results, write_json_atomic
 
 FILTER_MODULE = "backbone.body.layer1.encoder.ext_classifier"
@@ -79,7 +80,7 @@ def image_labels(coco: COCO, ids: Sequence[int], keypoints: bool) -> dict[int, i
 # ROC (numpy only)
 
 
-def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds) over every distinct score, thresholds decreasing, first = +inf.
 
     A frame counts as positive (kept) when its score >= threshold, as sklearn's roc_curve.
@@ -101,7 +102,7 @@ def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarra
     return fpr, tpr, np.r_[np.inf, s[last_of_each]]
 
 
-def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+def roc_auc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Area under the ROC curve (trapezoidal; ties count half), NaN when a class is missing."""
     try:
         fpr, tpr, _ = roc_curve(labels, scores)
@@ -110,7 +111,7 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
     return float(np.trapezoid(tpr, fpr))
 
 
-def rates_at(labels: Sequence[int], scores: Sequence[float], threshold: float) -> dict[str, float]:
+def rates_at(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict[str, float]:
     """TPR, FPR and the share of frames dropped (score < threshold) at one threshold."""
     y = np.asarray(labels).astype(bool)
     keep = np.asarray(scores, dtype=np.float64) >= threshold
@@ -120,7 +121,7 @@ def rates_at(labels: Sequence[int], scores: Sequence[float], threshold: float) -
             "dropped": float(1.0 - keep.mean()) if keep.size else float("nan")}
 
 
-def threshold_table(labels: Sequence[int], scores: Sequence[float]) -> list[dict[str, float]]:
+def threshold_table(labels: ArrayLike, scores: ArrayLike) -> list[dict[str, float]]:
     """One row per ROC threshold (decreasing): threshold, tpr, fpr, dropped (share of frames below it)."""
     _, _, thresholds = roc_curve(labels, scores)
     return [rates_at(labels, scores, t) for t in thresholds[1:]]
@@ -166,7 +167,7 @@ def check_trainable(cfg: Config) -> None:
                                  f"(got {trainable})")
 
 
-def _dataset(cfg: Config, split: str, ids: Sequence[int] | None, train: bool, seed: int) -> Any:
+def _dataset(cfg: Config, split: str, ids: Sequence[int] | None, train: bool, seed: int) -> CocoDetection:
     """Images of a split (empty ones included) without masks / keypoints in the targets."""
     images, ann_file, _ = split_paths(cfg.dataset, split)  # remove_non_annotated_imgs: the filter needs them
     coco = load_coco(ann_file)
@@ -321,7 +322,7 @@ def evaluate_filter(config: str | Config, checkpoint: str | None = None, split: 
                     progress: bool = False) -> dict[str, Any]:
     """ROC-AUC and threshold table of the configured filter on a split; optionally COCO metrics with
     and without it. ``checkpoint`` may be a full student (with its filter) or a filter-only file."""
-    cfg = config if hasattr(config, "model") else load_config(config)
+    cfg = config if isinstance(config, Config) else load_config(config)
     if cfg.model.filter is None:
         raise HndError(cfg.path, "has no neural filter (model.filter)")
     if cfg.dataset is None:

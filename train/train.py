@@ -2,7 +2,7 @@
 
 ``hnd-train --config C [--resume] [--device cpu|cuda] [--workers N] [--epochs N] [--output-dir D]``
 
-Distillation (``train.method: hnd | ghnd``), as in the original (ORIGINAL.md section 2):
+Distillation (``train.method: hnd | ghnd``), as in the original (docs/ORIGINAL_MODELS.md section 2):
 
 * teacher and student are built from the config; every student weight outside the
   bottleneck (``backbone.body.layer1``) is copied from the teacher, the stem conv included;
@@ -45,12 +45,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops import FrozenBatchNorm2d
 
-from hnd.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from hnd.common.config import Config, ConfigError, build_model_from_config, load_config
+from hnd.common.checkpoint import load_checkpoint, save_checkpoint
+from hnd.common.config import Config, load_config
+from hnd.common.build import build_model_from_config
 from hnd.common.models import build_model
 from hnd.train.data import build_dataset, holdout_split, load_coco, make_loader, set_loader_epoch, split_paths
 from hnd.train.engine import Recipe, RunPaths, Selection, TrainOptions, check_sections, count_parameters, fit
-from hnd.train.errors import HndError
+from hnd.common.errors import USER_ERRORS, HndError, report
 from hnd.train.evaluate import evaluate_model
 from hnd.train.filter import train_filter
 
@@ -443,9 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   workers=args.workers, epochs=args.epochs, resume=args.resume,
                                                   select_by=args.select_by, progress=not args.no_progress,
                                                   train_bn=args.train_bn))
-    except (HndError, ConfigError, CheckpointError) as exc:
-        print(f"hnd-train: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report("hnd-train", exc)
     except KeyboardInterrupt:
         print("hnd-train: interrupted; continue with --resume", file=sys.stderr)
         return 130
