@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop.set()
             stop_server_process(server)
-        records = sum(1 for _ in open(Path(tmp) / "r.jsonl"))
+        with open(Path(tmp) / "r.jsonl") as f:
+            records = sum(1 for _ in f)
     t = np.array([s[0] for s in samples])
     rss = np.array([s[1] for s in samples], dtype=np.float64)
     keep = t >= a.warmup

@@ -17,6 +17,7 @@ from torchvision.models.detection.image_list import ImageList
 from hnd.common.entropic import FPBottleneck, is_entropic
 from hnd.common.models import Bottleneck, model_kind
 from hnd.common.neural_filter import Ext4ResNet, get_filter
+from hnd.common.entropy_coder import EntropyCodingError, PriorTables
 
 
 @dataclass(frozen=True)
@@ -291,8 +292,6 @@ class EntropicHead(nn.Module):
 
 def prior_tables_of(entropy_bottleneck: nn.Module):  # -> hnd.common.entropy_coder.PriorTables
     """PriorTables from an EntropyBottleneck's buffers (CPU numpy copies)."""
-    from hnd.common.entropy_coder import EntropyCodingError, PriorTables
-
     eb = entropy_bottleneck
     if not eb.updated:
         raise EntropyCodingError("the entropy bottleneck has no CDF tables yet: run update() "

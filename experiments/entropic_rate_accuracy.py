@@ -97,7 +97,7 @@ def jpeg_sweep(cfg: Path, ckpt: Path, device: str) -> dict[int, dict]:
                 rgb = (img.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
                 ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, q])
                 assert ok
-                sizes.append(len(buf))
+                sizes.append(len(buf))  # noqa: B023 - called within this iteration
                 back = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
                 sent.append(torch.from_numpy(back).permute(2, 0, 1).float().div(255).to(device))
             return model(sent)

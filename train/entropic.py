@@ -51,7 +51,7 @@ from hnd.train.engine import (
     count_parameters,
     fit,
 )
-from hnd.train.errors import HndError
+from hnd.common.errors import HndError
 from torch import nn
 
 BOTTLENECK = "backbone.body.bottleneck_layer"
