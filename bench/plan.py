@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from hnd.common.errors import UsageError
-from hnd.common.config import ConfigError, ModelConfig, load_config, resolve_config_path, with_weights
+from hnd.common.config import ConfigError, ModelConfig, filter_threshold_problem, load_config, resolve_config_path, with_weights
 from hnd.common.files import atomic_write_text
 from hnd.edge.pipeline import EdgeOptions
 
@@ -193,8 +193,9 @@ def plan(o: BenchOptions, out: Path) -> Plan:
             raise ConfigError(f"--filter-threshold: {cfg.path} has no neural filter (add a model.filter section)")
         if o.no_filter:
             raise ConfigError("--filter-threshold and --no-filter contradict each other")
-        if not 0.0 <= o.filter_threshold <= 1.0:
-            raise UsageError(f"--filter-threshold must be a probability in [0, 1], got {o.filter_threshold}")
+        problem = filter_threshold_problem(o.filter_threshold)
+        if problem:
+            raise UsageError(f"--filter-threshold {problem}")
     filter_info = None
     if flt is not None and not o.no_filter:
         if flt.checkpoint is not None:

@@ -541,13 +541,22 @@ def _decompress(encoded: EncodedTensor) -> bytes:
 # Checks
 
 
+ORIGINAL_BITS = 8  # granularity "original" is the original repository's 8-bit scheme, nothing else
+
+
+def check_mode(bits: object, granularity: object) -> None:
+    """The one rule for an affine codec mode (config, CLIs, bench, edge and server all call it):
+    bits in ``BITS``, granularity in ``GRANULARITIES``, and ``original`` only at 8 bits. CodecError otherwise."""
+    _check_mode(bits, granularity)
+
+
 def _check_mode(bits: object, granularity: object) -> None:
     if bits not in BITS or isinstance(bits, bool):
         raise CodecError(f"unsupported bits {bits!r}; expected one of {BITS}")
     if granularity not in GRANULARITIES:
         raise CodecError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
-    if granularity == "original" and bits != 8:
-        raise CodecError(f"granularity 'original' is the original 8-bit scheme; got bits={bits}")
+    if granularity == "original" and bits != ORIGINAL_BITS:
+        raise CodecError(f"granularity 'original' is the original {ORIGINAL_BITS}-bit scheme; got bits={bits}")
 
 
 def _check_compression(compression: object, level: object) -> None:

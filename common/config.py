@@ -21,8 +21,17 @@ from typing import Any
 
 import yaml
 
+from hnd.common import codec
 from hnd.common.errors import HndError
 from hnd.common.models import BOTTLENECK_TYPES, MODEL_KINDS
+
+def filter_threshold_problem(threshold: float) -> str | None:
+    """The one rule for a neural filter threshold (config, hnd-edge, hnd-bench, the edge's modes): a
+    probability in [0, 1]. Returns what is wrong, or None."""
+    if not 0.0 <= threshold <= 1.0:
+        return f"must be a probability in [0, 1], got {threshold}"
+    return None
+
 
 class ConfigError(HndError):
     """A config that cannot be used; the message names the file, the key and the problem."""
@@ -152,9 +161,9 @@ _CHOICES = {
     ("teacher", "kind"): MODEL_KINDS,
     ("train", "method"): ("hnd", "ghnd", "supervised", "filter", "entropic"),
     ("optimizer", "type"): ("adam", "sgd"),
-    ("runtime", "bits"): (0, 2, 4, 6, 8, 16, 32),
-    ("runtime", "granularity"): ("tensor", "channel", "original"),
-    ("runtime", "compression"): ("zstd", "none", "learned"),
+    ("runtime", "bits"): (codec.LEARNED_BITS, *codec.BITS),
+    ("runtime", "granularity"): codec.GRANULARITIES,
+    ("runtime", "compression"): codec.ALL_COMPRESSIONS,
 }
 
 
@@ -241,8 +250,9 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> Config:
         if cfg.model.bottleneck_channels is None:
             raise ConfigError(f"{path}: model.filter needs a student (model.bottleneck_channels): "
                               "the filter sits in the bottleneck encoder's slot")
-        if not 0.0 <= flt.threshold <= 1.0:
-            raise ConfigError(f"{path}: model.filter.threshold must be a probability in [0, 1], got {flt.threshold}")
+        problem = filter_threshold_problem(flt.threshold)
+        if problem:
+            raise ConfigError(f"{path}: model.filter.threshold {problem}")
     if cfg.train is not None and (cfg.train.method == "entropic") != (cfg.model.bottleneck_type == "entropic"):
         raise ConfigError(f"{path}: train.method entropic and model.bottleneck_type entropic go together")
     if cfg.train is not None and cfg.train.method == "entropic" and (cfg.train.stage2 is None or cfg.train.beta < 0):
@@ -260,8 +270,11 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> Config:
     if cfg.model.bottleneck_type != "entropic" and (rt.compression == "learned" or rt.bits == 0):
         raise ConfigError(f"{path}: runtime: compression learned / bits 0 is for Entropic Student models "
                           "(model.bottleneck_type: entropic)")
-    if cfg.runtime.granularity == "original" and cfg.runtime.bits != 8:
-        raise ConfigError(f"{path}: runtime.granularity original is the original's 8-bit scheme; bits must be 8")
+    if rt.compression != codec.LEARNED:
+        try:
+            codec.check_mode(rt.bits, rt.granularity)
+        except codec.CodecError as exc:
+            raise ConfigError(f"{path}: runtime: {exc}") from None
     return cfg
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hnd.common.config import filter_threshold_problem
 from hnd.common.models import Bottleneck
 
 FILTER_PREFIX = "backbone.body.layer1.encoder.ext_classifier."
@@ -105,8 +106,9 @@ def attach_filter(model: nn.Module, threshold: float = DEFAULT_THRESHOLD,
     layer1 = model.backbone.body.layer1
     if not isinstance(layer1, Bottleneck):
         raise TypeError("a neural filter needs a student (backbone.body.layer1 must be an HND bottleneck)")
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"filter threshold must be in [0, 1], got {threshold}")
+    problem = filter_threshold_problem(threshold)
+    if problem:
+        raise ValueError(f"filter threshold {problem}")
     ext = module if module is not None else Ext4ResNet(STEM_CHANNELS)
     ext.threshold = float(threshold)
     device = next(layer1.parameters()).device

@@ -28,7 +28,7 @@ from hnd.common import codec
 from hnd.common.checkpoint import fingerprint, load_head
 from hnd.common.errors import USER_ERRORS, report
 from hnd.common.files import atomic_write_text
-from hnd.common.config import Config, ConfigError, load_config, with_weights
+from hnd.common.config import Config, ConfigError, filter_threshold_problem, load_config, with_weights
 from hnd.common.build import build_architecture, build_model_from_config
 from hnd.common.split import Head, split_model
 from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceLost, open_source
@@ -182,8 +182,9 @@ def filter_threshold(cfg: Config, args: argparse.Namespace) -> float | None:
             raise ConfigError(f"--filter-threshold: {cfg.path} has no neural filter (add a model.filter section)")
         if args.mode == "offload":
             raise ConfigError("--filter-threshold: the filter runs on the edge's head; offload mode has none")
-        if not 0.0 <= given <= 1.0:
-            raise ConfigError(f"--filter-threshold must be a probability in [0, 1], got {given}")
+        problem = filter_threshold_problem(given)
+        if problem:
+            raise ConfigError(f"--filter-threshold {problem}")
         return given
     if flt is None or getattr(args, "no_filter", False) or args.mode == "offload":
         return None
@@ -226,8 +227,11 @@ def run_edge(args: argparse.Namespace) -> Summary:
     if args.key_interval > 1 and args.mode != "split":
         raise ConfigError("--key-interval: temporal coding of the bottleneck is for split mode "
                           "(offload video: --image-format h264 --gop N)")
-    if options.granularity == "original" and options.bits != 8:
-        raise ConfigError("--granularity original is the original's 8-bit scheme; use --bits 8")
+    if options.granularity == "original":
+        try:
+            codec.check_mode(options.bits, options.granularity)
+        except codec.CodecError as exc:
+            raise ConfigError(f"--granularity original: {exc}; use --bits 8") from None
     options.filter_threshold = filter_threshold(cfg, args)
     source = open_source(args.camera, args.video, args.images, args.max_frames, live=args.live,
                          lost_after_s=args.source_timeout)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hnd.common.config import filter_threshold_problem
 from hnd.common.neural_filter import empty_detections, get_filter
 from hnd.common.split import Head, split_model
 from hnd.common.timing import ms_since, now_ns
@@ -30,8 +31,9 @@ def _check_filter(options: EdgeOptions, module: nn.Module) -> bool:
     """True when the filter is on; ValueError when its threshold or the model cannot do it."""
     if options.filter_threshold is None:
         return False
-    if not 0.0 <= options.filter_threshold <= 1.0:
-        raise ValueError(f"filter_threshold must be in [0, 1], got {options.filter_threshold}")
+    problem = filter_threshold_problem(options.filter_threshold)
+    if problem:
+        raise ValueError(f"filter_threshold {problem}")
     if get_filter(module) is None:
         raise ValueError("filter_threshold needs a student with a neural filter (config model.filter)")
     return True

@@ -31,6 +31,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
+from hnd.common import codec
 from hnd.common.files import atomic_write_text
 from hnd.common.errors import USER_ERRORS, HndError, report
 
@@ -144,8 +145,6 @@ class CodedSplit:
         self.images = 0
 
     def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        from hnd.common import codec
-
         z, meta = self.head(images)
         # The codec works on CPU (as the wire does); bring the result back to the model's device.
         encoded = codec.encode(z.cpu(), self.bits, self.granularity, self.compression, prior=self.prior)
@@ -317,10 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (file or bundled name, e.g. test/faster_rcnn-b3ch)")
     p.add_argument("--checkpoint", help="weights to evaluate (default: the config's model weights)")
     p.add_argument("--random-weights", type=int, metavar="SEED", help="evaluate seeded random weights")
-    p.add_argument("--bits", type=int, choices=[2, 4, 6, 8, 16, 32],
+    p.add_argument("--bits", type=int, choices=codec.BITS,
                    help="quantize the bottleneck to N bits at the split (students only; 16 = fp16, 32 = lossless)")
-    p.add_argument("--granularity", choices=["tensor", "channel", "original"], default="tensor")
-    p.add_argument("--compression", choices=["zstd", "none", "learned"],
+    p.add_argument("--granularity", choices=codec.GRANULARITIES, default="tensor")
+    p.add_argument("--compression", choices=codec.ALL_COMPRESSIONS,
                    help="payload coding at the split: zstd (default with --bits) or none; learned = the Entropic "
                         "Student's entropy coding (no --bits). Reports the mean coded bytes per image")
     p.add_argument("--split-mode", action="store_true", help="run head -> tail (lossless without --bits)")
@@ -345,8 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.granularity == "original" and args.bits not in (None, 8):
-            raise HndError("--granularity", "original is the original's 8-bit scheme; use --bits 8")
+        if args.granularity == "original" and args.bits is not None:
+            try:
+                codec.check_mode(args.bits, args.granularity)
+            except codec.CodecError as exc:
+                raise HndError("--granularity", f"{exc}; use --bits 8") from None
         if args.key_interval < 1 or (args.key_interval > 1 and args.bits not in (2, 4, 6, 8)):
             raise HndError("--key-interval", "must be >= 1, and > 1 only with --bits 2, 4, 6 or 8")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
