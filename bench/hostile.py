@@ -30,7 +30,8 @@ from PIL import Image
 
 from hnd.common import codec, wire
 from hnd.common.checkpoint import fingerprint
-from hnd.common.config import build_model_from_config, load_config
+from hnd.common.config import load_config
+from hnd.common.build import build_model_from_config
 from hnd.common.split import SplitMeta, split_model
 from hnd.proto.v1 import split_inference_pb2 as pb
 

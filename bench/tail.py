@@ -56,7 +56,8 @@ def run(config: str = "hnd/faster_rcnn-b3ch", device: str = "cuda", options: lis
     import cv2
 
     from hnd.bench.agreement import detection_agreement
-    from hnd.common.config import build_model_from_config, load_config, with_weights
+    from hnd.common.config import load_config, with_weights
+    from hnd.common.build import build_model_from_config
     from hnd.common.split import SplitMeta, split_model
     from hnd.edge.capture import sample_images
     from hnd.edge.torch_modes import to_tensor

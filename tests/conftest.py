@@ -34,6 +34,14 @@ MODULE_MARKS = {
     "test_balancing.py": ("e2e",),
     "test_scaleout.py": ("e2e", "slow"),
     "test_scaleout_server.py": ("e2e",),
+    "test_bench_speed.py": ("slow",),
+    "test_edge_statuses.py": ("e2e",),
+    "test_entropic_runtime.py": ("e2e",),
+    "test_entropic_train.py": ("slow",),
+    "test_hostile.py": ("e2e",),
+    "test_longrun.py": ("e2e", "slow"),
+    "test_protocol.py": ("e2e",),
+    "test_view.py": ("e2e", "slow"),
 }
 FIXTURE_MARKS = {
     "quick": ("e2e", "slow"),  # test_bench: one hnd-bench --quick run

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import cv2
-import grpc
 import numpy as np
 import pytest
 from runtime_support import frames, make_certs, serving
@@ -149,8 +148,7 @@ def test_answers_received_before_sigterm_are_written(model, tmp_path, monkeypatc
 
         class InterruptedSource(ArrayFrames):
             def __iter__(self):
-                for frame in super().__iter__():
-                    yield frame
+                yield from super().__iter__()
                 deadline = time.monotonic() + 60  # every request answered on the server, none read yet
                 while (sample("hnd_requests_total", {"method": "Infer", "code": "OK"}) or 0) < 4:
                     assert time.monotonic() < deadline
