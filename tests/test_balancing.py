@@ -19,7 +19,8 @@ from hnd.edge.client import (
     check_target,
     service_config,
 )
-from runtime_support import frames, run_edge, serving
+from hnd.server.app import TlsFiles
+from runtime_support import frames, make_certs, run_edge, serving
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +165,6 @@ def test_pick_first_moves_to_the_next_address_when_one_is_dead(model):
 
 def test_tls_over_an_ipv4_list_checks_the_given_server_name(model, tmp_path):
     """An ipv4: list has no host name to check the certificate against: --tls-server-name gives it."""
-    from runtime_support import make_certs
-
-    from hnd.server.app import TlsFiles
-
     certs = make_certs(tmp_path)  # server certificate for DNS:localhost, IP:127.0.0.1
     tls = TlsFiles(certs["server_cert"], certs["server_key"])
     with serving(model, tls=tls, replica="a") as a, serving(model, tls=tls, replica="b") as b:

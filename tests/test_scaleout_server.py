@@ -132,33 +132,32 @@ def test_drain_ends_open_streams_unavailable_after_answering_what_was_read(model
 
 
 def test_every_call_names_the_replica_and_its_weights(model):
-    with serving(model, replica="replica-a") as server:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            infer = channel.unary_unary(INFER)
-            _, call = infer.with_call(request_for(model).SerializeToString(), timeout=30)
-            assert metadata(call) == {REPLICA_KEY: "replica-a", WEIGHTS_KEY: fingerprint(model), TAIL_KEY: "fp32"}
-            # A refusal carries them too: the edge names the replica with other weights.
-            with pytest.raises(grpc.RpcError) as exc:
-                infer(request_for(model, fp="0" * 64).SerializeToString(), timeout=30)
-            assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert metadata(exc.value)[REPLICA_KEY] == "replica-a"
-            # A stream names them in its initial metadata, before any answer.
-            outbox: queue.Queue = queue.Queue()
-            stream = channel.stream_stream(STREAM)(iter(outbox.get, None), timeout=30)
-            assert dict(stream.initial_metadata())[WEIGHTS_KEY] == fingerprint(model)
-            outbox.put(request_for(model, "x").SerializeToString())
-            assert pb.InferResponse.FromString(next(stream)).request_id == "x"
-            outbox.put(None)
-            assert list(stream) == []
-    with serving(model) as server:  # default name: host and port, the pod name on Kubernetes
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            _, call = channel.unary_unary(INFER).with_call(request_for(model).SerializeToString(), timeout=30)
-            assert metadata(call)[REPLICA_KEY].endswith(f":{server.port}")
+    with serving(model, replica="replica-a") as server, grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        infer = channel.unary_unary(INFER)
+        _, call = infer.with_call(request_for(model).SerializeToString(), timeout=30)
+        assert metadata(call) == {REPLICA_KEY: "replica-a", WEIGHTS_KEY: fingerprint(model), TAIL_KEY: "fp32"}
+        # A refusal carries them too: the edge names the replica with other weights.
+        with pytest.raises(grpc.RpcError) as exc:
+            infer(request_for(model, fp="0" * 64).SerializeToString(), timeout=30)
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert metadata(exc.value)[REPLICA_KEY] == "replica-a"
+        # A stream names them in its initial metadata, before any answer.
+        outbox: queue.Queue = queue.Queue()
+        stream = channel.stream_stream(STREAM)(iter(outbox.get, None), timeout=30)
+        assert dict(stream.initial_metadata())[WEIGHTS_KEY] == fingerprint(model)
+        outbox.put(request_for(model, "x").SerializeToString())
+        assert pb.InferResponse.FromString(next(stream)).request_id == "x"
+        outbox.put(None)
+        assert list(stream) == []
+    # Default name: host and port, the pod name on Kubernetes.
+    with serving(model) as server, grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        _, call = channel.unary_unary(INFER).with_call(request_for(model).SerializeToString(), timeout=30)
+        assert metadata(call)[REPLICA_KEY].endswith(f":{server.port}")
 
 
 def test_health_port_serves_health_only(model):
-    with serving(model, health_port=0) as server:
-        with grpc.insecure_channel(f"127.0.0.1:{server.running.health_port}") as channel:
-            with pytest.raises(grpc.RpcError) as exc:
-                channel.unary_unary(INFER)(request_for(model).SerializeToString(), timeout=10)
+    with serving(model, health_port=0) as server, \
+            grpc.insecure_channel(f"127.0.0.1:{server.running.health_port}") as channel:
+        with pytest.raises(grpc.RpcError) as exc:
+            channel.unary_unary(INFER)(request_for(model).SerializeToString(), timeout=10)
         assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED  # inference never bypasses --port's TLS
