@@ -150,10 +150,11 @@ async def _serve_hnd(port: int, config: str, seed: int, tail: str, detections: i
     await running.server.wait_for_termination()
 
 
-def start_child(args: list[str], timeout_s: float = 300.0) -> subprocess.Popen:
+def start_child(args: list[str], timeout_s: float = 300.0, python: str | None = None) -> subprocess.Popen:
+    """``python -m hnd.bench.overhead ARGS`` (``python``: another interpreter, e.g. another build's venv)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "hnd.bench.overhead", *args], stdout=subprocess.PIPE, env=env,
-                            text=True)
+    proc = subprocess.Popen([python or sys.executable, "-m", "hnd.bench.overhead", *args], stdout=subprocess.PIPE,
+                            env=env, text=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -323,8 +324,12 @@ def profile_steps(request, runner, repeats: int = 50) -> dict[str, float]:
 
 def run(config: str = DEFAULT_CONFIG, seed: int = 0, bits: int = 8, size: tuple[int, int] = (480, 640),
         requests: int = 200, rounds: int = 5, warmup: int = 20, tail: str = "trivial", detections: int = 100,
-        profile: bool = False) -> dict[str, Any]:
-    """Measure the floor and hnd side by side; returns the result dict (see ``format_table``)."""
+        profile: bool = False, compare_python: str | None = None) -> dict[str, Any]:
+    """Measure the floor and hnd side by side; returns the result dict (see ``format_table``).
+
+    ``compare_python``: also run the hnd server of another build (that interpreter's installed ``hnd``, which
+    must have this module) in the same alternating rounds, e.g. the code before a change.
+    """
     from hnd.edge.client import ClientSettings, SplitClient
     from hnd.server.local import free_port
 
@@ -333,31 +338,42 @@ def run(config: str = DEFAULT_CONFIG, seed: int = 0, bits: int = 8, size: tuple[
     hnd_port, floor_port = free_port(), free_port()
     hnd = start_child(["--serve", "hnd", "--port", str(hnd_port), "--config", config, "--seed", str(seed),
                         "--tail", tail, "--detections", str(detections)])
-    floor = None
+    floor = other = None
     try:
         client = SplitClient(ClientSettings(f"127.0.0.1:{hnd_port}"))
         client.model_info()
         reply_bytes = client.submit(request).result().response.ByteSize()
         floor = start_child(["--serve", "floor", "--port", str(floor_port), "--reply-bytes", str(reply_bytes)])
         fc = FloorClient(floor_port)
+        clients = {"hnd": client}
+        if compare_python:
+            other_port = free_port()
+            other = start_child(["--serve", "hnd", "--port", str(other_port), "--config", config, "--seed", str(seed),
+                                 "--tail", tail, "--detections", str(detections)], python=compare_python)
+            clients["compare"] = SplitClient(ClientSettings(f"127.0.0.1:{other_port}"))
+            clients["compare"].model_info()
         # Warm both (connections, stream set-up, allocator), then alternate short rounds of each.
         _time_floor(fc.call, message, warmup)
         _time_floor(fc.stream_call, message, warmup)
-        _time_hnd(client, request, warmup, False)
-        _time_hnd(client, request, warmup, True)
-        samples: dict[str, list[Sample]] = {k: [] for k in ("floor unary", "floor stream", "hnd unary", "hnd stream")}
+        for c in clients.values():
+            _time_hnd(c, request, warmup, False)
+            _time_hnd(c, request, warmup, True)
+        samples: dict[str, list[Sample]] = {f"{k} {call}": [] for k in ("floor", *clients) for call in ("unary", "stream")}
         per_round = max(1, requests // rounds)
         for _ in range(rounds):
             samples["floor unary"] += _time_floor(fc.call, message, per_round)
-            samples["hnd unary"] += _time_hnd(client, request, per_round, False)
+            for name, c in clients.items():
+                samples[f"{name} unary"] += _time_hnd(c, request, per_round, False)
             samples["floor stream"] += _time_floor(fc.stream_call, message, per_round)
-            samples["hnd stream"] += _time_hnd(client, request, per_round, True)
+            for name, c in clients.items():
+                samples[f"{name} stream"] += _time_hnd(c, request, per_round, True)
         fc.close()
-        client.close()
+        for c in clients.values():
+            c.close()
     finally:
-        stop_child(hnd)
-        if floor is not None:
-            stop_child(floor)
+        for proc in (hnd, floor, other):
+            if proc is not None:
+                stop_child(proc)
 
     result: dict[str, Any] = {
         "config": config, "tail": tail, "message_bytes": len(message), "reply_bytes": reply_bytes,
@@ -365,23 +381,30 @@ def run(config: str = DEFAULT_CONFIG, seed: int = 0, bits: int = 8, size: tuple[
         "edge_codec_encode_ms": encode_ms, "requests_per_mode": per_round * rounds, "modes": {},
         "load_average": os.getloadavg()[0], "cpus": os.cpu_count(),
     }
+    if compare_python:
+        result["compare"] = {"python": compare_python, "modes": {}}
     for call in ("unary", "stream"):
-        f = samples[f"floor {call}"]
-        h = samples[f"hnd {call}"]
-        floor_p = percentiles([s.total_ms for s in f])
-        over_p = percentiles([s.overhead_ms for s in h])
-        result["modes"][call] = {
-            "floor_ms": floor_p,
-            "hnd_total_ms": percentiles([s.total_ms for s in h]),
-            "hnd_overhead_ms": over_p,
-            "server_ms": {k: percentiles([getattr(s, f"{k}_ms") for s in h], (50,))["p50"]
-                          for k in ("decode", "queue", "compute", "encode")},
-            "ratio_p50": over_p["p50"] / floor_p["p50"],
-            "target_met": over_p["p50"] <= TARGET_RATIO * floor_p["p50"],
-        }
+        result["modes"][call] = _figures(samples[f"floor {call}"], samples[f"hnd {call}"])
+        if compare_python:
+            result["compare"]["modes"][call] = _figures(samples[f"floor {call}"], samples[f"compare {call}"])
     if profile:
         result["profile_ms"] = profile_steps(request, build_runner(config, seed, tail, detections))
     return result
+
+
+def _figures(f: list[Sample], h: list[Sample]) -> dict[str, Any]:
+    """Floor and hnd figures of one call type: percentiles, server stages, ratio of the p50s, target."""
+    floor_p = percentiles([s.total_ms for s in f])
+    over_p = percentiles([s.overhead_ms for s in h])
+    return {
+        "floor_ms": floor_p,
+        "hnd_total_ms": percentiles([s.total_ms for s in h]),
+        "hnd_overhead_ms": over_p,
+        "server_ms": {k: percentiles([getattr(s, f"{k}_ms") for s in h], (50,))["p50"]
+                      for k in ("decode", "queue", "compute", "encode")},
+        "ratio_p50": over_p["p50"] / floor_p["p50"],
+        "target_met": over_p["p50"] <= TARGET_RATIO * floor_p["p50"],
+    }
 
 
 def format_table(r: dict[str, Any]) -> str:
@@ -393,12 +416,16 @@ def format_table(r: dict[str, Any]) -> str:
         f"{'call':<8}{'floor p50/p95 ms':>20}{'hnd total p50/p95':>20}{'hnd overhead p50/p95':>23}"
         f"{'server dec/queue/comp/enc p50':>32}{'overhead/floor':>16}  target <= {TARGET_RATIO:g}x",
     ]
-    for call, m in r["modes"].items():
+    rows = [(call, m) for call, m in r["modes"].items()]
+    rows += [(f"{call}*", m) for call, m in r.get("compare", {}).get("modes", {}).items()]
+    for call, m in rows:
         f, t, o, s = m["floor_ms"], m["hnd_total_ms"], m["hnd_overhead_ms"], m["server_ms"]
         server = f"{s['decode']:.2f}/{s['queue']:.2f}/{s['compute']:.2f}/{s['encode']:.2f}"
         lines.append(f"{call:<8}{f['p50']:>11.2f} / {f['p95']:<6.2f}{t['p50']:>11.2f} / {t['p95']:<6.2f}"
                      f"{o['p50']:>14.2f} / {o['p95']:<6.2f}{server:>32}{m['ratio_p50']:>15.2f}x  "
                      f"{'met' if m['target_met'] else 'NOT met'}")
+    if "compare" in r:
+        lines.append(f"* the same against the hnd server of {r['compare']['python']}")
     if "profile_ms" in r:
         lines.append("in-process CPU steps (median ms):")
         lines += [f"  {k:<40}{v:>8.3f}" for k, v in r["profile_ms"].items()]
@@ -417,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tail", default="trivial", help="trivial (default) | real | sleep[:BASE_MS,PER_IMAGE_MS]")
     p.add_argument("--detections", type=int, default=100, help="detections the trivial tail returns per image")
     p.add_argument("--profile", action="store_true", help="add an in-process breakdown of the CPU steps")
+    p.add_argument("--compare-python", metavar="PYTHON",
+                   help="also measure the hnd server of another build (its venv's python) in the same rounds")
     p.add_argument("--json", help="write the result as JSON")
     # Child-process entry points (used by run()).
     p.add_argument("--serve", choices=("floor", "hnd"), help=argparse.SUPPRESS)
@@ -437,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"--frame must be HxW, got {args.frame!r}")
     result = run(args.config, args.seed, args.bits, (h, w), args.requests, args.rounds, args.warmup, args.tail,
-                 args.detections, args.profile)
+                 args.detections, args.profile, args.compare_python)
     print(format_table(result))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
