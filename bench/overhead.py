@@ -117,7 +117,10 @@ def parse_tail(tail: str, detections: int = 100):
         return TrivialTail(detections)
     if tail == "sleep" or tail.startswith("sleep:"):
         args = [float(v) for v in tail.split(":", 1)[1].split(",")] if ":" in tail else []
-        return SleepTail(*args, detections=detections)
+        if len(args) > 2:
+            raise ValueError(f"sleep tail takes BASE_MS,PER_IMAGE_MS, got {tail!r}")
+        base, per_image = (args + [16.4, 6.9][len(args):])[:2]
+        return SleepTail(base, per_image, detections)
     raise ValueError(f"unknown tail {tail!r}: trivial, real, sleep or sleep:BASE_MS,PER_IMAGE_MS")
 
 

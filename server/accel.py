@@ -25,7 +25,9 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,13 +124,14 @@ class AcceleratedTail(nn.Module):
             self.dense.to(memory_format=torch.channels_last)
         self._compiled = None
         self._graphs: set[tuple] = set()
+        self._eager: set[tuple] = set()  # shapes past the cap (warned once each)
         if options.compile != "off":
             self._compiled = torch.compile(self.dense, mode=None if options.compile == "default" else options.compile,
                                            dynamic=False)
 
     def _dense(self, z: torch.Tensor) -> tuple["OrderedDict[str, torch.Tensor]", list[torch.Tensor], list[torch.Tensor]]:
         b = z.shape[0]
-        fn = self.dense
+        fn: Callable[..., Any] = self.dense
         if self._compiled is not None:
             bucket = batch_bucket(b)
             key = (bucket, *z.shape[1:])
@@ -137,7 +140,8 @@ class AcceleratedTail(nn.Module):
                 fn = self._compiled
                 if bucket != b:  # pad with zero bottlenecks; their outputs are dropped below
                     z = torch.cat([z, z.new_zeros((bucket - b, *z.shape[1:]))])
-            elif len(self._graphs) == MAX_GRAPHS:
+            elif key not in self._eager:
+                self._eager.add(key)
                 log.warning("more than %d compiled shapes: shape %s runs eagerly", MAX_GRAPHS, tuple(z.shape))
         if self.options.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
