@@ -86,7 +86,11 @@ def test_server_cli_refuses_missing_checkpoint(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "nope.pt" in err[0]
 
 
-def test_head_only_export_serves_the_same_detections(model, server, image_dir, tmp_path):
+def test_head_only_export_serves_the_same_detections(model, server, image_dir, tmp_path, monkeypatch):
+    import itertools
+
+    import hnd.edge.client
+
     full = tmp_path / "student.pt"
     save_checkpoint(full, model)
     head_file = tmp_path / "head.pt"
@@ -94,7 +98,11 @@ def test_head_only_export_serves_the_same_detections(model, server, image_dir, t
     args = ["--server", f"127.0.0.1:{server.port}", "--images", str(image_dir / "000.png"), "--config", CONFIG,
             "--no-progress"]
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    # Request ids carry a process-wide counter: start both runs from the same count, so the request
+    # sizes compare whatever ran before in this process.
+    monkeypatch.setattr(hnd.edge.client, "_ids", itertools.count())
     assert edge_cli.main([*args, "--head", str(head_file), "--output", str(a)]) == 0
+    monkeypatch.setattr(hnd.edge.client, "_ids", itertools.count())
     assert edge_cli.main([*args, "--checkpoint", str(full), "--output", str(b)]) == 0
     ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
     assert ra["detections"] == rb["detections"]
