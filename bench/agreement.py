@@ -14,6 +14,7 @@ def match_pairs(reference: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
 
     Returns ([(index in got, index in reference), ...], detections kept in got, kept in reference).
     """
+    reference, got = _tensors(reference), _tensors(got)
     r = torch.nonzero(reference["scores"] >= score).flatten()
     g = torch.nonzero(got["scores"] >= score).flatten()
     g = g[torch.argsort(got["scores"][g], descending=True)]
@@ -32,6 +33,11 @@ def match_pairs(reference: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
     return pairs, len(g), len(r)
 
 
+def _tensors(dets: dict) -> dict[str, torch.Tensor]:
+    """boxes / labels / scores as tensors: the edge reports numpy arrays (hnd.common.wire), in-process runs tensors."""
+    return {k: torch.as_tensor(dets[k]) for k in ("boxes", "labels", "scores")}
+
+
 def match_f1(reference: dict[str, torch.Tensor], got: dict[str, torch.Tensor], iou: float = 0.5,
              score: float = 0.5) -> float:
     """F1 of ``got`` against ``reference``: greedy same-label matching at IoU >= iou, both cut at score.
@@ -48,6 +54,7 @@ def detection_agreement(reference: dict[str, torch.Tensor], got: dict[str, torch
                         score: float = 0.0) -> dict[str, float]:
     """F1 (as ``match_f1``) and the largest box-coordinate and score differences over the matched pairs."""
     pairs, n_got, n_ref = match_pairs(reference, got, iou, score)
+    reference, got = _tensors(reference), _tensors(got)
     gi = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     ri = torch.tensor([p[1] for p in pairs], dtype=torch.long)
     box = (got["boxes"][gi] - reference["boxes"][ri]).abs().max().item() if pairs else 0.0

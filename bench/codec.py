@@ -97,7 +97,7 @@ def measure(name: str, z: torch.Tensor, bits: int, granularity: str, compression
     from hnd.common.wire import tensor_to_proto
 
     e = codec.encode(z, bits, granularity, compression, level)
-    y = codec.decode(e)
+    y = torch.from_numpy(codec.decode(e))
     entropy = entropy_bytes(codec.quantize(z, bits, granularity).symbols)
     return Row(
         photo=name,

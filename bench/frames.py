@@ -77,5 +77,6 @@ def scale_boxes(dets: dict[str, torch.Tensor], from_hw: tuple[int, int],
     """Detections on a resized frame mapped back onto the original frame."""
     sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
     out = dict(dets)
-    out["boxes"] = dets["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=dets["boxes"].dtype)
+    boxes = torch.as_tensor(dets["boxes"])  # numpy as the edge reports it, or a tensor
+    out["boxes"] = boxes * torch.tensor([sx, sy, sx, sy], dtype=boxes.dtype)
     return out

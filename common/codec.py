@@ -3,6 +3,11 @@
 Every path uses this one module: the edge runtime (``encode``), the server (``decode``), evaluation
 (``roundtrip``, which gives bit for bit what ``decode(encode(x))`` gives) and the benchmark.
 
+It works on numpy arrays and never imports torch, so the edge's ONNX path runs without PyTorch.
+``encode`` / ``quantize`` / ``roundtrip`` also take a torch tensor (converted with ``.numpy()``, so
+the same values give the same bytes); ``decode``, ``dequantize`` and ``roundtrip`` return numpy
+arrays. ``hnd.common.torch_codec`` is the thin wrapper that returns torch tensors instead.
+
 Modes (``bits`` x ``granularity``):
 
 * ``bits`` in {2, 4, 6, 8} with ``granularity="tensor"`` or ``"channel"``: affine min/max quantization,
@@ -34,11 +39,11 @@ lying header or a zstd bomb costs nothing. Every refusal is a ``CodecError``.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 import zstandard
 
 from hnd.common.errors import HndError
@@ -54,6 +59,7 @@ __all__ = [
     "EncodedTensor",
     "Limits",
     "Quantized",
+    "as_float32",
     "decode",
     "dequantize",
     "encode",
@@ -157,14 +163,14 @@ class Quantized:
 
 
 def encode(
-    tensor: torch.Tensor,
+    tensor: Any,
     bits: int = 8,
     granularity: str = "tensor",
     compression: str = "zstd",
     level: int = 3,
     prior: Any = None,
 ) -> EncodedTensor:
-    """Quantize, pack and compress a float tensor (any shape; [B, C, H, W] for "channel").
+    """Quantize, pack and compress a float array or tensor (any shape; [B, C, H, W] for "channel").
 
     ``compression="learned"`` codes an Entropic Student latent against ``prior`` (PriorTables);
     bits must then be 0 and granularity "channel".
@@ -188,8 +194,8 @@ def encode(
     )
 
 
-def decode(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS, prior: Any = None) -> torch.Tensor:
-    """Validate, decompress, unpack and dequantize; returns a float32 tensor of ``encoded.shape``.
+def decode(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS, prior: Any = None) -> np.ndarray:
+    """Validate, decompress, unpack and dequantize; returns a float32 array of ``encoded.shape``.
 
     Raises CodecError on anything malformed or over ``limits``, before any large allocation.
     ``prior``: the served model's PriorTables, needed (only) for ``compression="learned"``.
@@ -199,7 +205,6 @@ def decode(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS, prior: Any =
         return _decode_learned(encoded, limits, prior)
     raw = _decompress(encoded)
     symbols = _unpack(raw, encoded.bits, encoded.numel)
-    # numpy, not torch: torch's threaded kernels can cost far more than the work at this size.
     if encoded.bits in _FLOAT_DTYPE and not (np.isfinite(symbols.min()) and np.isfinite(symbols.max())):
         raise CodecError("payload holds NaN or Inf values")
     q = Quantized(encoded.shape, encoded.bits, encoded.granularity, encoded.scale, encoded.zero_point, symbols)
@@ -207,13 +212,13 @@ def decode(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS, prior: Any =
 
 
 def roundtrip(
-    tensor: torch.Tensor,
+    tensor: Any,
     bits: int = 8,
     granularity: str = "tensor",
     compression: str = "zstd",
     level: int = 3,
     prior: Any = None,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Exactly (bit for bit) ``decode(encode(tensor, ...))``, without packing or compressing.
 
     compression and level do not change the result; they are checked so that the same arguments fail
@@ -224,25 +229,24 @@ def roundtrip(
         from hnd.common import entropy_coder
 
         tables = _check_learned(bits, granularity, prior)
-        return torch.from_numpy(entropy_coder.dequantize(_learned_symbols(tensor, tables), tables))
+        return entropy_coder.dequantize(_learned_symbols(tensor, tables), tables)
     return dequantize(quantize(tensor, bits, granularity))
 
 
-def quantize(tensor: torch.Tensor, bits: int = 8, granularity: str = "tensor") -> Quantized:
-    """Map a finite float tensor to symbols and quantization parameters (no packing, no compression).
+def quantize(tensor: Any, bits: int = 8, granularity: str = "tensor") -> Quantized:
+    """Map a finite float array (or torch tensor) to symbols and quantization parameters.
 
     tensor: any shape with positive dims, typically a bottleneck [B, C, H, W]; "channel" quantizes
-    each index of dim 1 over all other dims. Returns ``numel`` symbols in C order.
+    each index of dim 1 over all other dims. Returns ``numel`` symbols in C order. No packing, no
+    compression.
     """
     _check_mode(bits, granularity)
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        raise CodecError(f"expected a floating-point torch.Tensor, got {_describe(tensor)}")
-    shape = tuple(int(d) for d in tensor.shape)
+    x = as_float32(tensor)
+    shape = tuple(int(d) for d in x.shape)
     if not shape or min(shape) < 1:
         raise CodecError(f"cannot encode a tensor of shape {shape}: need at least one dim, all positive")
     if granularity == "channel" and len(shape) < 2:
         raise CodecError(f"per-channel quantization needs a channel dim 1, got shape {shape}")
-    x = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
 
     if bits in _FLOAT_DTYPE:
         lo, hi = float(x.min()), float(x.max())
@@ -291,8 +295,8 @@ def quantize_with(
     return Quantized(tuple(int(d) for d in x.shape), bits, granularity, tuple(scale), tuple(zero_point), symbols), clamped
 
 
-def dequantize(q: Quantized) -> torch.Tensor:
-    """Symbols back to a float32 tensor of ``q.shape``: ``scale * (q - zero_point)`` for affine modes.
+def dequantize(q: Quantized) -> np.ndarray:
+    """Symbols back to a float32 array of ``q.shape``: ``scale * (q - zero_point)`` for affine modes.
 
     The one dequantization both ``decode`` and ``roundtrip`` run, so they cannot drift apart.
     """
@@ -304,7 +308,24 @@ def dequantize(q: Quantized) -> torch.Tensor:
         x -= zp
         x *= s
         out = x
-    return torch.from_numpy(out.reshape(q.shape))
+    return out.reshape(q.shape)
+
+
+def as_float32(tensor: Any) -> np.ndarray:
+    """A C-contiguous float32 numpy array of a floating-point numpy array or torch tensor (CPU copy).
+
+    float64 / float16 / bfloat16 are rounded to float32 the same way on both paths, so a torch
+    tensor and its ``.numpy()`` encode to the same bytes. Integer and other inputs are refused.
+    """
+    torch = sys.modules.get("torch")  # only a caller that has torch can pass a tensor: never import it
+    if torch is not None and isinstance(tensor, torch.Tensor):
+        if not tensor.is_floating_point():
+            raise CodecError(f"expected a floating-point tensor, got a torch tensor of {tensor.dtype}")
+        return tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+    if not isinstance(tensor, np.ndarray) or not np.issubdtype(tensor.dtype, np.floating):
+        what = f"an array of {tensor.dtype}" if isinstance(tensor, np.ndarray) else _describe(tensor)
+        raise CodecError(f"expected a floating-point numpy array or torch tensor, got {what}")
+    return np.ascontiguousarray(tensor, dtype=np.float32)
 
 
 def packed_size(numel: int, bits: int) -> int:
@@ -375,10 +396,8 @@ def _check_learned(bits: object, granularity: object, prior: Any) -> Any:
 def _learned_symbols(tensor: Any, tables: Any) -> np.ndarray:
     from hnd.common import entropy_coder
 
-    if isinstance(tensor, torch.Tensor):
-        tensor = tensor.detach().to("cpu").contiguous().numpy()
     try:
-        return entropy_coder.quantize(np.asarray(tensor), tables)
+        return entropy_coder.quantize(as_float32(tensor), tables)
     except entropy_coder.EntropyCodingError as e:
         raise CodecError(str(e)) from None
 
@@ -418,7 +437,7 @@ def _validate_learned(encoded: EncodedTensor, limits: Limits) -> None:
         raise CodecError(f"payload of {len(encoded.payload)} bytes exceeds the limit of {limits.max_decompressed_bytes}")
 
 
-def _decode_learned(encoded: EncodedTensor, limits: Limits, prior: Any) -> torch.Tensor:
+def _decode_learned(encoded: EncodedTensor, limits: Limits, prior: Any) -> np.ndarray:
     from hnd.common import entropy_coder
 
     if not isinstance(prior, entropy_coder.PriorTables):
@@ -428,7 +447,7 @@ def _decode_learned(encoded: EncodedTensor, limits: Limits, prior: Any) -> torch
                                        max_payload=limits.max_decompressed_bytes)
     except entropy_coder.EntropyCodingError as e:
         raise CodecError(str(e)) from None
-    return torch.from_numpy(entropy_coder.dequantize(symbols, prior))
+    return entropy_coder.dequantize(symbols, prior)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import yaml
 
 from hnd.common import codec
 from hnd.common.errors import HndError
-from hnd.common.models import BOTTLENECK_TYPES, MODEL_KINDS
+from hnd.common.meta import BOTTLENECK_TYPES, MODEL_KINDS  # not models: configs load without torch
 
 def filter_threshold_problem(threshold: float) -> str | None:
     """The one rule for a neural filter threshold (config, hnd-edge, hnd-bench, the edge's modes): a

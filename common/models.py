@@ -21,8 +21,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from hnd.common.entropic import DEFAULT_CHANNELS, build_entropic_backbone, entropic_bottleneck_of, is_entropic
 
-MODEL_KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
-BOTTLENECK_TYPES = ("hnd", "entropic")
+from hnd.common.meta import BOTTLENECK_TYPES, MODEL_KINDS  # defined without torch, so configs load without it
 
 # torchvision COCO weights the original initialised its teachers (and students) from.
 TORCHVISION_WEIGHT_URLS = {

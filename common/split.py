@@ -15,34 +15,10 @@ from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
 from hnd.common.entropic import FPBottleneck, is_entropic
+from hnd.common.meta import SplitMeta, concat_meta  # noqa: F401 - re-exported: their old home
 from hnd.common.models import Bottleneck, model_kind
 from hnd.common.neural_filter import Ext4ResNet, get_filter
 from hnd.common.entropy_coder import EntropyCodingError, PriorTables
-
-
-@dataclass(frozen=True)
-class SplitMeta:
-    """What the tail needs besides the bottleneck tensor; small plain data that travels on the wire.
-
-    original_sizes: per image (height, width) of the frame the edge captured.
-    image_sizes: per image (height, width) after the transform's resize, before batch padding.
-    padded_size: (height, width) of the padded batch tensor the stem saw (a multiple of 32).
-    """
-
-    original_sizes: tuple[tuple[int, int], ...]
-    image_sizes: tuple[tuple[int, int], ...]
-    padded_size: tuple[int, int]
-
-    def __len__(self) -> int:
-        return len(self.image_sizes)
-
-    def select(self, indices: list[int]) -> "SplitMeta":
-        """Meta of the images at ``indices`` (e.g. the frames a neural filter kept); same padded size."""
-        return SplitMeta(
-            original_sizes=tuple(self.original_sizes[i] for i in indices),
-            image_sizes=tuple(self.image_sizes[i] for i in indices),
-            padded_size=self.padded_size,
-        )
 
 
 @dataclass
@@ -77,18 +53,6 @@ ENTROPIC_HEAD_PREFIXES = {
 def head_prefixes(head: nn.Module) -> dict[str, str]:
     """Head parameter-name prefixes -> full model names, for this kind of head."""
     return ENTROPIC_HEAD_PREFIXES if isinstance(head, EntropicHead) else HEAD_PREFIXES
-
-
-def concat_meta(metas: list[SplitMeta]) -> SplitMeta:
-    """Meta of a batch made by concatenating bottlenecks of the same padded size along dim 0."""
-    padded = {m.padded_size for m in metas}
-    if len(padded) != 1:
-        raise ValueError(f"cannot batch bottlenecks of different padded sizes: {sorted(padded)}")
-    return SplitMeta(
-        original_sizes=tuple(s for m in metas for s in m.original_sizes),
-        image_sizes=tuple(s for m in metas for s in m.image_sizes),
-        padded_size=metas[0].padded_size,
-    )
 
 
 def preprocess(transform: nn.Module, images: list[torch.Tensor]) -> tuple[torch.Tensor, SplitMeta]:

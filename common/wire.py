@@ -3,17 +3,19 @@
 Everything coming from the wire is validated here or in ``hnd.common.codec`` and refused with
 ``CodecError`` (a ValueError; the server answers it with INVALID_ARGUMENT). Floats travel as float32
 and come back bit for bit.
+
+numpy only, no torch (the edge's ONNX path imports this): detections go out from numpy arrays or
+torch tensors (read with ``.numpy()``) and come back as numpy arrays.
 """
 from __future__ import annotations
 
-from typing import Mapping
+import sys
+from typing import Any, Mapping
 
 import numpy as np
-import torch
-from pycocotools import mask as coco_mask
 
 from hnd.common.codec import DEFAULT_LIMITS, CodecError, EncodedTensor, Limits, validate
-from hnd.common.split import SplitMeta
+from hnd.common.meta import SplitMeta
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import tensor_pb2
 
@@ -23,6 +25,7 @@ __all__ = [
     "MAX_MASK_BYTES",
     "bottleneck_from_proto",
     "bottleneck_to_proto",
+    "detections_as_numpy",
     "detections_from_proto",
     "detections_to_proto",
     "meta_from_proto",
@@ -146,13 +149,13 @@ def bottleneck_from_proto(msg: pb.Bottleneck, limits: Limits = DEFAULT_LIMITS) -
 # Detections
 
 
-def detections_to_proto(det: Mapping[str, torch.Tensor]) -> pb.Detections:
-    """One image's torchvision output -> hnd.v1.Detections.
+def detections_to_proto(det: Mapping[str, Any]) -> pb.Detections:
+    """One image's torchvision output (torch tensors or numpy arrays) -> hnd.v1.Detections.
 
     det: boxes [N, 4] float, labels [N] int, scores [N] float; optionally masks [N, 1, H, W] in 0..1
     (sent as COCO RLE of ``masks > 0.5``), keypoints [N, K, 3] and keypoints_scores [N, K].
     """
-    boxes, labels, scores = det["boxes"], det["labels"], det["scores"]
+    boxes, labels, scores = (_numpy(det[k]) for k in ("boxes", "labels", "scores"))
     n = len(labels)
     if tuple(boxes.shape) != (n, 4) or tuple(scores.shape) != (n,) or labels.ndim != 1:
         raise CodecError(
@@ -161,16 +164,16 @@ def detections_to_proto(det: Mapping[str, torch.Tensor]) -> pb.Detections:
         )
     msg = pb.Detections(boxes=_floats(boxes), labels=labels.tolist(), scores=_floats(scores))
     if "masks" in det:
-        msg.masks.CopyFrom(_masks_to_proto(det["masks"], n))
+        msg.masks.CopyFrom(_masks_to_proto(_numpy(det["masks"]), n))
     if "keypoints" in det:
-        msg.keypoints.CopyFrom(_keypoints_to_proto(det["keypoints"], det["keypoints_scores"], n))
+        msg.keypoints.CopyFrom(_keypoints_to_proto(_numpy(det["keypoints"]), _numpy(det["keypoints_scores"]), n))
     return msg
 
 
 def detections_from_proto(
     msg: pb.Detections, decode_masks: bool = True, max_mask_bytes: int = MAX_MASK_BYTES
-) -> dict[str, torch.Tensor | list]:
-    """hnd.v1.Detections -> dict as torchvision gives it (masks come back binary, uint8).
+) -> dict[str, np.ndarray | list]:
+    """hnd.v1.Detections -> dict of numpy arrays, keys as torchvision gives them (masks binary, uint8).
 
     Returns boxes [N, 4] float32, labels [N] int64, scores [N] float32; with masks: masks [N, 1, H, W]
     uint8 (or, with ``decode_masks=False``, masks_rle: N COCO RLE dicts {"size": [H, W], "counts": bytes});
@@ -180,7 +183,7 @@ def detections_from_proto(
     n = len(msg.labels)
     if len(msg.boxes) != 4 * n or len(msg.scores) != n:
         raise CodecError(f"{n} labels but {len(msg.boxes)} box values and {len(msg.scores)} scores")
-    det: dict[str, torch.Tensor | list] = {
+    det: dict[str, np.ndarray | list] = {
         "boxes": _tensor(msg.boxes, np.float32, (n, 4)),
         "labels": _tensor(msg.labels, np.int64, (n,)),
         "scores": _tensor(msg.scores, np.float32, (n,)),
@@ -203,13 +206,20 @@ def detections_from_proto(
     return det
 
 
-def _masks_to_proto(masks: torch.Tensor, n: int) -> pb.Masks:
+def detections_as_numpy(det: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """One image's detections with every torch tensor as a numpy array (what the edge keeps and reports)."""
+    return {k: _numpy(v) for k, v in det.items()}
+
+
+def _masks_to_proto(masks: np.ndarray, n: int) -> pb.Masks:
     if masks.ndim != 4 or masks.shape[0] != n or masks.shape[1] != 1:
         raise CodecError(f"masks must be [N={n}, 1, H, W], got {tuple(masks.shape)}")
     h, w = int(masks.shape[2]), int(masks.shape[3])
     msg = pb.Masks(height=h, width=w)
     if n:
-        binary = (masks[:, 0] > 0.5).cpu().numpy()  # [N, H, W], as torchvision's COCO evaluation does
+        from pycocotools import mask as coco_mask  # only whoever sends masks (the server) needs it
+
+        binary = masks[:, 0] > 0.5  # [N, H, W], as torchvision's COCO evaluation does
         rles = coco_mask.encode(np.asfortranarray(binary.transpose(1, 2, 0), dtype=np.uint8))
         msg.counts.extend(r["counts"] for r in rles)
     return msg
@@ -221,7 +231,7 @@ def _rles_from_proto(msg: pb.Masks, n: int) -> list[dict]:
     return [{"size": [msg.height, msg.width], "counts": c} for c in msg.counts]
 
 
-def _masks_from_proto(msg: pb.Masks, n: int, max_bytes: int) -> torch.Tensor:
+def _masks_from_proto(msg: pb.Masks, n: int, max_bytes: int) -> np.ndarray:
     rles = _rles_from_proto(msg, n)
     h, w = msg.height, msg.width
     if n * h * w > max_bytes:
@@ -232,7 +242,7 @@ def _masks_from_proto(msg: pb.Masks, n: int, max_bytes: int) -> torch.Tensor:
         # Runs alternate 0, 1, 0, ... over the mask in column-major (Fortran) order.
         flat = np.repeat((np.arange(len(runs)) % 2).astype(np.uint8), runs)
         out[i, 0] = flat.reshape(w, h).T
-    return torch.from_numpy(out)
+    return out
 
 
 def _rle_runs(counts: bytes, numel: int) -> np.ndarray:
@@ -265,7 +275,7 @@ def _rle_runs(counts: bytes, numel: int) -> np.ndarray:
     return runs
 
 
-def _keypoints_to_proto(keypoints: torch.Tensor, scores: torch.Tensor, n: int) -> pb.Keypoints:
+def _keypoints_to_proto(keypoints: np.ndarray, scores: np.ndarray, n: int) -> pb.Keypoints:
     if keypoints.ndim != 3 or keypoints.shape[0] != n or keypoints.shape[2] != 3:
         raise CodecError(f"keypoints must be [N={n}, K, 3], got {tuple(keypoints.shape)}")
     k = int(keypoints.shape[1])
@@ -295,14 +305,23 @@ def _hw(size: pb.Size, what: str) -> tuple[int, int]:
     return size.height, size.width
 
 
-def _floats(t: torch.Tensor) -> list[float]:
+def _numpy(x: Any) -> np.ndarray:
+    """A numpy view of a numpy array or a (CPU or not) torch tensor; torch is never imported here."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
+    return np.asarray(x)
+
+
+def _floats(t: np.ndarray) -> list[float]:
     # float32 values are exact as Python floats and exact again as the wire's float32.
-    return t.detach().to("cpu", torch.float32).reshape(-1).tolist()
+    return t.astype(np.float32, copy=False).reshape(-1).tolist()
 
 
-def _tensor(values, dtype: type, shape: tuple[int, ...]) -> torch.Tensor:
-    """A repeated field as a tensor of ``shape``; the callers have checked its length."""
-    return torch.from_numpy(np.array(values, dtype=dtype).reshape(shape))
+def _tensor(values, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+    """A repeated field as an array of ``shape``; the callers have checked its length."""
+    return np.array(values, dtype=dtype).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,26 +1,22 @@
-# hnd-edge: camera -> head -> quantized bottleneck -> gRPC, on a CPU-only device.
+# hnd-edge: camera -> head on ONNX Runtime -> quantized bottleneck -> gRPC, on a CPU-only device. No torch.
 #
 # Build (from the repository root):
 #   docker build -f docker/edge.Dockerfile -t hnd-edge:0.1.0 .
 #   docker buildx build --platform linux/arm64 -f docker/edge.Dockerfile -t hnd-edge:0.1.0 .   # ARM boards
-# Run with a camera and head-only weights (`hnd-export-head full.pt head.pt`), so the device never holds the tail:
+# Run with a camera and the head exported to ONNX (`hnd-export-head full.pt head.onnx`, on a machine with
+# torch), so the device never holds the tail:
 #   docker run --rm --init --device /dev/video0 --group-add "$(stat -c %g /dev/video0)" \
-#     -v "$PWD/head.pt:/models/head.pt:ro" hnd-edge:0.1.0 \
-#     --server gpu-host:50051 --camera 0 --config hnd/faster_rcnn-b3ch --head /models/head.pt
+#     -v "$PWD/head.onnx:/models/head.onnx:ro" hnd-edge:0.1.0 \
+#     --server gpu-host:50051 --camera 0 --head /models/head.onnx
 # See DEPLOY.md for TLS, tokens and the compose file.
 #
-# torch / torchvision come from the PyTorch CPU index (no CUDA libraries: ~1/5 of the size of the
-# PyPI CUDA build). That is a download at image build time; everything else comes from PyPI.
+# The image installs hnd's core and its `edge` and `video` extras (onnxruntime; PyAV for the H.264 offload
+# mode): no torch, no CUDA libraries.
+# The build fails if torch slipped in.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
-# Pinned to constraints.txt (tests/test_docker.py checks they agree; pip -c enforces it at build time).
-ARG TORCH_VERSION=2.14.1
-ARG TORCHVISION_VERSION=0.29.1
-# The CPU index names its wheels 2.14.1+cpu; the local label keeps pip from taking PyPI's CUDA build.
-ARG TORCH_VARIANT=+cpu
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PYPI_INDEX_URL=https://pypi.org/simple
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -37,12 +33,10 @@ WORKDIR /src
 
 # 1. Dependencies only (this layer is rebuilt only when pyproject.toml or constraints.txt change).
 COPY pyproject.toml constraints.txt ./
-RUN pip install -c constraints.txt --index-url "${TORCH_INDEX_URL}" --extra-index-url "${PYPI_INDEX_URL}" \
-      "torch==${TORCH_VERSION}${TORCH_VARIANT}" "torchvision==${TORCHVISION_VERSION}${TORCH_VARIANT}" \
- && python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['edge'] + p['optional-dependencies']['video']))" > /tmp/requirements.txt \
  && pip install -c constraints.txt --index-url "${PYPI_INDEX_URL}" -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt \
- && python3 -c "import torch; assert torch.version.cuda is None, 'edge image got a CUDA torch build'"
+ && python3 -c "import importlib.util as u; assert u.find_spec('torch') is None, 'the edge image must not hold torch'"
 
 # 2. The hnd package itself (cheap to rebuild when the source changes).
 COPY README.md ./
@@ -74,5 +68,5 @@ LABEL org.opencontainers.image.title="hnd-edge" \
 # `docker stop` sends SIGINT: hnd-edge stops like on Ctrl-C, writes --output and prints its summary.
 STOPSIGNAL SIGINT
 ENTRYPOINT ["hnd-edge"]
-CMD ["--server", "server:50051", "--camera", "0", "--config", "hnd/faster_rcnn-b3ch", "--head", "/models/head.pt", \
+CMD ["--server", "server:50051", "--camera", "0", "--config", "hnd/faster_rcnn-b3ch", "--head", "/models/head.onnx", \
      "--output", "/out/results.jsonl"]

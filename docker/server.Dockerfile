@@ -35,7 +35,7 @@ WORKDIR /src
 # 1. Dependencies only (this layer is rebuilt only when pyproject.toml or constraints.txt change).
 COPY pyproject.toml constraints.txt ./
 RUN pip install -c constraints.txt "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
- && python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > /tmp/requirements.txt \
  && pip install -c constraints.txt -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 

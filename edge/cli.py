@@ -3,6 +3,12 @@
     hnd-edge --server gpu-host:50051 --camera 0 --config hnd/faster_rcnn-b3ch --head head.pt
     hnd-edge --server 127.0.0.1:50051 --images frames/ --config test/faster_rcnn-b3ch --random-weights 0
     hnd-edge --server gpu-host:50051 --camera 0 --config ext/keypoint_rcnn-b3ch --filter-threshold 0.05
+    hnd-edge --server gpu-host:50051 --camera 0 --head head.onnx --min-size 480 --max-size 640 --threads 2
+
+``--head head.onnx`` (from ``hnd-export-head ... head.onnx``) runs the head on ONNX Runtime and never
+imports torch: an edge installed with ``pip install "hnd[edge]"`` has none. ``--min-size / --max-size``
+split a frame at its own resolution (e.g. 480 for a 640x480 camera) instead of upsampling it to the
+model's 800 px; the server accepts any resize within the limits it advertises.
 
 With a neural filter in the config (``model.filter``) the edge skips frames whose probability of
 holding anything to detect is below ``--filter-threshold`` (default: the config's threshold);
@@ -21,16 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from hnd.common import codec
-from hnd.common.checkpoint import fingerprint, load_head
 from hnd.common.errors import USER_ERRORS, report
 from hnd.common.files import atomic_write_text
 from hnd.common.config import Config, ConfigError, filter_threshold_problem, load_config, with_weights
-from hnd.common.build import build_architecture, build_model_from_config
-from hnd.common.split import Head, split_model
 from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceLost, open_source
 from hnd.edge.client import LB_POLICIES, ClientSettings, EdgeError, SplitClient, check_target
 from hnd.edge.draw import VideoSink, draw_detections
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config or bundled name (default {DEFAULT_CONFIG})")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--checkpoint", help="full student checkpoint")
-    w.add_argument("--head", help="head-only export (hnd-export-head): the edge never holds the tail")
+    w.add_argument("--head", help="head-only export (hnd-export-head): torch weights, or .onnx for ONNX Runtime "
+                                  "(no torch); the edge never holds the tail")
     w.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights (demos, tests)")
     p.add_argument("--mode", default="split", choices=("split", "offload", "local"))
     p.add_argument("--bits", type=int, default=None, choices=(codec.LEARNED_BITS, *codec.BITS),
@@ -141,35 +142,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="file holding the bearer token")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--log-level", default="WARNING")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the head: torch's, or ONNX Runtime's intra-op threads (default: theirs)")
+    p.add_argument("--ort-provider", action="append", metavar="NAME",
+                   help="ONNX Runtime execution provider for an .onnx head, in priority order (repeat it; "
+                        "CPUExecutionProvider is always the fallback), e.g. CUDAExecutionProvider")
+    p.add_argument("--min-size", type=int, default=None, help="resize the short side to this (default: the model's)")
+    p.add_argument("--max-size", type=int, default=None, help="cap on the long side (default: the model's)")
     return p
 
 
 @dataclass
 class EdgeModel:
-    head: Head | None
+    head: Any  # hnd.common.split.Head (torch) or hnd.edge.onnx_head.OnnxHead, None without a head
     fingerprint: str
-    model: nn.Module | None  # the full model (local mode only)
+    model: Any  # the full torch model (local mode only)
+
+
+def ort_providers(names: list[str] | None) -> list[str]:
+    """The providers to ask ONNX Runtime for: the given ones in order, CPU last as the fallback."""
+    names = list(names or [])
+    return names + ([] if "CPUExecutionProvider" in names else ["CPUExecutionProvider"])
 
 
 def load_edge_model(cfg: Config, mode: str, checkpoint: str | None = None, head_path: str | None = None,
-                    random_weights: int | None = None) -> EdgeModel:
-    """What the edge runs: the head (split), the full model (local) or nothing (offload)."""
+                    random_weights: int | None = None, providers: list[str] | None = None,
+                    threads: int | None = None, min_size: int | None = None,
+                    max_size: int | None = None) -> EdgeModel:
+    """What the edge runs: the head (split), the full model (local) or nothing (offload).
+
+    An ``.onnx`` head runs on ONNX Runtime and needs no torch; everything else imports torch here.
+    """
     if mode == "offload":
         return EdgeModel(None, "", None)
+    if (min_size is not None or max_size is not None) and mode != "split":
+        raise ConfigError("--min-size / --max-size set the split's resize: split mode only")
     if head_path is not None:
+        from hnd.edge.onnx_head import OnnxHead, is_onnx_path
+
         if mode == "local":
             raise ConfigError("--head holds only the head; local mode needs --checkpoint or --random-weights")
+        if is_onnx_path(head_path):
+            head = OnnxHead(head_path, ort_providers(providers), threads, min_size, max_size)
+            return EdgeModel(head, head.fingerprint, None)
+    elif providers:
+        raise ConfigError("--ort-provider is for an ONNX head (--head head.onnx)")
+    import torch
+
+    from hnd.common.checkpoint import fingerprint, load_head
+    from hnd.common.build import build_architecture, build_model_from_config
+    from hnd.common.split import split_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    if head_path is not None:
         head, _ = split_model(build_architecture(cfg.model))  # the filter too, when configured
         fp = load_head(head_path, head)
-        return EdgeModel(head, fp, None)
-    model = build_model_from_config(with_weights(cfg.model, checkpoint, random_weights), cfg.path)
-    fp = fingerprint(model)
-    if mode == "local":
-        return EdgeModel(None, fp, model)
-    if cfg.model.bottleneck_channels is None:
-        raise ConfigError(f"{cfg.path}: model is a teacher (no bottleneck); split mode needs a student")
-    head, _ = split_model(model)
+    else:
+        model = build_model_from_config(with_weights(cfg.model, checkpoint, random_weights), cfg.path)
+        fp = fingerprint(model)
+        if mode == "local":
+            return EdgeModel(None, fp, model)
+        if cfg.model.bottleneck_channels is None:
+            raise ConfigError(f"{cfg.path}: model is a teacher (no bottleneck); split mode needs a student")
+        head, _ = split_model(model)
+    if min_size is not None or max_size is not None:
+        t = head.transform
+        t.min_size = (int(min_size or t.min_size[-1]),)
+        t.max_size = int(max_size or t.max_size)
+        if t.min_size[-1] < 1 or t.max_size < t.min_size[-1]:
+            raise ConfigError(f"need 1 <= --min-size <= --max-size, got {t.min_size[-1]}/{t.max_size}")
     return EdgeModel(head, fp, None)
 
 
@@ -193,8 +235,6 @@ def filter_threshold(cfg: Config, args: argparse.Namespace) -> float | None:
 
 def run_edge(args: argparse.Namespace) -> Summary:
     """Everything main() does, as a function tests call; raises ConfigError / EdgeError / SourceError."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.mode != "local":
         check_target(args.server)  # before loading anything
     if not 1 <= args.max_attempts <= 5:
@@ -241,7 +281,8 @@ def run_edge(args: argparse.Namespace) -> Summary:
     if give_up is None:  # files end after a while; a live camera keeps capturing and waits for its server
         give_up = None if isinstance(source, LiveCapture) else DEFAULT_GIVE_UP_S
     options.give_up_after_s = give_up if give_up else None
-    em = load_edge_model(cfg, args.mode, args.checkpoint, args.head, args.random_weights)
+    em = load_edge_model(cfg, args.mode, args.checkpoint, args.head, args.random_weights,
+                         args.ort_provider, args.threads, args.min_size, args.max_size)
     client = None
     if args.mode != "local":
         token = Path(args.token_file).read_text().strip() if args.token_file else None

@@ -4,10 +4,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
-import torch
 
 # COCO person skeleton (1-based keypoint indices, as in the COCO annotations).
 COCO_SKELETON = [(16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8), (7, 9),
@@ -19,21 +19,25 @@ def _color(label: int) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(64, 256, size=3))
 
 
-def draw_detections(image: np.ndarray, dets: dict[str, torch.Tensor], min_score: float = 0.5) -> np.ndarray:
-    """A copy of ``image`` ([H, W, 3] uint8 RGB) with detections scoring >= min_score drawn on it."""
+def draw_detections(image: np.ndarray, dets: dict[str, Any], min_score: float = 0.5) -> np.ndarray:
+    """A copy of ``image`` ([H, W, 3] uint8 RGB) with detections scoring >= min_score drawn on it.
+
+    dets: numpy arrays as ``hnd.common.wire.detections_from_proto`` gives them (CPU torch tensors work too).
+    """
     out = image.copy()
-    keep = (dets["scores"] >= min_score).nonzero().flatten().tolist()
+    dets = {k: np.asarray(v) for k, v in dets.items() if k != "masks_rle"}
+    keep = np.flatnonzero(dets["scores"] >= min_score).tolist()
     for i in keep:
         color = _color(int(dets["labels"][i]))
         if "masks" in dets:
-            m = dets["masks"][i, 0].numpy() > 0.5
+            m = dets["masks"][i, 0] > 0.5
             out[m] = (0.5 * out[m] + 0.5 * np.array(color)).astype(np.uint8)
         x1, y1, x2, y2 = (int(round(v)) for v in dets["boxes"][i].tolist())
         cv2.rectangle(out, (x1, y1), (x2, y2), color, 2)
         cv2.putText(out, f"{int(dets['labels'][i])} {float(dets['scores'][i]):.2f}", (x1, max(y1 - 4, 10)),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.45, color, 1, cv2.LINE_AA)
         if "keypoints" in dets:
-            kp = dets["keypoints"][i].numpy()
+            kp = dets["keypoints"][i]
             for a, b in COCO_SKELETON:
                 if a <= len(kp) and b <= len(kp) and kp[a - 1, 2] > 0 and kp[b - 1, 2] > 0:
                     cv2.line(out, tuple(int(v) for v in kp[a - 1, :2]), tuple(int(v) for v in kp[b - 1, :2]), color, 2)

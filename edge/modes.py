@@ -117,8 +117,9 @@ class EdgeMode:
         raise NotImplementedError
 
     def detections(self, prepared: Prepared, response: pb.InferResponse | None) -> list[Detections]:
+        """numpy arrays, whichever side computed them (the wire's decoding, or torch results made here)."""
         if response is None:
-            return prepared.local_result or []
+            return [wire.detections_as_numpy(d) for d in prepared.local_result or []]
         return [wire.detections_from_proto(d) for d in response.detections]
 
     def after(self, prepared: Prepared, record: Any) -> None:
@@ -152,7 +153,13 @@ def check_fingerprint(info: pb.ModelInfo, fingerprint: str) -> None:
 
 def check_split_server(info: pb.ModelInfo, fingerprint: str, bits: int, resize: tuple[int, int] | None,
                        compression: str = "zstd") -> None:
-    """What a split mode needs of the server: the same weights, its codec mode and bits and (given) the same resize."""
+    """What a split mode needs of the server: the same weights, its codec mode and bits and (given) a resize
+    it accepts.
+
+    resize: the edge's (min_size, max_size). A server that advertises ``limits.max_short_side /
+    max_long_side`` accepts any resize within them (a native-resolution split); one that does not,
+    only its own.
+    """
     check_fingerprint(info, fingerprint)
     entropic_server = tensor_pb2.COMPRESSION_LEARNED in info.accepted_compressions
     if compression == "learned" and not entropic_server:
@@ -163,7 +170,14 @@ def check_split_server(info: pb.ModelInfo, fingerprint: str, bits: int, resize: 
                         f"coding (--compression learned --bits 0), not {bits}-bit {compression}")
     if bits not in info.accepted_bits:
         raise EdgeError(f"the server does not accept {bits}-bit bottlenecks (accepts {list(info.accepted_bits)})")
-    if resize is not None and (info.min_size, info.max_size) != resize:
+    if resize is None:
+        return
+    short, long = info.limits.max_short_side, info.limits.max_long_side
+    if short and long:
+        if resize[0] > short or resize[1] > long:
+            raise EdgeError(f"resize {resize[0]}/{resize[1]} is beyond what the server accepts (short side <= "
+                            f"{short}, long side <= {long}); lower --min-size / --max-size")
+    elif (info.min_size, info.max_size) != resize:
         raise EdgeError(f"resize mismatch: edge {resize[0]}/{resize[1]}, server {info.min_size}/{info.max_size}")
 
 
@@ -229,6 +243,13 @@ def make_mode(options: EdgeOptions, head: Any = None, fingerprint: str = "", mod
 
             return VideoOffloadMode(options, fingerprint)
         return OffloadMode(options, fingerprint)
+    if options.mode == "split" and head is not None:
+        from hnd.edge.onnx_head import OnnxHead
+
+        if isinstance(head, OnnxHead):  # no torch on this path
+            from hnd.edge.onnx_mode import OnnxSplitMode
+
+            return OnnxSplitMode(options, head)
     if options.mode in ("split", "local"):
         from hnd.edge.torch_modes import LocalMode, TorchSplitMode  # torch only when a torch mode is used
 

@@ -154,7 +154,7 @@ def test_model_info_metadata_and_answers_say_what_ran(tiny_model, photos):
         z, meta = head([photos[0]])
     encoded = codec.encode(z, 8)
     with torch.inference_mode():
-        want = runner.tail(codec.decode(encoded).reshape(z.shape), meta)[0]
+        want = runner.tail(torch.from_numpy(codec.decode(encoded)).reshape(z.shape), meta)[0]
     with BackgroundServer(runner, settings) as server:
         client = SplitClient(ClientSettings(f"127.0.0.1:{server.port}"))
         info = client.model_info()

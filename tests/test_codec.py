@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from hnd.common import codec
-from hnd.common.codec import CodecError, EncodedTensor, Limits, decode, encode, roundtrip
+from hnd.common.codec import CodecError, EncodedTensor, Limits, encode
+from hnd.common.torch_codec import decode, roundtrip
 
 AFFINE_MODES = [(b, g) for b in codec.AFFINE_BITS for g in ("tensor", "channel")] + [(8, "original")]
 ALL_MODES = AFFINE_MODES + [(16, "tensor"), (32, "tensor")]
@@ -258,6 +259,64 @@ def test_huge_values_are_refused_for_affine_modes():
     with pytest.raises(CodecError, match="too large"):
         encode(torch.tensor([[0.0, 3e38]]), 8)
     assert torch.equal(decode(encode(torch.tensor([[0.0, 3e38]]), 32)), torch.tensor([[0.0, 3e38]]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# One codec: the numpy path and the torch wrapper
+
+
+@pytest.mark.parametrize("bits,granularity", ALL_MODES)
+@PROPERTY
+@given(x=float_tensors(), compression=st.sampled_from(codec.COMPRESSIONS))
+def test_numpy_and_torch_paths_give_the_same_bytes(bits, granularity, x, compression):
+    assume(bits != 16 or x.abs().max() < 65504)
+    from_torch = encode(x, bits, granularity, compression)
+    from_numpy = codec.encode(x.numpy(), bits, granularity, compression)
+    assert from_numpy == from_torch  # every field, payload bytes included
+    a, t = codec.decode(from_numpy), decode(from_torch)
+    assert isinstance(a, np.ndarray) and isinstance(t, torch.Tensor)
+    assert a.dtype == np.float32 and a.tobytes() == t.numpy().tobytes()
+    assert codec.roundtrip(x.numpy(), bits, granularity).tobytes() == roundtrip(x, bits, granularity).numpy().tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_other_float_dtypes_round_to_float32_alike(dtype):
+    x = np.random.default_rng(0).normal(size=(1, 3, 5, 5)).astype(dtype)
+    assert codec.encode(x) == encode(torch.from_numpy(x))
+    assert codec.encode(x, 32, compression="none").payload == x.astype(np.float32).tobytes()
+
+
+def test_numpy_input_is_not_modified_nor_aliased():
+    x = np.random.default_rng(1).normal(size=(1, 2, 4, 4)).astype(np.float32)
+    before = x.copy()
+    y = codec.roundtrip(x, 32)
+    assert np.array_equal(x, before) and not np.shares_memory(x, y)
+    y[...] = 0
+    assert np.array_equal(x, before)
+
+
+@pytest.mark.parametrize("bad", [np.arange(6).reshape(1, 6), [[0.5, 1.0]], np.array([[True, False]])])
+def test_non_float_numpy_input_is_refused(bad):
+    with pytest.raises(CodecError, match="floating-point"):
+        codec.encode(bad)
+
+
+def test_codec_imports_without_torch(tmp_path):
+    """The edge's ONNX path encodes with torch unimportable (hnd.common.codec and hnd.common.wire)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
+        "import numpy as np\n"
+        "from hnd.common import codec, wire\n"
+        "e = codec.encode(np.linspace(-1, 1, 48, dtype=np.float32).reshape(1, 3, 4, 4), 4, 'channel')\n"
+        "print(codec.decode(wire.tensor_from_proto(wire.tensor_to_proto(e))).tobytes().hex())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    x = torch.from_numpy(np.linspace(-1, 1, 48, dtype=np.float32).reshape(1, 3, 4, 4))
+    assert out.stdout.strip() == roundtrip(x, 4, "channel").numpy().tobytes().hex()
 
 
 # ---------------------------------------------------------------------------------------------------

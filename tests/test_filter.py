@@ -358,7 +358,7 @@ def test_edge_drops_frames_below_threshold_with_empty_results_shaped_as_the_serv
         summary, records, dets = run_edge(model, None, imgs, mode="local", filter_threshold=threshold)
         with torch.inference_mode():
             expected = [model([to_tensor(f)]) for f in imgs]
-        mask_dtype = torch.float32
+        mask_dtype = np.float32
     else:
         with serving(model) as server:
             client = client_for(server)
@@ -376,15 +376,15 @@ def test_edge_drops_frames_below_threshold_with_empty_results_shaped_as_the_serv
     assert all(r["status"] == "OK" and r["ms"]["filter"] > 0 for r in records)
     for r, d, f, k in zip(records, dets, imgs, kept):
         if k:
-            assert d[0]["scores"].numel() > 0
+            assert d[0]["scores"].size > 0
             if expected is not None:  # local mode through head + tail equals the full model
                 exp = expected[records.index(r)][0]
-                assert all(torch.equal(d[0][key], exp[key]) for key in exp)
+                assert all(np.array_equal(d[0][key], exp[key].numpy()) for key in exp)
             continue
         assert r["bytes"] == {"payload": 0, "message": 0} and "network_server" not in r["ms"]
         assert r["detections"] == [{"count": 0, "boxes": [], "labels": [], "scores": []}]
         assert d[0]["masks"].shape == (0, 1, *f.shape[:2]) and d[0]["masks"].dtype == mask_dtype
-        assert d[0]["boxes"].shape == (0, 4) and d[0]["labels"].dtype == torch.int64
+        assert d[0]["boxes"].shape == (0, 4) and d[0]["labels"].dtype == np.int64
     stats = summary.as_dict()["filter"]
     assert (stats["sent"], stats["filtered"], summary.answered) == (sum(kept), len(kept) - sum(kept), len(kept))
     if mode == "split":

@@ -28,7 +28,7 @@ def test_edge_receives_exactly_the_in_process_round_trip(tiny_model, kind):
     assert summary.answered == 3 and summary.failed == 0
     for image, got in zip(images, dets):
         want = expected_split(model, image, bits=8, granularity="tensor")
-        assert want[0]["scores"].numel() > 0  # a comparison of empty results would prove nothing
+        assert want[0]["scores"].size > 0  # a comparison of empty results would prove nothing
         assert_same_detections(want, got)
     for r in records:
         assert r["bytes"]["payload"] > 0 and r["bytes"]["message"] > r["bytes"]["payload"]
@@ -100,7 +100,7 @@ def test_local_mode_runs_the_whole_model_without_a_server(tiny_model):
     assert summary.answered == 2
     with torch.inference_mode():
         want = model([to_tensor(images[0])])
-    assert torch.equal(want[0]["boxes"], dets[0][0]["boxes"])
+    assert np.array_equal(want[0]["boxes"].numpy(), dets[0][0]["boxes"])
     assert records[0]["bytes"]["payload"] == 0
 
 

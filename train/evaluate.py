@@ -2,7 +2,7 @@
 
 ``hnd-eval --config C [--checkpoint P] [--bits N --granularity G] [--split-mode] [--split val]``
 
-With ``--bits`` the student runs as head -> ``hnd.common.codec.roundtrip`` -> tail, the
+With ``--bits`` the student runs as head -> ``hnd.common.codec`` -> tail, the
 same quantization the runtime applies on the wire, so the accuracy printed here is the
 accuracy hnd-server delivers. ``--split-mode`` without ``--bits`` runs head -> tail
 losslessly (it equals the full model bit for bit).
@@ -158,6 +158,32 @@ class CodedSplit:
         return sum(self.coded_bytes) / max(self.images, 1)
 
 
+def make_onnx_predictor(model: nn.Module, onnx_head: Any, bits: int = 8, granularity: str = "tensor") -> Predictor:
+    """images -> ONNX Runtime head (``hnd.edge.onnx_head.OnnxHead``) -> codec -> the model's torch tail.
+
+    The edge's path exactly: each image goes back to the uint8 frame it was read from (the loader's
+    to_tensor divided it by 255, which ``round(x * 255)`` inverts exactly), through the edge's numpy
+    preprocessing and the ONNX graph, ``hnd.common.codec.roundtrip`` at ``bits``, then the tail.
+    """
+    from hnd.common import codec
+    from hnd.common.checkpoint import fingerprint
+    from hnd.common.split import split_model
+
+    if onnx_head.fingerprint != fingerprint(model):
+        raise HndError(onnx_head.path, f"ONNX head of model {onnx_head.fingerprint}, evaluating model "
+                                       f"{fingerprint(model)} (export the head from the same checkpoint)")
+    model.eval()
+    _, tail = split_model(model)
+
+    def predict(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        frames = [img.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy() for img in images]
+        out, meta = onnx_head(frames)
+        z = torch.from_numpy(codec.roundtrip(out.bottleneck, bits=bits, granularity=granularity))
+        return tail(z.to(next(model.parameters()).device), meta)
+
+    return predict
+
+
 def make_predictor(model: nn.Module, bits: int | None = None, granularity: str = "tensor",
                    split_mode: bool = False, compression: str | None = None, key_interval: int = 1,
                    max_clamped: float = 0.001, precision: str = "fp32") -> Predictor:
@@ -246,7 +272,7 @@ def predict_dataset(predictor: Predictor, loader: Iterable, device: torch.device
 def evaluate_model(model: nn.Module, loader: Any, device: torch.device | str = "cpu", kind: str | None = None,
                    bits: int | None = None, granularity: str = "tensor", split_mode: bool = False,
                    progress: bool = False, key_interval: int = 1, compression: str | None = None,
-                   precision: str = "fp32") -> dict[str, Any]:
+                   precision: str = "fp32", onnx_head: Any = None) -> dict[str, Any]:
     """COCO metrics of ``model`` on ``loader.dataset`` (a CocoDetection): {iou_type: {stat: value}, ...}.
 
     Also returns ``summary`` (pycocotools' printed lines per iou type), ``images`` and ``seconds``,
@@ -256,8 +282,11 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device | str = "
     from hnd.common.models import model_kind
 
     kind = kind or model_kind(model)
-    predictor = make_predictor(model, bits=bits, granularity=granularity, split_mode=split_mode,
-                               key_interval=key_interval, compression=compression, precision=precision)
+    if onnx_head is not None:  # the edge's ONNX head in front of the model's tail
+        predictor = make_onnx_predictor(model, onnx_head, bits if bits is not None else 8, granularity)
+    else:
+        predictor = make_predictor(model, bits=bits, granularity=granularity, split_mode=split_mode,
+                                   key_interval=key_interval, compression=compression, precision=precision)
     outputs, ids, seconds = predict_dataset(predictor, loader, device, progress=progress)
     results = to_coco_results(outputs, ids, IOU_TYPES[kind])
     metrics, summaries = coco_evaluate(loader.dataset.coco, results, ids)
@@ -279,10 +308,15 @@ def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, sp
                     device: str = "cpu", workers: int | None = None, batch_size: int = 1,
                     max_images: int | None = None, random_weights: int | None = None,
                     progress: bool = False, key_interval: int = 1, compression: str | None = None,
-                    precision: str = "fp32") -> dict[str, Any]:
-    """Build the configured model (``checkpoint`` overrides the config's weights) and evaluate it on a split."""
-    from hnd.common.config import load_config, with_weights
+                    precision: str = "fp32", head: str | None = None, ort_providers: Sequence[str] | None = None,
+                    min_size: int | None = None, max_size: int | None = None) -> dict[str, Any]:
+    """Build the configured model (``checkpoint`` overrides the config's weights) and evaluate it on a split.
+
+    ``head``: an ONNX head (``hnd-export-head``) run as the edge runs it, in front of the model's tail.
+    ``min_size`` / ``max_size``: the split's resize (a native-resolution split), the ONNX head's or the model's.
+    """
     from hnd.common.build import build_model_from_config
+    from hnd.common.config import load_config, with_weights
     from hnd.train.data import build_dataset, make_loader
 
     cfg = load_config(config)
@@ -290,13 +324,28 @@ def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, sp
         raise HndError(cfg.path, "config has no dataset section")
     model_cfg = with_weights(cfg.model, checkpoint=checkpoint, random_weights=random_weights)
     model = build_model_from_config(model_cfg, cfg.path).to(device)
+    onnx_head = None
+    if head is not None:
+        from hnd.edge.onnx_head import OnnxHead
+
+        if cfg.model.bottleneck_channels is None:
+            raise HndError(cfg.path, "--head needs a student (a model with a bottleneck)")
+        if compression == "learned" or key_interval != 1 or precision != "fp32":
+            raise HndError("--head", "an ONNX head is evaluated with affine --bits, intra frames and an fp32 tail")
+        providers = list(dict.fromkeys([*(ort_providers or []), "CPUExecutionProvider"]))
+        onnx_head = OnnxHead(head, providers=providers, min_size=min_size, max_size=max_size)
+        bits = 8 if bits is None else bits
+    elif min_size is not None or max_size is not None:
+        t = model.transform
+        t.min_size = (int(min_size or t.min_size[-1]),)
+        t.max_size = int(max_size or t.max_size)
     dataset = build_dataset(cfg.dataset, split, cfg.model.kind, train=False)
     if max_images is not None:
         dataset.ids = dataset.ids[:max_images]
     loader = make_loader(dataset, batch_size, cfg.dataset.num_workers if workers is None else workers)
     metrics = evaluate_model(model, loader, device, cfg.model.kind, bits=bits, granularity=granularity,
                              split_mode=split_mode, progress=progress, key_interval=key_interval,
-                             compression=compression, precision=precision)
+                             compression=compression, precision=precision, onnx_head=onnx_head)
     if compression == "learned":
         bits, granularity = 0, "channel"
     from hnd.common.checkpoint import fingerprint
@@ -307,7 +356,10 @@ def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, sp
                    key_interval=key_interval if bits is not None else None,
                    split_mode=bool(split_mode or bits is not None or precision != "fp32"), precision=precision,
                    fingerprint=fingerprint(model),
-                   compression=(compression or "zstd") if bits is not None else None)
+                   compression=(compression or "zstd") if bits is not None else None,
+                   head=head, head_precision=onnx_head.metadata.precision if onnx_head is not None else None,
+                   min_size=onnx_head.min_size if onnx_head is not None else int(model.transform.min_size[-1]),
+                   max_size=onnx_head.max_size if onnx_head is not None else int(model.transform.max_size))
     return metrics
 
 
@@ -333,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data loader workers (default: the config's)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    p.add_argument("--head", metavar="HEAD.onnx",
+                   help="run this ONNX head (hnd-export-head) as the edge does, then the codec (--bits, default 8) "
+                        "and the model's tail")
+    p.add_argument("--ort-provider", action="append", metavar="NAME", help="ONNX Runtime provider for --head")
+    p.add_argument("--min-size", type=int, help="the split's resize: short side (default: the model's / head's)")
+    p.add_argument("--max-size", type=int, help="the split's resize: cap on the long side")
     p.add_argument("--output", help="write metrics JSON here (atomically)")
     f = p.add_argument_group("neural filter (configs with model.filter; see hnd.train.filter)")
     f.add_argument("--min-recall", type=float, default=0.9,
@@ -364,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   workers=args.workers, batch_size=args.batch_size, max_images=args.max_images,
                                   random_weights=args.random_weights, progress=True,
                                   key_interval=args.key_interval, compression=args.compression,
-                                  precision=args.precision)
+                                  precision=args.precision, head=args.head, ort_providers=args.ort_provider,
+                                  min_size=args.min_size, max_size=args.max_size)
     except USER_ERRORS as exc:
         return report("hnd-eval", exc)
     how = "full model" if not metrics["split_mode"] else (
@@ -372,8 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"head -> {args.bits}-bit {args.granularity} codec"
         f"{f' (temporal, key every {args.key_interval})' if args.key_interval > 1 else ''} -> tail"
         if args.bits else "head -> tail")
+    if metrics.get("head"):
+        how = (f"ONNX {metrics['head_precision']} head {metrics['head']} -> {metrics['bits']}-bit "
+               f"{args.granularity} codec -> tail")
     if args.precision != "fp32":
         how += f" ({args.precision} dense part)"
+    how += f", resize {metrics['min_size']}/{metrics['max_size']}"
     coded = (f", {metrics['coded_bytes_per_image']:.1f} coded bytes per image"
              if "coded_bytes_per_image" in metrics else "")
     print(f"{metrics['kind']} ({how}) on {metrics['split']}: {metrics['images']} images "

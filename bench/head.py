@@ -1,0 +1,206 @@
+"""Head speed: torch eager vs channels_last vs ONNX Runtime fp32 vs int8, on the same frames in one run.
+
+    python -m hnd.bench.head [--config hnd/faster_rcnn-b3ch] [--checkpoint P | --random-weights 0]
+                             [--threads 1 2 4] [--repeats 5] [--json out.json] [--markdown out.md]
+
+Inputs: scikit-image photos (astronaut 512x512, coffee 400x600) and a 640x480 frame (chelsea resized),
+each at the model's resize (800 px) and at its own size (native: min_size = its short side). The head
+is stem + bottleneck encoder on the padded batch; the int8 head is calibrated on other photos
+(rocket, immunohistochemistry, hubble_deep_field), never random data. Per cell: the median of
+``repeats`` runs after one warm-up, and the ratio to torch eager of the same frame, size and threads.
+Also: the edge stages of a 640x480 frame at native size (numpy preprocess + ONNX head + 8-bit zstd
+encode), and each runtime's agreement with torch eager (max |dz| and equal 8-bit symbols).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from hnd.bench.codec import cpu_name
+from hnd.common import codec
+from hnd.common.checkpoint import fingerprint
+from hnd.common.build import build_model_from_config
+from hnd.common.config import load_config, with_weights
+from hnd.common.files import atomic_write_text
+from hnd.common.split import Head, split_model
+from hnd.edge.capture import sample_images
+from hnd.edge.onnx_export import export_onnx, head_metadata, quantize_int8
+from hnd.edge.onnx_head import OnnxHead
+
+RUNTIMES = ("torch eager", "torch channels_last", "ORT fp32", "ORT int8")
+MEASURED = ("astronaut", "coffee")
+CALIBRATION = ("rocket", "immunohistochemistry", "hubble_deep_field")
+
+
+@dataclass
+class Cell:
+    frame: str
+    size: str  # "model" (the model's resize, 800 px for the COCO configs) or "native"
+    input_hw: tuple[int, int]
+    threads: int
+    runtime: str
+    ms: float
+    vs_eager: float = 0.0
+    max_abs_diff: float = 0.0
+    symbols_equal: float = 1.0
+
+
+@dataclass
+class Results:
+    machine: str
+    config: str
+    cells: list[Cell] = field(default_factory=list)
+    edge_stages_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # threads -> stage -> ms
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up (ORT plans, torch allocator)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def frames() -> dict[str, np.ndarray]:
+    imgs, names = sample_images()
+    by = dict(zip(names, imgs))
+    out = {n: by[n] for n in MEASURED}
+    out["640x480"] = cv2.resize(by["chelsea"], (640, 480), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def run(config: str, checkpoint: str | None, seed: int | None, threads: list[int], repeats: int) -> Results:
+    cfg = load_config(config)
+    model = build_model_from_config(with_weights(cfg.model, checkpoint, seed), cfg.path)
+    head, _ = split_model(model)
+    head.eval()
+    cl_head, _ = split_model(model, copy_modules=True)
+    cl_head = cl_head.eval().to(memory_format=torch.channels_last)
+    meta = head_metadata(head, fingerprint(model))
+    imgs, names = sample_images()
+    calib = [img for img, n in zip(imgs, names) if n in CALIBRATION]
+    res = Results(machine=cpu_name(), config=str(cfg.path))
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        int8 = Path(tmp) / "int8.onnx"
+        export_onnx(head, meta, fp32)
+        quantize_int8(fp32, int8, calib, meta, f"{len(calib)} photos")
+        for n in threads:
+            torch.set_num_threads(n)
+            sessions = {"ORT fp32": OnnxHead(fp32, threads=n), "ORT int8": OnnxHead(int8, threads=n)}
+            for name, img in frames().items():
+                h, w = img.shape[:2]
+                for size, (mn, mx) in (("model", (meta.min_size, meta.max_size)), ("native", (min(h, w), max(h, w)))):
+                    batch = _with_size(sessions["ORT fp32"], mn, mx).preprocess([img])[0]
+                    res.cells += _measure(name, size, batch, n, head, cl_head, sessions, repeats)
+            res.edge_stages_ms[str(n)] = _edge_stages(sessions, frames()["640x480"], repeats)
+    return res
+
+
+def _with_size(session: OnnxHead, min_size: int, max_size: int) -> OnnxHead:
+    session.min_size, session.max_size = min_size, max_size
+    return session
+
+
+@torch.inference_mode()
+def _measure(name: str, size: str, batch: np.ndarray, threads: int, head: Head, cl_head: Head,
+             sessions: dict[str, OnnxHead], repeats: int) -> list[Cell]:
+    x = torch.from_numpy(batch)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    ref = head.encode(x).numpy()
+    ref_q = codec.quantize(ref, 8).symbols
+    outputs = {
+        "torch eager": (lambda: head.encode(x), lambda: head.encode(x).numpy()),
+        "torch channels_last": (lambda: cl_head.encode(xc), lambda: cl_head.encode(xc).contiguous().numpy()),
+        "ORT fp32": (lambda: sessions["ORT fp32"].run(batch), lambda: sessions["ORT fp32"].run(batch).bottleneck),
+        "ORT int8": (lambda: sessions["ORT int8"].run(batch), lambda: sessions["ORT int8"].run(batch).bottleneck),
+    }
+    cells = []
+    for runtime in RUNTIMES:
+        fn, value = outputs[runtime]
+        z = value()
+        cells.append(Cell(name, size, tuple(batch.shape[-2:]), threads, runtime, median_ms(fn, repeats),
+                          max_abs_diff=float(np.abs(z - ref).max()),
+                          symbols_equal=float((codec.quantize(z, 8).symbols == ref_q).mean())))
+    eager = cells[0].ms
+    for c in cells:
+        c.vs_eager = eager / c.ms
+    return cells
+
+
+def _edge_stages(sessions: dict[str, OnnxHead], img: np.ndarray, repeats: int) -> dict[str, float]:
+    """640x480 at native size (480/640) with the int8 head: preprocess, head, encode (8-bit zstd) medians."""
+    s = _with_size(sessions["ORT int8"], 480, 640)
+    batch, _ = s.preprocess([img])
+    z = s.run(batch).bottleneck
+    out = {
+        "preprocess": median_ms(lambda: s.preprocess([img]), repeats),
+        "head": median_ms(lambda: s.run(batch), repeats),
+        "encode": median_ms(lambda: codec.encode(z, 8, "tensor", "zstd", 3), repeats),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def markdown(res: Results) -> str:
+    intro = (f"Machine: {res.machine}; config {res.config}. Median ms per head run (stem + encoder), "
+             "ratio to torch eager on the same input and threads.")
+    lines = [intro, ""]
+    threads = sorted({c.threads for c in res.cells})
+    keys = sorted({(c.frame, c.size, c.input_hw) for c in res.cells}, key=lambda k: (k[1], k[0]))
+    lines.append("| frame | size | input | threads | " + " | ".join(RUNTIMES) + " |")
+    lines.append("|---|---|---|---|" + "---|" * len(RUNTIMES))
+    for frame, size, hw in keys:
+        for n in threads:
+            row = {c.runtime: c for c in res.cells if (c.frame, c.size, c.threads) == (frame, size, n)}
+            vals = " | ".join(f"{row[r].ms:.0f} ({row[r].vs_eager:.1f}x)" for r in RUNTIMES)
+            lines.append(f"| {frame} | {size} | {hw[0]}x{hw[1]} | {n} | {vals} |")
+    lines += ["", "Agreement with torch eager (worst over frames and sizes): max |dz|, equal 8-bit symbols", ""]
+    lines.append("| runtime | max abs diff | symbols equal (min) |")
+    lines.append("|---|---|---|")
+    for r in RUNTIMES[1:]:
+        cs = [c for c in res.cells if c.runtime == r]
+        lines.append(f"| {r} | {max(c.max_abs_diff for c in cs):.2g} | {100 * min(c.symbols_equal for c in cs):.3f} % |")
+    lines += ["", "Edge stages, 640x480 frame at native size (480/640), ORT int8 head, 8-bit zstd:", ""]
+    lines.append("| threads | preprocess | head | encode | total |")
+    lines.append("|---|---|---|---|---|")
+    for n, st in res.edge_stages_ms.items():
+        lines.append(f"| {n} | {st['preprocess']:.1f} | {st['head']:.1f} | {st['encode']:.1f} | {st['total']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hnd.bench.head", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="hnd/faster_rcnn-b3ch")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--checkpoint")
+    w.add_argument("--random-weights", type=int, default=None, metavar="SEED")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="write all cells as JSON")
+    p.add_argument("--markdown", help="write the tables as markdown")
+    args = p.parse_args(argv)
+    seed = args.random_weights if args.checkpoint or args.random_weights is not None else 0
+    res = run(args.config, args.checkpoint, seed if not args.checkpoint else None, args.threads, args.repeats)
+    text = markdown(res)
+    print(text)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(asdict(res), indent=2))
+    if args.markdown:
+        atomic_write_text(args.markdown, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""Export a student's head to ONNX (fp32, or static int8 calibrated on real frames), with hnd metadata.
+
+Runs where torch is (a workstation or the server); the edge then needs only onnxruntime
+(``hnd.edge.onnx_head``). The graph is stem + bottleneck encoder (+ the neural filter's probability):
+input ``images`` [B, 3, Hp, Wp], the normalized and padded batch, with dynamic batch, height and
+width. Normalize / resize / pad stay outside the graph, in ``hnd.common.preprocess``: measured on the
+sample photos, OpenCV's resize and ONNX Runtime's Resize op both differ from torch's interpolate only
+by float32 rounding of the sample positions, and outside the graph a frame at its split size skips
+the resize entirely, the batch layout stays the runtime's choice, and the int8 graph quantizes only
+convolutions (a quantized Resize / Pad would add error where there is none).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import hnd
+from hnd.common.checkpoint import CheckpointError, describe_state_dict, fingerprint, read_checkpoint
+from hnd.common.files import atomic_write
+from hnd.common.preprocess import preprocess
+from hnd.common.sizes import SIZE_DIVISIBLE
+from hnd.common.split import Head
+from hnd.edge.onnx_head import INPUT, OUTPUT_BOTTLENECK, OUTPUT_FILTER, HeadMetadata
+
+__all__ = ["OPSET", "HeadGraph", "export_onnx", "head_metadata", "quantize_int8", "student_head"]
+
+OPSET = 18
+
+
+class AdaptiveAvgPoolAsMatmul(nn.Module):
+    """nn.AdaptiveAvgPool2d for ONNX: ``P_h @ x @ P_w^T`` with averaging matrices built from the input's size.
+
+    ONNX has no adaptive pooling for sizes that are not multiples of the output; the windows here are
+    torch's (start ``floor(i * n / out)``, end ``ceil((i + 1) * n / out)``) and the matrices are built
+    in the graph, so height and width stay dynamic. Equal to the module up to float32 summation order.
+    """
+
+    def __init__(self, output_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.output_size = output_size
+
+    @staticmethod
+    def _matrix(n: torch.Tensor, out: int, like: torch.Tensor) -> torch.Tensor:
+        i = torch.arange(out, device=like.device).unsqueeze(1)
+        j = torch.arange(n, device=like.device).unsqueeze(0)  # n traces as the input's dynamic size
+        start = torch.div(i * n, out, rounding_mode="floor")
+        end = torch.div((i + 1) * n + out - 1, out, rounding_mode="floor")
+        window = ((j >= start) & (j < end)).to(like.dtype)
+        return window / window.sum(dim=1, keepdim=True)  # [out, n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ph = self._matrix(x.shape[-2], self.output_size[0], x)
+        pw = self._matrix(x.shape[-1], self.output_size[1], x)
+        return torch.matmul(torch.matmul(ph, x), pw.transpose(0, 1))
+
+
+class HeadGraph(nn.Module):
+    """What the ONNX file computes: [B, 3, Hp, Wp] -> bottleneck [B, C, Hp/4 + 4, Wp/4 + 4] (and filter
+    probability [B])."""
+
+    def __init__(self, head: Head) -> None:
+        super().__init__()
+        self.head = head
+        self.filter: nn.Module | None = None
+        if head.filter is not None:
+            flt = copy.deepcopy(head.filter)  # the head's own filter keeps its torch pooling
+            for name, module in list(flt.extractor.named_children()):
+                if isinstance(module, nn.AdaptiveAvgPool2d):
+                    size = module.output_size
+                    flt.extractor[int(name)] = AdaptiveAvgPoolAsMatmul(
+                        (size, size) if isinstance(size, int) else tuple(size))
+            self.filter = flt
+
+    @property
+    def with_filter(self) -> bool:
+        return self.filter is not None
+
+    def forward(self, images: torch.Tensor):
+        features = self.head.stem(images)
+        z = self.head.encode_features(features)
+        if self.filter is not None:
+            return z, self.filter.probability(features)
+        return z
+
+
+def head_metadata(head: Head, full_fingerprint: str, precision: str = "fp32", calibration: str = "",
+                  min_size: int | None = None, max_size: int | None = None) -> HeadMetadata:
+    t = head.transform
+    return HeadMetadata(
+        fingerprint=full_fingerprint,
+        model_kind=head.kind,
+        bottleneck_channels=int(head.bottleneck_channels),
+        min_size=int(min_size or t.min_size[-1]),
+        max_size=int(max_size or t.max_size),
+        image_mean=tuple(float(v) for v in t.image_mean),
+        image_std=tuple(float(v) for v in t.image_std),
+        size_divisible=int(getattr(t, "size_divisible", SIZE_DIVISIBLE)),
+        num_keypoints=int(head.num_keypoints),
+        precision=precision,
+        hnd_version=hnd.__version__,
+        filter_threshold=head.filter_threshold,
+        calibration=calibration,
+    )
+
+
+def _set_metadata(model, meta: HeadMetadata) -> None:
+    del model.metadata_props[:]
+    for key, value in meta.to_props().items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def _save(model, path: str | os.PathLike) -> None:
+    data = model.SerializeToString()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def export_onnx(head: Head, meta: HeadMetadata, path: str | os.PathLike, sample_hw: tuple[int, int] = (256, 320)) -> None:
+    """Trace the head (legacy exporter, opset 18, dynamic B / H / W) and write it with ``meta`` atomically."""
+    import onnx
+
+    head = head.eval()
+    graph = HeadGraph(head).eval()
+    outputs = [OUTPUT_BOTTLENECK] + ([OUTPUT_FILTER] if graph.with_filter else [])
+    axes = {INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT_BOTTLENECK: {0: "batch", 2: "h", 3: "w"}}
+    if graph.with_filter:
+        axes[OUTPUT_FILTER] = {0: "batch"}
+    dummy = torch.zeros(1, 3, *sample_hw)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "head.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            # The legacy (TorchScript) exporter is deprecated but is the one that exports this head
+            # with dynamic sizes; its tracer warnings are about shape arithmetic we mean.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(graph, (dummy,), str(raw), input_names=[INPUT], output_names=outputs,
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        model = onnx.load(str(raw))
+    onnx.checker.check_model(model)
+    _set_metadata(model, meta)
+    _save(model, path)
+
+
+class _Frames:
+    """onnxruntime CalibrationDataReader over preprocessed frames, one batch of one at a time."""
+
+    def __init__(self, batches: Iterator[np.ndarray]) -> None:
+        self.batches = batches
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {INPUT: batch}
+
+    def rewind(self) -> None:  # called by some onnxruntime versions; one pass is all we give
+        pass
+
+
+def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, frames: Sequence[np.ndarray],
+                  meta: HeadMetadata, calibration: str, method: str = "minmax") -> None:
+    """Static int8 (QDQ: int8 weights per channel, uint8 activations) calibrated on ``frames``.
+
+    frames: RGB uint8 [H, W, 3], real frames like the ones the edge will see; each goes through the
+    edge's own preprocessing at the metadata's min / max size. ``method``: minmax | entropy | percentile.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if method not in methods:
+        raise ValueError(f"calibration method must be one of {sorted(methods)}, got {method!r}")
+    if not frames:
+        raise ValueError("int8 calibration needs at least one frame")
+
+    def batches() -> Iterator[np.ndarray]:
+        for f in frames:
+            yield preprocess([f], meta.min_size, meta.max_size, meta.image_mean, meta.image_std,
+                             meta.size_divisible)[0]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        q = Path(tmp) / "int8.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(q), _Frames(batches()), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        calibrate_method=methods[method])
+        model = onnx.load(str(q))
+    int8_meta = HeadMetadata(**{**meta.__dict__, "precision": "int8", "calibration": calibration})
+    _set_metadata(model, int8_meta)
+    _save(model, out_path)
+
+
+def student_head(checkpoint: str | None, config: str | None = None, random_weights: int | None = None) -> tuple[Head, str]:
+    """(Head in eval mode, full-model fingerprint) to export.
+
+    With ``config`` the model is built from it (weights from ``checkpoint`` or ``random_weights``);
+    without, the architecture is read off the checkpoint's keys (kind, bottleneck channels, classes,
+    keypoints, neural filter) with torchvision's default transform, which ``--min-size / --max-size``
+    can then override in the metadata.
+    """
+    from hnd.common.split import split_model
+
+    if config is not None:
+        from hnd.common.build import build_model_from_config
+        from hnd.common.config import load_config, with_weights
+
+        cfg = load_config(config)
+        if cfg.model.bottleneck_channels is None:
+            raise CheckpointError(f"{cfg.path}: model is a teacher (no bottleneck); only a student has a head")
+        model = build_model_from_config(with_weights(cfg.model, checkpoint, random_weights), cfg.path)
+    else:
+        if checkpoint is None:
+            raise CheckpointError("give a checkpoint (or --config with --random-weights)")
+        model = _model_from_keys(checkpoint)
+    model.eval()
+    head, _ = split_model(model)
+    return head.eval(), fingerprint(model)
+
+
+def _model_from_keys(path: str) -> nn.Module:
+    from hnd.common.checkpoint import HEAD_FORMAT, load_checkpoint
+    from hnd.common.models import build_model
+    from hnd.common.neural_filter import FILTER_PREFIX, attach_filter
+
+    ckpt = read_checkpoint(path)
+    if ckpt["format"] == HEAD_FORMAT:
+        raise CheckpointError(f"{path}: a head-only export; the ONNX export needs the full student checkpoint")
+    sd = ckpt["model"]
+    kind, channels = describe_state_dict(sd)
+    if channels is None:
+        raise CheckpointError(f"{path}: holds a teacher (no bottleneck); only a student has a head to export")
+    kwargs = {}
+    cls = sd.get("roi_heads.box_predictor.cls_score.weight")
+    if cls is not None:
+        kwargs["num_classes"] = int(cls.shape[0])
+    kps = sd.get("roi_heads.keypoint_predictor.kps_score_lowres.weight")
+    if kps is not None:
+        kwargs["num_keypoints"] = int(kps.shape[1])  # ConvTranspose2d weight: [in, out, k, k]
+    model = build_model(kind, channels, **kwargs)
+    if any(k.startswith(FILTER_PREFIX) for k in sd):
+        attach_filter(model)
+    load_checkpoint(path, model)
+    return model

@@ -1,0 +1,224 @@
+"""The head on ONNX Runtime: an ``hnd-export-head`` .onnx file, checked, run on numpy arrays; no torch.
+
+The graph (see ``hnd.edge.onnx_export``) takes the normalized, padded batch ``images`` [B, 3, Hp, Wp]
+float32 and gives ``bottleneck`` [B, C, Hp/4 + 4, Wp/4 + 4] (and ``filter_probability`` [B] when the
+student carries a neural filter). Normalize, resize and pad run before it in numpy / OpenCV
+(``hnd.common.preprocess``), with torchvision's geometry. The file's ``metadata_props`` say which
+model it is; :func:`read_metadata` refuses a file without them.
+
+Every problem with the file or the provider is an :class:`OnnxHeadError` whose message is one line
+naming the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hnd.common.errors import HndError
+from hnd.common.meta import SplitMeta
+from hnd.common.preprocess import preprocess
+
+__all__ = [
+    "FORMAT",
+    "INPUT",
+    "OUTPUT_BOTTLENECK",
+    "OUTPUT_FILTER",
+    "HeadMetadata",
+    "HeadOutput",
+    "OnnxHead",
+    "OnnxHeadError",
+    "is_onnx_path",
+    "read_metadata",
+]
+
+FORMAT = "hnd-head-onnx/1"
+INPUT = "images"
+OUTPUT_BOTTLENECK = "bottleneck"
+OUTPUT_FILTER = "filter_probability"
+_PREFIX = "hnd."
+DEFAULT_PROVIDER = "CPUExecutionProvider"
+
+
+class OnnxHeadError(HndError):
+    """An ONNX head that cannot be used: unreadable, not an hnd head, or a provider that is not installed."""
+
+
+def is_onnx_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
+
+
+@dataclass(frozen=True)
+class HeadMetadata:
+    """What an exported head says about itself (ONNX metadata_props, keys prefixed ``hnd.``).
+
+    fingerprint: weights fingerprint of the full model the head was cut from (the server checks it).
+    min_size / max_size: the transform's resize at export; the edge may override them.
+    image_mean / image_std: normalization per RGB channel. precision: "fp32" or "int8".
+    filter_threshold: the neural filter's default threshold, None without a filter.
+    """
+
+    fingerprint: str
+    model_kind: str
+    bottleneck_channels: int
+    min_size: int
+    max_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    size_divisible: int
+    num_keypoints: int
+    precision: str
+    hnd_version: str
+    filter_threshold: float | None = None
+    calibration: str = ""  # int8: what the quantization was calibrated on
+
+    def to_props(self) -> dict[str, str]:
+        """metadata_props entries (all strings; lists and None as JSON)."""
+        props = {"format": FORMAT}
+        for key, value in self.__dict__.items():
+            props[key] = value if isinstance(value, str) else json.dumps(value)
+        return {_PREFIX + k: v for k, v in props.items()}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], where: str) -> "HeadMetadata":
+        ours = {k[len(_PREFIX):]: v for k, v in props.items() if k.startswith(_PREFIX)}
+        if not ours:
+            raise OnnxHeadError(f"{where}: ONNX file without hnd metadata (not written by hnd-export-head)")
+        if ours.get("format") != FORMAT:
+            raise OnnxHeadError(f"{where}: hnd metadata format {ours.get('format')!r}, expected {FORMAT!r}")
+        fields = {}
+        try:
+            for name, f in cls.__dataclass_fields__.items():
+                if name not in ours:
+                    if f.default is not dataclasses.MISSING:
+                        continue
+                    raise KeyError(name)
+                raw = ours[name]
+                fields[name] = raw if f.type in ("str",) else json.loads(raw)
+            fields["image_mean"] = tuple(float(v) for v in fields["image_mean"])
+            fields["image_std"] = tuple(float(v) for v in fields["image_std"])
+            meta = cls(**fields)
+        except KeyError as exc:
+            raise OnnxHeadError(f"{where}: hnd metadata lacks {_PREFIX}{exc.args[0]}") from None
+        except (TypeError, ValueError) as exc:
+            raise OnnxHeadError(f"{where}: malformed hnd metadata ({exc})") from None
+        if len(meta.image_mean) != 3 or len(meta.image_std) != 3 or meta.bottleneck_channels < 1:
+            raise OnnxHeadError(f"{where}: malformed hnd metadata (normalization or channels)")
+        return meta
+
+
+@dataclass
+class HeadOutput:
+    """bottleneck: [B, C, h, w] float32. filter_probability: [B] float32, None without a filter."""
+
+    bottleneck: np.ndarray
+    filter_probability: np.ndarray | None
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise OnnxHeadError("onnxruntime is not installed (pip install 'hnd[edge]')") from None
+    return onnxruntime
+
+
+def _load_session(path: str, providers: Sequence[str], threads: int | None):
+    ort = _ort()
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise OnnxHeadError(
+            f"{path}: ONNX Runtime provider {', '.join(missing)} is not available here "
+            f"(installed: {', '.join(available)})"
+        )
+    if not os.path.isfile(path):
+        raise OnnxHeadError(f"{path}: no such file")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(path, sess_options=options, providers=list(providers))
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types (Fail, InvalidProtobuf, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxHeadError(f"{path}: not a loadable ONNX model ({first[:200]})") from None
+
+
+def read_metadata(session, path: str) -> HeadMetadata:
+    """The hnd metadata of a loaded session, checked against the graph's inputs and outputs."""
+    meta = HeadMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map), path)
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    want = [OUTPUT_BOTTLENECK] + ([OUTPUT_FILTER] if meta.filter_threshold is not None else [])
+    if inputs != [INPUT] or outputs != want:
+        raise OnnxHeadError(f"{path}: graph has inputs {inputs} and outputs {outputs}; an hnd head has "
+                            f"[{INPUT!r}] and {want}")
+    return meta
+
+
+class OnnxHead:
+    """An exported head on an ONNX Runtime session.
+
+    ``min_size`` / ``max_size`` override the file's resize (a native-resolution split: a 640x480
+    camera at min_size 480 is not upsampled). ``threads`` sets ONNX Runtime's intra-op threads.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        providers: Sequence[str] = (DEFAULT_PROVIDER,),
+        threads: int | None = None,
+        min_size: int | None = None,
+        max_size: int | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.session = _load_session(self.path, providers, threads)
+        self.metadata = read_metadata(self.session, self.path)
+        self.min_size = int(min_size or self.metadata.min_size)
+        self.max_size = int(max_size or self.metadata.max_size)
+        if self.min_size < 1 or self.max_size < self.min_size:
+            raise OnnxHeadError(f"{self.path}: need 1 <= min_size <= max_size, got {self.min_size}/{self.max_size}")
+        self.providers = self.session.get_providers()
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    # The attributes the edge reads from a torch Head too.
+    @property
+    def kind(self) -> str:
+        return self.metadata.model_kind
+
+    @property
+    def bottleneck_channels(self) -> int:
+        return self.metadata.bottleneck_channels
+
+    @property
+    def fingerprint(self) -> str:
+        return self.metadata.fingerprint
+
+    @property
+    def filter_threshold(self) -> float | None:
+        return self.metadata.filter_threshold
+
+    @property
+    def num_keypoints(self) -> int:
+        return self.metadata.num_keypoints
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, SplitMeta]:
+        """RGB uint8 frames [H, W, 3] -> (padded batch [B, 3, Hp, Wp] float32, SplitMeta)."""
+        m = self.metadata
+        return preprocess(images, self.min_size, self.max_size, m.image_mean, m.image_std, m.size_divisible)
+
+    def run(self, batch: np.ndarray) -> HeadOutput:
+        """[B, 3, Hp, Wp] float32 (``preprocess``'s output) -> bottleneck and filter probability."""
+        out = self.session.run(self._outputs, {INPUT: np.ascontiguousarray(batch, dtype=np.float32)})
+        return HeadOutput(out[0], out[1] if len(out) > 1 else None)
+
+    def __call__(self, images: Sequence[np.ndarray]) -> tuple[HeadOutput, SplitMeta]:
+        batch, meta = self.preprocess(images)
+        return self.run(batch), meta

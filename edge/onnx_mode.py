@@ -1,0 +1,83 @@
+"""The ONNX split mode: the head on ONNX Runtime (``hnd.edge.onnx_head``), the bottleneck on the wire; no torch.
+
+Per frame: numpy/OpenCV preprocessing (torchvision's geometry) -> one ONNX Runtime run (stem + encoder,
+and the neural filter's probability when the head has one) -> ``hnd.common.codec`` -> request. With the
+filter on, a frame below the threshold is not encoded nor sent (its record says ``filtered``); the
+graph computes the encoder anyway, so ``ms.head`` includes it and ``ms.filter`` stays unset.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from hnd.common import codec, wire
+from hnd.common.timing import ms_since, now_ns
+from hnd.edge.capture import Frame
+from hnd.edge.client import EdgeError
+from hnd.edge.modes import Detections, EdgeMode, EdgeOptions, Prepared, check_split_server
+from hnd.edge.onnx_head import OnnxHead
+from hnd.edge.records import Timings
+from hnd.proto.v1 import split_inference_pb2 as pb
+
+__all__ = ["OnnxSplitMode", "empty_detections"]
+
+
+def empty_detections(kind: str, image_size: tuple[int, int], num_keypoints: int = 17) -> Detections:
+    """A frame with nothing detected, shaped as the kind's empty result off the wire (masks uint8)."""
+    out: Detections = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0,), np.int64),
+                       "scores": np.zeros((0,), np.float32)}
+    if kind == "mask_rcnn":
+        out["masks"] = np.zeros((0, 1, int(image_size[0]), int(image_size[1])), np.uint8)
+    elif kind == "keypoint_rcnn":
+        out["keypoints"] = np.zeros((0, num_keypoints, 3), np.float32)
+        out["keypoints_scores"] = np.zeros((0, num_keypoints), np.float32)
+    return out
+
+
+class OnnxSplitMode(EdgeMode):
+    """Split with an exported ONNX head (fp32 or int8); the record's mode is "split" like the torch head's."""
+
+    name = "split"
+
+    def __init__(self, options: EdgeOptions, head: OnnxHead) -> None:
+        super().__init__(options, head.fingerprint)
+        self.head = head
+        self.filter_on = options.filter_threshold is not None
+        if self.filter_on:
+            if not 0.0 <= options.filter_threshold <= 1.0:
+                raise ValueError(f"filter_threshold must be in [0, 1], got {options.filter_threshold}")
+            if head.filter_threshold is None:
+                raise ValueError(f"{head.path}: this ONNX head has no neural filter output")
+
+    def check_server(self, info: pb.ModelInfo) -> None:
+        h = self.head
+        if info.model_kind and (info.model_kind, info.bottleneck_channels) != (h.kind, h.bottleneck_channels):
+            raise EdgeError(f"{h.path}: head of a {h.kind} with {h.bottleneck_channels} bottleneck channels, "
+                            f"server runs a {info.model_kind} with {info.bottleneck_channels}")
+        check_split_server(info, self.fingerprint, self.options.bits, (h.min_size, h.max_size))
+
+    def prepare(self, frame: Frame) -> Prepared:
+        o = self.options
+        ms = Timings(capture=frame.capture_ms)
+        start = now_ns()
+        request = self.new_request(frame)
+        batch, meta = self.head.preprocess([frame.image])
+        ms.preprocess = ms_since(start)
+        t = now_ns()
+        out = self.head.run(batch)
+        ms.head = ms_since(t)
+        probability: float | None = None
+        filtered: bool | None = None
+        if self.filter_on:
+            probability = float(out.filter_probability[0])
+            filtered = probability < o.filter_threshold
+            if filtered:
+                h, w = frame.image.shape[:2]
+                empty = empty_detections(self.head.kind, (h, w), self.head.num_keypoints or 17)
+                return Prepared(frame, ms, local_result=[empty], done_ns=now_ns(), filtered=True,
+                                filter_probability=probability)
+        t = now_ns()
+        encoded = codec.encode(out.bottleneck, o.bits, o.granularity, o.compression, o.level)
+        request.bottleneck.CopyFrom(wire.bottleneck_to_proto(encoded, meta))
+        ms.encode = ms_since(t)
+        return Prepared(frame, ms, request=request, payload_bytes=len(encoded.payload),
+                        message_bytes=request.ByteSize(), filtered=filtered, filter_probability=probability)

@@ -1,0 +1,128 @@
+"""hnd-edge with an ONNX head: runs where torch cannot be imported, equals the in-process path, native
+resolution, and one-line refusals (other model, corrupt file, no metadata, missing provider)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import onnx
+import pytest
+import torch
+from runtime_support import frames, serving
+
+from hnd.common import codec, wire
+from hnd.common.checkpoint import save_checkpoint
+from hnd.common.split import split_model
+from hnd.edge import export_head as export_cli
+from hnd.edge.onnx_head import OnnxHead
+
+CONFIG = "test/faster_rcnn-b3ch"
+# The edge process: torch (and torchvision) made unimportable before hnd is, then hnd-edge's main().
+NO_TORCH = ("import sys\n"
+            "sys.modules['torch'] = None\n"
+            "sys.modules['torchvision'] = None\n"
+            "from hnd.edge.cli import main\n"
+            "code = main(sys.argv[1:])\n"
+            "assert sys.modules['torch'] is None\n"
+            "sys.exit(code)\n")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model("faster_rcnn")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with serving(model) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, model):
+    folder = tmp_path_factory.mktemp("edge_onnx")
+    ckpt = folder / "student.pt"
+    save_checkpoint(ckpt, model)
+    head = folder / "head.onnx"
+    assert export_cli.main([str(ckpt), str(head), "--config", CONFIG]) == 0
+    images = folder / "frames"
+    images.mkdir()
+    for i, img in enumerate(frames(2)):
+        cv2.imwrite(str(images / f"{i:03d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return {"folder": folder, "head": head, "images": images}
+
+
+def edge(server, head, images, *extra: str) -> subprocess.CompletedProcess:
+    argv = ["--server", f"127.0.0.1:{server.port}", "--images", str(images), "--config", CONFIG,
+            "--head", str(head), "--no-progress", "--threads", "1", *extra]
+    return subprocess.run([sys.executable, "-c", NO_TORCH, *argv], check=False, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_edge_runs_without_torch_and_equals_the_in_process_path(server, files, model, tmp_path):
+    out = tmp_path / "r.jsonl"
+    run = edge(server, files["head"], files["images"], "--output", str(out))
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["status"] for r in records] == ["OK", "OK"]
+    # In process: the same ONNX head and codec, then the server's tail, through the wire's format.
+    onnx_head = OnnxHead(files["head"], threads=1)
+    _, tail = split_model(model)
+    for r, img in zip(records, frames(2)):
+        result, meta = onnx_head([img])
+        z = torch.from_numpy(codec.roundtrip(result.bottleneck, 8))
+        with torch.inference_mode():
+            want = wire.detections_from_proto(wire.detections_to_proto(tail(z, meta)[0]))
+        assert r["detections"][0]["count"] == len(want["scores"]) > 0
+        assert r["detections"][0]["labels"] == want["labels"].tolist()
+        assert r["detections"][0]["boxes"] == [[round(float(v), 2) for v in b] for b in want["boxes"].tolist()]
+        assert r["bytes"]["payload"] == len(codec.encode(result.bottleneck, 8).payload)
+
+
+def test_native_resolution_split(server, files, tmp_path):
+    """--min-size / --max-size: frames split at their own size, accepted within the server's limits."""
+    out = tmp_path / "r.jsonl"
+    run = edge(server, files["head"], files["images"], "--min-size", "96", "--max-size", "128", "--output", str(out))
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["status"] == "OK" for r in records)
+    small = OnnxHead(files["head"], min_size=96, max_size=128)
+    assert records[0]["bytes"]["payload"] == len(codec.encode(small([frames(1)[0]])[0].bottleneck, 8).payload)
+
+
+def _error_line(run: subprocess.CompletedProcess) -> str:
+    assert run.returncode == 2
+    err = run.stderr.strip()
+    assert err.startswith("hnd-edge: error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_head_of_another_model_is_refused(server, files, tmp_path):
+    other = tmp_path / "other.onnx"
+    assert export_cli.main([str(other), "--config", CONFIG, "--random-weights", "7"]) == 0
+    err = _error_line(edge(server, other, files["images"]))
+    assert "weights fingerprint mismatch" in err and OnnxHead(other).fingerprint in err
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "no_metadata"])
+def test_bad_onnx_files_are_one_line(server, files, tmp_path, damage):
+    path = tmp_path / f"{damage}.onnx"
+    good = files["head"].read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"\x08\x07garbage" * 50)
+    elif damage == "truncated":
+        path.write_bytes(good[: len(good) // 3])
+    else:
+        m = onnx.load(str(files["head"]))
+        del m.metadata_props[:]
+        onnx.save(m, str(path))
+    err = _error_line(edge(server, path, files["images"]))
+    assert str(path) in err
+    assert ("without hnd metadata" if damage == "no_metadata" else "not a loadable ONNX model") in err
+
+
+def test_missing_provider_is_one_line(server, files):
+    err = _error_line(edge(server, files["head"], files["images"], "--ort-provider", "TensorrtExecutionProvider"))
+    assert "TensorrtExecutionProvider is not available" in err and "CPUExecutionProvider" in err

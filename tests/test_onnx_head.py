@@ -1,0 +1,306 @@
+"""The head on ONNX Runtime: numpy preprocessing, export + metadata, exactness against torch, int8, bad files.
+
+Bounds (fp32 ONNX head on the edge's own numpy/OpenCV preprocessing vs the torch head):
+max |z_onnx - z_torch| <= 1e-4 * max |z_torch| + 1e-6, >= 99.9 % of 8-bit symbols equal, and the
+same tail gives the same detections (or IoU-matched F1 >= 0.99). int8 is measured, not exact.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from hnd.bench.agreement import match_f1
+from hnd.common import codec
+from hnd.common.checkpoint import fingerprint, save_checkpoint
+from hnd.common.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from hnd.common.sizes import resized_size
+from hnd.common.split import split_model
+from hnd.edge import export_head as export_cli
+from hnd.edge.capture import sample_images
+from hnd.edge.onnx_head import OnnxHead, OnnxHeadError
+from hnd.edge.pipeline import to_tensor
+
+FP32_REL_BOUND = 1e-4
+SYMBOLS_EQUAL = 0.999
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    imgs, _ = sample_images()
+    return imgs[:4]  # astronaut 512x512, coffee 400x600, chelsea 300x451, rocket 427x640
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model):
+    """{kind: (model, path of its fp32 ONNX head)} via the CLI, from a saved checkpoint."""
+    folder = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for kind in ("faster_rcnn", "mask_rcnn"):
+        model = tiny_model(kind)
+        ckpt = folder / f"{kind}.pt"
+        save_checkpoint(ckpt, model)
+        path = folder / f"{kind}.onnx"
+        assert export_cli.main([str(ckpt), str(path), "--config", f"test/{kind}-b3ch"]) == 0
+        out[kind] = (model, path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# numpy preprocessing = torchvision's GeneralizedRCNNTransform
+
+
+@pytest.mark.parametrize("min_size,max_size", [(800, 1333), (480, 640), (160, 256), (300, 300)])
+def test_preprocess_geometry_is_torchvisions(min_size, max_size):
+    t = GeneralizedRCNNTransform(min_size, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD)).eval()
+    rng = np.random.default_rng(min_size)
+    for h, w in [(480, 640), (640, 480), (512, 512), (427, 640), (300, 451), (37, 1000), (1, 7), (1080, 1920)]:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        with torch.no_grad():
+            il, _ = t([to_tensor(img)])
+        batch, meta = preprocess([img], min_size, max_size)
+        assert meta.image_sizes[0] == tuple(il.image_sizes[0]) == resized_size((h, w), min_size, max_size)
+        assert meta.padded_size == tuple(il.tensors.shape[-2:]) and meta.original_sizes == ((h, w),)
+        ref = il.tensors.numpy()
+        if meta.image_sizes[0] == (h, w):  # no resampling: bit for bit
+            assert ref.tobytes() == batch.tobytes()
+        else:  # sample positions round differently in float32; values stay within a few 1e-4
+            assert np.abs(ref - batch).max() < 2e-3
+
+
+def test_preprocess_batches_pad_to_the_largest(photos):
+    batch, meta = preprocess(photos[:2], 160, 256)
+    assert batch.shape == (2, 3, *meta.padded_size) and len(meta) == 2
+    h, w = meta.image_sizes[1]
+    assert not batch[1, :, h:, :].any() and not batch[1, :, :, w:].any()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export and metadata
+
+
+def test_export_writes_metadata(exported):
+    model, path = exported["faster_rcnn"]
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert props["hnd.fingerprint"] == fingerprint(model)
+    assert props["hnd.model_kind"] == "faster_rcnn" and props["hnd.bottleneck_channels"] == "3"
+    assert (props["hnd.min_size"], props["hnd.max_size"]) == ("160", "256")
+    assert json.loads(props["hnd.image_mean"]) == list(IMAGENET_MEAN) and props["hnd.precision"] == "fp32"
+    head = OnnxHead(path)
+    assert head.fingerprint == fingerprint(model) and head.metadata.filter_threshold is None
+
+
+def test_export_min_max_size_override(tmp_path):
+    path = tmp_path / "native.onnx"
+    assert export_cli.main([str(path), "--config", "test/faster_rcnn-b3ch", "--random-weights", "0",
+                            "--min-size", "96", "--max-size", "128"]) == 0
+    head = OnnxHead(path)
+    assert (head.min_size, head.max_size) == (96, 128)
+    assert OnnxHead(path, min_size=120, max_size=200).preprocess([np.zeros((240, 320, 3), np.uint8)])[1].image_sizes \
+        == ((120, 160),)
+
+
+def test_torch_format_is_kept(tmp_path, tiny_model):
+    model = tiny_model("faster_rcnn")
+    ckpt = tmp_path / "s.pt"
+    save_checkpoint(ckpt, model)
+    assert export_cli.main([str(ckpt), str(tmp_path / "head.pt")]) == 0
+    assert export_cli.main([str(ckpt), str(tmp_path / "head.bin"), "--format", "onnx"]) == 0
+    assert OnnxHead(tmp_path / "head.bin").fingerprint == fingerprint(model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exactness: ONNX fp32 head vs the torch head, on the sample photos, through the same tail
+
+
+@pytest.mark.parametrize("kind", ["faster_rcnn", "mask_rcnn"])
+def test_fp32_head_matches_torch(exported, photos, kind):
+    model, path = exported[kind]
+    head, tail = split_model(model)
+    ort_head = OnnxHead(path, threads=2)
+    for img in photos:
+        with torch.inference_mode():
+            z_torch, meta_torch = head([to_tensor(img)])
+            want = tail(z_torch, meta_torch)
+        out, meta = ort_head([img])
+        assert meta == meta_torch
+        z = out.bottleneck
+        ref = z_torch.numpy()
+        assert z.shape == ref.shape and z.dtype == np.float32
+        assert np.abs(z - ref).max() <= FP32_REL_BOUND * np.abs(ref).max() + 1e-6
+        equal = (codec.quantize(z, 8).symbols == codec.quantize(ref, 8).symbols).mean()
+        assert equal >= SYMBOLS_EQUAL
+        with torch.inference_mode():
+            got = tail(torch.from_numpy(codec.roundtrip(z, 8)), meta)
+            want = tail(torch.from_numpy(codec.roundtrip(ref, 8)), meta_torch)
+        assert want[0]["scores"].numel() > 0
+        same = all(torch.equal(got[0][k], want[0][k]) for k in want[0])
+        assert same or match_f1(want[0], got[0], 0.5, 0.0) >= 0.99
+
+
+def test_filter_probability_is_a_second_output(tmp_path, tiny_model, photos):
+    from hnd.common.build import build_model_from_config
+    from hnd.common.config import load_config
+
+    cfg = load_config("test/keypoint_rcnn-b3ch-filter")
+    model = build_model_from_config(cfg.model, cfg.path)
+    path = tmp_path / "kp.onnx"
+    assert export_cli.main([str(path), "--config", "test/keypoint_rcnn-b3ch-filter", "--random-weights", "0"]) == 0
+    ort_head = OnnxHead(path)
+    assert ort_head.filter_threshold == pytest.approx(0.01) and ort_head.num_keypoints == 17
+    head, _ = split_model(model)
+    for img in photos[:2]:
+        with torch.inference_mode():
+            batch, _ = head.preprocess([to_tensor(img)])
+            p = head.filter_probability(head.stem(batch)).numpy()
+        out = ort_head.run(ort_head.preprocess([img])[0])
+        assert out.filter_probability.shape == (1,)
+        assert np.abs(out.filter_probability - p).max() < 1e-5
+
+
+def test_int8_is_measured_not_exact(tmp_path, photos, tiny_model):
+    """Static int8 calibrated on real photos: loads, says so in its metadata; error measured against fp32."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    import cv2
+
+    for i, img in enumerate(photos):
+        cv2.imwrite(str(calib / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    model = tiny_model("faster_rcnn")
+    ckpt = tmp_path / "s.pt"
+    save_checkpoint(ckpt, model)
+    path = tmp_path / "int8.onnx"
+    assert export_cli.main([str(ckpt), str(path), "--config", "test/faster_rcnn-b3ch", "--int8",
+                            "--calibration", str(calib), "--calibration-frames", "3"]) == 0
+    q = OnnxHead(path)
+    assert q.metadata.precision == "int8" and "3 frames" in q.metadata.calibration
+    assert q.fingerprint == fingerprint(model)
+    graph_ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "QuantizeLinear" in graph_ops and "DequantizeLinear" in graph_ops
+    head, _ = split_model(model)
+    with torch.inference_mode():
+        ref = head([to_tensor(photos[0])])[0].numpy()
+    z = q([photos[0]])[0].bottleneck
+    # Not exact; bounded well below the bottleneck's range (the figures are in the README).
+    assert 0 < np.abs(z - ref).max() < 0.25 * np.abs(ref).max()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line naming the file
+
+
+def _one_line(exc: Exception, path) -> str:
+    msg = str(exc)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+def test_corrupt_and_truncated_files(tmp_path, exported):
+    _, good = exported["faster_rcnn"]
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf at all \x00\xff" * 10)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for path in (garbage, truncated):
+        with pytest.raises(OnnxHeadError) as e:
+            OnnxHead(path)
+        assert "not a loadable ONNX model" in _one_line(e.value, path)
+    with pytest.raises(OnnxHeadError, match="no such file"):
+        OnnxHead(tmp_path / "missing.onnx")
+
+
+def test_onnx_without_hnd_metadata(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("bottleneck", TensorProto.FLOAT, [1, 3, 4, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["images"], ["bottleneck"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "plain.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(OnnxHeadError) as e:
+        OnnxHead(path)
+    assert "without hnd metadata" in _one_line(e.value, path)
+
+
+def test_metadata_of_another_graph_is_refused(tmp_path, exported):
+    """Metadata copied onto a graph with other inputs / outputs is not taken at its word."""
+    from onnx import TensorProto, helper
+
+    _, good = exported["faster_rcnn"]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.metadata_props.extend(onnx.load(str(good)).metadata_props)
+    path = tmp_path / "other.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(OnnxHeadError) as e:
+        OnnxHead(path)
+    assert "an hnd head has" in _one_line(e.value, path)
+
+
+def test_provider_not_installed(exported):
+    _, good = exported["faster_rcnn"]
+    with pytest.raises(OnnxHeadError) as e:
+        OnnxHead(good, providers=["TensorrtExecutionProvider"])
+    assert "TensorrtExecutionProvider is not available" in _one_line(e.value, good)
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["x.pt", "h.onnx", "--int8"], "--int8 needs --calibration"),
+        (["x.pt", "h.pt", "--min-size", "400"], "only for an ONNX export"),
+        (["h.onnx", "--random-weights", "0"], "needs --config"),
+        (["missing.pt", "h.onnx"], "missing.pt"),
+    ],
+)
+def test_export_cli_errors_are_one_line(argv, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert export_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hnd-export-head: error:") and match in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# hnd-eval through the edge's path: ONNX head -> codec -> torch tail
+
+
+def test_hnd_eval_with_onnx_head(tmp_path, capsys):
+    from hnd.common.build import build_model_from_config
+    from hnd.common.config import load_config
+    from hnd.train.evaluate import main as eval_main
+    from hnd.train.evaluate import make_onnx_predictor, make_predictor
+    from hnd.train.synthetic import make_synthetic_coco, write_config
+
+    make_synthetic_coco(tmp_path / "det", images=1, val_images=2, size=(128, 160), seed=3)
+    cfg = write_config("test/faster_rcnn-b3ch", tmp_path / "det", tmp_path / "c.yaml",
+                       model={"num_classes": 4, "params": {"min_size": 128, "max_size": 160}})
+    head = tmp_path / "h.onnx"
+    assert export_cli.main([str(head), "--config", str(cfg), "--random-weights", "0"]) == 0
+    out = tmp_path / "m.json"
+    assert eval_main(["--config", str(cfg), "--head", str(head), "--min-size", "96", "--max-size", "120",
+                      "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"ONNX fp32 head {head} -> 8-bit tensor codec -> tail, resize 96/120" in printed
+    metrics = json.loads(out.read_text())
+    assert metrics["head"] == str(head) and metrics["bits"] == 8 and (metrics["min_size"], metrics["max_size"]) == (96, 120)
+    # The predictor is the edge's path exactly, and agrees with the torch head at the same resize.
+    model = build_model_from_config(load_config(cfg).model, str(cfg))
+    img = torch.from_numpy(sample_images()[0][1][:120, :160]).permute(2, 0, 1).float().div(255)
+    with torch.inference_mode():
+        got = make_onnx_predictor(model, OnnxHead(head), 8)([img])[0]
+        want = make_predictor(model, bits=8)([img])[0]
+    assert want["scores"].numel() > 0
+    assert all(torch.equal(got[k], want[k]) for k in want) or match_f1(want, got, 0.5, 0.0) >= 0.99
+    # A head of other weights is refused with one line.
+    other = tmp_path / "o.onnx"
+    assert export_cli.main([str(other), "--config", str(cfg), "--random-weights", "5"]) == 0
+    assert eval_main(["--config", str(cfg), "--head", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("hnd-eval: error:") and "export the head from the same checkpoint" in err[-1]
