@@ -175,8 +175,8 @@ def markdown(res: Results) -> str:
     lines += ["", "Edge stages, 640x480 frame at native size (480/640), ORT int8 head, 8-bit zstd:", ""]
     lines.append("| threads | preprocess | head | encode | total |")
     lines.append("|---|---|---|---|---|")
-    for n, st in res.edge_stages_ms.items():
-        lines.append(f"| {n} | {st['preprocess']:.1f} | {st['head']:.1f} | {st['encode']:.1f} | {st['total']:.1f} |")
+    for threads_key, st in res.edge_stages_ms.items():
+        lines.append(f"| {threads_key} | {st['preprocess']:.1f} | {st['head']:.1f} | {st['encode']:.1f} | {st['total']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -48,7 +48,7 @@ class AdaptiveAvgPoolAsMatmul(nn.Module):
         self.output_size = output_size
 
     @staticmethod
-    def _matrix(n: torch.Tensor, out: int, like: torch.Tensor) -> torch.Tensor:
+    def _matrix(n: int, out: int, like: torch.Tensor) -> torch.Tensor:
         i = torch.arange(out, device=like.device).unsqueeze(1)
         j = torch.arange(n, device=like.device).unsqueeze(0)  # n traces as the input's dynamic size
         start = torch.div(i * n, out, rounding_mode="floor")
@@ -75,8 +75,8 @@ class HeadGraph(nn.Module):
             for name, module in list(flt.extractor.named_children()):
                 if isinstance(module, nn.AdaptiveAvgPool2d):
                     size = module.output_size
-                    flt.extractor[int(name)] = AdaptiveAvgPoolAsMatmul(
-                        (size, size) if isinstance(size, int) else tuple(size))
+                    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))  # type: ignore[index,arg-type]
+                    flt.extractor[int(name)] = AdaptiveAvgPoolAsMatmul(hw)
             self.filter = flt
 
     @property

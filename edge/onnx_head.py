@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ class HeadMetadata:
             raise OnnxHeadError(f"{where}: ONNX file without hnd metadata (not written by hnd-export-head)")
         if ours.get("format") != FORMAT:
             raise OnnxHeadError(f"{where}: hnd metadata format {ours.get('format')!r}, expected {FORMAT!r}")
-        fields = {}
+        fields: dict[str, Any] = {}
         try:
             for name, f in cls.__dataclass_fields__.items():
                 if name not in ours:
