@@ -13,6 +13,7 @@ H100 (batch 1 23.3 ms, batch 8 71.4 ms), so the batching mechanism is measured a
 any machine; ``real`` runs the config's tail on this CPU (where batching buys little: a CPU's convolution
 throughput barely grows with the batch).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,7 +68,9 @@ def measure(port: int, request, edges: int, seconds: float, warmup_s: float = 1.
     start = threading.Event()
     t_start = time.monotonic() + 0.1
     stop_at = t_start + warmup_s + seconds
-    threads = [threading.Thread(target=_edge, args=(c, _copy(request), stop_at, r, start)) for c, r in zip(clients, results)]
+    threads = [
+        threading.Thread(target=_edge, args=(c, _copy(request), stop_at, r, start)) for c, r in zip(clients, results)
+    ]
     for t in threads:
         t.start()
     start.set()
@@ -83,8 +86,11 @@ def measure(port: int, request, edges: int, seconds: float, warmup_s: float = 1.
     lat = [x[0] for x in samples]
     images = sum(x[3] for x in samples)
     return {
-        "edges": edges, "images": images, "images_per_s": images / seconds,
-        "latency_ms": percentiles(lat, (50, 99)), "mean_batch": float(np.mean([x[1] for x in samples])) if samples else 0.0,
+        "edges": edges,
+        "images": images,
+        "images_per_s": images / seconds,
+        "latency_ms": percentiles(lat, (50, 99)),
+        "mean_batch": float(np.mean([x[1] for x in samples])) if samples else 0.0,
         "queue_ms_p50": float(np.median([x[2] for x in samples])) if samples else float("nan"),
     }
 
@@ -97,9 +103,15 @@ def _copy(request):
     return out
 
 
-def run(config: str = "hnd/faster_rcnn-b3ch", tail: str = "sleep", policies: list[tuple[int, float]] | None = None,
-        edges: list[int] | None = None, seconds: float = 5.0, size: tuple[int, int] = (480, 640),
-        seed: int = 0) -> dict[str, Any]:
+def run(
+    config: str = "hnd/faster_rcnn-b3ch",
+    tail: str = "sleep",
+    policies: list[tuple[int, float]] | None = None,
+    edges: list[int] | None = None,
+    seconds: float = 5.0,
+    size: tuple[int, int] = (480, 640),
+    seed: int = 0,
+) -> dict[str, Any]:
     from hnd.server.local import free_port
 
     policies = policies or parse_policies(DEFAULT_POLICIES)
@@ -108,8 +120,24 @@ def run(config: str = "hnd/faster_rcnn-b3ch", tail: str = "sleep", policies: lis
     rows = []
     for max_batch, delay in policies:
         port = free_port()
-        server = start_child(["--serve", "hnd", "--port", str(port), "--config", config, "--seed", str(seed),
-                              "--tail", tail, "--max-batch", str(max_batch), "--max-delay-ms", str(delay)])
+        server = start_child(
+            [
+                "--serve",
+                "hnd",
+                "--port",
+                str(port),
+                "--config",
+                config,
+                "--seed",
+                str(seed),
+                "--tail",
+                tail,
+                "--max-batch",
+                str(max_batch),
+                "--max-delay-ms",
+                str(delay),
+            ]
+        )
         try:
             for e in edges:
                 row = measure(port, request, e, seconds)
@@ -118,25 +146,38 @@ def run(config: str = "hnd/faster_rcnn-b3ch", tail: str = "sleep", policies: lis
                 print(format_row(row), flush=True)
         finally:
             stop_child(server)
-    return {"config": config, "tail": tail, "seconds": seconds, "frame": list(size),
-            "message_bytes": request.ByteSize(), "load_average": os.getloadavg()[0], "cpus": os.cpu_count(),
-            "rows": rows}
+    return {
+        "config": config,
+        "tail": tail,
+        "seconds": seconds,
+        "frame": list(size),
+        "message_bytes": request.ByteSize(),
+        "load_average": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+        "rows": rows,
+    }
 
 
 def format_row(r: dict[str, Any]) -> str:
     lat = r["latency_ms"]
-    return (f"max-batch {r['max_batch']:>2} delay {r['max_delay_ms']:>4g} ms  edges {r['edges']:>2}  "
-            f"{r['images_per_s']:>7.1f} images/s  p50 {lat['p50']:>7.1f} ms  p99 {lat['p99']:>7.1f} ms  "
-            f"mean batch {r['mean_batch']:>4.1f}  queue p50 {r['queue_ms_p50']:>6.1f} ms")
+    return (
+        f"max-batch {r['max_batch']:>2} delay {r['max_delay_ms']:>4g} ms  edges {r['edges']:>2}  "
+        f"{r['images_per_s']:>7.1f} images/s  p50 {lat['p50']:>7.1f} ms  p99 {lat['p99']:>7.1f} ms  "
+        f"mean batch {r['mean_batch']:>4.1f}  queue p50 {r['queue_ms_p50']:>6.1f} ms"
+    )
 
 
 def format_markdown(result: dict[str, Any]) -> str:
-    lines = ["| max-batch | max-delay-ms | edges | images/s | p50 ms | p99 ms | mean batch | queue p50 ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| max-batch | max-delay-ms | edges | images/s | p50 ms | p99 ms | mean batch | queue p50 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         lat = r["latency_ms"]
-        lines.append(f"| {r['max_batch']} | {r['max_delay_ms']:g} | {r['edges']} | {r['images_per_s']:.1f} | "
-                     f"{lat['p50']:.1f} | {lat['p99']:.1f} | {r['mean_batch']:.2f} | {r['queue_ms_p50']:.1f} |")
+        lines.append(
+            f"| {r['max_batch']} | {r['max_delay_ms']:g} | {r['edges']} | {r['images_per_s']:.1f} | "
+            f"{lat['p50']:.1f} | {lat['p99']:.1f} | {r['mean_batch']:.2f} | {r['queue_ms_p50']:.1f} |"
+        )
     return "\n".join(lines)
 
 

@@ -71,6 +71,7 @@ Outputs in ``--out``: ``results.md``, ``results.json`` (with a machine header), 
 ``latency_vs_bandwidth.png`` (bandwidth sweep at a fixed RTT, crossover points marked; the per-mode "best"
 curves leave the filter settings out), and the ``--mixed`` frames in ``mixed-frames/``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,16 @@ from hnd.common.errors import USER_ERRORS, UsageError, report
 from hnd.bench.frames import MIXED_SIZE
 from hnd.bench.linkmodel import FORMULA, parse_links
 from hnd.bench.measure import parse_server_profile
-from hnd.bench.plan import (DEFAULT_BITS, DEFAULT_CONFIG, DEFAULT_FRAMES, DEFAULT_LINKS, PROG, QUICK_CONFIG,
-                            QUICK_FRAMES, BenchOptions)
+from hnd.bench.plan import (
+    DEFAULT_BITS,
+    DEFAULT_CONFIG,
+    DEFAULT_FRAMES,
+    DEFAULT_LINKS,
+    PROG,
+    QUICK_CONFIG,
+    QUICK_FRAMES,
+    BenchOptions,
+)
 from hnd.bench.report import render_markdown
 from hnd.bench.run import run_bench
 
@@ -94,8 +103,11 @@ def _ints(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()),
-                                epilog=f"Link model: {FORMULA}. What it covers and leaves out: hnd.bench.linkmodel.")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        epilog=f"Link model: {FORMULA}. What it covers and leaves out: hnd.bench.linkmodel.",
+    )
     p.add_argument("--config", help=f"YAML config or bundled name (default {DEFAULT_CONFIG} with --random-weights 0)")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--checkpoint", help="student checkpoint both sides load (agreement is then meaningful)")
@@ -104,36 +116,60 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", metavar="DIR_OR_GLOB", help="image folder or glob")
     src.add_argument("--video", metavar="FILE", help="video file (its first --frames frames)")
     src.add_argument("--samples", action="store_true", help="scikit-image's natural photos (the default)")
-    src.add_argument("--mixed", type=int, metavar="N",
-                     help=f"N synthetic {MIXED_SIZE[0]}x{MIXED_SIZE[1]} frames, --empty-fraction of them empty "
-                          "scenes (written to OUT/mixed-frames): shows what the neural filter drops")
+    src.add_argument(
+        "--mixed",
+        type=int,
+        metavar="N",
+        help=f"N synthetic {MIXED_SIZE[0]}x{MIXED_SIZE[1]} frames, --empty-fraction of them empty "
+        "scenes (written to OUT/mixed-frames): shows what the neural filter drops",
+    )
     p.add_argument("--empty-fraction", type=float, default=0.5, help="share of empty --mixed frames (default 0.5)")
     f = p.add_mutually_exclusive_group()
-    f.add_argument("--filter-threshold", type=float, default=None, metavar="T",
-                   help="neural filter threshold of the 'with filter' rows (default: the config's "
-                        "model.filter.threshold; needs a model.filter section)")
+    f.add_argument(
+        "--filter-threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="neural filter threshold of the 'with filter' rows (default: the config's "
+        "model.filter.threshold; needs a model.filter section)",
+    )
     f.add_argument("--no-filter", action="store_true", help="no 'with filter' rows even when the model has a filter")
     p.add_argument("--links", default=DEFAULT_LINKS, help=f"NAME=RATE/RTT,... (default {DEFAULT_LINKS!r})")
     p.add_argument("--bits", default=DEFAULT_BITS, help=f"split bits settings (default {DEFAULT_BITS})")
-    p.add_argument("--granularity", default=None,
-                   help="tensor,channel: every bits x each (default: tensor at every bits, plus channel at 8)")
+    p.add_argument(
+        "--granularity",
+        default=None,
+        help="tensor,channel: every bits x each (default: tensor at every bits, plus channel at 8)",
+    )
     p.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke test: {QUICK_CONFIG}, {QUICK_FRAMES} frames, bits 8 and 4, the first link, "
-                        "in-process server")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: {QUICK_CONFIG}, {QUICK_FRAMES} frames, bits 8 and 4, the first link, in-process server",
+    )
     p.add_argument("--frames", type=int, default=None, help=f"frames to use (default {DEFAULT_FRAMES})")
     p.add_argument("--sweep-rtt-ms", type=float, default=20.0, help="RTT of the bandwidth sweep plot (default 20)")
-    p.add_argument("--agreement-score", type=float, default=None,
-                   help="score cut for agreement F1 (default 0.5; 0 with random weights)")
+    p.add_argument(
+        "--agreement-score",
+        type=float,
+        default=None,
+        help="score cut for agreement F1 (default 0.5; 0 with random weights)",
+    )
     p.add_argument("--in-process", action="store_true", help="BackgroundServer in this process, not a subprocess")
     p.add_argument("--threads", type=int, default=None, help="torch threads per side (default: half the cores)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--server-profile", metavar="MODE=MS,...",
-                   help="link model with another server: server compute per frame for split (tail) and / or "
-                        "offload (whole model) in ms, e.g. split=23.3,offload=21.2 (the H100 figures in the README)")
-    p.add_argument("--rate-accuracy", action="store_true",
-                   help="bytes/frame vs accuracy sweep instead (split intra/temporal, JPEG, WebP, H.264, HEVC); "
-                        "its options: hnd-bench --rate-accuracy --help")
+    p.add_argument(
+        "--server-profile",
+        metavar="MODE=MS,...",
+        help="link model with another server: server compute per frame for split (tail) and / or "
+        "offload (whole model) in ms, e.g. split=23.3,offload=21.2 (the H100 figures in the README)",
+    )
+    p.add_argument(
+        "--rate-accuracy",
+        action="store_true",
+        help="bytes/frame vs accuracy sweep instead (split intra/temporal, JPEG, WebP, H.264, HEVC); "
+        "its options: hnd-bench --rate-accuracy --help",
+    )
     return p
 
 
@@ -156,11 +192,25 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         raise UsageError(f"--filter-threshold {problem}")
     parse_links(args.links)  # fail before any model is built
     return BenchOptions(
-        config=args.config, checkpoint=args.checkpoint, random_weights=args.random_weights, images=args.images,
-        video=args.video, links=args.links, bits=bits, granularities=grans, out=args.out, quick=args.quick,
-        frames=args.frames, sweep_rtt_ms=args.sweep_rtt_ms, agreement_score=args.agreement_score,
-        in_process=args.in_process, threads=args.threads, progress=not args.no_progress,
-        mixed=args.mixed, empty_fraction=args.empty_fraction, filter_threshold=args.filter_threshold,
+        config=args.config,
+        checkpoint=args.checkpoint,
+        random_weights=args.random_weights,
+        images=args.images,
+        video=args.video,
+        links=args.links,
+        bits=bits,
+        granularities=grans,
+        out=args.out,
+        quick=args.quick,
+        frames=args.frames,
+        sweep_rtt_ms=args.sweep_rtt_ms,
+        agreement_score=args.agreement_score,
+        in_process=args.in_process,
+        threads=args.threads,
+        progress=not args.no_progress,
+        mixed=args.mixed,
+        empty_fraction=args.empty_fraction,
+        filter_threshold=args.filter_threshold,
         no_filter=args.no_filter,
         server_profile=parse_server_profile(args.server_profile) if args.server_profile else None,
     )
@@ -180,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     print(render_markdown(result))
-    print(f"{PROG}: wrote results.md, results.json, bytes_per_frame.png, latency_vs_bandwidth.png to {args.out}",
-          file=sys.stderr)
+    print(
+        f"{PROG}: wrote results.md, results.json, bytes_per_frame.png, latency_vs_bandwidth.png to {args.out}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ default resize to 800 px) on scikit-image's photos astronaut, coffee and chelsea
 downloads. Trained bottlenecks have different statistics, so treat the byte counts as an example,
 and the timings as the codec's own cost.
 """
+
 from __future__ import annotations
 
 import argparse

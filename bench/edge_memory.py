@@ -7,6 +7,7 @@ The edge runs in this process (its RSS is read from /proc/self/status every seco
 ``--warmup`` seconds (model load, first forwards, allocator growth) are left out of the slope. A
 bounded-memory edge has a slope of ~0 kB/min; a per-frame list of figures would grow with the run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,10 +61,26 @@ def main(argv: list[str] | None = None) -> int:
 
         threading.Thread(target=sample, daemon=True).start()
         try:
-            code = edge_cli.main(["--server", f"127.0.0.1:{port}", "--video", video, "--live", "--config", a.config,
-                                  "--random-weights", "0", "--output", str(Path(tmp) / "r.jsonl"),
-                                  "--stats-interval", "30", "--stats-file", str(Path(tmp) / "stats.jsonl"),
-                                  "--no-progress"])
+            code = edge_cli.main(
+                [
+                    "--server",
+                    f"127.0.0.1:{port}",
+                    "--video",
+                    video,
+                    "--live",
+                    "--config",
+                    a.config,
+                    "--random-weights",
+                    "0",
+                    "--output",
+                    str(Path(tmp) / "r.jsonl"),
+                    "--stats-interval",
+                    "30",
+                    "--stats-file",
+                    str(Path(tmp) / "stats.jsonl"),
+                    "--no-progress",
+                ]
+            )
         finally:
             stop.set()
             stop_server_process(server)
@@ -74,10 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     keep = t >= a.warmup
     slope_kb_per_min = float(np.polyfit(t[keep] / 60, rss[keep], 1)[0]) if keep.sum() > 2 else float("nan")
     result = {
-        "minutes": a.minutes, "fps": a.fps, "frames_in_video": n, "records": records, "exit_code": code,
-        "rss_kb": {"start": int(rss[0]), "after_warmup": int(rss[keep][0]) if keep.any() else None,
-                   "end": int(rss[-1]), "max": int(rss.max())},
-        "slope_kb_per_min_after_warmup": slope_kb_per_min, "warmup_s": a.warmup,
+        "minutes": a.minutes,
+        "fps": a.fps,
+        "frames_in_video": n,
+        "records": records,
+        "exit_code": code,
+        "rss_kb": {
+            "start": int(rss[0]),
+            "after_warmup": int(rss[keep][0]) if keep.any() else None,
+            "end": int(rss[-1]),
+            "max": int(rss.max()),
+        },
+        "slope_kb_per_min_after_warmup": slope_kb_per_min,
+        "warmup_s": a.warmup,
         "samples": [[round(x, 1), int(y)] for x, y in samples],
     }
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))

@@ -1,4 +1,5 @@
 """hnd-bench's frames: a folder, a video, scikit-image's photos or ``--mixed`` synthetic scenes, in memory."""
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,14 @@ def load_frames(images: str | None, video: str | None, count: int) -> tuple[list
     return frames, names
 
 
-def mixed_frames(count: int, kind: str, folder: Path, empty_fraction: float = 0.5,
-                 size: tuple[int, int] = MIXED_SIZE, seed: int = MIXED_SEED
-                 ) -> tuple[list[np.ndarray], list[str], list[bool]]:
+def mixed_frames(
+    count: int,
+    kind: str,
+    folder: Path,
+    empty_fraction: float = 0.5,
+    size: tuple[int, int] = MIXED_SIZE,
+    seed: int = MIXED_SEED,
+) -> tuple[list[np.ndarray], list[str], list[bool]]:
     """``count`` synthetic frames, ``round(empty_fraction * count)`` of them empty scenes, in a seeded order.
 
     Written by ``hnd.train.synthetic.make_synthetic_coco`` (the val split) into ``folder`` and read back, so
@@ -49,9 +55,15 @@ def mixed_frames(count: int, kind: str, folder: Path, empty_fraction: float = 0.
     training rule (``hnd.train.filter.filter_label``).
     """
     keypoints = kind == "keypoint_rcnn"
-    written = make_synthetic_coco(folder, images=0, val_images=count, size=size,
-                                  kind="keypoints" if keypoints else "detection", seed=seed,
-                                  empty_fraction=empty_fraction)["val"]
+    written = make_synthetic_coco(
+        folder,
+        images=0,
+        val_images=count,
+        size=size,
+        kind="keypoints" if keypoints else "detection",
+        seed=seed,
+        empty_fraction=empty_fraction,
+    )["val"]
     doc = json.loads(Path(written["annotations"]).read_text())
     anns: dict[int, list[dict]] = {}
     for a in doc["annotations"]:
@@ -72,8 +84,9 @@ def resize_like_model(image: np.ndarray, transform: torch.nn.Module) -> np.ndarr
     return resized.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
 
 
-def scale_boxes(dets: dict[str, torch.Tensor], from_hw: tuple[int, int],
-                to_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+def scale_boxes(
+    dets: dict[str, torch.Tensor], from_hw: tuple[int, int], to_hw: tuple[int, int]
+) -> dict[str, torch.Tensor]:
     """Detections on a resized frame mapped back onto the original frame."""
     sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
     out = dict(dets)

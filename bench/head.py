@@ -11,6 +11,7 @@ is stem + bottleneck encoder on the padded batch; the int8 head is calibrated on
 Also: the edge stages of a 640x480 frame at native size (numpy preprocess + ONNX head + 8-bit zstd
 encode), and each runtime's agreement with torch eager (max |dz| and equal 8-bit symbols).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,8 +115,16 @@ def _with_size(session: OnnxHead, min_size: int, max_size: int) -> OnnxHead:
 
 
 @torch.inference_mode()
-def _measure(name: str, size: str, batch: np.ndarray, threads: int, head: Head, cl_head: Head,
-             sessions: dict[str, OnnxHead], repeats: int) -> list[Cell]:
+def _measure(
+    name: str,
+    size: str,
+    batch: np.ndarray,
+    threads: int,
+    head: Head,
+    cl_head: Head,
+    sessions: dict[str, OnnxHead],
+    repeats: int,
+) -> list[Cell]:
     x = torch.from_numpy(batch)
     xc = x.contiguous(memory_format=torch.channels_last)
     ref = head.encode(x).numpy()
@@ -130,9 +139,18 @@ def _measure(name: str, size: str, batch: np.ndarray, threads: int, head: Head, 
     for runtime in RUNTIMES:
         fn, value = outputs[runtime]
         z = value()
-        cells.append(Cell(name, size, tuple(batch.shape[-2:]), threads, runtime, median_ms(fn, repeats),
-                          max_abs_diff=float(np.abs(z - ref).max()),
-                          symbols_equal=float((codec.quantize(z, 8).symbols == ref_q).mean())))
+        cells.append(
+            Cell(
+                name,
+                size,
+                tuple(batch.shape[-2:]),
+                threads,
+                runtime,
+                median_ms(fn, repeats),
+                max_abs_diff=float(np.abs(z - ref).max()),
+                symbols_equal=float((codec.quantize(z, 8).symbols == ref_q).mean()),
+            )
+        )
     eager = cells[0].ms
     for c in cells:
         c.vs_eager = eager / c.ms
@@ -154,8 +172,10 @@ def _edge_stages(sessions: dict[str, OnnxHead], img: np.ndarray, repeats: int) -
 
 
 def markdown(res: Results) -> str:
-    intro = (f"Machine: {res.machine}; config {res.config}. Median ms per head run (stem + encoder), "
-             "ratio to torch eager on the same input and threads.")
+    intro = (
+        f"Machine: {res.machine}; config {res.config}. Median ms per head run (stem + encoder), "
+        "ratio to torch eager on the same input and threads."
+    )
     lines = [intro, ""]
     threads = sorted({c.threads for c in res.cells})
     keys = sorted({(c.frame, c.size, c.input_hw) for c in res.cells}, key=lambda k: (k[1], k[0]))
@@ -171,12 +191,16 @@ def markdown(res: Results) -> str:
     lines.append("|---|---|---|")
     for r in RUNTIMES[1:]:
         cs = [c for c in res.cells if c.runtime == r]
-        lines.append(f"| {r} | {max(c.max_abs_diff for c in cs):.2g} | {100 * min(c.symbols_equal for c in cs):.3f} % |")
+        lines.append(
+            f"| {r} | {max(c.max_abs_diff for c in cs):.2g} | {100 * min(c.symbols_equal for c in cs):.3f} % |"
+        )
     lines += ["", "Edge stages, 640x480 frame at native size (480/640), ORT int8 head, 8-bit zstd:", ""]
     lines.append("| threads | preprocess | head | encode | total |")
     lines.append("|---|---|---|---|---|")
     for threads_key, st in res.edge_stages_ms.items():
-        lines.append(f"| {threads_key} | {st['preprocess']:.1f} | {st['head']:.1f} | {st['encode']:.1f} | {st['total']:.1f} |")
+        lines.append(
+            f"| {threads_key} | {st['preprocess']:.1f} | {st['head']:.1f} | {st['encode']:.1f} | {st['total']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ RSS (``VmHWM`` after resetting it through ``/proc/PID/clear_refs``; Linux only).
 picks the interpreter whose ``hnd`` serves, so an older checkout can be measured the same way.
 tests/test_hostile.py sends the same classes to an in-process server.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,7 @@ class Case:
     """One hostile request class: ``make(good)`` -> serialized request bytes."""
 
     name: str
-    make: Callable[["Good"], bytes]
+    make: Callable[[Good], bytes]
     issue: str  # what it used to cost, in words
 
 
@@ -80,18 +81,22 @@ def _original(h: int, w: int) -> Callable[[Good], bytes]:
         def change(r: pb.InferRequest) -> None:
             r.bottleneck.meta.original_sizes[0].height = h
             r.bottleneck.meta.original_sizes[0].width = w
+
         return _with(good, change)
+
     return make
 
 
 def _padded(side: int) -> Callable[[Good], bytes]:
     """A zero bottleneck for a side x side padded input, zstd-compressed to a few hundred bytes."""
+
     def make(good: Good) -> bytes:
         z = torch.zeros(1, good.z.shape[1], side // 4 + 4, side // 4 + 4)
         meta = SplitMeta(((side, side),), ((side, side),), (side, side))
         r = pb.InferRequest(request_id="padded", weights_fingerprint=good.fingerprint)
         r.bottleneck.CopyFrom(wire.bottleneck_to_proto(codec.encode(z, 8, "tensor", "zstd", 19), meta))
         return r.SerializeToString()
+
     return make
 
 
@@ -99,6 +104,7 @@ def _off_rule(good: Good) -> bytes:
     def change(r: pb.InferRequest) -> None:  # 160x160 claimed for a 120x150 frame: boxes would be mis-scaled
         r.bottleneck.meta.original_sizes[0].height = 120
         r.bottleneck.meta.original_sizes[0].width = 150
+
     return _with(good, change)
 
 
@@ -114,6 +120,7 @@ def _offload_jpeg(side: int) -> Callable[[Good], bytes]:
         r.image.format = pb.EncodedImage.FORMAT_JPEG
         r.image.data = buf.getvalue()
         return r.SerializeToString()
+
     return make
 
 
@@ -176,8 +183,23 @@ def _free_port() -> int:
 
 
 def _start_server(python: str, port: int) -> subprocess.Popen:
-    cmd = [python, "-m", "hnd.server.cli", "--config", CONFIG, "--random-weights", "0", "--port", str(port),
-           "--threads", "1", "--log-level", "ERROR", "--drain-seconds", "1"]
+    cmd = [
+        python,
+        "-m",
+        "hnd.server.cli",
+        "--config",
+        CONFIG,
+        "--random-weights",
+        "0",
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+        "--log-level",
+        "ERROR",
+        "--drain-seconds",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -211,8 +233,9 @@ def measure(python: str, repeat: int = 1, cases: tuple[Case, ...] = CASES) -> li
                 code, details, seconds = call(port, payload)
                 worst = max(worst, seconds)
             peak = proc_status_kib(proc.pid, "VmHWM")
-            rows.append(Row(case.name, len(payload), code, worst, max(peak - base, 0) / 1024,
-                            details[:160], case.issue))
+            rows.append(
+                Row(case.name, len(payload), code, worst, max(peak - base, 0) / 1024, details[:160], case.issue)
+            )
         finally:
             proc.terminate()
             try:
@@ -227,8 +250,10 @@ def measure(python: str, repeat: int = 1, cases: tuple[Case, ...] = CASES) -> li
 def markdown(rows: list[Row]) -> str:
     lines = ["| class | request bytes | status | worst server time | peak RSS growth |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.case} | {r.request_bytes:,} | {r.code} | {r.worst_s * 1000:,.0f} ms | "
-                     f"{r.peak_rss_growth_mib:,.0f} MiB |")
+        lines.append(
+            f"| {r.case} | {r.request_bytes:,} | {r.code} | {r.worst_s * 1000:,.0f} ms | "
+            f"{r.peak_rss_growth_mib:,.0f} MiB |"
+        )
     return "\n".join(lines)
 
 

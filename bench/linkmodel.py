@@ -12,6 +12,7 @@ Local inference has no link term. Framing (gRPC, HTTP/2, TCP/IP), TCP slow start
 modeled. Example: 10 ms edge, 125,000 B out, 1,250 B back over 10 Mbit/s with 40 ms RTT, 1 ms loopback and
 100 ms on the server: 10 + 101 + 40 + 1 + 100 = 252 ms.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,8 +25,11 @@ from hnd.common.errors import UsageError
 
 SWEEP_MBIT = (0.5, 100.0)  # the plot's bandwidth axis
 CROSSOVER_MBIT = (0.01, 10_000.0)  # crossovers are searched on a wider range than the plot shows
-FORMULA = ("latency_ms = edge_ms + 8 * (request_bytes + response_bytes) / bandwidth_bits_per_ms "
-           "+ rtt_ms + loopback_ms + server_ms  (local: latency_ms = edge_ms)")
+FORMULA = (
+    "latency_ms = edge_ms + 8 * (request_bytes + response_bytes) / bandwidth_bits_per_ms "
+    "+ rtt_ms + loopback_ms + server_ms  (local: latency_ms = edge_ms)"
+)
+
 
 @dataclass(frozen=True)
 class Link:
@@ -47,8 +51,9 @@ def parse_links(text: str) -> list[Link]:
     for part in text.split(","):
         m = _LINK_RE.match(part)
         if m is None:
-            raise UsageError(f"bad link {part.strip()!r}: expected NAME=RATE(kbit|mbit|gbit)/RTT(us|ms|s), "
-                             "e.g. lte=10mbit/40ms")
+            raise UsageError(
+                f"bad link {part.strip()!r}: expected NAME=RATE(kbit|mbit|gbit)/RTT(us|ms|s), e.g. lte=10mbit/40ms"
+            )
         name, rate, rate_unit, rtt, rtt_unit = m.groups()
         mbit = float(rate) * _RATE_UNITS[rate_unit.lower()]
         if mbit <= 0:
@@ -64,8 +69,9 @@ def transfer_ms(nbytes: float, mbit: float) -> float:
     return nbytes * 8 / (mbit * 1e3)
 
 
-def link_latency_ms(edge_ms: float, request_bytes: float, response_bytes: float, server_ms: float,
-                    loopback_ms: float, link: Link) -> float:
+def link_latency_ms(
+    edge_ms: float, request_bytes: float, response_bytes: float, server_ms: float, loopback_ms: float, link: Link
+) -> float:
     """End-to-end latency of one frame over ``link``: the module docstring's formula."""
     return edge_ms + transfer_ms(request_bytes + response_bytes, link.mbit) + link.rtt_ms + loopback_ms + server_ms
 
@@ -75,7 +81,7 @@ def crossovers(curves: dict[str, np.ndarray], mbits: np.ndarray) -> list[dict[st
     names = list(curves)
     out = []
     for a_i, a in enumerate(names):
-        for b in names[a_i + 1:]:
+        for b in names[a_i + 1 :]:
             d = curves[a] - curves[b]
             for k in np.nonzero(np.sign(d[:-1]) * np.sign(d[1:]) < 0)[0]:
                 w = d[k] / (d[k] - d[k + 1])

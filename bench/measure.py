@@ -3,6 +3,7 @@
 A ``Sample`` is one frame through one setting, made from the ``EdgeRunner`` record (the same record
 ``hnd-edge`` writes); ``pool_compute`` swaps each run's network compute for the mode's per-frame median.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,15 +78,20 @@ def sample_from_record(record: FrameRecord, frame: int, raw_bytes: int, extra_ed
     server = record.server_ms
     server_ms = server.total() if server is not None else 0.0
     return Sample(
-        frame=frame, source=record.source, raw_bytes=raw_bytes,
-        request_bytes=record.bytes.message, payload_bytes=record.bytes.payload,
+        frame=frame,
+        source=record.source,
+        raw_bytes=raw_bytes,
+        request_bytes=record.bytes.message,
+        payload_bytes=record.bytes.payload,
         response_bytes=record.bytes.response or 0,
         edge_ms_raw=ms.edge_ms() + extra_edge_ms,
         edge_model_ms_raw=ms.get("head"),
-        server_ms_raw=server_ms, server_compute_ms_raw=server.compute if server is not None else 0.0,
+        server_ms_raw=server_ms,
+        server_compute_ms_raw=server.compute if server is not None else 0.0,
         loopback_ms=max(0.0, ms.get("network_server") - server_ms) if server is not None else 0.0,
         measured_total_ms=ms.get("total") + extra_edge_ms,
-        filtered=record.filtered, filter_probability=record.filter_probability,
+        filtered=record.filtered,
+        filter_probability=record.filter_probability,
         filter_ms_raw=ms.get("filter"),
     )
 
@@ -104,6 +110,7 @@ def pool_compute(settings: list[Setting], samples: dict[str, list[Sample]]) -> N
     encoded the frame, the stem alone of the runs whose filter dropped it, the filter of every run that ran
     it, and the tail of every run the server computed. A dropped frame has no server time.
     """
+
     def median(values: list[float]) -> float:
         return float(np.median(values)) if values else 0.0
 
@@ -124,7 +131,6 @@ def pool_compute(settings: list[Setting], samples: dict[str, list[Sample]]) -> N
                 x.server_ms = 0.0 if x.filtered else x.server_ms_raw - x.server_compute_ms_raw + server_compute
 
 
-
 def parse_server_profile(text: str) -> dict[str, float]:
     """``"split=23.3,offload=21.2"`` -> {"split": 23.3, "offload": 21.2}: server compute ms per frame by mode."""
     out: dict[str, float] = {}
@@ -136,8 +142,10 @@ def parse_server_profile(text: str) -> dict[str, float]:
         except ValueError:
             ms = -1.0
         if name not in ("split", "offload") or ms < 0 or name in out:
-            raise ValueError(f"--server-profile: bad entry {part.strip()!r}; expected split=MS and/or offload=MS "
-                             "(server compute per frame, e.g. split=23.3,offload=21.2)")
+            raise ValueError(
+                f"--server-profile: bad entry {part.strip()!r}; expected split=MS and/or offload=MS "
+                "(server compute per frame, e.g. split=23.3,offload=21.2)"
+            )
         out[name] = ms
     return out
 
@@ -156,12 +164,21 @@ def apply_server_profile(settings: list, samples: dict[str, list[Sample]], profi
                 x.server_ms = x.server_ms_raw - x.server_compute_ms_raw + profile[s.mode]
 
 
-Measured = tuple[dict[str, list[Sample]], dict[str, list[dict]], dict[str, list[dict[str, torch.Tensor]]],
-                 dict[str, int]]
+Measured = tuple[
+    dict[str, list[Sample]], dict[str, list[dict]], dict[str, list[dict[str, torch.Tensor]]], dict[str, int]
+]
 
 
-def measure(settings: list[Setting], frames: list[np.ndarray], names: list[str], model: torch.nn.Module,
-            fp: str, client: SplitClient, progress: bool, answered: Callable[[], float] | None = None) -> Measured:
+def measure(
+    settings: list[Setting],
+    frames: list[np.ndarray],
+    names: list[str],
+    model: torch.nn.Module,
+    fp: str,
+    client: SplitClient,
+    progress: bool,
+    answered: Callable[[], float] | None = None,
+) -> Measured:
     """Every frame through every setting, frame by frame (settings interleaved, so drift hits all alike).
 
     Returns per setting key its Samples, the EdgeRunner records, the detections (original frame coordinates)
@@ -179,7 +196,7 @@ def measure(settings: list[Setting], frames: list[np.ndarray], names: list[str],
         step = max(1, len(settings) // len(frames))
         for i, (image, name) in enumerate(zip(frames, names)):
             # Rotate the order per frame so that no setting always runs right after the same neighbour.
-            for s in settings[i * step % len(settings):] + settings[:i * step % len(settings)]:
+            for s in settings[i * step % len(settings) :] + settings[: i * step % len(settings)]:
                 bar.set_postfix_str(f"{name}: {s.key}", refresh=False)
                 extra_ms, sent = 0.0, image
                 if s.resized:
@@ -207,8 +224,9 @@ def measure(settings: list[Setting], frames: list[np.ndarray], names: list[str],
 
 
 @contextlib.contextmanager
-def serving(config_path: str, weights: list[str], model: torch.nn.Module, in_process: bool,
-            threads: int) -> Iterator[tuple[str, str, Callable[[], float]]]:
+def serving(
+    config_path: str, weights: list[str], model: torch.nn.Module, in_process: bool, threads: int
+) -> Iterator[tuple[str, str, Callable[[], float]]]:
     """A real hnd-server on loopback; yields (HOST:PORT, description, answered()).
 
     ``answered()`` reads the server's own count of answered Infer requests (``hnd_requests_total``), so the
@@ -217,12 +235,18 @@ def serving(config_path: str, weights: list[str], model: torch.nn.Module, in_pro
     if in_process:
         with background_server(model) as server:
             registry = server.service.metrics.registry
-            yield (f"127.0.0.1:{server.port}", "in-process BackgroundServer (shares this process's threads)",
-                   lambda: answered_requests(registry))
+            yield (
+                f"127.0.0.1:{server.port}",
+                "in-process BackgroundServer (shares this process's threads)",
+                lambda: answered_requests(registry),
+            )
         return
     extra = ["--log-level", "WARNING", "--threads", str(threads), "--max-delay-ms", "0", "--device", "cpu"]
     with server_process(config_path, weights, extra, metrics=True) as proc:
         url = proc.metrics_url
         assert url is not None
-        yield (proc.target, f"hnd-server subprocess, {threads} torch thread(s), --max-delay-ms 0",
-               lambda: scrape_answered_requests(url))
+        yield (
+            proc.target,
+            f"hnd-server subprocess, {threads} torch thread(s), --max-delay-ms 0",
+            lambda: scrape_answered_requests(url),
+        )

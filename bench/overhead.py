@@ -21,6 +21,7 @@ parse / validation / decode, batch queue, compute-thread hand-offs, response enc
 reply handling. The target is overhead p50 <= 2x the floor's p50 at the same message size.
 ``--profile`` adds an in-process breakdown of the CPU steps on both sides (no transport).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,10 +59,13 @@ def _floor_handler(reply: bytes) -> grpc.GenericRpcHandler:
         async for _ in request_iterator:
             yield reply
 
-    return grpc.method_handlers_generic_handler(FLOOR_SERVICE, {
-        "Unary": grpc.unary_unary_rpc_method_handler(unary),
-        "Stream": grpc.stream_stream_rpc_method_handler(stream),
-    })
+    return grpc.method_handlers_generic_handler(
+        FLOOR_SERVICE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Stream": grpc.stream_stream_rpc_method_handler(stream),
+        },
+    )
 
 
 async def _serve_floor(port: int, reply_bytes: int) -> None:
@@ -119,7 +123,7 @@ def parse_tail(tail: str, detections: int = 100):
         args = [float(v) for v in tail.split(":", 1)[1].split(",")] if ":" in tail else []
         if len(args) > 2:
             raise ValueError(f"sleep tail takes BASE_MS,PER_IMAGE_MS, got {tail!r}")
-        base, per_image = (args + [16.4, 6.9][len(args):])[:2]
+        base, per_image = (args + [16.4, 6.9][len(args) :])[:2]
         return SleepTail(base, per_image, detections)
     raise ValueError(f"unknown tail {tail!r}: trivial, real, sleep or sleep:BASE_MS,PER_IMAGE_MS")
 
@@ -141,8 +145,9 @@ def build_runner(config: str, seed: int, tail: str, detections: int):
     return runner
 
 
-async def _serve_hnd(port: int, config: str, seed: int, tail: str, detections: int, max_batch: int = 8,
-                     max_delay_ms: float = 0.0) -> None:
+async def _serve_hnd(
+    port: int, config: str, seed: int, tail: str, detections: int, max_batch: int = 8, max_delay_ms: float = 0.0
+) -> None:
     from hnd.server.app import ServerSettings, start_server
     from hnd.server.service import BatchingOptions
 
@@ -156,8 +161,9 @@ async def _serve_hnd(port: int, config: str, seed: int, tail: str, detections: i
 def start_child(args: list[str], timeout_s: float = 300.0, python: str | None = None) -> subprocess.Popen:
     """``python -m hnd.bench.overhead ARGS`` (``python``: another interpreter, e.g. another build's venv)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([python or sys.executable, "-m", "hnd.bench.overhead", *args], stdout=subprocess.PIPE,
-                            env=env, text=True)
+    proc = subprocess.Popen(
+        [python or sys.executable, "-m", "hnd.bench.overhead", *args], stdout=subprocess.PIPE, env=env, text=True
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -296,8 +302,10 @@ def profile_steps(request, runner, repeats: int = 50) -> dict[str, float]:
     result = runner.compute([payload])[0]
 
     def response() -> bytes:
-        msg = pb.InferResponse(request_id=parsed.request_id,
-                               detections=[wire.detections_to_proto(_filter_detections(d, parsed)) for d in result])
+        msg = pb.InferResponse(
+            request_id=parsed.request_id,
+            detections=[wire.detections_to_proto(_filter_detections(d, parsed)) for d in result],
+        )
         return msg.SerializeToString()
 
     steps = {
@@ -307,7 +315,8 @@ def profile_steps(request, runner, repeats: int = 50) -> dict[str, float]:
         "server: run_split (tail stand-in)": lambda: runner.compute([payload]),
         "server: build + serialize response": response,
         "edge: parse response + detections": lambda: [
-            wire.detections_from_proto(d) for d in pb.InferResponse.FromString(response()).detections],
+            wire.detections_from_proto(d) for d in pb.InferResponse.FromString(response()).detections
+        ],
     }
     out = {}
     for name, fn in steps.items():
@@ -325,9 +334,19 @@ def profile_steps(request, runner, repeats: int = 50) -> dict[str, float]:
 # Run
 
 
-def run(config: str = DEFAULT_CONFIG, seed: int = 0, bits: int = 8, size: tuple[int, int] = (480, 640),
-        requests: int = 200, rounds: int = 5, warmup: int = 20, tail: str = "trivial", detections: int = 100,
-        profile: bool = False, compare_python: str | None = None) -> dict[str, Any]:
+def run(
+    config: str = DEFAULT_CONFIG,
+    seed: int = 0,
+    bits: int = 8,
+    size: tuple[int, int] = (480, 640),
+    requests: int = 200,
+    rounds: int = 5,
+    warmup: int = 20,
+    tail: str = "trivial",
+    detections: int = 100,
+    profile: bool = False,
+    compare_python: str | None = None,
+) -> dict[str, Any]:
     """Measure the floor and hnd side by side; returns the result dict (see ``format_table``).
 
     ``compare_python``: also run the hnd server of another build (that interpreter's installed ``hnd``, which
@@ -339,8 +358,22 @@ def run(config: str = DEFAULT_CONFIG, seed: int = 0, bits: int = 8, size: tuple[
     request, encode_ms = make_request(config, seed, bits, size)
     message = request.SerializeToString()
     hnd_port, floor_port = free_port(), free_port()
-    hnd = start_child(["--serve", "hnd", "--port", str(hnd_port), "--config", config, "--seed", str(seed),
-                        "--tail", tail, "--detections", str(detections)])
+    hnd = start_child(
+        [
+            "--serve",
+            "hnd",
+            "--port",
+            str(hnd_port),
+            "--config",
+            config,
+            "--seed",
+            str(seed),
+            "--tail",
+            tail,
+            "--detections",
+            str(detections),
+        ]
+    )
     floor = other = None
     try:
         client = SplitClient(ClientSettings(f"127.0.0.1:{hnd_port}"))
@@ -351,8 +384,23 @@ def run(config: str = DEFAULT_CONFIG, seed: int = 0, bits: int = 8, size: tuple[
         clients = {"hnd": client}
         if compare_python:
             other_port = free_port()
-            other = start_child(["--serve", "hnd", "--port", str(other_port), "--config", config, "--seed", str(seed),
-                                 "--tail", tail, "--detections", str(detections)], python=compare_python)
+            other = start_child(
+                [
+                    "--serve",
+                    "hnd",
+                    "--port",
+                    str(other_port),
+                    "--config",
+                    config,
+                    "--seed",
+                    str(seed),
+                    "--tail",
+                    tail,
+                    "--detections",
+                    str(detections),
+                ],
+                python=compare_python,
+            )
             clients["compare"] = SplitClient(ClientSettings(f"127.0.0.1:{other_port}"))
             clients["compare"].model_info()
         # Warm both (connections, stream set-up, allocator), then alternate short rounds of each.
@@ -361,7 +409,9 @@ def run(config: str = DEFAULT_CONFIG, seed: int = 0, bits: int = 8, size: tuple[
         for c in clients.values():
             _time_hnd(c, request, warmup, False)
             _time_hnd(c, request, warmup, True)
-        samples: dict[str, list[Sample]] = {f"{k} {call}": [] for k in ("floor", *clients) for call in ("unary", "stream")}
+        samples: dict[str, list[Sample]] = {
+            f"{k} {call}": [] for k in ("floor", *clients) for call in ("unary", "stream")
+        }
         per_round = max(1, requests // rounds)
         for _ in range(rounds):
             samples["floor unary"] += _time_floor(fc.call, message, per_round)
@@ -379,10 +429,18 @@ def run(config: str = DEFAULT_CONFIG, seed: int = 0, bits: int = 8, size: tuple[
                 stop_child(proc)
 
     result: dict[str, Any] = {
-        "config": config, "tail": tail, "message_bytes": len(message), "reply_bytes": reply_bytes,
-        "payload_bytes": len(request.bottleneck.tensor.data), "bits": bits, "frame": list(size),
-        "edge_codec_encode_ms": encode_ms, "requests_per_mode": per_round * rounds, "modes": {},
-        "load_average": os.getloadavg()[0], "cpus": os.cpu_count(),
+        "config": config,
+        "tail": tail,
+        "message_bytes": len(message),
+        "reply_bytes": reply_bytes,
+        "payload_bytes": len(request.bottleneck.tensor.data),
+        "bits": bits,
+        "frame": list(size),
+        "edge_codec_encode_ms": encode_ms,
+        "requests_per_mode": per_round * rounds,
+        "modes": {},
+        "load_average": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
     }
     if compare_python:
         result["compare"] = {"python": compare_python, "modes": {}}
@@ -403,8 +461,10 @@ def _figures(f: list[Sample], h: list[Sample]) -> dict[str, Any]:
         "floor_ms": floor_p,
         "hnd_total_ms": percentiles([s.total_ms for s in h]),
         "hnd_overhead_ms": over_p,
-        "server_ms": {k: percentiles([getattr(s, f"{k}_ms") for s in h], (50,))["p50"]
-                      for k in ("decode", "queue", "compute", "encode")},
+        "server_ms": {
+            k: percentiles([getattr(s, f"{k}_ms") for s in h], (50,))["p50"]
+            for k in ("decode", "queue", "compute", "encode")
+        },
         "ratio_p50": over_p["p50"] / floor_p["p50"],
         "target_met": over_p["p50"] <= TARGET_RATIO * floor_p["p50"],
     }
@@ -424,9 +484,11 @@ def format_table(r: dict[str, Any]) -> str:
     for call, m in rows:
         f, t, o, s = m["floor_ms"], m["hnd_total_ms"], m["hnd_overhead_ms"], m["server_ms"]
         server = f"{s['decode']:.2f}/{s['queue']:.2f}/{s['compute']:.2f}/{s['encode']:.2f}"
-        lines.append(f"{call:<8}{f['p50']:>11.2f} / {f['p95']:<6.2f}{t['p50']:>11.2f} / {t['p95']:<6.2f}"
-                     f"{o['p50']:>14.2f} / {o['p95']:<6.2f}{server:>32}{m['ratio_p50']:>15.2f}x  "
-                     f"{'met' if m['target_met'] else 'NOT met'}")
+        lines.append(
+            f"{call:<8}{f['p50']:>11.2f} / {f['p95']:<6.2f}{t['p50']:>11.2f} / {t['p95']:<6.2f}"
+            f"{o['p50']:>14.2f} / {o['p95']:<6.2f}{server:>32}{m['ratio_p50']:>15.2f}x  "
+            f"{'met' if m['target_met'] else 'NOT met'}"
+        )
     if "compare" in r:
         lines.append(f"* the same against the hnd server of {r['compare']['python']}")
     if "profile_ms" in r:
@@ -447,8 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tail", default="trivial", help="trivial (default) | real | sleep[:BASE_MS,PER_IMAGE_MS]")
     p.add_argument("--detections", type=int, default=100, help="detections the trivial tail returns per image")
     p.add_argument("--profile", action="store_true", help="add an in-process breakdown of the CPU steps")
-    p.add_argument("--compare-python", metavar="PYTHON",
-                   help="also measure the hnd server of another build (its venv's python) in the same rounds")
+    p.add_argument(
+        "--compare-python",
+        metavar="PYTHON",
+        help="also measure the hnd server of another build (its venv's python) in the same rounds",
+    )
     p.add_argument("--json", help="write the result as JSON")
     # Child-process entry points (used by run()).
     p.add_argument("--serve", choices=("floor", "hnd"), help=argparse.SUPPRESS)
@@ -461,15 +526,27 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve_floor(args.port, args.reply_bytes))
         return 0
     if args.serve == "hnd":
-        asyncio.run(_serve_hnd(args.port, args.config, args.seed, args.tail, args.detections, args.max_batch,
-                               args.max_delay_ms))
+        asyncio.run(
+            _serve_hnd(args.port, args.config, args.seed, args.tail, args.detections, args.max_batch, args.max_delay_ms)
+        )
         return 0
     try:
         h, w = (int(v) for v in args.frame.lower().split("x"))
     except ValueError:
         p.error(f"--frame must be HxW, got {args.frame!r}")
-    result = run(args.config, args.seed, args.bits, (h, w), args.requests, args.rounds, args.warmup, args.tail,
-                 args.detections, args.profile, args.compare_python)
+    result = run(
+        args.config,
+        args.seed,
+        args.bits,
+        (h, w),
+        args.requests,
+        args.rounds,
+        args.warmup,
+        args.tail,
+        args.detections,
+        args.profile,
+        args.compare_python,
+    )
     print(format_table(result))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")

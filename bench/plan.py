@@ -4,6 +4,7 @@
 (a student with weights), resolves the neural filter's threshold and writes the config the server loads;
 its notes say what the outputs must say about the run (random weights, filter weights).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,14 @@ from typing import Any
 import yaml
 
 from hnd.common.errors import UsageError
-from hnd.common.config import ConfigError, ModelConfig, filter_threshold_problem, load_config, resolve_config_path, with_weights
+from hnd.common.config import (
+    ConfigError,
+    ModelConfig,
+    filter_threshold_problem,
+    load_config,
+    resolve_config_path,
+    with_weights,
+)
 from hnd.common.files import atomic_write_text
 from hnd.edge.pipeline import EdgeOptions
 
@@ -61,8 +69,11 @@ class Setting:
         if self.mode == "split":
             return {"bits": o.bits, "granularity": o.granularity, "compression": o.compression, "level": o.level}
         if self.mode == "offload":
-            return {"image_format": o.image_format, "jpeg_quality": o.jpeg_quality if o.image_format == "jpeg" else None,
-                    "resized": self.resized}
+            return {
+                "image_format": o.image_format,
+                "jpeg_quality": o.jpeg_quality if o.image_format == "jpeg" else None,
+                "resized": self.resized,
+            }
         return {}
 
 
@@ -96,18 +107,20 @@ def offload_settings(base: EdgeOptions) -> list[Setting]:
 
 def filter_settings(split: list[Setting], threshold: float) -> list[Setting]:
     """Each split setting once more with the neural filter at ``threshold`` ("..., with filter")."""
-    return [Setting("split", s.name + FILTER_SUFFIX, dataclasses.replace(s.options, filter_threshold=threshold))
-            for s in split]
+    return [
+        Setting("split", s.name + FILTER_SUFFIX, dataclasses.replace(s.options, filter_threshold=threshold))
+        for s in split
+    ]
 
 
-def all_settings(bits: list[int], granularities: list[str] | None, base: EdgeOptions,
-                 filter_threshold: float | None = None) -> list[Setting]:
+def all_settings(
+    bits: list[int], granularities: list[str] | None, base: EdgeOptions, filter_threshold: float | None = None
+) -> list[Setting]:
     """split settings, their filtered twins (when ``filter_threshold`` is set), offload, local."""
     local = Setting("local", "whole model on the edge", dataclasses.replace(base, mode="local"))
     split = split_settings(bits, granularities, base)
     filtered = filter_settings(split, filter_threshold) if filter_threshold is not None else []
     return split + filtered + offload_settings(base) + [local]
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,39 +220,58 @@ def plan(o: BenchOptions, out: Path) -> Plan:
         else:
             weights_text, trained = f"seeded random (seed {model_cfg.random_weights}), like the detector", False
         threshold = o.filter_threshold if o.filter_threshold is not None else flt.threshold
-        filter_info = FilterPlan(threshold=threshold,
-                                 threshold_from="--filter-threshold" if o.filter_threshold is not None else "the config",
-                                 weights=weights_text, trained=trained)
+        filter_info = FilterPlan(
+            threshold=threshold,
+            threshold_from="--filter-threshold" if o.filter_threshold is not None else "the config",
+            weights=weights_text,
+            trained=trained,
+        )
         if trained:
-            notes.append(f"Neural filter at threshold {threshold:g} ({filter_info.threshold_from}), weights "
-                         f"{weights_text}: its decisions are a trained classifier's; bytes and time of the "
-                         "dropped frames are real." + (" The detector's weights are random, so detections "
-                                                        "of the sent frames are not." if random else ""))
+            notes.append(
+                f"Neural filter at threshold {threshold:g} ({filter_info.threshold_from}), weights "
+                f"{weights_text}: its decisions are a trained classifier's; bytes and time of the "
+                "dropped frames are real."
+                + (" The detector's weights are random, so detections of the sent frames are not." if random else "")
+            )
         else:
-            notes.append(f"Neural filter at threshold {threshold:g} ({filter_info.threshold_from}) with random "
-                         "weights: which frames it drops says nothing about what they show. The filter rows "
-                         "measure the mechanics: what a dropped frame costs (bytes, edge time) and what the "
-                         "averages become at that drop rate.")
+            notes.append(
+                f"Neural filter at threshold {threshold:g} ({filter_info.threshold_from}) with random "
+                "weights: which frames it drops says nothing about what they show. The filter rows "
+                "measure the mechanics: what a dropped frame costs (bytes, edge time) and what the "
+                "averages become at that drop rate."
+            )
     if random:
-        notes.append(f"Random weights (seed {model_cfg.random_weights}): bytes and latency are real, detections "
-                     "are not; agreement only measures how much quantization moves the outputs, with the score "
-                     "threshold at 0 so that there are detections to compare.")
+        notes.append(
+            f"Random weights (seed {model_cfg.random_weights}): bytes and latency are real, detections "
+            "are not; agreement only measures how much quantization moves the outputs, with the score "
+            "threshold at 0 so that there are detections to compare."
+        )
         # Untrained heads score every box ~1/num_classes: keep them all so agreement has something to compare.
         data["model"].setdefault("params", {})["box_score_thresh"] = 0.0
         model_cfg = dataclasses.replace(model_cfg, params={**model_cfg.params, "box_score_thresh": 0.0})
     derived = out / "bench-config.yaml"
     atomic_write_text(derived, yaml.safe_dump(data, sort_keys=False))
-    weights = ["--random-weights", str(model_cfg.random_weights)] if random else \
-        (["--checkpoint", str(Path(model_cfg.checkpoint).resolve())] if model_cfg.checkpoint else [])
+    weights = (
+        ["--random-weights", str(model_cfg.random_weights)]
+        if random
+        else (["--checkpoint", str(Path(model_cfg.checkpoint).resolve())] if model_cfg.checkpoint else [])
+    )
     links = parse_links(o.links)
     if o.quick:
         links = links[:1]
     half = max(1, (os.cpu_count() or 2) // 2)
     return Plan(
-        config=config, config_path=str(derived), model=model_cfg, weights=weights, random=random, notes=notes,
-        links=links, frames=o.mixed or o.frames or (QUICK_FRAMES if o.quick else DEFAULT_FRAMES),
+        config=config,
+        config_path=str(derived),
+        model=model_cfg,
+        weights=weights,
+        random=random,
+        notes=notes,
+        links=links,
+        frames=o.mixed or o.frames or (QUICK_FRAMES if o.quick else DEFAULT_FRAMES),
         bits=list(QUICK_BITS) if o.quick else o.bits,
         agreement_score=o.agreement_score if o.agreement_score is not None else (0.0 if random else 0.5),
-        in_process=o.in_process or o.quick, threads=o.threads or half, filter=filter_info,
+        in_process=o.in_process or o.quick,
+        threads=o.threads or half,
+        filter=filter_info,
     )
-

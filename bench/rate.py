@@ -30,6 +30,7 @@ main ``hnd-bench`` run); this sweep is about what each byte buys.
 Outputs in ``--out``: ``rate_accuracy.md``, ``rate_accuracy.json`` (with a machine header) and
 ``rate_accuracy.png`` (bytes/frame on a log axis vs agreement, one curve per family).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -98,8 +100,16 @@ def parse_sizes(text: str) -> list[str]:
     return sizes
 
 
-def rate_settings(bits: list[int], granularities: list[str], codings: list[str], sizes: list[str],
-                  jpeg: list[int], webp: list[int], crf: list[float], hevc_crf: list[float]) -> list[RateSetting]:
+def rate_settings(
+    bits: list[int],
+    granularities: list[str],
+    codings: list[str],
+    sizes: list[str],
+    jpeg: list[int],
+    webp: list[int],
+    crf: list[float],
+    hevc_crf: list[float],
+) -> list[RateSetting]:
     """The sweep: split bits x granularity x coding x size, offload qualities / CRFs, local at the first size."""
     out = [RateSetting("local", f"local, {sizes[0]}", sizes[0])]
     for size in sizes:
@@ -107,13 +117,24 @@ def rate_settings(bits: list[int], granularities: list[str], codings: list[str],
             for b in bits:
                 if b == codec.LEARNED_BITS:  # an Entropic Student: its learned entropy coding, intra only
                     if coding == "intra":
-                        out.append(RateSetting("split intra", f"learned entropy coding, {size}", size,
-                                               {"bits": b, "granularity": "channel", "coding": coding,
-                                                "compression": codec.LEARNED}))
+                        out.append(
+                            RateSetting(
+                                "split intra",
+                                f"learned entropy coding, {size}",
+                                size,
+                                {"bits": b, "granularity": "channel", "coding": coding, "compression": codec.LEARNED},
+                            )
+                        )
                     continue
-                for g in (granularities if b in codec.AFFINE_BITS else ["tensor"]):
-                    out.append(RateSetting(f"split {coding}", f"{b}-bit {g}, {coding}, {size}", size,
-                                           {"bits": b, "granularity": g, "coding": coding}))
+                for g in granularities if b in codec.AFFINE_BITS else ["tensor"]:
+                    out.append(
+                        RateSetting(
+                            f"split {coding}",
+                            f"{b}-bit {g}, {coding}, {size}",
+                            size,
+                            {"bits": b, "granularity": g, "coding": coding},
+                        )
+                    )
     out += [RateSetting("JPEG", f"JPEG q{q}", sizes[0], {"quality": q}) for q in jpeg]
     out += [RateSetting("WebP", f"WebP q{q}", sizes[0], {"quality": q}) for q in webp]
     formats = available_formats()
@@ -135,8 +156,9 @@ def model_at(model: torch.nn.Module, size: str, frame_hw: tuple[int, int]) -> to
     h, w = frame_hw
     m = copy.copy(model)
     m._modules = dict(model._modules)  # a shallow copy shares _modules: give the copy its own
-    m.transform = GeneralizedRCNNTransform(min(h, w), max(h, w), t.image_mean, t.image_std,
-                                           size_divisible=t.size_divisible, fixed_size=t.fixed_size)
+    m.transform = GeneralizedRCNNTransform(
+        min(h, w), max(h, w), t.image_mean, t.image_std, size_divisible=t.size_divisible, fixed_size=t.fixed_size
+    )
     return m.eval()
 
 
@@ -153,10 +175,20 @@ def _image_roundtrip(family: str, quality: int) -> Callable[[np.ndarray], tuple[
 
 
 @torch.inference_mode()
-def run_sweep(model: torch.nn.Module, frames: list[np.ndarray], settings: list[RateSetting],
-              key_interval: int = 30, max_clamped: float = 0.001, score: float = 0.5, preset: str = "medium",
-              fps: float = 10.0, coco_gt=None, image_ids: list[int] | None = None,
-              progress: Callable[[str], None] | None = None, accuracy: bool = True) -> list[RateRow]:
+def run_sweep(
+    model: torch.nn.Module,
+    frames: list[np.ndarray],
+    settings: list[RateSetting],
+    key_interval: int = 30,
+    max_clamped: float = 0.001,
+    score: float = 0.5,
+    preset: str = "medium",
+    fps: float = 10.0,
+    coco_gt=None,
+    image_ids: list[int] | None = None,
+    progress: Callable[[str], None] | None = None,
+    accuracy: bool = True,
+) -> list[RateRow]:
     """Every frame through every setting, in frame order; returns one row per setting.
 
     accuracy False: bytes only (no tail, no full model: the head runs once per frame and size).
@@ -177,11 +209,23 @@ def run_sweep(model: torch.nn.Module, frames: list[np.ndarray], settings: list[R
     rows = []
     for s in settings:
         t0 = time.perf_counter()
-        sizes, dets, extra = _run_setting(s, models, splits, inputs, frames, head_outputs, key_interval,
-                                          max_clamped, preset, fps, accuracy)
+        sizes, dets, extra = _run_setting(
+            s, models, splits, inputs, frames, head_outputs, key_interval, max_clamped, preset, fps, accuracy
+        )
         if not accuracy:
-            rows.append(RateRow(s.family, s.name, s.size, dict(s.params), float(np.mean(sizes)), int(sizes[0]),
-                                float(np.mean(sizes[1:])) if len(sizes) > 1 else None, None, **extra))
+            rows.append(
+                RateRow(
+                    s.family,
+                    s.name,
+                    s.size,
+                    dict(s.params),
+                    float(np.mean(sizes)),
+                    int(sizes[0]),
+                    float(np.mean(sizes[1:])) if len(sizes) > 1 else None,
+                    None,
+                    **extra,
+                )
+            )
             rows[-1].seconds = round(time.perf_counter() - t0, 2)
             continue
         if reference is None:
@@ -189,8 +233,17 @@ def run_sweep(model: torch.nn.Module, frames: list[np.ndarray], settings: list[R
                 raise ValueError("the first setting must be the local reference")
             reference = dets
         f1 = float(np.mean([match_f1(r, d, 0.5, score) for r, d in zip(reference, dets)]))
-        row = RateRow(s.family, s.name, s.size, dict(s.params), float(np.mean(sizes)), int(sizes[0]),
-                      float(np.mean(sizes[1:])) if len(sizes) > 1 else None, f1, **extra)
+        row = RateRow(
+            s.family,
+            s.name,
+            s.size,
+            dict(s.params),
+            float(np.mean(sizes)),
+            int(sizes[0]),
+            float(np.mean(sizes[1:])) if len(sizes) > 1 else None,
+            f1,
+            **extra,
+        )
         if coco_gt is not None:
             row.map50_95, row.map50 = _coco_map(coco_gt, dets, image_ids)
         row.seconds = round(time.perf_counter() - t0, 2)
@@ -203,8 +256,19 @@ def run_sweep(model: torch.nn.Module, frames: list[np.ndarray], settings: list[R
     return rows
 
 
-def _run_setting(s: RateSetting, models, splits, inputs, frames, head_outputs, key_interval, max_clamped,
-                 preset, fps, accuracy: bool = True) -> tuple[list[int], list[dict], dict[str, Any]]:
+def _run_setting(
+    s: RateSetting,
+    models,
+    splits,
+    inputs,
+    frames,
+    head_outputs,
+    key_interval,
+    max_clamped,
+    preset,
+    fps,
+    accuracy: bool = True,
+) -> tuple[list[int], list[dict], dict[str, Any]]:
     extra: dict[str, Any] = {}
     if not accuracy:  # bytes only: skip every tail / full-model pass
         splits = {k: (h, lambda z, meta: [None]) for k, (h, _) in splits.items()}
@@ -275,28 +339,45 @@ def _coco_map(coco_gt, dets: list[dict], image_ids: list[int]) -> tuple[float, f
 def render_markdown(rows: list[RateRow], header: dict[str, Any]) -> str:
     lines = ["# hnd-bench rate-accuracy", ""]
     m = header["machine"]
-    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; load "
-                 f"{m['loadavg_1_5_15min']}; {m['date']}.")
+    lines.append(
+        f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; load "
+        f"{m['loadavg_1_5_15min']}; {m['date']}."
+    )
     r = header["run"]
-    lines.append(f"Frames: {r['frames']} x {r['frame_size'][1]}x{r['frame_size'][0]} from {r['source']}; weights: "
-                 f"{r['weights']}; key interval {r['key_interval']} (split temporal and H.264 / HEVC gop), "
-                 f"max clamped {r['max_clamped']:g}; agreement: F1 at IoU 0.5 and score >= {r['score']:g} "
-                 f"against {rows[0].name}.")
+    lines.append(
+        f"Frames: {r['frames']} x {r['frame_size'][1]}x{r['frame_size'][0]} from {r['source']}; weights: "
+        f"{r['weights']}; key interval {r['key_interval']} (split temporal and H.264 / HEVC gop), "
+        f"max clamped {r['max_clamped']:g}; agreement: F1 at IoU 0.5 and score >= {r['score']:g} "
+        f"against {rows[0].name}."
+    )
     for note in r.get("notes", []):
         lines.append(f"Note: {note}")
     has_map = any(row.map50_95 is not None for row in rows)
-    lines += ["", "| setting | bytes/frame | first frame | later frames (mean) | agreement F1 |"
-              + (" bbox mAP | mAP@0.5 |" if has_map else "") + " key frames | clamped |",
-              "|---|---:|---:|---:|---:|" + ("---:|---:|" if has_map else "") + "---:|---:|"]
+    lines += [
+        "",
+        "| setting | bytes/frame | first frame | later frames (mean) | agreement F1 |"
+        + (" bbox mAP | mAP@0.5 |" if has_map else "")
+        + " key frames | clamped |",
+        "|---|---:|---:|---:|---:|" + ("---:|---:|" if has_map else "") + "---:|---:|",
+    ]
     for row in rows:
         rest = "—" if row.bytes_rest_mean is None else f"{row.bytes_rest_mean:,.0f}"
-        cells = [row.name, f"{row.bytes_per_frame:,.0f}", f"{row.bytes_first:,}", rest,
-                 "—" if row.f1 is None else f"{row.f1:.3f}"]
+        cells = [
+            row.name,
+            f"{row.bytes_per_frame:,.0f}",
+            f"{row.bytes_first:,}",
+            rest,
+            "—" if row.f1 is None else f"{row.f1:.3f}",
+        ]
         if has_map:
-            cells += ["—" if row.map50_95 is None else f"{row.map50_95:.3f}",
-                      "—" if row.map50 is None else f"{row.map50:.3f}"]
-        cells += ["—" if row.key_frames is None else str(row.key_frames),
-                  "—" if row.clamped_share is None else f"{100 * row.clamped_share:.3f} %"]
+            cells += [
+                "—" if row.map50_95 is None else f"{row.map50_95:.3f}",
+                "—" if row.map50 is None else f"{row.map50:.3f}",
+            ]
+        cells += [
+            "—" if row.key_frames is None else str(row.key_frames),
+            "—" if row.clamped_share is None else f"{100 * row.clamped_share:.3f} %",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -312,15 +393,19 @@ def plot(rows: list[RateRow], path: Path, title: str) -> None:
     for row in rows:
         if row.family == "local":
             continue
-        label = f"{row.family}, {row.size}" + (f", {row.params['granularity']}"
-                                               if row.family.startswith("split") else "")
+        label = f"{row.family}, {row.size}" + (
+            f", {row.params['granularity']}" if row.family.startswith("split") else ""
+        )
         curves.setdefault(label, []).append(row)
     for label, pts in curves.items():
         pts = sorted(pts, key=lambda r: r.bytes_per_frame)
         ax.plot([p.bytes_per_frame for p in pts], [p.f1 for p in pts], marker="o", label=label)
         for p in pts:
-            tag = f"{p.params['bits']}b" if "bits" in p.params else (
-                f"q{p.params['quality']}" if "quality" in p.params else f"crf{p.params['crf']:g}")
+            tag = (
+                f"{p.params['bits']}b"
+                if "bits" in p.params
+                else (f"q{p.params['quality']}" if "quality" in p.params else f"crf{p.params['crf']:g}")
+            )
             ax.annotate(tag, (p.bytes_per_frame, p.f1), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
@@ -349,35 +434,50 @@ def _floats(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--rate-accuracy", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--config",
-                   help="YAML config or bundled name (default hnd/faster_rcnn-b3ch with --random-weights 0)")
+    p.add_argument(
+        "--config", help="YAML config or bundled name (default hnd/faster_rcnn-b3ch with --random-weights 0)"
+    )
     w = p.add_mutually_exclusive_group()
     w.add_argument("--checkpoint", help="student checkpoint (agreement and mAP are then meaningful)")
     w.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", metavar="FILE", help="video file (its first --frames frames, in order)")
     src.add_argument("--images", metavar="DIR_OR_GLOB", help="image files, in name order (a frame sequence)")
-    p.add_argument("--annotations", help="COCO annotation file of the frames (matched by file name, else in "
-                                         "order): adds bbox mAP per setting")
+    p.add_argument(
+        "--annotations",
+        help="COCO annotation file of the frames (matched by file name, else in order): adds bbox mAP per setting",
+    )
     p.add_argument("--frames", type=int, default=20, help="frames to use (default 20)")
     p.add_argument("--fps", type=float, default=10.0, help="frame rate for H.264 / HEVC rate control (default 10)")
     p.add_argument("--bits", default="8,4,2", help="split bits (default 8,4,2)")
     p.add_argument("--granularity", default="tensor", help="tensor and/or channel (default tensor)")
     p.add_argument("--coding", default="intra,temporal", help="intra and/or temporal (default both)")
     p.add_argument("--sizes", default="native", help="native and/or model (default native)")
-    p.add_argument("--key-interval", type=int, default=30, help="key frame interval, split temporal and H.264 gop "
-                                                                "(default 30)")
-    p.add_argument("--max-clamped", type=float, default=0.001,
-                   help="temporal split: key frame when more than this share of values would clamp (default 0.001)")
+    p.add_argument(
+        "--key-interval", type=int, default=30, help="key frame interval, split temporal and H.264 gop (default 30)"
+    )
+    p.add_argument(
+        "--max-clamped",
+        type=float,
+        default=0.001,
+        help="temporal split: key frame when more than this share of values would clamp (default 0.001)",
+    )
     p.add_argument("--jpeg-quality", default="50,75,95", help="JPEG qualities (default 50,75,95)")
     p.add_argument("--webp-quality", default="50,80", help="WebP qualities (default 50,80)")
     p.add_argument("--crf", default="18,23,28,33", help="H.264 CRFs (default 18,23,28,33)")
     p.add_argument("--hevc-crf", default="28", help="HEVC CRFs (default 28; empty for none)")
     p.add_argument("--preset", default="medium", help="x264 / x265 preset (default medium, libx264's default)")
-    p.add_argument("--agreement-score", type=float, default=None,
-                   help="score cut for agreement F1 (default 0.5; 0 with random weights)")
-    p.add_argument("--no-accuracy", action="store_true",
-                   help="bytes only: no tail and no full model (the head runs once per frame), no F1 or mAP")
+    p.add_argument(
+        "--agreement-score",
+        type=float,
+        default=None,
+        help="score cut for agreement F1 (default 0.5; 0 with random weights)",
+    )
+    p.add_argument(
+        "--no-accuracy",
+        action="store_true",
+        help="bytes only: no tail and no full model (the head runs once per frame), no F1 or mAP",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default="rate-out", help="output folder (default rate-out)")
     return p
@@ -398,8 +498,9 @@ def _frames_and_gt(args) -> tuple[list[np.ndarray], list[str], Any, list[int] | 
     if all(n in by_name for n in names):
         ids = [by_name[n] for n in names]
     else:
-        ordered = sorted(coco.dataset["images"], key=lambda im: (im.get("video_id", 0), im.get("frame_index", 0),
-                                                                 im["id"]))
+        ordered = sorted(
+            coco.dataset["images"], key=lambda im: (im.get("video_id", 0), im.get("frame_index", 0), im["id"])
+        )
         if len(ordered) < len(frames):
             raise ValueError(f"{args.annotations}: {len(ordered)} images for {len(frames)} frames")
         ids = [im["id"] for im in ordered[: len(frames)]]
@@ -429,14 +530,23 @@ def _main(args) -> int:
         raise ValueError("--frames and --key-interval must be >= 1, --max-clamped in [0, 1]")
     bits = _ints(args.bits)
     if not bits or not set(bits) <= {codec.LEARNED_BITS, *codec.BITS}:
-        raise ValueError(f"--bits: expected values of {codec.BITS} (or 0: an Entropic Student's learned coding), "
-                         f"got {args.bits!r}")
+        raise ValueError(
+            f"--bits: expected values of {codec.BITS} (or 0: an Entropic Student's learned coding), got {args.bits!r}"
+        )
     grans = [g.strip() for g in args.granularity.split(",") if g.strip()]
     codings = [c.strip() for c in args.coding.split(",") if c.strip()]
     if not grans or not set(grans) <= {"tensor", "channel"} or not codings or not set(codings) <= {"intra", "temporal"}:
         raise ValueError("--granularity: tensor and/or channel; --coding: intra and/or temporal")
-    settings = rate_settings(bits, grans, codings, parse_sizes(args.sizes), _ints(args.jpeg_quality),
-                             _ints(args.webp_quality), _floats(args.crf), _floats(args.hevc_crf))
+    settings = rate_settings(
+        bits,
+        grans,
+        codings,
+        parse_sizes(args.sizes),
+        _ints(args.jpeg_quality),
+        _ints(args.webp_quality),
+        _floats(args.crf),
+        _floats(args.hevc_crf),
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     config = args.config or "hnd/faster_rcnn-b3ch"
@@ -448,34 +558,73 @@ def _main(args) -> int:
     if (cfg.model.bottleneck_type == "entropic") != (bits == [codec.LEARNED_BITS]):
         if cfg.model.bottleneck_type == "entropic" and args.bits == build_parser().get_default("bits"):
             bits = [codec.LEARNED_BITS]  # an Entropic Student has one split setting: its learned coding
-            settings = rate_settings(bits, grans, codings, parse_sizes(args.sizes), _ints(args.jpeg_quality),
-                                     _ints(args.webp_quality), _floats(args.crf), _floats(args.hevc_crf))
+            settings = rate_settings(
+                bits,
+                grans,
+                codings,
+                parse_sizes(args.sizes),
+                _ints(args.jpeg_quality),
+                _ints(args.webp_quality),
+                _floats(args.crf),
+                _floats(args.hevc_crf),
+            )
         else:
-            raise ValueError("--bits 0 (learned entropy coding) is for Entropic Student configs, and an Entropic "
-                             "Student takes only --bits 0")
+            raise ValueError(
+                "--bits 0 (learned entropy coding) is for Entropic Student configs, and an Entropic "
+                "Student takes only --bits 0"
+            )
     model = build_model_from_config(with_weights(cfg.model, args.checkpoint, random_weights), cfg.path)
     score = args.agreement_score if args.agreement_score is not None else (0.0 if random_weights is not None else 0.5)
     notes = []
     if random_weights is not None:
-        notes.append(f"seeded random weights (seed {random_weights}): bytes are real, agreement only says how "
-                     "far each setting moves the untrained model's output, and mAP means nothing")
+        notes.append(
+            f"seeded random weights (seed {random_weights}): bytes are real, agreement only says how "
+            "far each setting moves the untrained model's output, and mAP means nothing"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = run_sweep(model, frames, settings, key_interval=args.key_interval, max_clamped=args.max_clamped,
-                     score=score, preset=args.preset, fps=args.fps, coco_gt=coco, image_ids=ids,
-                     progress=lambda line: print(f"{PROG}: {line}", file=sys.stderr), accuracy=not args.no_accuracy)
-    header = {"machine": machine_info(), "run": {
-        "source": args.video or args.images, "frames": len(frames), "frame_size": list(frames[0].shape[:2]),
-        "config": config, "weights": args.checkpoint or f"random (seed {random_weights})",
-        "key_interval": args.key_interval, "max_clamped": args.max_clamped, "score": score,
-        "preset": args.preset, "annotations": args.annotations, "accuracy": not args.no_accuracy, "notes": notes}}
+    rows = run_sweep(
+        model,
+        frames,
+        settings,
+        key_interval=args.key_interval,
+        max_clamped=args.max_clamped,
+        score=score,
+        preset=args.preset,
+        fps=args.fps,
+        coco_gt=coco,
+        image_ids=ids,
+        progress=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
+        accuracy=not args.no_accuracy,
+    )
+    header = {
+        "machine": machine_info(),
+        "run": {
+            "source": args.video or args.images,
+            "frames": len(frames),
+            "frame_size": list(frames[0].shape[:2]),
+            "config": config,
+            "weights": args.checkpoint or f"random (seed {random_weights})",
+            "key_interval": args.key_interval,
+            "max_clamped": args.max_clamped,
+            "score": score,
+            "preset": args.preset,
+            "annotations": args.annotations,
+            "accuracy": not args.no_accuracy,
+            "notes": notes,
+        },
+    }
     text = render_markdown(rows, header)
     atomic_write_text(out / "rate_accuracy.md", text)
     atomic_write_text(out / "rate_accuracy.json", json.dumps({**header, "rows": [asdict(r) for r in rows]}, indent=1))
     written = ["rate_accuracy.md", "rate_accuracy.json"]
     if not args.no_accuracy:
-        plot(rows, out / "rate_accuracy.png", f"{Path(str(header['run']['source'])).name}: {len(frames)} frames "
-                                               f"{frames[0].shape[1]}x{frames[0].shape[0]}, {header['run']['weights']}")
+        plot(
+            rows,
+            out / "rate_accuracy.png",
+            f"{Path(str(header['run']['source'])).name}: {len(frames)} frames "
+            f"{frames[0].shape[1]}x{frames[0].shape[0]}, {header['run']['weights']}",
+        )
         written.append("rate_accuracy.png")
     print(text)
     print(f"{PROG}: wrote {', '.join(written)} to {out}", file=sys.stderr)

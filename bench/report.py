@@ -1,4 +1,5 @@
 """hnd-bench's outputs: the machine header, results.md and the PNG plots (matplotlib, Agg backend)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -35,10 +36,14 @@ def machine_info() -> dict[str, Any]:
     import hnd
 
     return {
-        "cpu": cpu, "cores": os.cpu_count(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-        "hnd": hnd.__version__, "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "hnd": hnd.__version__,
+        "platform": platform.platform(),
         "loadavg_1_5_15min": [round(v, 2) for v in os.getloadavg()],  # other work on the machine skews timings
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -57,33 +62,50 @@ def render_markdown(result: dict[str, Any]) -> str:
     run, rows, links = result["run"], result["results"], result["run"]["links"]
     lines = ["# hnd-bench results", ""]
     m = result["machine"]
-    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['torch']}; "
-                 f"{m['date']}; load average {m.get('loadavg_at_start', ['?'])[0]} at the start, "
-                 f"{m['loadavg_1_5_15min'][0]} at the end.  ")
+    lines.append(
+        f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['torch']}; "
+        f"{m['date']}; load average {m.get('loadavg_at_start', ['?'])[0]} at the start, "
+        f"{m['loadavg_1_5_15min'][0]} at the end.  "
+    )
     if run.get("mixed"):
         mixed = run["mixed"]
         objects = sum(1 for f in run["frames"] if f.get("objects"))
-        lines.append(f"Model: `{run['config']}`, weights: {run['weights']}. Frames: {len(run['frames'])} synthetic "
-                     f"{mixed['size'][0]}x{mixed['size'][1]} frames (`--mixed`, seed {mixed['seed']}), {objects} with "
-                     f"objects and {len(run['frames']) - objects} empty scenes, in {mixed['folder']}.  ")
+        lines.append(
+            f"Model: `{run['config']}`, weights: {run['weights']}. Frames: {len(run['frames'])} synthetic "
+            f"{mixed['size'][0]}x{mixed['size'][1]} frames (`--mixed`, seed {mixed['seed']}), {objects} with "
+            f"objects and {len(run['frames']) - objects} empty scenes, in {mixed['folder']}.  "
+        )
     else:
-        lines.append(f"Model: `{run['config']}`, weights: {run['weights']}. Frames: "
-                     + ", ".join(f"{f['name']} ({f['width']}x{f['height']})" for f in run["frames"]) + ".  ")
+        lines.append(
+            f"Model: `{run['config']}`, weights: {run['weights']}. Frames: "
+            + ", ".join(f"{f['name']} ({f['width']}x{f['height']})" for f in run["frames"])
+            + ".  "
+        )
     lines.append(f"Server: {run['server']}; edge: this process, {run['threads']} torch thread(s).  ")
     lines += [f"**{n}**  " for n in run["notes"]]
     f1_label = "F1 vs local" + (" (random weights: not meaningful)" if run["random_weights"] else "")
-    lines += ["", f"Link model: `{run['formula']}`. Agreement: IoU-matched F1 at IoU 0.5, score >= "
-              f"{run['agreement_score']}, against local mode's (unsplit float model) detections "
-              f"({', '.join(map(str, run['reference_detections']))} per frame at that score). "
-              "Edge and server ms: the network's compute is the median over the mode's runs on each frame (the "
-              "same work whatever the codec setting); measured e2e: the raw loopback run. Raw per-run times are in "
-              "results.json.", ""]
+    lines += [
+        "",
+        f"Link model: `{run['formula']}`. Agreement: IoU-matched F1 at IoU 0.5, score >= "
+        f"{run['agreement_score']}, against local mode's (unsplit float model) detections "
+        f"({', '.join(map(str, run['reference_detections']))} per frame at that score). "
+        "Edge and server ms: the network's compute is the median over the mode's runs on each frame (the "
+        "same work whatever the codec setting); measured e2e: the raw loopback run. Raw per-run times are in "
+        "results.json.",
+        "",
+    ]
 
-    lines += ["## Per setting", "",
-              "| mode | setting | request B/frame mean (all frames) | p50 | ratio vs raw RGB | response B | edge ms p50 | "
-              "server ms p50 | loopback ms p50 | measured e2e ms p50 | " + f1_label + " | "
-              + " | ".join(f"{link['name']} p50 ms" for link in links) + " |",
-              "|" + "---|" * (11 + len(links))]
+    lines += [
+        "## Per setting",
+        "",
+        "| mode | setting | request B/frame mean (all frames) | p50 | ratio vs raw RGB | response B | edge ms p50 | "
+        "server ms p50 | loopback ms p50 | measured e2e ms p50 | "
+        + f1_label
+        + " | "
+        + " | ".join(f"{link['name']} p50 ms" for link in links)
+        + " |",
+        "|" + "---|" * (11 + len(links)),
+    ]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['setting']} | {_fmt(r['request_bytes']['mean'])} | "
@@ -92,11 +114,18 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{_fmt(r['edge_ms']['p50'], '.1f')} | {_fmt((r['server_ms'] or {}).get('p50'), '.1f')} | "
             f"{_fmt((r['loopback_ms'] or {}).get('p50'), '.2f')} | {_fmt(r['measured_total_ms']['p50'], '.1f')} | "
             f"{_fmt(r['agreement_f1'], '.3f')} | "
-            + " | ".join(_fmt(r["latency_ms"][link["name"]]["p50"], ".1f") for link in links) + " |")
+            + " | ".join(_fmt(r["latency_ms"][link["name"]]["p50"], ".1f") for link in links)
+            + " |"
+        )
 
-    lines += ["", "## Mode x setting x link", "",
-              "| mode | setting | link | bytes/frame mean | bytes/frame p50 | ratio vs raw RGB | edge ms p50 | "
-              "server ms p50 | e2e ms p50 | e2e ms p95 |", "|" + "---|" * 10]
+    lines += [
+        "",
+        "## Mode x setting x link",
+        "",
+        "| mode | setting | link | bytes/frame mean | bytes/frame p50 | ratio vs raw RGB | edge ms p50 | "
+        "server ms p50 | e2e ms p50 | e2e ms p95 |",
+        "|" + "---|" * 10,
+    ]
     for r in rows:
         for link in links:
             lat = r["latency_ms"][link["name"]]
@@ -106,20 +135,22 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{_fmt(r['request_bytes']['p50'])} | "
                 f"{_fmt(r['compression_ratio'], '.1f')} | {_fmt(r['edge_ms']['p50'], '.1f')} | "
                 f"{_fmt((r['server_ms'] or {}).get('p50'), '.1f')} | {_fmt(lat['p50'], '.1f')} | "
-                f"{_fmt(lat['p95'], '.1f')} |")
+                f"{_fmt(lat['p95'], '.1f')} |"
+            )
 
     lines += _filter_section(result)
 
     sweep = result["sweep"]
     lines += ["", f"## Crossovers (bandwidth sweep at RTT {sweep['rtt_ms']:g} ms, p50 latency)", ""]
     if not sweep["crossovers"]:
-        lines.append(f"None between {CROSSOVER_MBIT[0]:g} and {CROSSOVER_MBIT[1]:g} Mbit/s: "
-                     + _ordering(sweep) + ".")
+        lines.append(f"None between {CROSSOVER_MBIT[0]:g} and {CROSSOVER_MBIT[1]:g} Mbit/s: " + _ordering(sweep) + ".")
     for c in sweep["crossovers"]:
         a, b = c["between"]
         slower = b if c["faster_above"] == a else a
-        lines.append(f"- {a} vs {b}: cross at {c['mbit']:.3g} Mbit/s ({c['latency_ms']:.0f} ms); "
-                     f"{c['faster_above']} is faster above, {slower} below.")
+        lines.append(
+            f"- {a} vs {b}: cross at {c['mbit']:.3g} Mbit/s ({c['latency_ms']:.0f} ms); "
+            f"{c['faster_above']} is faster above, {slower} below."
+        )
     for end in (0, -1):
         lines.append(f"- at {sweep['mbit'][end]:.3g} Mbit/s: {_ordering(sweep, end)}.")
     lines += ["", "Each split setting against the best offload setting at each bandwidth:", ""]
@@ -131,7 +162,7 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def _filter_section(result: dict[str, Any]) -> list[str]:
-    """"With the neural filter": each filtered setting next to the same setting without the filter."""
+    """ "With the neural filter": each filtered setting next to the same setting without the filter."""
     run, rows, links = result["run"], result["results"], result["run"]["links"]
     filtered = [r for r in rows if r.get("filter")]
     if not filtered:
@@ -139,19 +170,29 @@ def _filter_section(result: dict[str, Any]) -> list[str]:
     flt = run["filter"]
     by = {(r["mode"], r["setting"]): r for r in rows}
     labelled = "with_objects" in filtered[0]["filter"]
-    lines = ["", "## With the neural filter", "",
-             f"Threshold {flt['threshold']:g} ({flt['threshold_from']}); filter weights: {flt['weights']}. A frame "
-             "whose filter probability is below the threshold is not encoded nor sent: 0 bytes, no server time, "
-             "and its latency is its edge time (preprocess + stem + filter), with no link cost. \"all frames\" "
-             "counts those frames (what the link carries on average); \"sent\" only the frames that went to "
-             "the server. Server requests: the server's own count (hnd_requests_total) for that setting.", ""]
+    lines = [
+        "",
+        "## With the neural filter",
+        "",
+        f"Threshold {flt['threshold']:g} ({flt['threshold_from']}); filter weights: {flt['weights']}. A frame "
+        "whose filter probability is below the threshold is not encoded nor sent: 0 bytes, no server time, "
+        'and its latency is its edge time (preprocess + stem + filter), with no link cost. "all frames" '
+        'counts those frames (what the link carries on average); "sent" only the frames that went to '
+        "the server. Server requests: the server's own count (hnd_requests_total) for that setting.",
+        "",
+    ]
     if not flt["trained"]:
         lines += ["**The filter has random weights: which frames it drops says nothing about what they show.**", ""]
     head = ["setting", "frames sent / filtered"]
     if labelled:
         head.append("filtered: with objects / empty")
-    head += ["server requests", "request B/frame mean, all frames", "mean, sent frames",
-             "payload B/frame mean, all frames", "edge ms p50 of a filtered frame"]
+    head += [
+        "server requests",
+        "request B/frame mean, all frames",
+        "mean, sent frames",
+        "payload B/frame mean, all frames",
+        "edge ms p50 of a filtered frame",
+    ]
     for link in links:
         head += [f"{link['name']} e2e ms mean / p50 / p95, all frames", f"{link['name']} mean / p50 / p95, sent frames"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -160,26 +201,36 @@ def _filter_section(result: dict[str, Any]) -> list[str]:
         return "—" if not stats else " / ".join(_fmt(stats[k], ",.1f") for k in ("mean", "p50", "p95"))
 
     for r in filtered:
-        plain = by.get((r["mode"], r["setting"][:-len(FILTER_SUFFIX)]))
+        plain = by.get((r["mode"], r["setting"][: -len(FILTER_SUFFIX)]))
         for row in ([plain] if plain else []) + [r]:
             f = row.get("filter")
             cells = [row["setting"], f"{row['frames_sent']} / {row['frames_filtered']}"]
             if labelled:
                 cells.append(f"{f['with_objects']['filtered']} / {f['empty']['filtered']}" if f else "—")
             sent = row["sent_only"]
-            cells += [_fmt(row["server_requests"], "d") if row["server_requests"] is not None else "—",
-                      _fmt(row["request_bytes"]["mean"]), _fmt((sent["request_bytes"] or {}).get("mean")),
-                      _fmt(row["payload_bytes"]["mean"]),
-                      _fmt((f["filtered_edge_ms"] or {}).get("p50"), ".1f") if f else "—"]
+            cells += [
+                _fmt(row["server_requests"], "d") if row["server_requests"] is not None else "—",
+                _fmt(row["request_bytes"]["mean"]),
+                _fmt((sent["request_bytes"] or {}).get("mean")),
+                _fmt(row["payload_bytes"]["mean"]),
+                _fmt((f["filtered_edge_ms"] or {}).get("p50"), ".1f") if f else "—",
+            ]
             for link in links:
                 cells += [pair(row["latency_ms"][link["name"]]), pair(sent["latency_ms"][link["name"]])]
             lines.append("| " + " | ".join(cells) + " |")
     probs = filtered[0]["filter"]["probability"]
     frames = run["frames"]
-    lines += ["", "Filter probability per frame (" + ("objects / empty, " if labelled else "")
-              + "< threshold: dropped): " + ", ".join(
-                  f"{fr['name']}" + (f" ({'objects' if fr.get('objects') else 'empty'})" if labelled else "")
-                  + f" {p:.4f}" for fr, p in zip(frames, probs)) + "."]
+    lines += [
+        "",
+        "Filter probability per frame ("
+        + ("objects / empty, " if labelled else "")
+        + "< threshold: dropped): "
+        + ", ".join(
+            f"{fr['name']}" + (f" ({'objects' if fr.get('objects') else 'empty'})" if labelled else "") + f" {p:.4f}"
+            for fr, p in zip(frames, probs)
+        )
+        + ".",
+    ]
     return lines
 
 
@@ -187,8 +238,9 @@ def _ordering(sweep: dict[str, Any], index: int | None = None) -> str:
     """The modes from fastest to slowest at one sweep point (the middle one by default)."""
     i = len(sweep["mbit"]) // 2 if index is None else index
     at = {k: v[i] for k, v in sweep["best"].items()}
-    return " < ".join(f"{k} ({at[k] / 1e3:.2f} s)" for k in sorted(at, key=lambda k: at[k])) + \
-        (" throughout" if index is None else "")
+    return " < ".join(f"{k} ({at[k] / 1e3:.2f} s)" for k in sorted(at, key=lambda k: at[k])) + (
+        " throughout" if index is None else ""
+    )
 
 
 def plot_bytes(rows: list[dict[str, Any]], path: Path) -> None:
@@ -202,8 +254,11 @@ def plot_bytes(rows: list[dict[str, Any]], path: Path) -> None:
     colors = {"split": "tab:blue", "offload": "tab:orange", "filter": "tab:cyan"}
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(sent) + 1.6), dpi=100)
     y = np.arange(len(sent))
-    ax.barh(y, [r["request_bytes"]["mean"] for r in sent],
-            color=[colors["filter" if r.get("filter") else r["mode"]] for r in sent])
+    ax.barh(
+        y,
+        [r["request_bytes"]["mean"] for r in sent],
+        color=[colors["filter" if r.get("filter") else r["mode"]] for r in sent],
+    )
     ax.set_yticks(y, [f"{r['mode']}: {r['setting']}" for r in sent], fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
@@ -220,8 +275,15 @@ def plot_bytes(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_latency(curves: dict[str, np.ndarray], best: dict[str, np.ndarray], wire: dict[str, np.ndarray],
-                 mbits: np.ndarray, marks: list[dict[str, Any]], rtt_ms: float, path: Path) -> None:
+def plot_latency(
+    curves: dict[str, np.ndarray],
+    best: dict[str, np.ndarray],
+    wire: dict[str, np.ndarray],
+    mbits: np.ndarray,
+    marks: list[dict[str, Any]],
+    rtt_ms: float,
+    path: Path,
+) -> None:
     """Left: modeled p50 latency against bandwidth, every setting thin, each mode's best thick, crossovers
     marked. Right: the link's share alone (serialization both ways + RTT) per setting, free of compute noise.
 
@@ -241,8 +303,13 @@ def plot_latency(curves: dict[str, np.ndarray], best: dict[str, np.ndarray], wir
         ax.plot(mbits, curve / 1e3, color=colors[name.split()[-1]], lw=2.2, label=name)
     for c in marks:
         ax.plot(c["mbit"], c["latency_ms"] / 1e3, "kx", ms=9, mew=2)
-        ax.annotate(f"{c['mbit']:.2g} Mbit/s", (c["mbit"], c["latency_ms"] / 1e3), textcoords="offset points",
-                    xytext=(6, 8), fontsize=8)
+        ax.annotate(
+            f"{c['mbit']:.2g} Mbit/s",
+            (c["mbit"], c["latency_ms"] / 1e3),
+            textcoords="offset points",
+            xytext=(6, 8),
+            fontsize=8,
+        )
     ax.set_xscale("log")
     # Settings that a slow link ruins shoot off the top; the comparison lives near the modes' best.
     ax.set_ylim(0, 2.0 * max(float(c.max()) for c in best.values()) / 1e3)
@@ -255,8 +322,14 @@ def plot_latency(curves: dict[str, np.ndarray], best: dict[str, np.ndarray], wir
     count = {"split": 0, "offload": 0}
     for key, curve in wire.items():
         mode = key.split(":")[0]
-        ax_wire.plot(mbits, curve / 1e3, color=colors[mode], ls=styles[count[mode] % 4],
-                     lw=1.0 + 0.6 * (count[mode] // 4), label=key)
+        ax_wire.plot(
+            mbits,
+            curve / 1e3,
+            color=colors[mode],
+            ls=styles[count[mode] % 4],
+            lw=1.0 + 0.6 * (count[mode] // 4),
+            label=key,
+        )
         count[mode] += 1
     ax_wire.set_xscale("log")
     ax_wire.set_yscale("log")

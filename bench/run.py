@@ -1,4 +1,5 @@
 """One hnd-bench run: plan, measure against a real server, model the links, summarise, write the outputs."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,7 @@ from hnd.bench.linkmodel import CROSSOVER_MBIT, FORMULA, SWEEP_MBIT, crossovers
 from hnd.bench.measure import Measured, apply_server_profile, measure, pool_compute, serving
 from hnd.bench.plan import PROG, BenchOptions, Plan, Setting, all_settings, plan
 from hnd.bench.report import machine_info, plot_bytes, plot_latency, render_markdown
-from hnd.bench.summary import (BenchResult, FrameInfo, MixedInfo, RunInfo, Sweep, envelopes, summarize, to_json,
-                               wire_p50)
+from hnd.bench.summary import BenchResult, FrameInfo, MixedInfo, RunInfo, Sweep, envelopes, summarize, to_json, wire_p50
 
 OUTPUTS = ("results.md", "results.json", "bytes_per_frame.png", "latency_vs_bandwidth.png")
 
@@ -46,8 +46,9 @@ def _frames(o: BenchOptions, p: Plan, out: Path) -> Frames:
     return Frames(images, names, None)
 
 
-def _measure(p: Plan, model: torch.nn.Module, settings: list[Setting], frames: Frames,
-             progress: bool) -> tuple[Measured, str]:
+def _measure(
+    p: Plan, model: torch.nn.Module, settings: list[Setting], frames: Frames, progress: bool
+) -> tuple[Measured, str]:
     """Every frame through every setting against a real server; returns the measurements and the server's
     description."""
     rt = load_config(p.config_path).runtime
@@ -56,8 +57,11 @@ def _measure(p: Plan, model: torch.nn.Module, settings: list[Setting], frames: F
     torch.set_num_threads(p.threads)  # the edge's half of the machine
     try:
         with serving(p.config_path, p.weights, model, p.in_process, p.threads) as (target, server_desc, answered):
-            client = SplitClient(ClientSettings(target=target, max_message_bytes=rt.max_message_bytes,
-                                                timeout_s=max(rt.deadline_s, 600.0)))
+            client = SplitClient(
+                ClientSettings(
+                    target=target, max_message_bytes=rt.max_message_bytes, timeout_s=max(rt.deadline_s, 600.0)
+                )
+            )
             try:
                 info = client.model_info()
                 check_fingerprint(info, fp)
@@ -76,16 +80,20 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     p = plan(o, out)
     load_before = [round(v, 2) for v in os.getloadavg()]
     if o.server_profile:
-        p.notes.append("server compute replaced by --server-profile " + ", ".join(
-            f"{k} {v:g} ms" for k, v in o.server_profile.items()) + " in the link model (decode, queue and "
-            "response encoding as measured; measured e2e and *_raw stay this machine's)")
+        p.notes.append(
+            "server compute replaced by --server-profile "
+            + ", ".join(f"{k} {v:g} ms" for k, v in o.server_profile.items())
+            + " in the link model (decode, queue and "
+            "response encoding as measured; measured e2e and *_raw stay this machine's)"
+        )
     for note in p.notes:
         print(f"{PROG}: {note}", file=sys.stderr)
     cfg = load_config(p.config_path)
     model = build_model_from_config(p.model, cfg.path)
     frames = _frames(o, p, out)
-    base = EdgeOptions(compression=cfg.runtime.compression, level=cfg.runtime.level, max_inflight=1,
-                       keep_detections=False)
+    base = EdgeOptions(
+        compression=cfg.runtime.compression, level=cfg.runtime.level, max_inflight=1, keep_detections=False
+    )
     settings = all_settings(p.bits, o.granularities, base, p.filter.threshold if p.filter else None)
 
     (samples, records, detections, requests), server_desc = _measure(p, model, settings, frames, o.progress)
@@ -100,32 +108,64 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     marks = crossovers(best, mbits)
     shown = (mbits >= SWEEP_MBIT[0]) & (mbits <= SWEEP_MBIT[1])
     run = RunInfo(
-        config=p.config, weights=("seeded random, seed " + p.weights[1]) if p.random else
-        (p.weights[1] if p.weights else "from the config"), random_weights=p.random,
-        notes=p.notes, server=server_desc, threads=p.threads, formula=FORMULA,
-        agreement_score=p.agreement_score, agreement_iou=0.5, reference_detections=reference_counts,
+        config=p.config,
+        weights=("seeded random, seed " + p.weights[1])
+        if p.random
+        else (p.weights[1] if p.weights else "from the config"),
+        random_weights=p.random,
+        notes=p.notes,
+        server=server_desc,
+        threads=p.threads,
+        formula=FORMULA,
+        agreement_score=p.agreement_score,
+        agreement_iou=0.5,
+        reference_detections=reference_counts,
         links=p.links,
-        frames=[FrameInfo(n, int(f.shape[0]), int(f.shape[1]), frames.labels[i] if frames.labels is not None else None)
-                for i, (f, n) in enumerate(zip(frames.images, frames.names))],
+        frames=[
+            FrameInfo(n, int(f.shape[0]), int(f.shape[1]), frames.labels[i] if frames.labels is not None else None)
+            for i, (f, n) in enumerate(zip(frames.images, frames.names))
+        ],
         mixed=MixedInfo(p.frames, o.empty_fraction, list(MIXED_SIZE), MIXED_SEED, str(out / "mixed-frames"))
-        if o.mixed else None,
-        filter=p.filter, settings=[s.key for s in settings],
+        if o.mixed
+        else None,
+        filter=p.filter,
+        settings=[s.key for s in settings],
     )
     sweep = Sweep(
-        rtt_ms=o.sweep_rtt_ms, mbit=mbits[shown][::5].tolist(),
-        best={k: v[shown][::5].tolist() for k, v in best.items()}, crossovers=marks,
+        rtt_ms=o.sweep_rtt_ms,
+        mbit=mbits[shown][::5].tolist(),
+        best={k: v[shown][::5].tolist() for k, v in best.items()},
+        crossovers=marks,
         split_vs_best_offload={
             s.key: crossovers({s.key: curves[s.key], "best offload": best["best offload"]}, mbits)
-            for s in settings if s.mode == "split"},
+            for s in settings
+            if s.mode == "split"
+        },
     )
-    result = to_json(BenchResult(machine={**machine_info(), "loadavg_at_start": load_before}, run=run,
-                                 results=rows, records=records, sweep=sweep))
+    result = to_json(
+        BenchResult(
+            machine={**machine_info(), "loadavg_at_start": load_before},
+            run=run,
+            results=rows,
+            records=records,
+            sweep=sweep,
+        )
+    )
     write_outputs(result, out)
-    wire = {s.key: wire_p50(samples[s.key], mbits[shown], o.sweep_rtt_ms) for s in settings
-            if s.mode != "local" and not s.filtered}
-    plot_latency({k: v[shown] for k, v in curves.items()}, {k: v[shown] for k, v in best.items()}, wire, mbits[shown],
-                 [c for c in marks if SWEEP_MBIT[0] <= c["mbit"] <= SWEEP_MBIT[1]], o.sweep_rtt_ms,
-                 out / "latency_vs_bandwidth.png")
+    wire = {
+        s.key: wire_p50(samples[s.key], mbits[shown], o.sweep_rtt_ms)
+        for s in settings
+        if s.mode != "local" and not s.filtered
+    }
+    plot_latency(
+        {k: v[shown] for k, v in curves.items()},
+        {k: v[shown] for k, v in best.items()},
+        wire,
+        mbits[shown],
+        [c for c in marks if SWEEP_MBIT[0] <= c["mbit"] <= SWEEP_MBIT[1]],
+        o.sweep_rtt_ms,
+        out / "latency_vs_bandwidth.png",
+    )
     for name in OUTPUTS:
         (out / name).chmod(0o644)  # atomic writes create 0600 temp files; results are for sharing
     return result

@@ -9,6 +9,7 @@ The same pieces drive the loopback tests (tests/test_scaleout.py): ``Replica`` s
 drains and restarts one server process and reads its Prometheus counters; ``run_edge`` runs one
 edge over a frame source against a target.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,10 +74,28 @@ class Replica:
         return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "hnd.server.cli", "--config", self.config, "--random-weights", str(self.seed),
-                "--device", "cpu", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-                "--threads", str(self.threads), "--drain-seconds", str(self.drain_s), "--log-level", "WARNING",
-                *self.extra]
+        return [
+            sys.executable,
+            "-m",
+            "hnd.server.cli",
+            "--config",
+            self.config,
+            "--random-weights",
+            str(self.seed),
+            "--device",
+            "cpu",
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--threads",
+            str(self.threads),
+            "--drain-seconds",
+            str(self.drain_s),
+            "--log-level",
+            "WARNING",
+            *self.extra,
+        ]
 
     def start(self) -> Replica:
         """Start the process (returns at once; ``wait_serving`` waits for the warm-up)."""
@@ -155,8 +174,13 @@ class RepeatedFrames(FrameSource):
     Frames are in order and never dropped, as from a file: every one must end as a record.
     """
 
-    def __init__(self, images: list[np.ndarray], count: int | None = None, fps: float | None = None,
-                 stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        images: list[np.ndarray],
+        count: int | None = None,
+        fps: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.images, self.count, self.fps, self.stop = images, count, fps, stop
         self.name = "repeat"
 
@@ -169,8 +193,14 @@ class RepeatedFrames(FrameSource):
                 next_t += 1.0 / self.fps
             wall = time.time()
             start = time.perf_counter_ns()
-            yield Frame(i, f"frame{i}", self.images[i % len(self.images)], time.perf_counter_ns(),
-                        (time.perf_counter_ns() - start) / 1e6, wall)
+            yield Frame(
+                i,
+                f"frame{i}",
+                self.images[i % len(self.images)],
+                time.perf_counter_ns(),
+                (time.perf_counter_ns() - start) / 1e6,
+                wall,
+            )
             i += 1
 
 
@@ -198,24 +228,47 @@ def edge_model(config: str = "test/faster_rcnn-b3ch", seed: int = 0):
     return head, fingerprint(model)
 
 
-def run_edge(target: str, head, fp: str, source: FrameSource, records: list[FrameRecord] | None = None,
-             lb: str = "round_robin", stream: bool = False, max_inflight: int = 2, max_attempts: int = 3,
-             timeout_s: float = 60.0, reconnect_timeout_s: float = 60.0) -> Summary:
+def run_edge(
+    target: str,
+    head,
+    fp: str,
+    source: FrameSource,
+    records: list[FrameRecord] | None = None,
+    lb: str = "round_robin",
+    stream: bool = False,
+    max_inflight: int = 2,
+    max_attempts: int = 3,
+    timeout_s: float = 60.0,
+    reconnect_timeout_s: float = 60.0,
+) -> Summary:
     """One edge over ``source`` against ``target``; records are appended to ``records`` in frame order."""
-    client = SplitClient(ClientSettings(target, lb=lb, timeout_s=timeout_s, connect_timeout_s=60.0,
-                                        reconnect_timeout_s=reconnect_timeout_s, max_attempts=max_attempts))
+    client = SplitClient(
+        ClientSettings(
+            target,
+            lb=lb,
+            timeout_s=timeout_s,
+            connect_timeout_s=60.0,
+            reconnect_timeout_s=reconnect_timeout_s,
+            max_attempts=max_attempts,
+        )
+    )
     try:
         client.expected_fingerprint = fp
-        runner = EdgeRunner(EdgeOptions(max_inflight=max_inflight, stream=stream, max_attempts=max_attempts,
-                                        keep_detections=False), head=head, fingerprint=fp, client=client)
+        runner = EdgeRunner(
+            EdgeOptions(max_inflight=max_inflight, stream=stream, max_attempts=max_attempts, keep_detections=False),
+            head=head,
+            fingerprint=fp,
+            client=client,
+        )
         on_record = (lambda record, frame: records.append(record)) if records is not None else None
         return runner.run(source, on_record)
     finally:
         client.close()
 
 
-def measure(replicas: list[Replica], head, fp: str, edges: int, frames: int, max_inflight: int,
-            stream: bool = False) -> dict[str, Any]:
+def measure(
+    replicas: list[Replica], head, fp: str, edges: int, frames: int, max_inflight: int, stream: bool = False
+) -> dict[str, Any]:
     """Run ``edges`` edges of ``frames`` frames each at once over the replicas; throughput and spread."""
     images = sample_frames()
     before = [r.answered() for r in replicas]
@@ -224,8 +277,16 @@ def measure(replicas: list[Replica], head, fp: str, edges: int, frames: int, max
 
     def edge() -> None:
         try:
-            summaries.append(run_edge(target_of(replicas), head, fp, RepeatedFrames(images, frames), stream=stream,
-                                      max_inflight=max_inflight))
+            summaries.append(
+                run_edge(
+                    target_of(replicas),
+                    head,
+                    fp,
+                    RepeatedFrames(images, frames),
+                    stream=stream,
+                    max_inflight=max_inflight,
+                )
+            )
         except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
             errors.append(exc)
 
@@ -241,8 +302,13 @@ def measure(replicas: list[Replica], head, fp: str, edges: int, frames: int, max
     answered = sum(s.answered for s in summaries)
     totals = [s.as_dict()["ms"].get("total", {}).get("p50", float("nan")) for s in summaries]
     return {
-        "replicas": len(replicas), "edges": edges, "frames": edges * frames, "answered": answered,
-        "failed": sum(s.failed for s in summaries), "wall_s": wall, "images_per_s": answered / wall,
+        "replicas": len(replicas),
+        "edges": edges,
+        "frames": edges * frames,
+        "answered": answered,
+        "failed": sum(s.failed for s in summaries),
+        "wall_s": wall,
+        "images_per_s": answered / wall,
         "p50_total_ms": float(np.nanmedian(totals)),
         "per_replica": [r.answered() - b for r, b in zip(replicas, before)],
     }
@@ -298,11 +364,16 @@ def faults(replicas: list[Replica], head, fp: str, edges: int, frames: int, roll
         if rec.ok and rec.replica:
             per_replica[rec.replica] = per_replica.get(rec.replica, 0) + 1
     return {
-        "scenario": "rolling restart" if rolling else "SIGKILL r0, SIGTERM r1", "edges": edges,
-        "frames": len(flat), "answered": sum(r.ok for r in flat), "failed": sum(not r.ok for r in flat),
-        "retried": sum(r.attempts > 1 for r in flat), "max_attempts_used": max((r.attempts for r in flat), default=0),
+        "scenario": "rolling restart" if rolling else "SIGKILL r0, SIGTERM r1",
+        "edges": edges,
+        "frames": len(flat),
+        "answered": sum(r.ok for r in flat),
+        "failed": sum(not r.ok for r in flat),
+        "retried": sum(r.attempts > 1 for r in flat),
+        "max_attempts_used": max((r.attempts for r in flat), default=0),
         "in_order": all([r.frame for r in recs] == list(range(len(recs))) for recs in records),
-        "wall_s": time.perf_counter() - start, "per_replica": per_replica,
+        "wall_s": time.perf_counter() - start,
+        "per_replica": per_replica,
     }
 
 
@@ -315,9 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream", action="store_true", help="edges use InferStream instead of unary calls")
     p.add_argument("--config", default="test/faster_rcnn-b3ch")
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
-    p.add_argument("--faults", action="store_true",
-                   help="instead: 3 replicas, SIGKILL one and drain one mid-run, then a rolling restart; "
-                        "reports frames answered / failed / retried")
+    p.add_argument(
+        "--faults",
+        action="store_true",
+        help="instead: 3 replicas, SIGKILL one and drain one mid-run, then a rolling restart; "
+        "reports frames answered / failed / retried",
+    )
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     if args.faults:
@@ -338,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         for n in counts:
             row = measure(pool[:n], head, fp, args.edges, args.frames, args.max_inflight, args.stream)
             rows.append(row)
-            print(f"replicas {n}: {row['images_per_s']:.2f} images/s, p50 total {row['p50_total_ms']:.0f} ms, "
-                  f"per replica {row['per_replica']}, failed {row['failed']}", flush=True)
+            print(
+                f"replicas {n}: {row['images_per_s']:.2f} images/s, p50 total {row['p50_total_ms']:.0f} ms, "
+                f"per replica {row['per_replica']}, failed {row['failed']}",
+                flush=True,
+            )
     finally:
         for r in pool:
             r.stop()
@@ -347,8 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| replicas | edges x frames | images/s | x 1 replica | p50 total ms | answers per replica |")
     print("|---:|---:|---:|---:|---:|---|")
     for row in rows:
-        print(f"| {row['replicas']} | {row['edges']} x {args.frames} | {row['images_per_s']:.2f} | "
-              f"{row['images_per_s'] / base:.2f} | {row['p50_total_ms']:.0f} | {row['per_replica']} |")
+        print(
+            f"| {row['replicas']} | {row['edges']} x {args.frames} | {row['images_per_s']:.2f} | "
+            f"{row['images_per_s'] / base:.2f} | {row['p50_total_ms']:.0f} | {row['per_replica']} |"
+        )
     if args.json:
         atomic_write_text(args.json, json.dumps({"args": vars(args), "rows": rows}, indent=2))
     return 0
@@ -377,8 +456,10 @@ def main_faults(args: argparse.Namespace) -> int:
     print("|---|---:|---:|---:|---:|---:|---|---|")
     for row in rows:
         spread = ", ".join(str(v) for _, v in sorted(row["per_replica"].items()))
-        print(f"| {row['scenario']} | {row['edges']} | {row['frames']} | {row['answered']} | {row['failed']} | "
-              f"{row['retried']} | {'yes' if row['in_order'] else 'NO'} | {spread} |")
+        print(
+            f"| {row['scenario']} | {row['edges']} | {row['frames']} | {row['answered']} | {row['failed']} | "
+            f"{row['retried']} | {'yes' if row['in_order'] else 'NO'} | {spread} |"
+        )
     if args.json:
         atomic_write_text(args.json, json.dumps({"args": vars(args), "rows": rows}, indent=2))
     return 0

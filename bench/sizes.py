@@ -6,6 +6,7 @@ Prints a Markdown table: the resized and padded model input, the bottleneck shap
 bytes at 32, 16, 8, 4 and 2 bits before entropy coding (zstd shrinks these further, by how much
 depends on the weights: see ``python -m hnd.bench.codec``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,18 +28,30 @@ def size_rows(height: int = 480, width: int = 640, channels: tuple[int, ...] = C
         with torch.inference_mode():
             z, meta = head([torch.zeros(3, height, width)])
         n = z.numel()
-        rows.append({"channels": c, "resized": meta.image_sizes[0], "padded": meta.padded_size,
-                     "shape": tuple(z.shape[1:]), **{f"bytes_{b}": codec.packed_size(n, b) for b in (32, 16, 8, 4, 2)}})
+        rows.append(
+            {
+                "channels": c,
+                "resized": meta.image_sizes[0],
+                "padded": meta.padded_size,
+                "shape": tuple(z.shape[1:]),
+                **{f"bytes_{b}": codec.packed_size(n, b) for b in (32, 16, 8, 4, 2)},
+            }
+        )
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| C | resized → padded input | z (C×h×w) | float32 B | float16 B | 8-bit B | 4-bit B | 2-bit B |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| C | resized → padded input | z (C×h×w) | float32 B | float16 B | 8-bit B | 4-bit B | 2-bit B |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['channels']} | {r['resized'][0]}×{r['resized'][1]} → {r['padded'][0]}×{r['padded'][1]} | "
-            f"{'×'.join(map(str, r['shape']))} | " + " | ".join(f"{r[f'bytes_{b}']:,}" for b in (32, 16, 8, 4, 2)) + " |")
+            f"{'×'.join(map(str, r['shape']))} | "
+            + " | ".join(f"{r[f'bytes_{b}']:,}" for b in (32, 16, 8, 4, 2))
+            + " |"
+        )
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@
 ``results.json`` holds and that ``hnd.bench.report`` renders, so results.md can be remade from a stored
 results.json. Fields marked ``OMIT_NONE`` are left out of the JSON when they are None.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -117,8 +118,13 @@ class SettingSummary:
     frames: list[Sample]
 
 
-def summarize(setting: Setting, samples: list[Sample], links: list[Link], labels: list[bool] | None = None,
-              server_requests: int | None = None) -> SettingSummary:
+def summarize(
+    setting: Setting,
+    samples: list[Sample],
+    links: list[Link],
+    labels: list[bool] | None = None,
+    server_requests: int | None = None,
+) -> SettingSummary:
     """Per-setting figures: sizes, ratios, times, agreement, and latency per link.
 
     Bytes, edge times and latencies are over all frames (a frame the filter dropped counts with 0 bytes and
@@ -130,7 +136,9 @@ def summarize(setting: Setting, samples: list[Sample], links: list[Link], labels
     request = [s.request_bytes for s in samples]
     sent = [s for s in samples if not s.filtered] if not local else []
     return SettingSummary(
-        mode=setting.mode, setting=setting.name, options=setting.options_json(),
+        mode=setting.mode,
+        setting=setting.name,
+        options=setting.options_json(),
         request_bytes=_stats(request),
         payload_bytes=_stats([s.payload_bytes for s in samples]),
         response_bytes=_stats([s.response_bytes for s in samples]),
@@ -150,7 +158,9 @@ def summarize(setting: Setting, samples: list[Sample], links: list[Link], labels
         frames_sent=len(sent),
         frames_filtered=sum(1 for s in samples if s.filtered),
         server_requests=server_requests,
-        sent_only=None if local else SentOnly(
+        sent_only=None
+        if local
+        else SentOnly(
             frames=len(sent),
             request_bytes=_stats_or_none([s.request_bytes for s in sent]),
             payload_bytes=_stats_or_none([s.payload_bytes for s in sent]),
@@ -168,7 +178,8 @@ def filter_summary(setting: Setting, samples: list[Sample], labels: list[bool] |
     dropped = [s for s in samples if s.filtered]
     out = FilterSummary(
         threshold=setting.options.filter_threshold,
-        sent=len(samples) - len(dropped), filtered=len(dropped),
+        sent=len(samples) - len(dropped),
+        filtered=len(dropped),
         filtered_share=len(dropped) / len(samples) if samples else 0.0,
         probability=[s.filter_probability for s in samples],
         filtered_edge_ms=_stats_or_none([s.edge_ms for s in dropped]),
@@ -177,8 +188,15 @@ def filter_summary(setting: Setting, samples: list[Sample], labels: list[bool] |
     if labels is not None:
         for name, want in (("with_objects", True), ("empty", False)):
             mine = [s for s, label in zip(samples, labels) if label == want]
-            setattr(out, name, GroupCount(frames=len(mine), sent=sum(1 for s in mine if not s.filtered),
-                                          filtered=sum(1 for s in mine if s.filtered)))
+            setattr(
+                out,
+                name,
+                GroupCount(
+                    frames=len(mine),
+                    sent=sum(1 for s in mine if not s.filtered),
+                    filtered=sum(1 for s in mine if s.filtered),
+                ),
+            )
     return out
 
 
@@ -196,13 +214,15 @@ def wire_p50(samples: list[Sample], mbits: np.ndarray, rtt_ms: float) -> np.ndar
     """p50 over frames of the link's share alone (serialization both ways + RTT) at each bandwidth.
 
     For settings without the filter (a sent frame's link share is the same with it)."""
-    lat = np.array([[transfer_ms(s.request_bytes + s.response_bytes, float(b)) + rtt_ms for b in mbits]
-                    for s in samples])
+    lat = np.array(
+        [[transfer_ms(s.request_bytes + s.response_bytes, float(b)) + rtt_ms for b in mbits] for s in samples]
+    )
     return np.median(lat, axis=0)
 
 
-def envelopes(settings: list[Setting], samples: dict[str, list[Sample]], mbits: np.ndarray,
-              rtt_ms: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def envelopes(
+    settings: list[Setting], samples: dict[str, list[Sample]], mbits: np.ndarray, rtt_ms: float
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-setting sweep curves, and per mode the best (lowest) of its settings at each bandwidth.
 
     The best-of-mode envelopes leave the filter settings out: they answer dropped frames with nothing.

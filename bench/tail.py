@@ -9,6 +9,7 @@ batches of any size share a shape). Per option: each batch size timed ``--repeat
 (CUDA synchronised), and the detections of every photo compared with fp32's (IoU-matched F1 at IoU 0.5 and
 ``--score``, largest matched box / score difference). Option strings: ``PRECISION[+channels_last][+compile=MODE]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,16 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def run(config: str = "hnd/faster_rcnn-b3ch", device: str = "cuda", options: list[str] | None = None,
-        batches: list[int] | None = None, repeats: int = 10, frame: tuple[int, int] = (480, 640),
-        seed: int = 0, score: float = 0.5) -> dict[str, Any]:
+def run(
+    config: str = "hnd/faster_rcnn-b3ch",
+    device: str = "cuda",
+    options: list[str] | None = None,
+    batches: list[int] | None = None,
+    repeats: int = 10,
+    frame: tuple[int, int] = (480, 640),
+    seed: int = 0,
+    score: float = 0.5,
+) -> dict[str, Any]:
     import copy
 
     import cv2
@@ -76,8 +84,11 @@ def run(config: str = "hnd/faster_rcnn-b3ch", device: str = "cuda", options: lis
 
     def batch_of(b: int):
         idx = [i % len(zs) for i in range(b)]
-        meta = SplitMeta(tuple(metas[i].original_sizes[0] for i in idx), tuple(metas[i].image_sizes[0] for i in idx),
-                         metas[0].padded_size)
+        meta = SplitMeta(
+            tuple(metas[i].original_sizes[0] for i in idx),
+            tuple(metas[i].image_sizes[0] for i in idx),
+            metas[0].padded_size,
+        )
         return torch.cat([zs[i] for i in idx]), meta
 
     reference = None
@@ -97,11 +108,13 @@ def run(config: str = "hnd/faster_rcnn-b3ch", device: str = "cuda", options: lis
             reference = dets
         agree = [detection_agreement(r, d, 0.5, score) for r, d in zip(reference, dets)]
         row: dict[str, Any] = {
-            "option": opts.summary(), "f1_min": min(a["f1"] for a in agree),
+            "option": opts.summary(),
+            "f1_min": min(a["f1"] for a in agree),
             "f1_mean": float(np.mean([a["f1"] for a in agree])),
             "max_box_diff": max(a["max_box_diff"] for a in agree),
             "max_score_diff": max(a["max_score_diff"] for a in agree),
-            "reference_detections": sum(a["reference"] for a in agree), "batches": {},
+            "reference_detections": sum(a["reference"] for a in agree),
+            "batches": {},
         }
         for b in batches:
             z, meta = batch_of(b)
@@ -118,16 +131,26 @@ def run(config: str = "hnd/faster_rcnn-b3ch", device: str = "cuda", options: lis
         rows.append(row)
         print(format_row(row), flush=True)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    return {"config": config, "device": name, "torch": torch.__version__, "frame": list(frame),
-            "padded_size": list(metas[0].padded_size), "photos": len(photos), "score": score, "rows": rows}
+    return {
+        "config": config,
+        "device": name,
+        "torch": torch.__version__,
+        "frame": list(frame),
+        "padded_size": list(metas[0].padded_size),
+        "photos": len(photos),
+        "score": score,
+        "rows": rows,
+    }
 
 
 def format_row(r: dict[str, Any]) -> str:
     if "refused" in r:
         return f"{r['option']:<34} refused: {r['refused']}"
     cells = "  ".join(f"b{b} {v['ms']:.1f} ms {v['images_per_s']:.0f}/s" for b, v in r["batches"].items())
-    return (f"{r['option']:<34} F1 min {r['f1_min']:.3f} mean {r['f1_mean']:.3f}  max box {r['max_box_diff']:.3g} "
-            f"score {r['max_score_diff']:.3g}  {cells}")
+    return (
+        f"{r['option']:<34} F1 min {r['f1_min']:.3f} mean {r['f1_mean']:.3f}  max box {r['max_box_diff']:.3g} "
+        f"score {r['max_score_diff']:.3g}  {cells}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

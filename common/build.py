@@ -2,6 +2,7 @@
 
 ``hnd.common.config`` is the schema only; this module turns a ``ModelConfig`` into a module.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,13 @@ def build_architecture(model_cfg: ModelConfig) -> nn.Module:
     The filter is attached after the detector is built, so the detector's initial weights (and
     keys) are the same with or without it.
     """
-    model = build_model(model_cfg.kind, model_cfg.bottleneck_channels, model_cfg.num_classes,
-                        bottleneck_type=model_cfg.bottleneck_type, **model_cfg.params)
+    model = build_model(
+        model_cfg.kind,
+        model_cfg.bottleneck_channels,
+        model_cfg.num_classes,
+        bottleneck_type=model_cfg.bottleneck_type,
+        **model_cfg.params,
+    )
     if model_cfg.filter is not None:
         attach_filter(model, model_cfg.filter.threshold)
     return model
@@ -45,8 +51,10 @@ def build_model_from_config(model_cfg: ModelConfig, config_path: str = "<config>
     flt = model_cfg.filter
     filter_file = flt.checkpoint if flt is not None else None
     if filter_file is not None and not Path(filter_file).is_file():
-        raise ConfigError(f"{config_path}: model.filter.checkpoint {filter_file} does not exist "
-                          "(train it with hnd-train and train.method filter)")
+        raise ConfigError(
+            f"{config_path}: model.filter.checkpoint {filter_file} does not exist "
+            "(train it with hnd-train and train.method filter)"
+        )
 
     def finish(model: nn.Module) -> nn.Module:
         if filter_file is not None:
@@ -64,11 +72,16 @@ def build_model_from_config(model_cfg: ModelConfig, config_path: str = "<config>
         ckpt = load_checkpoint(model_cfg.checkpoint, model, optional=(FILTER_PREFIX,) if filter_file else ())
         if is_entropic(model) and not entropic_bottleneck_of(model).updated:
             # Tables computed here could differ from the edge's (other hardware): only a file's tables count.
-            log.warning("%s: the entropy bottleneck has no CDF tables (stage-1 checkpoint?): "
-                        "entropy coding is unavailable until hnd-train writes them", model_cfg.checkpoint)
+            log.warning(
+                "%s: the entropy bottleneck has no CDF tables (stage-1 checkpoint?): "
+                "entropy coding is unavailable until hnd-train writes them",
+                model_cfg.checkpoint,
+            )
         if flt is not None and filter_file is None and not any(k.startswith(FILTER_PREFIX) for k in ckpt["model"]):
-            raise CheckpointError(f"{model_cfg.checkpoint}: holds no neural filter weights; set "
-                                  "model.filter.checkpoint to the filter's file")
+            raise CheckpointError(
+                f"{model_cfg.checkpoint}: holds no neural filter weights; set "
+                "model.filter.checkpoint to the filter's file"
+            )
         return finish(model)
     if model_cfg.weights_url is not None:
         if flt is not None:

@@ -1,4 +1,5 @@
 """gRPC channel options shared by hnd-server and the edge's channel (so the edge never imports the server)."""
+
 from __future__ import annotations
 
 

@@ -15,6 +15,7 @@ Formats read by :func:`load_checkpoint`:
 Everything is read with ``torch.load(weights_only=True)`` and an explicit allowlist of
 the few non-tensor types the original files hold; anything else is refused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,14 @@ from torch import nn
 from hnd.common.errors import HndError
 from hnd.common.files import atomic_write
 from hnd.common.models import bottleneck_channels_of, bottleneck_type_of, model_kind
-from hnd.common.neural_filter import FILTER_FORMAT, FILTER_FORMAT_VERSION, FILTER_PREFIX, Ext4ResNet, \
-    filter_state_dict_from, is_filter_state_dict
+from hnd.common.neural_filter import (
+    FILTER_FORMAT,
+    FILTER_FORMAT_VERSION,
+    FILTER_PREFIX,
+    Ext4ResNet,
+    filter_state_dict_from,
+    is_filter_state_dict,
+)
 from hnd.common.split import head_prefixes, head_state_dict, is_head_key
 
 CHECKPOINT_FORMAT = "hnd-checkpoint"
@@ -53,8 +60,13 @@ def _numpy_globals() -> list[Any]:
     # numpy._core (numpy 2.x) for the same functions.
     from numpy._core import multiarray
 
-    pairs: list[Any] = [np.dtype, np.ndarray, type(np.dtype("float64")), type(np.dtype("float32")),
-                        type(np.dtype("int64"))]
+    pairs: list[Any] = [
+        np.dtype,
+        np.ndarray,
+        type(np.dtype("float64")),
+        type(np.dtype("float32")),
+        type(np.dtype("int64")),
+    ]
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         pairs.append((multiarray.scalar, f"{module}.scalar"))
         pairs.append((multiarray._reconstruct, f"{module}._reconstruct"))
@@ -119,14 +131,16 @@ _LEGACY_RENAMES = [
     # torchdistill / kdkit ports flatten the bottleneck encoder one level.
     (re.compile(r"^(backbone\.body\.layer1\.encoder)\.(\d+\..+)$"), r"\1.encoder.\2"),
     # Entropic Student (sc2bench) files written with CompressAI >= 1.2.7: matrices.0 -> _matrix0, ...
-    (re.compile(r"^(backbone\.body\.bottleneck_layer\.entropy_bottleneck)\.(matrices|biases|factors)\.(\d+)$"),
-     lambda m: f"{m.group(1)}.{_EB_OLD_NAMES[m.group(2)]}{m.group(3)}"),
+    (
+        re.compile(r"^(backbone\.body\.bottleneck_layer\.entropy_bottleneck)\.(matrices|biases|factors)\.(\d+)$"),
+        lambda m: f"{m.group(1)}.{_EB_OLD_NAMES[m.group(2)]}{m.group(3)}",
+    ),
 ]
 # Entropy-bottleneck buffers whose shapes come from training (empty until update()): any shape loads.
 _TABLE_KEY = re.compile(r"^backbone\.body\.bottleneck_layer\.entropy_bottleneck\._(offset|quantized_cdf|cdf_length)$")
 
 
-def upgrade_legacy_keys(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+def upgrade_legacy_keys(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """Rename torchvision-0.4.2-era and port-specific keys to the names our models use.
 
     Also strips a DataParallel ``module.`` prefix. Keys that are already current pass through.
@@ -134,7 +148,7 @@ def upgrade_legacy_keys(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in state_dict.items():
         if key.startswith("module."):
-            key = key[len("module."):]
+            key = key[len("module.") :]
         for pattern, replacement in _LEGACY_RENAMES:
             match = pattern.match(key)
             if match is None:
@@ -222,8 +236,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
     sd = model.state_dict()
     fp = fingerprint(sd)
     atomic_torch_save(
-        {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "model": sd, "fingerprint": fp,
-         "model_info": model_info(sd), **extra},
+        {
+            "format": CHECKPOINT_FORMAT,
+            "version": FORMAT_VERSION,
+            "model": sd,
+            "fingerprint": fp,
+            "model_info": model_info(sd),
+            **extra,
+        },
         path,
     )
     return fp
@@ -267,6 +287,7 @@ def _check_compatible(path: Any, sd: Mapping[str, torch.Tensor], model: nn.Modul
     have = describe_state_dict(sd)
     have_type, want_type = bottleneck_type_of_state_dict(sd), bottleneck_type_of(model)
     if have != want or have_type != want_type:
+
         def what(desc: tuple[str, int | None], btype: str | None) -> str:
             return _what(*desc).replace(" student", " Entropic Student") if btype == "entropic" else _what(*desc)
 
@@ -276,11 +297,15 @@ def _check_compatible(path: Any, sd: Mapping[str, torch.Tensor], model: nn.Modul
     missing = sorted(expected - set(sd))
     unexpected = sorted(set(sd) - set(model_sd))
     if unexpected and all(k.startswith(FILTER_PREFIX) for k in unexpected):
-        raise CheckpointError(f"{path}: holds a neural filter ({FILTER_PREFIX}*), the model has none: "
-                              "add a model.filter section to the config")
+        raise CheckpointError(
+            f"{path}: holds a neural filter ({FILTER_PREFIX}*), the model has none: "
+            "add a model.filter section to the config"
+        )
     if missing and all(k.startswith(FILTER_PREFIX) for k in missing):
-        raise CheckpointError(f"{path}: holds no neural filter weights ({FILTER_PREFIX}*); "
-                              "set model.filter.checkpoint to the filter's file")
+        raise CheckpointError(
+            f"{path}: holds no neural filter weights ({FILTER_PREFIX}*); "
+            "set model.filter.checkpoint to the filter's file"
+        )
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} missing keys, e.g. {', '.join(missing[:3])}")
     if unexpected:
@@ -292,8 +317,9 @@ def _check_compatible(path: Any, sd: Mapping[str, torch.Tensor], model: nn.Modul
             )
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = True,
-                    optional: tuple[str, ...] = ()) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module, strict: bool = True, optional: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Load a full checkpoint (ours, the original's, or a bare state dict) into ``model``.
 
     Returns the checkpoint dict (training state and metadata, ``model`` holding the
@@ -317,8 +343,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = Tr
     if stored is not None and stored != fingerprint(sd):
         raise CheckpointError(f"{path}: weights do not match the fingerprint stored in the file (corrupted?)")
     model_sd = model.state_dict()
-    usable = {k: v for k, v in sd.items()
-              if k in model_sd and (tuple(v.shape) == tuple(model_sd[k].shape) or _TABLE_KEY.match(k))}
+    usable = {
+        k: v
+        for k, v in sd.items()
+        if k in model_sd and (tuple(v.shape) == tuple(model_sd[k].shape) or _TABLE_KEY.match(k))
+    }
     model.load_state_dict(usable, strict=strict and not absent)
     return ckpt
 
@@ -355,8 +384,13 @@ def export_head(path_in: str | os.PathLike, path_out: str | os.PathLike) -> str:
     fp = fingerprint(sd)
     head_sd = OrderedDict((k, v) for k, v in sd.items() if is_head_key(k))
     atomic_torch_save(
-        {"format": HEAD_FORMAT, "version": FORMAT_VERSION, "model": head_sd, "fingerprint": fp,
-         "model_info": model_info(sd)},
+        {
+            "format": HEAD_FORMAT,
+            "version": FORMAT_VERSION,
+            "model": head_sd,
+            "fingerprint": fp,
+            "model_info": model_info(sd),
+        },
         path_out,
     )
     return fp
@@ -384,7 +418,7 @@ def load_head(path: str | os.PathLike, head: nn.Module) -> str:
     for full_key in expected:
         for s, f in head_prefixes(head).items():
             if full_key.startswith(f):
-                short[s + full_key[len(f):]] = sd[full_key]
+                short[s + full_key[len(f) :]] = sd[full_key]
                 break
     head.load_state_dict(short, strict=True)
     return full_fp
@@ -401,8 +435,17 @@ def save_filter(path: str | os.PathLike, ext: Ext4ResNet, **extra: Any) -> str:
     """
     sd = ext.state_dict()
     fp = fingerprint(sd)
-    atomic_torch_save({"format": FILTER_FORMAT, "version": FILTER_FORMAT_VERSION, "model": sd, "fingerprint": fp,
-                       "threshold": ext.threshold, **extra}, path)
+    atomic_torch_save(
+        {
+            "format": FILTER_FORMAT,
+            "version": FILTER_FORMAT_VERSION,
+            "model": sd,
+            "fingerprint": fp,
+            "threshold": ext.threshold,
+            **extra,
+        },
+        path,
+    )
     return fp
 
 
@@ -414,8 +457,9 @@ def load_filter(path: str | os.PathLike, ext: Ext4ResNet) -> dict[str, Any]:
     ckpt = read_checkpoint(path)
     sd = filter_state_dict_from(ckpt["model"])
     if not sd:
-        raise CheckpointError(f"{path}: holds no neural filter weights (no Ext4ResNet keys, with or without "
-                              f"the prefix {FILTER_PREFIX})")
+        raise CheckpointError(
+            f"{path}: holds no neural filter weights (no Ext4ResNet keys, with or without the prefix {FILTER_PREFIX})"
+        )
     expected = ext.state_dict()
     # num_batches_tracked is optional: BatchNorm fills it in when a file lacks it (older torch).
     required = {k for k in expected if not k.endswith("num_batches_tracked")}
@@ -424,12 +468,14 @@ def load_filter(path: str | os.PathLike, ext: Ext4ResNet) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} neural filter keys missing, e.g. {', '.join(missing[:3])}")
     if unexpected:
-        raise CheckpointError(f"{path}: {len(unexpected)} unexpected neural filter keys, e.g. "
-                              f"{', '.join(unexpected[:3])}")
+        raise CheckpointError(
+            f"{path}: {len(unexpected)} unexpected neural filter keys, e.g. {', '.join(unexpected[:3])}"
+        )
     for k, v in sd.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{path}: filter weight {k} has shape {tuple(v.shape)}, "
-                                  f"Ext4ResNet expects {tuple(expected[k].shape)}")
+            raise CheckpointError(
+                f"{path}: filter weight {k} has shape {tuple(v.shape)}, Ext4ResNet expects {tuple(expected[k].shape)}"
+            )
     # Check the stored fingerprint first, so a refused file leaves the filter as it was.
     stored = ckpt.get("fingerprint") if ckpt.get("format") == FILTER_FORMAT else None
     if stored is not None and stored != fingerprint(sd):

@@ -36,6 +36,7 @@ then optionally compressed with zstd.
 ``Limits`` before it decompresses or allocates anything, and decompresses with a bounded output, so a
 lying header or a zstd bomb costs nothing. Every refusal is a ``CodecError``.
 """
+
 from __future__ import annotations
 
 import math
@@ -272,7 +273,11 @@ def quantize(tensor: Any, bits: int = 8, granularity: str = "tensor") -> Quantiz
 
 
 def quantize_with(
-    x: np.ndarray, bits: int, granularity: str, scale: tuple[float, ...], zero_point: tuple[int, ...],
+    x: np.ndarray,
+    bits: int,
+    granularity: str,
+    scale: tuple[float, ...],
+    zero_point: tuple[int, ...],
     count_clamped: bool = False,
 ) -> tuple[Quantized, int]:
     """Symbols of a finite float32 array under given affine parameters; the arithmetic of ``quantize``.
@@ -292,7 +297,9 @@ def quantize_with(
         clamped = int(np.count_nonzero((v < 0) | (v > qmax) | ((s == 0) & (x != 0))))
     np.clip(v, 0, qmax, out=v)
     symbols = v.astype(np.uint8).reshape(-1)
-    return Quantized(tuple(int(d) for d in x.shape), bits, granularity, tuple(scale), tuple(zero_point), symbols), clamped
+    return Quantized(
+        tuple(int(d) for d in x.shape), bits, granularity, tuple(scale), tuple(zero_point), symbols
+    ), clamped
 
 
 def dequantize(q: Quantized) -> np.ndarray:
@@ -385,11 +392,15 @@ def _check_learned(bits: object, granularity: object, prior: Any) -> Any:
     from hnd.common.entropy_coder import PriorTables
 
     if bits != LEARNED_BITS or isinstance(bits, bool) or granularity != "channel":
-        raise CodecError(f"learned entropy coding has no affine bits: use bits=0, granularity='channel' "
-                         f"(got bits={bits!r}, granularity={granularity!r})")
+        raise CodecError(
+            f"learned entropy coding has no affine bits: use bits=0, granularity='channel' "
+            f"(got bits={bits!r}, granularity={granularity!r})"
+        )
     if not isinstance(prior, PriorTables):
-        raise CodecError("learned entropy coding needs the Entropic Student's prior tables "
-                         "(the model is not an Entropic Student, or its tables were not given)")
+        raise CodecError(
+            "learned entropy coding needs the Entropic Student's prior tables "
+            "(the model is not an Entropic Student, or its tables were not given)"
+        )
     return prior
 
 
@@ -411,30 +422,47 @@ def _encode_learned(tensor: Any, bits: int, granularity: str, prior: Any) -> Enc
         payload = entropy_coder.encode(symbols, tables)
     except entropy_coder.EntropyCodingError as e:
         raise CodecError(str(e)) from None
-    return EncodedTensor(shape=tuple(int(d) for d in symbols.shape), dtype="float32", bits=LEARNED_BITS,
-                         granularity="channel", scale=(), zero_point=(), compression=LEARNED,
-                         raw_size=4 * symbols.size, payload=payload)
+    return EncodedTensor(
+        shape=tuple(int(d) for d in symbols.shape),
+        dtype="float32",
+        bits=LEARNED_BITS,
+        granularity="channel",
+        scale=(),
+        zero_point=(),
+        compression=LEARNED,
+        raw_size=4 * symbols.size,
+        payload=payload,
+    )
 
 
 def _validate_learned(encoded: EncodedTensor, limits: Limits) -> None:
     shape = encoded.shape
     if encoded.bits != LEARNED_BITS or encoded.granularity != "channel":
-        raise CodecError(f"learned entropy coding needs bits 0 and granularity 'channel'; got bits "
-                         f"{encoded.bits!r}, granularity {encoded.granularity!r}")
-    if not isinstance(shape, tuple) or len(shape) != 4 or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise CodecError(
+            f"learned entropy coding needs bits 0 and granularity 'channel'; got bits "
+            f"{encoded.bits!r}, granularity {encoded.granularity!r}"
+        )
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) != 4
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+    ):
         raise CodecError(f"a learned-coded latent has shape [B, C, h, w] with positive dims, got {shape!r}"[:200])
     numel = math.prod(shape)
     if numel > limits.max_elements:
         raise CodecError(f"shape {shape} has {numel} elements; the limit is {limits.max_elements}")
     if encoded.raw_size != 4 * numel:
-        raise CodecError(f"raw_size {encoded.raw_size!r} does not match shape {shape} as int32 symbols ({4 * numel} bytes)")
+        raise CodecError(
+            f"raw_size {encoded.raw_size!r} does not match shape {shape} as int32 symbols ({4 * numel} bytes)"
+        )
     if encoded.scale or encoded.zero_point:
         raise CodecError("learned entropy coding takes no scale / zero point (the prior's medians are the model's)")
     if not isinstance(encoded.payload, bytes):
         raise CodecError(f"payload must be bytes, got {_describe(encoded.payload)}")
     if len(encoded.payload) > limits.max_decompressed_bytes:
-        raise CodecError(f"payload of {len(encoded.payload)} bytes exceeds the limit of {limits.max_decompressed_bytes}")
+        raise CodecError(
+            f"payload of {len(encoded.payload)} bytes exceeds the limit of {limits.max_decompressed_bytes}"
+        )
 
 
 def _decode_learned(encoded: EncodedTensor, limits: Limits, prior: Any) -> np.ndarray:
@@ -443,8 +471,13 @@ def _decode_learned(encoded: EncodedTensor, limits: Limits, prior: Any) -> np.nd
     if not isinstance(prior, entropy_coder.PriorTables):
         raise CodecError("this model takes no learned entropy coding (it is not an Entropic Student)")
     try:
-        symbols = entropy_coder.decode(encoded.payload, encoded.shape, prior, max_elements=limits.max_elements,
-                                       max_payload=limits.max_decompressed_bytes)
+        symbols = entropy_coder.decode(
+            encoded.payload,
+            encoded.shape,
+            prior,
+            max_elements=limits.max_elements,
+            max_payload=limits.max_decompressed_bytes,
+        )
     except entropy_coder.EntropyCodingError as e:
         raise CodecError(str(e)) from None
     return entropy_coder.dequantize(symbols, prior)

@@ -9,6 +9,7 @@ relative to the working directory, as in the original repository
 Weights are never silently random: a model section names a ``checkpoint`` (which must
 exist), a torchvision ``weights_url``, or ``random_weights: SEED`` explicitly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ import yaml
 from hnd.common import codec
 from hnd.common.errors import HndError
 from hnd.common.meta import BOTTLENECK_TYPES, MODEL_KINDS  # not models: configs load without torch
+
 
 def filter_threshold_problem(threshold: float) -> str | None:
     """The one rule for a neural filter threshold (config, hnd-edge, hnd-bench, the edge's modes): a
@@ -104,8 +106,9 @@ class StageConfig:
     """A second training stage's schedule (the Entropic Student's detection fine-tuning)."""
 
     epochs: int = 5
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(type="sgd", lr=1e-4, momentum=0.9,
-                                                                               weight_decay=5e-4))
+    optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(type="sgd", lr=1e-4, momentum=0.9, weight_decay=5e-4)
+    )
     scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(milestones=[3]))
     warmup_iters: int = 0
 
@@ -210,9 +213,7 @@ def _build(cls: type, data: Any, where: str, path: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"{path}: unknown key {prefix}{unknown[0]} (expected one of: {', '.join(sorted(fields))})"
-        )
+        raise ConfigError(f"{path}: unknown key {prefix}{unknown[0]} (expected one of: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, f in fields.items():
         key = f"{where}.{name}" if where else name
@@ -241,15 +242,18 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> Config:
         if cfg.model.bottleneck_channels is None:
             raise ConfigError(f"{path}: model.bottleneck_type entropic needs model.bottleneck_channels (sc2bench: 24)")
         if cfg.model.filter is not None:
-            raise ConfigError(f"{path}: model.filter: the neural filter taps the ResNet stem, which an Entropic "
-                              "Student does not have")
+            raise ConfigError(
+                f"{path}: model.filter: the neural filter taps the ResNet stem, which an Entropic Student does not have"
+            )
     if cfg.teacher is not None and cfg.teacher.filter is not None:
         raise ConfigError(f"{path}: teacher.filter: a neural filter belongs to the student (model.filter)")
     flt = cfg.model.filter
     if flt is not None:
         if cfg.model.bottleneck_channels is None:
-            raise ConfigError(f"{path}: model.filter needs a student (model.bottleneck_channels): "
-                              "the filter sits in the bottleneck encoder's slot")
+            raise ConfigError(
+                f"{path}: model.filter needs a student (model.bottleneck_channels): "
+                "the filter sits in the bottleneck encoder's slot"
+            )
         problem = filter_threshold_problem(flt.threshold)
         if problem:
             raise ConfigError(f"{path}: model.filter.threshold {problem}")
@@ -258,18 +262,26 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> Config:
     if cfg.train is not None and cfg.train.method == "entropic" and (cfg.train.stage2 is None or cfg.train.beta < 0):
         raise ConfigError(f"{path}: train.method entropic needs train.beta >= 0 and a train.stage2 section")
     if cfg.train is not None and cfg.train.method == "filter" and flt is None:
-        raise ConfigError(f"{path}: train.method filter needs a model.filter section (e.g. filter: {{threshold: 0.01}})")
-    if cfg.teacher is not None and cfg.teacher.kind != cfg.model.kind:
         raise ConfigError(
-            f"{path}: teacher.kind {cfg.teacher.kind} and model.kind {cfg.model.kind} disagree"
+            f"{path}: train.method filter needs a model.filter section (e.g. filter: {{threshold: 0.01}})"
         )
+    if cfg.teacher is not None and cfg.teacher.kind != cfg.model.kind:
+        raise ConfigError(f"{path}: teacher.kind {cfg.teacher.kind} and model.kind {cfg.model.kind} disagree")
     rt = cfg.runtime
-    if cfg.model.bottleneck_type == "entropic" and (rt.compression, rt.bits, rt.granularity) != ("learned", 0, "channel"):
-        raise ConfigError(f"{path}: runtime: an Entropic Student's bottleneck is entropy-coded against its prior: "
-                          "set runtime {bits: 0, granularity: channel, compression: learned}")
+    if cfg.model.bottleneck_type == "entropic" and (rt.compression, rt.bits, rt.granularity) != (
+        "learned",
+        0,
+        "channel",
+    ):
+        raise ConfigError(
+            f"{path}: runtime: an Entropic Student's bottleneck is entropy-coded against its prior: "
+            "set runtime {bits: 0, granularity: channel, compression: learned}"
+        )
     if cfg.model.bottleneck_type != "entropic" and (rt.compression == "learned" or rt.bits == 0):
-        raise ConfigError(f"{path}: runtime: compression learned / bits 0 is for Entropic Student models "
-                          "(model.bottleneck_type: entropic)")
+        raise ConfigError(
+            f"{path}: runtime: compression learned / bits 0 is for Entropic Student models "
+            "(model.bottleneck_type: entropic)"
+        )
     if rt.compression != codec.LEARNED:
         try:
             codec.check_mode(rt.bits, rt.granularity)
@@ -304,7 +316,9 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"{path}: no such config file (nor a bundled config of that name)")
 
 
-def with_weights(model_cfg: ModelConfig, checkpoint: str | None = None, random_weights: int | None = None) -> ModelConfig:
+def with_weights(
+    model_cfg: ModelConfig, checkpoint: str | None = None, random_weights: int | None = None
+) -> ModelConfig:
     """The model config with command-line weight options applied (they override the file's)."""
     if checkpoint is not None and random_weights is not None:
         raise ConfigError("give either --checkpoint or --random-weights, not both")

@@ -24,6 +24,7 @@ bottleneck_layer, layer2, layer3, layer4) and the FPN adds ``'pool'``. torchvisi
 ``MultiScaleRoIAlign(['0', '1', '2', '3'])`` therefore pools boxes from '1', '2', '3' only; we keep
 that, because sc2bench's checkpoints were trained (and are scored) with it.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -151,9 +152,9 @@ def pmf_to_quantized_cdf(pmf: np.ndarray, precision: int = CDF_PRECISION) -> np.
             if widths[best] <= 1:
                 raise ValueError("cannot give every symbol a nonzero frequency")
             if best < i:
-                cdf[best + 1:i + 1] -= 1
+                cdf[best + 1 : i + 1] -= 1
             else:
-                cdf[i + 1:best + 1] += 1
+                cdf[i + 1 : best + 1] += 1
     return cdf.astype(np.int32)
 
 
@@ -171,8 +172,14 @@ class EntropyBottleneck(nn.Module):
     _cdf_length: torch.Tensor
     target: torch.Tensor
 
-    def __init__(self, channels: int, tail_mass: float = 1e-9, init_scale: float = 10.0,
-                 filters: tuple[int, ...] = (3, 3, 3, 3), likelihood_bound: float = 1e-9) -> None:
+    def __init__(
+        self,
+        channels: int,
+        tail_mass: float = 1e-9,
+        init_scale: float = 10.0,
+        filters: tuple[int, ...] = (3, 3, 3, 3),
+        likelihood_bound: float = 1e-9,
+    ) -> None:
         super().__init__()
         self.channels = int(channels)
         self.filters = tuple(int(f) for f in filters)
@@ -182,7 +189,9 @@ class EntropyBottleneck(nn.Module):
         for i in range(len(self.filters) + 1):
             init = float(np.log(np.expm1(1 / scale / dims[i + 1])))
             self.register_parameter(f"_matrix{i}", nn.Parameter(torch.full((channels, dims[i + 1], dims[i]), init)))
-            self.register_parameter(f"_bias{i}", nn.Parameter(torch.empty(channels, dims[i + 1], 1).uniform_(-0.5, 0.5)))
+            self.register_parameter(
+                f"_bias{i}", nn.Parameter(torch.empty(channels, dims[i + 1], 1).uniform_(-0.5, 0.5))
+            )
             if i < len(self.filters):
                 self.register_parameter(f"_factor{i}", nn.Parameter(torch.zeros(channels, dims[i + 1], 1)))
         self.quantiles = nn.Parameter(torch.tensor([-init_scale, 0.0, init_scale]).repeat(channels, 1, 1))
@@ -350,8 +359,9 @@ class FPBottleneck(nn.Module):
 def build_entropic_backbone(channels: int = DEFAULT_CHANNELS) -> BackboneWithFPN:
     """bottleneck_layer + ResNet-50 layer2..4 (FrozenBatchNorm2d, eps 0) + FPN (256, LastLevelMaxPool)."""
     body = resnet50(weights=None, norm_layer=partial(FrozenBatchNorm2d, eps=0.0))
-    trunk = nn.Sequential(OrderedDict(
-        bottleneck_layer=FPBottleneck(channels), layer2=body.layer2, layer3=body.layer3, layer4=body.layer4))
+    trunk = nn.Sequential(
+        OrderedDict(bottleneck_layer=FPBottleneck(channels), layer2=body.layer2, layer3=body.layer3, layer4=body.layer4)
+    )
     return BackboneWithFPN(trunk, dict(RETURN_LAYERS), [256, 512, 1024, 2048], 256, extra_blocks=LastLevelMaxPool())
 
 

@@ -24,6 +24,7 @@ Decoding is bounded before it starts: the symbol count comes from the validated 
 work is at most 10 x numel symbol decodes), values beyond +-2^24 are refused, and any inconsistency,
 exhaustion or trailing data (beyond the coder's one-word read-ahead) is an :class:`EntropyCodingError`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -76,12 +77,16 @@ class PriorTables:
         offset = np.asarray(self.offset, dtype=np.int64).reshape(-1)
         medians = np.asarray(self.medians, dtype=np.float32).reshape(-1)
         if cdf.ndim != 2 or cdf.shape[0] == 0:
-            raise EntropyCodingError(f"quantized_cdf must be [C, W] with C >= 1, got {cdf.shape} "
-                                     "(an entropy bottleneck that was never update()d?)")
+            raise EntropyCodingError(
+                f"quantized_cdf must be [C, W] with C >= 1, got {cdf.shape} "
+                "(an entropy bottleneck that was never update()d?)"
+            )
         c, w = cdf.shape
         if not (len(length) == len(offset) == len(medians) == c):
-            raise EntropyCodingError(f"table sizes disagree: cdf {cdf.shape}, cdf_length {len(length)}, "
-                                     f"offset {len(offset)}, medians {len(medians)}")
+            raise EntropyCodingError(
+                f"table sizes disagree: cdf {cdf.shape}, cdf_length {len(length)}, "
+                f"offset {len(offset)}, medians {len(medians)}"
+            )
         if not np.isfinite(medians).all():
             raise EntropyCodingError("medians must be finite")
         if (length < 3).any() or (length > w).any():
@@ -124,8 +129,12 @@ class PriorTables:
             raise EntropyCodingError(f"prior tables lack {exc.args[0]!r}") from None
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"quantized_cdf": self.quantized_cdf, "cdf_length": self.cdf_length,
-                "offset": self.offset, "medians": self.medians}
+        return {
+            "quantized_cdf": self.quantized_cdf,
+            "cdf_length": self.cdf_length,
+            "offset": self.offset,
+            "medians": self.medians,
+        }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,8 +218,13 @@ def max_payload_bytes(numel: int) -> int:
     return 4 * (-(-numel * (24 + 3 + 4 * _MAX_NIBBLES) // 32) + 2) + _CRC_BYTES
 
 
-def decode(payload: bytes, shape: tuple[int, int, int, int], tables: PriorTables,
-           max_elements: int = 1 << 24, max_payload: int | None = None) -> np.ndarray:
+def decode(
+    payload: bytes,
+    shape: tuple[int, int, int, int],
+    tables: PriorTables,
+    max_elements: int = 1 << 24,
+    max_payload: int | None = None,
+) -> np.ndarray:
     """Payload bytes -> int32 symbols of ``shape`` [B, C, h, w]; bounded and checked (see the module doc).
 
     Raises EntropyCodingError on a bad shape, an oversized or malformed payload, a CRC mismatch,
@@ -235,7 +249,7 @@ def decode(payload: bytes, shape: tuple[int, int, int, int], tables: PriorTables
     if n < _CRC_BYTES or (n - _CRC_BYTES) % 4:
         raise EntropyCodingError(f"payload of {n} bytes is not whole 32-bit words plus a 4-byte CRC")
     words = np.frombuffer(bytes(payload[: n - _CRC_BYTES]), dtype="<u4").astype(np.uint32)
-    crc = int.from_bytes(bytes(payload[n - _CRC_BYTES:]), "little")
+    crc = int.from_bytes(bytes(payload[n - _CRC_BYTES :]), "little")
     out = np.empty((b, c, h * w), dtype=np.int64)
     vmax = tables.cdf_length.astype(np.int64) - 2
     try:
@@ -259,7 +273,9 @@ def decode(payload: bytes, shape: tuple[int, int, int, int], tables: PriorTables
     except EntropyCodingError:
         raise
     except Exception as exc:  # noqa: BLE001 - constriction raises AssertionError / ValueError on streams it cannot decode
-        raise EntropyCodingError(f"payload is not a valid stream for this shape and prior ({type(exc).__name__})") from None
+        raise EntropyCodingError(
+            f"payload is not a valid stream for this shape and prior ({type(exc).__name__})"
+        ) from None
     if not exhausted:
         raise EntropyCodingError("payload has data after the coded symbols")
     s = out + tables.offset.astype(np.int64)[None, :, None]

@@ -6,6 +6,7 @@ that names the thing and the problem. Each CLI catches ``USER_ERRORS`` once in `
 ``<prog>: error: <message>`` (no traceback), exit status 2; anything else is a bug and keeps its
 traceback.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Atomic file writes: a temp file in the same folder, fsync, rename. Readers never see half a file."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Plain data both sides share, without torch (the edge's ONNX path and config loading use it):
 the model kinds, and SplitMeta, the image sizes that travel with a bottleneck."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ class SplitMeta:
     def __len__(self) -> int:
         return len(self.image_sizes)
 
-    def select(self, indices: list[int]) -> "SplitMeta":
+    def select(self, indices: list[int]) -> SplitMeta:
         """Meta of the images at ``indices`` (e.g. the frames a neural filter kept); same padded size."""
         return SplitMeta(
             original_sizes=tuple(self.original_sizes[i] for i in indices),

@@ -7,6 +7,7 @@ bottleneck: an encoder that squeezes the 64-channel stem output into C channels
 order and state-dict key names follow the original code (Bottleneck4LargeResNet,
 see docs/ORIGINAL_MODELS.md section 1) so its checkpoints load.
 """
+
 from __future__ import annotations
 
 from functools import partial

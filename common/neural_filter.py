@@ -23,6 +23,7 @@ checkpoint (``torch.load(weights_only=True)`` plus the allowlist of the original
 * a full student checkpoint or head export that holds the filter under its prefix;
 * a bare state dict, with or without the prefix.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -95,8 +96,9 @@ def get_filter(model: nn.Module) -> Ext4ResNet | None:
     return ext if isinstance(ext, Ext4ResNet) else None
 
 
-def attach_filter(model: nn.Module, threshold: float = DEFAULT_THRESHOLD,
-                  module: Ext4ResNet | None = None) -> Ext4ResNet:
+def attach_filter(
+    model: nn.Module, threshold: float = DEFAULT_THRESHOLD, module: Ext4ResNet | None = None
+) -> Ext4ResNet:
     """Put an Ext4ResNet (``module`` or a freshly initialised one) at
     ``backbone.body.layer1.encoder.ext_classifier`` of a student; returns it.
 
@@ -121,15 +123,16 @@ def is_filter_state_dict(sd: Mapping[str, Any]) -> bool:
     return bool(sd) and all(k.startswith(("extractor.", "linear.")) for k in sd)
 
 
-def filter_state_dict_from(sd: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+def filter_state_dict_from(sd: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """The Ext4ResNet keys (without prefix) of a filter-only, full-model or head state dict; {} if none."""
     if is_filter_state_dict(sd):
         return OrderedDict(sd)
-    return OrderedDict((k[len(FILTER_PREFIX):], v) for k, v in sd.items() if k.startswith(FILTER_PREFIX))
+    return OrderedDict((k[len(FILTER_PREFIX) :], v) for k, v in sd.items() if k.startswith(FILTER_PREFIX))
 
 
-def empty_detections(kind: str, image_size: tuple[int, int], num_keypoints: int = 17,
-                     mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def empty_detections(
+    kind: str, image_size: tuple[int, int], num_keypoints: int = 17, mask_dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """The result of a frame with nothing detected, shaped as the model kind's normal empty result.
 
     boxes [0, 4] float32, labels [0] int64, scores [0] float32; plus masks [0, 1, H, W]

@@ -11,6 +11,7 @@ equal to its short side, e.g. 480 for 640x480) gives torch's input exactly. A re
 only where float32 rounds the sample positions differently (at most ~2e-4 in normalized units on the
 sample photos; tests/test_onnx_head.py bounds it).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -8,11 +8,20 @@ server's request validation both use them).
   each rounded up to a multiple of ``size_divisible`` (32).
 * bottleneck: the stem halves twice (Hp/4, Wp/4) and the HND encoder adds 4 (h = Hp/4 + 4).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["RESIZE_TOLERANCE", "SIZE_DIVISIBLE", "bottleneck_hw", "is_resize_of", "padded_size", "resized_size", "round_up"]
+__all__ = [
+    "RESIZE_TOLERANCE",
+    "SIZE_DIVISIBLE",
+    "bottleneck_hw",
+    "is_resize_of",
+    "padded_size",
+    "resized_size",
+    "round_up",
+]
 
 SIZE_DIVISIBLE = 32
 # Pixels a resized side may differ from the exact rule: float32 (ONNX) vs float64 (torchvision) scales.
@@ -34,8 +43,10 @@ def round_up(value: int, multiple: int = SIZE_DIVISIBLE) -> int:
 
 def padded_size(image_sizes: Sequence[Hw], size_divisible: int = SIZE_DIVISIBLE) -> Hw:
     """Padded batch (Hp, Wp) of resized images: the largest height and width, rounded up."""
-    return (round_up(max(h for h, _ in image_sizes), size_divisible),
-            round_up(max(w for _, w in image_sizes), size_divisible))
+    return (
+        round_up(max(h for h, _ in image_sizes), size_divisible),
+        round_up(max(w for _, w in image_sizes), size_divisible),
+    )
 
 
 def bottleneck_hw(padded: Hw, bottleneck_type: str = "hnd") -> Hw:

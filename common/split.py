@@ -4,6 +4,7 @@ Head = transform + stem + bottleneck encoder; Tail = bottleneck decoder + layer2
 FPN + RPN + ROI heads + postprocess. ``tail(*head(images)) == model(images)`` bit for
 bit in eval mode (tests/test_split.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,6 +37,7 @@ class FilteredBatch:
     @property
     def kept(self) -> list[int]:
         return self.keep.nonzero().flatten().tolist()
+
 
 # Head parameter names -> the full model's names (head exports and loads use the full names).
 HEAD_PREFIXES = {
@@ -181,7 +183,7 @@ class Tail(nn.Module):
         self.rpn = model.rpn
         self.roi_heads = model.roi_heads
 
-    def features(self, z: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def features(self, z: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Bottleneck -> FPN feature maps, as BackboneWithFPN would give them.
 
         HND: z [B, C, h+4, w+4]. Entropic: the latent [B, C, Hp/4 - 1, Wp/4 - 1], raw (from the head) or
@@ -258,10 +260,16 @@ def prior_tables_of(entropy_bottleneck: nn.Module):  # -> hnd.common.entropy_cod
     """PriorTables from an EntropyBottleneck's buffers (CPU numpy copies)."""
     eb = entropy_bottleneck
     if not eb.updated:
-        raise EntropyCodingError("the entropy bottleneck has no CDF tables yet: run update() "
-                                 "(hnd.common.entropic.update_entropy_tables) before coding")
-    return PriorTables(eb._quantized_cdf.cpu().numpy(), eb._cdf_length.cpu().numpy(),
-                       eb._offset.cpu().numpy(), eb.medians().cpu().numpy())
+        raise EntropyCodingError(
+            "the entropy bottleneck has no CDF tables yet: run update() "
+            "(hnd.common.entropic.update_entropy_tables) before coding"
+        )
+    return PriorTables(
+        eb._quantized_cdf.cpu().numpy(),
+        eb._cdf_length.cpu().numpy(),
+        eb._offset.cpu().numpy(),
+        eb.medians().cpu().numpy(),
+    )
 
 
 def split_model(model: nn.Module, copy_modules: bool = False) -> tuple[Head | EntropicHead, Tail]:
@@ -279,14 +287,14 @@ def split_model(model: nn.Module, copy_modules: bool = False) -> tuple[Head | En
     return head, tail
 
 
-def head_state_dict(head: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+def head_state_dict(head: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """The head's weights under the full model's key names."""
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     prefixes = head_prefixes(head)
     for key, value in head.state_dict().items():
         for short, full in prefixes.items():
             if key.startswith(short):
-                out[full + key[len(short):]] = value
+                out[full + key[len(short) :]] = value
                 break
     return out
 

@@ -26,6 +26,7 @@ and drops the reference, so a wrong reference never produces a wrong answer. Mal
 
 numpy only (no torch).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -87,8 +88,15 @@ class StreamEncoder:
     max_clamped: largest share of values a delta frame may clamp to the key's range; above it, a key frame.
     """
 
-    def __init__(self, bits: int = 8, granularity: str = "tensor", compression: str = "zstd", level: int = 3,
-                 key_interval: int = 30, max_clamped: float = 0.0) -> None:
+    def __init__(
+        self,
+        bits: int = 8,
+        granularity: str = "tensor",
+        compression: str = "zstd",
+        level: int = 3,
+        key_interval: int = 30,
+        max_clamped: float = 0.0,
+    ) -> None:
         codec._check_mode(bits, granularity)
         codec._check_compression(compression, level)
         if key_interval < 1:
@@ -141,8 +149,9 @@ class StreamEncoder:
         clamped = 0
         if not reason:
             _check_finite(x)
-            q, clamped = codec.quantize_with(x, ref.bits, ref.granularity, ref.scale, ref.zero_point,
-                                             count_clamped=True)
+            q, clamped = codec.quantize_with(
+                x, ref.bits, ref.granularity, ref.scale, ref.zero_point, count_clamped=True
+            )
             if clamped > self.max_clamped * x.size:
                 reason = "clamp"
                 self.clamp_keys += 1
@@ -169,9 +178,17 @@ class StreamEncoder:
         symbols = q.symbols if sq.kind == "key" else _difference(q.symbols, self._delta_from.symbols, q.bits)
         raw = codec._pack(symbols, q.bits)
         payload = zstandard.ZstdCompressor(level=self.level).compress(raw) if self.compression == "zstd" else raw
-        tensor_out = EncodedTensor(shape=q.shape, dtype="float32", bits=q.bits, granularity=q.granularity,
-                                   scale=q.scale, zero_point=q.zero_point, compression=self.compression,
-                                   raw_size=len(raw), payload=payload)
+        tensor_out = EncodedTensor(
+            shape=q.shape,
+            dtype="float32",
+            bits=q.bits,
+            granularity=q.granularity,
+            scale=q.scale,
+            zero_point=q.zero_point,
+            compression=self.compression,
+            raw_size=len(raw),
+            payload=payload,
+        )
         return StreamFrame(sq.kind, sq.key_sequence, sq.sequence, tensor_out, sq.clamped)
 
 
@@ -241,9 +258,13 @@ class StreamDecoder:
         if frame.key_sequence != ref.key_sequence or frame.sequence != ref.sequence + 1:
             raise KeyFrameRequired(
                 f"delta frame {frame.sequence} of key {frame.key_sequence} does not follow frame {ref.sequence} "
-                f"of key {ref.key_sequence}")
-        if (t.shape, t.bits, t.granularity) != (rq.shape, rq.bits, rq.granularity) or \
-                tuple(t.scale) != rq.scale or tuple(t.zero_point) != rq.zero_point:
+                f"of key {ref.key_sequence}"
+            )
+        if (
+            (t.shape, t.bits, t.granularity) != (rq.shape, rq.bits, rq.granularity)
+            or tuple(t.scale) != rq.scale
+            or tuple(t.zero_point) != rq.zero_point
+        ):
             raise KeyFrameRequired(f"delta frame {frame.sequence} has another shape or quantization than its key")
         diff = codec._unpack(codec._decompress(t), t.bits, t.numel)
         symbols = _add(rq.symbols, diff, t.bits)

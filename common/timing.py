@@ -3,6 +3,7 @@
 Durations are always differences of ``time.perf_counter_ns()`` taken on the same host;
 nothing here subtracts clocks of two machines (README, invariant 6).
 """
+
 from __future__ import annotations
 
 import time

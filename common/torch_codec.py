@@ -4,6 +4,7 @@ A thin wrapper, no second implementation: encoding a tensor and encoding its ``.
 same bytes, and every result here is ``torch.from_numpy`` of the numpy codec's result. The server,
 evaluation and the torch head use it; the edge's ONNX path uses ``hnd.common.codec`` directly.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -19,6 +19,7 @@ into frames on the server, one decoder per stream, and trusts nothing:
 Every refusal is a ``VideoError``; after one, the decoder is reset and waits for a key frame.
 numpy only (no torch): the edge's ONNX path uses it too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -233,12 +234,16 @@ class VideoDecoder:
             frames = self._ctx.decode(av.Packet(bytes(data)))
         except Exception as exc:  # noqa: BLE001 - FFmpeg errors come as several av.error types
             self.reset()
-            raise VideoError(f"cannot decode {self.format} packet (damaged, or a picture over {self.max_pixels} "
-                             f"pixels): {_short(exc)}") from None
+            raise VideoError(
+                f"cannot decode {self.format} packet (damaged, or a picture over {self.max_pixels} "
+                f"pixels): {_short(exc)}"
+            ) from None
         if len(frames) != 1:
             self.reset()
-            raise VideoError(f"{self.format} packet held {len(frames)} frames; expected exactly 1 "
-                             "(one access unit per request, no B-frames)")
+            raise VideoError(
+                f"{self.format} packet held {len(frames)} frames; expected exactly 1 "
+                "(one access unit per request, no B-frames)"
+            )
         frame = frames[0]
         if frame.is_corrupt:
             self.reset()

@@ -7,10 +7,12 @@ and come back bit for bit.
 numpy only, no torch (the edge's ONNX path imports this): detections go out from numpy arrays or
 torch tensors (read with ``.numpy()``) and come back as numpy arrays.
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -39,8 +41,11 @@ GRANULARITY_TO_PROTO = {
     "channel": tensor_pb2.GRANULARITY_CHANNEL,
     "original": tensor_pb2.GRANULARITY_ORIGINAL,
 }
-COMPRESSION_TO_PROTO = {"none": tensor_pb2.COMPRESSION_NONE, "zstd": tensor_pb2.COMPRESSION_ZSTD,
-                        "learned": tensor_pb2.COMPRESSION_LEARNED}
+COMPRESSION_TO_PROTO = {
+    "none": tensor_pb2.COMPRESSION_NONE,
+    "zstd": tensor_pb2.COMPRESSION_ZSTD,
+    "learned": tensor_pb2.COMPRESSION_LEARNED,
+}
 _DTYPE_TO_PROTO = {"float32": tensor_pb2.DTYPE_FLOAT32}
 _GRANULARITY_FROM_PROTO = {v: k for k, v in GRANULARITY_TO_PROTO.items()}
 _COMPRESSION_FROM_PROTO = {v: k for k, v in COMPRESSION_TO_PROTO.items()}
@@ -118,8 +123,7 @@ def meta_from_proto(msg: pb.SplitMeta) -> SplitMeta:
     n = len(msg.image_sizes)
     if n == 0 or len(msg.original_sizes) != n:
         raise CodecError(
-            f"split meta needs one original and one resized size per image; "
-            f"got {len(msg.original_sizes)} and {n}"
+            f"split meta needs one original and one resized size per image; got {len(msg.original_sizes)} and {n}"
         )
     originals = tuple(_hw(s, "original_sizes") for s in msg.original_sizes)
     resized = tuple(_hw(s, "image_sizes") for s in msg.image_sizes)
@@ -333,8 +337,9 @@ _STREAM_FRAME_FROM_PROTO = {v: k for k, v in STREAM_FRAME_TO_PROTO.items()}
 
 def stream_frame_to_proto(kind: str, key_sequence: int, sequence: int) -> pb.StreamFrame:
     """("key" | "delta", key sequence, sequence) -> hnd.v1.StreamFrame."""
-    return pb.StreamFrame(type=_lookup(STREAM_FRAME_TO_PROTO, kind, "stream frame type"),
-                          key_sequence=key_sequence, sequence=sequence)
+    return pb.StreamFrame(
+        type=_lookup(STREAM_FRAME_TO_PROTO, kind, "stream frame type"), key_sequence=key_sequence, sequence=sequence
+    )
 
 
 def stream_frame_from_proto(msg: pb.StreamFrame) -> tuple[str, int, int]:

@@ -4,6 +4,7 @@ A live source (a camera, or a video paced at its own frame rate to stand in for 
 runs a capture thread that keeps only the newest frame: when the pipeline is slower
 than the camera, stale frames are dropped and counted instead of queueing up latency.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,8 +74,13 @@ def _read_start() -> tuple[int, float]:
     return time.perf_counter_ns(), time.time()
 
 
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 def _not_regular(mode: int) -> str | None:
@@ -147,8 +153,11 @@ class ImageFiles(FrameSource):
                 log.warning("%s: skipped: %s, not a regular file", path, kind)
                 self.skipped.append(path)
         if not kept:
-            raise SourceError(f"{pattern}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
-                              + (f"; skipped {len(self.skipped)} non-regular files" if self.skipped else "") + ")")
+            raise SourceError(
+                f"{pattern}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
+                + (f"; skipped {len(self.skipped)} non-regular files" if self.skipped else "")
+                + ")"
+            )
         self.paths = kept[:max_frames] if max_frames else kept
         self.name = pattern
 
@@ -227,9 +236,15 @@ class LiveCapture(FrameSource):
     raises :class:`SourceLost` naming it (hnd-edge exits with code 3). A video file ends at its end.
     """
 
-    def __init__(self, target: int | str, max_frames: int | None = None, pace_fps: float | None = None,
-                 lost_after_s: float = 60.0, opener: Callable[[int | str], cv2.VideoCapture] | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        target: int | str,
+        max_frames: int | None = None,
+        pace_fps: float | None = None,
+        lost_after_s: float = 60.0,
+        opener: Callable[[int | str], cv2.VideoCapture] | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         self.opener = opener or _open_capture
         self.cap = self.opener(target)
         self.target = target
@@ -263,8 +278,10 @@ class LiveCapture(FrameSource):
 
     def _recover(self) -> bool:
         """The source stopped delivering: reopen with backoff until it does, or until lost_after_s."""
-        self.warn(f"{self.what}: no frame (unplugged or stalled?); reopening, giving up after "
-                  f"{self.lost_after_s:g} s without frames")
+        self.warn(
+            f"{self.what}: no frame (unplugged or stalled?); reopening, giving up after "
+            f"{self.lost_after_s:g} s without frames"
+        )
         delay = 0.5
         while not self._stop.is_set():
             if time.monotonic() - self.last_frame_at >= self.lost_after_s:
@@ -326,8 +343,9 @@ class LiveCapture(FrameSource):
                         self._cond.wait(0.5)
                         if self.retries and time.monotonic() - self.last_frame_at >= self.lost_after_s + 5.0:
                             # read() itself hangs (it never returned to let the reader give up)
-                            self.lost = self.lost or (f"{self.what}: no frames for {self.lost_after_s:g} s "
-                                                      "(read hangs); giving up")
+                            self.lost = self.lost or (
+                                f"{self.what}: no frames for {self.lost_after_s:g} s (read hangs); giving up"
+                            )
                             self._ended = True
                     if self._latest is None:
                         if self.lost is not None:

@@ -14,6 +14,7 @@ With a neural filter in the config (``model.filter``) the edge skips frames whos
 holding anything to detect is below ``--filter-threshold`` (default: the config's threshold);
 ``--no-filter`` sends every frame.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,19 +54,32 @@ DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Run the edge half of a split R-CNN and stream to hnd-server.")
-    p.add_argument("--server", default="127.0.0.1:50051",
-                   help="hnd-server address HOST:PORT, or a gRPC target for several replicas: "
-                        "dns:///hnd-server.NAMESPACE.svc.cluster.local:50051 (a Kubernetes headless Service), "
-                        "ipv4:10.0.0.5:50051,10.0.0.6:50051")
-    p.add_argument("--lb", default="round_robin", choices=LB_POLICIES,
-                   help="gRPC load balancing over the replicas the target resolves to (default round_robin: "
-                        "per request, skipping replicas whose health is NOT_SERVING; pick_first: one replica "
-                        "at a time, the next when it goes away)")
-    p.add_argument("--max-attempts", type=int, default=3, metavar="N",
-                   help="sends per frame when a replica fails UNAVAILABLE (dies, drains); gRPC's retry "
-                        "policy and the edge's resend, each bounded by N (1-5) and the request deadline")
-    p.add_argument("--tls-server-name", metavar="NAME",
-                   help="name to check in the server certificate instead of the --server host")
+    p.add_argument(
+        "--server",
+        default="127.0.0.1:50051",
+        help="hnd-server address HOST:PORT, or a gRPC target for several replicas: "
+        "dns:///hnd-server.NAMESPACE.svc.cluster.local:50051 (a Kubernetes headless Service), "
+        "ipv4:10.0.0.5:50051,10.0.0.6:50051",
+    )
+    p.add_argument(
+        "--lb",
+        default="round_robin",
+        choices=LB_POLICIES,
+        help="gRPC load balancing over the replicas the target resolves to (default round_robin: "
+        "per request, skipping replicas whose health is NOT_SERVING; pick_first: one replica "
+        "at a time, the next when it goes away)",
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=3,
+        metavar="N",
+        help="sends per frame when a replica fails UNAVAILABLE (dies, drains); gRPC's retry "
+        "policy and the edge's resend, each bounded by N (1-5) and the request deadline",
+    )
+    p.add_argument(
+        "--tls-server-name", metavar="NAME", help="name to check in the server certificate instead of the --server host"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--camera", type=int, metavar="N", help="live camera index (latest frame, stale ones dropped)")
     src.add_argument("--video", metavar="FILE", help="video file (every frame, in order)")
@@ -74,24 +88,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config or bundled name (default {DEFAULT_CONFIG})")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--checkpoint", help="full student checkpoint")
-    w.add_argument("--head", help="head-only export (hnd-export-head): torch weights, or .onnx for ONNX Runtime "
-                                  "(no torch); the edge never holds the tail")
+    w.add_argument(
+        "--head",
+        help="head-only export (hnd-export-head): torch weights, or .onnx for ONNX Runtime "
+        "(no torch); the edge never holds the tail",
+    )
     w.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights (demos, tests)")
     p.add_argument("--mode", default="split", choices=("split", "offload", "local"))
-    p.add_argument("--bits", type=int, default=None, choices=(codec.LEARNED_BITS, *codec.BITS),
-                   help="bottleneck bits (default: config; 0 with --compression learned for Entropic Students)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        default=None,
+        choices=(codec.LEARNED_BITS, *codec.BITS),
+        help="bottleneck bits (default: config; 0 with --compression learned for Entropic Students)",
+    )
     p.add_argument("--granularity", default=None, choices=codec.GRANULARITIES)
     p.add_argument("--compression", default=None, choices=codec.ALL_COMPRESSIONS)
-    p.add_argument("--image-format", default="jpeg", choices=("jpeg", "png", "webp", "h264", "hevc"),
-                   help="offload mode's frame format; h264 / hevc: a low-latency video stream on InferStream")
+    p.add_argument(
+        "--image-format",
+        default="jpeg",
+        choices=("jpeg", "png", "webp", "h264", "hevc"),
+        help="offload mode's frame format; h264 / hevc: a low-latency video stream on InferStream",
+    )
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--webp-quality", type=int, default=80)
     t = p.add_argument_group("temporal coding on InferStream (implies --stream; hnd.edge.streaming)")
-    t.add_argument("--key-interval", type=int, default=1, metavar="N",
-                   help="split: a key frame every N frames, deltas between (default 1: every frame intra)")
-    t.add_argument("--max-clamped", type=float, default=0.001, metavar="F",
-                   help="split: a key frame as soon as more than this share of values would clamp to the key's "
-                        "range (default 0.001)")
+    t.add_argument(
+        "--key-interval",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split: a key frame every N frames, deltas between (default 1: every frame intra)",
+    )
+    t.add_argument(
+        "--max-clamped",
+        type=float,
+        default=0.001,
+        metavar="F",
+        help="split: a key frame as soon as more than this share of values would clamp to the key's "
+        "range (default 0.001)",
+    )
     t.add_argument("--crf", type=float, default=23.0, help="h264 / hevc: constant rate factor (default 23)")
     t.add_argument("--bitrate", type=int, default=None, metavar="BPS", help="h264 / hevc: target bit/s instead of CRF")
     t.add_argument("--gop", type=int, default=30, help="h264 / hevc: key frame interval in frames (default 30)")
@@ -100,53 +136,105 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="use the bidirectional InferStream instead of unary calls")
     p.add_argument("--score-threshold", type=float, default=None, help="server drops detections below this")
     f = p.add_mutually_exclusive_group()
-    f.add_argument("--filter-threshold", type=float, default=None, metavar="T",
-                   help="neural filter: do not send frames whose probability of holding anything is below T "
-                        "(default: the config's model.filter.threshold; needs a model.filter section)")
+    f.add_argument(
+        "--filter-threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="neural filter: do not send frames whose probability of holding anything is below T "
+        "(default: the config's model.filter.threshold; needs a model.filter section)",
+    )
     f.add_argument("--no-filter", action="store_true", help="send every frame even when the model has a filter")
-    p.add_argument("--output", metavar="JSONL",
-                   help="per-frame records, appended and flushed record by record (an existing file is appended to)")
-    p.add_argument("--output-rotate", metavar="SIZE|DURATION",
-                   help="rotate --output by size (100MB) to FILE.1..N or by time (1h, 1d) to FILE.<date>")
+    p.add_argument(
+        "--output",
+        metavar="JSONL",
+        help="per-frame records, appended and flushed record by record (an existing file is appended to)",
+    )
+    p.add_argument(
+        "--output-rotate",
+        metavar="SIZE|DURATION",
+        help="rotate --output by size (100MB) to FILE.1..N or by time (1h, 1d) to FILE.<date>",
+    )
     p.add_argument("--output-keep", type=int, default=10, metavar="N", help="rotated record files kept (default 10)")
-    p.add_argument("--on-write-error", default="continue", choices=("continue", "stop"),
-                   help="when --output cannot be written (disk full...): go on and count lost records (default), "
-                        "or stop cleanly with exit code 4")
+    p.add_argument(
+        "--on-write-error",
+        default="continue",
+        choices=("continue", "stop"),
+        help="when --output cannot be written (disk full...): go on and count lost records (default), "
+        "or stop cleanly with exit code 4",
+    )
     p.add_argument("--summary-json", metavar="FILE", help="write the closing summary as JSON")
     p.add_argument("--save-video", metavar="MP4", help="frames with the detections drawn on them")
-    p.add_argument("--video-segment", metavar="DURATION", default=None,
-                   help="cut --save-video into segments of this long (10m, 1h): STEM-<UTC time>.mp4 each")
+    p.add_argument(
+        "--video-segment",
+        metavar="DURATION",
+        default=None,
+        help="cut --save-video into segments of this long (10m, 1h): STEM-<UTC time>.mp4 each",
+    )
     p.add_argument("--video-keep", type=int, default=None, metavar="N", help="video segments kept (default: all)")
-    p.add_argument("--stats-interval", type=float, default=None, metavar="S",
-                   help="every S seconds, write the last window's figures as one JSON line")
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="every S seconds, write the last window's figures as one JSON line",
+    )
     p.add_argument("--stats-file", default="-", metavar="FILE", help="where --stats-interval lines go (default stdout)")
-    p.add_argument("--window", type=float, default=10.0, metavar="S",
-                   help="seconds of the sliding window behind the status line and stats lines (default 10)")
+    p.add_argument(
+        "--window",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds of the sliding window behind the status line and stats lines (default 10)",
+    )
     p.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
-    p.add_argument("--view-port", type=int, default=None, metavar="PORT",
-                   help="serve a live view (annotated stream, charts) at http://127.0.0.1:PORT/")
+    p.add_argument(
+        "--view-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve a live view (annotated stream, charts) at http://127.0.0.1:PORT/",
+    )
     p.add_argument("--view-host", default="127.0.0.1", help="address for --view-port (default 127.0.0.1)")
-    p.add_argument("--source-timeout", type=float, default=60.0, metavar="S",
-                   help="a live camera/stream that delivers no frame for S seconds (retried meanwhile) ends the "
-                        "run with exit code 3 (default 60)")
+    p.add_argument(
+        "--source-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="a live camera/stream that delivers no frame for S seconds (retried meanwhile) ends the "
+        "run with exit code 3 (default 60)",
+    )
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--timeout", type=float, default=None, help="per-request deadline in seconds")
-    p.add_argument("--give-up-after", type=float, default=None, metavar="S",
-                   help=f"end the run (exit {EXIT_SERVER_GONE}) once the server has been unreachable for S seconds "
-                        "since its last answer, every frame so far recorded (default: "
-                        f"{DEFAULT_GIVE_UP_S:g} for files; a live camera waits for its server; 0: never give up)")
+    p.add_argument(
+        "--give-up-after",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"end the run (exit {EXIT_SERVER_GONE}) once the server has been unreachable for S seconds "
+        "since its last answer, every frame so far recorded (default: "
+        f"{DEFAULT_GIVE_UP_S:g} for files; a live camera waits for its server; 0: never give up)",
+    )
     p.add_argument("--tls-ca", help="CA certificate (PEM) of the server: use TLS")
     p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
     p.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
     p.add_argument("--token-file", help="file holding the bearer token")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--log-level", default="WARNING")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of the head: torch's, or ONNX Runtime's intra-op threads (default: theirs)")
-    p.add_argument("--ort-provider", action="append", metavar="NAME",
-                   help="ONNX Runtime execution provider for an .onnx head, in priority order (repeat it; "
-                        "CPUExecutionProvider is always the fallback), e.g. CUDAExecutionProvider")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of the head: torch's, or ONNX Runtime's intra-op threads (default: theirs)",
+    )
+    p.add_argument(
+        "--ort-provider",
+        action="append",
+        metavar="NAME",
+        help="ONNX Runtime execution provider for an .onnx head, in priority order (repeat it; "
+        "CPUExecutionProvider is always the fallback), e.g. CUDAExecutionProvider",
+    )
     p.add_argument("--min-size", type=int, default=None, help="resize the short side to this (default: the model's)")
     p.add_argument("--max-size", type=int, default=None, help="cap on the long side (default: the model's)")
     return p
@@ -165,10 +253,17 @@ def ort_providers(names: list[str] | None) -> list[str]:
     return names + ([] if "CPUExecutionProvider" in names else ["CPUExecutionProvider"])
 
 
-def load_edge_model(cfg: Config, mode: str, checkpoint: str | None = None, head_path: str | None = None,
-                    random_weights: int | None = None, providers: list[str] | None = None,
-                    threads: int | None = None, min_size: int | None = None,
-                    max_size: int | None = None) -> EdgeModel:
+def load_edge_model(
+    cfg: Config,
+    mode: str,
+    checkpoint: str | None = None,
+    head_path: str | None = None,
+    random_weights: int | None = None,
+    providers: list[str] | None = None,
+    threads: int | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
+) -> EdgeModel:
     """What the edge runs: the head (split), the full model (local) or nothing (offload).
 
     An ``.onnx`` head runs on ONNX Runtime and needs no torch; everything else imports torch here.
@@ -252,7 +347,9 @@ def run_edge(args: argparse.Namespace) -> Summary:
         webp_quality=args.webp_quality,
         max_inflight=args.max_inflight or rt.max_inflight,
         # key / delta frames and video need a stream session on the server
-        stream=args.stream or args.key_interval > 1 or (args.mode == "offload" and args.image_format in ("h264", "hevc")),
+        stream=args.stream
+        or args.key_interval > 1
+        or (args.mode == "offload" and args.image_format in ("h264", "hevc")),
         key_interval=args.key_interval,
         max_clamped=args.max_clamped,
         crf=args.crf,
@@ -265,35 +362,56 @@ def run_edge(args: argparse.Namespace) -> Summary:
     if args.key_interval < 1 or args.gop < 1 or not 0.0 <= args.max_clamped <= 1.0:
         raise ConfigError("--key-interval and --gop must be >= 1, --max-clamped in [0, 1]")
     if args.key_interval > 1 and args.mode != "split":
-        raise ConfigError("--key-interval: temporal coding of the bottleneck is for split mode "
-                          "(offload video: --image-format h264 --gop N)")
+        raise ConfigError(
+            "--key-interval: temporal coding of the bottleneck is for split mode "
+            "(offload video: --image-format h264 --gop N)"
+        )
     if options.granularity == "original":
         try:
             codec.check_mode(options.bits, options.granularity)
         except codec.CodecError as exc:
             raise ConfigError(f"--granularity original: {exc}; use --bits 8") from None
     options.filter_threshold = filter_threshold(cfg, args)
-    source = open_source(args.camera, args.video, args.images, args.max_frames, live=args.live,
-                         lost_after_s=args.source_timeout)
+    source = open_source(
+        args.camera, args.video, args.images, args.max_frames, live=args.live, lost_after_s=args.source_timeout
+    )
     give_up = args.give_up_after
     if give_up is not None and give_up < 0:
         raise ConfigError(f"--give-up-after must be >= 0 seconds (0: never), got {give_up:g}")
     if give_up is None:  # files end after a while; a live camera keeps capturing and waits for its server
         give_up = None if isinstance(source, LiveCapture) else DEFAULT_GIVE_UP_S
     options.give_up_after_s = give_up if give_up else None
-    em = load_edge_model(cfg, args.mode, args.checkpoint, args.head, args.random_weights,
-                         args.ort_provider, args.threads, args.min_size, args.max_size)
+    em = load_edge_model(
+        cfg,
+        args.mode,
+        args.checkpoint,
+        args.head,
+        args.random_weights,
+        args.ort_provider,
+        args.threads,
+        args.min_size,
+        args.max_size,
+    )
     client = None
     if args.mode != "local":
         token = Path(args.token_file).read_text().strip() if args.token_file else None
-        client = SplitClient(ClientSettings(
-            target=args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token,
-            max_message_bytes=rt.max_message_bytes, timeout_s=args.timeout or rt.deadline_s,
-            lb=args.lb, max_attempts=args.max_attempts, tls_server_name=args.tls_server_name,
-            # A live source waits for a server that went away as long as it takes (capturing meanwhile);
-            # files keep the bounded wait.
-            reconnect_timeout_s=None if isinstance(source, LiveCapture) else 30.0,
-        ))
+        client = SplitClient(
+            ClientSettings(
+                target=args.server,
+                tls_ca=args.tls_ca,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                token=token,
+                max_message_bytes=rt.max_message_bytes,
+                timeout_s=args.timeout or rt.deadline_s,
+                lb=args.lb,
+                max_attempts=args.max_attempts,
+                tls_server_name=args.tls_server_name,
+                # A live source waits for a server that went away as long as it takes (capturing meanwhile);
+                # files keep the bounded wait.
+                reconnect_timeout_s=None if isinstance(source, LiveCapture) else 30.0,
+            )
+        )
     mode = make_mode(options, em.head, em.fingerprint, em.model)
     if client is not None:
         info = client.model_info()
@@ -308,19 +426,26 @@ def run_edge(args: argparse.Namespace) -> Summary:
     _current_runner = runner
     writer = None
     if args.output:
-        writer = RecordWriter(args.output, rotate=args.output_rotate, keep=args.output_keep,
-                              on_error=args.on_write_error)
+        writer = RecordWriter(
+            args.output, rotate=args.output_rotate, keep=args.output_keep, on_error=args.on_write_error
+        )
         if writer.appended_to:
             print(f"{PROG}: appending to {args.output} ({writer.appended_to:,} bytes already there)", file=sys.stderr)
-    video = VideoSink(args.save_video, segment_s=parse_duration(args.video_segment, "--video-segment"),
-                      keep=args.video_keep) if args.save_video else None
+    video = (
+        VideoSink(
+            args.save_video, segment_s=parse_duration(args.video_segment, "--video-segment"), keep=args.video_keep
+        )
+        if args.save_video
+        else None
+    )
     live = make_live_stats(args, runner, client, source, writer)
     view = None
     if args.view_port is not None:
         from hnd.edge.view import LiveView  # tornado only when asked for
 
-        view = LiveView(args.view_port, args.view_host,
-                        min_score=args.score_threshold if args.score_threshold is not None else 0.5)
+        view = LiveView(
+            args.view_port, args.view_host, min_score=args.score_threshold if args.score_threshold is not None else 0.5
+        )
         live.listeners.append(view.window)
         print(f"{PROG}: live view on {view.url}", file=sys.stderr)
 
@@ -369,7 +494,7 @@ _current_runner: EdgeRunner | None = None  # the run in progress, for SIGUSR1
 
 
 def parse_duration(value: str | None, flag: str) -> float | None:
-    """"90", "90s", "10m", "1h", "1d" -> seconds (None stays None)."""
+    """ "90", "90s", "10m", "1h", "1d" -> seconds (None stays None)."""
     if value is None:
         return None
     try:
@@ -381,16 +506,24 @@ def parse_duration(value: str | None, flag: str) -> float | None:
     return float(seconds)
 
 
-def make_live_stats(args: argparse.Namespace, runner: EdgeRunner, client: SplitClient | None, source: FrameSource,
-                    writer: RecordWriter | None) -> LiveStats:
+def make_live_stats(
+    args: argparse.Namespace,
+    runner: EdgeRunner,
+    client: SplitClient | None,
+    source: FrameSource,
+    writer: RecordWriter | None,
+) -> LiveStats:
     """The status line (tqdm postfix on a terminal), --stats-interval lines and --metrics-port of this run."""
 
     def counters() -> dict[str, Any]:
         s = runner.summary
         waiting = client.waiting_since if client is not None else None
         return {
-            "frames": s.frames if s else 0, "answered": s.answered if s else 0, "failed": s.failed if s else 0,
-            "dropped": getattr(source, "dropped", 0), "reconnects": client.reconnects if client is not None else 0,
+            "frames": s.frames if s else 0,
+            "answered": s.answered if s else 0,
+            "failed": s.failed if s else 0,
+            "dropped": getattr(source, "dropped", 0),
+            "reconnects": client.reconnects if client is not None else 0,
             "records_lost": writer.lost if writer is not None else 0,
             "waiting_s": time.monotonic() - waiting if waiting is not None else None,
             "source_stalled_s": getattr(source, "stalled_s", 0.0) or None,
@@ -408,8 +541,14 @@ def make_live_stats(args: argparse.Namespace, runner: EdgeRunner, client: SplitC
         metrics = EdgeMetrics()
         metrics.serve(args.metrics_port, args.metrics_host)
     try:
-        return LiveStats(counters, window_s=args.window, stats_interval_s=args.stats_interval, stats_out=stats_out,
-                         status=status, metrics=metrics)
+        return LiveStats(
+            counters,
+            window_s=args.window,
+            stats_interval_s=args.stats_interval,
+            stats_out=stats_out,
+            status=status,
+            metrics=metrics,
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

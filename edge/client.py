@@ -8,6 +8,7 @@ client-side health checking (a draining replica, NOT_SERVING, gets no new calls)
 policy (a unary call that failed UNAVAILABLE before any answer is sent again, to another replica).
 Every answer names its replica and weights (server metadata); an answer from a replica with other
 weights stops the edge (WeightsMismatch)."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -56,12 +57,16 @@ def check_target(target: str) -> str:
             raise EdgeError(f"--server {target}: no address after '{scheme}:'")
         return target
     if "://" in target:
-        raise EdgeError(f"--server {target}: unknown scheme (gRPC targets: {', '.join(TARGET_SCHEMES)}; "
-                        "e.g. dns:///hnd-server.hnd.svc:50051)")
+        raise EdgeError(
+            f"--server {target}: unknown scheme (gRPC targets: {', '.join(TARGET_SCHEMES)}; "
+            "e.g. dns:///hnd-server.hnd.svc:50051)"
+        )
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise EdgeError(f"--server {target}: expected HOST:PORT or a gRPC target such as "
-                        "dns:///hnd-server.hnd.svc:50051 or ipv4:10.0.0.5:50051,10.0.0.6:50051")
+        raise EdgeError(
+            f"--server {target}: expected HOST:PORT or a gRPC target such as "
+            "dns:///hnd-server.hnd.svc:50051 or ipv4:10.0.0.5:50051,10.0.0.6:50051"
+        )
     return target
 
 
@@ -84,11 +89,21 @@ def service_config(lb: str = "round_robin", max_attempts: int = 3) -> str:
         "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
     }
     if max_attempts > 1:
-        config["methodConfig"] = [{
-            "name": [{"service": SERVICE_NAME, "method": "Infer"}, {"service": SERVICE_NAME, "method": "GetModelInfo"}],
-            "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.05s", "maxBackoff": "1s",
-                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-        }]
+        config["methodConfig"] = [
+            {
+                "name": [
+                    {"service": SERVICE_NAME, "method": "Infer"},
+                    {"service": SERVICE_NAME, "method": "GetModelInfo"},
+                ],
+                "retryPolicy": {
+                    "maxAttempts": max_attempts,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
     return json.dumps(config)
 
 
@@ -164,12 +179,15 @@ class SplitClient:
         """GetModelInfo, waiting up to connect_timeout_s for the server to come up."""
         try:
             info, call = self.stub.GetModelInfo.with_call(
-                pb.ModelInfoRequest(), timeout=self.settings.connect_timeout_s, metadata=self.metadata,
+                pb.ModelInfoRequest(),
+                timeout=self.settings.connect_timeout_s,
+                metadata=self.metadata,
                 wait_for_ready=True,
             )
             self.info_replica = metadata_of(call).get(REPLICA_KEY, "")  # which replica answered
             return info
         except grpc.RpcError as exc:
+
             def probe() -> None:  # the same call, failing fast with the transport's reason
                 self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=3, metadata=self.metadata)
 
@@ -207,9 +225,11 @@ class SplitClient:
             raise WeightsMismatch(self.mismatch_message(md.get(REPLICA_KEY, "?"), weights))
 
     def mismatch_message(self, replica: str, weights: str) -> str:
-        return (f"replica {replica} behind {self.settings.target} serves other weights "
-                f"(fingerprint {weights[:16]}..., this edge {(self.expected_fingerprint or '?')[:16]}...): "
-                "all replicas must load the same checkpoint")
+        return (
+            f"replica {replica} behind {self.settings.target} serves other weights "
+            f"(fingerprint {weights[:16]}..., this edge {(self.expected_fingerprint or '?')[:16]}...): "
+            "all replicas must load the same checkpoint"
+        )
 
     def reconnect(self, timeout_s: float | None = None) -> bool:
         """Wait, with exponential backoff (0.1 s doubling up to 5 s), until the server answers again.
@@ -221,8 +241,11 @@ class SplitClient:
         timeout = self.settings.reconnect_timeout_s if timeout_s is None else timeout_s
         start = time.monotonic()
         self.waiting_since = start
-        log.warning("%s: server unavailable; waiting for it (%s)", self.settings.target,
-                    "no time limit" if timeout is None else f"up to {timeout:g} s")
+        log.warning(
+            "%s: server unavailable; waiting for it (%s)",
+            self.settings.target,
+            "no time limit" if timeout is None else f"up to {timeout:g} s",
+        )
         delay = 0.1
         try:
             while timeout is None or time.monotonic() - start < timeout:

@@ -6,6 +6,7 @@
 The server runs as its own process (``hnd-server``), as it would on a GPU host; the edge
 runs here on the natural photos that ship with scikit-image (no download).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,20 +48,36 @@ def main(argv: list[str] | None = None) -> int:
 
     weights = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--random-weights", str(args.random_weights)]
     if not args.checkpoint:
-        print(f"hnd-demo: {args.config} with seeded random weights (seed {args.random_weights}): "
-              "bytes and latency are real, detections are not", file=sys.stderr)
+        print(
+            f"hnd-demo: {args.config} with seeded random weights (seed {args.random_weights}): "
+            "bytes and latency are real, detections are not",
+            file=sys.stderr,
+        )
     # Server and edge share this machine's cores: give each half of them, as two machines would have.
     threads = str(max(1, (os.cpu_count() or 2) // 2))
     with contextlib.ExitStack() as stack:
         try:
             server = stack.enter_context(
-                server_process(args.config, weights, ["--log-level", "WARNING", "--threads", threads]))
+                server_process(args.config, weights, ["--log-level", "WARNING", "--threads", threads])
+            )
         except USER_ERRORS as exc:
             return report("hnd-demo", exc)
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
         write_samples(Path(tmp), args.frames)
-        edge_args = ["--server", server.target, "--images", tmp, "--config", args.config, *weights,
-                     "--bits", str(args.bits), "--no-progress", "--threads", threads]
+        edge_args = [
+            "--server",
+            server.target,
+            "--images",
+            tmp,
+            "--config",
+            args.config,
+            *weights,
+            "--bits",
+            str(args.bits),
+            "--no-progress",
+            "--threads",
+            threads,
+        ]
         if args.stream:
             edge_args.append("--stream")
         edge_args += ["--max-inflight", str(args.max_inflight)]

@@ -4,22 +4,34 @@ With ``wait_for_ready`` a call to an unreachable server ends as DEADLINE_EXCEEDE
 more call without it gets gRPC's transport error ("Tls handshake failed ... CERTIFICATE_VERIFY_FAILED",
 "Socket closed", "Connection refused"), which :func:`connection_hint` turns into the likely cause.
 """
+
 from __future__ import annotations
 
 import grpc
 
 # (substring of gRPC's transport error, TLS client?, hint); the first match wins. None: either side.
 _HINTS: tuple[tuple[str, bool | None, str], ...] = (
-    ("CERTIFICATE_VERIFY_FAILED", None,
-     "TLS: the server's certificate is not signed by the CA given in --tls-ca (wrong CA?)"),
-    ("Hostname Verification", None,
-     "TLS: the server's certificate does not name the host in --server (check its subjectAltName)"),
-    ("WRONG_VERSION_NUMBER", True,
-     "TLS handshake failed: the server speaks plain text (drop --tls-ca, or start it with --tls-cert/--tls-key)"),
-    ("Socket closed", False,
-     "the server closed the connection: it probably expects TLS (give --tls-ca)"),
-    ("Socket closed", True,
-     "the server closed the TLS handshake: it probably requires a client certificate (--tls-cert/--tls-key)"),
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        None,
+        "TLS: the server's certificate is not signed by the CA given in --tls-ca (wrong CA?)",
+    ),
+    (
+        "Hostname Verification",
+        None,
+        "TLS: the server's certificate does not name the host in --server (check its subjectAltName)",
+    ),
+    (
+        "WRONG_VERSION_NUMBER",
+        True,
+        "TLS handshake failed: the server speaks plain text (drop --tls-ca, or start it with --tls-cert/--tls-key)",
+    ),
+    ("Socket closed", False, "the server closed the connection: it probably expects TLS (give --tls-ca)"),
+    (
+        "Socket closed",
+        True,
+        "the server closed the TLS handshake: it probably requires a client certificate (--tls-cert/--tls-key)",
+    ),
     ("handshake", None, "TLS handshake failed"),
     ("Connection refused", None, "nothing listens there (server down, or wrong host or port)"),
     ("DNS resolution failed", None, "cannot resolve the host name"),

@@ -1,4 +1,5 @@
 """Draw detections on frames (boxes, masks, keypoints) so a person can see what the server found."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,27 @@ import cv2
 import numpy as np
 
 # COCO person skeleton (1-based keypoint indices, as in the COCO annotations).
-COCO_SKELETON = [(16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8), (7, 9),
-                 (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7)]
+COCO_SKELETON = [
+    (16, 14),
+    (14, 12),
+    (17, 15),
+    (15, 13),
+    (12, 13),
+    (6, 12),
+    (7, 13),
+    (6, 7),
+    (6, 8),
+    (7, 9),
+    (8, 10),
+    (9, 11),
+    (2, 3),
+    (1, 2),
+    (1, 3),
+    (2, 4),
+    (3, 5),
+    (4, 6),
+    (5, 7),
+]
 
 
 def _color(label: int) -> tuple[int, int, int]:
@@ -34,8 +54,16 @@ def draw_detections(image: np.ndarray, dets: dict[str, Any], min_score: float = 
             out[m] = (0.5 * out[m] + 0.5 * np.array(color)).astype(np.uint8)
         x1, y1, x2, y2 = (int(round(v)) for v in dets["boxes"][i].tolist())
         cv2.rectangle(out, (x1, y1), (x2, y2), color, 2)
-        cv2.putText(out, f"{int(dets['labels'][i])} {float(dets['scores'][i]):.2f}", (x1, max(y1 - 4, 10)),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.45, color, 1, cv2.LINE_AA)
+        cv2.putText(
+            out,
+            f"{int(dets['labels'][i])} {float(dets['scores'][i]):.2f}",
+            (x1, max(y1 - 4, 10)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.45,
+            color,
+            1,
+            cv2.LINE_AA,
+        )
         if "keypoints" in dets:
             kp = dets["keypoints"][i]
             for a, b in COCO_SKELETON:
@@ -97,8 +125,11 @@ class VideoSink:
         if self.size is None:
             h, w = image.shape[:2]
             self.size = (w, h)
-        if self.writer is not None and self.segment_s is not None and \
-                time.monotonic() - self._opened_at >= self.segment_s:
+        if (
+            self.writer is not None
+            and self.segment_s is not None
+            and time.monotonic() - self._opened_at >= self.segment_s
+        ):
             self._finish()
         if self.writer is None:
             self._open(self.size)
@@ -114,7 +145,7 @@ class VideoSink:
         if self.keep is not None and self.segment_s is not None:
             p = Path(self.path)
             segments = sorted(p.parent.glob(f"{p.stem}-*{p.suffix}"), key=lambda f: f.stat().st_mtime)
-            for old in segments[:-self.keep]:
+            for old in segments[: -self.keep]:
                 old.unlink(missing_ok=True)
             self.finished = [f for f in self.finished if Path(f).exists()]
 

@@ -11,6 +11,7 @@ from a config (its transform sizes and neural filter threshold go into the ONNX 
 it the architecture is read off the checkpoint. int8 calibration must use real frames from the
 camera the edge will run on (a few dozen covering its scenes and lighting), never random data.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,11 @@ class ExportError(UsageError):
 def export(args: argparse.Namespace) -> str:
     """Everything main() does; returns the line to print. Raises ExportError / CheckpointError / OSError."""
     fmt = args.format or ("onnx" if Path(args.output).suffix.lower() == ".onnx" else "torch")
-    onnx_only = [f"--{n.replace('_', '-')}" for n in ("config", "random_weights", "min_size", "max_size", "calibration")
-                 if getattr(args, n) is not None] + (["--int8"] if args.int8 else [])
+    onnx_only = [
+        f"--{n.replace('_', '-')}"
+        for n in ("config", "random_weights", "min_size", "max_size", "calibration")
+        if getattr(args, n) is not None
+    ] + (["--int8"] if args.int8 else [])
     if fmt == "torch":
         if onnx_only:
             raise ExportError(f"{', '.join(onnx_only)}: only for an ONNX export (give a .onnx output)")
@@ -84,7 +88,9 @@ def export(args: argparse.Namespace) -> str:
         export_onnx(head, meta, fp32)
         what = f"{len(frames)} frames of {args.calibration} ({args.calibration_method})"
         quantize_int8(fp32, args.output, frames, meta, what, args.calibration_method)
-    return f"{args.output}: head of model {fp} (ONNX int8, calibrated on {what}, resize {meta.min_size}/{meta.max_size})"
+    return (
+        f"{args.output}: head of model {fp} (ONNX int8, calibrated on {what}, resize {meta.min_size}/{meta.max_size})"
+    )
 
 
 def _calibration_frames(pattern: str, count: int) -> list:

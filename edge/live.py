@@ -17,6 +17,7 @@ The JSON line (``--stats-interval S``, to ``--stats-file`` or stdout)::
 
 ``waiting_s`` is how long the edge has been waiting for the server (null when it is not).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,16 +59,19 @@ class EdgeMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.frames = Counter("hnd_edge_frames", "Frames handled, by status (OK or a gRPC code)", ["status"],
-                              registry=r)
-        self.dropped = Counter("hnd_edge_dropped_frames", "Live frames dropped as stale before processing",
-                               registry=r)
+        self.frames = Counter(
+            "hnd_edge_frames", "Frames handled, by status (OK or a gRPC code)", ["status"], registry=r
+        )
+        self.dropped = Counter("hnd_edge_dropped_frames", "Live frames dropped as stale before processing", registry=r)
         self.wire_bytes = Counter("hnd_edge_wire_bytes", "Serialized bytes on the wire", ["direction"], registry=r)
         self.stage_seconds = Histogram(
-            "hnd_edge_stage_seconds", "Edge-side stage durations (total: capture done -> result)", ["stage"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
-        self.reconnects = Counter("hnd_edge_reconnects", "Times the server came back after the edge waited",
-                                  registry=r)
+            "hnd_edge_stage_seconds",
+            "Edge-side stage durations (total: capture done -> result)",
+            ["stage"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.reconnects = Counter("hnd_edge_reconnects", "Times the server came back after the edge waited", registry=r)
         self.records_lost = Counter("hnd_edge_records_lost", "Records --output could not write", registry=r)
         self.waiting = Gauge("hnd_edge_waiting_for_server", "1 while the edge waits for the server", registry=r)
         self.fps = Gauge("hnd_edge_fps", "Frames per second over the last window", registry=r)
@@ -103,9 +107,15 @@ class LiveStats:
     """The window and the ticker. ``counters()`` returns the run's totals:
     ``{"dropped", "reconnects", "records_lost", "waiting_s", "frames", "answered", "failed"}``."""
 
-    def __init__(self, counters: Callable[[], dict[str, Any]], window_s: float = 10.0,
-                 stats_interval_s: float | None = None, stats_out: TextIO | None = None,
-                 status: Callable[[str], None] | None = None, metrics: EdgeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        counters: Callable[[], dict[str, Any]],
+        window_s: float = 10.0,
+        stats_interval_s: float | None = None,
+        stats_out: TextIO | None = None,
+        status: Callable[[str], None] | None = None,
+        metrics: EdgeMetrics | None = None,
+    ) -> None:
         if window_s <= 0:
             raise ValueError(f"window must be > 0 s, got {window_s}")
         if stats_interval_s is not None and stats_interval_s <= 0:
@@ -125,8 +135,14 @@ class LiveStats:
 
     def add(self, record: FrameRecord) -> None:
         stages = {s: v for s in CHART_STAGES if (v := getattr(record.ms, s)) is not None}
-        entry = _Entry(time.monotonic(), record.ok, record.ms.total if record.ok else None,
-                       record.bytes.message + (record.bytes.response or 0), record.bytes.payload, stages)
+        entry = _Entry(
+            time.monotonic(),
+            record.ok,
+            record.ms.total if record.ok else None,
+            record.bytes.message + (record.bytes.response or 0),
+            record.bytes.payload,
+            stages,
+        )
         with self._lock:
             self._entries.append(entry)
         if self.metrics is not None:
@@ -146,31 +162,45 @@ class LiveStats:
         stages = {s: float(np.mean(v)) for s in CHART_STAGES if (v := [e.stages[s] for e in ok if s in e.stages])}
         sent = [e.payload_bytes for e in ok if e.wire_bytes]
         out = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "window_s": self.window_s,
-            "frames": len(entries), "fps": len(ok) / span if ok else 0.0,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "window_s": self.window_s,
+            "frames": len(entries),
+            "fps": len(ok) / span if ok else 0.0,
             "kbit_s": sum(e.wire_bytes for e in entries) * 8 / 1e3 / span if entries else 0.0,
-            "latency_ms": {"p50": float(np.percentile(latency, 50)) if latency.size else None,
-                           "p95": float(np.percentile(latency, 95)) if latency.size else None},
-            "stages_ms": stages, "bytes_per_frame": float(np.mean(sent)) if sent else None,
+            "latency_ms": {
+                "p50": float(np.percentile(latency, 50)) if latency.size else None,
+                "p95": float(np.percentile(latency, 95)) if latency.size else None,
+            },
+            "stages_ms": stages,
+            "bytes_per_frame": float(np.mean(sent)) if sent else None,
             "failed_window": len(entries) - len(ok),
-            "failed": c.get("failed", 0), "dropped": c.get("dropped", 0), "reconnects": c.get("reconnects", 0),
-            "records_lost": c.get("records_lost", 0), "waiting_s": c.get("waiting_s"),
+            "failed": c.get("failed", 0),
+            "dropped": c.get("dropped", 0),
+            "reconnects": c.get("reconnects", 0),
+            "records_lost": c.get("records_lost", 0),
+            "waiting_s": c.get("waiting_s"),
             "source_stalled_s": c.get("source_stalled_s"),
             "totals": {"frames": c.get("frames", 0), "answered": c.get("answered", 0), "failed": c.get("failed", 0)},
         }
         if self.metrics is not None:
-            self.metrics.update(out["dropped"], out["reconnects"], out["records_lost"], out["waiting_s"] is not None,
-                                out["fps"])
+            self.metrics.update(
+                out["dropped"], out["reconnects"], out["records_lost"], out["waiting_s"] is not None, out["fps"]
+            )
         return out
 
     @staticmethod
     def status_line(w: dict[str, Any]) -> str:
         """``9.8 fps  171 kbit/s  p50 120 ms  p95 180 ms  dropped 3  failed 0  reconnects 0`` (+ waiting)."""
         lat = w["latency_ms"]
-        parts = [f"{w['fps']:.1f} fps", f"{w['kbit_s']:,.0f} kbit/s",
-                 f"p50 {lat['p50']:.0f} ms" if lat["p50"] is not None else "p50 -",
-                 f"p95 {lat['p95']:.0f} ms" if lat["p95"] is not None else "p95 -",
-                 f"dropped {w['dropped']}", f"failed {w['failed']}", f"reconnects {w['reconnects']}"]
+        parts = [
+            f"{w['fps']:.1f} fps",
+            f"{w['kbit_s']:,.0f} kbit/s",
+            f"p50 {lat['p50']:.0f} ms" if lat["p50"] is not None else "p50 -",
+            f"p95 {lat['p95']:.0f} ms" if lat["p95"] is not None else "p95 -",
+            f"dropped {w['dropped']}",
+            f"failed {w['failed']}",
+            f"reconnects {w['reconnects']}",
+        ]
         if w["records_lost"]:
             parts.append(f"records lost {w['records_lost']}")
         if w["waiting_s"] is not None:
@@ -193,8 +223,9 @@ class LiveStats:
             except Exception:  # noqa: BLE001 - live figures must never stop the edge; say it and go on
                 log.exception("live stats tick failed")
             if self.stats_interval_s is not None and time.monotonic() >= next_stats:
-                next_stats += self.stats_interval_s * max(1, int((time.monotonic() - next_stats)
-                                                                  // self.stats_interval_s) + 1)
+                next_stats += self.stats_interval_s * max(
+                    1, int((time.monotonic() - next_stats) // self.stats_interval_s) + 1
+                )
 
     def emit(self, force_stats: bool = False, now_due: float | None = None) -> dict[str, Any]:
         """Refresh the status line, tell the listeners, and write the JSON line when it is due (or forced)."""
@@ -203,7 +234,9 @@ class LiveStats:
             self.status(self.status_line(w))
         for listener in list(self.listeners):
             listener(w)
-        due = self.stats_interval_s is not None and (force_stats or (now_due is not None and time.monotonic() >= now_due))
+        due = self.stats_interval_s is not None and (
+            force_stats or (now_due is not None and time.monotonic() >= now_due)
+        )
         if due and self.stats_out is not None:
             try:
                 self.stats_out.write(json.dumps(w) + "\n")

@@ -24,6 +24,7 @@ Modes here: :class:`OffloadMode` (the frame as JPEG/PNG; no torch). The torch mo
 torch head, local) live in :mod:`hnd.edge.torch_modes`, so a torch-free edge never imports torch;
 :func:`make_mode` picks one from :class:`EdgeOptions` and the parts given.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -151,8 +152,9 @@ def check_fingerprint(info: pb.ModelInfo, fingerprint: str) -> None:
         )
 
 
-def check_split_server(info: pb.ModelInfo, fingerprint: str, bits: int, resize: tuple[int, int] | None,
-                       compression: str = "zstd") -> None:
+def check_split_server(
+    info: pb.ModelInfo, fingerprint: str, bits: int, resize: tuple[int, int] | None, compression: str = "zstd"
+) -> None:
     """What a split mode needs of the server: the same weights, its codec mode and bits and (given) a resize
     it accepts.
 
@@ -163,11 +165,15 @@ def check_split_server(info: pb.ModelInfo, fingerprint: str, bits: int, resize: 
     check_fingerprint(info, fingerprint)
     entropic_server = tensor_pb2.COMPRESSION_LEARNED in info.accepted_compressions
     if compression == "learned" and not entropic_server:
-        raise EdgeError(f"the server's {info.model_kind} is an HND student: it takes no learned entropy coding "
-                        f"(accepts bits {list(info.accepted_bits)}); use an Entropic Student config")
+        raise EdgeError(
+            f"the server's {info.model_kind} is an HND student: it takes no learned entropy coding "
+            f"(accepts bits {list(info.accepted_bits)}); use an Entropic Student config"
+        )
     if compression != "learned" and entropic_server:
-        raise EdgeError(f"the server's {info.model_kind} is an Entropic Student: it takes only learned entropy "
-                        f"coding (--compression learned --bits 0), not {bits}-bit {compression}")
+        raise EdgeError(
+            f"the server's {info.model_kind} is an Entropic Student: it takes only learned entropy "
+            f"coding (--compression learned --bits 0), not {bits}-bit {compression}"
+        )
     if bits not in info.accepted_bits:
         raise EdgeError(f"the server does not accept {bits}-bit bottlenecks (accepts {list(info.accepted_bits)})")
     if resize is None:
@@ -175,8 +181,10 @@ def check_split_server(info: pb.ModelInfo, fingerprint: str, bits: int, resize: 
     short, long = info.limits.max_short_side, info.limits.max_long_side
     if short and long:
         if resize[0] > short or resize[1] > long:
-            raise EdgeError(f"resize {resize[0]}/{resize[1]} is beyond what the server accepts (short side <= "
-                            f"{short}, long side <= {long}); lower --min-size / --max-size")
+            raise EdgeError(
+                f"resize {resize[0]}/{resize[1]} is beyond what the server accepts (short side <= "
+                f"{short}, long side <= {long}); lower --min-size / --max-size"
+            )
     elif (info.min_size, info.max_size) != resize:
         raise EdgeError(f"resize mismatch: edge {resize[0]}/{resize[1]}, server {info.min_size}/{info.max_size}")
 
@@ -214,8 +222,9 @@ class OffloadMode(EdgeMode):
             raise EdgeError(f"{frame.source}: cannot encode frame as {o.image_format}")
         request.image.data = buf.tobytes()
         ms.encode = ms_since(t)
-        return Prepared(frame, ms, request=request, payload_bytes=len(request.image.data),
-                        message_bytes=request.ByteSize())
+        return Prepared(
+            frame, ms, request=request, payload_bytes=len(request.image.data), message_bytes=request.ByteSize()
+        )
 
 
 def detections_json(dets: list[Detections], keep: bool) -> list[dict[str, Any]]:
@@ -229,8 +238,9 @@ def detections_json(dets: list[Detections], keep: bool) -> list[dict[str, Any]]:
             item["labels"] = [int(v) for v in np.asarray(d["labels"]).tolist()]
             item["scores"] = [round(float(s), 4) for s in np.asarray(d["scores"]).tolist()]
             if "keypoints" in d:
-                item["keypoints"] = [[[round(float(v), 1) for v in p] for p in kp]
-                                     for kp in np.asarray(d["keypoints"]).tolist()]
+                item["keypoints"] = [
+                    [[round(float(v), 1) for v in p] for p in kp] for kp in np.asarray(d["keypoints"]).tolist()
+                ]
         out.append(item)
     return out
 

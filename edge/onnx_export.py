@@ -9,6 +9,7 @@ by float32 rounding of the sample positions, and outside the graph a frame at it
 the resize entirely, the batch layout stays the runtime's choice, and the int8 graph quantizes only
 convolutions (a quantized Resize / Pad would add error where there is none).
 """
+
 from __future__ import annotations
 
 import copy
@@ -91,8 +92,14 @@ class HeadGraph(nn.Module):
         return z
 
 
-def head_metadata(head: Head, full_fingerprint: str, precision: str = "fp32", calibration: str = "",
-                  min_size: int | None = None, max_size: int | None = None) -> HeadMetadata:
+def head_metadata(
+    head: Head,
+    full_fingerprint: str,
+    precision: str = "fp32",
+    calibration: str = "",
+    min_size: int | None = None,
+    max_size: int | None = None,
+) -> HeadMetadata:
     t = head.transform
     return HeadMetadata(
         fingerprint=full_fingerprint,
@@ -123,7 +130,9 @@ def _save(model, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def export_onnx(head: Head, meta: HeadMetadata, path: str | os.PathLike, sample_hw: tuple[int, int] = (256, 320)) -> None:
+def export_onnx(
+    head: Head, meta: HeadMetadata, path: str | os.PathLike, sample_hw: tuple[int, int] = (256, 320)
+) -> None:
     """Trace the head (legacy exporter, opset 18, dynamic B / H / W) and write it with ``meta`` atomically."""
     import onnx
 
@@ -141,8 +150,16 @@ def export_onnx(head: Head, meta: HeadMetadata, path: str | os.PathLike, sample_
             # with dynamic sizes; its tracer warnings are about shape arithmetic we mean.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(graph, (dummy,), str(raw), input_names=[INPUT], output_names=outputs,
-                              dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+            torch.onnx.export(
+                graph,
+                (dummy,),
+                str(raw),
+                input_names=[INPUT],
+                output_names=outputs,
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                dynamo=False,
+            )
         model = onnx.load(str(raw))
     onnx.checker.check_model(model)
     _set_metadata(model, meta)
@@ -163,8 +180,14 @@ class _Frames:
         pass
 
 
-def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, frames: Sequence[np.ndarray],
-                  meta: HeadMetadata, calibration: str, method: str = "minmax") -> None:
+def quantize_int8(
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    frames: Sequence[np.ndarray],
+    meta: HeadMetadata,
+    calibration: str,
+    method: str = "minmax",
+) -> None:
     """Static int8 (QDQ: int8 weights per channel, uint8 activations) calibrated on ``frames``.
 
     frames: RGB uint8 [H, W, 3], real frames like the ones the edge will see; each goes through the
@@ -174,8 +197,11 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, fra
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     if method not in methods:
         raise ValueError(f"calibration method must be one of {sorted(methods)}, got {method!r}")
     if not frames:
@@ -183,23 +209,31 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, fra
 
     def batches() -> Iterator[np.ndarray]:
         for f in frames:
-            yield preprocess([f], meta.min_size, meta.max_size, meta.image_mean, meta.image_std,
-                             meta.size_divisible)[0]
+            yield preprocess([f], meta.min_size, meta.max_size, meta.image_mean, meta.image_std, meta.size_divisible)[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         q = Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(q), _Frames(batches()), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        calibrate_method=methods[method])
+        quantize_static(
+            str(pre),
+            str(q),
+            _Frames(batches()),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            calibrate_method=methods[method],
+        )
         model = onnx.load(str(q))
     int8_meta = HeadMetadata(**{**meta.__dict__, "precision": "int8", "calibration": calibration})
     _set_metadata(model, int8_meta)
     _save(model, out_path)
 
 
-def student_head(checkpoint: str | None, config: str | None = None, random_weights: int | None = None) -> tuple[Head, str]:
+def student_head(
+    checkpoint: str | None, config: str | None = None, random_weights: int | None = None
+) -> tuple[Head, str]:
     """(Head in eval mode, full-model fingerprint) to export.
 
     With ``config`` the model is built from it (weights from ``checkpoint`` or ``random_weights``);

@@ -9,6 +9,7 @@ model it is; :func:`read_metadata` refuses a file without them.
 Every problem with the file or the provider is an :class:`OnnxHeadError` whose message is one line
 naming the file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,8 +87,8 @@ class HeadMetadata:
         return {_PREFIX + k: v for k, v in props.items()}
 
     @classmethod
-    def from_props(cls, props: dict[str, str], where: str) -> "HeadMetadata":
-        ours = {k[len(_PREFIX):]: v for k, v in props.items() if k.startswith(_PREFIX)}
+    def from_props(cls, props: dict[str, str], where: str) -> HeadMetadata:
+        ours = {k[len(_PREFIX) :]: v for k, v in props.items() if k.startswith(_PREFIX)}
         if not ours:
             raise OnnxHeadError(f"{where}: ONNX file without hnd metadata (not written by hnd-export-head)")
         if ours.get("format") != FORMAT:
@@ -159,8 +160,9 @@ def read_metadata(session, path: str) -> HeadMetadata:
     outputs = [o.name for o in session.get_outputs()]
     want = [OUTPUT_BOTTLENECK] + ([OUTPUT_FILTER] if meta.filter_threshold is not None else [])
     if inputs != [INPUT] or outputs != want:
-        raise OnnxHeadError(f"{path}: graph has inputs {inputs} and outputs {outputs}; an hnd head has "
-                            f"[{INPUT!r}] and {want}")
+        raise OnnxHeadError(
+            f"{path}: graph has inputs {inputs} and outputs {outputs}; an hnd head has [{INPUT!r}] and {want}"
+        )
     return meta
 
 

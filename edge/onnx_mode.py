@@ -5,6 +5,7 @@ and the neural filter's probability when the head has one) -> ``hnd.common.codec
 filter on, a frame below the threshold is not encoded nor sent (its record says ``filtered``); the
 graph computes the encoder anyway, so ``ms.head`` includes it and ``ms.filter`` stays unset.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,8 +24,11 @@ __all__ = ["OnnxSplitMode", "empty_detections"]
 
 def empty_detections(kind: str, image_size: tuple[int, int], num_keypoints: int = 17) -> Detections:
     """A frame with nothing detected, shaped as the kind's empty result off the wire (masks uint8)."""
-    out: Detections = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0,), np.int64),
-                       "scores": np.zeros((0,), np.float32)}
+    out: Detections = {
+        "boxes": np.zeros((0, 4), np.float32),
+        "labels": np.zeros((0,), np.int64),
+        "scores": np.zeros((0,), np.float32),
+    }
     if kind == "mask_rcnn":
         out["masks"] = np.zeros((0, 1, int(image_size[0]), int(image_size[1])), np.uint8)
     elif kind == "keypoint_rcnn":
@@ -51,8 +55,10 @@ class OnnxSplitMode(EdgeMode):
     def check_server(self, info: pb.ModelInfo) -> None:
         h = self.head
         if info.model_kind and (info.model_kind, info.bottleneck_channels) != (h.kind, h.bottleneck_channels):
-            raise EdgeError(f"{h.path}: head of a {h.kind} with {h.bottleneck_channels} bottleneck channels, "
-                            f"server runs a {info.model_kind} with {info.bottleneck_channels}")
+            raise EdgeError(
+                f"{h.path}: head of a {h.kind} with {h.bottleneck_channels} bottleneck channels, "
+                f"server runs a {info.model_kind} with {info.bottleneck_channels}"
+            )
         check_split_server(info, self.fingerprint, self.options.bits, (h.min_size, h.max_size))
 
     def prepare(self, frame: Frame) -> Prepared:
@@ -73,11 +79,19 @@ class OnnxSplitMode(EdgeMode):
             if filtered:
                 h, w = frame.image.shape[:2]
                 empty = empty_detections(self.head.kind, (h, w), self.head.num_keypoints or 17)
-                return Prepared(frame, ms, local_result=[empty], done_ns=now_ns(), filtered=True,
-                                filter_probability=probability)
+                return Prepared(
+                    frame, ms, local_result=[empty], done_ns=now_ns(), filtered=True, filter_probability=probability
+                )
         t = now_ns()
         encoded = codec.encode(out.bottleneck, o.bits, o.granularity, o.compression, o.level)
         request.bottleneck.CopyFrom(wire.bottleneck_to_proto(encoded, meta))
         ms.encode = ms_since(t)
-        return Prepared(frame, ms, request=request, payload_bytes=len(encoded.payload),
-                        message_bytes=request.ByteSize(), filtered=filtered, filter_probability=probability)
+        return Prepared(
+            frame,
+            ms,
+            request=request,
+            payload_bytes=len(encoded.payload),
+            message_bytes=request.ByteSize(),
+            filtered=filtered,
+            filter_probability=probability,
+        )

@@ -8,6 +8,7 @@ What a frame becomes is the mode's business (:mod:`hnd.edge.modes`: the ``EdgeMo
 ``split`` with a torch head and ``local`` in :mod:`hnd.edge.torch_modes`, ``offload`` JPEG/PNG);
 this module sends, retries, times and records, and never imports torch itself.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -93,15 +94,23 @@ class EdgeRunner:
         """Everything the edge computes for a frame before it goes on the wire (the mode's ``prepare``)."""
         return self.mode.prepare(frame)
 
-    def _record(self, p: Prepared, status: str = "OK", error: str | None = None,
-                reply: Reply | None = None) -> FrameRecord:
+    def _record(
+        self, p: Prepared, status: str = "OK", error: str | None = None, reply: Reply | None = None
+    ) -> FrameRecord:
         f = p.frame
         ms = Timings(**vars(p.ms))  # a copy: a resent frame keeps its prepared timings
         record = FrameRecord(
-            frame=f.index, source=f.source, wall_time=f.wall_time, mode=self.mode.name, status=status,
-            bytes=ByteCounts(p.payload_bytes, p.message_bytes), ms=ms, filtered=p.filtered,
+            frame=f.index,
+            source=f.source,
+            wall_time=f.wall_time,
+            mode=self.mode.name,
+            status=status,
+            bytes=ByteCounts(p.payload_bytes, p.message_bytes),
+            ms=ms,
+            filtered=p.filtered,
             filter_probability=None if p.filter_probability is None else round(p.filter_probability, 6),
-            error=error, extra=dict(p.extra),
+            error=error,
+            extra=dict(p.extra),
         )
         if error is not None:
             record.ms = ms.rounded()
@@ -134,8 +143,9 @@ class EdgeRunner:
         """A reply's record: a stream frame the server refused for want of a reference (and that was not
         re-coded and resent) is FAILED_PRECONDITION, never a frame with no detections."""
         if reply.response.refusal:
-            return self._record(p, status="FAILED_PRECONDITION",
-                                error=f"server asked for a key frame: {reply.response.refusal}")
+            return self._record(
+                p, status="FAILED_PRECONDITION", error=f"server asked for a key frame: {reply.response.refusal}"
+            )
         return self._record(p, reply=reply)
 
     def _reconnect(self) -> bool:
@@ -150,8 +160,9 @@ class EdgeRunner:
         left = give_up - (now - self._unavailable_since)
         if left > 0 and self.client.reconnect(timeout_s=left):
             return True
-        self._gave_up = (f"server {self.client.settings.target} unreachable for {give_up:g} s "
-                         "(--give-up-after): giving up")
+        self._gave_up = (
+            f"server {self.client.settings.target} unreachable for {give_up:g} s (--give-up-after): giving up"
+        )
         return False
 
     def _finish(self, p: Prepared, future: concurrent.futures.Future) -> FrameRecord:
@@ -195,12 +206,17 @@ class EdgeRunner:
                 status, error, retry = "UNAVAILABLE", str(exc), True
             except EdgeError as exc:
                 status, error = "UNAVAILABLE", str(exc)
-            if not (retry and self.options.retry_unavailable and attempts < self.options.max_attempts) \
-                    or self._gave_up:
+            if not (retry and self.options.retry_unavailable and attempts < self.options.max_attempts) or self._gave_up:
                 record = self._record(p, status=status, error=error)
                 break
-            log.warning("frame %d: %s (%s), sending again (attempt %d of %d)", p.frame.index, status, error,
-                        attempts + 1, self.options.max_attempts)
+            log.warning(
+                "frame %d: %s (%s), sending again (attempt %d of %d)",
+                p.frame.index,
+                status,
+                error,
+                attempts + 1,
+                self.options.max_attempts,
+            )
             if not self._reconnect():
                 record = self._record(p, status=status, error=f"{error}; no replica came back")
                 break

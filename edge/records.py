@@ -19,6 +19,7 @@ host's monotonic clock; ``wall_time`` is the capture's wall-clock time (seconds 
 
 No torch here: the records are plain data, shared by every edge mode (torch, ONNX, offload, local).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -148,13 +149,17 @@ class FrameRecord:
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this record (the one layout every writer and reader uses)."""
         d: dict[str, Any] = {
-            "frame": self.frame, "source": self.source, "wall_time": round(self.wall_time, 6), "mode": self.mode,
-            "status": self.status, "bytes": self.bytes.to_dict(), "ms": self.ms.to_dict(),
+            "frame": self.frame,
+            "source": self.source,
+            "wall_time": round(self.wall_time, 6),
+            "mode": self.mode,
+            "status": self.status,
+            "bytes": self.bytes.to_dict(),
+            "ms": self.ms.to_dict(),
         }
         if self.filtered is not None:
             d["filtered"] = self.filtered
-            d["filter_probability"] = round(self.filter_probability, 6) if self.filter_probability is not None \
-                else None
+            d["filter_probability"] = round(self.filter_probability, 6) if self.filter_probability is not None else None
         if self.error is not None:
             d["error"] = self.error
         if self.server_ms is not None:
@@ -180,15 +185,23 @@ class FrameRecord:
         b = d.get("bytes", {})
         server = d.get("server_ms")
         return cls(
-            frame=int(d["frame"]), source=d.get("source", ""), wall_time=float(d.get("wall_time", 0.0)),
-            mode=d.get("mode", ""), status=d.get("status", "OK"),
-            bytes=ByteCounts(int(b.get("payload", 0)), int(b.get("message", 0)),
-                             int(b["response"]) if "response" in b else None),
+            frame=int(d["frame"]),
+            source=d.get("source", ""),
+            wall_time=float(d.get("wall_time", 0.0)),
+            mode=d.get("mode", ""),
+            status=d.get("status", "OK"),
+            bytes=ByteCounts(
+                int(b.get("payload", 0)), int(b.get("message", 0)), int(b["response"]) if "response" in b else None
+            ),
             ms=Timings.from_dict(d.get("ms", {})),
             server_ms=ServerTimings(**server) if server is not None else None,
-            batch_size=d.get("batch_size"), filtered=d.get("filtered"),
-            filter_probability=d.get("filter_probability"), error=d.get("error"),
-            attempts=int(d.get("attempts", 1)), replica=d.get("replica"), detections=d.get("detections"),
+            batch_size=d.get("batch_size"),
+            filtered=d.get("filtered"),
+            filter_probability=d.get("filter_probability"),
+            error=d.get("error"),
+            attempts=int(d.get("attempts", 1)),
+            replica=d.get("replica"),
+            detections=d.get("detections"),
             extra={k: v for k, v in d.items() if k not in known},
         )
 
@@ -224,8 +237,7 @@ def parse_rotate(value: str) -> tuple[str, int]:
 
 
 # "m" is minutes: sizes spell their B (100MB, 512KB, 1GiB).
-_SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9,
-               "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 _TIME_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
 
@@ -249,8 +261,15 @@ class RecordWriter:
       ``on_error="stop"`` it raises :class:`RecordWriteError` and the edge stops cleanly.
     """
 
-    def __init__(self, path: str | Path, rotate: str | None = None, keep: int = 10, on_error: str = "continue",
-                 fsync_s: float = 1.0, warn: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        rotate: str | None = None,
+        keep: int = 10,
+        on_error: str = "continue",
+        fsync_s: float = 1.0,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         if on_error not in ("continue", "stop"):
             raise ValueError(f"on_error must be continue or stop, got {on_error!r}")
         if keep < 1:
@@ -272,11 +291,13 @@ class RecordWriter:
         else:
             kind, amount = parse_rotate(rotate)
             if kind == "size":
-                handler = logging.handlers.RotatingFileHandler(self.path, mode="a", maxBytes=amount, backupCount=keep,
-                                                               encoding="utf-8")
+                handler = logging.handlers.RotatingFileHandler(
+                    self.path, mode="a", maxBytes=amount, backupCount=keep, encoding="utf-8"
+                )
             else:
-                handler = logging.handlers.TimedRotatingFileHandler(self.path, when="S", interval=max(1, amount),
-                                                                    backupCount=keep, encoding="utf-8", utc=True)
+                handler = logging.handlers.TimedRotatingFileHandler(
+                    self.path, when="S", interval=max(1, amount), backupCount=keep, encoding="utf-8", utc=True
+                )
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.handleError = self._handle_error  # type: ignore[method-assign,assignment]
         self.handler = handler
@@ -307,8 +328,10 @@ class RecordWriter:
         if self.on_error == "stop":
             raise RecordWriteError(f"{self.path}: cannot write records: {exc}") from None
         if not self._failing:
-            self.warn(f"hnd-edge: cannot write records to {self.path}: {exc}; going on without them "
-                      "(counted as records lost; retried with every record)")
+            self.warn(
+                f"hnd-edge: cannot write records to {self.path}: {exc}; going on without them "
+                "(counted as records lost; retried with every record)"
+            )
         self._failing = True
         # Drop what the failed write left buffered: it would otherwise land later, out of order or halved.
         stream, self.handler.stream = self.handler.stream, None

@@ -16,6 +16,7 @@ have cost the server its reference:
 
 numpy only (no torch): ONNX split modes use ``BottleneckCoder`` too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,9 +54,18 @@ class BottleneckCoder:
             raise ValueError("temporal coding is for affine bottlenecks; an Entropic Student codes every frame")
         if self.temporal and not options.stream:
             raise ValueError("temporal coding (key_interval > 1) needs InferStream (stream=True, --stream)")
-        self.encoder = StreamEncoder(options.bits, options.granularity, options.compression, options.level,
-                                     key_interval=options.key_interval, max_clamped=options.max_clamped) \
-            if self.temporal else None
+        self.encoder = (
+            StreamEncoder(
+                options.bits,
+                options.granularity,
+                options.compression,
+                options.level,
+                key_interval=options.key_interval,
+                max_clamped=options.max_clamped,
+            )
+            if self.temporal
+            else None
+        )
         self.intra_only = False  # the server keeps no session for us: key frames only
         self._pending: dict[int, tuple[Any, Any]] = {}  # frame index -> (z, meta) until its record is final
         self.keys = 0
@@ -63,14 +73,19 @@ class BottleneckCoder:
 
     def check_server(self, info: pb.ModelInfo) -> None:
         if self.temporal and info.stream_sessions.max_sessions == 0:
-            raise EdgeError("the server keeps no stream sessions: temporal coding is off there "
-                            "(use --key-interval 1)")
+            raise EdgeError("the server keeps no stream sessions: temporal coding is off there (use --key-interval 1)")
 
     def encode(self, z, meta, request: pb.InferRequest, frame_index: int) -> tuple[int, dict[str, Any]]:
         """Fill ``request`` with frame ``frame_index``'s bottleneck; returns (payload bytes, record extras)."""
         if not self.temporal:
-            encoded = codec.encode(z, self.options.bits, self.options.granularity, self.options.compression,
-                                   self.options.level, prior=self.prior)
+            encoded = codec.encode(
+                z,
+                self.options.bits,
+                self.options.granularity,
+                self.options.compression,
+                self.options.level,
+                prior=self.prior,
+            )
             request.bottleneck.CopyFrom(wire.bottleneck_to_proto(encoded, meta))
             return len(encoded.payload), {}
         self._pending[frame_index] = (z, meta)
@@ -130,8 +145,14 @@ class VideoOffloadMode(EdgeMode):
         if not options.stream:
             raise ValueError(f"{options.image_format} offload needs InferStream (stream=True, --stream)")
         self.format = options.image_format
-        self.settings = VideoSettings(format=self.format, crf=options.crf, bitrate=options.bitrate,
-                                      gop=options.gop, fps=options.video_fps, preset=options.preset)
+        self.settings = VideoSettings(
+            format=self.format,
+            crf=options.crf,
+            bitrate=options.bitrate,
+            gop=options.gop,
+            fps=options.video_fps,
+            preset=options.preset,
+        )
         self.encoder = VideoEncoder(self.settings)
         self.sequence = 0
         self.key_sequence = 0
@@ -147,8 +168,9 @@ class VideoOffloadMode(EdgeMode):
             self.key_sequence = self.sequence
         request.image.format = VIDEO_IMAGE_FORMATS[self.format]
         request.image.data = data
-        request.stream_frame.CopyFrom(wire.stream_frame_to_proto("key" if key else "delta", self.key_sequence,
-                                                                 self.sequence))
+        request.stream_frame.CopyFrom(
+            wire.stream_frame_to_proto("key" if key else "delta", self.key_sequence, self.sequence)
+        )
         self.sequence += 1
         return len(data), {"frame_type": "key" if key else "delta"}
 
@@ -158,8 +180,9 @@ class VideoOffloadMode(EdgeMode):
         t = now_ns()
         payload, extra = self._encode(frame.image, request)
         ms.encode = ms_since(t)
-        return Prepared(frame, ms, request=request, payload_bytes=payload, message_bytes=request.ByteSize(),
-                        extra=extra)
+        return Prepared(
+            frame, ms, request=request, payload_bytes=payload, message_bytes=request.ByteSize(), extra=extra
+        )
 
     def reencode(self, p: Prepared, reason: str) -> bool:
         if p.request is None:

@@ -7,6 +7,7 @@ quantile, for any distribution, and its collapsing variant is capped at ``BIN_LI
 stat's memory is bounded (a few tens of kB) whatever the run's length. A figure read from the summary
 is therefore within 1 % of the exact percentile; means, counts and totals are exact.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -98,7 +99,9 @@ class Summary:
         mean_payload = self.payload_bytes.mean if self.payload_bytes.count else 0.0
         mean_message = self.message_bytes.mean if self.message_bytes.count else 0.0
         return {
-            "threshold": self.filter_threshold, "sent": self.sent, "filtered": self.filtered,
+            "threshold": self.filter_threshold,
+            "sent": self.sent,
+            "filtered": self.filtered,
             "filtered_share": self.filtered / self.answered if self.answered else 0.0,
             "payload_bytes_saved_est": mean_payload * self.filtered,
             "message_bytes_saved_est": mean_message * self.filtered,
@@ -135,10 +138,17 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "frames": self.frames, "answered": self.answered, "failed": self.failed, "dropped": self.dropped,
-            "statuses": self.statuses, "wall_s": self.wall_s, "fps": self.fps,
-            "replicas": self.replicas, "retried": self.retried,
-            "reconnects": self.reconnects, "records_lost": self.records_lost,
+            "frames": self.frames,
+            "answered": self.answered,
+            "failed": self.failed,
+            "dropped": self.dropped,
+            "statuses": self.statuses,
+            "wall_s": self.wall_s,
+            "fps": self.fps,
+            "replicas": self.replicas,
+            "retried": self.retried,
+            "reconnects": self.reconnects,
+            "records_lost": self.records_lost,
             "payload_bytes": self.payload_bytes.stats((50,)),
             "message_bytes": self.message_bytes.stats((50,)),
             "ms": {s: v.stats() for s, v in self.ms.items() if v.count},
@@ -160,23 +170,31 @@ class Summary:
             lines.append(f"reconnects {self.reconnects}  records lost {self.records_lost}")
         if self.filter_threshold is not None:
             f = d["filter"]
-            lines.append(f"filter threshold {f['threshold']:g}  sent {f['sent']}  filtered {f['filtered']} "
-                         f"({100 * f['filtered_share']:.0f}%)  bytes saved ~{f['payload_bytes_saved_est']:,.0f} payload"
-                         f" / ~{f['message_bytes_saved_est']:,.0f} message (mean of sent frames x filtered)")
+            lines.append(
+                f"filter threshold {f['threshold']:g}  sent {f['sent']}  filtered {f['filtered']} "
+                f"({100 * f['filtered_share']:.0f}%)  bytes saved ~{f['payload_bytes_saved_est']:,.0f} payload"
+                f" / ~{f['message_bytes_saved_est']:,.0f} message (mean of sent frames x filtered)"
+            )
         if self.answered:
             if self.payload_bytes.count:  # none when the filter dropped every frame
-                lines.append(f"bytes/frame  payload mean {d['payload_bytes']['mean']:,.0f} "
-                             f"p50 {d['payload_bytes']['p50']:,.0f}  message mean {d['message_bytes']['mean']:,.0f} "
-                             f"p50 {d['message_bytes']['p50']:,.0f}")
+                lines.append(
+                    f"bytes/frame  payload mean {d['payload_bytes']['mean']:,.0f} "
+                    f"p50 {d['payload_bytes']['p50']:,.0f}  message mean {d['message_bytes']['mean']:,.0f} "
+                    f"p50 {d['message_bytes']['p50']:,.0f}"
+                )
             lines.append(f"{'stage (ms)':<22}{'p50':>10}{'p95':>10}{'p99':>10}")
-            for name, stats in [(s, d["ms"][s]) for s in STAGES if s in d["ms"]] + \
-                    [(f"server.{s}", d["server_ms"][s]) for s in SERVER_STAGES if s in d["server_ms"]] + \
-                    ([("overhead", d["overhead_ms"])] if self.overhead_ms.count else []):
+            for name, stats in (
+                [(s, d["ms"][s]) for s in STAGES if s in d["ms"]]
+                + [(f"server.{s}", d["server_ms"][s]) for s in SERVER_STAGES if s in d["server_ms"]]
+                + ([("overhead", d["overhead_ms"])] if self.overhead_ms.count else [])
+            ):
                 lines.append(f"{name:<22}{stats['p50']:>10.2f}{stats['p95']:>10.2f}{stats['p99']:>10.2f}")
         if self.failed:
             lines.append("statuses " + ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items())))
         if len(self.replicas) > 1 or self.retried:
-            lines.append(f"replicas {len(self.replicas)}: "
-                         + ", ".join(f"{k} {v}" for k, v in sorted(self.replicas.items()))
-                         + f"  retried frames {self.retried}")
+            lines.append(
+                f"replicas {len(self.replicas)}: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(self.replicas.items()))
+                + f"  retried frames {self.retried}"
+            )
         return "\n".join(lines)

@@ -5,6 +5,7 @@ preprocess -> stem -> filter; a frame whose probability is below the threshold i
 (split) or not run further (local). Its record says ``filtered: true`` with ``filter_probability`` and
 ``ms.filter``, and its detections are the model kind's normal empty result.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -54,8 +55,9 @@ class _FilterMixin:
         """A frame the filter dropped: no request, the kind's normal empty result."""
         h, w = frame.image.shape[:2]
         empty = empty_detections(head.kind, (h, w), head.num_keypoints or 17, mask_dtype)
-        return Prepared(frame, ms, local_result=[empty], done_ns=now_ns(), filtered=True,
-                        filter_probability=probability)
+        return Prepared(
+            frame, ms, local_result=[empty], done_ns=now_ns(), filtered=True, filter_probability=probability
+        )
 
 
 class TorchSplitMode(_FilterMixin, EdgeMode):
@@ -73,8 +75,9 @@ class TorchSplitMode(_FilterMixin, EdgeMode):
 
     def check_server(self, info: pb.ModelInfo) -> None:
         t = self.head.transform
-        check_split_server(info, self.fingerprint, self.options.bits, (int(t.min_size[-1]), int(t.max_size)),
-                           self.options.compression)
+        check_split_server(
+            info, self.fingerprint, self.options.bits, (int(t.min_size[-1]), int(t.max_size)), self.options.compression
+        )
         self.coder.check_server(info)
 
     def detections(self, prepared: Prepared, response: pb.InferResponse | None):
@@ -114,9 +117,16 @@ class TorchSplitMode(_FilterMixin, EdgeMode):
         t = now_ns()
         payload, extra = self.coder.encode(z, meta, request, frame.index)
         ms.encode = ms_since(t)
-        return Prepared(frame, ms, request=request, payload_bytes=payload,
-                        message_bytes=request.ByteSize(), filtered=filtered, filter_probability=probability,
-                        extra=extra)
+        return Prepared(
+            frame,
+            ms,
+            request=request,
+            payload_bytes=payload,
+            message_bytes=request.ByteSize(),
+            filtered=filtered,
+            filter_probability=probability,
+            extra=extra,
+        )
 
 
 class LocalMode(_FilterMixin, EdgeMode):
@@ -159,5 +169,6 @@ class LocalMode(_FilterMixin, EdgeMode):
         t = now_ns()
         result = tail(head.encode_features(features), meta)
         ms.head = stem_ms + ms_since(t)  # the whole model but the filter: it all runs on the edge
-        return Prepared(frame, ms, local_result=result, done_ns=now_ns(), filtered=False,
-                        filter_probability=probability)
+        return Prepared(
+            frame, ms, local_result=result, done_ns=now_ns(), filtered=False, filter_probability=probability
+        )

@@ -16,6 +16,7 @@ it works offline.
 - The page charts bytes/frame and per-stage latency over the last ``HISTORY`` frames (canvas, drawn by
   the page's own script) and shows the status line.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,8 +47,15 @@ class LiveView:
     """The view server. ``publish(image, detections, record)`` from the edge loop; ``window(w)`` from the
     live stats ticker; ``close()`` at the end of the run."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", max_fps: float = 10.0, max_width: int = 960,
-                 jpeg_quality: int = 80, min_score: float = 0.5) -> None:
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        max_fps: float = 10.0,
+        max_width: int = 960,
+        jpeg_quality: int = 80,
+        min_score: float = 0.5,
+    ) -> None:
         self.host = host
         self.min_score = min_score
         self.max_fps = max_fps
@@ -75,12 +83,14 @@ class LiveView:
 
     def _serve(self) -> None:
         asyncio.set_event_loop(asyncio.new_event_loop())
-        app = tornado.web.Application([
-            (r"/", _Page),
-            (r"/frame.jpg", _Frame, {"view": self}),
-            (r"/stream.mjpg", _Mjpeg, {"view": self}),
-            (r"/ws", _Socket, {"view": self}),
-        ])
+        app = tornado.web.Application(
+            [
+                (r"/", _Page),
+                (r"/frame.jpg", _Frame, {"view": self}),
+                (r"/stream.mjpg", _Mjpeg, {"view": self}),
+                (r"/ws", _Socket, {"view": self}),
+            ]
+        )
         try:
             sockets = tornado.netutil.bind_sockets(self.port, address=self.host)
             self.port = sockets[0].getsockname()[1]  # port 0: the OS's choice
@@ -109,12 +119,20 @@ class LiveView:
         h, w = shown.shape[:2]
         if w > self.max_width:
             shown = cv2.resize(shown, (self.max_width, round(h * self.max_width / w)), interpolation=cv2.INTER_AREA)
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(shown, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY,
-                                                                                 self.jpeg_quality])
+        ok, buf = cv2.imencode(
+            ".jpg", cv2.cvtColor(shown, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality]
+        )
         if not ok:
             return
-        meta = json.dumps({"type": "frame", "frame": record.frame, "status": record.status,
-                           "bytes": record.bytes.message, "ms": record.ms.to_dict()})
+        meta = json.dumps(
+            {
+                "type": "frame",
+                "frame": record.frame,
+                "status": record.status,
+                "bytes": record.bytes.message,
+                "ms": record.ms.to_dict(),
+            }
+        )
         self.loop.add_callback(self._broadcast, meta, buf.tobytes())
 
     def window(self, w: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ Writes ``OUT/entropic_results.json`` and ``OUT/entropic_results.md``.
     python experiments/synthetic_distillation.py --out /tmp/hnd-exp          # baseline (or let this run it)
     python experiments/entropic_rate_accuracy.py --out /tmp/hnd-exp          # adds the Entropic Students
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,20 @@ from hnd.train.synthetic import write_config
 
 BETAS = (0.08, 1.28, 20.48)
 # Sized for the project's 2-core machine while 7 other engineers load it (~1/5 of a core each): minutes.
-base.PROFILES.setdefault("mini", dict(train_images=64, val_images=16, size=64, batch_size=4, teacher_epochs=4,
-                                      student_epochs=2, teacher_lr=0.005, workers=0,
-                                      bits=[(8, "tensor"), (4, "tensor"), (2, "tensor")]))
+base.PROFILES.setdefault(
+    "mini",
+    dict(
+        train_images=64,
+        val_images=16,
+        size=64,
+        batch_size=4,
+        teacher_epochs=4,
+        student_epochs=2,
+        teacher_lr=0.005,
+        workers=0,
+        bits=[(8, "tensor"), (4, "tensor"), (2, "tensor")],
+    ),
+)
 JPEG_QUALITIES = (10, 25, 50, 75, 95)
 AFFINE = ((8, "tensor"), (4, "tensor"), (2, "tensor"))
 
@@ -49,32 +61,72 @@ def entropic_config(out: Path, data: Path, p: dict, beta: float, stage1_epochs: 
     params = base.model_params(p["size"])
     dataset = {"name": "synthetic", "num_workers": p["workers"], "aspect_ratio_group_factor": 0}
     return write_config(
-        "test/faster_rcnn-entropic-b24ch", data, out / "configs" / f"entropic-beta{beta}-e{stage1_epochs}.yaml",
+        "test/faster_rcnn-entropic-b24ch",
+        data,
+        out / "configs" / f"entropic-beta{beta}-e{stage1_epochs}.yaml",
         dataset=dataset,
         model={"num_classes": 4, "params": params, "random_weights": 0},
-        teacher={"num_classes": 4, "params": params, "checkpoint": str(out / "teacher" / "best.pt"),
-                 "random_weights": None},
-        train={"method": "entropic", "epochs": stage1_epochs, "batch_size": p["batch_size"], "log_freq": 50,
-               "optimizer": {"type": "adam", "lr": 0.001},
-               "scheduler": {"milestones": [max(1, int(stage1_epochs * 0.75))], "gamma": 0.1},
-               "warmup_iters": 100, "holdout_fraction": 0.1, "seed": 0, "beta": beta,
-               "stage2": {"epochs": stage2_epochs, "optimizer": {"type": "sgd", "lr": 0.001, "momentum": 0.9,
-                                                                 "weight_decay": 0.0005},
-                          "scheduler": {"milestones": [max(1, stage2_epochs)], "gamma": 0.1}, "warmup_iters": 0}})
+        teacher={
+            "num_classes": 4,
+            "params": params,
+            "checkpoint": str(out / "teacher" / "best.pt"),
+            "random_weights": None,
+        },
+        train={
+            "method": "entropic",
+            "epochs": stage1_epochs,
+            "batch_size": p["batch_size"],
+            "log_freq": 50,
+            "optimizer": {"type": "adam", "lr": 0.001},
+            "scheduler": {"milestones": [max(1, int(stage1_epochs * 0.75))], "gamma": 0.1},
+            "warmup_iters": 100,
+            "holdout_fraction": 0.1,
+            "seed": 0,
+            "beta": beta,
+            "stage2": {
+                "epochs": stage2_epochs,
+                "optimizer": {"type": "sgd", "lr": 0.001, "momentum": 0.9, "weight_decay": 0.0005},
+                "scheduler": {"milestones": [max(1, stage2_epochs)], "gamma": 0.1},
+                "warmup_iters": 0,
+            },
+        },
+    )
 
 
-def evaluate(cfg: Path, ckpt: Path, out_json: Path, device: str, workers: int, bits: int | None = None,
-             compression: str | None = None) -> dict:
-    argv = ["--config", str(cfg), "--checkpoint", str(ckpt), "--split", "val", "--device", device,
-            "--workers", str(workers), "--output", str(out_json)]
+def evaluate(
+    cfg: Path,
+    ckpt: Path,
+    out_json: Path,
+    device: str,
+    workers: int,
+    bits: int | None = None,
+    compression: str | None = None,
+) -> dict:
+    argv = [
+        "--config",
+        str(cfg),
+        "--checkpoint",
+        str(ckpt),
+        "--split",
+        "val",
+        "--device",
+        device,
+        "--workers",
+        str(workers),
+        "--output",
+        str(out_json),
+    ]
     if bits is not None:
         argv += ["--bits", str(bits), "--granularity", "tensor"]
     if compression is not None:
         argv += ["--compression", compression]
     base.run(hnd_eval.main, argv)
     m = json.loads(out_json.read_text())
-    print(f"=> {out_json.stem}: bbox AP {m['bbox']['AP']:.4f} AP50 {m['bbox']['AP50']:.4f} "
-          f"bytes {m.get('coded_bytes_per_image')}", flush=True)
+    print(
+        f"=> {out_json.stem}: bbox AP {m['bbox']['AP']:.4f} AP50 {m['bbox']['AP50']:.4f} "
+        f"bytes {m.get('coded_bytes_per_image')}",
+        flush=True,
+    )
     return m
 
 
@@ -128,8 +180,11 @@ def timings(cfgs: dict[str, Path], ckpts: dict[str, Path], frames: int = 20) -> 
         ds = build_dataset(c.dataset, "val", c.model.kind, train=False)
         entropic = c.model.bottleneck_type == "entropic"
         prior = head.prior_tables() if entropic else None
-        args = dict(bits=0, granularity="channel", compression="learned") if entropic else \
-            dict(bits=4, granularity="tensor", compression="zstd")
+        args = (
+            dict(bits=0, granularity="channel", compression="learned")
+            if entropic
+            else dict(bits=4, granularity="tensor", compression="zstd")
+        )
         h_ms, e_ms, d_ms, sizes = [], [], [], []
         for i in range(min(frames, len(ds))):
             img = ds[i][0]
@@ -145,11 +200,17 @@ def timings(cfgs: dict[str, Path], ckpts: dict[str, Path], frames: int = 20) -> 
             sizes.append(len(enc.payload))
         enc_module = head.encoder
         params = sum(p.numel() for p in enc_module.parameters()) + (
-            0 if entropic else sum(p.numel() for p in [head.conv1.weight, *head.bn1.parameters()]))
-        out[name] = {"codec": "learned" if entropic else "4-bit zstd", "head_ms_p50": float(np.median(h_ms)),
-                     "encode_ms_p50": float(np.median(e_ms)), "decode_ms_p50": float(np.median(d_ms)),
-                     "bytes_mean": float(np.mean(sizes)), "head_params": int(params),
-                     "latent_shape": list(z.shape)}
+            0 if entropic else sum(p.numel() for p in [head.conv1.weight, *head.bn1.parameters()])
+        )
+        out[name] = {
+            "codec": "learned" if entropic else "4-bit zstd",
+            "head_ms_p50": float(np.median(h_ms)),
+            "encode_ms_p50": float(np.median(e_ms)),
+            "decode_ms_p50": float(np.median(d_ms)),
+            "bytes_mean": float(np.mean(sizes)),
+            "head_params": int(params),
+            "latent_shape": list(z.shape),
+        }
         print(f"=> timing {name}: {out[name]}", flush=True)
     return out
 
@@ -186,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         target = out / f"entropic-beta{beta}-e{stage1}"
         if not (target / "best.pt").is_file():
             t = time.perf_counter()
-            base.run(hnd_train.main, ["--config", str(ent_cfgs[beta]), "--output-dir", str(target),
-                                      "--device", device, "--no-progress"])
+            base.run(
+                hnd_train.main,
+                ["--config", str(ent_cfgs[beta]), "--output-dir", str(target), "--device", device, "--no-progress"],
+            )
             spent[f"train_entropic_beta{beta}"] = time.perf_counter() - t
 
     evals = out / "eval-rate"
@@ -197,25 +260,61 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("hnd", "ghnd"):
         for bits, _ in AFFINE:
             m = evaluate(cfgs[name], out / name / "best.pt", evals / f"{name}-{bits}bit.json", device, workers, bits)
-            rows.append({"name": f"{name.upper()} b3ch {bits}-bit zstd", "family": name, "AP": m["bbox"]["AP"],
-                         "AP50": m["bbox"]["AP50"], "bytes": m["coded_bytes_per_image"]})
+            rows.append(
+                {
+                    "name": f"{name.upper()} b3ch {bits}-bit zstd",
+                    "family": name,
+                    "AP": m["bbox"]["AP"],
+                    "AP50": m["bbox"]["AP50"],
+                    "bytes": m["coded_bytes_per_image"],
+                }
+            )
     for beta, cfg in ent_cfgs.items():
-        m = evaluate(cfg, out / f"entropic-beta{beta}-e{stage1}" / "best.pt", evals / f"entropic-beta{beta}-e{stage1}.json",
-                     device, workers, compression="learned")
-        rows.append({"name": f"Entropic b24ch beta {beta}", "family": "entropic", "AP": m["bbox"]["AP"],
-                     "AP50": m["bbox"]["AP50"], "bytes": m["coded_bytes_per_image"]})
+        m = evaluate(
+            cfg,
+            out / f"entropic-beta{beta}-e{stage1}" / "best.pt",
+            evals / f"entropic-beta{beta}-e{stage1}.json",
+            device,
+            workers,
+            compression="learned",
+        )
+        rows.append(
+            {
+                "name": f"Entropic b24ch beta {beta}",
+                "family": "entropic",
+                "AP": m["bbox"]["AP"],
+                "AP50": m["bbox"]["AP50"],
+                "bytes": m["coded_bytes_per_image"],
+            }
+        )
     for q, m in jpeg_sweep(cfgs["teacher"], out / "teacher" / "best.pt", device).items():
         rows.append({"name": f"teacher on JPEG q{q}", "family": "jpeg", **m})
     spent["eval"] = time.perf_counter() - t
-    timing = timings({"hnd": cfgs["hnd"], **{f"entropic-beta{b}": c for b, c in ent_cfgs.items()}},
-                     {"hnd": out / "hnd" / "best.pt",
-                      **{f"entropic-beta{b}": out / f"entropic-beta{b}-e{stage1}" / "best.pt" for b in ent_cfgs}})
+    timing = timings(
+        {"hnd": cfgs["hnd"], **{f"entropic-beta{b}": c for b, c in ent_cfgs.items()}},
+        {
+            "hnd": out / "hnd" / "best.pt",
+            **{f"entropic-beta{b}": out / f"entropic-beta{b}-e{stage1}" / "best.pt" for b in ent_cfgs},
+        },
+    )
     spent["total"] = time.perf_counter() - t0
-    machine = torch.cuda.get_device_name(0) if device.startswith("cuda") else \
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    res = {"profile": args.profile, "settings": p, "betas": args.betas, "stage1_epochs": stage1,
-           "stage2_epochs": args.stage2_epochs, "machine": machine, "torch": torch.__version__,
-           "timings_s": {k: round(v, 1) for k, v in spent.items()}, "rows": rows, "per_frame": timing}
+    machine = (
+        torch.cuda.get_device_name(0)
+        if device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    res = {
+        "profile": args.profile,
+        "settings": p,
+        "betas": args.betas,
+        "stage1_epochs": stage1,
+        "stage2_epochs": args.stage2_epochs,
+        "machine": machine,
+        "torch": torch.__version__,
+        "timings_s": {k: round(v, 1) for k, v in spent.items()},
+        "rows": rows,
+        "per_frame": timing,
+    }
     (out / "entropic_results.json").write_text(json.dumps(res, indent=2))
     md = table(res)
     (out / "entropic_results.md").write_text(md + "\n")

@@ -15,6 +15,7 @@ Writes ``OUT/results.json`` and ``OUT/results.md`` (a table to paste into train/
     python experiments/synthetic_distillation.py --out /tmp/hnd-exp                 # CPU profile
     python experiments/synthetic_distillation.py --out /tmp/hnd-exp --profile gpu --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,23 +33,57 @@ from hnd.train.synthetic import make_synthetic_coco, write_config
 
 PROFILES = {
     # ~16 minutes on 2 (shared) CPU cores: small images, few proposals, a short schedule.
-    "cpu": dict(train_images=320, val_images=50, size=96, batch_size=4, teacher_epochs=4, student_epochs=3,
-                teacher_lr=0.01, workers=1, bits=[(8, "tensor"), (4, "tensor"), (2, "tensor"), (2, "channel")]),
+    "cpu": dict(
+        train_images=320,
+        val_images=50,
+        size=96,
+        batch_size=4,
+        teacher_epochs=4,
+        student_epochs=3,
+        teacher_lr=0.01,
+        workers=1,
+        bits=[(8, "tensor"), (4, "tensor"), (2, "tensor"), (2, "channel")],
+    ),
     # About 10 minutes on one H100 (the teacher's 16 epochs take 3.3 of them).
-    "gpu": dict(train_images=1000, val_images=150, size=128, batch_size=8, teacher_epochs=16, student_epochs=8,
-                teacher_lr=0.02, workers=8,
-                bits=[(8, "tensor"), (4, "tensor"), (2, "tensor"), (4, "channel"), (2, "channel")]),
+    "gpu": dict(
+        train_images=1000,
+        val_images=150,
+        size=128,
+        batch_size=8,
+        teacher_epochs=16,
+        student_epochs=8,
+        teacher_lr=0.02,
+        workers=8,
+        bits=[(8, "tensor"), (4, "tensor"), (2, "tensor"), (4, "channel"), (2, "channel")],
+    ),
     # Seconds: checks the pipeline end to end.
-    "smoke": dict(train_images=8, val_images=4, size=96, batch_size=2, teacher_epochs=1, student_epochs=1,
-                  teacher_lr=0.01, workers=0, bits=[(8, "tensor"), (2, "channel")]),
+    "smoke": dict(
+        train_images=8,
+        val_images=4,
+        size=96,
+        batch_size=2,
+        teacher_epochs=1,
+        student_epochs=1,
+        teacher_lr=0.01,
+        workers=0,
+        bits=[(8, "tensor"), (2, "channel")],
+    ),
 }
 
 
 def model_params(size: int) -> dict:
     """torchvision kwargs: fixed input size, and proposal / sampling counts scaled to a few objects per image."""
-    return {"min_size": size, "max_size": size, "box_detections_per_img": 20,
-            "rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 150, "rpn_batch_size_per_image": 64,
-            "rpn_pre_nms_top_n_test": 150, "rpn_post_nms_top_n_test": 75, "box_batch_size_per_image": 64}
+    return {
+        "min_size": size,
+        "max_size": size,
+        "box_detections_per_img": 20,
+        "rpn_pre_nms_top_n_train": 300,
+        "rpn_post_nms_top_n_train": 150,
+        "rpn_batch_size_per_image": 64,
+        "rpn_pre_nms_top_n_test": 150,
+        "rpn_post_nms_top_n_test": 75,
+        "box_batch_size_per_image": 64,
+    }
 
 
 def write_configs(out: Path, data: Path, p: dict) -> dict[str, Path]:
@@ -59,39 +94,83 @@ def write_configs(out: Path, data: Path, p: dict) -> dict[str, Path]:
     cfgs = {}
     tm = max(1, int(p["teacher_epochs"] * 0.75))
     cfgs["teacher"] = write_config(
-        base, data, out / "configs" / "teacher.yaml", dataset=dataset, teacher=None,
+        base,
+        data,
+        out / "configs" / "teacher.yaml",
+        dataset=dataset,
+        teacher=None,
         model={"bottleneck_channels": None, "num_classes": 4, "params": params, "random_weights": 0},
-        train={"method": "supervised", "epochs": p["teacher_epochs"], "batch_size": p["batch_size"],
-               "log_freq": 50, "optimizer": {"type": "sgd", "lr": p["teacher_lr"], "momentum": 0.9,
-                                             "weight_decay": 0.0001},
-               "scheduler": {"milestones": [tm], "gamma": 0.1}, "warmup_iters": 100,
-               "trainable": ["backbone", "rpn", "roi_heads"], "holdout_fraction": 0.1, "seed": 0})
+        train={
+            "method": "supervised",
+            "epochs": p["teacher_epochs"],
+            "batch_size": p["batch_size"],
+            "log_freq": 50,
+            "optimizer": {"type": "sgd", "lr": p["teacher_lr"], "momentum": 0.9, "weight_decay": 0.0001},
+            "scheduler": {"milestones": [tm], "gamma": 0.1},
+            "warmup_iters": 100,
+            "trainable": ["backbone", "rpn", "roi_heads"],
+            "holdout_fraction": 0.1,
+            "seed": 0,
+        },
+    )
     sm = max(1, int(p["student_epochs"] * 0.75))
     for method, layers in (("hnd", [1]), ("ghnd", [1, 2, 3, 4])):
         cfgs[method] = write_config(
-            base, data, out / "configs" / f"{method}.yaml", dataset=dataset,
+            base,
+            data,
+            out / "configs" / f"{method}.yaml",
+            dataset=dataset,
             model={"bottleneck_channels": 3, "num_classes": 4, "params": params, "random_weights": 0},
             teacher={"num_classes": 4, "params": params, "checkpoint": str(teacher_ckpt), "random_weights": None},
-            train={"method": method, "epochs": p["student_epochs"], "batch_size": p["batch_size"], "log_freq": 50,
-                   "optimizer": {"type": "adam", "lr": 0.001}, "scheduler": {"milestones": [sm], "gamma": 0.1},
-                   "warmup_iters": 100, "distill_layers": [f"backbone.body.layer{i}" for i in layers],
-                   "trainable": ["backbone.body.conv1", "backbone.body.layer1"], "holdout_fraction": 0.1,
-                   "seed": 0})
+            train={
+                "method": method,
+                "epochs": p["student_epochs"],
+                "batch_size": p["batch_size"],
+                "log_freq": 50,
+                "optimizer": {"type": "adam", "lr": 0.001},
+                "scheduler": {"milestones": [sm], "gamma": 0.1},
+                "warmup_iters": 100,
+                "distill_layers": [f"backbone.body.layer{i}" for i in layers],
+                "trainable": ["backbone.body.conv1", "backbone.body.layer1"],
+                "holdout_fraction": 0.1,
+                "seed": 0,
+            },
+        )
     return cfgs
 
 
 def run(cli_main, argv: list[str]) -> None:
-    print("$", cli_main.__module__.replace("hnd.train.", "hnd-").replace("evaluate", "eval"), " ".join(argv),
-          flush=True)
+    print(
+        "$", cli_main.__module__.replace("hnd.train.", "hnd-").replace("evaluate", "eval"), " ".join(argv), flush=True
+    )
     rc = cli_main(argv)
     if rc != 0:
         raise SystemExit(f"step failed with exit code {rc}")
 
 
-def evaluate(cfg: Path, ckpt: Path, out_json: Path, device: str, workers: int, bits: int | None = None,
-             granularity: str = "tensor") -> dict:
-    argv = ["--config", str(cfg), "--checkpoint", str(ckpt), "--split", "val", "--device", device,
-            "--workers", str(workers), "--output", str(out_json)]
+def evaluate(
+    cfg: Path,
+    ckpt: Path,
+    out_json: Path,
+    device: str,
+    workers: int,
+    bits: int | None = None,
+    granularity: str = "tensor",
+) -> dict:
+    argv = [
+        "--config",
+        str(cfg),
+        "--checkpoint",
+        str(ckpt),
+        "--split",
+        "val",
+        "--device",
+        device,
+        "--workers",
+        str(workers),
+        "--output",
+        str(out_json),
+    ]
     if bits is not None:
         argv += ["--bits", str(bits), "--granularity", granularity]
     run(hnd_eval.main, argv)
@@ -103,9 +182,12 @@ def evaluate(cfg: Path, ckpt: Path, out_json: Path, device: str, workers: int, b
 def table(results: dict, bit_settings: list[tuple[int, str]]) -> str:
     cols = ["float32"] + [f"{b}-bit {g}" for b, g in bit_settings]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, label in (("teacher", "teacher (supervised, random init)"),
-                        ("untrained", "student b3ch, untrained bottleneck"),
-                        ("hnd", "student b3ch, HND"), ("ghnd", "student b3ch, GHND")):
+    for name, label in (
+        ("teacher", "teacher (supervised, random init)"),
+        ("untrained", "student b3ch, untrained bottleneck"),
+        ("hnd", "student b3ch, HND"),
+        ("ghnd", "student b3ch, GHND"),
+    ):
         row = results.get(name, {})
         cells = []
         for col in cols:
@@ -120,8 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--select-by", choices=["bbox", "loss", "last"], default="bbox",
-                    help="students' model selection on the held-out split (the teacher always uses bbox)")
+    ap.add_argument(
+        "--select-by",
+        choices=["bbox", "loss", "last"],
+        default="bbox",
+        help="students' model selection on the held-out split (the teacher always uses bbox)",
+    )
     args = ap.parse_args(argv)
     p = PROFILES[args.profile]
     out: Path = args.out
@@ -130,15 +216,25 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     data = out / "data"
-    make_synthetic_coco(data, images=p["train_images"], val_images=p["val_images"], size=(p["size"], p["size"]),
-                        seed=0)
+    make_synthetic_coco(data, images=p["train_images"], val_images=p["val_images"], size=(p["size"], p["size"]), seed=0)
     cfgs = write_configs(out, data, p)
     timings["data"] = time.perf_counter() - t0
 
     def train_stage(name: str, extra: list[str]) -> None:
         t = time.perf_counter()
-        run(hnd_train.main, ["--config", str(cfgs[name]), "--output-dir", str(out / name), "--device", args.device,
-                             "--no-progress", *extra])
+        run(
+            hnd_train.main,
+            [
+                "--config",
+                str(cfgs[name]),
+                "--output-dir",
+                str(out / name),
+                "--device",
+                args.device,
+                "--no-progress",
+                *extra,
+            ],
+        )
         timings[f"train_{name}"] = time.perf_counter() - t
 
     train_stage("teacher", ["--train-bn", "--select-by", "bbox"])
@@ -156,10 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     evals = out / "eval"
     evals.mkdir(exist_ok=True)
     workers = p["workers"]
-    results["teacher"] = {"float32": evaluate(cfgs["teacher"], out / "teacher/best.pt", evals / "teacher.json",
-                                              args.device, workers)["bbox"]}
-    results["untrained"] = {"float32": evaluate(cfgs["hnd"], out / "untrained.pt", evals / "untrained.json",
-                                                args.device, workers)["bbox"]}
+    results["teacher"] = {
+        "float32": evaluate(cfgs["teacher"], out / "teacher/best.pt", evals / "teacher.json", args.device, workers)[
+            "bbox"
+        ]
+    }
+    results["untrained"] = {
+        "float32": evaluate(cfgs["hnd"], out / "untrained.pt", evals / "untrained.json", args.device, workers)["bbox"]
+    }
     for name in ("hnd", "ghnd"):
         ckpt = out / name / "best.pt"
         results[name] = {"float32": evaluate(cfgs[name], ckpt, evals / f"{name}.json", args.device, workers)["bbox"]}
@@ -169,10 +269,19 @@ def main(argv: list[str] | None = None) -> int:
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
-    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else \
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    summary = {"profile": args.profile, "settings": p, "device": device, "torch": torch.__version__,
-               "timings_s": {k: round(v, 1) for k, v in timings.items()}, "bbox": results}
+    device = (
+        torch.cuda.get_device_name(0)
+        if args.device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    summary = {
+        "profile": args.profile,
+        "settings": p,
+        "device": device,
+        "torch": torch.__version__,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "bbox": results,
+    }
     for name in ("teacher", "hnd", "ghnd"):
         last = torch.load(out / name / "last.pt", map_location="cpu", weights_only=True)
         summary[f"{name}_history"] = last["history"]

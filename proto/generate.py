@@ -7,6 +7,7 @@ their package ``hnd.v1``, so protoc, grpc-js or buf resolve them from the shippe
 protoc writes Python imports from those paths (``from hnd.v1 import tensor_pb2``); they are rewritten to
 where the modules live in the installed package (``from hnd.proto.v1 import tensor_pb2``).
 """
+
 from __future__ import annotations
 
 import argparse

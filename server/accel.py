@@ -20,6 +20,7 @@ heads and postprocess (data-dependent shapes). Options apply to the dense part o
 With every option at its default the server runs ``Tail`` itself (bit for bit the in-process
 tail). Exactness of the others is stated and tested in tests/test_accel.py (docs in the README).
 """
+
 from __future__ import annotations
 
 import logging
@@ -126,10 +127,11 @@ class AcceleratedTail(nn.Module):
         self._graphs: set[tuple] = set()
         self._eager: set[tuple] = set()  # shapes past the cap (warned once each)
         if options.compile != "off":
-            self._compiled = torch.compile(self.dense, mode=None if options.compile == "default" else options.compile,
-                                           dynamic=False)
+            self._compiled = torch.compile(
+                self.dense, mode=None if options.compile == "default" else options.compile, dynamic=False
+            )
 
-    def _dense(self, z: torch.Tensor) -> tuple["OrderedDict[str, torch.Tensor]", list[torch.Tensor], list[torch.Tensor]]:
+    def _dense(self, z: torch.Tensor) -> tuple[OrderedDict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         b = z.shape[0]
         fn: Callable[..., Any] = self.dense
         if self._compiled is not None:
@@ -152,8 +154,11 @@ class AcceleratedTail(nn.Module):
         def back(t: torch.Tensor) -> torch.Tensor:
             return t[:b].float().contiguous()
 
-        return (OrderedDict((k, back(v)) for k, v in features.items()), [back(t) for t in objectness],
-                [back(t) for t in deltas])
+        return (
+            OrderedDict((k, back(v)) for k, v in features.items()),
+            [back(t) for t in objectness],
+            [back(t) for t in deltas],
+        )
 
     def forward(self, z: torch.Tensor, meta: SplitMeta) -> list[dict[str, torch.Tensor]]:
         if z.shape[0] != len(meta):
@@ -183,7 +188,9 @@ def tail_info(options: TailOptions, device: torch.device) -> dict:
     """What ran, for GetModelInfo and records: options, device name, which part is reduced / stays fp32."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
-        **options.as_dict(), "summary": options.summary(), "device": name,
+        **options.as_dict(),
+        "summary": options.summary(),
+        "device": name,
         "reduced_precision_part": DENSE_PART if options.precision != "fp32" else "",
         "fp32_part": FP32_PART if options.precision != "fp32" else "everything",
     }

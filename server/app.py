@@ -4,6 +4,7 @@
 until SIGTERM / SIGINT and drains it; ``BackgroundServer`` runs one in a thread (tests,
 the demo, the benchmark).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,7 +30,6 @@ log = logging.getLogger("hnd.server")
 # Methods reachable without a token: orchestrators probe health, tools list services.
 _PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
-
 
 
 @dataclass
@@ -115,7 +115,8 @@ class ReplicaTagInterceptor(grpc.aio.ServerInterceptor):
                 return await unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
-                tagged_unary, handler.request_deserializer, handler.response_serializer)
+                tagged_unary, handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_stream is not None:
             stream = handler.stream_stream
 
@@ -126,7 +127,8 @@ class ReplicaTagInterceptor(grpc.aio.ServerInterceptor):
                     yield response
 
             return grpc.stream_stream_rpc_method_handler(
-                tagged_stream, handler.request_deserializer, handler.response_serializer)
+                tagged_stream, handler.request_deserializer, handler.response_serializer
+            )
         return handler
 
 
@@ -139,12 +141,20 @@ def add_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> N
     names = (*service_names, REFLECTION_V1, reflection.SERVICE_NAME)
     servicer = reflection.aio.ReflectionServicer(names)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
-        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-            servicer.ServerReflectionInfo,
-            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString),
-    }),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                REFLECTION_V1,
+                {
+                    "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                        servicer.ServerReflectionInfo,
+                        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+                    ),
+                },
+            ),
+        )
+    )
 
 
 def read_token(path: str) -> str:
@@ -184,8 +194,10 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
     interceptors.append(tag)
     options = channel_options(settings.limits.max_message_bytes)
     if settings.max_connection_age_s:
-        options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
-                    ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000))]
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     server.add_generic_rpc_handlers((service.generic_handler(),))
     health_servicer = health.aio.HealthServicer()
@@ -223,9 +235,17 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
     await asyncio.get_running_loop().run_in_executor(None, runner.warm_up)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s (%s, %d-channel bottleneck, weights %s, tail %s on %s) on %s:%d",
-             SERVICE_NAME, runner.kind, runner.channels, runner.fingerprint[:12], runner.tail_info["summary"],
-             runner.tail_info["device"], settings.host, port)
+    log.info(
+        "serving %s (%s, %d-channel bottleneck, weights %s, tail %s on %s) on %s:%d",
+        SERVICE_NAME,
+        runner.kind,
+        runner.channels,
+        runner.fingerprint[:12],
+        runner.tail_info["summary"],
+        runner.tail_info["device"],
+        settings.host,
+        port,
+    )
     return RunningServer(server, service, health_servicer, port, health_server, health_port)
 
 
@@ -252,7 +272,7 @@ class BackgroundServer:
         self.running: RunningServer | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, name="hnd-server", daemon=True)
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         self._thread.start()
         self.running = asyncio.run_coroutine_threadsafe(start_server(self.runner, self.settings), self.loop).result()
         return self
@@ -274,4 +294,3 @@ class BackgroundServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-

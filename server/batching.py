@@ -13,6 +13,7 @@ compute thread starts on the first request at once, and a busy one finds, when i
 everything that queued meanwhile -- batches grow only while the model is busy (adaptive).
 A positive delay trades that latency for fuller batches when requests arrive just apart.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -119,7 +120,9 @@ class Batcher:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
 
-    async def submit(self, key: Hashable, payload: Any, deadline: float | None, images: int = 1) -> tuple[WorkItem, Any]:
+    async def submit(
+        self, key: Hashable, payload: Any, deadline: float | None, images: int = 1
+    ) -> tuple[WorkItem, Any]:
         """Queue one request and wait for it; returns (the item with its timings, the compute result).
 
         Raises QueueFull at once when the queue is full, DeadlineExpired when it expired waiting.
@@ -206,8 +209,15 @@ class Batcher:
 
     # --- back on the event loop -------------------------------------------------------------------
 
-    def _deliver(self, live: list[WorkItem], expired: list[WorkItem], results: list[Any] | None,
-                 error: BaseException | None, start_ns: int, compute_ns: int) -> None:
+    def _deliver(
+        self,
+        live: list[WorkItem],
+        expired: list[WorkItem],
+        results: list[Any] | None,
+        error: BaseException | None,
+        start_ns: int,
+        compute_ns: int,
+    ) -> None:
         for item in expired:
             if not item.future.done():
                 item.future.set_exception(DeadlineExpired("deadline expired while queued; not computed"))

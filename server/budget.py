@@ -16,6 +16,7 @@ sizes a request declares, before its tensor is even decompressed:
 
 The same numbers go to clients in ``GetModelInfo.limits`` (hnd.v1.ServerLimits).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -81,9 +82,16 @@ def make_budget(
     if pixels < 1:
         raise ValueError(f"max_mask_bytes {max_mask_bytes} does not fit one pixel of {mask_detections} masks")
     return RequestBudget(
-        max_images=max_images, max_short_side=short, max_long_side=long, size_divisible=size_divisible,
-        max_padded_side=side, max_padded_pixels=side * side, max_original_side=max_original_side,
-        max_original_pixels=pixels, mask_bytes_per_pixel=per_pixel, model_min_size=model_min_size,
+        max_images=max_images,
+        max_short_side=short,
+        max_long_side=long,
+        size_divisible=size_divisible,
+        max_padded_side=side,
+        max_padded_pixels=side * side,
+        max_original_side=max_original_side,
+        max_original_pixels=pixels,
+        mask_bytes_per_pixel=per_pixel,
+        model_min_size=model_min_size,
         model_max_size=model_max_size,
     )
 
@@ -96,14 +104,21 @@ def check_originals(originals: Sequence[Hw], budget: RequestBudget) -> None:
     """Original sizes (of a split request or a decoded offload image) within the budget."""
     for size in originals:
         if max(size) > budget.max_original_side:
-            raise BudgetError(f"original size {_hw(size)} exceeds max_original_side {budget.max_original_side}",
-                              "original_size")
+            raise BudgetError(
+                f"original size {_hw(size)} exceeds max_original_side {budget.max_original_side}", "original_size"
+            )
     total = sum(h * w for h, w in originals)
     if total > budget.max_original_pixels:
-        why = (f" (Mask R-CNN pastes {budget.mask_bytes_per_pixel // 4} float32 masks per image at its original "
-               f"size: at most {budget.max_mask_bytes / 2**20:.0f} MiB)" if budget.mask_bytes_per_pixel else "")
-        raise BudgetError(f"original sizes total {total} pixels; max_original_pixels is "
-                          f"{budget.max_original_pixels}{why}", "original_pixels")
+        why = (
+            f" (Mask R-CNN pastes {budget.mask_bytes_per_pixel // 4} float32 masks per image at its original "
+            f"size: at most {budget.max_mask_bytes / 2**20:.0f} MiB)"
+            if budget.mask_bytes_per_pixel
+            else ""
+        )
+        raise BudgetError(
+            f"original sizes total {total} pixels; max_original_pixels is {budget.max_original_pixels}{why}",
+            "original_pixels",
+        )
 
 
 def check_split_meta(meta: SplitMeta, budget: RequestBudget) -> None:
@@ -117,13 +132,15 @@ def check_split_meta(meta: SplitMeta, budget: RequestBudget) -> None:
             raise BudgetError(
                 f"image size {_hw(image)} is not a resize of original {_hw(original)} (aspect ratio differs; "
                 f"min_size {budget.model_min_size} / max_size {budget.model_max_size} gives {_hw(example)})",
-                "resize_rule")
+                "resize_rule",
+            )
         if min(image) > budget.max_short_side or max(image) > budget.max_long_side:
             example = resized_size(original, budget.max_short_side, budget.max_long_side)
             raise BudgetError(
                 f"image size {_hw(image)} exceeds the accepted resize (short side <= {budget.max_short_side}, "
                 f"long side <= {budget.max_long_side}; the largest for original {_hw(original)} is {_hw(example)})",
-                "image_size")
+                "image_size",
+            )
     # torchvision pads a batch to its largest image rounded up; a sub-batch (frames a neural filter kept)
     # keeps the padding of the whole batch, so more is fine as long as it stays a multiple and in budget.
     least = padded_size(meta.image_sizes, budget.size_divisible)
@@ -131,11 +148,15 @@ def check_split_meta(meta: SplitMeta, budget: RequestBudget) -> None:
     if ph % budget.size_divisible or pw % budget.size_divisible or ph < least[0] or pw < least[1]:
         raise BudgetError(
             f"padded size {_hw(meta.padded_size)} must be a multiple of {budget.size_divisible} covering every "
-            f"image: expected {_hw(least)} (the largest image height and width rounded up)", "padded_size")
+            f"image: expected {_hw(least)} (the largest image height and width rounded up)",
+            "padded_size",
+        )
     if max(ph, pw) > budget.max_padded_side or ph * pw > budget.max_padded_pixels:
         raise BudgetError(
             f"padded size {_hw(meta.padded_size)} exceeds max_padded_side {budget.max_padded_side} / "
-            f"max_padded_pixels {budget.max_padded_pixels} (expected {_hw(least)})", "padded_size")
+            f"max_padded_pixels {budget.max_padded_pixels} (expected {_hw(least)})",
+            "padded_size",
+        )
 
 
 def check_bottleneck_shape(shape: Sequence[int], meta: SplitMeta, channels: int, bottleneck_type: str = "hnd") -> None:
@@ -146,4 +167,6 @@ def check_bottleneck_shape(shape: Sequence[int], meta: SplitMeta, channels: int,
         rule = "Hp/4 - 1, Wp/4 - 1" if bottleneck_type == "entropic" else "Hp/4 + 4, Wp/4 + 4"
         raise BudgetError(
             f"bottleneck shape {list(shape)} does not fit {len(meta)} image(s) padded to {ph}x{pw} with a "
-            f"{channels}-channel model: expected {list(expected)} ([B, C, {rule}])", "shape")
+            f"{channels}-channel model: expected {list(expected)} ([B, C, {rule}])",
+            "shape",
+        )

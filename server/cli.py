@@ -1,8 +1,9 @@
 """hnd-server: serve the tail of a split R-CNN over gRPC.
 
-    hnd-server --config hnd/faster_rcnn-b3ch --checkpoint student.pt --device cuda --host 0.0.0.0
-    hnd-server --config test/faster_rcnn-b3ch --random-weights 0        # demo / tests
+hnd-server --config hnd/faster_rcnn-b3ch --checkpoint student.pt --device cuda --host 0.0.0.0
+hnd-server --config test/faster_rcnn-b3ch --random-weights 0        # demo / tests
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,50 +37,107 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's runtime.port, 50051)")
     p.add_argument("--max-batch", type=int, default=None, help="images per tail batch")
-    p.add_argument("--max-delay-ms", type=float, default=None, help="how long a batch waits to fill (default 0: it takes what queued meanwhile)")
+    p.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=None,
+        help="how long a batch waits to fill (default 0: it takes what queued meanwhile)",
+    )
     p.add_argument("--max-queue", type=int, default=None, help="waiting requests before RESOURCE_EXHAUSTED")
-    p.add_argument("--max-short-side", type=int, default=None,
-                   help="largest resized short side accepted, i.e. the largest edge min_size (default: the model's)")
-    p.add_argument("--max-long-side", type=int, default=None,
-                   help="largest resized long side accepted, i.e. the largest edge max_size (default: the model's)")
-    p.add_argument("--max-original-side", type=int, default=ServerLimits.max_original_side,
-                   help="largest original frame height / width a request may declare (default %(default)s)")
-    p.add_argument("--max-mask-mib", type=int, default=ServerLimits.max_mask_bytes >> 20,
-                   help="Mask R-CNN: float32 masks one request may paste at its original size (default %(default)s)")
+    p.add_argument(
+        "--max-short-side",
+        type=int,
+        default=None,
+        help="largest resized short side accepted, i.e. the largest edge min_size (default: the model's)",
+    )
+    p.add_argument(
+        "--max-long-side",
+        type=int,
+        default=None,
+        help="largest resized long side accepted, i.e. the largest edge max_size (default: the model's)",
+    )
+    p.add_argument(
+        "--max-original-side",
+        type=int,
+        default=ServerLimits.max_original_side,
+        help="largest original frame height / width a request may declare (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-mask-mib",
+        type=int,
+        default=ServerLimits.max_mask_bytes >> 20,
+        help="Mask R-CNN: float32 masks one request may paste at its original size (default %(default)s)",
+    )
     p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
     p.add_argument("--token-file", help="file holding the bearer token clients must send")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help=f"serve Prometheus metrics on this port (e.g. {DEFAULT_METRICS_PORT})")
-    p.add_argument("--health-port", type=int, default=None,
-                   help="also serve grpc.health.v1 alone, plain text, on this port (Kubernetes gRPC probes "
-                        "cannot use TLS; inference stays on --port)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help=f"serve Prometheus metrics on this port (e.g. {DEFAULT_METRICS_PORT})",
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="also serve grpc.health.v1 alone, plain text, on this port (Kubernetes gRPC probes "
+        "cannot use TLS; inference stays on --port)",
+    )
     p.add_argument("--no-offload", action="store_true", help="refuse full-frame (JPEG/PNG) requests")
     p.add_argument("--drain-seconds", type=float, default=10.0, help="grace for in-flight requests on SIGTERM")
-    p.add_argument("--max-connection-age", type=float, default=None, metavar="S",
-                   help="close client connections after S seconds (GOAWAY, in-flight calls finish) so "
-                        "clients re-resolve and spread over new replicas (default: never)")
+    p.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=None,
+        metavar="S",
+        help="close client connections after S seconds (GOAWAY, in-flight calls finish) so "
+        "clients re-resolve and spread over new replicas (default: never)",
+    )
     st = p.add_argument_group("stream sessions (temporal bottleneck frames, H.264 / HEVC offload; server/streams.py)")
-    st.add_argument("--max-stream-sessions", type=int, default=StreamLimits.max_sessions,
-                    help=f"InferStreams holding a reference or video decoder at once (default {StreamLimits.max_sessions}; "
-                         "0: no temporal coding)")
-    st.add_argument("--max-reference-mib", type=int, default=StreamLimits.max_reference_bytes >> 20,
-                    help=f"largest bottleneck reference per stream (default {StreamLimits.max_reference_bytes >> 20})")
-    st.add_argument("--max-video-sessions", type=int, default=StreamLimits.max_video_sessions,
-                    help=f"streams decoding H.264 / HEVC at once (default {StreamLimits.max_video_sessions})")
-    st.add_argument("--max-video-pixels", type=int, default=StreamLimits.max_video_pixels,
-                    help=f"largest decoded video picture, width x height (default {StreamLimits.max_video_pixels})")
+    st.add_argument(
+        "--max-stream-sessions",
+        type=int,
+        default=StreamLimits.max_sessions,
+        help=f"InferStreams holding a reference or video decoder at once (default {StreamLimits.max_sessions}; "
+        "0: no temporal coding)",
+    )
+    st.add_argument(
+        "--max-reference-mib",
+        type=int,
+        default=StreamLimits.max_reference_bytes >> 20,
+        help=f"largest bottleneck reference per stream (default {StreamLimits.max_reference_bytes >> 20})",
+    )
+    st.add_argument(
+        "--max-video-sessions",
+        type=int,
+        default=StreamLimits.max_video_sessions,
+        help=f"streams decoding H.264 / HEVC at once (default {StreamLimits.max_video_sessions})",
+    )
+    st.add_argument(
+        "--max-video-pixels",
+        type=int,
+        default=StreamLimits.max_video_pixels,
+        help=f"largest decoded video picture, width x height (default {StreamLimits.max_video_pixels})",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.add_argument_group("tail execution (dense part: decoder, layer2..4, FPN, RPN head)")
-    a.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="autocast type of the dense part; proposals, RoI heads and postprocess stay fp32 "
-                        "(fp16 needs CUDA; default fp32: bit for bit the in-process tail)")
+    a.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="autocast type of the dense part; proposals, RoI heads and postprocess stay fp32 "
+        "(fp16 needs CUDA; default fp32: bit for bit the in-process tail)",
+    )
     a.add_argument("--channels-last", action="store_true", help="dense part in NHWC memory format")
-    a.add_argument("--compile", choices=COMPILE_MODES, default="off",
-                   help="torch.compile the dense part per (batch bucket, padded size); reduce-overhead = "
-                        "CUDA graphs (CUDA only)")
+    a.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="off",
+        help="torch.compile the dense part per (batch bucket, padded size); reduce-overhead = CUDA graphs (CUDA only)",
+    )
     return p
 
 
@@ -109,11 +167,18 @@ def settings_from_args(args: argparse.Namespace, runtime: RuntimeConfig) -> Serv
         host=args.host,
         port=args.port if args.port is not None else runtime.port,
         limits=ServerLimits(
-            max_message_bytes=runtime.max_message_bytes, codec=codec.DEFAULT_LIMITS,
-            max_short_side=args.max_short_side, max_long_side=args.max_long_side,
-            max_original_side=args.max_original_side, max_mask_bytes=args.max_mask_mib << 20,
-            streams=StreamLimits(max_sessions=args.max_stream_sessions, max_reference_bytes=args.max_reference_mib << 20,
-                                 max_video_sessions=args.max_video_sessions, max_video_pixels=args.max_video_pixels),
+            max_message_bytes=runtime.max_message_bytes,
+            codec=codec.DEFAULT_LIMITS,
+            max_short_side=args.max_short_side,
+            max_long_side=args.max_long_side,
+            max_original_side=args.max_original_side,
+            max_mask_bytes=args.max_mask_mib << 20,
+            streams=StreamLimits(
+                max_sessions=args.max_stream_sessions,
+                max_reference_bytes=args.max_reference_mib << 20,
+                max_video_sessions=args.max_video_sessions,
+                max_video_pixels=args.max_video_pixels,
+            ),
         ),
         batching=BatchingOptions(
             max_batch=args.max_batch or runtime.max_batch,

@@ -1,7 +1,8 @@
 """hnd-healthcheck: exit 0 when hnd-server's grpc.health.v1 status is SERVING (container health checks).
 
-    hnd-healthcheck --server 127.0.0.1:50051 [--tls-ca ca.pem] [--timeout 3]
+hnd-healthcheck --server 127.0.0.1:50051 [--tls-ca ca.pem] [--timeout 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hnd.server.service import SERVICE_NAME
 
 
-def check(target: str, tls_ca: str | None = None, timeout_s: float = 3.0, service: str = SERVICE_NAME,
-          tls_cert: str | None = None, tls_key: str | None = None) -> str:
+def check(
+    target: str,
+    tls_ca: str | None = None,
+    timeout_s: float = 3.0,
+    service: str = SERVICE_NAME,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> str:
     """The serving status name (SERVING, NOT_SERVING, ...) or the gRPC error code name.
 
     tls_cert / tls_key: a client certificate, for servers that require mutual TLS.
@@ -32,7 +39,8 @@ def check(target: str, tls_ca: str | None = None, timeout_s: float = 3.0, servic
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
         except grpc.RpcError as exc:
             return exc.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

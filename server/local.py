@@ -6,6 +6,7 @@
 * ``answered_requests`` / ``scrape_answered_requests``: the server's own count of answered ``Infer``
   calls (``hnd_requests_total``), from its registry or its Prometheus endpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server_process(config: str, port: int, weights: list[str], extra: list[str] | None = None,
-                         timeout_s: float = 300.0) -> subprocess.Popen:
+def start_server_process(
+    config: str, port: int, weights: list[str], extra: list[str] | None = None, timeout_s: float = 300.0
+) -> subprocess.Popen:
     """Start ``hnd-server`` on 127.0.0.1:port and wait until its health check says SERVING.
 
     ``weights``: hnd-server's weight arguments (``["--checkpoint", P]`` or ``["--random-weights", S]``);
@@ -92,8 +94,9 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def server_process(config: str, weights: list[str], extra: list[str] | None = None, metrics: bool = False,
-                   timeout_s: float = 300.0) -> Iterator[ServerProcess]:
+def server_process(
+    config: str, weights: list[str], extra: list[str] | None = None, metrics: bool = False, timeout_s: float = 300.0
+) -> Iterator[ServerProcess]:
     """``start_server_process`` on a free port (and a free ``--metrics-port`` with ``metrics``), stopped on exit."""
     port = free_port()
     metrics_port = free_port() if metrics else None

@@ -1,4 +1,5 @@
 """Prometheus metrics of hnd-server (one registry per server, so tests can run several)."""
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -18,50 +19,67 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "hnd_requests", "Requests answered, by method and gRPC status code", ["method", "code"],
+            "hnd_requests",
+            "Requests answered, by method and gRPC status code",
+            ["method", "code"],
             registry=self.registry,
         )
         self.batch_size = Histogram(
-            "hnd_batch_size", "Images per tail batch", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            "hnd_batch_size",
+            "Images per tail batch",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
             registry=self.registry,
         )
         self.queue_depth = Gauge("hnd_queue_depth", "Requests waiting for a batch slot", registry=self.registry)
         self.stage_seconds = Histogram(
-            "hnd_stage_seconds", "Server stage durations", ["stage"],
+            "hnd_stage_seconds",
+            "Server stage durations",
+            ["stage"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
         self.refusals = Counter(
-            "hnd_refusals", "Requests refused, by method, status code and reason (a fixed label)",
-            ["method", "code", "reason"], registry=self.registry,
+            "hnd_refusals",
+            "Requests refused, by method, status code and reason (a fixed label)",
+            ["method", "code", "reason"],
+            registry=self.registry,
         )
         self.deadline_drops = Counter(
-            "hnd_deadline_drops", "Requests whose deadline passed while queued (never computed)", ["method"],
+            "hnd_deadline_drops",
+            "Requests whose deadline passed while queued (never computed)",
+            ["method"],
             registry=self.registry,
         )
         self.request_seconds = Histogram(
-            "hnd_request_seconds", "Server time of a request from receipt to answer or refusal", ["method", "code"],
+            "hnd_request_seconds",
+            "Server time of a request from receipt to answer or refusal",
+            ["method", "code"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
         )
         self.stream_messages = Counter(
-            "hnd_stream_messages", "InferStream messages: answered, refused, or dropped because their stream "
-            "had ended (not computed)", ["outcome"], registry=self.registry,
+            "hnd_stream_messages",
+            "InferStream messages: answered, refused, or dropped because their stream had ended (not computed)",
+            ["outcome"],
+            registry=self.registry,
         )
         self.stream_sessions = Gauge(
-            "hnd_stream_sessions", "InferStream sessions holding a slot (server/streams.py), by what they hold",
-            ["kind"], registry=self.registry,
+            "hnd_stream_sessions",
+            "InferStream sessions holding a slot (server/streams.py), by what they hold",
+            ["kind"],
+            registry=self.registry,
         )
         self.key_frames_required = Counter(
-            "hnd_key_frames_required", "Stream frames answered with key_frame_required: refused (no valid "
-            "reference) or not_kept (answered, no session free)", ["outcome"], registry=self.registry,
+            "hnd_key_frames_required",
+            "Stream frames answered with key_frame_required: refused (no valid "
+            "reference) or not_kept (answered, no session free)",
+            ["outcome"],
+            registry=self.registry,
         )
         self.log_suppressed = Counter(
             "hnd_log_suppressed", "Refusal log lines left out by the rate limit", registry=self.registry
         )
-        self.request_bytes = Counter(
-            "hnd_request_bytes", "Serialized request bytes received", registry=self.registry
-        )
+        self.request_bytes = Counter("hnd_request_bytes", "Serialized request bytes received", registry=self.registry)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Expose /metrics over HTTP on ``host:port`` (a daemon thread)."""

@@ -5,6 +5,7 @@ settings, limits); a bad one gets one status code and one server log line, and t
 server goes on serving the others. Handlers take the raw request bytes so that even
 unparseable bytes get INVALID_ARGUMENT rather than a generic INTERNAL error.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,11 @@ from hnd.server.text import RateLimitedLog, client_text
 log = logging.getLogger("hnd.server")
 
 SERVICE_NAME = "hnd.v1.SplitInference"
-IMAGE_FORMATS = {pb.EncodedImage.FORMAT_JPEG: "JPEG", pb.EncodedImage.FORMAT_PNG: "PNG",
-                 pb.EncodedImage.FORMAT_WEBP: "WEBP"}
+IMAGE_FORMATS = {
+    pb.EncodedImage.FORMAT_JPEG: "JPEG",
+    pb.EncodedImage.FORMAT_PNG: "PNG",
+    pb.EncodedImage.FORMAT_WEBP: "WEBP",
+}
 
 
 @dataclass(frozen=True)
@@ -142,15 +146,16 @@ class ModelRunner:
             out = [{k: v.cpu() for k, v in d.items()} for d in out]
         results, i = [], 0
         for item in items:
-            results.append(out[i:i + item.z.shape[0]])
+            results.append(out[i : i + item.z.shape[0]])
             i += item.z.shape[0]
         return results
 
     @torch.inference_mode()
     def run_images(self, items: list[ImagePayload]) -> list[list[dict[str, torch.Tensor]]]:
         """Full model on one image per request ([3, H, W] float 0..1): the offload comparison."""
-        return [[{k: v.cpu() for k, v in d.items()} for d in self.model([item.image.to(self.device)])]
-                for item in items]
+        return [
+            [{k: v.cpu() for k, v in d.items()} for d in self.model([item.image.to(self.device)])] for item in items
+        ]
 
     def compute(self, payloads: list[Payload]) -> list[list[dict[str, torch.Tensor]]]:
         """One batch (the batcher groups same-key payloads, so all of one kind)."""
@@ -166,13 +171,20 @@ class ModelRunner:
         """One line when a bottleneck's codec mode (hnd.v1.Tensor) is not this model's, else None."""
         learned = tensor.compression == tensor_pb2.COMPRESSION_LEARNED
         if self.prior is not None and not learned:
-            name = tensor_pb2.Compression.Name(tensor.compression) if tensor.compression in \
-                tensor_pb2.Compression.values() else str(tensor.compression)
-            return (f"this server runs an Entropic Student ({self.kind}): it takes only learned entropy coding "
-                    f"(compression learned, bits 0), not {tensor.bits}-bit {name}")
+            name = (
+                tensor_pb2.Compression.Name(tensor.compression)
+                if tensor.compression in tensor_pb2.Compression.values()
+                else str(tensor.compression)
+            )
+            return (
+                f"this server runs an Entropic Student ({self.kind}): it takes only learned entropy coding "
+                f"(compression learned, bits 0), not {tensor.bits}-bit {name}"
+            )
         if self.prior is None and learned:
-            return (f"this server runs an HND student ({self.kind}): learned entropy coding is for Entropic "
-                    f"Student models; send affine bits ({', '.join(map(str, codec.BITS))})")
+            return (
+                f"this server runs an HND student ({self.kind}): learned entropy coding is for Entropic "
+                f"Student models; send affine bits ({', '.join(map(str, codec.BITS))})"
+            )
         return None
 
     def warm_up(self) -> None:
@@ -224,15 +236,25 @@ class SplitInferenceService:
         )
         self.batching = batching
         gauge = self.metrics.stream_sessions
-        self.streams = StreamSessions(limits.streams, limits.codec, on_change=lambda bottleneck, video: (
-            gauge.labels("bottleneck").set(bottleneck), gauge.labels("video").set(video)))
+        self.streams = StreamSessions(
+            limits.streams,
+            limits.codec,
+            on_change=lambda bottleneck, video: (
+                gauge.labels("bottleneck").set(bottleneck),
+                gauge.labels("video").set(video),
+            ),
+        )
         self.draining = False
         self._stream_readers: set[asyncio.Task] = set()
         self.budget = make_budget(
-            max_images=limits.max_images_per_request, model_min_size=runner.min_size,
-            model_max_size=runner.max_size, size_divisible=runner.size_divisible,
-            mask_detections=runner.mask_detections, max_short_side=limits.max_short_side,
-            max_long_side=limits.max_long_side, max_original_side=limits.max_original_side,
+            max_images=limits.max_images_per_request,
+            model_min_size=runner.min_size,
+            model_max_size=runner.max_size,
+            size_divisible=runner.size_divisible,
+            mask_detections=runner.mask_detections,
+            max_short_side=limits.max_short_side,
+            max_long_side=limits.max_long_side,
+            max_original_side=limits.max_original_side,
             max_mask_bytes=limits.max_mask_bytes,
         )
         self.refusal_log = RateLimitedLog(log, on_suppressed=self.metrics.log_suppressed.inc)
@@ -258,10 +280,12 @@ class SplitInferenceService:
             weights_fingerprint=r.fingerprint,
             bottleneck_type=r.bottleneck_type or "",
             accepted_bits=[codec.LEARNED_BITS] if entropic else list(codec.BITS),
-            accepted_granularities=[tensor_pb2.GRANULARITY_CHANNEL] if entropic else [
-                tensor_pb2.GRANULARITY_TENSOR, tensor_pb2.GRANULARITY_CHANNEL, tensor_pb2.GRANULARITY_ORIGINAL],
-            accepted_compressions=[tensor_pb2.COMPRESSION_LEARNED] if entropic else [
-                tensor_pb2.COMPRESSION_NONE, tensor_pb2.COMPRESSION_ZSTD],
+            accepted_granularities=[tensor_pb2.GRANULARITY_CHANNEL]
+            if entropic
+            else [tensor_pb2.GRANULARITY_TENSOR, tensor_pb2.GRANULARITY_CHANNEL, tensor_pb2.GRANULARITY_ORIGINAL],
+            accepted_compressions=[tensor_pb2.COMPRESSION_LEARNED]
+            if entropic
+            else [tensor_pb2.COMPRESSION_NONE, tensor_pb2.COMPRESSION_ZSTD],
             accepted_image_formats=(list(IMAGE_FORMATS) + self.streams.video_format_enums()) if self.offload else [],
             limits=pb.ServerLimits(
                 max_message_bytes=lim.max_message_bytes,
@@ -296,11 +320,13 @@ class SplitInferenceService:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"weights fingerprint mismatch: request {client_text(given) if given else '(none)'}, "
-                f"server {self.runner.fingerprint}", "fingerprint",
+                f"server {self.runner.fingerprint}",
+                "fingerprint",
             )
 
-    def _decode_bottleneck(self, request: pb.InferRequest, session: StreamSession | None = None
-                           ) -> tuple[tuple, Payload]:
+    def _decode_bottleneck(
+        self, request: pb.InferRequest, session: StreamSession | None = None
+    ) -> tuple[tuple, Payload]:
         self._check_fingerprint(request.weights_fingerprint)
         refusal = self.runner.codec_refusal(request.bottleneck.tensor)  # the codec mode first: the clearest line
         if refusal is not None:
@@ -316,8 +342,11 @@ class SplitInferenceService:
         _, c, h, w = shape
         if request.HasField("stream_frame"):  # temporal coding: the session holds the reference
             if self.runner.prior is not None:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "temporal stream coding is for affine "
-                                   "bottlenecks; an Entropic Student's frames are each entropy-coded")
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "temporal stream coding is for affine "
+                    "bottlenecks; an Entropic Student's frames are each entropy-coded",
+                )
             decoded = session.decode_bottleneck(*wire.stream_frame_from_proto(request.stream_frame), encoded)
             self._stream_note = decoded.note
             value = decoded.value
@@ -326,11 +355,11 @@ class SplitInferenceService:
         z = torch.as_tensor(value).reshape(shape)  # torch or numpy codec output alike
         return ("split", (c, h, w), meta.padded_size), SplitPayload(z, meta)
 
-    def _decode_image(self, request: pb.InferRequest, session: StreamSession | None = None
-                      ) -> tuple[tuple, Payload]:
+    def _decode_image(self, request: pb.InferRequest, session: StreamSession | None = None) -> tuple[tuple, Payload]:
         if not self.offload:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "this server does not accept images (offload off)",
-                               "offload_off")
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, "this server does not accept images (offload off)", "offload_off"
+            )
         if request.weights_fingerprint:
             self._check_fingerprint(request.weights_fingerprint)
         if request.image.format in (pb.EncodedImage.FORMAT_H264, pb.EncodedImage.FORMAT_HEVC):
@@ -344,16 +373,21 @@ class SplitInferenceService:
             return ("image", id(request)), ImagePayload(tensor)
         fmt = IMAGE_FORMATS.get(request.image.format)
         if fmt is None:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"unsupported image format {request.image.format} (expected one of "
-                               f"{', '.join(pb.EncodedImage.Format.Name(f) for f in IMAGE_FORMATS)})", "image")
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unsupported image format {request.image.format} (expected one of "
+                f"{', '.join(pb.EncodedImage.Format.Name(f) for f in IMAGE_FORMATS)})",
+                "image",
+            )
         try:
             img = Image.open(io.BytesIO(request.image.data), formats=[fmt])
             w, h = img.size  # header only: check before decoding pixels
             if w * h > self.limits.max_image_pixels:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"image {w}x{h} exceeds max_image_pixels {self.limits.max_image_pixels}",
-                                   "image_size")
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"image {w}x{h} exceeds max_image_pixels {self.limits.max_image_pixels}",
+                    "image_size",
+                )
             check_originals([(h, w)], self.budget)  # the full model pastes masks at this size too
             rgb = np.asarray(img.convert("RGB"))
         except RequestError:
@@ -365,15 +399,17 @@ class SplitInferenceService:
         tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
         return ("image", id(request)), ImagePayload(tensor)
 
-    def _decode(self, request: pb.InferRequest, session: StreamSession | None = None
-                ) -> tuple[tuple, Payload]:
+    def _decode(self, request: pb.InferRequest, session: StreamSession | None = None) -> tuple[tuple, Payload]:
         which = request.WhichOneof("payload")
         # Set by the stream decoders when a key frame was answered but not kept; read by infer right
         # after this synchronous call, before any await, so requests cannot mix their notes.
         self._stream_note = ""
         if request.HasField("stream_frame") and session is None:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               "stream frames (key / delta, H.264 / HEVC) need InferStream, not Infer", "stream_frame")
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "stream frames (key / delta, H.264 / HEVC) need InferStream, not Infer",
+                "stream_frame",
+            )
         try:
             if which == "bottleneck":
                 return self._decode_bottleneck(request, session)
@@ -383,13 +419,21 @@ class SplitInferenceService:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad bottleneck: {exc}", "codec") from None
         except VideoError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad video frame: {exc}", "video") from None
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           "request carries neither a bottleneck nor an image (set payload)", "no_payload")
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "request carries neither a bottleneck nor an image (set payload)",
+            "no_payload",
+        )
 
     # --- one request ----------------------------------------------------------------------------
 
-    async def infer(self, request: pb.InferRequest, time_remaining: float | None,
-                    session: StreamSession | None = None, method: str = "Infer") -> pb.InferResponse:
+    async def infer(
+        self,
+        request: pb.InferRequest,
+        time_remaining: float | None,
+        session: StreamSession | None = None,
+        method: str = "Infer",
+    ) -> pb.InferResponse:
         """Validate, decode, batch, compute and encode one request; raises RequestError.
 
         session: the InferStream's stream session. Decoding happens before the first await, so a stream's
@@ -423,10 +467,15 @@ class SplitInferenceService:
         )
         encode_ns = time.perf_counter_ns() - t1
         queue_ns = item.started_ns - item.enqueued_ns
-        response.timings.CopyFrom(pb.ServerTimings(
-            decode_us=decode_ns // 1000, queue_us=queue_ns // 1000, compute_us=item.compute_ns // 1000,
-            encode_us=encode_ns // 1000, batch_size=item.batch_size,
-        ))
+        response.timings.CopyFrom(
+            pb.ServerTimings(
+                decode_us=decode_ns // 1000,
+                queue_us=queue_ns // 1000,
+                compute_us=item.compute_ns // 1000,
+                encode_us=encode_ns // 1000,
+                batch_size=item.batch_size,
+            )
+        )
         m = self.metrics.stage_seconds
         m.labels("decode").observe(decode_ns / 1e9)
         m.labels("queue").observe(queue_ns / 1e9)
@@ -439,20 +488,29 @@ class SplitInferenceService:
         try:
             return pb.InferRequest.FromString(raw)
         except DecodeError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"not an hnd.v1.InferRequest ({len(raw)} bytes): {exc}", "parse") from None
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"not an hnd.v1.InferRequest ({len(raw)} bytes): {exc}", "parse"
+            ) from None
 
     def _done(self, method: str, code: str, start_ns: int) -> None:
         self.metrics.requests.labels(method, code).inc()
         self.metrics.request_seconds.labels(method, code).observe((time.perf_counter_ns() - start_ns) / 1e9)
 
-    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: RequestError, start_ns: int,
-                    request_id: str = "") -> None:
+    async def _fail(
+        self, context: grpc.aio.ServicerContext, method: str, exc: RequestError, start_ns: int, request_id: str = ""
+    ) -> None:
         self._done(method, exc.code.name, start_ns)
         self.metrics.refusals.labels(method, exc.code.name, exc.reason).inc()
         # str(exc) holds client text only through client_text(); the request id is clipped here.
-        self.refusal_log.warning("%s %s (%s) request %s: %s (peer %s)", method, exc.code.name, exc.reason,
-                                 client_text(request_id) or "-", exc, client_text(context.peer()))
+        self.refusal_log.warning(
+            "%s %s (%s) request %s: %s (peer %s)",
+            method,
+            exc.code.name,
+            exc.reason,
+            client_text(request_id) or "-",
+            exc,
+            client_text(context.peer()),
+        )
         await context.abort(exc.code, str(exc))
 
     # --- gRPC handlers (raw bytes in, messages out) ---------------------------------------------
@@ -468,8 +526,13 @@ class SplitInferenceService:
             await self._fail(context, "Infer", exc, start, request_id)
         except Exception:  # noqa: BLE001 - never a traceback to the client; one to the log
             log.exception("Infer failed")
-            await self._fail(context, "Infer", RequestError(grpc.StatusCode.INTERNAL, "internal server error",
-                                                            "internal"), start, request_id)
+            await self._fail(
+                context,
+                "Infer",
+                RequestError(grpc.StatusCode.INTERNAL, "internal server error", "internal"),
+                start,
+                request_id,
+            )
         self._done("Infer", "OK", start)
         return response
 
@@ -482,7 +545,8 @@ class SplitInferenceService:
         """
         method = "InferStream"
         pending: asyncio.Queue[tuple[asyncio.Future, int, str] | None] = asyncio.Queue(
-            maxsize=self.limits.max_stream_inflight)
+            maxsize=self.limits.max_stream_inflight
+        )
         # Read but not yet answered, in request order: a refusal cancels the ones behind it.
         tasks: deque[asyncio.Future] = deque()
         ended = asyncio.Event()
@@ -498,8 +562,9 @@ class SplitInferenceService:
                 behind = behind or task is failed
 
         session = self.streams.open()  # temporal state of this stream; freed in the finally below
-        draining = RequestError(grpc.StatusCode.UNAVAILABLE,
-                                "server is draining: reopen the stream on another replica", "draining")
+        draining = RequestError(
+            grpc.StatusCode.UNAVAILABLE, "server is draining: reopen the stream on another replica", "draining"
+        )
         if self.draining:
             session.close()
             await self._fail(context, method, draining, time.perf_counter_ns())
@@ -511,8 +576,7 @@ class SplitInferenceService:
                         break
                     start = time.perf_counter_ns()
                     request = self._parse(raw)  # parse errors surface in order, below
-                    task = asyncio.ensure_future(
-                        self.infer(request, context.time_remaining(), session, method=method))
+                    task = asyncio.ensure_future(self.infer(request, context.time_remaining(), session, method=method))
                     tasks.append(task)
                     task.add_done_callback(end_after)
                     try:
@@ -541,9 +605,13 @@ class SplitInferenceService:
                 except Exception:  # noqa: BLE001
                     log.exception("InferStream failed")
                     self.metrics.stream_messages.labels("refused").inc()
-                    await self._fail(context, method,
-                                     RequestError(grpc.StatusCode.INTERNAL, "internal server error", "internal"),
-                                     start, request_id)
+                    await self._fail(
+                        context,
+                        method,
+                        RequestError(grpc.StatusCode.INTERNAL, "internal server error", "internal"),
+                        start,
+                        request_id,
+                    )
                 if tasks and tasks[0] is task:
                     tasks.popleft()
                 self.metrics.stream_messages.labels("answered").inc()
@@ -572,13 +640,19 @@ class SplitInferenceService:
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         identity = None  # request_deserializer None: handlers get raw bytes
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "Infer": grpc.unary_unary_rpc_method_handler(
-                self.Infer, request_deserializer=identity, response_serializer=pb.InferResponse.SerializeToString),
-            "InferStream": grpc.stream_stream_rpc_method_handler(
-                self.InferStream, request_deserializer=identity,
-                response_serializer=pb.InferResponse.SerializeToString),
-            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-                self.GetModelInfo, request_deserializer=identity,
-                response_serializer=pb.ModelInfo.SerializeToString),
-        })
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Infer": grpc.unary_unary_rpc_method_handler(
+                    self.Infer, request_deserializer=identity, response_serializer=pb.InferResponse.SerializeToString
+                ),
+                "InferStream": grpc.stream_stream_rpc_method_handler(
+                    self.InferStream,
+                    request_deserializer=identity,
+                    response_serializer=pb.InferResponse.SerializeToString,
+                ),
+                "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                    self.GetModelInfo, request_deserializer=identity, response_serializer=pb.ModelInfo.SerializeToString
+                ),
+            },
+        )

@@ -19,6 +19,7 @@ Refusals:
   ``Decoded.kept`` is False and the response says ``key_frame_required`` (send key frames only);
 * malformed data -> ``CodecError`` / ``VideoError`` (INVALID_ARGUMENT), and the reference is dropped.
 """
+
 from __future__ import annotations
 
 import threading
@@ -64,8 +65,13 @@ class Decoded:
 class StreamSessions:
     """The server's bounded table of stream sessions (thread-safe counters; sessions live on the event loop)."""
 
-    def __init__(self, limits: StreamLimits | None = None, codec_limits: codec.Limits = codec.DEFAULT_LIMITS,
-                 video_formats: tuple[str, ...] | None = None, on_change=None) -> None:
+    def __init__(
+        self,
+        limits: StreamLimits | None = None,
+        codec_limits: codec.Limits = codec.DEFAULT_LIMITS,
+        video_formats: tuple[str, ...] | None = None,
+        on_change=None,
+    ) -> None:
         """on_change(bottleneck_sessions, video_sessions): called whenever a slot is taken or given back."""
         self.limits = limits or StreamLimits()
         self.codec_limits = codec_limits
@@ -76,7 +82,7 @@ class StreamSessions:
         self.opened = 0
         self.on_change = on_change
 
-    def open(self) -> "StreamSession":
+    def open(self) -> StreamSession:
         """A session for one InferStream call (takes a slot only at its first key frame)."""
         self.opened += 1
         return StreamSession(self)
@@ -89,7 +95,8 @@ class StreamSessions:
         """What GetModelInfo advertises (ModelInfo.stream_sessions); no video without offload."""
         lim = self.limits
         return pb.StreamSessions(
-            max_sessions=lim.max_sessions, max_reference_bytes=lim.max_reference_bytes,
+            max_sessions=lim.max_sessions,
+            max_reference_bytes=lim.max_reference_bytes,
             video_formats=self.video_format_enums() if offload else [],
             max_video_pixels=lim.max_video_pixels if offload else 0,
             max_video_sessions=lim.max_video_sessions if offload else 0,
@@ -169,8 +176,12 @@ class StreamSession:
                 self._bottleneck = StreamDecoder(self.table.codec_limits, self.table.limits.max_reference_bytes)
             out = self._bottleneck.decode(frame)
             if not self._bottleneck.has_reference:
-                return Decoded(out, kept=False, note=f"a reference of {encoded.numel} symbols exceeds "
-                                                     f"max_reference_bytes {self.table.limits.max_reference_bytes}")
+                return Decoded(
+                    out,
+                    kept=False,
+                    note=f"a reference of {encoded.numel} symbols exceeds "
+                    f"max_reference_bytes {self.table.limits.max_reference_bytes}",
+                )
             return Decoded(out)
         if kind != "delta":
             raise CodecError(f"unknown stream frame kind {kind!r}")
@@ -208,8 +219,9 @@ class StreamSession:
         if key_sequence != chain[0] or sequence != chain[1] + 1:
             self._video_chain.pop(fmt, None)
             decoder.reset()
-            raise KeyFrameRequired(f"{fmt} frame {sequence} of key {key_sequence} does not follow frame {chain[1]} "
-                                   f"of key {chain[0]}")
+            raise KeyFrameRequired(
+                f"{fmt} frame {sequence} of key {key_sequence} does not follow frame {chain[1]} of key {chain[0]}"
+            )
         try:
             out = decoder.decode(data, key_frame=False)
         except VideoError:
@@ -220,8 +232,10 @@ class StreamSession:
 
     def _full_note(self) -> str:
         lim = self.table.limits
-        return (f"no stream session free ({lim.max_sessions} sessions, {lim.max_video_sessions} for video): "
-                "this frame was answered but not kept; send key frames only")
+        return (
+            f"no stream session free ({lim.max_sessions} sessions, {lim.max_video_sessions} for video): "
+            "this frame was answered but not kept; send key frames only"
+        )
 
 
 def video_request(session: StreamSession | None, request: pb.InferRequest, max_image_pixels: int) -> Decoded:

@@ -4,6 +4,7 @@ A client controls request ids, fingerprints and whatever bytes it sends: unbound
 status past gRPC's metadata limit (the client then sees RESOURCE_EXHAUSTED instead of the real status),
 and a newline in them would forge a log line. A retry storm of bad requests would flood the log.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,9 +36,14 @@ class RateLimitedLog:
     ``on_suppressed(n)`` (e.g. a Prometheus counter's ``inc``) sees every suppressed line as it happens.
     """
 
-    def __init__(self, logger: logging.Logger, burst: int = 20, period_s: float = 10.0,
-                 on_suppressed: Callable[[int], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        burst: int = 20,
+        period_s: float = 10.0,
+        on_suppressed: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.logger = logger
         self.burst = burst
         self.period_s = period_s
@@ -53,8 +59,11 @@ class RateLimitedLog:
         """Report what the current window suppressed now (e.g. when the server drains)."""
         with self._lock:
             if self.suppressed:
-                self.logger.warning("%d similar refusal lines suppressed in the last %.0f s",
-                                    self.suppressed, self.clock() - self._window_start)
+                self.logger.warning(
+                    "%d similar refusal lines suppressed in the last %.0f s",
+                    self.suppressed,
+                    self.clock() - self._window_start,
+                )
             self._window_start, self._logged, self.suppressed = self.clock(), 0, 0
 
     def warning(self, msg: str, *args: object) -> bool:
@@ -63,8 +72,11 @@ class RateLimitedLog:
             now = self.clock()
             if now - self._window_start >= self.period_s:
                 if self.suppressed:
-                    self.logger.warning("%d similar refusal lines suppressed in the last %.0f s",
-                                        self.suppressed, now - self._window_start)
+                    self.logger.warning(
+                        "%d similar refusal lines suppressed in the last %.0f s",
+                        self.suppressed,
+                        now - self._window_start,
+                    )
                 self._window_start, self._logged, self.suppressed = now, 0, 0
             if self._logged >= self.burst:
                 self.suppressed += 1

@@ -4,6 +4,7 @@ Chromium comes from Debian's packages (``apt-get install chromium``); the protoc
 WebSocket, spoken with tornado's client (already a dependency of the view). No Selenium, no
 Playwright browser download.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,10 +42,21 @@ class Chromium:
     async def __aenter__(self) -> Chromium:
         self.profile = tempfile.mkdtemp(prefix="hnd-chromium-")
         self.proc = subprocess.Popen(
-            [self.binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
-             f"--window-size={self.size[0]},{self.size[1]}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                self.binary,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self.profile}",
+                f"--window-size={self.size[0]},{self.size[1]}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         port_file = Path(self.profile) / "DevToolsActivePort"
         deadline = time.monotonic() + 60
         while not (port_file.exists() and port_file.read_text().strip()):

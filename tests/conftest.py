@@ -1,4 +1,5 @@
 """Shared fixtures: the tiny seeded models of configs/test/ and a few small images."""
+
 from __future__ import annotations
 
 import os
@@ -66,6 +67,8 @@ def pytest_collection_modifyitems(config, items):
             names += FIXTURE_MARKS.get(fixture, ())
         for name in dict.fromkeys(names):
             item.add_marker(name)
+
+
 # The RPN proposal counts the configs/test/ models use (torchvision: 1000), for tests that build
 # models from other configs.
 FAST_PARAMS = {"rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100}

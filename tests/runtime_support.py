@@ -1,4 +1,5 @@
 """Helpers for the runtime tests: servers on loopback, edges, frames, certificates."""
+
 from __future__ import annotations
 
 import subprocess
@@ -75,18 +76,65 @@ def assert_same_detections(a: list[dict], b: list[dict]) -> None:
 
 def make_certs(folder: Path) -> dict[str, str]:
     """A CA, a server certificate for localhost / 127.0.0.1 and a client certificate (openssl CLI)."""
+
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key", "-out", "ca.pem",
-        "-subj", "/CN=hnd-test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=hnd-test-ca",
+    )
     for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={'localhost' if name == 'server' else 'hnd-edge'}")
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={'localhost' if name == 'server' else 'hnd-edge'}",
+        )
         (folder / f"{name}.ext").write_text(
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\n" if name == "server" else "extendedKeyUsage=clientAuth\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
-    return {k: str(folder / v) for k, v in {
-        "ca": "ca.pem", "server_cert": "server.pem", "server_key": "server.key",
-        "client_cert": "client.pem", "client_key": "client.key"}.items()}
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n" if name == "server" else "extendedKeyUsage=clientAuth\n"
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+        )
+    return {
+        k: str(folder / v)
+        for k, v in {
+            "ca": "ca.pem",
+            "server_cert": "server.pem",
+            "server_key": "server.key",
+            "client_cert": "client.pem",
+            "client_key": "client.key",
+        }.items()
+    }

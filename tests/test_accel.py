@@ -1,4 +1,5 @@
 """Tail execution options (hnd.server.accel): exactness per option, CUDA-only refusals, compile buckets, reporting."""
+
 from __future__ import annotations
 
 import copy
@@ -92,19 +93,23 @@ def test_bf16_on_cpu_is_within_its_stated_bound(tiny_model, photos):
         assert a["max_score_diff"] <= 1e-3, a
 
 
-@pytest.mark.parametrize("options,needle", [
-    (TailOptions("fp16"), "--precision fp16 needs a CUDA device"),
-    (TailOptions(compile="reduce-overhead"), "CUDA graphs and needs a CUDA device"),
-    (TailOptions("int4"), "--precision must be one of"),
-])
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        (TailOptions("fp16"), "--precision fp16 needs a CUDA device"),
+        (TailOptions(compile="reduce-overhead"), "CUDA graphs and needs a CUDA device"),
+        (TailOptions("int4"), "--precision must be one of"),
+    ],
+)
 def test_cuda_only_options_refuse_on_cpu(options, needle):
     with pytest.raises(AccelError, match=needle):
         check_options(options, CPU)
 
 
 def test_hnd_server_refuses_fp16_on_cpu_with_one_line(capsys):
-    rc = server_cli.main(["--config", "test/faster_rcnn-b3ch", "--random-weights", "0", "--device", "cpu",
-                          "--precision", "fp16"])
+    rc = server_cli.main(
+        ["--config", "test/faster_rcnn-b3ch", "--random-weights", "0", "--device", "cpu", "--precision", "fp16"]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.startswith("hnd-server: error: --precision fp16 needs a CUDA device") and "\n" not in err
@@ -134,8 +139,10 @@ def test_compile_pads_the_batch_to_a_bucket_and_caps_the_graphs(tiny_model, phot
     with torch.inference_mode():
         got = acc(z3, meta3)
         want = tail(z3, meta3)
-        other = acc(z[..., :-32, :], type(meta)(meta.original_sizes, meta.image_sizes, (meta.padded_size[0] - 128,
-                                                                                           meta.padded_size[1])))
+        other = acc(
+            z[..., :-32, :],
+            type(meta)(meta.original_sizes, meta.image_sizes, (meta.padded_size[0] - 128, meta.padded_size[1])),
+        )
     assert batch_bucket(3) == 4 and seen == [(4, *z.shape[1:])]  # the second shape ran eagerly: cap of 1
     assert len(got) == 3 and len(other) == 1
     for w, g in zip(want, got):

@@ -1,5 +1,6 @@
 """The edge's side of scale-out, in process: gRPC target syntax, --lb through the service config,
 and a replica with other weights that stops the edge with one line naming it."""
+
 from __future__ import annotations
 
 import copy
@@ -38,14 +39,30 @@ def other_model(model):
     return other
 
 
-@pytest.mark.parametrize("target", ["127.0.0.1:50051", "gpu-host:50051", "dns:///hnd-server.hnd.svc.cluster.local:50051",
-                                    "ipv4:127.0.0.1:50051,127.0.0.1:50052", "ipv6:[::1]:50051", "unix:/run/hnd.sock"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "127.0.0.1:50051",
+        "gpu-host:50051",
+        "dns:///hnd-server.hnd.svc.cluster.local:50051",
+        "ipv4:127.0.0.1:50051,127.0.0.1:50052",
+        "ipv6:[::1]:50051",
+        "unix:/run/hnd.sock",
+    ],
+)
 def test_targets_accepted(target):
     assert check_target(target) == target
 
 
-@pytest.mark.parametrize("target, why", [("gpu-host", "HOST:PORT"), ("http://gpu-host:50051", "unknown scheme"),
-                                         ("ipv4:", "no address"), (":50051", "HOST:PORT")])
+@pytest.mark.parametrize(
+    "target, why",
+    [
+        ("gpu-host", "HOST:PORT"),
+        ("http://gpu-host:50051", "unknown scheme"),
+        ("ipv4:", "no address"),
+        (":50051", "HOST:PORT"),
+    ],
+)
 def test_targets_refused_with_the_reason(target, why):
     with pytest.raises(EdgeError, match=why):
         check_target(target)
@@ -111,9 +128,23 @@ def test_hnd_edge_cli_prints_one_line_naming_the_replica(model, other_model, tmp
         cv2.imwrite(str(images / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     out = tmp_path / "records.jsonl"
     with serving(model, replica="good") as good, serving(other_model, replica="stale-weights") as bad:
-        rc = cli.main(["--server", f"ipv4:127.0.0.1:{good.port},127.0.0.1:{bad.port}", "--lb", "round_robin",
-                       "--images", str(images), "--config", "test/faster_rcnn-b3ch", "--random-weights", "0",
-                       "--output", str(out), "--no-progress"])
+        rc = cli.main(
+            [
+                "--server",
+                f"ipv4:127.0.0.1:{good.port},127.0.0.1:{bad.port}",
+                "--lb",
+                "round_robin",
+                "--images",
+                str(images),
+                "--config",
+                "test/faster_rcnn-b3ch",
+                "--random-weights",
+                "0",
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2
     assert len(err) == 1 and "stale-weights" in err[0] and "Traceback" not in err[0], err
@@ -126,8 +157,19 @@ def test_hnd_edge_cli_prints_one_line_naming_the_replica(model, other_model, tmp
 
 
 def test_bad_target_and_lb_get_one_line(capsys, tmp_path):
-    rc = cli.main(["--server", "gpu-host", "--images", str(tmp_path), "--config", "test/faster_rcnn-b3ch",
-                   "--random-weights", "0", "--no-progress"])
+    rc = cli.main(
+        [
+            "--server",
+            "gpu-host",
+            "--images",
+            str(tmp_path),
+            "--config",
+            "test/faster_rcnn-b3ch",
+            "--random-weights",
+            "0",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "HOST:PORT" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
@@ -168,8 +210,11 @@ def test_tls_over_an_ipv4_list_checks_the_given_server_name(model, tmp_path):
     certs = make_certs(tmp_path)  # server certificate for DNS:localhost, IP:127.0.0.1
     tls = TlsFiles(certs["server_cert"], certs["server_key"])
     with serving(model, tls=tls, replica="a") as a, serving(model, tls=tls, replica="b") as b:
-        client = SplitClient(ClientSettings(f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}", tls_ca=certs["ca"],
-                                            tls_server_name="localhost"))
+        client = SplitClient(
+            ClientSettings(
+                f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}", tls_ca=certs["ca"], tls_server_name="localhost"
+            )
+        )
         try:
             summary, _, _ = run_edge(model, client, frames(4), max_inflight=2)
         finally:

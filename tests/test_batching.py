@@ -1,4 +1,5 @@
 """The Batcher on its own: adaptive batches, keys, limits, deadlines, cancellation, errors, stop."""
+
 from __future__ import annotations
 
 import asyncio
@@ -72,8 +73,10 @@ def test_max_batch_counts_images_and_keys_never_mix():
         b.start()
         first = asyncio.ensure_future(b.submit("a", "a0", None))
         await _entered(rec)
-        queued = [asyncio.ensure_future(b.submit(k, p, None, images=n))
-                  for k, p, n in [("a", "a1", 3), ("b", "b1", 1), ("a", "a2", 1), ("a", "a3", 1), ("b", "b2", 2)]]
+        queued = [
+            asyncio.ensure_future(b.submit(k, p, None, images=n))
+            for k, p, n in [("a", "a1", 3), ("b", "b1", 1), ("a", "a2", 1), ("a", "a3", 1), ("b", "b2", 2)]
+        ]
         await asyncio.sleep(0.05)
         rec.gate.set()
         await asyncio.gather(first, *queued)

@@ -1,4 +1,5 @@
 """hnd-bench: the link model by hand, agreement and crossovers on toy data, and one --quick run end to end."""
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,11 @@ def test_crossover_of_two_lines_is_where_they_meet():
 
 
 def _dets(boxes, labels, scores):
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(labels, dtype=torch.int64), "scores": torch.tensor(scores)}
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "scores": torch.tensor(scores),
+    }
 
 
 def test_match_f1():
@@ -163,9 +167,14 @@ def test_quick_latency_is_the_link_model_of_the_samples(quick):
     _, _, data = quick
     link = Link(**data["run"]["links"][0])
     for r in data["results"]:
-        per_frame = [f["edge_ms"] if r["mode"] == "local" else
-                     link_latency_ms(f["edge_ms"], f["request_bytes"], f["response_bytes"], f["server_ms"],
-                                     f["loopback_ms"], link) for f in r["frames"]]
+        per_frame = [
+            f["edge_ms"]
+            if r["mode"] == "local"
+            else link_latency_ms(
+                f["edge_ms"], f["request_bytes"], f["response_bytes"], f["server_ms"], f["loopback_ms"], link
+            )
+            for f in r["frames"]
+        ]
         assert r["latency_ms"][link.name]["p50"] == pytest.approx(np.median(per_frame))
         if r["mode"] != "local":
             for f in r["frames"]:  # the measured loopback run: edge, then the wire and the server
@@ -209,9 +218,17 @@ def test_quick_plots_exist(quick):
 
 def _filtered_record(**ms):
     """A record of a frame the edge's filter dropped, as hnd.edge.pipeline writes it."""
-    return {"frame": 0, "source": "f.jpg", "status": "OK", "mode": "split", "filtered": True,
-            "filter_probability": 0.002, "bytes": {"payload": 0, "message": 0}, "detections": [{"count": 0}],
-            "ms": {"capture": 0.0, "preprocess": 2.0, "head": 5.0, "filter": 1.5, "total": 9.0, **ms}}
+    return {
+        "frame": 0,
+        "source": "f.jpg",
+        "status": "OK",
+        "mode": "split",
+        "filtered": True,
+        "filter_probability": 0.002,
+        "bytes": {"payload": 0, "message": 0},
+        "detections": [{"count": 0}],
+        "ms": {"capture": 0.0, "preprocess": 2.0, "head": 5.0, "filter": 1.5, "total": 9.0, **ms},
+    }
 
 
 def test_sample_from_a_filtered_record_costs_its_edge_time_and_nothing_on_the_link():
@@ -224,9 +241,12 @@ def test_sample_from_a_filtered_record_costs_its_edge_time_and_nothing_on_the_li
     assert s.edge_ms_raw == pytest.approx(2.0 + 5.0 + 1.5)  # preprocess + stem + filter
     for link in (Link("3g", 1.0, 100.0), Link("wifi", 50.0, 5.0)):
         assert s.latency_ms(link, local=False) == pytest.approx(8.5)  # no RTT, no transfer
-    sent = dict(_filtered_record(encode=0.5, network_server=40.0), filtered=False,
-                bytes={"payload": 900, "message": 1000, "response": 200},
-                server_ms={"decode": 1.0, "queue": 0.0, "compute": 30.0, "encode": 1.0})
+    sent = dict(
+        _filtered_record(encode=0.5, network_server=40.0),
+        filtered=False,
+        bytes={"payload": 900, "message": 1000, "response": 200},
+        server_ms={"decode": 1.0, "queue": 0.0, "compute": 30.0, "encode": 1.0},
+    )
     sent["ms"]["head"] = 9.0
     s = sample_from_record(FrameRecord.from_dict(sent), frame=0, raw_bytes=300, extra_edge_ms=0.0)
     assert s.edge_ms_raw == pytest.approx(2.0 + 9.0 + 1.5 + 0.5) and s.loopback_ms == pytest.approx(8.0)
@@ -239,16 +259,34 @@ def test_pooling_keeps_dropped_frames_free_of_server_time():
     from hnd.bench.plan import Setting
 
     def sample(head, filt, compute, filtered):
-        return Sample(frame=0, source="f", raw_bytes=1, request_bytes=0 if filtered else 10, payload_bytes=0,
-                      response_bytes=0, edge_ms_raw=1.0 + head + filt, edge_model_ms_raw=head,
-                      server_ms_raw=0.0 if filtered else compute + 2.0, server_compute_ms_raw=compute,
-                      loopback_ms=0.0, measured_total_ms=0.0, filtered=filtered, filter_ms_raw=filt)
+        return Sample(
+            frame=0,
+            source="f",
+            raw_bytes=1,
+            request_bytes=0 if filtered else 10,
+            payload_bytes=0,
+            response_bytes=0,
+            edge_ms_raw=1.0 + head + filt,
+            edge_model_ms_raw=head,
+            server_ms_raw=0.0 if filtered else compute + 2.0,
+            server_compute_ms_raw=compute,
+            loopback_ms=0.0,
+            measured_total_ms=0.0,
+            filtered=filtered,
+            filter_ms_raw=filt,
+        )
 
     plain = [Setting("split", f"{b}-bit tensor", EdgeOptions(bits=b)) for b in (8, 4)]
-    settings = plain + [Setting("split", s.name + ", with filter", EdgeOptions(bits=s.options.bits,
-                                                                               filter_threshold=0.5)) for s in plain]
-    samples = {settings[0].key: [sample(10.0, 0.0, 100.0, None)], settings[1].key: [sample(14.0, 0.0, 120.0, None)],
-               settings[2].key: [sample(3.0, 1.0, 0.0, True)], settings[3].key: [sample(5.0, 3.0, 0.0, True)]}
+    settings = plain + [
+        Setting("split", s.name + ", with filter", EdgeOptions(bits=s.options.bits, filter_threshold=0.5))
+        for s in plain
+    ]
+    samples = {
+        settings[0].key: [sample(10.0, 0.0, 100.0, None)],
+        settings[1].key: [sample(14.0, 0.0, 120.0, None)],
+        settings[2].key: [sample(3.0, 1.0, 0.0, True)],
+        settings[3].key: [sample(5.0, 3.0, 0.0, True)],
+    }
     pool_compute(settings, samples)
     assert [samples[s.key][0].edge_ms for s in plain] == [1.0 + 12.0, 1.0 + 12.0]  # median head of the sent runs
     assert [samples[s.key][0].server_ms for s in plain] == [112.0, 112.0]
@@ -279,8 +317,9 @@ def quick_filter(tmp_path_factory):
     threshold = (ordered[1] + ordered[2]) / 2  # two frames below it, two above
     assert ordered[1] < threshold < ordered[2]
     out = tmp_path_factory.mktemp("bench-filter")
-    run_bench(BenchOptions(quick=True, config=config, mixed=MIXED, filter_threshold=threshold, out=str(out),
-                           progress=False))
+    run_bench(
+        BenchOptions(quick=True, config=config, mixed=MIXED, filter_threshold=threshold, out=str(out), progress=False)
+    )
     return out, json.loads((out / "results.json").read_text()), probs, threshold
 
 
@@ -330,8 +369,9 @@ def test_quick_filter_bytes_are_zero_for_dropped_frames_and_averaged_over_all(qu
         plain, filtered = by["split", bits], by["split", bits + ", with filter"]
         # The frames that are sent are encoded the same way with or without the filter.
         kept = [not f["filtered"] for f in filtered["frames"]]
-        assert [f["payload_bytes"] for f in filtered["frames"] if not f["filtered"]] == \
-            [f["payload_bytes"] for f, k in zip(plain["frames"], kept) if k]
+        assert [f["payload_bytes"] for f in filtered["frames"] if not f["filtered"]] == [
+            f["payload_bytes"] for f, k in zip(plain["frames"], kept) if k
+        ]
         assert filtered["payload_bytes"]["mean"] < plain["payload_bytes"]["mean"]
 
 
@@ -343,7 +383,8 @@ def test_quick_filter_server_answered_only_the_sent_frames(quick_filter):
         else:  # the server's own count (hnd_requests_total), read around each run
             assert r["server_requests"] == r["frames_sent"]
     assert sum(r["server_requests"] for r in data["results"] if r["filter"]) == 2 * sum(
-        1 for r in data["results"] if r["filter"])
+        1 for r in data["results"] if r["filter"]
+    )
 
 
 def test_quick_filter_latency_of_a_dropped_frame_is_its_edge_time(quick_filter):
@@ -359,8 +400,9 @@ def test_quick_filter_latency_of_a_dropped_frame_is_its_edge_time(quick_filter):
                 assert f["edge_ms_raw"] == pytest.approx(ms["preprocess"] + ms["head"] + ms["filter"])
                 per_frame.append(f["edge_ms"])
             else:
-                lat = link_latency_ms(f["edge_ms"], f["request_bytes"], f["response_bytes"], f["server_ms"],
-                                      f["loopback_ms"], link)
+                lat = link_latency_ms(
+                    f["edge_ms"], f["request_bytes"], f["response_bytes"], f["server_ms"], f["loopback_ms"], link
+                )
                 per_frame.append(lat)
                 per_sent.append(lat)
         assert r["latency_ms"][link.name]["p50"] == pytest.approx(np.median(per_frame))
@@ -373,7 +415,19 @@ def test_bench_filter_options_are_checked(tmp_path, capsys):
     assert main(["--quick", "--filter-threshold", "0.5", "--out", str(tmp_path), "--no-progress"]) == 2
     assert "no neural filter" in capsys.readouterr().err  # test/faster_rcnn-b3ch has none
     assert main(["--quick", "--mixed", "4", "--frames", "2", "--out", str(tmp_path)]) == 2
-    assert main(["--quick", "--config", "test/keypoint_rcnn-b3ch-filter", "--filter-threshold", "1.5",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "--quick",
+                "--config",
+                "test/keypoint_rcnn-b3ch-filter",
+                "--filter-threshold",
+                "1.5",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     with pytest.raises(SystemExit):
         main(["--quick", "--filter-threshold", "0.5", "--no-filter"])

@@ -1,4 +1,5 @@
 """hnd.bench.overhead and hnd.bench.batching: they run, measure what they say, and the stand-in tails behave."""
+
 from __future__ import annotations
 
 import time

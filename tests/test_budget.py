@@ -1,4 +1,5 @@
 """The request budget: torchvision's resize rule, padding, original-size and mask bounds; client text."""
+
 from __future__ import annotations
 
 import logging
@@ -55,18 +56,23 @@ def test_other_resizes_within_the_advertised_bounds_are_accepted():
     b = budget(max_short_side=480, max_long_side=640)
     check_split_meta(meta((480, 640), (480, 640)), b)  # native resolution
     check_split_meta(meta((480, 640), resized_size((480, 640), 320, 500)), b)
-    with pytest.raises(BudgetError, match="short side <= 480, long side <= 640; the largest for original 960x1280 is 480x640"):
+    with pytest.raises(
+        BudgetError, match="short side <= 480, long side <= 640; the largest for original 960x1280 is 480x640"
+    ):
         check_split_meta(meta((960, 1280), (720, 960)), b)
 
 
-@pytest.mark.parametrize("case,reason,match", [
-    (meta((120, 150), (160, 256)), "resize_rule", "not a resize of original 120x150.*gives 160x200"),
-    (meta((9000, 9000), (160, 160)), "original_size", "exceeds max_original_side 8192"),
-    (meta((2048, 2048), (2048, 2048)), "image_size", "short side <= 160"),
-    (meta((120, 150), (160, 200), (2048, 2048)), "padded_size", "exceeds max_padded_side 256.*expected 160x224"),
-    (meta((120, 150), (160, 200), (160, 200)), "padded_size", "multiple of 32.*expected 160x224"),
-    (meta((120, 150), (160, 200), (128, 224)), "padded_size", "covering every image: expected 160x224"),
-])
+@pytest.mark.parametrize(
+    "case,reason,match",
+    [
+        (meta((120, 150), (160, 256)), "resize_rule", "not a resize of original 120x150.*gives 160x200"),
+        (meta((9000, 9000), (160, 160)), "original_size", "exceeds max_original_side 8192"),
+        (meta((2048, 2048), (2048, 2048)), "image_size", "short side <= 160"),
+        (meta((120, 150), (160, 200), (2048, 2048)), "padded_size", "exceeds max_padded_side 256.*expected 160x224"),
+        (meta((120, 150), (160, 200), (160, 200)), "padded_size", "multiple of 32.*expected 160x224"),
+        (meta((120, 150), (160, 200), (128, 224)), "padded_size", "covering every image: expected 160x224"),
+    ],
+)
 def test_refusals_say_what_was_expected(case, reason, match):
     with pytest.raises(BudgetError, match=match) as info:
         check_split_meta(case, budget())
@@ -107,16 +113,22 @@ def test_client_text_is_clipped_and_escaped():
 def test_refusal_log_is_rate_limited_and_counts_what_it_left_out(caplog):
     now = [0.0]
     counted = []
-    limited = RateLimitedLog(logging.getLogger("hnd.test"), burst=3, period_s=10, on_suppressed=counted.append,
-                             clock=lambda: now[0])
+    limited = RateLimitedLog(
+        logging.getLogger("hnd.test"), burst=3, period_s=10, on_suppressed=counted.append, clock=lambda: now[0]
+    )
     with caplog.at_level(logging.WARNING, logger="hnd.test"):
         written = [limited.warning("refused %d", i) for i in range(100)]
         now[0] = 11.0
         limited.warning("refused again")
     assert written.count(True) == 3 and len(counted) == 97 and limited.suppressed_total == 97
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["refused 0", "refused 1", "refused 2",
-                     "97 similar refusal lines suppressed in the last 11 s", "refused again"]
+    assert lines == [
+        "refused 0",
+        "refused 1",
+        "refused 2",
+        "97 similar refusal lines suppressed in the last 11 s",
+        "refused again",
+    ]
     for _ in range(5):
         limited.warning("more")
     caplog.clear()

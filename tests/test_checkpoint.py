@@ -1,4 +1,5 @@
 """Checkpoints: our format, the original repository's files, fingerprints, head-only exports, refusals."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ from hnd.common.split import is_head_key, split_model
 # Building files the way other code wrote them.
 
 
-def to_original_names(sd, torchdistill: bool = False) -> "OrderedDict[str, torch.Tensor]":
+def to_original_names(sd, torchdistill: bool = False) -> OrderedDict[str, torch.Tensor]:
     """Our (current torchvision) key names -> torchvision 0.4.2's, as the original repository saved them."""
     out = OrderedDict()
     for k, v in sd.items():
@@ -46,8 +47,11 @@ def to_original_names(sd, torchdistill: bool = False) -> "OrderedDict[str, torch
 def original_checkpoint(model, torchdistill: bool = False) -> dict:
     """What the original's save_ckpt wrote: model, optimizer, best_value, lr_scheduler, config, args."""
     # Adam over copies of the trainable tensors (conv1 + bottleneck), one step so it has state.
-    params = [p.detach().clone().requires_grad_() for n, p in model.named_parameters()
-              if n.startswith(("backbone.body.conv1.", "backbone.body.layer1."))]
+    params = [
+        p.detach().clone().requires_grad_()
+        for n, p in model.named_parameters()
+        if n.startswith(("backbone.body.conv1.", "backbone.body.layer1."))
+    ]
     optimizer = torch.optim.Adam(params, lr=1e-3)
     for p in params:
         p.grad = torch.full_like(p, 0.01)
@@ -57,16 +61,28 @@ def original_checkpoint(model, torchdistill: bool = False) -> dict:
     config = {
         "student_model": {
             "name": "faster_rcnn",
-            "backbone": {"name": "custom_resnet50", "params": {"pretrained": False, "freeze_layers": False,
-                                                                 "layer1": {"name": "Bottleneck4LargeResNet",
-                                                                            "bottleneck_channel": 3}}},
+            "backbone": {
+                "name": "custom_resnet50",
+                "params": {
+                    "pretrained": False,
+                    "freeze_layers": False,
+                    "layer1": {"name": "Bottleneck4LargeResNet", "bottleneck_channel": 3},
+                },
+            },
             "params": {"num_classes": 91, "pretrained": True},
             "ckpt": "./resource/ckpt/hnd/some-b3ch.pt",
         },
         "train": {"num_epochs": 20, "batch_size": 4, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}},
     }
-    args = argparse.Namespace(config="config/hnd/faster_rcnn-backbone_resnet50-b3ch.yaml", device="cuda",
-                              json=None, distill=True, world_size=1, dist_url="env://", transform_bottleneck=False)
+    args = argparse.Namespace(
+        config="config/hnd/faster_rcnn-backbone_resnet50-b3ch.yaml",
+        device="cuda",
+        json=None,
+        distill=True,
+        world_size=1,
+        dist_url="env://",
+        transform_bottleneck=False,
+    )
     return {
         "model": to_original_names(model.state_dict(), torchdistill),
         "optimizer": optimizer.state_dict(),
@@ -202,8 +218,12 @@ def test_original_checkpoint_loads(original_file, faster, mask, target, kind, le
     path = original_file(kind, legacy, torchdistill)
     # The file really uses the old names (otherwise this test proves nothing).
     old_keys = set(to_original_names(source.state_dict(), torchdistill))
-    assert {"backbone.fpn.inner_blocks.0.weight", "backbone.fpn.layer_blocks.3.bias", "rpn.head.conv.weight",
-            "rpn.head.conv.bias"} <= old_keys
+    assert {
+        "backbone.fpn.inner_blocks.0.weight",
+        "backbone.fpn.layer_blocks.3.bias",
+        "rpn.head.conv.weight",
+        "rpn.head.conv.bias",
+    } <= old_keys
     assert not old_keys & {"backbone.fpn.inner_blocks.0.0.weight", "rpn.head.conv.0.0.weight"}
     if kind == "mask_rcnn":
         assert {f"roi_heads.mask_head.mask_fcn{i}.weight" for i in range(1, 5)} <= old_keys
@@ -300,8 +320,10 @@ def test_export_head_and_load_head(ours, ckpt_dir, faster, target, images):
     full = faster.state_dict()
     assert sorted(raw["model"]) == sorted(k for k in full if is_head_key(k))
     assert len(raw["model"]) == 24
-    assert not any(k.startswith(("backbone.body.layer1.decoder.", "backbone.body.layer2.", "backbone.fpn.", "rpn.",
-                                 "roi_heads.")) for k in raw["model"])
+    assert not any(
+        k.startswith(("backbone.body.layer1.decoder.", "backbone.body.layer2.", "backbone.fpn.", "rpn.", "roi_heads."))
+        for k in raw["model"]
+    )
     assert os.path.getsize(out) < os.path.getsize(path) / 50
 
     head, _ = split_model(target("faster_rcnn"))
@@ -407,9 +429,21 @@ def bad_file(request, ckpt_dir, faster, ours, original_file, teacher_file):
     raise AssertionError(case)
 
 
-REFUSALS = ["six_channels", "teacher_into_student", "wrong_kind", "missing_keys", "wrong_shape",
-            "truncated_zip", "truncated_legacy", "text", "empty", "tensor", "dict_subclass", "tampered",
-            "missing_file"]
+REFUSALS = [
+    "six_channels",
+    "teacher_into_student",
+    "wrong_kind",
+    "missing_keys",
+    "wrong_shape",
+    "truncated_zip",
+    "truncated_legacy",
+    "text",
+    "empty",
+    "tensor",
+    "dict_subclass",
+    "tampered",
+    "missing_file",
+]
 
 
 @pytest.mark.parametrize("bad_file", REFUSALS, indirect=True)

@@ -1,4 +1,5 @@
 """hnd.common.codec: exactness, error bounds (property-based), hostile inputs, speed."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """YAML configs: schema errors, the bundled files against the original's recipes, and where weights come from."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,13 +92,15 @@ def test_distillation_recipes_match_the_original(family, kind):
     assert (t.optimizer.type, t.optimizer.lr) == ("adam", 1e-3)
     assert (t.scheduler.milestones, t.scheduler.gamma) == (milestones, 0.1)
     assert t.warmup_iters == 1000
-    layers = ["backbone.body.layer1"] + (["backbone.body.layer2", "backbone.body.layer3", "backbone.body.layer4"]
-                                         if family == "ghnd" else [])
+    layers = ["backbone.body.layer1"] + (
+        ["backbone.body.layer2", "backbone.body.layer3", "backbone.body.layer4"] if family == "ghnd" else []
+    )
     assert t.distill_layers == layers
     assert t.trainable == ["backbone.body.conv1", "backbone.body.layer1"]
     # The student's checkpoint path is the original's, per family.
-    assert cfg.model.checkpoint == (f"./resource/ckpt/{family}/coco2017-{kind}-backbone_custom_resnet50_from_"
-                                    f"{kind}-backbone_resnet50-b3ch.pt")
+    assert cfg.model.checkpoint == (
+        f"./resource/ckpt/{family}/coco2017-{kind}-backbone_custom_resnet50_from_{kind}-backbone_resnet50-b3ch.pt"
+    )
     # The teacher: torchvision's COCO weights the original started from.
     assert cfg.teacher.kind == kind and cfg.teacher.bottleneck_channels is None
     assert cfg.teacher.num_classes == cfg.model.num_classes
@@ -112,7 +115,11 @@ def test_org_recipes_match_the_original(kind):
     epochs, milestones = (46, [36, 43]) if kind == "keypoint_rcnn" else (26, [16, 22])
     assert (t.method, t.epochs, t.batch_size) == ("supervised", epochs, 2)
     assert (t.optimizer.type, t.optimizer.lr, t.optimizer.momentum, t.optimizer.weight_decay) == (
-        "sgd", 0.0075, 0.9, 1e-4)
+        "sgd",
+        0.0075,
+        0.9,
+        1e-4,
+    )
     assert (t.scheduler.milestones, t.scheduler.gamma) == (milestones, 0.1)
     assert cfg.model.bottleneck_channels is None and cfg.teacher is None
     assert cfg.model.weights_url == TORCHVISION_WEIGHT_URLS[kind]
@@ -122,7 +129,11 @@ def test_org_recipes_match_the_original(kind):
 def _check_dataset(cfg: Config, kind: str) -> None:
     d = cfg.dataset
     assert (d.name, d.root, d.num_workers, d.aspect_ratio_group_factor) == (
-        "coco2017", "./resource/dataset/coco2017", 4, 3)
+        "coco2017",
+        "./resource/dataset/coco2017",
+        4,
+        3,
+    )
     prefix = "person_keypoints" if kind == "keypoint_rcnn" else "instances"
     assert d.splits["train"].images == "train2017"
     assert d.splits["train"].annotations == f"annotations/{prefix}_train2017.json"
@@ -182,8 +193,9 @@ def test_full_example_loads(tmp_path):
 
 def test_yaml_1_1_exponent_floats_are_numbers(tmp_path):
     # PyYAML reads 1e-3 (no dot) as a string; the loader takes it as the float the author meant.
-    cfg = load_config(write(tmp_path, "model: {kind: faster_rcnn, random_weights: 0}\n"
-                                      "train: {optimizer: {lr: 1e-3}, epochs: 3}\n"))
+    cfg = load_config(
+        write(tmp_path, "model: {kind: faster_rcnn, random_weights: 0}\ntrain: {optimizer: {lr: 1e-3}, epochs: 3}\n")
+    )
     assert cfg.train.optimizer.lr == 0.001 and cfg.train.epochs == 3
 
 
@@ -217,8 +229,10 @@ def test_yaml_1_1_exponent_floats_are_numbers(tmp_path):
         (edit(FULL, "train.method", "kd"), ["train.method", "'kd'"]),
         (edit(FULL, "runtime.compression", "gzip"), ["runtime.compression", "'gzip'"]),
         (edit(FULL, "model.bottleneck_channels", 0), ["bottleneck_channels must be >= 1"]),
-        (edit(edit(FULL, "teacher", {"kind": "mask_rcnn", "random_weights": 1}), "model.kind", "faster_rcnn"),
-         ["teacher.kind mask_rcnn", "model.kind faster_rcnn"]),
+        (
+            edit(edit(FULL, "teacher", {"kind": "mask_rcnn", "random_weights": 1}), "model.kind", "faster_rcnn"),
+            ["teacher.kind mask_rcnn", "model.kind faster_rcnn"],
+        ),
         # not a mapping at all
         ([1, 2, 3], ["top level", "expected a mapping"]),
         (None, ["top level", "expected a mapping"]),

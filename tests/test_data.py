@@ -1,4 +1,5 @@
 """COCO-format data: targets, flips, filtering, held-out split, grouped batches, bad files."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,12 @@ def kp(tmp_path_factory):
 
 
 def _cfg(root, kind="instances"):
-    splits = {s: SimpleNamespace(images=f"{s}2017", annotations=f"annotations/{kind}_{s}2017.json",
-                                 remove_non_annotated_imgs=s == "train") for s in ("train", "val")}
+    splits = {
+        s: SimpleNamespace(
+            images=f"{s}2017", annotations=f"annotations/{kind}_{s}2017.json", remove_non_annotated_imgs=s == "train"
+        )
+        for s in ("train", "val")
+    }
     return SimpleNamespace(root=str(root), splits=splits)
 
 
@@ -102,11 +107,17 @@ def test_remove_non_annotated_images(det):
 
 def test_only_tiny_boxes_count_as_empty(tmp_path):
     # The original tested xyxy coordinates as if they were w/h; a box at x=50 of width 1 is degenerate.
-    doc = {"images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 64},
-                      {"id": 2, "file_name": "b.jpg", "width": 64, "height": 64}],
-           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [50, 50, 1, 1], "area": 1, "iscrowd": 0},
-                           {"id": 2, "image_id": 2, "category_id": 1, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0}],
-           "categories": [{"id": 1, "name": "x"}]}
+    doc = {
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 64, "height": 64},
+            {"id": 2, "file_name": "b.jpg", "width": 64, "height": 64},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [50, 50, 1, 1], "area": 1, "iscrowd": 0},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0},
+        ],
+        "categories": [{"id": 1, "name": "x"}],
+    }
     ann = tmp_path / "a.json"
     ann.write_text(json.dumps(doc))
     from hnd.train.data import annotated_image_ids
@@ -156,13 +167,19 @@ def test_loader_batches(det):
     assert collate_detection([(1, "a"), (2, "b")]) == ((1, 2), ("a", "b"))
 
 
-@pytest.mark.parametrize("content, needle", [
-    ("{not json", "malformed COCO annotation file"),
-    ('{"images": 3, "annotations": [], "categories": []}', "needs 'images'"),
-    ('{"images": [{"id": 1}], "annotations": [], "categories": []}', "KeyError"),
-    ('{"images": [], "annotations": [{"id": 1, "image_id": 9, "bbox": [0,0,1,1], "category_id": 1}],'
-     ' "categories": []}', "unknown image 9"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("{not json", "malformed COCO annotation file"),
+        ('{"images": 3, "annotations": [], "categories": []}', "needs 'images'"),
+        ('{"images": [{"id": 1}], "annotations": [], "categories": []}', "KeyError"),
+        (
+            '{"images": [], "annotations": [{"id": 1, "image_id": 9, "bbox": [0,0,1,1], "category_id": 1}],'
+            ' "categories": []}',
+            "unknown image 9",
+        ),
+    ],
+)
 def test_malformed_annotations(tmp_path, content, needle):
     ann = tmp_path / "bad.json"
     ann.write_text(content)

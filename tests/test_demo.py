@@ -1,4 +1,5 @@
 """hnd-demo end to end: a real hnd-server subprocess (hnd.server.local) and the edge on sample photos."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,9 @@ from hnd.server.local import scrape_answered_requests, server_process
 def test_server_process_serves_counts_and_stops():
     cfg = load_config("test/faster_rcnn-b3ch")
     fp = fingerprint(build_model_from_config(with_weights(cfg.model, None, 3), cfg.path))
-    with server_process("test/faster_rcnn-b3ch", ["--random-weights", "3"], ["--log-level", "WARNING"],
-                        metrics=True) as server:
+    with server_process(
+        "test/faster_rcnn-b3ch", ["--random-weights", "3"], ["--log-level", "WARNING"], metrics=True
+    ) as server:
         client = SplitClient(ClientSettings(server.target))
         try:
             assert client.model_info().weights_fingerprint == fp  # same seed, same weights
@@ -29,8 +31,23 @@ def test_server_process_serves_counts_and_stops():
 def test_demo_runs_server_and_edge(tmp_path, capsys):
     summary = tmp_path / "summary.json"
     records = tmp_path / "records.jsonl"
-    assert main(["--config", "test/faster_rcnn-b3ch", "--frames", "2", "--bits", "4", "--summary-json", str(summary),
-                 "--output", str(records)]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                "test/faster_rcnn-b3ch",
+                "--frames",
+                "2",
+                "--bits",
+                "4",
+                "--summary-json",
+                str(summary),
+                "--output",
+                str(records),
+            ]
+        )
+        == 0
+    )
     data = json.loads(summary.read_text())
     assert data["frames"] == 2 and data["answered"] == 2 and data["failed"] == 0
     lines = [json.loads(line) for line in records.read_text().splitlines()]

@@ -6,6 +6,7 @@ ports, constraints.txt pins, files in the repository. DEPLOY.md's TLS commands a
 certificates are used against a real hnd-server. Building an image needs a container engine that can
 get the base image; where there is none the build test is skipped and says why.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -235,7 +236,7 @@ def dockerignore_patterns() -> list[tuple[bool, re.Pattern]]:
                 i += 1
             elif pat[i] == "[":
                 j = pat.index("]", i)
-                rx += pat[i:j + 1]
+                rx += pat[i : j + 1]
                 i = j + 1
             else:
                 rx += re.escape(pat[i])
@@ -329,7 +330,11 @@ def test_copy_sources_exist_and_are_in_the_context(side):
                 path = ROOT / src
                 assert path.exists(), f"{DOCKERFILES[side].name}:{i.line}: COPY {src}: no such file in the repository"
                 assert not ignored(src, pats), f"COPY {src}: excluded by .dockerignore"
-                files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in (".py", ".pyi", ".yaml", ".proto")]
+                files = (
+                    [path]
+                    if path.is_file()
+                    else [p for p in path.rglob("*") if p.suffix in (".py", ".pyi", ".yaml", ".proto")]
+                )
                 for f in files:
                     rel = f.relative_to(ROOT).as_posix()
                     assert not ignored(rel, pats), f"{rel} (needed by COPY {src}) is excluded by .dockerignore"
@@ -351,7 +356,9 @@ def test_dependencies_install_before_the_source_is_copied(side):
         return next(n for n, i in enumerate(ins) if pred(i))
 
     first_source = index(lambda i: i.keyword == "COPY" and set(copy_sources(i)[0]) & package_dirs)
-    deps_copy = index(lambda i: i.keyword == "COPY" and {"pyproject.toml", "constraints.txt"} <= set(copy_sources(i)[0]))
+    deps_copy = index(
+        lambda i: i.keyword == "COPY" and {"pyproject.toml", "constraints.txt"} <= set(copy_sources(i)[0])
+    )
     deps_run = index(lambda i: i.keyword == "RUN" and "-r /tmp/requirements.txt" in i.args)
     install = index(lambda i: i.keyword == "RUN" and re.search(r"pip install [^&]*--no-deps[^&]* \.(\s|$)", i.args))
     assert deps_copy < deps_run < first_source < install
@@ -433,13 +440,35 @@ def test_edge_image_defaults():
 
 def test_dockerignore_keeps_the_context_small_and_secret_free():
     pats = dockerignore_patterns()
-    for rel in (".venv/bin/python", ".git/HEAD", "resource/ckpt/x.pt", "model.pt", "configs/x.pt",
-                "common/__pycache__/a.cpython-311.pyc", "bench-out/r.json", "demo-out/a.png",
-                "hnd.egg-info/PKG-INFO", ".pytest_cache/v", ".hypothesis/x", "build/lib/x.py",
-                "secrets/server.key", "resource/deploy/secrets/token", "server.key", "ca.crt"):
+    for rel in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "resource/ckpt/x.pt",
+        "model.pt",
+        "configs/x.pt",
+        "common/__pycache__/a.cpython-311.pyc",
+        "bench-out/r.json",
+        "demo-out/a.png",
+        "hnd.egg-info/PKG-INFO",
+        ".pytest_cache/v",
+        ".hypothesis/x",
+        "build/lib/x.py",
+        "secrets/server.key",
+        "resource/deploy/secrets/token",
+        "server.key",
+        "ca.crt",
+    ):
         assert ignored(rel, pats), f"{rel} would be sent to the image build"
-    for rel in ("pyproject.toml", "constraints.txt", "README.md", "common/config.py", "configs/hnd/faster_rcnn-b3ch.yaml",
-                "proto/v1/tensor_pb2.py", "server/cli.py", "edge/cli.py"):
+    for rel in (
+        "pyproject.toml",
+        "constraints.txt",
+        "README.md",
+        "common/config.py",
+        "configs/hnd/faster_rcnn-b3ch.yaml",
+        "proto/v1/tensor_pb2.py",
+        "server/cli.py",
+        "edge/cli.py",
+    ):
         assert not ignored(rel, pats), f"{rel} is needed in the build context"
 
 
@@ -534,7 +563,14 @@ def test_compose_with_docker_compose_v1_config_if_installed(tmp_path):
     deploy = tmp_path / "deploy"
     (deploy / "secrets").mkdir(parents=True)
     (deploy / "models").mkdir()
-    for f in ("secrets/server.crt", "secrets/server.key", "secrets/ca.crt", "secrets/token", "models/head.onnx", "sample.mp4"):
+    for f in (
+        "secrets/server.crt",
+        "secrets/server.key",
+        "secrets/ca.crt",
+        "secrets/token",
+        "models/head.onnx",
+        "sample.mp4",
+    ):
         (deploy / f).write_text("")
     # v1 predates the top-level `name:` of the Compose Specification; check everything else.
     data = compose()
@@ -542,8 +578,13 @@ def test_compose_with_docker_compose_v1_config_if_installed(tmp_path):
     copy = DOCKER / f".compose-check-{os.getpid()}.yaml"
     copy.write_text(yaml.safe_dump(data))
     try:
-        r = subprocess.run([exe, "-f", str(copy), "config", "-q"], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "HND_DEPLOY_DIR": str(deploy)})
+        r = subprocess.run(
+            [exe, "-f", str(copy), "config", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HND_DEPLOY_DIR": str(deploy)},
+        )
     finally:
         copy.unlink()
     assert r.returncode == 0, r.stderr
@@ -592,7 +633,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
                     health = shlex.split(words[n + 1])
                     out.append((health[0], health[1:]))
                 if image and words[0] == "docker" and "run" in words[:3]:
-                    out.append((image.group(1), words[n + 1:]))
+                    out.append((image.group(1), words[n + 1 :]))
                     break
                 if name.startswith("hnd-") and n == 0:
                     assert name in scripts, f"DEPLOY.md runs {name}, which pyproject.toml does not declare"
@@ -674,8 +715,9 @@ def deploy_secrets(tmp_path_factory):
         pytest.skip("openssl is not installed: DEPLOY.md's TLS commands cannot run here")
     work = tmp_path_factory.mktemp("deploy")
     for tag in ("tls", "token"):
-        r = subprocess.run(["bash", "-euo", "pipefail", "-c", tagged_block(tag)], cwd=work,
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", tagged_block(tag)], cwd=work, capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 0, f"DEPLOY.md {tag} block failed:\n{r.stdout}\n{r.stderr}"
     return work / "secrets"
 
@@ -683,11 +725,15 @@ def deploy_secrets(tmp_path_factory):
 def test_deploy_md_tls_commands_make_valid_certificates(deploy_secrets):
     s = deploy_secrets
     for cert, purpose in (("server.crt", "sslserver"), ("edge-01.crt", "sslclient")):
-        r = subprocess.run(["openssl", "verify", "-CAfile", s / "ca.crt", "-purpose", purpose, s / cert],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["openssl", "verify", "-CAfile", s / "ca.crt", "-purpose", purpose, s / cert],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
-    text = subprocess.run(["openssl", "x509", "-in", s / "server.crt", "-noout", "-text"],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        ["openssl", "x509", "-in", s / "server.crt", "-noout", "-text"], capture_output=True, text=True, check=True
+    ).stdout
     for name in ("DNS:server", "DNS:localhost", "IP Address:127.0.0.1"):
         assert name in text  # compose service name, container health check
     assert not (s / "ca.csr").exists()
@@ -709,7 +755,9 @@ def test_deploy_md_certificates_work_with_hnd_server(deploy_secrets, tiny_model)
     runner = ModelRunner(tiny_model("faster_rcnn"), torch.device("cpu"))
     token = read_token(str(s / "token"))
     settings = ServerSettings(
-        host="127.0.0.1", port=0, token=token,
+        host="127.0.0.1",
+        port=0,
+        token=token,
         tls=TlsFiles(str(s / "server.crt"), str(s / "server.key"), str(s / "ca.crt")),
     )
     healthcheck = importlib.import_module(console_scripts()["hnd-healthcheck"].split(":")[0])
@@ -717,8 +765,9 @@ def test_deploy_md_certificates_work_with_hnd_server(deploy_secrets, tiny_model)
     with BackgroundServer(runner, settings) as srv:
         client_files = dict(tls_ca=str(s / "ca.crt"), tls_cert=str(s / "edge-01.crt"), tls_key=str(s / "edge-01.key"))
         for host in ("localhost", "127.0.0.1"):  # the names the health checks dial
-            creds = grpc.ssl_channel_credentials((s / "ca.crt").read_bytes(), (s / "edge-01.key").read_bytes(),
-                                                 (s / "edge-01.crt").read_bytes())
+            creds = grpc.ssl_channel_credentials(
+                (s / "ca.crt").read_bytes(), (s / "edge-01.key").read_bytes(), (s / "edge-01.crt").read_bytes()
+            )
             with grpc.secure_channel(f"{host}:{srv.port}", creds) as ch:
                 reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -728,8 +777,9 @@ def test_deploy_md_certificates_work_with_hnd_server(deploy_secrets, tiny_model)
         finally:
             client.close()
         # Without the client certificate (mutual TLS) or without the token: refused.
-        client = SplitClient(ClientSettings(target=f"localhost:{srv.port}", tls_ca=str(s / "ca.crt"), token=token,
-                                            connect_timeout_s=2))
+        client = SplitClient(
+            ClientSettings(target=f"localhost:{srv.port}", tls_ca=str(s / "ca.crt"), token=token, connect_timeout_s=2)
+        )
         with pytest.raises(EdgeError):
             client.model_info()
         client.close()
@@ -739,8 +789,9 @@ def test_deploy_md_certificates_work_with_hnd_server(deploy_secrets, tiny_model)
         client.close()
     # The health-check command of the image, over TLS without a client certificate, with a plain
     # (one-way TLS) server: exit 0 when SERVING.
-    settings = ServerSettings(host="127.0.0.1", port=0, token=token,
-                              tls=TlsFiles(str(s / "server.crt"), str(s / "server.key")))
+    settings = ServerSettings(
+        host="127.0.0.1", port=0, token=token, tls=TlsFiles(str(s / "server.crt"), str(s / "server.key"))
+    )
     with BackgroundServer(runner, settings) as srv:
         args = ["--server", f"localhost:{srv.port}", "--tls-ca", str(s / "ca.crt"), "--timeout", "10"]
         try:
@@ -763,8 +814,10 @@ def _engine() -> tuple[list[str] | None, str]:
         r = subprocess.run([docker, "info"], capture_output=True, text=True, timeout=60)
         if r.returncode == 0:
             return [docker, "build"], ""
-        reasons.append("docker: client only, no daemon reachable (`docker info` failed: "
-                       f"{(r.stderr.strip().splitlines() or ['?'])[-1]})")
+        reasons.append(
+            "docker: client only, no daemon reachable (`docker info` failed: "
+            f"{(r.stderr.strip().splitlines() or ['?'])[-1]})"
+        )
     else:
         reasons.append("docker: not installed")
     podman = shutil.which("podman")
@@ -772,9 +825,11 @@ def _engine() -> tuple[list[str] | None, str]:
         r = subprocess.run([podman, "image", "exists", base], capture_output=True, timeout=60)
         if r.returncode == 0:
             return [podman, "build", "--format", "docker"], ""
-        reasons.append(f"podman: installed, but the base image {base} is not in its local store and the test "
-                       "does not pull (no registry access on the project machine); `podman pull` or "
-                       "`podman load` it to run this test")
+        reasons.append(
+            f"podman: installed, but the base image {base} is not in its local store and the test "
+            "does not pull (no registry access on the project machine); `podman pull` or "
+            "`podman load` it to run this test"
+        )
     else:
         reasons.append("podman: not installed")
     return None, "; ".join(reasons)
@@ -793,8 +848,9 @@ def test_build_edge_image():
     if engine is None:
         pytest.skip(f"no container engine can build the edge image here: {why}")
     tag = f"hnd-edge:test-{os.getpid()}"
-    r = subprocess.run([*engine, "-f", str(DOCKERFILES["edge"]), "-t", tag, str(ROOT)],
-                       capture_output=True, text=True, timeout=3500)
+    r = subprocess.run(
+        [*engine, "-f", str(DOCKERFILES["edge"]), "-t", tag, str(ROOT)], capture_output=True, text=True, timeout=3500
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     run = [engine[0], "run", "--rm"]
     try:
@@ -802,9 +858,19 @@ def test_build_edge_image():
         assert r.returncode == 0 and "--server" in r.stdout, r.stdout + r.stderr
         r = subprocess.run([*run, "--entrypoint", "id", tag, "-u"], capture_output=True, text=True, timeout=300)
         assert r.stdout.strip() == "10001"
-        r = subprocess.run([*run, "--entrypoint", "python", tag, "-c",
-                            "import importlib.util as u, onnxruntime; print(u.find_spec('torch'))"],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                *run,
+                "--entrypoint",
+                "python",
+                tag,
+                "-c",
+                "import importlib.util as u, onnxruntime; print(u.find_spec('torch'))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.stdout.strip() == "None", r.stdout + r.stderr
     finally:
         subprocess.run([engine[0], "rmi", "-f", tag], capture_output=True, timeout=300)

@@ -1,4 +1,5 @@
 """hnd-edge: CLI, records, reconnect after a server restart, live capture, head-only weights."""
+
 from __future__ import annotations
 
 import json
@@ -47,9 +48,25 @@ def image_dir(tmp_path):
 
 def test_cli_writes_records_summary_and_video(server, image_dir, tmp_path, capsys):
     out, video, summary = tmp_path / "r.jsonl", tmp_path / "v.mp4", tmp_path / "s.json"
-    code = edge_cli.main(["--server", f"127.0.0.1:{server.port}", "--images", str(image_dir), "--config", CONFIG,
-                          "--random-weights", "0", "--output", str(out), "--save-video", str(video),
-                          "--summary-json", str(summary), "--no-progress"])
+    code = edge_cli.main(
+        [
+            "--server",
+            f"127.0.0.1:{server.port}",
+            "--images",
+            str(image_dir),
+            "--config",
+            CONFIG,
+            "--random-weights",
+            "0",
+            "--output",
+            str(out),
+            "--save-video",
+            str(video),
+            "--summary-json",
+            str(summary),
+            "--no-progress",
+        ]
+    )
     assert code == 1  # one frame failed (the bad file), the rest were answered
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["frame"] for r in records] == [0, 1, 2, 3]
@@ -67,8 +84,19 @@ def test_cli_writes_records_summary_and_video(server, image_dir, tmp_path, capsy
 
 
 def test_cli_stops_on_fingerprint_mismatch(server, image_dir, capsys):
-    code = edge_cli.main(["--server", f"127.0.0.1:{server.port}", "--images", str(image_dir), "--config", CONFIG,
-                          "--random-weights", "1", "--no-progress"])
+    code = edge_cli.main(
+        [
+            "--server",
+            f"127.0.0.1:{server.port}",
+            "--images",
+            str(image_dir),
+            "--config",
+            CONFIG,
+            "--random-weights",
+            "1",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "fingerprint mismatch" in err[0] and "Traceback" not in err[0]
@@ -95,8 +123,15 @@ def test_head_only_export_serves_the_same_detections(model, server, image_dir, t
     save_checkpoint(full, model)
     head_file = tmp_path / "head.pt"
     assert export_head(full, head_file) == fingerprint(model)
-    args = ["--server", f"127.0.0.1:{server.port}", "--images", str(image_dir / "000.png"), "--config", CONFIG,
-            "--no-progress"]
+    args = [
+        "--server",
+        f"127.0.0.1:{server.port}",
+        "--images",
+        str(image_dir / "000.png"),
+        "--config",
+        CONFIG,
+        "--no-progress",
+    ]
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     # Request ids carry a process-wide counter: start both runs from the same count, so the request
     # sizes compare whatever ran before in this process.
@@ -118,8 +153,9 @@ def test_edge_reconnects_after_server_restart(model):
 
     def restart():
         time.sleep(1.0)
-        state["second"] = BackgroundServer(ModelRunner(model, torch.device("cpu")),
-                                           ServerSettings(port=port)).__enter__()
+        state["second"] = BackgroundServer(
+            ModelRunner(model, torch.device("cpu")), ServerSettings(port=port)
+        ).__enter__()
 
     class RestartingSource(ArrayFrames):
         def __iter__(self):

@@ -1,4 +1,5 @@
 """Edge modes behind one interface, typed records and their one JSONL form, the edge without server modules."""
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,19 @@ from hnd.edge.records import ByteCounts, FrameRecord, ServerTimings, Timings, re
 
 
 def _record(**kw) -> FrameRecord:
-    base = dict(frame=3, source="cam", wall_time=1764620000.1234567, mode="split",
-                bytes=ByteCounts(2100, 2190, 310),
-                ms=Timings(capture=1.0, preprocess=2.0, head=40.12345, encode=1.0, network_server=50.0, total=95.0,
-                           overhead=1.0),
-                server_ms=ServerTimings(0.4, 0.0, 45.0, 0.3), batch_size=1,
-                detections=[{"count": 1, "boxes": [[1.0, 2.0, 3.0, 4.0]], "labels": [1], "scores": [0.9]}])
+    base = dict(
+        frame=3,
+        source="cam",
+        wall_time=1764620000.1234567,
+        mode="split",
+        bytes=ByteCounts(2100, 2190, 310),
+        ms=Timings(
+            capture=1.0, preprocess=2.0, head=40.12345, encode=1.0, network_server=50.0, total=95.0, overhead=1.0
+        ),
+        server_ms=ServerTimings(0.4, 0.0, 45.0, 0.3),
+        batch_size=1,
+        detections=[{"count": 1, "boxes": [[1.0, 2.0, 3.0, 4.0]], "labels": [1], "scores": [0.9]}],
+    )
     base.update(kw)
     return FrameRecord(**base)
 
@@ -28,8 +36,19 @@ def _record(**kw) -> FrameRecord:
 def test_record_json_layout_and_round_trip():
     r = _record(extra={"key_frame": True})
     d = json.loads(r.to_json())
-    assert list(d) == ["frame", "source", "wall_time", "mode", "status", "bytes", "ms", "server_ms", "batch_size",
-                       "detections", "key_frame"]
+    assert list(d) == [
+        "frame",
+        "source",
+        "wall_time",
+        "mode",
+        "status",
+        "bytes",
+        "ms",
+        "server_ms",
+        "batch_size",
+        "detections",
+        "key_frame",
+    ]
     assert d["ms"]["head"] == 40.123 and d["wall_time"] == 1764620000.123457
     assert "filter" not in d["ms"] and "error" not in d and "attempts" not in d  # absent unless they apply
     back = FrameRecord.from_dict(d)
@@ -63,8 +82,13 @@ class CountingMode(EdgeMode):
     def prepare(self, frame: Frame) -> Prepared:
         mean = float(frame.image.mean())
         dets = {"boxes": np.array([[0.0, 0.0, 2.0, 2.0]]), "labels": np.array([1]), "scores": np.array([mean / 255])}
-        return Prepared(frame, Timings(capture=frame.capture_ms, head=0.5), local_result=[dets], done_ns=frame.captured_ns,
-                        extra={"mean": round(mean, 2)})
+        return Prepared(
+            frame,
+            Timings(capture=frame.capture_ms, head=0.5),
+            local_result=[dets],
+            done_ns=frame.captured_ns,
+            extra={"mean": round(mean, 2)},
+        )
 
     def after(self, prepared: Prepared, record: FrameRecord) -> None:
         self.seen.append((record.frame, record.status))
@@ -101,7 +125,9 @@ def test_modes_check_what_they_need():
 
 
 def test_the_edge_imports_no_server_module():
-    code = ("import sys; import hnd.edge.cli, hnd.edge.pipeline, hnd.edge.client, hnd.edge.modes; "
-            "print([m for m in sys.modules if m.startswith('hnd.server')])")
+    code = (
+        "import sys; import hnd.edge.cli, hnd.edge.pipeline, hnd.edge.client, hnd.edge.modes; "
+        "print([m for m in sys.modules if m.startswith('hnd.server')])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

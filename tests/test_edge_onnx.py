@@ -1,5 +1,6 @@
 """hnd-edge with an ONNX head: runs where torch cannot be imported, equals the in-process path, native
 resolution, and one-line refusals (other model, corrupt file, no metadata, missing provider)."""
+
 from __future__ import annotations
 
 import json
@@ -20,13 +21,15 @@ from hnd.edge.onnx_head import OnnxHead
 
 CONFIG = "test/faster_rcnn-b3ch"
 # The edge process: torch (and torchvision) made unimportable before hnd is, then hnd-edge's main().
-NO_TORCH = ("import sys\n"
-            "sys.modules['torch'] = None\n"
-            "sys.modules['torchvision'] = None\n"
-            "from hnd.edge.cli import main\n"
-            "code = main(sys.argv[1:])\n"
-            "assert sys.modules['torch'] is None\n"
-            "sys.exit(code)\n")
+NO_TORCH = (
+    "import sys\n"
+    "sys.modules['torch'] = None\n"
+    "sys.modules['torchvision'] = None\n"
+    "from hnd.edge.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "assert sys.modules['torch'] is None\n"
+    "sys.exit(code)\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +58,23 @@ def files(tmp_path_factory, model):
 
 
 def edge(server, head, images, *extra: str) -> subprocess.CompletedProcess:
-    argv = ["--server", f"127.0.0.1:{server.port}", "--images", str(images), "--config", CONFIG,
-            "--head", str(head), "--no-progress", "--threads", "1", *extra]
-    return subprocess.run([sys.executable, "-c", NO_TORCH, *argv], check=False, capture_output=True, text=True,
-                          timeout=300)
+    argv = [
+        "--server",
+        f"127.0.0.1:{server.port}",
+        "--images",
+        str(images),
+        "--config",
+        CONFIG,
+        "--head",
+        str(head),
+        "--no-progress",
+        "--threads",
+        "1",
+        *extra,
+    ]
+    return subprocess.run(
+        [sys.executable, "-c", NO_TORCH, *argv], check=False, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_edge_runs_without_torch_and_equals_the_in_process_path(server, files, model, tmp_path):

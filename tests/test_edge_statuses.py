@@ -1,6 +1,7 @@
 """Honest frame statuses on the edge: local read/decode failures with their reasons, non-regular files
 skipped, a dead server given up on after --give-up-after, answers received before SIGTERM written,
 and connection errors that name the likely TLS / network cause."""
+
 from __future__ import annotations
 
 import json
@@ -88,8 +89,21 @@ def test_cli_records_a_truncated_jpeg_as_failed(model, tmp_path):
     (folder / "1.jpg").write_bytes(data[:-200])
     out = tmp_path / "r.jsonl"
     with serving(model) as server:
-        code = edge_cli.main(["--server", f"127.0.0.1:{server.port}", "--images", str(folder), "--config", CONFIG,
-                              "--random-weights", "0", "--output", str(out), "--no-progress"])
+        code = edge_cli.main(
+            [
+                "--server",
+                f"127.0.0.1:{server.port}",
+                "--images",
+                str(folder),
+                "--config",
+                CONFIG,
+                "--random-weights",
+                "0",
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert code == 1
     assert [r["status"] for r in records] == ["OK", DECODE_ERROR]
@@ -137,8 +151,9 @@ def test_cli_exits_with_its_own_code_and_one_line_when_it_gives_up(monkeypatch, 
     monkeypatch.setattr(edge_cli, "run_edge", gone)
     code = edge_cli.main(["--images", "x", "--config", CONFIG, "--give-up-after", "30"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == edge_cli.EXIT_SERVER_GONE and err == ["hnd-edge: error: server 10.0.0.1:50051 unreachable for 30 s (--give-up-after): "
-                                 "giving up"]
+    assert code == edge_cli.EXIT_SERVER_GONE and err == [
+        "hnd-edge: error: server 10.0.0.1:50051 unreachable for 30 s (--give-up-after): giving up"
+    ]
 
 
 def test_answers_received_before_sigterm_are_written(model, tmp_path, monkeypatch):
@@ -158,8 +173,23 @@ def test_answers_received_before_sigterm_are_written(model, tmp_path, monkeypatc
 
         monkeypatch.setattr(edge_cli, "open_source", lambda *a, **k: InterruptedSource(frames(4)))
         out = tmp_path / "r.jsonl"
-        code = edge_cli.main(["--server", f"127.0.0.1:{server.port}", "--images", "x", "--config", CONFIG,
-                              "--random-weights", "0", "--max-inflight", "5", "--output", str(out), "--no-progress"])
+        code = edge_cli.main(
+            [
+                "--server",
+                f"127.0.0.1:{server.port}",
+                "--images",
+                "x",
+                "--config",
+                CONFIG,
+                "--random-weights",
+                "0",
+                "--max-inflight",
+                "5",
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
     assert code == 130
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["frame"] for r in records] == [0, 1, 2, 3]
@@ -195,18 +225,34 @@ def test_interrupt_marks_unanswered_frames_cancelled(model):
     assert all("interrupted before the server answered" in r["error"] for r in records)
 
 
-@pytest.mark.parametrize("details,tls,hint", [
-    ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed", False,
-     "expects TLS"),
-    ("... Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: ... CERTIFICATE_VERIFY_FAILED: unable to get "
-     "local issuer certificate: OK", True, "not signed by the CA given in --tls-ca"),
-    ("... SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER", True,
-     "speaks plain text"),
-    ("... Socket closed", True, "requires a client certificate"),
-    ("... Custom verification check failed with error: UNAUTHENTICATED: Hostname Verification Check failed.", True,
-     "does not name the host"),
-    ("... Failed to connect to remote host: Connection refused", False, "nothing listens there"),
-])
+@pytest.mark.parametrize(
+    "details,tls,hint",
+    [
+        (
+            "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed",
+            False,
+            "expects TLS",
+        ),
+        (
+            "... Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: ... CERTIFICATE_VERIFY_FAILED: unable to get "
+            "local issuer certificate: OK",
+            True,
+            "not signed by the CA given in --tls-ca",
+        ),
+        (
+            "... SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER",
+            True,
+            "speaks plain text",
+        ),
+        ("... Socket closed", True, "requires a client certificate"),
+        (
+            "... Custom verification check failed with error: UNAUTHENTICATED: Hostname Verification Check failed.",
+            True,
+            "does not name the host",
+        ),
+        ("... Failed to connect to remote host: Connection refused", False, "nothing listens there"),
+    ],
+)
 def test_connection_hints(details, tls, hint):
     assert hint in connection_hint(details, tls)
 

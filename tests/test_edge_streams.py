@@ -1,5 +1,6 @@
 """hnd-edge temporal coding against a live server: split key / delta frames (--key-interval), key frames
 after refusals and when the server keeps no session, and H.264 / HEVC / WebP offload."""
+
 from __future__ import annotations
 
 import queue
@@ -47,8 +48,9 @@ def test_split_key_interval_is_exact_and_smaller(model):
     with serving(model) as server:
         client = client_for(server)
         try:
-            summary, records, dets = run_edge(model, client, images, bits=4, key_interval=3, stream=True,
-                                              max_inflight=2)
+            summary, records, dets = run_edge(
+                model, client, images, bits=4, key_interval=3, stream=True, max_inflight=2
+            )
             _, intra_records, _ = run_edge(model, client, images, bits=4, stream=True, max_inflight=2)
         finally:
             client.close()
@@ -67,8 +69,7 @@ def test_refused_frame_is_resent_as_a_key_frame(model):
     with serving(model) as server:
         client = client_for(server)
         head, _ = split_model(model)
-        mode = make_mode(EdgeOptions(bits=4, key_interval=100, stream=True, max_inflight=1), head,
-                         fingerprint(model))
+        mode = make_mode(EdgeOptions(bits=4, key_interval=100, stream=True, max_inflight=1), head, fingerprint(model))
         original = mode.prepare
 
         def prepare_skipping(frame):  # frame 2's delta skips a sequence number: the server has no reference
@@ -85,8 +86,12 @@ def test_refused_frame_is_resent_as_a_key_frame(model):
             client.close()
         wait_sessions_free(server)
     assert summary.failed == 0
-    assert [(r["frame_type"], r.get("attempts", 1)) for r in records] == [("key", 1), ("delta", 1), ("key", 2),
-                                                                   ("delta", 1)]
+    assert [(r["frame_type"], r.get("attempts", 1)) for r in records] == [
+        ("key", 1),
+        ("delta", 1),
+        ("key", 2),
+        ("delta", 1),
+    ]
 
 
 def test_server_without_free_session_gets_key_frames_only(model):
@@ -101,8 +106,9 @@ def test_server_without_free_session_gets_key_frames_only(model):
             next(call)  # another stream holds the only session
             client = client_for(server)
             try:
-                summary, records, dets = run_edge(model, client, images, bits=4, key_interval=10, stream=True,
-                                                  max_inflight=2)
+                summary, records, dets = run_edge(
+                    model, client, images, bits=4, key_interval=10, stream=True, max_inflight=2
+                )
             finally:
                 client.close()
             outbox.put(None)
@@ -120,8 +126,7 @@ def test_temporal_needs_a_stream_and_a_server_with_sessions(model):
     with serving(model, limits=ServerLimits(streams=StreamLimits(max_sessions=0))) as server:
         client = client_for(server)
         try:
-            mode = make_mode(EdgeOptions(key_interval=5, stream=True), head,
-                             fingerprint(model))
+            mode = make_mode(EdgeOptions(key_interval=5, stream=True), head, fingerprint(model))
             with pytest.raises(EdgeError, match="stream sessions"):
                 mode.check_server(client.model_info())
         finally:
@@ -134,8 +139,17 @@ def test_video_offload_through_the_edge(model, fmt):
     with serving(model) as server:
         client = client_for(server)
         try:
-            summary, records, dets = run_edge(model, client, images, mode="offload", image_format=fmt, stream=True,
-                                              gop=3, preset="ultrafast", max_inflight=2)
+            summary, records, dets = run_edge(
+                model,
+                client,
+                images,
+                mode="offload",
+                image_format=fmt,
+                stream=True,
+                gop=3,
+                preset="ultrafast",
+                max_inflight=2,
+            )
         finally:
             client.close()
         wait_sessions_free(server)
@@ -163,8 +177,22 @@ def test_webp_offload_through_the_edge(model):
 
 
 def test_cli_refuses_key_interval_outside_split(capsys, tmp_path):
-    rc = cli.main(["--server", "127.0.0.1:1", "--images", str(tmp_path), "--config", "test/faster_rcnn-b3ch",
-                   "--random-weights", "0", "--mode", "offload", "--key-interval", "5"])
+    rc = cli.main(
+        [
+            "--server",
+            "127.0.0.1:1",
+            "--images",
+            str(tmp_path),
+            "--config",
+            "test/faster_rcnn-b3ch",
+            "--random-weights",
+            "0",
+            "--mode",
+            "offload",
+            "--key-interval",
+            "5",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--key-interval" in err[0]

@@ -1,5 +1,6 @@
 """Entropic Student: sc2bench's layout and keys, the factorized prior's tables, exact split, checkpoints,
 and the learned entropy coder (round trip and hostile payloads)."""
+
 from __future__ import annotations
 
 import argparse
@@ -59,22 +60,65 @@ def test_bottleneck_layout_keys_and_parameter_counts():
     torch.manual_seed(0)
     b = FPBottleneck(24)
     names = list(b.state_dict())
-    eb_keys = [f"entropy_bottleneck.{k}" for k in (
-        "_matrix0", "_bias0", "_factor0", "_matrix1", "_bias1", "_factor1", "_matrix2", "_bias2", "_factor2",
-        "_matrix3", "_bias3", "_factor3", "_matrix4", "_bias4", "quantiles", "_offset", "_quantized_cdf",
-        "_cdf_length", "target", "likelihood_lower_bound.bound")]
-    gdn = ["beta", "gamma", "beta_reparam.pedestal", "beta_reparam.lower_bound.bound",
-           "gamma_reparam.pedestal", "gamma_reparam.lower_bound.bound"]
-    conv_gdn = lambda part: [f"{part}.0.weight", *(f"{part}.1.{k}" for k in gdn), f"{part}.2.weight",
-                             *(f"{part}.3.{k}" for k in gdn), f"{part}.4.weight"]
+    eb_keys = [
+        f"entropy_bottleneck.{k}"
+        for k in (
+            "_matrix0",
+            "_bias0",
+            "_factor0",
+            "_matrix1",
+            "_bias1",
+            "_factor1",
+            "_matrix2",
+            "_bias2",
+            "_factor2",
+            "_matrix3",
+            "_bias3",
+            "_factor3",
+            "_matrix4",
+            "_bias4",
+            "quantiles",
+            "_offset",
+            "_quantized_cdf",
+            "_cdf_length",
+            "target",
+            "likelihood_lower_bound.bound",
+        )
+    ]
+    gdn = [
+        "beta",
+        "gamma",
+        "beta_reparam.pedestal",
+        "beta_reparam.lower_bound.bound",
+        "gamma_reparam.pedestal",
+        "gamma_reparam.lower_bound.bound",
+    ]
+    conv_gdn = lambda part: [
+        f"{part}.0.weight",
+        *(f"{part}.1.{k}" for k in gdn),
+        f"{part}.2.weight",
+        *(f"{part}.3.{k}" for k in gdn),
+        f"{part}.4.weight",
+    ]
     assert names == eb_keys + conv_gdn("encoder") + conv_gdn("decoder")
     sd = b.state_dict()
-    shapes = {"encoder.0.weight": (96, 3, 5, 5), "encoder.2.weight": (48, 96, 5, 5), "encoder.4.weight": (24, 48, 2, 2),
-              "encoder.1.gamma": (96, 96), "encoder.3.beta": (48,), "decoder.0.weight": (512, 24, 2, 2),
-              "decoder.1.gamma": (512, 512), "decoder.2.weight": (256, 512, 2, 2), "decoder.4.weight": (256, 256, 2, 2),
-              "entropy_bottleneck._matrix0": (24, 3, 1), "entropy_bottleneck._matrix1": (24, 3, 3),
-              "entropy_bottleneck._matrix4": (24, 1, 3), "entropy_bottleneck._bias4": (24, 1, 1),
-              "entropy_bottleneck.quantiles": (24, 1, 3), "entropy_bottleneck._quantized_cdf": (0,)}
+    shapes = {
+        "encoder.0.weight": (96, 3, 5, 5),
+        "encoder.2.weight": (48, 96, 5, 5),
+        "encoder.4.weight": (24, 48, 2, 2),
+        "encoder.1.gamma": (96, 96),
+        "encoder.3.beta": (48,),
+        "decoder.0.weight": (512, 24, 2, 2),
+        "decoder.1.gamma": (512, 512),
+        "decoder.2.weight": (256, 512, 2, 2),
+        "decoder.4.weight": (256, 256, 2, 2),
+        "entropy_bottleneck._matrix0": (24, 3, 1),
+        "entropy_bottleneck._matrix1": (24, 3, 3),
+        "entropy_bottleneck._matrix4": (24, 1, 3),
+        "entropy_bottleneck._bias4": (24, 1, 1),
+        "entropy_bottleneck.quantiles": (24, 1, 3),
+        "entropy_bottleneck._quantized_cdf": (0,),
+    }
     for key, shape in shapes.items():
         assert tuple(sd[key].shape) == shape, key
     count = lambda m: sum(p.numel() for p in m.parameters())
@@ -121,8 +165,12 @@ def test_students_are_built_and_recognised(entropic_model):
         keys = model.state_dict()
         assert not any(k.startswith(("backbone.body.conv1", "backbone.body.bn1", "backbone.body.layer1")) for k in keys)
         assert sum(k.startswith(ENTROPIC_PREFIX) for k in keys) == 50
-        assert dict(model.backbone.body.return_layers) == {"bottleneck_layer": "1", "layer2": "2", "layer3": "3",
-                                                          "layer4": "4"}
+        assert dict(model.backbone.body.return_layers) == {
+            "bottleneck_layer": "1",
+            "layer2": "2",
+            "layer3": "3",
+            "layer4": "4",
+        }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,8 +255,9 @@ def test_split_and_codec_round_trip_are_bit_exact(entropic_model, images, kind):
 def test_head_holds_only_encoder_and_prior(entropic_model):
     head, tail = split_model(entropic_model("faster_rcnn"))
     keys = list(head_state_dict(head))
-    assert keys and all(k.startswith((ENTROPIC_PREFIX + "encoder.", ENTROPIC_PREFIX + "entropy_bottleneck."))
-                        for k in keys)
+    assert keys and all(
+        k.startswith((ENTROPIC_PREFIX + "encoder.", ENTROPIC_PREFIX + "entropy_bottleneck.")) for k in keys
+    )
     assert not any("decoder" in k for k in keys)
     assert not any(k.startswith("encoder.") for k in tail.state_dict())
 
@@ -242,8 +291,17 @@ def test_sc2bench_checkpoint_layout_loads(tmp_path, entropic_model, new_compress
     assert ("backbone.body.bottleneck_layer.entropy_bottleneck.matrices.0" in sd) == new_compressai
     path = tmp_path / "coco2017-faster_rcnn_splittable_resnet50-fp-beta0.08_fpn.pt"
     # torchdistill's save_ckpt: model, optimizer, best_value, lr_scheduler, config, args (an argparse.Namespace).
-    torch.save({"model": sd, "optimizer": {}, "best_value": 0.3, "lr_scheduler": {},
-                "config": {"models": {}}, "args": argparse.Namespace(device="cuda")}, path)
+    torch.save(
+        {
+            "model": sd,
+            "optimizer": {},
+            "best_value": 0.3,
+            "lr_scheduler": {},
+            "config": {"models": {}},
+            "args": argparse.Namespace(device="cuda"),
+        },
+        path,
+    )
     fresh = build_model("faster_rcnn", 24, bottleneck_type="entropic", min_size=160, max_size=256)
     assert not fresh.backbone.body.bottleneck_layer.updated  # empty tables: the file's shapes are taken
     ckpt = load_checkpoint(path, fresh)
@@ -256,8 +314,9 @@ def test_wrong_bottleneck_type_is_refused(tmp_path, entropic_model):
     path = tmp_path / "entropic.pt"
     save_checkpoint(path, entropic_model("faster_rcnn"))
     hnd_student = build_model("faster_rcnn", 24, min_size=160, max_size=256)
-    with pytest.raises(CheckpointError, match="Entropic Student with a 24-channel bottleneck, but the model is a "
-                                              "faster_rcnn student"):
+    with pytest.raises(
+        CheckpointError, match="Entropic Student with a 24-channel bottleneck, but the model is a faster_rcnn student"
+    ):
         load_checkpoint(path, hnd_student)
 
 

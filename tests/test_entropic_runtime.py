@@ -1,4 +1,5 @@
 """Entropic Student served over gRPC: negotiation, runtime == in-process round trip, hostile entropy payloads."""
+
 from __future__ import annotations
 
 import grpc
@@ -100,8 +101,10 @@ def test_runtime_detections_equal_the_in_process_round_trip(server, model, prior
     # The coded latent is what the model itself computes internally: round trip == model(x).
     with torch.inference_mode():
         direct = model([to_tensor(images[0])])
-    assert_same_detections(expected_split(model, images[0], **LEARNED, prior=prior),
-                           [wire.detections_from_proto(wire.detections_to_proto(d)) for d in direct])
+    assert_same_detections(
+        expected_split(model, images[0], **LEARNED, prior=prior),
+        [wire.detections_from_proto(wire.detections_to_proto(d)) for d in direct],
+    )
     for r in records:
         assert 0 < r["bytes"]["payload"] < r["bytes"]["message"]
 
@@ -121,33 +124,55 @@ def _shape_lie(r: pb.InferRequest, dim: int, value: int) -> None:
 
 
 CASES = {
-    "garbage payload": lambda req, lat, prior: mutate(req, lambda r: setattr(
-        r.bottleneck.tensor, "data", np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())),
-    "truncated payload": lambda req, lat, prior: mutate(req, lambda r: setattr(
-        r.bottleneck.tensor, "data", r.bottleneck.tensor.data[: len(r.bottleneck.tensor.data) // 2 // 4 * 4]
-        + r.bottleneck.tensor.data[-4:])),
+    "garbage payload": lambda req, lat, prior: mutate(
+        req,
+        lambda r: setattr(
+            r.bottleneck.tensor, "data", np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+        ),
+    ),
+    "truncated payload": lambda req, lat, prior: mutate(
+        req,
+        lambda r: setattr(
+            r.bottleneck.tensor,
+            "data",
+            r.bottleneck.tensor.data[: len(r.bottleneck.tensor.data) // 2 // 4 * 4] + r.bottleneck.tensor.data[-4:],
+        ),
+    ),
     "empty payload": lambda req, lat, prior: mutate(req, lambda r: setattr(r.bottleneck.tensor, "data", b"")),
-    "trailing data": lambda req, lat, prior: mutate(req, lambda r: setattr(
-        r.bottleneck.tensor, "data", r.bottleneck.tensor.data[:-4] + b"\x01\x02\x03\x04" * 4
-        + r.bottleneck.tensor.data[-4:])),
-    "stream of another shape": lambda req, lat, prior: mutate(req, lambda r: setattr(
-        r.bottleneck.tensor, "data", codec.encode(lat[0][..., :-1], **LEARNED, prior=prior).payload)),
-    "stream of another model's prior": lambda req, lat, prior: mutate(req, lambda r: setattr(
-        r.bottleneck.tensor, "data", _other_prior_stream(lat))),
-    "shape lies (width)": lambda req, lat, prior: mutate(req, lambda r: _shape_lie(r, 3, r.bottleneck.tensor.shape[3] + 8)),
-    "shape lies (huge)": lambda req, lat, prior: mutate(req, lambda r: (
-        _shape_lie(r, 2, 1 << 30), setattr(r.bottleneck.tensor, "raw_size", 1 << 40))),
+    "trailing data": lambda req, lat, prior: mutate(
+        req,
+        lambda r: setattr(
+            r.bottleneck.tensor,
+            "data",
+            r.bottleneck.tensor.data[:-4] + b"\x01\x02\x03\x04" * 4 + r.bottleneck.tensor.data[-4:],
+        ),
+    ),
+    "stream of another shape": lambda req, lat, prior: mutate(
+        req,
+        lambda r: setattr(r.bottleneck.tensor, "data", codec.encode(lat[0][..., :-1], **LEARNED, prior=prior).payload),
+    ),
+    "stream of another model's prior": lambda req, lat, prior: mutate(
+        req, lambda r: setattr(r.bottleneck.tensor, "data", _other_prior_stream(lat))
+    ),
+    "shape lies (width)": lambda req, lat, prior: mutate(
+        req, lambda r: _shape_lie(r, 3, r.bottleneck.tensor.shape[3] + 8)
+    ),
+    "shape lies (huge)": lambda req, lat, prior: mutate(
+        req, lambda r: (_shape_lie(r, 2, 1 << 30), setattr(r.bottleneck.tensor, "raw_size", 1 << 40))
+    ),
     "raw_size lies": lambda req, lat, prior: mutate(req, lambda r: setattr(r.bottleneck.tensor, "raw_size", 12)),
     "bits with learned": lambda req, lat, prior: mutate(req, lambda r: setattr(r.bottleneck.tensor, "bits", 8)),
-    "8-bit affine to an Entropic Student": lambda req, lat, prior: mutate(req, lambda r: r.bottleneck.tensor.CopyFrom(
-        wire.tensor_to_proto(codec.encode(lat[0], 8)))),
+    "8-bit affine to an Entropic Student": lambda req, lat, prior: mutate(
+        req, lambda r: r.bottleneck.tensor.CopyFrom(wire.tensor_to_proto(codec.encode(lat[0], 8)))
+    ),
     "scale smuggled in": lambda req, lat, prior: mutate(req, lambda r: r.bottleneck.tensor.scale.append(1.0)),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_entropy_payloads_get_invalid_argument_and_the_next_request_succeeds(
-        server, good_request, latent, prior, case):
+    server, good_request, latent, prior, case
+):
     result = call_raw(server, CASES[case](good_request, latent, prior))
     assert isinstance(result, grpc.RpcError), f"{case} was accepted"
     assert result.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, result.details())
@@ -225,12 +250,47 @@ def test_rate_bench_codes_entropic_students_with_their_prior(model, tmp_path):
     for i, img in enumerate(images):
         cv2.imwrite(str(folder / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     out = tmp_path / "ra"
-    assert cli.main(["--rate-accuracy", "--config", "test/faster_rcnn-entropic-b24ch", "--images", str(folder),
-                     "--frames", "2", "--jpeg-quality", "75", "--webp-quality", "", "--crf", "", "--hevc-crf", "",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "--rate-accuracy",
+                "--config",
+                "test/faster_rcnn-entropic-b24ch",
+                "--images",
+                str(folder),
+                "--frames",
+                "2",
+                "--jpeg-quality",
+                "75",
+                "--webp-quality",
+                "",
+                "--crf",
+                "",
+                "--hevc-crf",
+                "",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     import json
 
     names = [r["name"] for r in json.loads((out / "rate_accuracy.json").read_text())["rows"]]
     assert names[:2] == ["local, native", "learned entropy coding, native"]
-    assert cli.main(["--rate-accuracy", "--config", "test/faster_rcnn-entropic-b24ch", "--images", str(folder),
-                     "--bits", "8", "--out", str(out)]) == 2
+    assert (
+        cli.main(
+            [
+                "--rate-accuracy",
+                "--config",
+                "test/faster_rcnn-entropic-b24ch",
+                "--images",
+                str(folder),
+                "--bits",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )

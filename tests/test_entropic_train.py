@@ -1,5 +1,6 @@
 """Entropic Student training: stage 1 (distillation + beta * rate), tables, stage 2 (tail fine-tuning with the
 encoder and prior frozen), exact resume, and hnd-eval's coded bytes per image."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,18 @@ from hnd.train.evaluate import main as eval_main
 from hnd.train.synthetic import make_synthetic_coco, write_config
 from hnd.train.train import set_distillation_modes, train
 
-SMALL = {"min_size": 64, "max_size": 64, "box_score_thresh": 0.0, "box_detections_per_img": 10,
-         "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_batch_size_per_image": 32,
-         "box_batch_size_per_image": 32, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}
+SMALL = {
+    "min_size": 64,
+    "max_size": 64,
+    "box_score_thresh": 0.0,
+    "box_detections_per_img": 10,
+    "rpn_pre_nms_top_n_train": 100,
+    "rpn_post_nms_top_n_train": 50,
+    "rpn_batch_size_per_image": 32,
+    "box_batch_size_per_image": 32,
+    "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 50,
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +36,14 @@ def data_root(tmp_path_factory):
 
 
 def _config(data_root, path, stage2_epochs=2, **train):
-    return write_config("test/faster_rcnn-entropic-b24ch", data_root, path,
-                        model={"num_classes": 4, "params": SMALL}, teacher={"num_classes": 4, "params": SMALL},
-                        train={"epochs": 1, "stage2": {"epochs": stage2_epochs}, **train})
+    return write_config(
+        "test/faster_rcnn-entropic-b24ch",
+        data_root,
+        path,
+        model={"num_classes": 4, "params": SMALL},
+        teacher={"num_classes": 4, "params": SMALL},
+        train={"epochs": 1, "stage2": {"epochs": stage2_epochs}, **train},
+    )
 
 
 def _sd(path):
@@ -69,8 +84,10 @@ def test_two_stages_resume_exactly_and_eval_reports_bytes(data_root, tmp_path, c
     full_cfg = _config(data_root, tmp_path / "full.yaml", stage2_epochs=2)
     full = train(full_cfg, TrainOptions(output_dir=str(tmp_path / "full"), **opts))
     # Interrupted in stage 2: a run with one stage-2 epoch, then --resume with the full schedule.
-    train(_config(data_root, tmp_path / "cut1.yaml", stage2_epochs=1), TrainOptions(output_dir=str(tmp_path / "cut"),
-                                                                                   **opts))
+    train(
+        _config(data_root, tmp_path / "cut1.yaml", stage2_epochs=1),
+        TrainOptions(output_dir=str(tmp_path / "cut"), **opts),
+    )
     resumed = train(full_cfg, TrainOptions(output_dir=str(tmp_path / "cut"), resume=True, **opts))
     assert resumed["stage1"].get("skipped") is True  # a finished stage 1 is not run again
     a, b = _sd(tmp_path / "full" / "best.pt"), _sd(tmp_path / "cut" / "best.pt")
@@ -84,8 +101,12 @@ def test_two_stages_resume_exactly_and_eval_reports_bytes(data_root, tmp_path, c
     teacher, _ = build_entropic_models(load_config(full_cfg))
     t_sd = teacher.state_dict()
     for key in a:
-        if key.startswith((f"{BOTTLENECK}.encoder.", f"{BOTTLENECK}.entropy_bottleneck.")) and "_cdf" not in key \
-                and "_offset" not in key and "_quantized" not in key:
+        if (
+            key.startswith((f"{BOTTLENECK}.encoder.", f"{BOTTLENECK}.entropy_bottleneck."))
+            and "_cdf" not in key
+            and "_offset" not in key
+            and "_quantized" not in key
+        ):
             assert torch.equal(a[key], stage1[key]), f"{key} moved in stage 2"
     assert not torch.equal(a[f"{BOTTLENECK}.decoder.0.weight"], stage1[f"{BOTTLENECK}.decoder.0.weight"])
     key = "backbone.body.layer2.0.conv1.weight"
@@ -93,15 +114,29 @@ def test_two_stages_resume_exactly_and_eval_reports_bytes(data_root, tmp_path, c
 
     capsys.readouterr()
     metrics_path = tmp_path / "m.json"
-    assert eval_main(["--config", str(full_cfg), "--checkpoint", str(tmp_path / "full" / "best.pt"),
-                      "--compression", "learned", "--output", str(metrics_path)]) == 0
+    assert (
+        eval_main(
+            [
+                "--config",
+                str(full_cfg),
+                "--checkpoint",
+                str(tmp_path / "full" / "best.pt"),
+                "--compression",
+                "learned",
+                "--output",
+                str(metrics_path),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "learned entropy coding" in printed and "coded bytes per image" in printed
     metrics = json.loads(metrics_path.read_text())
     assert metrics["coded_bytes_per_image"] > 0 and metrics["compression"] == "learned" and metrics["bits"] == 0
     # Asking an Entropic Student for affine bits is one line, exit 2.
-    assert eval_main(["--config", str(full_cfg), "--checkpoint", str(tmp_path / "full" / "best.pt"),
-                      "--bits", "8"]) == 2
+    assert (
+        eval_main(["--config", str(full_cfg), "--checkpoint", str(tmp_path / "full" / "best.pt"), "--bits", "8"]) == 2
+    )
     assert "learned" in capsys.readouterr().err
 
 

@@ -1,4 +1,5 @@
 """COCO evaluation: perfect predictions score 1.0, empty ones 0 without crashing, hnd-eval end to end."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,12 @@ def _ground_truth_as_predictions(ds, keypoints):
     outputs, ids = [], []
     for _, t in ds:
         n = len(t["labels"])
-        out = {"boxes": t["boxes"], "labels": t["labels"], "scores": torch.linspace(1.0, 0.5, n),
-               "masks": t["masks"][:, None].float()}
+        out = {
+            "boxes": t["boxes"],
+            "labels": t["labels"],
+            "scores": torch.linspace(1.0, 0.5, n),
+            "masks": t["masks"][:, None].float(),
+        }
         if keypoints:
             out["keypoints"] = t["keypoints"]
         outputs.append(out)
@@ -54,8 +59,12 @@ def test_empty_predictions_do_not_break_evaluation(data):
     ds = CocoDetection(det["val"]["images"], det["val"]["annotations"], masks=True)
     ids = list(ds.ids)
     # The original's filtered placeholder: 100 masks but no scores (IndexError in its segm evaluation).
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
-             "masks": torch.zeros(100, 1, 128, 128)}
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "scores": torch.zeros(0),
+        "masks": torch.zeros(100, 1, 128, 128),
+    }
     outputs = [empty] * len(ids)
     results = to_coco_results(outputs, ids, ["bbox", "segm"])
     assert results == {"bbox": [], "segm": []}
@@ -76,8 +85,9 @@ def test_evaluate_random_student_and_split_paths(data):
     ds = CocoDetection(det["val"]["images"], det["val"]["annotations"], masks=True)
     loader = make_loader(ds, batch_size=1)
     torch.manual_seed(0)
-    model = build_model("mask_rcnn", 3, num_classes=4, min_size=128, max_size=128, box_score_thresh=0.0,
-                        box_detections_per_img=10)
+    model = build_model(
+        "mask_rcnn", 3, num_classes=4, min_size=128, max_size=128, box_score_thresh=0.0, box_detections_per_img=10
+    )
     full = evaluate_model(model, loader)
     assert set(full) >= {"bbox", "segm", "summary", "images", "seconds"} and full["images"] == 3
     for t in ("bbox", "segm"):
@@ -96,8 +106,12 @@ def test_evaluate_random_student_and_split_paths(data):
 
 def test_hnd_eval_cli(data, tmp_path, capsys):
     root, det, _ = data
-    cfg = write_config("test/faster_rcnn-b3ch", root / "det", tmp_path / "c.yaml",
-                       model={"num_classes": 4, "params": {"min_size": 128, "max_size": 128}})
+    cfg = write_config(
+        "test/faster_rcnn-b3ch",
+        root / "det",
+        tmp_path / "c.yaml",
+        model={"num_classes": 4, "params": {"min_size": 128, "max_size": 128}},
+    )
     out = tmp_path / "m.json"
     assert main(["--config", str(cfg), "--bits", "4", "--granularity", "channel", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -127,8 +141,9 @@ def test_hnd_eval_errors(data, tmp_path, capsys):
         assert rc == 2, extra
         lines = [ln for ln in err.splitlines() if ln.startswith("hnd-eval: error:")]
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
-    teacher_cfg = write_config("test/faster_rcnn-b3ch", root / "det", tmp_path / "t.yaml",
-                               model={"bottleneck_channels": None})
+    teacher_cfg = write_config(
+        "test/faster_rcnn-b3ch", root / "det", tmp_path / "t.yaml", model={"bottleneck_channels": None}
+    )
     assert main(["--config", str(teacher_cfg), "--bits", "8"]) == 2
     assert "need a student" in capsys.readouterr().err
 
@@ -137,8 +152,12 @@ def test_hnd_eval_precision(data, tmp_path, capsys):
     """--precision runs the tail as hnd-server --precision does: bf16 on CPU differs from fp32 (it ran) and
     is reported; fp16 needs CUDA and is refused in one line."""
     root, det, _ = data
-    cfg = write_config("test/faster_rcnn-b3ch", root / "det", tmp_path / "c.yaml",
-                       model={"num_classes": 4, "params": {"min_size": 128, "max_size": 128}})
+    cfg = write_config(
+        "test/faster_rcnn-b3ch",
+        root / "det",
+        tmp_path / "c.yaml",
+        model={"num_classes": 4, "params": {"min_size": 128, "max_size": 128}},
+    )
     out = tmp_path / "m.json"
     assert main(["--config", str(cfg), "--precision", "bf16", "--output", str(out)]) == 0
     assert "head -> tail (bf16 dense part)" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Neural filter (GHND Ext4ResNet): layout and keys as the original, checkpoints, config, head API,
 training to a useful ROC-AUC, the edge sending only the frames above threshold, empty results."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,15 @@ import torch
 from torch import nn
 
 from hnd.common.build import build_architecture, build_model_from_config
-from hnd.common.checkpoint import CheckpointError, export_head, fingerprint, load_filter, load_head, save_checkpoint, \
-    save_filter
+from hnd.common.checkpoint import (
+    CheckpointError,
+    export_head,
+    fingerprint,
+    load_filter,
+    load_head,
+    save_checkpoint,
+    save_filter,
+)
 from hnd.common.config import ConfigError, FilterConfig, config_from_dict, load_config
 from hnd.common.neural_filter import FILTER_PREFIX, Ext4ResNet, attach_filter, empty_detections, get_filter
 from hnd.common.split import head_state_dict, split_model
@@ -29,21 +37,26 @@ KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
 # docs/ORIGINAL_MODELS.md section 4: Ext4ResNet(64) state-dict keys and shapes (BN ".*" = weight, bias, running stats).
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 ORIGINAL_KEYS = {
-    "extractor.1.weight": (64, 64, 4, 4), "extractor.1.bias": (64,),
+    "extractor.1.weight": (64, 64, 4, 4),
+    "extractor.1.bias": (64,),
     **{f"extractor.2.{b}": (() if b == "num_batches_tracked" else (64,)) for b in _BN},
-    "extractor.4.weight": (32, 64, 3, 3), "extractor.4.bias": (32,),
+    "extractor.4.weight": (32, 64, 3, 3),
+    "extractor.4.bias": (32,),
     **{f"extractor.5.{b}": (() if b == "num_batches_tracked" else (32,)) for b in _BN},
-    "extractor.7.weight": (16, 32, 2, 2), "extractor.7.bias": (16,),
+    "extractor.7.weight": (16, 32, 2, 2),
+    "extractor.7.bias": (16,),
     **{f"extractor.8.{b}": (() if b == "num_batches_tracked" else (16,)) for b in _BN},
-    "linear.weight": (2, 1024), "linear.bias": (2,),
+    "linear.weight": (2, 1024),
+    "linear.bias": (2,),
 }
 
 
 def filtered_cfg(kind: str = "keypoint_rcnn", **filter_section):
     """The test config of ``kind`` (FAST_PARAMS) with a model.filter section."""
     cfg = load_config(f"test/{kind}-b3ch")
-    return dataclasses.replace(cfg.model, params={**FAST_PARAMS, **cfg.model.params},
-                               filter=FilterConfig(**filter_section))
+    return dataclasses.replace(
+        cfg.model, params={**FAST_PARAMS, **cfg.model.params}, filter=FilterConfig(**filter_section)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +93,25 @@ def test_ext4resnet_layout_keys_and_params_match_the_original():
     assert {k: tuple(v.shape) for k, v in sd.items()} == ORIGINAL_KEYS
     assert sum(p.numel() for p in ext.parameters()) == 88_402
     ex = ext.extractor
-    assert [type(m).__name__ for m in ex] == ["AdaptiveAvgPool2d", "Conv2d", "BatchNorm2d", "ReLU", "Conv2d",
-                                              "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU",
-                                              "AdaptiveAvgPool2d"]
+    assert [type(m).__name__ for m in ex] == [
+        "AdaptiveAvgPool2d",
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "AdaptiveAvgPool2d",
+    ]
     assert ex[0].output_size == (64, 64) and ex[10].output_size == (8, 8)
-    assert [(c.kernel_size, c.stride, c.bias is not None) for c in (ex[1], ex[4], ex[7])] == \
-        [((4, 4), (2, 2), True), ((3, 3), (2, 2), True), ((2, 2), (1, 1), True)]
+    assert [(c.kernel_size, c.stride, c.bias is not None) for c in (ex[1], ex[4], ex[7])] == [
+        ((4, 4), (2, 2), True),
+        ((3, 3), (2, 2), True),
+        ((2, 2), (1, 1), True),
+    ]
     assert (ext.linear.in_features, ext.linear.out_features) == (1024, 2)
 
     x = torch.randn(3, 64, 37, 51)  # any stem size
@@ -141,10 +167,19 @@ def _original_filter_file(path: Path, ext: Ext4ResNet) -> None:
     opt = torch.optim.SGD(ext.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [15, 25], 0.1)
     assert isinstance(sched.state_dict()["milestones"], Counter)
-    torch.save({"model": ext.state_dict(), "optimizer": opt.state_dict(), "best_value": np.float64(0.93),
-                "lr_scheduler": sched.state_dict(), "config": {"student_model": {"ext_config": {"threshold": 0.01}}},
-                "args": argparse.Namespace(config="config/ext/keypoint_rcnn-backbone_ext_resnet50-b3ch.yaml",
-                                           min_recall=0.9, world_size=1)}, path)
+    torch.save(
+        {
+            "model": ext.state_dict(),
+            "optimizer": opt.state_dict(),
+            "best_value": np.float64(0.93),
+            "lr_scheduler": sched.state_dict(),
+            "config": {"student_model": {"ext_config": {"threshold": 0.01}}},
+            "args": argparse.Namespace(
+                config="config/ext/keypoint_rcnn-backbone_ext_resnet50-b3ch.yaml", min_recall=0.9, world_size=1
+            ),
+        },
+        path,
+    )
 
 
 def test_original_and_our_filter_checkpoints_load(tmp_path, filtered_model, saved):
@@ -171,8 +206,9 @@ def test_original_and_our_filter_checkpoints_load(tmp_path, filtered_model, save
     load_filter(saved["filtered"], ext)  # a full checkpoint holding a filter
     assert fingerprint(ext) == fingerprint(seeded)
     # A filter file overrides the filter weights of a full checkpoint (loaded last).
-    m2 = build_model_from_config(dataclasses.replace(filtered_cfg(checkpoint=str(ours)), random_weights=None,
-                                                     checkpoint=str(saved["filtered"])))
+    m2 = build_model_from_config(
+        dataclasses.replace(filtered_cfg(checkpoint=str(ours)), random_weights=None, checkpoint=str(saved["filtered"]))
+    )
     assert fingerprint(get_filter(m2)) == fp != fingerprint(get_filter(filtered_model("keypoint_rcnn")))
 
 
@@ -219,7 +255,8 @@ def test_filter_errors_are_one_clear_line(tmp_path, saved):
     with pytest.raises(ConfigError, match="teacher.filter"):
         config_from_dict({"model": base, "teacher": {"kind": "keypoint_rcnn", "random_weights": 1, "filter": {}}})
     assert load_config("ext/keypoint_rcnn-b3ch").model.filter == FilterConfig(
-        0.01, "./resource/ckpt/ext/coco2017-keypoint_rcnn-backbone_ext_custom_resnet50-b3ch.pt")
+        0.01, "./resource/ckpt/ext/coco2017-keypoint_rcnn-backbone_ext_custom_resnet50-b3ch.pt"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +361,14 @@ def test_empty_result_has_the_shape_of_the_models_own_and_passes_coco_evaluation
     # A filter that drops everything: every image gets the empty result, and COCO evaluation runs.
     filtered = copy.deepcopy(model)
     attach_filter(filtered)
-    data = make_synthetic_coco(tmp_path, images=0, val_images=2, size=(96, 96),
-                               kind="keypoints" if kind == "keypoint_rcnn" else "detection", seed=2)
+    data = make_synthetic_coco(
+        tmp_path,
+        images=0,
+        val_images=2,
+        size=(96, 96),
+        kind="keypoints" if kind == "keypoint_rcnn" else "detection",
+        seed=2,
+    )
     ds = CocoDetection(data["val"]["images"], data["val"]["annotations"])
     predict = make_filtered_predictor(filtered, threshold=1.01)
     outputs = [predict([ds[i][0]])[0] for i in range(len(ds))]
@@ -405,10 +448,15 @@ def trained(tmp_path_factory):
     from hnd.train.train import main as train_main
 
     root = tmp_path_factory.mktemp("filterdata")
-    make_synthetic_coco(root / "data", images=64, val_images=32, size=(128, 128), kind="keypoints", seed=5,
-                        empty_fraction=0.5)
-    config = write_config("test/keypoint_rcnn-b3ch-filter", root / "data", root / "filter.yaml",
-                          model={"filter": {"threshold": 0.01, "checkpoint": str(root / "filter.pt")}})
+    make_synthetic_coco(
+        root / "data", images=64, val_images=32, size=(128, 128), kind="keypoints", seed=5, empty_fraction=0.5
+    )
+    config = write_config(
+        "test/keypoint_rcnn-b3ch-filter",
+        root / "data",
+        root / "filter.yaml",
+        model={"filter": {"threshold": 0.01, "checkpoint": str(root / "filter.pt")}},
+    )
     assert train_main(["--config", str(config), "--no-progress", "--output-dir", str(root / "run")]) == 0
     (root / "run" / "best.pt").rename(root / "filter.pt")
     return root, config
@@ -426,9 +474,14 @@ def test_hnd_train_and_hnd_eval_reach_a_useful_roc_auc(trained, capsys):
     assert set(ckpt["model"]) == set(ORIGINAL_KEYS) and ckpt["method"] == "filter"
     assert ckpt["best_value"] == max(r["heldout_roc_auc"] for r in epochs)
     # The whole student with its best filter, for hnd-export-head.
-    full = build_model_from_config(dataclasses.replace(load_config(config).model, random_weights=None,
-                                                       checkpoint=str(root / "run" / "best-model.pt"),
-                                                       filter=FilterConfig()))
+    full = build_model_from_config(
+        dataclasses.replace(
+            load_config(config).model,
+            random_weights=None,
+            checkpoint=str(root / "run" / "best-model.pt"),
+            filter=FilterConfig(),
+        )
+    )
     assert fingerprint(full) == fingerprint(build_model_from_config(load_config(config).model))
 
     out = root / "eval.json"
@@ -444,8 +497,10 @@ def test_hnd_train_and_hnd_eval_reach_a_useful_roc_auc(trained, capsys):
     # An untrained filter of the same student is no better than chance here: training did the work.
     untrained = root / "untrained.pt"
     save_filter(untrained, Ext4ResNet())
-    assert eval_main(["--config", str(config), "--checkpoint", str(untrained), "--batch-size", "4",
-                      "--output", str(out)]) == 0
+    assert (
+        eval_main(["--config", str(config), "--checkpoint", str(untrained), "--batch-size", "4", "--output", str(out)])
+        == 0
+    )
     assert json.loads(out.read_text())["roc_auc"] < trained_auc
 
 
@@ -463,17 +518,39 @@ def test_hnd_edge_sends_only_frames_above_the_threshold(trained, tmp_path):
 
     threshold = 0.5
     with torch.inference_mode():
-        probs = [float(head.filter_probability(head.stem(head.preprocess(
-            [to_tensor(np.asarray(Image.open(p).convert("RGB")))])[0]))[0]) for p in paths]
+        probs = [
+            float(
+                head.filter_probability(
+                    head.stem(head.preprocess([to_tensor(np.asarray(Image.open(p).convert("RGB")))])[0])
+                )[0]
+            )
+            for p in paths
+        ]
     expected_sent = sum(p >= threshold for p in probs)
     assert 0 < expected_sent < len(paths)
     out = tmp_path / "records.jsonl"
     with serving(model) as server:
         before = server.runner.images_computed
         metric = server.service.metrics.registry
-        rc = edge_main(["--server", f"127.0.0.1:{server.port}", "--images", str(frames_dir), "--max-frames",
-                        str(len(paths)), "--config", str(config), "--filter-threshold", str(threshold),
-                        "--output", str(out), "--no-progress", "--max-inflight", "2"])
+        rc = edge_main(
+            [
+                "--server",
+                f"127.0.0.1:{server.port}",
+                "--images",
+                str(frames_dir),
+                "--max-frames",
+                str(len(paths)),
+                "--config",
+                str(config),
+                "--filter-threshold",
+                str(threshold),
+                "--output",
+                str(out),
+                "--no-progress",
+                "--max-inflight",
+                "2",
+            ]
+        )
         assert rc == 0
         assert server.runner.images_computed - before == expected_sent
         assert metric.get_sample_value("hnd_requests_total", {"method": "Infer", "code": "OK"}) == expected_sent
@@ -519,11 +596,17 @@ def test_filter_training_resumes_exactly(trained, tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert train_main(["--config", str(config), "--no-progress", "--epochs", "2", "--output-dir", str(whole)]) == 0
     assert train_main(["--config", str(config), "--no-progress", "--epochs", "1", "--output-dir", str(split)]) == 0
-    assert train_main(["--config", str(config), "--no-progress", "--epochs", "2", "--output-dir", str(split),
-                       "--resume"]) == 0
+    assert (
+        train_main(["--config", str(config), "--no-progress", "--epochs", "2", "--output-dir", str(split), "--resume"])
+        == 0
+    )
     for name in ("last.pt", "best.pt"):
         a, b = (torch.load(d / name, weights_only=True) for d in (whole, split))
         assert (a["fingerprint"], a["epoch"]) == (b["fingerprint"], b["epoch"]), name
     assert torch.load(split / "last.pt", weights_only=True)["epoch"] == 1
-    assert train_main(["--config", str(config), "--no-progress", "--output-dir", str(split), "--resume",
-                       "--select-by", "last"]) == 2  # another selection: refused, one line
+    assert (
+        train_main(
+            ["--config", str(config), "--no-progress", "--output-dir", str(split), "--resume", "--select-by", "last"]
+        )
+        == 2
+    )  # another selection: refused, one line

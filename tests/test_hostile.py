@@ -4,6 +4,7 @@ The request classes are hnd.bench.hostile's (the benchmark measures them on serv
 README table); here they go to an in-process server on loopback, and this process's peak RSS (the
 server's) is read from /proc/self/status after resetting it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -118,8 +119,10 @@ def test_a_retry_storm_is_logged_at_a_bounded_rate(server, good, caplog):
     limited = server.service.refusal_log
     suppressed = server.service.metrics.registry.get_sample_value("hnd_log_suppressed_total") or 0
     bad = CASES[5].make(good)  # 1 MB fingerprint
-    with caplog.at_level(logging.WARNING, logger="hnd.server"), \
-            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    with (
+        caplog.at_level(logging.WARNING, logger="hnd.server"),
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
         method = channel.unary_unary(INFER)
         for _ in range(limited.burst + 30):
             with pytest.raises(grpc.RpcError):
@@ -136,8 +139,9 @@ def test_a_refused_stream_message_drops_the_queued_ones_behind_it(model, good):
         bad = pb.InferRequest()
         bad.CopyFrom(good.request)
         bad.weights_fingerprint = "ab" * 32
-        messages = [good.request.SerializeToString()] * 5 + [bad.SerializeToString()] + \
-            [good.request.SerializeToString()] * 20
+        messages = (
+            [good.request.SerializeToString()] * 5 + [bad.SerializeToString()] + [good.request.SerializeToString()] * 20
+        )
         before = runner.images_computed
         answered = 0
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -155,5 +159,9 @@ def test_a_refused_stream_message_drops_the_queued_ones_behind_it(model, good):
         assert sample("hnd_stream_messages_total", {"outcome": "refused"}) == 1
         # those behind it were cancelled once read (outcome "dropped") or never read at all
         assert (sample("hnd_stream_messages_total", {"outcome": "dropped"}) or 0) <= 20
-        assert sample("hnd_refusals_total", {"method": "InferStream", "code": "FAILED_PRECONDITION",
-                                             "reason": "fingerprint"}) == 1
+        assert (
+            sample(
+                "hnd_refusals_total", {"method": "InferStream", "code": "FAILED_PRECONDITION", "reason": "fingerprint"}
+            )
+            == 1
+        )

@@ -6,6 +6,7 @@ Then the manifests are held against the real CLI parsers, the server image and e
 ports, probes, Secrets and their mount paths, the volume holding the checkpoint, labels and
 selectors, drain timing, the HPA's metrics and the adapter rules that produce them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -88,8 +89,10 @@ def test_manifest_is_valid_against_the_kubernetes_schema(path, version, no_netwo
         try:
             kubernetes_validate.validate(d, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{path.relative_to(ROOT)} {d['kind']}/{d['metadata']['name']} (Kubernetes {version}): "
-                        f"{exc.message} at {'.'.join(map(str, exc.path))}")
+            pytest.fail(
+                f"{path.relative_to(ROOT)} {d['kind']}/{d['metadata']['name']} (Kubernetes {version}): "
+                f"{exc.message} at {'.'.join(map(str, exc.path))}"
+            )
 
 
 def test_validation_catches_what_it_should(no_network):
@@ -161,7 +164,7 @@ def test_secrets_and_checkpoint_are_mounted_where_the_flags_point():
         for mount_path, m in mounts.items():
             if path.startswith(mount_path.rstrip("/") + "/"):
                 assert m.get("readOnly"), f"{mount_path} must be read-only"
-                return volumes[m["name"]], path[len(mount_path.rstrip("/")) + 1:]
+                return volumes[m["name"]], path[len(mount_path.rstrip("/")) + 1 :]
         raise AssertionError(f"{path} is on no mounted volume")
 
     tls, cert_key = source(ns.tls_cert)

@@ -1,5 +1,6 @@
 """Long unattended runs: streamed and rotated records, write errors, segmented video, bounded-memory summary,
 live figures (status line, --stats-interval, SIGUSR1, Prometheus), a server gone for seconds, a camera that stops."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,16 @@ CONFIG = "test/faster_rcnn-b3ch"
 
 
 def _rec(i: int, total: float = 50.0, status: str = "OK") -> FrameRecord:
-    return FrameRecord(i, "cam", time.time(), "split", status=status, bytes=ByteCounts(1000 + i % 7, 1100, 200),
-                       ms=Timings(capture=1.0, head=10.0, total=total, overhead=1.0), detections=[{"count": 0}])
+    return FrameRecord(
+        i,
+        "cam",
+        time.time(),
+        "split",
+        status=status,
+        bytes=ByteCounts(1000 + i % 7, 1100, 200),
+        ms=Timings(capture=1.0, head=10.0, total=total, overhead=1.0),
+        detections=[{"count": 0}],
+    )
 
 
 # --- records ----------------------------------------------------------------------------------------
@@ -116,13 +125,41 @@ def test_cli_stops_cleanly_on_write_error_when_told(tmp_path, capsys):
     images = tmp_path / "f"
     images.mkdir()
     cv2.imwrite(str(images / "0.png"), frames(1)[0])
-    code = edge_cli.main(["--images", str(images), "--config", CONFIG, "--random-weights", "0", "--mode", "local",
-                          "--output", "/dev/full", "--on-write-error", "stop", "--no-progress"])
+    code = edge_cli.main(
+        [
+            "--images",
+            str(images),
+            "--config",
+            CONFIG,
+            "--random-weights",
+            "0",
+            "--mode",
+            "local",
+            "--output",
+            "/dev/full",
+            "--on-write-error",
+            "stop",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == edge_cli.EXIT_WRITE_ERROR == 4
     assert len(err) == 1 and "/dev/full: cannot write records" in err[0] and "Traceback" not in err[0]
-    code = edge_cli.main(["--images", str(images), "--config", CONFIG, "--random-weights", "0", "--mode", "local",
-                          "--output", str(tmp_path), "--no-progress"])
+    code = edge_cli.main(
+        [
+            "--images",
+            str(images),
+            "--config",
+            CONFIG,
+            "--random-weights",
+            "0",
+            "--mode",
+            "local",
+            "--output",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "is a folder" in err[0]
 
@@ -170,8 +207,10 @@ def test_summary_memory_stays_flat_and_quantiles_are_within_one_percent():
 
 def test_live_window_is_bounded_and_says_when_waiting():
     state = {"waiting_s": None}
-    live = LiveStats(lambda: {"frames": 10, "answered": 9, "failed": 1, "dropped": 4, "reconnects": 2,
-                              "records_lost": 0, **state}, window_s=5.0)
+    live = LiveStats(
+        lambda: {"frames": 10, "answered": 9, "failed": 1, "dropped": 4, "reconnects": 2, "records_lost": 0, **state},
+        window_s=5.0,
+    )
     for i in range(9):
         live.add(_rec(i, total=100.0 + i))
     live.add(_rec(9, status="UNAVAILABLE"))
@@ -223,15 +262,41 @@ def test_server_gone_for_seconds_edge_waits_captures_and_resumes(model, tmp_path
         wait_for(lambda: any(json.loads(line)["waiting_s"] for line in stats.read_text().splitlines()))
         os.kill(os.getpid(), signal.SIGUSR1)  # the running summary, while waiting
         time.sleep(1.0)
-        state["second"] = BackgroundServer(ModelRunner(model, torch.device("cpu")), ServerSettings(port=port)).__enter__()
+        state["second"] = BackgroundServer(
+            ModelRunner(model, torch.device("cpu")), ServerSettings(port=port)
+        ).__enter__()
 
     threading.Thread(target=outage, daemon=True).start()
     old_usr1 = signal.getsignal(signal.SIGUSR1)
     try:
-        code = edge_cli.main(["--server", f"127.0.0.1:{port}", "--video", _live_video(tmp_path, 120.0), "--live",
-                              "--config", CONFIG, "--random-weights", "0", "--max-inflight", "1", "--output", str(out),
-                              "--stats-interval", "0.2", "--stats-file", str(stats), "--window", "2",
-                              "--metrics-port", str(metrics_port), "--max-frames", "6", "--no-progress"])
+        code = edge_cli.main(
+            [
+                "--server",
+                f"127.0.0.1:{port}",
+                "--video",
+                _live_video(tmp_path, 120.0),
+                "--live",
+                "--config",
+                CONFIG,
+                "--random-weights",
+                "0",
+                "--max-inflight",
+                "1",
+                "--output",
+                str(out),
+                "--stats-interval",
+                "0.2",
+                "--stats-file",
+                str(stats),
+                "--window",
+                "2",
+                "--metrics-port",
+                str(metrics_port),
+                "--max-frames",
+                "6",
+                "--no-progress",
+            ]
+        )
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     finally:
         signal.signal(signal.SIGUSR1, old_usr1)
@@ -294,8 +359,23 @@ def test_camera_that_never_comes_back_ends_the_run_with_exit_code_3(monkeypatch,
 
     monkeypatch.setattr(capture_mod, "_open_capture", opener)
     out = tmp_path / "r.jsonl"
-    code = edge_cli.main(["--camera", "0", "--config", CONFIG, "--random-weights", "0", "--mode", "local",
-                          "--source-timeout", "1.5", "--output", str(out), "--no-progress"])
+    code = edge_cli.main(
+        [
+            "--camera",
+            "0",
+            "--config",
+            CONFIG,
+            "--random-weights",
+            "0",
+            "--mode",
+            "local",
+            "--source-timeout",
+            "1.5",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert code == edge_cli.EXIT_SOURCE_LOST == 3

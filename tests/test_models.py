@@ -1,4 +1,5 @@
 """Teacher and student R-CNNs: the HND bottleneck matches the original (docs/ORIGINAL_MODELS.md section 1)."""
+
 from __future__ import annotations
 
 import socket
@@ -119,7 +120,7 @@ def test_layer1_state_dict_matches_original(built, kind):
     models, _ = built
     sd = models[kind, 3].state_dict()
     prefix = "backbone.body.layer1."
-    got = [(k[len(prefix):], tuple(v.shape)) for k, v in sd.items() if k.startswith(prefix)]
+    got = [(k[len(prefix) :], tuple(v.shape)) for k, v in sd.items() if k.startswith(prefix)]
     assert len(got) == 48
     assert got == expected_layer1_state(3)
     assert sd[prefix + "decoder.0.num_batches_tracked"].dtype == torch.int64
@@ -158,11 +159,28 @@ def test_bottleneck_layer_order():
         return ("bn", n, 1e-5, 0.1, True, True)
 
     assert [describe(m) for m in enc] == [
-        conv(64, 64, 1), bn(64), conv(64, 256, 1), bn(256), ("relu",), conv(256, 64, 1), bn(64), conv(64, 5, 1),
+        conv(64, 64, 1),
+        bn(64),
+        conv(64, 256, 1),
+        bn(256),
+        ("relu",),
+        conv(256, 64, 1),
+        bn(64),
+        conv(64, 5, 1),
     ]
     assert [describe(m) for m in dec] == [
-        bn(5), ("relu",), conv(5, 64, 0), bn(64), conv(64, 128, 0), bn(128), ("relu",),
-        conv(128, 256, 0), bn(256), conv(256, 256, 0), bn(256), ("relu",),
+        bn(5),
+        ("relu",),
+        conv(5, 64, 0),
+        bn(64),
+        conv(64, 128, 0),
+        bn(128),
+        ("relu",),
+        conv(128, 256, 0),
+        bn(256),
+        conv(256, 256, 0),
+        bn(256),
+        ("relu",),
     ]
 
 
@@ -246,8 +264,16 @@ def test_torchvision_defaults_are_the_originals(built, kind):
 
 
 def test_kwargs_and_num_classes_pass_through():
-    model = build_model("faster_rcnn", 3, num_classes=5, min_size=123, max_size=456, box_score_thresh=0.25,
-                        box_detections_per_img=7, rpn_post_nms_top_n_test=50)
+    model = build_model(
+        "faster_rcnn",
+        3,
+        num_classes=5,
+        min_size=123,
+        max_size=456,
+        box_score_thresh=0.25,
+        box_detections_per_img=7,
+        rpn_post_nms_top_n_test=50,
+    )
     assert tuple(model.transform.min_size) == (123,) and model.transform.max_size == 456
     assert model.roi_heads.score_thresh == 0.25 and model.roi_heads.detections_per_img == 7
     assert model.rpn._post_nms_top_n["testing"] == 50

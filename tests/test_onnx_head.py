@@ -4,6 +4,7 @@ Bounds (fp32 ONNX head on the edge's own numpy/OpenCV preprocessing vs the torch
 max |z_onnx - z_torch| <= 1e-4 * max |z_torch| + 1e-6, >= 99.9 % of 8-bit symbols equal, and the
 same tail gives the same detections (or IoU-matched F1 >= 0.99). int8 is measured, not exact.
 """
+
 from __future__ import annotations
 
 import json
@@ -96,12 +97,27 @@ def test_export_writes_metadata(exported):
 
 def test_export_min_max_size_override(tmp_path):
     path = tmp_path / "native.onnx"
-    assert export_cli.main([str(path), "--config", "test/faster_rcnn-b3ch", "--random-weights", "0",
-                            "--min-size", "96", "--max-size", "128"]) == 0
+    assert (
+        export_cli.main(
+            [
+                str(path),
+                "--config",
+                "test/faster_rcnn-b3ch",
+                "--random-weights",
+                "0",
+                "--min-size",
+                "96",
+                "--max-size",
+                "128",
+            ]
+        )
+        == 0
+    )
     head = OnnxHead(path)
     assert (head.min_size, head.max_size) == (96, 128)
-    assert OnnxHead(path, min_size=120, max_size=200).preprocess([np.zeros((240, 320, 3), np.uint8)])[1].image_sizes \
-        == ((120, 160),)
+    assert OnnxHead(path, min_size=120, max_size=200).preprocess([np.zeros((240, 320, 3), np.uint8)])[
+        1
+    ].image_sizes == ((120, 160),)
 
 
 def test_torch_format_is_kept(tmp_path, tiny_model):
@@ -174,8 +190,22 @@ def test_int8_is_measured_not_exact(tmp_path, photos, tiny_model):
     ckpt = tmp_path / "s.pt"
     save_checkpoint(ckpt, model)
     path = tmp_path / "int8.onnx"
-    assert export_cli.main([str(ckpt), str(path), "--config", "test/faster_rcnn-b3ch", "--int8",
-                            "--calibration", str(calib), "--calibration-frames", "3"]) == 0
+    assert (
+        export_cli.main(
+            [
+                str(ckpt),
+                str(path),
+                "--config",
+                "test/faster_rcnn-b3ch",
+                "--int8",
+                "--calibration",
+                str(calib),
+                "--calibration-frames",
+                "3",
+            ]
+        )
+        == 0
+    )
     q = OnnxHead(path)
     assert q.metadata.precision == "int8" and "3 frames" in q.metadata.calibration
     assert q.fingerprint == fingerprint(model)
@@ -218,8 +248,10 @@ def test_onnx_without_hnd_metadata(tmp_path):
 
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 4, 4])
     y = helper.make_tensor_value_info("bottleneck", TensorProto.FLOAT, [1, 3, 4, 4])
-    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["images"], ["bottleneck"])], "g", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["images"], ["bottleneck"])], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
     path = tmp_path / "plain.onnx"
     onnx.save(model, str(path))
     with pytest.raises(OnnxHeadError) as e:
@@ -234,8 +266,10 @@ def test_metadata_of_another_graph_is_refused(tmp_path, exported):
     _, good = exported["faster_rcnn"]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])
-    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
     model.metadata_props.extend(onnx.load(str(good)).metadata_props)
     path = tmp_path / "other.onnx"
     onnx.save(model, str(path))
@@ -279,17 +313,29 @@ def test_hnd_eval_with_onnx_head(tmp_path, capsys):
     from hnd.train.synthetic import make_synthetic_coco, write_config
 
     make_synthetic_coco(tmp_path / "det", images=1, val_images=2, size=(128, 160), seed=3)
-    cfg = write_config("test/faster_rcnn-b3ch", tmp_path / "det", tmp_path / "c.yaml",
-                       model={"num_classes": 4, "params": {"min_size": 128, "max_size": 160}})
+    cfg = write_config(
+        "test/faster_rcnn-b3ch",
+        tmp_path / "det",
+        tmp_path / "c.yaml",
+        model={"num_classes": 4, "params": {"min_size": 128, "max_size": 160}},
+    )
     head = tmp_path / "h.onnx"
     assert export_cli.main([str(head), "--config", str(cfg), "--random-weights", "0"]) == 0
     out = tmp_path / "m.json"
-    assert eval_main(["--config", str(cfg), "--head", str(head), "--min-size", "96", "--max-size", "120",
-                      "--output", str(out)]) == 0
+    assert (
+        eval_main(
+            ["--config", str(cfg), "--head", str(head), "--min-size", "96", "--max-size", "120", "--output", str(out)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"ONNX fp32 head {head} -> 8-bit tensor codec -> tail, resize 96/120" in printed
     metrics = json.loads(out.read_text())
-    assert metrics["head"] == str(head) and metrics["bits"] == 8 and (metrics["min_size"], metrics["max_size"]) == (96, 120)
+    assert (
+        metrics["head"] == str(head)
+        and metrics["bits"] == 8
+        and (metrics["min_size"], metrics["max_size"]) == (96, 120)
+    )
     # The predictor is the edge's path exactly, and agrees with the torch head at the same resize.
     model = build_model_from_config(load_config(cfg).model, str(cfg))
     img = torch.from_numpy(sample_images()[0][1][:120, :160]).permute(2, 0, 1).float().div(255)

@@ -1,4 +1,5 @@
 """The committed hnd.proto.v1 modules import under the package and match what the .proto files generate."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,11 @@ from hnd.proto import generate
 
 def committed_files() -> dict[str, bytes]:
     folder = Path(hnd.proto.v1.__file__).parent
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name.endswith((".py", ".pyi")) and "_pb2" in p.name}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.name.endswith((".py", ".pyi")) and "_pb2" in p.name
+    }
 
 
 def test_generated_modules_are_up_to_date(tmp_path):

@@ -1,5 +1,6 @@
 """The protocol from outside Python: .proto files that resolve from the shipped tree, reflection v1 and
 v1alpha, and the Node.js client of examples/node against a live server (docs/PROTOCOL.md)."""
+
 from __future__ import annotations
 
 import json
@@ -37,16 +38,25 @@ def test_proto_imports_resolve_from_the_shipped_tree(tmp_path):
         assert proto.parent.relative_to(generate.PROTO_ROOT).as_posix() == package.replace(".", "/")
     protoc = pytest.importorskip("grpc_tools.protoc", reason="grpcio-tools (a dev dependency) runs protoc")
     include = Path(generate.__file__).parent  # plain -I proto, no virtual path mapping
-    rc = protoc.main(["protoc", f"-I{include}", f"--descriptor_set_out={tmp_path / 'set.pb'}", "--include_imports",
-                      *(f"hnd/v1/{p.name}" for p in protos)])
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{include}",
+            f"--descriptor_set_out={tmp_path / 'set.pb'}",
+            "--include_imports",
+            *(f"hnd/v1/{p.name}" for p in protos),
+        ]
+    )
     assert rc == 0
 
 
 def _reflect(port: int, service: str, request: reflection_pb2.ServerReflectionRequest):
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        method = channel.stream_stream(f"/{service}/ServerReflectionInfo",
-                                       request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-                                       response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        method = channel.stream_stream(
+            f"/{service}/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
         return next(iter(method(iter([request]), timeout=30)))
 
 
@@ -57,12 +67,18 @@ def test_reflection_v1_and_v1alpha(model, service):
     with serving(model) as server:
         listed = _reflect(server.port, service, reflection_pb2.ServerReflectionRequest(list_services=""))
         names = {s.name for s in listed.list_services_response.service}
-        assert {"hnd.v1.SplitInference", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
-                "grpc.reflection.v1alpha.ServerReflection"} <= names
-        found = _reflect(server.port, service,
-                         reflection_pb2.ServerReflectionRequest(file_containing_symbol="hnd.v1.SplitInference"))
-    files = [descriptor_pb2.FileDescriptorProto.FromString(b)
-             for b in found.file_descriptor_response.file_descriptor_proto]
+        assert {
+            "hnd.v1.SplitInference",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= names
+        found = _reflect(
+            server.port, service, reflection_pb2.ServerReflectionRequest(file_containing_symbol="hnd.v1.SplitInference")
+        )
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(b) for b in found.file_descriptor_response.file_descriptor_proto
+    ]
     by_name = {f.name: f for f in files}
     assert "hnd/v1/split_inference.proto" in by_name
     assert list(by_name["hnd/v1/split_inference.proto"].dependency) == ["hnd/v1/tensor.proto"]
@@ -88,8 +104,12 @@ def test_node_client_gets_exactly_the_in_process_detections(model, node, tmp_pat
     raw = tmp_path / "z.f32"
     raw.write_bytes(z.contiguous().numpy().astype("<f4").tobytes())
     with serving(model) as server:
-        out = subprocess.run([node, str(NODE_CLIENT / "client.js"), f"127.0.0.1:{server.port}", str(raw), "120", "150"],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [node, str(NODE_CLIENT / "client.js"), f"127.0.0.1:{server.port}", str(raw), "120", "150"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["image_size"] == list(meta.image_sizes[0]) and result["padded_size"] == list(meta.padded_size)
@@ -102,4 +122,7 @@ def test_node_client_gets_exactly_the_in_process_detections(model, node, tmp_pat
     assert float(result["timings"]["compute_us"]) > 0
     refusal = result["refusal"]
     assert refusal["code"] == "INVALID_ARGUMENT"
-    assert "padded size 160x200 must be a multiple of 32" in refusal["details"] and "expected 160x224" in refusal["details"]
+    assert (
+        "padded size 160x200 must be a multiple of 32" in refusal["details"]
+        and "expected 160x224" in refusal["details"]
+    )

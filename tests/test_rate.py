@@ -1,4 +1,5 @@
 """hnd-bench --rate-accuracy on a tiny model and a short synthetic annotated video."""
+
 from __future__ import annotations
 
 import json
@@ -51,15 +52,41 @@ def test_native_size_model_shares_weights(tiny_model):
 
 def test_cli_writes_outputs_with_map(clip, tmp_path, capsys):
     out = tmp_path / "ra"
-    rc = cli.main(["--rate-accuracy", "--config", "test/faster_rcnn-b3ch", "--video", str(clip["video"]),
-                   "--annotations", str(clip["annotations"]), "--frames", "3", "--bits", "8", "--coding", "temporal",
-                   "--jpeg-quality", "75", "--webp-quality", "", "--crf", "28", "--hevc-crf", "", "--preset",
-                   "ultrafast", "--out", str(out)])
+    rc = cli.main(
+        [
+            "--rate-accuracy",
+            "--config",
+            "test/faster_rcnn-b3ch",
+            "--video",
+            str(clip["video"]),
+            "--annotations",
+            str(clip["annotations"]),
+            "--frames",
+            "3",
+            "--bits",
+            "8",
+            "--coding",
+            "temporal",
+            "--jpeg-quality",
+            "75",
+            "--webp-quality",
+            "",
+            "--crf",
+            "28",
+            "--hevc-crf",
+            "",
+            "--preset",
+            "ultrafast",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads((out / "rate_accuracy.json").read_text())
     names = [r["name"] for r in data["rows"]]
     assert names == ["local, native", "8-bit tensor, temporal, native", "JPEG q75"] + (
-        ["H.264 crf 28"] if "h264" in available_formats() else [])
+        ["H.264 crf 28"] if "h264" in available_formats() else []
+    )
     assert all(r["map50_95"] is not None for r in data["rows"])
     assert (out / "rate_accuracy.png").stat().st_size > 0
     assert "| setting | bytes/frame |" in (out / "rate_accuracy.md").read_text()
@@ -116,8 +143,12 @@ def test_hnd_eval_temporal_stream_is_the_runtime_stream(tiny_model, clip, tmp_pa
             assert all(torch.equal(got[k], want[k]) for k in want)
     cfg = write_config("test/faster_rcnn-b3ch", clip["images"].parent, tmp_path / "c.yaml")
     out = tmp_path / "m.json"
-    assert eval_main(["--config", str(cfg), "--bits", "4", "--key-interval", "3", "--max-images", "2",
-                      "--output", str(out)]) == 0
+    assert (
+        eval_main(
+            ["--config", str(cfg), "--bits", "4", "--key-interval", "3", "--max-images", "2", "--output", str(out)]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())
     assert metrics["key_interval"] == 3 and metrics["images"] == 2 and "bbox" in metrics
     assert eval_main(["--config", str(cfg), "--key-interval", "3"]) == 2  # needs --bits
@@ -135,12 +166,27 @@ def test_server_profile_replaces_server_compute_in_the_link_model():
             parse_server_profile(bad)
 
     def sample(**kw):
-        return Sample(frame=0, source="f", raw_bytes=1, request_bytes=1000, payload_bytes=900, response_bytes=100,
-                      edge_ms_raw=10.0, edge_model_ms_raw=8.0, server_ms_raw=900.0, server_compute_ms_raw=880.0,
-                      loopback_ms=1.0, measured_total_ms=1000.0, **kw)
+        return Sample(
+            frame=0,
+            source="f",
+            raw_bytes=1,
+            request_bytes=1000,
+            payload_bytes=900,
+            response_bytes=100,
+            edge_ms_raw=10.0,
+            edge_model_ms_raw=8.0,
+            server_ms_raw=900.0,
+            server_compute_ms_raw=880.0,
+            loopback_ms=1.0,
+            measured_total_ms=1000.0,
+            **kw,
+        )
 
-    settings = [SimpleNamespace(mode="split", key="split: 4"), SimpleNamespace(mode="offload", key="offload: j"),
-                SimpleNamespace(mode="local", key="local")]
+    settings = [
+        SimpleNamespace(mode="split", key="split: 4"),
+        SimpleNamespace(mode="offload", key="offload: j"),
+        SimpleNamespace(mode="local", key="local"),
+    ]
     samples = {"split: 4": [sample(), sample(filtered=True)], "offload: j": [sample()], "local": [sample()]}
     apply_server_profile(settings, samples, {"split": 23.3})
     assert samples["split: 4"][0].server_ms == pytest.approx(900.0 - 880.0 + 23.3)

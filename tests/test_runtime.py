@@ -1,4 +1,5 @@
 """hnd-server + hnd-edge on loopback: exactness, streaming, pipelining, batching, offload, local."""
+
 from __future__ import annotations
 
 import io
@@ -125,6 +126,7 @@ def test_pipelining_overlaps_head_and_server(tiny_model):
         client = client_for(server)
         _, records, _ = run_edge(model, client, images, max_inflight=2)
         client.close()
-    assert max(r["server_ms"]["queue"] for r in records[1:]) > 0 or \
-        any(r["ms"]["network_server"] > r["server_ms"]["compute"] for r in records)
+    assert max(r["server_ms"]["queue"] for r in records[1:]) > 0 or any(
+        r["ms"]["network_server"] > r["server_ms"]["compute"] for r in records
+    )
     assert np.all(np.diff([r["frame"] for r in records]) == 1)

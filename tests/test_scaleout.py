@@ -1,6 +1,7 @@
 """Three hnd-server processes on loopback and several edges balancing over them (gRPC round_robin):
 answers spread over the replicas; a replica SIGKILLed and one drained with SIGTERM mid-run, and a
 rolling restart of all of them, lose no frame of any edge. Tiny test model, CPU, few frames."""
+
 from __future__ import annotations
 
 import threading
@@ -47,8 +48,16 @@ def start_edges(target, head_fp, modes, stop=None, count=None, fps=None):
     images = sample_frames()
 
     def edge(name: str, stream: bool) -> None:
-        summaries[name] = run_edge(target, head, fp, RepeatedFrames(images, count, fps, stop), records[name],
-                                   stream=stream, max_inflight=2, max_attempts=3)
+        summaries[name] = run_edge(
+            target,
+            head,
+            fp,
+            RepeatedFrames(images, count, fps, stop),
+            records[name],
+            stream=stream,
+            max_inflight=2,
+            max_attempts=3,
+        )
 
     threads = [threading.Thread(target=edge, args=(name, stream), name=name) for name, stream in modes.items()]
     for t in threads:

@@ -1,6 +1,7 @@
 """Server behaviour that replicas behind a balancer rely on: health flips NOT_SERVING as soon as a
 drain starts (before in-flight work ends), open streams end UNAVAILABLE after answering what they
 read, and every call names the replica and its weights in its metadata."""
+
 from __future__ import annotations
 
 import asyncio
@@ -74,8 +75,9 @@ def test_health_turns_not_serving_when_drain_starts_before_in_flight_work_ends(m
         probe = f"127.0.0.1:{server.running.health_port}"  # what kubelet's gRPC probes dial
         assert check(probe) == "SERVING"
         with grpc.insecure_channel(target) as channel:
-            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                                              timeout=30)
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30
+            )
             statuses: queue.Queue = queue.Queue()
 
             def follow() -> None:
@@ -156,8 +158,10 @@ def test_every_call_names_the_replica_and_its_weights(model):
 
 
 def test_health_port_serves_health_only(model):
-    with serving(model, health_port=0) as server, \
-            grpc.insecure_channel(f"127.0.0.1:{server.running.health_port}") as channel:
+    with (
+        serving(model, health_port=0) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.running.health_port}") as channel,
+    ):
         with pytest.raises(grpc.RpcError) as exc:
             channel.unary_unary(INFER)(request_for(model).SerializeToString(), timeout=10)
         assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED  # inference never bypasses --port's TLS

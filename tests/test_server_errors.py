@@ -1,4 +1,5 @@
 """Bad input against a live server: each gets its status code and the server keeps serving."""
+
 from __future__ import annotations
 
 import os
@@ -70,26 +71,54 @@ def _bomb(r: pb.InferRequest) -> None:
 CASES = {
     "random bytes": (lambda req: os.urandom(64) + b"\xff\xff\xff", grpc.StatusCode.INVALID_ARGUMENT),
     "empty request": (lambda req: b"", grpc.StatusCode.INVALID_ARGUMENT),
-    "wrong channel count": (lambda req: mutate(req, lambda r: r.bottleneck.tensor.shape.__setitem__(1, 5)),
-                            grpc.StatusCode.INVALID_ARGUMENT),
-    "negative dim": (lambda req: mutate(req, lambda r: r.bottleneck.tensor.shape.__setitem__(2, -4)),
-                     grpc.StatusCode.INVALID_ARGUMENT),
-    "huge declared size": (lambda req: mutate(req, lambda r: (r.bottleneck.tensor.shape.__setitem__(2, 1 << 30),
-                                                               setattr(r.bottleneck.tensor, "raw_size", 1 << 40))),
-                           grpc.StatusCode.INVALID_ARGUMENT),
-    "payload cut short": (lambda req: mutate(req, lambda r: setattr(
-        r.bottleneck.tensor, "data", r.bottleneck.tensor.data[:100])), grpc.StatusCode.INVALID_ARGUMENT),
+    "wrong channel count": (
+        lambda req: mutate(req, lambda r: r.bottleneck.tensor.shape.__setitem__(1, 5)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "negative dim": (
+        lambda req: mutate(req, lambda r: r.bottleneck.tensor.shape.__setitem__(2, -4)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "huge declared size": (
+        lambda req: mutate(
+            req,
+            lambda r: (
+                r.bottleneck.tensor.shape.__setitem__(2, 1 << 30),
+                setattr(r.bottleneck.tensor, "raw_size", 1 << 40),
+            ),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "payload cut short": (
+        lambda req: mutate(req, lambda r: setattr(r.bottleneck.tensor, "data", r.bottleneck.tensor.data[:100])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     "zstd bomb": (lambda req: mutate(req, _bomb), grpc.StatusCode.INVALID_ARGUMENT),
-    "unknown granularity": (lambda req: mutate(req, lambda r: setattr(r.bottleneck.tensor, "granularity", 77)),
-                            grpc.StatusCode.INVALID_ARGUMENT),
-    "meta disagrees with shape": (lambda req: mutate(req, lambda r: r.bottleneck.meta.padded_size.__setattr__(
-        "height", r.bottleneck.meta.padded_size.height + 32)), grpc.StatusCode.INVALID_ARGUMENT),
+    "unknown granularity": (
+        lambda req: mutate(req, lambda r: setattr(r.bottleneck.tensor, "granularity", 77)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "meta disagrees with shape": (
+        lambda req: mutate(
+            req,
+            lambda r: r.bottleneck.meta.padded_size.__setattr__("height", r.bottleneck.meta.padded_size.height + 32),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     "no payload": (lambda req: mutate(req, lambda r: r.ClearField("bottleneck")), grpc.StatusCode.INVALID_ARGUMENT),
-    "corrupt image": (lambda req: mutate(req, lambda r: r.image.CopyFrom(
-        pb.EncodedImage(format=pb.EncodedImage.FORMAT_JPEG, data=b"\xff\xd8 not a jpeg"))),
-                      grpc.StatusCode.INVALID_ARGUMENT),
-    "wrong fingerprint": (lambda req: mutate(req, lambda r: setattr(r, "weights_fingerprint", "ab" * 32)),
-                          grpc.StatusCode.FAILED_PRECONDITION),
+    "corrupt image": (
+        lambda req: mutate(
+            req,
+            lambda r: r.image.CopyFrom(
+                pb.EncodedImage(format=pb.EncodedImage.FORMAT_JPEG, data=b"\xff\xd8 not a jpeg")
+            ),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "wrong fingerprint": (
+        lambda req: mutate(req, lambda r: setattr(r, "weights_fingerprint", "ab" * 32)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    ),
 }
 
 
@@ -162,7 +191,8 @@ def test_token_auth(model, good_request, tmp_path):
         wrong = call_raw(server, good_request.SerializeToString(), metadata=(("authorization", "Bearer nope"),))
         assert wrong.code() == grpc.StatusCode.UNAUTHENTICATED
         refused = server.service.metrics.registry.get_sample_value(
-            "hnd_refusals_total", {"method": "Infer", "code": "UNAUTHENTICATED", "reason": "token"})
+            "hnd_refusals_total", {"method": "Infer", "code": "UNAUTHENTICATED", "reason": "token"}
+        )
         assert refused == 2  # counted like every refusal, and logged through the rate-limited log
         ok = call_raw(server, good_request.SerializeToString(), metadata=(("authorization", "Bearer s3cret"),))
         assert isinstance(ok, bytes)

@@ -3,6 +3,7 @@
 Run as a script to print the bottleneck size of a 640x480 frame per channel count:
 ``.venv/bin/python tests/test_split.py``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -31,7 +32,7 @@ def full_names(names, prefixes: dict[str, str]) -> dict[str, str]:
     """Map each split-side name to the full model's name; fails on a name outside ``prefixes``."""
     out = {}
     for name in names:
-        matches = [full + name[len(short):] for short, full in prefixes.items() if name.startswith(short)]
+        matches = [full + name[len(short) :] for short, full in prefixes.items() if name.startswith(short)]
         assert len(matches) == 1, f"{name} is not a name this side should hold"
         out[name] = matches[0]
     return out
@@ -109,7 +110,9 @@ def test_head_state_dict_uses_full_model_names(split):
     # conv1.weight, 4 FrozenBatchNorm buffers of bn1, 19 encoder keys (4 convs, 3 BNs x 5)
     assert len(expected) == 24
     assert sorted(sd) == sorted(expected)
-    assert all(k.startswith(("backbone.body.conv1.", "backbone.body.bn1.", "backbone.body.layer1.encoder.")) for k in sd)
+    assert all(
+        k.startswith(("backbone.body.conv1.", "backbone.body.bn1.", "backbone.body.layer1.encoder.")) for k in sd
+    )
     for k, v in sd.items():
         assert torch.equal(v, model_sd[k]), k
 
@@ -173,8 +176,10 @@ def bottleneck_size_table(channel_counts=(3, 6, 9, 12, 15)) -> str:
     ]
     for r in rows:
         shape = "x".join(map(str, r["z_shape"]))
-        lines.append(f"| {r['channels']} | {shape} | {r['float32_bytes']:,} | {r['uint8_bytes']:,} | "
-                     f"{r['uint8_bytes'] / frame:.1%} |")
+        lines.append(
+            f"| {r['channels']} | {shape} | {r['float32_bytes']:,} | {r['uint8_bytes']:,} | "
+            f"{r['uint8_bytes'] / frame:.1%} |"
+        )
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
 """hnd.common.stream_codec: key / delta frames, exact on the symbols, and a decoder that refuses any doubt."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,9 @@ def _equal(a, b) -> bool:
     return np.array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("bits,granularity", [(8, "tensor"), (4, "channel"), (2, "tensor"), (6, "channel"),
-                                              (8, "original")])
+@pytest.mark.parametrize(
+    "bits,granularity", [(8, "tensor"), (4, "channel"), (2, "tensor"), (6, "channel"), (8, "original")]
+)
 def test_stream_is_exact_and_equals_quantizing_with_the_key_parameters(bits, granularity):
     frames = _walk(9)
     enc = StreamEncoder(bits, granularity, key_interval=4, max_clamped=1.0)
@@ -154,8 +156,13 @@ def test_reference_memory_is_bounded():
 
 
 def test_encoder_argument_checks():
-    for kwargs in ({"bits": 5}, {"granularity": "row"}, {"key_interval": 0}, {"max_clamped": 2.0},
-                   {"compression": "lz4"}):
+    for kwargs in (
+        {"bits": 5},
+        {"granularity": "row"},
+        {"key_interval": 0},
+        {"max_clamped": 2.0},
+        {"compression": "lz4"},
+    ):
         with pytest.raises(CodecError):
             StreamEncoder(**kwargs)
     enc = StreamEncoder(8)

@@ -4,6 +4,7 @@ Exactness (a temporal stream gives, bit for bit, the in-process result of the sa
 parameters without the delta step), in-band refusals for deltas without a valid reference, bounded
 sessions freed when streams end, and hostile delta / video payloads.
 """
+
 from __future__ import annotations
 
 import queue
@@ -45,7 +46,7 @@ def video_frames(n: int = 5, size=(96, 128), seed: int = 0) -> list[np.ndarray]:
     out = []
     for i in range(n):
         img = bg.copy()
-        img[20:50, 8 + 6 * i:38 + 6 * i] = (240, 20, 20)
+        img[20:50, 8 + 6 * i : 38 + 6 * i] = (240, 20, 20)
         out.append(np.clip(img + rng.normal(0, 1.5, img.shape), 0, 255).astype(np.uint8))
     return out
 
@@ -66,8 +67,9 @@ def stream_call(port: int, requests: list[pb.InferRequest], timeout: float = 120
 def bottleneck_requests(model, images, encoder: StreamEncoder, fp: str | None = None):
     """Stream requests for images through head + encoder, and the in-process reconstruction of each."""
     head, _ = split_model(model)
-    mirror = StreamEncoder(encoder.bits, encoder.granularity, key_interval=encoder.key_interval,
-                           max_clamped=encoder.max_clamped)
+    mirror = StreamEncoder(
+        encoder.bits, encoder.granularity, key_interval=encoder.key_interval, max_clamped=encoder.max_clamped
+    )
     requests, expected_z, metas = [], [], []
     for i, img in enumerate(images):
         with torch.inference_mode():
@@ -133,8 +135,9 @@ def test_delta_without_reference_is_refused_in_band_and_the_stream_goes_on(model
         flags = [(r.key_frame_required, bool(r.refusal), len(r.detections)) for r in responses]
         assert flags == [(True, True, 0), (False, False, 1), (True, True, 0), (True, True, 0)]
         assert "no reference" in responses[0].refusal and "does not follow" in responses[2].refusal
-        assert_same_detections([wire.detections_from_proto(d) for d in responses[1].detections],
-                               in_process(model, expected_z[0], metas[0]))
+        assert_same_detections(
+            [wire.detections_from_proto(d) for d in responses[1].detections], in_process(model, expected_z[0], metas[0])
+        )
         # A delta on a new stream has no reference either: state never leaks across streams.
         responses, _ = stream_call(server.port, [d1])
         assert responses[0].key_frame_required and responses[0].refusal
@@ -196,8 +199,11 @@ def test_sessions_are_bounded_and_advertised(model):
             # ...so stream B's key frame is answered but not kept, and its delta is refused.
             responses, error = stream_call(server.port, b_requests)
             assert error is None
-            assert (responses[0].key_frame_required, responses[0].refusal, len(responses[0].detections)) == \
-                (True, "", 1)
+            assert (responses[0].key_frame_required, responses[0].refusal, len(responses[0].detections)) == (
+                True,
+                "",
+                1,
+            )
             assert responses[1].key_frame_required and responses[1].refusal
             outbox.put(a_requests[1].SerializeToString())
             second = pb.InferResponse.FromString(next(call_a))
@@ -282,8 +288,11 @@ def test_hostile_video_frames(model):
         # A P-frame first: refused in-band (no reference), the stream goes on to decode the key.
         responses, error = stream_call(server.port, [p1, key, p1])
         assert error is None
-        assert [(r.key_frame_required, bool(r.refusal)) for r in responses] == [(True, True), (False, False),
-                                                                               (False, False)]
+        assert [(r.key_frame_required, bool(r.refusal)) for r in responses] == [
+            (True, True),
+            (False, False),
+            (False, False),
+        ]
         # Garbage, a fake start code, a truncated key frame, a key frame declared as a delta, a picture
         # over max_video_pixels, and a stream switching to that size: INVALID_ARGUMENT, server serving.
         cases = [
@@ -334,9 +343,20 @@ def test_server_cli_stream_limits():
     from hnd.server import cli as server_cli
 
     runtime = load_config("test/faster_rcnn-b3ch").runtime
-    args = server_cli.build_parser().parse_args(["--config", "test/faster_rcnn-b3ch", "--max-stream-sessions", "3",
-                                                 "--max-reference-mib", "2", "--max-video-sessions", "1",
-                                                 "--max-video-pixels", "100000"])
+    args = server_cli.build_parser().parse_args(
+        [
+            "--config",
+            "test/faster_rcnn-b3ch",
+            "--max-stream-sessions",
+            "3",
+            "--max-reference-mib",
+            "2",
+            "--max-video-sessions",
+            "1",
+            "--max-video-pixels",
+            "100000",
+        ]
+    )
     s = server_cli.settings_from_args(args, runtime).limits.streams
     assert (s.max_sessions, s.max_reference_bytes, s.max_video_sessions, s.max_video_pixels) == (3, 2 << 20, 1, 100000)
     bad = server_cli.build_parser().parse_args(["--config", "test/faster_rcnn-b3ch", "--max-video-pixels", "10"])

@@ -1,4 +1,5 @@
 """The synthetic COCO-format generator: layout, determinism, annotations that agree with the pixels."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """hnd-train: teacher weights copied and frozen, the loss falls, resume is exact, bad input is one line."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,14 @@ from hnd.train.train import (
     train,
 )
 
-SMALL = {"min_size": 128, "max_size": 128, "box_score_thresh": 0.0, "box_detections_per_img": 10,
-         "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}
+SMALL = {
+    "min_size": 128,
+    "max_size": 128,
+    "box_score_thresh": 0.0,
+    "box_detections_per_img": 10,
+    "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 50,
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +39,14 @@ def data_root(tmp_path_factory):
 
 def _config(data_root, path, method="ghnd", **train):
     layers = ["backbone.body.layer1"] if method == "hnd" else [f"backbone.body.layer{i}" for i in range(1, 5)]
-    return write_config("test/faster_rcnn-b3ch", data_root, path,
-                        model={"num_classes": 4, "params": SMALL}, teacher={"num_classes": 4, "params": SMALL},
-                        train={"method": method, "distill_layers": layers, **train})
+    return write_config(
+        "test/faster_rcnn-b3ch",
+        data_root,
+        path,
+        model={"num_classes": 4, "params": SMALL},
+        teacher={"num_classes": 4, "params": SMALL},
+        train={"method": method, "distill_layers": layers, **train},
+    )
 
 
 def test_student_copies_and_freezes_teacher_and_loss_falls(data_root, tmp_path):
@@ -47,7 +59,8 @@ def test_student_copies_and_freezes_teacher_and_loss_falls(data_root, tmp_path):
 
     names = freeze_except(student, cfg.train.trainable)
     assert names[0] == "backbone.body.conv1.weight" and all(
-        n.startswith(("backbone.body.conv1.", "backbone.body.layer1.")) for n in names)
+        n.startswith(("backbone.body.conv1.", "backbone.body.layer1.")) for n in names
+    )
     set_distillation_modes(student, cfg.train.trainable)
     assert student.backbone.body.layer1.training and not student.backbone.body.bn1.training
     assert not student.backbone.body.layer2.training and not student.roi_heads.training
@@ -108,8 +121,9 @@ def test_resume_reproduces_uninterrupted_run(data_root, tmp_path):
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     timing = ("seconds", "images_per_s")
-    assert [{k: v for k, v in r.items() if k not in timing} for r in full["history"]] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in resumed["history"]]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in full["history"]] == [
+        {k: v for k, v in r.items() if k not in timing} for r in resumed["history"]
+    ]
     assert full["best_epoch"] == resumed["best_epoch"]
     best = _state(tmp_path / "full/best.pt")
     assert best["select_by"] == "loss" and best["epoch"] == full["best_epoch"]
@@ -119,8 +133,11 @@ def test_resume_reproduces_uninterrupted_run(data_root, tmp_path):
     # Only the bottleneck and conv1 changed: the checkpoint's frozen weights are the teacher's.
     teacher, _ = build_distillation_models(load_config(cfg))
     t_sd = teacher.state_dict()
-    assert all(torch.equal(a["model"][k], t_sd[k]) for k in t_sd
-               if not k.startswith(("backbone.body.layer1.", "backbone.body.conv1.")))
+    assert all(
+        torch.equal(a["model"][k], t_sd[k])
+        for k in t_sd
+        if not k.startswith(("backbone.body.layer1.", "backbone.body.conv1."))
+    )
 
 
 def test_cli_bbox_selection_and_supervised(data_root, tmp_path, capsys):
@@ -130,12 +147,21 @@ def test_cli_bbox_selection_and_supervised(data_root, tmp_path, capsys):
     best = _state(tmp_path / "d/best.pt")
     assert best["select_by"] == "bbox" and 0.0 <= best["best_value"] <= 1.0
     # Supervised (org-style) training of the teacher with the detection losses.
-    sup = write_config("test/faster_rcnn-b3ch", data_root, tmp_path / "s.yaml",
-                       model={"num_classes": 4, "params": SMALL, "bottleneck_channels": None}, teacher=None,
-                       train={"method": "supervised", "optimizer": {"type": "sgd", "lr": 0.001},
-                              "trainable": ["backbone.body.layer4", "rpn", "roi_heads"]})
-    assert main(["--config", str(sup), "--output-dir", str(tmp_path / "s"), "--select-by", "last",
-                 "--no-progress"]) == 0
+    sup = write_config(
+        "test/faster_rcnn-b3ch",
+        data_root,
+        tmp_path / "s.yaml",
+        model={"num_classes": 4, "params": SMALL, "bottleneck_channels": None},
+        teacher=None,
+        train={
+            "method": "supervised",
+            "optimizer": {"type": "sgd", "lr": 0.001},
+            "trainable": ["backbone.body.layer4", "rpn", "roi_heads"],
+        },
+    )
+    assert (
+        main(["--config", str(sup), "--output-dir", str(tmp_path / "s"), "--select-by", "last", "--no-progress"]) == 0
+    )
     state = _state(tmp_path / "s/last.pt")
     assert state["method"] == "supervised" and state["model_info"]["bottleneck_channels"] is None
 

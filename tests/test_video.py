@@ -1,4 +1,5 @@
 """Synthetic annotated video and the PyAV H.264 / HEVC codec (hnd.common.video): round trips and hostile input."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ def _frames(n: int = 6, size: tuple[int, int] = (96, 128), seed: int = 0) -> lis
     out = []
     for i in range(n):
         img = bg.copy()
-        img[20:44, 10 + 4 * i:34 + 4 * i] = (250, 30, 30)
+        img[20:44, 10 + 4 * i : 34 + 4 * i] = (250, 30, 30)
         img += rng.normal(0, 2, img.shape)
         out.append(np.clip(img, 0, 255).astype(np.uint8))
     return out
@@ -33,7 +34,7 @@ def _frames(n: int = 6, size: tuple[int, int] = (96, 128), seed: int = 0) -> lis
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b) ** 2)
-    return 10 * np.log10(255 ** 2 / mse)
+    return 10 * np.log10(255**2 / mse)
 
 
 # --- synthetic video --------------------------------------------------------------------------------
@@ -72,8 +73,9 @@ def test_synthetic_video_layout_annotations_and_file(tmp_path):
 def test_synthetic_video_is_deterministic_and_noisy(tmp_path):
     a = make_synthetic_video(tmp_path / "a", frames=3, size=(64, 48), seed=5, video=False, background="texture")
     b = make_synthetic_video(tmp_path / "b", frames=3, size=(64, 48), seed=5, video=False, background="texture")
-    assert a["annotations"].read_text().replace(str(tmp_path / "a"), "") == \
-        b["annotations"].read_text().replace(str(tmp_path / "b"), "")
+    assert a["annotations"].read_text().replace(str(tmp_path / "a"), "") == b["annotations"].read_text().replace(
+        str(tmp_path / "b"), ""
+    )
     names = sorted(p.name for p in a["images"].iterdir())
     f0, f1 = (np.asarray(Image.open(a["images"] / n), dtype=np.int16) for n in names[:2])
     assert np.array_equal(f0, np.asarray(Image.open(b["images"] / names[0]), dtype=np.int16))

@@ -3,6 +3,7 @@
 Skips only when no Chromium is installed (``apt-get install chromium``; .ci/run installs it). Set
 HND_VIEW_SCREENSHOT=path.png to keep the screenshot (the README's docs/live-view.png comes from this test).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,7 +23,9 @@ from hnd.server.local import free_port
 
 CONFIG = "test/mask_rcnn-b3ch"
 
-needs_chromium = pytest.mark.skipif(chromium_binary() is None, reason="chromium not installed (apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(
+    chromium_binary() is None, reason="chromium not installed (apt-get install chromium)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +43,28 @@ def test_live_view_in_a_headless_browser(model, tmp_path):
     result: dict = {}
 
     with serving(model) as server:
-        args = edge_cli.build_parser().parse_args([
-            "--server", f"127.0.0.1:{server.port}", "--video", video, "--live", "--config", CONFIG,
-            "--random-weights", "0", "--view-port", str(view_port), "--score-threshold", "0.3", "--no-progress",
-            "--window", "3", "--max-frames", "400"])
+        args = edge_cli.build_parser().parse_args(
+            [
+                "--server",
+                f"127.0.0.1:{server.port}",
+                "--video",
+                video,
+                "--live",
+                "--config",
+                CONFIG,
+                "--random-weights",
+                "0",
+                "--view-port",
+                str(view_port),
+                "--score-threshold",
+                "0.3",
+                "--no-progress",
+                "--window",
+                "3",
+                "--max-frames",
+                "400",
+            ]
+        )
 
         def edge() -> None:
             try:
@@ -66,20 +87,27 @@ def test_live_view_in_a_headless_browser(model, tmp_path):
                             raise AssertionError(f"view never came up: {result.get('error')}") from None
                         await asyncio.sleep(0.2)
                 assert "<script>" in html and "http" not in html.split("<script>")[0].replace(
-                    'name="viewport"', "")  # no external assets
+                    'name="viewport"', ""
+                )  # no external assets
                 await page.goto(url)
                 state = {}
                 while time.monotonic() < deadline:
                     # null until the navigation has produced the page (the old document may still be there)
-                    state = await page.eval("document.getElementById('frame') ? Object.assign({}, "
-                                            "document.body.dataset, "
-                                            "{img: document.getElementById('frame').naturalWidth, "
-                                            "status: document.getElementById('status').textContent}) : null")
+                    state = await page.eval(
+                        "document.getElementById('frame') ? Object.assign({}, "
+                        "document.body.dataset, "
+                        "{img: document.getElementById('frame').naturalWidth, "
+                        "status: document.getElementById('status').textContent}) : null"
+                    )
                     if state is None:
                         await asyncio.sleep(0.2)
                         continue
-                    if int(state["distinct"]) >= 3 and int(state["chartUpdates"]) >= 3 and int(state["windows"]) >= 2 \
-                            and state["img"] > 0:
+                    if (
+                        int(state["distinct"]) >= 3
+                        and int(state["chartUpdates"]) >= 3
+                        and int(state["windows"]) >= 2
+                        and state["img"] > 0
+                    ):
                         break
                     await asyncio.sleep(0.3)
                 first = state
@@ -127,19 +155,25 @@ def test_view_serves_page_frames_and_mjpeg_without_a_model():
     view = LiveView(0)
     try:
         page = urllib.request.urlopen(view.url, timeout=10).read().decode()
-        assert "new WebSocket" in page and "src=\"http" not in page and "href=\"http" not in page
+        assert "new WebSocket" in page and 'src="http' not in page and 'href="http' not in page
         stream = urllib.request.urlopen(view.url + "stream.mjpg", timeout=10)
         assert stream.headers["Content-Type"].startswith("multipart/x-mixed-replace")
         import torch
 
-        dets = {"boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0]]), "labels": torch.tensor([1]),
-                "scores": torch.tensor([0.9])}
+        dets = {
+            "boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0]]),
+            "labels": torch.tensor([1]),
+            "scores": torch.tensor([0.9]),
+        }
 
         def publish():
             for i in range(40):
                 view._last_publish = 0.0  # not rate-limited in this test
-                view.publish(np.full((48, 64, 3), (10 * i) % 256, dtype=np.uint8), dets,
-                             FrameRecord(i, "t", 0.0, "split", ms=Timings(total=5.0)))
+                view.publish(
+                    np.full((48, 64, 3), (10 * i) % 256, dtype=np.uint8),
+                    dets,
+                    FrameRecord(i, "t", 0.0, "split", ms=Timings(total=5.0)),
+                )
                 time.sleep(0.05)
 
         threading.Thread(target=publish, daemon=True).start()

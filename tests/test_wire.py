@@ -1,4 +1,5 @@
 """hnd.common.wire: proto conversions round-trip exactly and refuse malformed messages."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,11 @@ from hnd.common.codec import CodecError, Limits
 from hnd.common.split import SplitMeta
 from hnd.proto.v1 import split_inference_pb2 as pb
 
-MODES = [(b, g) for b in codec.AFFINE_BITS for g in ("tensor", "channel")] + [(8, "original"), (16, "tensor"), (32, "tensor")]
+MODES = [(b, g) for b in codec.AFFINE_BITS for g in ("tensor", "channel")] + [
+    (8, "original"),
+    (16, "tensor"),
+    (32, "tensor"),
+]
 
 
 def reparse(msg):
@@ -85,7 +90,9 @@ def test_tensor_from_proto_applies_limits():
 # ---------------------------------------------------------------------------------------------------
 # Split meta and bottleneck
 
-META = SplitMeta(original_sizes=((480, 640), (512, 512)), image_sizes=((800, 1066), (800, 800)), padded_size=(800, 1088))
+META = SplitMeta(
+    original_sizes=((480, 640), (512, 512)), image_sizes=((800, 1066), (800, 800)), padded_size=(800, 1088)
+)
 
 
 def test_meta_roundtrip():

@@ -7,6 +7,7 @@ an image counts as "only empty boxes" when its boxes have width or height <= 1
 (sampler order, flips) comes from generators seeded by (seed, epoch), so a resumed
 run sees exactly the batches an uninterrupted run would, whatever the worker count.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -16,7 +17,8 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,10 +44,15 @@ def load_coco(ann_file: str | Path) -> COCO:
         doc = json.loads(ann_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HndError(ann_file, f"malformed COCO annotation file ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) \
-            or not isinstance(doc.get("categories"), list) or not isinstance(doc.get("annotations", []), list):
-        raise HndError(ann_file, "malformed COCO annotation file (needs 'images', 'annotations' and "
-                                 "'categories' lists)")
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("images"), list)
+        or not isinstance(doc.get("categories"), list)
+        or not isinstance(doc.get("annotations", []), list)
+    ):
+        raise HndError(
+            ann_file, "malformed COCO annotation file (needs 'images', 'annotations' and 'categories' lists)"
+        )
     try:
         for img in doc["images"]:
             int(img["id"]), int(img["width"]), int(img["height"]), str(img["file_name"])
@@ -129,15 +136,24 @@ class CocoDetection(Dataset):
     drawn from a generator seeded by (seed, e, i), set the epoch with :meth:`set_epoch`.
     """
 
-    def __init__(self, images_dir: str | Path, ann_file: str | Path | COCO, ids: Sequence[int] | None = None,
-                 masks: bool = False, keypoints: bool = False, flip_prob: float = 0.0, seed: int = 0,
-                 ann_path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        images_dir: str | Path,
+        ann_file: str | Path | COCO,
+        ids: Sequence[int] | None = None,
+        masks: bool = False,
+        keypoints: bool = False,
+        flip_prob: float = 0.0,
+        seed: int = 0,
+        ann_path: str | Path | None = None,
+    ) -> None:
         self.images_dir = Path(images_dir)
         if not self.images_dir.is_dir():
             raise HndError(self.images_dir, "image folder not found")
         self.coco = ann_file if isinstance(ann_file, COCO) else load_coco(ann_file)
-        self.ann_path = Path(ann_path if ann_path is not None else
-                             (ann_file if not isinstance(ann_file, COCO) else "annotations"))
+        self.ann_path = Path(
+            ann_path if ann_path is not None else (ann_file if not isinstance(ann_file, COCO) else "annotations")
+        )
         self.ids = sorted(self.coco.imgs) if ids is None else list(ids)
         self.masks = masks
         self.keypoints = keypoints
@@ -182,8 +198,9 @@ class CocoDetection(Dataset):
         }
         if self.masks:
             masks = [self._ann_to_mask(a, height, width) for a in anns]
-            target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
-                               else torch.zeros((0, height, width), dtype=torch.uint8))[keep]
+            target["masks"] = (
+                torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.uint8)
+            )[keep]
         if self.keypoints:
             kps = [a.get("keypoints", []) for a in anns]
             k = max((len(p) // 3 for p in kps), default=17)
@@ -199,7 +216,7 @@ class CocoDetection(Dataset):
         if not seg:  # no mask in the file: fill the box, like a detector trained on boxes only would
             m = np.zeros((height, width), dtype=np.uint8)
             x, y, w, h = (int(round(v)) for v in ann["bbox"])
-            m[y:y + h, x:x + w] = 1
+            m[y : y + h, x : x + w] = 1
             return m
         if isinstance(seg, list):
             rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
@@ -309,9 +326,16 @@ def split_paths(dataset_cfg: DatasetConfig, split: str) -> tuple[Path, Path, boo
     return images, ann, bool(get("remove_non_annotated_imgs", False))
 
 
-def build_dataset(dataset_cfg: DatasetConfig, split: str, kind: str, train: bool = False, seed: int = 0,
-                  ids: Sequence[int] | None = None, remove_empty: bool | None = None,
-                  masks: bool | None = None) -> CocoDetection:
+def build_dataset(
+    dataset_cfg: DatasetConfig,
+    split: str,
+    kind: str,
+    train: bool = False,
+    seed: int = 0,
+    ids: Sequence[int] | None = None,
+    remove_empty: bool | None = None,
+    masks: bool | None = None,
+) -> CocoDetection:
     """The dataset of one configured split for a model kind (masks for mask_rcnn, keypoints for keypoint_rcnn).
 
     With ``train`` images are flipped with probability 0.5 and, when the split says
@@ -329,21 +353,38 @@ def build_dataset(dataset_cfg: DatasetConfig, split: str, kind: str, train: bool
     if not chosen:
         raise HndError(ann_file, "no usable images in this split")
     masks = kind == "mask_rcnn" if masks is None else masks
-    return CocoDetection(images, coco, ids=chosen, masks=masks, keypoints=keypoints,
-                         flip_prob=0.5 if train else 0.0, seed=seed, ann_path=ann_file)
+    return CocoDetection(
+        images,
+        coco,
+        ids=chosen,
+        masks=masks,
+        keypoints=keypoints,
+        flip_prob=0.5 if train else 0.0,
+        seed=seed,
+        ann_path=ann_file,
+    )
 
 
-def make_loader(dataset: CocoDetection, batch_size: int, workers: int = 0, train: bool = False,
-                aspect_ratio_group_factor: int = -1, seed: int = 0) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset: CocoDetection,
+    batch_size: int,
+    workers: int = 0,
+    train: bool = False,
+    aspect_ratio_group_factor: int = -1,
+    seed: int = 0,
+) -> torch.utils.data.DataLoader:
     """DataLoader over ``dataset``: grouped, seeded batches for training, sequential for evaluation."""
     if train:
         k = aspect_ratio_group_factor if aspect_ratio_group_factor >= 0 else 0
         groups = aspect_ratio_groups(dataset.aspect_ratios(), k)
-        sampler: GroupedBatchSampler | torch.utils.data.BatchSampler = GroupedBatchSampler(groups, batch_size, seed=seed)
+        sampler: GroupedBatchSampler | torch.utils.data.BatchSampler = GroupedBatchSampler(
+            groups, batch_size, seed=seed
+        )
     else:  # every image exactly once, in order
         sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), batch_size, False)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                       collate_fn=collate_detection)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_detection
+    )
 
 
 def set_loader_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:

@@ -27,6 +27,7 @@ writes ``best.pt`` when the score improves, appends to ``log.jsonl`` and writes 
 atomically (weights, optimizer, scheduler, epoch, best value, RNG state, history), so that
 ``--resume`` continues and reproduces an uninterrupted run bit for bit.
 """
+
 from __future__ import annotations
 
 import json
@@ -128,8 +129,9 @@ def make_optimizer(params: Sequence[Any], opt_cfg: OptimizerConfig) -> torch.opt
     raise HndError("train.optimizer.type", f"unknown optimizer {opt_cfg.type!r}")
 
 
-def warmup_scheduler(optimizer: torch.optim.Optimizer, iterations: int, warmup_iters: int,
-                     warmup_factor: float = 1e-3) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_scheduler(
+    optimizer: torch.optim.Optimizer, iterations: int, warmup_iters: int, warmup_factor: float = 1e-3
+) -> torch.optim.lr_scheduler.LambdaLR:
     """torchvision references' warmup: factor warmup_factor -> 1 linearly over min(warmup_iters, iterations - 1)."""
     n = min(warmup_iters, iterations - 1)
 
@@ -156,14 +158,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimizer,
-                           scheduler: Any) -> tuple[int, float, int, list]:
+def restore_training_state(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[int, float, int, list]:
     """Load optimizer, scheduler and RNG state of a ``last.pt``; returns (start epoch, best value, best epoch, history)."""
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["lr_scheduler"])
     set_rng_state(state["rng"])
-    return (int(state["epoch"]) + 1, float(state["best_value"]), int(state["best_epoch"]),
-            list(state.get("history", [])))
+    return (
+        int(state["epoch"]) + 1,
+        float(state["best_value"]),
+        int(state["best_epoch"]),
+        list(state.get("history", [])),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,18 +211,32 @@ class FitResult:
 
     def summary(self) -> dict[str, Any]:
         """What hnd-train's ``train()`` returns: best value / epoch, selection, paths, history."""
-        return {"best_value": self.best_value, "best_epoch": self.best_epoch, "select_by": self.select_by,
-                "best": str(self.paths.best), "last": str(self.paths.last), "log": str(self.paths.log),
-                "history": self.history}
+        return {
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "select_by": self.select_by,
+            "best": str(self.paths.best),
+            "last": str(self.paths.last),
+            "log": str(self.paths.log),
+            "history": self.history,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
 
 
-def train_one_epoch(recipe: Recipe, loader: Any, optimizer: torch.optim.Optimizer, epoch: int, device: str,
-                    warmup_iters: int = 0, log: JsonlLog | None = None, log_freq: int = 100,
-                    progress: bool = True) -> dict[str, float]:
+def train_one_epoch(
+    recipe: Recipe,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    device: str,
+    warmup_iters: int = 0,
+    log: JsonlLog | None = None,
+    log_freq: int = 100,
+    progress: bool = True,
+) -> dict[str, float]:
     """One pass over ``loader`` with ``recipe.step``; returns {"loss": mean loss, "images", "seconds", "lr"}."""
     warmup = warmup_scheduler(optimizer, len(loader), warmup_iters) if epoch == 0 and warmup_iters > 0 else None
     recipe.train_modes()
@@ -226,8 +247,11 @@ def train_one_epoch(recipe: Recipe, loader: Any, optimizer: torch.optim.Optimize
         loss, terms = recipe.step(images, list(targets))
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise HndError("training", f"loss is {value} at epoch {epoch} iteration {it} ({terms}); "
-                                       "lower train.optimizer.lr or raise train.warmup_iters")
+            raise HndError(
+                "training",
+                f"loss is {value} at epoch {epoch} iteration {it} ({terms}); "
+                "lower train.optimizer.lr or raise train.warmup_iters",
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -241,21 +265,41 @@ def train_one_epoch(recipe: Recipe, loader: Any, optimizer: torch.optim.Optimize
             bar.set_postfix(loss=f"{value:.4g}", img_s=f"{rate:.2f}", lr=f"{lr:.2e}")
         if it % log_freq == 0 or it == len(loader) - 1:
             if log is not None:
-                log.write(kind="iter", epoch=epoch, iter=it, loss=value, terms=terms, lr=lr,
-                          images_per_s=round(rate, 3))
+                log.write(
+                    kind="iter", epoch=epoch, iter=it, loss=value, terms=terms, lr=lr, images_per_s=round(rate, 3)
+                )
             if getattr(bar, "disable", True):  # no live progress bar (off, or not a terminal): print a line
-                print(f"{PROG}: epoch {epoch} iter {it}/{len(loader)} loss {value:.4g} lr {lr:.2e} "
-                      f"{rate:.2f} img/s", file=sys.stderr, flush=True)
+                print(
+                    f"{PROG}: epoch {epoch} iter {it}/{len(loader)} loss {value:.4g} lr {lr:.2e} {rate:.2f} img/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     seconds = time.perf_counter() - start
     count = n_images if recipe.loss_average == "image" else len(loader)
-    return {"loss": total / max(count, 1), "images": n_images, "seconds": seconds,
-            "lr": optimizer.param_groups[0]["lr"]}
+    return {
+        "loss": total / max(count, 1),
+        "images": n_images,
+        "seconds": seconds,
+        "lr": optimizer.param_groups[0]["lr"],
+    }
 
 
-def fit(recipe: Recipe, loader: Any, tcfg: TrainConfig, selection: Selection, paths: RunPaths, *,
-        epochs: int, device: str, resume: bool, progress: bool, config: dict[str, Any], banner: str,
-        set_epoch: Callable[[Any, int], None] | None = None, shown_output: str | os.PathLike | None = None
-        ) -> FitResult:
+def fit(
+    recipe: Recipe,
+    loader: Any,
+    tcfg: TrainConfig,
+    selection: Selection,
+    paths: RunPaths,
+    *,
+    epochs: int,
+    device: str,
+    resume: bool,
+    progress: bool,
+    config: dict[str, Any],
+    banner: str,
+    set_epoch: Callable[[Any, int], None] | None = None,
+    shown_output: str | os.PathLike | None = None,
+) -> FitResult:
     """Train ``recipe`` for ``epochs`` epochs (from ``last.pt`` with ``resume``), selecting by ``selection``.
 
     ``banner``: what trains, on what (printed with the epochs, selection and output);
@@ -273,23 +317,42 @@ def fit(recipe: Recipe, loader: Any, tcfg: TrainConfig, selection: Selection, pa
             raise HndError(paths.last, "nothing to resume (no checkpoint from an earlier run)")
         state = recipe.load(paths.last)
         if state.get("method") != recipe.method or state.get("select_by") != selection.name:
-            raise HndError(paths.last, f"was written by a {state.get('method')} run selecting by "
-                                       f"{state.get('select_by')}, not {recipe.method} / {selection.name}")
+            raise HndError(
+                paths.last,
+                f"was written by a {state.get('method')} run selecting by "
+                f"{state.get('select_by')}, not {recipe.method} / {selection.name}",
+            )
         recipe.check_resume(state)
         start_epoch, best_value, best_epoch, history = restore_training_state(state, optimizer, scheduler)
         print(f"{PROG}: resuming {paths.last} at epoch {start_epoch}", file=sys.stderr)
-    print(f"{PROG}: {banner}, epochs {start_epoch}..{epochs - 1}, select by {selection.name}, "
-          f"output {shown_output if shown_output is not None else paths.out_dir}", file=sys.stderr)
+    print(
+        f"{PROG}: {banner}, epochs {start_epoch}..{epochs - 1}, select by {selection.name}, "
+        f"output {shown_output if shown_output is not None else paths.out_dir}",
+        file=sys.stderr,
+    )
 
     common = {"select_by": selection.name, "method": recipe.method, "config": config}
     for epoch in range(start_epoch, epochs):
         if set_epoch is not None:
             set_epoch(loader, epoch)
-        stats = train_one_epoch(recipe, loader, optimizer, epoch, device, warmup_iters=tcfg.warmup_iters, log=log,
-                                log_freq=max(tcfg.log_freq, 1), progress=progress)
+        stats = train_one_epoch(
+            recipe,
+            loader,
+            optimizer,
+            epoch,
+            device,
+            warmup_iters=tcfg.warmup_iters,
+            log=log,
+            log_freq=max(tcfg.log_freq, 1),
+            progress=progress,
+        )
         scheduler.step()  # once per epoch (the original's coco_runner stepped twice)
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"], "seconds": round(stats["seconds"], 3),
-                                  "images_per_s": round(stats["images"] / max(stats["seconds"], 1e-9), 3)}
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": stats["loss"],
+            "seconds": round(stats["seconds"], 3),
+            "images_per_s": round(stats["images"] / max(stats["seconds"], 1e-9), 3),
+        }
         if selection.evaluate is not None:
             value = selection.evaluate()
             if selection.record_key:
@@ -302,9 +365,20 @@ def fit(recipe: Recipe, loader: Any, tcfg: TrainConfig, selection: Selection, pa
         record.update(best_epoch=best_epoch, best_value=best_value)
         history.append(record)
         log.write(kind="epoch", **record)
-        recipe.save(paths.last, {"optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                                 "epoch": epoch, "best_value": float(best_value), "best_epoch": best_epoch,
-                                 **common, "rng": rng_state(), "history": history}, False)
+        recipe.save(
+            paths.last,
+            {
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "best_value": float(best_value),
+                "best_epoch": best_epoch,
+                **common,
+                "rng": rng_state(),
+                "history": history,
+            },
+            False,
+        )
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
         print(f"{PROG}: {json.dumps(shown)}", file=sys.stderr)
     return FitResult(best_value, best_epoch, selection.name, paths, history)
@@ -316,4 +390,3 @@ def count_parameters(params: Sequence[Any]) -> int:
     for p in params:
         total += sum(q.numel() for q in p["params"]) if isinstance(p, dict) else p.numel()
     return total
-

@@ -26,6 +26,7 @@ the final model (stage 2's best) goes to ``model.checkpoint`` unless ``--output-
 ``<out>/best.pt``). ``--resume`` continues whichever stage was interrupted; a finished stage 1 is not
 re-run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,12 @@ BOTTLENECK = "backbone.body.bottleneck_layer"
 STAGE1_TRAINABLE = [BOTTLENECK]
 STAGE2_FROZEN = [f"{BOTTLENECK}.encoder", f"{BOTTLENECK}.entropy_bottleneck"]
 # Student module -> teacher module whose output it is distilled to.
-DISTILL_PAIRS = {BOTTLENECK: "backbone.body.layer1", "backbone.body.layer2": "backbone.body.layer2",
-                 "backbone.body.layer3": "backbone.body.layer3", "backbone.body.layer4": "backbone.body.layer4"}
+DISTILL_PAIRS = {
+    BOTTLENECK: "backbone.body.layer1",
+    "backbone.body.layer2": "backbone.body.layer2",
+    "backbone.body.layer3": "backbone.body.layer3",
+    "backbone.body.layer4": "backbone.body.layer4",
+}
 
 
 def build_entropic_models(cfg: Config) -> tuple[nn.Module, nn.Module]:
@@ -75,8 +80,13 @@ def build_entropic_models(cfg: Config) -> tuple[nn.Module, nn.Module]:
     seed = cfg.model.random_weights if cfg.model.random_weights is not None else cfg.train.seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        student = build_model(cfg.model.kind, cfg.model.bottleneck_channels, cfg.model.num_classes,
-                              bottleneck_type="entropic", **cfg.model.params)
+        student = build_model(
+            cfg.model.kind,
+            cfg.model.bottleneck_channels,
+            cfg.model.num_classes,
+            bottleneck_type="entropic",
+            **cfg.model.params,
+        )
     copy_teacher_weights(teacher, student, skip_prefix=ENTROPIC_PREFIX)
     return teacher, student
 
@@ -89,7 +99,7 @@ def rate_bits(likelihoods: torch.Tensor) -> torch.Tensor:
 def _body_features(model: nn.Module, batch: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
     """Outputs of backbone.body children (by full name) for a transformed batch, running as little as needed."""
     prefix = "backbone.body."
-    wanted = {n[len(prefix):] for n in names}
+    wanted = {n[len(prefix) :] for n in names}
     out: dict[str, torch.Tensor] = {}
     x = batch
     for child_name, child in model.backbone.body.items():
@@ -102,8 +112,9 @@ def _body_features(model: nn.Module, batch: torch.Tensor, names: list[str]) -> d
     return out
 
 
-def stage1_loss(student: nn.Module, teacher: nn.Module, images: list[torch.Tensor], beta: float
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+def stage1_loss(
+    student: nn.Module, teacher: nn.Module, images: list[torch.Tensor], beta: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Distillation (layer1..4) + beta * bits + aux for one batch; both models see the student's transform."""
     with torch.no_grad():
         batch = student.transform(images)[0].tensors
@@ -111,15 +122,17 @@ def stage1_loss(student: nn.Module, teacher: nn.Module, images: list[torch.Tenso
     s_feats = _body_features(student, batch, list(DISTILL_PAIRS))
     bottleneck = entropic_bottleneck_of(student)
     terms: dict[str, torch.Tensor] = {
-        s: nn.functional.mse_loss(s_feats[s], t_feats[t], reduction="sum") for s, t in DISTILL_PAIRS.items()}
+        s: nn.functional.mse_loss(s_feats[s], t_feats[t], reduction="sum") for s, t in DISTILL_PAIRS.items()
+    }
     if bottleneck.last_likelihoods is None:
         raise HndError("training", "the entropy bottleneck gave no likelihoods (tables already updated?)")
     bits = rate_bits(bottleneck.last_likelihoods)
     aux = bottleneck.entropy_bottleneck.loss()
     loss = torch.stack(list(terms.values())).sum() + beta * bits + aux
     logged = {k.rsplit(".", 1)[-1]: float(v.detach()) for k, v in terms.items()}
-    logged.update(bits=float(bits.detach()), aux=float(aux.detach()),
-                  bits_per_image=float(bits.detach()) / max(len(images), 1))
+    logged.update(
+        bits=float(bits.detach()), aux=float(aux.detach()), bits_per_image=float(bits.detach()) / max(len(images), 1)
+    )
     return loss, logged
 
 
@@ -135,8 +148,15 @@ def _set_requires_grad(model: nn.Module, trainable: list[str], frozen: list[str]
 
 def stage2_trainable(model: nn.Module) -> list[str]:
     """Everything but the encoder and the entropy bottleneck: decoder, layer2..4, FPN, RPN, ROI heads."""
-    return [f"{BOTTLENECK}.decoder", "backbone.body.layer2", "backbone.body.layer3", "backbone.body.layer4",
-            "backbone.fpn", "rpn", "roi_heads"]
+    return [
+        f"{BOTTLENECK}.decoder",
+        "backbone.body.layer2",
+        "backbone.body.layer3",
+        "backbone.body.layer4",
+        "backbone.fpn",
+        "rpn",
+        "roi_heads",
+    ]
 
 
 def _stage_done(paths: RunPaths, epochs: int) -> bool:
@@ -181,16 +201,28 @@ def train_entropic(cfg: Config, options: TrainOptions) -> dict[str, Any]:
     else:
         params1 = _set_requires_grad(model, STAGE1_TRAINABLE, [])
         recipe1 = Recipe(
-            method="entropic-stage1", params=params1,
+            method="entropic-stage1",
+            params=params1,
             step=lambda images, targets: stage1_loss(model, teacher, images, tcfg.beta),
             train_modes=lambda: set_distillation_modes(model, STAGE1_TRAINABLE),
             save=lambda path, entries, best: save_checkpoint(path, model, **entries),
-            load=lambda path: load_checkpoint(path, model))
-        result1 = fit(recipe1, data.train_loader, tcfg, Selection("last"), p1, epochs=epochs1, device=device,
-                      resume=options.resume and p1.last.is_file(), progress=options.progress, config=config,
-                      banner=f"entropic stage 1 {cfg.model.kind} beta {tcfg.beta}, {len(data.train_set)} train "
-                             f"images, {count_parameters(params1):,} trainable parameters",
-                      set_epoch=_set_loader_epoch)
+            load=lambda path: load_checkpoint(path, model),
+        )
+        result1 = fit(
+            recipe1,
+            data.train_loader,
+            tcfg,
+            Selection("last"),
+            p1,
+            epochs=epochs1,
+            device=device,
+            resume=options.resume and p1.last.is_file(),
+            progress=options.progress,
+            config=config,
+            banner=f"entropic stage 1 {cfg.model.kind} beta {tcfg.beta}, {len(data.train_set)} train "
+            f"images, {count_parameters(params1):,} trainable parameters",
+            set_epoch=_set_loader_epoch,
+        )
     load_checkpoint(p1.best, model)  # the selected stage-1 weights (tables still empty)
 
     # --- tables, once ------------------------------------------------------------------------
@@ -198,13 +230,17 @@ def train_entropic(cfg: Config, options: TrainOptions) -> dict[str, Any]:
 
     # --- stage 2 -----------------------------------------------------------------------------
     s2 = tcfg.stage2
-    tcfg2 = dataclasses.replace(tcfg, epochs=s2.epochs, optimizer=s2.optimizer, scheduler=s2.scheduler,
-                                warmup_iters=s2.warmup_iters)
+    tcfg2 = dataclasses.replace(
+        tcfg, epochs=s2.epochs, optimizer=s2.optimizer, scheduler=s2.scheduler, warmup_iters=s2.warmup_iters
+    )
     params2 = _set_requires_grad(model, stage2_trainable(model), STAGE2_FROZEN)
     hold = data.hold_loader
     select = options.select_by if hold is not None else "last"
-    selection = (Selection("bbox", lambda: evaluate_model(model, hold, device, cfg.model.kind)["bbox"]["AP"],
-                           "heldout_bbox_AP") if select == "bbox" else Selection("last"))
+    selection = (
+        Selection("bbox", lambda: evaluate_model(model, hold, device, cfg.model.kind)["bbox"]["AP"], "heldout_bbox_AP")
+        if select == "bbox"
+        else Selection("last")
+    )
 
     def step2(images: list[torch.Tensor], targets: list[dict[str, Any]]) -> tuple[torch.Tensor, dict]:
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
@@ -224,14 +260,30 @@ def train_entropic(cfg: Config, options: TrainOptions) -> dict[str, Any]:
         if have is None or tuple(have.shape) != tuple(want.shape) or not torch.equal(have.cpu(), want.cpu()):
             raise HndError(p2.last, "was trained with other CDF tables than stage 1 gives now")
 
-    recipe2 = Recipe(method="entropic-stage2", params=params2, step=step2,
-                     train_modes=lambda: set_supervised_modes(model),
-                     save=lambda path, entries, best: save_checkpoint(path, model, **entries),
-                     load=load2, check_resume=check2, loss_average="image")
-    result2 = fit(recipe2, data.train_loader, tcfg2, selection, p2, epochs=s2.epochs, device=device,
-                  resume=options.resume and p2.last.is_file(), progress=options.progress, config=config,
-                  banner=f"entropic stage 2 {cfg.model.kind}, tables fixed, {count_parameters(params2):,} "
-                         "trainable parameters", set_epoch=_set_loader_epoch)
+    recipe2 = Recipe(
+        method="entropic-stage2",
+        params=params2,
+        step=step2,
+        train_modes=lambda: set_supervised_modes(model),
+        save=lambda path, entries, best: save_checkpoint(path, model, **entries),
+        load=load2,
+        check_resume=check2,
+        loss_average="image",
+    )
+    result2 = fit(
+        recipe2,
+        data.train_loader,
+        tcfg2,
+        selection,
+        p2,
+        epochs=s2.epochs,
+        device=device,
+        resume=options.resume and p2.last.is_file(),
+        progress=options.progress,
+        config=config,
+        banner=f"entropic stage 2 {cfg.model.kind}, tables fixed, {count_parameters(params2):,} trainable parameters",
+        set_epoch=_set_loader_epoch,
+    )
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.resolve() != p2.best.resolve():
         tmp = final.with_name(final.name + ".tmp")
@@ -247,4 +299,3 @@ def _set_loader_epoch(loader: Any, epoch: int) -> None:
     from hnd.train.data import set_loader_epoch
 
     set_loader_epoch(loader, epoch)
-

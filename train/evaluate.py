@@ -12,6 +12,7 @@ masks pasted at the original size, binarised at 0.5 and RLE-encoded, keypoints f
 [x, y, v] * K. An image or a whole run without predictions is evaluated (scores 0), never
 an error (the original's filtered placeholder broke segm evaluation).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -49,8 +51,9 @@ Predictor = Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]]
 # Predictions -> COCO results
 
 
-def to_coco_results(outputs: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int],
-                    iou_types: Iterable[str]) -> dict[str, list[dict]]:
+def to_coco_results(
+    outputs: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int], iou_types: Iterable[str]
+) -> dict[str, list[dict]]:
     """torchvision detections (at original image size) -> COCO result lists per iou type.
 
     outputs[i]: ``boxes`` [N, 4] xyxy, ``scores`` [N], ``labels`` [N] (category ids), and
@@ -68,21 +71,34 @@ def to_coco_results(outputs: Sequence[dict[str, torch.Tensor]], image_ids: Seque
             boxes = out["boxes"].detach().cpu()[:n].clone()
             boxes[:, 2:] -= boxes[:, :2]
             for box, label, score in zip(boxes.tolist(), labels, scores):
-                results["bbox"].append({"image_id": int(image_id), "category_id": int(label),
-                                        "bbox": [round(v, 3) for v in box], "score": float(score)})
+                results["bbox"].append(
+                    {
+                        "image_id": int(image_id),
+                        "category_id": int(label),
+                        "bbox": [round(v, 3) for v in box],
+                        "score": float(score),
+                    }
+                )
         if "segm" in results:
             masks = out["masks"].detach().cpu()[:n]
             masks = (masks.reshape(n, *masks.shape[-2:]) > 0.5).numpy().astype(np.uint8)
             for mask, label, score in zip(masks, labels, scores):
                 rle = mask_utils.encode(np.asfortranarray(mask))
                 rle["counts"] = rle["counts"].decode("ascii")
-                results["segm"].append({"image_id": int(image_id), "category_id": int(label),
-                                        "segmentation": rle, "score": float(score)})
+                results["segm"].append(
+                    {"image_id": int(image_id), "category_id": int(label), "segmentation": rle, "score": float(score)}
+                )
         if "keypoints" in results:
             kps = out["keypoints"].detach().cpu()[:n].reshape(n, -1)
             for kp, label, score in zip(kps.tolist(), labels, scores):
-                results["keypoints"].append({"image_id": int(image_id), "category_id": int(label),
-                                             "keypoints": [round(v, 3) for v in kp], "score": float(score)})
+                results["keypoints"].append(
+                    {
+                        "image_id": int(image_id),
+                        "category_id": int(label),
+                        "keypoints": [round(v, 3) for v in kp],
+                        "score": float(score),
+                    }
+                )
     return results
 
 
@@ -92,15 +108,19 @@ def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
         with contextlib.redirect_stdout(io.StringIO()):
             return coco_gt.loadRes(copy.deepcopy(results))
     coco_dt = COCO()
-    coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
-                       "categories": copy.deepcopy(coco_gt.dataset["categories"])}
+    coco_dt.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "annotations": [],
+        "categories": copy.deepcopy(coco_gt.dataset["categories"]),
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt.createIndex()
     return coco_dt
 
 
-def coco_evaluate(coco_gt: COCO, results: dict[str, list[dict]], image_ids: Sequence[int]
-                  ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+def coco_evaluate(
+    coco_gt: COCO, results: dict[str, list[dict]], image_ids: Sequence[int]
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
     """Run COCOeval per iou type on ``image_ids``; return ({type: {stat: value}}, {type: summary text}).
 
     Values are pycocotools' stats (-1 where a statistic has no ground truth, e.g. no small objects).
@@ -170,8 +190,11 @@ def make_onnx_predictor(model: nn.Module, onnx_head: Any, bits: int = 8, granula
     from hnd.common.split import split_model
 
     if onnx_head.fingerprint != fingerprint(model):
-        raise HndError(onnx_head.path, f"ONNX head of model {onnx_head.fingerprint}, evaluating model "
-                                       f"{fingerprint(model)} (export the head from the same checkpoint)")
+        raise HndError(
+            onnx_head.path,
+            f"ONNX head of model {onnx_head.fingerprint}, evaluating model "
+            f"{fingerprint(model)} (export the head from the same checkpoint)",
+        )
     model.eval()
     _, tail = split_model(model)
 
@@ -184,9 +207,16 @@ def make_onnx_predictor(model: nn.Module, onnx_head: Any, bits: int = 8, granula
     return predict
 
 
-def make_predictor(model: nn.Module, bits: int | None = None, granularity: str = "tensor",
-                   split_mode: bool = False, compression: str | None = None, key_interval: int = 1,
-                   max_clamped: float = 0.001, precision: str = "fp32") -> Predictor:
+def make_predictor(
+    model: nn.Module,
+    bits: int | None = None,
+    granularity: str = "tensor",
+    split_mode: bool = False,
+    compression: str | None = None,
+    key_interval: int = 1,
+    max_clamped: float = 0.001,
+    precision: str = "fp32",
+) -> Predictor:
     """images (list of [3, H, W] in 0..1) -> detections; full model, or head -> [codec] -> tail.
 
     ``bits`` (student only) codes the bottleneck between head and tail (:class:`CodedSplit`; affine
@@ -213,9 +243,13 @@ def make_predictor(model: nn.Module, bits: int | None = None, granularity: str =
     from hnd.common.entropic import is_entropic
 
     if bits is not None and is_entropic(model) != (compression == "learned"):
-        raise HndError("--compression", "an Entropic Student is coded with --compression learned; "
-                                        "HND students with --bits N" if is_entropic(model) else
-                       "learned entropy coding is for Entropic Student models")
+        raise HndError(
+            "--compression",
+            "an Entropic Student is coded with --compression learned; HND students with --bits N"
+            if is_entropic(model)
+            else "learned entropy coding is for Entropic Student models",
+        )
+
     def served(tail):  # the tail as hnd-server runs it with --precision
         if precision == "fp32":
             return tail
@@ -251,8 +285,9 @@ def make_predictor(model: nn.Module, bits: int | None = None, granularity: str =
 
 
 @torch.no_grad()
-def predict_dataset(predictor: Predictor, loader: Iterable, device: torch.device | str = "cpu",
-                    progress: bool = False) -> tuple[list[dict[str, torch.Tensor]], list[int], float]:
+def predict_dataset(
+    predictor: Predictor, loader: Iterable, device: torch.device | str = "cpu", progress: bool = False
+) -> tuple[list[dict[str, torch.Tensor]], list[int], float]:
     """Run ``predictor`` over a loader of (images, targets); return (outputs on CPU, image ids, seconds)."""
     outputs: list[dict[str, torch.Tensor]] = []
     ids: list[int] = []
@@ -260,6 +295,7 @@ def predict_dataset(predictor: Predictor, loader: Iterable, device: torch.device
     it = loader
     if progress:
         from tqdm import tqdm
+
         it = tqdm(loader, desc="eval", unit="batch", disable=None)
     for images, targets in it:
         images = [img.to(device) for img in images]
@@ -269,10 +305,20 @@ def predict_dataset(predictor: Predictor, loader: Iterable, device: torch.device
     return outputs, ids, time.perf_counter() - start
 
 
-def evaluate_model(model: nn.Module, loader: Any, device: torch.device | str = "cpu", kind: str | None = None,
-                   bits: int | None = None, granularity: str = "tensor", split_mode: bool = False,
-                   progress: bool = False, key_interval: int = 1, compression: str | None = None,
-                   precision: str = "fp32", onnx_head: Any = None) -> dict[str, Any]:
+def evaluate_model(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device | str = "cpu",
+    kind: str | None = None,
+    bits: int | None = None,
+    granularity: str = "tensor",
+    split_mode: bool = False,
+    progress: bool = False,
+    key_interval: int = 1,
+    compression: str | None = None,
+    precision: str = "fp32",
+    onnx_head: Any = None,
+) -> dict[str, Any]:
     """COCO metrics of ``model`` on ``loader.dataset`` (a CocoDetection): {iou_type: {stat: value}, ...}.
 
     Also returns ``summary`` (pycocotools' printed lines per iou type), ``images`` and ``seconds``,
@@ -285,8 +331,15 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device | str = "
     if onnx_head is not None:  # the edge's ONNX head in front of the model's tail
         predictor = make_onnx_predictor(model, onnx_head, bits if bits is not None else 8, granularity)
     else:
-        predictor = make_predictor(model, bits=bits, granularity=granularity, split_mode=split_mode,
-                                   key_interval=key_interval, compression=compression, precision=precision)
+        predictor = make_predictor(
+            model,
+            bits=bits,
+            granularity=granularity,
+            split_mode=split_mode,
+            key_interval=key_interval,
+            compression=compression,
+            precision=precision,
+        )
     outputs, ids, seconds = predict_dataset(predictor, loader, device, progress=progress)
     results = to_coco_results(outputs, ids, IOU_TYPES[kind])
     metrics, summaries = coco_evaluate(loader.dataset.coco, results, ids)
@@ -303,13 +356,27 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, split: str = "val",
-                    bits: int | None = None, granularity: str = "tensor", split_mode: bool = False,
-                    device: str = "cpu", workers: int | None = None, batch_size: int = 1,
-                    max_images: int | None = None, random_weights: int | None = None,
-                    progress: bool = False, key_interval: int = 1, compression: str | None = None,
-                    precision: str = "fp32", head: str | None = None, ort_providers: Sequence[str] | None = None,
-                    min_size: int | None = None, max_size: int | None = None) -> dict[str, Any]:
+def evaluate_config(
+    config: str | os.PathLike,
+    checkpoint: str | None = None,
+    split: str = "val",
+    bits: int | None = None,
+    granularity: str = "tensor",
+    split_mode: bool = False,
+    device: str = "cpu",
+    workers: int | None = None,
+    batch_size: int = 1,
+    max_images: int | None = None,
+    random_weights: int | None = None,
+    progress: bool = False,
+    key_interval: int = 1,
+    compression: str | None = None,
+    precision: str = "fp32",
+    head: str | None = None,
+    ort_providers: Sequence[str] | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
+) -> dict[str, Any]:
     """Build the configured model (``checkpoint`` overrides the config's weights) and evaluate it on a split.
 
     ``head``: an ONNX head (``hnd-export-head``) run as the edge runs it, in front of the model's tail.
@@ -343,23 +410,42 @@ def evaluate_config(config: str | os.PathLike, checkpoint: str | None = None, sp
     if max_images is not None:
         dataset.ids = dataset.ids[:max_images]
     loader = make_loader(dataset, batch_size, cfg.dataset.num_workers if workers is None else workers)
-    metrics = evaluate_model(model, loader, device, cfg.model.kind, bits=bits, granularity=granularity,
-                             split_mode=split_mode, progress=progress, key_interval=key_interval,
-                             compression=compression, precision=precision, onnx_head=onnx_head)
+    metrics = evaluate_model(
+        model,
+        loader,
+        device,
+        cfg.model.kind,
+        bits=bits,
+        granularity=granularity,
+        split_mode=split_mode,
+        progress=progress,
+        key_interval=key_interval,
+        compression=compression,
+        precision=precision,
+        onnx_head=onnx_head,
+    )
     if compression == "learned":
         bits, granularity = 0, "channel"
     from hnd.common.checkpoint import fingerprint
 
-    metrics.update(config=str(cfg.path), checkpoint=model_cfg.checkpoint, split=split, kind=cfg.model.kind,
-                   bottleneck_channels=cfg.model.bottleneck_channels, bits=bits,
-                   granularity=granularity if bits is not None else None,
-                   key_interval=key_interval if bits is not None else None,
-                   split_mode=bool(split_mode or bits is not None or precision != "fp32"), precision=precision,
-                   fingerprint=fingerprint(model),
-                   compression=(compression or "zstd") if bits is not None else None,
-                   head=head, head_precision=onnx_head.metadata.precision if onnx_head is not None else None,
-                   min_size=onnx_head.min_size if onnx_head is not None else int(model.transform.min_size[-1]),
-                   max_size=onnx_head.max_size if onnx_head is not None else int(model.transform.max_size))
+    metrics.update(
+        config=str(cfg.path),
+        checkpoint=model_cfg.checkpoint,
+        split=split,
+        kind=cfg.model.kind,
+        bottleneck_channels=cfg.model.bottleneck_channels,
+        bits=bits,
+        granularity=granularity if bits is not None else None,
+        key_interval=key_interval if bits is not None else None,
+        split_mode=bool(split_mode or bits is not None or precision != "fp32"),
+        precision=precision,
+        fingerprint=fingerprint(model),
+        compression=(compression or "zstd") if bits is not None else None,
+        head=head,
+        head_precision=onnx_head.metadata.precision if onnx_head is not None else None,
+        min_size=onnx_head.min_size if onnx_head is not None else int(model.transform.min_size[-1]),
+        max_size=onnx_head.max_size if onnx_head is not None else int(model.transform.max_size),
+    )
     return metrics
 
 
@@ -368,33 +454,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (file or bundled name, e.g. test/faster_rcnn-b3ch)")
     p.add_argument("--checkpoint", help="weights to evaluate (default: the config's model weights)")
     p.add_argument("--random-weights", type=int, metavar="SEED", help="evaluate seeded random weights")
-    p.add_argument("--bits", type=int, choices=codec.BITS,
-                   help="quantize the bottleneck to N bits at the split (students only; 16 = fp16, 32 = lossless)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=codec.BITS,
+        help="quantize the bottleneck to N bits at the split (students only; 16 = fp16, 32 = lossless)",
+    )
     p.add_argument("--granularity", choices=codec.GRANULARITIES, default="tensor")
-    p.add_argument("--compression", choices=codec.ALL_COMPRESSIONS,
-                   help="payload coding at the split: zstd (default with --bits) or none; learned = the Entropic "
-                        "Student's entropy coding (no --bits). Reports the mean coded bytes per image")
+    p.add_argument(
+        "--compression",
+        choices=codec.ALL_COMPRESSIONS,
+        help="payload coding at the split: zstd (default with --bits) or none; learned = the Entropic "
+        "Student's entropy coding (no --bits). Reports the mean coded bytes per image",
+    )
     p.add_argument("--split-mode", action="store_true", help="run head -> tail (lossless without --bits)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="run the tail's dense part as hnd-server --precision does (fp16 needs CUDA; implies --split-mode)")
-    p.add_argument("--key-interval", type=int, default=1, metavar="N",
-                   help="with --bits: code the split's images as one temporal stream in dataset order, a key "
-                        "frame every N (as hnd-edge --key-interval; default 1: every image intra)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="run the tail's dense part as hnd-server --precision does (fp16 needs CUDA; implies --split-mode)",
+    )
+    p.add_argument(
+        "--key-interval",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --bits: code the split's images as one temporal stream in dataset order, a key "
+        "frame every N (as hnd-edge --key-interval; default 1: every image intra)",
+    )
     p.add_argument("--split", default="val", help="dataset split of the config (default val)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--workers", type=int, help="data loader workers (default: the config's)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-images", type=int, help="evaluate only the first N images")
-    p.add_argument("--head", metavar="HEAD.onnx",
-                   help="run this ONNX head (hnd-export-head) as the edge does, then the codec (--bits, default 8) "
-                        "and the model's tail")
+    p.add_argument(
+        "--head",
+        metavar="HEAD.onnx",
+        help="run this ONNX head (hnd-export-head) as the edge does, then the codec (--bits, default 8) "
+        "and the model's tail",
+    )
     p.add_argument("--ort-provider", action="append", metavar="NAME", help="ONNX Runtime provider for --head")
     p.add_argument("--min-size", type=int, help="the split's resize: short side (default: the model's / head's)")
     p.add_argument("--max-size", type=int, help="the split's resize: cap on the long side")
     p.add_argument("--output", help="write metrics JSON here (atomically)")
     f = p.add_argument_group("neural filter (configs with model.filter; see hnd.train.filter)")
-    f.add_argument("--min-recall", type=float, default=0.9,
-                   help="operating threshold: the highest one whose TPR >= this (default 0.9)")
+    f.add_argument(
+        "--min-recall",
+        type=float,
+        default=0.9,
+        help="operating threshold: the highest one whose TPR >= this (default 0.9)",
+    )
     f.add_argument("--coco", action="store_true", help="also COCO metrics with and without the filter")
     return p
 
@@ -417,30 +526,56 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hnd.train.filter import eval_main
 
             return eval_main(args)
-        metrics = evaluate_config(args.config, checkpoint=args.checkpoint, split=args.split, bits=args.bits,
-                                  granularity=args.granularity, split_mode=args.split_mode, device=args.device,
-                                  workers=args.workers, batch_size=args.batch_size, max_images=args.max_images,
-                                  random_weights=args.random_weights, progress=True,
-                                  key_interval=args.key_interval, compression=args.compression,
-                                  precision=args.precision, head=args.head, ort_providers=args.ort_provider,
-                                  min_size=args.min_size, max_size=args.max_size)
+        metrics = evaluate_config(
+            args.config,
+            checkpoint=args.checkpoint,
+            split=args.split,
+            bits=args.bits,
+            granularity=args.granularity,
+            split_mode=args.split_mode,
+            device=args.device,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            max_images=args.max_images,
+            random_weights=args.random_weights,
+            progress=True,
+            key_interval=args.key_interval,
+            compression=args.compression,
+            precision=args.precision,
+            head=args.head,
+            ort_providers=args.ort_provider,
+            min_size=args.min_size,
+            max_size=args.max_size,
+        )
     except USER_ERRORS as exc:
         return report("hnd-eval", exc)
-    how = "full model" if not metrics["split_mode"] else (
-        "head -> learned entropy coding -> tail" if args.compression == "learned" else
-        f"head -> {args.bits}-bit {args.granularity} codec"
-        f"{f' (temporal, key every {args.key_interval})' if args.key_interval > 1 else ''} -> tail"
-        if args.bits else "head -> tail")
+    how = (
+        "full model"
+        if not metrics["split_mode"]
+        else (
+            "head -> learned entropy coding -> tail"
+            if args.compression == "learned"
+            else f"head -> {args.bits}-bit {args.granularity} codec"
+            f"{f' (temporal, key every {args.key_interval})' if args.key_interval > 1 else ''} -> tail"
+            if args.bits
+            else "head -> tail"
+        )
+    )
     if metrics.get("head"):
-        how = (f"ONNX {metrics['head_precision']} head {metrics['head']} -> {metrics['bits']}-bit "
-               f"{args.granularity} codec -> tail")
+        how = (
+            f"ONNX {metrics['head_precision']} head {metrics['head']} -> {metrics['bits']}-bit "
+            f"{args.granularity} codec -> tail"
+        )
     if args.precision != "fp32":
         how += f" ({args.precision} dense part)"
     how += f", resize {metrics['min_size']}/{metrics['max_size']}"
-    coded = (f", {metrics['coded_bytes_per_image']:.1f} coded bytes per image"
-             if "coded_bytes_per_image" in metrics else "")
-    print(f"{metrics['kind']} ({how}) on {metrics['split']}: {metrics['images']} images "
-          f"in {metrics['seconds']:.1f} s{coded}")
+    coded = (
+        f", {metrics['coded_bytes_per_image']:.1f} coded bytes per image" if "coded_bytes_per_image" in metrics else ""
+    )
+    print(
+        f"{metrics['kind']} ({how}) on {metrics['split']}: {metrics['images']} images "
+        f"in {metrics['seconds']:.1f} s{coded}"
+    )
     for iou_type, text in metrics["summary"].items():
         print(f"IoU metric: {iou_type}")
         print(text)

@@ -24,6 +24,7 @@ split and a threshold table (threshold, TPR, FPR, share of frames dropped); ``--
 picks the operating threshold: the highest threshold whose TPR >= R. ``--coco`` adds the COCO
 metrics of the detector with and without the filter at that threshold.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,15 @@ from hnd.common.config import Config, TrainConfig, load_config, with_weights
 from hnd.common.errors import HndError
 from hnd.common.neural_filter import FILTER_FORMAT, attach_filter, empty_detections, get_filter, is_filter_state_dict
 from hnd.common.split import Head, split_model
-from hnd.train.data import CocoDetection, has_valid_annotation, holdout_split, load_coco, make_loader, \
-    set_loader_epoch, split_paths
+from hnd.train.data import (
+    CocoDetection,
+    has_valid_annotation,
+    holdout_split,
+    load_coco,
+    make_loader,
+    set_loader_epoch,
+    split_paths,
+)
 from hnd.train.engine import Recipe, RunPaths, Selection, TrainOptions, check_sections, count_parameters, fit
 from hnd.train.evaluate import IOU_TYPES, coco_evaluate, predict_dataset, to_coco_results, write_json_atomic
 
@@ -115,10 +123,12 @@ def rates_at(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict[str
     """TPR, FPR and the share of frames dropped (score < threshold) at one threshold."""
     y = np.asarray(labels).astype(bool)
     keep = np.asarray(scores, dtype=np.float64) >= threshold
-    return {"threshold": float(threshold),
-            "tpr": float(keep[y].mean()) if y.any() else float("nan"),
-            "fpr": float(keep[~y].mean()) if (~y).any() else float("nan"),
-            "dropped": float(1.0 - keep.mean()) if keep.size else float("nan")}
+    return {
+        "threshold": float(threshold),
+        "tpr": float(keep[y].mean()) if y.any() else float("nan"),
+        "fpr": float(keep[~y].mean()) if (~y).any() else float("nan"),
+        "dropped": float(1.0 - keep.mean()) if keep.size else float("nan"),
+    }
 
 
 def threshold_table(labels: ArrayLike, scores: ArrayLike) -> list[dict[str, float]]:
@@ -163,8 +173,7 @@ def check_trainable(cfg: Config) -> None:
     if trainable == TrainConfig().trainable:
         return
     if not trainable or any(not (t == FILTER_MODULE or t.startswith(FILTER_MODULE + ".")) for t in trainable):
-        raise HndError(cfg.path, f"train.trainable: train.method filter trains only {FILTER_MODULE} "
-                                 f"(got {trainable})")
+        raise HndError(cfg.path, f"train.trainable: train.method filter trains only {FILTER_MODULE} (got {trainable})")
 
 
 def _dataset(cfg: Config, split: str, ids: Sequence[int] | None, train: bool, seed: int) -> CocoDetection:
@@ -182,8 +191,9 @@ def _label_tensor(targets: Sequence[dict], labels: dict[int, int], device: str) 
 
 
 @torch.no_grad()
-def filter_scores(head: Head, loader: Any, labels: dict[int, int], device: str = "cpu"
-                  ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def filter_scores(
+    head: Head, loader: Any, labels: dict[int, int], device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(labels [N], class-1 probabilities [N], image ids) of the filter over a loader, eval mode."""
     was_training = head.training
     head.eval()
@@ -193,7 +203,7 @@ def filter_scores(head: Head, loader: Any, labels: dict[int, int], device: str =
             batch, _ = head.preprocess([img.to(device) for img in images])
             ps.append(head.filter_probability(head.stem(batch)).cpu().numpy())
             ids += [int(t["image_id"]) for t in targets]
-            ys += [labels[i] for i in ids[-len(targets):]]
+            ys += [labels[i] for i in ids[-len(targets) :]]
     finally:
         head.train(was_training)
     return np.asarray(ys, dtype=np.int64), np.concatenate(ps) if ps else np.zeros(0), ids
@@ -224,15 +234,25 @@ def train_filter(cfg: Config, options: TrainOptions) -> dict[str, Any]:
     train_ids, hold_ids = holdout_split(sorted(coco.imgs), tcfg.holdout_fraction, tcfg.seed)
     n_pos = sum(labels[i] for i in train_ids)
     if n_pos == 0 or n_pos == len(train_ids):
-        raise HndError(ann_file, f"the filter needs images with and without objects to learn from "
-                                 f"({n_pos} of {len(train_ids)} training images hold objects)")
+        raise HndError(
+            ann_file,
+            f"the filter needs images with and without objects to learn from "
+            f"({n_pos} of {len(train_ids)} training images hold objects)",
+        )
     train_set = _dataset(cfg, "train", train_ids, train=True, seed=tcfg.seed)
-    train_loader = make_loader(train_set, tcfg.batch_size, workers, train=True,
-                               aspect_ratio_group_factor=cfg.dataset.aspect_ratio_group_factor, seed=tcfg.seed)
+    train_loader = make_loader(
+        train_set,
+        tcfg.batch_size,
+        workers,
+        train=True,
+        aspect_ratio_group_factor=cfg.dataset.aspect_ratio_group_factor,
+        seed=tcfg.seed,
+    )
     hold_loader = None
     if hold_ids and len({labels[i] for i in hold_ids}) == 2:
-        hold_loader = make_loader(_dataset(cfg, "train", hold_ids, train=False, seed=tcfg.seed),
-                                  tcfg.batch_size, workers)
+        hold_loader = make_loader(
+            _dataset(cfg, "train", hold_ids, train=False, seed=tcfg.seed), tcfg.batch_size, workers
+        )
     elif select_by == "roc_auc":
         print("hnd-train: the held-out images do not hold both classes; keeping the last epoch", file=sys.stderr)
         select_by = "last"
@@ -267,23 +287,51 @@ def train_filter(cfg: Config, options: TrainOptions) -> dict[str, Any]:
         if state.get("student_fingerprint") != student_fp:
             raise HndError(paths.last, "was trained on another student (its fingerprint differs)")
 
-    recipe = Recipe(method="filter", params=list(ext.parameters()), step=step, train_modes=train_modes,
-                    save=lambda path, entries, best: save_filter(path, ext, student_fingerprint=student_fp, **entries),
-                    load=lambda path: load_filter(path, ext), check_resume=check_resume, loss_average="image")
-    selection = Selection("roc_auc", heldout_roc_auc, "heldout_roc_auc") if select_by == "roc_auc" else Selection("last")
+    recipe = Recipe(
+        method="filter",
+        params=list(ext.parameters()),
+        step=step,
+        train_modes=train_modes,
+        save=lambda path, entries, best: save_filter(path, ext, student_fingerprint=student_fp, **entries),
+        load=lambda path: load_filter(path, ext),
+        check_resume=check_resume,
+        loss_average="image",
+    )
+    selection = (
+        Selection("roc_auc", heldout_roc_auc, "heldout_roc_auc") if select_by == "roc_auc" else Selection("last")
+    )
     config_dict = dataclasses.asdict(cfg)
-    result = fit(recipe, train_loader, tcfg, selection, paths, epochs=epochs, device=device, resume=options.resume,
-                 progress=options.progress, config=config_dict, set_epoch=set_loader_epoch, shown_output=paths.best,
-                 banner=f"filter on {cfg.model.kind} b{cfg.model.bottleneck_channels}ch, {len(train_set)} train "
-                        f"({n_pos} with objects) / {len(hold_ids)} held-out images, "
-                        f"{count_parameters(recipe.params):,} trainable parameters")
+    result = fit(
+        recipe,
+        train_loader,
+        tcfg,
+        selection,
+        paths,
+        epochs=epochs,
+        device=device,
+        resume=options.resume,
+        progress=options.progress,
+        config=config_dict,
+        set_epoch=set_loader_epoch,
+        shown_output=paths.best,
+        banner=f"filter on {cfg.model.kind} b{cfg.model.bottleneck_channels}ch, {len(train_set)} train "
+        f"({n_pos} with objects) / {len(hold_ids)} held-out images, "
+        f"{count_parameters(recipe.params):,} trainable parameters",
+    )
 
     # The whole student with the best filter, in our format (hnd-export-head, --checkpoint).
     model_path = paths.out_dir / "best-model.pt"
     if result.best_epoch >= 0:
         load_filter(paths.best, ext)
-        save_checkpoint(model_path, model.eval(), epoch=result.best_epoch, best_value=float(result.best_value),
-                        method="filter", select_by=select_by, config=config_dict)
+        save_checkpoint(
+            model_path,
+            model.eval(),
+            epoch=result.best_epoch,
+            best_value=float(result.best_value),
+            method="filter",
+            select_by=select_by,
+            config=config_dict,
+        )
     return {**result.summary(), "best_model": str(model_path)}
 
 
@@ -300,7 +348,8 @@ def make_filtered_predictor(model: nn.Module, threshold: float) -> Any:
         batch, meta = head.preprocess(images)
         fb = head.encode_filtered(batch, threshold)
         out: list[dict[str, torch.Tensor]] = [
-            empty_detections(head.kind, meta.original_sizes[i], head.num_keypoints or 17) for i in range(len(images))]
+            empty_detections(head.kind, meta.original_sizes[i], head.num_keypoints or 17) for i in range(len(images))
+        ]
         if fb.z is not None:
             kept = fb.kept
             for i, det in zip(kept, tail(fb.z, meta.select(kept))):
@@ -316,10 +365,19 @@ def _filter_file(path: str) -> bool:
     return ckpt["format"] == FILTER_FORMAT or is_filter_state_dict(ckpt["model"])
 
 
-def evaluate_filter(config: str | Config, checkpoint: str | None = None, split: str = "val", min_recall: float = 0.9,
-                    device: str = "cpu", workers: int | None = None, batch_size: int = 1,
-                    max_images: int | None = None, random_weights: int | None = None, coco: bool = False,
-                    progress: bool = False) -> dict[str, Any]:
+def evaluate_filter(
+    config: str | Config,
+    checkpoint: str | None = None,
+    split: str = "val",
+    min_recall: float = 0.9,
+    device: str = "cpu",
+    workers: int | None = None,
+    batch_size: int = 1,
+    max_images: int | None = None,
+    random_weights: int | None = None,
+    coco: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
     """ROC-AUC and threshold table of the configured filter on a split; optionally COCO metrics with
     and without it. ``checkpoint`` may be a full student (with its filter) or a filter-only file."""
     cfg = config if isinstance(config, Config) else load_config(config)
@@ -345,10 +403,18 @@ def evaluate_filter(config: str | Config, checkpoint: str | None = None, split: 
     start = time.perf_counter()
     y, p, ids = filter_scores(head, loader, labels, device)
     result: dict[str, Any] = {
-        "config": str(cfg.path), "split": split, "kind": cfg.model.kind, "images": len(ids),
-        "positives": int(y.sum()), "negatives": int(len(y) - y.sum()), "seconds": round(time.perf_counter() - start, 3),
-        "roc_auc": roc_auc(y, p), "min_recall": min_recall, "config_threshold": cfg.model.filter.threshold,
-        "at_config_threshold": rates_at(y, p, cfg.model.filter.threshold), "fingerprint": fingerprint(model),
+        "config": str(cfg.path),
+        "split": split,
+        "kind": cfg.model.kind,
+        "images": len(ids),
+        "positives": int(y.sum()),
+        "negatives": int(len(y) - y.sum()),
+        "seconds": round(time.perf_counter() - start, 3),
+        "roc_auc": roc_auc(y, p),
+        "min_recall": min_recall,
+        "config_threshold": cfg.model.filter.threshold,
+        "at_config_threshold": rates_at(y, p, cfg.model.filter.threshold),
+        "fingerprint": fingerprint(model),
         "scores": {str(i): float(s) for i, s in zip(ids, p)},
     }
     if result["positives"] and result["negatives"]:
@@ -360,8 +426,10 @@ def evaluate_filter(config: str | Config, checkpoint: str | None = None, split: 
     if coco:
         iou_types = IOU_TYPES[cfg.model.kind]
         threshold = (result["operating_point"] or result["at_config_threshold"])["threshold"]
-        for name, predictor in (("coco_without_filter", lambda imgs: model(imgs)),
-                                ("coco_with_filter", make_filtered_predictor(model, threshold))):
+        for name, predictor in (
+            ("coco_without_filter", lambda imgs: model(imgs)),
+            ("coco_with_filter", make_filtered_predictor(model, threshold)),
+        ):
             outputs, out_ids, _ = predict_dataset(predictor, loader, device, progress=progress)
             metrics, _ = coco_evaluate(dataset.coco, to_coco_results(outputs, out_ids, iou_types), out_ids)
             result[name] = metrics
@@ -371,9 +439,11 @@ def evaluate_filter(config: str | Config, checkpoint: str | None = None, split: 
 
 def format_filter_report(result: dict[str, Any], max_rows: int = 20) -> str:
     """ROC-AUC, the operating point and a threshold table of at most ``max_rows`` ROC points."""
-    lines = [f"neural filter ({result['kind']}) on {result['split']}: {result['images']} images, "
-             f"{result['positives']} with objects / {result['negatives']} without",
-             f"ROC-AUC {result['roc_auc']:.4f}"]
+    lines = [
+        f"neural filter ({result['kind']}) on {result['split']}: {result['images']} images, "
+        f"{result['positives']} with objects / {result['negatives']} without",
+        f"ROC-AUC {result['roc_auc']:.4f}",
+    ]
     table, op = result["table"], result["operating_point"]
     if table:
         step = max(1, math.ceil(len(table) / max_rows))
@@ -384,25 +454,39 @@ def format_filter_report(result: dict[str, Any], max_rows: int = 20) -> str:
         for r in rows:
             mark = "  <- operating point" if r is op else ("  <- config threshold" if r is cfg_row else "")
             lines.append(f"{r['threshold']:>12.6g}{r['tpr']:>8.3f}{r['fpr']:>8.3f}{r['dropped']:>9.3f}{mark}")
-        lines.append(f"operating threshold for TPR >= {result['min_recall']:g}: {op['threshold']:.6g} "
-                     f"(TPR {op['tpr']:.3f}, FPR {op['fpr']:.3f}, {100 * op['dropped']:.1f}% of frames dropped)")
+        lines.append(
+            f"operating threshold for TPR >= {result['min_recall']:g}: {op['threshold']:.6g} "
+            f"(TPR {op['tpr']:.3f}, FPR {op['fpr']:.3f}, {100 * op['dropped']:.1f}% of frames dropped)"
+        )
     else:
         lines.append("(one class only in this split: no ROC curve)")
     for name in ("coco_without_filter", "coco_with_filter"):
         if name in result:
             stats = ", ".join(f"{t} AP {m['AP']:.4f}" for t, m in result[name].items())
-            label = "without filter" if name.endswith("without_filter") else \
-                f"with filter at {result['coco_threshold']:.6g}"
+            label = (
+                "without filter"
+                if name.endswith("without_filter")
+                else f"with filter at {result['coco_threshold']:.6g}"
+            )
             lines.append(f"COCO {label}: {stats}")
     return "\n".join(lines)
 
 
 def eval_main(args: Any) -> int:
     """hnd-eval on a config with a neural filter (called by hnd.train.evaluate.main)."""
-    result = evaluate_filter(args.config, checkpoint=args.checkpoint, split=args.split,
-                             min_recall=getattr(args, "min_recall", 0.9), device=args.device, workers=args.workers,
-                             batch_size=args.batch_size, max_images=args.max_images,
-                             random_weights=args.random_weights, coco=getattr(args, "coco", False), progress=True)
+    result = evaluate_filter(
+        args.config,
+        checkpoint=args.checkpoint,
+        split=args.split,
+        min_recall=getattr(args, "min_recall", 0.9),
+        device=args.device,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        random_weights=args.random_weights,
+        coco=getattr(args, "coco", False),
+        progress=True,
+    )
     print(format_filter_report(result))
     if args.output:
         write_json_atomic(args.output, result)

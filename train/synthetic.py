@@ -15,6 +15,7 @@ for ellipses and persons), its area and iscrowd 0. Masks are rasterised from the
 same geometry that is drawn, so they match the pixels. Output depends only on
 the arguments (each image has its own seeded generator).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -36,27 +38,76 @@ SHAPE_CATEGORIES = [
     {"id": 3, "name": "triangle", "supercategory": "shape"},
 ]
 COCO_KEYPOINT_NAMES = [
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear",
-    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
-    "left_wrist", "right_wrist", "left_hip", "right_hip",
-    "left_knee", "right_knee", "left_ankle", "right_ankle",
+    "nose",
+    "left_eye",
+    "right_eye",
+    "left_ear",
+    "right_ear",
+    "left_shoulder",
+    "right_shoulder",
+    "left_elbow",
+    "right_elbow",
+    "left_wrist",
+    "right_wrist",
+    "left_hip",
+    "right_hip",
+    "left_knee",
+    "right_knee",
+    "left_ankle",
+    "right_ankle",
 ]
 # 1-based pairs, as in COCO's person category.
 COCO_SKELETON = [
-    [16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8],
-    [7, 9], [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7],
+    [16, 14],
+    [14, 12],
+    [17, 15],
+    [15, 13],
+    [12, 13],
+    [6, 12],
+    [7, 13],
+    [6, 7],
+    [6, 8],
+    [7, 9],
+    [8, 10],
+    [9, 11],
+    [2, 3],
+    [1, 2],
+    [1, 3],
+    [2, 4],
+    [3, 5],
+    [4, 6],
+    [5, 7],
 ]
 PERSON_CATEGORY = {
-    "id": 1, "name": "person", "supercategory": "person",
-    "keypoints": COCO_KEYPOINT_NAMES, "skeleton": COCO_SKELETON,
+    "id": 1,
+    "name": "person",
+    "supercategory": "person",
+    "keypoints": COCO_KEYPOINT_NAMES,
+    "skeleton": COCO_SKELETON,
 }
 # Joint positions of a figure facing the viewer, in a unit box (x right, y down);
 # the person's left side is on the image's right, as in COCO.
-_FIGURE = np.array([
-    [0.50, 0.09], [0.56, 0.06], [0.44, 0.06], [0.62, 0.08], [0.38, 0.08],
-    [0.75, 0.25], [0.25, 0.25], [0.85, 0.42], [0.15, 0.42], [0.90, 0.58], [0.10, 0.58],
-    [0.66, 0.58], [0.34, 0.58], [0.70, 0.78], [0.30, 0.78], [0.72, 0.97], [0.28, 0.97],
-])
+_FIGURE = np.array(
+    [
+        [0.50, 0.09],
+        [0.56, 0.06],
+        [0.44, 0.06],
+        [0.62, 0.08],
+        [0.38, 0.08],
+        [0.75, 0.25],
+        [0.25, 0.25],
+        [0.85, 0.42],
+        [0.15, 0.42],
+        [0.90, 0.58],
+        [0.10, 0.58],
+        [0.66, 0.58],
+        [0.34, 0.58],
+        [0.70, 0.78],
+        [0.30, 0.78],
+        [0.72, 0.97],
+        [0.28, 0.97],
+    ]
+)
 _LIMBS = [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)]
 SPLITS = {"train": ("train2017", 1), "val": ("val2017", 100001)}
 
@@ -64,15 +115,18 @@ SPLITS = {"train": ("train2017", 1), "val": ("val2017", 100001)}
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """Smooth colour gradient plus noise, HxWx3 uint8."""
     c0, c1 = rng.uniform(40, 215, size=(2, 3))
-    t = np.linspace(0.0, 1.0, width)[None, :, None] if rng.random() < 0.5 else \
-        np.linspace(0.0, 1.0, height)[:, None, None]
+    t = (
+        np.linspace(0.0, 1.0, width)[None, :, None]
+        if rng.random() < 0.5
+        else np.linspace(0.0, 1.0, height)[:, None, None]
+    )
     img = c0 + (c1 - c0) * t + rng.normal(0.0, 8.0, size=(height, width, 3))
     return np.clip(np.broadcast_to(img, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
 def _contrasting_colour(rng: np.random.Generator, bg: np.ndarray, box: Sequence[float]) -> tuple:
     x0, y0, x1, y1 = (int(v) for v in box)
-    mean = bg[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)].reshape(-1, 3).mean(0)
+    mean = bg[max(y0, 0) : max(y1, y0 + 1), max(x0, 0) : max(x1, x0 + 1)].reshape(-1, 3).mean(0)
     for _ in range(20):
         colour = rng.integers(0, 256, size=3)
         if np.abs(colour - mean).sum() > 180:
@@ -82,12 +136,18 @@ def _contrasting_colour(rng: np.random.Generator, bg: np.ndarray, box: Sequence[
 
 def _overlaps(box: Sequence[float], boxes: list, margin: float = 2.0) -> bool:
     x0, y0, x1, y1 = box
-    return any(x0 < b[2] + margin and b[0] < x1 + margin and y0 < b[3] + margin and b[1] < y1 + margin
-               for b in boxes)
+    return any(x0 < b[2] + margin and b[0] < x1 + margin and y0 < b[3] + margin and b[1] < y1 + margin for b in boxes)
 
 
-def _place(rng: np.random.Generator, width: int, height: int, boxes: list,
-           min_frac: float, max_frac: float, aspect: float | None = None) -> list | None:
+def _place(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    boxes: list,
+    min_frac: float,
+    max_frac: float,
+    aspect: float | None = None,
+) -> list | None:
     """Random box [x0, y0, x1, y1] inside the image not touching `boxes`, or None."""
     for _ in range(50):
         h = rng.uniform(min_frac, max_frac) * height
@@ -114,12 +174,12 @@ def _annotation(segmentation, mask: np.ndarray, category_id: int) -> dict | None
     if area < 4:
         return None
     x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
-    return {"category_id": category_id, "segmentation": segmentation, "area": area,
-            "bbox": [x, y, w, h], "iscrowd": 0}
+    return {"category_id": category_id, "segmentation": segmentation, "area": area, "bbox": [x, y, w, h], "iscrowd": 0}
 
 
-def _draw_shape(rng: np.random.Generator, canvas: Image.Image, bg: np.ndarray, box: list,
-                category_id: int) -> dict | None:
+def _draw_shape(
+    rng: np.random.Generator, canvas: Image.Image, bg: np.ndarray, box: list, category_id: int
+) -> dict | None:
     width, height = canvas.size
     colour = _contrasting_colour(rng, bg, box)
     x0, y0, x1, y1 = box
@@ -174,8 +234,9 @@ def _draw_person(rng: np.random.Generator, canvas: Image.Image, bg: np.ndarray, 
     return ann
 
 
-def _make_image(rng: np.random.Generator, width: int, height: int, kind: str, empty: bool,
-                max_objects: int) -> tuple[Image.Image, list[dict]]:
+def _make_image(
+    rng: np.random.Generator, width: int, height: int, kind: str, empty: bool, max_objects: int
+) -> tuple[Image.Image, list[dict]]:
     bg = _background(rng, width, height)
     canvas = Image.fromarray(bg)
     anns: list[dict] = []
@@ -195,10 +256,17 @@ def _make_image(rng: np.random.Generator, width: int, height: int, kind: str, em
     return canvas, anns
 
 
-def make_synthetic_coco(out: str | os.PathLike, images: int = 16, size: tuple[int, int] = (128, 128),
-                        kind: str = "detection", seed: int = 0, empty_fraction: float = 0.0,
-                        val_images: int | None = None, max_objects: int = 3,
-                        image_format: str = "jpg") -> dict[str, dict[str, Path]]:
+def make_synthetic_coco(
+    out: str | os.PathLike,
+    images: int = 16,
+    size: tuple[int, int] = (128, 128),
+    kind: str = "detection",
+    seed: int = 0,
+    empty_fraction: float = 0.0,
+    val_images: int | None = None,
+    max_objects: int = 3,
+    image_format: str = "jpg",
+) -> dict[str, dict[str, Path]]:
     """Write a COCO-2017-layout dataset under `out`; return {split: {"images": dir, "annotations": json}}.
 
     images: train images; val_images: val images (default max(2, images // 4)).
@@ -238,8 +306,13 @@ def make_synthetic_coco(out: str | os.PathLike, images: int = 16, size: tuple[in
                 ann.update(id=len(info_anns) + 1 + 1_000_000 * split_index, image_id=image_id)
                 info_anns.append(ann)
         ann_file = out / "annotations" / f"{prefix}_{folder}.json"
-        doc = {"info": {"description": f"hnd synthetic {kind} seed {seed}"}, "licenses": [],
-               "images": info_images, "annotations": info_anns, "categories": categories}
+        doc = {
+            "info": {"description": f"hnd synthetic {kind} seed {seed}"},
+            "licenses": [],
+            "images": info_images,
+            "annotations": info_anns,
+            "categories": categories,
+        }
         atomic_write_text(ann_file, json.dumps(doc))
         written[split] = {"images": out / folder, "annotations": ann_file}
     return written
@@ -252,8 +325,7 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def write_config(base: str | os.PathLike, root: str | os.PathLike, path: str | os.PathLike,
-                 **sections: Any) -> Path:
+def write_config(base: str | os.PathLike, root: str | os.PathLike, path: str | os.PathLike, **sections: Any) -> Path:
     """Copy config ``base`` (a file or bundled name such as ``test/faster_rcnn-b3ch``) to ``path``
     with ``dataset.root`` set to ``root`` and each keyword (a section) merged in, e.g.
     ``train={"epochs": 2}``. Returns ``path``. Used by tests and the synthetic experiment."""
@@ -291,16 +363,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-objects", type=int, default=3)
     p.add_argument("--format", choices=["jpg", "png"], default="jpg")
     v = p.add_argument_group("video (--video: annotated sequences instead of still images; hnd.train.synthetic_video)")
-    v.add_argument("--video", action="store_true",
-                   help="write moving-object sequences (PNG frames, COCO annotations, an .mp4) into the val split")
+    v.add_argument(
+        "--video",
+        action="store_true",
+        help="write moving-object sequences (PNG frames, COCO annotations, an .mp4) into the val split",
+    )
     v.add_argument("--frames", type=int, default=40, help="frames per sequence (default 40)")
     v.add_argument("--sequences", type=int, default=1, help="sequences (default 1)")
     v.add_argument("--fps", type=float, default=10.0, help="frame rate (default 10)")
-    v.add_argument("--background", default="photo", help="photo (a scikit-image photo per sequence), texture, "
-                   "or a photo name: rocket, coffee, chelsea, astronaut (default photo)")
+    v.add_argument(
+        "--background",
+        default="photo",
+        help="photo (a scikit-image photo per sequence), texture, "
+        "or a photo name: rocket, coffee, chelsea, astronaut (default photo)",
+    )
     v.add_argument("--noise", type=float, default=3.0, help="sensor noise sigma in 8-bit levels (default 3)")
-    v.add_argument("--object-size", default="0.12,0.3", metavar="MIN,MAX",
-                   help="object height range as a fraction of the frame height (default 0.12,0.3)")
+    v.add_argument(
+        "--object-size",
+        default="0.12,0.3",
+        metavar="MIN,MAX",
+        help="object height range as a fraction of the frame height (default 0.12,0.3)",
+    )
     args = p.parse_args(argv)
     if args.video:
         return _video_main(p, args)
@@ -308,10 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--empty-fraction must be in [0, 1]")
     if args.images < 0 or (args.val_images is not None and args.val_images < 0) or args.max_objects < 1:
         p.error("--images/--val-images must be >= 0 and --max-objects >= 1")
-    written = make_synthetic_coco(args.out, images=args.images, size=args.size or (128, 128), kind=args.kind,
-                                  seed=args.seed, empty_fraction=args.empty_fraction,
-                                  val_images=args.val_images, max_objects=args.max_objects,
-                                  image_format=args.format)
+    written = make_synthetic_coco(
+        args.out,
+        images=args.images,
+        size=args.size or (128, 128),
+        kind=args.kind,
+        seed=args.seed,
+        empty_fraction=args.empty_fraction,
+        val_images=args.val_images,
+        max_objects=args.max_objects,
+        image_format=args.format,
+    )
     for split, paths in written.items():
         print(f"{split}: {paths['images']} {paths['annotations']}")
     return 0
@@ -333,9 +423,18 @@ def _video_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         p.error("--object-size: need 0 < MIN <= MAX < 0.9")
     if w % 2 or h % 2:
         p.error("--size must be even for H.264 (e.g. 320x240)")
-    written = make_synthetic_video(args.out, frames=args.frames, size=(w, h), fps=args.fps,
-                                   sequences=args.sequences, objects=args.max_objects, background=args.background,
-                                   noise=args.noise, seed=args.seed, object_size=(lo, hi))
+    written = make_synthetic_video(
+        args.out,
+        frames=args.frames,
+        size=(w, h),
+        fps=args.fps,
+        sequences=args.sequences,
+        objects=args.max_objects,
+        background=args.background,
+        noise=args.noise,
+        seed=args.seed,
+        object_size=(lo, hi),
+    )
     print(f"val: {written['images']} {written['annotations']} {written['video']}")
     return 0
 

@@ -17,6 +17,7 @@ Layout (COCO 2017, so hnd-eval and the data code read it like any split)::
 The annotation file also lists its sequences under "videos" (id, name, fps, size, frames, file_name), as
 TAO / COCO-VID style files do. Output depends only on the arguments.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,7 +82,7 @@ def photo_background(name: str, width: int, height: int) -> np.ndarray:
     scale = min(iw / width, ih / height)
     cw, ch = int(width * scale), int(height * scale)
     x0, y0 = (iw - cw) // 2, (ih - ch) // 2
-    crop = img[y0:y0 + ch, x0:x0 + cw]
+    crop = img[y0 : y0 + ch, x0 : x0 + cw]
     return cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
 
 
@@ -92,8 +93,15 @@ def _sequence_background(rng: np.random.Generator, kind: str, index: int, width:
     return photo_background(name, width, height)
 
 
-def _movers(rng: np.random.Generator, bg: np.ndarray, count: int, width: int, height: int,
-            speed: tuple[float, float], object_size: tuple[float, float]) -> list[_Mover]:
+def _movers(
+    rng: np.random.Generator,
+    bg: np.ndarray,
+    count: int,
+    width: int,
+    height: int,
+    speed: tuple[float, float],
+    object_size: tuple[float, float],
+) -> list[_Mover]:
     out = []
     for _ in range(count):
         h = rng.uniform(*object_size) * height
@@ -102,15 +110,27 @@ def _movers(rng: np.random.Generator, bg: np.ndarray, count: int, width: int, he
         x, y = rng.uniform(1, width - w - 1), rng.uniform(1, height - h - 1)
         angle = rng.uniform(0, 2 * np.pi)
         v = rng.uniform(*speed) * height / 240  # pixels per frame, scaled with the frame size
-        patch = bg[int(y):int(y + h) + 1, int(x):int(x + w) + 1].reshape(-1, 3).mean(0)
+        patch = bg[int(y) : int(y + h) + 1, int(x) : int(x + w) + 1].reshape(-1, 3).mean(0)
         colour = tuple(int(c) for c in np.where(patch > 127, rng.integers(0, 60, 3), rng.integers(195, 256, 3)))
-        out.append(_Mover(int(rng.integers(1, 4)), w, h, x, y, v * np.cos(angle), v * np.sin(angle), colour,
-                          float(rng.uniform(0.2, 0.8))))
+        out.append(
+            _Mover(
+                int(rng.integers(1, 4)),
+                w,
+                h,
+                x,
+                y,
+                v * np.cos(angle),
+                v * np.sin(angle),
+                colour,
+                float(rng.uniform(0.2, 0.8)),
+            )
+        )
     return out
 
 
-def render_frame(bg: np.ndarray, movers: list[_Mover], noise: float,
-                 rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
+def render_frame(
+    bg: np.ndarray, movers: list[_Mover], noise: float, rng: np.random.Generator
+) -> tuple[np.ndarray, list[dict]]:
     """Draw one frame ([H, W, 3] uint8) and its annotations (visible masks; later objects in front)."""
     height, width = bg.shape[:2]
     canvas = Image.fromarray(bg)
@@ -130,19 +150,36 @@ def render_frame(bg: np.ndarray, movers: list[_Mover], noise: float,
         if area < 16:
             continue
         x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
-        anns.append({"category_id": m.category_id, "segmentation": _rle_from_mask(visible), "area": area,
-                     "bbox": [x, y, w, h], "iscrowd": 0})
+        anns.append(
+            {
+                "category_id": m.category_id,
+                "segmentation": _rle_from_mask(visible),
+                "area": area,
+                "bbox": [x, y, w, h],
+                "iscrowd": 0,
+            }
+        )
     img = np.asarray(canvas, dtype=np.float32)
     if noise > 0:
         img = img + rng.normal(0.0, noise, size=img.shape).astype(np.float32)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), anns[::-1]
 
 
-def make_synthetic_video(out: str | os.PathLike, frames: int = 40, size: tuple[int, int] = (320, 240),
-                         fps: float = 10.0, sequences: int = 1, objects: int = 3, background: str = "photo",
-                         noise: float = 3.0, speed: tuple[float, float] = (2.0, 6.0), seed: int = 0,
-                         split: str = "val", video: bool = True,
-                         object_size: tuple[float, float] = (0.12, 0.3)) -> dict[str, Path]:
+def make_synthetic_video(
+    out: str | os.PathLike,
+    frames: int = 40,
+    size: tuple[int, int] = (320, 240),
+    fps: float = 10.0,
+    sequences: int = 1,
+    objects: int = 3,
+    background: str = "photo",
+    noise: float = 3.0,
+    speed: tuple[float, float] = (2.0, 6.0),
+    seed: int = 0,
+    split: str = "val",
+    video: bool = True,
+    object_size: tuple[float, float] = (0.12, 0.3),
+) -> dict[str, Path]:
     """Write ``sequences`` annotated sequences of ``frames`` frames into split ``split`` under ``out``.
 
     size: (width, height), both even (H.264 4:2:0). background: "photo" (a different scikit-image photo
@@ -179,18 +216,42 @@ def make_synthetic_video(out: str | os.PathLike, frames: int = 40, size: tuple[i
             file_name = f"{image_id:012d}.png"
             Image.fromarray(img).save(out / folder / file_name)
             all_frames.append(img)
-            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height,
-                           "video_id": s + 1, "frame_index": f})
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": file_name,
+                    "width": width,
+                    "height": height,
+                    "video_id": s + 1,
+                    "frame_index": f,
+                }
+            )
             for ann in anns:
                 ann.update(id=len(annotations) + 1, image_id=image_id)
                 annotations.append(ann)
-        videos.append({"id": s + 1, "name": f"sequence{s + 1}", "fps": fps, "width": width, "height": height,
-                       "frames": frames, "file_name": f"{folder}.mp4"})
+        videos.append(
+            {
+                "id": s + 1,
+                "name": f"sequence{s + 1}",
+                "fps": fps,
+                "width": width,
+                "height": height,
+                "frames": frames,
+                "file_name": f"{folder}.mp4",
+            }
+        )
     ann_file = out / "annotations" / f"instances_{folder}.json"
-    doc = {"info": {"description": f"hnd synthetic video seed {seed}: {sequences} x {frames} frames at {fps:g} fps, "
-                                   f"{background} background, noise {noise:g}"},
-           "licenses": [], "videos": videos, "images": images, "annotations": annotations,
-           "categories": SHAPE_CATEGORIES}
+    doc = {
+        "info": {
+            "description": f"hnd synthetic video seed {seed}: {sequences} x {frames} frames at {fps:g} fps, "
+            f"{background} background, noise {noise:g}"
+        },
+        "licenses": [],
+        "videos": videos,
+        "images": images,
+        "annotations": annotations,
+        "categories": SHAPE_CATEGORIES,
+    }
     atomic_write_text(ann_file, json.dumps(doc))
     written = {"images": out / folder, "annotations": ann_file}
     if video:

@@ -27,6 +27,7 @@ optimizer, scheduler, epoch, best value, config, RNG state) and appends to ``log
 The best model goes to ``<output-dir>/best.pt`` when ``--output-dir`` is given, else to the
 config's ``model.checkpoint`` (where hnd-eval and hnd-server look for it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,11 @@ def copy_teacher_weights(teacher: nn.Module, student: nn.Module, skip_prefix: st
             if key not in t_sd:
                 raise HndError("teacher", f"has no weight {key} to copy into the student")
             if t_sd[key].shape != value.shape:
-                raise HndError("teacher", f"{key} has shape {tuple(t_sd[key].shape)}, the student's is "
-                                          f"{tuple(value.shape)} (do num_classes / num_keypoints agree?)")
+                raise HndError(
+                    "teacher",
+                    f"{key} has shape {tuple(t_sd[key].shape)}, the student's is "
+                    f"{tuple(value.shape)} (do num_classes / num_keypoints agree?)",
+                )
             value.copy_(t_sd[key])
             copied.append(key)
     return copied
@@ -103,8 +107,7 @@ def build_distillation_models(cfg: Config) -> tuple[nn.Module, nn.Module]:
     seed = cfg.model.random_weights if cfg.model.random_weights is not None else cfg.train.seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        student = build_model(cfg.model.kind, cfg.model.bottleneck_channels, cfg.model.num_classes,
-                              **cfg.model.params)
+        student = build_model(cfg.model.kind, cfg.model.bottleneck_channels, cfg.model.num_classes, **cfg.model.params)
     copy_teacher_weights(teacher, student)
     return teacher, student
 
@@ -220,9 +223,9 @@ def backbone_features(model: nn.Module, batch: torch.Tensor, names: Sequence[str
     """
     body_prefix = "backbone.body."
     with capture_outputs(model, names) as store:
-        if all(n.startswith(body_prefix) and "." not in n[len(body_prefix):] for n in names):
+        if all(n.startswith(body_prefix) and "." not in n[len(body_prefix) :] for n in names):
             body = model.backbone.body
-            wanted = {n[len(body_prefix):] for n in names}
+            wanted = {n[len(body_prefix) :] for n in names}
             x = batch
             for child_name, child in body.items():
                 x = child(x)
@@ -237,8 +240,9 @@ def backbone_features(model: nn.Module, batch: torch.Tensor, names: Sequence[str
     return store
 
 
-def distillation_loss(student_feats: dict[str, torch.Tensor], teacher_feats: dict[str, torch.Tensor]
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
+def distillation_loss(
+    student_feats: dict[str, torch.Tensor], teacher_feats: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum over layers of sum-reduced MSE (the original's MSELoss(reduction='sum'), factor 1 each)."""
     terms = {n: nn.functional.mse_loss(student_feats[n], teacher_feats[n], reduction="sum") for n in student_feats}
     total = torch.stack(list(terms.values())).sum()
@@ -253,8 +257,9 @@ def distill_layer_names(cfg: Config) -> list[str]:
     return [n if "." in n else f"backbone.body.{n}" for n in layers]
 
 
-def distill_batch(student: nn.Module, teacher: nn.Module, images: list[torch.Tensor], layers: Sequence[str]
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+def distill_batch(
+    student: nn.Module, teacher: nn.Module, images: list[torch.Tensor], layers: Sequence[str]
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Transform a batch once with the student's transform, run both backbones, return the loss."""
     with torch.no_grad():
         batch = student.transform(images)[0].tensors
@@ -268,8 +273,9 @@ def distill_batch(student: nn.Module, teacher: nn.Module, images: list[torch.Ten
 
 
 @torch.no_grad()
-def heldout_distillation_loss(student: nn.Module, teacher: nn.Module, loader: Any, layers: Sequence[str],
-                              device: str) -> float:
+def heldout_distillation_loss(
+    student: nn.Module, teacher: nn.Module, loader: Any, layers: Sequence[str], device: str
+) -> float:
     """Mean per-image distillation loss on held-out data, student fully in eval mode."""
     student.eval()
     total, n = 0.0, 0
@@ -301,10 +307,23 @@ def distillation_data(cfg: Config, method: str, select_by: str, workers: int) ->
     _, train_ann, _ = split_paths(cfg.dataset, "train")
     all_ids = sorted(load_coco(train_ann).imgs)
     train_ids, hold_ids = holdout_split(all_ids, tcfg.holdout_fraction, tcfg.seed)
-    train_set = build_dataset(cfg.dataset, "train", cfg.model.kind, train=True, seed=tcfg.seed, ids=train_ids,
-                              masks=False if method in DISTILL_METHODS else None)
-    train_loader = make_loader(train_set, tcfg.batch_size, workers, train=True,
-                               aspect_ratio_group_factor=cfg.dataset.aspect_ratio_group_factor, seed=tcfg.seed)
+    train_set = build_dataset(
+        cfg.dataset,
+        "train",
+        cfg.model.kind,
+        train=True,
+        seed=tcfg.seed,
+        ids=train_ids,
+        masks=False if method in DISTILL_METHODS else None,
+    )
+    train_loader = make_loader(
+        train_set,
+        tcfg.batch_size,
+        workers,
+        train=True,
+        aspect_ratio_group_factor=cfg.dataset.aspect_ratio_group_factor,
+        seed=tcfg.seed,
+    )
     hold_loader = None
     if hold_ids:
         hold_set = build_dataset(cfg.dataset, "train", cfg.model.kind, ids=hold_ids, remove_empty=False)
@@ -312,8 +331,9 @@ def distillation_data(cfg: Config, method: str, select_by: str, workers: int) ->
     return Data(train_set, train_loader, hold_ids, hold_loader)
 
 
-def detector_recipe(cfg: Config, options: TrainOptions, paths: RunPaths) -> tuple[Recipe, nn.Module,
-                                                                                    nn.Module | None, list[str]]:
+def detector_recipe(
+    cfg: Config, options: TrainOptions, paths: RunPaths
+) -> tuple[Recipe, nn.Module, nn.Module | None, list[str]]:
     """(recipe, model, teacher, distilled layers) of a distillation or supervised config.
 
     Distillation: the student's stem + bottleneck train against the teacher's features
@@ -356,14 +376,22 @@ def detector_recipe(cfg: Config, options: TrainOptions, paths: RunPaths) -> tupl
 
     def check_resume(state: dict[str, Any]) -> None:
         if state.get("train_bn", False) != options.train_bn:
-            raise HndError(paths.last, f"was written by a run with train_bn {state.get('train_bn', False)}, "
-                                       f"not train_bn {options.train_bn}")
+            raise HndError(
+                paths.last,
+                f"was written by a run with train_bn {state.get('train_bn', False)}, not train_bn {options.train_bn}",
+            )
 
     recipe = Recipe(
-        method=method, params=params, step=distill_step if teacher is not None else supervised_step,
-        train_modes=(lambda: set_distillation_modes(model, tcfg.trainable)) if teacher is not None else
-        (lambda: set_supervised_modes(model)),
-        save=save, load=lambda path: load_checkpoint(path, model), check_resume=check_resume)
+        method=method,
+        params=params,
+        step=distill_step if teacher is not None else supervised_step,
+        train_modes=(lambda: set_distillation_modes(model, tcfg.trainable))
+        if teacher is not None
+        else (lambda: set_supervised_modes(model)),
+        save=save,
+        load=lambda path: load_checkpoint(path, model),
+        check_resume=check_resume,
+    )
     return recipe, model, teacher, layers
 
 
@@ -394,21 +422,39 @@ def train(config: str | os.PathLike | Config, options: TrainOptions | None = Non
     recipe, model, teacher, layers = detector_recipe(cfg, options, paths)
     hold, device = data.hold_loader, options.device
     if select_by == "bbox":
-        selection = Selection("bbox", lambda: evaluate_model(model, hold, device, cfg.model.kind)["bbox"]["AP"],
-                              "heldout_bbox_AP")
+        selection = Selection(
+            "bbox", lambda: evaluate_model(model, hold, device, cfg.model.kind)["bbox"]["AP"], "heldout_bbox_AP"
+        )
     elif select_by == "loss":
         assert teacher is not None
-        selection = Selection("loss", lambda: heldout_distillation_loss(model, teacher, hold, layers, device),
-                              "heldout_loss", higher_is_better=False)
+        selection = Selection(
+            "loss",
+            lambda: heldout_distillation_loss(model, teacher, hold, layers, device),
+            "heldout_loss",
+            higher_is_better=False,
+        )
     else:
         selection = Selection("last")
-    banner = (f"{method} {cfg.model.kind}"
-              + (f" b{cfg.model.bottleneck_channels}ch" if cfg.model.bottleneck_channels else "")
-              + f", {len(data.train_set)} train / {len(data.hold_ids)} held-out images, "
-                f"{count_parameters(recipe.params):,} trainable parameters")
-    result = fit(recipe, data.train_loader, tcfg, selection, paths, epochs=epochs, device=device,
-                 resume=options.resume, progress=options.progress, config=dataclasses.asdict(cfg), banner=banner,
-                 set_epoch=set_loader_epoch)
+    banner = (
+        f"{method} {cfg.model.kind}"
+        + (f" b{cfg.model.bottleneck_channels}ch" if cfg.model.bottleneck_channels else "")
+        + f", {len(data.train_set)} train / {len(data.hold_ids)} held-out images, "
+        f"{count_parameters(recipe.params):,} trainable parameters"
+    )
+    result = fit(
+        recipe,
+        data.train_loader,
+        tcfg,
+        selection,
+        paths,
+        epochs=epochs,
+        device=device,
+        resume=options.resume,
+        progress=options.progress,
+        config=dataclasses.asdict(cfg),
+        banner=banner,
+        set_epoch=set_loader_epoch,
+    )
     return result.summary()
 
 
@@ -424,11 +470,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data loader workers (default: dataset.num_workers)")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--output-dir", help="checkpoints and log.jsonl (default resource/train/<config name>)")
-    p.add_argument("--select-by", choices=["bbox", "loss", "last"], default="bbox",
-                   help="model selection on the held-out split: bbox AP (default), distillation loss, or last epoch")
-    p.add_argument("--train-bn", action="store_true",
-                   help="supervised from scratch: train the backbone's (otherwise frozen) batch norms; "
-                        "best.pt folds them back into FrozenBatchNorm2d")
+    p.add_argument(
+        "--select-by",
+        choices=["bbox", "loss", "last"],
+        default="bbox",
+        help="model selection on the held-out split: bbox AP (default), distillation loss, or last epoch",
+    )
+    p.add_argument(
+        "--train-bn",
+        action="store_true",
+        help="supervised from scratch: train the backbone's (otherwise frozen) batch norms; "
+        "best.pt folds them back into FrozenBatchNorm2d",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -440,16 +493,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise HndError("--device", "CUDA is not available on this machine")
         if args.epochs is not None and args.epochs < 1:
             raise HndError("--epochs", "must be >= 1")
-        summary = train(args.config, TrainOptions(output_dir=args.output_dir, device=args.device,
-                                                  workers=args.workers, epochs=args.epochs, resume=args.resume,
-                                                  select_by=args.select_by, progress=not args.no_progress,
-                                                  train_bn=args.train_bn))
+        summary = train(
+            args.config,
+            TrainOptions(
+                output_dir=args.output_dir,
+                device=args.device,
+                workers=args.workers,
+                epochs=args.epochs,
+                resume=args.resume,
+                select_by=args.select_by,
+                progress=not args.no_progress,
+                train_bn=args.train_bn,
+            ),
+        )
     except USER_ERRORS as exc:
         return report("hnd-train", exc)
     except KeyboardInterrupt:
         print("hnd-train: interrupted; continue with --resume", file=sys.stderr)
         return 130
-    print(f"best {summary['select_by']} {summary['best_value']:.4f} at epoch {summary['best_epoch']}: {summary['best']}")
+    print(
+        f"best {summary['select_by']} {summary['best_value']:.4f} at epoch {summary['best_epoch']}: {summary['best']}"
+    )
     return 0
 
 
