@@ -111,11 +111,22 @@ class Replica:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name}: hnd-server exited with {self.proc.returncode}")
+                raise RuntimeError(f"{self.name}: hnd-server exited with {self.proc.returncode}{self._log_tail()}")
             if check(self.address, timeout_s=2.0) == "SERVING":
                 return
             time.sleep(0.2)
         raise TimeoutError(f"{self.name}: not SERVING after {timeout_s:.0f} s")
+
+    def _log_tail(self, lines: int = 5) -> str:
+        """The end of this start's log, so a failed start says why."""
+        if self.log_dir is None:
+            return ""
+        path = Path(self.log_dir) / f"{self.name}-{self.starts}.log"
+        try:
+            tail = path.read_text(errors="replace").strip().splitlines()[-lines:]
+        except OSError:
+            return ""
+        return (": " + " | ".join(tail)) if tail else ""
 
     def kill(self) -> None:
         """SIGKILL: the replica dies with work in flight."""
