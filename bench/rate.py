@@ -537,6 +537,16 @@ def _main(args) -> int:
     codings = [c.strip() for c in args.coding.split(",") if c.strip()]
     if not grans or not set(grans) <= {"tensor", "channel"} or not codings or not set(codings) <= {"intra", "temporal"}:
         raise ValueError("--granularity: tensor and/or channel; --coding: intra and/or temporal")
+    config = args.config or "hnd/faster_rcnn-b3ch"
+    cfg = load_config(config)
+    if (cfg.model.bottleneck_type == "entropic") != (bits == [codec.LEARNED_BITS]):
+        if cfg.model.bottleneck_type == "entropic" and args.bits == build_parser().get_default("bits"):
+            bits = [codec.LEARNED_BITS]  # an Entropic Student has one split setting: its learned coding
+        else:
+            raise ValueError(
+                "--bits 0 (learned entropy coding) is for Entropic Student configs, and an Entropic "
+                "Student takes only --bits 0"
+            )
     settings = rate_settings(
         bits,
         grans,
@@ -549,30 +559,10 @@ def _main(args) -> int:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = args.config or "hnd/faster_rcnn-b3ch"
     random_weights = args.random_weights
     if args.config is None and args.checkpoint is None and random_weights is None:
         random_weights = 0
     frames, names, coco, ids = _frames_and_gt(args)
-    cfg = load_config(config)
-    if (cfg.model.bottleneck_type == "entropic") != (bits == [codec.LEARNED_BITS]):
-        if cfg.model.bottleneck_type == "entropic" and args.bits == build_parser().get_default("bits"):
-            bits = [codec.LEARNED_BITS]  # an Entropic Student has one split setting: its learned coding
-            settings = rate_settings(
-                bits,
-                grans,
-                codings,
-                parse_sizes(args.sizes),
-                _ints(args.jpeg_quality),
-                _ints(args.webp_quality),
-                _floats(args.crf),
-                _floats(args.hevc_crf),
-            )
-        else:
-            raise ValueError(
-                "--bits 0 (learned entropy coding) is for Entropic Student configs, and an Entropic "
-                "Student takes only --bits 0"
-            )
     model = build_model_from_config(with_weights(cfg.model, args.checkpoint, random_weights), cfg.path)
     score = args.agreement_score if args.agreement_score is not None else (0.0 if random_weights is not None else 0.5)
     notes = []
