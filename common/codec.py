@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -567,6 +568,17 @@ def _unpack(raw: bytes, bits: int, numel: int) -> np.ndarray:
     return cols.reshape(-1)[:numel]
 
 
+_zstd = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decompressor: a context is reused (each call starts a fresh frame) but not shared."""
+    d = getattr(_zstd, "decompressor", None)
+    if d is None:
+        d = _zstd.decompressor = zstandard.ZstdDecompressor()
+    return d
+
+
 def _decompress(encoded: EncodedTensor) -> bytes:
     """The packed bytes, exactly ``raw_size`` of them; zstd output is bounded by the validated size."""
     data, expected = encoded.payload, encoded.raw_size
@@ -581,7 +593,7 @@ def _decompress(encoded: EncodedTensor) -> bytes:
         raise CodecError(f"zstd frame declares {what}; {expected} bytes expected")
     # One frame, nothing after it, output bounded by the validated size: a lying frame fails early.
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected, allow_extra_data=False)
+        raw = _decompressor().decompress(data, max_output_size=expected, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise CodecError(f"corrupt zstd payload: {e}") from None
     if len(raw) != expected:
@@ -642,6 +654,9 @@ def _check_params(encoded: EncodedTensor) -> None:
         )
     if expected == 0:
         return
+    qmax = (1 << encoded.bits) - 1
+    if _plain_params(scale, zero_point, qmax):
+        return
     try:
         s = np.asarray(scale, dtype=np.float64)
         zp = np.asarray(zero_point, dtype=np.float64)
@@ -651,9 +666,25 @@ def _check_params(encoded: EncodedTensor) -> None:
         raise CodecError("scale and zero point must be flat sequences of numbers")
     if not (np.isfinite(s).all() and (s >= 0).all() and (s <= _MAX_AFFINE_ABS).all()):
         raise CodecError(f"scale must be finite and in [0, {_MAX_AFFINE_ABS:.3g}]")
-    qmax = (1 << encoded.bits) - 1
     if not ((zp == np.round(zp)).all() and (zp >= 0).all() and (zp <= qmax).all()):
         raise CodecError(f"zero point must be an integer in [0, {qmax}]")
+
+
+_PLAIN_PARAMS = 64  # up to this many values, checked in Python: numpy's set-up costs more than the check
+
+
+def _plain_params(scale: tuple, zero_point: tuple, qmax: int) -> bool:
+    """True when every value is a plain float (scale) / int (zero point) in range, as the wire gives them.
+
+    The quick accept of ``_check_params`` (no numpy for a handful of values); anything else, including
+    every refusal, goes through the full check and its messages.
+    """
+    if len(scale) > _PLAIN_PARAMS:
+        return False
+    # NaN fails the comparison, inf exceeds the bound; bools are not plain ints here.
+    return all(type(s) is float and 0.0 <= s <= _MAX_AFFINE_ABS for s in scale) and all(
+        type(z) is int and 0 <= z <= qmax for z in zero_point
+    )
 
 
 def _describe(obj: object) -> str:

@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from hnd.common.channel import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY, channel_options
+from hnd.common.channel import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY, channel_options  # noqa: F401 - re-exported
 from hnd.common.errors import UsageError
 from hnd.server.service import SERVICE_NAME, BatchingOptions, ModelRunner, ServerLimits, SplitInferenceService
 from hnd.server.text import client_text
@@ -89,49 +89,6 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
-class ReplicaTagInterceptor(grpc.aio.ServerInterceptor):
-    """Adds REPLICA_KEY, WEIGHTS_KEY and TAIL_KEY to the metadata of every SplitInference call.
-
-    Unary calls get them as trailing metadata only: sending headers early would commit the call
-    and stop the client's gRPC retry policy from moving it to another replica.
-    """
-
-    def __init__(self, fingerprint: str, tail: str = "fp32") -> None:
-        self.metadata: tuple[tuple[str, str], ...] = ((WEIGHTS_KEY, fingerprint), (TAIL_KEY, tail))
-
-    def name(self, replica: str) -> None:
-        self.metadata = ((REPLICA_KEY, replica), *((k, v) for k, v in self.metadata if k != REPLICA_KEY))
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
-            return handler
-        metadata = self.metadata
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
-
-            async def tagged_unary(request, context):
-                context.set_trailing_metadata(metadata)
-                return await unary(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                tagged_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_stream is not None:
-            stream = handler.stream_stream
-
-            async def tagged_stream(request_iterator, context):
-                await context.send_initial_metadata(metadata)
-                context.set_trailing_metadata(metadata)
-                async for response in stream(request_iterator, context):
-                    yield response
-
-            return grpc.stream_stream_rpc_method_handler(
-                tagged_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
-
-
 def add_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
     """Server reflection as grpc.reflection.v1 (what grpcurl and current tools ask first) and v1alpha.
 
@@ -189,9 +146,9 @@ class RunningServer:
 async def start_server(runner: ModelRunner, settings: ServerSettings) -> RunningServer:
     """Build, bind and start the server on the running loop; health turns SERVING after warm-up."""
     service = SplitInferenceService(runner, settings.limits, settings.batching, offload=settings.offload)
-    tag = ReplicaTagInterceptor(runner.fingerprint, runner.tail_info["summary"])
+    # Replica, weights and tail metadata are set by the service's handlers (SplitInferenceService.call_metadata),
+    # not by an interceptor: an interceptor costs every call a coroutine and a new handler.
     interceptors = [TokenAuthInterceptor(settings.token, service)] if settings.token else []
-    interceptors.append(tag)
     options = channel_options(settings.limits.max_message_bytes)
     if settings.max_connection_age_s:
         options += [
@@ -217,7 +174,7 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
-    tag.name(settings.replica or f"{socket.gethostname()}:{port}")
+    service.name_replica(settings.replica or f"{socket.gethostname()}:{port}")
     health_server, health_port = None, None
     if settings.health_port is not None:
         # Health only, no SplitInference: a plain-text port must not bypass TLS for inference.

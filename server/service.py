@@ -26,6 +26,7 @@ from torch import nn
 
 import hnd
 from hnd.common import codec, wire
+from hnd.common.channel import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY
 from hnd.common.checkpoint import fingerprint
 from hnd.common.models import bottleneck_channels_of, bottleneck_type_of, model_kind
 from hnd.common.sizes import bottleneck_hw
@@ -36,7 +37,7 @@ from hnd.proto.v1 import tensor_pb2
 from hnd.server.accel import TailOptions, build_tail, tail_info
 from hnd.server.batching import Batcher, BatcherStopped, DeadlineExpired, QueueFull
 from hnd.server.budget import BudgetError, check_bottleneck_shape, check_originals, check_split_meta, make_budget
-from hnd.server.metrics import ServerMetrics
+from hnd.server.metrics import STAGES, ServerMetrics
 from hnd.server.streams import KeyFrameRequired, StreamLimits, StreamSession, StreamSessions, video_request
 from hnd.server.text import RateLimitedLog, client_text
 
@@ -258,6 +259,19 @@ class SplitInferenceService:
             max_mask_bytes=limits.max_mask_bytes,
         )
         self.refusal_log = RateLimitedLog(log, on_suppressed=self.metrics.log_suppressed.inc)
+        # Metric children looked up once (a labels() call takes a lock and hashes the label values).
+        self._stage = {k: self.metrics.stage_seconds.labels(k) for k in STAGES}
+        self._answered: dict[tuple[str, str], tuple[Any, Any]] = {}
+        # Metadata every SplitInference call carries back (hnd.common.channel): weights and tail now,
+        # the replica's name once the port is known (``name_replica``).
+        self.call_metadata: tuple[tuple[str, str], ...] = (
+            (WEIGHTS_KEY, runner.fingerprint),
+            (TAIL_KEY, runner.tail_info["summary"]),
+        )
+
+    def name_replica(self, replica: str) -> None:
+        """The name calls report in REPLICA_KEY (``<hostname>:<port>`` or --replica)."""
+        self.call_metadata = ((REPLICA_KEY, replica), *((k, v) for k, v in self.call_metadata if k != REPLICA_KEY))
 
     def begin_drain(self) -> None:
         """Open InferStreams stop reading, answer what they read, then end UNAVAILABLE (clients
@@ -352,7 +366,8 @@ class SplitInferenceService:
             value = decoded.value
         else:
             value = codec.decode(encoded, self.limits.codec, prior=self.runner.prior)
-        z = torch.as_tensor(value).reshape(shape)  # torch or numpy codec output alike
+        # The codec's float32 array as it is (no copy); a stream session may hand back a tensor.
+        z = (torch.from_numpy(value) if isinstance(value, np.ndarray) else torch.as_tensor(value)).reshape(shape)
         return ("split", (c, h, w), meta.padded_size), SplitPayload(z, meta)
 
     def _decode_image(self, request: pb.InferRequest, session: StreamSession | None = None) -> tuple[tuple, Payload]:
@@ -476,11 +491,11 @@ class SplitInferenceService:
                 batch_size=item.batch_size,
             )
         )
-        m = self.metrics.stage_seconds
-        m.labels("decode").observe(decode_ns / 1e9)
-        m.labels("queue").observe(queue_ns / 1e9)
-        m.labels("compute").observe(item.compute_ns / 1e9)
-        m.labels("encode").observe(encode_ns / 1e9)
+        m = self._stage
+        m["decode"].observe(decode_ns / 1e9)
+        m["queue"].observe(queue_ns / 1e9)
+        m["compute"].observe(item.compute_ns / 1e9)
+        m["encode"].observe(encode_ns / 1e9)
         return response
 
     def _parse(self, raw: bytes) -> pb.InferRequest:
@@ -493,8 +508,14 @@ class SplitInferenceService:
             ) from None
 
     def _done(self, method: str, code: str, start_ns: int) -> None:
-        self.metrics.requests.labels(method, code).inc()
-        self.metrics.request_seconds.labels(method, code).observe((time.perf_counter_ns() - start_ns) / 1e9)
+        children = self._answered.get((method, code))
+        if children is None:  # method and code are fixed labels: a handful of pairs
+            children = self._answered[method, code] = (
+                self.metrics.requests.labels(method, code),
+                self.metrics.request_seconds.labels(method, code),
+            )
+        children[0].inc()
+        children[1].observe((time.perf_counter_ns() - start_ns) / 1e9)
 
     async def _fail(
         self, context: grpc.aio.ServicerContext, method: str, exc: RequestError, start_ns: int, request_id: str = ""
@@ -517,6 +538,9 @@ class SplitInferenceService:
 
     async def Infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.InferResponse:
         start = time.perf_counter_ns()
+        # Trailing only: headers sent early would commit the call and stop the client's retry policy
+        # from moving it to another replica.
+        context.set_trailing_metadata(self.call_metadata)
         request_id = ""
         try:
             request = self._parse(raw)
@@ -544,6 +568,9 @@ class SplitInferenceService:
         more are read.
         """
         method = "InferStream"
+        # A stream names replica and weights first (the edge checks them before its first answer) and at the end.
+        await context.send_initial_metadata(self.call_metadata)
+        context.set_trailing_metadata(self.call_metadata)
         pending: asyncio.Queue[tuple[asyncio.Future, int, str] | None] = asyncio.Queue(
             maxsize=self.limits.max_stream_inflight
         )
@@ -634,6 +661,7 @@ class SplitInferenceService:
 
     async def GetModelInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         start = time.perf_counter_ns()
+        context.set_trailing_metadata(self.call_metadata)
         info = self.model_info()
         self._done("GetModelInfo", "OK", start)
         return info
