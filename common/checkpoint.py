@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hnd.common.entropic import match_prior_layout
 from hnd.common.errors import HndError
 from hnd.common.files import atomic_write
 from hnd.common.models import bottleneck_channels_of, bottleneck_type_of, model_kind
@@ -335,13 +336,20 @@ def load_checkpoint(
     if ckpt["format"] == FILTER_FORMAT:
         raise CheckpointError(f"{path}: holds only neural filter weights; name it in model.filter.checkpoint")
     sd = ckpt["model"]
-    absent = {k for k in model.state_dict() if k not in sd and k.startswith(optional)} if optional else set()
-    if strict:
-        _check_compatible(path, sd, model, None if not absent else set(model.state_dict()) - absent)
-    # Check the stored fingerprint before touching the model, so a refused file leaves it as it was.
-    stored = ckpt.get("fingerprint")
-    if stored is not None and stored != fingerprint(sd):
-        raise CheckpointError(f"{path}: weights do not match the fingerprint stored in the file (corrupted?)")
+    # An Entropic Student's prior takes the file's density-network widths (sc2bench / CompressAI files
+    # use (3, 3, 3, 3); others load as saved), undone below if the file is refused.
+    undo_layout = match_prior_layout(model, sd)
+    try:
+        absent = {k for k in model.state_dict() if k not in sd and k.startswith(optional)} if optional else set()
+        if strict:
+            _check_compatible(path, sd, model, None if not absent else set(model.state_dict()) - absent)
+        # Check the stored fingerprint before touching the model, so a refused file leaves it as it was.
+        stored = ckpt.get("fingerprint")
+        if stored is not None and stored != fingerprint(sd):
+            raise CheckpointError(f"{path}: weights do not match the fingerprint stored in the file (corrupted?)")
+    except CheckpointError:
+        undo_layout()
+        raise
     model_sd = model.state_dict()
     usable = {
         k: v
@@ -403,6 +411,7 @@ def load_head(path: str | os.PathLike, head: nn.Module) -> str:
     full_fp = ckpt.get("fingerprint") if ckpt["format"] == HEAD_FORMAT else fingerprint(sd)
     if full_fp is None:
         raise CheckpointError(f"{path}: head export without a fingerprint")
+    match_prior_layout(head, sd)  # an Entropic head's prior: the file's density-network widths
     expected = head_state_dict(head)
     have_kind = ckpt.get("model_info", {}).get("kind") if ckpt["format"] == HEAD_FORMAT else describe_state_dict(sd)[0]
     head_kind = getattr(head, "kind", None)

@@ -65,6 +65,7 @@ __all__ = [
     "decode",
     "dequantize",
     "encode",
+    "encode_symbols",
     "packed_size",
     "quantize",
     "quantize_with",
@@ -415,10 +416,22 @@ def _learned_symbols(tensor: Any, tables: Any) -> np.ndarray:
 
 
 def _encode_learned(tensor: Any, bits: int, granularity: str, prior: Any) -> EncodedTensor:
+    tables = _check_learned(bits, granularity, prior)
+    return encode_symbols(_learned_symbols(tensor, tables), tables)
+
+
+def encode_symbols(symbols: np.ndarray, prior: Any) -> EncodedTensor:
+    """Learned entropy coding of symbols already rounded against ``prior``'s medians (int32 [B, C, h, w]).
+
+    What an Entropic Student's ONNX head gives (its graph rounds); ``encode(y, 0, "channel", "learned",
+    prior=prior)`` is ``encode_symbols(rint(y - median), prior)``, so both give the same bytes.
+    """
     from hnd.common import entropy_coder
 
-    tables = _check_learned(bits, granularity, prior)
-    symbols = _learned_symbols(tensor, tables)
+    tables = _check_learned(LEARNED_BITS, "channel", prior)
+    symbols = np.asarray(symbols)
+    if symbols.dtype != np.int32:
+        raise CodecError(f"symbols must be int32, got {symbols.dtype}")
     try:
         payload = entropy_coder.encode(symbols, tables)
     except entropy_coder.EntropyCodingError as e:

@@ -28,7 +28,7 @@ that, because sc2bench's checkpoints were trained (and are scored) with it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -182,18 +182,10 @@ class EntropyBottleneck(nn.Module):
     ) -> None:
         super().__init__()
         self.channels = int(channels)
-        self.filters = tuple(int(f) for f in filters)
         self.tail_mass = float(tail_mass)
-        dims = (1,) + self.filters + (1,)
-        scale = float(init_scale) ** (1 / (len(self.filters) + 1))
-        for i in range(len(self.filters) + 1):
-            init = float(np.log(np.expm1(1 / scale / dims[i + 1])))
-            self.register_parameter(f"_matrix{i}", nn.Parameter(torch.full((channels, dims[i + 1], dims[i]), init)))
-            self.register_parameter(
-                f"_bias{i}", nn.Parameter(torch.empty(channels, dims[i + 1], 1).uniform_(-0.5, 0.5))
-            )
-            if i < len(self.filters):
-                self.register_parameter(f"_factor{i}", nn.Parameter(torch.zeros(channels, dims[i + 1], 1)))
+        self.init_scale = float(init_scale)
+        self.filters: tuple[int, ...] = ()
+        self.set_filters(filters)
         self.quantiles = nn.Parameter(torch.tensor([-init_scale, 0.0, init_scale]).repeat(channels, 1, 1))
         self.register_buffer("_offset", torch.zeros(0, dtype=torch.int32))
         self.register_buffer("_quantized_cdf", torch.zeros(0, dtype=torch.int32))
@@ -201,6 +193,32 @@ class EntropyBottleneck(nn.Module):
         t = float(np.log(2 / self.tail_mass - 1))
         self.register_buffer("target", torch.tensor([-t, 0.0, t]))
         self.likelihood_lower_bound = LowerBound(likelihood_bound)
+
+    def set_filters(self, filters: tuple[int, ...]) -> None:
+        """(Re)create the density network for ``filters`` (hidden widths), freshly initialized as CompressAI does.
+
+        Loading calls it with the file's widths (:func:`filters_in_state_dict`), so a prior saved with
+        other filters than CompressAI's default (3, 3, 3, 3) loads as saved instead of being refused.
+        """
+        for i in range(len(self.filters) + 1):
+            for name in (f"_matrix{i}", f"_bias{i}", f"_factor{i}"):
+                if name in self._parameters:
+                    del self._parameters[name]
+        self.filters = tuple(int(f) for f in filters)
+        c = self.channels
+        dims = (1,) + self.filters + (1,)
+        scale = self.init_scale ** (1 / (len(self.filters) + 1))
+        device = self.quantiles.device if "quantiles" in self._parameters else None
+        for i in range(len(self.filters) + 1):
+            init = float(np.log(np.expm1(1 / scale / dims[i + 1])))
+            self.register_parameter(
+                f"_matrix{i}", nn.Parameter(torch.full((c, dims[i + 1], dims[i]), init, device=device))
+            )
+            self.register_parameter(
+                f"_bias{i}", nn.Parameter(torch.empty(c, dims[i + 1], 1, device=device).uniform_(-0.5, 0.5))
+            )
+            if i < len(self.filters):
+                self.register_parameter(f"_factor{i}", nn.Parameter(torch.zeros(c, dims[i + 1], 1, device=device)))
 
     @property
     def updated(self) -> bool:
@@ -380,6 +398,58 @@ def entropic_bottleneck_of(model: nn.Module) -> FPBottleneck:
 def update_entropy_tables(model: nn.Module, force: bool = False) -> bool:
     """Compute the integer CDF tables of an Entropic Student (sc2bench's model.update())."""
     return entropic_bottleneck_of(model).entropy_bottleneck.update(force=force)
+
+
+def filters_in_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str) -> tuple[int, ...] | None:
+    """The hidden widths of a saved EntropyBottleneck (``prefix`` ends with '.'), read off ``_matrix0..N``.
+
+    None when the state dict holds no ``_matrix0`` under ``prefix`` or the matrices do not chain
+    ([C, f1, 1], [C, f2, f1], ..., [C, 1, fN]); the normal key / shape checks then report the file.
+    """
+    shapes = []
+    while isinstance(state_dict.get(f"{prefix}_matrix{len(shapes)}"), torch.Tensor):
+        shapes.append(tuple(state_dict[f"{prefix}_matrix{len(shapes)}"].shape))
+    if not shapes or any(len(sh) != 3 for sh in shapes):
+        return None
+    widths = [sh[1] for sh in shapes]
+    ins = [sh[2] for sh in shapes]
+    if ins[0] != 1 or widths[-1] != 1 or ins[1:] != widths[:-1] or min(widths) < 1:
+        return None
+    return tuple(int(w) for w in widths[:-1])
+
+
+def match_prior_layout(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = ENTROPIC_PREFIX
+) -> Callable[[], None]:
+    """Give ``model``'s entropy bottleneck (if any) the density-network widths ``state_dict`` was saved with.
+
+    CompressAI's default is filters (3, 3, 3, 3) (``_matrix0..4``), which sc2bench's Entropic Students use;
+    a prior saved with other filters (e.g. (3, 3, 3): ``_matrix0..3``) loads as saved rather than being
+    refused. ``model``: a detector, or a module with an ``entropy_bottleneck`` (the edge's EntropicHead);
+    ``prefix``: the file's key prefix of that bottleneck's parent. Returns a function that puts the old
+    layout and values back (for a file refused afterwards); a no-op when nothing changed.
+    """
+    eb = getattr(model, "entropy_bottleneck", None)
+    if eb is None and is_entropic(model):
+        eb = entropic_bottleneck_of(model).entropy_bottleneck
+    if not isinstance(eb, EntropyBottleneck):
+        return lambda: None
+    filters = filters_in_state_dict(state_dict, prefix + "entropy_bottleneck.")
+    if filters is None or filters == eb.filters:
+        return lambda: None
+    old_filters = eb.filters
+    old_values = {
+        k: v.detach().clone() for k, v in eb.named_parameters() if k.startswith(("_matrix", "_bias", "_factor"))
+    }
+    eb.set_filters(filters)
+
+    def undo() -> None:
+        eb.set_filters(old_filters)
+        with torch.no_grad():
+            for k, v in old_values.items():
+                getattr(eb, k).copy_(v)
+
+    return undo
 
 
 def describe_entropic(state_dict: Mapping[str, torch.Tensor]) -> int | None:

@@ -3,7 +3,10 @@
 Runs where torch is (a workstation or the server); the edge then needs only onnxruntime
 (``hnd.edge.onnx_head``). The graph is stem + bottleneck encoder (+ the neural filter's probability):
 input ``images`` [B, 3, Hp, Wp], the normalized and padded batch, with dynamic batch, height and
-width. Normalize / resize / pad stay outside the graph, in ``hnd.common.preprocess``: measured on the
+width. For an Entropic Student the graph is its encoder (conv, GDN, conv, GDN, conv; GDN as Abs, Conv
+and Div) followed by the rounding against the prior's medians, and it outputs the int32 ``symbols``;
+the range coding stays outside the graph (``hnd.common.entropy_coder``), with the prior's integer tables
+carried in the file's metadata (``hnd.prior``, see :class:`EntropicHeadGraph`). Normalize / resize / pad stay outside the graph, in ``hnd.common.preprocess``: measured on the
 sample photos, OpenCV's resize and ONNX Runtime's Resize op both differ from torch's interpolate only
 by float32 rounding of the sample positions, and outside the graph a frame at its split size skips
 the resize entirely, the batch layout stays the runtime's choice, and the int8 graph quantizes only
@@ -28,10 +31,19 @@ from hnd.common.checkpoint import CheckpointError, describe_state_dict, fingerpr
 from hnd.common.files import atomic_write
 from hnd.common.preprocess import preprocess
 from hnd.common.sizes import SIZE_DIVISIBLE
-from hnd.common.split import Head
-from hnd.edge.onnx_head import INPUT, OUTPUT_BOTTLENECK, OUTPUT_FILTER, HeadMetadata
+from hnd.common.entropic import GDN1
+from hnd.common.split import EntropicHead, Head
+from hnd.edge.onnx_head import INPUT, OUTPUT_BOTTLENECK, OUTPUT_FILTER, OUTPUT_SYMBOLS, HeadMetadata, prior_to_json
 
-__all__ = ["OPSET", "HeadGraph", "export_onnx", "head_metadata", "quantize_int8", "student_head"]
+__all__ = [
+    "OPSET",
+    "EntropicHeadGraph",
+    "HeadGraph",
+    "export_onnx",
+    "head_metadata",
+    "quantize_int8",
+    "student_head",
+]
 
 OPSET = 18
 
@@ -92,8 +104,56 @@ class HeadGraph(nn.Module):
         return z
 
 
+class _FoldedGDN(nn.Module):
+    """GDN1 with its reparametrized beta / gamma computed once: [B, C, H, W] -> x / (beta + gamma * |x|).
+
+    The same float32 values GDN1's forward computes on every call (max(p, bound)^2 - pedestal), so the
+    output is the same; the graph gets plain Abs, Conv and Div instead of the parametrizer's custom
+    autograd function.
+    """
+
+    beta: torch.Tensor
+    gamma: torch.Tensor
+
+    def __init__(self, gdn: GDN1) -> None:
+        super().__init__()
+        with torch.no_grad():
+            c = gdn.beta.shape[0]
+            self.register_buffer("beta", gdn.beta_reparam(gdn.beta).detach().clone())
+            self.register_buffer("gamma", gdn.gamma_reparam(gdn.gamma).detach().reshape(c, c, 1, 1).clone())
+        self.inverse = gdn.inverse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.nn.functional.conv2d(torch.abs(x), self.gamma, self.beta)
+        return x * norm if self.inverse else x / norm
+
+
+# Symbols beyond the coder's +-2^24 are refused by the coder; clipping a little beyond keeps the
+# float -> int32 cast defined while still letting the coder see (and refuse) an out-of-range latent.
+_SYMBOL_CLIP = float((1 << 24) + 1)
+
+
+class EntropicHeadGraph(nn.Module):
+    """What an Entropic Student's ONNX file computes: images [B, 3, Hp, Wp] -> symbols [B, C, Hp/4 - 1, Wp/4 - 1]
+    int32, ``round(encoder(x) - median_c)`` (ONNX Round is half to even, as torch.round and numpy.rint).
+
+    The rounding is in the graph so the edge only calls the coder, and so it uses the medians stored
+    next to the weights; the range coder itself (constriction) stays outside, as ONNX has no such op.
+    """
+
+    def __init__(self, head: EntropicHead) -> None:
+        super().__init__()
+        layers = [_FoldedGDN(m) if isinstance(m, GDN1) else copy.deepcopy(m) for m in head.encoder]
+        self.encoder = nn.Sequential(*layers)
+        self.register_buffer("medians", head.entropy_bottleneck.medians().detach().clone().reshape(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        s = torch.round(self.encoder(images) - self.medians)
+        return torch.clamp(s, -_SYMBOL_CLIP, _SYMBOL_CLIP).to(torch.int32)
+
+
 def head_metadata(
-    head: Head,
+    head: Head | EntropicHead,
     full_fingerprint: str,
     precision: str = "fp32",
     calibration: str = "",
@@ -101,6 +161,7 @@ def head_metadata(
     max_size: int | None = None,
 ) -> HeadMetadata:
     t = head.transform
+    entropic = isinstance(head, EntropicHead)
     return HeadMetadata(
         fingerprint=full_fingerprint,
         model_kind=head.kind,
@@ -115,6 +176,8 @@ def head_metadata(
         hnd_version=hnd.__version__,
         filter_threshold=head.filter_threshold,
         calibration=calibration,
+        bottleneck_type="entropic" if entropic else "hnd",
+        prior=prior_to_json(head.prior_tables()) if entropic else "",
     )
 
 
@@ -131,16 +194,21 @@ def _save(model, path: str | os.PathLike) -> None:
 
 
 def export_onnx(
-    head: Head, meta: HeadMetadata, path: str | os.PathLike, sample_hw: tuple[int, int] = (256, 320)
+    head: Head | EntropicHead, meta: HeadMetadata, path: str | os.PathLike, sample_hw: tuple[int, int] = (256, 320)
 ) -> None:
     """Trace the head (legacy exporter, opset 18, dynamic B / H / W) and write it with ``meta`` atomically."""
     import onnx
 
     head = head.eval()
-    graph = HeadGraph(head).eval()
-    outputs = [OUTPUT_BOTTLENECK] + ([OUTPUT_FILTER] if graph.with_filter else [])
-    axes = {INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT_BOTTLENECK: {0: "batch", 2: "h", 3: "w"}}
-    if graph.with_filter:
+    graph: nn.Module
+    if isinstance(head, EntropicHead):
+        graph = EntropicHeadGraph(head).eval()
+        outputs = [OUTPUT_SYMBOLS]
+    else:
+        graph = HeadGraph(head).eval()
+        outputs = [OUTPUT_BOTTLENECK] + ([OUTPUT_FILTER] if graph.with_filter else [])
+    axes = {INPUT: {0: "batch", 2: "height", 3: "width"}, outputs[0]: {0: "batch", 2: "h", 3: "w"}}
+    if OUTPUT_FILTER in outputs:
         axes[OUTPUT_FILTER] = {0: "batch"}
     dummy = torch.zeros(1, 3, *sample_hw)
     with tempfile.TemporaryDirectory() as tmp:
@@ -257,6 +325,11 @@ def student_head(
         model = _model_from_keys(checkpoint)
     model.eval()
     head, _ = split_model(model)
+    if isinstance(head, EntropicHead) and not head.entropy_bottleneck.updated:
+        raise CheckpointError(
+            f"{checkpoint or config}: the Entropic Student's prior has no CDF tables (stage 1 never ran update()); "
+            "the edge cannot code without them"
+        )
     return head.eval(), fingerprint(model)
 
 
@@ -279,7 +352,9 @@ def _model_from_keys(path: str) -> nn.Module:
     kps = sd.get("roi_heads.keypoint_predictor.kps_score_lowres.weight")
     if kps is not None:
         kwargs["num_keypoints"] = int(kps.shape[1])  # ConvTranspose2d weight: [in, out, k, k]
-    model = build_model(kind, channels, **kwargs)
+    from hnd.common.checkpoint import bottleneck_type_of_state_dict
+
+    model = build_model(kind, channels, bottleneck_type=bottleneck_type_of_state_dict(sd) or "hnd", **kwargs)
     if any(k.startswith(FILTER_PREFIX) for k in sd):
         attach_filter(model)
     load_checkpoint(path, model)

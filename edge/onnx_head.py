@@ -1,8 +1,11 @@
 """The head on ONNX Runtime: an ``hnd-export-head`` .onnx file, checked, run on numpy arrays; no torch.
 
 The graph (see ``hnd.edge.onnx_export``) takes the normalized, padded batch ``images`` [B, 3, Hp, Wp]
-float32 and gives ``bottleneck`` [B, C, Hp/4 + 4, Wp/4 + 4] (and ``filter_probability`` [B] when the
-student carries a neural filter). Normalize, resize and pad run before it in numpy / OpenCV
+float32 and gives, for an HND / GHND student, ``bottleneck`` [B, C, Hp/4 + 4, Wp/4 + 4] float32 (and
+``filter_probability`` [B] when the student carries a neural filter); for an Entropic Student,
+``symbols`` [B, C, Hp/4 - 1, Wp/4 - 1] int32, the latent already rounded against the prior's medians,
+which the edge range-codes outside the graph with the prior's integer tables from the file's metadata
+(``hnd.prior``; :meth:`OnnxHead.prior`). Normalize, resize and pad run before it in numpy / OpenCV
 (``hnd.common.preprocess``), with torchvision's geometry. The file's ``metadata_props`` say which
 model it is; :func:`read_metadata` refuses a file without them.
 
@@ -17,8 +20,8 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,16 +29,22 @@ from hnd.common.errors import HndError
 from hnd.common.meta import SplitMeta
 from hnd.common.preprocess import preprocess
 
+if TYPE_CHECKING:
+    from hnd.common.entropy_coder import PriorTables
+
 __all__ = [
     "FORMAT",
     "INPUT",
     "OUTPUT_BOTTLENECK",
     "OUTPUT_FILTER",
+    "OUTPUT_SYMBOLS",
     "HeadMetadata",
     "HeadOutput",
     "OnnxHead",
     "OnnxHeadError",
     "is_onnx_path",
+    "prior_from_json",
+    "prior_to_json",
     "read_metadata",
 ]
 
@@ -43,6 +52,7 @@ FORMAT = "hnd-head-onnx/1"
 INPUT = "images"
 OUTPUT_BOTTLENECK = "bottleneck"
 OUTPUT_FILTER = "filter_probability"
+OUTPUT_SYMBOLS = "symbols"  # an Entropic Student's rounded latent, int32
 _PREFIX = "hnd."
 DEFAULT_PROVIDER = "CPUExecutionProvider"
 
@@ -63,6 +73,8 @@ class HeadMetadata:
     min_size / max_size: the transform's resize at export; the edge may override them.
     image_mean / image_std: normalization per RGB channel. precision: "fp32" or "int8".
     filter_threshold: the neural filter's default threshold, None without a filter.
+    bottleneck_type: "hnd" (HND / GHND, a float bottleneck) or "entropic" (int32 symbols).
+    prior: Entropic only, the factorized prior's coding tables as JSON (:func:`prior_to_json`), empty otherwise.
     """
 
     fingerprint: str
@@ -78,6 +90,8 @@ class HeadMetadata:
     hnd_version: str
     filter_threshold: float | None = None
     calibration: str = ""  # int8: what the quantization was calibrated on
+    bottleneck_type: str = "hnd"  # files written before Entropic heads existed are HND heads
+    prior: str = ""
 
     def to_props(self) -> dict[str, str]:
         """metadata_props entries (all strings; lists and None as JSON)."""
@@ -111,12 +125,75 @@ class HeadMetadata:
             raise OnnxHeadError(f"{where}: malformed hnd metadata ({exc})") from None
         if len(meta.image_mean) != 3 or len(meta.image_std) != 3 or meta.bottleneck_channels < 1:
             raise OnnxHeadError(f"{where}: malformed hnd metadata (normalization or channels)")
+        if meta.bottleneck_type not in ("hnd", "entropic"):
+            raise OnnxHeadError(f"{where}: hnd metadata bottleneck_type {meta.bottleneck_type!r} (hnd or entropic)")
+        if (meta.bottleneck_type == "entropic") != bool(meta.prior):
+            raise OnnxHeadError(f"{where}: hnd metadata: an Entropic head carries {_PREFIX}prior, an HND head none")
         return meta
+
+    def output_names(self) -> list[str]:
+        """The graph outputs a head of this kind has, in order."""
+        if self.bottleneck_type == "entropic":
+            return [OUTPUT_SYMBOLS]
+        return [OUTPUT_BOTTLENECK] + ([OUTPUT_FILTER] if self.filter_threshold is not None else [])
+
+
+_PRIOR_FORMAT = "hnd-prior/1"
+
+
+def prior_to_json(tables: PriorTables) -> str:
+    """The prior's coding tables as one JSON string (integers as lists, medians as float32-exact decimals).
+
+    Carries the tables' sha256 (``PriorTables.digest``) so a file whose tables were altered is refused.
+    """
+    a = tables.arrays()
+    doc = {
+        "format": _PRIOR_FORMAT,
+        "digest": tables.digest(),
+        "quantized_cdf": [row[: int(n)].tolist() for row, n in zip(a["quantized_cdf"], a["cdf_length"])],
+        "offset": a["offset"].tolist(),
+        "medians": [float(m) for m in a["medians"]],  # a float32 as a double: repr round-trips exactly
+    }
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def prior_from_json(text: str, where: str) -> PriorTables:
+    """PriorTables from :func:`prior_to_json`'s string; OnnxHeadError (one line) when malformed or altered."""
+    from hnd.common.entropy_coder import EntropyCodingError, PriorTables
+
+    try:
+        doc = json.loads(text)
+        if doc.get("format") != _PRIOR_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}, expected {_PRIOR_FORMAT!r}")
+        rows = [np.asarray(r, dtype=np.int64) for r in doc["quantized_cdf"]]
+        if not rows or any(r.ndim != 1 for r in rows):
+            raise ValueError("quantized_cdf must be a non-empty list of rows")
+        width = max(len(r) for r in rows)
+        cdf = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            cdf[i, : len(r)] = r
+        if np.abs(cdf).max() > 1 << 31:
+            raise ValueError("table entries beyond int32")
+        tables = PriorTables(
+            cdf,
+            np.array([len(r) for r in rows], dtype=np.int64),
+            np.asarray(doc["offset"], dtype=np.int64),
+            np.asarray(doc["medians"], dtype=np.float64).astype(np.float32),
+        )
+    except (KeyError, TypeError, ValueError, OverflowError, EntropyCodingError) as exc:
+        what = f"lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+        raise OnnxHeadError(f"{where}: malformed {_PREFIX}prior ({what})"[:300]) from None
+    if tables.digest() != doc.get("digest"):
+        raise OnnxHeadError(
+            f"{where}: {_PREFIX}prior tables do not match their digest (the file was altered; export it again)"
+        )
+    return tables
 
 
 @dataclass
 class HeadOutput:
-    """bottleneck: [B, C, h, w] float32. filter_probability: [B] float32, None without a filter."""
+    """bottleneck: [B, C, h, w], float32 for an HND head, the int32 symbols of an Entropic head.
+    filter_probability: [B] float32, None without a filter."""
 
     bottleneck: np.ndarray
     filter_probability: np.ndarray | None
@@ -158,7 +235,7 @@ def read_metadata(session, path: str) -> HeadMetadata:
     meta = HeadMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map), path)
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    want = [OUTPUT_BOTTLENECK] + ([OUTPUT_FILTER] if meta.filter_threshold is not None else [])
+    want = meta.output_names()
     if inputs != [INPUT] or outputs != want:
         raise OnnxHeadError(
             f"{path}: graph has inputs {inputs} and outputs {outputs}; an hnd head has [{INPUT!r}] and {want}"
@@ -190,6 +267,14 @@ class OnnxHead:
             raise OnnxHeadError(f"{self.path}: need 1 <= min_size <= max_size, got {self.min_size}/{self.max_size}")
         self.providers = self.session.get_providers()
         self._outputs = [o.name for o in self.session.get_outputs()]
+        # An Entropic head's coding tables, parsed and checked once (the file's digest must match).
+        self.prior: PriorTables | None = (
+            prior_from_json(self.metadata.prior, self.path) if self.metadata.bottleneck_type == "entropic" else None
+        )
+        if self.prior is not None and self.prior.channels != self.metadata.bottleneck_channels:
+            raise OnnxHeadError(
+                f"{self.path}: prior has {self.prior.channels} channels, the head {self.metadata.bottleneck_channels}"
+            )
 
     # The attributes the edge reads from a torch Head too.
     @property
@@ -211,6 +296,14 @@ class OnnxHead:
     @property
     def num_keypoints(self) -> int:
         return self.metadata.num_keypoints
+
+    @property
+    def bottleneck_type(self) -> str:
+        return self.metadata.bottleneck_type
+
+    @property
+    def is_entropic(self) -> bool:
+        return self.metadata.bottleneck_type == "entropic"
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, SplitMeta]:
         """RGB uint8 frames [H, W, 3] -> (padded batch [B, 3, Hp, Wp] float32, SplitMeta)."""

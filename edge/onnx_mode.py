@@ -4,19 +4,24 @@ Per frame: numpy/OpenCV preprocessing (torchvision's geometry) -> one ONNX Runti
 and the neural filter's probability when the head has one) -> ``hnd.common.codec`` -> request. With the
 filter on, a frame below the threshold is not encoded nor sent (its record says ``filtered``); the
 graph computes the encoder anyway, so ``ms.head`` includes it and ``ms.filter`` stays unset.
+
+An Entropic Student's head gives int32 symbols (its graph rounds against the prior's medians); they are
+range-coded with the prior's tables from the file (``codec.encode_symbols``), the bytes the torch edge
+sends for the same symbols.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from hnd.common import codec, wire
+from hnd.common import codec
 from hnd.common.timing import ms_since, now_ns
 from hnd.edge.capture import Frame
 from hnd.edge.client import EdgeError
 from hnd.edge.modes import Detections, EdgeMode, EdgeOptions, Prepared, check_split_server
 from hnd.edge.onnx_head import OnnxHead
 from hnd.edge.records import Timings
+from hnd.edge.streaming import BottleneckCoder
 from hnd.proto.v1 import split_inference_pb2 as pb
 
 __all__ = ["OnnxSplitMode", "empty_detections"]
@@ -45,6 +50,16 @@ class OnnxSplitMode(EdgeMode):
     def __init__(self, options: EdgeOptions, head: OnnxHead) -> None:
         super().__init__(options, head.fingerprint)
         self.head = head
+        learned = options.compression == codec.LEARNED
+        if head.is_entropic and (not learned or options.bits != codec.LEARNED_BITS):
+            raise EdgeError(
+                f"{head.path}: an Entropic Student's head codes only with learned entropy coding "
+                f"(--compression learned --bits 0), not {options.bits}-bit {options.compression}"
+            )
+        if learned and not head.is_entropic:
+            raise EdgeError(f"{head.path}: an HND student's head; learned entropy coding is for Entropic Students")
+        # The torch split's coder: per frame, key / delta frames on a stream, or the prior's learned coding.
+        self.coder = BottleneckCoder(options, head.prior)
         self.filter_on = options.filter_threshold is not None
         if self.filter_on:
             if not 0.0 <= options.filter_threshold <= 1.0:
@@ -59,7 +74,27 @@ class OnnxSplitMode(EdgeMode):
                 f"{h.path}: head of a {h.kind} with {h.bottleneck_channels} bottleneck channels, "
                 f"server runs a {info.model_kind} with {info.bottleneck_channels}"
             )
-        check_split_server(info, self.fingerprint, self.options.bits, (h.min_size, h.max_size))
+        if info.bottleneck_type and info.bottleneck_type != h.bottleneck_type:
+            what = {"hnd": "an HND student", "entropic": "an Entropic Student"}
+            raise EdgeError(
+                f"{h.path}: head of {what.get(h.bottleneck_type, h.bottleneck_type)}, "
+                f"server runs {what.get(info.bottleneck_type, info.bottleneck_type)}"
+            )
+        check_split_server(
+            info, self.fingerprint, self.options.bits, (h.min_size, h.max_size), self.options.compression
+        )
+        self.coder.check_server(info)
+
+    def detections(self, prepared: Prepared, response: pb.InferResponse | None):
+        if response is not None:
+            self.coder.observe(response)
+        return super().detections(prepared, response)
+
+    def reencode(self, prepared: Prepared, reason: str) -> bool:
+        return self.coder.reencode(prepared, reason)
+
+    def after(self, prepared: Prepared, record) -> None:
+        self.coder.after(prepared, record)
 
     def prepare(self, frame: Frame) -> Prepared:
         o = self.options
@@ -83,15 +118,15 @@ class OnnxSplitMode(EdgeMode):
                     frame, ms, local_result=[empty], done_ns=now_ns(), filtered=True, filter_probability=probability
                 )
         t = now_ns()
-        encoded = codec.encode(out.bottleneck, o.bits, o.granularity, o.compression, o.level)
-        request.bottleneck.CopyFrom(wire.bottleneck_to_proto(encoded, meta))
+        payload, extra = self.coder.encode(out.bottleneck, meta, request, frame.index)
         ms.encode = ms_since(t)
         return Prepared(
             frame,
             ms,
             request=request,
-            payload_bytes=len(encoded.payload),
+            payload_bytes=payload,
             message_bytes=request.ByteSize(),
             filtered=filtered,
             filter_probability=probability,
+            extra=extra,
         )

@@ -42,6 +42,9 @@ VIDEO_IMAGE_FORMATS = {"h264": pb.EncodedImage.FORMAT_H264, "hevc": pb.EncodedIm
 class BottleneckCoder:
     """Bottleneck [B, C, h, w] -> the request's ``bottleneck`` (and ``stream_frame``), per frame or temporal.
 
+    With ``prior`` (an Entropic Student) the bottleneck is its float latent (torch head) or the int32
+    symbols an ONNX head's graph already rounded; both are range-coded against the prior.
+
     ``key_interval`` 1 (the default) is per-frame intra coding (``codec.encode``) on unary or stream calls;
     above 1 it is a stream session (``hnd.common.stream_codec``), which needs InferStream.
     """
@@ -78,14 +81,17 @@ class BottleneckCoder:
     def encode(self, z, meta, request: pb.InferRequest, frame_index: int) -> tuple[int, dict[str, Any]]:
         """Fill ``request`` with frame ``frame_index``'s bottleneck; returns (payload bytes, record extras)."""
         if not self.temporal:
-            encoded = codec.encode(
-                z,
-                self.options.bits,
-                self.options.granularity,
-                self.options.compression,
-                self.options.level,
-                prior=self.prior,
-            )
+            if self.prior is not None and getattr(z, "dtype", None) == np.int32:  # an ONNX head's rounded symbols
+                encoded = codec.encode_symbols(z, self.prior)
+            else:
+                encoded = codec.encode(
+                    z,
+                    self.options.bits,
+                    self.options.granularity,
+                    self.options.compression,
+                    self.options.level,
+                    prior=self.prior,
+                )
             request.bottleneck.CopyFrom(wire.bottleneck_to_proto(encoded, meta))
             return len(encoded.payload), {}
         self._pending[frame_index] = (z, meta)

@@ -38,6 +38,7 @@ MODULE_MARKS = {
     "test_bench_speed.py": ("slow",),
     "test_edge_statuses.py": ("e2e",),
     "test_entropic_runtime.py": ("e2e",),
+    "test_entropic_onnx.py": ("e2e",),
     "test_entropic_train.py": ("slow",),
     "test_hostile.py": ("e2e",),
     "test_longrun.py": ("e2e", "slow"),

@@ -310,6 +310,62 @@ def test_sc2bench_checkpoint_layout_loads(tmp_path, entropic_model, new_compress
     assert fresh.backbone.body.bottleneck_layer.updated
 
 
+@pytest.mark.parametrize("filters", [(3, 3, 3), (3, 3, 3, 3)])
+def test_prior_filters_are_read_off_the_file(tmp_path, filters):
+    """CompressAI's default (3, 3, 3, 3) (_matrix0..4, 1,464 prior parameters at C = 24) and (3, 3, 3)
+    (_matrix0..3, 1,104) both load into a model built with the default, as saved, in both key namings."""
+    torch.manual_seed(3)
+    saved = build_model("faster_rcnn", 24, bottleneck_type="entropic", min_size=160, max_size=256).eval()
+    eb = saved.backbone.body.bottleneck_layer.entropy_bottleneck
+    eb.set_filters(filters)
+    eb.update()
+    assert sum(p.numel() for p in eb.parameters()) == {3: 1_104, 4: 1_464}[len(filters)]
+    for new_compressai in (False, True):
+        path = tmp_path / f"sc2bench-{len(filters)}-{new_compressai}.pt"
+        torch.save({"model": _sc2bench_layout(saved.state_dict(), new_compressai), "best_value": 0.0}, path)
+        fresh = build_model("faster_rcnn", 24, bottleneck_type="entropic", min_size=160, max_size=256).eval()
+        load_checkpoint(path, fresh)
+        got = fresh.backbone.body.bottleneck_layer.entropy_bottleneck
+        assert got.filters == filters and fingerprint(fresh) == fingerprint(saved)
+        v = torch.linspace(-5, 5, 11).reshape(1, 1, -1).repeat(24, 1, 1)
+        with torch.no_grad():
+            assert torch.equal(got._likelihood(v)[0], eb._likelihood(v)[0])
+    # The edge's head-only export of such a student loads into a default-built head too.
+    from hnd.common.checkpoint import export_head, load_head
+
+    ckpt = tmp_path / "ours.pt"
+    save_checkpoint(ckpt, saved)
+    export_head(ckpt, tmp_path / "head.pt")
+    head, _ = split_model(build_model("faster_rcnn", 24, bottleneck_type="entropic", min_size=160, max_size=256))
+    assert load_head(tmp_path / "head.pt", head) == fingerprint(saved)
+    assert head.entropy_bottleneck.filters == filters and head.prior_tables().digest() == prior_tables_of(eb).digest()
+
+
+def test_a_refused_file_leaves_the_prior_as_it_was(tmp_path):
+    torch.manual_seed(4)
+    other = build_model("faster_rcnn", 24, bottleneck_type="entropic", min_size=160, max_size=256)
+    other.backbone.body.bottleneck_layer.entropy_bottleneck.set_filters((2, 2))
+    sd = other.state_dict()
+    path = tmp_path / "lying.pt"
+    torch.save({"format": "hnd-checkpoint", "version": 1, "model": sd, "fingerprint": "0" * 64}, path)
+    model = build_model("faster_rcnn", 24, bottleneck_type="entropic", min_size=160, max_size=256)
+    before = fingerprint(model)
+    with pytest.raises(CheckpointError, match="do not match the fingerprint"):
+        load_checkpoint(path, model)
+    assert model.backbone.body.bottleneck_layer.entropy_bottleneck.filters == (3, 3, 3, 3)
+    assert fingerprint(model) == before
+
+
+def test_prior_matrices_that_do_not_chain_are_refused(tmp_path, entropic_model):
+    sd = {k: v.clone() for k, v in entropic_model("faster_rcnn").state_dict().items()}
+    sd[ENTROPIC_PREFIX + "entropy_bottleneck._matrix2"] = torch.zeros(24, 3, 2)  # [C, 3, 3] expected
+    path = tmp_path / "broken.pt"
+    torch.save({"model": sd}, path)
+    fresh = build_model("faster_rcnn", 24, bottleneck_type="entropic", min_size=160, max_size=256)
+    with pytest.raises(CheckpointError, match=r"_matrix2 has shape \(24, 3, 2\)"):
+        load_checkpoint(path, fresh)
+
+
 def test_wrong_bottleneck_type_is_refused(tmp_path, entropic_model):
     path = tmp_path / "entropic.pt"
     save_checkpoint(path, entropic_model("faster_rcnn"))

@@ -178,33 +178,55 @@ class CodedSplit:
         return sum(self.coded_bytes) / max(self.images, 1)
 
 
-def make_onnx_predictor(model: nn.Module, onnx_head: Any, bits: int = 8, granularity: str = "tensor") -> Predictor:
+class OnnxCodedSplit:
     """images -> ONNX Runtime head (``hnd.edge.onnx_head.OnnxHead``) -> codec -> the model's torch tail.
 
     The edge's path exactly: each image goes back to the uint8 frame it was read from (the loader's
     to_tensor divided it by 255, which ``round(x * 255)`` inverts exactly), through the edge's numpy
-    preprocessing and the ONNX graph, ``hnd.common.codec.roundtrip`` at ``bits``, then the tail.
+    preprocessing and the ONNX graph, then coded as the ONNX edge codes it (``codec.encode`` at
+    ``bits``, or, for an Entropic Student's head, its int32 symbols range-coded against the prior in the
+    file: ``codec.encode_symbols``), decoded as the server decodes it, then the tail. ``coded_bytes``
+    holds one payload size per batch, as :class:`CodedSplit`.
     """
-    from hnd.common import codec
-    from hnd.common.checkpoint import fingerprint
-    from hnd.common.split import split_model
 
-    if onnx_head.fingerprint != fingerprint(model):
-        raise HndError(
-            onnx_head.path,
-            f"ONNX head of model {onnx_head.fingerprint}, evaluating model "
-            f"{fingerprint(model)} (export the head from the same checkpoint)",
-        )
-    model.eval()
-    _, tail = split_model(model)
+    def __init__(self, model: nn.Module, onnx_head: Any, bits: int = 8, granularity: str = "tensor") -> None:
+        from hnd.common.checkpoint import fingerprint
+        from hnd.common.split import split_model
 
-    def predict(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        if onnx_head.fingerprint != fingerprint(model):
+            raise HndError(
+                onnx_head.path,
+                f"ONNX head of model {onnx_head.fingerprint}, evaluating model "
+                f"{fingerprint(model)} (export the head from the same checkpoint)",
+            )
+        model.eval()
+        _, self.tail = split_model(model)
+        self.head, self.bits, self.granularity = onnx_head, bits, granularity
+        self.device = next(model.parameters()).device
+        self.coded_bytes: list[int] = []
+        self.images = 0
+
+    def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         frames = [img.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy() for img in images]
-        out, meta = onnx_head(frames)
-        z = torch.from_numpy(codec.roundtrip(out.bottleneck, bits=bits, granularity=granularity))
-        return tail(z.to(next(model.parameters()).device), meta)
+        out, meta = self.head(frames)
+        prior = self.head.prior
+        if prior is not None:
+            encoded = codec.encode_symbols(out.bottleneck, prior)
+        else:
+            encoded = codec.encode(out.bottleneck, self.bits, self.granularity)
+        self.coded_bytes.append(len(encoded.payload))
+        self.images += len(images)
+        z = torch.from_numpy(codec.decode(encoded, prior=prior))
+        return self.tail(z.to(self.device), meta)
 
-    return predict
+    @property
+    def bytes_per_image(self) -> float:
+        return sum(self.coded_bytes) / max(self.images, 1)
+
+
+def make_onnx_predictor(model: nn.Module, onnx_head: Any, bits: int = 8, granularity: str = "tensor") -> OnnxCodedSplit:
+    """The edge's ONNX path in front of the model's tail (:class:`OnnxCodedSplit`)."""
+    return OnnxCodedSplit(model, onnx_head, bits, granularity)
 
 
 def make_predictor(
@@ -343,7 +365,8 @@ def evaluate_model(
     outputs, ids, seconds = predict_dataset(predictor, loader, device, progress=progress)
     results = to_coco_results(outputs, ids, IOU_TYPES[kind])
     metrics, summaries = coco_evaluate(loader.dataset.coco, results, ids)
-    extra = {"coded_bytes_per_image": round(predictor.bytes_per_image, 1)} if isinstance(predictor, CodedSplit) else {}
+    coded = isinstance(predictor, (CodedSplit, OnnxCodedSplit))
+    extra = {"coded_bytes_per_image": round(predictor.bytes_per_image, 1)} if coded else {}
     return {**metrics, **extra, "summary": summaries, "images": len(ids), "seconds": round(seconds, 3)}
 
 
@@ -397,10 +420,16 @@ def evaluate_config(
 
         if cfg.model.bottleneck_channels is None:
             raise HndError(cfg.path, "--head needs a student (a model with a bottleneck)")
-        if compression == "learned" or key_interval != 1 or precision != "fp32":
-            raise HndError("--head", "an ONNX head is evaluated with affine --bits, intra frames and an fp32 tail")
+        if key_interval != 1 or precision != "fp32":
+            raise HndError("--head", "an ONNX head is evaluated with intra frames and an fp32 tail")
         providers = list(dict.fromkeys([*(ort_providers or []), "CPUExecutionProvider"]))
         onnx_head = OnnxHead(head, providers=providers, min_size=min_size, max_size=max_size)
+        if onnx_head.is_entropic:
+            if compression not in (None, "learned") or bits not in (None, 0):
+                raise HndError(head, "an Entropic Student's head is evaluated with learned entropy coding only")
+            compression, bits = "learned", 0
+        elif compression == "learned":
+            raise HndError(head, "an HND student's head: learned entropy coding is for Entropic Students")
         bits = 8 if bits is None else bits
     elif min_size is not None or max_size is not None:
         t = model.transform
@@ -562,10 +591,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     if metrics.get("head"):
-        how = (
-            f"ONNX {metrics['head_precision']} head {metrics['head']} -> {metrics['bits']}-bit "
-            f"{args.granularity} codec -> tail"
+        coding = (
+            "learned entropy coding"
+            if metrics["compression"] == "learned"
+            else f"{metrics['bits']}-bit {args.granularity} codec"
         )
+        how = f"ONNX {metrics['head_precision']} head {metrics['head']} -> {coding} -> tail"
     if args.precision != "fp32":
         how += f" ({args.precision} dense part)"
     how += f", resize {metrics['min_size']}/{metrics['max_size']}"
