@@ -290,9 +290,17 @@ def _time_hnd(client, request, n: int, stream: bool) -> list[Sample]:
 
 
 def profile_steps(request, runner, repeats: int = 50) -> dict[str, float]:
-    """Median ms of each CPU step of the request path, in process (no transport, no threads)."""
-    from hnd.common import wire
+    """Median ms of each CPU step of the request path, in process (no transport), in path order.
+
+    The server's validate + decode is also split into its parts (indented names), and the batch queue's
+    hand-off to the compute thread and back is timed on an event loop with a do-nothing compute.
+    """
+    import torch
+
+    from hnd.common import codec, wire
     from hnd.proto.v1 import split_inference_pb2 as pb
+    from hnd.server.batching import Batcher
+    from hnd.server.budget import check_bottleneck_shape, check_split_meta
     from hnd.server.service import BatchingOptions, ServerLimits, SplitInferenceService, _filter_detections
 
     service = SplitInferenceService(runner, ServerLimits(), BatchingOptions())
@@ -300,6 +308,13 @@ def profile_steps(request, runner, repeats: int = 50) -> dict[str, float]:
     parsed = pb.InferRequest.FromString(raw)
     key, payload = service._decode(parsed)
     result = runner.compute([payload])[0]
+    encoded, meta = wire.bottleneck_from_proto(parsed.bottleneck, service.limits.codec)
+    packed = codec._decompress(encoded)
+    symbols = codec._unpack(packed, encoded.bits, encoded.numel)
+    quantized = codec.Quantized(
+        encoded.shape, encoded.bits, encoded.granularity, encoded.scale, encoded.zero_point, symbols
+    )
+    value = codec.dequantize(quantized)
 
     def response() -> bytes:
         msg = pb.InferResponse(
@@ -308,10 +323,22 @@ def profile_steps(request, runner, repeats: int = 50) -> dict[str, float]:
         )
         return msg.SerializeToString()
 
+    def budget() -> None:
+        check_split_meta(meta, service.budget)
+        check_bottleneck_shape(encoded.shape, meta, runner.channels, runner.bottleneck_type or "hnd")
+
     steps = {
         "edge: serialize request": lambda: request.SerializeToString(),
         "server: parse request": lambda: pb.InferRequest.FromString(raw),
         "server: validate + decode": lambda: service._decode(parsed),
+        "  proto -> EncodedTensor, validate": lambda: wire.bottleneck_from_proto(parsed.bottleneck),
+        "  request budget (sizes, shape)": budget,
+        "  codec.validate (again in decode)": lambda: codec.validate(encoded),
+        "  zstd decompress": lambda: codec._decompress(encoded),
+        "  unpack symbols": lambda: codec._unpack(packed, encoded.bits, encoded.numel),
+        "  dequantize": lambda: codec.dequantize(quantized),
+        "  numpy -> torch": lambda: torch.from_numpy(value).reshape(encoded.shape),
+        "server: batch queue -> compute thread -> loop": None,
         "server: run_split (tail stand-in)": lambda: runner.compute([payload]),
         "server: build + serialize response": response,
         "edge: parse response + detections": lambda: [
@@ -320,6 +347,9 @@ def profile_steps(request, runner, repeats: int = 50) -> dict[str, float]:
     }
     out = {}
     for name, fn in steps.items():
+        if fn is None:
+            out[name] = _handoff_ms(Batcher(lambda items: [None] * len(items)), repeats)
+            continue
         fn()
         times = []
         for _ in range(repeats):
@@ -328,6 +358,23 @@ def profile_steps(request, runner, repeats: int = 50) -> dict[str, float]:
             times.append((time.perf_counter_ns() - t) / 1e6)
         out[name] = float(np.median(times))
     return out
+
+
+def _handoff_ms(batcher, repeats: int) -> float:
+    """Median ms of one ``Batcher.submit`` round trip (event loop -> compute thread -> event loop)."""
+
+    async def go() -> float:
+        batcher.start()
+        times = []
+        for i in range(repeats + 5):
+            t = time.perf_counter_ns()
+            await batcher.submit("k", None, None)
+            if i >= 5:
+                times.append((time.perf_counter_ns() - t) / 1e6)
+        await batcher.stop()
+        return float(np.median(times))
+
+    return asyncio.run(go())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -493,7 +540,7 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"* the same against the hnd server of {r['compare']['python']}")
     if "profile_ms" in r:
         lines.append("in-process CPU steps (median ms):")
-        lines += [f"  {k:<40}{v:>8.3f}" for k, v in r["profile_ms"].items()]
+        lines += [f"  {k:<46}{v:>8.3f}" for k, v in r["profile_ms"].items()]
     return "\n".join(lines)
 
 

@@ -50,3 +50,23 @@ def test_batching_benchmark_batches_only_under_concurrency():
     assert eight["mean_batch"] > 1.5
     assert eight["images_per_s"] > one["images_per_s"]
     assert "| max-batch |" in batching.format_markdown(r)
+
+
+def test_overhead_profile_splits_the_server_decode_into_its_steps():
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        request, _ = overhead.make_request(CONFIG, 0, 8, (120, 160))
+        steps = overhead.profile_steps(request, overhead.build_runner(CONFIG, 0, "trivial", 5), repeats=3)
+    finally:
+        torch.set_num_threads(threads)  # build_runner pins the server to one thread
+    parts = [k.strip() for k in steps if k.startswith("  ")]
+    assert parts[:3] == [
+        "proto -> EncodedTensor, validate",
+        "request budget (sizes, shape)",
+        "codec.validate (again in decode)",
+    ]
+    assert {"zstd decompress", "unpack symbols", "dequantize", "numpy -> torch"} <= set(parts)
+    assert "server: batch queue -> compute thread -> loop" in steps
+    assert all(v > 0 for v in steps.values())
