@@ -158,6 +158,82 @@ async def _serve_hnd(
     await running.server.wait_for_termination()
 
 
+LADDER = ("proto", "decode")  # rungs between the floor and the whole hnd server (``--ladder``)
+
+
+def _ladder_handler(step: str, service, template) -> grpc.GenericRpcHandler:
+    """hnd.v1.SplitInference answered part of the way: ``proto`` parses the request and answers a prebuilt
+    response (hnd's call metadata, request id and detections); ``decode`` also validates and decodes the
+    bottleneck exactly as hnd-server does (to a torch tensor), then answers the same. No batch queue,
+    no compute thread, no response built from tensors, no metrics."""
+    from hnd.proto.v1 import split_inference_pb2 as pb
+    from hnd.server.service import SERVICE_NAME
+
+    def answer(raw: bytes) -> pb.InferResponse:
+        request = pb.InferRequest.FromString(raw)
+        if step == "decode":
+            service._decode(request)
+        reply = pb.InferResponse()
+        reply.CopyFrom(template)
+        reply.request_id = request.request_id
+        return reply
+
+    async def unary(raw: bytes, context) -> pb.InferResponse:
+        context.set_trailing_metadata(service.call_metadata)
+        return answer(raw)
+
+    async def stream(request_iterator, context):
+        await context.send_initial_metadata(service.call_metadata)
+        context.set_trailing_metadata(service.call_metadata)
+        async for raw in request_iterator:
+            yield answer(raw)
+
+    async def info(raw: bytes, context) -> pb.ModelInfo:
+        return service.model_info()
+
+    serialize = pb.InferResponse.SerializeToString
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Infer": grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize),
+            "InferStream": grpc.stream_stream_rpc_method_handler(stream, response_serializer=serialize),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                info, response_serializer=pb.ModelInfo.SerializeToString
+            ),
+        },
+    )
+
+
+async def _serve_ladder(port: int, step: str, config: str, seed: int, detections: int) -> None:
+    from hnd.common import wire
+    from hnd.common.channel import channel_options
+    from hnd.proto.v1 import split_inference_pb2 as pb
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from hnd.server.service import SERVICE_NAME, BatchingOptions, ServerLimits, SplitInferenceService
+
+    runner = build_runner(config, seed, "trivial", detections)
+    service = SplitInferenceService(runner, ServerLimits(), BatchingOptions())  # its checks only; no batcher
+    service.name_replica(f"ladder-{step}:{port}")
+    template = pb.InferResponse(detections=[wire.detections_to_proto(d) for d in runner.tail(torch_zeros(), None)])
+    server = grpc.aio.server(options=channel_options(ServerLimits().max_message_bytes))
+    server.add_generic_rpc_handlers((_ladder_handler(step, service, template),))
+    health_servicer = health.aio.HealthServicer()  # the edge's channel watches it (client-side health checking)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+def torch_zeros():
+    """A [1, 1] tensor: the trivial tail only reads the batch size."""
+    import torch
+
+    return torch.zeros(1, 1)
+
+
 def start_child(args: list[str], timeout_s: float = 300.0, python: str | None = None) -> subprocess.Popen:
     """``python -m hnd.bench.overhead ARGS`` (``python``: another interpreter, e.g. another build's venv)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -393,11 +469,14 @@ def run(
     detections: int = 100,
     profile: bool = False,
     compare_python: str | None = None,
+    ladder: bool = False,
 ) -> dict[str, Any]:
     """Measure the floor and hnd side by side; returns the result dict (see ``format_table``).
 
     ``compare_python``: also run the hnd server of another build (that interpreter's installed ``hnd``, which
     must have this module) in the same alternating rounds, e.g. the code before a change.
+    ``ladder``: also run the rungs of ``LADDER`` (``_ladder_handler``) in the same rounds, so the cost of
+    each part of hnd's request path is measured end to end: floor -> proto -> decode -> hnd.
     """
     from hnd.edge.client import ClientSettings, SplitClient
     from hnd.server.local import free_port
@@ -422,6 +501,7 @@ def run(
         ]
     )
     floor = other = None
+    rungs: list[subprocess.Popen] = []
     try:
         client = SplitClient(ClientSettings(f"127.0.0.1:{hnd_port}"))
         client.model_info()
@@ -450,6 +530,12 @@ def run(
             )
             clients["compare"] = SplitClient(ClientSettings(f"127.0.0.1:{other_port}"))
             clients["compare"].model_info()
+        for step in LADDER if ladder else ():
+            rung_port = free_port()
+            common = ["--port", str(rung_port), "--config", config, "--seed", str(seed)]
+            rungs.append(start_child(["--serve", f"ladder-{step}", *common, "--detections", str(detections)]))
+            clients[step] = SplitClient(ClientSettings(f"127.0.0.1:{rung_port}"))
+            clients[step].model_info()
         # Warm both (connections, stream set-up, allocator), then alternate short rounds of each.
         _time_floor(fc.call, message, warmup)
         _time_floor(fc.stream_call, message, warmup)
@@ -471,7 +557,7 @@ def run(
         for c in clients.values():
             c.close()
     finally:
-        for proc in (hnd, floor, other):
+        for proc in (hnd, floor, other, *rungs):
             if proc is not None:
                 stop_child(proc)
 
@@ -495,6 +581,11 @@ def run(
         result["modes"][call] = _figures(samples[f"floor {call}"], samples[f"hnd {call}"])
         if compare_python:
             result["compare"]["modes"][call] = _figures(samples[f"floor {call}"], samples[f"compare {call}"])
+    if ladder:
+        result["ladder"] = {
+            step: {call: _figures(samples[f"floor {call}"], samples[f"{step} {call}"]) for call in ("unary", "stream")}
+            for step in LADDER
+        }
     if profile:
         result["profile_ms"] = profile_steps(request, build_runner(config, seed, tail, detections))
     return result
@@ -538,6 +629,15 @@ def format_table(r: dict[str, Any]) -> str:
         )
     if "compare" in r:
         lines.append(f"* the same against the hnd server of {r['compare']['python']}")
+    if "ladder" in r:
+        lines.append("end to end p50 ms, measured in the same rounds (each rung adds a part of hnd's request path):")
+        lines.append(f"  {'call':<8}{'floor':>8}{'+ proto in/out':>16}{'+ validate/decode':>19}{'hnd':>8}")
+        for call in ("unary", "stream"):
+            m = r["modes"][call]
+            rungs = [r["ladder"][step][call]["hnd_total_ms"]["p50"] for step in LADDER]
+            lines.append(
+                f"  {call:<8}{m['floor_ms']['p50']:>8.2f}{rungs[0]:>16.2f}{rungs[1]:>19.2f}{m['hnd_total_ms']['p50']:>8.2f}"
+            )
     if "profile_ms" in r:
         lines.append("in-process CPU steps (median ms):")
         lines += [f"  {k:<46}{v:>8.3f}" for k, v in r["profile_ms"].items()]
@@ -561,9 +661,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PYTHON",
         help="also measure the hnd server of another build (its venv's python) in the same rounds",
     )
+    p.add_argument(
+        "--ladder",
+        action="store_true",
+        help="also time servers that do only part of hnd's path (proto in/out; + validate/decode) in the same rounds",
+    )
     p.add_argument("--json", help="write the result as JSON")
     # Child-process entry points (used by run()).
-    p.add_argument("--serve", choices=("floor", "hnd"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", choices=("floor", "hnd", *(f"ladder-{s}" for s in LADDER)), help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--reply-bytes", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--max-batch", type=int, default=8, help=argparse.SUPPRESS)
@@ -571,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.serve == "floor":
         asyncio.run(_serve_floor(args.port, args.reply_bytes))
+        return 0
+    if args.serve and args.serve.startswith("ladder-"):
+        asyncio.run(_serve_ladder(args.port, args.serve.split("-", 1)[1], args.config, args.seed, args.detections))
         return 0
     if args.serve == "hnd":
         asyncio.run(
@@ -593,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         args.detections,
         args.profile,
         args.compare_python,
+        args.ladder,
     )
     print(format_table(result))
     if args.json:

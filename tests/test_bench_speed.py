@@ -29,7 +29,7 @@ def test_stand_in_tails():
 
 
 def test_overhead_benchmark_measures_both_sides():
-    r = overhead.run(CONFIG, size=(120, 160), requests=6, rounds=2, warmup=2)
+    r = overhead.run(CONFIG, size=(120, 160), requests=6, rounds=2, warmup=2, ladder=True)
     assert r["message_bytes"] > r["payload_bytes"] > 0 and r["reply_bytes"] > 0
     assert r["requests_per_mode"] == 6
     for call in ("unary", "stream"):
@@ -39,6 +39,10 @@ def test_overhead_benchmark_measures_both_sides():
         assert m["ratio_p50"] == pytest.approx(m["hnd_overhead_ms"]["p50"] / m["floor_ms"]["p50"])
         assert m["target_met"] == (m["ratio_p50"] <= overhead.TARGET_RATIO)
     assert "overhead/floor" in overhead.format_table(r)
+    # The rungs between the floor and hnd answered the same requests (the edge's client checks the ids).
+    for step in overhead.LADDER:
+        assert all(r["ladder"][step][call]["hnd_total_ms"]["p50"] > 0 for call in ("unary", "stream"))
+    assert "+ validate/decode" in overhead.format_table(r)
 
 
 def test_batching_benchmark_batches_only_under_concurrency():
