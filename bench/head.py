@@ -10,6 +10,11 @@ is stem + bottleneck encoder on the padded batch; the int8 head is calibrated on
 ``repeats`` runs after one warm-up, and the ratio to torch eager of the same frame, size and threads.
 Also: the edge stages of a 640x480 frame at native size (numpy preprocess + ONNX head + 8-bit zstd
 encode), and each runtime's agreement with torch eager (max |dz| and equal 8-bit symbols).
+
+An Entropic Student (``--config test/faster_rcnn-entropic-b24ch``, ``entropic/...``) runs the same way: its
+head is the encoder, the ONNX graphs output the int32 symbols, agreement is over those symbols (max |ds|
+in steps), the edge stages encode with learned entropy coding, and ``payload_bytes`` gives the coded bytes
+of the 640x480 frame from each runtime next to torch eager's (the torch edge's).
 """
 
 from __future__ import annotations
@@ -27,12 +32,12 @@ import numpy as np
 import torch
 
 from hnd.bench.codec import cpu_name
-from hnd.common import codec
+from hnd.common import codec, entropy_coder
 from hnd.common.checkpoint import fingerprint
 from hnd.common.build import build_model_from_config
 from hnd.common.config import load_config, with_weights
 from hnd.common.files import atomic_write_text
-from hnd.common.split import Head, split_model
+from hnd.common.split import EntropicHead, Head, split_model
 from hnd.edge.capture import sample_images
 from hnd.edge.onnx_export import export_onnx, head_metadata, quantize_int8
 from hnd.edge.onnx_head import OnnxHead
@@ -61,6 +66,8 @@ class Results:
     config: str
     cells: list[Cell] = field(default_factory=list)
     edge_stages_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # threads -> stage -> ms
+    bottleneck_type: str = "hnd"
+    payload_bytes: dict[str, int] = field(default_factory=dict)  # runtime -> coded bytes, 640x480 native
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -91,7 +98,7 @@ def run(config: str, checkpoint: str | None, seed: int | None, threads: list[int
     meta = head_metadata(head, fingerprint(model))
     imgs, names = sample_images()
     calib = [img for img, n in zip(imgs, names) if n in CALIBRATION]
-    res = Results(machine=cpu_name(), config=str(cfg.path))
+    res = Results(machine=cpu_name(), config=str(cfg.path), bottleneck_type=meta.bottleneck_type)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         int8 = Path(tmp) / "int8.onnx"
@@ -106,7 +113,34 @@ def run(config: str, checkpoint: str | None, seed: int | None, threads: list[int
                     batch = _with_size(sessions["ORT fp32"], mn, mx).preprocess([img])[0]
                     res.cells += _measure(name, size, batch, n, head, cl_head, sessions, repeats)
             res.edge_stages_ms[str(n)] = _edge_stages(sessions, frames()["640x480"], repeats)
+        res.payload_bytes = _payload_bytes(head, sessions, frames()["640x480"])
     return res
+
+
+def _symbols(head: Head | EntropicHead, z: np.ndarray) -> np.ndarray:
+    """What goes on the wire before coding: 8-bit symbols of an HND bottleneck, or an Entropic head's
+    int32 symbols (its ONNX graphs already give them; a torch latent is rounded here)."""
+    if isinstance(head, EntropicHead):
+        return z if z.dtype == np.int32 else entropy_coder.quantize(z, head.prior_tables())
+    return codec.quantize(z, 8).symbols
+
+
+def _encode(head: Head | EntropicHead, z: np.ndarray) -> codec.EncodedTensor:
+    """The edge's per-frame coding: 8-bit zstd (HND), or learned entropy coding of the symbols (Entropic)."""
+    if isinstance(head, EntropicHead):
+        return codec.encode_symbols(_symbols(head, z), head.prior_tables())
+    return codec.encode(z, 8, "tensor", "zstd", 3)
+
+
+@torch.inference_mode()
+def _payload_bytes(head: Head | EntropicHead, sessions: dict[str, OnnxHead], img: np.ndarray) -> dict[str, int]:
+    """Coded bytes of one 640x480 frame at native size from each runtime (torch eager: the torch edge's)."""
+    s = _with_size(sessions["ORT fp32"], 480, 640)
+    batch, _ = s.preprocess([img])
+    out = {"torch eager": len(_encode(head, head.encode(torch.from_numpy(batch)).numpy()).payload)}
+    for name, session in sessions.items():
+        out[name] = len(_encode(head, _with_size(session, 480, 640).run(batch).bottleneck).payload)
+    return out
 
 
 def _with_size(session: OnnxHead, min_size: int, max_size: int) -> OnnxHead:
@@ -120,15 +154,16 @@ def _measure(
     size: str,
     batch: np.ndarray,
     threads: int,
-    head: Head,
-    cl_head: Head,
+    head: Head | EntropicHead,
+    cl_head: Head | EntropicHead,
     sessions: dict[str, OnnxHead],
     repeats: int,
 ) -> list[Cell]:
     x = torch.from_numpy(batch)
     xc = x.contiguous(memory_format=torch.channels_last)
     ref = head.encode(x).numpy()
-    ref_q = codec.quantize(ref, 8).symbols
+    ref_q = _symbols(head, ref)
+    entropic = isinstance(head, EntropicHead)
     outputs = {
         "torch eager": (lambda: head.encode(x), lambda: head.encode(x).numpy()),
         "torch channels_last": (lambda: cl_head.encode(xc), lambda: cl_head.encode(xc).contiguous().numpy()),
@@ -147,8 +182,11 @@ def _measure(
                 threads,
                 runtime,
                 median_ms(fn, repeats),
-                max_abs_diff=float(np.abs(z - ref).max()),
-                symbols_equal=float((codec.quantize(z, 8).symbols == ref_q).mean()),
+                # Entropic: the difference in symbol steps (the ONNX graphs output symbols, not the latent).
+                max_abs_diff=float(np.abs(_symbols(head, z).astype(np.int64) - ref_q).max())
+                if entropic
+                else float(np.abs(z - ref).max()),
+                symbols_equal=float((_symbols(head, z) == ref_q).mean()),
             )
         )
     eager = cells[0].ms
@@ -158,14 +196,25 @@ def _measure(
 
 
 def _edge_stages(sessions: dict[str, OnnxHead], img: np.ndarray, repeats: int) -> dict[str, float]:
-    """640x480 at native size (480/640) with the int8 head: preprocess, head, encode (8-bit zstd) medians."""
+    """640x480 at native size (480/640) with the int8 head: preprocess, head, encode medians (8-bit zstd,
+    or learned entropy coding of an Entropic head's symbols)."""
     s = _with_size(sessions["ORT int8"], 480, 640)
     batch, _ = s.preprocess([img])
     z = s.run(batch).bottleneck
+    if s.prior is not None:
+        prior = s.prior
+
+        def encode() -> object:
+            return codec.encode_symbols(z, prior)
+    else:
+
+        def encode() -> object:
+            return codec.encode(z, 8, "tensor", "zstd", 3)
+
     out = {
         "preprocess": median_ms(lambda: s.preprocess([img]), repeats),
         "head": median_ms(lambda: s.run(batch), repeats),
-        "encode": median_ms(lambda: codec.encode(z, 8, "tensor", "zstd", 3), repeats),
+        "encode": median_ms(encode, repeats),
     }
     out["total"] = sum(out.values())
     return out
@@ -186,7 +235,9 @@ def markdown(res: Results) -> str:
             row = {c.runtime: c for c in res.cells if (c.frame, c.size, c.threads) == (frame, size, n)}
             vals = " | ".join(f"{row[r].ms:.0f} ({row[r].vs_eager:.1f}x)" for r in RUNTIMES)
             lines.append(f"| {frame} | {size} | {hw[0]}x{hw[1]} | {n} | {vals} |")
-    lines += ["", "Agreement with torch eager (worst over frames and sizes): max |dz|, equal 8-bit symbols", ""]
+    entropic = res.bottleneck_type == "entropic"
+    what = "max |ds| in symbol steps, equal int32 symbols" if entropic else "max |dz|, equal 8-bit symbols"
+    lines += ["", f"Agreement with torch eager (worst over frames and sizes): {what}", ""]
     lines.append("| runtime | max abs diff | symbols equal (min) |")
     lines.append("|---|---|---|")
     for r in RUNTIMES[1:]:
@@ -194,13 +245,19 @@ def markdown(res: Results) -> str:
         lines.append(
             f"| {r} | {max(c.max_abs_diff for c in cs):.2g} | {100 * min(c.symbols_equal for c in cs):.3f} % |"
         )
-    lines += ["", "Edge stages, 640x480 frame at native size (480/640), ORT int8 head, 8-bit zstd:", ""]
+    coding = "learned entropy coding" if entropic else "8-bit zstd"
+    lines += ["", f"Edge stages, 640x480 frame at native size (480/640), ORT int8 head, {coding}:", ""]
     lines.append("| threads | preprocess | head | encode | total |")
     lines.append("|---|---|---|---|---|")
     for threads_key, st in res.edge_stages_ms.items():
         lines.append(
             f"| {threads_key} | {st['preprocess']:.1f} | {st['head']:.1f} | {st['encode']:.1f} | {st['total']:.1f} |"
         )
+    if res.payload_bytes:
+        lines += ["", f"Coded bytes of the 640x480 frame at native size ({coding}), per runtime:", ""]
+        lines.append("| " + " | ".join(res.payload_bytes) + " |")
+        lines.append("|" + "---|" * len(res.payload_bytes))
+        lines.append("| " + " | ".join(f"{b:,}" for b in res.payload_bytes.values()) + " |")
     return "\n".join(lines) + "\n"
 
 

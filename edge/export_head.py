@@ -4,12 +4,17 @@
     hnd-export-head student.pt head.onnx                    # ONNX graph + metadata, for a torch-free edge
     hnd-export-head student.pt head-int8.onnx --int8 --calibration frames/ --calibration-frames 64
     hnd-export-head student.pt head.onnx --min-size 480 --max-size 640   # a 640x480 camera at its own size
+    hnd-export-head entropic.pt entropic_head.onnx                # Entropic Student: encoder -> int32 symbols
 
 The format follows the output's suffix (``.onnx``: ONNX) unless ``--format`` says. Both carry the full
 model's weights fingerprint, so the server still recognises the edge. ``--config`` builds the model
 from a config (its transform sizes and neural filter threshold go into the ONNX metadata); without
 it the architecture is read off the checkpoint. int8 calibration must use real frames from the
 camera the edge will run on (a few dozen covering its scenes and lighting), never random data.
+
+An Entropic Student's ONNX head outputs the latent already rounded against the prior's medians (int32
+symbols); its integer coding tables travel in the file's metadata, so the torch-free edge range-codes
+exactly what the server decodes (docs/ENTROPIC.md). ``--int8`` works for it too (measured, not exact).
 """
 
 from __future__ import annotations
