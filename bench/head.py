@@ -221,8 +221,9 @@ def _edge_stages(sessions: dict[str, OnnxHead], img: np.ndarray, repeats: int) -
 
 
 def markdown(res: Results) -> str:
+    part = "encoder + rounding" if res.bottleneck_type == "entropic" else "stem + encoder"
     intro = (
-        f"Machine: {res.machine}; config {res.config}. Median ms per head run (stem + encoder), "
+        f"Machine: {res.machine}; config {res.config}. Median ms per head run ({part}), "
         "ratio to torch eager on the same input and threads."
     )
     lines = [intro, ""]
