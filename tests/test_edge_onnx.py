@@ -142,3 +142,28 @@ def test_bad_onnx_files_are_one_line(server, files, tmp_path, damage):
 def test_missing_provider_is_one_line(server, files):
     err = _error_line(edge(server, files["head"], files["images"], "--ort-provider", "TensorrtExecutionProvider"))
     assert "TensorrtExecutionProvider is not available" in err and "CPUExecutionProvider" in err
+
+
+def test_onnx_split_codes_key_and_delta_frames_like_the_torch_split(files):
+    """The ONNX split mode codes through the torch split's BottleneckCoder, so --key-interval works with an
+    ONNX head too: a key frame, then delta frames quantized with the key's parameters."""
+    import time
+
+    from hnd.common.stream_codec import StreamEncoder
+    from hnd.edge.capture import Frame
+    from hnd.edge.modes import EdgeOptions
+    from hnd.edge.onnx_mode import OnnxSplitMode
+
+    head = OnnxHead(files["head"], threads=1)
+    mode = OnnxSplitMode(EdgeOptions(bits=8, key_interval=3, stream=True), head)
+    same = frames(1)[0]
+    kinds, payloads = [], []
+    for i in range(3):
+        p = mode.prepare(Frame(i, "test", same, time.monotonic_ns(), 0.0, time.time()))
+        kinds.append(p.extra["frame_type"])
+        payloads.append(p.request.bottleneck.tensor.data)
+    assert kinds == ["key", "delta", "delta"]
+    # The same bytes as the stream encoder gives for the ONNX bottleneck in process.
+    z = head([same])[0].bottleneck
+    enc = StreamEncoder(8, "tensor", "zstd", 3, key_interval=3, max_clamped=0.001)
+    assert [enc.encode(z).tensor.payload for _ in range(3)] == payloads
