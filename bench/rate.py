@@ -162,7 +162,7 @@ def model_at(model: torch.nn.Module, size: str, frame_hw: tuple[int, int]) -> to
     return m.eval()
 
 
-def _image_roundtrip(family: str, quality: int) -> Callable[[np.ndarray], tuple[bytes, np.ndarray]]:
+def image_roundtrip(family: str, quality: int) -> Callable[[np.ndarray], tuple[bytes, np.ndarray]]:
     ext, flag = {"JPEG": (".jpg", cv2.IMWRITE_JPEG_QUALITY), "WebP": (".webp", cv2.IMWRITE_WEBP_QUALITY)}[family]
 
     def run(rgb: np.ndarray) -> tuple[bytes, np.ndarray]:
@@ -304,7 +304,7 @@ def _run_setting(
         return out_sizes, dets, extra
     m = models[s.size]
     if s.family in ("JPEG", "WebP"):
-        codec_fn = _image_roundtrip(s.family, s.params["quality"])
+        codec_fn = image_roundtrip(s.family, s.params["quality"])
         out_sizes, dets = [], []
         for rgb in frames:
             data, decoded = codec_fn(rgb)

@@ -129,6 +129,9 @@ class TrainConfig:
     # entropic: stage 1's rate weight (loss += beta * bits) and stage 2's schedule (train/entropic.py).
     beta: float = 0.0
     stage2: StageConfig | None = None
+    # entropic stage 1: learning rate of the prior (the entropy bottleneck's densities and quantiles);
+    # None = train.optimizer.lr, as sc2bench. A higher one lets the rate converge in a short (CPU) run.
+    prior_lr: float | None = None
 
 
 @dataclass
@@ -261,6 +264,8 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> Config:
         raise ConfigError(f"{path}: train.method entropic and model.bottleneck_type entropic go together")
     if cfg.train is not None and cfg.train.method == "entropic" and (cfg.train.stage2 is None or cfg.train.beta < 0):
         raise ConfigError(f"{path}: train.method entropic needs train.beta >= 0 and a train.stage2 section")
+    if cfg.train is not None and cfg.train.prior_lr is not None and not cfg.train.prior_lr > 0:
+        raise ConfigError(f"{path}: train.prior_lr must be > 0 (or absent: train.optimizer.lr)")
     if cfg.train is not None and cfg.train.method == "filter" and flt is None:
         raise ConfigError(
             f"{path}: train.method filter needs a model.filter section (e.g. filter: {{threshold: 0.01}})"

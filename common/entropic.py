@@ -270,6 +270,37 @@ class EntropyBottleneck(nn.Module):
         return torch.abs(logits - self.target).sum()
 
     @torch.no_grad()
+    def solve_quantiles(self, iterations: int = 64, max_doublings: int = 40) -> None:
+        """Set ``quantiles`` [C, 1, 3] to where :meth:`loss` converges: per channel the v with
+        ``logits_cumulative(v) = target`` (the tail_mass / 2 points and the median of each density).
+
+        The aux loss moves the quantiles by at most the learning rate per step (Adam), so a short
+        training leaves them far from the density's tails (CompressAI's init is +-10) and ``update()``
+        then builds tables for the wrong range: too wide, or too narrow, so that many symbols go to the
+        costly overflow bin. The cumulative logit is strictly increasing in v (softplus weights > 0,
+        |tanh(factor)| < 1), so bisection finds the exact points; deterministic, and cheap ([C, 1, 3]).
+        Raises ValueError when a density does not reach its tails within +-2^max_doublings.
+        """
+        target = self.target.to(self.quantiles).reshape(1, 1, 3).expand_as(self.quantiles)
+        lo = torch.full_like(self.quantiles, -1.0)
+        hi = torch.full_like(self.quantiles, 1.0)
+        for _ in range(max_doublings):
+            low_bad = self._logits_cumulative(lo, stop_gradient=True) > target
+            high_bad = self._logits_cumulative(hi, stop_gradient=True) < target
+            if not bool(low_bad.any()) and not bool(high_bad.any()):
+                break
+            lo = torch.where(low_bad, lo * 2, lo)
+            hi = torch.where(high_bad, hi * 2, hi)
+        else:
+            raise ValueError(f"the prior's density does not reach its tails within +-2^{max_doublings}")
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            above = self._logits_cumulative(mid, stop_gradient=True) > target
+            hi = torch.where(above, mid, hi)
+            lo = torch.where(above, lo, mid)
+        self.quantiles.copy_((lo + hi) / 2)
+
+    @torch.no_grad()
     def update(self, force: bool = False) -> bool:
         """Compute the CDF tables from the densities (a no-op when they exist, unless ``force``)."""
         if self.updated and not force:

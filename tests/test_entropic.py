@@ -209,6 +209,33 @@ def test_update_fills_tables_once_and_they_are_in_the_fingerprint():
     assert fingerprint(tampered) != fp
 
 
+def test_solve_quantiles_puts_them_where_the_aux_loss_converges():
+    """A short training leaves the quantiles near CompressAI's init (+-10, Adam moves them <= lr a step), far
+    from a density's tails (+-212 at init, +-4 for this narrower one): the solve finds the exact points."""
+    torch.manual_seed(0)
+    eb = EntropyBottleneck(4)
+    with torch.no_grad():
+        for i in range(5):
+            getattr(eb, f"_matrix{i}").add_(1.0)  # a narrower density, as training makes it
+        eb._bias0.add_(torch.tensor([-3.0, 0.0, 1.0, 2.0]).reshape(4, 1, 1))  # medians off zero
+    before = float(eb.loss().detach())
+    eb.solve_quantiles()
+    logits = eb._logits_cumulative(eb.quantiles.detach(), stop_gradient=True)
+    assert before > 100 and float(eb.loss().detach()) < 1e-2
+    torch.testing.assert_close(logits, eb.target.expand_as(logits), atol=1e-2, rtol=0)
+    q = eb.quantiles.detach()[:, 0]
+    assert ((q[:, 0] < q[:, 1]) & (q[:, 1] < q[:, 2])).all() and (q[:, 2] - q[:, 0] < 20).all()
+    assert eb.update() is True
+    m = q[:, 1]
+    want = torch.ceil(m - q[:, 0]).int() + torch.ceil(q[:, 2] - m).int() + 1 + 2
+    assert torch.equal(eb._cdf_length, want)
+    flat = EntropyBottleneck(1)
+    with torch.no_grad():
+        flat._matrix0.fill_(-200.0)  # softplus ~ 0: a density flat beyond any range
+    with pytest.raises(ValueError, match="tails"):
+        flat.solve_quantiles()
+
+
 def test_eval_forward_rounds_against_the_medians():
     torch.manual_seed(0)
     eb = EntropyBottleneck(3).eval()

@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
-from hnd.common.config import ConfigError, config_from_dict, load_config
+from hnd.common.build import build_model_from_config
+from hnd.common.config import ConfigError, config_from_dict, load_config, with_weights
 from hnd.train.engine import TrainOptions
-from hnd.train.entropic import BOTTLENECK, build_entropic_models, rate_bits, stage1_loss
+from hnd.train.entropic import BOTTLENECK, build_entropic_models, rate_bits, stage1_loss, stage1_param_groups
 from hnd.train.evaluate import main as eval_main
 from hnd.train.synthetic import make_synthetic_coco, write_config
 from hnd.train.train import set_distillation_modes, train
@@ -96,6 +97,14 @@ def test_two_stages_resume_exactly_and_eval_reports_bytes(data_root, tmp_path, c
 
     stage1 = _sd(tmp_path / "full" / "stage1" / "best.pt")
     assert stage1[f"{BOTTLENECK}.entropy_bottleneck._quantized_cdf"].numel() == 0  # tables come after stage 1
+    # The tables come from quantiles solved at the densities' tails, not from where a few Adam steps left
+    # them (about +-10, CompressAI's init, with an aux loss near 990 for 24 channels).
+    final = build_model_from_config(with_weights(load_config(full_cfg).model, str(tmp_path / "full" / "best.pt")))
+    prior = final.backbone.body.bottleneck_layer.entropy_bottleneck
+    assert float(prior.loss().detach()) < 0.1
+    assert not torch.equal(
+        a[f"{BOTTLENECK}.entropy_bottleneck.quantiles"], stage1[f"{BOTTLENECK}.entropy_bottleneck.quantiles"]
+    )
     cdf = a[f"{BOTTLENECK}.entropy_bottleneck._quantized_cdf"]
     assert cdf.dtype == torch.int32 and cdf.dim() == 2 and (cdf[:, 0] == 0).all()
     teacher, _ = build_entropic_models(load_config(full_cfg))
@@ -104,6 +113,7 @@ def test_two_stages_resume_exactly_and_eval_reports_bytes(data_root, tmp_path, c
         if (
             key.startswith((f"{BOTTLENECK}.encoder.", f"{BOTTLENECK}.entropy_bottleneck."))
             and "_cdf" not in key
+            and "quantiles" not in key  # solved between the stages (finish_prior)
             and "_offset" not in key
             and "_quantized" not in key
         ):
@@ -138,6 +148,22 @@ def test_two_stages_resume_exactly_and_eval_reports_bytes(data_root, tmp_path, c
         eval_main(["--config", str(full_cfg), "--checkpoint", str(tmp_path / "full" / "best.pt"), "--bits", "8"]) == 2
     )
     assert "learned" in capsys.readouterr().err
+
+
+def test_stage1_prior_learning_rate_is_its_own_group(data_root, tmp_path):
+    cfg = load_config(_config(data_root, tmp_path / "c.yaml", prior_lr=0.01))
+    assert cfg.train.prior_lr == 0.01 and cfg.train.optimizer.lr == 0.001
+    _, student = build_entropic_models(cfg)
+    params = [p for n, p in student.named_parameters() if n.startswith(BOTTLENECK)]
+    rest, prior = stage1_param_groups(student, params, cfg.train)
+    eb = student.backbone.body.bottleneck_layer.entropy_bottleneck
+    assert {id(p) for p in prior["params"]} == {id(p) for p in eb.parameters()} and prior["lr"] == 0.01
+    assert rest["lr"] == 0.001 and len(rest["params"]) + len(prior["params"]) == len(params)
+    default = load_config(_config(data_root, tmp_path / "d.yaml"))
+    assert default.train.prior_lr is None  # sc2bench: one learning rate
+    assert stage1_param_groups(student, params, default.train)[1]["lr"] == 0.001
+    with pytest.raises(ConfigError, match="prior_lr"):
+        load_config(_config(data_root, tmp_path / "e.yaml", prior_lr=0.0))
 
 
 def test_entropic_config_rules(tmp_path):

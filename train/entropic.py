@@ -13,8 +13,10 @@ entropy bottleneck, decoder) learns, everything else frozen and copied from the 
 sc2bench trains its encoder this way on ImageNet and then fine-tunes on COCO; with COCO-format data
 only, hnd does both on the detection data. Stage 1 selects its last epoch.
 
-Between the stages :func:`hnd.common.entropic.update_entropy_tables` computes the integer CDF tables
-once (``force``); they are saved with the weights and never recomputed (the fingerprint covers them).
+Between the stages (:func:`finish_prior`) the quantiles are solved exactly where the aux loss converges
+(Adam moves them at most lr per step, far too slowly for a short run), then
+:func:`hnd.common.entropic.update_entropy_tables` computes the integer CDF tables once (``force``); they
+are saved with the weights and never recomputed (the fingerprint covers them).
 
 Stage 2 (``train.stage2``: epochs, optimizer, scheduler, warmup): encoder and entropy bottleneck frozen,
 the decoder, layer2..4, FPN, RPN and ROI heads fine-tune on torchvision's detection losses, the
@@ -136,6 +138,23 @@ def stage1_loss(
     return loss, logged
 
 
+def stage1_param_groups(model: nn.Module, params: list[nn.Parameter], tcfg: Any) -> list[dict[str, Any]]:
+    """Stage 1's optimizer groups: the encoder and decoder at ``train.optimizer.lr``, the prior (the entropy
+    bottleneck's densities and quantiles) at ``train.prior_lr`` when set (else one lr, as sc2bench)."""
+    prior = {id(p) for p in entropic_bottleneck_of(model).entropy_bottleneck.parameters()}
+    rest = [p for p in params if id(p) not in prior]
+    eb = [p for p in params if id(p) in prior]
+    lr = tcfg.optimizer.lr if tcfg.prior_lr is None else tcfg.prior_lr
+    return [{"params": rest, "lr": tcfg.optimizer.lr}, {"params": eb, "lr": lr}]
+
+
+def finish_prior(model: nn.Module) -> None:
+    """End of stage 1: the quantiles where the aux loss converges (solved, not left to Adam's pace), then
+    the integer CDF tables from the trained densities, once."""
+    entropic_bottleneck_of(model).entropy_bottleneck.solve_quantiles()
+    update_entropy_tables(model, force=True)
+
+
 def _set_requires_grad(model: nn.Module, trainable: list[str], frozen: list[str]) -> list[nn.Parameter]:
     params = []
     for name, p in model.named_parameters():
@@ -199,7 +218,7 @@ def train_entropic(cfg: Config, options: TrainOptions) -> dict[str, Any]:
     if options.resume and _stage_done(p1, epochs1):
         print(f"hnd-train: stage 1 finished earlier ({p1.last}); going on with stage 2")
     else:
-        params1 = _set_requires_grad(model, STAGE1_TRAINABLE, [])
+        params1 = stage1_param_groups(model, _set_requires_grad(model, STAGE1_TRAINABLE, []), tcfg)
         recipe1 = Recipe(
             method="entropic-stage1",
             params=params1,
@@ -226,7 +245,7 @@ def train_entropic(cfg: Config, options: TrainOptions) -> dict[str, Any]:
     load_checkpoint(p1.best, model)  # the selected stage-1 weights (tables still empty)
 
     # --- tables, once ------------------------------------------------------------------------
-    update_entropy_tables(model, force=True)
+    finish_prior(model)
 
     # --- stage 2 -----------------------------------------------------------------------------
     s2 = tcfg.stage2
