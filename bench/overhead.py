@@ -158,21 +158,24 @@ async def _serve_hnd(
     await running.server.wait_for_termination()
 
 
-LADDER = ("proto", "decode")  # rungs between the floor and the whole hnd server (``--ladder``)
+LADDER = ("proto", "decode", "queue")  # rungs between the floor and the whole hnd server (``--ladder``)
 
 
 def _ladder_handler(step: str, service, template) -> grpc.GenericRpcHandler:
     """hnd.v1.SplitInference answered part of the way: ``proto`` parses the request and answers a prebuilt
     response (hnd's call metadata, request id and detections); ``decode`` also validates and decodes the
-    bottleneck exactly as hnd-server does (to a torch tensor), then answers the same. No batch queue,
-    no compute thread, no response built from tensors, no metrics."""
+    bottleneck exactly as hnd-server does (to a torch tensor); ``queue`` also passes it through hnd's batch
+    queue to the compute thread and back (``service.batcher``, whose compute does nothing). Then each answers
+    the prebuilt response: no response built from tensors, no metrics, stream messages one at a time."""
     from hnd.proto.v1 import split_inference_pb2 as pb
     from hnd.server.service import SERVICE_NAME
 
-    def answer(raw: bytes) -> pb.InferResponse:
+    async def answer(raw: bytes) -> pb.InferResponse:
         request = pb.InferRequest.FromString(raw)
-        if step == "decode":
-            service._decode(request)
+        if step in ("decode", "queue"):
+            key, payload = service._decode(request)
+            if step == "queue":
+                await service.batcher.submit(key, payload, None)
         reply = pb.InferResponse()
         reply.CopyFrom(template)
         reply.request_id = request.request_id
@@ -180,13 +183,13 @@ def _ladder_handler(step: str, service, template) -> grpc.GenericRpcHandler:
 
     async def unary(raw: bytes, context) -> pb.InferResponse:
         context.set_trailing_metadata(service.call_metadata)
-        return answer(raw)
+        return await answer(raw)
 
     async def stream(request_iterator, context):
         await context.send_initial_metadata(service.call_metadata)
         context.set_trailing_metadata(service.call_metadata)
         async for raw in request_iterator:
-            yield answer(raw)
+            yield await answer(raw)
 
     async def info(raw: bytes, context) -> pb.ModelInfo:
         return service.model_info()
@@ -213,8 +216,10 @@ async def _serve_ladder(port: int, step: str, config: str, seed: int, detections
     from hnd.server.service import SERVICE_NAME, BatchingOptions, ServerLimits, SplitInferenceService
 
     runner = build_runner(config, seed, "trivial", detections)
-    service = SplitInferenceService(runner, ServerLimits(), BatchingOptions())  # its checks only; no batcher
+    service = SplitInferenceService(runner, ServerLimits(), BatchingOptions())  # its checks (and batcher)
     service.name_replica(f"ladder-{step}:{port}")
+    service.batcher.compute = lambda payloads: [None] * len(payloads)
+    service.batcher.start()
     template = pb.InferResponse(detections=[wire.detections_to_proto(d) for d in runner.tail(torch_zeros(), None)])
     server = grpc.aio.server(options=channel_options(ServerLimits().max_message_bytes))
     server.add_generic_rpc_handlers((_ladder_handler(step, service, template),))
@@ -631,12 +636,15 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"* the same against the hnd server of {r['compare']['python']}")
     if "ladder" in r:
         lines.append("end to end p50 ms, measured in the same rounds (each rung adds a part of hnd's request path):")
-        lines.append(f"  {'call':<8}{'floor':>8}{'+ proto in/out':>16}{'+ validate/decode':>19}{'hnd':>8}")
+        lines.append(
+            f"  {'call':<8}{'floor':>8}{'+ proto in/out':>16}{'+ validate/decode':>19}{'+ batch queue':>15}{'hnd':>8}"
+        )
         for call in ("unary", "stream"):
             m = r["modes"][call]
-            rungs = [r["ladder"][step][call]["hnd_total_ms"]["p50"] for step in LADDER]
+            p = [r["ladder"][step][call]["hnd_total_ms"]["p50"] for step in LADDER]
             lines.append(
-                f"  {call:<8}{m['floor_ms']['p50']:>8.2f}{rungs[0]:>16.2f}{rungs[1]:>19.2f}{m['hnd_total_ms']['p50']:>8.2f}"
+                f"  {call:<8}{m['floor_ms']['p50']:>8.2f}{p[0]:>16.2f}{p[1]:>19.2f}{p[2]:>15.2f}"
+                f"{m['hnd_total_ms']['p50']:>8.2f}"
             )
     if "profile_ms" in r:
         lines.append("in-process CPU steps (median ms):")
