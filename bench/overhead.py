@@ -168,12 +168,14 @@ def _ladder_handler(step: str, service, template) -> grpc.GenericRpcHandler:
     queue to the compute thread and back (``service.batcher``, whose compute does nothing). Then each answers
     the prebuilt response: no response built from tensors, no metrics, stream messages one at a time."""
     from hnd.proto.v1 import split_inference_pb2 as pb
-    from hnd.server.service import SERVICE_NAME
+    from hnd.server.service import SERVICE_NAME, DeferredDecode
 
     async def answer(raw: bytes) -> pb.InferResponse:
         request = pb.InferRequest.FromString(raw)
         if step in ("decode", "queue"):
             key, payload = service._decode(request)
+            if isinstance(payload, DeferredDecode):  # a large or learned-coded bottleneck, as hnd-server does
+                payload = await service._decode_off_loop(payload)
             if step == "queue":
                 await service.batcher.submit(key, payload, None)
         reply = pb.InferResponse()
@@ -384,7 +386,8 @@ def profile_steps(request, runner, repeats: int = 50) -> dict[str, float]:
     from hnd.server.budget import check_bottleneck_shape, check_split_meta
     from hnd.server.service import BatchingOptions, ServerLimits, SplitInferenceService, _filter_detections
 
-    service = SplitInferenceService(runner, ServerLimits(), BatchingOptions())
+    # Every decode on the calling thread, so each step is timed where it runs.
+    service = SplitInferenceService(runner, ServerLimits(), BatchingOptions(offload_decode_bytes=None))
     raw = request.SerializeToString()
     parsed = pb.InferRequest.FromString(raw)
     key, payload = service._decode(parsed)

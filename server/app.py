@@ -141,6 +141,7 @@ class RunningServer:
         if self.health_server is not None:  # probes read NOT_SERVING until the end of the drain
             await self.health_server.stop(None)
         await self.service.batcher.stop()
+        self.service.close()
 
 
 async def start_server(runner: ModelRunner, settings: ServerSettings) -> RunningServer:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -100,11 +101,30 @@ class ServerLimits:
     streams: StreamLimits = field(default_factory=StreamLimits)  # per-InferStream sessions (server/streams.py)
 
 
+# Affine bottlenecks of at least this many packed bytes (raw_size) are decoded off the event loop. Below it
+# the decode (about 0.6 ms for the 169 kB of a 640x480 frame at 8 bits on the project machine) costs less
+# than blocking the loop matters, and a lone request would pay the hop to the decode thread and back
+# (~0.05 ms) for nothing. Learned entropy coding is always decoded off the loop (~120 ms for a 24-channel
+# latent of an 800-px input): python -m hnd.bench.overhead --profile.
+OFFLOAD_DECODE_BYTES = 1 << 20
+
+
 @dataclass
 class BatchingOptions:
     max_batch: int = 8
     max_delay_ms: float = 0.0
     max_queue: int = 64
+    # Decode bottlenecks of at least this many packed bytes, and every learned-coded one, on a decode
+    # thread instead of the event loop (None: always on the loop).
+    offload_decode_bytes: int | None = OFFLOAD_DECODE_BYTES
+
+
+@dataclass(frozen=True)
+class DeferredDecode:
+    """A validated bottleneck whose decode runs on the service's decode thread (``SplitInferenceService.infer``)."""
+
+    encoded: codec.EncodedTensor
+    meta: SplitMeta
 
 
 class ModelRunner:
@@ -236,6 +256,8 @@ class SplitInferenceService:
             on_depth=lambda n: self.metrics.queue_depth.set(n),
         )
         self.batching = batching
+        # One decode thread: large and learned-coded bottlenecks (BatchingOptions.offload_decode_bytes).
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hnd-decode")
         gauge = self.metrics.stream_sessions
         self.streams = StreamSessions(
             limits.streams,
@@ -272,6 +294,10 @@ class SplitInferenceService:
     def name_replica(self, replica: str) -> None:
         """The name calls report in REPLICA_KEY (``<hostname>:<port>`` or --replica)."""
         self.call_metadata = ((REPLICA_KEY, replica), *((k, v) for k, v in self.call_metadata if k != REPLICA_KEY))
+
+    def close(self) -> None:
+        """Stop the decode thread (after the decode it is running, if any)."""
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
     def begin_drain(self) -> None:
         """Open InferStreams stop reading, answer what they read, then end UNAVAILABLE (clients
@@ -340,7 +366,7 @@ class SplitInferenceService:
 
     def _decode_bottleneck(
         self, request: pb.InferRequest, session: StreamSession | None = None
-    ) -> tuple[tuple, Payload]:
+    ) -> tuple[tuple, Payload | DeferredDecode]:
         self._check_fingerprint(request.weights_fingerprint)
         refusal = self.runner.codec_refusal(request.bottleneck.tensor)  # the codec mode first: the clearest line
         if refusal is not None:
@@ -354,6 +380,7 @@ class SplitInferenceService:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason) from None
         shape = encoded.shape
         _, c, h, w = shape
+        key = ("split", (c, h, w), meta.padded_size)
         if request.HasField("stream_frame"):  # temporal coding: the session holds the reference
             if self.runner.prior is not None:
                 raise RequestError(
@@ -364,11 +391,25 @@ class SplitInferenceService:
             decoded = session.decode_bottleneck(*wire.stream_frame_from_proto(request.stream_frame), encoded)
             self._stream_note = decoded.note
             value = decoded.value
-        else:
-            value = codec.decode(encoded, self.limits.codec, prior=self.runner.prior)
-        # The codec's float32 array as it is (no copy); a stream session may hand back a tensor.
-        z = (torch.from_numpy(value) if isinstance(value, np.ndarray) else torch.as_tensor(value)).reshape(shape)
-        return ("split", (c, h, w), meta.padded_size), SplitPayload(z, meta)
+            # The session's float32 array as it is (no copy), or a tensor.
+            z = (torch.from_numpy(value) if isinstance(value, np.ndarray) else torch.as_tensor(value)).reshape(shape)
+            return key, SplitPayload(z, meta)
+        threshold = self.batching.offload_decode_bytes
+        if threshold is not None and (encoded.compression == codec.LEARNED or encoded.raw_size >= threshold):
+            return key, DeferredDecode(encoded, meta)
+        return key, self._decode_split(encoded, meta)
+
+    def _decode_split(self, encoded: codec.EncodedTensor, meta: SplitMeta) -> SplitPayload:
+        """The validated bottleneck decoded (codec.decode) into the tail's input; on the loop or the decode thread."""
+        value = codec.decode(encoded, self.limits.codec, prior=self.runner.prior)
+        return SplitPayload(torch.from_numpy(value).reshape(encoded.shape), meta)  # no copy
+
+    async def _decode_off_loop(self, deferred: DeferredDecode) -> SplitPayload:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._decoder, self._decode_split, deferred.encoded, deferred.meta)
+        except codec.CodecError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad bottleneck: {exc}", "codec") from None
 
     def _decode_image(self, request: pb.InferRequest, session: StreamSession | None = None) -> tuple[tuple, Payload]:
         if not self.offload:
@@ -414,7 +455,10 @@ class SplitInferenceService:
         tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
         return ("image", id(request)), ImagePayload(tensor)
 
-    def _decode(self, request: pb.InferRequest, session: StreamSession | None = None) -> tuple[tuple, Payload]:
+    def _decode(
+        self, request: pb.InferRequest, session: StreamSession | None = None
+    ) -> tuple[tuple, Payload | DeferredDecode]:
+        """Validate and decode a request (its bottleneck's decode may be left to the decode thread: DeferredDecode)."""
         which = request.WhichOneof("payload")
         # Set by the stream decoders when a key frame was answered but not kept; read by infer right
         # after this synchronous call, before any await, so requests cannot mix their notes.
@@ -463,6 +507,8 @@ class SplitInferenceService:
         stream_note = self._stream_note
         if stream_note:
             self.metrics.key_frames_required.labels("not_kept").inc()
+        if isinstance(payload, DeferredDecode):  # validated above; the loop serves others meanwhile
+            payload = await self._decode_off_loop(payload)
         decode_ns = time.perf_counter_ns() - t0
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         try:

@@ -249,3 +249,30 @@ def test_drain_finishes_in_flight_and_refuses_new(model, good_request):
             with pytest.raises(grpc.RpcError) as exc:
                 channel.unary_unary(INFER)(good_request.SerializeToString(), timeout=2)
         assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_decode_off_the_event_loop_gives_the_same_answer_and_the_same_refusals(model, good_request, monkeypatch):
+    """With offload_decode_bytes=1 every bottleneck is decoded on the decode thread: the detections are those
+    of a server that decodes on its event loop, and a payload whose corruption only decoding finds still gets
+    INVALID_ARGUMENT (then the server goes on)."""
+    threads: list[str] = []
+    decode = codec.decode
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "decode", spy)
+    data = good_request.bottleneck.tensor.data
+    header = data[: zstandard.frame_header_size(data)]  # declares the right size: validation passes
+    corrupt = mutate(good_request, lambda r: setattr(r.bottleneck.tensor, "data", header + b"\xff" * 32))
+    off_loop = BatchingOptions(max_batch=1, offload_decode_bytes=1)
+    with serving(model, batching=off_loop) as off, serving(model) as on:
+        a, b = (call_raw(s, good_request.SerializeToString()) for s in (off, on))
+        refused = call_raw(off, corrupt)
+        assert_still_serving(off, good_request)
+    assert threads[0].startswith("hnd-decode") and not threads[1].startswith("hnd-decode")
+    assert isinstance(a, bytes) and isinstance(b, bytes)
+    assert pb.InferResponse.FromString(a).detections == pb.InferResponse.FromString(b).detections
+    assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "corrupt zstd payload" in refused.details()
