@@ -4,11 +4,13 @@
     hnd-edge --server 127.0.0.1:50051 --images frames/ --config test/faster_rcnn-b3ch --random-weights 0
     hnd-edge --server gpu-host:50051 --camera 0 --config ext/keypoint_rcnn-b3ch --filter-threshold 0.05
     hnd-edge --server gpu-host:50051 --camera 0 --head head.onnx --min-size 480 --max-size 640 --threads 2
+    hnd-edge --server gpu-host:50051 --camera 0 --config entropic/faster_rcnn-b24ch-beta0.08 --head entropic_head.onnx
 
 ``--head head.onnx`` (from ``hnd-export-head ... head.onnx``) runs the head on ONNX Runtime and never
 imports torch: an edge installed with ``pip install "hnd[edge]"`` has none. ``--min-size / --max-size``
 split a frame at its own resolution (e.g. 480 for a 640x480 camera) instead of upsampling it to the
-model's 800 px; the server accepts any resize within the limits it advertises.
+model's 800 px; the server accepts any resize within the limits it advertises. An Entropic Student's
+ONNX head gives int32 symbols that the edge range-codes with the prior's tables from the same file.
 
 With a neural filter in the config (``model.filter``) the edge skips frames whose probability of
 holding anything to detect is below ``--filter-threshold`` (default: the config's threshold);
