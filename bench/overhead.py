@@ -31,18 +31,21 @@ import os
 import queue
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
 
 from hnd.common.files import atomic_write_text
 from hnd.common.timing import percentiles
+from hnd.proto.v1 import tensor_pb2
 
 FLOOR_SERVICE = "hnd.bench.Floor"
+LEARNED = tensor_pb2.COMPRESSION_LEARNED  # an Entropic Student's request
 TARGET_RATIO = 2.0
 DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
 
@@ -146,13 +149,23 @@ def build_runner(config: str, seed: int, tail: str, detections: int):
 
 
 async def _serve_hnd(
-    port: int, config: str, seed: int, tail: str, detections: int, max_batch: int = 8, max_delay_ms: float = 0.0
+    port: int,
+    config: str,
+    seed: int,
+    tail: str,
+    detections: int,
+    max_batch: int = 8,
+    max_delay_ms: float = 0.0,
+    offload_decode_bytes: int | None = -1,
 ) -> None:
+    """hnd-server's own service on ``port``; ``offload_decode_bytes`` -1: the server's default, None: never."""
     from hnd.server.app import ServerSettings, start_server
-    from hnd.server.service import BatchingOptions
+    from hnd.server.service import OFFLOAD_DECODE_BYTES, BatchingOptions
 
     runner = build_runner(config, seed, tail, detections)
-    settings = ServerSettings(port=port, batching=BatchingOptions(max_batch=max_batch, max_delay_ms=max_delay_ms))
+    offload = OFFLOAD_DECODE_BYTES if offload_decode_bytes == -1 else offload_decode_bytes
+    batching = BatchingOptions(max_batch=max_batch, max_delay_ms=max_delay_ms, offload_decode_bytes=offload)
+    settings = ServerSettings(port=port, batching=batching)
     running = await start_server(runner, settings)
     print("ready", flush=True)
     await running.server.wait_for_termination()
@@ -242,11 +255,22 @@ def torch_zeros():
 
 
 def start_child(args: list[str], timeout_s: float = 300.0, python: str | None = None) -> subprocess.Popen:
-    """``python -m hnd.bench.overhead ARGS`` (``python``: another interpreter, e.g. another build's venv)."""
+    """``python -m hnd.bench.overhead ARGS`` (``python``: another interpreter, e.g. another build's venv), ready."""
+    return wait_ready(spawn_child(args, python), timeout_s)
+
+
+def spawn_child(args: list[str], python: str | None = None) -> subprocess.Popen:
+    """``python -m hnd.bench.overhead ARGS``, started; ``wait_ready`` waits for its server."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [python or sys.executable, "-m", "hnd.bench.overhead", *args], stdout=subprocess.PIPE, env=env, text=True
     )
+    return proc
+
+
+def wait_ready(proc: subprocess.Popen, timeout_s: float = 300.0) -> subprocess.Popen:
+    """``proc`` once its server printed "ready"; RuntimeError when it exits or takes over ``timeout_s``."""
+    args = [str(a) for a in cast(list, proc.args)[3:]]  # after python -m hnd.bench.overhead
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -295,8 +319,13 @@ def make_request(config: str, seed: int, bits: int, size: tuple[int, int]):
     with torch.inference_mode():
         batch, meta = head.preprocess([to_tensor(image)])
         z = head.encode(batch)
+    # An Entropic Student codes its latent against its prior (learned entropy coding); HND students take bits.
+    prior = head.prior_tables() if getattr(head, "bottleneck_type", None) == "entropic" else None
     t = time.perf_counter_ns()
-    encoded = codec.encode(z, bits, "tensor", "zstd", 3)
+    if prior is not None:
+        encoded = codec.encode(z, codec.LEARNED_BITS, "channel", codec.LEARNED, prior=prior)
+    else:
+        encoded = codec.encode(z, bits, "tensor", "zstd", 3)
     encode_ms = (time.perf_counter_ns() - t) / 1e6
     request = pb.InferRequest(request_id="0", weights_fingerprint=fingerprint(model))
     request.bottleneck.CopyFrom(wire.bottleneck_to_proto(encoded, meta))
@@ -492,58 +521,30 @@ def run(
     request, encode_ms = make_request(config, seed, bits, size)
     message = request.SerializeToString()
     hnd_port, floor_port = free_port(), free_port()
-    hnd = start_child(
-        [
-            "--serve",
-            "hnd",
-            "--port",
-            str(hnd_port),
-            "--config",
-            config,
-            "--seed",
-            str(seed),
-            "--tail",
-            tail,
-            "--detections",
-            str(detections),
-        ]
-    )
-    floor = other = None
-    rungs: list[subprocess.Popen] = []
+    common = ["--config", config, "--seed", str(seed), "--detections", str(detections)]
+    # The servers start side by side (each imports torch and builds the model), then answer one by one.
+    hnd = spawn_child(["--serve", "hnd", "--port", str(hnd_port), "--tail", tail, *common])
+    ports = {"hnd": hnd_port}
+    children = {"hnd": hnd}
+    if compare_python:
+        ports["compare"] = free_port()
+        children["compare"] = spawn_child(
+            ["--serve", "hnd", "--port", str(ports["compare"]), "--tail", tail, *common], python=compare_python
+        )
+    for step in LADDER if ladder else ():
+        ports[step] = free_port()
+        children[step] = spawn_child([f"--serve=ladder-{step}", "--port", str(ports[step]), *common])
+    floor: subprocess.Popen | None = None
     try:
-        client = SplitClient(ClientSettings(f"127.0.0.1:{hnd_port}"))
-        client.model_info()
+        clients = {}
+        for name, proc in children.items():
+            wait_ready(proc)
+            clients[name] = SplitClient(ClientSettings(f"127.0.0.1:{ports[name]}"))
+            clients[name].model_info()
+        client = clients["hnd"]
         reply_bytes = client.submit(request).result().response.ByteSize()
         floor = start_child(["--serve", "floor", "--port", str(floor_port), "--reply-bytes", str(reply_bytes)])
         fc = FloorClient(floor_port)
-        clients = {"hnd": client}
-        if compare_python:
-            other_port = free_port()
-            other = start_child(
-                [
-                    "--serve",
-                    "hnd",
-                    "--port",
-                    str(other_port),
-                    "--config",
-                    config,
-                    "--seed",
-                    str(seed),
-                    "--tail",
-                    tail,
-                    "--detections",
-                    str(detections),
-                ],
-                python=compare_python,
-            )
-            clients["compare"] = SplitClient(ClientSettings(f"127.0.0.1:{other_port}"))
-            clients["compare"].model_info()
-        for step in LADDER if ladder else ():
-            rung_port = free_port()
-            common = ["--port", str(rung_port), "--config", config, "--seed", str(seed)]
-            rungs.append(start_child(["--serve", f"ladder-{step}", *common, "--detections", str(detections)]))
-            clients[step] = SplitClient(ClientSettings(f"127.0.0.1:{rung_port}"))
-            clients[step].model_info()
         # Warm both (connections, stream set-up, allocator), then alternate short rounds of each.
         _time_floor(fc.call, message, warmup)
         _time_floor(fc.stream_call, message, warmup)
@@ -565,9 +566,9 @@ def run(
         for c in clients.values():
             c.close()
     finally:
-        for proc in (hnd, floor, other, *rungs):
-            if proc is not None:
-                stop_child(proc)
+        for child in (floor, *children.values()):
+            if child is not None:
+                stop_child(child)
 
     result: dict[str, Any] = {
         "config": config,
@@ -576,6 +577,7 @@ def run(
         "reply_bytes": reply_bytes,
         "payload_bytes": len(request.bottleneck.tensor.data),
         "bits": bits,
+        "codec": "learned entropy coding" if request.bottleneck.tensor.compression == LEARNED else f"{bits}-bit + zstd",
         "frame": list(size),
         "edge_codec_encode_ms": encode_ms,
         "requests_per_mode": per_round * rounds,
@@ -599,6 +601,93 @@ def run(
     return result
 
 
+def loop_probe(
+    config: str = DEFAULT_CONFIG,
+    seed: int = 0,
+    bits: int = 8,
+    size: tuple[int, int] = (480, 640),
+    seconds: float = 5.0,
+    probe_interval_ms: float = 5.0,
+    policies: tuple[str, ...] = ("server default", "always on the loop", "always off the loop"),
+) -> dict[str, Any]:
+    """Does decoding off the event loop pay? For the server's default policy, and for decoding always on and
+    always off the loop (each its own server process, one after the other): one edge sends the request back to back
+    (unary) for ``seconds`` while a second client calls GetModelInfo every ``probe_interval_ms``; a decode on
+    the loop makes that call wait. Returns Infer p50 and the probe's p50 / p99 / max (ms) per policy."""
+    from hnd.edge.client import ClientSettings, SplitClient
+    from hnd.server.local import free_port
+    from hnd.server.service import OFFLOAD_DECODE_BYTES
+
+    request, _ = make_request(config, seed, bits, size)
+    tensor = request.bottleneck.tensor
+    out: dict[str, Any] = {
+        "config": config,
+        "payload_bytes": len(tensor.data),
+        "raw_bytes": tensor.raw_size,
+        "learned": tensor.compression == LEARNED,
+        "offload_decode_bytes": OFFLOAD_DECODE_BYTES,
+        "policies": {},
+    }
+    settings = {"server default": "-1", "always on the loop": "none", "always off the loop": "0"}
+    for name in policies:
+        offload = settings[name]
+        port = free_port()
+        proc = start_child(
+            ["--serve", "hnd", "--port", str(port), "--config", config, "--seed", str(seed)]
+            + ["--offload-decode-bytes", offload]
+        )
+        try:
+            edge, probe = (SplitClient(ClientSettings(f"127.0.0.1:{port}")) for _ in range(2))
+            edge.model_info()
+            probe.model_info()
+            edge.submit(request).result()  # warm
+            stop_at = time.monotonic() + seconds
+            infer_ms: list[float] = []
+            sender = threading.Thread(target=_send_until, args=(edge, request, stop_at, infer_ms), daemon=True)
+            sender.start()
+            waits = []
+            while time.monotonic() < stop_at:
+                t = time.perf_counter_ns()
+                probe.model_info()
+                waits.append((time.perf_counter_ns() - t) / 1e6)
+                time.sleep(probe_interval_ms / 1e3)
+            sender.join()
+            edge.close()
+            probe.close()
+        finally:
+            stop_child(proc)
+        out["policies"][name] = {
+            "infer_ms_p50": float(np.median(infer_ms)),
+            "infers": len(infer_ms),
+            "probe_ms": {**percentiles(waits, (50, 99)), "max": max(waits)},
+            "probes": len(waits),
+        }
+    return out
+
+
+def _send_until(client, request, stop_at: float, out: list[float]) -> None:
+    """Unary requests back to back until ``stop_at`` (monotonic); appends each one's ms to ``out``."""
+    while time.monotonic() < stop_at:
+        t = time.perf_counter_ns()
+        reply = client.submit(request).result()
+        out.append((reply.done_ns - t) / 1e6)
+
+
+def format_probe(r: dict[str, Any]) -> str:
+    kind = "learned entropy coding" if r["learned"] else f"affine, {r['raw_bytes']:,} B packed"
+    lines = [
+        f"{r['config']}: payload {r['payload_bytes']:,} B ({kind}); server default: off the loop from "
+        f"{r['offload_decode_bytes']:,} B packed and for learned coding"
+    ]
+    for name, p in r["policies"].items():
+        q = p["probe_ms"]
+        lines.append(
+            f"  decode {name:<20} Infer p50 {p['infer_ms_p50']:8.2f} ms ({p['infers']} calls)   GetModelInfo meanwhile "
+            f"p50 {q['p50']:.2f} / p99 {q['p99']:.2f} / max {q['max']:.2f} ms ({p['probes']} calls)"
+        )
+    return "\n".join(lines)
+
+
 def _figures(f: list[Sample], h: list[Sample]) -> dict[str, Any]:
     """Floor and hnd figures of one call type: percentiles, server stages, ratio of the p50s, target."""
     floor_p = percentiles([s.total_ms for s in f])
@@ -618,7 +707,7 @@ def _figures(f: list[Sample], h: list[Sample]) -> dict[str, Any]:
 
 def format_table(r: dict[str, Any]) -> str:
     lines = [
-        f"{r['config']} ({r['tail']} tail), frame {r['frame'][1]}x{r['frame'][0]}, {r['bits']}-bit + zstd: "
+        f"{r['config']} ({r['tail']} tail), frame {r['frame'][1]}x{r['frame'][0]}, {r.get('codec', 'zstd')}: "
         f"request {r['message_bytes']:,} B (payload {r['payload_bytes']:,} B), reply {r['reply_bytes']:,} B, "
         f"{r['requests_per_mode']} requests per mode, one in flight; load average {r['load_average']:.1f} on "
         f"{r['cpus']} CPUs",
@@ -677,6 +766,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time servers that do only part of hnd's path (proto in/out; + validate/decode) in the same rounds",
     )
+    p.add_argument(
+        "--loop-probe",
+        action="store_true",
+        help="instead: does decoding off the event loop pay? GetModelInfo latency while the request decodes, "
+        "server default vs always on / always off the loop",
+    )
+    p.add_argument("--seconds", type=float, default=5.0, help="--loop-probe: seconds per policy")
     p.add_argument("--json", help="write the result as JSON")
     # Child-process entry points (used by run()).
     p.add_argument("--serve", choices=("floor", "hnd", *(f"ladder-{s}" for s in LADDER)), help=argparse.SUPPRESS)
@@ -684,6 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reply-bytes", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--max-batch", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--max-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--offload-decode-bytes", default="-1", help=argparse.SUPPRESS)  # -1 default, none: never
     args = p.parse_args(argv)
     if args.serve == "floor":
         asyncio.run(_serve_floor(args.port, args.reply_bytes))
@@ -693,13 +790,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.serve == "hnd":
         asyncio.run(
-            _serve_hnd(args.port, args.config, args.seed, args.tail, args.detections, args.max_batch, args.max_delay_ms)
+            _serve_hnd(
+                args.port,
+                args.config,
+                args.seed,
+                args.tail,
+                args.detections,
+                args.max_batch,
+                args.max_delay_ms,
+                None if args.offload_decode_bytes == "none" else int(args.offload_decode_bytes),
+            )
         )
         return 0
     try:
         h, w = (int(v) for v in args.frame.lower().split("x"))
     except ValueError:
         p.error(f"--frame must be HxW, got {args.frame!r}")
+    if args.loop_probe:
+        probe = loop_probe(args.config, args.seed, args.bits, (h, w), args.seconds)
+        print(format_probe(probe))
+        if args.json:
+            atomic_write_text(Path(args.json), json.dumps(probe, indent=2) + "\n")
+        return 0
     result = run(
         args.config,
         args.seed,

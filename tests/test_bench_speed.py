@@ -74,3 +74,15 @@ def test_overhead_profile_splits_the_server_decode_into_its_steps():
     assert {"zstd decompress", "unpack symbols", "dequantize", "numpy -> torch"} <= set(parts)
     assert "server: batch queue -> compute thread -> loop" in steps
     assert all(v > 0 for v in steps.values())
+
+
+def test_loop_probe_times_another_call_while_the_server_decodes():
+    r = overhead.loop_probe(
+        CONFIG, size=(120, 160), seconds=0.4, probe_interval_ms=20, policies=("always off the loop",)
+    )
+    assert list(r["policies"]) == ["always off the loop"]
+    assert not r["learned"] and 0 < r["payload_bytes"] and r["raw_bytes"] < r["offload_decode_bytes"]
+    for p in r["policies"].values():
+        assert p["infers"] > 0 and p["probes"] > 0 and p["infer_ms_p50"] > 0
+        assert 0 < p["probe_ms"]["p50"] <= p["probe_ms"]["max"]
+    assert "GetModelInfo meanwhile" in overhead.format_probe(r)
