@@ -17,18 +17,16 @@ throughput barely grows with the batch).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hnd.bench.overhead import make_request, start_child, stop_child
-from hnd.common.files import atomic_write_text
+from hnd.common.files import atomic_write_json
 from hnd.common.timing import percentiles
 
 DEFAULT_POLICIES = "1x0,8x0,8x5,8x20"
@@ -200,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.config, args.tail, policies, edges, args.seconds, (h, w))
     print(format_markdown(result))
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.json, result)
     return 0
 
 

@@ -11,7 +11,6 @@ and the timings as the codec's own cost.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from hnd.common.files import atomic_write_text
+from hnd.common.files import atomic_write_json
 from hnd.common import codec
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     print("bottleneck values: " + ", ".join(f"{n} [{float(z.min()):.3g}, {float(z.max()):.3g}]" for n, z in zs.items()))
     print(table(rows))
     if args.json:
-        atomic_write_text(args.json, json.dumps({"cpu": cpu_name(), "rows": [asdict(r) for r in rows]}, indent=1))
+        atomic_write_json(args.json, {"cpu": cpu_name(), "rows": [asdict(r) for r in rows]}, indent=1)
 
 
 if __name__ == "__main__":

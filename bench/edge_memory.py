@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from hnd.common.files import atomic_write_text
+from hnd.common.files import atomic_write_json
 from hnd.edge import cli as edge_cli
 from hnd.edge.capture import sample_images, write_video
 from hnd.server.local import free_port, start_server_process, stop_server_process
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
     if a.json:
-        atomic_write_text(a.json, json.dumps(result, indent=2))
+        atomic_write_json(a.json, result)
     return 0
 
 

@@ -20,7 +20,6 @@ of the 640x480 frame from each runtime next to torch eager's (the torch edge's).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -36,7 +35,7 @@ from hnd.common import codec, entropy_coder
 from hnd.common.checkpoint import fingerprint
 from hnd.common.build import build_model_from_config
 from hnd.common.config import load_config, with_weights
-from hnd.common.files import atomic_write_text
+from hnd.common.files import atomic_write_json, atomic_write_text
 from hnd.common.split import EntropicHead, Head, split_model
 from hnd.edge.capture import sample_images
 from hnd.edge.onnx_export import export_onnx, head_metadata, quantize_int8
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(res)
     print(text)
     if args.json:
-        atomic_write_text(args.json, json.dumps(asdict(res), indent=2))
+        atomic_write_json(args.json, asdict(res))
     if args.markdown:
         atomic_write_text(args.markdown, text)
     return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import socket
 import subprocess
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hnd.common.files import atomic_write_json
 from hnd.common import codec, wire
 from hnd.common.checkpoint import fingerprint
 from hnd.common.config import load_config
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(args.server_python, args.repeat, cases)
     print(markdown(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        atomic_write_json(args.json, [asdict(r) for r in rows])
     return 0
 
 

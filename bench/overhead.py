@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import queue
 import subprocess
@@ -40,7 +39,7 @@ from typing import Any, cast
 import grpc
 import numpy as np
 
-from hnd.common.files import atomic_write_text
+from hnd.common.files import atomic_write_json
 from hnd.common.timing import percentiles
 from hnd.proto.v1 import tensor_pb2
 
@@ -828,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(format_table(result))
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.json, result)
     return 0
 
 

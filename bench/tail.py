@@ -13,16 +13,14 @@ batches of any size share a shape). Per option: each batch size timed ``--repeat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from hnd.common.files import atomic_write_text
+from hnd.common.files import atomic_write_json
 
 DEFAULT_OPTIONS = "fp32,bf16,fp16,bf16+channels_last"
 
@@ -175,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = run(args.config, args.device, options, batches, args.repeats, (h, w), score=args.score)
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.json, result)
     return 0
 
 
