@@ -78,7 +78,6 @@ import argparse
 import sys
 
 from hnd.common import codec
-from hnd.common.config import filter_threshold_problem
 from hnd.common.errors import USER_ERRORS, UsageError, report
 
 from hnd.bench.frames import MIXED_SIZE
@@ -187,9 +186,6 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         raise UsageError("--mixed N: N >= 1 frames, and no --frames (N is the frame count)")
     if not 0.0 <= args.empty_fraction <= 1.0:
         raise UsageError(f"--empty-fraction must be in [0, 1], got {args.empty_fraction}")
-    problem = filter_threshold_problem(args.filter_threshold) if args.filter_threshold is not None else None
-    if problem:
-        raise UsageError(f"--filter-threshold {problem}")
     parse_links(args.links)  # fail before any model is built
     return BenchOptions(
         config=args.config,

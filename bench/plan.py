@@ -15,11 +15,10 @@ from typing import Any
 
 import yaml
 
-from hnd.common.errors import UsageError
 from hnd.common.config import (
     ConfigError,
     ModelConfig,
-    filter_threshold_problem,
+    check_filter_threshold_flag,
     load_config,
     resolve_config_path,
     with_weights,
@@ -67,7 +66,7 @@ class Setting:
         """The options that tell this setting apart, as results.json records them."""
         o = self.options
         if self.mode == "split":
-            return {"bits": o.bits, "granularity": o.granularity, "compression": o.compression, "level": o.level}
+            return o.codec.as_dict()
         if self.mode == "offload":
             return {
                 "image_format": o.image_format,
@@ -90,7 +89,8 @@ def split_settings(bits: list[int], granularities: list[str] | None, base: EdgeO
     out = []
     for b, g in dict.fromkeys(pairs):  # dedupe, keep order
         name = {16: "float16", 32: "float32"}.get(b, f"{b}-bit {g}")
-        out.append(Setting("split", name, dataclasses.replace(base, mode="split", bits=b, granularity=g)))
+        settings = dataclasses.replace(base.codec, bits=b, granularity=g)
+        out.append(Setting("split", name, dataclasses.replace(base, mode="split", codec=settings)))
     return out
 
 
@@ -202,13 +202,9 @@ def plan(o: BenchOptions, out: Path) -> Plan:
     data = yaml.safe_load(Path(resolve_config_path(config)).read_text())
     flt = model_cfg.filter
     if o.filter_threshold is not None:
-        if flt is None:
-            raise ConfigError(f"--filter-threshold: {cfg.path} has no neural filter (add a model.filter section)")
+        check_filter_threshold_flag(o.filter_threshold, cfg)
         if o.no_filter:
             raise ConfigError("--filter-threshold and --no-filter contradict each other")
-        problem = filter_threshold_problem(o.filter_threshold)
-        if problem:
-            raise UsageError(f"--filter-threshold {problem}")
     filter_info = None
     if flt is not None and not o.no_filter:
         if flt.checkpoint is not None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,7 +48,8 @@ import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from hnd.common import codec
-from hnd.common.files import atomic_write_text
+from hnd.common.errors import USER_ERRORS, HndError, UsageError, report
+from hnd.common.files import atomic_write_json, atomic_write_text
 from hnd.common.split import split_model
 from hnd.common.stream_codec import StreamEncoder
 from hnd.common.video import VideoDecoder, VideoEncoder, VideoSettings, available_formats
@@ -74,6 +74,12 @@ class RateSetting:
     size: str
     params: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def codec(self) -> codec.CodecSettings:
+        """A split setting's codec settings (validated), from its params."""
+        p = self.params
+        return codec.CodecSettings(p["bits"], p["granularity"], p.get("compression", "zstd"))
+
 
 @dataclass
 class RateRow:
@@ -96,7 +102,7 @@ class RateRow:
 def parse_sizes(text: str) -> list[str]:
     sizes = [s.strip() for s in text.split(",") if s.strip()]
     if not sizes or not set(sizes) <= {"native", "model"}:
-        raise ValueError(f"--sizes: expected native and/or model, got {text!r}")
+        raise UsageError(f"--sizes: expected native and/or model, got {text!r}")
     return sizes
 
 
@@ -168,7 +174,7 @@ def image_roundtrip(family: str, quality: int) -> Callable[[np.ndarray], tuple[b
     def run(rgb: np.ndarray) -> tuple[bytes, np.ndarray]:
         ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [flag, quality])
         if not ok:
-            raise RuntimeError(f"cannot encode a frame as {family}")
+            raise HndError(f"cannot encode a frame as {family}")
         return buf.tobytes(), cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
     return run
@@ -281,7 +287,7 @@ def _run_setting(
         tail = splits[s.size][1]
         out_sizes, dets = [], []
         if p["coding"] == "temporal":
-            enc = StreamEncoder(p["bits"], p["granularity"], key_interval=key_interval, max_clamped=max_clamped)
+            enc = StreamEncoder(*s.codec.as_tuple(), key_interval=key_interval, max_clamped=max_clamped)
             clamped = []
             for z, meta in head_outputs(s.size):
                 frame = enc.encode(z)
@@ -292,14 +298,13 @@ def _run_setting(
                 dets.append(tail(torch.as_tensor(np.asarray(zq)), meta)[0])
             extra.update(key_frames=enc.keys, clamp_keys=enc.clamp_keys, clamped_share=float(np.mean(clamped)))
         else:
-            compression = p.get("compression", "zstd")
-            head = splits[s.size][0]
-            prior = head.prior_tables() if compression == codec.LEARNED else None
+            settings = s.codec
+            prior = splits[s.size][0].prior_tables() if settings.learned else None
             for z, meta in head_outputs(s.size):
-                encoded = codec.encode(z, p["bits"], p["granularity"], compression, prior=prior)
+                encoded = settings.encode(z, prior=prior)
                 out_sizes.append(encoded.wire_size)
                 # == decode(encoded), bit for bit
-                zq = codec.roundtrip(z, p["bits"], p["granularity"], compression, prior=prior)
+                zq = settings.roundtrip(z, prior=prior)
                 dets.append(tail(torch.as_tensor(np.asarray(zq)), meta)[0])
         return out_sizes, dets, extra
     m = models[s.size]
@@ -423,12 +428,12 @@ def plot(rows: list[RateRow], path: Path, title: str) -> None:
 # CLI
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+def _numbers(text: str, flag: str, kind: type = int) -> list:
+    """``--flag 8,4,2`` -> [8, 4, 2] (UsageError naming the flag when a value is not a number)."""
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated {kind.__name__}s, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -488,7 +493,7 @@ def _frames_and_gt(args) -> tuple[list[np.ndarray], list[str], Any, list[int] | 
 
     frames, names = load_frames(args.images, args.video, args.frames)
     if len({f.shape for f in frames}) != 1:
-        raise ValueError("the frames must all have one size (a camera's frames)")
+        raise UsageError("the frames must all have one size (a camera's frames)")
     if args.annotations is None:
         return frames, names, None, None
     from hnd.train.data import load_coco
@@ -502,48 +507,58 @@ def _frames_and_gt(args) -> tuple[list[np.ndarray], list[str], Any, list[int] | 
             coco.dataset["images"], key=lambda im: (im.get("video_id", 0), im.get("frame_index", 0), im["id"])
         )
         if len(ordered) < len(frames):
-            raise ValueError(f"{args.annotations}: {len(ordered)} images for {len(frames)} frames")
+            raise UsageError(args.annotations, f"{len(ordered)} images for {len(frames)} frames")
         ids = [im["id"] for im in ordered[: len(frames)]]
     return frames, names, coco, ids
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hnd.common.checkpoint import CheckpointError
-    from hnd.common.config import ConfigError
-    from hnd.edge.capture import SourceError
-
     args = build_parser().parse_args(argv)
     try:
         return _main(args)
-    except (ValueError, OSError, RuntimeError, SourceError, ConfigError, CheckpointError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report(PROG, exc)
 
 
-def _main(args) -> int:
-    from hnd.common.config import load_config, with_weights
-    from hnd.common.build import build_model_from_config
+def write_results(
+    rows: list[RateRow], header: dict[str, Any], frames: list[np.ndarray], out: Path, accuracy: bool
+) -> None:
+    """rate_accuracy.md / .json (and .png with accuracy) into ``out``; the table on stdout."""
+    text = render_markdown(rows, header)
+    atomic_write_text(out / "rate_accuracy.md", text)
+    atomic_write_json(out / "rate_accuracy.json", {**header, "rows": [asdict(r) for r in rows]}, indent=1)
+    written = ["rate_accuracy.md", "rate_accuracy.json"]
+    if accuracy:
+        plot(
+            rows,
+            out / "rate_accuracy.png",
+            f"{Path(str(header['run']['source'])).name}: {len(frames)} frames "
+            f"{frames[0].shape[1]}x{frames[0].shape[0]}, {header['run']['weights']}",
+        )
+        written.append("rate_accuracy.png")
+    print(text)
+    print(f"{PROG}: wrote {', '.join(written)} to {out}", file=sys.stderr)
 
-    from hnd.bench.report import machine_info
 
+def sweep_from_args(args: argparse.Namespace, cfg: Any) -> list[RateSetting]:
+    """The sweep the flags ask for (UsageError naming the flag otherwise); an Entropic Student's config
+    turns the default --bits into its one learned setting."""
     if args.frames < 1 or args.key_interval < 1 or not 0 <= args.max_clamped <= 1:
-        raise ValueError("--frames and --key-interval must be >= 1, --max-clamped in [0, 1]")
-    bits = _ints(args.bits)
+        raise UsageError("--frames and --key-interval must be >= 1, --max-clamped in [0, 1]")
+    bits = _numbers(args.bits, "--bits")
     if not bits or not set(bits) <= {codec.LEARNED_BITS, *codec.BITS}:
-        raise ValueError(
+        raise UsageError(
             f"--bits: expected values of {codec.BITS} (or 0: an Entropic Student's learned coding), got {args.bits!r}"
         )
     grans = [g.strip() for g in args.granularity.split(",") if g.strip()]
     codings = [c.strip() for c in args.coding.split(",") if c.strip()]
     if not grans or not set(grans) <= {"tensor", "channel"} or not codings or not set(codings) <= {"intra", "temporal"}:
-        raise ValueError("--granularity: tensor and/or channel; --coding: intra and/or temporal")
-    config = args.config or "hnd/faster_rcnn-b3ch"
-    cfg = load_config(config)
+        raise UsageError("--granularity: tensor and/or channel; --coding: intra and/or temporal")
     if (cfg.model.bottleneck_type == "entropic") != (bits == [codec.LEARNED_BITS]):
         if cfg.model.bottleneck_type == "entropic" and args.bits == build_parser().get_default("bits"):
             bits = [codec.LEARNED_BITS]  # an Entropic Student has one split setting: its learned coding
         else:
-            raise ValueError(
+            raise UsageError(
                 "--bits 0 (learned entropy coding) is for Entropic Student configs, and an Entropic "
                 "Student takes only --bits 0"
             )
@@ -552,11 +567,23 @@ def _main(args) -> int:
         grans,
         codings,
         parse_sizes(args.sizes),
-        _ints(args.jpeg_quality),
-        _ints(args.webp_quality),
-        _floats(args.crf),
-        _floats(args.hevc_crf),
+        _numbers(args.jpeg_quality, "--jpeg-quality"),
+        _numbers(args.webp_quality, "--webp-quality"),
+        _numbers(args.crf, "--crf", float),
+        _numbers(args.hevc_crf, "--hevc-crf", float),
     )
+    return settings
+
+
+def _main(args) -> int:
+    from hnd.common.config import load_config, with_weights
+    from hnd.common.build import build_model_from_config
+
+    from hnd.bench.report import machine_info
+
+    config = args.config or "hnd/faster_rcnn-b3ch"
+    cfg = load_config(config)
+    settings = sweep_from_args(args, cfg)
     if args.threads:
         torch.set_num_threads(args.threads)
     random_weights = args.random_weights
@@ -604,20 +631,7 @@ def _main(args) -> int:
             "notes": notes,
         },
     }
-    text = render_markdown(rows, header)
-    atomic_write_text(out / "rate_accuracy.md", text)
-    atomic_write_text(out / "rate_accuracy.json", json.dumps({**header, "rows": [asdict(r) for r in rows]}, indent=1))
-    written = ["rate_accuracy.md", "rate_accuracy.json"]
-    if not args.no_accuracy:
-        plot(
-            rows,
-            out / "rate_accuracy.png",
-            f"{Path(str(header['run']['source'])).name}: {len(frames)} frames "
-            f"{frames[0].shape[1]}x{frames[0].shape[0]}, {header['run']['weights']}",
-        )
-        written.append("rate_accuracy.png")
-    print(text)
-    print(f"{PROG}: wrote {', '.join(written)} to {out}", file=sys.stderr)
+    write_results(rows, header, frames, out, accuracy=not args.no_accuracy)
     return 0
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -15,9 +14,9 @@ import torch
 from hnd.common.checkpoint import fingerprint
 from hnd.common.config import load_config
 from hnd.common.build import build_model_from_config
-from hnd.common.files import atomic_write_text
+from hnd.common.files import atomic_write_json, atomic_write_text
 from hnd.edge.client import ClientSettings, SplitClient
-from hnd.edge.modes import check_fingerprint
+from hnd.common.meta import check_fingerprint
 from hnd.edge.pipeline import EdgeOptions
 
 from hnd.bench.agreement import add_agreement
@@ -64,7 +63,7 @@ def _measure(
             )
             try:
                 info = client.model_info()
-                check_fingerprint(info, fp)
+                check_fingerprint(info.weights_fingerprint, fp)
                 measured = measure(settings, frames.images, frames.names, model, fp, client, progress, answered)
             finally:
                 client.close()
@@ -91,9 +90,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     cfg = load_config(p.config_path)
     model = build_model_from_config(p.model, cfg.path)
     frames = _frames(o, p, out)
-    base = EdgeOptions(
-        compression=cfg.runtime.compression, level=cfg.runtime.level, max_inflight=1, keep_detections=False
-    )
+    base = EdgeOptions(codec=cfg.runtime.codec, max_inflight=1, keep_detections=False)
     settings = all_settings(p.bits, o.granularities, base, p.filter.threshold if p.filter else None)
 
     (samples, records, detections, requests), server_desc = _measure(p, model, settings, frames, o.progress)
@@ -173,6 +170,6 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
     """results.json, results.md and the bytes plot from the JSON form of a run."""
-    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
+    atomic_write_json(out / "results.json", result, indent=1)
     atomic_write_text(out / "results.md", render_markdown(result))
     plot_bytes(result["results"], out / "bytes_per_frame.png")

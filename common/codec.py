@@ -58,6 +58,7 @@ __all__ = [
     "DTYPES",
     "GRANULARITIES",
     "CodecError",
+    "CodecSettings",
     "EncodedTensor",
     "Limits",
     "Quantized",
@@ -105,6 +106,59 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class CodecSettings:
+    """How a bottleneck is coded, validated once: built here, or not at all (CodecError).
+
+    The rules, stated only here: ``compression`` one of ``ALL_COMPRESSIONS`` and a zstd ``level`` in
+    zstd's range; the affine modes take ``bits`` in ``BITS`` and ``granularity`` in ``GRANULARITIES``,
+    with ``original`` only at ``ORIGINAL_BITS`` (8); ``learned`` (an Entropic Student's entropy coding)
+    takes bits 0 and granularity "channel". Config (``RuntimeConfig.codec``), the CLIs, the benchmarks and
+    the edge's modes (``EdgeOptions.codec``) carry one of these instead of loose arguments.
+    """
+
+    bits: int = 8
+    granularity: str = "tensor"
+    compression: str = "zstd"
+    level: int = 3
+
+    def __post_init__(self) -> None:
+        _check_compression(self.compression, self.level)
+        if self.compression == LEARNED:
+            _check_learned_mode(self.bits, self.granularity)
+        else:
+            _check_mode(self.bits, self.granularity)
+
+    @classmethod
+    def learned_coding(cls) -> CodecSettings:
+        """An Entropic Student's one setting: learned entropy coding against its prior."""
+        return cls(LEARNED_BITS, "channel", LEARNED)
+
+    @property
+    def learned(self) -> bool:
+        return self.compression == LEARNED
+
+    def encode(self, tensor: Any, prior: Any = None) -> EncodedTensor:
+        """``encode`` at these settings (``prior``: an Entropic Student's PriorTables, learned coding only)."""
+        return encode(tensor, self.bits, self.granularity, self.compression, self.level, prior)
+
+    def roundtrip(self, tensor: Any, prior: Any = None) -> np.ndarray:
+        """``roundtrip`` at these settings: bit for bit what ``decode(self.encode(tensor))`` gives."""
+        return roundtrip(tensor, self.bits, self.granularity, self.compression, self.level, prior)
+
+    def as_tuple(self) -> tuple[int, str, str, int]:
+        """(bits, granularity, compression, level): the positional arguments of ``encode`` and ``StreamEncoder``."""
+        return (self.bits, self.granularity, self.compression, self.level)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "granularity": self.granularity,
+            "compression": self.compression,
+            "level": self.level,
+        }
 
 
 @dataclass
@@ -393,11 +447,7 @@ def _check_learned(bits: object, granularity: object, prior: Any) -> Any:
     """The PriorTables to code with; refuses affine settings mixed into the learned mode."""
     from hnd.common.entropy_coder import PriorTables
 
-    if bits != LEARNED_BITS or isinstance(bits, bool) or granularity != "channel":
-        raise CodecError(
-            f"learned entropy coding has no affine bits: use bits=0, granularity='channel' "
-            f"(got bits={bits!r}, granularity={granularity!r})"
-        )
+    _check_learned_mode(bits, granularity)
     if not isinstance(prior, PriorTables):
         raise CodecError(
             "learned entropy coding needs the Entropic Student's prior tables "
@@ -621,19 +671,22 @@ def _decompress(encoded: EncodedTensor) -> bytes:
 ORIGINAL_BITS = 8  # granularity "original" is the original repository's 8-bit scheme, nothing else
 
 
-def check_mode(bits: object, granularity: object) -> None:
-    """The one rule for an affine codec mode (config, CLIs, bench, edge and server all call it):
-    bits in ``BITS``, granularity in ``GRANULARITIES``, and ``original`` only at 8 bits. CodecError otherwise."""
-    _check_mode(bits, granularity)
-
-
 def _check_mode(bits: object, granularity: object) -> None:
+    """An affine (or float) mode: ``CodecSettings``' rule, also applied to what a decoder is sent."""
     if bits not in BITS or isinstance(bits, bool):
         raise CodecError(f"unsupported bits {bits!r}; expected one of {BITS}")
     if granularity not in GRANULARITIES:
         raise CodecError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
     if granularity == "original" and bits != ORIGINAL_BITS:
         raise CodecError(f"granularity 'original' is the original {ORIGINAL_BITS}-bit scheme; got bits={bits}")
+
+
+def _check_learned_mode(bits: object, granularity: object) -> None:
+    if bits != LEARNED_BITS or isinstance(bits, bool) or granularity != "channel":
+        raise CodecError(
+            f"learned entropy coding has no affine bits: use bits=0, granularity='channel' "
+            f"(got bits={bits!r}, granularity={granularity!r})"
+        )
 
 
 def _check_compression(compression: object, level: object) -> None:

@@ -39,6 +39,17 @@ class ConfigError(HndError):
     """A config that cannot be used; the message names the file, the key and the problem."""
 
 
+def check_filter_threshold_flag(threshold: float, cfg: Config) -> float:
+    """A ``--filter-threshold`` (hnd-edge, hnd-bench) for ``cfg``'s model: ConfigError when the model has no
+    neural filter or the value breaks :func:`filter_threshold_problem`'s rule; else the threshold."""
+    if cfg.model.filter is None:
+        raise ConfigError(f"--filter-threshold: {cfg.path} has no neural filter (add a model.filter section)")
+    problem = filter_threshold_problem(threshold)
+    if problem:
+        raise ConfigError(f"--filter-threshold {problem}")
+    return threshold
+
+
 @dataclass
 class FilterConfig:
     """The GHND neural filter (Ext4ResNet on the stem output, in the head): the edge skips a frame
@@ -149,6 +160,12 @@ class RuntimeConfig:
     max_queue: int = 64
     max_inflight: int = 4
     deadline_s: float = 30.0
+
+    @property
+    def codec(self) -> codec.CodecSettings:
+        """bits / granularity / compression / level as the one validated codec type (CodecError if invalid;
+        a loaded config has been checked, so it is valid there)."""
+        return codec.CodecSettings(self.bits, self.granularity, self.compression, self.level)
 
 
 @dataclass
@@ -287,11 +304,10 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> Config:
             f"{path}: runtime: compression learned / bits 0 is for Entropic Student models "
             "(model.bottleneck_type: entropic)"
         )
-    if rt.compression != codec.LEARNED:
-        try:
-            codec.check_mode(rt.bits, rt.granularity)
-        except codec.CodecError as exc:
-            raise ConfigError(f"{path}: runtime: {exc}") from None
+    try:  # the codec's own rules (CodecSettings), once the model's are met
+        codec.CodecSettings(rt.bits, rt.granularity, rt.compression, rt.level)
+    except codec.CodecError as exc:
+        raise ConfigError(f"{path}: runtime: {exc}") from None
     return cfg
 
 

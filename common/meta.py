@@ -1,11 +1,15 @@
-"""Plain data both sides share, without torch (the edge's ONNX path and config loading use it):
-the model kinds, and SplitMeta, the image sizes that travel with a bottleneck."""
+"""Plain data and rules both sides share, without torch (the edge's ONNX path and config loading use
+them): the model kinds, SplitMeta (the image sizes that travel with a bottleneck) and the one-checkpoint
+rule (:func:`check_fingerprint`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["BOTTLENECK_TYPES", "MODEL_KINDS", "SplitMeta", "concat_meta"]
+from hnd.common.errors import HndError
+
+__all__ = ["BOTTLENECK_TYPES", "MODEL_KINDS", "FingerprintMismatch", "SplitMeta", "check_fingerprint", "concat_meta"]
 
 MODEL_KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
 BOTTLENECK_TYPES = ("hnd", "entropic")
@@ -45,4 +49,42 @@ def concat_meta(metas: list[SplitMeta]) -> SplitMeta:
         original_sizes=tuple(s for m in metas for s in m.original_sizes),
         image_sizes=tuple(s for m in metas for s in m.image_sizes),
         padded_size=metas[0].padded_size,
+    )
+
+
+class FingerprintMismatch(HndError):
+    """Two sides hold different weights. The server answers it with FAILED_PRECONDITION; the edge stops
+    with its one line. ``expected`` / ``given``: the two fingerprints (``given`` "" when none came)."""
+
+    def __init__(self, message: str, expected: str, given: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.given = given
+
+
+def check_fingerprint(
+    expected: str,
+    given: str | None,
+    *,
+    expected_is: str = "server",
+    given_is: str = "edge",
+    required: bool = True,
+    shown: Callable[[str], str] = str,
+) -> None:
+    """The one-checkpoint rule: edge and server load the same weights, so their fingerprints
+    (``hnd.common.checkpoint.fingerprint``, a hash of the state dict) are equal.
+
+    A missing ``given`` (None or "") is a mismatch when ``required``: a bottleneck is only meaningful
+    to the tail of the weights whose head made it. Where it is optional (an offloaded image, a reply
+    without a weights tag) a missing one passes. ``expected_is`` / ``given_is`` name the sides in the
+    message; ``shown`` renders ``given`` (the server bounds client text).
+    """
+    given = given or ""
+    if given == expected or (not given and not required):
+        return
+    raise FingerprintMismatch(
+        f"weights fingerprint mismatch: {given_is} {shown(given) if given else '(none)'}, {expected_is} {expected} "
+        "(both sides must load the same checkpoint or seed)",
+        expected,
+        given,
     )

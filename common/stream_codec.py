@@ -97,8 +97,9 @@ class StreamEncoder:
         key_interval: int = 30,
         max_clamped: float = 0.0,
     ) -> None:
-        codec._check_mode(bits, granularity)
-        codec._check_compression(compression, level)
+        self.settings = codec.CodecSettings(bits, granularity, compression, level)
+        if self.settings.learned:
+            raise CodecError("temporal coding is for affine bottlenecks; learned entropy coding codes every frame")
         if key_interval < 1:
             raise CodecError(f"key_interval must be >= 1, got {key_interval}")
         if not 0.0 <= max_clamped <= 1.0:

@@ -20,7 +20,6 @@ holding anything to detect is below ``--filter-threshold`` (default: the config'
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -31,17 +30,25 @@ from pathlib import Path
 from typing import Any
 
 from hnd.common import codec
-from hnd.common.errors import USER_ERRORS, report
-from hnd.common.files import atomic_write_text
-from hnd.common.config import Config, ConfigError, filter_threshold_problem, load_config, with_weights
+from hnd.common.errors import USER_ERRORS, HndError, report
+from hnd.common.files import atomic_write_json
+from hnd.common.config import (
+    Config,
+    ConfigError,
+    RuntimeConfig,
+    check_filter_threshold_flag,
+    load_config,
+    with_weights,
+)
 from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceLost, open_source
 from hnd.edge.client import LB_POLICIES, ClientSettings, EdgeError, SplitClient, check_target
 from hnd.edge.draw import VideoSink, draw_detections
-from hnd.edge.modes import EdgeOptions, make_mode
+from hnd.edge.modes import EdgeMode, EdgeOptions, make_mode
 from hnd.edge.pipeline import EdgeRunner, ServerGone
 from hnd.edge.live import EdgeMetrics, LiveStats
 from hnd.edge.records import FrameRecord, RecordWriteError, RecordWriter, parse_rotate
 from hnd.edge.summary import Summary
+from hnd.proto.v1 import split_inference_pb2 as pb
 
 PROG = "hnd-edge"
 # Exit codes: 0 every frame answered, 1 some frames failed, 2 the edge could not start (config, model,
@@ -317,33 +324,97 @@ def filter_threshold(cfg: Config, args: argparse.Namespace) -> float | None:
     flt = cfg.model.filter
     given = getattr(args, "filter_threshold", None)
     if given is not None:
-        if flt is None:
-            raise ConfigError(f"--filter-threshold: {cfg.path} has no neural filter (add a model.filter section)")
+        check_filter_threshold_flag(given, cfg)
         if args.mode == "offload":
             raise ConfigError("--filter-threshold: the filter runs on the edge's head; offload mode has none")
-        problem = filter_threshold_problem(given)
-        if problem:
-            raise ConfigError(f"--filter-threshold {problem}")
         return given
     if flt is None or getattr(args, "no_filter", False) or args.mode == "offload":
         return None
     return flt.threshold
 
 
+def codec_settings(args: argparse.Namespace, rt: RuntimeConfig) -> codec.CodecSettings:
+    """--bits / --granularity / --compression over the config's runtime section, validated (ConfigError)."""
+    try:
+        return codec.CodecSettings(
+            bits=args.bits if args.bits is not None else rt.bits,
+            granularity=args.granularity or rt.granularity,
+            compression=args.compression or rt.compression,
+            level=rt.level,
+        )
+    except codec.CodecError as exc:
+        if (args.granularity or rt.granularity) == "original":
+            raise ConfigError(f"--granularity original: {exc}; use --bits 8") from None
+        raise ConfigError(f"--bits / --granularity / --compression: {exc}") from None
+
+
 def run_edge(args: argparse.Namespace) -> Summary:
-    """Everything main() does, as a function tests call; raises ConfigError / EdgeError / SourceError."""
+    """Everything main() does, as a function tests call; raises ConfigError / EdgeError / SourceError.
+
+    The pipeline: options -> frame source -> model -> client (checked against the server) -> runner,
+    its outputs (records, video, live stats and view) -> run -> summary.
+    """
+    check_early(args)
+    cfg = load_config(args.config)
+    options = edge_options(args, cfg)
+    source = open_source(
+        args.camera, args.video, args.images, args.max_frames, live=args.live, lost_after_s=args.source_timeout
+    )
+    options.give_up_after_s = give_up_after(args, source)
+    em = load_edge_model(
+        cfg,
+        args.mode,
+        args.checkpoint,
+        args.head,
+        args.random_weights,
+        args.ort_provider,
+        args.threads,
+        args.min_size,
+        args.max_size,
+    )
+    client = make_client(args, cfg.runtime, live=isinstance(source, LiveCapture)) if args.mode != "local" else None
+    mode = make_mode(options, em.head, em.fingerprint, em.model)
+    info = check_server(client, mode, em.fingerprint) if client is not None else None
+    runner = EdgeRunner(options, client=client, mode=mode)
+    global _current_runner
+    _current_runner = runner
+    outputs = EdgeOutputs.open(args, runner, client, source)
+    try:
+        summary = runner.run(source, outputs.on_record, progress=not args.no_progress and sys.stderr.isatty())
+        if info is not None and info.HasField("tail"):
+            summary.server_tail = f"{info.tail.summary} on {info.tail.device}"
+    except ServerGone as exc:
+        write_summary_json(args, exc.summary)
+        raise
+    finally:
+        outputs.close()
+        if client is not None:
+            client.close()
+    write_summary_json(args, summary)
+    return summary
+
+
+def check_early(args: argparse.Namespace) -> None:
+    """What can be refused before anything is loaded: the server address and --max-attempts."""
     if args.mode != "local":
-        check_target(args.server)  # before loading anything
+        check_target(args.server)
     if not 1 <= args.max_attempts <= 5:
         raise ConfigError(f"--max-attempts {args.max_attempts}: expected 1 to 5 (gRPC's retry policy allows at most 5)")
-    cfg = load_config(args.config)
+
+
+def edge_options(args: argparse.Namespace, cfg: Config) -> EdgeOptions:
+    """The EdgeOptions of this run: command-line flags over the config's runtime section, validated."""
     rt = cfg.runtime
-    options = EdgeOptions(
+    if args.key_interval < 1 or args.gop < 1 or not 0.0 <= args.max_clamped <= 1.0:
+        raise ConfigError("--key-interval and --gop must be >= 1, --max-clamped in [0, 1]")
+    if args.key_interval > 1 and args.mode != "split":
+        raise ConfigError(
+            "--key-interval: temporal coding of the bottleneck is for split mode "
+            "(offload video: --image-format h264 --gop N)"
+        )
+    return EdgeOptions(
         mode=args.mode,
-        bits=args.bits if args.bits is not None else rt.bits,
-        granularity=args.granularity or rt.granularity,
-        compression=args.compression or rt.compression,
-        level=rt.level,
+        codec=codec_settings(args, rt),
         image_format=args.image_format,
         jpeg_quality=args.jpeg_quality,
         webp_quality=args.webp_quality,
@@ -360,136 +431,124 @@ def run_edge(args: argparse.Namespace) -> Summary:
         preset=args.preset,
         score_threshold=args.score_threshold,
         max_attempts=args.max_attempts,
+        filter_threshold=filter_threshold(cfg, args),
     )
-    if args.key_interval < 1 or args.gop < 1 or not 0.0 <= args.max_clamped <= 1.0:
-        raise ConfigError("--key-interval and --gop must be >= 1, --max-clamped in [0, 1]")
-    if args.key_interval > 1 and args.mode != "split":
-        raise ConfigError(
-            "--key-interval: temporal coding of the bottleneck is for split mode "
-            "(offload video: --image-format h264 --gop N)"
-        )
-    if options.granularity == "original":
-        try:
-            codec.check_mode(options.bits, options.granularity)
-        except codec.CodecError as exc:
-            raise ConfigError(f"--granularity original: {exc}; use --bits 8") from None
-    options.filter_threshold = filter_threshold(cfg, args)
-    source = open_source(
-        args.camera, args.video, args.images, args.max_frames, live=args.live, lost_after_s=args.source_timeout
-    )
+
+
+def give_up_after(args: argparse.Namespace, source: FrameSource) -> float | None:
+    """Seconds without a server before the run ends (None: never): --give-up-after, else by source."""
     give_up = args.give_up_after
     if give_up is not None and give_up < 0:
         raise ConfigError(f"--give-up-after must be >= 0 seconds (0: never), got {give_up:g}")
     if give_up is None:  # files end after a while; a live camera keeps capturing and waits for its server
         give_up = None if isinstance(source, LiveCapture) else DEFAULT_GIVE_UP_S
-    options.give_up_after_s = give_up if give_up else None
-    em = load_edge_model(
-        cfg,
-        args.mode,
-        args.checkpoint,
-        args.head,
-        args.random_weights,
-        args.ort_provider,
-        args.threads,
-        args.min_size,
-        args.max_size,
+    return give_up if give_up else None
+
+
+def make_client(args: argparse.Namespace, rt: RuntimeConfig, live: bool) -> SplitClient:
+    """The gRPC client of this run (TLS, token, balancing and retries from the flags)."""
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    return SplitClient(
+        ClientSettings(
+            target=args.server,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            token=token,
+            max_message_bytes=rt.max_message_bytes,
+            timeout_s=args.timeout or rt.deadline_s,
+            lb=args.lb,
+            max_attempts=args.max_attempts,
+            tls_server_name=args.tls_server_name,
+            # A live source waits for a server that went away as long as it takes (capturing meanwhile);
+            # files keep the bounded wait.
+            reconnect_timeout_s=None if live else 30.0,
+        )
     )
-    client = None
-    if args.mode != "local":
-        token = Path(args.token_file).read_text().strip() if args.token_file else None
-        client = SplitClient(
-            ClientSettings(
-                target=args.server,
-                tls_ca=args.tls_ca,
-                tls_cert=args.tls_cert,
-                tls_key=args.tls_key,
-                token=token,
-                max_message_bytes=rt.max_message_bytes,
-                timeout_s=args.timeout or rt.deadline_s,
-                lb=args.lb,
-                max_attempts=args.max_attempts,
-                tls_server_name=args.tls_server_name,
-                # A live source waits for a server that went away as long as it takes (capturing meanwhile);
-                # files keep the bounded wait.
-                reconnect_timeout_s=None if isinstance(source, LiveCapture) else 30.0,
-            )
-        )
-    mode = make_mode(options, em.head, em.fingerprint, em.model)
-    if client is not None:
-        info = client.model_info()
-        try:
-            mode.check_server(info)
-        except EdgeError as exc:
-            raise EdgeError(f"{exc} (replica {client.info_replica})" if client.info_replica else str(exc)) from None
-        # Every replica must hold these weights (split: the edge's own; offload: the first replica's).
-        client.expected_fingerprint = em.fingerprint or info.weights_fingerprint
-    runner = EdgeRunner(options, client=client, mode=mode)
-    global _current_runner
-    _current_runner = runner
-    writer = None
-    if args.output:
-        writer = RecordWriter(
-            args.output, rotate=args.output_rotate, keep=args.output_keep, on_error=args.on_write_error
-        )
-        if writer.appended_to:
-            print(f"{PROG}: appending to {args.output} ({writer.appended_to:,} bytes already there)", file=sys.stderr)
-    video = (
-        VideoSink(
-            args.save_video, segment_s=parse_duration(args.video_segment, "--video-segment"), keep=args.video_keep
-        )
-        if args.save_video
-        else None
-    )
-    live = make_live_stats(args, runner, client, source, writer)
-    view = None
-    if args.view_port is not None:
-        from hnd.edge.view import LiveView  # tornado only when asked for
 
-        view = LiveView(
-            args.view_port, args.view_host, min_score=args.score_threshold if args.score_threshold is not None else 0.5
-        )
-        live.listeners.append(view.window)
-        print(f"{PROG}: live view on {view.url}", file=sys.stderr)
 
-    def on_record(record: FrameRecord, frame: Frame) -> None:
-        if writer is not None:
-            writer.write(record)
-        live.add(record)
-        dets = runner.last_detections if record.ok else None
-        if view is not None:
-            view.publish(frame.image, dets[0] if dets else None, record)
-        if video is not None and frame.image is not None:
-            video.write(draw_detections(frame.image, dets[0]) if dets else frame.image)
-
-    progress = not args.no_progress and sys.stderr.isatty()
-    live.start()
+def check_server(client: SplitClient, mode: EdgeMode, fingerprint: str) -> pb.ModelInfo:
+    """GetModelInfo, and the mode's check of it (one line naming the replica that answered)."""
+    info = client.model_info()
     try:
-        summary = runner.run(source, on_record, progress=progress)
-        if client is not None and info.HasField("tail"):
-            summary.server_tail = f"{info.tail.summary} on {info.tail.device}"
-    except ServerGone as exc:
-        if args.summary_json and exc.summary is not None:
-            atomic_write_text(args.summary_json, json.dumps(exc.summary.as_dict(), indent=2))
-        raise
-    finally:
+        mode.check_server(info)
+    except HndError as exc:
+        raise EdgeError(f"{exc} (replica {client.info_replica})" if client.info_replica else str(exc)) from None
+    # Every replica must hold these weights (split: the edge's own; offload: the first replica's).
+    client.expected_fingerprint = fingerprint or info.weights_fingerprint
+    return info
+
+
+def write_summary_json(args: argparse.Namespace, summary: Summary | None) -> None:
+    if args.summary_json and summary is not None:
+        atomic_write_json(args.summary_json, summary.as_dict())
+
+
+@dataclass
+class EdgeOutputs:
+    """Where each frame's record goes besides the summary: the records file, the annotated video, the live
+    stats (status line, --stats-interval, --metrics-port) and the live view."""
+
+    runner: EdgeRunner
+    writer: RecordWriter | None
+    video: VideoSink | None
+    live: LiveStats
+    view: Any  # hnd.edge.view.LiveView (tornado) or None
+
+    @classmethod
+    def open(
+        cls, args: argparse.Namespace, runner: EdgeRunner, client: SplitClient | None, source: FrameSource
+    ) -> EdgeOutputs:
+        writer = None
+        if args.output:
+            writer = RecordWriter(
+                args.output, rotate=args.output_rotate, keep=args.output_keep, on_error=args.on_write_error
+            )
+            if writer.appended_to:
+                print(
+                    f"{PROG}: appending to {args.output} ({writer.appended_to:,} bytes already there)", file=sys.stderr
+                )
+        video = None
+        if args.save_video:
+            segment_s = parse_duration(args.video_segment, "--video-segment")
+            video = VideoSink(args.save_video, segment_s=segment_s, keep=args.video_keep)
+        live = make_live_stats(args, runner, client, source, writer)
+        view = None
+        if args.view_port is not None:
+            from hnd.edge.view import LiveView  # tornado only when asked for
+
+            min_score = args.score_threshold if args.score_threshold is not None else 0.5
+            view = LiveView(args.view_port, args.view_host, min_score=min_score)
+            live.listeners.append(view.window)
+            print(f"{PROG}: live view on {view.url}", file=sys.stderr)
+        live.start()
+        return cls(runner, writer, video, live, view)
+
+    def on_record(self, record: FrameRecord, frame: Frame) -> None:
+        if self.writer is not None:
+            self.writer.write(record)
+        self.live.add(record)
+        dets = self.runner.last_detections if record.ok else None
+        if self.view is not None:
+            self.view.publish(frame.image, dets[0] if dets else None, record)
+        if self.video is not None and frame.image is not None:
+            self.video.write(draw_detections(frame.image, dets[0]) if dets else frame.image)
+
+    def close(self) -> None:
+        live, summary = self.live, self.runner.summary
         live.stop()
-        if view is not None:
-            view.close()
-        if runner.summary is not None:
+        if self.view is not None:
+            self.view.close()
+        if summary is not None:
             live.emit(force_stats=True)  # the last window, also for a run shorter than one interval
-        if writer is not None:
-            writer.close()
-            if runner.summary is not None:
-                runner.summary.records_lost = writer.lost
-        if video is not None:
-            video.close()
-        if client is not None:
-            client.close()
+        if self.writer is not None:
+            self.writer.close()
+            if summary is not None:
+                summary.records_lost = self.writer.lost
+        if self.video is not None:
+            self.video.close()
         if live.stats_out is not None and live.stats_out is not sys.stdout:
             live.stats_out.close()
-    if args.summary_json:
-        atomic_write_text(args.summary_json, json.dumps(summary.as_dict(), indent=2))
-    return summary
 
 
 _current_runner: EdgeRunner | None = None  # the run in progress, for SIGUSR1

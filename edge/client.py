@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 
 from hnd.common.errors import HndError
+from hnd.common.meta import FingerprintMismatch, check_fingerprint
 from hnd.edge.diagnose import describe_failure
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import split_inference_pb2_grpc as pb_grpc
@@ -210,9 +211,7 @@ class SplitClient:
                 md = metadata_of(f)
                 self.check_weights(md)
                 out.set_result(Reply(response, now, md.get(REPLICA_KEY, "")))
-            except (grpc.RpcError, WeightsMismatch) as exc:
-                out.set_exception(exc)
-            except Exception as exc:  # noqa: BLE001 - cancelled and the like
+            except Exception as exc:  # noqa: BLE001 - RpcError, WeightsMismatch, cancelled and the like
                 out.set_exception(exc)
 
         call.add_done_callback(done)
@@ -220,9 +219,12 @@ class SplitClient:
 
     def check_weights(self, md: dict[str, str]) -> None:
         """WeightsMismatch when the replica that sent ``md`` holds other weights than expected."""
-        weights = md.get(WEIGHTS_KEY)
-        if self.expected_fingerprint is not None and weights is not None and weights != self.expected_fingerprint:
-            raise WeightsMismatch(self.mismatch_message(md.get(REPLICA_KEY, "?"), weights))
+        if self.expected_fingerprint is None:
+            return
+        try:  # a reply without the weights tag (a server not behind our interceptor) passes
+            check_fingerprint(self.expected_fingerprint, md.get(WEIGHTS_KEY), required=False)
+        except FingerprintMismatch as exc:
+            raise WeightsMismatch(self.mismatch_message(md.get(REPLICA_KEY, "?"), exc.given)) from None
 
     def mismatch_message(self, replica: str, weights: str) -> str:
         return (
@@ -277,6 +279,7 @@ class _Stream:
         self.requests: queue.Queue = queue.Queue()
         self.pending: queue.Queue[tuple[str, concurrent.futures.Future]] = queue.Queue()
         self.broken = False
+        self.error: BaseException | None = None  # what ended the stream (set with broken)
         self._lock = threading.Lock()
         self.client = client
         self.replica = ""
@@ -287,8 +290,10 @@ class _Stream:
     def submit(self, request: pb.InferRequest) -> concurrent.futures.Future:
         out: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            if self.broken:
-                out.set_exception(StreamBroken("stream closed"))
+            if self.broken:  # a refusal that came before this request (other weights) stays the answer
+                out.set_exception(
+                    self.error if isinstance(self.error, WeightsMismatch) else StreamBroken("stream closed")
+                )
                 return out
             self.pending.put((request.request_id, out))
             self.requests.put(request)
@@ -316,6 +321,7 @@ class _Stream:
             error = EdgeError("server answered a request that was not sent")
         with self._lock:
             self.broken = True
+            self.error = error
             while True:
                 try:
                     _, fut = self.pending.get_nowait()

@@ -2,7 +2,7 @@
 
 The interface (:class:`EdgeMode`), as the runner (:class:`hnd.edge.pipeline.EdgeRunner`) uses it::
 
-    mode.check_server(info)            # once, after GetModelInfo: raise EdgeError (one line) if the
+    mode.check_server(info)            # once, after GetModelInfo: raise an HndError (one line) if the
                                        # server cannot serve this mode (fingerprint, bits, formats...)
     p = mode.prepare(frame)            # per frame, on the edge: -> Prepared, a typed request
                                        #   (p.request: pb.InferRequest, None when computed here)
@@ -34,6 +34,8 @@ import cv2
 import numpy as np
 
 from hnd.common import wire
+from hnd.common.codec import CodecSettings
+from hnd.common.meta import check_fingerprint
 from hnd.common.timing import ms_since, now_ns
 from hnd.edge.capture import Frame
 from hnd.edge.client import EdgeError, next_request_id
@@ -47,10 +49,7 @@ Detections = dict[str, Any]  # boxes [N, 4], labels [N], scores [N] (+ masks, ke
 @dataclass
 class EdgeOptions:
     mode: str = "split"  # split | offload | local
-    bits: int = 8
-    granularity: str = "tensor"
-    compression: str = "zstd"
-    level: int = 3
+    codec: CodecSettings = CodecSettings()  # split: how the bottleneck is coded (validated)
     image_format: str = "jpeg"  # offload: jpeg | png | webp | h264 | hevc (video: InferStream)
     jpeg_quality: int = 90
     webp_quality: int = 80
@@ -112,7 +111,7 @@ class EdgeMode:
         self.fingerprint = fingerprint
 
     def check_server(self, info: pb.ModelInfo) -> None:
-        """Raise EdgeError with one line when the server cannot serve this mode."""
+        """Raise an HndError (EdgeError, FingerprintMismatch) with one line when the server cannot serve this mode."""
 
     def prepare(self, frame: Frame) -> Prepared:
         raise NotImplementedError
@@ -143,33 +142,25 @@ class EdgeMode:
         return request
 
 
-def check_fingerprint(info: pb.ModelInfo, fingerprint: str) -> None:
-    """The edge's side of the one-checkpoint rule: the server holds the same weights (else EdgeError naming both)."""
-    if info.weights_fingerprint != fingerprint:
-        raise EdgeError(
-            f"weights fingerprint mismatch: edge {fingerprint}, server {info.weights_fingerprint} "
-            "(both sides must load the same checkpoint or seed)"
-        )
-
-
 def check_split_server(
-    info: pb.ModelInfo, fingerprint: str, bits: int, resize: tuple[int, int] | None, compression: str = "zstd"
+    info: pb.ModelInfo, fingerprint: str, settings: CodecSettings, resize: tuple[int, int] | None
 ) -> None:
-    """What a split mode needs of the server: the same weights, its codec mode and bits and (given) a resize
-    it accepts.
+    """What a split mode needs of the server: the same weights (FingerprintMismatch), ``settings``' codec
+    mode and bits and (given) a resize it accepts (EdgeError).
 
     resize: the edge's (min_size, max_size). A server that advertises ``limits.max_short_side /
     max_long_side`` accepts any resize within them (a native-resolution split); one that does not,
     only its own.
     """
-    check_fingerprint(info, fingerprint)
+    check_fingerprint(info.weights_fingerprint, fingerprint)
+    bits, compression = settings.bits, settings.compression
     entropic_server = tensor_pb2.COMPRESSION_LEARNED in info.accepted_compressions
-    if compression == "learned" and not entropic_server:
+    if settings.learned and not entropic_server:
         raise EdgeError(
             f"the server's {info.model_kind} is an HND student: it takes no learned entropy coding "
             f"(accepts bits {list(info.accepted_bits)}); use an Entropic Student config"
         )
-    if compression != "learned" and entropic_server:
+    if not settings.learned and entropic_server:
         raise EdgeError(
             f"the server's {info.model_kind} is an Entropic Student: it takes only learned entropy "
             f"coding (--compression learned --bits 0), not {bits}-bit {compression}"

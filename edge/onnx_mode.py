@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hnd.common import codec
+from hnd.common.config import filter_threshold_problem
 from hnd.common.timing import ms_since, now_ns
 from hnd.edge.capture import Frame
 from hnd.edge.client import EdgeError
@@ -50,11 +50,11 @@ class OnnxSplitMode(EdgeMode):
     def __init__(self, options: EdgeOptions, head: OnnxHead) -> None:
         super().__init__(options, head.fingerprint)
         self.head = head
-        learned = options.compression == codec.LEARNED
-        if head.is_entropic and (not learned or options.bits != codec.LEARNED_BITS):
+        learned = options.codec.learned  # CodecSettings: learned coding is bits 0, granularity channel
+        if head.is_entropic and not learned:
             raise EdgeError(
                 f"{head.path}: an Entropic Student's head codes only with learned entropy coding "
-                f"(--compression learned --bits 0), not {options.bits}-bit {options.compression}"
+                f"(--compression learned --bits 0), not {options.codec.bits}-bit {options.codec.compression}"
             )
         if learned and not head.is_entropic:
             raise EdgeError(f"{head.path}: an HND student's head; learned entropy coding is for Entropic Students")
@@ -62,8 +62,9 @@ class OnnxSplitMode(EdgeMode):
         self.coder = BottleneckCoder(options, head.prior)
         self.filter_on = options.filter_threshold is not None
         if self.filter_on:
-            if not 0.0 <= options.filter_threshold <= 1.0:
-                raise ValueError(f"filter_threshold must be in [0, 1], got {options.filter_threshold}")
+            problem = filter_threshold_problem(options.filter_threshold)
+            if problem:
+                raise ValueError(f"filter_threshold {problem}")
             if head.filter_threshold is None:
                 raise ValueError(f"{head.path}: this ONNX head has no neural filter output")
 
@@ -80,9 +81,7 @@ class OnnxSplitMode(EdgeMode):
                 f"{h.path}: head of {what.get(h.bottleneck_type, h.bottleneck_type)}, "
                 f"server runs {what.get(info.bottleneck_type, info.bottleneck_type)}"
             )
-        check_split_server(
-            info, self.fingerprint, self.options.bits, (h.min_size, h.max_size), self.options.compression
-        )
+        check_split_server(info, self.fingerprint, self.options.codec, (h.min_size, h.max_size))
         self.coder.check_server(info)
 
     def detections(self, prepared: Prepared, response: pb.InferResponse | None):

@@ -58,14 +58,7 @@ class BottleneckCoder:
         if self.temporal and not options.stream:
             raise ValueError("temporal coding (key_interval > 1) needs InferStream (stream=True, --stream)")
         self.encoder = (
-            StreamEncoder(
-                options.bits,
-                options.granularity,
-                options.compression,
-                options.level,
-                key_interval=options.key_interval,
-                max_clamped=options.max_clamped,
-            )
+            StreamEncoder(*options.codec.as_tuple(), key_interval=options.key_interval, max_clamped=options.max_clamped)
             if self.temporal
             else None
         )
@@ -84,14 +77,7 @@ class BottleneckCoder:
             if self.prior is not None and getattr(z, "dtype", None) == np.int32:  # an ONNX head's rounded symbols
                 encoded = codec.encode_symbols(z, self.prior)
             else:
-                encoded = codec.encode(
-                    z,
-                    self.options.bits,
-                    self.options.granularity,
-                    self.options.compression,
-                    self.options.level,
-                    prior=self.prior,
-                )
+                encoded = self.options.codec.encode(z, prior=self.prior)
             request.bottleneck.CopyFrom(wire.bottleneck_to_proto(encoded, meta))
             return len(encoded.payload), {}
         self._pending[frame_index] = (z, meta)

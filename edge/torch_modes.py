@@ -75,9 +75,7 @@ class TorchSplitMode(_FilterMixin, EdgeMode):
 
     def check_server(self, info: pb.ModelInfo) -> None:
         t = self.head.transform
-        check_split_server(
-            info, self.fingerprint, self.options.bits, (int(t.min_size[-1]), int(t.max_size)), self.options.compression
-        )
+        check_split_server(info, self.fingerprint, self.options.codec, (int(t.min_size[-1]), int(t.max_size)))
         self.coder.check_server(info)
 
     def detections(self, prepared: Prepared, response: pb.InferResponse | None):

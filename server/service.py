@@ -29,6 +29,7 @@ import hnd
 from hnd.common import codec, wire
 from hnd.common.channel import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY
 from hnd.common.checkpoint import fingerprint
+from hnd.common.meta import FingerprintMismatch, check_fingerprint
 from hnd.common.models import bottleneck_channels_of, bottleneck_type_of, model_kind
 from hnd.common.sizes import bottleneck_hw
 from hnd.common.split import SplitMeta, concat_meta, split_model
@@ -355,14 +356,12 @@ class SplitInferenceService:
 
     # --- validation and decoding --------------------------------------------------------------
 
-    def _check_fingerprint(self, given: str) -> None:
-        if given != self.runner.fingerprint:
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"weights fingerprint mismatch: request {client_text(given) if given else '(none)'}, "
-                f"server {self.runner.fingerprint}",
-                "fingerprint",
-            )
+    def _check_fingerprint(self, given: str, required: bool = True) -> None:
+        """The one-checkpoint rule (hnd.common.meta.check_fingerprint) as this service's FAILED_PRECONDITION."""
+        try:
+            check_fingerprint(self.runner.fingerprint, given, given_is="request", required=required, shown=client_text)
+        except FingerprintMismatch as exc:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(exc), "fingerprint") from None
 
     def _decode_bottleneck(
         self, request: pb.InferRequest, session: StreamSession | None = None
@@ -416,8 +415,8 @@ class SplitInferenceService:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT, "this server does not accept images (offload off)", "offload_off"
             )
-        if request.weights_fingerprint:
-            self._check_fingerprint(request.weights_fingerprint)
+        # An image does not depend on the edge's weights: its fingerprint is optional, checked when given.
+        self._check_fingerprint(request.weights_fingerprint, required=False)
         if request.image.format in (pb.EncodedImage.FORMAT_H264, pb.EncodedImage.FORMAT_HEVC):
             decoded = video_request(session, request, self.limits.max_image_pixels)
             self._stream_note = decoded.note

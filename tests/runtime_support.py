@@ -11,6 +11,7 @@ import torch
 
 from hnd.common import torch_codec, wire
 from hnd.common.checkpoint import fingerprint
+from hnd.common.codec import CodecSettings
 from hnd.common.split import split_model
 from hnd.edge.capture import ArrayFrames
 from hnd.edge.client import ClientSettings, SplitClient
@@ -43,9 +44,16 @@ def client_for(server, **kw) -> SplitClient:
 
 
 def run_edge(model, client, images, **options):
-    """Run an EdgeRunner over in-memory frames; returns (summary, records as JSON dicts, detections per frame)."""
+    """Run an EdgeRunner over in-memory frames; returns (summary, records as JSON dicts, detections per frame).
+
+    options: EdgeOptions fields, plus bits / granularity / compression / level for its CodecSettings."""
     head, _ = split_model(model)
-    runner = EdgeRunner(EdgeOptions(**options), head=head, fingerprint=fingerprint(model), model=model, client=client)
+    settings = CodecSettings(
+        **{k: options.pop(k) for k in ("bits", "granularity", "compression", "level") if k in options}
+    )
+    runner = EdgeRunner(
+        EdgeOptions(codec=settings, **options), head=head, fingerprint=fingerprint(model), model=model, client=client
+    )
     records, dets = [], []
 
     def on_record(record, frame):

@@ -14,6 +14,7 @@ from hnd.bench.frames import scale_boxes
 from hnd.bench.plan import BenchOptions, split_settings
 from hnd.bench.run import run_bench
 from hnd.bench.linkmodel import Link, crossovers, link_latency_ms, parse_links, transfer_ms
+from hnd.common.codec import CodecSettings
 from hnd.edge.pipeline import EdgeOptions
 from hnd.edge.records import FrameRecord
 
@@ -276,9 +277,9 @@ def test_pooling_keeps_dropped_frames_free_of_server_time():
             filter_ms_raw=filt,
         )
 
-    plain = [Setting("split", f"{b}-bit tensor", EdgeOptions(bits=b)) for b in (8, 4)]
+    plain = [Setting("split", f"{b}-bit tensor", EdgeOptions(codec=CodecSettings(bits=b))) for b in (8, 4)]
     settings = plain + [
-        Setting("split", s.name + ", with filter", EdgeOptions(bits=s.options.bits, filter_threshold=0.5))
+        Setting("split", s.name + ", with filter", EdgeOptions(codec=s.options.codec, filter_threshold=0.5))
         for s in plain
     ]
     samples = {

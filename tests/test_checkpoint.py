@@ -21,6 +21,8 @@ from hnd.common.checkpoint import (
     load_head,
     save_checkpoint,
 )
+from hnd.common.errors import HndError
+from hnd.common.meta import FingerprintMismatch, check_fingerprint
 from hnd.common.models import build_model
 from hnd.common.split import is_head_key, split_model
 
@@ -292,6 +294,19 @@ def test_fingerprint_equal_for_builds_from_one_seed(faster, target):
     # The tiny config's student is seeded with 0; a plain build from seed 0 has the same weights.
     assert fingerprint(seeded("faster_rcnn", 3, 0)) == fingerprint(faster)
     assert fingerprint(target("faster_rcnn")) != fingerprint(faster)
+
+
+def test_one_fingerprint_rule_for_every_side():
+    """hnd.common.meta.check_fingerprint: equal passes; a missing one fails only where it is required."""
+    check_fingerprint("abc", "abc")
+    check_fingerprint("abc", "", required=False)
+    check_fingerprint("abc", None, required=False)
+    with pytest.raises(FingerprintMismatch, match=r"^weights fingerprint mismatch: request \(none\), server abc "):
+        check_fingerprint("abc", "", given_is="request")
+    with pytest.raises(FingerprintMismatch, match="edge <X>, server abc") as info:
+        check_fingerprint("abc", "x", shown=lambda s: f"<{s.upper()}>")
+    assert (info.value.expected, info.value.given) == ("abc", "x")
+    assert isinstance(info.value, HndError)  # each CLI reports it as one line
 
 
 def test_strict_false_starts_a_student_from_a_teacher(teacher_file, teacher, target):

@@ -13,6 +13,7 @@ from test_streams import STREAM, bottleneck_requests, in_process, video_frames, 
 
 from hnd.common import wire
 from hnd.common.checkpoint import fingerprint
+from hnd.common.codec import CodecSettings
 from hnd.common.split import split_model
 from hnd.common.stream_codec import StreamEncoder
 from hnd.common.video import VideoDecoder, VideoEncoder, VideoSettings, available_formats
@@ -69,7 +70,11 @@ def test_refused_frame_is_resent_as_a_key_frame(model):
     with serving(model) as server:
         client = client_for(server)
         head, _ = split_model(model)
-        mode = make_mode(EdgeOptions(bits=4, key_interval=100, stream=True, max_inflight=1), head, fingerprint(model))
+        mode = make_mode(
+            EdgeOptions(codec=CodecSettings(bits=4), key_interval=100, stream=True, max_inflight=1),
+            head,
+            fingerprint(model),
+        )
         original = mode.prepare
 
         def prepare_skipping(frame):  # frame 2's delta skips a sequence number: the server has no reference

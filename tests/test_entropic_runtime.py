@@ -205,15 +205,15 @@ def test_edge_negotiation_gives_one_line(server, model):
     info = client.model_info()
     client.close()
     fp = fingerprint(model)
-    check_split_server(info, fp, 0, None, "learned")
+    check_split_server(info, fp, codec.CodecSettings.learned_coding(), None)
     with pytest.raises(EdgeError, match="is an Entropic Student: it takes only learned entropy coding"):
-        check_split_server(info, fp, 8, None, "zstd")
+        check_split_server(info, fp, codec.CodecSettings(8, "tensor", "zstd"), None)
     hnd_info = pb.ModelInfo()
     hnd_info.CopyFrom(info)
     hnd_info.ClearField("accepted_compressions")
     hnd_info.accepted_compressions.append(tensor_pb2.COMPRESSION_ZSTD)
     with pytest.raises(EdgeError, match="is an HND student: it takes no learned entropy coding"):
-        check_split_server(hnd_info, fp, 0, None, "learned")
+        check_split_server(hnd_info, fp, codec.CodecSettings.learned_coding(), None)
 
 
 def test_codec_mode_errors_are_clear(prior, latent):

@@ -27,7 +27,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset, Sampler
 
-from hnd.common.config import DatasetConfig
+from hnd.common.config import DatasetConfig, TrainConfig
 from hnd.common.errors import HndError
 
 # COCO keypoint order mirrored left <-> right (torchvision references' flip_inds).
@@ -384,6 +384,20 @@ def make_loader(
         sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), batch_size, False)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_detection
+    )
+
+
+def make_train_loader(
+    dataset: CocoDetection, cfg: DatasetConfig, tcfg: TrainConfig, workers: int = 0
+) -> torch.utils.data.DataLoader:
+    """The training loader of a recipe: ``tcfg``'s batch size and seed, ``cfg``'s aspect-ratio grouping."""
+    return make_loader(
+        dataset,
+        tcfg.batch_size,
+        workers,
+        train=True,
+        aspect_ratio_group_factor=cfg.aspect_ratio_group_factor,
+        seed=tcfg.seed,
     )
 
 

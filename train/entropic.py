@@ -39,13 +39,11 @@ from typing import Any
 import torch
 from hnd.common.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from hnd.common.config import Config
-from hnd.common.build import build_model_from_config
 from hnd.common.entropic import (
     ENTROPIC_PREFIX,
     entropic_bottleneck_of,
     update_entropy_tables,
 )
-from hnd.common.models import build_model
 from hnd.train.engine import (
     Recipe,
     RunPaths,
@@ -72,25 +70,13 @@ DISTILL_PAIRS = {
 def build_entropic_models(cfg: Config) -> tuple[nn.Module, nn.Module]:
     """(teacher, student): the student's layer2..4, FPN, RPN and ROI heads are the teacher's; its
     bottleneck starts from ``model.random_weights`` (or ``train.seed``)."""
-    from hnd.train.train import copy_teacher_weights
+    from hnd.train.train import teacher_and_seeded_student
 
     if cfg.teacher is None:
         raise HndError(cfg.path, "train.method entropic needs a teacher section")
     if cfg.model.bottleneck_type != "entropic":
         raise HndError(cfg.path, "train.method entropic needs model.bottleneck_type: entropic")
-    teacher = build_model_from_config(cfg.teacher, cfg.path)
-    seed = cfg.model.random_weights if cfg.model.random_weights is not None else cfg.train.seed
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        student = build_model(
-            cfg.model.kind,
-            cfg.model.bottleneck_channels,
-            cfg.model.num_classes,
-            bottleneck_type="entropic",
-            **cfg.model.params,
-        )
-    copy_teacher_weights(teacher, student, skip_prefix=ENTROPIC_PREFIX)
-    return teacher, student
+    return teacher_and_seeded_student(cfg, skip_prefix=ENTROPIC_PREFIX)
 
 
 def rate_bits(likelihoods: torch.Tensor) -> torch.Tensor:

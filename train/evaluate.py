@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import copy
 import io
-import json
 import os
 import sys
 import time
@@ -34,8 +33,9 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from hnd.common import codec
-from hnd.common.files import atomic_write_text
+from hnd.common.files import atomic_write_json
 from hnd.common.errors import USER_ERRORS, HndError, report
+from hnd.common.meta import FingerprintMismatch, check_fingerprint
 
 IOU_TYPES = {"faster_rcnn": ("bbox",), "mask_rcnn": ("bbox", "segm"), "keypoint_rcnn": ("bbox", "keypoints")}
 STAT_NAMES = {
@@ -149,25 +149,25 @@ def coco_evaluate(
 class CodedSplit:
     """head -> codec.encode -> codec.decode -> tail, counting the coded bytes of every batch.
 
-    Real coding, as the runtime does it (decode(encode(z)) is exactly codec.roundtrip(z)): affine
-    ``bits`` with ``compression`` (zstd by default, as the runtime), or learned entropy coding
-    (``compression="learned"``, bits 0) against an Entropic Student's prior. ``coded_bytes`` holds
+    Real coding, as the runtime does it (decode(encode(z)) is exactly codec.roundtrip(z)) at ``settings``:
+    affine bits (zstd by default, as the runtime), or learned entropy coding against an Entropic
+    Student's prior. ``coded_bytes`` holds
     one payload size per batch (one frame per batch by default, as the edge sends them).
     """
 
-    def __init__(self, model: nn.Module, bits: int, granularity: str, compression: str) -> None:
+    def __init__(self, model: nn.Module, settings: codec.CodecSettings) -> None:
         from hnd.common.split import split_model
 
         self.head, self.tail = split_model(model)
-        self.bits, self.granularity, self.compression = bits, granularity, compression
-        self.prior = self.head.prior_tables() if compression == "learned" else None
+        self.settings = settings
+        self.prior = self.head.prior_tables() if settings.learned else None
         self.coded_bytes: list[int] = []
         self.images = 0
 
     def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         z, meta = self.head(images)
         # The codec works on CPU (as the wire does); bring the result back to the model's device.
-        encoded = codec.encode(z.cpu(), self.bits, self.granularity, self.compression, prior=self.prior)
+        encoded = self.settings.encode(z.cpu(), prior=self.prior)
         self.coded_bytes.append(len(encoded.payload))
         self.images += len(images)
         z_hat = torch.as_tensor(codec.decode(encoded, prior=self.prior)).to(z.device)
@@ -193,15 +193,16 @@ class OnnxCodedSplit:
         from hnd.common.checkpoint import fingerprint
         from hnd.common.split import split_model
 
-        if onnx_head.fingerprint != fingerprint(model):
-            raise HndError(
-                onnx_head.path,
-                f"ONNX head of model {onnx_head.fingerprint}, evaluating model "
-                f"{fingerprint(model)} (export the head from the same checkpoint)",
+        try:
+            check_fingerprint(
+                fingerprint(model), onnx_head.fingerprint, expected_is="evaluated model", given_is="ONNX head"
             )
+        except FingerprintMismatch as exc:
+            raise HndError(onnx_head.path, f"{exc}: export the head from the same checkpoint") from None
         model.eval()
         _, self.tail = split_model(model)
-        self.head, self.bits, self.granularity = onnx_head, bits, granularity
+        self.head = onnx_head
+        self.settings = codec.CodecSettings(bits, granularity)  # an Entropic head's symbols ignore it
         self.device = next(model.parameters()).device
         self.coded_bytes: list[int] = []
         self.images = 0
@@ -213,7 +214,7 @@ class OnnxCodedSplit:
         if prior is not None:
             encoded = codec.encode_symbols(out.bottleneck, prior)
         else:
-            encoded = codec.encode(out.bottleneck, self.bits, self.granularity)
+            encoded = self.settings.encode(out.bottleneck)
         self.coded_bytes.append(len(encoded.payload))
         self.images += len(images)
         z = torch.from_numpy(codec.decode(encoded, prior=prior))
@@ -283,14 +284,15 @@ def make_predictor(
         head, tail = split_model(model)
         tail = served(tail)
         return lambda images: tail(*head(images))
+    settings = codec.CodecSettings(bits, granularity, compression or "zstd")
     if key_interval > 1:
-        if compression == "learned":
+        if settings.learned:
             raise HndError("--key-interval", "temporal coding is for affine bottlenecks, not learned entropy coding")
         from hnd.common.stream_codec import StreamEncoder
 
         head, tail = split_model(model)
         tail = served(tail)
-        stream = StreamEncoder(bits, granularity, key_interval=key_interval, max_clamped=max_clamped)
+        stream = StreamEncoder(*settings.as_tuple(), key_interval=key_interval, max_clamped=max_clamped)
 
         def predict_stream(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
             out = []
@@ -301,7 +303,7 @@ def make_predictor(
             return out
 
         return predict_stream
-    coded = CodedSplit(model, bits, granularity, compression or "zstd")
+    coded = CodedSplit(model, settings)
     coded.tail = served(coded.tail)
     return coded
 
@@ -372,11 +374,6 @@ def evaluate_model(
 
 # ---------------------------------------------------------------------------------------------
 # CLI
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Metrics as indented, key-sorted JSON, written atomically (hnd.common.files)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def evaluate_config(
@@ -542,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.granularity == "original" and args.bits is not None:
             try:
-                codec.check_mode(args.bits, args.granularity)
+                codec.CodecSettings(args.bits, args.granularity)
             except codec.CodecError as exc:
                 raise HndError("--granularity", f"{exc}; use --bits 8") from None
         if args.key_interval < 1 or (args.key_interval > 1 and args.bits not in (2, 4, 6, 8)):
@@ -611,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"IoU metric: {iou_type}")
         print(text)
     if args.output:
-        write_json_atomic(args.output, metrics)
+        atomic_write_json(args.output, metrics, sort_keys=True)
         print(f"metrics written to {args.output}")
     return 0
 

@@ -44,6 +44,7 @@ from hnd.common.build import build_model_from_config
 from hnd.common.checkpoint import fingerprint, load_filter, read_checkpoint, save_checkpoint, save_filter
 from hnd.common.config import Config, TrainConfig, load_config, with_weights
 from hnd.common.errors import HndError
+from hnd.common.files import atomic_write_json
 from hnd.common.neural_filter import FILTER_FORMAT, attach_filter, empty_detections, get_filter, is_filter_state_dict
 from hnd.common.split import Head, split_model
 from hnd.train.data import (
@@ -52,11 +53,12 @@ from hnd.train.data import (
     holdout_split,
     load_coco,
     make_loader,
+    make_train_loader,
     set_loader_epoch,
     split_paths,
 )
 from hnd.train.engine import Recipe, RunPaths, Selection, TrainOptions, check_sections, count_parameters, fit
-from hnd.train.evaluate import IOU_TYPES, coco_evaluate, predict_dataset, to_coco_results, write_json_atomic
+from hnd.train.evaluate import IOU_TYPES, coco_evaluate, predict_dataset, to_coco_results
 
 FILTER_MODULE = "backbone.body.layer1.encoder.ext_classifier"
 
@@ -240,14 +242,7 @@ def train_filter(cfg: Config, options: TrainOptions) -> dict[str, Any]:
             f"({n_pos} of {len(train_ids)} training images hold objects)",
         )
     train_set = _dataset(cfg, "train", train_ids, train=True, seed=tcfg.seed)
-    train_loader = make_loader(
-        train_set,
-        tcfg.batch_size,
-        workers,
-        train=True,
-        aspect_ratio_group_factor=cfg.dataset.aspect_ratio_group_factor,
-        seed=tcfg.seed,
-    )
+    train_loader = make_train_loader(train_set, cfg.dataset, tcfg, workers)
     hold_loader = None
     if hold_ids and len({labels[i] for i in hold_ids}) == 2:
         hold_loader = make_loader(
@@ -489,6 +484,6 @@ def eval_main(args: Any) -> int:
     )
     print(format_filter_report(result))
     if args.output:
-        write_json_atomic(args.output, result)
+        atomic_write_json(args.output, result, sort_keys=True)
         print(f"metrics written to {args.output}")
     return 0

@@ -50,7 +50,15 @@ from hnd.common.checkpoint import load_checkpoint, save_checkpoint
 from hnd.common.config import Config, load_config
 from hnd.common.build import build_model_from_config
 from hnd.common.models import build_model
-from hnd.train.data import build_dataset, holdout_split, load_coco, make_loader, set_loader_epoch, split_paths
+from hnd.train.data import (
+    build_dataset,
+    holdout_split,
+    load_coco,
+    make_loader,
+    make_train_loader,
+    set_loader_epoch,
+    split_paths,
+)
 from hnd.train.engine import Recipe, RunPaths, Selection, TrainOptions, check_sections, count_parameters, fit
 from hnd.common.errors import USER_ERRORS, HndError, report
 from hnd.train.evaluate import evaluate_model
@@ -103,12 +111,23 @@ def build_distillation_models(cfg: Config) -> tuple[nn.Module, nn.Module]:
         raise HndError(cfg.path, "the teacher must not have a bottleneck (teacher.bottleneck_channels)")
     if cfg.model.bottleneck_channels is None:
         raise HndError(cfg.path, "the student needs model.bottleneck_channels")
+    return teacher_and_seeded_student(cfg)
+
+
+def teacher_and_seeded_student(cfg: Config, skip_prefix: str = BOTTLENECK_PREFIX) -> tuple[nn.Module, nn.Module]:
+    """(teacher, student) of a checked distillation config (HND or Entropic): the teacher from its section;
+    the student built from ``model.random_weights`` (or ``train.seed``), every weight outside ``skip_prefix``
+    then copied from the teacher."""
+    assert cfg.teacher is not None and cfg.train is not None
     teacher = build_model_from_config(cfg.teacher, cfg.path)
-    seed = cfg.model.random_weights if cfg.model.random_weights is not None else cfg.train.seed
+    m = cfg.model
+    seed = m.random_weights if m.random_weights is not None else cfg.train.seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        student = build_model(cfg.model.kind, cfg.model.bottleneck_channels, cfg.model.num_classes, **cfg.model.params)
-    copy_teacher_weights(teacher, student)
+        student = build_model(
+            m.kind, m.bottleneck_channels, m.num_classes, bottleneck_type=m.bottleneck_type, **m.params
+        )
+    copy_teacher_weights(teacher, student, skip_prefix)
     return teacher, student
 
 
@@ -316,14 +335,7 @@ def distillation_data(cfg: Config, method: str, select_by: str, workers: int) ->
         ids=train_ids,
         masks=False if method in DISTILL_METHODS else None,
     )
-    train_loader = make_loader(
-        train_set,
-        tcfg.batch_size,
-        workers,
-        train=True,
-        aspect_ratio_group_factor=cfg.dataset.aspect_ratio_group_factor,
-        seed=tcfg.seed,
-    )
+    train_loader = make_train_loader(train_set, cfg.dataset, tcfg, workers)
     hold_loader = None
     if hold_ids:
         hold_set = build_dataset(cfg.dataset, "train", cfg.model.kind, ids=hold_ids, remove_empty=False)
