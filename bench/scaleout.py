@@ -16,42 +16,28 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hnd.common.files import atomic_write_text
+from hnd.common.files import atomic_write_json
 from hnd.edge.capture import Frame, FrameSource
 from hnd.edge.client import ClientSettings, SplitClient
 from hnd.edge.pipeline import EdgeOptions, EdgeRunner, Summary
 from hnd.edge.records import FrameRecord
-from hnd.server.healthcheck import check
-from prometheus_client.parser import text_string_to_metric_families
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (bound and released together, so they differ)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from hnd.server.local import LOOPBACK, free_ports, launch_server_process, scrape_requests, wait_serving
 
 
 @dataclass
 class Replica:
-    """One ``hnd-server`` process on loopback (``python -m hnd.server.cli``), seeded random weights."""
+    """One ``hnd-server`` process on loopback, seeded random weights, started, waited for and scraped
+    through ``hnd.server.local``; it keeps its ports, so a restart comes back at the same address."""
 
     name: str
     config: str = "test/faster_rcnn-b3ch"
@@ -71,31 +57,16 @@ class Replica:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{LOOPBACK}:{self.port}"
 
-    def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "hnd.server.cli",
-            "--config",
-            self.config,
-            "--random-weights",
-            str(self.seed),
-            "--device",
-            "cpu",
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            str(self.metrics_port),
-            "--threads",
-            str(self.threads),
-            "--drain-seconds",
-            str(self.drain_s),
-            "--log-level",
-            "WARNING",
-            *self.extra,
-        ]
+    @property
+    def weights(self) -> list[str]:
+        return ["--random-weights", str(self.seed)]
+
+    def flags(self) -> list[str]:
+        """hnd-server's flags besides config, port and weights."""
+        flags = ["--device", "cpu", "--metrics-port", str(self.metrics_port), "--threads", str(self.threads)]
+        return flags + ["--drain-seconds", str(self.drain_s), "--log-level", "WARNING", *self.extra]
 
     def start(self) -> Replica:
         """Start the process (returns at once; ``wait_serving`` waits for the warm-up)."""
@@ -104,18 +75,13 @@ class Replica:
         if self.log_dir is not None:
             log = (Path(self.log_dir) / f"{self.name}-{self.starts}.log").open("w")
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "OMP_WAIT_POLICY": "PASSIVE"}
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.proc = launch_server_process(self.config, self.port, self.weights, self.flags(), log, env)
         return self
 
     def wait_serving(self, timeout_s: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name}: hnd-server exited with {self.proc.returncode}{self._log_tail()}")
-            if check(self.address, timeout_s=2.0) == "SERVING":
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.name}: not SERVING after {timeout_s:.0f} s")
+        """Until SERVING; ServerStartError (naming the replica and the end of its log) when it exits or times out."""
+        assert self.proc is not None
+        wait_serving(self.proc, self.port, timeout_s, f"{self.name}: hnd-server", self._log_tail)
 
     def _log_tail(self, lines: int = 5) -> str:
         """The end of this start's log, so a failed start says why."""
@@ -154,14 +120,7 @@ class Replica:
 
     def counters(self) -> dict[tuple[str, str], float]:
         """``hnd_requests_total`` by (method, code), read from the replica's /metrics."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-        out = {}
-        for family in text_string_to_metric_families(text):
-            if family.name == "hnd_requests":
-                for s in family.samples:
-                    if s.name == "hnd_requests_total":
-                        out[(s.labels["method"], s.labels["code"])] = s.value
-        return out
+        return scrape_requests(f"http://{LOOPBACK}:{self.metrics_port}/metrics")
 
     def answered(self) -> int:
         """Inference requests this replica answered OK (unary and stream messages)."""
@@ -440,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['images_per_s'] / base:.2f} | {row['p50_total_ms']:.0f} | {row['per_replica']} |"
         )
     if args.json:
-        atomic_write_text(args.json, json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        atomic_write_json(args.json, {"args": vars(args), "rows": rows})
     return 0
 
 
@@ -472,7 +431,7 @@ def main_faults(args: argparse.Namespace) -> int:
             f"{row['retried']} | {'yes' if row['in_order'] else 'NO'} | {spread} |"
         )
     if args.json:
-        atomic_write_text(args.json, json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        atomic_write_json(args.json, {"args": vars(args), "rows": rows})
     return 0
 
 
