@@ -149,13 +149,14 @@ def test_onnx_split_codes_key_and_delta_frames_like_the_torch_split(files):
     ONNX head too: a key frame, then delta frames quantized with the key's parameters."""
     import time
 
+    from hnd.common.codec import CodecSettings
     from hnd.common.stream_codec import StreamEncoder
     from hnd.edge.capture import Frame
     from hnd.edge.modes import EdgeOptions
     from hnd.edge.onnx_mode import OnnxSplitMode
 
     head = OnnxHead(files["head"], threads=1)
-    mode = OnnxSplitMode(EdgeOptions(bits=8, key_interval=3, stream=True), head)
+    mode = OnnxSplitMode(EdgeOptions(codec=CodecSettings(bits=8), key_interval=3, stream=True), head)
     same = frames(1)[0]
     kinds, payloads = [], []
     for i in range(3):
