@@ -33,7 +33,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -809,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
         probe = loop_probe(args.config, args.seed, args.bits, (h, w), args.seconds)
         print(format_probe(probe))
         if args.json:
-            atomic_write_text(Path(args.json), json.dumps(probe, indent=2) + "\n")
+            atomic_write_json(args.json, probe)
         return 0
     result = run(
         args.config,
