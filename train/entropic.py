@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hnd.common.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -45,6 +45,7 @@ from hnd.common.entropic import (
     update_entropy_tables,
 )
 from hnd.train.engine import (
+    FitResult,
     Recipe,
     RunPaths,
     Selection,
@@ -54,6 +55,9 @@ from hnd.train.engine import (
 )
 from hnd.common.errors import HndError
 from torch import nn
+
+if TYPE_CHECKING:
+    from hnd.train.train import Data  # train.train imports this module
 
 BOTTLENECK = "backbone.body.bottleneck_layer"
 STAGE1_TRAINABLE = [BOTTLENECK]
@@ -172,12 +176,7 @@ def _stage_done(paths: RunPaths, epochs: int) -> bool:
 
 def train_entropic(cfg: Config, options: TrainOptions) -> dict[str, Any]:
     """Both stages; returns hnd-train's summary (of stage 2) with ``stage1`` added."""
-    from hnd.train.evaluate import evaluate_model
-    from hnd.train.train import (
-        distillation_data,
-        set_distillation_modes,
-        set_supervised_modes,
-    )
+    from hnd.train.train import distillation_data
 
     tcfg = cfg.train
     assert tcfg is not None and cfg.dataset is not None
@@ -185,55 +184,77 @@ def train_entropic(cfg: Config, options: TrainOptions) -> dict[str, Any]:
         raise HndError(cfg.path, "train.method entropic needs train.stage2 (epochs, optimizer, scheduler)")
     if options.select_by not in ("bbox", "last"):
         raise HndError("--select-by", "the Entropic Student recipe selects stage 2 by bbox or last")
-    device = options.device
     out = Path(options.output_dir) if options.output_dir else Path("resource") / "train" / Path(str(cfg.path)).stem
     final = out / "best.pt" if options.output_dir or not cfg.model.checkpoint else Path(cfg.model.checkpoint)
-    p1 = RunPaths(out / "stage1", out / "stage1" / "best.pt", out / "stage1" / "last.pt", out / "stage1" / "log.jsonl")
-    p2 = RunPaths(out / "stage2", out / "stage2" / "best.pt", out / "stage2" / "last.pt", out / "stage2" / "log.jsonl")
+    p1, p2 = (
+        RunPaths(out / s, out / s / "best.pt", out / s / "last.pt", out / s / "log.jsonl") for s in ("stage1", "stage2")
+    )
     workers = cfg.dataset.num_workers if options.workers is None else options.workers
     data = distillation_data(cfg, "supervised", options.select_by, workers)
     torch.manual_seed(tcfg.seed)
     teacher, model = build_entropic_models(cfg)
-    teacher.to(device).eval().requires_grad_(False)
-    model.to(device)
-    config = dataclasses.asdict(cfg)
-    epochs1 = tcfg.epochs if options.epochs is None else options.epochs
+    teacher.to(options.device).eval().requires_grad_(False)
+    model.to(options.device)
+    result1 = _stage1(cfg, options, model, teacher, data, p1)
+    load_checkpoint(p1.best, model)  # the selected stage-1 weights (tables still empty)
+    finish_prior(model)  # the tables, once
+    result2 = _stage2(cfg, options, model, data, p2)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.resolve() != p2.best.resolve():
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.copyfile(p2.best, tmp)
+        tmp.replace(final)  # atomic: a reader sees the old file or the new one
+    summary = result2.summary()
+    summary["best"] = str(final)
+    summary["stage1"] = result1.summary() if result1 is not None else {"last": str(p1.last), "skipped": True}
+    return summary
 
-    # --- stage 1 -----------------------------------------------------------------------------
-    result1 = None
+
+def _stage1(
+    cfg: Config, options: TrainOptions, model: nn.Module, teacher: nn.Module, data: Data, p1: RunPaths
+) -> FitResult | None:
+    """Stage 1 (layer1..4 distillation + beta * bits + aux) on the engine; None when --resume finds it done."""
+    from hnd.train.train import set_distillation_modes
+
+    tcfg = cfg.train
+    assert tcfg is not None
+    epochs1 = tcfg.epochs if options.epochs is None else options.epochs
     if options.resume and _stage_done(p1, epochs1):
         print(f"hnd-train: stage 1 finished earlier ({p1.last}); going on with stage 2")
-    else:
-        params1 = stage1_param_groups(model, _set_requires_grad(model, STAGE1_TRAINABLE, []), tcfg)
-        recipe1 = Recipe(
-            method="entropic-stage1",
-            params=params1,
-            step=lambda images, targets: stage1_loss(model, teacher, images, tcfg.beta),
-            train_modes=lambda: set_distillation_modes(model, STAGE1_TRAINABLE),
-            save=lambda path, entries, best: save_checkpoint(path, model, **entries),
-            load=lambda path: load_checkpoint(path, model),
-        )
-        result1 = fit(
-            recipe1,
-            data.train_loader,
-            tcfg,
-            Selection("last"),
-            p1,
-            epochs=epochs1,
-            device=device,
-            resume=options.resume and p1.last.is_file(),
-            progress=options.progress,
-            config=config,
-            banner=f"entropic stage 1 {cfg.model.kind} beta {tcfg.beta}, {len(data.train_set)} train "
-            f"images, {count_parameters(params1):,} trainable parameters",
-            set_epoch=_set_loader_epoch,
-        )
-    load_checkpoint(p1.best, model)  # the selected stage-1 weights (tables still empty)
+        return None
+    params1 = stage1_param_groups(model, _set_requires_grad(model, STAGE1_TRAINABLE, []), tcfg)
+    recipe1 = Recipe(
+        method="entropic-stage1",
+        params=params1,
+        step=lambda images, targets: stage1_loss(model, teacher, images, tcfg.beta),
+        train_modes=lambda: set_distillation_modes(model, STAGE1_TRAINABLE),
+        save=lambda path, entries, best: save_checkpoint(path, model, **entries),
+        load=lambda path: load_checkpoint(path, model),
+    )
+    return fit(
+        recipe1,
+        data.train_loader,
+        tcfg,
+        Selection("last"),
+        p1,
+        epochs=epochs1,
+        device=options.device,
+        resume=options.resume and p1.last.is_file(),
+        progress=options.progress,
+        config=dataclasses.asdict(cfg),
+        banner=f"entropic stage 1 {cfg.model.kind} beta {tcfg.beta}, {len(data.train_set)} train "
+        f"images, {count_parameters(params1):,} trainable parameters",
+        set_epoch=_set_loader_epoch,
+    )
 
-    # --- tables, once ------------------------------------------------------------------------
-    finish_prior(model)
 
-    # --- stage 2 -----------------------------------------------------------------------------
+def _stage2(cfg: Config, options: TrainOptions, model: nn.Module, data: Data, p2: RunPaths) -> FitResult:
+    """Stage 2 (supervised, the tables fixed) on the engine, selected by held-out bbox AP or last."""
+    from hnd.train.evaluate import evaluate_model
+    from hnd.train.train import set_supervised_modes
+
+    tcfg, device = cfg.train, options.device
+    assert tcfg is not None and tcfg.stage2 is not None
     s2 = tcfg.stage2
     tcfg2 = dataclasses.replace(
         tcfg, epochs=s2.epochs, optimizer=s2.optimizer, scheduler=s2.scheduler, warmup_iters=s2.warmup_iters
@@ -275,7 +296,7 @@ def train_entropic(cfg: Config, options: TrainOptions) -> dict[str, Any]:
         check_resume=check2,
         loss_average="image",
     )
-    result2 = fit(
+    return fit(
         recipe2,
         data.train_loader,
         tcfg2,
@@ -285,19 +306,10 @@ def train_entropic(cfg: Config, options: TrainOptions) -> dict[str, Any]:
         device=device,
         resume=options.resume and p2.last.is_file(),
         progress=options.progress,
-        config=config,
+        config=dataclasses.asdict(cfg),
         banner=f"entropic stage 2 {cfg.model.kind}, tables fixed, {count_parameters(params2):,} trainable parameters",
         set_epoch=_set_loader_epoch,
     )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.resolve() != p2.best.resolve():
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.copyfile(p2.best, tmp)
-        tmp.replace(final)  # atomic: a reader sees the old file or the new one
-    summary = result2.summary()
-    summary["best"] = str(final)
-    summary["stage1"] = result1.summary() if result1 is not None else {"last": str(p1.last), "skipped": True}
-    return summary
 
 
 def _set_loader_epoch(loader: Any, epoch: int) -> None:

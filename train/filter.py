@@ -28,6 +28,8 @@ metrics of the detector with and without the filter at that threshold.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 import math
 import sys
 import time
@@ -215,24 +217,24 @@ def filter_scores(
 # Training
 
 
-def train_filter(cfg: Config, options: TrainOptions) -> dict[str, Any]:
-    """hnd-train for ``train.method: filter``; returns the same summary as hnd.train.train.train."""
-    tcfg = check_sections(cfg)
-    assert cfg.dataset is not None
-    if cfg.model.filter is None:
-        raise HndError(cfg.path, "train.method filter needs a model.filter section")
-    check_trainable(cfg)
-    device = options.device
-    epochs = tcfg.epochs if options.epochs is None else options.epochs
-    workers = cfg.dataset.num_workers if options.workers is None else options.workers
-    paths = RunPaths.of(cfg, options, cfg.model.filter.checkpoint)
-    select_by = "last" if options.select_by == "last" else "roc_auc"
+@dataclass
+class FilterData:
+    """The filter's data: image labels (holds objects or not) from the annotations, the training loader,
+    and the held-out part of train that selects the model (None unless it holds both classes)."""
 
-    # Data: labels from the annotations; the held-out part of train selects the model.
+    labels: dict[int, int]  # image id -> 1 when it holds an object
+    train_set: CocoDetection
+    train_loader: Any
+    hold_ids: list[int]
+    hold_loader: Any | None
+    positives: int  # training images with objects
+
+
+def _filter_data(cfg: Config, tcfg: TrainConfig, workers: int) -> FilterData:
+    assert cfg.dataset is not None
     _, ann_file, _ = split_paths(cfg.dataset, "train")
     coco = load_coco(ann_file)
-    keypoints = cfg.model.kind == "keypoint_rcnn"
-    labels = image_labels(coco, sorted(coco.imgs), keypoints)
+    labels = image_labels(coco, sorted(coco.imgs), cfg.model.kind == "keypoint_rcnn")
     train_ids, hold_ids = holdout_split(sorted(coco.imgs), tcfg.holdout_fraction, tcfg.seed)
     n_pos = sum(labels[i] for i in train_ids)
     if n_pos == 0 or n_pos == len(train_ids):
@@ -245,16 +247,15 @@ def train_filter(cfg: Config, options: TrainOptions) -> dict[str, Any]:
     train_loader = make_train_loader(train_set, cfg.dataset, tcfg, workers)
     hold_loader = None
     if hold_ids and len({labels[i] for i in hold_ids}) == 2:
-        hold_loader = make_loader(
-            _dataset(cfg, "train", hold_ids, train=False, seed=tcfg.seed), tcfg.batch_size, workers
-        )
-    elif select_by == "roc_auc":
-        print("hnd-train: the held-out images do not hold both classes; keeping the last epoch", file=sys.stderr)
-        select_by = "last"
+        hold_set = _dataset(cfg, "train", hold_ids, train=False, seed=tcfg.seed)
+        hold_loader = make_loader(hold_set, tcfg.batch_size, workers)
+    return FilterData(labels, train_set, train_loader, hold_ids, hold_loader, n_pos)
 
-    # Model: the frozen student and its trainable filter; head = transform + stem + encoder (+ filter).
-    torch.manual_seed(tcfg.seed)
-    model = build_filter_student(cfg, device)
+
+def _filter_recipe(
+    model: nn.Module, data: FilterData, device: Any, paths: RunPaths
+) -> tuple[Recipe, Callable[[], float]]:
+    """The engine's recipe for the filter of ``model`` (the rest frozen), and its held-out ROC AUC."""
     head, _ = split_model(model)
     ext = get_filter(model)
     criterion = nn.CrossEntropyLoss()
@@ -271,11 +272,11 @@ def train_filter(cfg: Config, options: TrainOptions) -> dict[str, Any]:
         with torch.no_grad():
             batch, _ = head.preprocess(images)
             features = head.stem(batch)
-        return criterion(ext.logits(features), _label_tensor(targets, labels, device)), {}
+        return criterion(ext.logits(features), _label_tensor(targets, data.labels, device)), {}
 
     def heldout_roc_auc() -> float:
         head.transform.eval()
-        y, p, _ = filter_scores(head, hold_loader, labels, device)
+        y, p, _ = filter_scores(head, data.hold_loader, data.labels, device)
         return roc_auc(y, p)
 
     def check_resume(state: dict[str, Any]) -> None:
@@ -292,13 +293,38 @@ def train_filter(cfg: Config, options: TrainOptions) -> dict[str, Any]:
         check_resume=check_resume,
         loss_average="image",
     )
+    return recipe, heldout_roc_auc
+
+
+def train_filter(cfg: Config, options: TrainOptions) -> dict[str, Any]:
+    """hnd-train for ``train.method: filter``; returns the same summary as hnd.train.train.train."""
+    tcfg = check_sections(cfg)
+    assert cfg.dataset is not None
+    if cfg.model.filter is None:
+        raise HndError(cfg.path, "train.method filter needs a model.filter section")
+    check_trainable(cfg)
+    device = options.device
+    epochs = tcfg.epochs if options.epochs is None else options.epochs
+    workers = cfg.dataset.num_workers if options.workers is None else options.workers
+    paths = RunPaths.of(cfg, options, cfg.model.filter.checkpoint)
+    select_by = "last" if options.select_by == "last" else "roc_auc"
+
+    data = _filter_data(cfg, tcfg, workers)
+    if data.hold_loader is None and select_by == "roc_auc":
+        print("hnd-train: the held-out images do not hold both classes; keeping the last epoch", file=sys.stderr)
+        select_by = "last"
+    # Model: the frozen student and its trainable filter; head = transform + stem + encoder (+ filter).
+    torch.manual_seed(tcfg.seed)
+    model = build_filter_student(cfg, device)
+    ext = get_filter(model)
+    recipe, heldout_roc_auc = _filter_recipe(model, data, device, paths)
     selection = (
         Selection("roc_auc", heldout_roc_auc, "heldout_roc_auc") if select_by == "roc_auc" else Selection("last")
     )
     config_dict = dataclasses.asdict(cfg)
     result = fit(
         recipe,
-        train_loader,
+        data.train_loader,
         tcfg,
         selection,
         paths,
@@ -309,8 +335,8 @@ def train_filter(cfg: Config, options: TrainOptions) -> dict[str, Any]:
         config=config_dict,
         set_epoch=set_loader_epoch,
         shown_output=paths.best,
-        banner=f"filter on {cfg.model.kind} b{cfg.model.bottleneck_channels}ch, {len(train_set)} train "
-        f"({n_pos} with objects) / {len(hold_ids)} held-out images, "
+        banner=f"filter on {cfg.model.kind} b{cfg.model.bottleneck_channels}ch, {len(data.train_set)} train "
+        f"({data.positives} with objects) / {len(data.hold_ids)} held-out images, "
         f"{count_parameters(recipe.params):,} trainable parameters",
     )
 
