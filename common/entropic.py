@@ -421,9 +421,10 @@ def is_entropic(model: nn.Module) -> bool:
 
 
 def entropic_bottleneck_of(model: nn.Module) -> FPBottleneck:
-    if not is_entropic(model):
+    bottleneck = getattr(getattr(getattr(model, "backbone", None), "body", None), "bottleneck_layer", None)
+    if not isinstance(bottleneck, FPBottleneck):  # the test of is_entropic
         raise TypeError("not an Entropic Student (no backbone.body.bottleneck_layer)")
-    return model.backbone.body.bottleneck_layer
+    return bottleneck
 
 
 def update_entropy_tables(model: nn.Module, force: bool = False) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -86,10 +87,12 @@ class Head(nn.Module):
             raise TypeError("split_model needs a student (backbone.body.layer1 must be an HND bottleneck)")
         self.kind = model_kind(model)
         self.bottleneck_channels = body.layer1.bottleneck_channels
-        self.transform = model.transform
+        # get_submodule, not attribute access, where the part's type matters: nn.Module.__getattr__ types
+        # every attribute as "Tensor | Module" (and Tensor has a .relu method).
+        self.transform = model.get_submodule("transform")
         self.conv1 = body.conv1
         self.bn1 = body.bn1
-        self.relu = body.relu
+        self.relu = body.get_submodule("relu")
         self.maxpool = body.maxpool
         self.encoder = body.layer1.encoder
         # Shape of an empty keypoint result on the edge (frames the filter drops).
@@ -164,10 +167,10 @@ class Tail(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        body = model.backbone.body
+        body = model.get_submodule("backbone.body")  # typed (see Head)
         self.transform = model.transform  # postprocess only; holds no parameters
         # IntermediateLayerGetter's children after the bottleneck, and the output names it gives them.
-        self.return_layers = dict(body.return_layers)
+        self.return_layers = dict(cast("dict[str, str]", body.return_layers))  # a plain dict attribute
         self.entropy_bottleneck: nn.Module | None = None
         if is_entropic(model):
             bottleneck: FPBottleneck = body.bottleneck_layer
@@ -178,7 +181,7 @@ class Tail(nn.Module):
         else:
             self.decoder = body.layer1.decoder
             self.first_layer = "layer1"
-        self.layers = nn.ModuleDict((name, body[name]) for name in ("layer2", "layer3", "layer4"))
+        self.layers = nn.ModuleDict({name: body.get_submodule(name) for name in ("layer2", "layer3", "layer4")})
         self.fpn = model.backbone.fpn
         self.rpn = model.rpn
         self.roi_heads = model.roi_heads
@@ -233,7 +236,7 @@ class EntropicHead(nn.Module):
         bottleneck: FPBottleneck = model.backbone.body.bottleneck_layer
         self.kind = model_kind(model)
         self.bottleneck_channels = bottleneck.bottleneck_channels
-        self.transform = model.transform
+        self.transform = model.get_submodule("transform")
         self.encoder = bottleneck.encoder
         self.entropy_bottleneck = bottleneck.entropy_bottleneck
         predictor = getattr(model.roi_heads, "keypoint_predictor", None)

@@ -25,10 +25,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hnd.common.errors import HndError
+
+if TYPE_CHECKING:  # PyAV is imported on first use (_av)
+    from av.video.codeccontext import VideoCodecContext
 
 __all__ = [
     "ENCODERS",
@@ -119,13 +123,13 @@ class VideoEncoder:
 
     def __init__(self, settings: VideoSettings | None = None) -> None:
         self.settings = settings or VideoSettings()
-        self._ctx = None
+        self._ctx: VideoCodecContext | None = None
         self._size: tuple[int, int] | None = None
         self._pts = 0
         self._force_key = False
         self.frames = 0
 
-    def _open(self, width: int, height: int) -> None:
+    def _open(self, width: int, height: int) -> VideoCodecContext:
         av = _av()
         s = self.settings
         ctx = av.CodecContext.create(ENCODERS[s.format], "w")
@@ -149,9 +153,9 @@ class VideoEncoder:
             opts["x265-params"] = f"keyint={s.gop}:min-keyint={s.gop}:scenecut=0:bframes=0:log-level=error"
         ctx.options = opts
         ctx.open()
-        self._ctx = ctx
         self._size = (height, width)
         self._pts = 0
+        return ctx
 
     def force_key_frame(self) -> None:
         """Make the next frame a key frame (after an error, a reconnect or on a new stream)."""
@@ -166,9 +170,9 @@ class VideoEncoder:
         if h % 2 or w % 2:
             image = np.pad(image, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
             h, w = image.shape[:2]
-        if self._size != (h, w):
+        if self._ctx is None or self._size != (h, w):  # (close() clears both together)
             self.close()
-            self._open(w, h)
+            self._ctx = self._open(w, h)
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24").reformat(format="yuv420p")
         frame.pts = self._pts
         self._pts += 1
@@ -199,10 +203,10 @@ class VideoDecoder:
             raise VideoError(f"max_pixels must be >= 64, got {max_pixels}")
         self.format = format
         self.max_pixels = int(max_pixels)
-        self._ctx = None
+        self._ctx: VideoCodecContext | None = None
         self.frames = 0
 
-    def _open(self):
+    def _open(self) -> VideoCodecContext:
         av = _av()
         ctx = av.CodecContext.create(self.format, "r")
         ctx.thread_count = 1
@@ -227,11 +231,12 @@ class VideoDecoder:
             self.reset()
             raise VideoError("empty video packet")
         av = _av()
-        starting = self._ctx is None
-        if starting:
-            self._ctx = self._open()
+        ctx = self._ctx
+        starting = ctx is None
+        if ctx is None:
+            ctx = self._ctx = self._open()
         try:
-            frames = self._ctx.decode(av.Packet(bytes(data)))
+            frames = ctx.decode(av.Packet(bytes(data)))
         except Exception as exc:  # noqa: BLE001 - FFmpeg errors come as several av.error types
             self.reset()
             raise VideoError(

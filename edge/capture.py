@@ -406,7 +406,7 @@ def sample_images() -> tuple[list[np.ndarray], list[str]]:
 def write_video(path: str, frames: list[np.ndarray], fps: float = 10.0) -> None:
     """Write RGB frames to a video file (mp4v); used to make sample and test videos."""
     h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    writer = cv2.VideoWriter(path, cv2.VideoWriter.fourcc(*"mp4v"), fps, (w, h))
     if not writer.isOpened():
         raise SourceError(f"{path}: cannot open for writing")
     for f in frames:

@@ -35,8 +35,8 @@ COCO_SKELETON = [
 
 
 def _color(label: int) -> tuple[int, int, int]:
-    rng = np.random.default_rng(label)
-    return tuple(int(c) for c in rng.integers(64, 256, size=3))
+    r, g, b = (int(c) for c in np.random.default_rng(label).integers(64, 256, size=3))
+    return r, g, b
 
 
 def draw_detections(image: np.ndarray, dets: dict[str, Any], min_score: float = 0.5) -> np.ndarray:
@@ -115,7 +115,7 @@ class VideoSink:
     def _open(self, size: tuple[int, int]) -> None:
         self.current = self._final_name()
         self.current.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = cv2.VideoWriter(str(self._partial()), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, size)
+        self.writer = cv2.VideoWriter(str(self._partial()), cv2.VideoWriter.fourcc(*"mp4v"), self.fps, size)
         if not self.writer.isOpened():
             self.writer = None
             raise OSError(f"{self.current}: cannot open for writing")
@@ -138,6 +138,7 @@ class VideoSink:
         self.writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
 
     def _finish(self) -> None:
+        assert self.writer is not None and self.current is not None  # called only while a file is open
         self.writer.release()
         self.writer = None
         os.replace(self._partial(), self.current)

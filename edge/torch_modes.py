@@ -14,7 +14,7 @@ from torch import nn
 
 from hnd.common.config import filter_threshold_problem
 from hnd.common.neural_filter import empty_detections, get_filter
-from hnd.common.split import Head, split_model
+from hnd.common.split import EntropicHead, Head, Tail, split_model
 from hnd.common.timing import ms_since, now_ns
 from hnd.edge.capture import Frame
 from hnd.edge.modes import EdgeMode, EdgeOptions, Prepared, check_split_server
@@ -144,7 +144,7 @@ class LocalMode(_FilterMixin, EdgeMode):
         ms = Timings(capture=frame.capture_ms)
         start = now_ns()
         if self.split is not None:
-            return self._prepare_filtered(frame, ms, start)
+            return self._prepare_filtered(self.split, frame, ms, start)
         img = to_tensor(frame.image)
         ms.preprocess = ms_since(start)
         t = now_ns()
@@ -152,9 +152,11 @@ class LocalMode(_FilterMixin, EdgeMode):
         ms.head = ms_since(t)  # the whole model: it all runs on the edge
         return Prepared(frame, ms, local_result=result, done_ns=now_ns())
 
-    def _prepare_filtered(self, frame: Frame, ms: Timings, start: int) -> Prepared:
+    def _prepare_filtered(
+        self, split: tuple[Head | EntropicHead, Tail], frame: Frame, ms: Timings, start: int
+    ) -> Prepared:
         """preprocess -> stem -> filter -> (encoder -> tail) on the edge."""
-        head, tail = self.split
+        head, tail = split
         batch, meta = head.preprocess([to_tensor(frame.image)])
         ms.preprocess = ms_since(start)
         t = now_ns()

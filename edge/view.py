@@ -195,6 +195,7 @@ class _Mjpeg(tornado.web.RequestHandler):
                 self.view._waiters.append(fut)
                 await fut
                 jpeg = self.view.latest_jpeg
+                assert jpeg is not None  # waiters are woken only once a frame is published
                 self.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg))
                 self.write(jpeg)
                 self.write(b"\r\n")

@@ -24,6 +24,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -31,9 +32,22 @@ from hnd.train import evaluate as hnd_eval
 from hnd.train import train as hnd_train
 from hnd.train.synthetic import make_synthetic_coco, write_config
 
-PROFILES = {
+
+class Profile(TypedDict):
+    train_images: int
+    val_images: int
+    size: int  # images are size x size pixels; the models' min_size = max_size
+    batch_size: int
+    teacher_epochs: int
+    student_epochs: int
+    teacher_lr: float
+    workers: int
+    bits: list[tuple[int, str]]  # (bits, granularity) settings evaluated after training
+
+
+PROFILES: dict[str, Profile] = {
     # ~16 minutes on 2 (shared) CPU cores: small images, few proposals, a short schedule.
-    "cpu": dict(
+    "cpu": Profile(
         train_images=320,
         val_images=50,
         size=96,
@@ -45,7 +59,7 @@ PROFILES = {
         bits=[(8, "tensor"), (4, "tensor"), (2, "tensor"), (2, "channel")],
     ),
     # About 10 minutes on one H100 (the teacher's 16 epochs take 3.3 of them).
-    "gpu": dict(
+    "gpu": Profile(
         train_images=1000,
         val_images=150,
         size=128,
@@ -57,7 +71,7 @@ PROFILES = {
         bits=[(8, "tensor"), (4, "tensor"), (2, "tensor"), (4, "channel"), (2, "channel")],
     ),
     # Seconds: checks the pipeline end to end.
-    "smoke": dict(
+    "smoke": Profile(
         train_images=8,
         val_images=4,
         size=96,
@@ -86,7 +100,7 @@ def model_params(size: int) -> dict:
     }
 
 
-def write_configs(out: Path, data: Path, p: dict) -> dict[str, Path]:
+def write_configs(out: Path, data: Path, p: Profile) -> dict[str, Path]:
     params = model_params(p["size"])
     dataset = {"name": "synthetic", "num_workers": p["workers"], "aspect_ratio_group_factor": 0}
     teacher_ckpt = out / "teacher" / "best.pt"

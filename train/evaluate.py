@@ -80,8 +80,8 @@ def to_coco_results(
                     }
                 )
         if "segm" in results:
-            masks = out["masks"].detach().cpu()[:n]
-            masks = (masks.reshape(n, *masks.shape[-2:]) > 0.5).numpy().astype(np.uint8)
+            soft = out["masks"].detach().cpu()[:n]
+            masks = (soft.reshape(n, *soft.shape[-2:]) > 0.5).numpy().astype(np.uint8)
             for mask, label, score in zip(masks, labels, scores):
                 rle = mask_utils.encode(np.asfortranarray(mask))
                 rle["counts"] = rle["counts"].decode("ascii")

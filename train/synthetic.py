@@ -225,7 +225,7 @@ def _draw_person(rng: np.random.Generator, canvas: Image.Image, bg: np.ndarray, 
     ann = _annotation(_rle_from_mask(mask), mask, 1)
     if ann is None:
         return None
-    kps = []
+    kps: list[float] = []
     for x, y in pts:
         inside = 0 <= x < width and 0 <= y < height
         kps += [round(float(x), 2), round(float(y), 2), 2] if inside else [0, 0, 0]
@@ -291,7 +291,8 @@ def make_synthetic_coco(
         (out / folder).mkdir(parents=True, exist_ok=True)
         order = np.random.default_rng([seed, split_index, 7]).permutation(n)
         empty = set(order[: int(round(empty_fraction * n))].tolist())
-        info_images, info_anns = [], []
+        info_images: list[dict[str, Any]] = []
+        info_anns: list[dict[str, Any]] = []
         for i in range(n):
             rng = np.random.default_rng([seed, split_index, i])
             image_id = first_id + i

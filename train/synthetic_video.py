@@ -24,6 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -111,7 +112,7 @@ def _movers(
         angle = rng.uniform(0, 2 * np.pi)
         v = rng.uniform(*speed) * height / 240  # pixels per frame, scaled with the frame size
         patch = bg[int(y) : int(y + h) + 1, int(x) : int(x + w) + 1].reshape(-1, 3).mean(0)
-        colour = tuple(int(c) for c in np.where(patch > 127, rng.integers(0, 60, 3), rng.integers(195, 256, 3)))
+        r, g, b = (int(c) for c in np.where(patch > 127, rng.integers(0, 60, 3), rng.integers(195, 256, 3)))
         out.append(
             _Mover(
                 int(rng.integers(1, 4)),
@@ -121,7 +122,7 @@ def _movers(
                 y,
                 v * np.cos(angle),
                 v * np.sin(angle),
-                colour,
+                (r, g, b),
                 float(rng.uniform(0.2, 0.8)),
             )
         )
@@ -203,7 +204,10 @@ def make_synthetic_video(
     out = Path(out)
     (out / folder).mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
-    images, annotations, videos, all_frames = [], [], [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    videos: list[dict[str, Any]] = []
+    all_frames: list[np.ndarray] = []
     for s in range(sequences):
         rng = np.random.default_rng([seed, s, 11])
         bg = _sequence_background(rng, background, s, width, height)
