@@ -207,7 +207,7 @@ def fingerprint(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> 
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the weights
     return h.hexdigest()
 
 

@@ -26,6 +26,7 @@ MODULE_MARKS = {
     "test_edge_streams.py": ("e2e",),
     "test_demo.py": ("e2e", "slow"),
     "test_edge.py": ("e2e",),
+    "test_edge_onnx.py": ("e2e",),  # a live server and a torch-free hnd-edge subprocess
     "test_runtime.py": ("e2e",),
     "test_server_errors.py": ("e2e",),
     "test_streams.py": ("e2e",),
@@ -57,6 +58,7 @@ TEST_MARKS = {
     "test_filter.py::test_filter_errors_are_one_clear_line": ("slow",),
     "test_filter.py::test_head_holds_the_filter_export_and_fingerprint": ("slow",),
     "test_filter.py::test_edge_drops_frames_below_threshold_with_empty_results_shaped_as_the_servers": ("e2e",),
+    "test_onnx_head.py::test_hnd_eval_with_onnx_head": ("e2e",),  # hnd-export-head, then hnd-eval, end to end
 }
 
 

@@ -284,7 +284,7 @@ def test_kwargs_and_num_classes_pass_through():
 def test_tiny_config_params_pass_through(tiny_model):
     model = tiny_model("keypoint_rcnn")
     assert tuple(model.transform.min_size) == (160,) and model.transform.max_size == 256
-    assert model.roi_heads.score_thresh == 0.0 and model.roi_heads.detections_per_img == 10
+    assert model.roi_heads.score_thresh == 0.0 and model.roi_heads.detections_per_img == 4
     assert model.roi_heads.keypoint_predictor.kps_score_lowres.out_channels == 17
 
 
