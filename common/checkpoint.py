@@ -207,7 +207,8 @@ def fingerprint(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> 
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the weights
+        # The array's buffer itself, not a copy of the weights (numpy's stubs do not declare ndarray a Buffer).
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     return h.hexdigest()
 
 

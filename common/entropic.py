@@ -438,7 +438,7 @@ def filters_in_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str) -
     None when the state dict holds no ``_matrix0`` under ``prefix`` or the matrices do not chain
     ([C, f1, 1], [C, f2, f1], ..., [C, 1, fN]); the normal key / shape checks then report the file.
     """
-    shapes = []
+    shapes: list[tuple[int, ...]] = []
     while isinstance(state_dict.get(f"{prefix}_matrix{len(shapes)}"), torch.Tensor):
         shapes.append(tuple(state_dict[f"{prefix}_matrix{len(shapes)}"].shape))
     if not shapes or any(len(sh) != 3 for sh in shapes):

@@ -133,7 +133,8 @@ class ImageOffload:
     """The teacher on frames sent as JPEG / WebP at ``quality`` (the offload baseline); counts the file bytes."""
 
     def __init__(self, teacher: torch.nn.Module, family: str, quality: int) -> None:
-        self.teacher, self.roundtrip, self.sizes = teacher, image_roundtrip(family, quality), []
+        self.teacher, self.roundtrip = teacher, image_roundtrip(family, quality)
+        self.sizes: list[int] = []
 
     def __call__(self, images: list[torch.Tensor]) -> list[dict]:
         sent = []

@@ -352,6 +352,7 @@ def evaluate_model(
     from hnd.common.models import model_kind
 
     kind = kind or model_kind(model)
+    predictor: Predictor
     if onnx_head is not None:  # the edge's ONNX head in front of the model's tail
         predictor = make_onnx_predictor(model, onnx_head, bits if bits is not None else 8, granularity)
     else:
@@ -367,8 +368,11 @@ def evaluate_model(
     outputs, ids, seconds = predict_dataset(predictor, loader, device, progress=progress)
     results = to_coco_results(outputs, ids, IOU_TYPES[kind])
     metrics, summaries = coco_evaluate(loader.dataset.coco, results, ids)
-    coded = isinstance(predictor, (CodedSplit, OnnxCodedSplit))
-    extra = {"coded_bytes_per_image": round(predictor.bytes_per_image, 1)} if coded else {}
+    extra = (
+        {"coded_bytes_per_image": round(predictor.bytes_per_image, 1)}
+        if isinstance(predictor, (CodedSplit, OnnxCodedSplit))
+        else {}
+    )
     return {**metrics, **extra, "summary": summaries, "images": len(ids), "seconds": round(seconds, 3)}
 
 
