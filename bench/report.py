@@ -59,8 +59,15 @@ def _fmt(v: float | None, spec: str = ",.0f") -> str:
 
 def render_markdown(result: dict[str, Any]) -> str:
     """results.md: run notes, a per-setting summary, the mode x setting x link table and the crossovers."""
-    run, rows, links = result["run"], result["results"], result["run"]["links"]
-    lines = ["# hnd-bench results", ""]
+    lines = ["# hnd-bench results", ""] + _run_section(result) + _per_setting_section(result) + _link_section(result)
+    lines += _filter_section(result) + _crossover_section(result) + [""]
+    return "\n".join(lines)
+
+
+def _run_section(result: dict[str, Any]) -> list[str]:
+    """The machine, model, frames, server, notes and how the figures were made."""
+    run = result["run"]
+    lines = []
     m = result["machine"]
     lines.append(
         f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['torch']}; "
@@ -83,7 +90,6 @@ def render_markdown(result: dict[str, Any]) -> str:
         )
     lines.append(f"Server: {run['server']}; edge: this process, {run['threads']} torch thread(s).  ")
     lines += [f"**{n}**  " for n in run["notes"]]
-    f1_label = "F1 vs local" + (" (random weights: not meaningful)" if run["random_weights"] else "")
     lines += [
         "",
         f"Link model: `{run['formula']}`. Agreement: IoU-matched F1 at IoU 0.5, score >= "
@@ -94,7 +100,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         "results.json.",
         "",
     ]
+    return lines
 
+
+def _per_setting_section(result: dict[str, Any]) -> list[str]:
+    rows, links = result["results"], result["run"]["links"]
+    f1_label = "F1 vs local" + (" (random weights: not meaningful)" if result["run"]["random_weights"] else "")
+    lines: list[str] = []
     lines += [
         "## Per setting",
         "",
@@ -117,7 +129,12 @@ def render_markdown(result: dict[str, Any]) -> str:
             + " | ".join(_fmt(r["latency_ms"][link["name"]]["p50"], ".1f") for link in links)
             + " |"
         )
+    return lines
 
+
+def _link_section(result: dict[str, Any]) -> list[str]:
+    rows, links = result["results"], result["run"]["links"]
+    lines: list[str] = []
     lines += [
         "",
         "## Mode x setting x link",
@@ -137,9 +154,11 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{_fmt((r['server_ms'] or {}).get('p50'), '.1f')} | {_fmt(lat['p50'], '.1f')} | "
                 f"{_fmt(lat['p95'], '.1f')} |"
             )
+    return lines
 
-    lines += _filter_section(result)
 
+def _crossover_section(result: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     sweep = result["sweep"]
     lines += ["", f"## Crossovers (bandwidth sweep at RTT {sweep['rtt_ms']:g} ms, p50 latency)", ""]
     if not sweep["crossovers"]:
@@ -157,8 +176,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     for key, found in sweep["split_vs_best_offload"].items():
         where = "; ".join(f"cross at {c['mbit']:.3g} Mbit/s, {c['faster_above']} faster above" for c in found)
         lines.append(f"- {key}: {where or f'no crossover in {CROSSOVER_MBIT[0]:g}-{CROSSOVER_MBIT[1]:g} Mbit/s'}.")
-    lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def _filter_section(result: dict[str, Any]) -> list[str]:
