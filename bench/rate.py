@@ -175,7 +175,10 @@ def image_roundtrip(family: str, quality: int) -> Callable[[np.ndarray], tuple[b
         ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [flag, quality])
         if not ok:
             raise HndError(f"cannot encode a frame as {family}")
-        return buf.tobytes(), cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        if decoded is None:
+            raise HndError(f"cannot decode the {family} frame just encoded")
+        return buf.tobytes(), cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 
     return run
 
@@ -251,6 +254,8 @@ def run_sweep(
             **extra,
         )
         if coco_gt is not None:
+            if image_ids is None:
+                raise ValueError("coco_gt needs image_ids (the COCO id of each frame)")
             row.map50_95, row.map50 = _coco_map(coco_gt, dets, image_ids)
         row.seconds = round(time.perf_counter() - t0, 2)
         rows.append(row)
@@ -394,24 +399,24 @@ def plot(rows: list[RateRow], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    curves: dict[str, list[RateRow]] = {}
+    curves: dict[str, list[tuple[RateRow, float]]] = {}  # (row, its F1)
     for row in rows:
-        if row.family == "local":
+        if row.family == "local" or row.f1 is None:  # (plotted with accuracy on: every row has an F1)
             continue
         label = f"{row.family}, {row.size}" + (
             f", {row.params['granularity']}" if row.family.startswith("split") else ""
         )
-        curves.setdefault(label, []).append(row)
+        curves.setdefault(label, []).append((row, row.f1))
     for label, pts in curves.items():
-        pts = sorted(pts, key=lambda r: r.bytes_per_frame)
-        ax.plot([p.bytes_per_frame for p in pts], [p.f1 for p in pts], marker="o", label=label)
-        for p in pts:
+        pts = sorted(pts, key=lambda rf: rf[0].bytes_per_frame)
+        ax.plot([p.bytes_per_frame for p, _ in pts], [f1 for _, f1 in pts], marker="o", label=label)
+        for p, f1 in pts:
             tag = (
                 f"{p.params['bits']}b"
                 if "bits" in p.params
                 else (f"q{p.params['quality']}" if "quality" in p.params else f"crf{p.params['crf']:g}")
             )
-            ax.annotate(tag, (p.bytes_per_frame, p.f1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(tag, (p.bytes_per_frame, f1), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("bytes per frame (log)")

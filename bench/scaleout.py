@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from hnd.common.files import atomic_write_json
@@ -71,7 +71,7 @@ class Replica:
     def start(self) -> Replica:
         """Start the process (returns at once; ``wait_serving`` waits for the warm-up)."""
         self.starts += 1
-        log = subprocess.DEVNULL
+        log: int | IO[str] = subprocess.DEVNULL
         if self.log_dir is not None:
             log = (Path(self.log_dir) / f"{self.name}-{self.starts}.log").open("w")
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "OMP_WAIT_POLICY": "PASSIVE"}

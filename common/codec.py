@@ -85,7 +85,7 @@ DTYPES = ("float32",)
 
 # Values per packing group and bytes per group: each group fills whole bytes.
 _GROUP = {2: (4, 1), 4: (2, 1), 6: (4, 3)}
-_FLOAT_DTYPE = {16: np.dtype("<f2"), 32: np.dtype("<f4")}
+_FLOAT_DTYPE: dict[int, np.dtype[Any]] = {16: np.dtype("<f2"), 32: np.dtype("<f4")}
 _FLOAT16_OVERFLOW = 65520.0  # float16 rounds |x| >= this to inf
 # Affine modes refuse |x| above this, and decode refuses larger scales, so scale * (q - zp) stays finite.
 _MAX_AFFINE_ABS = float(np.finfo(np.float32).max) / 256
@@ -604,7 +604,7 @@ def _pack(symbols: np.ndarray, bits: int) -> bytes:
     if pad:
         symbols = np.concatenate([symbols, np.zeros(pad, dtype=symbols.dtype)])
     cols = symbols.reshape(-1, per_group).astype(np.uint32)
-    word = np.zeros(len(cols), dtype=np.uint32)
+    word: np.ndarray = np.zeros(len(cols), dtype=np.uint32)
     for i in range(per_group):  # loops over columns (<= 4), not elements
         word = (word << bits) | cols[:, i]
     out = np.empty((len(cols), group_bytes), dtype=np.uint8)
@@ -621,7 +621,7 @@ def _unpack(raw: bytes, bits: int, numel: int) -> np.ndarray:
         return np.frombuffer(raw, dtype=np.uint8)
     per_group, group_bytes = _GROUP[bits]
     packed = np.frombuffer(raw, dtype=np.uint8).reshape(-1, group_bytes).astype(np.uint32)
-    word = np.zeros(len(packed), dtype=np.uint32)
+    word: np.ndarray = np.zeros(len(packed), dtype=np.uint32)
     for j in range(group_bytes):
         word = (word << 8) | packed[:, j]
     mask = (1 << bits) - 1
@@ -696,7 +696,7 @@ def _check_compression(compression: object, level: object) -> None:
         raise CodecError(f"zstd level must be an int up to {zstandard.MAX_COMPRESSION_LEVEL}, got {level!r}")
 
 
-def _check_finite(lo: object, hi: object) -> None:
+def _check_finite(lo: float | np.ndarray, hi: float | np.ndarray) -> None:
     # min / max propagate NaN and expose Inf, so checking them covers every element.
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         raise CodecError("tensor holds NaN or Inf values; the codec needs finite input")

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import numpy as np
@@ -42,6 +42,10 @@ from hnd.server.budget import BudgetError, check_bottleneck_shape, check_origina
 from hnd.server.metrics import STAGES, ServerMetrics
 from hnd.server.streams import KeyFrameRequired, StreamLimits, StreamSession, StreamSessions, video_request
 from hnd.server.text import RateLimitedLog, client_text
+
+if TYPE_CHECKING:
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 log = logging.getLogger("hnd.server")
 
@@ -135,11 +139,14 @@ class ModelRunner:
         self.kind = model_kind(model)
         self.channels = bottleneck_channels_of(model)
         self.fingerprint = fingerprint(model)
-        self.min_size = int(model.transform.min_size[-1])
-        self.max_size = int(model.transform.max_size)
-        self.size_divisible = int(model.transform.size_divisible)
+        # Typed parts (attribute access types every part "Tensor | Module"; torchvision has no type hints).
+        transform: GeneralizedRCNNTransform = model.get_submodule("transform")
+        roi_heads: RoIHeads = model.get_submodule("roi_heads")
+        self.min_size = int(transform.min_size[-1])
+        self.max_size = int(transform.max_size)
+        self.size_divisible = int(transform.size_divisible)
         # Masks pasted per image at its original size (0: the model predicts no masks).
-        self.mask_detections = int(model.roi_heads.detections_per_img) if model.roi_heads.has_mask() else 0
+        self.mask_detections = int(roi_heads.detections_per_img) if roi_heads.has_mask() else 0
         predictor = getattr(model.roi_heads, "keypoint_predictor", None)
         self.num_keypoints = int(predictor.kps_score_lowres.out_channels) if predictor is not None else 0
         self.device = device
