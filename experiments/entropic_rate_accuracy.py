@@ -310,6 +310,40 @@ def synthetic_video(out: Path, frames: int) -> list[np.ndarray]:
     return load_frames(None, str(found[0]), frames)[0]
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """bytes / frame (log) against F1 vs the teacher and against bbox AP, one curve per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    families = {"hnd": "HND b3ch", "ghnd": "GHND b3ch", "entropic": "Entropic b24ch", "jpeg": "JPEG", "webp": "WebP"}
+    for ax, measure, label in (
+        (axes[0], "f1_vs_teacher", "F1 vs the teacher's detections"),
+        (axes[1], "AP", "bbox AP"),
+    ):
+        for fam, name in families.items():
+            pts = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["bytes"])
+            if not pts:
+                continue
+            ax.plot([r["bytes"] for r in pts], [r[measure] for r in pts], marker="o", label=name)
+            for r in pts:
+                tag = r["name"].split()[-1] if fam in ("jpeg", "webp", "entropic") else r["name"].split()[2]
+                ax.annotate(tag, (r["bytes"], r[measure]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        teacher = next(r for r in rows if r["family"] == "teacher")
+        ax.axhline(teacher[measure], color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per frame (log)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| setting | bbox AP | AP50 | F1 vs teacher | bytes / frame |", "|---|---|---|---|---|"]
     for r in rows:
@@ -454,6 +488,11 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     (out / "entropic_results.md").write_text(md + "\n")
+    plot(
+        rows,
+        out / "entropic_rate_accuracy.png",
+        f"synthetic {p['size']}x{p['size']}, {info['val_frames']} val frames, one teacher",
+    )
     print(md)
     return 0
 
