@@ -221,27 +221,13 @@ def run_sweep(
         sizes, dets, extra = _run_setting(
             s, models, splits, inputs, frames, head_outputs, key_interval, max_clamped, preset, fps, accuracy
         )
-        if not accuracy:
-            rows.append(
-                RateRow(
-                    s.family,
-                    s.name,
-                    s.size,
-                    dict(s.params),
-                    float(np.mean(sizes)),
-                    int(sizes[0]),
-                    float(np.mean(sizes[1:])) if len(sizes) > 1 else None,
-                    None,
-                    **extra,
-                )
-            )
-            rows[-1].seconds = round(time.perf_counter() - t0, 2)
-            continue
-        if reference is None:
-            if s.family != "local":
-                raise ValueError("the first setting must be the local reference")
-            reference = dets
-        f1 = float(np.mean([match_f1(r, d, 0.5, score) for r, d in zip(reference, dets)]))
+        f1 = None  # bytes only (accuracy off): no reference, no F1 or mAP
+        if accuracy:
+            if reference is None:
+                if s.family != "local":
+                    raise ValueError("the first setting must be the local reference")
+                reference = dets
+            f1 = float(np.mean([match_f1(r, d, 0.5, score) for r, d in zip(reference, dets)]))
         row = RateRow(
             s.family,
             s.name,
@@ -253,13 +239,13 @@ def run_sweep(
             f1,
             **extra,
         )
-        if coco_gt is not None:
+        if accuracy and coco_gt is not None:
             if image_ids is None:
                 raise ValueError("coco_gt needs image_ids (the COCO id of each frame)")
             row.map50_95, row.map50 = _coco_map(coco_gt, dets, image_ids)
         row.seconds = round(time.perf_counter() - t0, 2)
         rows.append(row)
-        if progress is not None:
+        if accuracy and progress is not None:
             progress(f"{s.name}: {row.bytes_per_frame:,.0f} B/frame, F1 {row.f1:.3f} ({row.seconds:.0f} s)")
     if not accuracy and progress is not None:
         for row in rows:
