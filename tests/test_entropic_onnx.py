@@ -214,7 +214,7 @@ def test_affine_bits_with_an_entropic_head_is_one_line(server, files):
 
 def test_negotiation_with_an_hnd_server_and_an_hnd_head(files, tmp_path, model):
     ort = OnnxHead(files["head"])
-    mode = OnnxSplitMode(EdgeOptions(**LEARNED), ort)
+    mode = OnnxSplitMode(EdgeOptions(codec=codec.CodecSettings(**LEARNED)), ort)
     hnd_server = pb.ModelInfo(
         weights_fingerprint=fingerprint(model),
         model_kind="faster_rcnn",
@@ -228,7 +228,7 @@ def test_negotiation_with_an_hnd_server_and_an_hnd_head(files, tmp_path, model):
     hnd_head = tmp_path / "hnd.onnx"
     assert export_cli.main([str(hnd_head), "--config", "test/faster_rcnn-b3ch", "--random-weights", "0"]) == 0
     with pytest.raises(EdgeError, match="learned entropy coding is for Entropic Students"):
-        OnnxSplitMode(EdgeOptions(**LEARNED), OnnxHead(hnd_head))
+        OnnxSplitMode(EdgeOptions(codec=codec.CodecSettings(**LEARNED)), OnnxHead(hnd_head))
 
 
 def _rewrite(src, dst, change) -> None:

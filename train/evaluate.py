@@ -202,7 +202,9 @@ class OnnxCodedSplit:
         model.eval()
         _, self.tail = split_model(model)
         self.head = onnx_head
-        self.settings = codec.CodecSettings(bits, granularity)  # an Entropic head's symbols ignore it
+        # An Entropic head's int32 symbols are range-coded against its prior; an HND head's float bottleneck
+        # at these (validated) affine settings.
+        self.settings = codec.CodecSettings(bits, granularity) if onnx_head.prior is None else None
         self.device = next(model.parameters()).device
         self.coded_bytes: list[int] = []
         self.images = 0
@@ -214,6 +216,7 @@ class OnnxCodedSplit:
         if prior is not None:
             encoded = codec.encode_symbols(out.bottleneck, prior)
         else:
+            assert self.settings is not None
             encoded = self.settings.encode(out.bottleneck)
         self.coded_bytes.append(len(encoded.payload))
         self.images += len(images)
