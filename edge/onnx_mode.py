@@ -18,10 +18,10 @@ from hnd.common.config import filter_threshold_problem
 from hnd.common.timing import ms_since, now_ns
 from hnd.edge.capture import Frame
 from hnd.edge.client import EdgeError
-from hnd.edge.modes import Detections, EdgeMode, EdgeOptions, Prepared, check_split_server
+from hnd.edge.modes import Detections, EdgeOptions, Prepared, check_split_server
 from hnd.edge.onnx_head import OnnxHead
 from hnd.edge.records import Timings
-from hnd.edge.streaming import BottleneckCoder
+from hnd.edge.streaming import BottleneckCoder, CodedSplitMode
 from hnd.proto.v1 import split_inference_pb2 as pb
 
 __all__ = ["OnnxSplitMode", "empty_detections"]
@@ -42,7 +42,7 @@ def empty_detections(kind: str, image_size: tuple[int, int], num_keypoints: int 
     return out
 
 
-class OnnxSplitMode(EdgeMode):
+class OnnxSplitMode(CodedSplitMode):
     """Split with an exported ONNX head (fp32 or int8); the record's mode is "split" like the torch head's."""
 
     name = "split"
@@ -83,17 +83,6 @@ class OnnxSplitMode(EdgeMode):
             )
         check_split_server(info, self.fingerprint, self.options.codec, (h.min_size, h.max_size))
         self.coder.check_server(info)
-
-    def detections(self, prepared: Prepared, response: pb.InferResponse | None):
-        if response is not None:
-            self.coder.observe(response)
-        return super().detections(prepared, response)
-
-    def reencode(self, prepared: Prepared, reason: str) -> bool:
-        return self.coder.reencode(prepared, reason)
-
-    def after(self, prepared: Prepared, record) -> None:
-        self.coder.after(prepared, record)
 
     def prepare(self, frame: Frame) -> Prepared:
         o = self.options

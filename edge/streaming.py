@@ -124,6 +124,25 @@ class BottleneckCoder:
             self.encoder.force_key_frame()
 
 
+class CodedSplitMode(EdgeMode):
+    """A split mode whose bottleneck goes through ``self.coder`` (a BottleneckCoder, set by the subclass):
+    answers, resends and final records reach the coder, so a stream's key / delta state follows them.
+    The torch head (hnd.edge.torch_modes) and the ONNX head (hnd.edge.onnx_mode) share it."""
+
+    coder: BottleneckCoder
+
+    def detections(self, prepared: Prepared, response: pb.InferResponse | None):
+        if response is not None:
+            self.coder.observe(response)
+        return super().detections(prepared, response)
+
+    def reencode(self, prepared: Prepared, reason: str) -> bool:
+        return self.coder.reencode(prepared, reason)
+
+    def after(self, prepared: Prepared, record) -> None:
+        self.coder.after(prepared, record)
+
+
 class VideoOffloadMode(EdgeMode):
     """The frame as one H.264 / HEVC access unit (PyAV, tune zerolatency, no B-frames) on InferStream;
     the server decodes it in this stream's session and runs the whole model."""

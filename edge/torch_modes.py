@@ -19,7 +19,7 @@ from hnd.common.timing import ms_since, now_ns
 from hnd.edge.capture import Frame
 from hnd.edge.modes import EdgeMode, EdgeOptions, Prepared, check_split_server
 from hnd.edge.records import Timings
-from hnd.edge.streaming import BottleneckCoder
+from hnd.edge.streaming import BottleneckCoder, CodedSplitMode
 from hnd.proto.v1 import split_inference_pb2 as pb
 
 
@@ -60,7 +60,7 @@ class _FilterMixin:
         )
 
 
-class TorchSplitMode(_FilterMixin, EdgeMode):
+class TorchSplitMode(_FilterMixin, CodedSplitMode):
     """Head (transform + stem + bottleneck encoder) in torch here, the quantized bottleneck on the wire."""
 
     name = "split"
@@ -77,17 +77,6 @@ class TorchSplitMode(_FilterMixin, EdgeMode):
         t = self.head.transform
         check_split_server(info, self.fingerprint, self.options.codec, (int(t.min_size[-1]), int(t.max_size)))
         self.coder.check_server(info)
-
-    def detections(self, prepared: Prepared, response: pb.InferResponse | None):
-        if response is not None:
-            self.coder.observe(response)
-        return super().detections(prepared, response)
-
-    def reencode(self, prepared: Prepared, reason: str) -> bool:
-        return self.coder.reencode(prepared, reason)
-
-    def after(self, prepared: Prepared, record) -> None:
-        self.coder.after(prepared, record)
 
     @torch.inference_mode()
     def prepare(self, frame: Frame) -> Prepared:
