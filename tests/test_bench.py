@@ -307,8 +307,21 @@ def quick_filter(tmp_path_factory):
     from hnd.common.split import split_model
     from hnd.edge.pipeline import to_tensor
 
-    config = "test/keypoint_rcnn-b3ch-filter"
+    from hnd.train.synthetic import write_config
+
+    # test/keypoint_rcnn-b3ch-filter with 4 detections per image, as test/keypoint_rcnn-b3ch: the keypoint
+    # head (8 convs of 512 channels per detection) is most of each of the bench's forwards.
+    folder = tmp_path_factory.mktemp("config")
+    config = str(
+        write_config(
+            "test/keypoint_rcnn-b3ch-filter",
+            folder,
+            folder / "filter.yaml",
+            model={"params": {"box_detections_per_img": 4}},
+        )
+    )
     cfg = load_config(config)
+    assert cfg.model.params["box_detections_per_img"] == 4 and cfg.model.filter is not None
     head, _ = split_model(build_model_from_config(cfg.model, cfg.path))
     frames, _, labels = mixed_frames(MIXED, cfg.model.kind, tmp_path_factory.mktemp("frames"))
     assert sorted(labels) == [False, False, True, True]  # half of them empty scenes
