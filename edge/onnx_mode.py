@@ -105,16 +105,4 @@ class OnnxSplitMode(CodedSplitMode):
                 return Prepared(
                     frame, ms, local_result=[empty], done_ns=now_ns(), filtered=True, filter_probability=probability
                 )
-        t = now_ns()
-        payload, extra = self.coder.encode(out.bottleneck, meta, request, frame.index)
-        ms.encode = ms_since(t)
-        return Prepared(
-            frame,
-            ms,
-            request=request,
-            payload_bytes=payload,
-            message_bytes=request.ByteSize(),
-            filtered=filtered,
-            filter_probability=probability,
-            extra=extra,
-        )
+        return self.coded(frame, ms, request, out.bottleneck, meta, filtered, probability)

@@ -131,6 +131,31 @@ class CodedSplitMode(EdgeMode):
 
     coder: BottleneckCoder
 
+    def coded(
+        self,
+        frame: Frame,
+        ms: Timings,
+        request: pb.InferRequest,
+        bottleneck: Any,
+        meta: Any,
+        filtered: bool | None,
+        probability: float | None,
+    ) -> Prepared:
+        """Code ``bottleneck`` (the head's output, torch or numpy) into ``request`` and time it as ``encode``."""
+        t = now_ns()
+        payload, extra = self.coder.encode(bottleneck, meta, request, frame.index)
+        ms.encode = ms_since(t)
+        return Prepared(
+            frame,
+            ms,
+            request=request,
+            payload_bytes=payload,
+            message_bytes=request.ByteSize(),
+            filtered=filtered,
+            filter_probability=probability,
+            extra=extra,
+        )
+
     def detections(self, prepared: Prepared, response: pb.InferResponse | None):
         if response is not None:
             self.coder.observe(response)

@@ -101,19 +101,7 @@ class TorchSplitMode(_FilterMixin, CodedSplitMode):
             t = now_ns()
             z = self.head.encode_features(features)
             ms.head = stem_ms + ms_since(t)
-        t = now_ns()
-        payload, extra = self.coder.encode(z, meta, request, frame.index)
-        ms.encode = ms_since(t)
-        return Prepared(
-            frame,
-            ms,
-            request=request,
-            payload_bytes=payload,
-            message_bytes=request.ByteSize(),
-            filtered=filtered,
-            filter_probability=probability,
-            extra=extra,
-        )
+        return self.coded(frame, ms, request, z, meta, filtered, probability)
 
 
 class LocalMode(_FilterMixin, EdgeMode):
