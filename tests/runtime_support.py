@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -146,3 +147,32 @@ def make_certs(folder: Path) -> dict[str, str]:
             "client_key": "client.key",
         }.items()
     }
+
+
+# An edge process where torch (and torchvision) are made unimportable before hnd is, then hnd-edge's main().
+NO_TORCH = (
+    "import sys\n"
+    "sys.modules['torch'] = None\n"
+    "sys.modules['torchvision'] = None\n"
+    "from hnd.edge.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "assert sys.modules['torch'] is None\n"
+    "sys.exit(code)\n"
+)
+
+
+def torch_free_edge(server, config: str, head, images, *extra: str) -> subprocess.CompletedProcess:
+    """hnd-edge with an ONNX ``head`` on a folder of ``images`` against ``server``, in a process without torch."""
+    argv = ["--server", f"127.0.0.1:{server.port}", "--images", str(images), "--config", config]
+    argv += ["--head", str(head), "--no-progress", "--threads", "1", *extra]
+    return subprocess.run(
+        [sys.executable, "-c", NO_TORCH, *argv], check=False, capture_output=True, text=True, timeout=300
+    )
+
+
+def one_line_error(run: subprocess.CompletedProcess) -> str:
+    """The edge's usage error: exit code 2 and one ``hnd-edge: error:`` line on stderr, no traceback."""
+    assert run.returncode == 2
+    err = run.stderr.strip()
+    assert err.startswith("hnd-edge: error:") and "\n" not in err and "Traceback" not in err, err
+    return err

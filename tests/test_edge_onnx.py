@@ -4,14 +4,12 @@ resolution, and one-line refusals (other model, corrupt file, no metadata, missi
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import cv2
 import onnx
 import pytest
 import torch
-from runtime_support import frames, serving
+from runtime_support import frames, one_line_error, serving, torch_free_edge
 
 from hnd.common import codec, wire
 from hnd.common.checkpoint import save_checkpoint
@@ -20,16 +18,6 @@ from hnd.edge import export_head as export_cli
 from hnd.edge.onnx_head import OnnxHead
 
 CONFIG = "test/faster_rcnn-b3ch"
-# The edge process: torch (and torchvision) made unimportable before hnd is, then hnd-edge's main().
-NO_TORCH = (
-    "import sys\n"
-    "sys.modules['torch'] = None\n"
-    "sys.modules['torchvision'] = None\n"
-    "from hnd.edge.cli import main\n"
-    "code = main(sys.argv[1:])\n"
-    "assert sys.modules['torch'] is None\n"
-    "sys.exit(code)\n"
-)
 
 
 @pytest.fixture(scope="module")
@@ -57,29 +45,9 @@ def files(tmp_path_factory, model):
     return {"folder": folder, "head": head, "images": images}
 
 
-def edge(server, head, images, *extra: str) -> subprocess.CompletedProcess:
-    argv = [
-        "--server",
-        f"127.0.0.1:{server.port}",
-        "--images",
-        str(images),
-        "--config",
-        CONFIG,
-        "--head",
-        str(head),
-        "--no-progress",
-        "--threads",
-        "1",
-        *extra,
-    ]
-    return subprocess.run(
-        [sys.executable, "-c", NO_TORCH, *argv], check=False, capture_output=True, text=True, timeout=300
-    )
-
-
 def test_edge_runs_without_torch_and_equals_the_in_process_path(server, files, model, tmp_path):
     out = tmp_path / "r.jsonl"
-    run = edge(server, files["head"], files["images"], "--output", str(out))
+    run = torch_free_edge(server, CONFIG, files["head"], files["images"], "--output", str(out))
     assert run.returncode == 0, run.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["status"] for r in records] == ["OK", "OK"]
@@ -100,7 +68,9 @@ def test_edge_runs_without_torch_and_equals_the_in_process_path(server, files, m
 def test_native_resolution_split(server, files, tmp_path):
     """--min-size / --max-size: frames split at their own size, accepted within the server's limits."""
     out = tmp_path / "r.jsonl"
-    run = edge(server, files["head"], files["images"], "--min-size", "96", "--max-size", "128", "--output", str(out))
+    run = torch_free_edge(
+        server, CONFIG, files["head"], files["images"], "--min-size", "96", "--max-size", "128", "--output", str(out)
+    )
     assert run.returncode == 0, run.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["status"] == "OK" for r in records)
@@ -108,17 +78,10 @@ def test_native_resolution_split(server, files, tmp_path):
     assert records[0]["bytes"]["payload"] == len(codec.encode(small([frames(1)[0]])[0].bottleneck, 8).payload)
 
 
-def _error_line(run: subprocess.CompletedProcess) -> str:
-    assert run.returncode == 2
-    err = run.stderr.strip()
-    assert err.startswith("hnd-edge: error:") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 def test_head_of_another_model_is_refused(server, files, tmp_path):
     other = tmp_path / "other.onnx"
     assert export_cli.main([str(other), "--config", CONFIG, "--random-weights", "7"]) == 0
-    err = _error_line(edge(server, other, files["images"]))
+    err = one_line_error(torch_free_edge(server, CONFIG, other, files["images"]))
     assert "weights fingerprint mismatch" in err and OnnxHead(other).fingerprint in err
 
 
@@ -134,13 +97,15 @@ def test_bad_onnx_files_are_one_line(server, files, tmp_path, damage):
         m = onnx.load(str(files["head"]))
         del m.metadata_props[:]
         onnx.save(m, str(path))
-    err = _error_line(edge(server, path, files["images"]))
+    err = one_line_error(torch_free_edge(server, CONFIG, path, files["images"]))
     assert str(path) in err
     assert ("without hnd metadata" if damage == "no_metadata" else "not a loadable ONNX model") in err
 
 
 def test_missing_provider_is_one_line(server, files):
-    err = _error_line(edge(server, files["head"], files["images"], "--ort-provider", "TensorrtExecutionProvider"))
+    err = one_line_error(
+        torch_free_edge(server, CONFIG, files["head"], files["images"], "--ort-provider", "TensorrtExecutionProvider")
+    )
     assert "TensorrtExecutionProvider is not available" in err and "CPUExecutionProvider" in err
 
 

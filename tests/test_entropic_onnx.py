@@ -9,15 +9,13 @@ or IoU-matched F1 >= 0.99). Where every symbol is equal the payload is byte for 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import onnx
 import pytest
 import torch
-from runtime_support import frames, serving
+from runtime_support import frames, one_line_error, serving, torch_free_edge
 
 from hnd.bench.agreement import match_f1
 from hnd.common import codec, entropy_coder, wire
@@ -38,15 +36,6 @@ SYMBOLS_EQUAL = 0.999
 LEARNED = dict(bits=0, granularity="channel", compression="learned")
 # Plain ONNX ops only: GDN is Abs -> Conv -> Div, the rounding Sub -> Round -> Clip -> Cast (Constant: the clip bounds).
 GRAPH_OPS = {"Conv", "Abs", "Div", "Sub", "Round", "Clip", "Cast", "Constant"}
-NO_TORCH = (
-    "import sys\n"
-    "sys.modules['torch'] = None\n"
-    "sys.modules['torchvision'] = None\n"
-    "from hnd.edge.cli import main\n"
-    "code = main(sys.argv[1:])\n"
-    "assert sys.modules['torch'] is None\n"
-    "sys.exit(code)\n"
-)
 
 
 def scaled_student(scale: float):
@@ -167,17 +156,9 @@ def server(model):
         yield s
 
 
-def edge(server, head, images, *extra: str) -> subprocess.CompletedProcess:
-    argv = ["--server", f"127.0.0.1:{server.port}", "--images", str(images), "--config", CONFIG]
-    argv += ["--head", str(head), "--no-progress", "--threads", "1", *extra]
-    return subprocess.run(
-        [sys.executable, "-c", NO_TORCH, *argv], check=False, capture_output=True, text=True, timeout=300
-    )
-
-
 def test_torch_free_edge_codes_for_the_entropic_server(server, files, model, tmp_path):
     out = tmp_path / "r.jsonl"
-    run = edge(server, files["head"], files["images"], "--output", str(out))
+    run = torch_free_edge(server, CONFIG, files["head"], files["images"], "--output", str(out))
     assert run.returncode == 0, run.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["status"] for r in records] == ["OK", "OK"]
@@ -200,15 +181,10 @@ def test_torch_free_edge_codes_for_the_entropic_server(server, files, model, tmp
         assert r["detections"][0]["boxes"] == [[round(float(v), 2) for v in b] for b in want["boxes"].tolist()]
 
 
-def _one_line(run: subprocess.CompletedProcess) -> str:
-    assert run.returncode == 2
-    err = run.stderr.strip()
-    assert err.startswith("hnd-edge: error:") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 def test_affine_bits_with_an_entropic_head_is_one_line(server, files):
-    err = _one_line(edge(server, files["head"], files["images"], "--compression", "zstd", "--bits", "8"))
+    err = one_line_error(
+        torch_free_edge(server, CONFIG, files["head"], files["images"], "--compression", "zstd", "--bits", "8")
+    )
     assert "codes only with learned entropy coding" in err and str(files["head"]) in err
 
 
