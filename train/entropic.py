@@ -54,6 +54,7 @@ from hnd.train.engine import (
     fit,
 )
 from hnd.common.errors import HndError
+from hnd.common.files import atomic_write
 from torch import nn
 
 if TYPE_CHECKING:
@@ -199,11 +200,9 @@ def train_entropic(cfg: Config, options: TrainOptions) -> dict[str, Any]:
     load_checkpoint(p1.best, model)  # the selected stage-1 weights (tables still empty)
     finish_prior(model)  # the tables, once
     result2 = _stage2(cfg, options, model, data, p2)
-    final.parent.mkdir(parents=True, exist_ok=True)
     if final.resolve() != p2.best.resolve():
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.copyfile(p2.best, tmp)
-        tmp.replace(final)  # atomic: a reader sees the old file or the new one
+        with open(p2.best, "rb") as best:  # streamed: a checkpoint can be hundreds of MB
+            atomic_write(final, lambda f: shutil.copyfileobj(best, f))  # a reader sees the old file or the new one
     summary = result2.summary()
     summary["best"] = str(final)
     summary["stage1"] = result1.summary() if result1 is not None else {"last": str(p1.last), "skipped": True}
