@@ -87,6 +87,11 @@ class RequestError(Exception):
         self.reason = reason
 
 
+def bad_bottleneck(exc: codec.CodecError) -> RequestError:
+    """A bottleneck the codec refused, wherever it was decoded (on the loop or the decode thread)."""
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad bottleneck: {exc}", "codec")
+
+
 @dataclass
 class ServerLimits:
     """Bounds enforced on every request (README, invariant 5)."""
@@ -415,7 +420,7 @@ class SplitInferenceService:
         try:
             return await loop.run_in_executor(self._decoder, self._decode_split, deferred.encoded, deferred.meta)
         except codec.CodecError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad bottleneck: {exc}", "codec") from None
+            raise bad_bottleneck(exc) from None
 
     def _decode_image(self, request: pb.InferRequest, session: StreamSession | None = None) -> tuple[tuple, Payload]:
         if not self.offload:
@@ -481,7 +486,7 @@ class SplitInferenceService:
             if which == "image":
                 return self._decode_image(request, session)
         except codec.CodecError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad bottleneck: {exc}", "codec") from None
+            raise bad_bottleneck(exc) from None
         except VideoError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad video frame: {exc}", "video") from None
         raise RequestError(
