@@ -513,17 +513,57 @@ def run(
     ``ladder``: also run the rungs of ``LADDER`` (``_ladder_handler``) in the same rounds, so the cost of
     each part of hnd's request path is measured end to end: floor -> proto -> decode -> hnd.
     """
-    from hnd.edge.client import ClientSettings, SplitClient
     from hnd.server.local import free_port
 
     request, encode_ms = make_request(config, seed, bits, size)
-    message = request.SerializeToString()
-    hnd_port, floor_port = free_port(), free_port()
+    message = request.SerializeToString()  # its size before the timed calls renumber the request
+    servers = _spawn_servers(config, seed, tail, detections, compare_python, ladder)
+    try:
+        clients = _connect(servers)
+        reply_bytes = clients["hnd"].submit(request).result().response.ByteSize()
+        floor_port = free_port()
+        servers.floor = start_child(["--serve", "floor", "--port", str(floor_port), "--reply-bytes", str(reply_bytes)])
+        fc = FloorClient(floor_port)
+        per_round = max(1, requests // rounds)
+        samples = _alternate_rounds(fc, clients, request, message, warmup, rounds, per_round)
+        fc.close()
+        for c in clients.values():
+            c.close()
+    finally:
+        servers.stop()
+
+    result = _describe_run(config, tail, bits, size, request, message, reply_bytes, encode_ms, per_round * rounds)
+    _add_figures(result, samples, compare_python, ladder)
+    if profile:
+        result["profile_ms"] = profile_steps(request, build_runner(config, seed, tail, detections))
+    return result
+
+
+@dataclass
+class _Servers:
+    """The benchmark's hnd server processes by name ("hnd", "compare", the ``LADDER`` rungs), their ports,
+    and the floor server once it is started."""
+
+    ports: dict[str, int]
+    children: dict[str, subprocess.Popen]
+    floor: subprocess.Popen | None = None
+
+    def stop(self) -> None:
+        for child in (self.floor, *self.children.values()):
+            if child is not None:
+                stop_child(child)
+
+
+def _spawn_servers(
+    config: str, seed: int, tail: str, detections: int, compare_python: str | None, ladder: bool
+) -> _Servers:
+    """Starts hnd's server (and the compare build's, and the ladder rungs) without waiting for them."""
+    from hnd.server.local import free_port
+
     common = ["--config", config, "--seed", str(seed), "--detections", str(detections)]
     # The servers start side by side (each imports torch and builds the model), then answer one by one.
-    hnd = spawn_child(["--serve", "hnd", "--port", str(hnd_port), "--tail", tail, *common])
-    ports = {"hnd": hnd_port}
-    children = {"hnd": hnd}
+    ports = {"hnd": free_port()}
+    children = {"hnd": spawn_child(["--serve", "hnd", "--port", str(ports["hnd"]), "--tail", tail, *common])}
     if compare_python:
         ports["compare"] = free_port()
         children["compare"] = spawn_child(
@@ -532,43 +572,56 @@ def run(
     for step in LADDER if ladder else ():
         ports[step] = free_port()
         children[step] = spawn_child([f"--serve=ladder-{step}", "--port", str(ports[step]), *common])
-    floor: subprocess.Popen | None = None
-    try:
-        clients = {}
-        for name, proc in children.items():
-            wait_ready(proc)
-            clients[name] = SplitClient(ClientSettings(f"127.0.0.1:{ports[name]}"))
-            clients[name].model_info()
-        client = clients["hnd"]
-        reply_bytes = client.submit(request).result().response.ByteSize()
-        floor = start_child(["--serve", "floor", "--port", str(floor_port), "--reply-bytes", str(reply_bytes)])
-        fc = FloorClient(floor_port)
-        # Warm both (connections, stream set-up, allocator), then alternate short rounds of each.
-        _time_floor(fc.call, message, warmup)
-        _time_floor(fc.stream_call, message, warmup)
-        for c in clients.values():
-            _time_hnd(c, request, warmup, False)
-            _time_hnd(c, request, warmup, True)
-        samples: dict[str, list[Sample]] = {
-            f"{k} {call}": [] for k in ("floor", *clients) for call in ("unary", "stream")
-        }
-        per_round = max(1, requests // rounds)
-        for _ in range(rounds):
-            samples["floor unary"] += _time_floor(fc.call, message, per_round)
-            for name, c in clients.items():
-                samples[f"{name} unary"] += _time_hnd(c, request, per_round, False)
-            samples["floor stream"] += _time_floor(fc.stream_call, message, per_round)
-            for name, c in clients.items():
-                samples[f"{name} stream"] += _time_hnd(c, request, per_round, True)
-        fc.close()
-        for c in clients.values():
-            c.close()
-    finally:
-        for child in (floor, *children.values()):
-            if child is not None:
-                stop_child(child)
+    return _Servers(ports, children)
 
-    result: dict[str, Any] = {
+
+def _connect(servers: _Servers) -> dict[str, Any]:
+    """An edge ``SplitClient`` per server, by the same name, once that server is ready (model info fetched)."""
+    from hnd.edge.client import ClientSettings, SplitClient
+
+    clients = {}
+    for name, proc in servers.children.items():
+        wait_ready(proc)
+        clients[name] = SplitClient(ClientSettings(f"127.0.0.1:{servers.ports[name]}"))
+        clients[name].model_info()
+    return clients
+
+
+def _alternate_rounds(
+    fc: FloorClient, clients: dict[str, Any], request, message: bytes, warmup: int, rounds: int, per_round: int
+) -> dict[str, list[Sample]]:
+    """Samples keyed "NAME unary" / "NAME stream" (NAME: floor, then each client's name), measured in
+    ``rounds`` alternating rounds of ``per_round`` requests each after ``warmup`` untimed ones."""
+    # Warm both (connections, stream set-up, allocator), then alternate short rounds of each.
+    _time_floor(fc.call, message, warmup)
+    _time_floor(fc.stream_call, message, warmup)
+    for c in clients.values():
+        _time_hnd(c, request, warmup, False)
+        _time_hnd(c, request, warmup, True)
+    samples: dict[str, list[Sample]] = {f"{k} {call}": [] for k in ("floor", *clients) for call in ("unary", "stream")}
+    for _ in range(rounds):
+        samples["floor unary"] += _time_floor(fc.call, message, per_round)
+        for name, c in clients.items():
+            samples[f"{name} unary"] += _time_hnd(c, request, per_round, False)
+        samples["floor stream"] += _time_floor(fc.stream_call, message, per_round)
+        for name, c in clients.items():
+            samples[f"{name} stream"] += _time_hnd(c, request, per_round, True)
+    return samples
+
+
+def _describe_run(
+    config: str,
+    tail: str,
+    bits: int,
+    size: tuple[int, int],
+    request,
+    message: bytes,
+    reply_bytes: int,
+    encode_ms: float,
+    requests_per_mode: int,
+) -> dict[str, Any]:
+    """The result's header: what was sent and on what machine; ``modes`` is filled by ``_add_figures``."""
+    return {
         "config": config,
         "tail": tail,
         "message_bytes": len(message),
@@ -578,11 +631,17 @@ def run(
         "codec": "learned entropy coding" if request.bottleneck.tensor.compression == LEARNED else f"{bits}-bit + zstd",
         "frame": list(size),
         "edge_codec_encode_ms": encode_ms,
-        "requests_per_mode": per_round * rounds,
+        "requests_per_mode": requests_per_mode,
         "modes": {},
         "load_average": os.getloadavg()[0],
         "cpus": os.cpu_count(),
     }
+
+
+def _add_figures(
+    result: dict[str, Any], samples: dict[str, list[Sample]], compare_python: str | None, ladder: bool
+) -> None:
+    """Fills ``result`` with the ``_figures`` of hnd (and the compare build, and each ladder rung) vs the floor."""
     if compare_python:
         result["compare"] = {"python": compare_python, "modes": {}}
     for call in ("unary", "stream"):
@@ -594,9 +653,6 @@ def run(
             step: {call: _figures(samples[f"floor {call}"], samples[f"{step} {call}"]) for call in ("unary", "stream")}
             for step in LADDER
         }
-    if profile:
-        result["profile_ms"] = profile_steps(request, build_runner(config, seed, tail, detections))
-    return result
 
 
 def loop_probe(
