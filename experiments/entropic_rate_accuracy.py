@@ -408,7 +408,7 @@ def per_frame_table(res: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="the synthetic_distillation output folder (reused)")
     ap.add_argument("--profile", choices=sorted(base.PROFILES), default="cpu")
@@ -426,18 +426,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--video-frames", type=int, default=12, help="frames of the synthetic camera clip (default 12)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    p = base.PROFILES[args.profile]
-    out: Path = args.out
-    t0 = time.perf_counter()
-    if not (out / "ghnd" / "best.pt").is_file():
-        base.main(["--out", str(out), "--profile", args.profile, "--device", args.device])
-    data = out / "data"
-    cfgs = base.write_configs(out, data, p)
-    device = args.device
-    stage1 = args.stage1_epochs or p["student_epochs"]
-    spent: dict[str, float] = {}
+    return ap.parse_args(argv)
+
+
+def train_entropic_students(
+    out: Path, data: Path, p: dict, args: argparse.Namespace, stage1: int, spent: dict[str, float]
+) -> dict[float, tuple[Path, Path]]:
+    """beta -> (config, best.pt) of an Entropic Student per ``args.betas``, trained with ``hnd-train`` unless
+    its best.pt is there already; each training's seconds go to ``spent``."""
     ent: dict[float, tuple[Path, Path]] = {}
     for beta in args.betas:
         cfg = entropic_config(out, data, p, beta, stage1, args.stage2_epochs, args.prior_lr, args.warmup_iters)
@@ -445,16 +441,17 @@ def main(argv: list[str] | None = None) -> int:
         ent[beta] = (cfg, target / "best.pt")
         if not (target / "best.pt").is_file():
             t = time.perf_counter()
-            base.run(
-                hnd_train.main, ["--config", str(cfg), "--output-dir", str(target), "--device", device, "--no-progress"]
-            )
+            argv = ["--config", str(cfg), "--output-dir", str(target), "--device", args.device, "--no-progress"]
+            base.run(hnd_train.main, argv)
             spent[f"train_entropic_beta{beta}"] = time.perf_counter() - t
-    ckpts = {name: out / name / "best.pt" for name in ("teacher", "hnd", "ghnd")}
+    return ent
 
-    t = time.perf_counter()
-    rows, info = accuracy_rows(cfgs, ckpts, ent, device, args.f1_score)
-    spent["eval"] = time.perf_counter() - t
-    t = time.perf_counter()
+
+def per_frame_results(
+    out: Path, cfgs: dict[str, Path], ckpts: dict[str, Path], ent: dict[float, tuple[Path, Path]], video_frames: int
+) -> dict[str, dict]:
+    """``per_frame`` of HND and each Entropic Student, by frame set: the sample photos (native size, one run
+    per photo, averaged) and the synthetic camera clip of ``video_frames`` frames."""
     from hnd.edge.capture import sample_images
 
     models = {
@@ -464,19 +461,64 @@ def main(argv: list[str] | None = None) -> int:
     photos, names = sample_images()
     frames = {
         f"sample photos ({len(photos)}, native size, one by one)": [[f] for f in photos],
-        f"synthetic camera clip ({args.video_frames} frames)": [synthetic_video(out, args.video_frames)],
+        f"synthetic camera clip ({video_frames} frames)": [synthetic_video(out, video_frames)],
     }
-    pf: dict[str, dict] = {}
-    for label, groups in frames.items():
-        # the sample photos differ in size: one run per photo, averaged
-        runs = [per_frame(models, g) for g in groups]
-        pf[label] = {
-            k: {
-                f: float(np.mean([r[k][f] for r in runs])) if isinstance(runs[0][k][f], float) else runs[0][k][f]
-                for f in runs[0][k]
-            }
-            for k in runs[0]
+    # the sample photos differ in size: one run per photo, averaged
+    return {label: mean_runs([per_frame(models, g) for g in groups]) for label, groups in frames.items()}
+
+
+def mean_runs(runs: list[dict[str, dict]]) -> dict[str, dict]:
+    """``per_frame`` results of several runs -> one: float figures averaged, the others from the first run."""
+    return {
+        k: {
+            f: float(np.mean([r[k][f] for r in runs])) if isinstance(runs[0][k][f], float) else runs[0][k][f]
+            for f in runs[0][k]
         }
+        for k in runs[0]
+    }
+
+
+def write_results(out: Path, res: dict, p: dict) -> str:
+    """``res`` as OUT/entropic_results.json, its tables as OUT/entropic_results.md and the plot; returns the
+    markdown."""
+    (out / "entropic_results.json").write_text(json.dumps(res, indent=2))
+    md = "\n\n".join(
+        [
+            table(res["rows"]),
+            comparison_table(res["comparison_f1"], "f1_vs_teacher"),
+            comparison_table(res["comparison_ap"], "AP"),
+            *[f"Per frame, {label}:\n\n{per_frame_table(r)}" for label, r in res["per_frame"].items()],
+        ]
+    )
+    (out / "entropic_results.md").write_text(md + "\n")
+    plot(
+        res["rows"],
+        out / "entropic_rate_accuracy.png",
+        f"synthetic {p['size']}x{p['size']}, {res['val_frames']} val frames, one teacher",
+    )
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    p = base.PROFILES[args.profile]
+    out: Path = args.out
+    t0 = time.perf_counter()
+    if not (out / "ghnd" / "best.pt").is_file():
+        base.main(["--out", str(out), "--profile", args.profile, "--device", args.device])
+    data = out / "data"
+    cfgs = base.write_configs(out, data, p)
+    stage1 = args.stage1_epochs or p["student_epochs"]
+    spent: dict[str, float] = {}
+    ent = train_entropic_students(out, data, p, args, stage1, spent)
+    ckpts = {name: out / name / "best.pt" for name in ("teacher", "hnd", "ghnd")}
+
+    t = time.perf_counter()
+    rows, info = accuracy_rows(cfgs, ckpts, ent, args.device, args.f1_score)
+    spent["eval"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pf = per_frame_results(out, cfgs, ckpts, ent, args.video_frames)
     spent["per_frame"] = time.perf_counter() - t
     spent["total"] = time.perf_counter() - t0
     from hnd.bench.report import machine_info
@@ -497,22 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         "comparison_ap": comparison(rows, "AP", info["f1_empty_detector"]),
         "per_frame": pf,
     }
-    (out / "entropic_results.json").write_text(json.dumps(res, indent=2))
-    md = "\n\n".join(
-        [
-            table(rows),
-            comparison_table(res["comparison_f1"], "f1_vs_teacher"),
-            comparison_table(res["comparison_ap"], "AP"),
-            *[f"Per frame, {label}:\n\n{per_frame_table(r)}" for label, r in pf.items()],
-        ]
-    )
-    (out / "entropic_results.md").write_text(md + "\n")
-    plot(
-        rows,
-        out / "entropic_rate_accuracy.png",
-        f"synthetic {p['size']}x{p['size']}, {info['val_frames']} val frames, one teacher",
-    )
-    print(md)
+    print(write_results(out, res, p))
     return 0
 
 
