@@ -309,22 +309,9 @@ def fit(
     log = JsonlLog(paths.log)
     optimizer = make_optimizer(recipe.params, tcfg.optimizer)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, tcfg.scheduler.milestones, tcfg.scheduler.gamma)
-    sign = 1.0 if selection.higher_is_better else -1.0
-    best_value, best_epoch, start_epoch = -sign * math.inf, -1, 0
-    history: list[dict[str, Any]] = []
+    start_epoch, state = 0, FitState.fresh(selection.higher_is_better)
     if resume:
-        if not paths.last.is_file():
-            raise HndError(paths.last, "nothing to resume (no checkpoint from an earlier run)")
-        state = recipe.load(paths.last)
-        if state.get("method") != recipe.method or state.get("select_by") != selection.name:
-            raise HndError(
-                paths.last,
-                f"was written by a {state.get('method')} run selecting by "
-                f"{state.get('select_by')}, not {recipe.method} / {selection.name}",
-            )
-        recipe.check_resume(state)
-        start_epoch, best_value, best_epoch, history = restore_training_state(state, optimizer, scheduler)
-        print(f"{PROG}: resuming {paths.last} at epoch {start_epoch}", file=sys.stderr)
+        start_epoch, state = resume_from(paths.last, recipe, selection, optimizer, scheduler)
     print(
         f"{PROG}: {banner}, epochs {start_epoch}..{epochs - 1}, select by {selection.name}, "
         f"output {shown_output if shown_output is not None else paths.out_dir}",
@@ -347,41 +334,97 @@ def fit(
             progress=progress,
         )
         scheduler.step()  # once per epoch (the original's coco_runner stepped twice)
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": stats["loss"],
-            "seconds": round(stats["seconds"], 3),
-            "images_per_s": round(stats["images"] / max(stats["seconds"], 1e-9), 3),
-        }
-        if selection.evaluate is not None:
-            value = selection.evaluate()
-            if selection.record_key:
-                record[selection.record_key] = value
-        else:
-            value = float(epoch)
-        if sign * value > sign * best_value:
-            best_value, best_epoch = value, epoch
+        record = epoch_record(epoch, stats)
+        value = score_epoch(selection, epoch, record)
+        if state.improves(value, epoch):
             recipe.save(paths.best, {"epoch": epoch, "best_value": float(value), **common}, True)
-        record.update(best_epoch=best_epoch, best_value=best_value)
-        history.append(record)
+        record.update(best_epoch=state.best_epoch, best_value=state.best_value)
+        state.history.append(record)
         log.write(kind="epoch", **record)
-        recipe.save(
-            paths.last,
-            {
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "best_value": float(best_value),
-                "best_epoch": best_epoch,
-                **common,
-                "rng": rng_state(),
-                "history": history,
-            },
-            False,
-        )
+        recipe.save(paths.last, last_entries(optimizer, scheduler, epoch, state, common), False)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
         print(f"{PROG}: {json.dumps(shown)}", file=sys.stderr)
-    return FitResult(best_value, best_epoch, selection.name, paths, history)
+    return FitResult(state.best_value, state.best_epoch, selection.name, paths, state.history)
+
+
+@dataclass
+class FitState:
+    """Where a run stands: the best score so far and its epoch (-1: none yet), and the epoch records."""
+
+    higher_is_better: bool
+    best_value: float
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def fresh(cls, higher_is_better: bool) -> FitState:
+        """No epoch yet: the best is the worst score there is."""
+        return cls(higher_is_better, -math.inf if higher_is_better else math.inf)
+
+    def improves(self, value: float, epoch: int) -> bool:
+        """Takes ``value`` (of ``epoch``) as the best when it beats the best so far; returns whether it did."""
+        sign = 1.0 if self.higher_is_better else -1.0
+        if sign * value > sign * self.best_value:
+            self.best_value, self.best_epoch = value, epoch
+            return True
+        return False
+
+
+def resume_from(
+    last: Path, recipe: Recipe, selection: Selection, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[int, FitState]:
+    """Loads ``last`` (``last.pt``) into the model, optimizer, scheduler and RNG; returns (the next epoch, the
+    run's state). HndError when there is none, or it was written by another method or selection."""
+    if not last.is_file():
+        raise HndError(last, "nothing to resume (no checkpoint from an earlier run)")
+    state = recipe.load(last)
+    if state.get("method") != recipe.method or state.get("select_by") != selection.name:
+        raise HndError(
+            last,
+            f"was written by a {state.get('method')} run selecting by "
+            f"{state.get('select_by')}, not {recipe.method} / {selection.name}",
+        )
+    recipe.check_resume(state)
+    start_epoch, best_value, best_epoch, history = restore_training_state(state, optimizer, scheduler)
+    print(f"{PROG}: resuming {last} at epoch {start_epoch}", file=sys.stderr)
+    return start_epoch, FitState(selection.higher_is_better, best_value, best_epoch, history)
+
+
+def epoch_record(epoch: int, stats: dict[str, float]) -> dict[str, Any]:
+    """The epoch's log record from ``train_one_epoch``'s stats (the score and the best are added later)."""
+    return {
+        "epoch": epoch,
+        "train_loss": stats["loss"],
+        "seconds": round(stats["seconds"], 3),
+        "images_per_s": round(stats["images"] / max(stats["seconds"], 1e-9), 3),
+    }
+
+
+def score_epoch(selection: Selection, epoch: int, record: dict[str, Any]) -> float:
+    """The epoch's score: ``selection.evaluate()`` (also put in ``record`` under its key), or the epoch number
+    (``last``)."""
+    if selection.evaluate is None:
+        return float(epoch)
+    value = selection.evaluate()
+    if selection.record_key:
+        record[selection.record_key] = value
+    return value
+
+
+def last_entries(
+    optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, state: FitState, common: dict[str, Any]
+) -> dict[str, Any]:
+    """What ``last.pt`` holds besides the weights: optimizer, scheduler, epoch, best, RNG, history."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "best_value": float(state.best_value),
+        "best_epoch": state.best_epoch,
+        **common,
+        "rng": rng_state(),
+        "history": state.history,
+    }
 
 
 def count_parameters(params: Sequence[Any]) -> int:
