@@ -9,6 +9,24 @@ import os
 # Only takes effect before torch is first imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _ram_temp_root(path: str = "/dev/shm", min_free: int = 8 * 2**30) -> str | None:
+    """``path`` when it is a writable folder with ``min_free`` bytes free, else None."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return path if os.access(path, os.W_OK) and stat.f_bavail * stat.f_frsize >= min_free else None
+
+
+# The tests write many ~170 MB checkpoints: with pytest's tmp_path folders on a RAM file system the fast
+# layer runs about a third faster than on this machine's disk. Used only where /dev/shm has room (a
+# container's 64 MB one is passed over); PYTEST_DEBUG_TEMPROOT (pytest's own setting) or --basetemp given
+# by the user win. tmp_path_retention_policy = "failed" (pyproject.toml) removes a passing test's tmp_path
+# when it ends, so what the suite holds in memory stays bounded; a failing test's folder is kept.
+if (_root := _ram_temp_root()) is not None:
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", _root)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -16,10 +34,12 @@ KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
 
 # Test layers (markers registered in pyproject.toml). A test is
 #   e2e    when it runs a real server (in process or a subprocess) with an edge, or a CLI end to end;
-#   slow   when it trains, runs hnd-bench, or otherwise takes over ~10 s on the project machine;
+#   slow   when it trains, runs hnd-bench, or otherwise takes over ~10 s on the project machine, or
+#          repeats for another model kind (~1.5-3 s each) a check the fast layer makes for Faster R-CNN;
 #   docker when it checks deployment files: containers, compose, Kubernetes manifests, DEPLOY.md.
 # `pytest -m "not slow and not e2e and not docker"` is the fast unit layer; `.ci/run` runs everything.
-# Marks are given here, in one place: per module, per fixture a test uses, and per test.
+# Marks are given here, in one place: per module, per fixture a test uses, per test, and per
+# parametrization of a test (by its id).
 MODULE_MARKS = {
     "test_docker.py": ("docker",),
     "test_k8s.py": ("docker",),
@@ -59,13 +79,25 @@ TEST_MARKS = {
     "test_filter.py::test_head_holds_the_filter_export_and_fingerprint": ("slow",),
     "test_filter.py::test_edge_drops_frames_below_threshold_with_empty_results_shaped_as_the_servers": ("e2e",),
     "test_onnx_head.py::test_hnd_eval_with_onnx_head": ("e2e",),  # hnd-export-head, then hnd-eval, end to end
+    # Tests run for every kind check Faster R-CNN in the fast layer and the other kinds in the slow one
+    # (each ~1.5-3 s: a build, a checkpoint or an export of a ResNet-50 R-CNN).
+    "test_onnx_head.py::test_fp32_head_matches_torch[mask_rcnn]": ("slow",),
+    "test_accel.py::test_dense_split_of_the_tail_is_bit_exact[keypoint_rcnn]": ("slow",),
+    "test_entropic.py::test_split_and_codec_round_trip_are_bit_exact[mask_rcnn]": ("slow",),
+    "test_entropic.py::test_split_and_codec_round_trip_are_bit_exact[keypoint_rcnn]": ("slow",),
+    # CompressAI's default prior filters; the fast layer loads the non-default (3, 3, 3) ones.
+    "test_entropic.py::test_prior_filters_are_read_off_the_file[filters1]": ("slow",),
 }
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.path.name
-        names = [*MODULE_MARKS.get(module, ()), *TEST_MARKS.get(f"{module}::{item.originalname}", ())]
+        names = [
+            *MODULE_MARKS.get(module, ()),
+            *TEST_MARKS.get(f"{module}::{item.originalname}", ()),  # every parametrization
+            *TEST_MARKS.get(f"{module}::{item.name}", ()),  # one of them, by its id
+        ]
         for fixture in getattr(item, "fixturenames", ()):
             names += FIXTURE_MARKS.get(fixture, ())
         for name in dict.fromkeys(names):

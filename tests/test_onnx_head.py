@@ -38,17 +38,21 @@ def photos() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_model):
-    """{kind: (model, path of its fp32 ONNX head)} via the CLI, from a saved checkpoint."""
+    """``exported(kind)``: (model, path of its fp32 ONNX head) via the CLI, from a saved checkpoint; made on first use."""
     folder = tmp_path_factory.mktemp("onnx")
-    out = {}
-    for kind in ("faster_rcnn", "mask_rcnn"):
-        model = tiny_model(kind)
-        ckpt = folder / f"{kind}.pt"
-        save_checkpoint(ckpt, model)
-        path = folder / f"{kind}.onnx"
-        assert export_cli.main([str(ckpt), str(path), "--config", f"test/{kind}-b3ch"]) == 0
-        out[kind] = (model, path)
-    return out
+    cache: dict[str, tuple] = {}
+
+    def get(kind: str) -> tuple:
+        if kind not in cache:
+            model = tiny_model(kind)
+            ckpt = folder / f"{kind}.pt"
+            save_checkpoint(ckpt, model)
+            path = folder / f"{kind}.onnx"
+            assert export_cli.main([str(ckpt), str(path), "--config", f"test/{kind}-b3ch"]) == 0
+            cache[kind] = (model, path)
+        return cache[kind]
+
+    return get
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,7 +89,7 @@ def test_preprocess_batches_pad_to_the_largest(photos):
 
 
 def test_export_writes_metadata(exported):
-    model, path = exported["faster_rcnn"]
+    model, path = exported("faster_rcnn")
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert props["hnd.fingerprint"] == fingerprint(model)
     assert props["hnd.model_kind"] == "faster_rcnn" and props["hnd.bottleneck_channels"] == "3"
@@ -135,7 +139,7 @@ def test_torch_format_is_kept(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("kind", ["faster_rcnn", "mask_rcnn"])
 def test_fp32_head_matches_torch(exported, photos, kind):
-    model, path = exported[kind]
+    model, path = exported(kind)
     head, tail = split_model(model)
     ort_head = OnnxHead(path, threads=2)
     for img in photos:
@@ -229,7 +233,7 @@ def _one_line(exc: Exception, path) -> str:
 
 
 def test_corrupt_and_truncated_files(tmp_path, exported):
-    _, good = exported["faster_rcnn"]
+    _, good = exported("faster_rcnn")
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a protobuf at all \x00\xff" * 10)
     truncated = tmp_path / "truncated.onnx"
@@ -262,7 +266,7 @@ def test_metadata_of_another_graph_is_refused(tmp_path, exported):
     """Metadata copied onto a graph with other inputs / outputs is not taken at its word."""
     from onnx import TensorProto, helper
 
-    _, good = exported["faster_rcnn"]
+    _, good = exported("faster_rcnn")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])
     model = helper.make_model(
@@ -278,7 +282,7 @@ def test_metadata_of_another_graph_is_refused(tmp_path, exported):
 
 
 def test_provider_not_installed(exported):
-    _, good = exported["faster_rcnn"]
+    _, good = exported("faster_rcnn")
     with pytest.raises(OnnxHeadError) as e:
         OnnxHead(good, providers=["TensorrtExecutionProvider"])
     assert "TensorrtExecutionProvider is not available" in _one_line(e.value, good)
