@@ -79,6 +79,7 @@ import sys
 
 from hnd.common import codec
 from hnd.common.errors import USER_ERRORS, UsageError, report
+from hnd.common.flags import add_filter_arguments, add_weights_arguments
 
 from hnd.bench.frames import MIXED_SIZE
 from hnd.bench.linkmodel import FORMULA, parse_links
@@ -92,6 +93,7 @@ from hnd.bench.plan import (
     QUICK_CONFIG,
     QUICK_FRAMES,
     BenchOptions,
+    add_agreement_score_argument,
 )
 from hnd.bench.report import render_markdown
 from hnd.bench.run import run_bench
@@ -108,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Link model: {FORMULA}. What it covers and leaves out: hnd.bench.linkmodel.",
     )
     p.add_argument("--config", help=f"YAML config or bundled name (default {DEFAULT_CONFIG} with --random-weights 0)")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--checkpoint", help="student checkpoint both sides load (agreement is then meaningful)")
-    w.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights")
+    add_weights_arguments(
+        p, "student checkpoint both sides load (agreement is then meaningful)", "seeded random weights"
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--images", metavar="DIR_OR_GLOB", help="image folder or glob")
     src.add_argument("--video", metavar="FILE", help="video file (its first --frames frames)")
@@ -123,16 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         "scenes (written to OUT/mixed-frames): shows what the neural filter drops",
     )
     p.add_argument("--empty-fraction", type=float, default=0.5, help="share of empty --mixed frames (default 0.5)")
-    f = p.add_mutually_exclusive_group()
-    f.add_argument(
-        "--filter-threshold",
-        type=float,
-        default=None,
-        metavar="T",
-        help="neural filter threshold of the 'with filter' rows (default: the config's "
-        "model.filter.threshold; needs a model.filter section)",
+    add_filter_arguments(
+        p,
+        "neural filter threshold of the 'with filter' rows",
+        "no 'with filter' rows even when the model has a filter",
     )
-    f.add_argument("--no-filter", action="store_true", help="no 'with filter' rows even when the model has a filter")
     p.add_argument("--links", default=DEFAULT_LINKS, help=f"NAME=RATE/RTT,... (default {DEFAULT_LINKS!r})")
     p.add_argument("--bits", default=DEFAULT_BITS, help=f"split bits settings (default {DEFAULT_BITS})")
     p.add_argument(
@@ -148,12 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--frames", type=int, default=None, help=f"frames to use (default {DEFAULT_FRAMES})")
     p.add_argument("--sweep-rtt-ms", type=float, default=20.0, help="RTT of the bandwidth sweep plot (default 20)")
-    p.add_argument(
-        "--agreement-score",
-        type=float,
-        default=None,
-        help="score cut for agreement F1 (default 0.5; 0 with random weights)",
-    )
+    add_agreement_score_argument(p)
     p.add_argument("--in-process", action="store_true", help="BackgroundServer in this process, not a subprocess")
     p.add_argument("--threads", type=int, default=None, help="torch threads per side (default: half the cores)")
     p.add_argument("--no-progress", action="store_true")

@@ -36,6 +36,7 @@ from hnd.common.checkpoint import fingerprint
 from hnd.common.build import build_model_from_config
 from hnd.common.config import load_config, with_weights
 from hnd.common.files import atomic_write_json, atomic_write_text
+from hnd.common.flags import add_weights_arguments
 from hnd.common.split import EntropicHead, Head, split_model
 from hnd.edge.capture import sample_images
 from hnd.edge.onnx_export import export_onnx, head_metadata, quantize_int8
@@ -264,9 +265,7 @@ def markdown(res: Results) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hnd.bench.head", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="hnd/faster_rcnn-b3ch")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--checkpoint")
-    w.add_argument("--random-weights", type=int, default=None, metavar="SEED")
+    add_weights_arguments(p)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="write all cells as JSON")

@@ -7,6 +7,7 @@ its notes say what the outputs must say about the run (random weights, filter we
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -38,6 +39,26 @@ QUICK_FRAMES = 2
 QUICK_BITS = (8, 4)
 FLOAT_BITS = (16, 32)  # codec modes where granularity means nothing
 FILTER_SUFFIX = ", with filter"  # a split setting's filtered twin is "<setting>, with filter"
+DEFAULT_AGREEMENT_SCORE = 0.5
+
+
+def agreement_score(given: float | None, random_weights: bool) -> float:
+    """The score cut of agreement F1 (hnd-bench, hnd-bench --rate-accuracy): ``--agreement-score`` when
+    given, else 0 with random weights (untrained heads score every box ~1/num_classes: keep them all so
+    that there is something to compare), else :data:`DEFAULT_AGREEMENT_SCORE`."""
+    if given is not None:
+        return given
+    return 0.0 if random_weights else DEFAULT_AGREEMENT_SCORE
+
+
+def add_agreement_score_argument(parser: argparse.ArgumentParser) -> None:
+    """``--agreement-score``, resolved by :func:`agreement_score`."""
+    parser.add_argument(
+        "--agreement-score",
+        type=float,
+        default=None,
+        help=f"score cut for agreement F1 (default {DEFAULT_AGREEMENT_SCORE:g}; 0 with random weights)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,7 +287,7 @@ def plan(o: BenchOptions, out: Path) -> Plan:
         links=links,
         frames=o.mixed or o.frames or (QUICK_FRAMES if o.quick else DEFAULT_FRAMES),
         bits=list(QUICK_BITS) if o.quick else o.bits,
-        agreement_score=o.agreement_score if o.agreement_score is not None else (0.0 if random else 0.5),
+        agreement_score=agreement_score(o.agreement_score, random),
         in_process=o.in_process or o.quick,
         threads=o.threads or half,
         filter=filter_info,

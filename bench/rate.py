@@ -50,12 +50,14 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from hnd.common import codec
 from hnd.common.errors import USER_ERRORS, HndError, UsageError, report
 from hnd.common.files import atomic_write_json, atomic_write_text
+from hnd.common.flags import add_weights_arguments
 from hnd.common.split import split_model
 from hnd.common.stream_codec import StreamEncoder
 from hnd.common.video import VideoDecoder, VideoEncoder, VideoSettings, available_formats
 from hnd.edge.pipeline import to_tensor
 
 from hnd.bench.agreement import match_f1
+from hnd.bench.plan import add_agreement_score_argument, agreement_score
 
 PROG = "hnd-bench --rate-accuracy"
 FAMILIES = ("split intra", "split temporal", "JPEG", "WebP", "H.264", "HEVC", "local")
@@ -433,9 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", help="YAML config or bundled name (default hnd/faster_rcnn-b3ch with --random-weights 0)"
     )
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--checkpoint", help="student checkpoint (agreement and mAP are then meaningful)")
-    w.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights")
+    add_weights_arguments(p, "student checkpoint (agreement and mAP are then meaningful)", "seeded random weights")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", metavar="FILE", help="video file (its first --frames frames, in order)")
     src.add_argument("--images", metavar="DIR_OR_GLOB", help="image files, in name order (a frame sequence)")
@@ -463,12 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", default="18,23,28,33", help="H.264 CRFs (default 18,23,28,33)")
     p.add_argument("--hevc-crf", default="28", help="HEVC CRFs (default 28; empty for none)")
     p.add_argument("--preset", default="medium", help="x264 / x265 preset (default medium, libx264's default)")
-    p.add_argument(
-        "--agreement-score",
-        type=float,
-        default=None,
-        help="score cut for agreement F1 (default 0.5; 0 with random weights)",
-    )
+    add_agreement_score_argument(p)
     p.add_argument(
         "--no-accuracy",
         action="store_true",
@@ -582,7 +577,7 @@ def _main(args) -> int:
         random_weights = 0
     frames, names, coco, ids = _frames_and_gt(args)
     model = build_model_from_config(with_weights(cfg.model, args.checkpoint, random_weights), cfg.path)
-    score = args.agreement_score if args.agreement_score is not None else (0.0 if random_weights is not None else 0.5)
+    score = agreement_score(args.agreement_score, random_weights is not None)
     notes = []
     if random_weights is not None:
         notes.append(

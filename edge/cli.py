@@ -32,6 +32,7 @@ from typing import Any
 from hnd.common import codec
 from hnd.common.errors import USER_ERRORS, HndError, report
 from hnd.common.files import atomic_write_json
+from hnd.common.flags import add_filter_arguments, add_weights_arguments
 from hnd.common.config import (
     Config,
     ConfigError,
@@ -63,6 +64,20 @@ DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Run the edge half of a split R-CNN and stream to hnd-server.")
+    _add_server_arguments(p)
+    _add_source_arguments(p)
+    _add_model_arguments(p)
+    _add_coding_arguments(p)
+    _add_request_arguments(p)
+    _add_output_arguments(p)
+    _add_live_arguments(p)
+    _add_run_arguments(p)
+    _add_head_arguments(p)
+    return p
+
+
+def _add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """Which server(s) to reach and how to spread frames over replicas."""
     p.add_argument(
         "--server",
         default="127.0.0.1:50051",
@@ -89,21 +104,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tls-server-name", metavar="NAME", help="name to check in the server certificate instead of the --server host"
     )
+
+
+def _add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the frames come from (exactly one)."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--camera", type=int, metavar="N", help="live camera index (latest frame, stale ones dropped)")
     src.add_argument("--video", metavar="FILE", help="video file (every frame, in order)")
     src.add_argument("--images", metavar="DIR_OR_GLOB", help="image folder or glob (every image, in order)")
     p.add_argument("--live", action="store_true", help="treat --video as a live camera paced at its frame rate")
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The config, the weights and the mode."""
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config or bundled name (default {DEFAULT_CONFIG})")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--checkpoint", help="full student checkpoint")
-    w.add_argument(
-        "--head",
-        help="head-only export (hnd-export-head): torch weights, or .onnx for ONNX Runtime "
+    add_weights_arguments(
+        p,
+        "full student checkpoint",
+        "seeded random weights (demos, tests)",
+        head_help="head-only export (hnd-export-head): torch weights, or .onnx for ONNX Runtime "
         "(no torch); the edge never holds the tail",
     )
-    w.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights (demos, tests)")
     p.add_argument("--mode", default="split", choices=("split", "offload", "local"))
+
+
+def _add_coding_arguments(p: argparse.ArgumentParser) -> None:
+    """How a frame is coded: the bottleneck codec (split), the image format (offload), temporal coding."""
     p.add_argument(
         "--bits",
         type=int,
@@ -141,19 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bitrate", type=int, default=None, metavar="BPS", help="h264 / hevc: target bit/s instead of CRF")
     t.add_argument("--gop", type=int, default=30, help="h264 / hevc: key frame interval in frames (default 30)")
     t.add_argument("--preset", default="medium", help="h264 / hevc: x264 / x265 preset (default medium)")
+
+
+def _add_request_arguments(p: argparse.ArgumentParser) -> None:
+    """How requests go out, and which frames go at all (the neural filter)."""
     p.add_argument("--max-inflight", type=int, default=None, help="requests in flight (pipelining window K)")
     p.add_argument("--stream", action="store_true", help="use the bidirectional InferStream instead of unary calls")
     p.add_argument("--score-threshold", type=float, default=None, help="server drops detections below this")
-    f = p.add_mutually_exclusive_group()
-    f.add_argument(
-        "--filter-threshold",
-        type=float,
-        default=None,
-        metavar="T",
-        help="neural filter: do not send frames whose probability of holding anything is below T "
-        "(default: the config's model.filter.threshold; needs a model.filter section)",
+    add_filter_arguments(
+        p,
+        "neural filter: do not send frames whose probability of holding anything is below T",
+        "send every frame even when the model has a filter",
     )
-    f.add_argument("--no-filter", action="store_true", help="send every frame even when the model has a filter")
+
+
+def _add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """Per-frame records, the summary and the annotated video."""
     p.add_argument(
         "--output",
         metavar="JSONL",
@@ -181,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="cut --save-video into segments of this long (10m, 1h): STEM-<UTC time>.mp4 each",
     )
     p.add_argument("--video-keep", type=int, default=None, metavar="N", help="video segments kept (default: all)")
+
+
+def _add_live_arguments(p: argparse.ArgumentParser) -> None:
+    """What a long run shows while it runs: stats lines, Prometheus metrics, the live view."""
     p.add_argument(
         "--stats-interval",
         type=float,
@@ -206,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a live view (annotated stream, charts) at http://127.0.0.1:PORT/",
     )
     p.add_argument("--view-host", default="127.0.0.1", help="address for --view-port (default 127.0.0.1)")
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """When the run ends or gives up, and its connection's credentials."""
     p.add_argument(
         "--source-timeout",
         type=float,
@@ -231,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="file holding the bearer token")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--log-level", default="WARNING")
+
+
+def _add_head_arguments(p: argparse.ArgumentParser) -> None:
+    """How the head runs on this device: threads, ONNX Runtime providers, the split's resize."""
     p.add_argument(
         "--threads",
         type=int,
@@ -246,7 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--min-size", type=int, default=None, help="resize the short side to this (default: the model's)")
     p.add_argument("--max-size", type=int, default=None, help="cap on the long side (default: the model's)")
-    return p
 
 
 @dataclass

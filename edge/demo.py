@@ -21,6 +21,7 @@ import cv2
 from hnd.edge import cli as edge_cli
 from hnd.edge.capture import sample_images
 from hnd.common.errors import USER_ERRORS, report
+from hnd.common.flags import add_weights_arguments
 from hnd.server.local import server_process
 
 DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
@@ -35,9 +36,7 @@ def write_samples(folder: Path, count: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hnd-demo", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=DEFAULT_CONFIG)
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--checkpoint", help="student checkpoint both sides load (default: seeded random weights)")
-    w.add_argument("--random-weights", type=int, default=0, metavar="SEED")
+    add_weights_arguments(p, "student checkpoint both sides load (default: seeded random weights)", seed_default=0)
     p.add_argument("--frames", type=int, default=4, help="sample photos to send (up to 6)")
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--stream", action="store_true")

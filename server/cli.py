@@ -17,6 +17,7 @@ from hnd.common import codec
 from hnd.common.build import build_model_from_config
 from hnd.common.config import ConfigError, RuntimeConfig, load_config, with_weights
 from hnd.common.errors import USER_ERRORS, report
+from hnd.common.flags import add_weights_arguments
 from hnd.server.accel import COMPILE_MODES, PRECISIONS, TailOptions, check_options
 from hnd.server.app import ServerSettings, TlsFiles, read_token, serve
 from hnd.server.service import BatchingOptions, ModelRunner, ServerLimits
@@ -30,12 +31,25 @@ PROG = "hnd-server"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Serve the tail of a split HND/GHND R-CNN over gRPC.")
     p.add_argument("--config", required=True, help="YAML config file, or a bundled name like hnd/faster_rcnn-b3ch")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--checkpoint", help="full student checkpoint (default: the config's model.checkpoint)")
-    w.add_argument("--random-weights", type=int, metavar="SEED", help="seeded random weights (demos, tests)")
+    add_weights_arguments(
+        p, "full student checkpoint (default: the config's model.checkpoint)", "seeded random weights (demos, tests)"
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's runtime.port, 50051)")
+    _add_batching_arguments(p)
+    _add_limit_arguments(p)
+    _add_security_arguments(p)
+    _add_endpoint_arguments(p)
+    _add_stream_arguments(p)
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _add_tail_arguments(p)
+    return p
+
+
+def _add_batching_arguments(p: argparse.ArgumentParser) -> None:
+    """The batcher (hnd.server.service.BatchingOptions); unset ones come from the config's runtime section."""
     p.add_argument("--max-batch", type=int, default=None, help="images per tail batch")
     p.add_argument(
         "--max-delay-ms",
@@ -44,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a batch waits to fill (default 0: it takes what queued meanwhile)",
     )
     p.add_argument("--max-queue", type=int, default=None, help="waiting requests before RESOURCE_EXHAUSTED")
+
+
+def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """What one request may ask of the server (hnd.server.service.ServerLimits)."""
     p.add_argument(
         "--max-short-side",
         type=int,
@@ -68,10 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=ServerLimits.max_mask_bytes >> 20,
         help="Mask R-CNN: float32 masks one request may paste at its original size (default %(default)s)",
     )
+
+
+def _add_security_arguments(p: argparse.ArgumentParser) -> None:
+    """TLS (optionally mutual) and the bearer token; settings_from_args checks which go together."""
     p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
     p.add_argument("--token-file", help="file holding the bearer token clients must send")
+
+
+def _add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """The other ports (metrics, plain health), what the server refuses, and how it lets connections go."""
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -95,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="close client connections after S seconds (GOAWAY, in-flight calls finish) so "
         "clients re-resolve and spread over new replicas (default: never)",
     )
+
+
+def _add_stream_arguments(p: argparse.ArgumentParser) -> None:
+    """Stream sessions (hnd.server.streams.StreamLimits)."""
     st = p.add_argument_group("stream sessions (temporal bottleneck frames, H.264 / HEVC offload; server/streams.py)")
     st.add_argument(
         "--max-stream-sessions",
@@ -121,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=StreamLimits.max_video_pixels,
         help=f"largest decoded video picture, width x height (default {StreamLimits.max_video_pixels})",
     )
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _add_tail_arguments(p: argparse.ArgumentParser) -> None:
+    """How the tail's dense part runs (hnd.server.accel.TailOptions)."""
     a = p.add_argument_group("tail execution (dense part: decoder, layer2..4, FPN, RPN head)")
     a.add_argument(
         "--precision",
@@ -138,7 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="off",
         help="torch.compile the dense part per (batch bucket, padded size); reduce-overhead = CUDA graphs (CUDA only)",
     )
-    return p
 
 
 def pick_device(name: str) -> torch.device:
