@@ -245,6 +245,58 @@ def _filter_detections(dets: dict[str, torch.Tensor], request: pb.InferRequest) 
     return {k: v[idx] for k, v in dets.items()} if idx.numel() != keep.numel() else dets
 
 
+def draining_error() -> RequestError:
+    """What a draining server answers an InferStream (at its start, or after what it read is answered)."""
+    return RequestError(
+        grpc.StatusCode.UNAVAILABLE, "server is draining: reopen the stream on another replica", "draining"
+    )
+
+
+class StreamInflight:
+    """An InferStream's requests read but not yet answered.
+
+    ``pending``: (task, start ns, request id) in request order for the answering loop (at most
+    ``max_inflight``), None after the last; ``tasks``: the same tasks, so that a refusal cancels the ones
+    behind it; ``ended``: set by a refusal, so that no more are read.
+    """
+
+    def __init__(self, max_inflight: int) -> None:
+        self.pending: asyncio.Queue[tuple[asyncio.Future, int, str] | None] = asyncio.Queue(maxsize=max_inflight)
+        # Read but not yet answered, in request order: a refusal cancels the ones behind it.
+        self.tasks: deque[asyncio.Future] = deque()
+        self.ended = asyncio.Event()
+
+    def add(self, task: asyncio.Future) -> None:
+        self.tasks.append(task)
+        task.add_done_callback(self.end_after)
+
+    def end_after(self, failed: asyncio.Future) -> None:
+        """A task's done callback: when it failed, stop reading and cancel the tasks behind it."""
+        if failed.cancelled() or failed.exception() is None:
+            return
+        self.ended.set()
+        behind = False
+        for task in self.tasks:
+            if behind and not task.done():
+                task.cancel()
+            behind = behind or task is failed
+
+    def answered(self, task: asyncio.Future) -> None:
+        if self.tasks and self.tasks[0] is task:
+            self.tasks.popleft()
+
+    def cancel_unanswered(self) -> int:
+        """Cancels the tasks not done yet; returns how many were dropped (cancelled now or before)."""
+        dropped = 0
+        for task in self.tasks:
+            if not task.done():
+                task.cancel()
+                dropped += 1
+            elif task.cancelled():
+                dropped += 1
+        return dropped
+
+
 class SplitInferenceService:
     """Request handling, independent of the transport setup in hnd.server.app."""
 
@@ -628,58 +680,16 @@ class SplitInferenceService:
         # A stream names replica and weights first (the edge checks them before its first answer) and at the end.
         await context.send_initial_metadata(self.call_metadata)
         context.set_trailing_metadata(self.call_metadata)
-        pending: asyncio.Queue[tuple[asyncio.Future, int, str] | None] = asyncio.Queue(
-            maxsize=self.limits.max_stream_inflight
-        )
-        # Read but not yet answered, in request order: a refusal cancels the ones behind it.
-        tasks: deque[asyncio.Future] = deque()
-        ended = asyncio.Event()
-
-        def end_after(failed: asyncio.Future) -> None:
-            if failed.cancelled() or failed.exception() is None:
-                return
-            ended.set()
-            behind = False
-            for task in tasks:
-                if behind and not task.done():
-                    task.cancel()
-                behind = behind or task is failed
-
         session = self.streams.open()  # temporal state of this stream; freed in the finally below
-        draining = RequestError(
-            grpc.StatusCode.UNAVAILABLE, "server is draining: reopen the stream on another replica", "draining"
-        )
         if self.draining:
             session.close()
-            await self._fail(context, method, draining, time.perf_counter_ns())
-
-        async def read() -> None:
-            try:
-                async for raw in request_iterator:
-                    if ended.is_set():
-                        break
-                    start = time.perf_counter_ns()
-                    request = self._parse(raw)  # parse errors surface in order, below
-                    task = asyncio.ensure_future(self.infer(request, context.time_remaining(), session, method=method))
-                    tasks.append(task)
-                    task.add_done_callback(end_after)
-                    try:
-                        await pending.put((task, start, request.request_id))
-                    except asyncio.CancelledError:  # drain: this one was read but will not be answered
-                        task.cancel()
-                        raise
-            except RequestError as exc:
-                failed: asyncio.Future = asyncio.get_running_loop().create_future()
-                failed.set_exception(exc)
-                await pending.put((failed, time.perf_counter_ns(), ""))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.ensure_future(read())
+            await self._fail(context, method, draining_error(), time.perf_counter_ns())
+        inflight = StreamInflight(self.limits.max_stream_inflight)
+        reader = asyncio.ensure_future(self._read_stream(request_iterator, context, session, inflight))
         self._stream_readers.add(reader)
         reader.add_done_callback(self._stream_readers.discard)
         try:
-            while (entry := await pending.get()) is not None:
+            while (entry := await inflight.pending.get()) is not None:
                 task, start, request_id = entry
                 try:
                     response = await task
@@ -696,25 +706,50 @@ class SplitInferenceService:
                         start,
                         request_id,
                     )
-                if tasks and tasks[0] is task:
-                    tasks.popleft()
+                inflight.answered(task)
                 self.metrics.stream_messages.labels("answered").inc()
                 self._done(method, "OK", start)
                 yield response
             if self.draining:
-                await self._fail(context, method, draining, time.perf_counter_ns())
+                await self._fail(context, method, draining_error(), time.perf_counter_ns())
         finally:
             session.close()
             reader.cancel()
-            dropped = 0
-            for task in tasks:
-                if not task.done():
-                    task.cancel()
-                    dropped += 1
-                elif task.cancelled():
-                    dropped += 1
+            dropped = inflight.cancel_unanswered()
             if dropped:
                 self.metrics.stream_messages.labels("dropped").inc(dropped)
+
+    async def _read_stream(
+        self,
+        request_iterator: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext,
+        session: StreamSession,
+        inflight: StreamInflight,
+    ) -> None:
+        """InferStream's reader: each message parsed and started as an ``infer`` task, queued on ``inflight`` in
+        order; a message that does not parse is queued as a failed future (its refusal comes in order), and None
+        last. Stops reading once a request was refused (``inflight.ended``) or when cancelled (drain)."""
+        try:
+            async for raw in request_iterator:
+                if inflight.ended.is_set():
+                    break
+                start = time.perf_counter_ns()
+                request = self._parse(raw)  # parse errors surface in order, below
+                task = asyncio.ensure_future(
+                    self.infer(request, context.time_remaining(), session, method="InferStream")
+                )
+                inflight.add(task)
+                try:
+                    await inflight.pending.put((task, start, request.request_id))
+                except asyncio.CancelledError:  # drain: this one was read but will not be answered
+                    task.cancel()
+                    raise
+        except RequestError as exc:
+            failed: asyncio.Future = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            await inflight.pending.put((failed, time.perf_counter_ns(), ""))
+        finally:
+            await inflight.pending.put(None)
 
     async def GetModelInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         start = time.perf_counter_ns()
