@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from hnd.common.config import Config, OptimizerConfig, TrainConfig
+from hnd.common.config import Config, DatasetConfig, OptimizerConfig, TrainConfig
 from hnd.common.errors import HndError
 
 PROG = "hnd-train"
@@ -67,6 +67,14 @@ class TrainOptions:
     select_by: str = "bbox"  # bbox | loss | last
     progress: bool = True
     train_bn: bool = False  # supervised from scratch: train the backbone's batch norms (see unfreeze_batchnorm)
+
+    def epochs_of(self, tcfg: TrainConfig) -> int:
+        """``--epochs``, else the config's ``train.epochs``."""
+        return tcfg.epochs if self.epochs is None else self.epochs
+
+    def workers_of(self, dataset: DatasetConfig) -> int:
+        """``--workers``, else the config's ``dataset.num_workers``."""
+        return dataset.num_workers if self.workers is None else self.workers
 
 
 def default_output_dir(cfg: Config) -> Path:

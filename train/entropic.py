@@ -185,12 +185,12 @@ def train_entropic(cfg: Config, options: TrainOptions) -> dict[str, Any]:
         raise HndError(cfg.path, "train.method entropic needs train.stage2 (epochs, optimizer, scheduler)")
     if options.select_by not in ("bbox", "last"):
         raise HndError("--select-by", "the Entropic Student recipe selects stage 2 by bbox or last")
-    out = Path(options.output_dir) if options.output_dir else Path("resource") / "train" / Path(str(cfg.path)).stem
-    final = out / "best.pt" if options.output_dir or not cfg.model.checkpoint else Path(cfg.model.checkpoint)
+    run = RunPaths.of(cfg, options, cfg.model.checkpoint)  # the final best.pt; each stage has its own folder
+    out, final = run.out_dir, run.best
     p1, p2 = (
         RunPaths(out / s, out / s / "best.pt", out / s / "last.pt", out / s / "log.jsonl") for s in ("stage1", "stage2")
     )
-    workers = cfg.dataset.num_workers if options.workers is None else options.workers
+    workers = options.workers_of(cfg.dataset)
     data = distillation_data(cfg, "supervised", options.select_by, workers)
     torch.manual_seed(tcfg.seed)
     teacher, model = build_entropic_models(cfg)
@@ -217,7 +217,7 @@ def _stage1(
 
     tcfg = cfg.train
     assert tcfg is not None
-    epochs1 = tcfg.epochs if options.epochs is None else options.epochs
+    epochs1 = options.epochs_of(tcfg)
     if options.resume and _stage_done(p1, epochs1):
         print(f"hnd-train: stage 1 finished earlier ({p1.last}); going on with stage 2")
         return None

@@ -482,6 +482,16 @@ def evaluate_config(
     return metrics
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device`` of hnd-eval and hnd-train; :func:`check_device` refuses CUDA where there is none."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HndError("--device", "CUDA is not available on this machine")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hnd-eval", description="COCO bbox / segm / keypoints mAP of a configured model.")
     p.add_argument("--config", required=True, help="YAML config (file or bundled name, e.g. test/faster_rcnn-b3ch)")
@@ -516,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         "frame every N (as hnd-edge --key-interval; default 1: every image intra)",
     )
     p.add_argument("--split", default="val", help="dataset split of the config (default val)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_argument(p)
     p.add_argument("--workers", type=int, help="data loader workers (default: the config's)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-images", type=int, help="evaluate only the first N images")
@@ -551,8 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise HndError("--granularity", f"{exc}; use --bits 8") from None
         if args.key_interval < 1 or (args.key_interval > 1 and args.bits not in (2, 4, 6, 8)):
             raise HndError("--key-interval", "must be >= 1, and > 1 only with --bits 2, 4, 6 or 8")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise HndError("--device", "CUDA is not available on this machine")
+        check_device(args.device)
         from hnd.common.config import load_config
 
         if load_config(args.config).model.filter is not None:  # ROC of the neural filter (hnd.train.filter)

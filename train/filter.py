@@ -304,8 +304,8 @@ def train_filter(cfg: Config, options: TrainOptions) -> dict[str, Any]:
         raise HndError(cfg.path, "train.method filter needs a model.filter section")
     check_trainable(cfg)
     device = options.device
-    epochs = tcfg.epochs if options.epochs is None else options.epochs
-    workers = cfg.dataset.num_workers if options.workers is None else options.workers
+    epochs = options.epochs_of(tcfg)
+    workers = options.workers_of(cfg.dataset)
     paths = RunPaths.of(cfg, options, cfg.model.filter.checkpoint)
     select_by = "last" if options.select_by == "last" else "roc_auc"
 

@@ -61,7 +61,7 @@ from hnd.train.data import (
 )
 from hnd.train.engine import Recipe, RunPaths, Selection, TrainOptions, check_sections, count_parameters, fit
 from hnd.common.errors import USER_ERRORS, HndError, report
-from hnd.train.evaluate import evaluate_model
+from hnd.train.evaluate import add_device_argument, check_device, evaluate_model
 from hnd.train.filter import train_filter
 
 BOTTLENECK_PREFIX = "backbone.body.layer1."
@@ -424,8 +424,8 @@ def train(config: str | os.PathLike | Config, options: TrainOptions | None = Non
     if options.select_by not in ("bbox", "loss", "last"):
         raise HndError("--select-by", f"unknown selection {options.select_by!r}")
     assert cfg.dataset is not None
-    epochs = tcfg.epochs if options.epochs is None else options.epochs
-    workers = cfg.dataset.num_workers if options.workers is None else options.workers
+    epochs = options.epochs_of(tcfg)
+    workers = options.workers_of(cfg.dataset)
     paths = RunPaths.of(cfg, options, None if method == "supervised" else cfg.model.checkpoint)
     data = distillation_data(cfg, method, options.select_by, workers)
     select_by = options.select_by if data.hold_loader is not None else "last"
@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hnd-train", description="HND / GHND distillation or supervised training.")
     p.add_argument("--config", required=True, help="YAML config (file or bundled name, e.g. ghnd/faster_rcnn-b3ch)")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/last.pt")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_argument(p)
     p.add_argument("--workers", type=int, help="data loader workers (default: dataset.num_workers)")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--output-dir", help="checkpoints and log.jsonl (default resource/train/<config name>)")
@@ -501,8 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise HndError("--device", "CUDA is not available on this machine")
+        check_device(args.device)
         if args.epochs is not None and args.epochs < 1:
             raise HndError("--epochs", "must be >= 1")
         summary = train(
