@@ -110,23 +110,36 @@ FAST_PARAMS = {"rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100}
 
 
 @pytest.fixture(scope="session")
-def tiny_model():
-    """``tiny_model(kind)``: the student of ``configs/test/{kind}-b3ch.yaml`` (seeded random weights, eval).
+def test_model():
+    """``test_model(config)``: the model of a bundled config such as ``test/faster_rcnn-b3ch`` (seeded
+    random weights, eval; an Entropic Student's tables updated).
 
     Built once per session and shared: treat it as read-only (``copy.deepcopy`` it to change it).
     """
-    from hnd.common.config import load_config
     from hnd.common.build import build_model_from_config
+    from hnd.common.config import load_config
 
     cache: dict[str, torch.nn.Module] = {}
 
-    def get(kind: str) -> torch.nn.Module:
-        if kind not in cache:
-            cfg = load_config(f"test/{kind}-b3ch")
-            cache[kind] = build_model_from_config(cfg.model, cfg.path)
-        return cache[kind]
+    def get(config: str) -> torch.nn.Module:
+        if config not in cache:
+            cfg = load_config(config)
+            cache[config] = build_model_from_config(cfg.model, cfg.path)
+        return cache[config]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(test_model):
+    """``tiny_model(kind)``: the HND student of ``configs/test/{kind}-b3ch.yaml`` (shared: read-only)."""
+    return lambda kind: test_model(f"test/{kind}-b3ch")
+
+
+@pytest.fixture(scope="session")
+def entropic_model(test_model):
+    """``entropic_model(kind)``: the Entropic Student of ``configs/test/{kind}-entropic-b24ch.yaml`` (shared: read-only)."""
+    return lambda kind: test_model(f"test/{kind}-entropic-b24ch")
 
 
 @pytest.fixture(scope="session")

@@ -31,23 +31,6 @@ from hnd.common.split import EntropicHead, head_state_dict, prior_tables_of, spl
 KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
 
 
-@pytest.fixture(scope="session")
-def entropic_model():
-    """``entropic_model(kind)``: the student of configs/test/{kind}-entropic-b24ch.yaml (seeded, tables updated)."""
-    from hnd.common.config import load_config
-    from hnd.common.build import build_model_from_config
-
-    cache: dict[str, torch.nn.Module] = {}
-
-    def get(kind: str) -> torch.nn.Module:
-        if kind not in cache:
-            cfg = load_config(f"test/{kind}-entropic-b24ch")
-            cache[kind] = build_model_from_config(cfg.model, cfg.path)
-        return cache[kind]
-
-    return get
-
-
 def _tables(eb: EntropyBottleneck) -> ec.PriorTables:
     return prior_tables_of(eb)
 

@@ -30,12 +30,8 @@ LEARNED = dict(bits=0, granularity="channel", compression="learned")
 
 
 @pytest.fixture(scope="module")
-def model():
-    from hnd.common.config import load_config
-    from hnd.common.build import build_model_from_config
-
-    cfg = load_config("test/faster_rcnn-entropic-b24ch")
-    return build_model_from_config(cfg.model, cfg.path)
+def model(entropic_model):
+    return entropic_model("faster_rcnn")
 
 
 @pytest.fixture(scope="module")
