@@ -22,7 +22,8 @@ import io
 import os
 import sys
 import time
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -36,6 +37,9 @@ from hnd.common import codec
 from hnd.common.files import atomic_write_json
 from hnd.common.errors import USER_ERRORS, HndError, report
 from hnd.common.meta import FingerprintMismatch, check_fingerprint
+
+if TYPE_CHECKING:
+    from hnd.common.config import Config
 
 IOU_TYPES = {"faster_rcnn": ("bbox",), "mask_rcnn": ("bbox", "segm"), "keypoint_rcnn": ("bbox", "keypoints")}
 STAT_NAMES = {
@@ -411,75 +415,122 @@ def evaluate_config(
     """
     from hnd.common.build import build_model_from_config
     from hnd.common.config import load_config, with_weights
-    from hnd.train.data import build_dataset, make_loader
 
     cfg = load_config(config)
     if cfg.dataset is None:
         raise HndError(cfg.path, "config has no dataset section")
     model_cfg = with_weights(cfg.model, checkpoint=checkpoint, random_weights=random_weights)
     model = build_model_from_config(model_cfg, cfg.path).to(device)
+    setting = SplitSetting(bits, granularity, compression, key_interval, precision, split_mode)
     onnx_head = None
     if head is not None:
-        from hnd.edge.onnx_head import OnnxHead
-
-        if cfg.model.bottleneck_channels is None:
-            raise HndError(cfg.path, "--head needs a student (a model with a bottleneck)")
-        if key_interval != 1 or precision != "fp32":
-            raise HndError("--head", "an ONNX head is evaluated with intra frames and an fp32 tail")
-        providers = list(dict.fromkeys([*(ort_providers or []), "CPUExecutionProvider"]))
-        onnx_head = OnnxHead(head, providers=providers, min_size=min_size, max_size=max_size)
-        if onnx_head.is_entropic:
-            if compression not in (None, "learned") or bits not in (None, 0):
-                raise HndError(head, "an Entropic Student's head is evaluated with learned entropy coding only")
-            compression, bits = "learned", 0
-        elif compression == "learned":
-            raise HndError(head, "an HND student's head: learned entropy coding is for Entropic Students")
-        bits = 8 if bits is None else bits
+        onnx_head, setting = open_onnx_head(cfg, head, setting, ort_providers, min_size, max_size)
     elif min_size is not None or max_size is not None:
-        t = model.transform
-        t.min_size = (int(min_size or t.min_size[-1]),)
-        t.max_size = int(max_size or t.max_size)
+        resize_inputs(model, min_size, max_size)
+    loader = eval_loader(cfg, split, batch_size, workers, max_images)
+    # SplitSetting's fields are evaluate_model's codec keywords.
+    metrics = evaluate_model(
+        model, loader, device, cfg.model.kind, progress=progress, onnx_head=onnx_head, **asdict(setting)
+    )
+    metrics.update(evaluated_setting(cfg, model_cfg.checkpoint, model, split, setting, head, onnx_head))
+    return metrics
+
+
+@dataclass(frozen=True)
+class SplitSetting:
+    """How an evaluation runs the split: ``bits`` None is no codec (the full model, or head -> tail with
+    ``split_mode``); ``compression`` None is zstd with ``bits``."""
+
+    bits: int | None
+    granularity: str
+    compression: str | None
+    key_interval: int
+    precision: str
+    split_mode: bool
+
+
+def open_onnx_head(
+    cfg: Config,
+    head: str,
+    setting: SplitSetting,
+    ort_providers: Sequence[str] | None,
+    min_size: int | None,
+    max_size: int | None,
+) -> tuple[Any, SplitSetting]:
+    """The ONNX head at ``head`` (an ``OnnxHead``, CPU after ``ort_providers``) and the setting it is evaluated
+    with: learned coding for an Entropic Student's head, else 8 bits unless given. HndError for a config
+    without a bottleneck, or a setting the head cannot run."""
+    from hnd.edge.onnx_head import OnnxHead
+
+    if cfg.model.bottleneck_channels is None:
+        raise HndError(cfg.path, "--head needs a student (a model with a bottleneck)")
+    if setting.key_interval != 1 or setting.precision != "fp32":
+        raise HndError("--head", "an ONNX head is evaluated with intra frames and an fp32 tail")
+    providers = list(dict.fromkeys([*(ort_providers or []), "CPUExecutionProvider"]))
+    onnx_head = OnnxHead(head, providers=providers, min_size=min_size, max_size=max_size)
+    compression, bits = setting.compression, setting.bits
+    if onnx_head.is_entropic:
+        if compression not in (None, "learned") or bits not in (None, 0):
+            raise HndError(head, "an Entropic Student's head is evaluated with learned entropy coding only")
+        compression, bits = "learned", 0
+    elif compression == "learned":
+        raise HndError(head, "an HND student's head: learned entropy coding is for Entropic Students")
+    return onnx_head, replace(setting, compression=compression, bits=8 if bits is None else bits)
+
+
+def resize_inputs(model: nn.Module, min_size: int | None, max_size: int | None) -> None:
+    """Sets the model's resize (a native-resolution split); None keeps that side's configured size."""
+    t: Any = model.transform  # a GeneralizedRCNNTransform
+    t.min_size = (int(min_size or t.min_size[-1]),)
+    t.max_size = int(max_size or t.max_size)
+
+
+def eval_loader(cfg: Config, split: str, batch_size: int, workers: int | None, max_images: int | None) -> Any:
+    """A loader over the config's dataset ``split`` (its first ``max_images``), workers from the config unless
+    given."""
+    from hnd.train.data import build_dataset, make_loader
+
     dataset = build_dataset(cfg.dataset, split, cfg.model.kind, train=False)
     if max_images is not None:
         dataset.ids = dataset.ids[:max_images]
-    loader = make_loader(dataset, batch_size, cfg.dataset.num_workers if workers is None else workers)
-    metrics = evaluate_model(
-        model,
-        loader,
-        device,
-        cfg.model.kind,
-        bits=bits,
-        granularity=granularity,
-        split_mode=split_mode,
-        progress=progress,
-        key_interval=key_interval,
-        compression=compression,
-        precision=precision,
-        onnx_head=onnx_head,
-    )
-    if compression == "learned":
-        bits, granularity = 0, "channel"
+    return make_loader(dataset, batch_size, cfg.dataset.num_workers if workers is None else workers)
+
+
+def evaluated_setting(
+    cfg: Config,
+    checkpoint: str | None,
+    model: nn.Module,
+    split: str,
+    setting: SplitSetting,
+    head: str | None,
+    onnx_head: Any,
+) -> dict[str, Any]:
+    """What was evaluated, reported next to the metrics: config, weights (path and fingerprint), split, the
+    codec setting, the ONNX head and the resize."""
     from hnd.common.checkpoint import fingerprint
 
-    metrics.update(
+    transform: Any = model.transform  # a GeneralizedRCNNTransform
+    bits, granularity, compression = setting.bits, setting.granularity, setting.compression
+    if compression == "learned":
+        bits, granularity = 0, "channel"
+    return dict(
         config=str(cfg.path),
-        checkpoint=model_cfg.checkpoint,
+        checkpoint=checkpoint,
         split=split,
         kind=cfg.model.kind,
         bottleneck_channels=cfg.model.bottleneck_channels,
         bits=bits,
         granularity=granularity if bits is not None else None,
-        key_interval=key_interval if bits is not None else None,
-        split_mode=bool(split_mode or bits is not None or precision != "fp32"),
-        precision=precision,
+        key_interval=setting.key_interval if bits is not None else None,
+        split_mode=bool(setting.split_mode or bits is not None or setting.precision != "fp32"),
+        precision=setting.precision,
         fingerprint=fingerprint(model),
         compression=(compression or "zstd") if bits is not None else None,
         head=head,
         head_precision=onnx_head.metadata.precision if onnx_head is not None else None,
-        min_size=onnx_head.min_size if onnx_head is not None else int(model.transform.min_size[-1]),
-        max_size=onnx_head.max_size if onnx_head is not None else int(model.transform.max_size),
+        min_size=onnx_head.min_size if onnx_head is not None else int(transform.min_size[-1]),
+        max_size=onnx_head.max_size if onnx_head is not None else int(transform.max_size),
     )
-    return metrics
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
