@@ -236,17 +236,22 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
     ``weights_only=True``): optimizer / scheduler state dicts, epoch, config as a dict.
     """
     sd = model.state_dict()
-    fp = fingerprint(sd)
+    fields = {"model_info": model_info(sd), **extra}
+    return _save_weights(path, CHECKPOINT_FORMAT, FORMAT_VERSION, sd, fingerprint(sd), **fields)
+
+
+def _save_weights(
+    path: str | os.PathLike,
+    file_format: str,
+    version: int,
+    state_dict: Mapping[str, torch.Tensor],
+    fp: str,
+    **fields: Any,
+) -> str:
+    """The layout of every file hnd writes weights to (checkpoint, head export, filter): format and version,
+    the weights, their fingerprint, then ``fields``; written atomically. Returns ``fp``."""
     atomic_torch_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "version": FORMAT_VERSION,
-            "model": sd,
-            "fingerprint": fp,
-            "model_info": model_info(sd),
-            **extra,
-        },
-        path,
+        {"format": file_format, "version": version, "model": state_dict, "fingerprint": fp, **fields}, path
     )
     return fp
 
@@ -383,26 +388,29 @@ def export_head(path_in: str | os.PathLike, path_out: str | os.PathLike) -> str:
     The export keeps full-model key names and carries the fingerprint of the full model,
     so an edge holding only the head still proves to the server which weights it runs.
     """
-    ckpt = read_checkpoint(path_in)
+    sd, _, _ = read_student_state_dict(
+        path_in, "already a head-only export", "holds a {what}; only a student can be split"
+    )
+    head_sd = OrderedDict((k, v) for k, v in sd.items() if is_head_key(k))
+    return _save_weights(path_out, HEAD_FORMAT, FORMAT_VERSION, head_sd, fingerprint(sd), model_info=model_info(sd))
+
+
+def read_student_state_dict(
+    path: str | os.PathLike, head_only_error: str, teacher_error: str
+) -> tuple[dict[str, torch.Tensor], str, int]:
+    """The weights, kind and bottleneck channels of a full student checkpoint (what a head is cut from).
+
+    CheckpointError ``PATH: head_only_error`` for a head-only export, ``PATH: teacher_error`` for a
+    teacher (``{what}`` in it names the model, e.g. "faster_rcnn teacher").
+    """
+    ckpt = read_checkpoint(path)
     if ckpt["format"] == HEAD_FORMAT:
-        raise CheckpointError(f"{path_in}: already a head-only export")
+        raise CheckpointError(f"{path}: {head_only_error}")
     sd = ckpt["model"]
     kind, channels = describe_state_dict(sd)
     if channels is None:
-        raise CheckpointError(f"{path_in}: holds a {_what(kind, channels)}; only a student can be split")
-    fp = fingerprint(sd)
-    head_sd = OrderedDict((k, v) for k, v in sd.items() if is_head_key(k))
-    atomic_torch_save(
-        {
-            "format": HEAD_FORMAT,
-            "version": FORMAT_VERSION,
-            "model": head_sd,
-            "fingerprint": fp,
-            "model_info": model_info(sd),
-        },
-        path_out,
-    )
-    return fp
+        raise CheckpointError(f"{path}: {teacher_error.format(what=_what(kind, channels))}")
+    return sd, kind, channels
 
 
 def load_head(path: str | os.PathLike, head: nn.Module) -> str:
@@ -444,19 +452,8 @@ def save_filter(path: str | os.PathLike, ext: Ext4ResNet, **extra: Any) -> str:
     ``extra`` (best_value, epoch, config as a dict, ...) must be plain data (read back with weights_only).
     """
     sd = ext.state_dict()
-    fp = fingerprint(sd)
-    atomic_torch_save(
-        {
-            "format": FILTER_FORMAT,
-            "version": FILTER_FORMAT_VERSION,
-            "model": sd,
-            "fingerprint": fp,
-            "threshold": ext.threshold,
-            **extra,
-        },
-        path,
-    )
-    return fp
+    fields = {"threshold": ext.threshold, **extra}
+    return _save_weights(path, FILTER_FORMAT, FILTER_FORMAT_VERSION, sd, fingerprint(sd), **fields)
 
 
 def load_filter(path: str | os.PathLike, ext: Ext4ResNet) -> dict[str, Any]:

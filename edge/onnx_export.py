@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import hnd
-from hnd.common.checkpoint import CheckpointError, describe_state_dict, fingerprint, read_checkpoint
+from hnd.common.checkpoint import CheckpointError, fingerprint, read_student_state_dict
 from hnd.common.files import atomic_write
 from hnd.common.preprocess import preprocess
 from hnd.common.sizes import SIZE_DIVISIBLE
@@ -334,17 +334,15 @@ def student_head(
 
 
 def _model_from_keys(path: str) -> nn.Module:
-    from hnd.common.checkpoint import HEAD_FORMAT, load_checkpoint
+    from hnd.common.checkpoint import load_checkpoint
     from hnd.common.models import build_model
     from hnd.common.neural_filter import FILTER_PREFIX, attach_filter
 
-    ckpt = read_checkpoint(path)
-    if ckpt["format"] == HEAD_FORMAT:
-        raise CheckpointError(f"{path}: a head-only export; the ONNX export needs the full student checkpoint")
-    sd = ckpt["model"]
-    kind, channels = describe_state_dict(sd)
-    if channels is None:
-        raise CheckpointError(f"{path}: holds a teacher (no bottleneck); only a student has a head to export")
+    sd, kind, channels = read_student_state_dict(
+        path,
+        "a head-only export; the ONNX export needs the full student checkpoint",
+        "holds a teacher (no bottleneck); only a student has a head to export",
+    )
     kwargs = {}
     cls = sd.get("roi_heads.box_predictor.cls_score.weight")
     if cls is not None:
