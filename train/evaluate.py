@@ -75,35 +75,26 @@ def to_coco_results(
             boxes = out["boxes"].detach().cpu()[:n].clone()
             boxes[:, 2:] -= boxes[:, :2]
             for box, label, score in zip(boxes.tolist(), labels, scores):
-                results["bbox"].append(
-                    {
-                        "image_id": int(image_id),
-                        "category_id": int(label),
-                        "bbox": [round(v, 3) for v in box],
-                        "score": float(score),
-                    }
-                )
+                results["bbox"].append(_coco_result(image_id, label, score, "bbox", [round(v, 3) for v in box]))
         if "segm" in results:
             soft = out["masks"].detach().cpu()[:n]
             masks = (soft.reshape(n, *soft.shape[-2:]) > 0.5).numpy().astype(np.uint8)
             for mask, label, score in zip(masks, labels, scores):
                 rle = mask_utils.encode(np.asfortranarray(mask))
                 rle["counts"] = rle["counts"].decode("ascii")
-                results["segm"].append(
-                    {"image_id": int(image_id), "category_id": int(label), "segmentation": rle, "score": float(score)}
-                )
+                results["segm"].append(_coco_result(image_id, label, score, "segmentation", rle))
         if "keypoints" in results:
             kps = out["keypoints"].detach().cpu()[:n].reshape(n, -1)
             for kp, label, score in zip(kps.tolist(), labels, scores):
                 results["keypoints"].append(
-                    {
-                        "image_id": int(image_id),
-                        "category_id": int(label),
-                        "keypoints": [round(v, 3) for v in kp],
-                        "score": float(score),
-                    }
+                    _coco_result(image_id, label, score, "keypoints", [round(v, 3) for v in kp])
                 )
     return results
+
+
+def _coco_result(image_id: int, label: int, score: float, key: str, value: Any) -> dict[str, Any]:
+    """One COCO result record: the image, the category, ``key`` (bbox / segmentation / keypoints), the score."""
+    return {"image_id": int(image_id), "category_id": int(label), key: value, "score": float(score)}
 
 
 def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
