@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,51 @@ def make_synthetic_video(
     Returns {"images": folder, "annotations": json, "video": mp4 (when ``video``)}.
     """
     width, height = size
+    check_video_args(size, frames, sequences, objects, noise, fps, background, object_size, split)
+    folder, first_id = SPLITS[split]
+    out = Path(out)
+    (out / folder).mkdir(parents=True, exist_ok=True)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    recording = Recording(out / folder, first_id)
+    for s in range(sequences):
+        rng = np.random.default_rng([seed, s, 11])
+        bg = _sequence_background(rng, background, s, width, height)
+        movers = _movers(rng, bg, objects, width, height, speed, object_size)
+        for f in range(frames):
+            img, anns = render_frame(bg, movers, noise, rng)
+            for m in movers:
+                m.step(width, height)
+            recording.add_frame(img, anns, video_id=s + 1, frame_index=f)
+        recording.add_video(s + 1, fps, size, frames, f"{folder}.mp4")
+    ann_file = out / "annotations" / f"instances_{folder}.json"
+    description = (
+        f"hnd synthetic video seed {seed}: {sequences} x {frames} frames at {fps:g} fps, "
+        f"{background} background, noise {noise:g}"
+    )
+    atomic_write_text(ann_file, json.dumps(recording.coco(description)))
+    written = {"images": out / folder, "annotations": ann_file}
+    if video:
+        from hnd.common.video import write_video_file
+
+        write_video_file(out / f"{folder}.mp4", recording.frames, fps=fps)
+        written["video"] = out / f"{folder}.mp4"
+    return written
+
+
+def check_video_args(
+    size: tuple[int, int],
+    frames: int,
+    sequences: int,
+    objects: int,
+    noise: float,
+    fps: float,
+    background: str,
+    object_size: tuple[float, float],
+    split: str,
+) -> None:
+    """ValueError for arguments ``make_synthetic_video`` cannot honour (an odd or tiny size, an unknown
+    background or split, no frames, a negative count, an object size range out of (0, 0.9))."""
+    width, height = size
     if width < 32 or height < 32 or width % 2 or height % 2:
         raise ValueError(f"size must be even and at least 32x32, got {width}x{height}")
     if background not in BACKGROUNDS:
@@ -200,67 +245,63 @@ def make_synthetic_video(
         raise ValueError(f"object_size must be 0 < min <= max < 0.9, got {object_size}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, not {split!r}")
-    folder, first_id = SPLITS[split]
-    out = Path(out)
-    (out / folder).mkdir(parents=True, exist_ok=True)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
-    images: list[dict[str, Any]] = []
-    annotations: list[dict[str, Any]] = []
-    videos: list[dict[str, Any]] = []
-    all_frames: list[np.ndarray] = []
-    for s in range(sequences):
-        rng = np.random.default_rng([seed, s, 11])
-        bg = _sequence_background(rng, background, s, width, height)
-        movers = _movers(rng, bg, objects, width, height, speed, object_size)
-        for f in range(frames):
-            image_id = first_id + len(images)
-            img, anns = render_frame(bg, movers, noise, rng)
-            for m in movers:
-                m.step(width, height)
-            file_name = f"{image_id:012d}.png"
-            Image.fromarray(img).save(out / folder / file_name)
-            all_frames.append(img)
-            images.append(
-                {
-                    "id": image_id,
-                    "file_name": file_name,
-                    "width": width,
-                    "height": height,
-                    "video_id": s + 1,
-                    "frame_index": f,
-                }
-            )
-            for ann in anns:
-                ann.update(id=len(annotations) + 1, image_id=image_id)
-                annotations.append(ann)
-        videos.append(
+
+
+@dataclass
+class Recording:
+    """A split being written: each frame saved as a PNG under ``folder`` (ids from ``first_id``, in order)
+    and kept for the mp4, with its COCO image and annotation entries, and one entry per sequence."""
+
+    folder: Path
+    first_id: int
+    images: list[dict[str, Any]] = field(default_factory=list)
+    annotations: list[dict[str, Any]] = field(default_factory=list)
+    videos: list[dict[str, Any]] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)
+
+    def add_frame(self, img: np.ndarray, anns: list[dict], video_id: int, frame_index: int) -> None:
+        """Saves ``img`` ([H, W, 3] uint8) and records it with ``anns`` (``render_frame``'s, given ids here)."""
+        image_id = self.first_id + len(self.images)
+        height, width = img.shape[:2]
+        file_name = f"{image_id:012d}.png"
+        Image.fromarray(img).save(self.folder / file_name)
+        self.frames.append(img)
+        self.images.append(
             {
-                "id": s + 1,
-                "name": f"sequence{s + 1}",
+                "id": image_id,
+                "file_name": file_name,
+                "width": width,
+                "height": height,
+                "video_id": video_id,
+                "frame_index": frame_index,
+            }
+        )
+        for ann in anns:
+            ann.update(id=len(self.annotations) + 1, image_id=image_id)
+            self.annotations.append(ann)
+
+    def add_video(self, video_id: int, fps: float, size: tuple[int, int], frames: int, file_name: str) -> None:
+        """A sequence's "videos" entry (TAO / COCO-VID style); size: (width, height)."""
+        width, height = size
+        self.videos.append(
+            {
+                "id": video_id,
+                "name": f"sequence{video_id}",
                 "fps": fps,
                 "width": width,
                 "height": height,
                 "frames": frames,
-                "file_name": f"{folder}.mp4",
+                "file_name": file_name,
             }
         )
-    ann_file = out / "annotations" / f"instances_{folder}.json"
-    doc = {
-        "info": {
-            "description": f"hnd synthetic video seed {seed}: {sequences} x {frames} frames at {fps:g} fps, "
-            f"{background} background, noise {noise:g}"
-        },
-        "licenses": [],
-        "videos": videos,
-        "images": images,
-        "annotations": annotations,
-        "categories": SHAPE_CATEGORIES,
-    }
-    atomic_write_text(ann_file, json.dumps(doc))
-    written = {"images": out / folder, "annotations": ann_file}
-    if video:
-        from hnd.common.video import write_video_file
 
-        write_video_file(out / f"{folder}.mp4", all_frames, fps=fps)
-        written["video"] = out / f"{folder}.mp4"
-    return written
+    def coco(self, description: str) -> dict[str, Any]:
+        """The COCO annotation document of everything recorded."""
+        return {
+            "info": {"description": description},
+            "licenses": [],
+            "videos": self.videos,
+            "images": self.images,
+            "annotations": self.annotations,
+            "categories": SHAPE_CATEGORIES,
+        }
