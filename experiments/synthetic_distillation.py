@@ -211,7 +211,7 @@ def table(results: dict, bit_settings: list[tuple[int, str]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
@@ -222,7 +222,81 @@ def main(argv: list[str] | None = None) -> int:
         default="bbox",
         help="students' model selection on the held-out split (the teacher always uses bbox)",
     )
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def train_stage(
+    name: str, cfgs: dict[str, Path], out: Path, device: str, extra: list[str], timings: dict[str, float]
+) -> None:
+    """``hnd-train`` of ``cfgs[name]`` into ``out/name``; its seconds go to ``timings["train_<name>"]``."""
+    t = time.perf_counter()
+    run(
+        hnd_train.main,
+        ["--config", str(cfgs[name]), "--output-dir", str(out / name), "--device", device, "--no-progress", *extra],
+    )
+    timings[f"train_{name}"] = time.perf_counter() - t
+
+
+def train_models(out: Path, cfgs: dict[str, Path], device: str, select_by: str, timings: dict[str, float]) -> None:
+    """The teacher, then the untrained student (``out/untrained.pt``, the baseline), then HND and GHND."""
+    from hnd.common.checkpoint import save_checkpoint
+    from hnd.common.config import load_config
+
+    train_stage("teacher", cfgs, out, device, ["--train-bn", "--select-by", "bbox"], timings)
+    _, untrained = hnd_train.build_distillation_models(load_config(cfgs["hnd"]))
+    save_checkpoint(out / "untrained.pt", untrained)
+    train_stage("hnd", cfgs, out, device, ["--select-by", select_by], timings)
+    train_stage("ghnd", cfgs, out, device, ["--select-by", select_by], timings)
+
+
+def evaluate_models(out: Path, cfgs: dict[str, Path], p: Profile, device: str) -> dict[str, dict]:
+    """bbox metrics per model ("teacher", "untrained", "hnd", "ghnd") and setting ("float32", and for the
+    students "<bits>-bit <granularity>" of the profile's bits); each evaluation's JSON under ``out/eval``."""
+    results: dict[str, dict] = {}
+    evals = out / "eval"
+    evals.mkdir(exist_ok=True)
+    workers = p["workers"]
+    results["teacher"] = {
+        "float32": evaluate(cfgs["teacher"], out / "teacher/best.pt", evals / "teacher.json", device, workers)["bbox"]
+    }
+    results["untrained"] = {
+        "float32": evaluate(cfgs["hnd"], out / "untrained.pt", evals / "untrained.json", device, workers)["bbox"]
+    }
+    for name in ("hnd", "ghnd"):
+        ckpt = out / name / "best.pt"
+        results[name] = {"float32": evaluate(cfgs[name], ckpt, evals / f"{name}.json", device, workers)["bbox"]}
+        for bits, gran in p["bits"]:
+            m = evaluate(cfgs[name], ckpt, evals / f"{name}-{bits}bit-{gran}.json", device, workers, bits, gran)
+            results[name][f"{bits}-bit {gran}"] = m["bbox"]
+    return results
+
+
+def summarize(
+    out: Path, profile: str, p: Profile, device: str, timings: dict[str, float], results: dict[str, dict]
+) -> dict:
+    """results.json: profile and its settings, the machine, timings, bbox results and each model's training
+    history (from its last.pt)."""
+    machine = (
+        torch.cuda.get_device_name(0)
+        if device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    summary = {
+        "profile": profile,
+        "settings": p,
+        "device": machine,
+        "torch": torch.__version__,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "bbox": results,
+    }
+    for name in ("teacher", "hnd", "ghnd"):
+        last = torch.load(out / name / "last.pt", map_location="cpu", weights_only=True)
+        summary[f"{name}_history"] = last["history"]
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     p = PROFILES[args.profile]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -233,74 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     make_synthetic_coco(data, images=p["train_images"], val_images=p["val_images"], size=(p["size"], p["size"]), seed=0)
     cfgs = write_configs(out, data, p)
     timings["data"] = time.perf_counter() - t0
-
-    def train_stage(name: str, extra: list[str]) -> None:
-        t = time.perf_counter()
-        run(
-            hnd_train.main,
-            [
-                "--config",
-                str(cfgs[name]),
-                "--output-dir",
-                str(out / name),
-                "--device",
-                args.device,
-                "--no-progress",
-                *extra,
-            ],
-        )
-        timings[f"train_{name}"] = time.perf_counter() - t
-
-    train_stage("teacher", ["--train-bn", "--select-by", "bbox"])
-    from hnd.common.checkpoint import save_checkpoint
-    from hnd.common.config import load_config
-
-    _, untrained = hnd_train.build_distillation_models(load_config(cfgs["hnd"]))
-    save_checkpoint(out / "untrained.pt", untrained)
-    train_stage("hnd", ["--select-by", args.select_by])
-    train_stage("ghnd", ["--select-by", args.select_by])
-
-    bit_settings = p["bits"]
-    results: dict[str, dict] = {}
+    train_models(out, cfgs, args.device, args.select_by, timings)
     t = time.perf_counter()
-    evals = out / "eval"
-    evals.mkdir(exist_ok=True)
-    workers = p["workers"]
-    results["teacher"] = {
-        "float32": evaluate(cfgs["teacher"], out / "teacher/best.pt", evals / "teacher.json", args.device, workers)[
-            "bbox"
-        ]
-    }
-    results["untrained"] = {
-        "float32": evaluate(cfgs["hnd"], out / "untrained.pt", evals / "untrained.json", args.device, workers)["bbox"]
-    }
-    for name in ("hnd", "ghnd"):
-        ckpt = out / name / "best.pt"
-        results[name] = {"float32": evaluate(cfgs[name], ckpt, evals / f"{name}.json", args.device, workers)["bbox"]}
-        for bits, gran in bit_settings:
-            m = evaluate(cfgs[name], ckpt, evals / f"{name}-{bits}bit-{gran}.json", args.device, workers, bits, gran)
-            results[name][f"{bits}-bit {gran}"] = m["bbox"]
+    results = evaluate_models(out, cfgs, p, args.device)
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
-    device = (
-        torch.cuda.get_device_name(0)
-        if args.device.startswith("cuda")
-        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    )
-    summary = {
-        "profile": args.profile,
-        "settings": p,
-        "device": device,
-        "torch": torch.__version__,
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "bbox": results,
-    }
-    for name in ("teacher", "hnd", "ghnd"):
-        last = torch.load(out / name / "last.pt", map_location="cpu", weights_only=True)
-        summary[f"{name}_history"] = last["history"]
+    summary = summarize(out, args.profile, p, args.device, timings, results)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    md = table(results, bit_settings)
+    md = table(results, p["bits"])
     (out / "results.md").write_text(md + "\n")
     print(md)
     print(json.dumps(summary["timings_s"]))
