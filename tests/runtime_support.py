@@ -7,11 +7,12 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from hnd.common import torch_codec, wire
-from hnd.common.checkpoint import fingerprint
+from hnd.common.checkpoint import fingerprint, save_checkpoint
 from hnd.common.codec import CodecSettings
 from hnd.common.split import split_model
 from hnd.edge.capture import ArrayFrames
@@ -30,6 +31,39 @@ def frames(count: int = 3, seed: int = 0, sizes=((120, 150), (200, 100), (90, 90
         base = rng.integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3)).astype(np.uint8)
         out.append(np.ascontiguousarray(np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))[:h, :w]))
     return out
+
+
+def write_frames(folder: Path, count: int, name: str = "{i:03d}.png") -> Path:
+    """``frames(count)`` as image files named ``name.format(i=...)`` in ``folder`` (made here); returns it."""
+    folder.mkdir()
+    for i, img in enumerate(frames(count)):
+        cv2.imwrite(str(folder / name.format(i=i)), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return folder
+
+
+def export_onnx_files(folder: Path, model: torch.nn.Module, config: str, head_name: str) -> dict[str, Path]:
+    """``model``'s checkpoint, its ONNX head (hnd-export-head) and two frames in ``folder``:
+    {"folder", "ckpt", "head", "images"}."""
+    from hnd.edge import export_head as export_cli
+
+    ckpt = folder / "student.pt"
+    save_checkpoint(ckpt, model)
+    head = folder / head_name
+    assert export_cli.main([str(ckpt), str(head), "--config", config]) == 0
+    return {"folder": folder, "ckpt": ckpt, "head": head, "images": write_frames(folder / "frames", 2)}
+
+
+def edge_argv(
+    images, *extra: str, server=None, config: str = "test/faster_rcnn-b3ch", seed: int | None = 0
+) -> list[str]:
+    """hnd-edge's arguments for a run on ``images`` with ``config`` and seeded random weights (``seed``
+    None: none), against ``server`` (a running server, reached on loopback, or an address) when given,
+    then ``extra``."""
+    argv = [] if server is None else ["--server", server if isinstance(server, str) else f"127.0.0.1:{server.port}"]
+    argv += ["--images", str(images), "--config", config]
+    if seed is not None:
+        argv += ["--random-weights", str(seed)]
+    return [*argv, *extra]
 
 
 @contextmanager
@@ -163,8 +197,9 @@ NO_TORCH = (
 
 def torch_free_edge(server, config: str, head, images, *extra: str) -> subprocess.CompletedProcess:
     """hnd-edge with an ONNX ``head`` on a folder of ``images`` against ``server``, in a process without torch."""
-    argv = ["--server", f"127.0.0.1:{server.port}", "--images", str(images), "--config", config]
-    argv += ["--head", str(head), "--no-progress", "--threads", "1", *extra]
+    argv = edge_argv(
+        images, "--head", str(head), "--no-progress", "--threads", "1", *extra, server=server, config=config, seed=None
+    )
     return subprocess.run(
         [sys.executable, "-c", NO_TORCH, *argv], check=False, capture_output=True, text=True, timeout=300
     )

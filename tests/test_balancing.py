@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 
-import cv2
 import grpc
 import pytest
 import torch
@@ -21,7 +20,7 @@ from hnd.edge.client import (
     service_config,
 )
 from hnd.server.app import TlsFiles
-from runtime_support import frames, make_certs, run_edge, serving
+from runtime_support import edge_argv, frames, make_certs, run_edge, serving, write_frames
 
 
 @pytest.fixture(scope="module")
@@ -122,28 +121,15 @@ def test_offload_edge_checks_weights_from_the_replica_metadata(model, other_mode
 
 
 def test_hnd_edge_cli_prints_one_line_naming_the_replica(model, other_model, tmp_path, capsys):
-    images = tmp_path / "frames"
-    images.mkdir()
-    for i, img in enumerate(frames(6)):
-        cv2.imwrite(str(images / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    images = write_frames(tmp_path / "frames", 6, "{i}.png")
     out = tmp_path / "records.jsonl"
     with serving(model, replica="good") as good, serving(other_model, replica="stale-weights") as bad:
         rc = cli.main(
-            [
-                "--server",
-                f"ipv4:127.0.0.1:{good.port},127.0.0.1:{bad.port}",
-                "--lb",
-                "round_robin",
-                "--images",
-                str(images),
-                "--config",
-                "test/faster_rcnn-b3ch",
-                "--random-weights",
-                "0",
-                "--output",
-                str(out),
-                "--no-progress",
-            ]
+            edge_argv(
+                images,
+                *("--lb", "round_robin", "--output", str(out), "--no-progress"),
+                server=f"ipv4:127.0.0.1:{good.port},127.0.0.1:{bad.port}",
+            )
         )
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2
@@ -157,19 +143,7 @@ def test_hnd_edge_cli_prints_one_line_naming_the_replica(model, other_model, tmp
 
 
 def test_bad_target_and_lb_get_one_line(capsys, tmp_path):
-    rc = cli.main(
-        [
-            "--server",
-            "gpu-host",
-            "--images",
-            str(tmp_path),
-            "--config",
-            "test/faster_rcnn-b3ch",
-            "--random-weights",
-            "0",
-            "--no-progress",
-        ]
-    )
+    rc = cli.main(edge_argv(tmp_path, "--no-progress", server="gpu-host"))
     err = capsys.readouterr().err
     assert rc == 2 and "HOST:PORT" in err and "Traceback" not in err
     with pytest.raises(SystemExit):

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from runtime_support import frames, serving
+from runtime_support import edge_argv, frames, serving, write_frames
 
 from hnd.common.checkpoint import export_head, fingerprint, save_checkpoint
 from hnd.edge import cli as edge_cli
@@ -38,10 +38,7 @@ def server(model):
 
 @pytest.fixture()
 def image_dir(tmp_path):
-    folder = tmp_path / "frames"
-    folder.mkdir()
-    for i, img in enumerate(frames(3)):
-        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    folder = write_frames(tmp_path / "frames", 3)
     (folder / "999.jpg").write_bytes(b"not an image")  # a bad file is recorded, not fatal
     return folder
 
@@ -49,23 +46,12 @@ def image_dir(tmp_path):
 def test_cli_writes_records_summary_and_video(server, image_dir, tmp_path, capsys):
     out, video, summary = tmp_path / "r.jsonl", tmp_path / "v.mp4", tmp_path / "s.json"
     code = edge_cli.main(
-        [
-            "--server",
-            f"127.0.0.1:{server.port}",
-            "--images",
-            str(image_dir),
-            "--config",
-            CONFIG,
-            "--random-weights",
-            "0",
-            "--output",
-            str(out),
-            "--save-video",
-            str(video),
-            "--summary-json",
-            str(summary),
-            "--no-progress",
-        ]
+        edge_argv(
+            image_dir,
+            *("--output", str(out), "--save-video", str(video), "--summary-json", str(summary), "--no-progress"),
+            server=server,
+            config=CONFIG,
+        )
     )
     assert code == 1  # one frame failed (the bad file), the rest were answered
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -84,19 +70,7 @@ def test_cli_writes_records_summary_and_video(server, image_dir, tmp_path, capsy
 
 
 def test_cli_stops_on_fingerprint_mismatch(server, image_dir, capsys):
-    code = edge_cli.main(
-        [
-            "--server",
-            f"127.0.0.1:{server.port}",
-            "--images",
-            str(image_dir),
-            "--config",
-            CONFIG,
-            "--random-weights",
-            "1",
-            "--no-progress",
-        ]
-    )
+    code = edge_cli.main(edge_argv(image_dir, "--no-progress", server=server, seed=1, config=CONFIG))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "fingerprint mismatch" in err[0] and "Traceback" not in err[0]
@@ -123,15 +97,7 @@ def test_head_only_export_serves_the_same_detections(model, server, image_dir, t
     save_checkpoint(full, model)
     head_file = tmp_path / "head.pt"
     assert export_head(full, head_file) == fingerprint(model)
-    args = [
-        "--server",
-        f"127.0.0.1:{server.port}",
-        "--images",
-        str(image_dir / "000.png"),
-        "--config",
-        CONFIG,
-        "--no-progress",
-    ]
+    args = edge_argv(image_dir / "000.png", "--no-progress", server=server, seed=None, config=CONFIG)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     # Request ids carry a process-wide counter: start both runs from the same count, so the request
     # sizes compare whatever ran before in this process.

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 
-import cv2
 import onnx
 import pytest
 import torch
-from runtime_support import frames, one_line_error, serving, torch_free_edge
+from runtime_support import export_onnx_files, frames, one_line_error, serving, torch_free_edge
 
 from hnd.common import codec, wire
-from hnd.common.checkpoint import save_checkpoint
 from hnd.common.split import split_model
 from hnd.edge import export_head as export_cli
 from hnd.edge.onnx_head import OnnxHead
@@ -33,16 +31,7 @@ def server(model):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, model):
-    folder = tmp_path_factory.mktemp("edge_onnx")
-    ckpt = folder / "student.pt"
-    save_checkpoint(ckpt, model)
-    head = folder / "head.onnx"
-    assert export_cli.main([str(ckpt), str(head), "--config", CONFIG]) == 0
-    images = folder / "frames"
-    images.mkdir()
-    for i, img in enumerate(frames(2)):
-        cv2.imwrite(str(images / f"{i:03d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-    return {"folder": folder, "head": head, "images": images}
+    return export_onnx_files(tmp_path_factory.mktemp("edge_onnx"), model, CONFIG, "head.onnx")
 
 
 def test_edge_runs_without_torch_and_equals_the_in_process_path(server, files, model, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from runtime_support import frames, make_certs, serving
+from runtime_support import edge_argv, frames, make_certs, serving
 
 from hnd.common.checkpoint import fingerprint
 from hnd.common.split import split_model
@@ -89,21 +89,7 @@ def test_cli_records_a_truncated_jpeg_as_failed(model, tmp_path):
     (folder / "1.jpg").write_bytes(data[:-200])
     out = tmp_path / "r.jsonl"
     with serving(model) as server:
-        code = edge_cli.main(
-            [
-                "--server",
-                f"127.0.0.1:{server.port}",
-                "--images",
-                str(folder),
-                "--config",
-                CONFIG,
-                "--random-weights",
-                "0",
-                "--output",
-                str(out),
-                "--no-progress",
-            ]
-        )
+        code = edge_cli.main(edge_argv(folder, "--output", str(out), "--no-progress", server=server, config=CONFIG))
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert code == 1
     assert [r["status"] for r in records] == ["OK", DECODE_ERROR]
@@ -174,21 +160,7 @@ def test_answers_received_before_sigterm_are_written(model, tmp_path, monkeypatc
         monkeypatch.setattr(edge_cli, "open_source", lambda *a, **k: InterruptedSource(frames(4)))
         out = tmp_path / "r.jsonl"
         code = edge_cli.main(
-            [
-                "--server",
-                f"127.0.0.1:{server.port}",
-                "--images",
-                "x",
-                "--config",
-                CONFIG,
-                "--random-weights",
-                "0",
-                "--max-inflight",
-                "5",
-                "--output",
-                str(out),
-                "--no-progress",
-            ]
+            edge_argv("x", "--max-inflight", "5", "--output", str(out), "--no-progress", server=server, config=CONFIG)
         )
     assert code == 130
     records = [json.loads(line) for line in out.read_text().splitlines()]

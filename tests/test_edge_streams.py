@@ -8,7 +8,7 @@ import queue
 import grpc
 import pytest
 import torch
-from runtime_support import assert_same_detections, client_for, run_edge, serving
+from runtime_support import assert_same_detections, client_for, edge_argv, run_edge, serving
 from test_streams import STREAM, bottleneck_requests, in_process, video_frames, wait_sessions_free
 
 from hnd.common import wire
@@ -182,22 +182,7 @@ def test_webp_offload_through_the_edge(model):
 
 
 def test_cli_refuses_key_interval_outside_split(capsys, tmp_path):
-    rc = cli.main(
-        [
-            "--server",
-            "127.0.0.1:1",
-            "--images",
-            str(tmp_path),
-            "--config",
-            "test/faster_rcnn-b3ch",
-            "--random-weights",
-            "0",
-            "--mode",
-            "offload",
-            "--key-interval",
-            "5",
-        ]
-    )
+    rc = cli.main(edge_argv(tmp_path, "--mode", "offload", "--key-interval", "5", server="127.0.0.1:1"))
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--key-interval" in err[0]

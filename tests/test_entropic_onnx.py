@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from runtime_support import frames, one_line_error, serving, torch_free_edge
+from runtime_support import export_onnx_files, frames, one_line_error, serving, torch_free_edge
 
 from hnd.bench.agreement import match_f1
 from hnd.common import codec, entropy_coder, wire
@@ -58,16 +58,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, model):
-    folder = tmp_path_factory.mktemp("entropic_onnx")
-    ckpt = folder / "student.pt"
-    save_checkpoint(ckpt, model)
-    head = folder / "entropic_head.onnx"
-    assert export_cli.main([str(ckpt), str(head), "--config", CONFIG]) == 0
-    images = folder / "frames"
-    images.mkdir()
-    for i, img in enumerate(frames(2)):
-        cv2.imwrite(str(images / f"{i:03d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-    return {"folder": folder, "ckpt": ckpt, "head": head, "images": images}
+    return export_onnx_files(tmp_path_factory.mktemp("entropic_onnx"), model, CONFIG, "entropic_head.onnx")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from runtime_support import frames
+from runtime_support import edge_argv, frames
 
 from hnd.edge import capture as capture_mod
 from hnd.edge import cli as edge_cli
@@ -125,41 +125,12 @@ def test_cli_stops_cleanly_on_write_error_when_told(tmp_path, capsys):
     images = tmp_path / "f"
     images.mkdir()
     cv2.imwrite(str(images / "0.png"), frames(1)[0])
-    code = edge_cli.main(
-        [
-            "--images",
-            str(images),
-            "--config",
-            CONFIG,
-            "--random-weights",
-            "0",
-            "--mode",
-            "local",
-            "--output",
-            "/dev/full",
-            "--on-write-error",
-            "stop",
-            "--no-progress",
-        ]
-    )
+    local = edge_argv(images, "--mode", "local", "--no-progress", config=CONFIG)
+    code = edge_cli.main([*local, "--output", "/dev/full", "--on-write-error", "stop"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == edge_cli.EXIT_WRITE_ERROR == 4
     assert len(err) == 1 and "/dev/full: cannot write records" in err[0] and "Traceback" not in err[0]
-    code = edge_cli.main(
-        [
-            "--images",
-            str(images),
-            "--config",
-            CONFIG,
-            "--random-weights",
-            "0",
-            "--mode",
-            "local",
-            "--output",
-            str(tmp_path),
-            "--no-progress",
-        ]
-    )
+    code = edge_cli.main([*local, "--output", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "is a folder" in err[0]
 
