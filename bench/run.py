@@ -22,7 +22,7 @@ from hnd.edge.pipeline import EdgeOptions
 from hnd.bench.agreement import add_agreement
 from hnd.bench.frames import MIXED_SEED, MIXED_SIZE, load_frames, mixed_frames
 from hnd.bench.linkmodel import CROSSOVER_MBIT, FORMULA, SWEEP_MBIT, crossovers
-from hnd.bench.measure import Measured, apply_server_profile, measure, pool_compute, serving
+from hnd.bench.measure import Measured, Sample, apply_server_profile, measure, pool_compute, serving
 from hnd.bench.plan import PROG, BenchOptions, Plan, Setting, all_settings, plan
 from hnd.bench.report import machine_info, plot_bytes, plot_latency, render_markdown
 from hnd.bench.summary import BenchResult, FrameInfo, MixedInfo, RunInfo, Sweep, envelopes, summarize, to_json, wire_p50
@@ -78,15 +78,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     p = plan(o, out)
     load_before = [round(v, 2) for v in os.getloadavg()]
-    if o.server_profile:
-        p.notes.append(
-            "server compute replaced by --server-profile "
-            + ", ".join(f"{k} {v:g} ms" for k, v in o.server_profile.items())
-            + " in the link model (decode, queue and "
-            "response encoding as measured; measured e2e and *_raw stay this machine's)"
-        )
-    for note in p.notes:
-        print(f"{PROG}: {note}", file=sys.stderr)
+    _announce(o, p)
     cfg = load_config(p.config_path)
     model = build_model_from_config(p.model, cfg.path)
     frames = _frames(o, p, out)
@@ -100,11 +92,42 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
         apply_server_profile(settings, samples, o.server_profile)
 
     rows = [summarize(s, samples[s.key], p.links, frames.labels, requests.get(s.key)) for s in settings]
-    mbits = np.geomspace(CROSSOVER_MBIT[0], CROSSOVER_MBIT[1], 2000)
-    curves, best = envelopes(settings, samples, mbits, o.sweep_rtt_ms)
-    marks = crossovers(best, mbits)
-    shown = (mbits >= SWEEP_MBIT[0]) & (mbits <= SWEEP_MBIT[1])
-    run = RunInfo(
+    links = LinkCurves.of(settings, samples, o.sweep_rtt_ms)
+    run = _run_info(o, p, out, frames, settings, server_desc, reference_counts)
+    sweep = links.sweep(settings)
+    machine = {**machine_info(), "loadavg_at_start": load_before}
+    result = to_json(BenchResult(machine=machine, run=run, results=rows, records=records, sweep=sweep))
+    write_outputs(result, out)
+    links.plot(settings, samples, out / "latency_vs_bandwidth.png")
+    for name in OUTPUTS:
+        (out / name).chmod(0o644)  # atomic writes create 0600 temp files; results are for sharing
+    return result
+
+
+def _announce(o: BenchOptions, p: Plan) -> None:
+    """Prints the plan's notes (with one for --server-profile, added to them) to stderr."""
+    if o.server_profile:
+        p.notes.append(
+            "server compute replaced by --server-profile "
+            + ", ".join(f"{k} {v:g} ms" for k, v in o.server_profile.items())
+            + " in the link model (decode, queue and "
+            "response encoding as measured; measured e2e and *_raw stay this machine's)"
+        )
+    for note in p.notes:
+        print(f"{PROG}: {note}", file=sys.stderr)
+
+
+def _run_info(
+    o: BenchOptions,
+    p: Plan,
+    out: Path,
+    frames: Frames,
+    settings: list[Setting],
+    server_desc: str,
+    reference_counts: list[int],
+) -> RunInfo:
+    """What ran (config, weights, server, links, frames, settings) for the outputs."""
+    return RunInfo(
         config=p.config,
         weights=("seeded random, seed " + p.weights[1])
         if p.random
@@ -128,44 +151,62 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
         filter=p.filter,
         settings=[s.key for s in settings],
     )
-    sweep = Sweep(
-        rtt_ms=o.sweep_rtt_ms,
-        mbit=mbits[shown][::5].tolist(),
-        best={k: v[shown][::5].tolist() for k, v in best.items()},
-        crossovers=marks,
-        split_vs_best_offload={
-            s.key: crossovers({s.key: curves[s.key], "best offload": best["best offload"]}, mbits)
-            for s in settings
-            if s.mode == "split"
-        },
-    )
-    result = to_json(
-        BenchResult(
-            machine={**machine_info(), "loadavg_at_start": load_before},
-            run=run,
-            results=rows,
-            records=records,
-            sweep=sweep,
+
+
+@dataclass
+class LinkCurves:
+    """Modelled latency against link bandwidth at ``rtt_ms``: each setting's curve and the best of each mode,
+    over ``mbits`` (the crossover grid; ``shown``: the part the outputs sweep), and where the best changes
+    (``marks``)."""
+
+    rtt_ms: float
+    mbits: np.ndarray
+    shown: np.ndarray  # bool mask over mbits
+    curves: dict[str, np.ndarray]
+    best: dict[str, np.ndarray]
+    marks: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, settings: list[Setting], samples: dict[str, list[Sample]], rtt_ms: float) -> LinkCurves:
+        mbits = np.geomspace(CROSSOVER_MBIT[0], CROSSOVER_MBIT[1], 2000)
+        curves, best = envelopes(settings, samples, mbits, rtt_ms)
+        marks = crossovers(best, mbits)
+        shown = (mbits >= SWEEP_MBIT[0]) & (mbits <= SWEEP_MBIT[1])
+        return cls(rtt_ms, mbits, shown, curves, best, marks)
+
+    def sweep(self, settings: list[Setting]) -> Sweep:
+        """The JSON's sweep: every 5th shown grid point, the crossovers, and each split setting's against the
+        best offload."""
+        shown, mbits = self.shown, self.mbits
+        return Sweep(
+            rtt_ms=self.rtt_ms,
+            mbit=mbits[shown][::5].tolist(),
+            best={k: v[shown][::5].tolist() for k, v in self.best.items()},
+            crossovers=self.marks,
+            split_vs_best_offload={
+                s.key: crossovers({s.key: self.curves[s.key], "best offload": self.best["best offload"]}, mbits)
+                for s in settings
+                if s.mode == "split"
+            },
         )
-    )
-    write_outputs(result, out)
-    wire = {
-        s.key: wire_p50(samples[s.key], mbits[shown], o.sweep_rtt_ms)
-        for s in settings
-        if s.mode != "local" and not s.filtered
-    }
-    plot_latency(
-        {k: v[shown] for k, v in curves.items()},
-        {k: v[shown] for k, v in best.items()},
-        wire,
-        mbits[shown],
-        [c for c in marks if SWEEP_MBIT[0] <= c["mbit"] <= SWEEP_MBIT[1]],
-        o.sweep_rtt_ms,
-        out / "latency_vs_bandwidth.png",
-    )
-    for name in OUTPUTS:
-        (out / name).chmod(0o644)  # atomic writes create 0600 temp files; results are for sharing
-    return result
+
+    def plot(self, settings: list[Setting], samples: dict[str, list[Sample]], path: Path) -> None:
+        """latency_vs_bandwidth.png over the shown range, with each sent setting's link share alone."""
+        shown = self.shown
+        wire = {
+            s.key: wire_p50(samples[s.key], self.mbits[shown], self.rtt_ms)
+            for s in settings
+            if s.mode != "local" and not s.filtered
+        }
+        plot_latency(
+            {k: v[shown] for k, v in self.curves.items()},
+            {k: v[shown] for k, v in self.best.items()},
+            wire,
+            self.mbits[shown],
+            [c for c in self.marks if SWEEP_MBIT[0] <= c["mbit"] <= SWEEP_MBIT[1]],
+            self.rtt_ms,
+            path,
+        )
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
