@@ -35,8 +35,13 @@ def frames(count: int = 3, seed: int = 0, sizes=((120, 150), (200, 100), (90, 90
 
 def write_frames(folder: Path, count: int, name: str = "{i:03d}.png") -> Path:
     """``frames(count)`` as image files named ``name.format(i=...)`` in ``folder`` (made here); returns it."""
+    return write_images(folder, frames(count), name)
+
+
+def write_images(folder: Path, images: list[np.ndarray], name: str = "{i:03d}.png") -> Path:
+    """RGB ``images`` as image files named ``name.format(i=...)`` in ``folder`` (made here); returns it."""
     folder.mkdir()
-    for i, img in enumerate(frames(count)):
+    for i, img in enumerate(images):
         cv2.imwrite(str(folder / name.format(i=i)), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     return folder
 

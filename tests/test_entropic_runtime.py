@@ -23,6 +23,7 @@ from runtime_support import (
     frames,
     run_edge,
     serving,
+    write_images,
 )
 
 INFER = "/hnd.v1.SplitInference/Infer"
@@ -239,21 +240,13 @@ def test_rate_bench_codes_entropic_students_with_their_prior(model, tmp_path):
     rows = {r.name: r for r in run_sweep(model, images, settings, score=0.0)}
     learned = rows["learned entropy coding, native"]
     assert learned.f1 == 1.0 and learned.bytes_per_frame > 0
-    folder = tmp_path / "frames"
-    folder.mkdir()
-    import cv2
-
-    for i, img in enumerate(images):
-        cv2.imwrite(str(folder / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    folder = write_images(tmp_path / "frames", images, "{i}.png")
+    rate = ["--rate-accuracy", "--config", "test/faster_rcnn-entropic-b24ch", "--images", str(folder)]
     out = tmp_path / "ra"
     assert (
         cli.main(
             [
-                "--rate-accuracy",
-                "--config",
-                "test/faster_rcnn-entropic-b24ch",
-                "--images",
-                str(folder),
+                *rate,
                 "--frames",
                 "2",
                 "--jpeg-quality",
@@ -274,19 +267,4 @@ def test_rate_bench_codes_entropic_students_with_their_prior(model, tmp_path):
 
     names = [r["name"] for r in json.loads((out / "rate_accuracy.json").read_text())["rows"]]
     assert names[:2] == ["local, native", "learned entropy coding, native"]
-    assert (
-        cli.main(
-            [
-                "--rate-accuracy",
-                "--config",
-                "test/faster_rcnn-entropic-b24ch",
-                "--images",
-                str(folder),
-                "--bits",
-                "8",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert cli.main([*rate, "--bits", "8", "--out", str(out)]) == 2

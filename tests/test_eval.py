@@ -104,14 +104,19 @@ def test_evaluate_random_student_and_split_paths(data):
     assert not (a["boxes"].shape == c["boxes"].shape and torch.equal(a["boxes"], c["boxes"]))
 
 
-def test_hnd_eval_cli(data, tmp_path, capsys):
-    root, det, _ = data
-    cfg = write_config(
+def _det_config(data, tmp_path):
+    """The tiny Faster R-CNN config on the synthetic detection set (4 classes, 128 px)."""
+    root, _, _ = data
+    return write_config(
         "test/faster_rcnn-b3ch",
         root / "det",
         tmp_path / "c.yaml",
         model={"num_classes": 4, "params": {"min_size": 128, "max_size": 128}},
     )
+
+
+def test_hnd_eval_cli(data, tmp_path, capsys):
+    cfg = _det_config(data, tmp_path)
     out = tmp_path / "m.json"
     assert main(["--config", str(cfg), "--bits", "4", "--granularity", "channel", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -151,13 +156,7 @@ def test_hnd_eval_errors(data, tmp_path, capsys):
 def test_hnd_eval_precision(data, tmp_path, capsys):
     """--precision runs the tail as hnd-server --precision does: bf16 on CPU differs from fp32 (it ran) and
     is reported; fp16 needs CUDA and is refused in one line."""
-    root, det, _ = data
-    cfg = write_config(
-        "test/faster_rcnn-b3ch",
-        root / "det",
-        tmp_path / "c.yaml",
-        model={"num_classes": 4, "params": {"min_size": 128, "max_size": 128}},
-    )
+    cfg = _det_config(data, tmp_path)
     out = tmp_path / "m.json"
     assert main(["--config", str(cfg), "--precision", "bf16", "--output", str(out)]) == 0
     assert "head -> tail (bf16 dense part)" in capsys.readouterr().out
