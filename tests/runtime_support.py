@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -208,6 +209,13 @@ def torch_free_edge(server, config: str, head, images, *extra: str) -> subproces
     return subprocess.run(
         [sys.executable, "-c", NO_TORCH, *argv], check=False, capture_output=True, text=True, timeout=300
     )
+
+
+def torch_free_records(server, config: str, head, images, out: Path, *extra: str) -> list[dict]:
+    """:func:`torch_free_edge` with ``--output out``: it must exit 0; returns the records it wrote."""
+    run = torch_free_edge(server, config, head, images, *extra, "--output", str(out))
+    assert run.returncode == 0, run.stderr
+    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def one_line_error(run: subprocess.CompletedProcess) -> str:

@@ -3,12 +3,11 @@ resolution, and one-line refusals (other model, corrupt file, no metadata, missi
 
 from __future__ import annotations
 
-import json
 
 import onnx
 import pytest
 import torch
-from runtime_support import export_onnx_files, frames, one_line_error, serving, torch_free_edge
+from runtime_support import export_onnx_files, frames, one_line_error, serving, torch_free_edge, torch_free_records
 
 from hnd.common import codec, wire
 from hnd.common.split import split_model
@@ -35,10 +34,7 @@ def files(tmp_path_factory, model):
 
 
 def test_edge_runs_without_torch_and_equals_the_in_process_path(server, files, model, tmp_path):
-    out = tmp_path / "r.jsonl"
-    run = torch_free_edge(server, CONFIG, files["head"], files["images"], "--output", str(out))
-    assert run.returncode == 0, run.stderr
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    records = torch_free_records(server, CONFIG, files["head"], files["images"], tmp_path / "r.jsonl")
     assert [r["status"] for r in records] == ["OK", "OK"]
     # In process: the same ONNX head and codec, then the server's tail, through the wire's format.
     onnx_head = OnnxHead(files["head"], threads=1)
@@ -57,11 +53,9 @@ def test_edge_runs_without_torch_and_equals_the_in_process_path(server, files, m
 def test_native_resolution_split(server, files, tmp_path):
     """--min-size / --max-size: frames split at their own size, accepted within the server's limits."""
     out = tmp_path / "r.jsonl"
-    run = torch_free_edge(
-        server, CONFIG, files["head"], files["images"], "--min-size", "96", "--max-size", "128", "--output", str(out)
+    records = torch_free_records(
+        server, CONFIG, files["head"], files["images"], out, "--min-size", "96", "--max-size", "128"
     )
-    assert run.returncode == 0, run.stderr
-    records = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["status"] == "OK" for r in records)
     small = OnnxHead(files["head"], min_size=96, max_size=128)
     assert records[0]["bytes"]["payload"] == len(codec.encode(small([frames(1)[0]])[0].bottleneck, 8).payload)

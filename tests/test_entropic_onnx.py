@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from runtime_support import export_onnx_files, frames, one_line_error, serving, torch_free_edge
+from runtime_support import export_onnx_files, frames, one_line_error, serving, torch_free_edge, torch_free_records
 
 from hnd.bench.agreement import match_f1
 from hnd.common import codec, entropy_coder, wire
@@ -148,10 +148,7 @@ def server(model):
 
 
 def test_torch_free_edge_codes_for_the_entropic_server(server, files, model, tmp_path):
-    out = tmp_path / "r.jsonl"
-    run = torch_free_edge(server, CONFIG, files["head"], files["images"], "--output", str(out))
-    assert run.returncode == 0, run.stderr
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    records = torch_free_records(server, CONFIG, files["head"], files["images"], tmp_path / "r.jsonl")
     assert [r["status"] for r in records] == ["OK", "OK"]
     ort = OnnxHead(files["head"], threads=1)
     head, tail = split_model(model)
