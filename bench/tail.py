@@ -57,16 +57,14 @@ def run(
     seed: int = 0,
     score: float = 0.5,
 ) -> dict[str, Any]:
+    """Every option of ``options`` x batch size of ``batches`` (defaults: ``DEFAULT_OPTIONS``, 1, 2, 4, 8) on the
+    config's seeded model; returns {config, device, torch, frame, padded_size, photos, score, rows}, a row per
+    option: its agreement with the first option's detections and ms / images/s per batch size, or "refused"."""
     import copy
 
-    import cv2
-
-    from hnd.bench.agreement import detection_agreement
-    from hnd.common.config import load_config, with_weights
     from hnd.common.build import build_model_from_config
-    from hnd.common.split import SplitMeta, split_model
-    from hnd.edge.capture import sample_images
-    from hnd.edge.torch_modes import to_tensor
+    from hnd.common.config import load_config, with_weights
+    from hnd.common.split import split_model
     from hnd.server.accel import build_tail, check_options
 
     dev = torch.device(device)
@@ -74,21 +72,7 @@ def run(
     batches = batches or [1, 2, 4, 8]
     cfg = load_config(config)
     model = build_model_from_config(with_weights(cfg.model, None, seed), cfg.path).to(dev).eval()
-    head, _ = split_model(model)
-    photos = [to_tensor(cv2.resize(img, (frame[1], frame[0]))).to(dev) for img in sample_images()[0]]
-    pairs = [head([p]) for p in photos]
-    zs = [z for z, _ in pairs]
-    metas = [m for _, m in pairs]
-
-    def batch_of(b: int):
-        idx = [i % len(zs) for i in range(b)]
-        meta = SplitMeta(
-            tuple(metas[i].original_sizes[0] for i in idx),
-            tuple(metas[i].image_sizes[0] for i in idx),
-            metas[0].padded_size,
-        )
-        return torch.cat([zs[i] for i in idx]), meta
-
+    pairs = photo_bottlenecks(model, frame, dev)
     reference = None
     rows = []
     for text in options:
@@ -104,28 +88,9 @@ def run(
         _sync(dev)
         if reference is None:
             reference = dets
-        agree = [detection_agreement(r, d, 0.5, score) for r, d in zip(reference, dets)]
-        row: dict[str, Any] = {
-            "option": opts.summary(),
-            "f1_min": min(a["f1"] for a in agree),
-            "f1_mean": float(np.mean([a["f1"] for a in agree])),
-            "max_box_diff": max(a["max_box_diff"] for a in agree),
-            "max_score_diff": max(a["max_score_diff"] for a in agree),
-            "reference_detections": sum(a["reference"] for a in agree),
-            "batches": {},
-        }
+        row = {"option": opts.summary(), **agreement(reference, dets, score), "batches": {}}
         for b in batches:
-            z, meta = batch_of(b)
-            tail(z, meta)  # warm-up (and compilation)
-            _sync(dev)
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                tail(z, meta)
-                _sync(dev)
-                times.append((time.perf_counter() - t) * 1e3)
-            ms = float(np.median(times))
-            row["batches"][b] = {"ms": ms, "images_per_s": 1e3 * b / ms}
+            row["batches"][b] = time_batch(tail, batch_of(pairs, b), repeats, dev)
         rows.append(row)
         print(format_row(row), flush=True)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
@@ -134,11 +99,68 @@ def run(
         "device": name,
         "torch": torch.__version__,
         "frame": list(frame),
-        "padded_size": list(metas[0].padded_size),
-        "photos": len(photos),
+        "padded_size": list(pairs[0][1].padded_size),
+        "photos": len(pairs),
         "score": score,
         "rows": rows,
     }
+
+
+def photo_bottlenecks(model: torch.nn.Module, frame: tuple[int, int], dev: torch.device) -> list[tuple[Any, Any]]:
+    """(z [1, C, h, w], SplitMeta) of the model's head on each scikit-image photo resized to ``frame`` (H, W)."""
+    import cv2
+
+    from hnd.common.split import split_model
+    from hnd.edge.capture import sample_images
+    from hnd.edge.torch_modes import to_tensor
+
+    head, _ = split_model(model)
+    photos = [to_tensor(cv2.resize(img, (frame[1], frame[0]))).to(dev) for img in sample_images()[0]]
+    return [head([p]) for p in photos]
+
+
+def batch_of(pairs: list[tuple[Any, Any]], b: int) -> tuple[torch.Tensor, Any]:
+    """A batch of ``b`` bottlenecks ([b, C, h, w] and its SplitMeta), the photos' taken in turn."""
+    from hnd.common.split import SplitMeta
+
+    idx = [i % len(pairs) for i in range(b)]
+    metas = [pairs[i][1] for i in idx]
+    meta = SplitMeta(
+        tuple(m.original_sizes[0] for m in metas),
+        tuple(m.image_sizes[0] for m in metas),
+        pairs[0][1].padded_size,
+    )
+    return torch.cat([pairs[i][0] for i in idx]), meta
+
+
+def agreement(reference: list[dict], dets: list[dict], score: float) -> dict[str, Any]:
+    """Per-photo detections vs the reference's (IoU 0.5, cut at ``score``): F1 min / mean, largest box and
+    score differences, the reference's detection count."""
+    from hnd.bench.agreement import detection_agreement
+
+    agree = [detection_agreement(r, d, 0.5, score) for r, d in zip(reference, dets)]
+    return {
+        "f1_min": min(a["f1"] for a in agree),
+        "f1_mean": float(np.mean([a["f1"] for a in agree])),
+        "max_box_diff": max(a["max_box_diff"] for a in agree),
+        "max_score_diff": max(a["max_score_diff"] for a in agree),
+        "reference_detections": sum(a["reference"] for a in agree),
+    }
+
+
+def time_batch(tail, batch: tuple[torch.Tensor, Any], repeats: int, dev: torch.device) -> dict[str, float]:
+    """Median ms of ``tail`` on ``batch`` over ``repeats`` synchronised calls after a warm-up, and images/s."""
+    z, meta = batch
+    tail(z, meta)  # warm-up (and compilation)
+    _sync(dev)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        tail(z, meta)
+        _sync(dev)
+        times.append((time.perf_counter() - t) * 1e3)
+    ms = float(np.median(times))
+    return {"ms": ms, "images_per_s": 1e3 * z.shape[0] / ms}
 
 
 def format_row(r: dict[str, Any]) -> str:
