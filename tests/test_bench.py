@@ -295,12 +295,13 @@ def test_pooling_keeps_dropped_frames_free_of_server_time():
         assert samples[s.key][0].edge_ms == 1.0 + 4.0 + 2.0 and samples[s.key][0].server_ms == 0.0
 
 
-MIXED = 4
+MIXED = 2  # one frame with objects, one empty scene: the filter drops one of them
+HALF = MIXED // 2
 
 
 @pytest.fixture(scope="module")
 def quick_filter(tmp_path_factory):
-    """--quick on the tiny keypoint student with its (random) filter, 4 mixed frames, threshold at their median."""
+    """--quick on the tiny keypoint student with its (random) filter, MIXED mixed frames, threshold at their median."""
     from hnd.bench.frames import mixed_frames
     from hnd.common.config import load_config
     from hnd.common.build import build_model_from_config
@@ -324,12 +325,12 @@ def quick_filter(tmp_path_factory):
     assert cfg.model.params["box_detections_per_img"] == 4 and cfg.model.filter is not None
     head, _ = split_model(build_model_from_config(cfg.model, cfg.path))
     frames, _, labels = mixed_frames(MIXED, cfg.model.kind, tmp_path_factory.mktemp("frames"))
-    assert sorted(labels) == [False, False, True, True]  # half of them empty scenes
+    assert sorted(labels) == [False] * HALF + [True] * HALF  # half of them empty scenes
     with torch.inference_mode():
         probs = [float(head.filter_probability(head.stem(head.preprocess([to_tensor(f)])[0]))[0]) for f in frames]
     ordered = sorted(probs)
-    threshold = (ordered[1] + ordered[2]) / 2  # two frames below it, two above
-    assert ordered[1] < threshold < ordered[2]
+    threshold = (ordered[HALF - 1] + ordered[HALF]) / 2  # half of the frames below it, half above
+    assert ordered[HALF - 1] < threshold < ordered[HALF]
     out = tmp_path_factory.mktemp("bench-filter")
     run_bench(
         BenchOptions(quick=True, config=config, mixed=MIXED, filter_threshold=threshold, out=str(out), progress=False)
@@ -345,13 +346,18 @@ def test_quick_filter_rows_sit_next_to_the_plain_split_rows(quick_filter):
     assert [r["setting"] for r in filtered] == [r["setting"] + ", with filter" for r in plain]
     assert {"8-bit tensor, with filter", "4-bit tensor, with filter"} <= {r["setting"] for r in filtered}
     assert data["run"]["filter"]["threshold"] == threshold and data["run"]["filter"]["trained"] is False
-    assert [f["objects"] for f in data["run"]["frames"]].count(True) == 2
+    assert [f["objects"] for f in data["run"]["frames"]].count(True) == HALF
     dropped = [p < threshold for p in probs]
     for r in filtered:
         assert r["filter"]["probability"] == pytest.approx(probs, abs=1e-4)
         assert [f["filtered"] for f in r["frames"]] == dropped
-        assert (r["frames_sent"], r["frames_filtered"], r["filter"]["sent"], r["filter"]["filtered"]) == (2, 2, 2, 2)
-        assert r["filter"]["with_objects"]["filtered"] + r["filter"]["empty"]["filtered"] == 2
+        assert (r["frames_sent"], r["frames_filtered"], r["filter"]["sent"], r["filter"]["filtered"]) == (
+            HALF,
+            HALF,
+            HALF,
+            HALF,
+        )
+        assert r["filter"]["with_objects"]["filtered"] + r["filter"]["empty"]["filtered"] == HALF
     for r in plain:  # without the filter every frame went to the server
         assert (r["frames_sent"], r["frames_filtered"]) == (MIXED, 0)
         assert all(f["filtered"] is None for f in r["frames"])
@@ -396,7 +402,7 @@ def test_quick_filter_server_answered_only_the_sent_frames(quick_filter):
             assert r["server_requests"] == 0
         else:  # the server's own count (hnd_requests_total), read around each run
             assert r["server_requests"] == r["frames_sent"]
-    assert sum(r["server_requests"] for r in data["results"] if r["filter"]) == 2 * sum(
+    assert sum(r["server_requests"] for r in data["results"] if r["filter"]) == HALF * sum(
         1 for r in data["results"] if r["filter"]
     )
 
