@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from hnd.common.config import (
+    Config,
     ConfigError,
     ModelConfig,
     check_filter_threshold_flag,
@@ -207,65 +208,12 @@ class Plan:
 
 def plan(o: BenchOptions, out: Path) -> Plan:
     """Apply defaults (--quick, no --config) and write the config the server will load."""
-    notes = []
-    config = o.config or (QUICK_CONFIG if o.quick else DEFAULT_CONFIG)
-    random_weights = o.random_weights
-    if o.config is None and o.checkpoint is None and random_weights is None:
-        random_weights = 0
-        notes.append(f"No --config given: {config} with seeded random weights (--random-weights 0).")
-    cfg = load_config(config)
-    model_cfg = with_weights(cfg.model, o.checkpoint, random_weights)
-    if model_cfg.bottleneck_channels is None:
-        raise ConfigError(f"{cfg.path}: model is a teacher (no bottleneck); hnd-bench needs a student")
-    random = model_cfg.checkpoint is None and model_cfg.weights_url is None
-    if random and model_cfg.random_weights is None:
-        raise ConfigError(f"{cfg.path}: the model has no weights: pass --checkpoint or --random-weights SEED")
-    data = yaml.safe_load(Path(resolve_config_path(config)).read_text())
-    flt = model_cfg.filter
-    if o.filter_threshold is not None:
-        check_filter_threshold_flag(o.filter_threshold, cfg)
-        if o.no_filter:
-            raise ConfigError("--filter-threshold and --no-filter contradict each other")
-    filter_info = None
-    if flt is not None and not o.no_filter:
-        if flt.checkpoint is not None:
-            # The server subprocess reads the derived config from the output folder: an absolute path.
-            data["model"]["filter"]["checkpoint"] = str(Path(flt.checkpoint).resolve())
-            weights_text, trained = f"trained, from {flt.checkpoint}", True
-        elif not random:
-            weights_text, trained = "from the model checkpoint", True
-        else:
-            weights_text, trained = f"seeded random (seed {model_cfg.random_weights}), like the detector", False
-        threshold = o.filter_threshold if o.filter_threshold is not None else flt.threshold
-        filter_info = FilterPlan(
-            threshold=threshold,
-            threshold_from="--filter-threshold" if o.filter_threshold is not None else "the config",
-            weights=weights_text,
-            trained=trained,
-        )
-        if trained:
-            notes.append(
-                f"Neural filter at threshold {threshold:g} ({filter_info.threshold_from}), weights "
-                f"{weights_text}: its decisions are a trained classifier's; bytes and time of the "
-                "dropped frames are real."
-                + (" The detector's weights are random, so detections of the sent frames are not." if random else "")
-            )
-        else:
-            notes.append(
-                f"Neural filter at threshold {threshold:g} ({filter_info.threshold_from}) with random "
-                "weights: which frames it drops says nothing about what they show. The filter rows "
-                "measure the mechanics: what a dropped frame costs (bytes, edge time) and what the "
-                "averages become at that drop rate."
-            )
+    notes: list[str] = []
+    config, cfg, model_cfg, random = _resolve_model(o, notes)
+    data = yaml.safe_load(Path(resolve_config_path(config)).read_text())  # becomes the server's config
+    filter_info = _plan_filter(o, cfg, model_cfg, random, data, notes)
     if random:
-        notes.append(
-            f"Random weights (seed {model_cfg.random_weights}): bytes and latency are real, detections "
-            "are not; agreement only measures how much quantization moves the outputs, with the score "
-            "threshold at 0 so that there are detections to compare."
-        )
-        # Untrained heads score every box ~1/num_classes: keep them all so agreement has something to compare.
-        data["model"].setdefault("params", {})["box_score_thresh"] = 0.0
-        model_cfg = dataclasses.replace(model_cfg, params={**model_cfg.params, "box_score_thresh": 0.0})
+        model_cfg = _keep_every_box(model_cfg, data, notes)
     derived = out / "bench-config.yaml"
     atomic_write_text(derived, yaml.safe_dump(data, sort_keys=False))
     weights = (
@@ -292,3 +240,80 @@ def plan(o: BenchOptions, out: Path) -> Plan:
         threads=o.threads or half,
         filter=filter_info,
     )
+
+
+def _resolve_model(o: BenchOptions, notes: list[str]) -> tuple[str, Config, ModelConfig, bool]:
+    """(config name, the loaded config, its model with the given weights, whether they are random); without
+    --config and weights, the default config with seeded random weights (a note says so). ConfigError for a
+    teacher or a model without weights."""
+    config = o.config or (QUICK_CONFIG if o.quick else DEFAULT_CONFIG)
+    random_weights = o.random_weights
+    if o.config is None and o.checkpoint is None and random_weights is None:
+        random_weights = 0
+        notes.append(f"No --config given: {config} with seeded random weights (--random-weights 0).")
+    cfg = load_config(config)
+    model_cfg = with_weights(cfg.model, o.checkpoint, random_weights)
+    if model_cfg.bottleneck_channels is None:
+        raise ConfigError(f"{cfg.path}: model is a teacher (no bottleneck); hnd-bench needs a student")
+    random = model_cfg.checkpoint is None and model_cfg.weights_url is None
+    if random and model_cfg.random_weights is None:
+        raise ConfigError(f"{cfg.path}: the model has no weights: pass --checkpoint or --random-weights SEED")
+    return config, cfg, model_cfg, random
+
+
+def _plan_filter(
+    o: BenchOptions, cfg: Config, model_cfg: ModelConfig, random: bool, data: dict, notes: list[str]
+) -> FilterPlan | None:
+    """The "with filter" rows' filter (None: the model has none, or --no-filter), with a note on what its
+    decisions mean; its checkpoint is made absolute in ``data`` (the server's config). ConfigError for a
+    --filter-threshold the config cannot take, or one given with --no-filter."""
+    flt = model_cfg.filter
+    if o.filter_threshold is not None:
+        check_filter_threshold_flag(o.filter_threshold, cfg)
+        if o.no_filter:
+            raise ConfigError("--filter-threshold and --no-filter contradict each other")
+    if flt is None or o.no_filter:
+        return None
+    if flt.checkpoint is not None:
+        # The server subprocess reads the derived config from the output folder: an absolute path.
+        data["model"]["filter"]["checkpoint"] = str(Path(flt.checkpoint).resolve())
+        weights_text, trained = f"trained, from {flt.checkpoint}", True
+    elif not random:
+        weights_text, trained = "from the model checkpoint", True
+    else:
+        weights_text, trained = f"seeded random (seed {model_cfg.random_weights}), like the detector", False
+    threshold = o.filter_threshold if o.filter_threshold is not None else flt.threshold
+    filter_info = FilterPlan(
+        threshold=threshold,
+        threshold_from="--filter-threshold" if o.filter_threshold is not None else "the config",
+        weights=weights_text,
+        trained=trained,
+    )
+    if trained:
+        notes.append(
+            f"Neural filter at threshold {threshold:g} ({filter_info.threshold_from}), weights "
+            f"{weights_text}: its decisions are a trained classifier's; bytes and time of the "
+            "dropped frames are real."
+            + (" The detector's weights are random, so detections of the sent frames are not." if random else "")
+        )
+    else:
+        notes.append(
+            f"Neural filter at threshold {threshold:g} ({filter_info.threshold_from}) with random "
+            "weights: which frames it drops says nothing about what they show. The filter rows "
+            "measure the mechanics: what a dropped frame costs (bytes, edge time) and what the "
+            "averages become at that drop rate."
+        )
+    return filter_info
+
+
+def _keep_every_box(model_cfg: ModelConfig, data: dict, notes: list[str]) -> ModelConfig:
+    """Random weights: score threshold 0 on both sides (``data``, the server's config, and the returned edge
+    model), and a note saying what the run then measures."""
+    notes.append(
+        f"Random weights (seed {model_cfg.random_weights}): bytes and latency are real, detections "
+        "are not; agreement only measures how much quantization moves the outputs, with the score "
+        "threshold at 0 so that there are detections to compare."
+    )
+    # Untrained heads score every box ~1/num_classes: keep them all so agreement has something to compare.
+    data["model"].setdefault("params", {})["box_score_thresh"] = 0.0
+    return dataclasses.replace(model_cfg, params={**model_cfg.params, "box_score_thresh": 0.0})
