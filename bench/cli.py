@@ -94,13 +94,10 @@ from hnd.bench.plan import (
     QUICK_FRAMES,
     BenchOptions,
     add_agreement_score_argument,
+    parse_numbers,
 )
 from hnd.bench.report import render_markdown
 from hnd.bench.run import run_bench
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
-    bits = _ints(args.bits)
+    bits = parse_numbers(args.bits, "--bits")
     bad = [b for b in bits if b not in codec.BITS]
     if not bits or bad:
         raise UsageError(f"--bits: {bad or args.bits!r} not in {codec.BITS}")

@@ -25,6 +25,7 @@ from hnd.common.config import (
     resolve_config_path,
     with_weights,
 )
+from hnd.common.errors import UsageError
 from hnd.common.files import atomic_write_text
 from hnd.edge.pipeline import EdgeOptions
 
@@ -50,6 +51,14 @@ def agreement_score(given: float | None, random_weights: bool) -> float:
     if given is not None:
         return given
     return 0.0 if random_weights else DEFAULT_AGREEMENT_SCORE
+
+
+def parse_numbers(text: str, flag: str, kind: type = int) -> list:
+    """``--flag 8,4,2`` -> [8, 4, 2] (UsageError naming the flag when a value is not a number)."""
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated {kind.__name__}s, got {text!r}") from None
 
 
 def add_agreement_score_argument(parser: argparse.ArgumentParser) -> None:

@@ -57,7 +57,7 @@ from hnd.common.video import VideoDecoder, VideoEncoder, VideoSettings, availabl
 from hnd.edge.pipeline import to_tensor
 
 from hnd.bench.agreement import match_f1
-from hnd.bench.plan import add_agreement_score_argument, agreement_score
+from hnd.bench.plan import add_agreement_score_argument, agreement_score, parse_numbers
 
 PROG = "hnd-bench --rate-accuracy"
 FAMILIES = ("split intra", "split temporal", "JPEG", "WebP", "H.264", "HEVC", "local")
@@ -421,14 +421,6 @@ def plot(rows: list[RateRow], path: Path, title: str) -> None:
 # CLI
 
 
-def _numbers(text: str, flag: str, kind: type = int) -> list:
-    """``--flag 8,4,2`` -> [8, 4, 2] (UsageError naming the flag when a value is not a number)."""
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{flag}: expected comma-separated {kind.__name__}s, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--rate-accuracy", action="store_true", help=argparse.SUPPRESS)
@@ -531,7 +523,7 @@ def sweep_from_args(args: argparse.Namespace, cfg: Any) -> list[RateSetting]:
     turns the default --bits into its one learned setting."""
     if args.frames < 1 or args.key_interval < 1 or not 0 <= args.max_clamped <= 1:
         raise UsageError("--frames and --key-interval must be >= 1, --max-clamped in [0, 1]")
-    bits = _numbers(args.bits, "--bits")
+    bits = parse_numbers(args.bits, "--bits")
     if not bits or not set(bits) <= {codec.LEARNED_BITS, *codec.BITS}:
         raise UsageError(
             f"--bits: expected values of {codec.BITS} (or 0: an Entropic Student's learned coding), got {args.bits!r}"
@@ -553,10 +545,10 @@ def sweep_from_args(args: argparse.Namespace, cfg: Any) -> list[RateSetting]:
         grans,
         codings,
         parse_sizes(args.sizes),
-        _numbers(args.jpeg_quality, "--jpeg-quality"),
-        _numbers(args.webp_quality, "--webp-quality"),
-        _numbers(args.crf, "--crf", float),
-        _numbers(args.hevc_crf, "--hevc-crf", float),
+        parse_numbers(args.jpeg_quality, "--jpeg-quality"),
+        parse_numbers(args.webp_quality, "--webp-quality"),
+        parse_numbers(args.crf, "--crf", float),
+        parse_numbers(args.hevc_crf, "--hevc-crf", float),
     )
     return settings
 

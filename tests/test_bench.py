@@ -85,6 +85,9 @@ def test_default_split_settings_are_tensor_everywhere_plus_channel_at_8():
 def test_cli_refuses_a_bad_link_before_building_anything(tmp_path, capsys):
     assert main(["--quick", "--links", "wifi=fast", "--out", str(tmp_path)]) == 2
     assert "bad link" in capsys.readouterr().err
+    # --bits is read like --rate-accuracy's lists: a value that is not a number is one line, not a traceback.
+    assert main(["--quick", "--bits", "x,4", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "hnd-bench: error: --bits: expected comma-separated ints, got 'x,4'"
 
 
 # --- one --quick run -------------------------------------------------------------------------------
