@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -798,7 +799,7 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hnd.bench.overhead", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--seed", type=int, default=0, help="seeded random weights (both sides)")
@@ -835,26 +836,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--max-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--offload-decode-bytes", default="-1", help=argparse.SUPPRESS)  # -1 default, none: never
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.serve == "floor":
-        asyncio.run(_serve_floor(args.port, args.reply_bytes))
-        return 0
-    if args.serve and args.serve.startswith("ladder-"):
-        asyncio.run(_serve_ladder(args.port, args.serve.split("-", 1)[1], args.config, args.seed, args.detections))
-        return 0
-    if args.serve == "hnd":
-        asyncio.run(
-            _serve_hnd(
-                args.port,
-                args.config,
-                args.seed,
-                args.tail,
-                args.detections,
-                args.max_batch,
-                args.max_delay_ms,
-                None if args.offload_decode_bytes == "none" else int(args.offload_decode_bytes),
-            )
-        )
+    if args.serve:  # a child process: serve until terminated
+        asyncio.run(_child_server(args))
         return 0
     try:
         h, w = (int(v) for v in args.frame.lower().split("x"))
@@ -884,6 +873,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         atomic_write_json(args.json, result)
     return 0
+
+
+def _child_server(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
+    """The server ``--serve`` names (floor, hnd or a ladder rung), to run on an event loop."""
+    if args.serve == "floor":
+        return _serve_floor(args.port, args.reply_bytes)
+    if args.serve.startswith("ladder-"):
+        return _serve_ladder(args.port, args.serve.split("-", 1)[1], args.config, args.seed, args.detections)
+    offload = None if args.offload_decode_bytes == "none" else int(args.offload_decode_bytes)
+    return _serve_hnd(
+        args.port,
+        args.config,
+        args.seed,
+        args.tail,
+        args.detections,
+        args.max_batch,
+        args.max_delay_ms,
+        offload,
+    )
 
 
 if __name__ == "__main__":
