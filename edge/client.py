@@ -19,7 +19,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
@@ -28,7 +27,7 @@ from hnd.common.meta import FingerprintMismatch, check_fingerprint
 from hnd.edge.diagnose import describe_failure
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import split_inference_pb2_grpc as pb_grpc
-from hnd.common.channel import REPLICA_KEY, WEIGHTS_KEY, channel_options
+from hnd.common.channel import REPLICA_KEY, WEIGHTS_KEY, channel_options, client_channel
 
 log = logging.getLogger("hnd.edge")
 
@@ -167,14 +166,7 @@ class SplitClient:
         ]
         if s.tls_server_name:
             options.append(("grpc.ssl_target_name_override", s.tls_server_name))
-        if s.tls_ca or s.tls_cert:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(s.tls_ca).read_bytes() if s.tls_ca else None,
-                private_key=Path(s.tls_key).read_bytes() if s.tls_key else None,
-                certificate_chain=Path(s.tls_cert).read_bytes() if s.tls_cert else None,
-            )
-            return grpc.secure_channel(s.target, creds, options=options)
-        return grpc.insecure_channel(s.target, options=options)
+        return client_channel(s.target, s.tls_ca, s.tls_cert, s.tls_key, options)
 
     def model_info(self) -> pb.ModelInfo:
         """GetModelInfo, waiting up to connect_timeout_s for the server to come up."""

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hnd.common.channel import client_channel
 from hnd.server.service import SERVICE_NAME
 
 
@@ -27,16 +27,7 @@ def check(
 
     tls_cert / tls_key: a client certificate, for servers that require mutual TLS.
     """
-    if tls_ca or tls_cert:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
-            private_key=Path(tls_key).read_bytes() if tls_key else None,
-            certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
-        )
-        channel = grpc.secure_channel(target, creds)
-    else:
-        channel = grpc.insecure_channel(target)
-    with channel:
+    with client_channel(target, tls_ca, tls_cert, tls_key) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
