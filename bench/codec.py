@@ -85,6 +85,7 @@ def entropy_bytes(symbols: np.ndarray) -> float:
 
 
 def median_ms(fn, repeats: int) -> float:
+    """The median wall time of ``repeats`` calls of ``fn``, in ms."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -20,9 +20,7 @@ of the 640x480 frame from each runtime next to torch eager's (the torch edge's).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 
 from hnd.bench.codec import cpu_name
+from hnd.bench.codec import median_ms as codec_median_ms
 from hnd.common import codec, entropy_coder
 from hnd.common.checkpoint import fingerprint
 from hnd.common.build import build_model_from_config
@@ -71,13 +70,9 @@ class Results:
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up (ORT plans, torch allocator)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    """:func:`hnd.bench.codec.median_ms` after one warm-up call (ORT plans, torch allocator)."""
+    fn()
+    return codec_median_ms(fn, repeats)
 
 
 def frames() -> dict[str, np.ndarray]:
