@@ -185,9 +185,20 @@ def _filter_section(result: dict[str, Any]) -> list[str]:
     filtered = [r for r in rows if r.get("filter")]
     if not filtered:
         return []
-    flt = run["filter"]
     by = {(r["mode"], r["setting"]): r for r in rows}
-    labelled = "with_objects" in filtered[0]["filter"]
+    labelled = "with_objects" in filtered[0]["filter"]  # synthetic frames say which hold objects
+    lines = _filter_intro(run["filter"])
+    head = _filter_head(links, labelled)
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in filtered:
+        plain = by.get((r["mode"], r["setting"][: -len(FILTER_SUFFIX)]))
+        for row in ([plain] if plain else []) + [r]:
+            lines.append("| " + " | ".join(_filter_cells(row, links, labelled)) + " |")
+    return lines + ["", _filter_probabilities(run["frames"], filtered[0]["filter"]["probability"], labelled)]
+
+
+def _filter_intro(flt: dict[str, Any]) -> list[str]:
+    """The section's heading and what its columns count; a warning when the filter's weights are random."""
     lines = [
         "",
         "## With the neural filter",
@@ -201,6 +212,11 @@ def _filter_section(result: dict[str, Any]) -> list[str]:
     ]
     if not flt["trained"]:
         lines += ["**The filter has random weights: which frames it drops says nothing about what they show.**", ""]
+    return lines
+
+
+def _filter_head(links: list[dict[str, Any]], labelled: bool) -> list[str]:
+    """The filter table's column names: per-frame counts and bytes, then two latency columns per link."""
     head = ["setting", "frames sent / filtered"]
     if labelled:
         head.append("filtered: with objects / empty")
@@ -213,33 +229,35 @@ def _filter_section(result: dict[str, Any]) -> list[str]:
     ]
     for link in links:
         head += [f"{link['name']} e2e ms mean / p50 / p95, all frames", f"{link['name']} mean / p50 / p95, sent frames"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return head
 
-    def pair(stats: dict[str, float] | None) -> str:
-        return "—" if not stats else " / ".join(_fmt(stats[k], ",.1f") for k in ("mean", "p50", "p95"))
 
-    for r in filtered:
-        plain = by.get((r["mode"], r["setting"][: -len(FILTER_SUFFIX)]))
-        for row in ([plain] if plain else []) + [r]:
-            f = row.get("filter")
-            cells = [row["setting"], f"{row['frames_sent']} / {row['frames_filtered']}"]
-            if labelled:
-                cells.append(f"{f['with_objects']['filtered']} / {f['empty']['filtered']}" if f else "—")
-            sent = row["sent_only"]
-            cells += [
-                _fmt(row["server_requests"], "d") if row["server_requests"] is not None else "—",
-                _fmt(row["request_bytes"]["mean"]),
-                _fmt((sent["request_bytes"] or {}).get("mean")),
-                _fmt(row["payload_bytes"]["mean"]),
-                _fmt((f["filtered_edge_ms"] or {}).get("p50"), ".1f") if f else "—",
-            ]
-            for link in links:
-                cells += [pair(row["latency_ms"][link["name"]]), pair(sent["latency_ms"][link["name"]])]
-            lines.append("| " + " | ".join(cells) + " |")
-    probs = filtered[0]["filter"]["probability"]
-    frames = run["frames"]
-    lines += [
-        "",
+def _filter_cells(row: dict[str, Any], links: list[dict[str, Any]], labelled: bool) -> list[str]:
+    """One setting's cells under _filter_head; "—" where the row has no filter (the plain setting)."""
+    f = row.get("filter")
+    cells = [row["setting"], f"{row['frames_sent']} / {row['frames_filtered']}"]
+    if labelled:
+        cells.append(f"{f['with_objects']['filtered']} / {f['empty']['filtered']}" if f else "—")
+    sent = row["sent_only"]
+    cells += [
+        _fmt(row["server_requests"], "d") if row["server_requests"] is not None else "—",
+        _fmt(row["request_bytes"]["mean"]),
+        _fmt((sent["request_bytes"] or {}).get("mean")),
+        _fmt(row["payload_bytes"]["mean"]),
+        _fmt((f["filtered_edge_ms"] or {}).get("p50"), ".1f") if f else "—",
+    ]
+    for link in links:
+        cells += [_mean_p50_p95(row["latency_ms"][link["name"]]), _mean_p50_p95(sent["latency_ms"][link["name"]])]
+    return cells
+
+
+def _mean_p50_p95(stats: dict[str, float] | None) -> str:
+    return "—" if not stats else " / ".join(_fmt(stats[k], ",.1f") for k in ("mean", "p50", "p95"))
+
+
+def _filter_probabilities(frames: list[dict[str, Any]], probs: list[float], labelled: bool) -> str:
+    """One line: each frame's filter probability (and, for labelled frames, whether it shows objects)."""
+    return (
         "Filter probability per frame ("
         + ("objects / empty, " if labelled else "")
         + "< threshold: dropped): "
@@ -247,9 +265,8 @@ def _filter_section(result: dict[str, Any]) -> list[str]:
             f"{fr['name']}" + (f" ({'objects' if fr.get('objects') else 'empty'})" if labelled else "") + f" {p:.4f}"
             for fr, p in zip(frames, probs)
         )
-        + ".",
-    ]
-    return lines
+        + "."
+    )
 
 
 def _ordering(sweep: dict[str, Any], index: int | None = None) -> str:
