@@ -310,6 +310,9 @@ def plot_bytes(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+_MODE_COLORS = {"split": "tab:blue", "offload": "tab:orange", "local": "tab:green"}
+
+
 def plot_latency(
     curves: dict[str, np.ndarray],
     best: dict[str, np.ndarray],
@@ -330,12 +333,31 @@ def plot_latency(
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    colors = {"split": "tab:blue", "offload": "tab:orange", "local": "tab:green"}
     fig, (ax, ax_wire) = plt.subplots(1, 2, figsize=(13, 5.2), dpi=90)
+    _plot_end_to_end(ax, curves, best, mbits, marks, rtt_ms)
+    _plot_link_share(ax_wire, wire, mbits)
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    for axis in (ax.xaxis, ax_wire.xaxis, ax_wire.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_end_to_end(
+    ax: Any,
+    curves: dict[str, np.ndarray],
+    best: dict[str, np.ndarray],
+    mbits: np.ndarray,
+    marks: list[dict[str, Any]],
+    rtt_ms: float,
+) -> None:
+    """plot_latency's left panel: every setting thin, each mode's best thick, the crossovers as x."""
     for key, curve in curves.items():
-        ax.plot(mbits, curve / 1e3, color=colors[key.split(":")[0]], lw=0.7, alpha=0.45)
+        ax.plot(mbits, curve / 1e3, color=_MODE_COLORS[key.split(":")[0]], lw=0.7, alpha=0.45)
     for name, curve in best.items():
-        ax.plot(mbits, curve / 1e3, color=colors[name.split()[-1]], lw=2.2, label=name)
+        ax.plot(mbits, curve / 1e3, color=_MODE_COLORS[name.split()[-1]], lw=2.2, label=name)
     for c in marks:
         ax.plot(c["mbit"], c["latency_ms"] / 1e3, "kx", ms=9, mew=2)
         ax.annotate(
@@ -353,30 +375,28 @@ def plot_latency(
     ax.set_title(f"End-to-end latency at RTT {rtt_ms:g} ms (thin: each setting; x: crossovers)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def _plot_link_share(ax: Any, wire: dict[str, np.ndarray], mbits: np.ndarray) -> None:
+    """plot_latency's right panel: each setting's time on the link, a mode's settings told apart by line style
+    (then width, past four)."""
     styles = ["-", "--", ":", "-."]
     count = {"split": 0, "offload": 0}
     for key, curve in wire.items():
         mode = key.split(":")[0]
-        ax_wire.plot(
+        ax.plot(
             mbits,
             curve / 1e3,
-            color=colors[mode],
+            color=_MODE_COLORS[mode],
             ls=styles[count[mode] % 4],
             lw=1.0 + 0.6 * (count[mode] // 4),
             label=key,
         )
         count[mode] += 1
-    ax_wire.set_xscale("log")
-    ax_wire.set_yscale("log")
-    ax_wire.set_xlabel("link bandwidth (Mbit/s, both directions)")
-    ax_wire.set_ylabel("time on the link p50 (s)")
-    ax_wire.set_title("Link share only: 8 * (request + response bytes) / bandwidth + RTT", fontsize=10)
-    ax_wire.grid(True, which="both", alpha=0.3)
-    ax_wire.legend(fontsize=6.5, ncol=2)
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    for axis in (ax.xaxis, ax_wire.xaxis, ax_wire.yaxis):
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("link bandwidth (Mbit/s, both directions)")
+    ax.set_ylabel("time on the link p50 (s)")
+    ax.set_title("Link share only: 8 * (request + response bytes) / bandwidth + RTT", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6.5, ncol=2)
