@@ -134,20 +134,38 @@ def mask(tiny_model):
     return tiny_model("mask_rcnn")
 
 
-@pytest.fixture(scope="module")
-def target():
-    """``target(kind)``: a student with seed-99 weights (not the sources'), reset on every call."""
-    cache = {}
+class Targets:
+    """``target(kind)``: a student with seed-99 weights (not the sources'), reset on every call;
+    ``target.fingerprint(kind)``: the fingerprint of those weights, computed once (a full model's
+    fingerprint hashes ~170 MB)."""
 
-    def get(kind: str):
-        if kind not in cache:
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor], str]] = {}
+
+    def _entry(self, kind: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str]:
+        if kind not in self._cache:
             m = seeded(kind, 3, 99)
-            cache[kind] = (m, {k: v.clone() for k, v in m.state_dict().items()})
-        m, initial = cache[kind]
+            self._cache[kind] = (m, {k: v.clone() for k, v in m.state_dict().items()}, fingerprint(m))
+        return self._cache[kind]
+
+    def __call__(self, kind: str) -> torch.nn.Module:
+        m, initial, _ = self._entry(kind)
         m.load_state_dict(initial)
         return m
 
-    return get
+    def fingerprint(self, kind: str) -> str:
+        return self._entry(kind)[2]
+
+
+@pytest.fixture(scope="module")
+def target() -> Targets:
+    return Targets()
+
+
+@pytest.fixture(scope="module")
+def source_fp(faster, mask) -> dict[str, str]:
+    """The read-only sources' fingerprints, computed once."""
+    return {"faster_rcnn": fingerprint(faster), "mask_rcnn": fingerprint(mask)}
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +233,7 @@ def test_save_and_load_our_format(ours, faster, target):
     [("mask_rcnn", True, False), ("faster_rcnn", False, False), ("faster_rcnn", False, True)],
     ids=["mask-torch1.3-format", "faster-zip-format", "faster-torchdistill-names"],
 )
-def test_original_checkpoint_loads(original_file, faster, mask, target, kind, legacy, torchdistill):
+def test_original_checkpoint_loads(original_file, faster, mask, source_fp, target, kind, legacy, torchdistill):
     source = {"faster_rcnn": faster, "mask_rcnn": mask}[kind]
     path = original_file(kind, legacy, torchdistill)
     # The file really uses the old names (otherwise this test proves nothing).
@@ -236,10 +254,10 @@ def test_original_checkpoint_loads(original_file, faster, mask, target, kind, le
         assert "backbone.body.layer1.encoder.encoder.7.weight" in old_keys
 
     model = target(kind)
-    assert fingerprint(model) != fingerprint(source)
+    assert target.fingerprint(kind) != source_fp[kind]
     ckpt = load_checkpoint(path, model, strict=True)
     assert_same_weights(model, source)
-    assert fingerprint(model) == fingerprint(source)
+    assert fingerprint(model) == source_fp[kind]
     # The training state comes back as the original wrote it.
     assert ckpt["format"] == "original"
     assert type(ckpt["best_value"]) is np.float64 and ckpt["best_value"] == np.float64(0.3512)
@@ -264,7 +282,7 @@ def test_fingerprint_is_file_format_independent(ours, original_file, ckpt_dir, f
     torch.save(faster.state_dict(), bare)
     for path in (original_file("faster_rcnn"), bare):
         model = target("faster_rcnn")
-        assert fingerprint(model) != fp
+        assert target.fingerprint("faster_rcnn") != fp
         ckpt = load_checkpoint(path, model)
         assert ckpt["format"] == {"bare.pt": "state_dict"}.get(path.name, "original")
         assert fingerprint(model) == fp, path.name
@@ -465,7 +483,7 @@ REFUSALS = [
 def test_refused(bad_file, target):
     path, words = bad_file
     model = target("faster_rcnn")
-    before = fingerprint(model)
+    before = target.fingerprint("faster_rcnn")
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path, model)
     message = str(e.value)
