@@ -16,7 +16,9 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -35,7 +37,7 @@ def rss_kb() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hnd.bench.edge_memory", description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--fps", type=int, default=10)
@@ -43,59 +45,98 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="test/faster_rcnn-b3ch")
     p.add_argument("--size", type=int, nargs=2, default=(320, 240), metavar=("W", "H"))
     p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
-    images, _ = sample_images()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         video = str(Path(tmp) / "long.mp4")
-        n = int(a.minutes * 60 * a.fps) + a.fps * 5
-        write_video(video, [cv2.resize(images[i % len(images)], tuple(a.size)) for i in range(n)], fps=a.fps)
+        n = write_long_video(video, a.minutes, a.fps, tuple(a.size))
         port = free_port()
         server = start_server_process(a.config, port, ["--random-weights", "0"])
-        samples: list[tuple[float, int]] = []
-        stop = threading.Event()
-        start = time.monotonic()
-
-        def sample() -> None:
-            while not stop.wait(1.0):
-                samples.append((time.monotonic() - start, rss_kb()))
-
-        threading.Thread(target=sample, daemon=True).start()
+        sampler = RssSampler.start()
         try:
-            code = edge_cli.main(
-                [
-                    "--server",
-                    f"127.0.0.1:{port}",
-                    "--video",
-                    video,
-                    "--live",
-                    "--config",
-                    a.config,
-                    "--random-weights",
-                    "0",
-                    "--output",
-                    str(Path(tmp) / "r.jsonl"),
-                    "--stats-interval",
-                    "30",
-                    "--stats-file",
-                    str(Path(tmp) / "stats.jsonl"),
-                    "--no-progress",
-                ]
-            )
+            code = edge_cli.main(_edge_argv(port, video, a.config, Path(tmp)))
         finally:
-            stop.set()
+            sampler.stop.set()
             stop_server_process(server)
         with open(Path(tmp) / "r.jsonl") as f:
             records = sum(1 for _ in f)
-    t = np.array([s[0] for s in samples])
-    rss = np.array([s[1] for s in samples], dtype=np.float64)
-    keep = t >= a.warmup
-    slope_kb_per_min = float(np.polyfit(t[keep] / 60, rss[keep], 1)[0]) if keep.sum() > 2 else float("nan")
     result = {
         "minutes": a.minutes,
         "fps": a.fps,
         "frames_in_video": n,
         "records": records,
         "exit_code": code,
+        **rss_summary(sampler.samples, a.warmup),
+        "samples": [[round(x, 1), int(y)] for x, y in sampler.samples],
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+    if a.json:
+        atomic_write_json(a.json, result)
+    return 0
+
+
+def write_long_video(path: str, minutes: float, fps: int, size: tuple[int, int]) -> int:
+    """The sample photos at ``size`` (W, H), repeated for ``minutes`` and 5 s more, as a video at ``fps``; the
+    number of frames."""
+    images, _ = sample_images()
+    n = int(minutes * 60 * fps) + fps * 5
+    write_video(path, [cv2.resize(images[i % len(images)], size) for i in range(n)], fps=fps)
+    return n
+
+
+@dataclass
+class RssSampler:
+    """(seconds since start, RSS kB) every second on a daemon thread, until ``stop`` is set."""
+
+    samples: list[tuple[float, int]]
+    stop: threading.Event
+
+    @classmethod
+    def start(cls) -> RssSampler:
+        sampler = cls([], threading.Event())
+        start = time.monotonic()
+
+        def sample() -> None:
+            while not sampler.stop.wait(1.0):
+                sampler.samples.append((time.monotonic() - start, rss_kb()))
+
+        threading.Thread(target=sample, daemon=True).start()
+        return sampler
+
+
+def _edge_argv(port: int, video: str, config: str, tmp: Path) -> list[str]:
+    """hnd-edge playing ``video`` live against the local server; records and stats in ``tmp``."""
+    return [
+        "--server",
+        f"127.0.0.1:{port}",
+        "--video",
+        video,
+        "--live",
+        "--config",
+        config,
+        "--random-weights",
+        "0",
+        "--output",
+        str(tmp / "r.jsonl"),
+        "--stats-interval",
+        "30",
+        "--stats-file",
+        str(tmp / "stats.jsonl"),
+        "--no-progress",
+    ]
+
+
+def rss_summary(samples: list[tuple[float, int]], warmup: float) -> dict[str, Any]:
+    """RSS at the start, after ``warmup`` s, at the end and its max, and the least-squares slope after warm-up
+    (NaN with fewer than 3 samples there)."""
+    t = np.array([s[0] for s in samples])
+    rss = np.array([s[1] for s in samples], dtype=np.float64)
+    keep = t >= warmup
+    slope_kb_per_min = float(np.polyfit(t[keep] / 60, rss[keep], 1)[0]) if keep.sum() > 2 else float("nan")
+    return {
         "rss_kb": {
             "start": int(rss[0]),
             "after_warmup": int(rss[keep][0]) if keep.any() else None,
@@ -103,13 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             "max": int(rss.max()),
         },
         "slope_kb_per_min_after_warmup": slope_kb_per_min,
-        "warmup_s": a.warmup,
-        "samples": [[round(x, 1), int(y)] for x, y in samples],
+        "warmup_s": warmup,
     }
-    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
-    if a.json:
-        atomic_write_json(a.json, result)
-    return 0
 
 
 if __name__ == "__main__":
