@@ -47,7 +47,8 @@ from typing import Any
 
 import numpy as np
 import zstandard
-
+from hnd.common import entropy_coder
+from hnd.common.entropy_coder import PriorTables
 from hnd.common.errors import HndError
 
 __all__ = [
@@ -140,11 +141,11 @@ class CodecSettings:
     def learned(self) -> bool:
         return self.compression == LEARNED
 
-    def encode(self, tensor: Any, prior: Any = None) -> EncodedTensor:
+    def encode(self, tensor: Any, prior: PriorTables | None = None) -> EncodedTensor:
         """``encode`` at these settings (``prior``: an Entropic Student's PriorTables, learned coding only)."""
         return encode(tensor, self.bits, self.granularity, self.compression, self.level, prior)
 
-    def roundtrip(self, tensor: Any, prior: Any = None) -> np.ndarray:
+    def roundtrip(self, tensor: Any, prior: PriorTables | None = None) -> np.ndarray:
         """``roundtrip`` at these settings: bit for bit what ``decode(self.encode(tensor))`` gives."""
         return roundtrip(tensor, self.bits, self.granularity, self.compression, self.level, prior)
 
@@ -225,7 +226,7 @@ def encode(
     granularity: str = "tensor",
     compression: str = "zstd",
     level: int = 3,
-    prior: Any = None,
+    prior: PriorTables | None = None,
 ) -> EncodedTensor:
     """Quantize, pack and compress a float array or tensor (any shape; [B, C, H, W] for "channel").
 
@@ -251,7 +252,7 @@ def encode(
     )
 
 
-def decode(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS, prior: Any = None) -> np.ndarray:
+def decode(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS, prior: PriorTables | None = None) -> np.ndarray:
     """Validate, decompress, unpack and dequantize; returns a float32 array of ``encoded.shape``.
 
     Raises CodecError on anything malformed or over ``limits``, before any large allocation.
@@ -274,7 +275,7 @@ def roundtrip(
     granularity: str = "tensor",
     compression: str = "zstd",
     level: int = 3,
-    prior: Any = None,
+    prior: PriorTables | None = None,
 ) -> np.ndarray:
     """Exactly (bit for bit) ``decode(encode(tensor, ...))``, without packing or compressing.
 
@@ -283,8 +284,6 @@ def roundtrip(
     """
     _check_compression(compression, level)
     if compression == LEARNED:
-        from hnd.common import entropy_coder
-
         tables = _check_learned(bits, granularity, prior)
         return entropy_coder.dequantize(_learned_symbols(tensor, tables), tables)
     return dequantize(quantize(tensor, bits, granularity))
@@ -443,10 +442,8 @@ def validate(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS) -> None:
 # Learned entropy coding (Entropic Student)
 
 
-def _check_learned(bits: object, granularity: object, prior: Any) -> Any:
+def _check_learned(bits: object, granularity: object, prior: object) -> PriorTables:
     """The PriorTables to code with; refuses affine settings mixed into the learned mode."""
-    from hnd.common.entropy_coder import PriorTables
-
     _check_learned_mode(bits, granularity)
     if not isinstance(prior, PriorTables):
         raise CodecError(
@@ -456,28 +453,24 @@ def _check_learned(bits: object, granularity: object, prior: Any) -> Any:
     return prior
 
 
-def _learned_symbols(tensor: Any, tables: Any) -> np.ndarray:
-    from hnd.common import entropy_coder
-
+def _learned_symbols(tensor: Any, tables: PriorTables) -> np.ndarray:
     try:
         return entropy_coder.quantize(as_float32(tensor), tables)
     except entropy_coder.EntropyCodingError as e:
         raise CodecError(str(e)) from None
 
 
-def _encode_learned(tensor: Any, bits: int, granularity: str, prior: Any) -> EncodedTensor:
+def _encode_learned(tensor: Any, bits: int, granularity: str, prior: PriorTables | None) -> EncodedTensor:
     tables = _check_learned(bits, granularity, prior)
     return encode_symbols(_learned_symbols(tensor, tables), tables)
 
 
-def encode_symbols(symbols: np.ndarray, prior: Any) -> EncodedTensor:
+def encode_symbols(symbols: np.ndarray, prior: PriorTables | None) -> EncodedTensor:
     """Learned entropy coding of symbols already rounded against ``prior``'s medians (int32 [B, C, h, w]).
 
     What an Entropic Student's ONNX head gives (its graph rounds); ``encode(y, 0, "channel", "learned",
     prior=prior)`` is ``encode_symbols(rint(y - median), prior)``, so both give the same bytes.
     """
-    from hnd.common import entropy_coder
-
     tables = _check_learned(LEARNED_BITS, "channel", prior)
     symbols = np.asarray(symbols)
     if symbols.dtype != np.int32:
@@ -529,10 +522,8 @@ def _validate_learned(encoded: EncodedTensor, limits: Limits) -> None:
         )
 
 
-def _decode_learned(encoded: EncodedTensor, limits: Limits, prior: Any) -> np.ndarray:
-    from hnd.common import entropy_coder
-
-    if not isinstance(prior, entropy_coder.PriorTables):
+def _decode_learned(encoded: EncodedTensor, limits: Limits, prior: PriorTables | None) -> np.ndarray:
+    if not isinstance(prior, PriorTables):
         raise CodecError("this model takes no learned entropy coding (it is not an Entropic Student)")
     try:
         symbols = entropy_coder.decode(

@@ -7,17 +7,16 @@ evaluation and the torch head use it; the edge's ONNX path uses ``hnd.common.cod
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from hnd.common import codec
 from hnd.common.codec import DEFAULT_LIMITS, EncodedTensor, Limits, Quantized, encode, quantize
+from hnd.common.entropy_coder import PriorTables
 
 __all__ = ["decode", "dequantize", "encode", "quantize", "roundtrip"]
 
 
-def decode(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS, prior: Any = None) -> torch.Tensor:
+def decode(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS, prior: PriorTables | None = None) -> torch.Tensor:
     """``codec.decode`` as a float32 CPU tensor of ``encoded.shape``."""
     return torch.from_numpy(codec.decode(encoded, limits, prior))
 
@@ -33,7 +32,7 @@ def roundtrip(
     granularity: str = "tensor",
     compression: str = "zstd",
     level: int = 3,
-    prior: Any = None,
+    prior: PriorTables | None = None,
 ) -> torch.Tensor:
     """``codec.roundtrip`` as a float32 CPU tensor: bit for bit ``decode(encode(tensor, ...))``."""
     return torch.from_numpy(codec.roundtrip(tensor, bits, granularity, compression, level, prior))

@@ -112,7 +112,7 @@ _LIMBS = [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16
 SPLITS = {"train": ("train2017", 1), "val": ("val2017", 100001)}
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+def gradient_background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """Smooth colour gradient plus noise, HxWx3 uint8."""
     c0, c1 = rng.uniform(40, 215, size=(2, 3))
     t = (
@@ -162,7 +162,8 @@ def _place(
     return None
 
 
-def _rle_from_mask(mask: np.ndarray) -> dict:
+def rle_from_mask(mask: np.ndarray) -> dict:
+    """A binary HxW mask as COCO compressed RLE with its counts as text (JSON-ready)."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
@@ -188,7 +189,7 @@ def _draw_shape(
         for target, fill in ((canvas, colour), (mask_img, 1)):
             ImageDraw.Draw(target).ellipse([x0, y0, x1, y1], fill=fill)
         mask = np.asarray(mask_img, dtype=np.uint8)
-        return _annotation(_rle_from_mask(mask), mask, category_id)
+        return _annotation(rle_from_mask(mask), mask, category_id)
     if category_id == 1:
         poly = [x0, y0, x1, y0, x1, y1, x0, y1]
     else:
@@ -222,7 +223,7 @@ def _draw_person(rng: np.random.Generator, canvas: Image.Image, bg: np.ndarray, 
             d.line([tuple(pts[a]), tuple(pts[b])], fill=fill, width=lw)
         d.line([tuple(pts[0]), tuple((pts[5] + pts[6]) / 2)], fill=fill, width=lw)  # neck
     mask = np.asarray(mask_img, dtype=np.uint8)
-    ann = _annotation(_rle_from_mask(mask), mask, 1)
+    ann = _annotation(rle_from_mask(mask), mask, 1)
     if ann is None:
         return None
     kps: list[float] = []
@@ -237,7 +238,7 @@ def _draw_person(rng: np.random.Generator, canvas: Image.Image, bg: np.ndarray, 
 def _make_image(
     rng: np.random.Generator, width: int, height: int, kind: str, empty: bool, max_objects: int
 ) -> tuple[Image.Image, list[dict]]:
-    bg = _background(rng, width, height)
+    bg = gradient_background(rng, width, height)
     canvas = Image.fromarray(bg)
     anns: list[dict] = []
     if empty:

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from hnd.common.files import atomic_write_text
-from hnd.train.synthetic import SHAPE_CATEGORIES, SPLITS, _background, _rle_from_mask
+from hnd.train.synthetic import SHAPE_CATEGORIES, SPLITS, gradient_background, rle_from_mask
 
 PHOTOS = ("rocket", "coffee", "chelsea", "astronaut")
 BACKGROUNDS = ("photo", "texture") + PHOTOS
@@ -89,7 +89,7 @@ def photo_background(name: str, width: int, height: int) -> np.ndarray:
 
 def _sequence_background(rng: np.random.Generator, kind: str, index: int, width: int, height: int) -> np.ndarray:
     if kind == "texture":
-        return _background(rng, width, height)
+        return gradient_background(rng, width, height)
     name = PHOTOS[index % len(PHOTOS)] if kind == "photo" else kind
     return photo_background(name, width, height)
 
@@ -154,7 +154,7 @@ def render_frame(
         anns.append(
             {
                 "category_id": m.category_id,
-                "segmentation": _rle_from_mask(visible),
+                "segmentation": rle_from_mask(visible),
                 "area": area,
                 "bbox": [x, y, w, h],
                 "iscrowd": 0,
