@@ -16,6 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -245,62 +246,23 @@ class EdgeRunner:
         """Process every frame the source yields; returns the summary (records go to ``on_record``)."""
         summary = self.summary = Summary(filter_threshold=self.options.filter_threshold)
         self.source = source
-        inflight: deque[tuple[Prepared, concurrent.futures.Future | None]] = deque()
         self._started = time.perf_counter()
         bar = self.bar = tqdm(desc=f"hnd-edge {self.options.mode}", unit="frame", disable=not progress, leave=False)
-
-        def emit(p: Prepared, fut: concurrent.futures.Future | None, abandon: tuple[str, str] | None = None) -> None:
-            if p.frame.error is not None:
-                record = self._record(p, status=p.frame.status or READ_ERROR, error=p.frame.error)
-            elif fut is None:
-                record = self._record(p)
-            elif abandon is not None:
-                record = self._abandon(p, fut, *abandon)
-            else:
-                try:
-                    record = self._finish(p, fut)
-                except WeightsMismatch:  # the frame is recorded, then the run stops
-                    summary.add(self.mismatch)
-                    if on_record is not None:
-                        on_record(self.mismatch, p.frame)
-                    raise
-            self.mode.after(p, record)
-            summary.add(record)
-            bar.update(1)
-            if on_record is not None:
-                on_record(record, p.frame)
-
-        def emit_first(abandon: tuple[str, str] | None = None) -> None:
-            # Popped only once recorded: an interrupt while waiting for its answer leaves it to the handler.
-            emit(*inflight[0], abandon=abandon)
-            inflight.popleft()
-
+        inflight = _InFlight(self, summary, bar, on_record)
         try:
             try:
-                for frame in source:
-                    if frame.error is not None:
-                        p, fut = Prepared(frame, Timings(capture=frame.capture_ms)), None
-                    else:
-                        p = self.prepare(frame)
-                        fut = self._send(p) if p.request is not None else None
-                    inflight.append((p, fut))
-                    while len(inflight) >= self.options.max_inflight or (inflight and inflight[0][1] is None):
-                        emit_first()
-                        if self._gave_up:
-                            break
-                    if self._gave_up:
-                        break
+                self._feed(source, inflight)
             except SourceLost:
-                while inflight:  # the frames already sent still get their records
-                    emit_first()
+                while inflight.frames:  # the frames already sent still get their records
+                    inflight.emit_first()
                 raise
-            while inflight:
-                emit_first(abandon=("UNAVAILABLE", self._gave_up) if self._gave_up else None)
+            while inflight.frames:
+                inflight.emit_first(abandon=("UNAVAILABLE", self._gave_up) if self._gave_up else None)
         except KeyboardInterrupt:
             # SIGTERM / Ctrl-C: answers already here are recorded, the rest marked; nothing waits.
             self._gave_up = self._gave_up or "interrupted"
-            while inflight:
-                emit_first(abandon=(INTERRUPTED, "interrupted before the server answered"))
+            while inflight.frames:
+                inflight.emit_first(abandon=(INTERRUPTED, "interrupted before the server answered"))
             raise
         finally:
             bar.close()
@@ -310,6 +272,23 @@ class EdgeRunner:
             raise ServerGone(self._gave_up, summary)
         return summary
 
+    def _feed(self, source: FrameSource, inflight: _InFlight) -> None:
+        """Prepare and send each frame; the oldest is recorded whenever ``max_inflight`` are out or it needs
+        no answer. Stops early once the server counts as gone."""
+        for frame in source:
+            if frame.error is not None:
+                p, fut = Prepared(frame, Timings(capture=frame.capture_ms)), None
+            else:
+                p = self.prepare(frame)
+                fut = self._send(p) if p.request is not None else None
+            inflight.frames.append((p, fut))
+            while inflight.backlogged(self.options.max_inflight):
+                inflight.emit_first()
+                if self._gave_up:
+                    break
+            if self._gave_up:
+                break
+
     def running_summary(self) -> Summary:
         """The summary so far (SIGUSR1, live figures): counters brought up to date, in bounded memory."""
         summary = self.summary
@@ -318,3 +297,50 @@ class EdgeRunner:
             summary.dropped = getattr(self.source, "dropped", 0)
             summary.reconnects = getattr(self.client, "reconnects", 0)
         return summary
+
+
+@dataclass
+class _InFlight:
+    """One run's frames in flight, oldest first, and where each record goes (summary, bar, ``on_record``)."""
+
+    runner: EdgeRunner
+    summary: Summary
+    bar: tqdm
+    on_record: Callable[[FrameRecord, Frame], None] | None
+    frames: deque[tuple[Prepared, concurrent.futures.Future | None]] = field(default_factory=deque)
+
+    def backlogged(self, max_inflight: int) -> bool:
+        """Whether the oldest frame is to be recorded before the next is read: ``max_inflight`` are out, or
+        it waits for no answer."""
+        return len(self.frames) >= max_inflight or (bool(self.frames) and self.frames[0][1] is None)
+
+    def emit_first(self, abandon: tuple[str, str] | None = None) -> None:
+        """Record the oldest frame; ``abandon`` (status, why): do not wait for its answer."""
+        # Popped only once recorded: an interrupt while waiting for its answer leaves it to the handler.
+        p, fut = self.frames[0]
+        record = self._record_of(p, fut, abandon)
+        self.runner.mode.after(p, record)
+        self.summary.add(record)
+        self.bar.update(1)
+        if self.on_record is not None:
+            self.on_record(record, p.frame)
+        self.frames.popleft()
+
+    def _record_of(
+        self, p: Prepared, fut: concurrent.futures.Future | None, abandon: tuple[str, str] | None
+    ) -> FrameRecord:
+        """A frame that could not be read, needed no server, is abandoned, or gets its answer."""
+        runner = self.runner
+        if p.frame.error is not None:
+            return runner._record(p, status=p.frame.status or READ_ERROR, error=p.frame.error)
+        if fut is None:
+            return runner._record(p)
+        if abandon is not None:
+            return runner._abandon(p, fut, *abandon)
+        try:
+            return runner._finish(p, fut)
+        except WeightsMismatch:  # the frame is recorded, then the run stops
+            self.summary.add(runner.mismatch)
+            if self.on_record is not None:
+                self.on_record(runner.mismatch, p.frame)
+            raise
