@@ -402,20 +402,9 @@ def evaluate_filter(
     """ROC-AUC and threshold table of the configured filter on a split; optionally COCO metrics with
     and without it. ``checkpoint`` may be a full student (with its filter) or a filter-only file."""
     cfg = config if isinstance(config, Config) else load_config(config)
-    if cfg.model.filter is None:
-        raise HndError(cfg.path, "has no neural filter (model.filter)")
-    if cfg.dataset is None:
-        raise HndError(cfg.path, "config has no dataset section")
-    if not 0.0 <= min_recall <= 1.0:
-        raise HndError("--min-recall", f"must be in [0, 1], got {min_recall}")
-    model_cfg = cfg.model
-    if checkpoint is not None and _filter_file(checkpoint):
-        model_cfg = dataclasses.replace(model_cfg, filter=dataclasses.replace(model_cfg.filter, checkpoint=checkpoint))
-        checkpoint = None
-    model_cfg = with_weights(model_cfg, checkpoint=checkpoint, random_weights=random_weights)
-    model = build_model_from_config(model_cfg, cfg.path).to(device)
+    _check_filter_eval(cfg, min_recall)
+    model = _model_with_filter(cfg, checkpoint, random_weights).to(device)
     head, _ = split_model(model)
-
     dataset = _dataset(cfg, split, None, train=False, seed=0)
     if max_images is not None:
         dataset.ids = dataset.ids[:max_images]
@@ -431,10 +420,7 @@ def evaluate_filter(
         "positives": int(y.sum()),
         "negatives": int(len(y) - y.sum()),
         "seconds": round(time.perf_counter() - start, 3),
-        "roc_auc": roc_auc(y, p),
-        "min_recall": min_recall,
-        "config_threshold": cfg.model.filter.threshold,
-        "at_config_threshold": rates_at(y, p, cfg.model.filter.threshold),
+        **_roc_figures(y, p, min_recall, cfg.model.filter.threshold),
         "fingerprint": fingerprint(model),
         "scores": {str(i): float(s) for i, s in zip(ids, p)},
     }
@@ -445,17 +431,58 @@ def evaluate_filter(
     else:
         result["table"], result["operating_point"] = [], None
     if coco:
-        iou_types = IOU_TYPES[cfg.model.kind]
         threshold = (result["operating_point"] or result["at_config_threshold"])["threshold"]
-        for name, predictor in (
-            ("coco_without_filter", lambda imgs: model(imgs)),
-            ("coco_with_filter", make_filtered_predictor(model, threshold)),
-        ):
-            outputs, out_ids, _ = predict_dataset(predictor, loader, device, progress=progress)
-            metrics, _ = coco_evaluate(dataset.coco, to_coco_results(outputs, out_ids, iou_types), out_ids)
-            result[name] = metrics
+        result.update(_coco_with_and_without(model, threshold, dataset, loader, cfg.model.kind, device, progress))
         result["coco_threshold"] = threshold
     return result
+
+
+def _check_filter_eval(cfg: Config, min_recall: float) -> None:
+    """HndError for a config without a filter or a dataset, or a --min-recall outside [0, 1]."""
+    if cfg.model.filter is None:
+        raise HndError(cfg.path, "has no neural filter (model.filter)")
+    if cfg.dataset is None:
+        raise HndError(cfg.path, "config has no dataset section")
+    if not 0.0 <= min_recall <= 1.0:
+        raise HndError("--min-recall", f"must be in [0, 1], got {min_recall}")
+
+
+def _model_with_filter(cfg: Config, checkpoint: str | None, random_weights: int | None) -> nn.Module:
+    """The configured student; a filter-only ``checkpoint`` replaces the config's filter weights, any other is
+    the whole student's."""
+    model_cfg = cfg.model
+    if checkpoint is not None and _filter_file(checkpoint):
+        model_cfg = dataclasses.replace(model_cfg, filter=dataclasses.replace(model_cfg.filter, checkpoint=checkpoint))
+        checkpoint = None
+    model_cfg = with_weights(model_cfg, checkpoint=checkpoint, random_weights=random_weights)
+    return build_model_from_config(model_cfg, cfg.path)
+
+
+def _roc_figures(y: np.ndarray, p: np.ndarray, min_recall: float, config_threshold: float) -> dict[str, Any]:
+    """ROC-AUC and the rates at the config's threshold, for labels ``y`` and filter probabilities ``p``."""
+    return {
+        "roc_auc": roc_auc(y, p),
+        "min_recall": min_recall,
+        "config_threshold": config_threshold,
+        "at_config_threshold": rates_at(y, p, config_threshold),
+    }
+
+
+def _coco_with_and_without(
+    model: nn.Module, threshold: float, dataset: CocoDetection, loader: Any, kind: str, device: str, progress: bool
+) -> dict[str, Any]:
+    """COCO metrics of the detector alone and behind the filter at ``threshold`` (its dropped frames: no
+    detections)."""
+    iou_types = IOU_TYPES[kind]
+    out = {}
+    for name, predictor in (
+        ("coco_without_filter", lambda imgs: model(imgs)),
+        ("coco_with_filter", make_filtered_predictor(model, threshold)),
+    ):
+        outputs, out_ids, _ = predict_dataset(predictor, loader, device, progress=progress)
+        metrics, _ = coco_evaluate(dataset.coco, to_coco_results(outputs, out_ids, iou_types), out_ids)
+        out[name] = metrics
+    return out
 
 
 def format_filter_report(result: dict[str, Any], max_rows: int = 20) -> str:
