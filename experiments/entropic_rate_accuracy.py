@@ -233,13 +233,11 @@ def comparison(rows: list[dict], measure: str, f1_floor: float) -> list[dict]:
     return out
 
 
-@torch.inference_mode()
 def per_frame(models: dict[str, torch.nn.Module], frames: list[np.ndarray], repeats: int = 2) -> dict[str, dict]:
     """Per frame at the frames' own size: head ms, codec encode / decode ms (medians), bytes, head parameters.
     HND at 8 / 4 / 2 bits (zstd, per tensor), each Entropic Student with its learned coding, and JPEG /
     WebP bytes of the same frames for scale."""
     from hnd.bench.rate import model_at
-    from hnd.common import codec
     from hnd.common.split import split_model
     from hnd.edge.pipeline import to_tensor
 
@@ -250,41 +248,10 @@ def per_frame(models: dict[str, torch.nn.Module], frames: list[np.ndarray], repe
         head, _ = split_model(model_at(model, "native", hw))
         entropic = hasattr(head, "prior_tables")
         prior = head.prior_tables() if entropic else None
-        modes = (
-            {"learned": dict(bits=0, granularity="channel", compression="learned")}
-            if entropic
-            else {f"{b}-bit": dict(bits=b, granularity="tensor", compression="zstd") for b, _ in AFFINE}
-        )
-        head([inputs[0]])  # warm-up
-        h_ms, zs = [], []
-        for x in inputs:
-            best = float("inf")
-            for _ in range(repeats):
-                t = time.perf_counter()
-                z, _meta = head([x])
-                best = min(best, (time.perf_counter() - t) * 1e3)
-            h_ms.append(best)
-            zs.append(z)
-        if entropic:
-            params = sum(p.numel() for p in head.encoder.parameters())
-        else:
-            params = sum(p.numel() for p in head.encoder.parameters()) + sum(
-                p.numel() for p in [head.conv1.weight, *head.bn1.parameters()]
-            )
-        for mode, args in modes.items():
-            e_ms, d_ms, sizes = [], [], []
-            for z in zs:
-                be, bd = float("inf"), float("inf")
-                for _ in range(repeats):
-                    t = time.perf_counter()
-                    enc = codec.encode(z, **args, prior=prior)
-                    be = min(be, (time.perf_counter() - t) * 1e3)
-                    t = time.perf_counter()
-                    codec.decode(enc, prior=prior)
-                    bd = min(bd, (time.perf_counter() - t) * 1e3)
-                e_ms.append(be)
-                d_ms.append(bd)
-                sizes.append(enc.wire_size)
+        h_ms, zs = _time_head(head, inputs, repeats)
+        params = _head_params(head, entropic)
+        for mode, args in _codec_modes(entropic).items():
+            e_ms, d_ms, sizes = _time_codec(zs, args, prior, repeats)
             key = name if entropic else f"{name} {mode}"
             out[key] = {
                 "codec": mode if not entropic else "learned",
@@ -292,10 +259,69 @@ def per_frame(models: dict[str, torch.nn.Module], frames: list[np.ndarray], repe
                 "head_ms_p50": float(np.median(h_ms)),
                 "encode_ms_p50": float(np.median(e_ms)),
                 "decode_ms_p50": float(np.median(d_ms)),
-                "head_params": int(params),
+                "head_params": params,
                 "latent_shape": list(zs[0].shape),
             }
             print(f"=> per frame {key}: {out[key]}", flush=True)
+    out.update(_image_codecs(frames))
+    return out
+
+
+def _codec_modes(entropic: bool) -> dict[str, dict]:
+    """codec.encode's arguments by name: the learned coding for an Entropic Student, else HND's affine bits."""
+    if entropic:
+        return {"learned": dict(bits=0, granularity="channel", compression="learned")}
+    return {f"{b}-bit": dict(bits=b, granularity="tensor", compression="zstd") for b, _ in AFFINE}
+
+
+def _time_head(head, inputs: list[torch.Tensor], repeats: int) -> tuple[list[float], list[torch.Tensor]]:
+    """The head's best-of-``repeats`` ms per frame (after one warm-up) and each frame's bottleneck."""
+    head([inputs[0]])  # warm-up
+    h_ms, zs = [], []
+    for x in inputs:
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            z, _meta = head([x])
+            best = min(best, (time.perf_counter() - t) * 1e3)
+        h_ms.append(best)
+        zs.append(z)
+    return h_ms, zs
+
+
+def _head_params(head, entropic: bool) -> int:
+    """Parameters on the edge: the encoder, and for HND the stem (conv1, bn1) it runs first."""
+    if entropic:
+        return int(sum(p.numel() for p in head.encoder.parameters()))
+    return int(
+        sum(p.numel() for p in head.encoder.parameters())
+        + sum(p.numel() for p in [head.conv1.weight, *head.bn1.parameters()])
+    )
+
+
+def _time_codec(zs: list[torch.Tensor], args: dict, prior, repeats: int) -> tuple[list[float], list[float], list[int]]:
+    """Per bottleneck: best-of-``repeats`` encode and decode ms, and the encoded size on the wire."""
+    from hnd.common import codec
+
+    e_ms, d_ms, sizes = [], [], []
+    for z in zs:
+        be, bd = float("inf"), float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            enc = codec.encode(z, **args, prior=prior)
+            be = min(be, (time.perf_counter() - t) * 1e3)
+            t = time.perf_counter()
+            codec.decode(enc, prior=prior)
+            bd = min(bd, (time.perf_counter() - t) * 1e3)
+        e_ms.append(be)
+        d_ms.append(bd)
+        sizes.append(enc.wire_size)
+    return e_ms, d_ms, sizes
+
+
+def _image_codecs(frames: list[np.ndarray]) -> dict[str, dict]:
+    """JPEG q50 / q75 and WebP q50 of the same frames, for scale: mean bytes, encode + decode ms p50."""
+    out = {}
     for family, qualities in (("JPEG", (50, 75)), ("WebP", (50,))):
         for q in qualities:
             rt = image_roundtrip(family, q)
