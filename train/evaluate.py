@@ -256,8 +256,25 @@ def make_predictor(
         bits, granularity = 0, "channel"
     if bits is None and not split_mode:
         return lambda images: model(images)
-    from hnd.common.models import is_student
     from hnd.common.split import split_model
+
+    _check_split_model(model, bits, compression)
+    if bits is None:
+        head, tail = split_model(model)
+        tail = _served_tail(model, tail, precision)
+        return lambda images: tail(*head(images))
+    settings = codec.CodecSettings(bits, granularity, compression or "zstd")
+    if key_interval > 1:
+        return _stream_predictor(model, settings, key_interval, max_clamped, precision)
+    coded = CodedSplit(model, settings)
+    coded.tail = _served_tail(model, coded.tail, precision)
+    return coded
+
+
+def _check_split_model(model: nn.Module, bits: int | None, compression: str | None) -> None:
+    """HndError unless ``model`` is a student, and (with ``bits``) coded as its kind is: an Entropic Student
+    with learned entropy coding, an HND student with affine bits."""
+    from hnd.common.models import is_student
 
     if not is_student(model):
         raise HndError("model", "--bits / --split-mode need a student (a model with a bottleneck)")
@@ -271,39 +288,38 @@ def make_predictor(
             else "learned entropy coding is for Entropic Student models",
         )
 
-    def served(tail):  # the tail as hnd-server runs it with --precision
-        if precision == "fp32":
-            return tail
-        from hnd.server.accel import TailOptions, build_tail
 
-        return build_tail(tail, TailOptions(precision), next(model.parameters()).device)
+def _served_tail(model: nn.Module, tail: Any, precision: str) -> Any:
+    """The tail as hnd-server runs it with --precision (fp32: the tail itself)."""
+    if precision == "fp32":
+        return tail
+    from hnd.server.accel import TailOptions, build_tail
 
-    if bits is None:
-        head, tail = split_model(model)
-        tail = served(tail)
-        return lambda images: tail(*head(images))
-    settings = codec.CodecSettings(bits, granularity, compression or "zstd")
-    if key_interval > 1:
-        if settings.learned:
-            raise HndError("--key-interval", "temporal coding is for affine bottlenecks, not learned entropy coding")
-        from hnd.common.stream_codec import StreamEncoder
+    return build_tail(tail, TailOptions(precision), next(model.parameters()).device)
 
-        head, tail = split_model(model)
-        tail = served(tail)
-        stream = StreamEncoder(*settings.as_tuple(), key_interval=key_interval, max_clamped=max_clamped)
 
-        def predict_stream(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-            out = []
-            for img in images:  # one frame at a time: each is the next of the stream
-                z, meta = head([img])
-                zq = torch.as_tensor(stream.quantize(z).dequantize()).to(z.device)
-                out += tail(zq, meta)
-            return out
+def _stream_predictor(
+    model: nn.Module, settings: codec.CodecSettings, key_interval: int, max_clamped: float, precision: str
+) -> Predictor:
+    """head -> the temporal stream codec (hnd.common.stream_codec), one image after the other -> tail."""
+    if settings.learned:
+        raise HndError("--key-interval", "temporal coding is for affine bottlenecks, not learned entropy coding")
+    from hnd.common.split import split_model
+    from hnd.common.stream_codec import StreamEncoder
 
-        return predict_stream
-    coded = CodedSplit(model, settings)
-    coded.tail = served(coded.tail)
-    return coded
+    head, tail = split_model(model)
+    tail = _served_tail(model, tail, precision)
+    stream = StreamEncoder(*settings.as_tuple(), key_interval=key_interval, max_clamped=max_clamped)
+
+    def predict_stream(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for img in images:  # one frame at a time: each is the next of the stream
+            z, meta = head([img])
+            zq = torch.as_tensor(stream.quantize(z).dequantize()).to(z.device)
+            out += tail(zq, meta)
+        return out
+
+    return predict_stream
 
 
 @torch.no_grad()
