@@ -612,13 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.granularity == "original" and args.bits is not None:
-            try:
-                codec.CodecSettings(args.bits, args.granularity)
-            except codec.CodecError as exc:
-                raise HndError("--granularity", f"{exc}; use --bits 8") from None
-        if args.key_interval < 1 or (args.key_interval > 1 and args.bits not in (2, 4, 6, 8)):
-            raise HndError("--key-interval", "must be >= 1, and > 1 only with --bits 2, 4, 6 or 8")
+        _check_codec_args(args)
         check_device(args.device)
         from hnd.common.config import load_config
 
@@ -649,6 +643,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except USER_ERRORS as exc:
         return report("hnd-eval", exc)
+    _print_metrics(metrics, _describe_setting(args, metrics))
+    if args.output:
+        atomic_write_json(args.output, metrics, sort_keys=True)
+        print(f"metrics written to {args.output}")
+    return 0
+
+
+def _check_codec_args(args: argparse.Namespace) -> None:
+    """HndError for --granularity original at other than 8 bits, or a --key-interval the codec cannot take."""
+    if args.granularity == "original" and args.bits is not None:
+        try:
+            codec.CodecSettings(args.bits, args.granularity)
+        except codec.CodecError as exc:
+            raise HndError("--granularity", f"{exc}; use --bits 8") from None
+    if args.key_interval < 1 or (args.key_interval > 1 and args.bits not in (2, 4, 6, 8)):
+        raise HndError("--key-interval", "must be >= 1, and > 1 only with --bits 2, 4, 6 or 8")
+
+
+def _describe_setting(args: argparse.Namespace, metrics: dict[str, Any]) -> str:
+    """What ran, for the summary line: "full model", "head -> 4-bit channel codec -> tail", an ONNX head,
+    the tail's precision, and the resize."""
     how = (
         "full model"
         if not metrics["split_mode"]
@@ -670,7 +685,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         how = f"ONNX {metrics['head_precision']} head {metrics['head']} -> {coding} -> tail"
     if args.precision != "fp32":
         how += f" ({args.precision} dense part)"
-    how += f", resize {metrics['min_size']}/{metrics['max_size']}"
+    return how + f", resize {metrics['min_size']}/{metrics['max_size']}"
+
+
+def _print_metrics(metrics: dict[str, Any], how: str) -> None:
+    """The summary line (model kind, setting, split, images, time, coded bytes) and pycocotools' tables."""
     coded = (
         f", {metrics['coded_bytes_per_image']:.1f} coded bytes per image" if "coded_bytes_per_image" in metrics else ""
     )
@@ -681,10 +700,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for iou_type, text in metrics["summary"].items():
         print(f"IoU metric: {iou_type}")
         print(text)
-    if args.output:
-        atomic_write_json(args.output, metrics, sort_keys=True)
-        print(f"metrics written to {args.output}")
-    return 0
 
 
 if __name__ == "__main__":
