@@ -100,6 +100,21 @@ class RateRow:
     clamped_share: float | None = None
     seconds: float = 0.0
 
+    @classmethod
+    def of(cls, s: RateSetting, sizes: list[int], f1: float | None, extra: dict[str, Any]) -> RateRow:
+        """A setting's row from its payload bytes per frame, its agreement and extra figures (key frames, ...)."""
+        return cls(
+            s.family,
+            s.name,
+            s.size,
+            dict(s.params),
+            float(np.mean(sizes)),
+            int(sizes[0]),
+            float(np.mean(sizes[1:])) if len(sizes) > 1 else None,
+            f1,
+            **extra,
+        )
+
 
 def parse_sizes(text: str) -> list[str]:
     sizes = [s.strip() for s in text.split(",") if s.strip()]
@@ -186,6 +201,7 @@ def image_roundtrip(family: str, quality: int) -> Callable[[np.ndarray], tuple[b
 
 
 @torch.inference_mode()
+@torch.inference_mode()
 def run_sweep(
     model: torch.nn.Module,
     frames: list[np.ndarray],
@@ -208,14 +224,7 @@ def run_sweep(
     models = {s.size: model_at(model, s.size, hw) for s in settings}
     splits = {size: split_model(m) for size, m in models.items()}
     inputs = [to_tensor(f) for f in frames]
-    heads: dict[str, list] = {}  # size -> [(z, meta)]: the head runs once per frame and size
-
-    def head_outputs(size: str) -> list:
-        if size not in heads:
-            head = splits[size][0]
-            heads[size] = [head([x]) for x in inputs]
-        return heads[size]
-
+    head_outputs = _HeadOutputs(splits, inputs)
     reference = None
     rows = []
     for s in settings:
@@ -230,17 +239,7 @@ def run_sweep(
                     raise ValueError("the first setting must be the local reference")
                 reference = dets
             f1 = float(np.mean([match_f1(r, d, 0.5, score) for r, d in zip(reference, dets)]))
-        row = RateRow(
-            s.family,
-            s.name,
-            s.size,
-            dict(s.params),
-            float(np.mean(sizes)),
-            int(sizes[0]),
-            float(np.mean(sizes[1:])) if len(sizes) > 1 else None,
-            f1,
-            **extra,
-        )
+        row = RateRow.of(s, sizes, f1, extra)
         if accuracy and coco_gt is not None:
             if image_ids is None:
                 raise ValueError("coco_gt needs image_ids (the COCO id of each frame)")
@@ -253,6 +252,21 @@ def run_sweep(
         for row in rows:
             progress(f"{row.name}: {row.bytes_per_frame:,.0f} B/frame")
     return rows
+
+
+@dataclass
+class _HeadOutputs:
+    """``(size) -> [(z, meta)]``, one per frame: the head runs once per frame and size, on first use."""
+
+    splits: dict[str, tuple[Any, Any]]  # size -> (head, tail)
+    inputs: list[torch.Tensor]
+    cache: dict[str, list] = field(default_factory=dict)
+
+    def __call__(self, size: str) -> list:
+        if size not in self.cache:
+            head = self.splits[size][0]
+            self.cache[size] = [head([x]) for x in self.inputs]
+        return self.cache[size]
 
 
 def _run_setting(
