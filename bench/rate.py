@@ -201,7 +201,6 @@ def image_roundtrip(family: str, quality: int) -> Callable[[np.ndarray], tuple[b
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def run_sweep(
     model: torch.nn.Module,
     frames: list[np.ndarray],
@@ -282,47 +281,74 @@ def _run_setting(
     fps,
     accuracy: bool = True,
 ) -> tuple[list[int], list[dict], dict[str, Any]]:
-    extra: dict[str, Any] = {}
+    """One setting over every frame: (payload bytes per frame, detections per frame, the row's extra figures)."""
     if not accuracy:  # bytes only: skip every tail / full-model pass
         splits = {k: (h, lambda z, meta: [None]) for k, (h, _) in splits.items()}
         models = {k: (lambda images: [None]) for k in models}
     if s.family == "local":
         m = models[s.size]
-        return [0] * len(inputs), [m([x])[0] for x in inputs], extra
+        return [0] * len(inputs), [m([x])[0] for x in inputs], {}
     if s.family.startswith("split"):
-        p = s.params
-        tail = splits[s.size][1]
-        out_sizes, dets = [], []
-        if p["coding"] == "temporal":
-            enc = StreamEncoder(*s.codec.as_tuple(), key_interval=key_interval, max_clamped=max_clamped)
-            clamped = []
-            for z, meta in head_outputs(s.size):
-                frame = enc.encode(z)
-                # what the server reconstructs (tests/test_streams.py): the encoder's own symbols
-                zq = enc.reconstruction()
-                out_sizes.append(frame.tensor.wire_size)
-                clamped.append(frame.clamped / frame.tensor.numel)
-                dets.append(tail(torch.as_tensor(np.asarray(zq)), meta)[0])
-            extra.update(key_frames=enc.keys, clamp_keys=enc.clamp_keys, clamped_share=float(np.mean(clamped)))
-        else:
-            settings = s.codec
-            prior = splits[s.size][0].prior_tables() if settings.learned else None
-            for z, meta in head_outputs(s.size):
-                encoded = settings.encode(z, prior=prior)
-                out_sizes.append(encoded.wire_size)
-                # == decode(encoded), bit for bit
-                zq = settings.roundtrip(z, prior=prior)
-                dets.append(tail(torch.as_tensor(np.asarray(zq)), meta)[0])
-        return out_sizes, dets, extra
+        if s.params["coding"] == "temporal":
+            return _run_temporal(s, head_outputs, splits[s.size], key_interval, max_clamped)
+        return _run_intra(s, head_outputs, splits[s.size])
     m = models[s.size]
     if s.family in ("JPEG", "WebP"):
-        codec_fn = image_roundtrip(s.family, s.params["quality"])
-        out_sizes, dets = [], []
-        for rgb in frames:
-            data, decoded = codec_fn(rgb)
-            out_sizes.append(len(data))
-            dets.append(m([to_tensor(decoded)])[0])
-        return out_sizes, dets, extra
+        return _run_image(s, frames, m)
+    return _run_video(s, frames, m, key_interval, preset, fps)
+
+
+def _run_temporal(
+    s: RateSetting, head_outputs: _HeadOutputs, split: tuple[Any, Any], key_interval: int, max_clamped: float
+) -> tuple[list[int], list[dict], dict[str, Any]]:
+    """A split setting coded as one stream session (key frames and deltas); extra: key frames, clamp keys and
+    the clamped share."""
+    tail = split[1]
+    out_sizes, dets = [], []
+    enc = StreamEncoder(*s.codec.as_tuple(), key_interval=key_interval, max_clamped=max_clamped)
+    clamped = []
+    for z, meta in head_outputs(s.size):
+        frame = enc.encode(z)
+        # what the server reconstructs (tests/test_streams.py): the encoder's own symbols
+        zq = enc.reconstruction()
+        out_sizes.append(frame.tensor.wire_size)
+        clamped.append(frame.clamped / frame.tensor.numel)
+        dets.append(tail(torch.as_tensor(np.asarray(zq)), meta)[0])
+    return out_sizes, dets, dict(key_frames=enc.keys, clamp_keys=enc.clamp_keys, clamped_share=float(np.mean(clamped)))
+
+
+def _run_intra(
+    s: RateSetting, head_outputs: _HeadOutputs, split: tuple[Any, Any]
+) -> tuple[list[int], list[dict], dict[str, Any]]:
+    """A split setting coding every frame on its own (affine bits, or an Entropic Student's learned coding)."""
+    head, tail = split
+    out_sizes, dets = [], []
+    settings = s.codec
+    prior = head.prior_tables() if settings.learned else None
+    for z, meta in head_outputs(s.size):
+        encoded = settings.encode(z, prior=prior)
+        out_sizes.append(encoded.wire_size)
+        # == decode(encoded), bit for bit
+        zq = settings.roundtrip(z, prior=prior)
+        dets.append(tail(torch.as_tensor(np.asarray(zq)), meta)[0])
+    return out_sizes, dets, {}
+
+
+def _run_image(s: RateSetting, frames: list[np.ndarray], m) -> tuple[list[int], list[dict], dict[str, Any]]:
+    """Offload as JPEG / WebP: each frame encoded, decoded as the server decodes it, then the whole model."""
+    codec_fn = image_roundtrip(s.family, s.params["quality"])
+    out_sizes, dets = [], []
+    for rgb in frames:
+        data, decoded = codec_fn(rgb)
+        out_sizes.append(len(data))
+        dets.append(m([to_tensor(decoded)])[0])
+    return out_sizes, dets, {}
+
+
+def _run_video(
+    s: RateSetting, frames: list[np.ndarray], m, key_interval: int, preset: str, fps: float
+) -> tuple[list[int], list[dict], dict[str, Any]]:
+    """Offload as H.264 / HEVC access units (a key frame every ``key_interval``); extra: the key frames."""
     fmt = {"H.264": "h264", "HEVC": "hevc"}[s.family]
     enc = VideoEncoder(VideoSettings(format=fmt, crf=s.params["crf"], gop=key_interval, fps=fps, preset=preset))
     dec = VideoDecoder(fmt)
@@ -333,8 +359,7 @@ def _run_setting(
         out_sizes.append(len(data))
         decoded = dec.decode(data, key_frame=key)[: rgb.shape[0], : rgb.shape[1]]
         dets.append(m([to_tensor(np.ascontiguousarray(decoded))])[0])
-    extra["key_frames"] = keys
-    return out_sizes, dets, extra
+    return out_sizes, dets, {"key_frames": keys}
 
 
 def _coco_map(coco_gt, dets: list[dict], image_ids: list[int]) -> tuple[float, float]:
