@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from hnd.bench.overhead import make_request, start_child, stop_child
+from hnd.bench.speed_clients import make_request
+from hnd.bench.speed_servers import start_child, stop_child
 from hnd.common.files import atomic_write_json
 from hnd.common.timing import percentiles
 

@@ -233,7 +233,7 @@ def _images(payload: Payload) -> int:
     return int(payload.z.shape[0]) if isinstance(payload, SplitPayload) else 1
 
 
-def _filter_detections(dets: dict[str, torch.Tensor], request: pb.InferRequest) -> dict[str, torch.Tensor]:
+def filter_detections(dets: dict[str, torch.Tensor], request: pb.InferRequest) -> dict[str, torch.Tensor]:
     if not request.HasField("score_threshold") and not request.HasField("max_detections"):
         return dets
     keep = torch.ones(dets["scores"].shape[0], dtype=torch.bool)
@@ -586,7 +586,7 @@ class SplitInferenceService:
         t1 = time.perf_counter_ns()
         response = pb.InferResponse(
             request_id=request.request_id,
-            detections=[wire.detections_to_proto(_filter_detections(d, request)) for d in result],
+            detections=[wire.detections_to_proto(filter_detections(d, request)) for d in result],
             key_frame_required=bool(stream_note),  # answered, but not kept as a reference
         )
         encode_ns = time.perf_counter_ns() - t1

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from hnd.bench import batching, overhead
+from hnd.bench import batching, decode_profile, overhead, speed_clients, speed_servers
 from hnd.common.split import SplitMeta
 
 CONFIG = "test/faster_rcnn-b3ch"
@@ -16,15 +16,15 @@ CONFIG = "test/faster_rcnn-b3ch"
 def test_stand_in_tails():
     z = torch.zeros(3, 3, 12, 12)
     meta = SplitMeta(((32, 32),) * 3, ((32, 32),) * 3, (32, 32))
-    out = overhead.parse_tail("trivial", detections=7)(z, meta)
+    out = speed_servers.parse_tail("trivial", detections=7)(z, meta)
     assert len(out) == 3 and out[0]["boxes"].shape == (7, 4) and out[0]["labels"].dtype == torch.int64
-    sleep = overhead.parse_tail("sleep:20,10")
+    sleep = speed_servers.parse_tail("sleep:20,10")
     t = time.monotonic()
     sleep(z, meta)
     assert time.monotonic() - t >= 0.05  # 20 + 3 x 10 ms
-    assert overhead.parse_tail("real") is None
+    assert speed_servers.parse_tail("real") is None
     with pytest.raises(ValueError, match="unknown tail"):
-        overhead.parse_tail("fast")
+        speed_servers.parse_tail("fast")
     assert batching.parse_policies("1x0,8x2.5") == [(1, 0.0), (8, 2.5)]
 
 
@@ -40,7 +40,7 @@ def test_overhead_benchmark_measures_both_sides():
         assert m["target_met"] == (m["ratio_p50"] <= overhead.TARGET_RATIO)
     assert "overhead/floor" in overhead.format_table(r)
     # The rungs between the floor and hnd answered the same requests (the edge's client checks the ids).
-    for step in overhead.LADDER:
+    for step in speed_servers.LADDER:
         assert all(r["ladder"][step][call]["hnd_total_ms"]["p50"] > 0 for call in ("unary", "stream"))
     assert "+ validate/decode" in overhead.format_table(r)
 
@@ -61,8 +61,8 @@ def test_overhead_profile_splits_the_server_decode_into_its_steps():
 
     threads = torch.get_num_threads()
     try:
-        request, _ = overhead.make_request(CONFIG, 0, 8, (120, 160))
-        steps = overhead.profile_steps(request, overhead.build_runner(CONFIG, 0, "trivial", 5), repeats=3)
+        request, _ = speed_clients.make_request(CONFIG, 0, 8, (120, 160))
+        steps = decode_profile.profile_steps(request, speed_servers.build_runner(CONFIG, 0, "trivial", 5), repeats=3)
     finally:
         torch.set_num_threads(threads)  # build_runner pins the server to one thread
     parts = [k.strip() for k in steps if k.startswith("  ")]
