@@ -232,43 +232,16 @@ def decode(
     """
     import constriction
 
-    if not (isinstance(shape, tuple) and len(shape) == 4 and all(isinstance(d, int) and d >= 1 for d in shape)):
-        raise EntropyCodingError(f"shape must be 4 positive ints [B, C, h, w], got {shape!r}"[:200])
+    _check_decode_bounds(payload, shape, tables, max_elements, max_payload)
     b, c, h, w = shape
-    if c != tables.channels:
-        raise EntropyCodingError(f"shape {shape} has {c} channels; the model's prior has {tables.channels}")
-    numel = b * c * h * w
-    if numel > max_elements:
-        raise EntropyCodingError(f"shape {shape} has {numel} elements; the limit is {max_elements}")
-    if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise EntropyCodingError(f"payload must be bytes, got {type(payload).__name__}")
-    cap = max_payload_bytes(numel) if max_payload is None else min(max_payload, max_payload_bytes(numel))
     n = len(payload)
-    if n > cap:
-        raise EntropyCodingError(f"payload of {n} bytes exceeds the {cap} bytes {shape} can need")
-    if n < _CRC_BYTES or (n - _CRC_BYTES) % 4:
-        raise EntropyCodingError(f"payload of {n} bytes is not whole 32-bit words plus a 4-byte CRC")
     words = np.frombuffer(bytes(payload[: n - _CRC_BYTES]), dtype="<u4").astype(np.uint32)
     crc = int.from_bytes(bytes(payload[n - _CRC_BYTES :]), "little")
     out = np.empty((b, c, h * w), dtype=np.int64)
     vmax = tables.cdf_length.astype(np.int64) - 2
     try:
         dec = constriction.stream.queue.RangeDecoder(words)
-        for i in range(b):
-            for ch in range(c):
-                out[i, ch] = dec.decode(tables._models[ch], h * w)
-        overflow = out == vmax[None, :, None]
-        n_over = int(overflow.sum())
-        if n_over:
-            counts = dec.decode(constriction.stream.model.Uniform(_MAX_NIBBLES), n_over).astype(np.int64) + 1
-            nibbles = dec.decode(constriction.stream.model.Uniform(16), int(counts.sum())).astype(np.int64)
-            which = np.repeat(np.arange(n_over), counts)
-            k = np.arange(len(which)) - np.repeat(np.cumsum(counts) - counts, counts)
-            raw = np.zeros(n_over, dtype=np.int64)
-            np.add.at(raw, which, nibbles << (4 * k))
-            channel_max = np.broadcast_to(vmax[None, :, None], out.shape)[overflow]
-            # Even raw: above the table, 2(v - max); odd: below it, -2v - 1.
-            out[overflow] = np.where(raw % 2 == 0, raw // 2 + channel_max, -(raw + 1) // 2)
+        _decode_values(dec, tables, out, vmax)
         exhausted = dec.maybe_exhausted()
     except EntropyCodingError:
         raise
@@ -285,3 +258,50 @@ def decode(
     if zlib.crc32(symbols.astype("<i4").tobytes()) != crc:
         raise EntropyCodingError("payload fails its CRC-32: truncated, corrupted, or coded for another shape or prior")
     return symbols
+
+
+def _check_decode_bounds(
+    payload: bytes, shape: tuple[int, int, int, int], tables: PriorTables, max_elements: int, max_payload: int | None
+) -> None:
+    """Before any decoding: a shape of 4 positive ints with the prior's channels and at most ``max_elements``
+    symbols, and a payload of bytes, no longer than that shape can need, of whole words plus the CRC."""
+    if not (isinstance(shape, tuple) and len(shape) == 4 and all(isinstance(d, int) and d >= 1 for d in shape)):
+        raise EntropyCodingError(f"shape must be 4 positive ints [B, C, h, w], got {shape!r}"[:200])
+    b, c, h, w = shape
+    if c != tables.channels:
+        raise EntropyCodingError(f"shape {shape} has {c} channels; the model's prior has {tables.channels}")
+    numel = b * c * h * w
+    if numel > max_elements:
+        raise EntropyCodingError(f"shape {shape} has {numel} elements; the limit is {max_elements}")
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise EntropyCodingError(f"payload must be bytes, got {type(payload).__name__}")
+    cap = max_payload_bytes(numel) if max_payload is None else min(max_payload, max_payload_bytes(numel))
+    n = len(payload)
+    if n > cap:
+        raise EntropyCodingError(f"payload of {n} bytes exceeds the {cap} bytes {shape} can need")
+    if n < _CRC_BYTES or (n - _CRC_BYTES) % 4:
+        raise EntropyCodingError(f"payload of {n} bytes is not whole 32-bit words plus a 4-byte CRC")
+
+
+def _decode_values(dec: Any, tables: PriorTables, out: np.ndarray, vmax: np.ndarray) -> None:
+    """Range-decode into ``out`` (int64 [B, C, h*w]) the values ``v = s - offset_c``: each channel's table
+    symbols, then the bypass value of every overflow bin (``vmax``: each channel's). constriction's own
+    errors propagate."""
+    import constriction
+
+    b, c, hw = out.shape
+    for i in range(b):
+        for ch in range(c):
+            out[i, ch] = dec.decode(tables._models[ch], hw)
+    overflow = out == vmax[None, :, None]
+    n_over = int(overflow.sum())
+    if n_over:
+        counts = dec.decode(constriction.stream.model.Uniform(_MAX_NIBBLES), n_over).astype(np.int64) + 1
+        nibbles = dec.decode(constriction.stream.model.Uniform(16), int(counts.sum())).astype(np.int64)
+        which = np.repeat(np.arange(n_over), counts)
+        k = np.arange(len(which)) - np.repeat(np.cumsum(counts) - counts, counts)
+        raw = np.zeros(n_over, dtype=np.int64)
+        np.add.at(raw, which, nibbles << (4 * k))
+        channel_max = np.broadcast_to(vmax[None, :, None], out.shape)[overflow]
+        # Even raw: above the table, 2(v - max); odd: below it, -2v - 1.
+        out[overflow] = np.where(raw % 2 == 0, raw // 2 + channel_max, -(raw + 1) // 2)
