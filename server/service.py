@@ -262,7 +262,6 @@ class StreamInflight:
 
     def __init__(self, max_inflight: int) -> None:
         self.pending: asyncio.Queue[tuple[asyncio.Future, int, str] | None] = asyncio.Queue(maxsize=max_inflight)
-        # Read but not yet answered, in request order: a refusal cancels the ones behind it.
         self.tasks: deque[asyncio.Future] = deque()
         self.ended = asyncio.Event()
 
@@ -685,7 +684,7 @@ class SplitInferenceService:
             session.close()
             await self._fail(context, method, draining_error(), time.perf_counter_ns())
         inflight = StreamInflight(self.limits.max_stream_inflight)
-        reader = asyncio.ensure_future(self._read_stream(request_iterator, context, session, inflight))
+        reader = asyncio.ensure_future(self._read_stream(request_iterator, context, session, inflight, method))
         self._stream_readers.add(reader)
         reader.add_done_callback(self._stream_readers.discard)
         try:
@@ -725,6 +724,7 @@ class SplitInferenceService:
         context: grpc.aio.ServicerContext,
         session: StreamSession,
         inflight: StreamInflight,
+        method: str,
     ) -> None:
         """InferStream's reader: each message parsed and started as an ``infer`` task, queued on ``inflight`` in
         order; a message that does not parse is queued as a failed future (its refusal comes in order), and None
@@ -735,9 +735,7 @@ class SplitInferenceService:
                     break
                 start = time.perf_counter_ns()
                 request = self._parse(raw)  # parse errors surface in order, below
-                task = asyncio.ensure_future(
-                    self.infer(request, context.time_remaining(), session, method="InferStream")
-                )
+                task = asyncio.ensure_future(self.infer(request, context.time_remaining(), session, method=method))
                 inflight.add(task)
                 try:
                     await inflight.pending.put((task, start, request.request_id))
