@@ -287,9 +287,7 @@ def wait_ready(proc: subprocess.Popen, timeout_s: float = 300.0) -> subprocess.P
 
 
 def stop_child(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """SIGTERM, then kill after 10 s (a benchmark child has nothing to drain)."""
+    from hnd.server.local import stop_server_process  # hnd and torch only where used, as above
+
+    stop_server_process(proc, timeout_s=10.0)

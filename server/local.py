@@ -115,12 +115,12 @@ def start_server_process(
     return proc
 
 
-def stop_server_process(proc: subprocess.Popen) -> None:
-    """SIGTERM (graceful drain), then kill if it lingers."""
+def stop_server_process(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM (graceful drain), then kill if it lingers past ``timeout_s``."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
 
