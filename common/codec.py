@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import zstandard
+
 from hnd.common import entropy_coder
 from hnd.common.entropy_coder import PriorTables
 from hnd.common.errors import HndError
