@@ -7,6 +7,10 @@ from typing import Any
 
 import grpc
 
+# The inference service's full name (hnd/v1/split_inference.proto): here, not in hnd.server.service, so that
+# hnd-healthcheck and the edge name it without importing the server (torch).
+SERVICE_NAME = "hnd.v1.SplitInference"
+
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """Message-size and keepalive options shared by the server and the edge's channel."""

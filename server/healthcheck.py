@@ -11,8 +11,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hnd.common.channel import client_channel
-from hnd.server.service import SERVICE_NAME
+from hnd.common.channel import SERVICE_NAME, client_channel
 
 
 def check(

@@ -27,7 +27,7 @@ from torch import nn
 
 import hnd
 from hnd.common import codec, wire
-from hnd.common.channel import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY
+from hnd.common.channel import REPLICA_KEY, SERVICE_NAME, TAIL_KEY, WEIGHTS_KEY
 from hnd.common.checkpoint import fingerprint
 from hnd.common.meta import FingerprintMismatch, check_fingerprint
 from hnd.common.models import bottleneck_channels_of, bottleneck_type_of, model_kind
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hnd.server")
 
-SERVICE_NAME = "hnd.v1.SplitInference"
 IMAGE_FORMATS = {
     pb.EncodedImage.FORMAT_JPEG: "JPEG",
     pb.EncodedImage.FORMAT_PNG: "PNG",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -276,3 +278,23 @@ def test_decode_off_the_event_loop_gives_the_same_answer_and_the_same_refusals(m
     assert pb.InferResponse.FromString(a).detections == pb.InferResponse.FromString(b).detections
     assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "corrupt zstd payload" in refused.details()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_healthcheck_is_probe_sized_and_imports_no_torch(server):
+    """hnd-healthcheck in a fresh interpreter: SERVING, without torch / numpy / the server's service module,
+    in well under 100 MB (it imported torch through hnd.server.service for one constant: 835 MB, 3.6 s).
+    Peak RSS is VmHWM, which exec resets (ru_maxrss would keep pytest's)."""
+    script = (
+        "import re, sys\n"
+        "from hnd.server.healthcheck import main\n"
+        f"rc = main(['--server', '127.0.0.1:{server.port}'])\n"
+        "heavy = sorted(m for m in ('torch', 'numpy', 'PIL', 'hnd.server.service') if m in sys.modules)\n"
+        "peak = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+        "print(rc, ','.join(heavy) or '-', int(peak) // 1024)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rc, heavy, rss_mib = run.stdout.splitlines()[-1].split()
+    assert (rc, heavy) == ("0", "-"), run.stdout
+    assert int(rss_mib) < 100, f"hnd-healthcheck peaked at {rss_mib} MiB"
