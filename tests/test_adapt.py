@@ -1,0 +1,152 @@
+"""The adaptation policy (hnd.edge.adapt): hand-worked cases of choose() and predict(), and the profile file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from hnd.edge.adapt import (
+    LinkEstimate,
+    Objective,
+    OperatingPoint,
+    PolicyState,
+    ProfileError,
+    choose,
+    load_profile,
+    predict,
+    profile_header,
+)
+
+
+def point(id: str, nbytes: float, agreement: float, edge_ms: float = 10.0, server_ms: float = 20.0) -> OperatingPoint:
+    """A point whose p95 bytes are 1.25x its mean."""
+    return OperatingPoint(id, "split", {"bits": 8}, nbytes, 1.25 * nbytes, edge_ms, server_ms, agreement)
+
+
+# Over 10 Mbit/s with a 20 ms round trip, 30 ms of compute each: p95 latency 30 + 20 + 8 * 1.25 * bytes / 1e4 ms
+SMALL = point("small", 1_000, 0.80)  # 51 ms
+TIE = point("mid-tie", 8_000, 0.95)  # 58 ms
+MID = point("mid", 10_000, 0.95)  # 60 ms
+BIG = point("big", 100_000, 0.99)  # 150 ms
+POINTS = [BIG, MID, SMALL, TIE]
+LINK = LinkEstimate(bandwidth_bps=10e6, rtt_ms=20.0, samples=10)
+
+
+def test_predicted_latency_and_bitrate_by_hand():
+    assert predict(SMALL, LINK).latency_ms == pytest.approx(51.0)
+    assert predict(BIG, LINK).latency_ms == pytest.approx(150.0)
+    # no frame rate: one frame per predicted latency -> 8 * 100,000 bits / 0.150 s = 5,333 kbit/s
+    assert predict(BIG, LINK).kbps == pytest.approx(8 * 100_000 / 0.150 / 1e3)
+    at10 = LinkEstimate(bandwidth_bps=10e6, rtt_ms=20.0, fps=10.0, samples=10)
+    assert predict(MID, at10).kbps == pytest.approx(800.0)  # 8 * 10,000 B * 10 fps
+    # 10 fps of 100 kB is 8 Mbit/s: more than 90 % of a 1 Mbit/s link, so the queue grows without bound
+    slow = LinkEstimate(bandwidth_bps=1e6, rtt_ms=20.0, fps=10.0, samples=10)
+    assert math.isinf(predict(BIG, slow).latency_ms)
+    assert predict(MID, slow).latency_ms == pytest.approx(30 + 20 + 8 * 12_500 / 1e3)  # 150 ms
+    # the edge's own observations of a point's compute replace the profile's
+    seen = LinkEstimate(bandwidth_bps=10e6, rtt_ms=20.0, samples=10, compute_ms={"small": 100.0})
+    assert predict(SMALL, seen).latency_ms == pytest.approx(121.0)
+
+
+def test_highest_agreement_within_target_fewest_bytes_among_ties():
+    d = choose(POINTS, LINK, Objective(target_latency_ms=100), PolicyState())
+    # small, mid-tie and mid meet 100 ms; mid-tie and mid agree best (0.95): mid-tie has fewer bytes
+    assert d.point.id == "mid-tie" and d.feasible and not d.switched and d.note is None
+    assert choose(POINTS, LINK, Objective(target_latency_ms=200), PolicyState()).point.id == "big"
+
+
+def test_bitrate_cap_and_agreement_floor():
+    at10 = LinkEstimate(bandwidth_bps=10e6, rtt_ms=20.0, fps=10.0, samples=10)
+    # 80 / 640 / 800 / 8,000 kbit/s at 10 fps: 700 leaves small and mid-tie
+    assert choose(POINTS, at10, Objective(max_kbps=700), PolicyState()).point.id == "mid-tie"
+    assert choose(POINTS, at10, Objective(max_kbps=700, min_agreement=0.9), PolicyState()).point.id == "mid-tie"
+    assert choose(POINTS, at10, Objective(min_agreement=0.97), PolicyState()).point.id == "big"
+
+
+def test_nothing_meets_it_cheapest_and_said_once_per_change():
+    objective = Objective(target_latency_ms=40)  # every point needs >= 51 ms
+    d1 = choose(POINTS, LINK, objective, PolicyState())
+    assert d1.point.id == "small" and not d1.feasible
+    assert d1.note is not None and "no operating point meets" in d1.note and "small" in d1.note
+    more = LinkEstimate(bandwidth_bps=10e6, rtt_ms=20.0, samples=20)
+    d2 = choose(POINTS, more, objective, d1.state)
+    assert d2.point.id == "small" and not d2.feasible and d2.note is None  # not said again
+    # the round trip drops to 5 ms: small takes 36.1 ms, the objective is met again (said once)
+    better = LinkEstimate(bandwidth_bps=10e6, rtt_ms=5.0, samples=30)
+    d3 = choose(POINTS, better, objective, d2.state)
+    assert d3.feasible and d3.point.id == "small" and d3.note is not None and "met again" in d3.note
+    assert choose(POINTS, LinkEstimate(10e6, 5.0, samples=40), objective, d3.state).note is None
+    # an agreement floor no point meets within the latency target: the cheapest too
+    d = choose(POINTS, LINK, Objective(target_latency_ms=100, min_agreement=0.97), PolicyState())
+    assert d.point.id == "small" and not d.feasible
+
+
+def test_hysteresis_up_margin_and_min_samples():
+    objective = Objective(target_latency_ms=180)  # big: 150 ms, within 180 but not within 0.8 x 180 = 144
+    from_mid = choose(POINTS, LINK, objective, PolicyState(current="mid-tie", samples_at_switch=0))
+    assert from_mid.point.id == "mid-tie" and not from_mid.switched  # an upgrade needs the margin
+    on_big = choose(POINTS, LINK, objective, PolicyState(current="big", samples_at_switch=0))
+    assert on_big.point.id == "big" and not on_big.switched  # the current one only has to meet the target
+    up = choose(POINTS, LINK, Objective(target_latency_ms=200), PolicyState(current="mid-tie", samples_at_switch=0))
+    assert up.point.id == "big" and up.switched and up.state.switches == 1 and up.state.samples_at_switch == 10
+    # the link drops to 1 Mbit/s two observations after that switch: too early to tell, keep big
+    slow = LinkEstimate(bandwidth_bps=1e6, rtt_ms=20.0, samples=12)
+    kept = choose(POINTS, slow, Objective(target_latency_ms=200), up.state)
+    assert kept.point.id == "big" and not kept.switched
+    # the third observation since the switch: down to what 1 Mbit/s holds (mid: 150 ms; small: 60 ms)
+    later = LinkEstimate(bandwidth_bps=1e6, rtt_ms=20.0, samples=13)
+    down = choose(POINTS, later, Objective(target_latency_ms=200), kept.state)
+    assert down.point.id == "mid-tie" and down.switched and down.state.switches == 2
+
+
+def test_nothing_measured_yet_starts_with_the_cheapest():
+    d = choose(POINTS, LinkEstimate(), Objective(target_latency_ms=1000), PolicyState())
+    assert d.point.id == "small" and d.state.current == "small" and not d.switched
+
+
+def write_profile(path, fingerprint="ab" * 32, points=None):
+    header = profile_header(fingerprint, "test/faster_rcnn-b3ch", "random (seed 0)", {"cpu": "test"})
+    pts = points or [
+        {
+            "id": "split-8b",
+            "mode": "split",
+            "reproduce": {"bits": 8, "granularity": "tensor", "coding": "intra", "resize": "native"},
+            "bytes": {"mean": 100.0, "p95": 120.0},
+            "edge_ms": {"mean": 1.0, "p95": 2.0},
+            "server_ms": {"mean": 3.0, "p95": 4.0},
+            "agreement_f1": 1.0,
+        }
+    ]
+    path.write_text(json.dumps({**header, "points": pts}))
+    return path
+
+
+def test_profile_loads_and_refuses_other_weights_in_one_line(tmp_path):
+    profile = load_profile(write_profile(tmp_path / "points.json"))
+    assert profile.fingerprint == "ab" * 32 and profile.points[0].edge_ms == 2.0
+    profile.check_weights("ab" * 32)
+    with pytest.raises(ProfileError) as exc:
+        profile.check_weights("cd" * 32)
+    message = str(exc.value)
+    assert "points.json" in message and "other weights" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (None, "no such"),
+        ("{not json", "not an operating-points file"),
+        ('{"format": "other"}', "not an operating-points file"),
+        ('{"format": "hnd-operating-points", "version": 9}', "version 9"),
+        ('{"format": "hnd-operating-points", "version": 1, "model": {}, "points": []}', "malformed"),
+    ],
+)
+def test_bad_profiles_are_one_line_naming_the_file(tmp_path, text, problem):
+    path = tmp_path / "points.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ProfileError) as exc:
+        load_profile(path)
+    assert str(exc.value).startswith(str(path)) and problem in str(exc.value)
