@@ -1,4 +1,5 @@
-"""The adaptation policy (hnd.edge.adapt): hand-worked cases of choose() and predict(), and the profile file."""
+"""The adaptation policy (hnd.edge.adapt): hand-worked cases of choose() and predict(), the profile file, and the
+link estimator (hnd.edge.linkest)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from hnd.edge.adapt import (
     predict,
     profile_header,
 )
+from hnd.edge.linkest import EstimatorParams, LinkEstimator
 
 
 def point(id: str, nbytes: float, agreement: float, edge_ms: float = 10.0, server_ms: float = 20.0) -> OperatingPoint:
@@ -150,3 +152,52 @@ def test_bad_profiles_are_one_line_naming_the_file(tmp_path, text, problem):
     with pytest.raises(ProfileError) as exc:
         load_profile(path)
     assert str(exc.value).startswith(str(path)) and problem in str(exc.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The link estimator (hnd.edge.linkest), by hand: 125,000 B is 1 Mbit, 100 ms at 10 Mbit/s
+
+
+def test_round_trip_is_the_windowed_minimum_of_network_minus_server_time():
+    est = LinkEstimator()
+    est.observe(0.0, 100, 50, network_ms=150.0, server_ms=100.0)  # 50 ms on the wire
+    est.observe(1.0, 100, 50, network_ms=30.0, server_ms=0.0)
+    est.observe(2.0, 100, 50, network_ms=60.0, server_ms=20.0)  # 40
+    assert est.rtt_ms(2.0) == 30.0
+    est.observe(12.0, 100, 50, network_ms=45.0, server_ms=0.0)  # the 30 ms one is 11 s old: aged out
+    assert est.rtt_ms(12.0) == 40.0
+    assert est.rtt_ms(100.0) == 45.0  # all old: the newest stands
+
+
+def test_bandwidth_is_the_windowed_maximum_of_delivery_rates():
+    est = LinkEstimator()
+    est.observe(0.0, 100, 0, network_ms=20.0, server_ms=0.0)  # the round trip, 20 ms; too short to time
+    assert est.bandwidth_bps == pytest.approx(8 * 100 / 0.5e-3)  # floored at 0.5 ms: a lower bound
+    est.observe(1.0, 125_000, 0, network_ms=130.0, server_ms=10.0)  # 100 ms of transfer
+    assert est.bandwidth_bps == pytest.approx(10e6)
+    est.observe(2.0, 125_000, 0, network_ms=220.0, server_ms=0.0)  # waited behind another frame: 5 Mbit/s
+    assert est.bandwidth_bps == pytest.approx(10e6)  # an understated sample does not lower the maximum
+    e = est.estimate(2.0)
+    assert (e.bandwidth_bps, e.rtt_ms, e.samples) == (pytest.approx(10e6), 20.0, 3)
+
+
+def test_a_rate_drop_restarts_the_window_after_two_overusing_frames():
+    est = LinkEstimator()
+    est.observe(0.0, 100, 0, network_ms=20.0, server_ms=0.0)
+    est.observe(1.0, 125_000, 0, network_ms=120.0, server_ms=0.0)  # 10 Mbit/s
+    # 1 Mbit/s now: 1,000 ms of transfer where 10 Mbit/s predicts 100 (over 2 x 100 + 5)
+    est.observe(2.0, 125_000, 0, network_ms=1020.0, server_ms=0.0)
+    assert est.bandwidth_bps == pytest.approx(10e6)  # one slow frame may be jitter
+    est.observe(3.0, 125_000, 0, network_ms=1020.0, server_ms=0.0)
+    assert est.bandwidth_bps == pytest.approx(1e6)
+    est.observe(4.0, 125_000, 0, network_ms=120.0, server_ms=0.0)  # back to 10 Mbit/s: the max filter rises at once
+    assert est.bandwidth_bps == pytest.approx(10e6)
+
+
+def test_compute_per_point_replaces_the_profile_after_a_few_frames():
+    est = LinkEstimator(EstimatorParams(compute_min=3, compute_quantile=1.0))
+    for i, ms in enumerate((10.0, 30.0)):
+        est.observe(float(i), 100, 0, 20.0, 0.0, point="a", compute_ms=ms)
+    assert est.compute_ms() == {}
+    est.observe(2.0, 100, 0, 20.0, 0.0, point="a", compute_ms=20.0)
+    assert est.estimate(2.0).compute_ms == {"a": 30.0}

@@ -1,0 +1,126 @@
+"""The edge's estimate of its link, from its own traffic: bandwidth, round trip, and compute per point.
+
+Each answered frame is one observation: the bytes it put on the wire (request and response) and its
+``network_server`` time (request sent -> response arrived, on the edge's clock) minus the server's own
+stage times (as the server reports them; durations, never clocks subtracted across hosts). What is left,
+``wire_ms``, is the round trip plus the time the bytes took on the link (plus gRPC's own small cost).
+
+* **Round trip** (``rtt_ms``): the windowed minimum of ``wire_ms`` over the last ``rtt_window_s`` seconds,
+  as BBR keeps its RTprop: the smallest frames give the tightest bound (their bytes take least time), and an
+  old minimum ages out so a longer path is learnt.
+* **Bandwidth** (``bandwidth_bps``): a delivery-rate sample per frame, ``8 * bytes / (wire_ms - rtt_ms)``,
+  and the windowed maximum over the last ``bw_window`` samples, as BBR keeps its BtlBw: a frame that waited
+  behind another in flight, or whose transfer was too short to time (floored at ``min_transfer_ms``), only
+  understates the rate, so the largest recent sample is the best one. A maximum filter alone would keep a
+  rate the link lost for a whole window; like WebRTC's delay-based controller (GCC), which cuts its
+  estimate when the delay grows (overuse), the window restarts from the recent samples when
+  ``overuse_samples`` frames in a row took more than ``overuse_factor`` times the transfer time the
+  estimate predicts for their bytes (plus ``overuse_slack_ms`` of jitter).
+* **Compute** per operating point: the edge's edge-stage and server times of the last frames sent with it
+  (a high quantile), which replace the profile's figures in the policy's predictions once there are a few.
+
+Pure bookkeeping (no clock of its own, no gRPC): callers pass times, tests pass numbers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from hnd.edge.adapt import LinkEstimate
+
+
+@dataclass(frozen=True)
+class EstimatorParams:
+    bw_window: int = 10  # delivery-rate samples in the max filter
+    rtt_window_s: float = 10.0  # the min filter's horizon
+    min_transfer_ms: float = 0.5  # below this a transfer is not timed: the sample is a lower bound
+    overuse_factor: float = 2.0
+    overuse_slack_ms: float = 5.0
+    overuse_samples: int = 2
+    compute_window: int = 20  # compute observations kept per point
+    compute_min: int = 3  # observations of a point before they replace the profile's figures
+    compute_quantile: float = 0.9
+
+
+class LinkEstimator:
+    """Observations in, :class:`~hnd.edge.adapt.LinkEstimate` out."""
+
+    def __init__(self, params: EstimatorParams = EstimatorParams(), fps: float | None = None) -> None:
+        self.params = params
+        self.fps = fps  # the source's frame rate when it is paced (a live camera), else None
+        self.samples = 0
+        self._rates: deque[float] = deque(maxlen=params.bw_window)  # bit/s
+        self._wire: deque[tuple[float, float]] = deque(maxlen=1024)  # (time s, wire ms)
+        self._overuse: list[float] = []  # rates of the overusing samples in a row
+        self._compute: dict[str, deque[float]] = {}
+
+    def rtt_ms(self, now_s: float) -> float | None:
+        """The smallest ``wire_ms`` of the last ``rtt_window_s`` (the newest one when all are older)."""
+        while len(self._wire) > 1 and now_s - self._wire[0][0] > self.params.rtt_window_s:
+            self._wire.popleft()
+        return min(w for _, w in self._wire) if self._wire else None
+
+    @property
+    def bandwidth_bps(self) -> float | None:
+        return max(self._rates) if self._rates else None
+
+    def observe(
+        self,
+        now_s: float,
+        request_bytes: int,
+        response_bytes: int,
+        network_ms: float,
+        server_ms: float,
+        point: str | None = None,
+        compute_ms: float | None = None,
+    ) -> None:
+        """One answered frame: its bytes both ways, request sent -> response arrived (``network_ms``), the
+        server's own time in it, and (optional) its operating point and edge + server compute."""
+        p = self.params
+        wire = max(network_ms - server_ms, 0.0)
+        self._wire.append((now_s, wire))
+        rtt = self.rtt_ms(now_s) or 0.0
+        nbytes = request_bytes + response_bytes
+        transfer = max(wire - rtt, p.min_transfer_ms)
+        rate = 8 * nbytes / transfer * 1e3
+        self._check_overuse(nbytes, wire - rtt, rate)
+        self._rates.append(rate)
+        self.samples += 1
+        if point is not None and compute_ms is not None:
+            self._compute.setdefault(point, deque(maxlen=p.compute_window)).append(compute_ms)
+
+    def _check_overuse(self, nbytes: int, transfer_ms: float, rate: float) -> None:
+        """Restart the max filter from the recent samples when frames keep taking far longer than predicted."""
+        p, bw = self.params, self.bandwidth_bps
+        if bw is None:
+            return
+        predicted = 8 * nbytes / bw * 1e3
+        if transfer_ms > p.overuse_factor * predicted + p.overuse_slack_ms:
+            self._overuse.append(rate)
+            if len(self._overuse) >= p.overuse_samples:
+                self._rates.clear()
+                self._rates.extend(self._overuse[:-1])  # the last one is appended by observe()
+                self._overuse.clear()
+        else:
+            self._overuse.clear()
+
+    def compute_ms(self) -> dict[str, float]:
+        """Per point with enough observations: the ``compute_quantile`` of its recent edge + server times."""
+        p = self.params
+        return {
+            k: float(np.quantile(np.asarray(v), p.compute_quantile))
+            for k, v in self._compute.items()
+            if len(v) >= p.compute_min
+        }
+
+    def estimate(self, now_s: float) -> LinkEstimate:
+        return LinkEstimate(
+            bandwidth_bps=self.bandwidth_bps,
+            rtt_ms=self.rtt_ms(now_s),
+            fps=self.fps,
+            samples=self.samples,
+            compute_ms=self.compute_ms(),
+        )
