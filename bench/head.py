@@ -11,6 +11,12 @@ is stem + bottleneck encoder on the padded batch; the int8 head is calibrated on
 Also: the edge stages of a 640x480 frame at native size (numpy preprocess + ONNX head + 8-bit zstd
 encode), and each runtime's agreement with torch eager (max |dz| and equal 8-bit symbols).
 
+Against the machine's own limit: each cell's multiply-accumulates (``head_gmac``, counted from the
+convolutions' shapes on that input), the achieved GMAC/s (best of the repeats) and its share of the
+matrix-multiply rate of the same precision and threads measured in the same run through the same runtime
+(``hnd.bench.gemm``: ORT MatMul fp32, MatMulInteger / QLinearMatMul int8, best of the repeats); and the
+1 -> 2 thread speed-up of each runtime. The load average is recorded: the machine is shared.
+
 An Entropic Student (``--config test/faster_rcnn-entropic-b24ch``, ``entropic/...``) runs the same way: its
 head is the encoder, the ONNX graphs output the int32 symbols, agreement is over those symbols (max |ds|
 in steps), the edge stages encode with learned entropy coding, and ``payload_bytes`` gives the coded bytes
@@ -20,6 +26,7 @@ of the 640x480 frame from each runtime next to torch eager's (the torch edge's).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +37,7 @@ import torch
 
 from hnd.bench.codec import cpu_name
 from hnd.bench.codec import median_ms as codec_median_ms
+from hnd.bench.gemm import GEMM_OPS, gemm_rate
 from hnd.common import codec, entropy_coder
 from hnd.common.checkpoint import fingerprint
 from hnd.common.build import build_model_from_config
@@ -57,6 +65,10 @@ class Cell:
     vs_eager: float = 0.0
     max_abs_diff: float = 0.0
     symbols_equal: float = 1.0
+    best_ms: float = 0.0
+    gmac: float = 0.0  # multiply-accumulates of the head's convolutions on this input, 1e9
+    gmac_per_s: float = 0.0  # gmac / best_ms
+    vs_gemm: float = 0.0  # gmac_per_s / the GEMM rate of the same precision and threads (ORT runtimes)
 
 
 @dataclass
@@ -67,12 +79,46 @@ class Results:
     edge_stages_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # threads -> stage -> ms
     bottleneck_type: str = "hnd"
     payload_bytes: dict[str, int] = field(default_factory=dict)  # runtime -> coded bytes, 640x480 native
+    gemm_gmac_per_s: dict[str, dict[str, float]] = field(default_factory=dict)  # threads -> precision -> GMAC/s
+    load_average: list[float] = field(default_factory=list)  # 1, 5, 15 min, at the start and at the end
 
 
 def median_ms(fn, repeats: int) -> float:
     """:func:`hnd.bench.codec.median_ms` after one warm-up call (ORT plans, torch allocator)."""
     fn()
     return codec_median_ms(fn, repeats)
+
+
+def median_best_ms(fn, repeats: int) -> tuple[float, float]:
+    """(median, best) wall ms of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = [codec_median_ms(fn, 1) for _ in range(repeats)]
+    return float(np.median(times)), min(times)
+
+
+@torch.inference_mode()
+def head_gmac(head: Head | EntropicHead, batch_hw: tuple[int, int]) -> float:
+    """Multiply-accumulates of the head's convolutions on one [1, 3, H, W] input, in 1e9: per Conv2d,
+    output elements x (input channels / groups) x kernel area, read off a forward pass's shapes."""
+    total = 0
+
+    def count(module: torch.nn.Conv2d, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = module.kernel_size
+        total += output.numel() * (module.in_channels // module.groups) * kh * kw
+
+    hooks = [m.register_forward_hook(count) for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        head.encode(torch.zeros(1, 3, *batch_hw))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total / 1e9
+
+
+def gemm_rates(threads: int, repeats: int) -> dict[str, float]:
+    """precision -> the machine's GMAC/s for a 1024^3 product through ONNX Runtime with ``threads`` threads."""
+    return {p: gemm_rate(p, threads, repeats=max(repeats, 5)).gmac_per_s for p in GEMM_OPS}
 
 
 def frames() -> dict[str, np.ndarray]:
@@ -94,6 +140,7 @@ def run(config: str, checkpoint: str | None, seed: int | None, threads: list[int
     imgs, names = sample_images()
     calib = [img for img, n in zip(imgs, names) if n in CALIBRATION]
     res = Results(machine=cpu_name(), config=str(cfg.path), bottleneck_type=meta.bottleneck_type)
+    res.load_average = [round(v, 2) for v in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         int8 = Path(tmp) / "int8.onnx"
@@ -101,15 +148,33 @@ def run(config: str, checkpoint: str | None, seed: int | None, threads: list[int
         quantize_int8(fp32, int8, calib, meta, f"{len(calib)} photos")
         for n in threads:
             torch.set_num_threads(n)
+            res.gemm_gmac_per_s[str(n)] = gemm_rates(n, repeats)
             sessions = {"ORT fp32": OnnxHead(fp32, threads=n), "ORT int8": OnnxHead(int8, threads=n)}
             for name, img in frames().items():
                 h, w = img.shape[:2]
                 for size, (mn, mx) in (("model", (meta.min_size, meta.max_size)), ("native", (min(h, w), max(h, w)))):
                     batch = _with_size(sessions["ORT fp32"], mn, mx).preprocess([img])[0]
-                    res.cells += _measure(name, size, batch, n, head, cl_head, sessions, repeats)
+                    cells = _measure(name, size, batch, n, head, cl_head, sessions, repeats)
+                    _rate(cells, head_gmac(head, tuple(batch.shape[-2:])), res.gemm_gmac_per_s[str(n)])
+                    res.cells += cells
             res.edge_stages_ms[str(n)] = _edge_stages(sessions, frames()["640x480"], repeats)
         res.payload_bytes = _payload_bytes(head, sessions, frames()["640x480"])
+    res.load_average += [round(v, 2) for v in os.getloadavg()]
     return res
+
+
+def _rate(cells: list[Cell], gmac: float, gemm: dict[str, float]) -> None:
+    """Fill each cell's GMAC, GMAC/s and, for the ORT runtimes, its share of the same precision's GEMM rate."""
+    for c in cells:
+        c.gmac = gmac
+        c.gmac_per_s = gmac / c.best_ms * 1e3
+        if c.runtime.startswith("ORT"):
+            c.vs_gemm = c.gmac_per_s / _ceiling(gemm, "int8" if c.runtime.endswith("int8") else "fp32")
+
+
+def _ceiling(gemm: dict[str, float], precision: str) -> float:
+    """The GEMM rate a head of this precision is measured against: fp32 MatMul, or the faster int8 op."""
+    return gemm["fp32"] if precision == "fp32" else max(gemm["int8"], gemm["int8 qlinear"])
 
 
 def _symbols(head: Head | EntropicHead, z: np.ndarray) -> np.ndarray:
@@ -169,6 +234,7 @@ def _measure(
     for runtime in RUNTIMES:
         fn, value = outputs[runtime]
         z = value()
+        med, best = median_best_ms(fn, repeats)
         cells.append(
             Cell(
                 name,
@@ -176,12 +242,13 @@ def _measure(
                 tuple(batch.shape[-2:]),
                 threads,
                 runtime,
-                median_ms(fn, repeats),
+                med,
                 # Entropic: the difference in symbol steps (the ONNX graphs output symbols, not the latent).
                 max_abs_diff=float(np.abs(_symbols(head, z).astype(np.int64) - ref_q).max())
                 if entropic
                 else float(np.abs(z - ref).max()),
                 symbols_equal=float((_symbols(head, z) == ref_q).mean()),
+                best_ms=best,
             )
         )
     eager = cells[0].ms
@@ -249,12 +316,48 @@ def markdown(res: Results) -> str:
         lines.append(
             f"| {threads_key} | {st['preprocess']:.1f} | {st['head']:.1f} | {st['encode']:.1f} | {st['total']:.1f} |"
         )
+    lines += _limit_tables(res)
     if res.payload_bytes:
         lines += ["", f"Coded bytes of the 640x480 frame at native size ({coding}), per runtime:", ""]
         lines.append("| " + " | ".join(res.payload_bytes) + " |")
         lines.append("|" + "---|" * len(res.payload_bytes))
         lines.append("| " + " | ".join(f"{b:,}" for b in res.payload_bytes.values()) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _limit_tables(res: Results) -> list[str]:
+    """The machine's GEMM rates, each ORT head's GMAC/s and share of them, and the 1 -> 2 thread speed-ups."""
+    if not res.gemm_gmac_per_s:
+        return []
+    load = f"load average 1/5/15 min {res.load_average[:3]} at the start, {res.load_average[3:]} at the end"
+    lines = ["", f"Matrix-multiply rate through ONNX Runtime, 1024^3, best GMAC/s ({load}):", ""]
+    lines.append("| threads | " + " | ".join(f"{p} ({op})" for p, op in GEMM_OPS.items()) + " |")
+    lines.append("|---|" + "---|" * len(GEMM_OPS))
+    for key, rates in res.gemm_gmac_per_s.items():
+        lines.append(f"| {key} | " + " | ".join(f"{rates[p]:.0f}" for p in GEMM_OPS) + " |")
+    ort_runtimes = [r for r in RUNTIMES if r.startswith("ORT")]
+    lines += ["", "The heads against it: best ms, GMAC/s and share of the same precision's GEMM rate:", ""]
+    lines.append("| frame | size | threads | GMAC | " + " | ".join(ort_runtimes) + " |")
+    lines.append("|---|---|---|---|" + "---|" * len(ort_runtimes))
+    keys = sorted({(c.frame, c.size) for c in res.cells}, key=lambda k: (k[1], k[0]))
+    threads = sorted({c.threads for c in res.cells})
+    for frame, size in keys:
+        for n in threads:
+            row = {c.runtime: c for c in res.cells if (c.frame, c.size, c.threads) == (frame, size, n)}
+            vals = " | ".join(
+                f"{row[r].best_ms:.1f} ms, {row[r].gmac_per_s:.0f}, {100 * row[r].vs_gemm:.0f} %" for r in ort_runtimes
+            )
+            lines.append(f"| {frame} | {size} | {n} | {row[ort_runtimes[0]].gmac:.2f} | {vals} |")
+    if 1 in threads and 2 in threads:
+        lines += ["", "Speed-up of 2 threads over 1 (median ms ratio, per frame and size):", ""]
+        lines.append("| frame | size | " + " | ".join(RUNTIMES) + " |")
+        lines.append("|---|---|" + "---|" * len(RUNTIMES))
+        for frame, size in keys:
+            ms = {(c.runtime, c.threads): c.ms for c in res.cells if (c.frame, c.size) == (frame, size)}
+            lines.append(
+                f"| {frame} | {size} | " + " | ".join(f"{ms[(r, 1)] / ms[(r, 2)]:.2f}x" for r in RUNTIMES) + " |"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

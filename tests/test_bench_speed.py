@@ -86,3 +86,44 @@ def test_loop_probe_times_another_call_while_the_server_decodes():
         assert p["infers"] > 0 and p["probes"] > 0 and p["infer_ms_p50"] > 0
         assert 0 < p["probe_ms"]["p50"] <= p["probe_ms"]["max"]
     assert "GetModelInfo meanwhile" in overhead.format_probe(r)
+
+
+def test_gemm_models_compute_the_product_they_time():
+    """hnd.bench.gemm's sessions compute A x B (so the rate they give is a matrix multiply's)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from hnd.bench import gemm
+
+    for precision in gemm.GEMM_OPS:
+        data, a = gemm.gemm_model(precision, 8, 16, 4)
+        b = numpy_helper.to_array(next(i for i in onnx.load_from_string(data).graph.initializer if i.name == "B"))
+        y = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+        if precision == "fp32":
+            np.testing.assert_allclose(y, a @ b, rtol=1e-5, atol=1e-4)
+        elif precision == "int8":
+            assert np.array_equal(y, (a.astype(np.int32) - 128) @ b.astype(np.int32))
+        else:  # y = round(0.02 * 0.01 * (a - 128) @ b / 0.5) + 128, saturated to uint8
+            want = np.clip(np.rint((a.astype(np.int32) - 128) @ b.astype(np.int32) * 0.0004) + 128, 0, 255)
+            assert np.abs(y.astype(np.int32) - want).max() <= 1
+    rate = gemm.gemm_rate("int8", 1, (64, 64, 64), repeats=2)
+    assert rate.op == "MatMulInteger" and rate.gmac_per_s == pytest.approx(64**3 / rate.ms / 1e6)
+
+
+def test_head_gmac_counts_every_convolution():
+    """Stem 7x7/2 on 3 channels, maxpool /2, then the encoder's four 2x2 convs with padding 1 (64-256-64-C)."""
+    from hnd.bench.head import head_gmac
+    from hnd.common.build import build_model_from_config
+    from hnd.common.config import load_config
+    from hnd.common.split import split_model
+
+    cfg = load_config(CONFIG)
+    head, _ = split_model(build_model_from_config(cfg.model, cfg.path))
+    h, w = 64, 96
+    stem = 64 * (h // 2) * (w // 2) * 3 * 49
+    h, w = h // 4, w // 4  # after the maxpool
+    chans = [(64, 64), (64, 256), (256, 64), (64, 3)]
+    enc = sum(co * (h + 1 + i) * (w + 1 + i) * ci * 4 for i, (ci, co) in enumerate(chans))
+    assert head_gmac(head.eval(), (64, 96)) == pytest.approx((stem + enc) / 1e9)
