@@ -54,7 +54,9 @@ from hnd.proto.v1 import split_inference_pb2 as pb
 PROG = "hnd-edge"
 # Exit codes: 0 every frame answered, 1 some frames failed, 2 the edge could not start (config, model,
 # server check, source), 3 a live source stopped delivering for --source-timeout, 4 --output could not be
-# written with --on-write-error stop, 130 interrupted (Ctrl-C, SIGTERM). Records so far are kept in every case.
+# written with --on-write-error stop, 5 gave up on the server, 130 / 143 ended by SIGINT (Ctrl-C) / SIGTERM
+# (128 + the signal's number, as a shell reports it). Records and the summary (printed, --summary-json) so
+# far are kept in every case.
 EXIT_SOURCE_LOST = 3
 EXIT_WRITE_ERROR = 4
 EXIT_SERVER_GONE = 5
@@ -394,6 +396,8 @@ def run_edge(args: argparse.Namespace) -> Summary:
     The pipeline: options -> frame source -> model -> client (checked against the server) -> runner,
     its outputs (records, video, live stats and view) -> run -> summary.
     """
+    global _current_runner
+    _current_runner = None
     check_early(args)
     cfg = load_config(args.config)
     options = edge_options(args, cfg)
@@ -416,22 +420,22 @@ def run_edge(args: argparse.Namespace) -> Summary:
     mode = make_mode(options, em.head, em.fingerprint, em.model)
     info = check_server(client, mode, em.fingerprint) if client is not None else None
     runner = EdgeRunner(options, client=client, mode=mode)
-    global _current_runner
     _current_runner = runner
     outputs = EdgeOutputs.open(args, runner, client, source)
     try:
-        summary = runner.run(source, outputs.on_record, progress=not args.no_progress and sys.stderr.isatty())
-        if info is not None and info.HasField("tail"):
-            summary.server_tail = f"{info.tail.summary} on {info.tail.device}"
-    except ServerGone as exc:
-        write_summary_json(args, exc.summary)
+        return runner.run(source, outputs.on_record, progress=not args.no_progress and sys.stderr.isatty())
+    except KeyboardInterrupt as exc:
+        if runner.summary is not None:
+            runner.summary.interrupted = interrupted_exit(exc)[0]
         raise
     finally:
+        # However the run ended (done, interrupted, server gone, source lost), its summary is written.
         outputs.close()
         if client is not None:
             client.close()
-    write_summary_json(args, summary)
-    return summary
+        if runner.summary is not None and info is not None and info.HasField("tail"):
+            runner.summary.server_tail = f"{info.tail.summary} on {info.tail.device}"
+        write_summary_json(args, runner.summary)
 
 
 def check_early(args: argparse.Namespace) -> None:
@@ -661,9 +665,24 @@ def _print_running_summary(signum, frame) -> None:
         print(runner.running_summary().format(), file=sys.stderr, flush=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (systemd, docker stop, Kubernetes), raised in the main thread: the run ends as on Ctrl-C."""
+
+
 def _stop_on_sigterm(signum, frame) -> None:
-    # SIGTERM (systemd, docker stop) ends the run like Ctrl-C: records so far are written out.
-    raise KeyboardInterrupt
+    raise Terminated
+
+
+def interrupted_exit(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """The signal that ended the run and the shell's exit code for it: 128 + its number (130, 143)."""
+    sig = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+    return sig.name, 128 + sig.value
+
+
+def _print_summary_so_far() -> None:
+    runner = _current_runner
+    if runner is not None and runner.summary is not None:
+        print(runner.summary.format(), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -680,9 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_SERVER_GONE
     except SourceLost as exc:
-        runner = _current_runner
-        if runner is not None and runner.summary is not None:
-            print(runner.summary.format())
+        _print_summary_so_far()
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_SOURCE_LOST
     except RecordWriteError as exc:
@@ -690,9 +707,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_WRITE_ERROR
     except USER_ERRORS as exc:
         return report(PROG, exc)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; records so far were written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name, code = interrupted_exit(exc)
+        _print_summary_so_far()
+        print(f"{PROG}: interrupted ({name}); records and summary so far were written", file=sys.stderr)
+        return code
     print(summary.format())
     return 0 if summary.failed == 0 else 1
 

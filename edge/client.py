@@ -198,6 +198,8 @@ class SplitClient:
 
         def done(f: grpc.Future) -> None:
             now = time.perf_counter_ns()
+            if not out.set_running_or_notify_cancel():
+                return  # the edge abandoned the frame (interrupt, server gone): nobody waits for this answer
             try:
                 response = f.result()
                 md = metadata_of(f)
@@ -207,6 +209,8 @@ class SplitClient:
                 out.set_exception(exc)
 
         call.add_done_callback(done)
+        # Abandoning the frame cancels its call: the server sees CANCELLED and need not compute it.
+        out.add_done_callback(lambda o: call.cancel() if o.cancelled() else None)
         return out
 
     def check_weights(self, md: dict[str, str]) -> None:

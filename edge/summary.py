@@ -78,6 +78,7 @@ class Summary:
     reconnects: int = 0  # times the server came back after the edge waited for it
     records_lost: int = 0  # records --output could not write (disk full, ...)
     server_tail: str | None = None  # how the server ran the tail (GetModelInfo TailInfo), e.g. "bf16 on NVIDIA H100"
+    interrupted: str | None = None  # the signal that ended the run early (SIGINT, SIGTERM)
 
     @property
     def fps(self) -> float:
@@ -157,6 +158,7 @@ class Summary:
             "quantiles": f"DDSketch, relative error <= {RELATIVE_ACCURACY:.0%}; means and counts exact",
             **({"filter": self.filter_stats()} if self.filter_threshold is not None else {}),
             **({"server_tail": self.server_tail} if self.server_tail is not None else {}),
+            **({"interrupted": self.interrupted} if self.interrupted is not None else {}),
         }
 
     def format(self) -> str:
@@ -164,7 +166,8 @@ class Summary:
         lines = [
             f"frames {d['frames']}  answered {d['answered']}  failed {d['failed']}  dropped {d['dropped']}  "
             f"fps {d['fps']:.2f}  wall {d['wall_s']:.1f} s"
-            + (f"  server tail {self.server_tail}" if self.server_tail else ""),
+            + (f"  server tail {self.server_tail}" if self.server_tail else "")
+            + (f"  interrupted by {self.interrupted}" if self.interrupted else ""),
         ]
         if self.reconnects or self.records_lost:
             lines.append(f"reconnects {self.reconnects}  records lost {self.records_lost}")

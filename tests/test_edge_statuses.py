@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from runtime_support import edge_argv, frames, make_certs, serving
+from runtime_support import edge_argv, frames, make_certs, serving, write_frames
 
 from hnd.common.checkpoint import fingerprint
 from hnd.common.split import split_model
@@ -166,6 +168,52 @@ def test_answers_received_before_sigterm_are_written(model, tmp_path, monkeypatc
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["frame"] for r in records] == [0, 1, 2, 3]
     assert [r["status"] for r in records] == ["OK"] * 4  # the server answered 4: the JSONL holds 4
+
+
+def test_sigterm_prints_the_summary_writes_its_json_quietly_and_exits_143(model, tmp_path, capsys, caplog):
+    """SIGTERM (docker stop, systemd) mid-run with frames in flight, as a process gets it: the summary on
+    stdout and in --summary-json, one line on stderr, no gRPC callback errors, exit 128 + 15."""
+    images = write_frames(tmp_path / "frames", 12)
+    summary_json = tmp_path / "summary.json"
+    with serving(model) as server:
+        sample = server.service.metrics.registry.get_sample_value
+        hold = server.service.runner.run_split
+
+        def slow(items):  # the next frames stay in flight when the signal comes
+            time.sleep(0.4)
+            return hold(items)
+
+        def terminate_after_two_answers():
+            deadline = time.monotonic() + 120
+            while (sample("hnd_requests_total", {"method": "Infer", "code": "OK"}) or 0) < 2:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        server.service.runner.run_split = slow
+        old_handler = signal.getsignal(signal.SIGTERM)
+        threading.Thread(target=terminate_after_two_answers, daemon=True).start()
+        try:
+            code = edge_cli.main(
+                edge_argv(
+                    images, "--max-inflight", "4", "--summary-json", str(summary_json), "--no-progress", server=server
+                )
+            )
+        finally:
+            signal.signal(signal.SIGTERM, old_handler)
+            server.service.runner.run_split = hold
+        time.sleep(0.5)  # late gRPC callbacks of the cancelled calls would log now
+    out, err = capsys.readouterr()
+    assert code == 143  # 128 + SIGTERM, as a shell reports a run the signal ended
+    summary = json.loads(summary_json.read_text())
+    assert summary["interrupted"] == "SIGTERM" and summary["answered"] >= 2
+    assert summary["statuses"].get("CANCELLED", 0) >= 1 and summary["frames"] < 12
+    assert summary["frames"] == summary["answered"] + summary["failed"]
+    assert f"frames {summary['frames']}  answered {summary['answered']}" in out and "interrupted by SIGTERM" in out
+    assert err.strip().splitlines()[-1] == "hnd-edge: interrupted (SIGTERM); records and summary so far were written"
+    noise = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] + [err]
+    assert not any("InvalidStateError" in m or "Exception in callback" in m for m in noise), noise
 
 
 def test_interrupt_marks_unanswered_frames_cancelled(model):
