@@ -24,10 +24,19 @@ bottleneck's coded symbols plus its quantization parameters, or the encoded imag
 Everything runs in this process. That is the runtime's result, not an approximation of it: the runtime
 path equals the in-process codec round trip bit for bit (tests/test_runtime.py), the temporal stream
 equals the in-process quantization with its key's parameters (tests/test_streams.py), and the server
-decodes images and video with the same libraries used here. Latency is not measured here (that is the
-main ``hnd-bench`` run); this sweep is about what each byte buys.
+decodes images and video with the same libraries used here. Link latency is not measured here (that is the
+main ``hnd-bench`` run); this sweep is about what each byte buys. Each frame's compute is timed, though:
+the edge's part (head + encode, or the image / video encode) and the server's (decode + tail, or decode +
+the whole model), on this machine.
 
-Outputs in ``--out``: ``rate_accuracy.md``, ``rate_accuracy.json`` (with a machine header) and
+``--profile-out points.json`` also writes every setting as an **operating point** for ``hnd-edge --adapt``
+(``hnd.edge.adapt``): its id, how to reproduce it (mode, bits, granularity, coding, key interval, resize;
+image format and quality / CRF), payload bytes per frame (mean and p95, key and delta frames apart), edge
+and server ms (mean and p95), agreement F1 (and mAP with ``--annotations``), under the model's weights
+fingerprint and this machine's description. ``hnd-edge`` refuses a profile of other weights.
+
+Outputs in ``--out``: ``rate_accuracy.md``, ``rate_accuracy.json`` (with a machine header; per row also its
+frames' bytes, kinds and times) and
 ``rate_accuracy.png`` (bytes/frame on a log axis vs agreement, one curve per family).
 """
 
@@ -40,7 +49,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -52,7 +61,7 @@ from hnd.common.errors import USER_ERRORS, HndError, UsageError, report
 from hnd.common.files import atomic_write_json, atomic_write_text
 from hnd.common.flags import add_weights_arguments
 from hnd.common.split import split_model
-from hnd.common.stream_codec import StreamEncoder
+from hnd.common.stream_codec import StreamDecoder, StreamEncoder
 from hnd.common.video import VideoDecoder, VideoEncoder, VideoSettings, available_formats
 from hnd.edge.pipeline import to_tensor
 
@@ -99,10 +108,18 @@ class RateRow:
     clamp_keys: int | None = None
     clamped_share: float | None = None
     seconds: float = 0.0
+    # Per frame, in order: payload bytes, "key" or "delta" (intra coding and images: every frame a key),
+    # the edge's compute (head + encode, image encode; local: the whole model) and the server's (decode +
+    # tail, decode + model), in ms. What a profile (--profile-out) summarizes.
+    frame_bytes: list[int] = field(default_factory=list)
+    frame_kinds: list[str] = field(default_factory=list)
+    edge_ms: list[float] = field(default_factory=list)
+    server_ms: list[float] = field(default_factory=list)
 
     @classmethod
-    def of(cls, s: RateSetting, sizes: list[int], f1: float | None, extra: dict[str, Any]) -> RateRow:
-        """A setting's row from its payload bytes per frame, its agreement and extra figures (key frames, ...)."""
+    def of(cls, s: RateSetting, run: SettingRun, f1: float | None) -> RateRow:
+        """A setting's row from its frames' bytes, kinds and times, its agreement and extra figures."""
+        sizes = run.sizes
         return cls(
             s.family,
             s.name,
@@ -112,8 +129,32 @@ class RateRow:
             int(sizes[0]),
             float(np.mean(sizes[1:])) if len(sizes) > 1 else None,
             f1,
-            **extra,
+            **run.extra,
+            frame_bytes=[int(n) for n in sizes],
+            frame_kinds=list(run.kinds),
+            edge_ms=[round(v, 3) for v in run.edge_ms],
+            server_ms=[round(v, 3) for v in run.server_ms],
         )
+
+
+@dataclass
+class SettingRun:
+    """One setting over every frame: per frame its payload bytes, kind ("key" / "delta"), detections and
+    edge / server compute (ms); extra: the row's extra figures (key frames, clamp keys, clamped share)."""
+
+    sizes: list[int] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    dets: list[dict] = field(default_factory=list)
+    edge_ms: list[float] = field(default_factory=list)
+    server_ms: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, nbytes: int, kind: str, dets: dict, edge_ms: float, server_ms: float) -> None:
+        self.sizes.append(nbytes)
+        self.kinds.append(kind)
+        self.dets.append(dets)
+        self.edge_ms.append(edge_ms)
+        self.server_ms.append(server_ms)
 
 
 def parse_sizes(text: str) -> list[str]:
@@ -185,17 +226,33 @@ def model_at(model: torch.nn.Module, size: str, frame_hw: tuple[int, int]) -> to
     return m.eval()
 
 
-def image_roundtrip(family: str, quality: int) -> Callable[[np.ndarray], tuple[bytes, np.ndarray]]:
+def image_codec(
+    family: str, quality: int
+) -> tuple[Callable[[np.ndarray], bytes], Callable[[bytes | np.ndarray], np.ndarray]]:
+    """(encode, decode) of RGB frames as ``family`` (JPEG / WebP) at ``quality``, as the edge and server do."""
     ext, flag = {"JPEG": (".jpg", cv2.IMWRITE_JPEG_QUALITY), "WebP": (".webp", cv2.IMWRITE_WEBP_QUALITY)}[family]
 
-    def run(rgb: np.ndarray) -> tuple[bytes, np.ndarray]:
+    def encode(rgb: np.ndarray) -> bytes:
         ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [flag, quality])
         if not ok:
             raise HndError(f"cannot encode a frame as {family}")
-        decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        return buf.tobytes()
+
+    def decode(data: bytes | np.ndarray) -> np.ndarray:
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if decoded is None:
             raise HndError(f"cannot decode the {family} frame just encoded")
-        return buf.tobytes(), cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+
+    return encode, decode
+
+
+def image_roundtrip(family: str, quality: int) -> Callable[[np.ndarray], tuple[bytes, np.ndarray]]:
+    encode, decode = image_codec(family, quality)
+
+    def run(rgb: np.ndarray) -> tuple[bytes, np.ndarray]:
+        data = encode(rgb)
+        return data, decode(data)
 
     return run
 
@@ -228,9 +285,10 @@ def run_sweep(
     rows = []
     for s in settings:
         t0 = time.perf_counter()
-        sizes, dets, extra = _run_setting(
+        run = _run_setting(
             s, models, splits, inputs, frames, head_outputs, key_interval, max_clamped, preset, fps, accuracy
         )
+        dets = run.dets
         f1 = None  # bytes only (accuracy off): no reference, no F1 or mAP
         if accuracy:
             if reference is None:
@@ -238,7 +296,7 @@ def run_sweep(
                     raise ValueError("the first setting must be the local reference")
                 reference = dets
             f1 = float(np.mean([match_f1(r, d, 0.5, score) for r, d in zip(reference, dets)]))
-        row = RateRow.of(s, sizes, f1, extra)
+        row = RateRow.of(s, run, f1)
         if accuracy and coco_gt is not None:
             if image_ids is None:
                 raise ValueError("coco_gt needs image_ids (the COCO id of each frame)")
@@ -255,17 +313,28 @@ def run_sweep(
 
 @dataclass
 class _HeadOutputs:
-    """``(size) -> [(z, meta)]``, one per frame: the head runs once per frame and size, on first use."""
+    """``(size) -> [(z, meta)]``, one per frame: the head runs once per frame and size, on first use;
+    ``ms[size]``: its time per frame (preprocess + stem + encoder)."""
 
     splits: dict[str, tuple[Any, Any]]  # size -> (head, tail)
     inputs: list[torch.Tensor]
     cache: dict[str, list] = field(default_factory=dict)
+    ms: dict[str, list[float]] = field(default_factory=dict)
 
     def __call__(self, size: str) -> list:
         if size not in self.cache:
             head = self.splits[size][0]
-            self.cache[size] = [head([x]) for x in self.inputs]
+            outs, times = [], []
+            for x in self.inputs:
+                t = time.perf_counter()
+                outs.append(head([x]))
+                times.append(_ms_since(t))
+            self.cache[size], self.ms[size] = outs, times
         return self.cache[size]
+
+
+def _ms_since(t: float) -> float:
+    return (time.perf_counter() - t) * 1e3
 
 
 def _run_setting(
@@ -280,14 +349,19 @@ def _run_setting(
     preset,
     fps,
     accuracy: bool = True,
-) -> tuple[list[int], list[dict], dict[str, Any]]:
-    """One setting over every frame: (payload bytes per frame, detections per frame, the row's extra figures)."""
+) -> SettingRun:
+    """One setting over every frame (bytes, kinds, detections and compute per frame; the row's extra figures)."""
     if not accuracy:  # bytes only: skip every tail / full-model pass
         splits = {k: (h, lambda z, meta: [None]) for k, (h, _) in splits.items()}
         models = {k: (lambda images: [None]) for k in models}
     if s.family == "local":
         m = models[s.size]
-        return [0] * len(inputs), [m([x])[0] for x in inputs], {}
+        run = SettingRun()
+        for x in inputs:
+            t = time.perf_counter()
+            dets = m([x])[0]
+            run.add(0, "key", dets, _ms_since(t), 0.0)
+        return run
     if s.family.startswith("split"):
         if s.params["coding"] == "temporal":
             return _run_temporal(s, head_outputs, splits[s.size], key_interval, max_clamped)
@@ -300,66 +374,76 @@ def _run_setting(
 
 def _run_temporal(
     s: RateSetting, head_outputs: _HeadOutputs, split: tuple[Any, Any], key_interval: int, max_clamped: float
-) -> tuple[list[int], list[dict], dict[str, Any]]:
+) -> SettingRun:
     """A split setting coded as one stream session (key frames and deltas); extra: key frames, clamp keys and
-    the clamped share."""
+    the clamped share. Server time: the stream decoder the server runs, and the tail."""
     tail = split[1]
-    out_sizes, dets = [], []
+    run = SettingRun()
     enc = StreamEncoder(*s.codec.as_tuple(), key_interval=key_interval, max_clamped=max_clamped)
+    dec = StreamDecoder()
     clamped = []
-    for z, meta in head_outputs(s.size):
+    for (z, meta), head_ms in zip(head_outputs(s.size), head_outputs.ms[s.size]):
+        t = time.perf_counter()
         frame = enc.encode(z)
+        edge_ms = head_ms + _ms_since(t)
+        t = time.perf_counter()
+        dec.decode(frame)
         # what the server reconstructs (tests/test_streams.py): the encoder's own symbols
         zq = enc.reconstruction()
-        out_sizes.append(frame.tensor.wire_size)
         clamped.append(frame.clamped / frame.tensor.numel)
-        dets.append(tail(torch.as_tensor(np.asarray(zq)), meta)[0])
-    return out_sizes, dets, dict(key_frames=enc.keys, clamp_keys=enc.clamp_keys, clamped_share=float(np.mean(clamped)))
+        dets = tail(torch.as_tensor(np.asarray(zq)), meta)[0]
+        run.add(frame.tensor.wire_size, frame.kind, dets, edge_ms, _ms_since(t))
+    run.extra = dict(key_frames=enc.keys, clamp_keys=enc.clamp_keys, clamped_share=float(np.mean(clamped)))
+    return run
 
 
-def _run_intra(
-    s: RateSetting, head_outputs: _HeadOutputs, split: tuple[Any, Any]
-) -> tuple[list[int], list[dict], dict[str, Any]]:
+def _run_intra(s: RateSetting, head_outputs: _HeadOutputs, split: tuple[Any, Any]) -> SettingRun:
     """A split setting coding every frame on its own (affine bits, or an Entropic Student's learned coding)."""
     head, tail = split
-    out_sizes, dets = [], []
+    run = SettingRun()
     settings = s.codec
     prior = head.prior_tables() if settings.learned else None
-    for z, meta in head_outputs(s.size):
+    for (z, meta), head_ms in zip(head_outputs(s.size), head_outputs.ms[s.size]):
+        t = time.perf_counter()
         encoded = settings.encode(z, prior=prior)
-        out_sizes.append(encoded.wire_size)
-        # == decode(encoded), bit for bit
-        zq = settings.roundtrip(z, prior=prior)
-        dets.append(tail(torch.as_tensor(np.asarray(zq)), meta)[0])
-    return out_sizes, dets, {}
+        edge_ms = head_ms + _ms_since(t)
+        t = time.perf_counter()
+        zq = codec.decode(encoded, prior=prior)  # == settings.roundtrip(z), bit for bit
+        dets = tail(torch.as_tensor(np.asarray(zq)), meta)[0]
+        run.add(encoded.wire_size, "key", dets, edge_ms, _ms_since(t))
+    return run
 
 
-def _run_image(s: RateSetting, frames: list[np.ndarray], m) -> tuple[list[int], list[dict], dict[str, Any]]:
+def _run_image(s: RateSetting, frames: list[np.ndarray], m) -> SettingRun:
     """Offload as JPEG / WebP: each frame encoded, decoded as the server decodes it, then the whole model."""
-    codec_fn = image_roundtrip(s.family, s.params["quality"])
-    out_sizes, dets = [], []
+    encode, decode = image_codec(s.family, s.params["quality"])
+    run = SettingRun()
     for rgb in frames:
-        data, decoded = codec_fn(rgb)
-        out_sizes.append(len(data))
-        dets.append(m([to_tensor(decoded)])[0])
-    return out_sizes, dets, {}
+        t = time.perf_counter()
+        data = encode(rgb)
+        edge_ms = _ms_since(t)
+        t = time.perf_counter()
+        dets = m([to_tensor(decode(data))])[0]
+        run.add(len(data), "key", dets, edge_ms, _ms_since(t))
+    return run
 
 
-def _run_video(
-    s: RateSetting, frames: list[np.ndarray], m, key_interval: int, preset: str, fps: float
-) -> tuple[list[int], list[dict], dict[str, Any]]:
+def _run_video(s: RateSetting, frames: list[np.ndarray], m, key_interval: int, preset: str, fps: float) -> SettingRun:
     """Offload as H.264 / HEVC access units (a key frame every ``key_interval``); extra: the key frames."""
     fmt = {"H.264": "h264", "HEVC": "hevc"}[s.family]
     enc = VideoEncoder(VideoSettings(format=fmt, crf=s.params["crf"], gop=key_interval, fps=fps, preset=preset))
     dec = VideoDecoder(fmt)
-    out_sizes, dets, keys = [], [], 0
+    run = SettingRun()
     for rgb in frames:
+        t = time.perf_counter()
         data, key = enc.encode(rgb)
-        keys += int(key)
-        out_sizes.append(len(data))
+        edge_ms = _ms_since(t)
+        t = time.perf_counter()
         decoded = dec.decode(data, key_frame=key)[: rgb.shape[0], : rgb.shape[1]]
-        dets.append(m([to_tensor(np.ascontiguousarray(decoded))])[0])
-    return out_sizes, dets, {"key_frames": keys}
+        dets = m([to_tensor(np.ascontiguousarray(decoded))])[0]
+        run.add(len(data), "key" if key else "delta", dets, edge_ms, _ms_since(t))
+    run.extra = {"key_frames": run.kinds.count("key")}
+    return run
 
 
 def _coco_map(coco_gt, dets: list[dict], image_ids: list[int]) -> tuple[float, float]:
@@ -457,6 +541,84 @@ def plot(rows: list[RateRow], path: Path, title: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Operating points (--profile-out): what hnd-edge --adapt chooses among
+
+
+def _stats(values: Sequence[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"mean": round(float(np.mean(values)), 3), "p95": round(float(np.percentile(values, 95)), 3)}
+
+
+def point_reproduce(row: RateRow, key_interval: int, max_clamped: float, preset: str) -> tuple[str, str, dict]:
+    """(id, mode, settings that make it) of a row: what hnd-edge needs to send frames this way."""
+    p, size = row.params, row.size
+    if row.family == "local":
+        return f"local-{size}", "local", {"resize": size}
+    if row.family.startswith("split"):
+        temporal = p["coding"] == "temporal"
+        reproduce = {
+            "bits": p["bits"],
+            "granularity": p["granularity"],
+            "compression": p.get("compression", "zstd"),
+            "coding": p["coding"],
+            "key_interval": key_interval if temporal else 1,
+            "max_clamped": max_clamped,
+            "resize": size,
+        }
+        name = "learned" if p.get("compression") == codec.LEARNED else f"{p['bits']}b-{p['granularity']}"
+        return (
+            f"split-{name}-{p['coding']}" + (f"-k{key_interval}" if temporal else "") + f"-{size}",
+            "split",
+            reproduce,
+        )
+    fmt = {"JPEG": "jpeg", "WebP": "webp", "H.264": "h264", "HEVC": "hevc"}[row.family]
+    if "quality" in p:
+        return f"{fmt}-q{p['quality']}", "offload", {"image_format": fmt, "quality": p["quality"]}
+    reproduce = {"image_format": fmt, "crf": p["crf"], "key_interval": key_interval, "preset": preset}
+    return f"{fmt}-crf{p['crf']:g}-k{key_interval}", "offload", reproduce
+
+
+def profile_point(row: RateRow, key_interval: int, max_clamped: float, preset: str) -> dict[str, Any]:
+    """One operating point of the profile (the layout hnd.edge.adapt.OperatingPoint reads)."""
+    pid, mode, reproduce = point_reproduce(row, key_interval, max_clamped, preset)
+    keys = [n for n, k in zip(row.frame_bytes, row.frame_kinds) if k == "key"]
+    deltas = [n for n, k in zip(row.frame_bytes, row.frame_kinds) if k == "delta"]
+    return {
+        "id": pid,
+        "mode": mode,
+        "family": row.family,
+        "name": row.name,
+        "reproduce": reproduce,
+        "bytes": {
+            **(_stats(row.frame_bytes) or {}),
+            "key": _stats(keys),
+            "delta": _stats(deltas),
+            "key_frames": len(keys),
+            "delta_frames": len(deltas),
+        },
+        "edge_ms": _stats(row.edge_ms),
+        "server_ms": _stats(row.server_ms),
+        "agreement_f1": row.f1,
+        "map50_95": row.map50_95,
+        "map50": row.map50,
+    }
+
+
+def write_profile(path: Path, rows: list[RateRow], header: dict[str, Any], fingerprint: str) -> None:
+    """The operating-points file: the model's fingerprint, the machine, how the points were measured, the points."""
+    from hnd.edge.adapt import profile_header
+
+    r = header["run"]
+    points = [profile_point(row, r["key_interval"], r["max_clamped"], r["preset"]) for row in rows]
+    data = profile_header(fingerprint, r["config"], r["weights"], header["machine"])
+    data["measured"] = {
+        k: r[k] for k in ("source", "frames", "frame_size", "score", "annotations", "notes") if k in r
+    } | {"agreement": f"IoU-matched F1 at IoU 0.5 against {rows[0].name}", "times": "ms per frame, this machine"}
+    atomic_write_json(path, {**data, "points": points}, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -502,6 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default="rate-out", help="output folder (default rate-out)")
+    p.add_argument(
+        "--profile-out",
+        metavar="JSON",
+        help="also write the settings as operating points for hnd-edge --adapt: per setting its id, how to "
+        "reproduce it, bytes per frame (mean, p95; key and delta frames apart), edge and server ms, "
+        "agreement (and mAP); the model's fingerprint and this machine",
+    )
     return p
 
 
@@ -560,6 +729,8 @@ def write_results(
 def sweep_from_args(args: argparse.Namespace, cfg: Any) -> list[RateSetting]:
     """The sweep the flags ask for (UsageError naming the flag otherwise); an Entropic Student's config
     turns the default --bits into its one learned setting."""
+    if args.profile_out and args.no_accuracy:
+        raise UsageError("--profile-out needs the agreement of each setting: drop --no-accuracy")
     if args.frames < 1 or args.key_interval < 1 or not 0 <= args.max_clamped <= 1:
         raise UsageError("--frames and --key-interval must be >= 1, --max-clamped in [0, 1]")
     bits = parse_numbers(args.bits, "--bits")
@@ -649,6 +820,11 @@ def _main(args) -> int:
         },
     }
     write_results(rows, header, frames, out, accuracy=not args.no_accuracy)
+    if args.profile_out:
+        from hnd.common.checkpoint import fingerprint
+
+        write_profile(Path(args.profile_out), rows, header, fingerprint(model))
+        print(f"{PROG}: wrote {len(rows)} operating points to {args.profile_out}", file=sys.stderr)
     return 0
 
 

@@ -79,6 +79,8 @@ def test_cli_writes_outputs_with_map(clip, tmp_path, capsys):
             "ultrafast",
             "--out",
             str(out),
+            "--profile-out",
+            str(tmp_path / "points.json"),
         ]
     )
     assert rc == 0
@@ -90,13 +92,53 @@ def test_cli_writes_outputs_with_map(clip, tmp_path, capsys):
     assert all(r["map50_95"] is not None for r in data["rows"])
     assert (out / "rate_accuracy.png").stat().st_size > 0
     assert "| setting | bytes/frame |" in (out / "rate_accuracy.md").read_text()
+    check_profile(tmp_path / "points.json", data)
+
+
+def check_profile(path, data):
+    """The operating points of the run above: one per row, tied to the weights, times and bytes measured."""
+    from hnd.common.checkpoint import fingerprint
+    from hnd.common.build import build_model_from_config
+    from hnd.common.config import load_config
+    from hnd.edge.adapt import ProfileError, load_profile
+
+    cfg = load_config("test/faster_rcnn-b3ch")
+    fp = fingerprint(build_model_from_config(cfg.model, cfg.path))
+    raw = json.loads(path.read_text())
+    assert raw["model"]["fingerprint"] == fp and raw["machine"]["cores"] and raw["measured"]["frames"] == 3
+    points = {p["id"]: p for p in raw["points"]}
+    assert len(points) == len(data["rows"])
+    temporal = points["split-8b-tensor-temporal-k30-native"]
+    assert temporal["reproduce"] == {
+        "bits": 8,
+        "granularity": "tensor",
+        "compression": "zstd",
+        "coding": "temporal",
+        "key_interval": 30,
+        "max_clamped": 0.001,
+        "resize": "native",
+    }
+    row = next(r for r in data["rows"] if r["name"] == "8-bit tensor, temporal, native")
+    b = temporal["bytes"]
+    assert b["key_frames"] == row["key_frames"] >= 1 and b["key_frames"] + b["delta_frames"] == 3
+    assert b["key"]["mean"] > b["delta"]["mean"]  # (a clamp key may come besides the first frame)
+    assert b["mean"] == pytest.approx(row["bytes_per_frame"]) and b["p95"] >= b["mean"]
+    assert temporal["edge_ms"]["mean"] > 0 and temporal["server_ms"]["p95"] > 0
+    assert temporal["agreement_f1"] == row["f1"] and temporal["map50_95"] == row["map50_95"]
+    assert points["jpeg-q75"]["reproduce"] == {"image_format": "jpeg", "quality": 75}
+    assert points["local-native"]["mode"] == "local" and points["local-native"]["agreement_f1"] == 1.0
+    profile = load_profile(path)
+    profile.check_weights(fp)
+    with pytest.raises(ProfileError, match="other weights"):
+        profile.check_weights("0" * 64)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli.main(["--rate-accuracy", "--video", str(tmp_path / "missing.mp4"), "--out", str(tmp_path)]) == 2
     assert cli.main(["--rate-accuracy", "--video", "x.mp4", "--sizes", "huge"]) == 2
+    assert cli.main(["--rate-accuracy", "--video", "x.mp4", "--no-accuracy", "--profile-out", "p.json"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("hnd-bench --rate-accuracy: error:") for line in err)
+    assert len(err) == 3 and all(line.startswith("hnd-bench --rate-accuracy: error:") for line in err)
 
 
 def test_bytes_only_sweep_skips_the_model(tiny_model, clip, monkeypatch):
