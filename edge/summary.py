@@ -1,39 +1,58 @@
 """The summary of an edge run in bounded memory: counters, fps, bytes per frame, per-stage latency quantiles.
 
-A camera run lasts weeks (10 fps is ~864k frames a day), so nothing here keeps per-frame values:
-every figure is a :class:`StreamingStat` — count, sum (exact mean) and a DDSketch for quantiles.
-DDSketch (Datadog's, the ``ddsketch`` package) guarantees a relative error of at most 1 % on every
-quantile, for any distribution, and its collapsing variant is capped at ``BIN_LIMIT`` bins, so a
-stat's memory is bounded (a few tens of kB) whatever the run's length. A figure read from the summary
-is therefore within 1 % of the exact percentile; means, counts and totals are exact.
+A camera run lasts weeks (10 fps is ~864k frames a day), so a figure cannot keep every frame's value for
+ever: each is a :class:`StreamingStat` — count, sum (exact mean), the values themselves while there are at
+most ``EXACT_LIMIT`` of them (quantiles then exact, as :func:`hnd.common.timing.percentiles` computes them),
+and a DDSketch beyond. DDSketch (Datadog's, the ``ddsketch`` package) guarantees a relative error of at
+most 1 % on every quantile, for any distribution, and its collapsing variant is capped at ``BIN_LIMIT``
+bins, so a stat's memory is bounded (a few tens of kB plus the exact values' 80 kB) whatever the run's
+length. A short run's quantiles are exact; a longer one's within 1 % of the exact percentile; means,
+counts and totals are always exact.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from ddsketch import LogCollapsingLowestDenseDDSketch
 
 from hnd.edge.records import SERVER_STAGES, STAGES, FrameRecord
 
 RELATIVE_ACCURACY = 0.01
 BIN_LIMIT = 2048  # 1 % accuracy over 2048 bins spans ~18 orders of magnitude: never collapses in practice
+EXACT_LIMIT = 10_000  # values kept for exact quantiles (80 kB a stat); the sketch answers beyond
 
 
 class StreamingStat:
-    """Count, exact mean and sum, and 1 %-accurate quantiles of a stream of floats, in bounded memory."""
+    """Count, exact mean and sum, and quantiles of a stream of floats in bounded memory: exact up to
+    ``exact_limit`` values, within 1 % (DDSketch) beyond."""
 
-    def __init__(self) -> None:
+    def __init__(self, exact_limit: int = EXACT_LIMIT) -> None:
         self.sketch = LogCollapsingLowestDenseDDSketch(relative_accuracy=RELATIVE_ACCURACY, bin_limit=BIN_LIMIT)
         self.count = 0
         self.sum = 0.0
+        self.exact_limit = exact_limit
+        self.values: array | None = array("d")  # None once more than exact_limit values came
 
     def add(self, value: float) -> None:
-        self.sketch.add(float(value))
+        value = float(value)
+        self.sketch.add(value)
         self.count += 1
-        self.sum += float(value)
+        self.sum += value
+        if self.values is not None:
+            if self.count <= self.exact_limit:
+                self.values.append(value)
+            else:
+                self.values = None  # from here on the sketch answers
+
+    @property
+    def exact(self) -> bool:
+        """Whether quantiles are exact (every value kept)."""
+        return self.values is not None
 
     def __len__(self) -> int:
         return self.count
@@ -46,6 +65,8 @@ class StreamingStat:
         """The q-quantile (q in 0..1), NaN when empty."""
         if not self.count:
             return float("nan")
+        if self.values is not None:
+            return float(np.percentile(np.frombuffer(self.values, dtype=np.float64), 100 * q))
         value = self.sketch.get_quantile_value(q)
         return float("nan") if value is None else float(value)
 
@@ -137,6 +158,15 @@ class Summary:
         if record.ms.overhead is not None:
             self.overhead_ms.add(record.ms.overhead)
 
+    def quantile_method(self) -> str:
+        """How the quantiles were computed: exact while every stat kept its values, else DDSketch's bound."""
+        stats = [self.payload_bytes, self.message_bytes, self.overhead_ms, *self.ms.values(), *self.server_ms.values()]
+        if all(v.exact for v in stats):
+            return f"exact (every value kept, up to {EXACT_LIMIT:,} frames); means and counts exact"
+        return (
+            f"DDSketch, relative error <= {RELATIVE_ACCURACY:.0%} (over {EXACT_LIMIT:,} frames); means and counts exact"
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "frames": self.frames,
@@ -155,7 +185,7 @@ class Summary:
             "ms": {s: v.stats() for s, v in self.ms.items() if v.count},
             "server_ms": {s: v.stats() for s, v in self.server_ms.items() if v.count},
             "overhead_ms": self.overhead_ms.stats(),
-            "quantiles": f"DDSketch, relative error <= {RELATIVE_ACCURACY:.0%}; means and counts exact",
+            "quantiles": self.quantile_method(),
             **({"filter": self.filter_stats()} if self.filter_threshold is not None else {}),
             **({"server_tail": self.server_tail} if self.server_tail is not None else {}),
             **({"interrupted": self.interrupted} if self.interrupted is not None else {}),
@@ -185,13 +215,17 @@ class Summary:
                     f"p50 {d['payload_bytes']['p50']:,.0f}  message mean {d['message_bytes']['mean']:,.0f} "
                     f"p50 {d['message_bytes']['p50']:,.0f}"
                 )
-            lines.append(f"{'stage (ms)':<22}{'p50':>10}{'p95':>10}{'p99':>10}")
+            lines.append(f"{'stage (ms)':<22}{'mean':>10}{'p50':>10}{'p95':>10}{'p99':>10}")
             for name, stats in (
                 [(s, d["ms"][s]) for s in STAGES if s in d["ms"]]
                 + [(f"server.{s}", d["server_ms"][s]) for s in SERVER_STAGES if s in d["server_ms"]]
                 + ([("overhead", d["overhead_ms"])] if self.overhead_ms.count else [])
             ):
-                lines.append(f"{name:<22}{stats['p50']:>10.2f}{stats['p95']:>10.2f}{stats['p99']:>10.2f}")
+                lines.append(
+                    f"{name:<22}{stats['mean']:>10.2f}{stats['p50']:>10.2f}{stats['p95']:>10.2f}{stats['p99']:>10.2f}"
+                )
+            if not self.ms["total"].exact:
+                lines.append(f"(quantiles within {RELATIVE_ACCURACY:.0%}: {d['quantiles']})")
         if self.failed:
             lines.append("statuses " + ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items())))
         if len(self.replicas) > 1 or self.retried:
