@@ -33,7 +33,7 @@ def write_samples(folder: Path, count: int) -> None:
         cv2.imwrite(str(folder / f"{name}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hnd-demo", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=DEFAULT_CONFIG)
     add_weights_arguments(p, "student checkpoint both sides load (default: seeded random weights)", seed_default=0)
@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-inflight", type=int, default=2, help="pipelining window K")
     p.add_argument("--summary-json", help="write the summary as JSON")
     p.add_argument("--output", help="per-frame JSONL records")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
 
     weights = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--random-weights", str(args.random_weights)]

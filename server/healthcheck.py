@@ -36,7 +36,7 @@ def check(
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hnd-healthcheck", description=__doc__.splitlines()[0])
     p.add_argument("--server", default="127.0.0.1:50051")
     p.add_argument("--tls-ca", help="CA certificate (PEM) when the server uses TLS")
@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-key", help="client private key (PEM) for --tls-cert")
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--service", default=SERVICE_NAME, help="service name ('' for the whole server)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls-cert and --tls-key go together")

@@ -353,7 +353,7 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hnd-make-synthetic-coco", description=__doc__.split("\n")[0])
     p.add_argument("out", help="output folder (COCO 2017 layout)")
     p.add_argument("--images", type=int, default=16, help="train images (default 16)")
@@ -386,6 +386,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="MIN,MAX",
         help="object height range as a fraction of the frame height (default 0.12,0.3)",
     )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.video:
         return _video_main(p, args)

@@ -1,0 +1,107 @@
+"""MkDocs hook: the CLI reference, one page per console script, generated from the real argparse parsers.
+
+The pages are made at build time (``on_files``), never committed, so a parser and its page cannot
+disagree: the page *is* the parser, rendered. ``tests/test_docs_cli.py`` checks the renderer (every
+flag with its help, choices and default on the page). Console scripts come from pyproject.toml's
+``[project.scripts]``; each script's module has a ``build_parser()``.
+
+    cli_markdown("hnd-edge")  -> the page's Markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import importlib
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI_DIR = "reference/cli"
+
+
+def console_scripts() -> dict[str, str]:
+    """``{script: "module:function"}`` from pyproject.toml."""
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def cli_parser(script: str) -> argparse.ArgumentParser:
+    """The parser behind a console script: ``build_parser()`` of the module its entry point names."""
+    module = importlib.import_module(console_scripts()[script].partition(":")[0])
+    return module.build_parser()
+
+
+def flag_names(action: argparse.Action) -> str:
+    """``--bits {2,4,6,8}`` / ``checkpoint``: how the action is written on a command line."""
+    if not action.option_strings:
+        return action.metavar if isinstance(action.metavar, str) else action.dest
+    names = ", ".join(action.option_strings)
+    if action.nargs == 0:
+        return names
+    if action.choices is not None:
+        return f"{names} {{{','.join(map(str, action.choices))}}}"
+    metavar = action.metavar if isinstance(action.metavar, str) else action.dest.upper()
+    return f"{names} {metavar}"
+
+
+def default_text(action: argparse.Action) -> str:
+    """The default as the parser holds it; empty where there is none worth showing."""
+    if action.nargs == 0 or action.required or action.default in (None, argparse.SUPPRESS):
+        return ""
+    if isinstance(action.default, list | tuple):
+        return " ".join(map(str, action.default))
+    return str(action.default)
+
+
+def help_text(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """The action's help with ``%(default)s`` and friends expanded, as ``--help`` prints it."""
+    if not action.help:
+        return ""
+    return parser._get_formatter()._expand_help(action)
+
+
+def cell(text: str) -> str:
+    return html.escape(" ".join(text.split()), quote=False).replace("|", "\\|")
+
+
+def cli_markdown(script: str) -> str:
+    """The reference page of one console script: description, usage, one table per argument group."""
+    parser = cli_parser(script)
+    parser.prog = script
+    lines = [f"# {script}", "", "<!-- generated from the parser by docs/hooks/cli_reference.py: do not edit -->", ""]
+    if parser.description:
+        lines += [cell(parser.description), ""]
+    lines += ["```text", parser.format_usage().strip(), "```", ""]
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if a.help is not argparse.SUPPRESS]
+        if not actions:
+            continue
+        lines += [f"## {group.title[0].upper()}{group.title[1:]}", ""]
+        if group.description:
+            lines += [cell(group.description), ""]
+        lines += ["| argument | help | default |", "|---|---|---|"]
+        for a in actions:
+            names = f"`{flag_names(a)}`" + (" (required)" if a.required and a.option_strings else "")
+            default = default_text(a)
+            lines.append(f"| {names} | {cell(help_text(parser, a))} | {f'`{default}`' if default else ''} |")
+        lines.append("")
+    if parser.epilog:
+        lines += ["```text", parser.epilog.strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def index_markdown() -> str:
+    rows = [f"| [{s}]({s}.md) | {cell(cli_parser(s).description or '')} |" for s in sorted(console_scripts())]
+    return "\n".join(
+        ["# Command-line tools", "", "Generated from each tool's argparse parser at build time.", ""]
+        + ["| command | what it does |", "|---|---|", *rows, ""]
+    )
+
+
+def on_files(files, config, **kwargs):  # MkDocs event
+    from mkdocs.structure.files import File
+
+    for script in console_scripts():
+        files.append(File.generated(config, f"{CLI_DIR}/{script}.md", content=cli_markdown(script)))
+    files.append(File.generated(config, f"{CLI_DIR}/index.md", content=index_markdown()))
+    return files
