@@ -77,6 +77,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             known = method.rsplit("/", 1)[-1] if method.startswith(f"/{SERVICE_NAME}/") else ""
             label = known if known in ("Infer", "InferStream", "GetModelInfo") else "other"
             self._service.metrics.refusals.labels(label, "UNAUTHENTICATED", "token").inc()
+            self._service.metrics.requests.labels(label, "UNAUTHENTICATED").inc()  # every final code is counted
             self._service.refusal_log.warning("%s UNAUTHENTICATED: missing or wrong bearer token", client_text(method))
         else:
             log.warning("%s UNAUTHENTICATED: missing or wrong bearer token", client_text(method))

@@ -20,7 +20,7 @@ from hnd.common.errors import USER_ERRORS, report
 from hnd.common.flags import add_weights_arguments
 from hnd.server.accel import COMPILE_MODES, PRECISIONS, TailOptions, check_options
 from hnd.server.app import ServerSettings, TlsFiles, read_token, serve
-from hnd.server.service import BatchingOptions, ModelRunner, ServerLimits
+from hnd.server.service import MAX_QUEUE_BYTES, BatchingOptions, ModelRunner, ServerLimits
 from hnd.server.streams import StreamLimits
 
 DEFAULT_METRICS_PORT = 9100
@@ -58,6 +58,12 @@ def _add_batching_arguments(p: argparse.ArgumentParser) -> None:
         help="how long a batch waits to fill (default 0: it takes what queued meanwhile)",
     )
     p.add_argument("--max-queue", type=int, default=None, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument(
+        "--max-queue-mib",
+        type=int,
+        default=MAX_QUEUE_BYTES >> 20,
+        help="decoded payload MiB the waiting requests may hold in all (0: no byte bound) (default: %(default)s)",
+    )
 
 
 def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
@@ -215,6 +221,7 @@ def settings_from_args(args: argparse.Namespace, runtime: RuntimeConfig) -> Serv
             max_batch=args.max_batch or runtime.max_batch,
             max_delay_ms=args.max_delay_ms if args.max_delay_ms is not None else runtime.max_delay_ms,
             max_queue=args.max_queue or runtime.max_queue,
+            max_queue_bytes=(args.max_queue_mib << 20) or None,
         ),
         tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         token=read_token(args.token_file) if args.token_file else None,

@@ -11,9 +11,12 @@ class ServerMetrics:
     """``hnd_requests_total{method,code}``, ``hnd_refusals_total{method,code,reason}``,
     ``hnd_deadline_drops_total{method}``, ``hnd_request_seconds{method,code}``,
     ``hnd_stream_messages_total{outcome}``, ``hnd_log_suppressed_total``, ``hnd_batch_size``,
-    ``hnd_queue_depth``, ``hnd_stage_seconds{stage}`` and ``hnd_request_bytes_total``.
+    ``hnd_queue_depth``, ``hnd_queue_bytes``, ``hnd_dropped_total{reason}``, ``hnd_late_images_total``,
+    ``hnd_stage_seconds{stage}`` and ``hnd_request_bytes_total``.
 
-    InferStream counts per message: one request = one stream message.
+    InferStream counts per message: one request = one stream message. Every call ends in
+    ``hnd_requests_total`` with its final code, including CANCELLED and DEADLINE_EXCEEDED when the caller went
+    away first and UNAUTHENTICATED from the token check.
     """
 
     def __init__(self) -> None:
@@ -31,6 +34,23 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge("hnd_queue_depth", "Requests waiting for a batch slot", registry=self.registry)
+        self.queue_bytes = Gauge(
+            "hnd_queue_bytes",
+            "Decoded payload bytes the waiting requests hold (max_queue_bytes)",
+            registry=self.registry,
+        )
+        self.dropped = Counter(
+            "hnd_dropped",
+            "Requests taken out of the queue without compute: cancelled (the caller went away), deadline (passed, "
+            "or would pass before the batch ends), pushed_out (queue full, a client holding fewer came)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.late_images = Counter(
+            "hnd_late_images",
+            "Images computed whose caller had gone (cancelled or past its deadline) when their batch ended",
+            registry=self.registry,
+        )
         self.stage_seconds = Histogram(
             "hnd_stage_seconds",
             "Server stage durations",

@@ -13,7 +13,7 @@ import io
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -37,7 +37,7 @@ from hnd.common.video import VideoError
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import tensor_pb2
 from hnd.server.accel import TailOptions, build_tail, tail_info
-from hnd.server.batching import Batcher, BatcherStopped, DeadlineExpired, QueueFull
+from hnd.server.batching import Batcher, BatcherEvents, BatcherStopped, DeadlineExpired, QueueFull
 from hnd.server.budget import BudgetError, check_bottleneck_shape, check_originals, check_split_meta, make_budget
 from hnd.server.metrics import STAGES, ServerMetrics
 from hnd.server.streams import KeyFrameRequired, StreamLimits, StreamSession, StreamSessions, video_request
@@ -118,11 +118,18 @@ class ServerLimits:
 OFFLOAD_DECODE_BYTES = 1 << 20
 
 
+# Decoded bytes all waiting requests may hold: 512 MiB is 40 full-size 800x1333 float32 frames, or about 600
+# 3-channel bottlenecks of them (about 0.8 MB each, decoded to float32).
+MAX_QUEUE_BYTES = 512 * 2**20
+
+
 @dataclass
 class BatchingOptions:
     max_batch: int = 8
     max_delay_ms: float = 0.0
     max_queue: int = 64
+    # Bytes the queued requests' decoded payloads may hold in all (hnd.server.batching; None: no byte bound).
+    max_queue_bytes: int | None = MAX_QUEUE_BYTES
     # Decode bottlenecks of at least this many packed bytes, and every learned-coded one, on a decode
     # thread instead of the event loop (None: always on the loop).
     offload_decode_bytes: int | None = OFFLOAD_DECODE_BYTES
@@ -232,6 +239,18 @@ def _images(payload: Payload) -> int:
     return int(payload.z.shape[0]) if isinstance(payload, SplitPayload) else 1
 
 
+def _nbytes(payload: Payload) -> int:
+    """Bytes a decoded payload holds while it waits (counted against max_queue_bytes)."""
+    tensor = payload.z if isinstance(payload, SplitPayload) else payload.image
+    return tensor.nelement() * tensor.element_size()
+
+
+def gone_code(context: grpc.aio.ServicerContext) -> str:
+    """The final code of a call whose handler was cancelled: its deadline passed, or the caller cancelled."""
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+
 def filter_detections(dets: dict[str, torch.Tensor], request: pb.InferRequest) -> dict[str, torch.Tensor]:
     if not request.HasField("score_threshold") and not request.HasField("max_detections"):
         return dets
@@ -310,13 +329,19 @@ class SplitInferenceService:
         self.limits = limits
         self.metrics = metrics or ServerMetrics()
         self.offload = offload
+        m = self.metrics
         self.batcher = Batcher(
             runner.compute,
             max_batch=batching.max_batch,
             max_delay_ms=batching.max_delay_ms,
             max_queue=batching.max_queue,
-            on_batch=lambda n: self.metrics.batch_size.observe(n),
-            on_depth=lambda n: self.metrics.queue_depth.set(n),
+            max_queue_bytes=batching.max_queue_bytes,
+            events=BatcherEvents(
+                batch=m.batch_size.observe,
+                depth=lambda n, nbytes: (m.queue_depth.set(n), m.queue_bytes.set(nbytes)),
+                dropped=lambda reason, n: m.dropped.labels(reason).inc(n),
+                late=m.late_images.inc,
+            ),
         )
         self.batching = batching
         # One decode thread: large and learned-coded bottlenecks (BatchingOptions.offload_decode_bytes).
@@ -407,6 +432,7 @@ class SplitInferenceService:
                 max_original_pixels=b.max_original_pixels,
                 max_mask_bytes=b.max_mask_bytes,
                 max_stream_inflight=lim.max_stream_inflight,
+                max_queue_bytes=self.batching.max_queue_bytes or 0,
             ),
             server_version=hnd.__version__,
             min_size=r.min_size,
@@ -553,11 +579,13 @@ class SplitInferenceService:
         time_remaining: float | None,
         session: StreamSession | None = None,
         method: str = "Infer",
+        client: Hashable = None,
     ) -> pb.InferResponse:
         """Validate, decode, batch, compute and encode one request; raises RequestError.
 
         session: the InferStream's stream session. Decoding happens before the first await, so a stream's
-        frames meet its session in the order they were read.
+        frames meet its session in the order they were read. client: whose request (the peer), for the
+        batcher's round robin.
         """
         t0 = time.perf_counter_ns()
         try:
@@ -573,7 +601,9 @@ class SplitInferenceService:
         decode_ns = time.perf_counter_ns() - t0
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         try:
-            item, result = await self.batcher.submit(key, payload, deadline, images=_images(payload))
+            item, result = await self.batcher.submit(
+                key, payload, deadline, images=_images(payload), client=client, nbytes=_nbytes(payload)
+            )
         except BatcherStopped as exc:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc), "stopping") from None
         except QueueFull as exc:
@@ -652,7 +682,10 @@ class SplitInferenceService:
         try:
             request = self._parse(raw)
             request_id = request.request_id
-            response = await self.infer(request, context.time_remaining(), method="Infer")
+            response = await self.infer(request, context.time_remaining(), method="Infer", client=context.peer())
+        except asyncio.CancelledError:  # the caller went away (cancelled, or its deadline passed) first
+            self._done("Infer", gone_code(context), start)
+            raise
         except RequestError as exc:
             await self._fail(context, "Infer", exc, start, request_id)
         except Exception:  # noqa: BLE001 - never a traceback to the client; one to the log
@@ -714,8 +747,9 @@ class SplitInferenceService:
             session.close()
             reader.cancel()
             dropped = inflight.cancel_unanswered()
-            if dropped:
+            if dropped:  # read, never answered: their final code is the stream's end (caller gone, or a refusal)
                 self.metrics.stream_messages.labels("dropped").inc(dropped)
+                self.metrics.requests.labels(method, gone_code(context)).inc(dropped)
 
     async def _read_stream(
         self,
@@ -734,7 +768,9 @@ class SplitInferenceService:
                     break
                 start = time.perf_counter_ns()
                 request = self._parse(raw)  # parse errors surface in order, below
-                task = asyncio.ensure_future(self.infer(request, context.time_remaining(), session, method=method))
+                task = asyncio.ensure_future(
+                    self.infer(request, context.time_remaining(), session, method=method, client=context.peer())
+                )
                 inflight.add(task)
                 try:
                     await inflight.pending.put((task, start, request.request_id))

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from hnd.server.batching import Batcher, BatcherStopped, DeadlineExpired, QueueFull
+from hnd.server.batching import Batcher, BatcherEvents, BatcherStopped, DeadlineExpired, QueueFull
 
 
 class Recorder:
@@ -198,3 +198,150 @@ def test_compute_thread_takes_the_next_batch_without_the_event_loop():
     rec, loop_back = run(main())
     assert rec.batches == [[0], [1], [2]]
     assert rec.started[2] < loop_back
+
+
+def test_a_cancelled_wait_leaves_the_queue_at_once_and_late_computes_are_counted():
+    """The caller going away frees its queue slot at once (dropped "cancelled", never computed); a caller that
+    goes while its batch runs is counted as a late compute."""
+    dropped: list[tuple[str, int]] = []
+    late: list[int] = []
+
+    async def main():
+        rec = Recorder(hold_first=True)
+        events = BatcherEvents(dropped=lambda r, n: dropped.append((r, n)), late=late.append)
+        b = Batcher(rec, max_batch=1, max_queue=2, events=events)
+        b.start()
+        running = asyncio.ensure_future(b.submit("k", 0, None))
+        await _entered(rec)
+        gone = asyncio.ensure_future(b.submit("k", 1, None, images=2))
+        kept = asyncio.ensure_future(b.submit("k", 2, None))
+        await asyncio.sleep(0.05)
+        assert b.depth == 2
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert b.depth == 1 and dropped == [("cancelled", 2)]
+        newcomer = asyncio.ensure_future(b.submit("k", 3, None))  # the freed slot is usable at once
+        await asyncio.sleep(0.05)
+        running.cancel()  # its batch is being computed: it finishes for nobody
+        rec.gate.set()
+        await asyncio.gather(kept, newcomer)
+        await b.stop()
+        return rec
+
+    rec = run(main())
+    assert rec.batches == [[0], [2], [3]]
+    assert late == [1]
+
+
+def test_a_batch_that_cannot_end_before_the_deadline_drops_the_request():
+    """After a batch of this key took >= 0.3 s, a request with 0.1 s left is dropped before compute."""
+    dropped: list[tuple[str, int]] = []
+
+    def slow(payloads):
+        time.sleep(0.3)
+        return payloads
+
+    async def main():
+        b = Batcher(slow, max_batch=1, events=BatcherEvents(dropped=lambda r, n: dropped.append((r, n))))
+        b.start()
+        await b.submit("k", 0, None)
+        with pytest.raises(DeadlineExpired, match="would pass"):
+            await b.submit("k", 1, time.monotonic() + 0.1)
+        other_key = await b.submit("other", 2, time.monotonic() + 10)  # no timing known for this key yet
+        await b.stop()
+        return other_key
+
+    _, result = run(main())
+    assert result == 2 and dropped == [("deadline", 1)]
+
+
+def test_batches_go_round_robin_across_clients():
+    """Client a queued 5 requests (behind its running a0) before client b's 2: b's alternate with a's instead of
+    waiting behind all of them."""
+
+    async def main():
+        rec = Recorder(hold_first=True)
+        b = Batcher(rec, max_batch=1)
+        b.start()
+        first = asyncio.ensure_future(b.submit("k", "a0", None, client="a"))
+        await _entered(rec)
+        futs = [asyncio.ensure_future(b.submit("k", f"a{i}", None, client="a")) for i in range(1, 6)]
+        futs += [asyncio.ensure_future(b.submit("k", f"b{i}", None, client="b")) for i in range(2)]
+        await asyncio.sleep(0.05)
+        rec.gate.set()
+        await asyncio.gather(first, *futs)
+        await b.stop()
+        return rec
+
+    rec = run(main())
+    assert [p for (p,) in rec.batches] == ["a0", "a1", "b0", "a2", "b1", "a3", "a4", "a5"]
+
+
+def test_a_batch_takes_same_key_requests_from_each_client_in_turn():
+    async def main():
+        rec = Recorder(hold_first=True)
+        b = Batcher(rec, max_batch=4)
+        b.start()
+        first = asyncio.ensure_future(b.submit("k", "x", None, client="a"))
+        await _entered(rec)
+        futs = [asyncio.ensure_future(b.submit("k", f"a{i}", None, client="a")) for i in range(4)]
+        futs += [asyncio.ensure_future(b.submit("k", f"b{i}", None, client="b")) for i in range(2)]
+        await asyncio.sleep(0.05)
+        rec.gate.set()
+        await asyncio.gather(first, *futs)
+        await b.stop()
+        return rec
+
+    rec = run(main())
+    assert rec.batches == [["x"], ["a0", "b0", "a1", "b1"], ["a2", "a3"]]
+
+
+def test_a_full_queue_pushes_out_the_heaviest_clients_newest_request():
+    """max_queue 4 held by client a: client b still gets in (a's newest is refused RESOURCE_EXHAUSTED-style),
+    while another request of a's own is refused."""
+    dropped: list[tuple[str, int]] = []
+
+    async def main():
+        rec = Recorder(hold_first=True)
+        b = Batcher(rec, max_batch=1, max_queue=4, events=BatcherEvents(dropped=lambda r, n: dropped.append((r, n))))
+        b.start()
+        first = asyncio.ensure_future(b.submit("k", "a0", None, client="a"))
+        await _entered(rec)
+        a = [asyncio.ensure_future(b.submit("k", f"a{i}", None, client="a")) for i in range(1, 5)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            await b.submit("k", "a5", None, client="a")
+        victim = asyncio.ensure_future(b.submit("k", "b0", None, client="b"))
+        await asyncio.sleep(0.05)
+        rec.gate.set()
+        out = await asyncio.gather(first, *a, victim, return_exceptions=True)
+        await b.stop()
+        return rec, out
+
+    rec, out = run(main())
+    assert isinstance(out[4], QueueFull) and "pushed out" in str(out[4])  # a4, the newest of a's
+    assert out[5][1] == "rb0"
+    assert [p for (p,) in rec.batches] == ["a0", "a1", "b0", "a2", "a3"]
+    assert dropped == [("pushed_out", 1)]
+
+
+def test_the_queue_holds_at_most_max_queue_bytes():
+    async def main():
+        rec = Recorder(hold_first=True)
+        b = Batcher(rec, max_batch=1, max_queue=64, max_queue_bytes=1000)
+        b.start()
+        first = asyncio.ensure_future(b.submit("k", 0, None, nbytes=900))
+        await _entered(rec)  # taken into a batch: no longer queued
+        kept = asyncio.ensure_future(b.submit("k", 1, None, nbytes=600))
+        await asyncio.sleep(0.05)
+        assert b.queued_bytes == 600
+        with pytest.raises(QueueFull, match="1000 bytes"):
+            await b.submit("k", 2, None, nbytes=500)
+        with pytest.raises(QueueFull, match="holds 1001 bytes"):
+            await b.submit("k", 3, None, nbytes=1001)
+        rec.gate.set()
+        await asyncio.gather(first, kept)
+        assert b.queued_bytes == 0
+        await b.stop()
+
+    run(main())

@@ -187,6 +187,72 @@ def test_expired_deadline_is_dropped_not_computed(model, good_request):
         assert_still_serving(server, good_request)
 
 
+def test_every_final_code_is_counted_and_nothing_is_computed_for_a_caller_gone(model, good_request):
+    """The tail takes 1 s a batch. 3 calls with a 1.5 s deadline at once: the first is answered, the others
+    cannot be (their batch would end past the deadline), so they are dropped before compute (none computed for
+    nobody: hnd_late_images_total stays 0) and counted as DEADLINE_EXCEEDED; a call the caller cancels while it
+    waits is counted as CANCELLED and leaves the queue at once."""
+    with serving(model, batching=BatchingOptions(max_batch=1, max_delay_ms=0, max_queue=8)) as server:
+        runner = server.service.runner
+        original = runner.run_split
+        release = threading.Event()
+
+        def slow_run(items):
+            release.wait(1.0)
+            return original(items)
+
+        runner.run_split = slow_run
+        sample = server.service.metrics.registry.get_sample_value
+        payload = good_request.SerializeToString()
+        try:
+            call_raw(server, payload)  # the server learns what a batch of this shape costs
+            before = runner.images_computed
+            results: list = [None] * 3
+            threads = [
+                threading.Thread(target=lambda i=i: results.__setitem__(i, call_raw(server, payload, timeout=1.5)))
+                for i in range(3)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            time.sleep(1.2)  # a batch still running finishes
+            answered = sum(isinstance(r, bytes) for r in results)
+            expired = [r for r in results if not isinstance(r, bytes)]
+            assert all(r.code() == grpc.StatusCode.DEADLINE_EXCEEDED for r in expired), expired
+            assert len(expired) >= 2
+            assert runner.images_computed - before == answered
+            assert (sample("hnd_late_images_total") or 0) == 0
+            assert sample("hnd_requests_total", {"method": "Infer", "code": "DEADLINE_EXCEEDED"}) == len(expired)
+            assert sample("hnd_requests_total", {"method": "Infer", "code": "OK"}) == 1 + answered
+
+            release.set()  # now instant: hold the compute thread another way to cancel a waiting call
+            gate = threading.Event()
+            runner.run_split = lambda items: (gate.wait(10), original(items))[1]
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                infer = channel.unary_unary(INFER)
+                running = infer.future(payload, timeout=30)
+                time.sleep(0.5)
+                waiting = infer.future(payload, timeout=30)
+                deadline = time.monotonic() + 10
+                while server.service.batcher.depth < 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                waiting.cancel()
+                while server.service.batcher.depth and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert server.service.batcher.depth == 0  # out of the queue at once, not when its turn came
+                gate.set()
+                running.result()
+            while sample("hnd_requests_total", {"method": "Infer", "code": "CANCELLED"}) is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert sample("hnd_requests_total", {"method": "Infer", "code": "CANCELLED"}) == 1
+            assert sample("hnd_dropped_total", {"reason": "cancelled"}) == 1
+        finally:
+            release.set()
+            runner.run_split = original
+
+
 def test_token_auth(model, good_request, tmp_path):
     with serving(model, token="s3cret") as server:
         assert call_raw(server, good_request.SerializeToString()).code() == grpc.StatusCode.UNAUTHENTICATED
