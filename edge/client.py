@@ -11,6 +11,7 @@ weights stops the edge (WeightsMismatch)."""
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import itertools
 import json
@@ -204,9 +205,9 @@ class SplitClient:
                 response = f.result()
                 md = metadata_of(f)
                 self.check_weights(md)
-                out.set_result(Reply(response, now, md.get(REPLICA_KEY, "")))
+                settle(out, Reply(response, now, md.get(REPLICA_KEY, "")))
             except Exception as exc:  # noqa: BLE001 - RpcError, WeightsMismatch, cancelled and the like
-                out.set_exception(exc)
+                settle(out, error=exc)
 
         call.add_done_callback(done)
         # Abandoning the frame cancels its call: the server sees CANCELLED and need not compute it.
@@ -266,33 +267,85 @@ class SplitClient:
         self.channel.close()
 
 
+class FrameDeadlineExceeded(grpc.RpcError):
+    """A stream frame the server did not answer within the client's per-request deadline (``timeout_s``).
+
+    Behaves as the RpcError a unary call past its deadline raises (``code()`` DEADLINE_EXCEEDED), so a frame
+    ends with the same status whichever way it travelled."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"Deadline Exceeded: no answer on InferStream within {timeout_s:g} s")
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return str(self)
+
+    def trailing_metadata(self) -> tuple:
+        return ()
+
+
+def settle(fut: concurrent.futures.Future, result: object = None, error: BaseException | None = None) -> None:
+    """Resolve ``fut`` unless it is done already (the edge cancels the futures of frames it stops waiting for:
+    an interrupt, a give-up, an expired deadline); the answer that comes later is dropped quietly."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+@dataclass
+class _Pending:
+    request_id: str
+    future: concurrent.futures.Future
+    deadline: float | None  # monotonic time after which the frame counts as DEADLINE_EXCEEDED
+
+
 class _Stream:
-    """One InferStream call: requests go in through a queue, responses resolve futures in order."""
+    """One InferStream call: requests go in through a queue, responses resolve futures in order.
+
+    Every frame has the client's per-request deadline (``timeout_s``), counted from its ``submit``, as a unary
+    call has: gRPC's deadline covers a whole call, so a watchdog thread times the oldest unanswered frame. When
+    it expires, that frame fails DEADLINE_EXCEEDED and the call is cancelled (answers come in order, so none
+    behind it can come first; the server frees the stream's session); the frames behind it fail StreamBroken,
+    to be sent again on a new stream.
+    """
 
     _SENTINEL = object()
 
     def __init__(self, client: SplitClient) -> None:
         self.requests: queue.Queue = queue.Queue()
-        self.pending: queue.Queue[tuple[str, concurrent.futures.Future]] = queue.Queue()
+        self.pending: collections.deque[_Pending] = collections.deque()
         self.broken = False
         self.error: BaseException | None = None  # what ended the stream (set with broken)
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self.client = client
+        self.timeout_s = client.settings.timeout_s
         self.replica = ""
         self.call = client.stub.InferStream(iter(self.requests.get, self._SENTINEL), metadata=client.metadata)
         self.reader = threading.Thread(target=self._read, name="hnd-stream-reader", daemon=True)
         self.reader.start()
+        self.watchdog: threading.Thread | None = None
+        if self.timeout_s:
+            self.watchdog = threading.Thread(target=self._watch, name="hnd-stream-deadlines", daemon=True)
+            self.watchdog.start()
 
     def submit(self, request: pb.InferRequest) -> concurrent.futures.Future:
         out: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
+        with self._cond:
             if self.broken:  # a refusal that came before this request (other weights) stays the answer
                 out.set_exception(
                     self.error if isinstance(self.error, WeightsMismatch) else StreamBroken("stream closed")
                 )
                 return out
-            self.pending.put((request.request_id, out))
+            deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
+            self.pending.append(_Pending(request.request_id, out, deadline))
             self.requests.put(request)
+            self._cond.notify_all()
         return out
 
     def _read(self) -> None:
@@ -303,11 +356,18 @@ class _Stream:
             self.client.check_weights(md)
             for response in self.call:
                 now = time.perf_counter_ns()
-                request_id, fut = self.pending.get_nowait()
-                if response.request_id != request_id:
-                    fut.set_exception(EdgeError(f"stream out of order: got {response.request_id}, want {request_id}"))
+                with self._cond:
+                    if not self.pending:
+                        raise queue.Empty
+                    frame = self.pending.popleft()
+                    self._cond.notify_all()
+                if response.request_id != frame.request_id:
+                    settle(
+                        frame.future,
+                        error=EdgeError(f"stream out of order: got {response.request_id}, want {frame.request_id}"),
+                    )
                 else:
-                    fut.set_result(Reply(response, now, self.replica))
+                    settle(frame.future, Reply(response, now, self.replica))
         except WeightsMismatch as exc:
             error = exc
             self.call.cancel()
@@ -315,19 +375,44 @@ class _Stream:
             error = exc
         except queue.Empty:
             error = EdgeError("server answered a request that was not sent")
-        with self._lock:
+        with self._cond:
             self.broken = True
-            self.error = error
+            self.error = self.error or error  # the watchdog's StreamBroken, when it cancelled the call
+            left = list(self.pending)
+            self.pending.clear()
+            self._cond.notify_all()
+        for frame in left:
+            settle(frame.future, error=self.error or StreamBroken("stream ended before answering"))
+
+    def _watch(self) -> None:
+        """Fails the oldest frame DEADLINE_EXCEEDED once its deadline passes, and cancels the call."""
+        with self._cond:
             while True:
-                try:
-                    _, fut = self.pending.get_nowait()
-                except queue.Empty:
-                    break
-                fut.set_exception(error or StreamBroken("stream ended before answering"))
+                if self.broken:
+                    return
+                if not self.pending:
+                    self._cond.wait()
+                    continue
+                late = self.pending[0]
+                left = (late.deadline or 0.0) - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self.pending.popleft()
+                self.broken = True
+                self.error = StreamBroken(
+                    f"stream cancelled: request {late.request_id} had no answer within {self.timeout_s:g} s"
+                )
+                break
+        settle(late.future, error=FrameDeadlineExceeded(self.timeout_s))
+        self.call.cancel()  # the reader fails the frames behind it with self.error
 
     def close(self) -> None:
         self.requests.put(self._SENTINEL)
         self.reader.join(timeout=5)
+        with self._cond:
+            self.broken = True
+            self._cond.notify_all()
 
 
 _ids = itertools.count()

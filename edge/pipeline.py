@@ -89,6 +89,8 @@ class EdgeRunner:
         self.bar: tqdm | None = None
         self._started = time.perf_counter()
         self._unavailable_since: float | None = None  # monotonic time of the first UNAVAILABLE since an answer
+        self._answered_at = time.monotonic()  # of the last answer (or the run's start)
+        self._silence_warned = False  # the "no answer within the deadline" warning, once per silence
         self._gave_up: str | None = None  # set once the server counts as gone: no more sends or retries
 
     def prepare(self, frame: Frame) -> Prepared:
@@ -166,6 +168,29 @@ class EdgeRunner:
         )
         return False
 
+    def _unanswered(self, p: Prepared) -> None:
+        """A frame past its deadline (unary or stream): a warning once per silence, and the server counts as
+        gone once it has answered nothing for ``give_up_after_s`` (a server that hangs, not only one that
+        went away)."""
+        silent = time.monotonic() - self._answered_at
+        give_up = self.options.give_up_after_s
+        if self._unavailable_since is None:  # a reconnect wait that follows counts from the last answer too
+            self._unavailable_since = self._answered_at
+        if not self._silence_warned:
+            self._silence_warned = True
+            log.warning(
+                "frame %d: no answer within the %g s deadline (--timeout); server %s silent for %.1f s%s",
+                p.frame.index,
+                self.client.settings.timeout_s,
+                self.client.settings.target,
+                silent,
+                "" if give_up is None else f" (giving up after {give_up:g} s, --give-up-after)",
+            )
+        if give_up is not None and silent >= give_up and not self._gave_up:
+            self._gave_up = (
+                f"server {self.client.settings.target} answered nothing for {give_up:g} s (--give-up-after): giving up"
+            )
+
     def _finish(self, p: Prepared, future: concurrent.futures.Future) -> FrameRecord:
         """The frame's record; a frame that failed UNAVAILABLE (replica died or drained, stream
         broken) is sent again, up to ``max_attempts`` sends, each after the channel has a ready
@@ -191,6 +216,7 @@ class EdgeRunner:
                     continue
                 record = self._answered(p, reply)
                 self._unavailable_since = None
+                self._answered_at, self._silence_warned = time.monotonic(), False
                 break
             except WeightsMismatch as exc:
                 self.mismatch = self._record(p, status="FAILED_PRECONDITION", error=str(exc))
@@ -203,6 +229,8 @@ class EdgeRunner:
                     self.mismatch = self._record(p, status=status, error=message)
                     raise WeightsMismatch(message) from None
                 retry = code == grpc.StatusCode.UNAVAILABLE
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self._unanswered(p)
             except StreamBroken as exc:
                 status, error, retry = "UNAVAILABLE", str(exc), True
             except EdgeError as exc:
@@ -247,6 +275,7 @@ class EdgeRunner:
         summary = self.summary = Summary(filter_threshold=self.options.filter_threshold)
         self.source = source
         self._started = time.perf_counter()
+        self._answered_at = time.monotonic()
         bar = self.bar = tqdm(desc=f"hnd-edge {self.options.mode}", unit="frame", disable=not progress, leave=False)
         inflight = _InFlight(self, summary, bar, on_record)
         try:

@@ -3,12 +3,16 @@ after refusals and when the server keeps no session, and H.264 / HEVC / WebP off
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import queue
+import threading
+import time
 
 import grpc
 import pytest
 import torch
-from runtime_support import assert_same_detections, client_for, edge_argv, run_edge, serving
+from runtime_support import assert_same_detections, client_for, edge_argv, frames, run_edge, serving
 from test_streams import STREAM, bottleneck_requests, in_process, video_frames, wait_sessions_free
 
 from hnd.common import wire
@@ -21,7 +25,7 @@ from hnd.edge import cli
 from hnd.edge.capture import ArrayFrames
 from hnd.edge.client import EdgeError
 from hnd.edge.modes import EdgeOptions, make_mode
-from hnd.edge.pipeline import EdgeRunner
+from hnd.edge.pipeline import EdgeRunner, ServerGone
 from hnd.edge.torch_modes import to_tensor
 from hnd.server.service import ServerLimits
 from hnd.server.streams import StreamLimits
@@ -122,6 +126,109 @@ def test_server_without_free_session_gets_key_frames_only(model):
     assert summary.failed == 0  # every frame answered: the refused delta was resent as a key frame
     assert [r["frame_type"] for r in records] == ["key", "key", "key"]
     assert [r.get("attempts", 1) for r in records] == [1, 2, 1]
+
+
+def test_timeout_is_a_per_frame_deadline_on_streams(model):
+    """--timeout on InferStream: a frame the server holds for 10 s fails DEADLINE_EXCEEDED after 1.5 s (it used
+    to be answered OK whenever the server got to it), its stream is cancelled and the next frame goes on a
+    new one."""
+    with serving(model) as server:
+        infer = server.service.infer
+        held = threading.Event()
+
+        async def hold_first(request, *args, **kwargs):
+            if not held.is_set():
+                held.set()
+                await asyncio.sleep(10)
+            return await infer(request, *args, **kwargs)
+
+        server.service.infer = hold_first
+        client = client_for(server, timeout_s=1.5)
+        head, _ = split_model(model)
+        runner = EdgeRunner(
+            EdgeOptions(stream=True, max_inflight=1), head=head, fingerprint=fingerprint(model), client=client
+        )
+        records = []
+        start = time.monotonic()
+        try:
+            runner.run(ArrayFrames(frames(2)), lambda r, f: records.append((time.monotonic() - start, r.to_dict())))
+        finally:
+            client.close()
+        wait_sessions_free(server)
+    assert [r["status"] for _, r in records] == ["DEADLINE_EXCEEDED", "OK"], records
+    assert "no answer on InferStream within 1.5 s" in records[0][1]["error"]
+    assert records[0][0] < 8  # the frame's own deadline, not the server's 10 s
+
+
+def test_interrupted_stream_is_quiet(model, monkeypatch):
+    """SIGTERM / Ctrl-C (KeyboardInterrupt) with stream frames in flight: they are recorded CANCELLED, and
+    the answers that arrive afterwards are dropped without the reader thread's InvalidStateError traceback."""
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    with serving(model) as server:
+        infer = server.service.infer
+
+        async def slow(request, *args, **kwargs):
+            await asyncio.sleep(1.0)
+            return await infer(request, *args, **kwargs)
+
+        server.service.infer = slow
+
+        class Interrupted(ArrayFrames):
+            def __iter__(self):
+                yield from super().__iter__()
+                raise KeyboardInterrupt
+
+        client = client_for(server)
+        head, _ = split_model(model)
+        runner = EdgeRunner(
+            EdgeOptions(stream=True, max_inflight=3), head=head, fingerprint=fingerprint(model), client=client
+        )
+        records = []
+        with pytest.raises(KeyboardInterrupt):
+            runner.run(Interrupted(frames(2)), lambda r, f: records.append(r.status))
+        client.close()  # half-closes: the server answers both, after the futures were cancelled
+    assert records == ["CANCELLED", "CANCELLED"]
+    assert thread_errors == []
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
+def test_a_hung_server_gets_deadlines_a_warning_and_the_give_up(model, stream, caplog):
+    """The server's event loop blocks (as under SIGSTOP: connected, silent): frames fail DEADLINE_EXCEEDED
+    after --timeout, one warning says so, and the run gives up after --give-up-after, on streams as on unary
+    calls (a stream used to wait silently and then answer everything OK)."""
+    release = threading.Event()
+    with serving(model) as server:
+        client = client_for(server, timeout_s=2.0)
+
+        class HangingServer(ArrayFrames):
+            def __iter__(self):
+                for frame in super().__iter__():
+                    if frame.index == 1:
+                        server.loop.call_soon_threadsafe(release.wait, 60)
+                    yield frame
+
+        head, _ = split_model(model)
+        runner = EdgeRunner(
+            EdgeOptions(stream=stream, max_inflight=2, give_up_after_s=3.0),
+            head=head,
+            fingerprint=fingerprint(model),
+            client=client,
+        )
+        records = []
+        start = time.monotonic()
+        try:
+            with caplog.at_level(logging.WARNING, logger="hnd.edge"), pytest.raises(ServerGone, match="giving up"):
+                runner.run(HangingServer(frames(40)), lambda r, f: records.append(r.to_dict()))
+            elapsed = time.monotonic() - start
+        finally:
+            release.set()
+            client.close()
+    assert elapsed < 30, elapsed  # not until the server wakes up
+    statuses = [r["status"] for r in records]
+    assert len(records) < 40 and "DEADLINE_EXCEEDED" in statuses and "OK" not in statuses[2:], statuses
+    warnings = [r.getMessage() for r in caplog.records if "no answer within the 2 s deadline" in r.getMessage()]
+    assert len(warnings) == 1, warnings
 
 
 def test_temporal_needs_a_stream_and_a_server_with_sessions(model):
