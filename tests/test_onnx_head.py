@@ -8,6 +8,8 @@ same tail gives the same detections (or IoU-matched F1 >= 0.99). int8 is measure
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import onnx
@@ -131,6 +133,21 @@ def test_torch_format_is_kept(tmp_path, tiny_model):
     assert export_cli.main([str(ckpt), str(tmp_path / "head.pt")]) == 0
     assert export_cli.main([str(ckpt), str(tmp_path / "head.bin"), "--format", "onnx"]) == 0
     assert OnnxHead(tmp_path / "head.bin").fingerprint == fingerprint(model)
+
+
+def test_exports_get_the_umasks_mode_like_any_written_file(tmp_path, tiny_model):
+    """A container user other than the exporter reads the head: 0666 less the umask, not mkstemp's 0600."""
+    ckpt = tmp_path / "s.pt"
+    old = os.umask(0o002)
+    try:
+        save_checkpoint(ckpt, tiny_model("faster_rcnn"))
+        assert export_cli.main([str(ckpt), str(tmp_path / "head.pt")]) == 0
+        assert export_cli.main([str(ckpt), str(tmp_path / "head.onnx")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"s.pt": 0o664, "head.pt": 0o664, "head.onnx": 0o664}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
 
 # ---------------------------------------------------------------------------------------------------
