@@ -1,0 +1,308 @@
+"""The documentation is tested: README.md, DEPLOY.md and every page under docs/.
+
+Every ``hnd-*`` command line in a shell block parses with that command's real parser (the flags
+exist, choices are valid) and names configs that exist; every repository path named in backticks
+exists; every relative link resolves (file and anchor). The site itself is built with
+``mkdocs build --strict`` by .ci/run (which also fails on a page left out of the nav).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hnd.common.config import ConfigError, resolve_config_path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def load_hook(name: str):
+    """A module of docs/hooks (they are MkDocs hooks, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(f"docs_hooks_{name}", DOCS / "hooks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLI = load_hook("cli_reference")
+
+
+def documents() -> list[Path]:
+    """The Markdown a user reads: README.md, DEPLOY.md and the site's pages."""
+    pages = sorted(p for p in DOCS.rglob("*.md") if "hooks" not in p.relative_to(DOCS).parts)
+    return [ROOT / "README.md", ROOT / "DEPLOY.md", *pages]
+
+
+def doc_ids(paths: list[Path]) -> list[str]:
+    return [str(p.relative_to(ROOT)) for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines in shell blocks
+
+SHELL_FENCE = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", re.S | re.M)
+SHELL_OPERATORS = ("&", "&&", "|", "||", ";", ">", ">>", "2>&1", "2>", "<")
+PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*(?::[A-Z0-9_]+)?$")  # N, SEED, DIR, HOST:PORT
+
+
+@dataclass
+class Command:
+    doc: str
+    script: str
+    args: list[str]
+
+    def __str__(self) -> str:
+        return f"{self.doc}: {self.script} {shlex.join(self.args)}"
+
+
+def shell_commands(path: Path) -> list[Command]:
+    """Every ``hnd-*`` command in the file's shell blocks, with its arguments (continuations joined,
+    comments and what follows a shell operator dropped; ``[--flag V]`` optional parts kept as flags)."""
+    scripts = CLI.console_scripts()
+    out = []
+    for block in SHELL_FENCE.findall(path.read_text()):
+        for line in block.replace("\\\n", " ").splitlines():
+            try:
+                words = shlex.split(line.removeprefix("$ "), comments=True)
+            except ValueError:
+                continue
+            for n, w in enumerate(words):
+                if w in SHELL_OPERATORS:
+                    words = words[:n]
+                    break
+            while words and (re.fullmatch(r"\w+=.*", words[0]) or words[0] in ("sudo", "nice", "exec", "time")):
+                words = words[1:]
+            if not words or not Path(words[0]).name.startswith("hnd-"):
+                continue
+            script = Path(words[0]).name
+            assert script in scripts, f"{path.name}: {script} is not a console script of pyproject.toml"
+            args = [w.strip("[]") for w in words[1:] if w.strip("[]") not in ("", "...")]
+            out.append(Command(str(path.relative_to(ROOT)), script, args))
+    return out
+
+
+def variants(args: list[str]) -> list[list[str]]:
+    """``--bits 8|4|2`` written as alternatives: one argument list per alternative of each such word."""
+    alternatives = [w.split("|") if "|" in w and not w.startswith("-") else [w] for w in args]
+    out = [[a[0] for a in alternatives]]
+    for i, alts in enumerate(alternatives):
+        for alt in alts[1:]:
+            out.append([*out[0][:i], alt, *out[0][i + 1 :]])
+    return out
+
+
+def fill_placeholders(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
+    """A value written as a placeholder (``--epochs N``) takes a value of the flag's type."""
+    options = {s: a for a in parser._actions for s in a.option_strings}
+    out = list(args)
+    for i in range(1, len(out)):
+        action = options.get(out[i - 1])
+        if action is None or action.nargs == 0 or not PLACEHOLDER.match(out[i]):
+            continue
+        if action.choices:
+            out[i] = str(next(iter(action.choices)))
+        elif action.type in (int, float):
+            out[i] = "1"
+    return out
+
+
+def parse(script: str, args: list[str]) -> argparse.Namespace:
+    """``args`` through the script's real parser; its error message is raised, not printed."""
+    parser = CLI.cli_parser(script)
+
+    def error(message: str):
+        raise ValueError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser.parse_args(fill_placeholders(parser, args))
+
+
+def all_commands() -> list[Command]:
+    return [c for doc in documents() for c in shell_commands(doc)]
+
+
+def test_the_docs_have_commands_of_every_kind():
+    """The extractor finds what it should (a regex that finds nothing would pass everything below)."""
+    seen = {c.script for c in all_commands()}
+    assert {"hnd-server", "hnd-edge", "hnd-export-head", "hnd-train", "hnd-eval", "hnd-make-synthetic-coco"} <= seen
+    readme = {c.script for c in shell_commands(ROOT / "README.md")}
+    assert {"hnd-server", "hnd-edge", "hnd-export-head"} <= readme
+
+
+@pytest.mark.parametrize("doc", documents(), ids=doc_ids(documents()))
+def test_shell_commands_parse_with_the_real_parsers(doc):
+    problems = []
+    for command in shell_commands(doc):
+        for args in variants(command.args):
+            try:
+                ns = parse(command.script, args)
+            except ValueError as e:
+                problems.append(f"{command}: {e}")
+                continue
+            config = getattr(ns, "config", None)
+            if isinstance(config, str) and not PLACEHOLDER.match(config):
+                try:
+                    resolve_config_path(config)
+                except ConfigError as e:
+                    problems.append(f"{command}: {e}")
+    assert not problems, "\n".join(problems)
+
+
+def test_command_checks_catch_what_they_should():
+    """An unknown flag, a bad choice and a missing config are each caught; placeholders are not."""
+    with pytest.raises(ValueError, match="unrecognized"):
+        parse("hnd-edge", ["--images", "d", "--no-such-flag"])
+    with pytest.raises(ValueError, match="invalid choice"):
+        parse("hnd-edge", ["--images", "d", "--bits", "3"])
+    assert parse("hnd-edge", ["--images", "DIR", "--bits", "N"]).bits in (0, 2, 4, 6, 8, 16, 32)
+    with pytest.raises(ConfigError):
+        resolve_config_path("hnd/no_such_model")
+    assert variants(["--bits", "8|4"]) == [["--bits", "8"], ["--bits", "4"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs and repository paths named in the text
+
+TOP_LEVEL = sorted(p.name for p in ROOT.iterdir() if not p.name.startswith(".") or p.name == ".ci")
+CONFIG_NAME = re.compile(r"^(?:org|hnd|ghnd|entropic|ext|test)/[\w.{},-]+$")
+
+
+def braces(text: str) -> list[str]:
+    """Shell brace expansion: ``a{1,2}b`` -> ``a1b``, ``a2b``."""
+    parts = re.split(r"\{([^{}]*)\}", text)
+    choices = [[p] if i % 2 == 0 else p.split(",") for i, p in enumerate(parts)]
+    return ["".join(c) for c in itertools.product(*choices)]
+
+
+def code_spans(text: str) -> list[str]:
+    """Inline code of the prose (fenced blocks left out)."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.findall(r"`([^`\n]+)`", prose)
+
+
+def named_paths(text: str) -> list[str]:
+    """Repository paths in inline code: ``common/codec.py``, ``configs/hnd/*.yaml``, ``bench/results/``."""
+    out = []
+    for span in code_spans(text):
+        if not re.fullmatch(r"[\w.{},*/-]+", span) or "/" not in span or span.startswith(("/", "./", "../")):
+            continue
+        if span.split("/")[0] in TOP_LEVEL:
+            out.append(span)
+    return out
+
+
+@pytest.mark.parametrize("doc", documents(), ids=doc_ids(documents()))
+def test_named_paths_and_configs_exist(doc):
+    text = doc.read_text()
+    missing = []
+    paths = [p for path in named_paths(text) for p in braces(path)]
+    # A table of a folder's files names them relative to that folder (`deploy/k8s/`: `examples/x.yaml`).
+    folders = [ROOT] + [ROOT / p for p in paths if (ROOT / p).is_dir()]
+    for p in paths:
+        if not any(list(folder.glob(p.rstrip("/"))) for folder in folders):
+            missing.append(p)
+    for span in code_spans(text):
+        if CONFIG_NAME.match(span):
+            for name in braces(span):
+                try:
+                    resolve_config_path(name)
+                except ConfigError:
+                    missing.append(f"config {name}")
+    assert not missing, f"{doc.relative_to(ROOT)} names what does not exist: {missing}"
+
+
+def test_path_checks_catch_what_they_should():
+    assert named_paths("see `common/codec.py`, `configs/hnd/*.yaml` and `pip install .[edge]`") == [
+        "common/codec.py",
+        "configs/hnd/*.yaml",
+    ]
+    assert braces("experiments/results/cpu-2core.{md,json}") == [
+        "experiments/results/cpu-2core.md",
+        "experiments/results/cpu-2core.json",
+    ]
+    assert not list(ROOT.glob("common/no_such_module.py"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Links
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def slug(title: str) -> str:
+    """A heading's anchor as GitHub and MkDocs' toc both make it (lower case, punctuation dropped)."""
+    title = re.sub(r"[`*_]", "", title.strip().lower())
+    return re.sub(r"[^\w\- ]", "", title).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+    return {slug(t) for t in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def generated_pages() -> set[Path]:
+    """Pages the site's hooks generate (the CLI reference)."""
+    names = [*CLI.console_scripts(), "index"]
+    return {DOCS / CLI.CLI_DIR / f"{n}.md" for n in names}
+
+
+@pytest.mark.parametrize("doc", documents(), ids=doc_ids(documents()))
+def test_relative_links_resolve(doc):
+    broken = []
+    text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.S | re.M)
+    for target in LINK.findall(text):
+        if re.match(r"^[a-z][a-z+.-]*:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (doc.parent / path).resolve() if path else doc
+        if dest in generated_pages():
+            continue
+        if not dest.exists():
+            broken.append(target)
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            broken.append(f"{target} (no such heading)")
+    assert not broken, f"{doc.relative_to(ROOT)}: broken links {broken}"
+
+
+def test_link_check_catches_a_broken_link(tmp_path):
+    (tmp_path / "a.md").write_text("# A b\n\n[x](b.md) [y](#a-b) [z](#nope)\n")
+    links = LINK.findall((tmp_path / "a.md").read_text())
+    assert links == ["b.md", "#a-b", "#nope"]
+    assert anchors(tmp_path / "a.md") == {"a-b"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The site's navigation
+
+
+def nav_pages() -> set[str]:
+    def walk(node) -> list[str]:
+        if isinstance(node, str):
+            return [node]
+        if isinstance(node, list):
+            return [p for n in node for p in walk(n)]
+        if isinstance(node, dict):
+            return [p for v in node.values() for p in walk(v)]
+        return []
+
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
+    return set(walk(config["nav"]))
+
+
+def test_every_page_is_in_the_nav_and_every_nav_entry_exists():
+    """What ``mkdocs build --strict`` checks too, here without building: a new page (a benchmark write-up)
+    must be added to mkdocs.yml's nav, and a nav entry must be a page."""
+    pages = {str(p.relative_to(DOCS)) for p in documents()[2:]}
+    generated = {str(p.relative_to(DOCS)) for p in generated_pages()}
+    nav = nav_pages()
+    assert not pages - nav, f"pages missing from mkdocs.yml's nav: {sorted(pages - nav)}"
+    assert not nav - pages - generated, f"nav entries with no page: {sorted(nav - pages - generated)}"
