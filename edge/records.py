@@ -212,7 +212,8 @@ class FrameRecord:
 
 def read_records(path: str | Path) -> Iterator[FrameRecord]:
     """The records of a JSONL file, in order. A last line cut short by a crash is skipped, and so is a line
-    that a failed write (disk full) left half written: the writer ends it before it writes again."""
+    that a failed write (disk full) or a previous run left half written: the writer ends it before it writes
+    again."""
     with Path(path).open() as f:
         for n, line in enumerate(f, 1):
             if not line.endswith("\n"):
@@ -251,7 +252,9 @@ class RecordWriter:
     - A reader (``tail -f``, ``read_records``) never sees half a record; a crash or ``kill -9`` loses at
       most the record being written. The OS gets every line at once; ``fsync`` runs at most once per
       ``fsync_s`` (default 1 s), so a power cut loses at most that last second.
-    - An existing file is appended to (never truncated); ``appended_to`` says how big it was.
+    - An existing file is appended to (never truncated); ``appended_to`` says how big it was. A last line
+      that a previous run left without its newline (cut short) is ended first: that record stays lost,
+      the new run's first record is whole.
     - ``rotate`` ("100MB" or "1h", see :func:`parse_rotate`) rotates with the standard library's rotating
       handlers: by size to ``path.1`` .. ``path.N``, by time to ``path.YYYY-MM-DD_HH-MM-SS``; ``keep``
       bounds the rotated files kept (the oldest are deleted).
@@ -302,6 +305,11 @@ class RecordWriter:
         handler.handleError = self._handle_error  # type: ignore[method-assign,assignment]
         self.handler = handler
         self._error: BaseException | None = None
+        if self._end_torn_line():  # a previous run cut short mid-record (disk full, power cut, kill -9)
+            self.warn(
+                f"hnd-edge: {self.path} ended in a partial record (a run cut short): it stays skipped, "
+                "this run's records start on a fresh line"
+            )
 
     def _handle_error(self, _record: logging.LogRecord) -> None:
         self._error = sys.exc_info()[1]
@@ -345,13 +353,22 @@ class RecordWriter:
         try:
             if self.handler.stream is None:
                 self.handler.stream = self.handler._open()
-            if self.path.exists() and self.path.stat().st_size:
-                with self.path.open("rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        self.handler.stream.write("\n")
+            self._end_torn_line()
         except OSError as exc:
             self._error = exc
+
+    def _end_torn_line(self) -> bool:
+        """End the file's last line when it has no newline (a record cut short), so that the next record
+        starts a line of its own and ``read_records`` keeps it; True when there was one."""
+        if not (self.path.exists() and self.path.stat().st_size):
+            return False
+        with self.path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return False
+        self.handler.stream.write("\n")
+        self.handler.stream.flush()
+        return True
 
     def _sync(self) -> None:
         try:

@@ -121,6 +121,24 @@ def test_a_failed_write_that_left_half_a_line_is_repaired_when_writing_works_aga
     assert "cannot write" in lines[0] and "again (1 lost meanwhile)" in lines[1]
 
 
+@pytest.mark.parametrize("rotate", [None, "1MB", "1h"])
+def test_a_torn_last_line_of_a_previous_run_costs_no_record_of_the_next(tmp_path, rotate):
+    """The last run died mid-record (disk full, kill -9): its half line ends where it was cut; the new run's
+    first record is not merged onto it."""
+    path = tmp_path / "r.jsonl"
+    path.write_text(_rec(0).to_json() + "\n" + _rec(1).to_json()[:40])
+    lines: list[str] = []
+    w = RecordWriter(path, rotate=rotate, warn=lines.append)
+    w.write(_rec(7))
+    w.write(_rec(8))
+    w.close()
+    assert [r.frame for r in read_records(path)] == [0, 7, 8]  # the torn record 1 alone is lost
+    assert len(lines) == 1 and "ended in a partial record" in lines[0]
+    w = RecordWriter(path, rotate=rotate, warn=lines.append)  # a whole file: nothing to say
+    w.close()
+    assert len(lines) == 1 and path.read_text().endswith("}\n")
+
+
 def test_cli_stops_cleanly_on_write_error_when_told(tmp_path, capsys):
     images = tmp_path / "f"
     images.mkdir()
