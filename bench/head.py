@@ -37,6 +37,7 @@ import torch
 
 from hnd.bench.codec import cpu_name
 from hnd.bench.codec import median_ms as codec_median_ms
+from hnd.bench import head_levers
 from hnd.bench.gemm import GEMM_OPS, gemm_rate
 from hnd.common import codec, entropy_coder
 from hnd.common.checkpoint import fingerprint
@@ -81,6 +82,8 @@ class Results:
     payload_bytes: dict[str, int] = field(default_factory=dict)  # runtime -> coded bytes, 640x480 native
     gemm_gmac_per_s: dict[str, dict[str, float]] = field(default_factory=dict)  # threads -> precision -> GMAC/s
     load_average: list[float] = field(default_factory=list)  # 1, 5, 15 min, at the start and at the end
+    levers: list[head_levers.LeverRow] = field(default_factory=list)  # 640x480 native (HND heads)
+    frames_per_s: dict[str, float] = field(default_factory=dict)  # int8 head over two cores, 640x480 native
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -129,7 +132,11 @@ def frames() -> dict[str, np.ndarray]:
     return out
 
 
-def run(config: str, checkpoint: str | None, seed: int | None, threads: list[int], repeats: int) -> Results:
+def run(
+    config: str, checkpoint: str | None, seed: int | None, threads: list[int], repeats: int, lever_rounds: int = 0
+) -> Results:
+    """All cells; with ``lever_rounds`` (HND heads) also the levers (``hnd.bench.head_levers``) on the
+    640x480 frame at native size, at 1 and 2 threads, and the int8 head's frames/s over two cores."""
     cfg = load_config(config)
     model = build_model_from_config(with_weights(cfg.model, checkpoint, seed), cfg.path)
     head, _ = split_model(model)
@@ -145,7 +152,9 @@ def run(config: str, checkpoint: str | None, seed: int | None, threads: list[int
         fp32 = Path(tmp) / "fp32.onnx"
         int8 = Path(tmp) / "int8.onnx"
         export_onnx(head, meta, fp32)
-        quantize_int8(fp32, int8, calib, meta, f"{len(calib)} photos")
+        s2d = Path(tmp) / "fp32-s2d.onnx"  # int8 from the stem hnd-export-head --int8 uses
+        export_onnx(head, meta, s2d, stem="s2d")
+        quantize_int8(s2d, int8, calib, meta, f"{len(calib)} photos")
         for n in threads:
             torch.set_num_threads(n)
             res.gemm_gmac_per_s[str(n)] = gemm_rates(n, repeats)
@@ -159,8 +168,23 @@ def run(config: str, checkpoint: str | None, seed: int | None, threads: list[int
                     res.cells += cells
             res.edge_stages_ms[str(n)] = _edge_stages(sessions, frames()["640x480"], repeats)
         res.payload_bytes = _payload_bytes(head, sessions, frames()["640x480"])
+        if lever_rounds and isinstance(head, Head):
+            _levers(res, head, meta, calib, Path(tmp), lever_rounds)
     res.load_average += [round(v, 2) for v in os.getloadavg()]
     return res
+
+
+@torch.inference_mode()
+def _levers(res: Results, head: Head, meta, calib: list[np.ndarray], folder: Path, rounds: int) -> None:
+    files = head_levers.export_variants(head, meta, calib, folder)
+    img = frames()["640x480"]
+    batch, _ = OnnxHead(files["fp32 direct"], min_size=480, max_size=640).preprocess([img])
+    ref = head.encode(torch.from_numpy(batch)).numpy()
+    gmac = head_gmac(head, tuple(batch.shape[-2:]))
+    for n in (1, 2):
+        gemm = res.gemm_gmac_per_s.get(str(n)) or gemm_rates(n, 5)
+        res.levers += head_levers.measure(files, batch, ref, gmac, gemm, n, rounds)
+    res.frames_per_s = head_levers.frames_per_second(files["int8 s2d"], batch, 4 * rounds)
 
 
 def _rate(cells: list[Cell], gmac: float, gemm: dict[str, float]) -> None:
@@ -316,13 +340,38 @@ def markdown(res: Results) -> str:
         lines.append(
             f"| {threads_key} | {st['preprocess']:.1f} | {st['head']:.1f} | {st['encode']:.1f} | {st['total']:.1f} |"
         )
-    lines += _limit_tables(res)
+    lines += _limit_tables(res) + _lever_tables(res)
     if res.payload_bytes:
         lines += ["", f"Coded bytes of the 640x480 frame at native size ({coding}), per runtime:", ""]
         lines.append("| " + " | ".join(res.payload_bytes) + " |")
         lines.append("|" + "---|" * len(res.payload_bytes))
         lines.append("| " + " | ".join(f"{b:,}" for b in res.payload_bytes.values()) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _lever_tables(res: Results) -> list[str]:
+    if not res.levers:
+        return []
+    lines = [
+        "",
+        "Levers, 640x480 frame at native size, run in turns (best / median ms, GMAC/s, share of GEMM, max |dz|):",
+    ]
+    lines += [
+        "",
+        "| lever | threads | best ms | median ms | GMAC/s | of GEMM | max abs diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res.levers:
+        lines.append(
+            f"| {r.name} | {r.threads} | {r.best_ms:.1f} | {r.median_ms:.1f} | {r.gmac_per_s:.0f} | "
+            f"{100 * r.vs_gemm:.0f} % | {r.max_abs_diff:.2g} |"
+        )
+    if res.frames_per_s:
+        base = res.frames_per_s["1 session x 1 thread"]
+        lines += ["", "The int8 head's frames/s over the two cores (640x480 native), and the ratio to 1 thread:", ""]
+        lines += ["| " + " | ".join(res.frames_per_s) + " |", "|" + "---|" * len(res.frames_per_s)]
+        lines.append("| " + " | ".join(f"{v:.1f} ({v / base:.2f}x)" for v in res.frames_per_s.values()) + " |")
+    return lines
 
 
 def _limit_tables(res: Results) -> list[str]:
@@ -366,11 +415,19 @@ def main(argv: list[str] | None = None) -> int:
     add_weights_arguments(p)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--lever-rounds", type=int, default=10, help="rounds of the levers' side-by-side runs (0: skip)")
     p.add_argument("--json", help="write all cells as JSON")
     p.add_argument("--markdown", help="write the tables as markdown")
     args = p.parse_args(argv)
     seed = args.random_weights if args.checkpoint or args.random_weights is not None else 0
-    res = run(args.config, args.checkpoint, seed if not args.checkpoint else None, args.threads, args.repeats)
+    res = run(
+        args.config,
+        args.checkpoint,
+        seed if not args.checkpoint else None,
+        args.threads,
+        args.repeats,
+        args.lever_rounds,
+    )
     text = markdown(res)
     print(text)
     if args.json:

@@ -127,3 +127,26 @@ def test_head_gmac_counts_every_convolution():
     chans = [(64, 64), (64, 256), (256, 64), (64, 3)]
     enc = sum(co * (h + 1 + i) * (w + 1 + i) * ci * 4 for i, (ci, co) in enumerate(chans))
     assert head_gmac(head.eval(), (64, 96)) == pytest.approx((stem + enc) / 1e9)
+
+
+def test_head_benchmark_levers_side_by_side(monkeypatch):
+    """python -m hnd.bench.head: every cell against the GEMM rate of its precision and threads, the levers
+    in turns (each with its agreement), and the int8 head's frames/s over two cores."""
+    import numpy as np
+
+    from hnd.bench import head as bench_head
+
+    small = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    monkeypatch.setattr(bench_head, "frames", lambda: {"640x480": small})
+    res = bench_head.run(CONFIG, None, 0, [1, 2], 1, lever_rounds=1)
+    assert set(res.gemm_gmac_per_s) == {"1", "2"} and len(res.load_average) == 6
+    for c in res.cells:
+        assert c.gmac > 0 and c.gmac_per_s == pytest.approx(c.gmac / c.best_ms * 1e3)
+        assert (c.vs_gemm > 0) == c.runtime.startswith("ORT")
+    names = {r.name for r in res.levers}
+    assert {"int8, direct stem", "int8, s2d stem (the int8 file)", "fp32, s2d stem"} <= names
+    assert all(r.max_abs_diff < 1e-4 for r in res.levers if r.name.startswith("fp32"))
+    assert set(res.frames_per_s) == {"1 session x 1 thread", "1 session x 2 threads", "2 sessions x 1 thread"}
+    text = bench_head.markdown(res)
+    assert "share of the same precision's GEMM rate" in text and "Speed-up of 2 threads" in text
+    assert "frames/s over the two cores" in text

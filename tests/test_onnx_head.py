@@ -237,6 +237,61 @@ def test_int8_is_measured_not_exact(tmp_path, photos, tiny_model):
     z = q([photos[0]])[0].bottleneck
     # Not exact; bounded well below the bottleneck's range (the figures are in the README).
     assert 0 < np.abs(z - ref).max() < 0.25 * np.abs(ref).max()
+    # Exported with the space-to-depth stem, quantized before the rearrangement (uint8 moves, not float).
+    nodes = list(onnx.load(str(path)).graph.node)
+    q_input = next(n for n in nodes if n.op_type == "QuantizeLinear" and list(n.input)[0] == "images")
+    s2d = next(n for n in nodes if n.op_type == "SpaceToDepth")
+    assert list(s2d.input) == [q_input.output[0]] and nodes.index(q_input) < nodes.index(s2d)
+
+
+def test_space_to_depth_stem_is_conv1(exported, photos, tmp_path):
+    """conv1 as space-to-depth + a 4x4 conv gives conv1's output (float32 summation order aside), and the
+    fp32 graph exported with it keeps the fp32 bound against the torch head."""
+    from hnd.edge.onnx_export import HeadGraph, SpaceToDepthStem, export_onnx, head_metadata
+
+    model, _ = exported("faster_rcnn")
+    head, _ = split_model(model)
+    stem = SpaceToDepthStem(head.conv1)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = head.conv1(x)
+        assert torch.allclose(stem(x), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    with pytest.raises(ValueError, match="conv1"):
+        SpaceToDepthStem(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False))
+    with pytest.raises(ValueError, match="stem"):
+        HeadGraph(head, "fast")
+    path = tmp_path / "s2d.onnx"
+    export_onnx(head, head_metadata(head, fingerprint(model)), path, stem="s2d")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("SpaceToDepth") == 1 and "Pad" not in ops and "Transpose" not in ops
+    ort_head = OnnxHead(path)
+    for img in photos[:2]:
+        with torch.inference_mode():
+            ref = head([to_tensor(img)])[0].numpy()
+        z = ort_head([img])[0].bottleneck
+        assert np.abs(z - ref).max() <= FP32_REL_BOUND * np.abs(ref).max() + 1e-6
+
+
+def test_quantizing_before_space_to_depth_changes_no_value(exported, photos, tmp_path, monkeypatch):
+    """The int8 graph's input quantization moved before SpaceToDepth gives the same outputs bit for bit."""
+    from hnd.edge import onnx_export
+    from hnd.edge.onnx_export import export_onnx, head_metadata, quantize_int8
+
+    model, _ = exported("faster_rcnn")
+    head, _ = split_model(model)
+    meta = head_metadata(head, fingerprint(model))
+    fp32, moved = tmp_path / "fp32.onnx", tmp_path / "moved.onnx"
+    export_onnx(head, meta, fp32, stem="s2d")
+    quantize_int8(fp32, moved, photos[2:4], meta, "2 photos")
+    as_quantized = tmp_path / "as-quantized.onnx"
+    monkeypatch.setattr(onnx_export, "_quantize_before_space_to_depth", lambda model: None)
+    quantize_int8(fp32, as_quantized, photos[2:4], meta, "2 photos")
+    ops = [n.op_type for n in onnx.load(str(as_quantized)).graph.node]
+    assert ops.index("SpaceToDepth") < ops.index("QuantizeLinear")  # the quantizer leaves it in float32
+    a, b = OnnxHead(moved), OnnxHead(as_quantized)
+    for img in photos[:2]:
+        batch = a.preprocess([img])[0]
+        assert np.array_equal(a.run(batch).bottleneck, b.run(batch).bottleneck)
 
 
 # ---------------------------------------------------------------------------------------------------

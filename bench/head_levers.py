@@ -1,0 +1,170 @@
+"""The head's speed levers on ONNX Runtime, side by side on one frame: each lever's sessions run in turns,
+round after round, so a load change hits them all alike.
+
+Levers: the stem as exported (the model's 7x7 stride-2 conv1, or space-to-depth + a 4x4 conv:
+``hnd.edge.onnx_export.SpaceToDepthStem``), int8 weights per channel or per tensor, the graph optimization
+level (``basic`` leaves out the layout transforms: NCHWc for fp32, NHWC for int8), intra-op thread
+spinning; and frames over the two cores: one session with 1 or 2 intra-op threads against two 1-thread
+sessions running frames in two Python threads (ONNX Runtime releases the GIL). XNNPACK is listed when the
+installed onnxruntime has its execution provider.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hnd.bench.gemm import ort_session_options
+from hnd.edge.onnx_head import INPUT
+
+
+@dataclass(frozen=True)
+class Lever:
+    name: str
+    file: str  # a key of the files export_variants writes
+    level: str = "all"  # graph optimization level: basic | extended | all
+    spinning: bool = True  # ORT's default: intra-op threads spin between ops
+    provider: str = "CPUExecutionProvider"
+
+
+LEVERS = (
+    Lever("fp32, direct stem (the fp32 file)", "fp32 direct"),
+    Lever("fp32, s2d stem", "fp32 s2d"),
+    Lever("int8, direct stem", "int8 direct"),
+    Lever("int8, s2d stem (the int8 file)", "int8 s2d"),
+    Lever("int8, s2d stem, per-tensor weights", "int8 s2d per-tensor"),
+    Lever("int8, s2d stem, graph level basic (no NHWC)", "int8 s2d", level="basic"),
+    Lever("int8, s2d stem, no thread spinning", "int8 s2d", spinning=False),
+    Lever("int8, s2d stem, XNNPACK", "int8 s2d", provider="XnnpackExecutionProvider"),
+)
+
+
+@dataclass
+class LeverRow:
+    name: str
+    threads: int
+    best_ms: float
+    median_ms: float
+    gmac_per_s: float  # from best_ms
+    vs_gemm: float  # gmac_per_s / the same precision's GEMM rate, same threads
+    max_abs_diff: float  # against the torch head, bottleneck units
+
+
+def export_variants(head, meta, calib: list[np.ndarray], folder: Path) -> dict[str, Path]:
+    """The files the levers run: fp32 with either stem, int8 (per channel) with either, int8 s2d per tensor."""
+    from hnd.edge.onnx_export import export_onnx, quantize_int8
+
+    out = {}
+    for stem in ("direct", "s2d"):
+        out[f"fp32 {stem}"] = folder / f"fp32-{stem}.onnx"
+        export_onnx(head, meta, out[f"fp32 {stem}"], stem=stem)
+        out[f"int8 {stem}"] = folder / f"int8-{stem}.onnx"
+        quantize_int8(out[f"fp32 {stem}"], out[f"int8 {stem}"], calib, meta, f"{len(calib)} photos")
+    out["int8 s2d per-tensor"] = folder / "int8-s2d-per-tensor.onnx"
+    quantize_int8(out["fp32 s2d"], out["int8 s2d per-tensor"], calib, meta, f"{len(calib)} photos", per_channel=False)
+    return out
+
+
+def session(
+    path: Path, threads: int, level: str = "all", spinning: bool = True, provider: str = "CPUExecutionProvider"
+):
+    import onnxruntime as ort
+
+    options = ort_session_options(threads)
+    options.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def available(lever: Lever) -> bool:
+    import onnxruntime as ort
+
+    return lever.provider in ort.get_available_providers()
+
+
+def measure(
+    files: dict[str, Path],
+    batch: np.ndarray,
+    ref: np.ndarray,
+    gmac: float,
+    gemm: dict[str, float],
+    threads: int,
+    rounds: int,
+    levers: tuple[Lever, ...] = LEVERS,
+) -> list[LeverRow]:
+    """Each available lever on ``batch`` [1, 3, Hp, Wp], in turns for ``rounds`` rounds after a warm-up.
+
+    ref: the torch head's bottleneck. gemm: precision -> GMAC/s at these threads (``bench.head.gemm_rates``).
+    """
+    from hnd.bench.head import _ceiling
+
+    runs = [
+        (lv, session(files[lv.file], threads, lv.level, lv.spinning, lv.provider)) for lv in levers if available(lv)
+    ]
+    feed = {INPUT: batch}
+    diffs = [float(np.abs(s.run(None, feed)[0] - ref).max()) for _, s in runs]
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for i, (_, s) in enumerate(runs):
+            start = time.perf_counter()
+            s.run(None, feed)
+            times[i].append((time.perf_counter() - start) * 1e3)
+    rows = []
+    for (lv, _), ts, diff in zip(runs, times, diffs):
+        best = min(ts)
+        rate = gmac / best * 1e3
+        rows.append(
+            LeverRow(lv.name, threads, best, float(np.median(ts)), rate, rate / _ceiling(gemm, lv.file[:4]), diff)
+        )
+    return rows
+
+
+def frames_per_second(path: Path, batch: np.ndarray, frames: int) -> dict[str, float]:
+    """Frames/s of the head over ``frames`` frames: one session with 1 and 2 intra-op threads, and two 1-thread
+    sessions, each running every other frame in its own Python thread (the edge's frames over two cores).
+    Run in turns, twice, best of the two."""
+    feed = {INPUT: batch}
+    one, two = session(path, 1), session(path, 2)
+    pair = [session(path, 1), session(path, 1)]
+
+    def serial(s) -> float:
+        s.run(None, feed)
+        start = time.perf_counter()
+        for _ in range(frames):
+            s.run(None, feed)
+        return frames / (time.perf_counter() - start)
+
+    def parallel() -> float:
+        for s in pair:
+            s.run(None, feed)
+
+        def work(s, n: int) -> None:
+            for _ in range(n):
+                s.run(None, feed)
+
+        workers = [threading.Thread(target=work, args=(s, frames // 2)) for s in pair]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return 2 * (frames // 2) / (time.perf_counter() - start)
+
+    best: dict[str, float] = {}
+    for _ in range(2):
+        for name, fn in (
+            ("1 session x 1 thread", lambda: serial(one)),
+            ("1 session x 2 threads", lambda: serial(two)),
+            ("2 sessions x 1 thread", parallel),
+        ):
+            best[name] = max(best.get(name, 0.0), fn())
+    return best
