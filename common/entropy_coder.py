@@ -23,6 +23,10 @@ Decoding is bounded before it starts: the symbol count comes from the validated 
 ``max_elements``), the payload size is capped, every overflow costs at most 9 more symbols (so decode
 work is at most 10 x numel symbol decodes), values beyond +-2^24 are refused, and any inconsistency,
 exhaustion or trailing data (beyond the coder's one-word read-ahead) is an :class:`EntropyCodingError`.
+A payload is also refused before decoding when it is smaller than its declared symbols can be: every
+symbol of channel c costs at least ``-log2 p_max(c)`` bits (its table's most likely bin), so the coded
+words hold at least that information (:func:`min_payload_bytes`); decode work is then proportional to
+the bytes sent, and a few bytes declaring millions of symbols cost nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ __all__ = [
     "decode",
     "dequantize",
     "encode",
+    "min_payload_bytes",
     "quantize",
 ]
 
@@ -63,6 +68,8 @@ class PriorTables:
     cdf_length: [C] int32, entries used per row (symbol bins + overflow bin + 1).
     offset: [C] int32, the smallest symbol of each table (v = s - offset).
     medians: [C] float32, the prior's medians (``quantiles[:, 0, 1]``).
+    min_bits: [C] float64 (derived), ``-log2`` of each table's largest bin probability: no symbol of
+    channel c codes in fewer bits.
     """
 
     quantized_cdf: np.ndarray
@@ -70,6 +77,7 @@ class PriorTables:
     offset: np.ndarray
     medians: np.ndarray
     _models: list[Any] = field(default_factory=list, repr=False, compare=False)
+    min_bits: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         cdf = np.ascontiguousarray(self.quantized_cdf, dtype=np.int64)
@@ -95,6 +103,7 @@ class PriorTables:
             raise EntropyCodingError("offsets beyond +-2^24")
         total = 1 << CDF_PRECISION
         models = []
+        min_bits = np.empty(c)
         import constriction
 
         for ch in range(c):
@@ -103,6 +112,8 @@ class PriorTables:
             if row[0] != 0 or row[-1] != total or (freq <= 0).any():
                 raise EntropyCodingError(f"CDF row {ch} is not strictly increasing from 0 to 2^{CDF_PRECISION}")
             models.append(constriction.stream.model.Categorical(freq.astype(np.float64) / total, perfect=False))
+            min_bits[ch] = -math.log2(int(freq.max()) / total)
+        object.__setattr__(self, "min_bits", min_bits)
         object.__setattr__(self, "quantized_cdf", cdf.astype(np.int32))
         object.__setattr__(self, "cdf_length", length.astype(np.int32))
         object.__setattr__(self, "offset", offset.astype(np.int32))
@@ -218,6 +229,20 @@ def max_payload_bytes(numel: int) -> int:
     return 4 * (-(-numel * (24 + 3 + 4 * _MAX_NIBBLES) // 32) + 2) + _CRC_BYTES
 
 
+# min_payload_bytes' allowance: the coder's quantized probabilities (constriction's fixed point) may round a
+# bin up a little, and its final state flushes up to two words it did not fill.
+_MIN_BITS_MARGIN = 0.98
+_MIN_BITS_SLACK = 96
+
+
+def min_payload_bytes(shape: tuple[int, int, int, int], tables: PriorTables) -> int:
+    """A lower bound on any payload coding ``shape`` [B, C, h, w]: each symbol of channel c costs at least
+    ``tables.min_bits[c]`` bits (its most likely bin), less a margin for the coder's rounding, plus the CRC."""
+    b, _, h, w = shape
+    bits = float(tables.min_bits.sum()) * b * h * w * _MIN_BITS_MARGIN - _MIN_BITS_SLACK
+    return 4 * max(0, math.floor(bits / 32)) + _CRC_BYTES
+
+
 def decode(
     payload: bytes,
     shape: tuple[int, int, int, int],
@@ -281,6 +306,12 @@ def _check_decode_bounds(
         raise EntropyCodingError(f"payload of {n} bytes exceeds the {cap} bytes {shape} can need")
     if n < _CRC_BYTES or (n - _CRC_BYTES) % 4:
         raise EntropyCodingError(f"payload of {n} bytes is not whole 32-bit words plus a 4-byte CRC")
+    least = min_payload_bytes(shape, tables)
+    if n < least:
+        raise EntropyCodingError(
+            f"payload of {n} bytes is too small for the {numel} symbols of {shape}: "
+            f"this prior codes them in at least {least} bytes"
+        )
 
 
 def _decode_values(dec: Any, tables: PriorTables, out: np.ndarray, vmax: np.ndarray) -> None:

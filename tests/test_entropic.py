@@ -522,3 +522,45 @@ def test_head_export_carries_encoder_prior_tables_and_fingerprint(tmp_path, entr
         assert torch.equal(head(images[:1])[0], ref_head(images[:1])[0])
     a, b = head.prior_tables(), ref_head.prior_tables()
     assert a.digest() == b.digest()
+
+
+def _mode_symbols(tables: ec.PriorTables, shape) -> np.ndarray:
+    """Every symbol its channel's most likely bin: the shortest payload a shape can have."""
+    s = np.empty(shape, np.int32)
+    for ch in range(tables.channels):
+        freq = np.diff(tables.quantized_cdf[ch, : tables.cdf_length[ch]].astype(np.int64))
+        v = int(np.argmax(freq))
+        s[:, ch] = v + int(tables.offset[ch]) if v < len(freq) - 1 else int(tables.offset[ch]) - 1  # overflow: below
+    return s
+
+
+@pytest.mark.parametrize("spread", [None, 0.05, 5.0])
+def test_the_minimum_payload_bound_holds_for_the_shortest_payloads(spread):
+    """min_payload_bytes is a true lower bound: the most compressible latent (all symbols in their most likely
+    bin) and random ones code at least that long, for an untrained, a very narrow and a wide prior."""
+    torch.manual_seed(3)
+    eb = EntropyBottleneck(6)
+    if spread is not None:
+        with torch.no_grad():
+            eb.quantiles[:, 0, :] = torch.tensor([-3 * spread, 0.0, 3 * spread])
+    eb.update()
+    t = _tables(eb)
+    for shape in [(1, 6, 1, 1), (1, 6, 5, 7), (2, 6, 40, 50)]:
+        for s in (_mode_symbols(t, shape), ec.quantize(_latent(shape) * (spread or 1), t)):
+            payload = ec.encode(s, t)
+            assert ec.min_payload_bytes(shape, t) <= len(payload), (spread, shape)
+            assert np.array_equal(ec.decode(payload, shape, t), s)
+    if spread == 0.05:  # a narrow prior: the bound is what makes the tiny-payload attack cheap
+        assert ec.min_payload_bytes((8, 6, 199, 335), t) > 10_000
+
+
+def test_a_tiny_payload_declaring_many_symbols_is_refused_before_decoding(tables, monkeypatch):
+    """#25 row 1: 4 zero bytes + a CRC declaring 8 x 4 x 199 x 335 symbols used to be range-decoded in full
+    (~0.9 s for 24 channels) before the CRC refused it; now it is refused from its length alone."""
+
+    def no_decoding(*args):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ec, "_decode_values", no_decoding)
+    with pytest.raises(ec.EntropyCodingError, match="too small for the 2133280 symbols"):
+        ec.decode(b"\x00" * 8, (8, 4, 199, 335), tables)
