@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from hnd.common.split import split_model
 from hnd.common.timing import ms_since, now_ns
+from hnd.edge.api import make_mode
 from hnd.edge.capture import ArrayFrames
 from hnd.edge.client import EdgeError, SplitClient
 from hnd.edge.pipeline import EdgeRunner
@@ -186,7 +187,7 @@ def measure(
     without ``answered``).
     """
     head, _ = split_model(model)
-    runners = {s.key: EdgeRunner(s.options, head=head, fingerprint=fp, model=model, client=client) for s in settings}
+    runners = {s.key: EdgeRunner(s.options, make_mode(s.options, head, fp, model), client) for s in settings}
     samples: dict[str, list[Sample]] = {s.key: [] for s in settings}
     records: dict[str, list[dict]] = {s.key: [] for s in settings}
     detections: dict[str, list[dict[str, torch.Tensor]]] = {s.key: [] for s in settings}

@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import numpy as np
 from hnd.common.files import atomic_write_json
+from hnd.edge.api import make_mode
 from hnd.edge.capture import Frame, FrameSource
 from hnd.edge.client import ClientSettings, SplitClient
 from hnd.edge.pipeline import EdgeOptions, EdgeRunner, Summary
@@ -224,12 +225,10 @@ def run_edge(
     )
     try:
         client.expected_fingerprint = fp
-        runner = EdgeRunner(
-            EdgeOptions(max_inflight=max_inflight, stream=stream, max_attempts=max_attempts, keep_detections=False),
-            head=head,
-            fingerprint=fp,
-            client=client,
+        options = EdgeOptions(
+            max_inflight=max_inflight, stream=stream, max_attempts=max_attempts, keep_detections=False
         )
+        runner = EdgeRunner(options, make_mode(options, head, fp), client)
         on_record = (lambda record, frame: records.append(record)) if records is not None else None
         return runner.run(source, on_record)
     finally:

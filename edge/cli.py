@@ -26,30 +26,23 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from hnd.common import codec
-from hnd.common.errors import USER_ERRORS, HndError, report
+from hnd.common.errors import USER_ERRORS, report
 from hnd.common.files import atomic_write_json
 from hnd.common.flags import add_filter_arguments, add_weights_arguments
 from hnd.common.config import (
-    Config,
     ConfigError,
-    RuntimeConfig,
-    check_filter_threshold_flag,
-    load_config,
-    with_weights,
 )
 from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceLost, open_source
-from hnd.edge.client import LB_POLICIES, ClientSettings, EdgeError, SplitClient, check_target
+from hnd.edge.client import LB_POLICIES, SplitClient
 from hnd.edge.draw import VideoSink, draw_detections
-from hnd.edge.modes import EdgeMode, EdgeOptions, make_mode
+from hnd.edge.api import DEFAULT_CONFIG, DEFAULT_GIVE_UP_S, EdgeSettings, open_detector, plan_edge
 from hnd.edge.pipeline import EdgeRunner, ServerGone
 from hnd.edge.live import EdgeMetrics, LiveStats
 from hnd.edge.records import FrameRecord, RecordWriteError, RecordWriter, parse_rotate
 from hnd.edge.summary import Summary
-from hnd.proto.v1 import split_inference_pb2 as pb
 
 PROG = "hnd-edge"
 # Exit codes: 0 every frame answered, 1 some frames failed, 2 the edge could not start (config, model,
@@ -60,8 +53,6 @@ PROG = "hnd-edge"
 EXIT_SOURCE_LOST = 3
 EXIT_WRITE_ERROR = 4
 EXIT_SERVER_GONE = 5
-DEFAULT_GIVE_UP_S = 30.0
-DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,135 +282,26 @@ def _add_head_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size", type=int, default=None, help="cap on the long side (default: the model's)")
 
 
-@dataclass
-class EdgeModel:
-    head: Any  # hnd.common.split.Head (torch) or hnd.edge.onnx_head.OnnxHead, None without a head
-    fingerprint: str
-    model: Any  # the full torch model (local mode only)
-
-
-def ort_providers(names: list[str] | None) -> list[str]:
-    """The providers to ask ONNX Runtime for: the given ones in order, CPU last as the fallback."""
-    names = list(names or [])
-    return names + ([] if "CPUExecutionProvider" in names else ["CPUExecutionProvider"])
-
-
-def load_edge_model(
-    cfg: Config,
-    mode: str,
-    checkpoint: str | None = None,
-    head_path: str | None = None,
-    random_weights: int | None = None,
-    providers: list[str] | None = None,
-    threads: int | None = None,
-    min_size: int | None = None,
-    max_size: int | None = None,
-) -> EdgeModel:
-    """What the edge runs: the head (split), the full model (local) or nothing (offload).
-
-    An ``.onnx`` head runs on ONNX Runtime and needs no torch; everything else imports torch here.
-    """
-    if mode == "offload":
-        return EdgeModel(None, "", None)
-    if (min_size is not None or max_size is not None) and mode != "split":
-        raise ConfigError("--min-size / --max-size set the split's resize: split mode only")
-    if head_path is not None:
-        from hnd.edge.onnx_head import OnnxHead, is_onnx_path
-
-        if mode == "local":
-            raise ConfigError("--head holds only the head; local mode needs --checkpoint or --random-weights")
-        if is_onnx_path(head_path):
-            head = OnnxHead(head_path, ort_providers(providers), threads, min_size, max_size)
-            return EdgeModel(head, head.fingerprint, None)
-    elif providers:
-        raise ConfigError("--ort-provider is for an ONNX head (--head head.onnx)")
-    import torch
-
-    from hnd.common.checkpoint import fingerprint, load_head
-    from hnd.common.build import build_architecture, build_model_from_config
-    from hnd.common.split import split_model
-
-    if threads:
-        torch.set_num_threads(threads)
-    if head_path is not None:
-        head, _ = split_model(build_architecture(cfg.model))  # the filter too, when configured
-        fp = load_head(head_path, head)
-    else:
-        model = build_model_from_config(with_weights(cfg.model, checkpoint, random_weights), cfg.path)
-        fp = fingerprint(model)
-        if mode == "local":
-            return EdgeModel(None, fp, model)
-        if cfg.model.bottleneck_channels is None:
-            raise ConfigError(f"{cfg.path}: model is a teacher (no bottleneck); split mode needs a student")
-        head, _ = split_model(model)
-    if min_size is not None or max_size is not None:
-        t = head.transform
-        t.min_size = (int(min_size or t.min_size[-1]),)
-        t.max_size = int(max_size or t.max_size)
-        if t.min_size[-1] < 1 or t.max_size < t.min_size[-1]:
-            raise ConfigError(f"need 1 <= --min-size <= --max-size, got {t.min_size[-1]}/{t.max_size}")
-    return EdgeModel(head, fp, None)
-
-
-def filter_threshold(cfg: Config, args: argparse.Namespace) -> float | None:
-    """The neural filter's threshold for this run, None when it is off (no filter, --no-filter, offload)."""
-    flt = cfg.model.filter
-    given = getattr(args, "filter_threshold", None)
-    if given is not None:
-        check_filter_threshold_flag(given, cfg)
-        if args.mode == "offload":
-            raise ConfigError("--filter-threshold: the filter runs on the edge's head; offload mode has none")
-        return given
-    if flt is None or getattr(args, "no_filter", False) or args.mode == "offload":
-        return None
-    return flt.threshold
-
-
-def codec_settings(args: argparse.Namespace, rt: RuntimeConfig) -> codec.CodecSettings:
-    """--bits / --granularity / --compression over the config's runtime section, validated (ConfigError)."""
-    try:
-        return codec.CodecSettings(
-            bits=args.bits if args.bits is not None else rt.bits,
-            granularity=args.granularity or rt.granularity,
-            compression=args.compression or rt.compression,
-            level=rt.level,
-        )
-    except codec.CodecError as exc:
-        if (args.granularity or rt.granularity) == "original":
-            raise ConfigError(f"--granularity original: {exc}; use --bits 8") from None
-        raise ConfigError(f"--bits / --granularity / --compression: {exc}") from None
-
-
 def run_edge(args: argparse.Namespace) -> Summary:
     """Everything main() does, as a function tests call; raises ConfigError / EdgeError / SourceError.
 
-    The pipeline: options -> frame source -> model -> client (checked against the server) -> runner,
-    its outputs (records, video, live stats and view) -> run -> summary.
+    The pipeline: settings -> plan (config, options) -> frame source -> the API's Detector (model,
+    client checked against the server, runner) -> its outputs (records, video, live stats and view) ->
+    run -> summary.
     """
     global _current_runner
     _current_runner = None
-    check_early(args)
-    cfg = load_config(args.config)
-    options = edge_options(args, cfg)
+    settings = EdgeSettings.from_args(args)
+    plan = plan_edge(settings)
     source = open_source(
         args.camera, args.video, args.images, args.max_frames, live=args.live, lost_after_s=args.source_timeout
     )
-    options.give_up_after_s = give_up_after(args, source)
-    em = load_edge_model(
-        cfg,
-        args.mode,
-        args.checkpoint,
-        args.head,
-        args.random_weights,
-        args.ort_provider,
-        args.threads,
-        args.min_size,
-        args.max_size,
-    )
-    client = make_client(args, cfg.runtime, live=isinstance(source, LiveCapture)) if args.mode != "local" else None
-    mode = make_mode(options, em.head, em.fingerprint, em.model)
-    info = check_server(client, mode, em.fingerprint) if client is not None else None
-    runner = EdgeRunner(options, client=client, mode=mode)
+    try:
+        detector = open_detector(settings, live=isinstance(source, LiveCapture), plan=plan)
+    except BaseException:
+        source.close()
+        raise
+    runner, client, info = detector.runner, detector.runner.client, detector.info
     _current_runner = runner
     outputs = EdgeOutputs.open(args, runner, client, source)
     try:
@@ -431,96 +313,10 @@ def run_edge(args: argparse.Namespace) -> Summary:
     finally:
         # However the run ended (done, interrupted, server gone, source lost), its summary is written.
         outputs.close()
-        if client is not None:
-            client.close()
+        detector.close()
         if runner.summary is not None and info is not None and info.HasField("tail"):
             runner.summary.server_tail = f"{info.tail.summary} on {info.tail.device}"
         write_summary_json(args, runner.summary)
-
-
-def check_early(args: argparse.Namespace) -> None:
-    """What can be refused before anything is loaded: the server address and --max-attempts."""
-    if args.mode != "local":
-        check_target(args.server)
-    if not 1 <= args.max_attempts <= 5:
-        raise ConfigError(f"--max-attempts {args.max_attempts}: expected 1 to 5 (gRPC's retry policy allows at most 5)")
-
-
-def edge_options(args: argparse.Namespace, cfg: Config) -> EdgeOptions:
-    """The EdgeOptions of this run: command-line flags over the config's runtime section, validated."""
-    rt = cfg.runtime
-    if args.key_interval < 1 or args.gop < 1 or not 0.0 <= args.max_clamped <= 1.0:
-        raise ConfigError("--key-interval and --gop must be >= 1, --max-clamped in [0, 1]")
-    if args.key_interval > 1 and args.mode != "split":
-        raise ConfigError(
-            "--key-interval: temporal coding of the bottleneck is for split mode "
-            "(offload video: --image-format h264 --gop N)"
-        )
-    return EdgeOptions(
-        mode=args.mode,
-        codec=codec_settings(args, rt),
-        image_format=args.image_format,
-        jpeg_quality=args.jpeg_quality,
-        webp_quality=args.webp_quality,
-        max_inflight=args.max_inflight or rt.max_inflight,
-        # key / delta frames and video need a stream session on the server
-        stream=args.stream
-        or args.key_interval > 1
-        or (args.mode == "offload" and args.image_format in ("h264", "hevc")),
-        key_interval=args.key_interval,
-        max_clamped=args.max_clamped,
-        crf=args.crf,
-        bitrate=args.bitrate,
-        gop=args.gop,
-        preset=args.preset,
-        score_threshold=args.score_threshold,
-        max_attempts=args.max_attempts,
-        filter_threshold=filter_threshold(cfg, args),
-    )
-
-
-def give_up_after(args: argparse.Namespace, source: FrameSource) -> float | None:
-    """Seconds without a server before the run ends (None: never): --give-up-after, else by source."""
-    give_up = args.give_up_after
-    if give_up is not None and give_up < 0:
-        raise ConfigError(f"--give-up-after must be >= 0 seconds (0: never), got {give_up:g}")
-    if give_up is None:  # files end after a while; a live camera keeps capturing and waits for its server
-        give_up = None if isinstance(source, LiveCapture) else DEFAULT_GIVE_UP_S
-    return give_up if give_up else None
-
-
-def make_client(args: argparse.Namespace, rt: RuntimeConfig, live: bool) -> SplitClient:
-    """The gRPC client of this run (TLS, token, balancing and retries from the flags)."""
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
-    return SplitClient(
-        ClientSettings(
-            target=args.server,
-            tls_ca=args.tls_ca,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            token=token,
-            max_message_bytes=rt.max_message_bytes,
-            timeout_s=args.timeout or rt.deadline_s,
-            lb=args.lb,
-            max_attempts=args.max_attempts,
-            tls_server_name=args.tls_server_name,
-            # A live source waits for a server that went away as long as it takes (capturing meanwhile);
-            # files keep the bounded wait.
-            reconnect_timeout_s=None if live else 30.0,
-        )
-    )
-
-
-def check_server(client: SplitClient, mode: EdgeMode, fingerprint: str) -> pb.ModelInfo:
-    """GetModelInfo, and the mode's check of it (one line naming the replica that answered)."""
-    info = client.model_info()
-    try:
-        mode.check_server(info)
-    except HndError as exc:
-        raise EdgeError(f"{exc} (replica {client.info_replica})" if client.info_replica else str(exc)) from None
-    # Every replica must hold these weights (split: the edge's own; offload: the first replica's).
-    client.expected_fingerprint = fingerprint or info.weights_fingerprint
-    return info
 
 
 def write_summary_json(args: argparse.Namespace, summary: Summary | None) -> None:

@@ -21,8 +21,10 @@ network_server / total / overhead are the runner's). A mode can add record keys 
 ("split", "offload", "local"); ``mode.uses_server`` says whether the runner needs a client.
 
 Modes here: :class:`OffloadMode` (the frame as JPEG/PNG; no torch). The torch modes (split with a
-torch head, local) live in :mod:`hnd.edge.torch_modes`, so a torch-free edge never imports torch;
-:func:`make_mode` picks one from :class:`EdgeOptions` and the parts given.
+torch head, local) live in :mod:`hnd.edge.torch_modes`, so a torch-free edge never imports torch; the
+ONNX split in :mod:`hnd.edge.onnx_mode`, the stream modes in :mod:`hnd.edge.streaming`. This module
+imports none of them: :func:`hnd.edge.api.make_mode`, beside the API that picks, builds one from
+:class:`EdgeOptions` and the parts given.
 """
 
 from __future__ import annotations
@@ -234,31 +236,3 @@ def detections_json(dets: list[Detections], keep: bool) -> list[dict[str, Any]]:
                 ]
         out.append(item)
     return out
-
-
-def make_mode(options: EdgeOptions, head: Any = None, fingerprint: str = "", model: Any = None) -> EdgeMode:
-    """The mode ``options.mode`` names, over the parts given: a torch head (split), the full model (local)."""
-    if options.mode == "offload":
-        if options.image_format in ("h264", "hevc"):
-            from hnd.edge.streaming import VideoOffloadMode
-
-            return VideoOffloadMode(options, fingerprint)
-        return OffloadMode(options, fingerprint)
-    if options.mode == "split" and head is not None:
-        from hnd.edge.onnx_head import OnnxHead
-
-        if isinstance(head, OnnxHead):  # no torch on this path
-            from hnd.edge.onnx_mode import OnnxSplitMode
-
-            return OnnxSplitMode(options, head)
-    if options.mode in ("split", "local"):
-        from hnd.edge.torch_modes import LocalMode, TorchSplitMode  # torch only when a torch mode is used
-
-        if options.mode == "split":
-            if head is None:
-                raise ValueError("split mode needs a head")
-            return TorchSplitMode(options, head, fingerprint)
-        if model is None:
-            raise ValueError("local mode needs the full model")
-        return LocalMode(options, model, fingerprint)
-    raise ValueError(f"unknown edge mode {options.mode!r} (split, offload, local)")

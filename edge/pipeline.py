@@ -26,7 +26,7 @@ from hnd.common.timing import now_ns
 from hnd.edge.capture import READ_ERROR, Frame, FrameSource, SourceLost
 from hnd.common.channel import REPLICA_KEY, WEIGHTS_KEY
 from hnd.edge.client import EdgeError, Reply, SplitClient, StreamBroken, WeightsMismatch, metadata_of, next_request_id
-from hnd.edge.modes import Detections, EdgeMode, EdgeOptions, Prepared, detections_json, make_mode
+from hnd.edge.modes import Detections, EdgeMode, EdgeOptions, Prepared, detections_json
 from hnd.edge.records import SERVER_STAGES, STAGES, ByteCounts, FrameRecord, ServerTimings, Timings
 from hnd.edge.summary import Summary
 
@@ -62,22 +62,19 @@ def __getattr__(name: str) -> Any:
 class EdgeRunner:
     """Runs frames through one mode and hands records, in frame order, to ``on_record(record, frame)``.
 
-    Either give ``mode`` (any :class:`EdgeMode`), or the parts :func:`make_mode` builds one from:
-    head / fingerprint for split mode, model for local mode. client: for every mode that uses a server.
+    mode: any :class:`EdgeMode` (:func:`hnd.edge.api.make_mode` builds one from options and parts);
+    client: for every mode that uses a server.
+
+    Two ways to drive it: ``run(source)`` for a whole source, or frame by frame (what
+    :class:`hnd.edge.api.Detector` does): ``begin()``, then ``put(frame)`` per frame (records come out
+    through ``on_record`` as the window of ``max_inflight`` fills), ``flush()`` for the ones still in flight,
+    ``end()``.
     """
 
-    def __init__(
-        self,
-        options: EdgeOptions,
-        head: Any = None,
-        fingerprint: str = "",
-        model: Any = None,
-        client: SplitClient | None = None,
-        mode: EdgeMode | None = None,
-    ) -> None:
+    def __init__(self, options: EdgeOptions, mode: EdgeMode, client: SplitClient | None = None) -> None:
         if options.max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
-        self.mode = mode if mode is not None else make_mode(options, head, fingerprint, model)
+        self.mode = mode
         if self.mode.uses_server and client is None:
             raise ValueError(f"{self.mode.name} mode needs a client")
         self.options = options
@@ -87,6 +84,7 @@ class EdgeRunner:
         self.summary: Summary | None = None  # of the run in progress (or the last one)
         self.source: FrameSource | None = None
         self.bar: tqdm | None = None
+        self.window: _InFlight | None = None  # the frames in flight of the run begun last
         self._started = time.perf_counter()
         self._unavailable_since: float | None = None  # monotonic time of the first UNAVAILABLE since an answer
         self._answered_at = time.monotonic()  # of the last answer (or the run's start)
@@ -272,51 +270,80 @@ class EdgeRunner:
         progress: bool = False,
     ) -> Summary:
         """Process every frame the source yields; returns the summary (records go to ``on_record``)."""
-        summary = self.summary = Summary(filter_threshold=self.options.filter_threshold)
-        self.source = source
-        self._started = time.perf_counter()
-        self._answered_at = time.monotonic()
-        bar = self.bar = tqdm(desc=f"hnd-edge {self.options.mode}", unit="frame", disable=not progress, leave=False)
-        inflight = _InFlight(self, summary, bar, on_record)
+        summary = self.begin(source, on_record, progress)
         try:
             try:
-                self._feed(source, inflight)
+                for frame in source:
+                    self.put(frame)
+                    if self._gave_up:  # stop reading once the server counts as gone
+                        break
             except SourceLost:
-                while inflight.frames:  # the frames already sent still get their records
-                    inflight.emit_first()
+                self.flush(wait=True)  # the frames already sent still get their records
                 raise
-            while inflight.frames:
-                inflight.emit_first(abandon=("UNAVAILABLE", self._gave_up) if self._gave_up else None)
+            self.flush()
         except KeyboardInterrupt:
             # SIGTERM / Ctrl-C: answers already here are recorded, the rest marked; nothing waits.
             self._gave_up = self._gave_up or "interrupted"
-            while inflight.frames:
-                inflight.emit_first(abandon=(INTERRUPTED, "interrupted before the server answered"))
+            self.flush(abandon=(INTERRUPTED, "interrupted before the server answered"))
             raise
         finally:
-            bar.close()
-            source.close()
-            self.running_summary()
+            self.end()
         if self._gave_up:
             raise ServerGone(self._gave_up, summary)
         return summary
 
-    def _feed(self, source: FrameSource, inflight: _InFlight) -> None:
-        """Prepare and send each frame; the oldest is recorded whenever ``max_inflight`` are out or it needs
-        no answer. Stops early once the server counts as gone."""
-        for frame in source:
-            if frame.error is not None:
-                p, fut = Prepared(frame, Timings(capture=frame.capture_ms)), None
-            else:
-                p = self.prepare(frame)
-                fut = self._send(p) if p.request is not None else None
-            inflight.frames.append((p, fut))
-            while inflight.backlogged(self.options.max_inflight):
-                inflight.emit_first()
-                if self._gave_up:
-                    break
+    def begin(
+        self,
+        source: FrameSource | None = None,
+        on_record: Callable[[FrameRecord, Frame], None] | None = None,
+        progress: bool = False,
+    ) -> Summary:
+        """Start a run: a new summary and an empty window; records will go to ``on_record``."""
+        summary = self.summary = Summary(filter_threshold=self.options.filter_threshold)
+        self.source = source
+        self._started = time.perf_counter()
+        self._answered_at = time.monotonic()
+        self.bar = tqdm(desc=f"hnd-edge {self.options.mode}", unit="frame", disable=not progress, leave=False)
+        self.window = _InFlight(self, summary, self.bar, on_record)
+        return summary
+
+    def put(self, frame: Frame) -> None:
+        """Prepare and send one frame (a frame that could not be read goes straight to the window); the
+        oldest frames are recorded while ``max_inflight`` are out or the oldest needs no answer."""
+        window = self.window
+        if frame.error is not None:
+            p, fut = Prepared(frame, Timings(capture=frame.capture_ms)), None
+        else:
+            p = self.prepare(frame)
+            fut = self._send(p) if p.request is not None else None
+        window.frames.append((p, fut))
+        while window.backlogged(self.options.max_inflight):
+            window.emit_first()
             if self._gave_up:
                 break
+
+    def flush(self, abandon: tuple[str, str] | None = None, wait: bool = False) -> None:
+        """Record every frame still in flight, oldest first. ``abandon`` (status, why): do not wait for the
+        answers; once the server counts as gone, frames are abandoned as UNAVAILABLE unless ``wait``."""
+        window = self.window
+        while window is not None and window.frames:
+            if abandon is None and self._gave_up and not wait:
+                window.emit_first(abandon=("UNAVAILABLE", self._gave_up))
+            else:
+                window.emit_first(abandon=abandon)
+
+    def end(self) -> Summary | None:
+        """End the run: the progress bar and the source closed, the summary's counters brought up to date."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.source is not None:
+            self.source.close()
+        return self.running_summary()
+
+    @property
+    def gave_up(self) -> str | None:
+        """Why the run stopped sending (the server unreachable for ``give_up_after_s``), None while it goes on."""
+        return self._gave_up
 
     def running_summary(self) -> Summary:
         """The summary so far (SIGUSR1, live figures): counters brought up to date, in bounded memory."""

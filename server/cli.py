@@ -233,21 +233,27 @@ def settings_from_args(args: argparse.Namespace, runtime: RuntimeConfig) -> Serv
     )
 
 
+def load_server(args: argparse.Namespace) -> tuple[ModelRunner, ServerSettings]:
+    """The model runner and server settings of hnd-server's parsed flags (what ``main`` serves, and what
+    :func:`hnd.server.api.serve` serves in a thread); ConfigError / OSError for bad input."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    settings = settings_from_args(args, cfg.runtime)
+    model_cfg = with_weights(cfg.model, args.checkpoint, args.random_weights)
+    if model_cfg.bottleneck_channels is None:
+        raise ConfigError(f"{cfg.path}: model is a teacher (no bottleneck); hnd-server serves a student's tail")
+    device = pick_device(args.device)
+    options = TailOptions(args.precision, args.channels_last, args.compile)
+    check_options(options, device)  # before building the model: refuse at once
+    return ModelRunner(build_model_from_config(model_cfg, cfg.path), device, options), settings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        cfg = load_config(args.config)
-        settings = settings_from_args(args, cfg.runtime)
-        model_cfg = with_weights(cfg.model, args.checkpoint, args.random_weights)
-        if model_cfg.bottleneck_channels is None:
-            raise ConfigError(f"{cfg.path}: model is a teacher (no bottleneck); hnd-server serves a student's tail")
-        device = pick_device(args.device)
-        options = TailOptions(args.precision, args.channels_last, args.compile)
-        check_options(options, device)  # before building the model: refuse at once
-        runner = ModelRunner(build_model_from_config(model_cfg, cfg.path), device, options)
+        runner, settings = load_server(args)
     except USER_ERRORS as exc:
         return report(PROG, exc)
     try:

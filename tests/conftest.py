@@ -65,6 +65,7 @@ MODULE_MARKS = {
     "test_longrun.py": ("e2e", "slow"),
     "test_protocol.py": ("e2e",),
     "test_view.py": ("e2e", "slow"),
+    "test_api.py": ("e2e",),  # hnd.serve with hnd.connect / hnd.aio, and a torch-free API process
 }
 FIXTURE_MARKS = {
     "quick": ("e2e", "slow"),  # test_bench: one hnd-bench --quick run

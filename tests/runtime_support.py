@@ -16,6 +16,7 @@ from hnd.common import torch_codec, wire
 from hnd.common.checkpoint import fingerprint, save_checkpoint
 from hnd.common.codec import CodecSettings
 from hnd.common.split import split_model
+from hnd.edge.api import make_mode
 from hnd.edge.capture import ArrayFrames
 from hnd.edge.client import ClientSettings, SplitClient
 from hnd.edge.pipeline import EdgeOptions, EdgeRunner, to_tensor
@@ -92,9 +93,8 @@ def run_edge(model, client, images, **options):
     settings = CodecSettings(
         **{k: options.pop(k) for k in ("bits", "granularity", "compression", "level") if k in options}
     )
-    runner = EdgeRunner(
-        EdgeOptions(codec=settings, **options), head=head, fingerprint=fingerprint(model), model=model, client=client
-    )
+    edge_options = EdgeOptions(codec=settings, **options)
+    runner = EdgeRunner(edge_options, make_mode(edge_options, head, fingerprint(model), model), client)
     records, dets = [], []
 
     def on_record(record, frame):

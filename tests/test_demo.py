@@ -8,7 +8,7 @@ from hnd.common.checkpoint import fingerprint
 from hnd.common.config import load_config, with_weights
 from hnd.common.build import build_model_from_config
 from hnd.edge.client import ClientSettings, SplitClient
-from hnd.edge.demo import main
+from hnd.demo import main
 from hnd.server.local import scrape_answered_requests, server_process
 
 

@@ -14,6 +14,7 @@ from runtime_support import edge_argv, frames, serving, write_frames
 
 from hnd.common.checkpoint import export_head, fingerprint, save_checkpoint
 from hnd.edge import cli as edge_cli
+from hnd.edge.api import make_mode
 from hnd.edge.capture import ArrayFrames, LiveCapture, write_video
 from hnd.edge.client import ClientSettings, SplitClient
 from hnd.edge.pipeline import EdgeOptions, EdgeRunner
@@ -133,7 +134,8 @@ def test_edge_reconnects_after_server_restart(model):
 
     client = SplitClient(ClientSettings(f"127.0.0.1:{port}", reconnect_timeout_s=30))
     head, _ = split_model(model)
-    runner = EdgeRunner(EdgeOptions(max_inflight=1), head=head, fingerprint=fingerprint(model), client=client)
+    options = EdgeOptions(max_inflight=1)
+    runner = EdgeRunner(options, make_mode(options, head, fingerprint(model)), client)
     records = []
     try:
         summary = runner.run(RestartingSource(frames(5)), lambda r, f: records.append(r.to_dict()))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from hnd.edge.capture import ArrayFrames, Frame
-from hnd.edge.modes import EdgeMode, EdgeOptions, OffloadMode, Prepared, make_mode
+from hnd.edge.api import make_mode
+from hnd.edge.modes import EdgeMode, EdgeOptions, OffloadMode, Prepared
 from hnd.edge.pipeline import EdgeRunner
 from hnd.edge.records import ByteCounts, FrameRecord, ServerTimings, Timings, read_records
 
@@ -110,7 +111,7 @@ def test_a_new_mode_plugs_into_the_runner():
 
 def test_modes_check_what_they_need():
     with pytest.raises(ValueError, match="needs a client"):
-        EdgeRunner(EdgeOptions(mode="offload"))
+        EdgeRunner(EdgeOptions(mode="offload"), OffloadMode(EdgeOptions(mode="offload")))
     with pytest.raises(ValueError, match="split mode needs a head"):
         make_mode(EdgeOptions(mode="split"))
     with pytest.raises(ValueError, match="unknown edge mode"):

@@ -19,6 +19,7 @@ from runtime_support import edge_argv, frames, make_certs, serving, write_frames
 from hnd.common.checkpoint import fingerprint
 from hnd.common.split import split_model
 from hnd.edge import cli as edge_cli
+from hnd.edge.api import make_mode
 from hnd.edge.capture import DECODE_ERROR, READ_ERROR, ArrayFrames, ImageFiles, read_image
 from hnd.edge.client import ClientSettings, EdgeError, SplitClient
 from hnd.edge.diagnose import connection_hint
@@ -100,7 +101,8 @@ def test_cli_records_a_truncated_jpeg_as_failed(model, tmp_path):
 
 def _runner(model, client, **options):
     head, _ = split_model(model)
-    return EdgeRunner(EdgeOptions(**options), head=head, fingerprint=fingerprint(model), client=client)
+    options = EdgeOptions(**options)
+    return EdgeRunner(options, make_mode(options, head, fingerprint(model)), client)
 
 
 def test_a_dead_server_ends_the_run_after_give_up_after(model):

@@ -24,7 +24,8 @@ from hnd.common.video import VideoDecoder, VideoEncoder, VideoSettings, availabl
 from hnd.edge import cli
 from hnd.edge.capture import ArrayFrames
 from hnd.edge.client import EdgeError
-from hnd.edge.modes import EdgeOptions, make_mode
+from hnd.edge.api import make_mode
+from hnd.edge.modes import EdgeOptions
 from hnd.edge.pipeline import EdgeRunner, ServerGone
 from hnd.edge.torch_modes import to_tensor
 from hnd.server.service import ServerLimits

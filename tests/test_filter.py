@@ -568,11 +568,12 @@ def test_hnd_edge_sends_only_frames_above_the_threshold(trained, tmp_path):
 
 
 def test_edge_cli_filter_threshold_defaults_and_errors(trained):
-    from hnd.edge.cli import build_parser, filter_threshold
+    from hnd.edge.api import EdgeSettings, filter_threshold
+    from hnd.edge.cli import build_parser
 
     _, config = trained
     cfg = load_config(config)
-    parse = lambda *a: build_parser().parse_args(["--images", "x", *a])  # noqa: E731
+    parse = lambda *a: EdgeSettings.from_args(build_parser().parse_args(["--images", "x", *a]))  # noqa: E731
     assert filter_threshold(cfg, parse()) == 0.01  # the config's
     assert filter_threshold(cfg, parse("--filter-threshold", "0.3")) == 0.3
     assert filter_threshold(cfg, parse("--no-filter")) is None
@@ -586,7 +587,7 @@ def test_edge_cli_filter_threshold_defaults_and_errors(trained):
     with pytest.raises(ConfigError, match="no neural filter"):
         filter_threshold(plain, parse("--filter-threshold", "0.3"))
     with pytest.raises(SystemExit):
-        parse("--filter-threshold", "0.3", "--no-filter")
+        build_parser().parse_args(["--images", "x", "--filter-threshold", "0.3", "--no-filter"])
 
 
 def test_filter_training_resumes_exactly(trained, tmp_path):
