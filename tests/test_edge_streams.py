@@ -147,7 +147,7 @@ def test_timeout_is_a_per_frame_deadline_on_streams(model):
         client = client_for(server, timeout_s=1.5)
         head, _ = split_model(model)
         runner = EdgeRunner(
-            EdgeOptions(stream=True, max_inflight=1), head=head, fingerprint=fingerprint(model), client=client
+            opts := EdgeOptions(stream=True, max_inflight=1), make_mode(opts, head, fingerprint(model)), client
         )
         records = []
         start = time.monotonic()
@@ -183,7 +183,7 @@ def test_interrupted_stream_is_quiet(model, monkeypatch):
         client = client_for(server)
         head, _ = split_model(model)
         runner = EdgeRunner(
-            EdgeOptions(stream=True, max_inflight=3), head=head, fingerprint=fingerprint(model), client=client
+            opts := EdgeOptions(stream=True, max_inflight=3), make_mode(opts, head, fingerprint(model)), client
         )
         records = []
         with pytest.raises(KeyboardInterrupt):
@@ -211,10 +211,9 @@ def test_a_hung_server_gets_deadlines_a_warning_and_the_give_up(model, stream, c
 
         head, _ = split_model(model)
         runner = EdgeRunner(
-            EdgeOptions(stream=stream, max_inflight=2, give_up_after_s=3.0),
-            head=head,
-            fingerprint=fingerprint(model),
-            client=client,
+            opts := EdgeOptions(stream=stream, max_inflight=2, give_up_after_s=3.0),
+            make_mode(opts, head, fingerprint(model)),
+            client,
         )
         records = []
         start = time.monotonic()
