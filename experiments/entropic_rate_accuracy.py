@@ -341,7 +341,7 @@ def _image_codecs(frames: list[np.ndarray]) -> dict[str, dict]:
 def synthetic_video(out: Path, frames: int) -> list[np.ndarray]:
     """A camera-like clip (moving shapes on a photo background, sensor noise, 320 x 240): hnd-make-synthetic-coco --video."""
     from hnd.bench.frames import load_frames
-    from hnd.train.synthetic import main as make_main
+    from hnd.train.synthetic_cli import main as make_main
 
     root = out / "video"
     mp4 = root / "val2017.mp4"

@@ -10,7 +10,8 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from hnd.train.synthetic import COCO_KEYPOINT_NAMES, make_synthetic_coco, main
+from hnd.train.synthetic import COCO_KEYPOINT_NAMES, make_synthetic_coco
+from hnd.train.synthetic_cli import main
 
 
 def _digest(folder):

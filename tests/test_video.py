@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 
 from hnd.common.video import VideoDecoder, VideoEncoder, VideoError, VideoSettings, available_formats
 from hnd.edge.capture import VideoFile
-from hnd.train import synthetic
+from hnd.train import synthetic_cli
 from hnd.train.synthetic_video import make_synthetic_video
 
 FORMATS = available_formats()
@@ -83,11 +83,11 @@ def test_synthetic_video_is_deterministic_and_noisy(tmp_path):
 
 
 def test_synthetic_cli_video(tmp_path, capsys):
-    assert synthetic.main([str(tmp_path), "--video", "--frames", "4", "--size", "64x48", "--noise", "0"]) == 0
+    assert synthetic_cli.main([str(tmp_path), "--video", "--frames", "4", "--size", "64x48", "--noise", "0"]) == 0
     assert (tmp_path / "val2017.mp4").is_file()
     assert len(json.loads((tmp_path / "annotations" / "instances_val2017.json").read_text())["images"]) == 4
     with pytest.raises(SystemExit):
-        synthetic.main([str(tmp_path), "--video", "--size", "65x48"])
+        synthetic_cli.main([str(tmp_path), "--video", "--size", "65x48"])
     assert "even" in capsys.readouterr().err
 
 
