@@ -49,9 +49,13 @@ def import_graph() -> dict[str, set[str]]:
                 targets = subs or [node.module]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
-            elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith("import_module") and node.args:
-                if isinstance(node.args[0], ast.Constant):  # importlib.import_module("hnd.aio")
-                    targets = [node.args[0].value]
+            elif (
+                isinstance(node, ast.Call)
+                and ast.unparse(node.func).endswith("import_module")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):  # importlib.import_module("hnd.aio")
+                targets = [node.args[0].value]
             graph[name] |= {t for t in targets if t in mods and t != name}
     return graph
 
