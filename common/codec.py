@@ -70,6 +70,7 @@ __all__ = [
     "encode",
     "encode_symbols",
     "packed_size",
+    "positions",
     "quantize",
     "quantize_with",
     "roundtrip",
@@ -328,6 +329,15 @@ def quantize(tensor: Any, bits: int = 8, granularity: str = "tensor") -> Quantiz
     return quantize_with(x, bits, granularity, scale, zero_point)[0]
 
 
+def positions(x: np.ndarray, granularity: str, scale: tuple[float, ...], zero_point: tuple[int, ...]) -> np.ndarray:
+    """``x / scale + zero_point``, float32 of x's shape: where each value falls on the symbol grid, before
+    rounding and clamping (``quantize_with`` rounds it; a stream's hysteresis compares it with its reference)."""
+    s, zp = _param_arrays(scale, zero_point, x.ndim, granularity)
+    v = x / np.where(s == 0, np.float32(1), s)  # scale 0 only where the values are all 0
+    v += zp
+    return v
+
+
 def quantize_with(
     x: np.ndarray,
     bits: int,
@@ -343,8 +353,7 @@ def quantize_with(
     values beyond the key's range clamp. Returns (Quantized, values clamped; 0 unless ``count_clamped``).
     """
     s, zp = _param_arrays(scale, zero_point, x.ndim, granularity)
-    v = x / np.where(s == 0, np.float32(1), s)  # scale 0 only where the values are all 0
-    v += zp
+    v = positions(x, granularity, scale, zero_point)
     qmax = (1 << bits) - 1
     # Round and clamp commute here (integer bounds); the original's order is clamp, then round.
     np.rint(v, out=v)

@@ -10,10 +10,18 @@ codec: the same quantization (``codec.quantize_with``), packing and zstd.
 * A **delta frame** quantizes the new bottleneck with the key's parameters (values beyond the key's
   range clamp) and sends ``(q_t - q_{t-1}) mod 2^bits`` packed and zstd-compressed like any symbols: zero
   where nothing changed, so mostly zeros. The decoder adds it to its previous symbols modulo 2^bits and
-  gets back exactly the symbols the encoder quantized.
+  gets back exactly the symbols the encoder chose.
+* **Hysteresis** (conditional replenishment): in a delta frame a symbol keeps its previous value while
+  the new value stays within ``0.5 + hysteresis`` steps of it, and takes the new value's rounding once it
+  moves further. Sensor noise and an int8 head's output noise flip values that sit near a rounding
+  boundary from frame to frame; each flip costs bytes and carries nothing. The error bound of a delta
+  frame's symbols becomes ``0.5 + hysteresis`` steps (an intra frame's is 0.5), and it holds on every
+  frame, so no symbol drifts: no counter of frames is needed. 0 turns it off (every symbol is the new
+  value's rounding, as in the per-frame codec). Measured side by side by ``python -m hnd.bench.speed_temporal``.
 
 Exactness: what ``StreamDecoder`` reconstructs is, bit for bit, ``codec.dequantize`` of the encoder's
-own symbols, i.e. the in-process result of quantizing each frame with the key's parameters without the
+own symbols (``StreamEncoder.reconstruction``, the reference the next delta is taken against), i.e. the
+in-process result of quantizing each frame with the key's parameters and the hysteresis, without the
 delta step (``StreamEncoder.quantize`` gives it without packing, for ``hnd-eval``).
 
 The encoder sends a key frame on its first frame, every ``key_interval`` frames, when the shape changes,
@@ -29,6 +37,7 @@ numpy only (no torch).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,9 +46,20 @@ import zstandard
 from hnd.common import codec
 from hnd.common.codec import DEFAULT_LIMITS, CodecError, EncodedTensor, Limits, Quantized
 
-__all__ = ["FRAME_KINDS", "KeyFrameRequired", "StreamDecoder", "StreamEncoder", "StreamFrame", "StreamQuantized"]
+__all__ = [
+    "FRAME_KINDS",
+    "HYSTERESIS",
+    "KeyFrameRequired",
+    "StreamDecoder",
+    "StreamEncoder",
+    "StreamFrame",
+    "StreamQuantized",
+]
 
 FRAME_KINDS = ("key", "delta")
+# A quarter step beyond the rounding's half step: chosen on the figures of
+# hnd.bench.speed_temporal (docs/benchmarks/edge-speed.md).
+HYSTERESIS = 0.25
 
 
 class KeyFrameRequired(Exception):
@@ -86,6 +106,8 @@ class StreamEncoder:
 
     key_interval: frames per key frame (1: every frame is a key frame, i.e. per-frame intra coding).
     max_clamped: largest share of values a delta frame may clamp to the key's range; above it, a key frame.
+    hysteresis: steps beyond half a step a value may move before its symbol changes in a delta frame (see
+        the module's docstring); 0 for none.
     """
 
     def __init__(
@@ -96,6 +118,7 @@ class StreamEncoder:
         level: int = 3,
         key_interval: int = 30,
         max_clamped: float = 0.0,
+        hysteresis: float = HYSTERESIS,
     ) -> None:
         self.settings = codec.CodecSettings(bits, granularity, compression, level)
         if self.settings.learned:
@@ -104,6 +127,9 @@ class StreamEncoder:
             raise CodecError(f"key_interval must be >= 1, got {key_interval}")
         if not 0.0 <= max_clamped <= 1.0:
             raise CodecError(f"max_clamped must be in [0, 1], got {max_clamped}")
+        if not 0.0 <= hysteresis <= 0.5:
+            raise CodecError(f"hysteresis must be in [0, 0.5] steps, got {hysteresis}")
+        self.hysteresis = hysteresis
         self.bits, self.granularity = bits, granularity
         self.compression, self.level = compression, level
         self.key_interval = key_interval
@@ -156,6 +182,8 @@ class StreamEncoder:
             if clamped > self.max_clamped * x.size:
                 reason = "clamp"
                 self.clamp_keys += 1
+            elif self.hysteresis > 0:
+                q = _hold(x, q, ref, self.hysteresis)
         sequence = self.sequence
         if reason:
             q = codec.quantize(tensor, self.bits, self.granularity)
@@ -272,6 +300,13 @@ class StreamDecoder:
         q = Quantized(rq.shape, rq.bits, rq.granularity, rq.scale, rq.zero_point, symbols)
         self._ref = _Reference(ref.key_sequence, frame.sequence, q)
         return codec.dequantize(q)
+
+
+def _hold(x: np.ndarray, q: Quantized, ref: Quantized, hysteresis: float) -> Quantized:
+    """q with each symbol put back to ref's where x lies within 0.5 + hysteresis steps of ref's symbol."""
+    v = codec.positions(x, ref.granularity, ref.scale, ref.zero_point).reshape(-1)
+    keep = np.abs(v - ref.symbols) <= np.float32(0.5 + hysteresis)
+    return dataclasses.replace(q, symbols=np.where(keep, ref.symbols, q.symbols))
 
 
 def _difference(new: np.ndarray, old: np.ndarray, bits: int) -> np.ndarray:

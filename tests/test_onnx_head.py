@@ -242,6 +242,8 @@ def test_int8_is_measured_not_exact(tmp_path, photos, tiny_model):
     q_input = next(n for n in nodes if n.op_type == "QuantizeLinear" and list(n.input)[0] == "images")
     s2d = next(n for n in nodes if n.op_type == "SpaceToDepth")
     assert list(s2d.input) == [q_input.output[0]] and nodes.index(q_input) < nodes.index(s2d)
+    # The convolution writing the bottleneck stays float32: no 256-level grid on the output.
+    assert next(n for n in nodes if "bottleneck" in n.output).op_type == "Conv"
 
 
 def test_space_to_depth_stem_is_conv1(exported, photos, tmp_path):

@@ -35,8 +35,8 @@ def _equal(a, b) -> bool:
 )
 def test_stream_is_exact_and_equals_quantizing_with_the_key_parameters(bits, granularity):
     frames = _walk(9)
-    enc = StreamEncoder(bits, granularity, key_interval=4, max_clamped=1.0)
-    mirror = StreamEncoder(bits, granularity, key_interval=4, max_clamped=1.0)  # the in-process path
+    enc = StreamEncoder(bits, granularity, key_interval=4, max_clamped=1.0, hysteresis=0.0)
+    mirror = StreamEncoder(bits, granularity, key_interval=4, max_clamped=1.0, hysteresis=0.0)  # in process
     dec = StreamDecoder()
     kinds = []
     for i, z in enumerate(frames):
@@ -53,6 +53,47 @@ def test_stream_is_exact_and_equals_quantizing_with_the_key_parameters(bits, gra
         if frame.kind == "key":  # a key frame is an ordinary intra encoding
             assert _equal(codec.decode(frame.tensor), codec.roundtrip(z, bits, granularity))
     assert kinds == ["key", "delta", "delta", "delta"] * 2 + ["key"]
+
+
+@pytest.mark.parametrize("bits,granularity", [(4, "tensor"), (8, "channel"), (2, "tensor")])
+def test_hysteresis_keeps_edge_and_server_in_lockstep_within_its_bound(bits, granularity):
+    """With hysteresis the decoder's output is still, bit for bit, the encoder's reference (and the in-process
+    path's); every value in the key's range stays within 0.5 + hysteresis steps of it; noise inside the band
+    changes no symbol, a larger move does."""
+    h = 0.25
+    rng = np.random.default_rng(bits)
+    base = rng.uniform(-1, 3, (1, 3, 12, 16)).astype(np.float32)
+    enc = StreamEncoder(bits, granularity, key_interval=100, max_clamped=1.0, hysteresis=h)
+    mirror = StreamEncoder(bits, granularity, key_interval=100, max_clamped=1.0, hysteresis=h)
+    plain = StreamEncoder(bits, granularity, key_interval=100, max_clamped=1.0, hysteresis=0.0)
+    dec = StreamDecoder()
+    key = codec.quantize(base, bits, granularity)
+    step = codec.dequantize(dataclasses.replace(key, symbols=np.ones_like(key.symbols))) - codec.dequantize(
+        dataclasses.replace(key, symbols=np.zeros_like(key.symbols))
+    )
+    flips = 0
+    for t in range(6):
+        # noise of +-0.2 step: inside the band around the key's symbols (|v - q| <= 0.5 + 0.2 < 0.75)
+        z = base + (rng.uniform(-0.2, 0.2, base.shape).astype(np.float32) * step if t else 0)
+        if t == 5:
+            z[0, 0, :2] += 3 * step[0, 0, :2]  # a real change: three steps
+        frame = enc.encode(z)
+        out = dec.decode(frame)
+        assert _equal(out, enc.reconstruction()) and _equal(out, mirror.quantize(z).dequantize())
+        v = codec.positions(z, key.granularity, key.scale, key.zero_point)
+        inside = (v >= 0) & (v <= (1 << bits) - 1)
+        assert (np.abs(out - z)[inside] <= ((0.5 + h) * step)[inside] * (1 + 1e-5)).all()
+        if 0 < t < 5:
+            assert frame.kind == "delta" and _equal(out, codec.dequantize(key))  # nothing moved
+            flips += int(np.count_nonzero(plain.quantize(z).quantized.symbols != key.symbols))
+        elif t == 5:
+            moved = out != codec.dequantize(key)
+            assert moved[0, 0, :2][inside[0, 0, :2]].all() and not moved[0, 1:].any()
+        else:
+            plain.quantize(z)
+    assert flips > 0  # the same noise without hysteresis changes symbols near rounding boundaries
+    with pytest.raises(CodecError, match="hysteresis"):
+        StreamEncoder(4, hysteresis=0.6)
 
 
 def test_deltas_are_smaller_than_intra_frames():
