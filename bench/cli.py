@@ -79,7 +79,7 @@ import sys
 
 from hnd.common import codec
 from hnd.common.errors import USER_ERRORS, UsageError, report
-from hnd.common.flags import add_filter_arguments, add_weights_arguments
+from hnd.common.flags import HelpFormatter, add_config_argument, add_filter_arguments, add_weights_arguments
 
 from hnd.bench.frames import MIXED_SIZE
 from hnd.bench.linkmodel import FORMULA, parse_links
@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=" ".join(__doc__.split("\n\n")[0].split()),
         epilog=f"Link model: {FORMULA}. What it covers and leaves out: hnd.bench.linkmodel.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--config", help=f"YAML config or bundled name (default {DEFAULT_CONFIG} with --random-weights 0)")
+    add_config_argument(p, default=None, note=f"default {DEFAULT_CONFIG} with --random-weights 0")
     add_weights_arguments(
         p, "student checkpoint both sides load (agreement is then meaningful)", "seeded random weights"
     )
@@ -145,12 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_agreement_score_argument(p)
     p.add_argument("--in-process", action="store_true", help="BackgroundServer in this process, not a subprocess")
     p.add_argument("--threads", type=int, default=None, help="torch threads per side (default: half the cores)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.add_argument(
         "--server-profile",
         metavar="MODE=MS,...",
         help="link model with another server: server compute per frame for split (tail) and / or "
-        "offload (whole model) in ms, e.g. split=23.3,offload=21.2 (the H100 figures in the README)",
+        "offload (whole model) in ms, e.g. split=23.3,offload=21.2 (the H100 figures of docs/benchmarks/runtime.md)",
     )
     p.add_argument(
         "--rate-accuracy",

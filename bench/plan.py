@@ -26,13 +26,13 @@ from hnd.common.config import (
     with_weights,
 )
 from hnd.common.errors import UsageError
+from hnd.common.flags import DEFAULT_CONFIG
 from hnd.common.files import atomic_write_text
 from hnd.edge.pipeline import EdgeOptions
 
 from hnd.bench.linkmodel import Link, parse_links
 
 PROG = "hnd-bench"
-DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
 QUICK_CONFIG = "test/faster_rcnn-b3ch"
 DEFAULT_LINKS = "wifi=50mbit/5ms,lte=10mbit/40ms,3g=1mbit/100ms"
 DEFAULT_BITS = "2,4,8,16"

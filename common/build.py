@@ -20,6 +20,16 @@ from hnd.common.neural_filter import FILTER_PREFIX, attach_filter, get_filter
 log = logging.getLogger(__name__)
 
 
+def pick_device(name: str) -> torch.device:
+    """``--device`` (hnd.common.flags.add_device_argument) as a torch device: ``auto`` is cuda when one
+    is available, else cpu; asking for cuda where there is none is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
+
+
 def build_architecture(model_cfg: ModelConfig) -> nn.Module:
     """The configured model with initial weights from torch's global RNG, filter attached when configured.
 

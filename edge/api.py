@@ -35,6 +35,7 @@ import numpy as np
 from hnd.common import codec
 from hnd.common.config import Config, ConfigError, RuntimeConfig, check_filter_threshold_flag, load_config, with_weights
 from hnd.common.errors import HndError, UsageError
+from hnd.common.flags import DEFAULT_CONFIG
 from hnd.common.timing import now_ns
 from hnd.edge.capture import Frame
 from hnd.edge.client import ClientSettings, EdgeError, SplitClient, check_target
@@ -47,7 +48,6 @@ from hnd.proto.v1 import split_inference_pb2 as pb
 __all__ = ["Detection", "Detector", "EdgeSettings", "FrameFailed", "connect", "make_mode", "open_detector"]
 
 DEFAULT_GIVE_UP_S = 30.0
-DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
 
 
 @dataclass

@@ -31,14 +31,22 @@ from typing import Any
 from hnd.common import codec
 from hnd.common.errors import USER_ERRORS, report
 from hnd.common.files import atomic_write_json
-from hnd.common.flags import add_filter_arguments, add_weights_arguments
+from hnd.common.flags import (
+    HelpFormatter,
+    add_bits_argument,
+    add_config_argument,
+    add_filter_arguments,
+    add_log_level_argument,
+    add_weights_arguments,
+    config_default,
+)
 from hnd.common.config import (
     ConfigError,
 )
 from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceLost, open_source
 from hnd.edge.client import LB_POLICIES, SplitClient
 from hnd.edge.draw import VideoSink, draw_detections
-from hnd.edge.api import DEFAULT_CONFIG, DEFAULT_GIVE_UP_S, EdgeSettings, open_detector, plan_edge
+from hnd.edge.api import DEFAULT_GIVE_UP_S, EdgeSettings, open_detector, plan_edge
 from hnd.edge.pipeline import EdgeRunner, ServerGone
 from hnd.edge.live import EdgeMetrics, LiveStats
 from hnd.edge.records import FrameRecord, RecordWriteError, RecordWriter, parse_rotate
@@ -56,7 +64,11 @@ EXIT_SERVER_GONE = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Run the edge half of a split R-CNN and stream to hnd-server.")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run the edge half of a split R-CNN and stream to hnd-server.",
+        formatter_class=HelpFormatter,
+    )
     _add_server_arguments(p)
     _add_source_arguments(p)
     _add_model_arguments(p)
@@ -110,7 +122,7 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The config, the weights and the mode."""
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config or bundled name (default {DEFAULT_CONFIG})")
+    add_config_argument(p)
     add_weights_arguments(
         p,
         "full student checkpoint",
@@ -118,28 +130,40 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         head_help="head-only export (hnd-export-head): torch weights, or .onnx for ONNX Runtime "
         "(no torch); the edge never holds the tail",
     )
-    p.add_argument("--mode", default="split", choices=("split", "offload", "local"))
+    p.add_argument(
+        "--mode",
+        default="split",
+        choices=("split", "offload", "local"),
+        help="split: the head here, the bottleneck to the server; offload: the whole frame as an image or "
+        "video; local: the whole model here, nothing sent",
+    )
 
 
 def _add_coding_arguments(p: argparse.ArgumentParser) -> None:
     """How a frame is coded: the bottleneck codec (split), the image format (offload), temporal coding."""
+    add_bits_argument(p, None, config_default("bits"))
     p.add_argument(
-        "--bits",
-        type=int,
+        "--granularity",
         default=None,
-        choices=(codec.LEARNED_BITS, *codec.BITS),
-        help="bottleneck bits (default: config; 0 with --compression learned for Entropic Students)",
+        choices=codec.GRANULARITIES,
+        help="quantization ranges: one per tensor, one per channel, or the original HND 8-bit scheme "
+        + config_default("granularity"),
     )
-    p.add_argument("--granularity", default=None, choices=codec.GRANULARITIES)
-    p.add_argument("--compression", default=None, choices=codec.ALL_COMPRESSIONS)
+    p.add_argument(
+        "--compression",
+        default=None,
+        choices=codec.ALL_COMPRESSIONS,
+        help="coding of the quantized bottleneck (learned: an Entropic Student's prior) "
+        + config_default("compression"),
+    )
     p.add_argument(
         "--image-format",
         default="jpeg",
         choices=("jpeg", "png", "webp", "h264", "hevc"),
         help="offload mode's frame format; h264 / hevc: a low-latency video stream on InferStream",
     )
-    p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--webp-quality", type=int, default=80)
+    p.add_argument("--jpeg-quality", type=int, default=90, help="offload: JPEG quality 1-100")
+    p.add_argument("--webp-quality", type=int, default=80, help="offload: WebP quality 1-100")
     t = p.add_argument_group("temporal coding on InferStream (implies --stream; hnd.edge.streaming)")
     t.add_argument(
         "--key-interval",
@@ -164,7 +188,12 @@ def _add_coding_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_request_arguments(p: argparse.ArgumentParser) -> None:
     """How requests go out, and which frames go at all (the neural filter)."""
-    p.add_argument("--max-inflight", type=int, default=None, help="requests in flight (pipelining window K)")
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=None,
+        help="requests in flight (pipelining window K) " + config_default("max_inflight"),
+    )
     p.add_argument("--stream", action="store_true", help="use the bidirectional InferStream instead of unary calls")
     p.add_argument("--score-threshold", type=float, default=None, help="server drops detections below this")
     add_filter_arguments(
@@ -244,8 +273,12 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="a live camera/stream that delivers no frame for S seconds (retried meanwhile) ends the "
         "run with exit code 3 (default 60)",
     )
-    p.add_argument("--max-frames", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=None, help="per-request deadline in seconds")
+    p.add_argument(
+        "--max-frames", type=int, default=None, help="stop after this many frames (default: the whole source)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, help="per-request deadline in seconds " + config_default("deadline_s")
+    )
     p.add_argument(
         "--give-up-after",
         type=float,
@@ -259,8 +292,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
     p.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
     p.add_argument("--token-file", help="file holding the bearer token")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar and status line on stderr")
+    add_log_level_argument(p, "WARNING")
 
 
 def _add_head_arguments(p: argparse.ArgumentParser) -> None:

@@ -25,23 +25,29 @@ from pathlib import Path
 
 from hnd.common.checkpoint import export_head
 from hnd.common.errors import USER_ERRORS, UsageError, report
+from hnd.common.flags import HelpFormatter, add_config_argument
 
 PROG = "hnd-export-head"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="full student checkpoint (ours or the original's)")
     p.add_argument("output", help="file to write (atomically): .onnx for ONNX, anything else for torch")
     p.add_argument("--format", choices=("onnx", "torch"), default=None, help="default: from the output's suffix")
-    p.add_argument("--config", help="YAML config or bundled name the model is built from (ONNX)")
+    add_config_argument(p, default=None, note="ONNX: the model is built from it (default: the checkpoint's own)")
     p.add_argument("--random-weights", type=int, metavar="SEED", help="with --config: seeded random weights (tests)")
     p.add_argument("--min-size", type=int, help="ONNX: resize short side to this (default: the model's)")
     p.add_argument("--max-size", type=int, help="ONNX: cap on the long side (default: the model's)")
     p.add_argument("--int8", action="store_true", help="ONNX: static int8 quantization (needs --calibration)")
     p.add_argument("--calibration", metavar="DIR_OR_GLOB", help="real frames for int8 calibration")
-    p.add_argument("--calibration-frames", type=int, default=32, metavar="N", help="frames to calibrate on (32)")
-    p.add_argument("--calibration-method", default="minmax", choices=("minmax", "entropy", "percentile"))
+    p.add_argument("--calibration-frames", type=int, default=32, metavar="N", help="frames to calibrate on")
+    p.add_argument(
+        "--calibration-method",
+        default="minmax",
+        choices=("minmax", "entropy", "percentile"),
+        help="ONNX Runtime's calibration of the int8 activation ranges",
+    )
     return p
 
 

@@ -21,10 +21,8 @@ import cv2
 from hnd.edge import cli as edge_cli
 from hnd.edge.capture import sample_images
 from hnd.common.errors import USER_ERRORS, report
-from hnd.common.flags import add_weights_arguments
+from hnd.common.flags import HelpFormatter, add_bits_argument, add_config_argument, add_weights_arguments
 from hnd.server.local import server_process
-
-DEFAULT_CONFIG = "hnd/faster_rcnn-b3ch"
 
 
 def write_samples(folder: Path, count: int) -> None:
@@ -34,12 +32,17 @@ def write_samples(folder: Path, count: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hnd-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    add_weights_arguments(p, "student checkpoint both sides load (default: seeded random weights)", seed_default=0)
+    p = argparse.ArgumentParser(prog="hnd-demo", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    add_config_argument(p)
+    add_weights_arguments(
+        p,
+        "student checkpoint both sides load (default: seeded random weights)",
+        "seed of the random weights both sides build when there is no --checkpoint",
+        seed_default=0,
+    )
     p.add_argument("--frames", type=int, default=4, help="sample photos to send (up to 6)")
-    p.add_argument("--bits", type=int, default=8)
-    p.add_argument("--stream", action="store_true")
+    add_bits_argument(p, default=8)
+    p.add_argument("--stream", action="store_true", help="send the frames on one InferStream instead of unary calls")
     p.add_argument("--max-inflight", type=int, default=2, help="pipelining window K")
     p.add_argument("--summary-json", help="write the summary as JSON")
     p.add_argument("--output", help="per-frame JSONL records")

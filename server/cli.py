@@ -14,10 +14,17 @@ import sys
 import torch
 
 from hnd.common import codec
-from hnd.common.build import build_model_from_config
+from hnd.common.build import build_model_from_config, pick_device
 from hnd.common.config import ConfigError, RuntimeConfig, load_config, with_weights
 from hnd.common.errors import USER_ERRORS, report
-from hnd.common.flags import add_weights_arguments
+from hnd.common.flags import (
+    HelpFormatter,
+    add_config_argument,
+    add_device_argument,
+    add_log_level_argument,
+    add_weights_arguments,
+    config_default,
+)
 from hnd.server.accel import COMPILE_MODES, PRECISIONS, TailOptions, check_options
 from hnd.server.app import ServerSettings, TlsFiles, read_token, serve
 from hnd.server.service import MAX_QUEUE_BYTES, BatchingOptions, ModelRunner, ServerLimits
@@ -29,20 +36,22 @@ PROG = "hnd-server"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Serve the tail of a split HND/GHND R-CNN over gRPC.")
-    p.add_argument("--config", required=True, help="YAML config file, or a bundled name like hnd/faster_rcnn-b3ch")
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Serve the tail of a split HND/GHND R-CNN over gRPC.", formatter_class=HelpFormatter
+    )
+    add_config_argument(p, required=True)
     add_weights_arguments(
         p, "full student checkpoint (default: the config's model.checkpoint)", "seeded random weights (demos, tests)"
     )
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    add_device_argument(p, "auto")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's runtime.port, 50051)")
+    p.add_argument("--port", type=int, default=None, help="gRPC port " + config_default("port"))
     _add_batching_arguments(p)
     _add_limit_arguments(p)
     _add_security_arguments(p)
     _add_endpoint_arguments(p)
     _add_stream_arguments(p)
-    p.add_argument("--log-level", default="INFO")
+    add_log_level_argument(p, "INFO")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     _add_tail_arguments(p)
     return p
@@ -50,14 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_batching_arguments(p: argparse.ArgumentParser) -> None:
     """The batcher (hnd.server.service.BatchingOptions); unset ones come from the config's runtime section."""
-    p.add_argument("--max-batch", type=int, default=None, help="images per tail batch")
+    p.add_argument("--max-batch", type=int, default=None, help="images per tail batch " + config_default("max_batch"))
     p.add_argument(
         "--max-delay-ms",
         type=float,
         default=None,
-        help="how long a batch waits to fill (default 0: it takes what queued meanwhile)",
+        help="how long a batch waits to fill (0: it takes what queued meanwhile) " + config_default("max_delay_ms"),
     )
-    p.add_argument("--max-queue", type=int, default=None, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="waiting requests before RESOURCE_EXHAUSTED " + config_default("max_queue"),
+    )
     p.add_argument(
         "--max-queue-mib",
         type=int,
@@ -176,14 +190,6 @@ def _add_tail_arguments(p: argparse.ArgumentParser) -> None:
         default="off",
         help="torch.compile the dense part per (batch bucket, padded size); reduce-overhead = CUDA graphs (CUDA only)",
     )
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    return torch.device(name)
 
 
 def settings_from_args(args: argparse.Namespace, runtime: RuntimeConfig) -> ServerSettings:

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hnd.common.channel import SERVICE_NAME, client_channel
+from hnd.common.flags import HelpFormatter
 
 
 def check(
@@ -37,12 +38,14 @@ def check(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hnd-healthcheck", description=__doc__.splitlines()[0])
-    p.add_argument("--server", default="127.0.0.1:50051")
+    p = argparse.ArgumentParser(
+        prog="hnd-healthcheck", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
+    p.add_argument("--server", default="127.0.0.1:50051", help="hnd-server address HOST:PORT")
     p.add_argument("--tls-ca", help="CA certificate (PEM) when the server uses TLS")
     p.add_argument("--tls-cert", help="client certificate (PEM) when the server requires mutual TLS")
     p.add_argument("--tls-key", help="client private key (PEM) for --tls-cert")
-    p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--timeout", type=float, default=3.0, help="deadline of the check in seconds")
     p.add_argument("--service", default=SERVICE_NAME, help="service name ('' for the whole server)")
     return p
 

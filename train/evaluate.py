@@ -34,7 +34,9 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from hnd.common import codec
+from hnd.common.build import pick_device
 from hnd.common.files import atomic_write_json
+from hnd.common.flags import HelpFormatter, add_bits_argument, add_config_argument, add_device_argument
 from hnd.common.errors import USER_ERRORS, HndError, report
 from hnd.common.meta import FingerprintMismatch, check_fingerprint
 
@@ -540,28 +542,26 @@ def evaluated_setting(
     )
 
 
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    """``--device`` of hnd-eval and hnd-train; :func:`check_device` refuses CUDA where there is none."""
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-
-
-def check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HndError("--device", "CUDA is not available on this machine")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hnd-eval", description="COCO bbox / segm / keypoints mAP of a configured model.")
-    p.add_argument("--config", required=True, help="YAML config (file or bundled name, e.g. test/faster_rcnn-b3ch)")
+    p = argparse.ArgumentParser(
+        prog="hnd-eval",
+        description="COCO bbox / segm / keypoints mAP of a configured model.",
+        formatter_class=HelpFormatter,
+    )
+    add_config_argument(p, required=True)
     p.add_argument("--checkpoint", help="weights to evaluate (default: the config's model weights)")
     p.add_argument("--random-weights", type=int, metavar="SEED", help="evaluate seeded random weights")
-    p.add_argument(
-        "--bits",
-        type=int,
-        choices=codec.BITS,
-        help="quantize the bottleneck to N bits at the split (students only; 16 = fp16, 32 = lossless)",
+    add_bits_argument(
+        p,
+        None,
+        "at the split (students only; default: no quantization, the float bottleneck; 0 = --compression learned)",
     )
-    p.add_argument("--granularity", choices=codec.GRANULARITIES, default="tensor")
+    p.add_argument(
+        "--granularity",
+        choices=codec.GRANULARITIES,
+        default="tensor",
+        help="with --bits: one range per tensor, one per channel, or the original HND 8-bit scheme",
+    )
     p.add_argument(
         "--compression",
         choices=codec.ALL_COMPRESSIONS,
@@ -584,9 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
         "frame every N (as hnd-edge --key-interval; default 1: every image intra)",
     )
     p.add_argument("--split", default="val", help="dataset split of the config (default val)")
-    add_device_argument(p)
+    add_device_argument(p, "cpu")
     p.add_argument("--workers", type=int, help="data loader workers (default: the config's)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images")
     p.add_argument(
         "--head",
@@ -613,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_codec_args(args)
-        check_device(args.device)
+        args.device = str(pick_device(args.device))
         from hnd.common.config import load_config
 
         if load_config(args.config).model.filter is not None:  # ROC of the neural filter (hnd.train.filter)
@@ -651,7 +651,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_codec_args(args: argparse.Namespace) -> None:
-    """HndError for --granularity original at other than 8 bits, or a --key-interval the codec cannot take."""
+    """HndError for --granularity original at other than 8 bits, or a --key-interval the codec cannot take.
+    ``--bits 0`` is the learned coding, as for hnd-edge: it becomes ``--compression learned``."""
+    if args.bits == codec.LEARNED_BITS:
+        if args.compression not in (None, codec.LEARNED):
+            raise HndError("--bits", f"0 is the learned coding; --compression {args.compression} needs 2-32 bits")
+        args.bits, args.compression = None, codec.LEARNED
     if args.granularity == "original" and args.bits is not None:
         try:
             codec.CodecSettings(args.bits, args.granularity)

@@ -14,6 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from hnd.common.flags import HelpFormatter
 from hnd.train import synthetic
 from hnd.train.synthetic_video import BACKGROUNDS, make_synthetic_video
 
@@ -29,16 +30,25 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hnd-make-synthetic-coco", description=(synthetic.__doc__ or "").split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="hnd-make-synthetic-coco",
+        description=(synthetic.__doc__ or "").split("\n")[0],
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("out", help="output folder (COCO 2017 layout)")
     p.add_argument("--images", type=int, default=16, help="train images (default 16)")
     p.add_argument("--val-images", type=int, default=None, help="val images (default max(2, images/4))")
     p.add_argument("--size", type=_size, default=None, help="WxH (default 128x128; 320x240 with --video)")
-    p.add_argument("--kind", choices=["detection", "keypoints"], default="detection")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--kind",
+        choices=["detection", "keypoints"],
+        default="detection",
+        help="boxes and masks, or person-like figures with keypoints",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of everything drawn")
     p.add_argument("--empty-fraction", type=float, default=0.0, help="share of images with no objects")
-    p.add_argument("--max-objects", type=int, default=3)
-    p.add_argument("--format", choices=["jpg", "png"], default="jpg")
+    p.add_argument("--max-objects", type=int, default=3, help="objects per image at most")
+    p.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image file format")
     v = p.add_argument_group("video (--video: annotated sequences instead of still images; hnd.train.synthetic_video)")
     v.add_argument(
         "--video",

@@ -48,7 +48,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from hnd.common.checkpoint import load_checkpoint, save_checkpoint
 from hnd.common.config import Config, load_config
-from hnd.common.build import build_model_from_config
+from hnd.common.build import build_model_from_config, pick_device
 from hnd.common.models import build_model
 from hnd.train.data import (
     build_dataset,
@@ -61,7 +61,8 @@ from hnd.train.data import (
 )
 from hnd.train.engine import Recipe, RunPaths, Selection, TrainOptions, check_sections, count_parameters, fit
 from hnd.common.errors import USER_ERRORS, HndError, report
-from hnd.train.evaluate import add_device_argument, check_device, evaluate_model
+from hnd.common.flags import HelpFormatter, add_config_argument, add_device_argument
+from hnd.train.evaluate import evaluate_model
 from hnd.train.filter import train_filter
 
 BOTTLENECK_PREFIX = "backbone.body.layer1."
@@ -475,10 +476,12 @@ def train(config: str | os.PathLike | Config, options: TrainOptions | None = Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hnd-train", description="HND / GHND distillation or supervised training.")
-    p.add_argument("--config", required=True, help="YAML config (file or bundled name, e.g. ghnd/faster_rcnn-b3ch)")
+    p = argparse.ArgumentParser(
+        prog="hnd-train", description="HND / GHND distillation or supervised training.", formatter_class=HelpFormatter
+    )
+    add_config_argument(p, required=True)
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/last.pt")
-    add_device_argument(p)
+    add_device_argument(p, "cpu")
     p.add_argument("--workers", type=int, help="data loader workers (default: dataset.num_workers)")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--output-dir", help="checkpoints and log.jsonl (default resource/train/<config name>)")
@@ -501,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        check_device(args.device)
+        args.device = str(pick_device(args.device))
         if args.epochs is not None and args.epochs < 1:
             raise HndError("--epochs", "must be >= 1")
         summary = train(
