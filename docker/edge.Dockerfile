@@ -27,7 +27,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/hnd/bin:$PATH
 
 RUN python3 -m venv /opt/hnd \
- && pip install "setuptools>=68" wheel
+ && pip install "setuptools>=77" wheel
 
 WORKDIR /src
 
@@ -39,7 +39,7 @@ RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['
  && python3 -c "import importlib.util as u; assert u.find_spec('torch') is None, 'the edge image must not hold torch'"
 
 # 2. The hnd package itself (cheap to rebuild when the source changes).
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY hnd_init ./hnd_init
 COPY common ./common
 COPY proto ./proto

@@ -28,7 +28,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 RUN python3 -m venv /opt/hnd \
- && pip install "setuptools>=68" wheel
+ && pip install "setuptools>=77" wheel
 
 WORKDIR /src
 
@@ -40,7 +40,7 @@ RUN pip install -c constraints.txt "torch==${TORCH_VERSION}" "torchvision==${TOR
  && rm /tmp/requirements.txt
 
 # 2. The hnd package itself (cheap to rebuild when the source changes).
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY hnd_init ./hnd_init
 COPY common ./common
 COPY proto ./proto

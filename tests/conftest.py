@@ -71,6 +71,7 @@ FIXTURE_MARKS = {
     "quick": ("e2e", "slow"),  # test_bench: one hnd-bench --quick run
     "quick_filter": ("e2e", "slow"),
     "trained": ("e2e", "slow"),  # test_filter: hnd-train of the neural filter, then hnd-eval / hnd-edge
+    "edge_venv": ("e2e",),  # test_install: console scripts of the fresh edge venv (.ci/make-edge-venv)
 }
 TEST_MARKS = {
     "test_bench.py::test_bench_filter_options_are_checked": ("e2e",),
@@ -86,6 +87,11 @@ TEST_MARKS = {
     "test_accel.py::test_dense_split_of_the_tail_is_bit_exact[keypoint_rcnn]": ("slow",),
     "test_entropic.py::test_split_and_codec_round_trip_are_bit_exact[mask_rcnn]": ("slow",),
     "test_entropic.py::test_split_and_codec_round_trip_are_bit_exact[keypoint_rcnn]": ("slow",),
+    # The role matrix checks the torch-free edge install in the fast layer, the roles with torch in the slow one.
+    "test_install.py::test_role_install_answers_every_console_script[server]": ("slow",),
+    "test_install.py::test_role_install_answers_every_console_script[train]": ("slow",),
+    "test_install.py::test_role_install_answers_every_console_script[bench]": ("slow",),
+    "test_install.py::test_role_install_answers_every_console_script[all]": ("slow",),
     # CompressAI's default prior filters; the fast layer loads the non-default (3, 3, 3) ones.
     "test_entropic.py::test_prior_filters_are_read_off_the_file[filters1]": ("slow",),
 }

@@ -20,6 +20,7 @@ import subprocess
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
@@ -60,6 +61,15 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def script_module(script: str) -> ModuleType:
+    """The module whose ``main()`` a console script runs (pyproject.toml -> hnd.common.launch.SCRIPTS)."""
+    from hnd.common.launch import SCRIPTS
+
+    scripts = console_scripts()
+    assert script in scripts, f"{script} is not a console script in pyproject.toml [project.scripts]"
+    return importlib.import_module(SCRIPTS[script].module)
+
+
 class _Captured(Exception):
     def __init__(self, parser: argparse.ArgumentParser) -> None:
         self.parser = parser
@@ -71,10 +81,8 @@ def cli_parser(script: str) -> argparse.ArgumentParser:
     ``build_parser()`` of the script's module (hnd.server.cli, hnd.edge.cli, ...); for a module
     without one, the parser that ``main`` builds, caught at its ``parse_args`` call.
     """
-    scripts = console_scripts()
-    assert script in scripts, f"{script} is not a console script in pyproject.toml [project.scripts]"
-    module_name, _, func = scripts[script].partition(":")
-    module = importlib.import_module(module_name)
+    module = script_module(script)
+    func = "main"
     if hasattr(module, "build_parser"):
         return module.build_parser()
 
@@ -89,7 +97,7 @@ def cli_parser(script: str) -> argparse.ArgumentParser:
         return c.parser
     finally:
         argparse.ArgumentParser.parse_args = original
-    raise AssertionError(f"{script}: {scripts[script]} builds no argparse parser")
+    raise AssertionError(f"{script}: {module.__name__}.main builds no argparse parser")
 
 
 def parse_cli(script: str, args: list[str], where: str) -> argparse.Namespace:
@@ -344,6 +352,7 @@ def test_copy_sources_exist_and_are_in_the_context(side):
     readme = pyproject()["project"].get("readme")
     if isinstance(readme, str):
         need.add(readme)  # setuptools reads it when building the wheel
+    need.update(pyproject()["project"].get("license-files", []))  # and these (a missing one fails the build)
     assert need <= copied, f"the image does not copy {sorted(need - copied)} (pyproject.toml needs them)"
 
 
@@ -760,8 +769,7 @@ def test_deploy_md_certificates_work_with_hnd_server(deploy_secrets, tiny_model)
         token=token,
         tls=TlsFiles(str(s / "server.crt"), str(s / "server.key"), str(s / "ca.crt")),
     )
-    healthcheck = importlib.import_module(console_scripts()["hnd-healthcheck"].split(":")[0])
-    main = getattr(healthcheck, console_scripts()["hnd-healthcheck"].split(":")[1])
+    main = script_module("hnd-healthcheck").main
     with BackgroundServer(runner, settings) as srv:
         client_files = dict(tls_ca=str(s / "ca.crt"), tls_cert=str(s / "edge-01.crt"), tls_key=str(s / "edge-01.key"))
         for host in ("localhost", "127.0.0.1"):  # the names the health checks dial

@@ -90,7 +90,7 @@ def node() -> str:
     if node is None:
         pytest.skip("node is not installed: the Node.js client example (examples/node) is not tested here")
     if not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.fail("examples/node has no node_modules: run `npm ci --prefix examples/node` (.ci/run does)")
+        pytest.fail("examples/node has no node_modules: run `npm ci --prefix examples/node` (the README's set-up does)")
     return node
 
 

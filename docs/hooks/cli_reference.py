@@ -26,8 +26,11 @@ def console_scripts() -> dict[str, str]:
 
 
 def cli_parser(script: str) -> argparse.ArgumentParser:
-    """The parser behind a console script: ``build_parser()`` of the module its entry point names."""
-    module = importlib.import_module(console_scripts()[script].partition(":")[0])
+    """The parser behind a console script: ``build_parser()`` of the module it runs (every entry point is
+    ``hnd.common.launch``, whose ``SCRIPTS`` table names the module)."""
+    from hnd.common.launch import SCRIPTS
+
+    module = importlib.import_module(SCRIPTS[script].module)
     return module.build_parser()
 
 
