@@ -205,6 +205,7 @@ class VideoDecoder:
         self.max_pixels = int(max_pixels)
         self._ctx: VideoCodecContext | None = None
         self.frames = 0
+        self.picture_bytes = 0  # bytes of the last decoded picture in the stream's own pixel format
 
     def _open(self) -> VideoCodecContext:
         av = _av()
@@ -263,6 +264,7 @@ class VideoDecoder:
             self.reset()
             raise VideoError(f"{self.format} frame {frame.width}x{frame.height} exceeds {self.max_pixels} pixels")
         self.frames += 1
+        self.picture_bytes = sum(plane.buffer_size for plane in frame.planes)
         return frame.to_ndarray(format="rgb24")
 
 

@@ -12,7 +12,10 @@ have cost the server its reference:
   (as a key frame, if it belongs to the current chain; otherwise as the next frame of the chain that
   already replaced it) and resent once;
 * the server answering a key frame it could not keep (``key_frame_required`` without ``refusal``: no
-  stream session free) -> the rest of the run sends key frames only.
+  stream session free, the client's share taken, the session budget spent) -> key frames only
+  (``SessionFallback``), each of them asking the server again to keep it; temporal coding resumes once
+  the server keeps one (after 1, then 2, 4 ... 64 kept key frames in a row when it fell back again soon after
+  resuming: a backoff against sessions that come and go).
 
 numpy only (no torch): ONNX split modes use ``BottleneckCoder`` too.
 """
@@ -39,6 +42,51 @@ log = logging.getLogger("hnd.edge")
 VIDEO_IMAGE_FORMATS = {"h264": pb.EncodedImage.FORMAT_H264, "hevc": pb.EncodedImage.FORMAT_HEVC}
 
 
+class SessionFallback:
+    """Whether a stream sends key frames only because the server keeps no session for it, and when to stop.
+
+    Every key frame asks the server to keep it (it costs nothing more than the intra frame it is): once one
+    comes back kept, the stream goes back to temporal coding. A stream that falls back again within
+    ``STABLE_FRAMES`` answers of resuming waits for twice as many kept key frames in a row the next time (up to
+    ``MAX_WAIT``), so sessions that come and go do not cost a refused delta and its resend every few frames.
+    """
+
+    STABLE_FRAMES = 100
+    MAX_WAIT = 64
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.intra_only = False
+        self.wait = 1  # kept key frames in a row before temporal coding resumes
+        self.kept = 0
+        self.since_resume = self.STABLE_FRAMES
+        self.fallbacks = 0
+
+    def observe(self, request: pb.InferRequest | None, response: pb.InferResponse) -> None:
+        """One answer, in frame order (refusals are the resend's business, not this one's)."""
+        if response.refusal or request is None or not request.HasField("stream_frame"):
+            return
+        if response.key_frame_required:  # answered, not kept
+            if not self.intra_only:
+                self.wait = 1 if self.since_resume >= self.STABLE_FRAMES else min(self.wait * 2, self.MAX_WAIT)
+                self.intra_only = True
+                self.fallbacks += 1
+                log.warning(
+                    "the server keeps no stream session for this %s now: key frames only until it keeps %d in a row",
+                    self.what,
+                    self.wait,
+                )
+            self.kept = 0
+        elif self.intra_only and request.stream_frame.type == pb.StreamFrame.TYPE_KEY:
+            self.kept += 1
+            if self.kept >= self.wait:
+                self.intra_only = False
+                self.since_resume = 0
+                log.warning("the server keeps a stream session for this %s again: temporal coding resumes", self.what)
+        elif not self.intra_only:
+            self.since_resume += 1
+
+
 class BottleneckCoder:
     """Bottleneck [B, C, h, w] -> the request's ``bottleneck`` (and ``stream_frame``), per frame or temporal.
 
@@ -62,7 +110,7 @@ class BottleneckCoder:
             if self.temporal
             else None
         )
-        self.intra_only = False  # the server keeps no session for us: key frames only
+        self.sessions = SessionFallback("bottleneck stream")  # key frames only while the server keeps none
         self._pending: dict[int, tuple[Any, Any]] = {}  # frame index -> (z, meta) until its record is final
         self.keys = 0
         self.deltas = 0
@@ -84,7 +132,7 @@ class BottleneckCoder:
         return self._encode_temporal(z, meta, request)
 
     def _encode_temporal(self, z, meta, request: pb.InferRequest) -> tuple[int, dict[str, Any]]:
-        if self.intra_only:
+        if self.sessions.intra_only:
             self.encoder.force_key_frame()
         frame = self.encoder.encode(z)
         if frame.kind == "key":
@@ -111,11 +159,11 @@ class BottleneckCoder:
         p.extra.update(extra)
         return True
 
-    def observe(self, response: pb.InferResponse) -> None:
-        """An answer from the server: a key frame it answered but could not keep means key frames only."""
-        if self.temporal and response.key_frame_required and not response.refusal and not self.intra_only:
-            log.warning("the server has no stream session free for this stream: sending key frames only")
-            self.intra_only = True
+    def observe(self, p: Prepared, response: pb.InferResponse) -> None:
+        """An answer from the server: a key frame it answered but could not keep means key frames only, until
+        it keeps one again (``SessionFallback``)."""
+        if self.temporal:
+            self.sessions.observe(p.request, response)
 
     def after(self, p: Prepared, record: Any) -> None:
         """The frame's final record: forget its bottleneck; after a failure, the next frame is a key frame."""
@@ -158,7 +206,7 @@ class CodedSplitMode(EdgeMode):
 
     def detections(self, prepared: Prepared, response: pb.InferResponse | None):
         if response is not None:
-            self.coder.observe(response)
+            self.coder.observe(prepared, response)
         return super().detections(prepared, response)
 
     def reencode(self, prepared: Prepared, reason: str) -> bool:
@@ -192,6 +240,7 @@ class VideoOffloadMode(EdgeMode):
         self.encoder = VideoEncoder(self.settings)
         self.sequence = 0
         self.key_sequence = 0
+        self.sessions = SessionFallback(f"{self.format} stream")  # key frames only while the server keeps none
 
     def check_server(self, info: pb.ModelInfo) -> None:
         if VIDEO_IMAGE_FORMATS[self.format] not in info.stream_sessions.video_formats:
@@ -199,6 +248,8 @@ class VideoOffloadMode(EdgeMode):
             raise EdgeError(f"the server does not decode {self.format} streams (offers {offered})")
 
     def _encode(self, image: np.ndarray, request: pb.InferRequest) -> tuple[int, dict[str, Any]]:
+        if self.sessions.intra_only:
+            self.encoder.force_key_frame()
         data, key = self.encoder.encode(image)
         if key:
             self.key_sequence = self.sequence
@@ -229,6 +280,11 @@ class VideoOffloadMode(EdgeMode):
         p.message_bytes = p.request.ByteSize()
         p.extra.update(extra)
         return True
+
+    def detections(self, prepared: Prepared, response: pb.InferResponse | None):
+        if response is not None:  # a key frame answered but not kept: key frames only, for now
+            self.sessions.observe(prepared.request, response)
+        return super().detections(prepared, response)
 
     def after(self, prepared: Prepared, record: Any) -> None:
         if record.status != "OK":

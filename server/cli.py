@@ -171,6 +171,32 @@ def _add_stream_arguments(p: argparse.ArgumentParser) -> None:
         default=StreamLimits.max_video_pixels,
         help=f"largest decoded video picture, width x height (default {StreamLimits.max_video_pixels})",
     )
+    st.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=StreamLimits.idle_timeout_s,
+        metavar="S",
+        help=f"a stream session with no frame for S seconds gives its slot back (default {StreamLimits.idle_timeout_s:g})",
+    )
+    st.add_argument(
+        "--max-client-sessions",
+        type=int,
+        default=StreamLimits.max_client_sessions,
+        help=f"stream sessions one client (connection) may hold (default {StreamLimits.max_client_sessions})",
+    )
+    st.add_argument(
+        "--max-client-video-sessions",
+        type=int,
+        default=StreamLimits.max_client_video_sessions,
+        help=f"of them decoding video (default {StreamLimits.max_client_video_sessions})",
+    )
+    st.add_argument(
+        "--max-session-mib",
+        type=int,
+        default=StreamLimits.max_session_bytes >> 20,
+        help="what all stream sessions together may hold: references and video picture pools "
+        f"(default {StreamLimits.max_session_bytes >> 20})",
+    )
 
 
 def _add_tail_arguments(p: argparse.ArgumentParser) -> None:
@@ -197,9 +223,19 @@ def settings_from_args(args: argparse.Namespace, runtime: RuntimeConfig) -> Serv
         raise ConfigError("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
-    for flag in ("max_stream_sessions", "max_reference_mib", "max_video_sessions", "max_video_pixels"):
+    for flag in (
+        "max_stream_sessions",
+        "max_reference_mib",
+        "max_video_sessions",
+        "max_video_pixels",
+        "max_client_sessions",
+        "max_client_video_sessions",
+        "max_session_mib",
+    ):
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if not args.session_idle_timeout > 0:
+        raise ConfigError(f"--session-idle-timeout must be > 0 seconds, got {args.session_idle_timeout:g}")
     if args.max_video_pixels < 64:
         raise ConfigError(f"--max-video-pixels must be >= 64, got {args.max_video_pixels}")
     for flag in ("max_short_side", "max_long_side", "max_original_side", "max_mask_mib"):
@@ -221,6 +257,10 @@ def settings_from_args(args: argparse.Namespace, runtime: RuntimeConfig) -> Serv
                 max_reference_bytes=args.max_reference_mib << 20,
                 max_video_sessions=args.max_video_sessions,
                 max_video_pixels=args.max_video_pixels,
+                idle_timeout_s=args.session_idle_timeout,
+                max_client_sessions=args.max_client_sessions,
+                max_client_video_sessions=args.max_client_video_sessions,
+                max_session_bytes=args.max_session_mib << 20,
             ),
         ),
         batching=BatchingOptions(

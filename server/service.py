@@ -711,7 +711,7 @@ class SplitInferenceService:
         # A stream names replica and weights first (the edge checks them before its first answer) and at the end.
         await context.send_initial_metadata(self.call_metadata)
         context.set_trailing_metadata(self.call_metadata)
-        session = self.streams.open()  # temporal state of this stream; freed in the finally below
+        session = self.streams.open(context.peer())  # this stream's temporal state; freed in the finally below
         if self.draining:
             session.close()
             await self._fail(context, method, draining_error(), time.perf_counter_ns())

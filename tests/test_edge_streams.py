@@ -13,7 +13,7 @@ import grpc
 import pytest
 import torch
 from runtime_support import assert_same_detections, client_for, edge_argv, frames, run_edge, serving
-from test_streams import STREAM, bottleneck_requests, in_process, video_frames, wait_sessions_free
+from test_streams import STREAM, bottleneck_requests, in_process, video_frames, video_requests, wait_sessions_free
 
 from hnd.common import wire
 from hnd.common.checkpoint import fingerprint
@@ -28,6 +28,7 @@ from hnd.edge.api import make_mode
 from hnd.edge.modes import EdgeOptions
 from hnd.edge.pipeline import EdgeRunner, ServerGone
 from hnd.edge.torch_modes import to_tensor
+from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.server.service import ServerLimits
 from hnd.server.streams import StreamLimits
 
@@ -229,6 +230,142 @@ def test_a_hung_server_gets_deadlines_a_warning_and_the_give_up(model, stream, c
     assert len(records) < 40 and "DEADLINE_EXCEEDED" in statuses and "OK" not in statuses[2:], statuses
     warnings = [r.getMessage() for r in caplog.records if "no answer within the 2 s deadline" in r.getMessage()]
     assert len(warnings) == 1, warnings
+
+
+class SessionHolder:
+    """Streams of one other client (its own connection) that each send one key frame and go idle, holding
+    a session each until ``release``."""
+
+    def __init__(self, server, requests: list[pb.InferRequest]) -> None:
+        self.channel = grpc.insecure_channel(
+            f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        self.calls = []
+        for request in requests:
+            outbox: queue.Queue = queue.Queue()
+            call = self.channel.stream_stream(STREAM)(iter(outbox.get, None), timeout=120)
+            outbox.put(request.SerializeToString())
+            assert not pb.InferResponse.FromString(next(call)).key_frame_required  # kept: it holds a session
+            self.calls.append((outbox, call))
+
+    def release(self) -> None:
+        for outbox, call in self.calls:
+            outbox.put(None)
+            list(call)
+        self.calls.clear()
+        self.channel.close()
+
+
+def run_releasing(model, client, images, holder: SessionHolder, release_at: int, server, **options):
+    """run_edge, with ``holder`` releasing its sessions when frame ``release_at`` is read."""
+
+    class Releasing(ArrayFrames):
+        def __iter__(self):
+            for frame in super().__iter__():
+                if frame.index == release_at:
+                    holder.release()
+                    deadline = time.monotonic() + 10
+                    while server.service.streams.active and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                yield frame
+
+    head, _ = split_model(model)
+    runner = EdgeRunner(EdgeOptions(**options), head=head, fingerprint=fingerprint(model), model=model, client=client)
+    records = []
+    runner.run(Releasing(images), lambda r, f: records.append(r.to_dict()))
+    return records
+
+
+def test_temporal_coding_resumes_once_sessions_free_up(model):
+    """Another client holds every bottleneck session: the edge falls back to key frames (all answered), and
+    goes back to delta frames once they are released (it used to send key frames for the rest of the run)."""
+    images = video_frames(8)
+    held, _, _ = bottleneck_requests(model, images[:1], StreamEncoder(4))
+    with serving(model, limits=ServerLimits(streams=StreamLimits(max_sessions=1))) as server:
+        holder = SessionHolder(server, held)
+        client = client_for(server)
+        try:
+            records = run_releasing(
+                model,
+                client,
+                images,
+                holder,
+                4,
+                server,
+                codec=CodecSettings(bits=4),
+                key_interval=100,
+                stream=True,
+                max_inflight=1,
+            )
+        finally:
+            holder.release()
+            client.close()
+        wait_sessions_free(server)
+    assert [r["status"] for r in records] == ["OK"] * 8
+    kinds = [r["frame_type"] for r in records]
+    assert kinds[:5] == ["key"] * 5 and kinds[5:] == ["delta"] * 3, kinds
+
+
+@pytest.mark.parametrize("fmt", available_formats())
+def test_video_offload_falls_back_to_key_frames_and_back(model, fmt):
+    """Idle streams of another client hold the video sessions: an offload camera's key frames are answered
+    but not kept; it sends key frames (every frame answered: it used to get FAILED_PRECONDITION for its
+    P-frames) and resumes P-frames once the sessions are free."""
+    images = video_frames(8)
+    held = video_requests(images[:1], fmt)
+    limits = ServerLimits(streams=StreamLimits(max_video_sessions=1))
+    with serving(model, limits=limits) as server:
+        holder = SessionHolder(server, held)
+        client = client_for(server)
+        try:
+            records = run_releasing(
+                model,
+                client,
+                images,
+                holder,
+                4,
+                server,
+                mode="offload",
+                image_format=fmt,
+                stream=True,
+                max_inflight=2,
+                preset="ultrafast",
+            )
+        finally:
+            holder.release()
+            client.close()
+        wait_sessions_free(server)
+    assert [r["status"] for r in records] == ["OK"] * 8, records
+    kinds = [r["frame_type"] for r in records]
+    assert kinds[:4] == ["key"] * 4 and "delta" in kinds[5:], kinds
+
+
+@pytest.mark.parametrize("fmt", available_formats()[:1])
+def test_a_client_holding_every_video_session_yields_one(model, fmt):
+    """One client's two idle streams hold both video sessions: the camera (another connection, holding none)
+    takes the least recently used of them (fair share per client), so its P-frames are kept from the start."""
+    images = video_frames(4)
+    limits = ServerLimits(streams=StreamLimits(max_video_sessions=2, max_client_video_sessions=2))
+    with serving(model, limits=limits) as server:
+        holder = SessionHolder(server, video_requests(images[:1], fmt) * 2)
+        client = client_for(server)
+        try:
+            summary, records, _ = run_edge(
+                model,
+                client,
+                images,
+                mode="offload",
+                image_format=fmt,
+                stream=True,
+                max_inflight=1,
+                preset="ultrafast",
+            )
+            assert server.service.streams.evicted == 1
+        finally:
+            holder.release()
+            client.close()
+        wait_sessions_free(server)
+    assert summary.failed == 0 and [r["frame_type"] for r in records] == ["key", "delta", "delta", "delta"]
 
 
 def test_temporal_needs_a_stream_and_a_server_with_sessions(model):

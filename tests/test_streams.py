@@ -355,10 +355,27 @@ def test_server_cli_stream_limits():
             "1",
             "--max-video-pixels",
             "100000",
+            "--session-idle-timeout",
+            "7.5",
+            "--max-client-sessions",
+            "2",
+            "--max-client-video-sessions",
+            "1",
+            "--max-session-mib",
+            "64",
         ]
     )
     s = server_cli.settings_from_args(args, runtime).limits.streams
     assert (s.max_sessions, s.max_reference_bytes, s.max_video_sessions, s.max_video_pixels) == (3, 2 << 20, 1, 100000)
+    assert (s.idle_timeout_s, s.max_client_sessions, s.max_client_video_sessions, s.max_session_bytes) == (
+        7.5,
+        2,
+        1,
+        64 << 20,
+    )
     bad = server_cli.build_parser().parse_args(["--config", "test/faster_rcnn-b3ch", "--max-video-pixels", "10"])
     with pytest.raises(ConfigError, match="max-video-pixels"):
+        server_cli.settings_from_args(bad, runtime)
+    bad = server_cli.build_parser().parse_args(["--config", "test/faster_rcnn-b3ch", "--session-idle-timeout", "0"])
+    with pytest.raises(ConfigError, match="session-idle-timeout"):
         server_cli.settings_from_args(bad, runtime)

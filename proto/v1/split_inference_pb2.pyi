@@ -249,15 +249,23 @@ class TailInfo(_message.Message):
     def __init__(self, precision: _Optional[str] = ..., channels_last: _Optional[bool] = ..., compile: _Optional[str] = ..., device: _Optional[str] = ..., summary: _Optional[str] = ..., reduced_precision_part: _Optional[str] = ..., fp32_part: _Optional[str] = ...) -> None: ...
 
 class StreamSessions(_message.Message):
-    __slots__ = ("max_sessions", "max_reference_bytes", "video_formats", "max_video_pixels", "max_video_sessions")
+    __slots__ = ("max_sessions", "max_reference_bytes", "video_formats", "max_video_pixels", "max_video_sessions", "idle_timeout_ms", "max_client_sessions", "max_client_video_sessions", "max_session_bytes")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_REFERENCE_BYTES_FIELD_NUMBER: _ClassVar[int]
     VIDEO_FORMATS_FIELD_NUMBER: _ClassVar[int]
     MAX_VIDEO_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_VIDEO_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CLIENT_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CLIENT_VIDEO_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSION_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     max_reference_bytes: int
     video_formats: _containers.RepeatedScalarFieldContainer[EncodedImage.Format]
     max_video_pixels: int
     max_video_sessions: int
-    def __init__(self, max_sessions: _Optional[int] = ..., max_reference_bytes: _Optional[int] = ..., video_formats: _Optional[_Iterable[_Union[EncodedImage.Format, str]]] = ..., max_video_pixels: _Optional[int] = ..., max_video_sessions: _Optional[int] = ...) -> None: ...
+    idle_timeout_ms: int
+    max_client_sessions: int
+    max_client_video_sessions: int
+    max_session_bytes: int
+    def __init__(self, max_sessions: _Optional[int] = ..., max_reference_bytes: _Optional[int] = ..., video_formats: _Optional[_Iterable[_Union[EncodedImage.Format, str]]] = ..., max_video_pixels: _Optional[int] = ..., max_video_sessions: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., max_client_sessions: _Optional[int] = ..., max_client_video_sessions: _Optional[int] = ..., max_session_bytes: _Optional[int] = ...) -> None: ...
