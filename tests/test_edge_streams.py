@@ -270,7 +270,7 @@ def run_releasing(model, client, images, holder: SessionHolder, release_at: int,
                 yield frame
 
     head, _ = split_model(model)
-    runner = EdgeRunner(EdgeOptions(**options), head=head, fingerprint=fingerprint(model), model=model, client=client)
+    runner = EdgeRunner(opts := EdgeOptions(**options), make_mode(opts, head, fingerprint(model), model), client)
     records = []
     runner.run(Releasing(images), lambda r, f: records.append(r.to_dict()))
     return records
