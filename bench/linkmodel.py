@@ -43,6 +43,24 @@ class Link:
 _RATE_UNITS = {"kbit": 1e-3, "mbit": 1.0, "gbit": 1e3}
 _TIME_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 _LINK_RE = re.compile(r"^\s*([\w.-]+)\s*=\s*([0-9.]+)\s*(kbit|mbit|gbit)\s*/\s*([0-9.]+)\s*(us|ms|s)\s*$", re.I)
+_RATE_RE = re.compile(r"^\s*([0-9.]+)\s*(kbit|mbit|gbit)\s*$", re.I)
+_TIME_RE = re.compile(r"^\s*([0-9.]+)\s*(us|ms|s)\s*$", re.I)
+
+
+def parse_rate_mbit(text: str, what: str = "rate") -> float:
+    """``"2mbit"``, ``"500kbit"``, ``"1gbit"`` -> Mbit/s (> 0); UsageError naming ``what`` otherwise."""
+    m = _RATE_RE.match(text)
+    if m is None or float(m.group(1)) <= 0:
+        raise UsageError(f"{what} {text!r}: expected a positive RATE(kbit|mbit|gbit), e.g. 2mbit")
+    return float(m.group(1)) * _RATE_UNITS[m.group(2).lower()]
+
+
+def parse_time_ms(text: str, what: str = "time") -> float:
+    """``"40ms"``, ``"1s"``, ``"500us"`` -> ms (>= 0); UsageError naming ``what`` otherwise."""
+    m = _TIME_RE.match(text)
+    if m is None:
+        raise UsageError(f"{what} {text!r}: expected TIME(us|ms|s), e.g. 40ms")
+    return float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
 
 
 def parse_links(text: str) -> list[Link]:
