@@ -18,13 +18,14 @@ point's latency and bitrate and returns the point to run:
 
 Predicted latency of a point over a link of ``bandwidth`` and round trip ``rtt``::
 
-    latency_ms = edge_ms + server_ms + rtt_ms + 8 * bytes_p95 / bandwidth_bits_per_ms
+    latency_ms = edge_ms + server_ms + rtt_ms + inflight * 8 * bytes_p95 / bandwidth_bits_per_ms
 
 with edge / server compute at their p95 (the edge's own observations of a point replace the profile's once
-it has some) and ``bytes_p95`` over key and delta frames together. With a known frame rate, a point whose
-mean bitrate exceeds ``max_link_share`` of the bandwidth cannot hold any latency (its queue grows without
-bound) and is ruled out. Predicted bitrate: ``8 * bytes_mean * fps``; without a frame rate (frames sent as
-fast as answers come), one frame per predicted latency.
+it has some), ``bytes_p95`` over key and delta frames together, and ``inflight`` the requests the edge keeps
+in flight (on a link that is the bottleneck a frame waits behind the others). With a known frame rate, a
+point whose mean bitrate exceeds ``max_link_share`` of the bandwidth cannot hold any latency (its queue
+grows without bound) and is ruled out. Predicted bitrate: ``8 * bytes_mean * fps``; without a frame rate
+(frames sent as fast as answers come), ``inflight`` frames per predicted latency.
 
 Everything here is plain data and arithmetic: no torch, no gRPC (the ONNX edge imports it).
 """
@@ -113,14 +114,16 @@ class LinkEstimate:
     """What the edge knows of its link (:class:`hnd.edge.linkest.LinkEstimator`). None: not known yet.
 
     bandwidth_bps: bits per second the link delivers edge -> server; rtt_ms: round trip without payload;
-    fps: frames per second the source delivers (None: as fast as the pipeline goes); samples: observations
-    so far; compute_ms: the edge's own p95-ish edge + server compute per point id, where it has seen some.
+    fps: frames per second the source delivers (None: as fast as answers come); inflight: requests the edge
+    keeps in flight (a frame may wait on the link behind the others); samples: observations so far;
+    compute_ms: the edge's own p95-ish edge + server compute per point id, where it has seen some.
     """
 
     bandwidth_bps: float | None = None
     rtt_ms: float | None = None
     fps: float | None = None
     samples: int = 0
+    inflight: int = 1
     compute_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -164,11 +167,11 @@ def predict(point: OperatingPoint, est: LinkEstimate, params: PolicyParams = Pol
     compute = est.compute_ms.get(point.id, point.edge_ms + point.server_ms)
     transfer = 0.0
     if est.bandwidth_bps:
-        transfer = 8 * point.bytes_p95 / est.bandwidth_bps * 1e3
+        transfer = 8 * point.bytes_p95 / est.bandwidth_bps * 1e3 * est.inflight
         if est.fps and 8 * point.bytes_mean * est.fps > params.max_link_share * est.bandwidth_bps:
             transfer = math.inf  # more than the link carries: every frame waits longer than the last
     latency = compute + (est.rtt_ms or 0.0) + transfer
-    fps = est.fps if est.fps else (1e3 / latency if 0 < latency < math.inf else 0.0)
+    fps = est.fps if est.fps else (est.inflight * 1e3 / latency if 0 < latency < math.inf else 0.0)
     return Prediction(latency, 8 * point.bytes_mean * fps / 1e3)
 
 

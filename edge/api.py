@@ -37,6 +37,8 @@ from hnd.common.config import Config, ConfigError, RuntimeConfig, check_filter_t
 from hnd.common.errors import HndError, UsageError
 from hnd.common.flags import DEFAULT_CONFIG
 from hnd.common.timing import now_ns
+from hnd.edge.adapt import Objective
+from hnd.edge.adapt_mode import adaptive_mode, objective_from_args
 from hnd.edge.capture import Frame
 from hnd.edge.client import ClientSettings, EdgeError, SplitClient, check_target
 from hnd.edge.modes import Detections, EdgeMode, EdgeOptions, OffloadMode
@@ -95,6 +97,11 @@ class EdgeSettings:
     ort_provider: list[str] | None = None
     min_size: int | None = None
     max_size: int | None = None
+    # --adapt (hnd.edge.adapt_mode): the operating points file and the objective
+    adapt: str | None = None
+    target_latency_ms: float | None = None
+    max_kbps: float | None = None
+    min_agreement: float | None = None
 
     @classmethod
     def from_args(cls, args: Any) -> EdgeSettings:
@@ -151,13 +158,14 @@ class Plan:
 
     cfg: Config
     options: EdgeOptions
+    objective: Objective | None = None  # --adapt's
 
 
 def plan_edge(settings: EdgeSettings) -> Plan:
     """The config and options of ``settings``, validated (ConfigError / EdgeError) before anything loads."""
     check_early(settings)
     cfg = load_config(settings.config)
-    return Plan(cfg, edge_options(settings, cfg))
+    return Plan(cfg, edge_options(settings, cfg), objective_from_args(settings))
 
 
 def open_detector(settings: EdgeSettings, live: bool = False, plan: Plan | None = None) -> Detector:
@@ -176,7 +184,10 @@ def open_detector(settings: EdgeSettings, live: bool = False, plan: Plan | None 
     )
     client = make_client(s, cfg.runtime, live) if s.mode != "local" else None
     try:
-        mode = make_mode(options, em.head, em.fingerprint, em.model)
+        if plan.objective is None or s.adapt is None:
+            mode = make_mode(options, em.head, em.fingerprint, em.model)
+        else:  # --adapt: the operating point per frame, each point's mode made here
+            mode = adaptive_mode(s.adapt, plan.objective, options, em.head, em.fingerprint, client, make_mode)
         info = check_server(client, mode, em.fingerprint) if client is not None else None
     except BaseException:
         if client is not None:

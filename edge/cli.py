@@ -43,6 +43,7 @@ from hnd.common.flags import (
 from hnd.common.config import (
     ConfigError,
 )
+from hnd.edge.adapt_mode import add_adapt_arguments
 from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceLost, open_source
 from hnd.edge.client import LB_POLICIES, SplitClient
 from hnd.edge.draw import VideoSink, draw_detections
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_live_arguments(p)
     _add_run_arguments(p)
     _add_head_arguments(p)
+    add_adapt_arguments(p)
     return p
 
 

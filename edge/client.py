@@ -261,6 +261,13 @@ class SplitClient:
         finally:
             self.waiting_since = None
 
+    def end_stream(self) -> None:
+        """Half-close the current InferStream: what it carries is still answered, and the next stream request
+        opens a new stream (a new session on the server: hnd-edge --adapt switching operating points)."""
+        if self._stream is not None:
+            self._stream.requests.put(_Stream._SENTINEL)
+            self._stream = None
+
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()

@@ -48,9 +48,12 @@ class EstimatorParams:
 class LinkEstimator:
     """Observations in, :class:`~hnd.edge.adapt.LinkEstimate` out."""
 
-    def __init__(self, params: EstimatorParams = EstimatorParams(), fps: float | None = None) -> None:
+    def __init__(
+        self, params: EstimatorParams = EstimatorParams(), fps: float | None = None, inflight: int = 1
+    ) -> None:
         self.params = params
-        self.fps = fps  # the source's frame rate when it is paced (a live camera), else None
+        self.fps = fps  # the source's frame rate when it is paced, else None
+        self.inflight = inflight  # requests the edge keeps in flight
         self.samples = 0
         self._rates: deque[float] = deque(maxlen=params.bw_window)  # bit/s
         self._wire: deque[tuple[float, float]] = deque(maxlen=1024)  # (time s, wire ms)
@@ -121,6 +124,7 @@ class LinkEstimator:
             bandwidth_bps=self.bandwidth_bps,
             rtt_ms=self.rtt_ms(now_s),
             fps=self.fps,
+            inflight=self.inflight,
             samples=self.samples,
             compute_ms=self.compute_ms(),
         )

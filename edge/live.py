@@ -76,9 +76,39 @@ class EdgeMetrics:
         self.waiting = Gauge("hnd_edge_waiting_for_server", "1 while the edge waits for the server", registry=r)
         self.fps = Gauge("hnd_edge_fps", "Frames per second over the last window", registry=r)
         self._seen = {"dropped": 0, "reconnects": 0, "records_lost": 0}
+        self._adapt: tuple[Gauge, Gauge, Gauge] | None = None  # hnd-edge --adapt only (made on its first record)
+        self._point: str | None = None
+
+    def observe_adapt(self, point: str, link: dict[str, Any]) -> None:
+        """hnd-edge --adapt: ``hnd_edge_operating_point{point}`` (1: in use), ``hnd_edge_link_bandwidth_bps``
+        and ``hnd_edge_link_rtt_seconds`` (the estimate the point was chosen under)."""
+        if self._adapt is None:
+            r = self.registry
+            self._adapt = (
+                Gauge(
+                    "hnd_edge_operating_point",
+                    "1 for the operating point in use (hnd-edge --adapt)",
+                    ["point"],
+                    registry=r,
+                ),
+                Gauge("hnd_edge_link_bandwidth_bps", "Estimated link bandwidth, bit/s (hnd-edge --adapt)", registry=r),
+                Gauge("hnd_edge_link_rtt_seconds", "Estimated round trip (hnd-edge --adapt)", registry=r),
+            )
+        points, bandwidth, rtt = self._adapt
+        if point != self._point:
+            if self._point is not None:
+                points.labels(self._point).set(0)
+            points.labels(point).set(1)
+            self._point = point
+        if link.get("kbps") is not None:
+            bandwidth.set(link["kbps"] * 1e3)
+        if link.get("rtt_ms") is not None:
+            rtt.set(link["rtt_ms"] / 1e3)
 
     def observe(self, record: FrameRecord) -> None:
         self.frames.labels(record.status).inc()
+        if "operating_point" in record.extra:
+            self.observe_adapt(record.extra["operating_point"], record.extra.get("link") or {})
         if not record.ok:
             return
         self.wire_bytes.labels("sent").inc(record.bytes.message)
@@ -132,6 +162,7 @@ class LiveStats:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.listeners: list[Callable[[dict[str, Any]], None]] = []  # get every window() (the live view)
+        self.adapt: dict[str, Any] | None = None  # hnd-edge --adapt: the last record's point and link estimate
 
     def add(self, record: FrameRecord) -> None:
         stages = {s: v for s in CHART_STAGES if (v := getattr(record.ms, s)) is not None}
@@ -145,6 +176,8 @@ class LiveStats:
         )
         with self._lock:
             self._entries.append(entry)
+            if "operating_point" in record.extra:
+                self.adapt = {"operating_point": record.extra["operating_point"], "link": record.extra.get("link")}
         if self.metrics is not None:
             self.metrics.observe(record)
 
@@ -181,6 +214,7 @@ class LiveStats:
             "waiting_s": c.get("waiting_s"),
             "source_stalled_s": c.get("source_stalled_s"),
             "totals": {"frames": c.get("frames", 0), "answered": c.get("answered", 0), "failed": c.get("failed", 0)},
+            **(self.adapt or {}),
         }
         if self.metrics is not None:
             self.metrics.update(
@@ -203,6 +237,12 @@ class LiveStats:
         ]
         if w["records_lost"]:
             parts.append(f"records lost {w['records_lost']}")
+        if "operating_point" in w:
+            link = w.get("link") or {}
+            parts.append(
+                f"point {w['operating_point']} (link {_or_dash(link.get('kbps'), ',.0f')} kbit/s, "
+                f"RTT {_or_dash(link.get('rtt_ms'), '.0f')} ms)"
+            )
         if w["waiting_s"] is not None:
             parts.insert(0, f"WAITING for the server {w['waiting_s']:.0f} s |")
         if w.get("source_stalled_s"):
@@ -250,3 +290,7 @@ class LiveStats:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

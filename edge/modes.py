@@ -136,6 +136,10 @@ class EdgeMode:
     def close(self) -> None:
         pass
 
+    def summary_sections(self) -> dict[str, Any]:
+        """The mode's own summary figures by name (objects with as_dict() / format_lines()); default none."""
+        return {}
+
     def new_request(self, frame: Frame) -> pb.InferRequest:
         """An InferRequest with this frame's id, the weights fingerprint and the score threshold set."""
         request = pb.InferRequest(request_id=next_request_id(frame.index), weights_fingerprint=self.fingerprint)

@@ -300,6 +300,7 @@ class EdgeRunner:
     ) -> Summary:
         """Start a run: a new summary and an empty window; records will go to ``on_record``."""
         summary = self.summary = Summary(filter_threshold=self.options.filter_threshold)
+        summary.sections.update(self.mode.summary_sections())
         self.source = source
         self._started = time.perf_counter()
         self._answered_at = time.monotonic()

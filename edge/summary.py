@@ -100,6 +100,9 @@ class Summary:
     records_lost: int = 0  # records --output could not write (disk full, ...)
     server_tail: str | None = None  # how the server ran the tail (GetModelInfo TailInfo), e.g. "bf16 on NVIDIA H100"
     interrupted: str | None = None  # the signal that ended the run early (SIGINT, SIGTERM)
+    # A mode's own figures (EdgeMode.summary_sections(), e.g. "adapt": per operating point): each has
+    # as_dict() and format_lines(), and is kept up to date by its mode.
+    sections: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fps(self) -> float:
@@ -189,6 +192,7 @@ class Summary:
             **({"filter": self.filter_stats()} if self.filter_threshold is not None else {}),
             **({"server_tail": self.server_tail} if self.server_tail is not None else {}),
             **({"interrupted": self.interrupted} if self.interrupted is not None else {}),
+            **{name: section.as_dict() for name, section in self.sections.items()},
         }
 
     def format(self) -> str:
@@ -234,4 +238,6 @@ class Summary:
                 + ", ".join(f"{k} {v}" for k, v in sorted(self.replicas.items()))
                 + f"  retried frames {self.retried}"
             )
+        for section in self.sections.values():
+            lines += section.format_lines()
         return "\n".join(lines)

@@ -317,6 +317,10 @@ function connect() {
       const st = document.getElementById("status"), lat = msg.latency_ms;
       let text = `${fmt(msg.fps, 1)} fps  ${fmt(msg.kbit_s, 0)} kbit/s  p50 ${fmt(lat.p50, 0)} ms  ` +
                  `p95 ${fmt(lat.p95, 0)} ms  dropped ${msg.dropped}  failed ${msg.failed}  reconnects ${msg.reconnects}`;
+      if (msg.operating_point !== undefined) {  // hnd-edge --adapt: the point in use and the link estimate
+        const link = msg.link || {};
+        text += `  point ${msg.operating_point} (link ${fmt(link.kbps, 0)} kbit/s, RTT ${fmt(link.rtt_ms, 0)} ms)`;
+      }
       if (msg.waiting_s !== null) text = `WAITING for the server ${msg.waiting_s.toFixed(0)} s | ` + text;
       st.textContent = text; st.className = msg.waiting_s !== null ? "waiting" : "";
     }

@@ -66,6 +66,7 @@ MODULE_MARKS = {
     "test_protocol.py": ("e2e",),
     "test_view.py": ("e2e", "slow"),
     "test_api.py": ("e2e",),  # hnd.serve with hnd.connect / hnd.aio, and a torch-free API process
+    "test_adapt_e2e.py": ("e2e",),  # a live server (behind the shaping proxy) and hnd-edge --adapt
 }
 FIXTURE_MARKS = {
     "quick": ("e2e", "slow"),  # test_bench: one hnd-bench --quick run
@@ -74,6 +75,10 @@ FIXTURE_MARKS = {
     "edge_venv": ("e2e",),  # test_install: console scripts of the fresh edge venv (.ci/make-edge-venv)
 }
 TEST_MARKS = {
+    # rate steps through the proxy while 18 frames go through the adaptive edge (~25 s)
+    "test_adapt_e2e.py::test_the_point_follows_rate_steps_through_the_proxy": ("slow",),
+    "test_linkproxy.py::test_a_transfer_takes_the_time_the_rate_and_delay_imply": ("e2e",),  # loopback TCP
+    "test_linkproxy.py::test_set_link_changes_the_rate_while_it_runs": ("e2e",),
     "test_bench.py::test_bench_filter_options_are_checked": ("e2e",),
     "test_split.py::test_split_is_bit_exact": ("slow",),  # every kind, batches of 1 and 3 (~1 min)
     "test_edge_modes.py::test_the_edge_imports_no_server_module": ("slow",),  # a fresh interpreter

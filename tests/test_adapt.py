@@ -201,3 +201,9 @@ def test_compute_per_point_replaces_the_profile_after_a_few_frames():
     assert est.compute_ms() == {}
     est.observe(2.0, 100, 0, 20.0, 0.0, point="a", compute_ms=20.0)
     assert est.estimate(2.0).compute_ms == {"a": 30.0}
+
+
+def test_frames_in_flight_wait_behind_each_other_on_the_link():
+    two = LinkEstimate(bandwidth_bps=10e6, rtt_ms=20.0, samples=10, inflight=2)
+    assert predict(BIG, two).latency_ms == pytest.approx(30 + 20 + 2 * 100)
+    assert predict(BIG, two).kbps == pytest.approx(2 * 8 * 100_000 / 0.250 / 1e3)
