@@ -207,3 +207,88 @@ def test_frames_in_flight_wait_behind_each_other_on_the_link():
     two = LinkEstimate(bandwidth_bps=10e6, rtt_ms=20.0, samples=10, inflight=2)
     assert predict(BIG, two).latency_ms == pytest.approx(30 + 20 + 2 * 100)
     assert predict(BIG, two).kbps == pytest.approx(2 * 8 * 100_000 / 0.250 / 1e3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What an adaptive run shows: Prometheus gauges, the live window and status line, the summary section
+
+
+def adaptive_record(frame: int, point: str, kbps: float, total_ms: float):
+    from hnd.edge.records import ByteCounts, FrameRecord, Timings
+
+    return FrameRecord(
+        frame,
+        "f",
+        0.0,
+        "split",
+        bytes=ByteCounts(1000, 1100, 50),
+        ms=Timings(total=total_ms),
+        extra={"operating_point": point, "link": {"kbps": kbps, "rtt_ms": 80.0}},
+    )
+
+
+def test_gauges_live_window_and_summary_show_the_point_and_the_link():
+    from hnd.edge.adapt_mode import AdaptStats
+    from hnd.edge.live import EdgeMetrics, LiveStats
+    from hnd.edge.summary import Summary
+
+    metrics = EdgeMetrics()
+    live = LiveStats(lambda: {}, metrics=metrics)
+    live.add(adaptive_record(0, "big", 5000.0, 100.0))
+    live.add(adaptive_record(1, "small", 900.0, 300.0))
+    value = metrics.registry.get_sample_value
+    assert value("hnd_edge_operating_point", {"point": "small"}) == 1.0
+    assert value("hnd_edge_operating_point", {"point": "big"}) == 0.0
+    assert value("hnd_edge_link_bandwidth_bps") == 900e3 and value("hnd_edge_link_rtt_seconds") == 0.08
+    w = live.window()
+    assert w["operating_point"] == "small" and w["link"] == {"kbps": 900.0, "rtt_ms": 80.0}
+    assert "point small (link 900 kbit/s, RTT 80 ms)" in LiveStats.status_line(w)
+    # without --adapt none of it: no gauge, no key
+    plain = EdgeMetrics()
+    LiveStats(lambda: {}, metrics=plain).add(adaptive_record(0, "x", 1.0, 1.0).__class__(0, "f", 0.0, "split"))
+    assert plain.registry.get_sample_value("hnd_edge_link_bandwidth_bps") is None
+    stats = AdaptStats(Objective(target_latency_ms=200))
+    summary = Summary(sections={"adapt": stats})
+    for i, (point, ms) in enumerate((("big", 100.0), ("small", 300.0), ("small", 150.0))):
+        record = adaptive_record(i, point, 1.0, ms)
+        summary.add(record)
+        stats.add(record)
+    stats.switches = 1
+    d = summary.as_dict()["adapt"]
+    assert d["switches"] == 1 and d["points"]["small"]["frames"] == 2 and d["points"]["small"]["within_target"] == 1
+    assert "adaptive: p95 latency <= 200 ms  switches 1" in summary.format()
+
+
+def test_each_family_of_point_is_reproduced_as_edge_options_and_local_ones_left_out():
+    from hnd.edge.adapt import Profile
+    from hnd.edge.adapt_mode import AdaptiveMode, point_options
+    from hnd.edge.modes import EdgeOptions
+
+    def of(mode: str, **reproduce) -> OperatingPoint:
+        return OperatingPoint("p", mode, reproduce, 1.0, 1.0, 1.0, 1.0, 1.0)
+
+    base = EdgeOptions(max_inflight=2)
+    split = point_options(base, of("split", bits=4, granularity="channel", coding="temporal", key_interval=8))
+    assert (split.mode, split.codec.bits, split.codec.granularity, split.key_interval) == ("split", 4, "channel", 8)
+    assert point_options(base, of("split", bits=2, granularity="tensor", coding="intra")).key_interval == 1
+    jpeg = point_options(base, of("offload", image_format="jpeg", quality=75))
+    assert (jpeg.mode, jpeg.image_format, jpeg.jpeg_quality, jpeg.max_inflight) == ("offload", "jpeg", 75, 2)
+    h264 = point_options(base, of("offload", image_format="h264", crf=28, key_interval=30, preset="ultrafast"))
+    assert (h264.image_format, h264.crf, h264.gop, h264.preset) == ("h264", 28.0, 30, "ultrafast")
+    with pytest.raises(ValueError):
+        point_options(base, of("offload", image_format="gif", quality=1))
+    said = []
+    points = [
+        OperatingPoint("jpeg-q75", "offload", {"image_format": "jpeg", "quality": 75}, 1e4, 1e4, 1.0, 1.0, 0.9),
+        OperatingPoint("local-native", "local", {"resize": "native"}, 0.0, 0.0, 1.0, 1.0, 1.0),
+        OperatingPoint("split-8b", "split", {"bits": 8, "granularity": "tensor"}, 1e3, 1e3, 1.0, 1.0, 1.0),
+    ]
+    mode = AdaptiveMode(
+        EdgeOptions(), Profile("p.json", "f", {}, points), Objective(max_kbps=100), lambda *a: None, None, "f",
+        say=said.append,
+    )  # fmt: skip
+    assert [p.id for p in mode.points] == ["jpeg-q75"]  # a torch-free, head-less edge: offload only
+    assert said == [
+        "operating point local-native left out: a local point",
+        "operating point split-8b left out: a split point and this edge has no head",
+    ]
