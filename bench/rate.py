@@ -59,7 +59,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from hnd.common import codec
 from hnd.common.errors import USER_ERRORS, HndError, UsageError, report
 from hnd.common.files import atomic_write_json, atomic_write_text
-from hnd.common.flags import add_weights_arguments
+from hnd.common.flags import DEFAULT_CONFIG, HelpFormatter, add_config_argument, add_weights_arguments
 from hnd.common.split import split_model
 from hnd.common.stream_codec import StreamDecoder, StreamEncoder
 from hnd.common.video import VideoDecoder, VideoEncoder, VideoSettings, available_formats
@@ -623,11 +623,11 @@ def write_profile(path: Path, rows: list[RateRow], header: dict[str, Any], finge
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("--rate-accuracy", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument(
-        "--config", help="YAML config or bundled name (default hnd/faster_rcnn-b3ch with --random-weights 0)"
+    p = argparse.ArgumentParser(
+        prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=HelpFormatter
     )
+    p.add_argument("--rate-accuracy", action="store_true", help=argparse.SUPPRESS)
+    add_config_argument(p, default=None, note=f"default {DEFAULT_CONFIG} with --random-weights 0")
     add_weights_arguments(p, "student checkpoint (agreement and mAP are then meaningful)", "seeded random weights")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", metavar="FILE", help="video file (its first --frames frames, in order)")

@@ -116,8 +116,9 @@ def fill_placeholders(parser: argparse.ArgumentParser, args: list[str]) -> list[
 
 
 def parse(script: str, args: list[str]) -> argparse.Namespace:
-    """``args`` through the script's real parser; its error message is raised, not printed."""
-    parser = CLI.cli_parser(script)
+    """``args`` through the script's real parser (or its mode's: hnd-bench --rate-accuracy); its error
+    message is raised, not printed."""
+    parser = CLI.parser_for(script, args)
 
     def error(message: str):
         raise ValueError(message)

@@ -18,6 +18,9 @@ from hnd.common.flags import HelpFormatter
 from test_docs import CLI, nav_pages
 
 SCRIPTS = sorted(CLI.console_scripts())
+# The parsers a user meets: each script's, and each mode's (hnd-bench --rate-accuracy).
+MODES = [(script, flag) for script, modes in CLI.MODE_PARSERS.items() for flag in modes]
+PARSERS = SCRIPTS + [f"{script} {flag}" for script, flag in MODES]
 
 # Flags whose default is the config's runtime section (the code reads RuntimeConfig when the flag is
 # not given): their help must name the key.
@@ -41,6 +44,10 @@ CONFIG_BACKED = {
 DIFFERENT = {
     ("--bits", "hnd-bench"): "a comma list of settings to sweep",
     ("--granularity", "hnd-bench"): "a comma list of settings to sweep",
+    **{
+        (flag, "hnd-bench --rate-accuracy"): "a comma list of settings to sweep"
+        for flag in ("--bits", "--granularity", "--crf", "--jpeg-quality", "--webp-quality")
+    },
     ("--format", "hnd-export-head"): "the head file's format (onnx / torch), not an image format",
     ("--images", "hnd-make-synthetic-coco"): "how many images to draw, not where to read them",
     ("--video", "hnd-make-synthetic-coco"): "write videos (a switch), not read one",
@@ -53,7 +60,9 @@ def actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 @pytest.fixture(scope="module")
 def parsers() -> dict[str, argparse.ArgumentParser]:
-    return {s: CLI.cli_parser(s) for s in SCRIPTS}
+    out = {s: CLI.cli_parser(s) for s in SCRIPTS}
+    out.update({f"{s} {flag}": CLI.parser_for(s, [flag]) for s, flag in MODES})
+    return out
 
 
 def test_every_console_script_has_a_parser_and_a_page_in_the_nav(parsers):
@@ -64,14 +73,23 @@ def test_every_console_script_has_a_parser_and_a_page_in_the_nav(parsers):
         assert f"{CLI.CLI_DIR}/{script}.md" in nav, f"mkdocs.yml's nav has no reference page for {script}"
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_reference_page_shows_every_flag_with_help_choices_and_default(script, parsers):
-    parser = parsers[script]
+@pytest.mark.parametrize("name", PARSERS)
+def test_reference_page_shows_every_flag_with_help_choices_and_default(name, parsers):
+    parser = parsers[name]
+    script = name.split()[0]
     page = CLI.cli_markdown(script)
     assert page.startswith(f"# {script}\n")
-    assert parser.format_usage().strip().replace(parser.prog, script, 1) in page
+    if name != script:
+        assert f"\n## {name}\n" in page
+    parser.prog = name
+    assert parser.format_usage().strip() in page
+    # The rows of this parser: its own section (a mode's section follows the script's own).
+    modes = [f"\n## {script} {flag}\n" for s, flag in MODES if s == script]
+    section = page.split(f"\n## {name}\n")[1] if name != script else page
+    for heading in modes:
+        section = section.split(heading)[0]
     for action in actions(parser):
-        row = next((line for line in page.splitlines() if line.startswith(f"| `{CLI.flag_names(action)}`")), None)
+        row = next((line for line in section.splitlines() if line.startswith(f"| `{CLI.flag_names(action)}`")), None)
         assert row is not None, f"{script}: no row for {action.option_strings or action.dest}"
         assert CLI.cell(CLI.help_text(parser, action)) in row
         for choice in action.choices or ():
@@ -97,13 +115,13 @@ def test_reference_page_follows_a_changed_parser(monkeypatch):
     assert "| `--colour {red,blue}` | a new flag (default: red) | `red` |" in page
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", PARSERS)
 def test_every_flag_has_help(script, parsers):
     missing = [a.option_strings or [a.dest] for a in actions(parsers[script]) if not (a.help or "").strip()]
     assert not missing, f"{script}: flags without help: {missing}"
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", PARSERS)
 def test_every_default_is_shown_in_help(script, parsers):
     parser = parsers[script]
     assert parser.formatter_class is HelpFormatter

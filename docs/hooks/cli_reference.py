@@ -34,6 +34,21 @@ def cli_parser(script: str) -> argparse.ArgumentParser:
     return module.build_parser()
 
 
+# A flag that hands the whole command line to another parser: ``hnd-bench --rate-accuracy ...`` runs
+# hnd.bench.rate's (hnd.bench.cli.main). Its page gets a section per mode.
+MODE_PARSERS = {"hnd-bench": {"--rate-accuracy": "hnd.bench.rate"}}
+
+
+def parser_for(script: str, args: list[str] | tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The parser that takes ``script args``: the script's own, or its mode's (MODE_PARSERS)."""
+    for flag, module in MODE_PARSERS.get(script, {}).items():
+        if flag in args:
+            parser = importlib.import_module(module).build_parser()
+            parser.prog = f"{script} {flag}"
+            return parser
+    return cli_parser(script)
+
+
 def flag_names(action: argparse.Action) -> str:
     """``--bits {2,4,6,8}`` / ``checkpoint``: how the action is written on a command line."""
     if not action.option_strings:
@@ -68,10 +83,21 @@ def cell(text: str) -> str:
 
 
 def cli_markdown(script: str) -> str:
-    """The reference page of one console script: description, usage, one table per argument group."""
+    """The reference page of one console script: description, usage, one table per argument group; then
+    the same for each of its modes (MODE_PARSERS)."""
     parser = cli_parser(script)
     parser.prog = script
     lines = [f"# {script}", "", "<!-- generated from the parser by docs/hooks/cli_reference.py: do not edit -->", ""]
+    lines += parser_markdown(parser, "##")
+    for flag in MODE_PARSERS.get(script, {}):
+        mode = parser_for(script, [flag])
+        lines += [f"## {mode.prog}", ""] + parser_markdown(mode, "###")
+    return "\n".join(lines)
+
+
+def parser_markdown(parser: argparse.ArgumentParser, level: str) -> list[str]:
+    """Description, usage and one table per argument group, group titles at heading ``level``."""
+    lines = []
     if parser.description:
         lines += [cell(parser.description), ""]
     lines += ["```text", parser.format_usage().strip(), "```", ""]
@@ -79,7 +105,7 @@ def cli_markdown(script: str) -> str:
         actions = [a for a in group._group_actions if a.help is not argparse.SUPPRESS]
         if not actions:
             continue
-        lines += [f"## {group.title[0].upper()}{group.title[1:]}", ""]
+        lines += [f"{level} {group.title[0].upper()}{group.title[1:]}", ""]
         if group.description:
             lines += [cell(group.description), ""]
         lines += ["| argument | help | default |", "|---|---|---|"]
@@ -90,7 +116,7 @@ def cli_markdown(script: str) -> str:
         lines.append("")
     if parser.epilog:
         lines += ["```text", parser.epilog.strip(), "```", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def index_markdown() -> str:
