@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from hnd.common.channel import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY, channel_options  # noqa: F401 - re-exported
 from hnd.common.errors import UsageError
+from hnd.server.kserve import V2_SERVICE, InferenceV2
 from hnd.server.service import SERVICE_NAME, BatchingOptions, ModelRunner, ServerLimits, SplitInferenceService
 from hnd.server.text import client_text
 
@@ -158,12 +159,14 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
             ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
         ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    server.add_generic_rpc_handlers((service.generic_handler(),))
+    # The Open Inference Protocol (KServe v2) on the same port, over the same service core.
+    v2 = InferenceV2(service)
+    server.add_generic_rpc_handlers((service.generic_handler(), v2.generic_handler()))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    add_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+    add_reflection(server, (SERVICE_NAME, V2_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     address = f"{settings.host}:{settings.port}"
     if settings.tls is not None:
         creds = grpc.ssl_server_credentials(
@@ -194,6 +197,7 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
     await asyncio.get_running_loop().run_in_executor(None, runner.warm_up)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    v2.ready = True
     log.info(
         "serving %s (%s, %d-channel bottleneck, weights %s, tail %s on %s) on %s:%d",
         SERVICE_NAME,

@@ -67,6 +67,7 @@ MODULE_MARKS = {
     "test_view.py": ("e2e", "slow"),
     "test_api.py": ("e2e",),  # hnd.serve with hnd.connect / hnd.aio, and a torch-free API process
     "test_adapt_e2e.py": ("e2e",),  # a live server (behind the shaping proxy) and hnd-edge --adapt
+    "test_kserve.py": ("e2e",),  # hnd.serve answering KServe v2 and hnd.v1 side by side
 }
 FIXTURE_MARKS = {
     "quick": ("e2e", "slow"),  # test_bench: one hnd-bench --quick run

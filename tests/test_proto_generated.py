@@ -62,3 +62,23 @@ def test_messages_leave_room_to_grow():
         for message in proto.message_type:
             if message.field:
                 assert message.reserved_range, f"{message.name} reserves no field numbers"
+
+
+def test_inference_modules_are_up_to_date_and_keep_the_protocols_names(tmp_path):
+    """hnd.proto.inference is generated from Triton's unmodified protos: package ``inference``, so tritonclient,
+    perf_analyzer and KServe clients call ``/inference.GRPCInferenceService/ModelInfer`` on hnd-server."""
+    pytest.importorskip("grpc_tools", reason="grpcio-tools (a dev dependency) regenerates the modules")
+    import hnd.proto.inference
+    from hnd.proto.inference import grpc_service_pb2
+
+    generate.generate_inference(tmp_path)
+    folder = Path(hnd.proto.inference.__file__).parent
+    for fresh in sorted(tmp_path.iterdir()):
+        assert fresh.read_bytes() == (folder / fresh.name).read_bytes(), (
+            f"{fresh.name}: run python -m hnd.proto.generate"
+        )
+    service = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert service.full_name == "inference.GRPCInferenceService"
+    assert {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"} <= {
+        m.name for m in service.methods
+    }
