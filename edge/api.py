@@ -40,7 +40,7 @@ from hnd.common.timing import now_ns
 from hnd.edge.adapt import Objective
 from hnd.edge.adapt_mode import adaptive_mode, objective_from_args
 from hnd.edge.capture import Frame
-from hnd.edge.client import ClientSettings, EdgeError, SplitClient, check_target
+from hnd.edge.client import LB_POLICIES, ClientSettings, EdgeError, SplitClient, check_target
 from hnd.edge.modes import Detections, EdgeMode, EdgeOptions, OffloadMode
 from hnd.edge.pipeline import INTERRUPTED, EdgeRunner, ServerGone
 from hnd.edge.records import FrameRecord
@@ -50,6 +50,8 @@ from hnd.proto.v1 import split_inference_pb2 as pb
 __all__ = ["Detection", "Detector", "EdgeSettings", "FrameFailed", "connect", "make_mode", "open_detector"]
 
 DEFAULT_GIVE_UP_S = 30.0
+MODES = ("split", "offload", "local")
+IMAGE_FORMATS = ("jpeg", "png", "webp", "h264", "hevc")
 
 
 @dataclass
@@ -102,6 +104,21 @@ class EdgeSettings:
     target_latency_ms: float | None = None
     max_kbps: float | None = None
     min_agreement: float | None = None
+
+    def __post_init__(self) -> None:
+        # The choices hnd-edge's parser enforces, for keyword callers (the CLI's values passed them already).
+        choices = {
+            "mode": MODES,
+            "image_format": IMAGE_FORMATS,
+            "lb": LB_POLICIES,
+            "granularity": (None, *codec.GRANULARITIES),
+            "compression": (None, *codec.ALL_COMPRESSIONS),
+            "bits": (None, codec.LEARNED_BITS, *codec.BITS),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(str(a) for a in allowed if a is not None)
+                raise UsageError(f"{name} {getattr(self, name)!r}: expected one of {shown}")
 
     @classmethod
     def from_args(cls, args: Any) -> EdgeSettings:

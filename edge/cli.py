@@ -47,7 +47,7 @@ from hnd.edge.adapt_mode import add_adapt_arguments
 from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceLost, open_source
 from hnd.edge.client import LB_POLICIES, SplitClient
 from hnd.edge.draw import VideoSink, draw_detections
-from hnd.edge.api import DEFAULT_GIVE_UP_S, EdgeSettings, open_detector, plan_edge
+from hnd.edge.api import DEFAULT_GIVE_UP_S, EdgeSettings, IMAGE_FORMATS, MODES, open_detector, plan_edge
 from hnd.edge.pipeline import EdgeRunner, ServerGone
 from hnd.edge.live import EdgeMetrics, LiveStats
 from hnd.edge.records import FrameRecord, RecordWriteError, RecordWriter, parse_rotate
@@ -135,7 +135,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mode",
         default="split",
-        choices=("split", "offload", "local"),
+        choices=MODES,
         help="split: the head here, the bottleneck to the server; offload: the whole frame as an image or "
         "video; local: the whole model here, nothing sent",
     )
@@ -161,7 +161,7 @@ def _add_coding_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--image-format",
         default="jpeg",
-        choices=("jpeg", "png", "webp", "h264", "hevc"),
+        choices=IMAGE_FORMATS,
         help="offload mode's frame format; h264 / hevc: a low-latency video stream on InferStream",
     )
     p.add_argument("--jpeg-quality", type=int, default=90, help="offload: JPEG quality 1-100")

@@ -15,7 +15,7 @@ event loop thread. Unlike hnd-server, ``port`` defaults to 0 (a free port).
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, NoReturn
 
 from hnd.common.errors import UsageError
 from hnd.server.app import BackgroundServer
@@ -26,23 +26,29 @@ __all__ = ["Server", "serve", "server_args"]
 
 
 def server_args(config: str, **options: Any) -> argparse.Namespace:
-    """hnd-server's parsed flags for ``config`` and ``options`` (flag names with ``_``): the parser's
-    defaults, overridden; an unknown option or a value outside a flag's choices is a UsageError."""
-    actions = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
+    """hnd-server's parsed flags for ``config`` and ``options`` (flag names with ``_``), parsed by hnd-server's
+    own parser (its types, choices and checks); an unknown option or a bad value is a UsageError."""
+    parser = build_parser()
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
     unknown = sorted(set(options) - set(actions))
     if unknown:
         raise UsageError(
             f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
             f"(hnd.serve takes hnd-server's options: {', '.join(sorted(actions))})"
         )
-    args = argparse.Namespace(**{dest: a.default for dest, a in actions.items()})
-    args.config = config
+    argv = ["--config", config]
     for name, value in options.items():
-        choices = actions[name].choices
-        if choices is not None and value not in choices:
-            raise UsageError(f"{name}={value!r}: expected one of {', '.join(map(str, choices))}")
-        setattr(args, name, value)
-    return args
+        flag = actions[name].option_strings[-1]
+        if isinstance(actions[name], argparse._StoreTrueAction):
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
+
+    def refuse(message: str) -> NoReturn:
+        raise UsageError(f"hnd.serve: {message}")
+
+    parser.error = refuse  # type: ignore[method-assign]  # a UsageError, not SystemExit
+    return parser.parse_args(argv)
 
 
 class Server:

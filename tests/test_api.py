@@ -69,6 +69,8 @@ def test_push_and_drain_serve_a_callback_style_loop(server):
 def test_errors_are_hnd_errors_never_grpc(server):
     with pytest.raises(UsageError, match="unknown option colour"):
         hnd.connect(server.target, colour="red")
+    with pytest.raises(UsageError, match="image_format 'gif'"):
+        hnd.connect(server.target, mode="offload", image_format="gif")
     with pytest.raises(HndError) as unreachable:
         hnd.connect("127.0.0.1:1", config=CONFIG, random_weights=0, timeout=1)
     assert not isinstance(unreachable.value, grpc.RpcError)
@@ -136,5 +138,7 @@ def test_settings_defaults_are_hnd_edges():
 def test_serve_refuses_unknown_options():
     with pytest.raises(UsageError, match="unknown option colour"):
         hnd.serve(CONFIG, colour="red")
-    with pytest.raises(UsageError, match="device='tpu'"):
+    with pytest.raises(UsageError, match="--device.*tpu"):
         hnd.serve(CONFIG, device="tpu")
+    with pytest.raises(UsageError, match="--precision.*fp7"):
+        hnd.serve(CONFIG, precision="fp7")
