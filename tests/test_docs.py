@@ -59,6 +59,7 @@ class Command:
     doc: str
     script: str
     args: list[str]
+    elided: bool = False  # written with "..." for the rest: required arguments may be left out
 
     def __str__(self) -> str:
         return f"{self.doc}: {self.script} {shlex.join(self.args)}"
@@ -86,7 +87,7 @@ def shell_commands(path: Path) -> list[Command]:
             script = Path(words[0]).name
             assert script in scripts, f"{path.name}: {script} is not a console script of pyproject.toml"
             args = [w.strip("[]") for w in words[1:] if w.strip("[]") not in ("", "...")]
-            out.append(Command(str(path.relative_to(ROOT)), script, args))
+            out.append(Command(str(path.relative_to(ROOT)), script, args, elided="..." in words))
     return out
 
 
@@ -115,10 +116,15 @@ def fill_placeholders(parser: argparse.ArgumentParser, args: list[str]) -> list[
     return out
 
 
-def parse(script: str, args: list[str]) -> argparse.Namespace:
+def parse(script: str, args: list[str], elided: bool = False) -> argparse.Namespace:
     """``args`` through the script's real parser (or its mode's: hnd-bench --rate-accuracy); its error
-    message is raised, not printed."""
+    message is raised, not printed. ``elided``: the line left arguments out (``...``), so none is required."""
     parser = CLI.parser_for(script, args)
+    if elided:
+        for action in parser._actions:
+            action.required = False
+        for group in parser._mutually_exclusive_groups:
+            group.required = False
 
     def error(message: str):
         raise ValueError(message)
@@ -145,7 +151,7 @@ def test_shell_commands_parse_with_the_real_parsers(doc):
     for command in shell_commands(doc):
         for args in variants(command.args):
             try:
-                ns = parse(command.script, args)
+                ns = parse(command.script, args, elided=command.elided)
             except ValueError as e:
                 problems.append(f"{command}: {e}")
                 continue
@@ -162,6 +168,9 @@ def test_command_checks_catch_what_they_should():
     """An unknown flag, a bad choice and a missing config are each caught; placeholders are not."""
     with pytest.raises(ValueError, match="unrecognized"):
         parse("hnd-edge", ["--images", "d", "--no-such-flag"])
+    assert parse("hnd-edge", ["--server", "h:1"], elided=True).server == "h:1"
+    with pytest.raises(ValueError, match="unrecognized"):
+        parse("hnd-edge", ["--no-such-flag"], elided=True)
     with pytest.raises(ValueError, match="invalid choice"):
         parse("hnd-edge", ["--images", "d", "--bits", "3"])
     assert parse("hnd-edge", ["--images", "DIR", "--bits", "N"]).bits in (0, 2, 4, 6, 8, 16, 32)
