@@ -17,6 +17,7 @@ FROM ${PYTHON_IMAGE}
 # Pinned to constraints.txt (tests/test_docker.py checks they agree; pip -c enforces it at build time).
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
+ARG PYPI_INDEX_URL=https://pypi.org/simple
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -34,9 +35,9 @@ WORKDIR /src
 
 # 1. Dependencies only (this layer is rebuilt only when pyproject.toml or constraints.txt change).
 COPY pyproject.toml constraints.txt ./
-RUN pip install -c constraints.txt "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
+RUN pip install -c constraints.txt --index-url "${PYPI_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
  && python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > /tmp/requirements.txt \
- && pip install -c constraints.txt -r /tmp/requirements.txt \
+ && pip install -c constraints.txt --index-url "${PYPI_INDEX_URL}" -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
 # 2. The hnd package itself (cheap to rebuild when the source changes).

@@ -704,6 +704,78 @@ def test_deploy_md_ports_and_defaults_match_the_code():
     assert f"`--drain-seconds` ({defaults['drain_seconds']:g} s)" in text
 
 
+def deploy_section(title: str) -> str:
+    """The text of DEPLOY.md's ``## title`` section, up to the next ``## ``."""
+    m = re.search(r"^## %s\n(.*?)(?=^## )" % re.escape(title), deploy_text() + "\n## ", re.S | re.M)
+    assert m, f"DEPLOY.md has no section {title!r}"
+    return m.group(1)
+
+
+def test_deploy_md_build_arguments_are_the_dockerfiles():
+    """Every build argument DEPLOY.md names is an ARG of a Dockerfile, and every ARG is documented (it
+    documented TORCH_VARIANT / TORCH_INDEX_URL, which no Dockerfile had)."""
+    args = {
+        line.split()[1].split("=")[0]
+        for path in DOCKERFILES.values()
+        for line in path.read_text().splitlines()
+        if line.startswith("ARG ")
+    }
+    section = deploy_section("Build the images")
+    bullet = re.search(r"^- Build arguments.*?(?=^- |\Z)", section, re.S | re.M)
+    assert bullet, "DEPLOY.md 'Build the images' has no 'Build arguments' bullet"
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", bullet.group(0)))
+    documented |= set(re.findall(r"--build-arg ([A-Z][A-Z0-9_]+)", deploy_text()))
+    assert documented == args, f"documented {sorted(documented)}, Dockerfiles have {sorted(args)}"
+
+
+def edge_commands() -> list[tuple[str, list[str]]]:
+    """(where, hnd-edge arguments) of every edge command line the deployment files give."""
+    out = [("DEPLOY.md", args) for name, args in documented_commands() if name == "hnd-edge"]
+    out.append(("edge.Dockerfile", image_command(parse_dockerfile(DOCKERFILES["edge"]))[1]))
+    out.append(("compose.yaml", service_args(compose()["services"]["edge"])))
+    for path in sorted((ROOT / "deploy").rglob("*.yaml")):
+        for d in yaml.safe_load_all(path.read_text()):
+            for c in (d or {}).get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                if c["image"].startswith("hnd-edge"):
+                    out.append((path.name, c["args"]))
+    return out
+
+
+def test_edge_commands_run_an_onnx_head():
+    """The edge image and an edge install have no torch: every documented edge command gives an ONNX
+    head (a .pt head, --random-weights or no --head stops there with one line)."""
+    commands = edge_commands()
+    assert {where for where, _ in commands} >= {"DEPLOY.md", "edge.Dockerfile", "compose.yaml", "edge-job.yaml"}
+    for where, args in commands:
+        ns = parse_cli("hnd-edge", args, where)
+        assert ns.head and ns.head.endswith(".onnx"), f"{where}: hnd-edge {shlex.join(args)}"
+        assert ns.random_weights is None and ns.checkpoint is None, f"{where}: hnd-edge {shlex.join(args)}"
+
+
+def test_deploy_md_installs_per_role():
+    """ "Without containers" installs an extra on every machine (a bare `pip install .` is the core only,
+    which runs no command), and its role table is the launcher's: each command under the extra it needs."""
+    from hnd.common.launch import SCRIPTS
+
+    extras = pyproject()["project"]["optional-dependencies"]
+    section = deploy_section("Without containers")
+    for line in section.splitlines():
+        if re.search(r"\bpip install\b", line):
+            named = re.findall(r"\[([a-z,]+)\]", line)
+            assert named, f"DEPLOY.md installs no extra: {line.strip()}"
+            assert set(",".join(named).split(",")) <= set(extras), line
+    rows = re.findall(r"^\| [^|]+ \| `([a-z]+)`[^|]*\| (.*?) \|$", section, re.M)
+    assert rows, "DEPLOY.md 'Without containers' has no role table"
+    listed = set()
+    for extra, commands in rows:
+        for script in re.findall(r"`(hnd-[a-z-]+)`", commands):
+            listed.add(script)
+            assert SCRIPTS[script].extra == extra or extra == "all", (
+                f"{script} needs {SCRIPTS[script].extra}, not {extra}"
+            )
+    assert listed == set(SCRIPTS)
+
+
 def test_deploy_md_links_resolve():
     text = deploy_text()
     slugs = set()

@@ -270,3 +270,84 @@ def test_edge_example_dials_the_headless_service_with_flags_the_edge_accepts():
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     for path in (ns.head, ns.video, ns.tls_ca, ns.token_file, ns.output):
         assert any(path.startswith(m + "/") for m in mounts), f"{path} is on no mounted volume"
+
+
+def pod_specs() -> dict[str, dict]:
+    """``{"Kind/name": pod spec}`` of every workload (Deployment, Job) in deploy/k8s."""
+    return {
+        f"{kind}/{name}": d["spec"]["template"]["spec"]
+        for (kind, name), d in objects().items()
+        if kind in ("Deployment", "Job")
+    }
+
+
+def test_pods_are_locked_down_and_mount_only_defined_volumes():
+    """Every pod: seccomp RuntimeDefault, non-root, read-only root file system, no privilege escalation or
+    capabilities; every claim it mounts is defined here; what it writes goes to an emptyDir (the edge Job
+    had none of the first three and mounted an undefined claim)."""
+    objs = objects()
+    specs = pod_specs()
+    assert {"Deployment/hnd-server", "Job/hnd-edge-replay"} <= set(specs)
+    for where, spec in specs.items():
+        sec = spec["securityContext"]
+        assert sec["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert sec["runAsNonRoot"] is True, where
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for v in volumes.values():
+            kinds = set(v) - {"name"}
+            assert kinds <= {"persistentVolumeClaim", "secret", "emptyDir", "configMap"}, f"{where}: {v}"
+            if "persistentVolumeClaim" in v:
+                claim = v["persistentVolumeClaim"]["claimName"]
+                assert ("PersistentVolumeClaim", claim) in objs, f"{where}: claim {claim} is defined nowhere"
+        for c in spec["containers"]:
+            csec = c["securityContext"]
+            assert csec["readOnlyRootFilesystem"] is True, where
+            assert csec["allowPrivilegeEscalation"] is False and csec["capabilities"]["drop"] == ["ALL"], where
+            for m in c["volumeMounts"]:
+                volume = volumes[m["name"]]
+                assert m.get("readOnly") or "emptyDir" in volume, f"{where}: {m['mountPath']} is writable"
+            assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"]), f"{where}: no writable /tmp"
+
+
+def test_the_hpa_owns_the_replica_count():
+    """`replicas:` in a Deployment that an HPA scales is reset to that value by every `kubectl apply -k`."""
+    scaled = {
+        o["spec"]["scaleTargetRef"]["name"]
+        for (kind, _), o in objects().items()
+        if kind == "HorizontalPodAutoscaler" and o["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+    }
+    assert "hnd-server" in scaled
+    for name in scaled:
+        assert "replicas" not in objects()[("Deployment", name)]["spec"], f"Deployment {name}: the HPA owns replicas"
+
+
+def test_readiness_tolerates_a_slow_answer_and_still_sees_a_drain():
+    """One late health answer under load must not take a replica out of the Service (failureThreshold 1
+    with a 2 s timeout did); a drain (NOT_SERVING for --drain-seconds) must still show before it ends."""
+    ns = server_args()
+    ready = server_container()["readinessProbe"]
+    assert ready["failureThreshold"] >= 3
+    assert ready["timeoutSeconds"] >= 5
+    assert ready["periodSeconds"] * ready["failureThreshold"] < ns.drain_seconds
+
+
+def test_network_policy_opens_grpc_and_keeps_metrics_to_prometheus():
+    """The metrics port (no TLS, no auth) is reachable only from the monitoring namespace; gRPC and the
+    health port stay open to the edges and probes."""
+    policy = objects()[("NetworkPolicy", "hnd-server")]["spec"]
+    labels = deployment()["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    names = {p["name"] for p in server_container()["ports"]}
+    open_ports, restricted = set(), {}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in names, f"NetworkPolicy names port {port['port']}, which the container lacks"
+            if rule.get("from"):
+                restricted[port["port"]] = rule["from"]
+            else:
+                open_ports.add(port["port"])
+    assert open_ports == {"grpc", "grpc-health"}
+    assert set(restricted) == {"metrics"}
+    (peer,) = restricted["metrics"]
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
