@@ -156,6 +156,59 @@ def test_decoder_refuses_hostile_input_and_recovers(fmt):
         dec.decode(packets[2][0])
 
 
+def _slice_span(data: bytes, fmt: str) -> tuple[int, int]:
+    """Start and end of the (one) coded slice NAL unit of an access unit."""
+    starts = [i for i in range(len(data) - 3) if data[i : i + 3] == b"\x00\x00\x01"] + [len(data)]
+    for start, end in zip(starts, starts[1:]):
+        header = data[start + 3]
+        if (fmt == "h264" and 1 <= header & 0x1F <= 5) or (fmt == "hevc" and (header >> 1) & 0x3F < 32):
+            return start, end
+    raise AssertionError("no slice")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_truncated_and_damaged_pictures_are_refused_not_concealed(fmt):
+    """Key and P access units cut short (50..99 % of their bytes) or with a span of their last slice
+    overwritten: every one is refused. HEVC's decoder used to answer truncated IDRs (95 %, 99 %) and
+    damaged slices with wrong pixels; it is now held to the MD5 picture hash SEI its encoder sends."""
+    frames = _frames(2)
+    enc = VideoEncoder(VideoSettings(format=fmt, preset="ultrafast"))
+    packets = [enc.encode(f)[0] for f in frames]
+    rng = np.random.default_rng(2)
+    accepted = []
+    for i, data in enumerate(packets):
+        slice_start, slice_end = _slice_span(data, fmt)
+        damaged = [data[: len(data) * pct // 100] for pct in range(50, 100, 7)] + [data[:-1]]
+        for _ in range(6):
+            bad = bytearray(data)
+            at = int(rng.integers(slice_start + 8, slice_end - 4))
+            bad[at : at + 4] = rng.bytes(4)
+            damaged.append(bytes(bad))
+        for bad in damaged:
+            dec = VideoDecoder(fmt)
+            if i:
+                dec.decode(packets[0])  # a P-frame needs its reference
+            try:
+                dec.decode(bad)
+                accepted.append((i, len(bad)))
+            except VideoError:
+                assert dec.needs_key_frame
+    assert accepted == []
+    good = VideoDecoder(fmt)
+    assert [good.decode(p).shape for p in packets] == [frames[0].shape] * 2
+
+
+@pytest.mark.skipif("hevc" not in FORMATS, reason="this PyAV build has no libx265")
+def test_hevc_without_a_picture_hash_is_refused():
+    from hnd.common.video import has_picture_md5
+
+    data = VideoEncoder(VideoSettings(format="hevc", preset="ultrafast")).encode(_frames(1)[0])[0]
+    assert has_picture_md5(data)
+    end = data.rfind(b"\x00\x00\x01")  # the suffix SEI comes last: drop it, the picture stays whole
+    with pytest.raises(VideoError, match="MD5 decoded picture hash"):
+        VideoDecoder("hevc").decode(data[:end])
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_decoder_bounds_resolution_and_follows_a_switch(fmt):
     enc = VideoEncoder(VideoSettings(format=fmt, preset="ultrafast"))
