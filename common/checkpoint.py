@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hnd.common.entropic import match_prior_layout
+from hnd.common.entropic import EntropyBottleneck, match_prior_layout
+from hnd.common.entropy_coder import EntropyCodingError
 from hnd.common.errors import HndError
 from hnd.common.files import atomic_write
 from hnd.common.models import bottleneck_channels_of, bottleneck_type_of, model_kind
@@ -45,7 +46,7 @@ from hnd.common.neural_filter import (
     filter_state_dict_from,
     is_filter_state_dict,
 )
-from hnd.common.split import head_prefixes, head_state_dict, is_head_key
+from hnd.common.split import head_prefixes, head_state_dict, is_head_key, prior_tables_of
 
 CHECKPOINT_FORMAT = "hnd-checkpoint"
 HEAD_FORMAT = "hnd-head"
@@ -363,7 +364,19 @@ def load_checkpoint(
         if k in model_sd and (tuple(v.shape) == tuple(model_sd[k].shape) or _TABLE_KEY.match(k))
     }
     model.load_state_dict(usable, strict=strict and not absent)
+    check_prior_tables(path, model)
     return ckpt
+
+
+def check_prior_tables(path: str | os.PathLike, module: nn.Module) -> None:
+    """An Entropic Student's coding tables as loaded from ``path`` (any that were update()d) must be valid
+    CDFs: CheckpointError naming the file, not an EntropyCodingError traceback at first use."""
+    for eb in module.modules():
+        if isinstance(eb, EntropyBottleneck) and eb.updated:
+            try:
+                prior_tables_of(eb)
+            except EntropyCodingError as exc:
+                raise CheckpointError(f"{path}: the entropy bottleneck's prior tables are invalid ({exc})") from None
 
 
 def load_weights(path_or_url: str, model: nn.Module) -> dict[str, Any]:
@@ -439,6 +452,7 @@ def load_head(path: str | os.PathLike, head: nn.Module) -> str:
                 short[s + full_key[len(f) :]] = sd[full_key]
                 break
     head.load_state_dict(short, strict=True)
+    check_prior_tables(path, head)
     return full_fp
 
 

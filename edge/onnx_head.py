@@ -108,6 +108,9 @@ class HeadMetadata:
         if ours.get("format") != FORMAT:
             raise OnnxHeadError(f"{where}: hnd metadata format {ours.get('format')!r}, expected {FORMAT!r}")
         fields: dict[str, Any] = {}
+        too_long = [k for k, v in ours.items() if len(v) > MAX_METADATA_CHARS]
+        if too_long:
+            raise OnnxHeadError(f"{where}: hnd metadata {_PREFIX}{too_long[0]} is over {MAX_METADATA_CHARS} characters")
         try:
             for name, f in cls.__dataclass_fields__.items():
                 if name not in ours:
@@ -121,8 +124,8 @@ class HeadMetadata:
             meta = cls(**fields)
         except KeyError as exc:
             raise OnnxHeadError(f"{where}: hnd metadata lacks {_PREFIX}{exc.args[0]}") from None
-        except (TypeError, ValueError) as exc:
-            raise OnnxHeadError(f"{where}: malformed hnd metadata ({exc})") from None
+        except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+            raise OnnxHeadError(f"{where}: malformed hnd metadata ({str(exc)[:200]})") from None
         if len(meta.image_mean) != 3 or len(meta.image_std) != 3 or meta.bottleneck_channels < 1:
             raise OnnxHeadError(f"{where}: malformed hnd metadata (normalization or channels)")
         if meta.bottleneck_type not in ("hnd", "entropic"):
@@ -139,6 +142,12 @@ class HeadMetadata:
 
 
 _PRIOR_FORMAT = "hnd-prior/1"
+# Bounds on what a head file's metadata may make the edge parse and allocate (a real prior: 24 channels of
+# tens of CDF entries, ~20 kB of JSON). A 16-bit CDF that rises strictly from 0 to 2^16 has at most 2^16 + 1
+# entries; the dense [C, W] table is refused above MAX_PRIOR_CELLS before it is allocated.
+MAX_METADATA_CHARS = 16 << 20
+MAX_PRIOR_CHANNELS = 4096
+MAX_PRIOR_CELLS = 1 << 22  # 32 MB as int64
 
 
 def prior_to_json(tables: PriorTables) -> str:
@@ -157,18 +166,34 @@ def prior_to_json(tables: PriorTables) -> str:
     return json.dumps(doc, separators=(",", ":"))
 
 
-def prior_from_json(text: str, where: str) -> PriorTables:
-    """PriorTables from :func:`prior_to_json`'s string; OnnxHeadError (one line) when malformed or altered."""
-    from hnd.common.entropy_coder import EntropyCodingError, PriorTables
+def prior_from_json(text: str, where: str, channels: int | None = None) -> PriorTables:
+    """PriorTables from :func:`prior_to_json`'s string; OnnxHeadError (one line) when malformed or altered.
+
+    channels: the head's bottleneck channels, when known (the table must have one row per channel). Parsing is
+    bounded: text over MAX_METADATA_CHARS, JSON nested too deep and tables over MAX_PRIOR_CELLS are refused
+    before anything their size implies is allocated.
+    """
+    from hnd.common.entropy_coder import CDF_PRECISION, EntropyCodingError, PriorTables
 
     try:
+        if len(text) > MAX_METADATA_CHARS:
+            raise ValueError(f"over {MAX_METADATA_CHARS} characters")
         doc = json.loads(text)
-        if doc.get("format") != _PRIOR_FORMAT:
-            raise ValueError(f"format {doc.get('format')!r}, expected {_PRIOR_FORMAT!r}")
-        rows = [np.asarray(r, dtype=np.int64) for r in doc["quantized_cdf"]]
-        if not rows or any(r.ndim != 1 for r in rows):
+        if not isinstance(doc, dict) or doc.get("format") != _PRIOR_FORMAT:
+            raise ValueError(
+                f"format {doc.get('format') if isinstance(doc, dict) else None!r}, expected {_PRIOR_FORMAT!r}"
+            )
+        raw_rows = doc["quantized_cdf"]
+        if not isinstance(raw_rows, list) or not raw_rows or not all(isinstance(r, list) for r in raw_rows):
             raise ValueError("quantized_cdf must be a non-empty list of rows")
-        width = max(len(r) for r in rows)
+        if len(raw_rows) != (channels or len(raw_rows)) or len(raw_rows) > MAX_PRIOR_CHANNELS:
+            raise ValueError(f"{len(raw_rows)} table rows for a {channels or MAX_PRIOR_CHANNELS}-channel head")
+        width = max(len(r) for r in raw_rows)
+        if width > (1 << CDF_PRECISION) + 1 or len(raw_rows) * width > MAX_PRIOR_CELLS:
+            raise ValueError(f"a {len(raw_rows)}x{width} table is over {MAX_PRIOR_CELLS} entries")
+        rows = [np.asarray(r, dtype=np.int64) for r in raw_rows]
+        if any(r.ndim != 1 for r in rows):
+            raise ValueError("quantized_cdf must be a non-empty list of rows")
         cdf = np.zeros((len(rows), width), dtype=np.int64)
         for i, r in enumerate(rows):
             cdf[i, : len(r)] = r
@@ -180,7 +205,7 @@ def prior_from_json(text: str, where: str) -> PriorTables:
             np.asarray(doc["offset"], dtype=np.int64),
             np.asarray(doc["medians"], dtype=np.float64).astype(np.float32),
         )
-    except (KeyError, TypeError, ValueError, OverflowError, EntropyCodingError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError, EntropyCodingError) as exc:
         what = f"lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
         raise OnnxHeadError(f"{where}: malformed {_PREFIX}prior ({what})"[:300]) from None
     if tables.digest() != doc.get("digest"):
@@ -269,7 +294,9 @@ class OnnxHead:
         self._outputs = [o.name for o in self.session.get_outputs()]
         # An Entropic head's coding tables, parsed and checked once (the file's digest must match).
         self.prior: PriorTables | None = (
-            prior_from_json(self.metadata.prior, self.path) if self.metadata.bottleneck_type == "entropic" else None
+            prior_from_json(self.metadata.prior, self.path, self.metadata.bottleneck_channels)
+            if self.metadata.bottleneck_type == "entropic"
+            else None
         )
         if self.prior is not None and self.prior.channels != self.metadata.bottleneck_channels:
             raise OnnxHeadError(

@@ -15,6 +15,7 @@ from hnd.common.checkpoint import (
     CheckpointError,
     fingerprint,
     load_checkpoint,
+    load_head,
     save_checkpoint,
 )
 from hnd.common.entropic import (
@@ -374,6 +375,24 @@ def test_prior_matrices_that_do_not_chain_are_refused(tmp_path, entropic_model):
     fresh = build_model("faster_rcnn", 24, bottleneck_type="entropic", min_size=160, max_size=256)
     with pytest.raises(CheckpointError, match=r"_matrix2 has shape \(24, 3, 2\)"):
         load_checkpoint(path, fresh)
+
+
+def test_tampered_prior_tables_are_refused_naming_the_file(tmp_path, entropic_model):
+    """A checkpoint whose CDF tables were altered (a row no longer rises): one CheckpointError naming the
+    file, from the full model's loader and the head's (it was an EntropyCodingError traceback at first use)."""
+    sd = {k: v.clone() for k, v in entropic_model("faster_rcnn").state_dict().items()}
+    cdf = sd[ENTROPIC_PREFIX + "entropy_bottleneck._quantized_cdf"]
+    cdf[3, 2] = cdf[3, 1] - 5
+    path = tmp_path / "tampered.pt"
+    torch.save({"model": sd}, path)
+    fresh = build_model("faster_rcnn", 24, bottleneck_type="entropic", min_size=160, max_size=256)
+    with pytest.raises(
+        CheckpointError, match=r"tampered.pt: the entropy bottleneck's prior tables are invalid \(CDF row 3"
+    ):
+        load_checkpoint(path, fresh)
+    head, _ = split_model(copy.deepcopy(entropic_model("faster_rcnn")))
+    with pytest.raises(CheckpointError, match="tampered.pt: the entropy bottleneck's prior tables are invalid"):
+        load_head(path, head)
 
 
 def test_wrong_bottleneck_type_is_refused(tmp_path, entropic_model):

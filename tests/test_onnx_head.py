@@ -427,3 +427,39 @@ def test_hnd_eval_with_onnx_head(tmp_path, capsys):
     assert eval_main(["--config", str(cfg), "--head", str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("hnd-eval: error:") and "export the head from the same checkpoint" in err[-1]
+
+
+def test_head_metadata_parsing_is_bounded():
+    """A head file's metadata cannot make the edge recurse or allocate what its size does not justify: a deeply
+    nested hnd.prior (was an uncaught RecursionError) and a ragged 4000-row table whose dense form is 4000 x
+    4000 (was allocated, over 0.25 GB at its peak, before the refusal) each end as one OnnxHeadError naming the file."""
+    import tracemalloc
+
+    from hnd.edge.onnx_head import HeadMetadata, prior_from_json
+
+    deep = "[" * 200_000 + "]" * 200_000
+    for bad in (deep, json.dumps({"format": "hnd-prior/1", "quantized_cdf": json.loads("[" * 50 + "]" * 50)})):
+        with pytest.raises(OnnxHeadError, match=r"^head.onnx: malformed hnd.prior") as e:
+            prior_from_json(bad, "head.onnx")
+        assert "\n" not in str(e.value)
+    good = HeadMetadata("f" * 64, "faster_rcnn", 3, 800, 1333, (0.5,) * 3, (0.2,) * 3, 32, 0, "fp32", "0")
+    props = {**good.to_props(), "hnd.image_mean": deep}
+    with pytest.raises(OnnxHeadError, match=r"^head.onnx: malformed hnd metadata"):
+        HeadMetadata.from_props(props, "head.onnx")
+    ragged = {
+        "format": "hnd-prior/1",
+        "quantized_cdf": [[0, 65536]] * 3999 + [list(range(4000))],
+        "offset": [0] * 4000,
+        "medians": [0.0] * 4000,
+    }
+    text = json.dumps(ragged)
+    tracemalloc.start()
+    try:
+        with pytest.raises(OnnxHeadError, match=r"^head.onnx: malformed hnd.prior \(a 4000x4000 table is over"):
+            prior_from_json(text, "head.onnx")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 << 20, peak  # the JSON's own objects, never the 128 MB dense table
+    with pytest.raises(OnnxHeadError, match=r"6000 table rows for a 24-channel head"):
+        prior_from_json(json.dumps({**ragged, "quantized_cdf": [[0, 65536]] * 6000}), "head.onnx", channels=24)
