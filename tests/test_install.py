@@ -358,3 +358,36 @@ def test_fresh_edge_venv_runs_an_onnx_head_against_a_server(edge_venv, tiny_mode
         assert [json.loads(line)["status"] for line in out.read_text().splitlines()] == ["OK", "OK"]
         pt = subprocess.run([*base, "--head", str(files["ckpt"])], capture_output=True, text=True, timeout=300)
         assert pt.returncode == 2 and pt.stderr.count("\n") == 1 and "hnd-export-head" in pt.stderr, pt.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The files of a published project
+
+
+def test_license_citation_and_changelog_agree_with_pyproject():
+    import yaml
+
+    project = pyproject()["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n")
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0"
+    assert (cff["version"], cff["license"]) == (project["version"], project["license"])
+    paper = cff["preferred-citation"]
+    assert paper["title"].startswith("Neural Compression and Filtering for Edge-assisted Real-time Object Detection")
+    assert [a["family-names"] for a in paper["authors"]] == ["Matsubara", "Levorato"]
+    hnd = next(r for r in cff["references"] if r["title"].startswith("Head Network Distillation"))
+    assert hnd["doi"] == "10.1109/ACCESS.2020.3039714"
+    # Keep a Changelog: [Unreleased] first, then releases or development rounds, newest first; only its
+    # six kinds of change.
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    versions = re.findall(r"^## (.*)$", changelog, re.M)
+    assert versions[0] == "[Unreleased]"
+    dates = []
+    for heading in versions[1:]:
+        m = re.fullmatch(r"(?:\[\d+\.\d+\.\d+\]|Round \d+) - (\d{4}-\d{2}-\d{2})", heading)
+        assert m, f"CHANGELOG.md: {heading!r} is neither a version nor a round with its date"
+        dates.append(m.group(1))
+    assert dates == sorted(dates, reverse=True)
+    kinds = set(re.findall(r"^### (.*)$", changelog, re.M))
+    assert kinds <= {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}, kinds
