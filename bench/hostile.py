@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import socket
 import subprocess
@@ -122,6 +123,81 @@ def _offload_jpeg(side: int) -> Callable[[Good], bytes]:
         return r.SerializeToString()
 
     return make
+
+
+# --- round 3 classes (#25): built here for tests/test_hostile.py and the scenarios below -----------------
+
+LEARNED = dict(bits=codec.LEARNED_BITS, granularity="channel", compression=codec.LEARNED)
+
+
+def entropic_request(model: torch.nn.Module, batch: int = 1, size: tuple[int, int] = (160, 256)) -> pb.InferRequest:
+    """A valid learned-coded request of ``batch`` seeded frames of ``size`` (an Entropic Student ``model``)."""
+    head, _ = split_model(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        y, meta = head([torch.rand(3, *size, generator=g) for _ in range(batch)])
+    request = pb.InferRequest(request_id="entropic", weights_fingerprint=fingerprint(model))
+    request.bottleneck.CopyFrom(wire.bottleneck_to_proto(codec.encode(y, **LEARNED, prior=head.prior_tables()), meta))
+    return request
+
+
+def entropic_tiny_payload(good: pb.InferRequest, batch: int, image: tuple[int, int], padded: tuple[int, int]) -> bytes:
+    """#25 row 1: ``good``'s header declaring ``batch`` images of ``image`` padded to ``padded`` (the largest
+    shape a server accepts), with an 8-byte payload (4 zero bytes + a CRC)."""
+    r = pb.InferRequest()
+    r.CopyFrom(good)
+    t, m = r.bottleneck.tensor, r.bottleneck.meta
+    channels = t.shape[1]
+    shape = [batch, channels, padded[0] // 4 - 1, padded[1] // 4 - 1]
+    del t.shape[:]
+    t.shape.extend(shape)
+    t.raw_size = 4 * math.prod(shape)
+    t.data = b"\0" * 8
+    for sizes in (m.original_sizes, m.image_sizes):
+        del sizes[:]
+        for _ in range(batch):
+            sizes.add(height=image[0], width=image[1])
+    m.padded_size.height, m.padded_size.width = padded
+    return r.SerializeToString()
+
+
+def corrupt_crc(good: pb.InferRequest) -> bytes:
+    """``good`` with its learned payload's CRC flipped: decoded in full, then refused."""
+    r = pb.InferRequest()
+    r.CopyFrom(good)
+    data = r.bottleneck.tensor.data
+    r.bottleneck.tensor.data = data[:-4] + bytes([data[-4] ^ 1]) + data[-3:]
+    return r.SerializeToString()
+
+
+def video_key_frame(size: tuple[int, int], fmt: str = "h264", lossless: bool = False, seed: int = 0) -> pb.InferRequest:
+    """An InferStream request carrying one H.264 / HEVC key frame of seeded noise (``lossless``: crf 0, the
+    largest packet a frame of that size makes)."""
+    from hnd.common.video import VideoEncoder, VideoSettings
+
+    rgb = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    enc = VideoEncoder(VideoSettings(format=fmt, crf=0 if lossless else 23, gop=1, preset="ultrafast"))
+    data, _ = enc.encode(rgb)
+    r = pb.InferRequest(request_id="video")
+    r.image.format = {"h264": pb.EncodedImage.FORMAT_H264, "hevc": pb.EncodedImage.FORMAT_HEVC}[fmt]
+    r.image.data = data
+    r.stream_frame.CopyFrom(wire.stream_frame_to_proto("key", 0, 0))
+    return r
+
+
+def jpeg_request(side: int, garbage_bytes: int = 0, seed: int = 0) -> bytes:
+    """An offload JPEG request: a seeded noise picture side x side, or (``garbage_bytes``) a JPEG header
+    followed by that many random bytes, refused once decoding starts."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    if garbage_bytes:
+        data = data[:600] + rng.integers(0, 256, garbage_bytes, dtype=np.uint8).tobytes()
+    r = pb.InferRequest(request_id="jpeg")
+    r.image.format = pb.EncodedImage.FORMAT_JPEG
+    r.image.data = data
+    return r.SerializeToString()
 
 
 CASES = (

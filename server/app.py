@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from hnd.common.channel import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY, channel_options  # noqa: F401 - re-exported
 from hnd.common.errors import UsageError
 from hnd.server.kserve import V2_SERVICE, InferenceV2
+from hnd.server.metrics import MetricsServer
 from hnd.server.service import SERVICE_NAME, BatchingOptions, ModelRunner, ServerLimits, SplitInferenceService
 from hnd.server.text import client_text
 
@@ -49,6 +50,9 @@ class ServerSettings:
     tls: TlsFiles | None = None
     token: str | None = None
     metrics_port: int | None = None
+    # The metrics port's own address (the edge's --metrics-host too): loopback unless asked, since /metrics has
+    # no authentication; on Kubernetes pass 0.0.0.0 for Prometheus to scrape the pod (with a NetworkPolicy).
+    metrics_host: str = "127.0.0.1"
     offload: bool = True
     drain_s: float = 10.0
     # Plain-text port that serves only grpc.health.v1 (kubelet's gRPC probes cannot use TLS). None: off.
@@ -132,6 +136,7 @@ class RunningServer:
     port: int
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
+    metrics_server: MetricsServer | None = None
 
     async def drain(self, grace_s: float) -> None:
         """Health NOT_SERVING first (probes and client-side balancers move away while in-flight work
@@ -144,6 +149,8 @@ class RunningServer:
             await self.health_server.stop(None)
         await self.service.batcher.stop()
         self.service.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
 
 async def start_server(runner: ModelRunner, settings: ServerSettings) -> RunningServer:
@@ -189,8 +196,9 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
         if health_port == 0:
             raise OSError(f"cannot listen on {settings.host}:{settings.health_port} (--health-port)")
         await health_server.start()
+    metrics_server = None
     if settings.metrics_port is not None:
-        service.metrics.serve(settings.metrics_port, settings.host)
+        metrics_server = service.metrics.serve(settings.metrics_port, settings.metrics_host)
     await server.start()
     service.batcher.start()
     # Warm up off the event loop so health checks are answered (NOT_SERVING) meanwhile.
@@ -209,7 +217,7 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
         settings.host,
         port,
     )
-    return RunningServer(server, service, health_servicer, port, health_server, health_port)
+    return RunningServer(server, service, health_servicer, port, health_server, health_port, metrics_server)
 
 
 async def serve(runner: ModelRunner, settings: ServerSettings) -> None:

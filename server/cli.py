@@ -73,6 +73,12 @@ def _add_batching_arguments(p: argparse.ArgumentParser) -> None:
         help="waiting requests before RESOURCE_EXHAUSTED " + config_default("max_queue"),
     )
     p.add_argument(
+        "--max-decode-queue",
+        type=int,
+        default=BatchingOptions.max_decode_queue,
+        help="requests waiting for the decode thread or on it before RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
+    p.add_argument(
         "--max-queue-mib",
         type=int,
         default=MAX_QUEUE_BYTES >> 20,
@@ -123,6 +129,12 @@ def _add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help=f"serve Prometheus metrics on this port (e.g. {DEFAULT_METRICS_PORT})",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address for --metrics-port, apart from --host: /metrics has no authentication (default 127.0.0.1; "
+        "0.0.0.0 on Kubernetes so that Prometheus reaches the pod, with a NetworkPolicy)",
     )
     p.add_argument(
         "--health-port",
@@ -268,10 +280,12 @@ def settings_from_args(args: argparse.Namespace, runtime: RuntimeConfig) -> Serv
             max_delay_ms=args.max_delay_ms if args.max_delay_ms is not None else runtime.max_delay_ms,
             max_queue=args.max_queue or runtime.max_queue,
             max_queue_bytes=(args.max_queue_mib << 20) or None,
+            max_decode_queue=args.max_decode_queue,
         ),
         tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         token=read_token(args.token_file) if args.token_file else None,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         offload=not args.no_offload,
         drain_s=args.drain_seconds,
         max_connection_age_s=args.max_connection_age,

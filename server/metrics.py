@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import tornado.httpserver
+import tornado.web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 STAGES = ("decode", "queue", "compute", "encode")
 
@@ -11,7 +13,7 @@ class ServerMetrics:
     """``hnd_requests_total{method,code}``, ``hnd_refusals_total{method,code,reason}``,
     ``hnd_deadline_drops_total{method}``, ``hnd_request_seconds{method,code}``,
     ``hnd_stream_messages_total{outcome}``, ``hnd_log_suppressed_total``, ``hnd_batch_size``,
-    ``hnd_queue_depth``, ``hnd_queue_bytes``, ``hnd_dropped_total{reason}``, ``hnd_late_images_total``,
+    ``hnd_queue_depth``, ``hnd_queue_bytes``, ``hnd_decode_queue_depth``, ``hnd_dropped_total{reason}``, ``hnd_late_images_total``,
     ``hnd_stage_seconds{stage}`` and ``hnd_request_bytes_total``.
 
     InferStream counts per message: one request = one stream message. Every call ends in
@@ -34,6 +36,11 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge("hnd_queue_depth", "Requests waiting for a batch slot", registry=self.registry)
+        self.decode_queue_depth = Gauge(
+            "hnd_decode_queue_depth",
+            "Requests waiting for the decode thread or on it (max_decode_queue)",
+            registry=self.registry,
+        )
         self.queue_bytes = Gauge(
             "hnd_queue_bytes",
             "Decoded payload bytes the waiting requests hold (max_queue_bytes)",
@@ -101,6 +108,49 @@ class ServerMetrics:
         )
         self.request_bytes = Counter("hnd_request_bytes", "Serialized request bytes received", registry=self.registry)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        """Expose /metrics over HTTP on ``host:port`` (a daemon thread)."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
+        """Expose /metrics over HTTP on ``host:port``, on the running event loop (call from it)."""
+        app = tornado.web.Application([(r"/(?:metrics)?", _MetricsHandler, {"registry": self.registry})])
+        server = MetricsServer(
+            app,
+            idle_connection_timeout=METRICS_IDLE_TIMEOUT_S,
+            body_timeout=METRICS_IDLE_TIMEOUT_S,
+            max_header_size=16 * 1024,
+            max_body_size=16 * 1024,
+        )
+        server.listen(port, address=host)
+        return server
+
+
+# The metrics endpoint: at most this many connections at once (scrapers, a person with curl); more are closed
+# at once. A connection idle (or sending its request slowly) this long is closed. prometheus_client's own
+# server ran one thread per connection, unbounded: 200 half-open connections held 208 threads.
+METRICS_MAX_CONNECTIONS = 16
+METRICS_IDLE_TIMEOUT_S = 10.0
+
+
+class MetricsServer(tornado.httpserver.HTTPServer):
+    """Tornado's HTTP server on the event loop (no thread per connection), with a connection bound."""
+
+    max_connections = METRICS_MAX_CONNECTIONS
+    open_connections = 0
+
+    def handle_stream(self, stream, address) -> None:
+        if self.open_connections >= self.max_connections:
+            stream.close()
+            return
+        self.open_connections += 1
+        super().handle_stream(stream, address)
+
+    def on_close(self, server_conn) -> None:
+        self.open_connections -= 1
+        super().on_close(server_conn)
+
+
+class _MetricsHandler(tornado.web.RequestHandler):
+    def initialize(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.write(generate_latest(self.registry))

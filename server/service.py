@@ -13,7 +13,7 @@ import io
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -66,7 +66,7 @@ class SplitPayload:
 
 @dataclass(frozen=True)
 class ImagePayload:
-    """A decoded full-offload image [3, H, W] float in 0..1; the whole model runs on it."""
+    """A decoded full-offload image [3, H, W] uint8; the whole model runs on it (as float in 0..1)."""
 
     image: torch.Tensor
 
@@ -113,8 +113,9 @@ class ServerLimits:
 # Affine bottlenecks of at least this many packed bytes (raw_size) are decoded off the event loop. Below it
 # the decode (about 0.6 ms for the 169 kB of a 640x480 frame at 8 bits on the project machine) costs less
 # than blocking the loop matters, and a lone request would pay the hop to the decode thread and back
-# (~0.05 ms) for nothing. Learned entropy coding is always decoded off the loop (~120 ms for a 24-channel
-# latent of an 800-px input): python -m hnd.bench.overhead --profile.
+# (~0.05 ms) for nothing. Learned entropy coding, images and H.264 / HEVC frames are always decoded off the
+# loop (~120 ms for a 24-channel latent of an 800-px input; 88-178 ms for a 1080p video frame):
+# python -m hnd.bench.overhead --profile.
 OFFLOAD_DECODE_BYTES = 1 << 20
 
 
@@ -130,17 +131,19 @@ class BatchingOptions:
     max_queue: int = 64
     # Bytes the queued requests' decoded payloads may hold in all (hnd.server.batching; None: no byte bound).
     max_queue_bytes: int | None = MAX_QUEUE_BYTES
-    # Decode bottlenecks of at least this many packed bytes, and every learned-coded one, on a decode
-    # thread instead of the event loop (None: always on the loop).
+    # Decode bottlenecks of at least this many packed bytes, every learned-coded one, images and video frames
+    # on a decode thread instead of the event loop (None: always on the loop).
     offload_decode_bytes: int | None = OFFLOAD_DECODE_BYTES
+    # Requests waiting for the decode thread or on it; beyond it RESOURCE_EXHAUSTED.
+    max_decode_queue: int = 16
 
 
 @dataclass(frozen=True)
 class DeferredDecode:
-    """A validated bottleneck whose decode runs on the service's decode thread (``SplitInferenceService.infer``)."""
+    """A validated request whose decode runs on the service's decode thread (``SplitInferenceService.infer``):
+    ``run()`` -> (payload, stream note). Large and learned-coded bottlenecks, images and video frames."""
 
-    encoded: codec.EncodedTensor
-    meta: SplitMeta
+    run: Callable[[], tuple[Payload, str]]
 
 
 class ModelRunner:
@@ -192,9 +195,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_images(self, items: list[ImagePayload]) -> list[list[dict[str, torch.Tensor]]]:
-        """Full model on one image per request ([3, H, W] float 0..1): the offload comparison."""
+        """Full model on one image per request ([3, H, W] uint8, as float 0..1): the offload comparison."""
         return [
-            [{k: v.cpu() for k, v in d.items()} for d in self.model([item.image.to(self.device)])] for item in items
+            [{k: v.cpu() for k, v in d.items()} for d in self.model([item.image.to(self.device).float().div_(255)])]
+            for item in items
         ]
 
     def compute(self, payloads: list[Payload]) -> list[list[dict[str, torch.Tensor]]]:
@@ -346,6 +350,7 @@ class SplitInferenceService:
         self.batching = batching
         # One decode thread: large and learned-coded bottlenecks (BatchingOptions.offload_decode_bytes).
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hnd-decode")
+        self._decoding = 0  # requests waiting for the decode thread or on it (at most max_decode_queue)
         gauge = self.metrics.stream_sessions
         self.streams = StreamSessions(
             limits.streams,
@@ -386,6 +391,14 @@ class SplitInferenceService:
     def close(self) -> None:
         """Stop the decode thread (after the decode it is running, if any)."""
         self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    def _close_session(self, session: StreamSession) -> None:
+        """Close a stream's session on the decode thread, after the decodes queued there (they use its video
+        decoders), or here once that thread is shut down."""
+        try:
+            self._decoder.submit(session.close)
+        except RuntimeError:
+            session.close()
 
     def begin_drain(self) -> None:
         """Open InferStreams stop reading, answer what they read, then end UNAVAILABLE (clients
@@ -433,6 +446,7 @@ class SplitInferenceService:
                 max_mask_bytes=b.max_mask_bytes,
                 max_stream_inflight=lim.max_stream_inflight,
                 max_queue_bytes=self.batching.max_queue_bytes or 0,
+                max_decode_queue=self.batching.max_decode_queue,
             ),
             server_version=hnd.__version__,
             min_size=r.min_size,
@@ -483,7 +497,7 @@ class SplitInferenceService:
             return key, SplitPayload(z, meta)
         threshold = self.batching.offload_decode_bytes
         if threshold is not None and (encoded.compression == codec.LEARNED or encoded.raw_size >= threshold):
-            return key, DeferredDecode(encoded, meta)
+            return key, DeferredDecode(lambda: (self._decode_split(encoded, meta), ""))
         return key, self._decode_split(encoded, meta)
 
     def _decode_split(self, encoded: codec.EncodedTensor, meta: SplitMeta) -> SplitPayload:
@@ -491,29 +505,61 @@ class SplitInferenceService:
         value = codec.decode(encoded, self.limits.codec, prior=self.runner.prior)
         return SplitPayload(torch.from_numpy(value).reshape(encoded.shape), meta)  # no copy
 
-    async def _decode_off_loop(self, deferred: DeferredDecode) -> SplitPayload:
-        loop = asyncio.get_running_loop()
+    def _run_deferred(self, deferred: DeferredDecode) -> tuple[Payload, str] | Exception:
+        """On the decode thread: the decode's result, or the error it raised, returned with no traceback (a
+        traceback's frames would keep the refused request's arrays alive, through reference cycles, until a
+        full garbage collection)."""
         try:
-            return await loop.run_in_executor(self._decoder, self._decode_split, deferred.encoded, deferred.meta)
-        except codec.CodecError as exc:
-            raise bad_bottleneck(exc) from None
+            return deferred.run()
+        except (codec.CodecError, VideoError, KeyFrameRequired, RequestError, BudgetError) as exc:
+            error = exc
+        error.__traceback__ = None
+        error.__context__ = None
+        return error
 
-    def _decode_image(self, request: pb.InferRequest, session: StreamSession | None = None) -> tuple[tuple, Payload]:
+    async def _decode_off_loop(self, deferred: DeferredDecode) -> tuple[Payload, str]:
+        """Run a deferred decode on the decode thread; at most ``max_decode_queue`` wait for it or run there."""
+        if self._decoding >= self.batching.max_decode_queue:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server decode queue is full ({self.batching.max_decode_queue} requests decoding or waiting)",
+                "decode_queue_full",
+            )
+        self._decoding += 1
+        self.metrics.decode_queue_depth.set(self._decoding)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._decoder, self._run_deferred, deferred)
+        finally:
+            self._decoding -= 1
+            self.metrics.decode_queue_depth.set(self._decoding)
+        if isinstance(result, Exception):
+            raise self._request_error(result)
+        return result
+
+    @staticmethod
+    def _request_error(exc: Exception) -> Exception:
+        """A decode error as the refusal it is (KeyFrameRequired stays: it is answered in-band)."""
+        if isinstance(exc, codec.CodecError):
+            return bad_bottleneck(exc)
+        if isinstance(exc, VideoError):
+            return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad video frame: {exc}", "video")
+        if isinstance(exc, BudgetError):
+            return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason)
+        return exc
+
+    def _decode_image(
+        self, request: pb.InferRequest, session: StreamSession | None = None
+    ) -> tuple[tuple, Payload | DeferredDecode]:
+        """An offload image or video frame: checked here (format, header sizes), decoded on the decode thread."""
         if not self.offload:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT, "this server does not accept images (offload off)", "offload_off"
             )
         # An image does not depend on the edge's weights: its fingerprint is optional, checked when given.
         self._check_fingerprint(request.weights_fingerprint, required=False)
+        key = ("image", id(request))
         if request.image.format in (pb.EncodedImage.FORMAT_H264, pb.EncodedImage.FORMAT_HEVC):
-            decoded = video_request(session, request, self.limits.max_image_pixels)
-            self._stream_note = decoded.note
-            try:  # the full model pastes masks at the picture's size
-                check_originals([tuple(decoded.value.shape[:2])], self.budget)
-            except BudgetError as exc:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason) from None
-            tensor = torch.from_numpy(decoded.value).permute(2, 0, 1).float().div_(255)
-            return ("image", id(request)), ImagePayload(tensor)
+            return key, self._deferred(lambda: self._video_payload(session, request))
         fmt = IMAGE_FORMATS.get(request.image.format)
         if fmt is None:
             raise RequestError(
@@ -525,22 +571,43 @@ class SplitInferenceService:
         try:
             img = Image.open(io.BytesIO(request.image.data), formats=[fmt])
             w, h = img.size  # header only: check before decoding pixels
-            if w * h > self.limits.max_image_pixels:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"image {w}x{h} exceeds max_image_pixels {self.limits.max_image_pixels}",
-                    "image_size",
-                )
-            check_originals([(h, w)], self.budget)  # the full model pastes masks at this size too
-            rgb = np.asarray(img.convert("RGB"))
-        except RequestError:
-            raise
-        except BudgetError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason) from None
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode {fmt} image: {exc}", "image") from None
-        tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
-        return ("image", id(request)), ImagePayload(tensor)
+        if w * h > self.limits.max_image_pixels:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"image {w}x{h} exceeds max_image_pixels {self.limits.max_image_pixels}",
+                "image_size",
+            )
+        try:
+            check_originals([(h, w)], self.budget)  # the full model pastes masks at this size too
+        except BudgetError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason) from None
+        return key, self._deferred(lambda: (self._image_payload(img, fmt), ""))
+
+    def _deferred(self, run: Callable[[], tuple[Payload, str]]) -> Payload | DeferredDecode:
+        """A decode for the decode thread (or, with offload_decode_bytes None, done here at once)."""
+        if self.batching.offload_decode_bytes is not None:
+            return DeferredDecode(run)
+        payload, self._stream_note = run()
+        return payload
+
+    @staticmethod
+    def _image_payload(img: Image.Image, fmt: str) -> ImagePayload:
+        """Decode the pixels (uint8 [3, H, W]: a quarter of float32 while it waits for the model)."""
+        try:
+            rgb = np.array(img.convert("RGB"))
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
+            message = f"cannot decode {fmt} image: {exc}"
+        else:
+            return ImagePayload(torch.from_numpy(rgb).permute(2, 0, 1))
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, message, "image")
+
+    def _video_payload(self, session: StreamSession | None, request: pb.InferRequest) -> tuple[ImagePayload, str]:
+        """An H.264 / HEVC access unit decoded in its stream's session (uint8 [3, H, W]) and the session's note."""
+        decoded = video_request(session, request, self.limits.max_image_pixels)
+        check_originals([tuple(decoded.value.shape[:2])], self.budget)  # the full model pastes masks at this size
+        return ImagePayload(torch.from_numpy(decoded.value).permute(2, 0, 1)), decoded.note
 
     def _decode(
         self, request: pb.InferRequest, session: StreamSession | None = None
@@ -565,6 +632,8 @@ class SplitInferenceService:
             raise bad_bottleneck(exc) from None
         except VideoError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad video frame: {exc}", "video") from None
+        except BudgetError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason) from None
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT,
             "request carries neither a bottleneck nor an image (set payload)",
@@ -594,10 +663,14 @@ class SplitInferenceService:
             self.metrics.key_frames_required.labels("refused").inc()
             return pb.InferResponse(request_id=request.request_id, key_frame_required=True, refusal=str(exc))
         stream_note = self._stream_note
+        if isinstance(payload, DeferredDecode):  # validated above; the loop serves others meanwhile
+            try:
+                payload, stream_note = await self._decode_off_loop(payload)
+            except KeyFrameRequired as exc:
+                self.metrics.key_frames_required.labels("refused").inc()
+                return pb.InferResponse(request_id=request.request_id, key_frame_required=True, refusal=str(exc))
         if stream_note:
             self.metrics.key_frames_required.labels("not_kept").inc()
-        if isinstance(payload, DeferredDecode):  # validated above; the loop serves others meanwhile
-            payload = await self._decode_off_loop(payload)
         decode_ns = time.perf_counter_ns() - t0
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         try:
@@ -744,7 +817,7 @@ class SplitInferenceService:
             if self.draining:
                 await self._fail(context, method, draining_error(), time.perf_counter_ns())
         finally:
-            session.close()
+            self._close_session(session)
             reader.cancel()
             dropped = inflight.cancel_unanswered()
             if dropped:  # read, never answered: their final code is the stream's end (caller gone, or a refusal)

@@ -7,17 +7,39 @@ server's) is read from /proc/self/status after resetting it.
 
 from __future__ import annotations
 
+import gc
 import logging
+import socket
 import sys
+import threading
 import time
+import tracemalloc
+import urllib.request
 
 import grpc
 import pytest
 from runtime_support import serving
 
-from hnd.bench.hostile import CASES, INFER, good_request, proc_status_kib, reset_peak_rss
+from hnd.bench.hostile import (
+    CASES,
+    INFER,
+    corrupt_crc,
+    entropic_request,
+    entropic_tiny_payload,
+    good_request,
+    jpeg_request,
+    proc_status_kib,
+    reset_peak_rss,
+    video_key_frame,
+)
+from hnd.common import entropy_coder
+from hnd.common.video import available_formats
 from hnd.proto.v1 import split_inference_pb2 as pb
+from hnd.server import service as service_module
 from hnd.server.service import BatchingOptions
+
+STREAM = "/hnd.v1.SplitInference/InferStream"
+MODEL_INFO = "/hnd.v1.SplitInference/GetModelInfo"
 
 EXPECTED = {
     "mask paste: original 4000x4000": (grpc.StatusCode.INVALID_ARGUMENT, "max_original_pixels"),
@@ -165,3 +187,149 @@ def test_a_refused_stream_message_drops_the_queued_ones_behind_it(model, good):
             )
             == 1
         )
+
+
+# --- round 3 (#25 rows 1, 6): the decode thread ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def entropic(entropic_model):
+    return entropic_model("faster_rcnn")
+
+
+@pytest.fixture(scope="module")
+def entropic_server(entropic):
+    with serving(entropic, batching=BatchingOptions(max_batch=8, max_delay_ms=0, max_queue=8)) as s:
+        yield s
+
+
+def test_an_entropic_tiny_payload_declaring_the_largest_shape_is_refused_before_decoding(
+    entropic, entropic_server, monkeypatch
+):
+    """#25 row 1: 8 payload bytes declaring 8 images of the largest accepted size: refused from the length alone
+    (the server used to range-decode every declared symbol before the CRC refused it)."""
+    decoded: list[int] = []
+    original = entropy_coder._decode_values
+    monkeypatch.setattr(entropy_coder, "_decode_values", lambda *a: (decoded.append(1), original(*a))[1])
+    good = entropic_request(entropic)
+    assert isinstance(call(entropic_server, good.SerializeToString()), bytes) and decoded == [1]
+    lim = entropic_server.service.budget
+    tiny = entropic_tiny_payload(good, 8, (lim.max_short_side, lim.max_long_side), (256, 256))
+    result = call(entropic_server, tiny)
+    assert isinstance(result, grpc.RpcError) and result.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "too small for the" in result.details() and decoded == [1]
+
+
+def test_a_refused_decode_leaves_nothing_behind(entropic, entropic_server):
+    """#25 row 1: what a refused request's decode allocated is freed when it is refused, not when a full garbage
+    collection finds the reference cycles its traceback made (10 refusals kept ~100 MiB until gc.collect())."""
+    bad = corrupt_crc(entropic_request(entropic, batch=8))
+    for _ in range(2):  # warm: buffers, log lines, metric children
+        assert call(entropic_server, bad).code() == grpc.StatusCode.INVALID_ARGUMENT
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(10):
+            assert call(entropic_server, bad).code() == grpc.StatusCode.INVALID_ARGUMENT
+        kept_mib = (tracemalloc.get_traced_memory()[0] - base) / 2**20
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert kept_mib < 30, f"10 refused decodes kept {kept_mib:.0f} MiB until a garbage collection"
+
+
+def _blocking(monkeypatch, name: str):
+    """Replace hnd.server.service.<name> by a version that waits for the returned event (at most 20 s) first;
+    ``entered`` is set once it is waiting."""
+    release, entered = threading.Event(), threading.Event()
+    original = getattr(service_module, name)
+
+    def blocked(*args, **kwargs):
+        entered.set()
+        release.wait(20)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, name, blocked)
+    return release, entered
+
+
+@pytest.mark.skipif("h264" not in available_formats(), reason="this PyAV build has no libx264")
+def test_video_is_decoded_off_the_event_loop(server, monkeypatch):
+    """#25 row 6: while an H.264 frame is being decoded, the server goes on answering others (the decode ran on
+    the event loop: a 1080p HEVC frame held every other call for 178 ms)."""
+    release, entered = _blocking(monkeypatch, "video_request")
+    frame = video_key_frame((64, 64)).SerializeToString()
+    answers: list = []
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stream = threading.Thread(
+            target=lambda: answers.extend(channel.stream_stream(STREAM)(iter([frame]), timeout=60)), daemon=True
+        )
+        stream.start()
+        try:
+            assert entered.wait(30)
+            info = channel.unary_unary(MODEL_INFO)(b"", timeout=10)  # answered while the decode waits
+            assert pb.ModelInfo.FromString(info).model_kind == "mask_rcnn"
+        finally:
+            release.set()
+        stream.join(60)
+    assert len(answers) == 1 and not pb.InferResponse.FromString(answers[0]).key_frame_required
+
+
+def test_the_decode_queue_is_bounded_and_counted(model, monkeypatch):
+    """Requests waiting for the decode thread count against max_decode_queue (they waited outside every bound,
+    unseen in the metrics); beyond it RESOURCE_EXHAUSTED at once."""
+    release, entered = _blocking(monkeypatch, "video_request")
+    options = BatchingOptions(max_batch=1, max_queue=8, max_decode_queue=2)
+    jpeg = jpeg_request(64)
+    with serving(model, batching=options) as s, grpc.insecure_channel(f"127.0.0.1:{s.port}") as channel:
+        if "h264" not in available_formats():
+            pytest.skip("this PyAV build has no libx264")
+        frame = video_key_frame((64, 64)).SerializeToString()
+        held = channel.stream_stream(STREAM)(iter([frame]), timeout=60)
+        try:
+            assert entered.wait(30)
+            waiting = channel.unary_unary(INFER).future(jpeg, timeout=60)  # second in the decode queue
+            deadline = time.monotonic() + 10
+            sample = s.service.metrics.registry.get_sample_value
+            while sample("hnd_decode_queue_depth") != 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sample("hnd_decode_queue_depth") == 2
+            refused = call(s, jpeg)
+            assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "decode queue is full (2 requests" in refused.details()
+        finally:
+            release.set()
+        assert len(list(held)) == 1 and waiting.result()
+        info = pb.ModelInfo.FromString(channel.unary_unary(MODEL_INFO)(b"", timeout=10))
+        assert info.limits.max_decode_queue == 2
+
+
+def test_the_metrics_port_is_bounded_and_on_loopback_unless_asked(model):
+    """#25 row 14: 40 half-open connections to /metrics cost no thread each (prometheus_client's server ran one
+    thread per connection: 200 -> 208 threads), at most METRICS_MAX_CONNECTIONS are held, scrapes work again
+    once they go; the port binds to --metrics-host (loopback by default), not to --host."""
+    from hnd.server import cli as server_cli
+    from hnd.server.local import free_port
+    from hnd.server.metrics import METRICS_MAX_CONNECTIONS
+
+    args = server_cli.build_parser().parse_args(["--config", "test/mask_rcnn-b3ch", "--host", "0.0.0.0"])
+    assert args.metrics_host == "127.0.0.1"
+    port = free_port()
+    with serving(model, metrics_port=port) as s:
+        url = f"http://127.0.0.1:{port}/metrics"
+        assert b"hnd_requests_total" in urllib.request.urlopen(url, timeout=30).read()
+        threads = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+        try:
+            time.sleep(0.5)
+            assert threading.active_count() <= threads + 2
+            assert s.running.metrics_server.open_connections <= METRICS_MAX_CONNECTIONS
+        finally:
+            for sock in idle:
+                sock.close()
+        deadline = time.monotonic() + 20
+        while s.running.metrics_server.open_connections and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert b"hnd_requests_total" in urllib.request.urlopen(url, timeout=30).read()
