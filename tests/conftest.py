@@ -68,6 +68,7 @@ MODULE_MARKS = {
     "test_api.py": ("e2e",),  # hnd.serve with hnd.connect / hnd.aio, and a torch-free API process
     "test_adapt_e2e.py": ("e2e",),  # a live server (behind the shaping proxy) and hnd-edge --adapt
     "test_kserve.py": ("e2e",),  # hnd.serve answering KServe v2 and hnd.v1 side by side
+    "test_tritonclient.py": ("e2e",),  # hnd-server with tritonclient and perf_analyzer from their own venv
 }
 FIXTURE_MARKS = {
     "quick": ("e2e", "slow"),  # test_bench: one hnd-bench --quick run
@@ -86,7 +87,10 @@ TEST_MARKS = {
     "test_filter.py::test_filter_errors_are_one_clear_line": ("slow",),
     "test_filter.py::test_head_holds_the_filter_export_and_fingerprint": ("slow",),
     "test_filter.py::test_edge_drops_frames_below_threshold_with_empty_results_shaped_as_the_servers": ("e2e",),
-    "test_onnx_head.py::test_hnd_eval_with_onnx_head": ("e2e",),  # hnd-export-head, then hnd-eval, end to end
+    "test_onnx_head.py::test_hnd_eval_with_onnx_head": ("e2e",),
+    "test_tritonclient.py::test_perf_analyzer_load_tests_the_offload_model": (
+        "slow",
+    ),  # measurement windows  # hnd-export-head, then hnd-eval, end to end
     # Tests run for every kind check Faster R-CNN in the fast layer and the other kinds in the slow one
     # (each ~1.5-3 s: a build, a checkpoint or an export of a ResNet-50 R-CNN).
     "test_onnx_head.py::test_fp32_head_matches_torch[mask_rcnn]": ("slow",),
