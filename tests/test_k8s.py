@@ -351,3 +351,24 @@ def test_network_policy_opens_grpc_and_keeps_metrics_to_prometheus():
     assert set(restricted) == {"metrics"}
     (peer,) = restricted["metrics"]
     assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+
+
+def test_deploy_md_upload_pods_are_valid_and_mount_defined_claims(no_network):
+    """The helper pods DEPLOY.md starts with `kubectl run --overrides` to fill the volumes are valid Pods
+    (strict schema) that mount claims deploy/k8s defines; the files `kubectl apply -f` names exist."""
+    import json
+
+    import kubernetes_validate
+
+    text = (ROOT / "DEPLOY.md").read_text()
+    overrides = re.findall(r"kubectl -n hnd run (\S+) .*?--overrides='(\{.*?\})'", text)
+    claims = set()
+    for name, spec in overrides:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, **json.loads(spec)}
+        kubernetes_validate.validate(pod, VERSIONS[-1], strict=True)
+        claims |= {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]}
+    assert claims == {"hnd-models", "hnd-edge-data"}
+    for claim in claims:
+        assert ("PersistentVolumeClaim", claim) in objects()
+    for path in re.findall(r"kubectl apply (?:-n hnd )?-f (\S+)", text):
+        assert (ROOT / path).is_file(), path
