@@ -41,7 +41,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-import zstandard
 
 from hnd.common import codec
 from hnd.common.codec import DEFAULT_LIMITS, CodecError, EncodedTensor, Limits, Quantized
@@ -206,7 +205,7 @@ class StreamEncoder:
         q = sq.quantized
         symbols = q.symbols if sq.kind == "key" else _difference(q.symbols, self._delta_from.symbols, q.bits)
         raw = codec._pack(symbols, q.bits)
-        payload = zstandard.ZstdCompressor(level=self.level).compress(raw) if self.compression == "zstd" else raw
+        payload, compression = codec.compress(raw, self.compression, self.level)
         tensor_out = EncodedTensor(
             shape=q.shape,
             dtype="float32",
@@ -214,7 +213,7 @@ class StreamEncoder:
             granularity=q.granularity,
             scale=q.scale,
             zero_point=q.zero_point,
-            compression=self.compression,
+            compression=compression,
             raw_size=len(raw),
             payload=payload,
         )

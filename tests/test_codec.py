@@ -326,7 +326,10 @@ def test_codec_imports_without_torch(tmp_path):
 
 def good(bits: int = 8, granularity: str = "channel", compression: str = "zstd") -> EncodedTensor:
     torch.manual_seed(0)
-    return encode(torch.randn(1, 3, 6, 7), bits, granularity, compression)
+    e = encode(torch.randn(1, 3, 6, 7), bits, granularity, "none")
+    if compression == "zstd":  # a zstd frame, though the edge's coder would send these few bytes as they are
+        e = lie(e, compression="zstd", payload=zstandard.ZstdCompressor(level=3).compress(e.payload))
+    return e
 
 
 def lie(e: EncodedTensor, **changes) -> EncodedTensor:
@@ -397,7 +400,28 @@ def test_wrong_channel_count_for_granularity():
 def test_not_zstd():
     e = good()
     with pytest.raises(CodecError, match="zstd"):
-        decode(lie(e, payload=b"\x00" * len(e.payload)))
+        decode(lie(e, compression="zstd", payload=b"\x00" * len(e.payload)))
+
+
+def test_zstd_only_where_it_saves_an_eighth():
+    """The edge's coder sends zstd only when it saves >= MIN_ZSTD_SAVING of the packed bytes; otherwise the
+    packed symbols as they are ("none"), which decode to the same tensor."""
+    from hnd.common.codec import MIN_ZSTD_SAVING, compress
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()  # incompressible
+    assert compress(noise, "zstd", 3) == (noise, "none")
+    zeros = bytes(4096)
+    payload, used = compress(zeros, "zstd", 3)
+    assert used == "zstd" and len(payload) < len(zeros) * (1 - MIN_ZSTD_SAVING)
+    assert compress(zeros, "none", 3) == (zeros, "none")
+    z = torch.randn(1, 3, 20, 24, generator=torch.Generator().manual_seed(1))
+    flat = encode(z, 8, "tensor", "zstd")  # 8-bit codes of Gaussian values: zstd saves less than an eighth
+    assert flat.compression == "none" and flat.payload == codec._pack(codec.quantize(z, 8).symbols, 8)
+    assert np.array_equal(decode(flat), codec.roundtrip(z, 8))
+    sparse = torch.zeros(1, 3, 20, 24)
+    sparse[0, 0, :2] = 1.0
+    assert encode(sparse, 8, "tensor", "zstd").compression == "zstd"
 
 
 def test_zstd_frame_without_content_size():
