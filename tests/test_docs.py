@@ -326,3 +326,15 @@ def test_every_page_is_in_the_nav_and_every_nav_entry_exists():
     nav = nav_pages()
     assert not pages - nav, f"pages missing from mkdocs.yml's nav: {sorted(pages - nav)}"
     assert not nav - pages - generated, f"nav entries with no page: {sorted(nav - pages - generated)}"
+
+
+def test_the_configs_page_lists_every_bundled_config():
+    """reference/configs.md's table is generated from configs/ (docs/hooks/config_reference.py)."""
+    hook = load_hook("config_reference")
+    assert hook.MARKER in (DOCS / "reference" / "configs.md").read_text()
+    table = hook.configs_markdown()
+    names = hook.bundled_configs()
+    assert len(names) == len(list((ROOT / "configs").rglob("*.yaml"))) > 40
+    for name in names:
+        assert f"| `{name}` |" in table
+    assert "| `hnd/faster_rcnn-b3ch` | faster_rcnn | hnd, 3 channels | hnd | 8-bit tensor, zstd |" in table
