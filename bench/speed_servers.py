@@ -84,8 +84,8 @@ class TrivialTail:
 
 class SleepTail(TrivialTail):
     """A stand-in with a GPU's cost shape: ``base_ms + per_image_ms * B`` of waiting (the GIL released, as
-    while a GPU computes), then the trivial tail's detections. Default: the H100 float32 tail of the README
-    (batch 1 in 23.3 ms, batch 8 in 71.4 ms)."""
+    while a GPU computes), then the trivial tail's detections. Default: the H100 float32 tail of
+    docs/benchmarks/runtime.md (batch 1 in 23.3 ms, batch 8 in 71.4 ms)."""
 
     def __init__(self, base_ms: float = 16.4, per_image_ms: float = 6.9, detections: int = 100) -> None:
         super().__init__(detections)

@@ -1,7 +1,7 @@
 """One timing helper: monotonic durations on one host, and latency percentiles.
 
 Durations are always differences of ``time.perf_counter_ns()`` taken on the same host;
-nothing here subtracts clocks of two machines (README, invariant 6).
+nothing here subtracts clocks of two machines (docs/concepts/split.md, invariant 6).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ heads and postprocess (data-dependent shapes). Options apply to the dense part o
   (others run eagerly). ``reduce-overhead`` captures CUDA graphs and needs CUDA.
 
 With every option at its default the server runs ``Tail`` itself (bit for bit the in-process
-tail). Exactness of the others is stated and tested in tests/test_accel.py (docs in the README).
+tail). Exactness of the others is stated and tested in tests/test_accel.py (docs/benchmarks/tail-options.md).
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def bad_bottleneck(exc: codec.CodecError) -> RequestError:
 
 @dataclass
 class ServerLimits:
-    """Bounds enforced on every request (README, invariant 5)."""
+    """Bounds enforced on every request (docs/concepts/split.md, invariant 5)."""
 
     max_message_bytes: int = 32 * 1024 * 1024
     codec: codec.Limits = field(default_factory=lambda: codec.DEFAULT_LIMITS)

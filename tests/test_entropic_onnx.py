@@ -305,7 +305,7 @@ def test_int8_entropic_head_is_measured_not_exact(files, model, photos, tmp_path
     y, _ = _torch_latent(model, photos[0])
     ref = entropy_coder.quantize(y, tables)
     s = q([photos[0]])[0].bottleneck
-    # Not exact (the README has the figures: about 96 % equal at a latent of +-10), but near.
+    # Not exact (docs/guide/edge.md has the figures: about 96 % equal at a latent of +-10), but near.
     assert 0.9 <= (s == ref).mean() < 1.0 and np.abs(s - ref).max() <= 3
     coded = codec.encode_symbols(s, tables)
     assert np.array_equal(entropy_coder.quantize(codec.decode(coded, prior=tables), tables), s)

@@ -1,8 +1,8 @@
 """Amplification and hostile strings against a live server: a clear status in milliseconds, bounded memory.
 
 The request classes are hnd.bench.hostile's (the benchmark measures them on server subprocesses for the
-README table); here they go to an in-process server on loopback, and this process's peak RSS (the
-server's) is read from /proc/self/status after resetting it.
+table of docs/benchmarks/hostile.md); here they go to an in-process server on loopback, and this process's
+peak RSS (the server's) is read from /proc/self/status after resetting it.
 """
 
 from __future__ import annotations

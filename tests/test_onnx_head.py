@@ -235,7 +235,7 @@ def test_int8_is_measured_not_exact(tmp_path, photos, tiny_model):
     with torch.inference_mode():
         ref = head([to_tensor(photos[0])])[0].numpy()
     z = q([photos[0]])[0].bottleneck
-    # Not exact; bounded well below the bottleneck's range (the figures are in the README).
+    # Not exact; bounded well below the bottleneck's range (the figures: docs/benchmarks/edge-speed.md).
     assert 0 < np.abs(z - ref).max() < 0.25 * np.abs(ref).max()
     # Exported with the space-to-depth stem, quantized before the rearrangement (uint8 moves, not float).
     nodes = list(onnx.load(str(path)).graph.node)

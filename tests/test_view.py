@@ -1,7 +1,7 @@
 """hnd-edge --view-port in a real headless Chromium: the page loads, frames arrive and change, charts update.
 
 Skips only when no Chromium is installed (``apt-get install chromium``; .ci/run installs it). Set
-HND_VIEW_SCREENSHOT=path.png to keep the screenshot (the README's docs/live-view.png comes from this test).
+HND_VIEW_SCREENSHOT=path.png to keep the screenshot (docs/live-view.png, on the live view's page, comes from this test).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def test_live_view_in_a_headless_browser(model, tmp_path):
                 while time.monotonic() < deadline + 60 and int(later["frames"]) <= int(first["frames"]):
                     await asyncio.sleep(0.5)  # the stream goes on: more frames, more chart updates
                     later = await page.eval("Object.assign({}, document.body.dataset)")
-                if os.environ.get("HND_VIEW_SCREENSHOT"):  # for the README: let the charts fill a little
+                if os.environ.get("HND_VIEW_SCREENSHOT"):  # for the docs: let the charts fill a little
                     until = time.monotonic() + 240
                     while time.monotonic() < until and int(later.get("points", 0)) < 12:
                         await asyncio.sleep(1.0)
