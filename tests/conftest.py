@@ -68,6 +68,7 @@ MODULE_MARKS = {
     "test_api.py": ("e2e",),  # hnd.serve with hnd.connect / hnd.aio, and a torch-free API process
     "test_adapt_e2e.py": ("e2e",),  # a live server (behind the shaping proxy) and hnd-edge --adapt
     "test_kserve.py": ("e2e",),  # hnd.serve answering KServe v2 and hnd.v1 side by side
+    "test_examples.py": ("e2e",),  # examples/ against hnd.serve
     "test_tritonclient.py": ("e2e",),  # hnd-server with tritonclient and perf_analyzer from their own venv
 }
 FIXTURE_MARKS = {
