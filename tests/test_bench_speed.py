@@ -150,3 +150,20 @@ def test_head_benchmark_levers_side_by_side(monkeypatch):
     text = bench_head.markdown(res)
     assert "share of the same precision's GEMM rate" in text and "Speed-up of 2 threads" in text
     assert "frames/s over the two cores" in text
+
+
+def test_temporal_benchmark_compares_heads_and_hysteresis_side_by_side():
+    """python -m hnd.bench.speed_temporal: every head x coding on the same synthetic video, ratios to the fp32
+    head and to intra; hysteresis sends fewer bytes than none on sensor noise, fp32 or int8."""
+    from hnd.bench import speed_temporal
+
+    res = speed_temporal.run(CONFIG, None, 0, 3, (128, 96), 4, [0.0, 0.25])
+    by = {(r.head, r.coding): r for r in res.rows}
+    assert set(by) == {(h, c) for h in speed_temporal.HEADS for c in ("intra", "temporal h=0", "temporal h=0.25")}
+    for r in res.rows:
+        assert r.later_bytes > 0 and 0.0 <= r.f1 <= 1.0 and r.rms_steps > 0
+        assert r.vs_fp32_bytes == pytest.approx(r.later_bytes / by[("fp32", r.coding)].later_bytes)
+        assert r.f1_vs_intra == pytest.approx(r.f1 - by[(r.head, "intra")].f1)
+    for head in ("fp32", "int8"):
+        assert by[(head, "temporal h=0.25")].later_bytes < by[(head, "temporal h=0")].later_bytes
+    assert "| int8 | temporal h=0.25 |" in speed_temporal.markdown(res)
