@@ -65,7 +65,8 @@ LABEL org.opencontainers.image.title="hnd-server" \
       org.opencontainers.image.description="Split-computing R-CNN tail served over gRPC (HND/GHND)" \
       org.opencontainers.image.licenses="MIT"
 
-# gRPC (SplitInference, grpc.health.v1, reflection) and Prometheus /metrics.
+# gRPC (SplitInference, grpc.health.v1, reflection) and Prometheus /metrics (bound to all of the container's
+# addresses by --metrics-host 0.0.0.0: publish it on the host's loopback or a private network only).
 EXPOSE 50051 9100
 
 # Plain-text probe on loopback. With TLS, override it with --tls-ca (docker/compose.yaml shows how);
@@ -77,4 +78,4 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["hnd-server"]
 CMD ["--config", "hnd/faster_rcnn-b3ch", "--checkpoint", "/models/model.pt", "--device", "auto", \
-     "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9100"]
+     "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9100", "--metrics-host", "0.0.0.0"]

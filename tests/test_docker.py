@@ -423,6 +423,7 @@ def test_server_image_ports_match_the_code():
     port = grpc_port(ns)
     assert port == RuntimeConfig().port == 50051
     assert ns.metrics_port == default_metrics_port() == 9100
+    assert ns.metrics_host == "0.0.0.0", "/metrics binds to loopback by default: unreachable from outside a container"
     exposed = {int(p.split("/")[0]) for i in ins if i.keyword == "EXPOSE" for p in i.args.split()}
     assert exposed == {port, ns.metrics_port}
     # The health check probes the port the server listens on, with a parser-valid command line.
@@ -516,6 +517,7 @@ def test_compose_ports_and_addresses_match():
         published[int(parts[-1])] = int(parts[-2])
     assert set(published) == {port, sns.metrics_port}
     assert sns.metrics_port == default_metrics_port()
+    assert sns.metrics_host == "0.0.0.0"  # the container's address; published on the host's loopback above
     assert ens.server == f"server:{port}"
     assert edge["depends_on"]["server"]["condition"] == "service_healthy"
     hc = server["healthcheck"]["test"]
@@ -700,7 +702,8 @@ def test_deploy_md_ports_and_defaults_match_the_code():
     assert f"`max_batch` {rt.max_batch}, `max_delay_ms` {rt.max_delay_ms:g}, `max_queue` {rt.max_queue}" in text
     parser = cli_parser("hnd-server")
     defaults = {a.dest: a.default for a in parser._actions}
-    assert f"(default `{defaults['host']}`" in text
+    assert defaults["host"] == defaults["metrics_host"]
+    assert f"(both default to `{defaults['host']}`" in text
     assert f"`--drain-seconds` ({defaults['drain_seconds']:g} s)" in text
 
 

@@ -126,6 +126,7 @@ def test_server_command_ports_and_probes_match_the_cli():
     c = server_container()
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ns.host == "0.0.0.0"
+    assert ns.metrics_host == "0.0.0.0", "Prometheus scrapes the pod IP: /metrics must not stay on loopback"
     assert ports == {"grpc": grpc_port(ns), "grpc-health": ns.health_port, "metrics": ns.metrics_port}
     assert ns.device == "cuda"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
