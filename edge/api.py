@@ -210,7 +210,10 @@ def open_detector(settings: EdgeSettings, live: bool = False, plan: Plan | None 
         if client is not None:
             client.close()
         raise
-    return Detector(EdgeRunner(options, mode, client), info)
+    runner = EdgeRunner(options, mode, client)
+    if info is not None:
+        runner.fit_server(info)
+    return Detector(runner, info)
 
 
 def connect(server: str, head: str | None = None, **options: Any) -> Detector:
@@ -567,6 +570,10 @@ def edge_options(args: EdgeSettings, cfg: Config) -> EdgeOptions:
         jpeg_quality=args.jpeg_quality,
         webp_quality=args.webp_quality,
         max_inflight=args.max_inflight or rt.max_inflight,
+        # Unless given, the window grows from 1 up to the config's and the deadline from the config's, as the
+        # server's answers show what it needs (hnd.edge.window).
+        auto_window=args.max_inflight is None,
+        auto_deadline=args.timeout is None,
         # key / delta frames and video need a stream session on the server
         stream=args.stream
         or args.key_interval > 1

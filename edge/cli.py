@@ -194,7 +194,9 @@ def _add_request_arguments(p: argparse.ArgumentParser) -> None:
         "--max-inflight",
         type=int,
         default=None,
-        help="requests in flight (pipelining window K) " + config_default("max_inflight"),
+        metavar="K",
+        help="requests in flight (pipelining window K; unless given, sized from the server's answers: from 1 up "
+        "to the config's runtime.max_inflight and the server's advertised queue) " + config_default("max_inflight"),
     )
     p.add_argument("--stream", action="store_true", help="use the bidirectional InferStream instead of unary calls")
     p.add_argument("--score-threshold", type=float, default=None, help="server drops detections below this")
@@ -279,7 +281,12 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
         "--max-frames", type=int, default=None, help="stop after this many frames (default: the whole source)"
     )
     p.add_argument(
-        "--timeout", type=float, default=None, help="per-request deadline in seconds " + config_default("deadline_s")
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="per-request deadline in seconds (unless given, raised to 4x the slowest recent answer of a slower "
+        "server, at most 10x the config's) " + config_default("deadline_s"),
     )
     p.add_argument(
         "--give-up-after",

@@ -349,6 +349,7 @@ class _Stream:
                     self.error if isinstance(self.error, WeightsMismatch) else StreamBroken("stream closed")
                 )
                 return out
+            self.timeout_s = self.client.settings.timeout_s or self.timeout_s  # the edge may size it as it goes
             deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
             self.pending.append(_Pending(request.request_id, out, deadline))
             self.requests.put(request)

@@ -66,6 +66,11 @@ class EdgeOptions:
     preset: str = "medium"
     video_fps: float = 10.0
     max_inflight: int = 2
+    # Size the window (up to max_inflight) and the client's deadline from measured answers and the server's
+    # limits (hnd.edge.window) instead of keeping them fixed: what hnd-edge does unless --max-inflight /
+    # --timeout are given.
+    auto_window: bool = False
+    auto_deadline: bool = False
     stream: bool = False
     score_threshold: float | None = None
     retry_unavailable: bool = True  # after a reconnect, resend a frame that failed with UNAVAILABLE

@@ -29,6 +29,8 @@ from hnd.edge.client import EdgeError, Reply, SplitClient, StreamBroken, Weights
 from hnd.edge.modes import Detections, EdgeMode, EdgeOptions, Prepared, detections_json
 from hnd.edge.records import SERVER_STAGES, STAGES, ByteCounts, FrameRecord, ServerTimings, Timings
 from hnd.edge.summary import Summary
+from hnd.edge.window import Window
+from hnd.proto.v1 import split_inference_pb2 as pb
 
 log = logging.getLogger("hnd.edge")
 
@@ -79,6 +81,12 @@ class EdgeRunner:
             raise ValueError(f"{self.mode.name} mode needs a client")
         self.options = options
         self.client = client
+        self.sizing = Window.start(
+            options.max_inflight,
+            client.settings.timeout_s if client is not None else 0.0,
+            fixed_size=not options.auto_window,
+            fixed_deadline=not options.auto_deadline or client is None,
+        )
         self.last_detections: list[Detections] | None = None
         self.mismatch: FrameRecord | None = None  # the record of the frame a WeightsMismatch stopped
         self.summary: Summary | None = None  # of the run in progress (or the last one)
@@ -90,6 +98,17 @@ class EdgeRunner:
         self._answered_at = time.monotonic()  # of the last answer (or the run's start)
         self._silence_warned = False  # the "no answer within the deadline" warning, once per silence
         self._gave_up: str | None = None  # set once the server counts as gone: no more sends or retries
+
+    def fit_server(self, info: pb.ModelInfo) -> None:
+        """Keep a self-sized window within what the server advertises (queue, requests per stream)."""
+        lim = info.limits
+        self.sizing.limit_by_server(lim.max_queue, lim.max_stream_inflight, self.options.stream)
+
+    def _measured(self, record: FrameRecord) -> None:
+        """An answer's timings size the window and the deadline of the frames that follow."""
+        self.sizing.observe(record)
+        if self.client is not None and not self.sizing.fixed_deadline:
+            self.client.settings.timeout_s = self.sizing.deadline_s
 
     def prepare(self, frame: Frame) -> Prepared:
         """Everything the edge computes for a frame before it goes on the wire (the mode's ``prepare``)."""
@@ -318,7 +337,7 @@ class EdgeRunner:
             p = self.prepare(frame)
             fut = self._send(p) if p.request is not None else None
         window.frames.append((p, fut))
-        while window.backlogged(self.options.max_inflight):
+        while window.backlogged(self.sizing.size):
             window.emit_first()
             if self._gave_up:
                 break
@@ -353,6 +372,8 @@ class EdgeRunner:
             summary.wall_s = time.perf_counter() - self._started
             summary.dropped = getattr(self.source, "dropped", 0)
             summary.reconnects = getattr(self.client, "reconnects", 0)
+            if self.mode.uses_server:
+                summary.window = self.sizing.describe()
         return summary
 
 
@@ -377,6 +398,7 @@ class _InFlight:
         p, fut = self.frames[0]
         record = self._record_of(p, fut, abandon)
         self.runner.mode.after(p, record)
+        self.runner._measured(record)
         self.summary.add(record)
         self.bar.update(1)
         if self.on_record is not None:

@@ -103,6 +103,7 @@ class Summary:
     # A mode's own figures (EdgeMode.summary_sections(), e.g. "adapt": per operating point): each has
     # as_dict() and format_lines(), and is kept up to date by its mode.
     sections: dict[str, Any] = field(default_factory=dict)
+    window: str | None = None  # the in-flight window and deadline at the end (hnd.edge.window.Window.describe)
 
     @property
     def fps(self) -> float:
@@ -161,6 +162,11 @@ class Summary:
         if record.ms.overhead is not None:
             self.overhead_ms.add(record.ms.overhead)
 
+    def failed_by_status(self) -> dict[str, int]:
+        """Failed frames per status (a gRPC code or an edge status such as EDGE_DECODE_ERROR), most first."""
+        failed = [(k, v) for k, v in self.statuses.items() if k != "OK"]
+        return dict(sorted(failed, key=lambda kv: (-kv[1], kv[0])))
+
     def quantile_method(self) -> str:
         """How the quantiles were computed: exact while every stat kept its values, else DDSketch's bound."""
         stats = [self.payload_bytes, self.message_bytes, self.overhead_ms, *self.ms.values(), *self.server_ms.values()]
@@ -193,6 +199,8 @@ class Summary:
             **({"server_tail": self.server_tail} if self.server_tail is not None else {}),
             **({"interrupted": self.interrupted} if self.interrupted is not None else {}),
             **{name: section.as_dict() for name, section in self.sections.items()},
+            **({"window": self.window} if self.window is not None else {}),
+            "failed_by_status": self.failed_by_status(),
         }
 
     def format(self) -> str:
@@ -230,8 +238,16 @@ class Summary:
                 )
             if not self.ms["total"].exact:
                 lines.append(f"(quantiles within {RELATIVE_ACCURACY:.0%}: {d['quantiles']})")
+        if self.window is not None:
+            lines.append(self.window)
         if self.failed:
-            lines.append("statuses " + ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items())))
+            by_status = self.failed_by_status()
+            lines.append("failed by status: " + ", ".join(f"{k} {v}" for k, v in by_status.items()))
+            if "DEADLINE_EXCEEDED" in by_status:
+                lines.append(
+                    "  DEADLINE_EXCEEDED: the server answered later than the deadline; --timeout S waits longer, "
+                    "--max-inflight N queues fewer frames on it"
+                )
         if len(self.replicas) > 1 or self.retried:
             lines.append(
                 f"replicas {len(self.replicas)}: "

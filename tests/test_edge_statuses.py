@@ -218,6 +218,33 @@ def test_sigterm_prints_the_summary_writes_its_json_quietly_and_exits_143(model,
     assert not any("InvalidStateError" in m or "Exception in callback" in m for m in noise), noise
 
 
+def test_a_slow_server_gets_a_window_and_deadline_it_can_serve(model):
+    """A server whose tail takes over a second a frame (a CPU server): a fixed window of 4 queues frames past
+    the deadline; the window the edge sizes from the answers gets every frame answered."""
+    with serving(model) as server:
+        hold = server.service.runner.run_split
+
+        def slow(items):
+            time.sleep(1.2)
+            return hold(items)
+
+        server.service.runner.run_split = slow
+        try:
+            got = {}
+            for auto in (False, True):
+                client = SplitClient(ClientSettings(f"127.0.0.1:{server.port}", timeout_s=4.0))
+                runner = _runner(model, client, max_inflight=4, auto_window=auto, auto_deadline=auto)
+                runner.fit_server(client.model_info())
+                got[auto] = runner.run(ArrayFrames(frames(5)))
+                client.close()
+        finally:
+            server.service.runner.run_split = hold
+    assert got[False].failed_by_status().get("DEADLINE_EXCEEDED", 0) >= 1  # the 4th frame waits >= 4.8 s
+    assert got[True].answered == 5 and got[True].failed == 0, got[True].statuses
+    assert got[True].window.startswith("window 2 (auto, up to 4), deadline ")
+    assert "DEADLINE_EXCEEDED" in got[False].format() and "--timeout S waits longer" in got[False].format()
+
+
 def test_interrupt_marks_unanswered_frames_cancelled(model):
     with serving(model) as server:
         runner_ref = {}

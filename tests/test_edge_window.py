@@ -1,0 +1,61 @@
+"""The in-flight window and deadline the edge sizes from the answers of the server it meets."""
+
+from __future__ import annotations
+
+import pytest
+
+from hnd.edge.records import FrameRecord, ServerTimings, Timings
+from hnd.edge.window import Window
+
+
+def _answer(edge_ms: float, network_server_ms: float, queue_ms: float, compute_ms: float, batch: int = 1):
+    return FrameRecord(
+        0,
+        "cam",
+        0.0,
+        "split",
+        ms=Timings(head=edge_ms, network_server=network_server_ms),
+        server_ms=ServerTimings(queue=queue_ms, compute=compute_ms),
+        batch_size=batch,
+    )
+
+
+@pytest.mark.parametrize(
+    "edge_ms,network_server_ms,queue_ms,compute_ms,batch,size",
+    [
+        (100, 5_100, 0, 5_000, 1, 2),  # a CPU tail: one frame computing, the next ready; more would only queue
+        (100, 10_100, 5_000, 5_000, 1, 2),  # time spent in the queue is not a reason to send more
+        (300, 80, 0, 50, 1, 2),  # the edge's head is the slow side
+        (10, 100, 0, 10, 1, 4),  # a long link: as many as the config allows
+        (100, 2_100, 0, 8_000, 4, 2),  # batched compute counts per image
+    ],
+)
+def test_window_keeps_the_slower_side_busy_and_no_more(edge_ms, network_server_ms, queue_ms, compute_ms, batch, size):
+    w = Window.start(cap=4, deadline_s=30.0)
+    assert w.size == 1  # nothing measured yet: one frame
+    for _ in range(5):
+        w.observe(_answer(edge_ms, network_server_ms, queue_ms, compute_ms, batch))
+    assert w.size == size
+
+
+def test_deadline_covers_a_slow_server_within_bounds_and_user_choices_are_kept():
+    w = Window.start(cap=4, deadline_s=30.0)
+    w.observe(_answer(100, 12_000, 0, 11_000))
+    assert w.deadline_s == 48.0  # 4 x the slowest answer, above the config's 30 s
+    w.observe(_answer(100, 500_000, 0, 11_000))
+    assert w.deadline_s == 300.0  # at most 10 x the config's
+    fixed = Window.start(cap=4, deadline_s=30.0, fixed_size=True, fixed_deadline=True)
+    fixed.observe(_answer(100, 12_000, 0, 11_000))
+    assert (fixed.size, fixed.deadline_s) == (4, 30.0)
+    assert fixed.describe() == "window 4, deadline 30 s" and w.describe().endswith("(auto)")
+
+
+def test_window_stays_within_the_servers_advertised_limits():
+    w = Window.start(cap=16, deadline_s=30.0)
+    w.limit_by_server(max_queue=8, max_stream_inflight=3, stream=True)
+    for _ in range(5):
+        w.observe(_answer(1, 200, 0, 1))
+    assert (w.cap, w.size) == (3, 3)
+    unary = Window.start(cap=16, deadline_s=30.0)
+    unary.limit_by_server(max_queue=8, max_stream_inflight=3, stream=False)
+    assert unary.cap == 8
