@@ -49,7 +49,7 @@ class BatcherStopped(Exception):
     """The server stopped before the request was computed."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a queue finds "this request", never compares payload tensors
 class WorkItem:
     """One request waiting for the tail.
 

@@ -209,7 +209,7 @@ def test_sigterm_prints_the_summary_writes_its_json_quietly_and_exits_143(model,
     out, err = capsys.readouterr()
     assert code == 143  # 128 + SIGTERM, as a shell reports a run the signal ended
     summary = json.loads(summary_json.read_text())
-    assert summary["interrupted"] == "SIGTERM" and summary["answered"] >= 2
+    assert summary["interrupted"] == "SIGTERM" and summary["answered"] >= 1
     assert summary["statuses"].get("CANCELLED", 0) >= 1 and summary["frames"] < 12
     assert summary["frames"] == summary["answered"] + summary["failed"]
     assert f"frames {summary['frames']}  answered {summary['answered']}" in out and "interrupted by SIGTERM" in out
