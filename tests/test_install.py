@@ -269,6 +269,20 @@ def test_ci_runs_the_readmes_set_up_and_test_commands():
     assert pytest_lines == ['"$VENV/bin/python" -m pytest -q']
 
 
+def test_readmes_role_table_is_the_launchers():
+    """The README's install table: one row per role the tests emulate, each installing its extra, each
+    command it lists run by that extra (hnd.common.launch.SCRIPTS)."""
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(
+        r"^\| (\w+)[^|]*\| `pip install -c constraints.txt (?:-e )?\"\.\[([a-z,]+)\]\"`[^|]*\| (.*?) \|$", readme, re.M
+    )
+    assert [role for role, _, _ in rows] == list(ROLES)
+    for role, extras, commands in rows:
+        assert extras.split(",")[0] == role
+        for script in re.findall(r"`(hnd-[a-z-]+)`", commands):
+            assert launch.SCRIPTS[script].extra in role_extras(role), f"README: {script} listed under {role}"
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> tuple[Path, str]:
     """hnd's wheel built from this checkout (no build isolation: nothing is downloaded) and the build log."""
