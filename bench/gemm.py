@@ -91,3 +91,8 @@ def gemm_rate(
         session.run(None, feed)
         best = min(best, time.perf_counter() - start)
     return GemmRate(precision, GEMM_OPS[precision], mkn, threads, best * 1e3, m * k * n / best / 1e9)
+
+
+def gemm_ceiling(gemm: dict[str, float], precision: str) -> float:
+    """The GEMM rate a head of this precision is measured against: fp32 MatMul, or the faster int8 op."""
+    return gemm["fp32"] if precision == "fp32" else max(gemm["int8"], gemm["int8 qlinear"])

@@ -38,7 +38,7 @@ import torch
 from hnd.bench.codec import cpu_name
 from hnd.bench.codec import median_ms as codec_median_ms
 from hnd.bench import head_levers
-from hnd.bench.gemm import GEMM_OPS, gemm_rate
+from hnd.bench.gemm import GEMM_OPS, gemm_ceiling, gemm_rate
 from hnd.common import codec, entropy_coder
 from hnd.common.checkpoint import fingerprint
 from hnd.common.build import build_model_from_config
@@ -193,12 +193,7 @@ def _rate(cells: list[Cell], gmac: float, gemm: dict[str, float]) -> None:
         c.gmac = gmac
         c.gmac_per_s = gmac / c.best_ms * 1e3
         if c.runtime.startswith("ORT"):
-            c.vs_gemm = c.gmac_per_s / _ceiling(gemm, "int8" if c.runtime.endswith("int8") else "fp32")
-
-
-def _ceiling(gemm: dict[str, float], precision: str) -> float:
-    """The GEMM rate a head of this precision is measured against: fp32 MatMul, or the faster int8 op."""
-    return gemm["fp32"] if precision == "fp32" else max(gemm["int8"], gemm["int8 qlinear"])
+            c.vs_gemm = c.gmac_per_s / gemm_ceiling(gemm, "int8" if c.runtime.endswith("int8") else "fp32")
 
 
 def _symbols(head: Head | EntropicHead, z: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hnd.bench.gemm import ort_session_options
+from hnd.bench.gemm import gemm_ceiling, ort_session_options
 from hnd.edge.onnx_head import INPUT
 
 
@@ -105,7 +105,6 @@ def measure(
 
     ref: the torch head's bottleneck. gemm: precision -> GMAC/s at these threads (``bench.head.gemm_rates``).
     """
-    from hnd.bench.head import _ceiling
 
     runs = [
         (lv, session(files[lv.file], threads, lv.level, lv.spinning, lv.provider)) for lv in levers if available(lv)
@@ -123,7 +122,7 @@ def measure(
         best = min(ts)
         rate = gmac / best * 1e3
         rows.append(
-            LeverRow(lv.name, threads, best, float(np.median(ts)), rate, rate / _ceiling(gemm, lv.file[:4]), diff)
+            LeverRow(lv.name, threads, best, float(np.median(ts)), rate, rate / gemm_ceiling(gemm, lv.file[:4]), diff)
         )
     return rows
 

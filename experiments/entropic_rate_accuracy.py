@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic_distillation as base
 from hnd.train import evaluate as hnd_eval
-from hnd.train import train as hnd_train
+from hnd.train import cli as train_cli
 from hnd.bench.agreement import match_f1
 from hnd.bench.rate import image_roundtrip
 from hnd.train.synthetic import write_config
@@ -468,7 +468,7 @@ def train_entropic_students(
         if not (target / "best.pt").is_file():
             t = time.perf_counter()
             argv = ["--config", str(cfg), "--output-dir", str(target), "--device", args.device, "--no-progress"]
-            base.run(hnd_train.main, argv)
+            base.run(train_cli.main, argv)
             spent[f"train_entropic_beta{beta}"] = time.perf_counter() - t
     return ent
 

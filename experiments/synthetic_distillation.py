@@ -29,6 +29,7 @@ from typing import TypedDict
 import torch
 
 from hnd.train import evaluate as hnd_eval
+from hnd.train import cli as train_cli
 from hnd.train import train as hnd_train
 from hnd.train.synthetic import make_synthetic_coco, write_config
 
@@ -231,7 +232,7 @@ def train_stage(
     """``hnd-train`` of ``cfgs[name]`` into ``out/name``; its seconds go to ``timings["train_<name>"]``."""
     t = time.perf_counter()
     run(
-        hnd_train.main,
+        train_cli.main,
         ["--config", str(cfgs[name]), "--output-dir", str(out / name), "--device", device, "--no-progress", *extra],
     )
     timings[f"train_{name}"] = time.perf_counter() - t

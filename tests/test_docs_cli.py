@@ -194,7 +194,7 @@ def test_log_level_is_case_insensitive_with_the_logging_names(parsers):
 
 def test_eval_bits_zero_is_the_learned_coding_as_on_the_edge(parsers):
     from hnd.common.errors import HndError
-    from hnd.train.evaluate import _check_codec_args
+    from hnd.train.eval_cli import _check_codec_args
 
     args = parsers["hnd-eval"].parse_args(["--config", "test/faster_rcnn-entropic-b24ch", "--bits", "0"])
     _check_codec_args(args)

@@ -252,7 +252,7 @@ def test_an_entropic_checkpoint_without_tables_is_refused(tmp_path, capsys):
 def test_hnd_eval_with_an_entropic_onnx_head_reports_the_torch_edges_bytes(tmp_path, capsys):
     from hnd.common.build import build_model_from_config
     from hnd.common.config import load_config
-    from hnd.train.evaluate import main as eval_main
+    from hnd.train.eval_cli import main as eval_main
     from hnd.train.evaluate import make_onnx_predictor, make_predictor
     from hnd.train.synthetic import make_synthetic_coco, write_config
 

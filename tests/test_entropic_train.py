@@ -11,9 +11,10 @@ from hnd.common.build import build_model_from_config
 from hnd.common.config import ConfigError, config_from_dict, load_config, with_weights
 from hnd.train.engine import TrainOptions
 from hnd.train.entropic import BOTTLENECK, build_entropic_models, rate_bits, stage1_loss, stage1_param_groups
-from hnd.train.evaluate import main as eval_main
+from hnd.train.eval_cli import main as eval_main
 from hnd.train.synthetic import make_synthetic_coco, write_config
-from hnd.train.train import set_distillation_modes, train
+from hnd.train.cli import train
+from hnd.train.train import set_distillation_modes
 
 SMALL = {
     "min_size": 64,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hnd.train.data import CocoDetection
-from hnd.train.evaluate import STAT_NAMES, coco_evaluate, evaluate_model, main, make_predictor, to_coco_results
+from hnd.train.eval_cli import main
+from hnd.train.evaluate import STAT_NAMES, coco_evaluate, evaluate_model, make_predictor, to_coco_results
 from hnd.train.synthetic import make_synthetic_coco, write_config
 
 

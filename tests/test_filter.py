@@ -445,7 +445,7 @@ def test_edge_drops_frames_below_threshold_with_empty_results_shaped_as_the_serv
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from hnd.train.synthetic import make_synthetic_coco, write_config
-    from hnd.train.train import main as train_main
+    from hnd.train.cli import main as train_main
 
     root = tmp_path_factory.mktemp("filterdata")
     make_synthetic_coco(
@@ -463,7 +463,7 @@ def trained(tmp_path_factory):
 
 
 def test_hnd_train_and_hnd_eval_reach_a_useful_roc_auc(trained, capsys):
-    from hnd.train.evaluate import main as eval_main
+    from hnd.train.eval_cli import main as eval_main
 
     root, config = trained
     log = [json.loads(line) for line in (root / "run" / "log.jsonl").read_text().splitlines()]
@@ -591,7 +591,7 @@ def test_edge_cli_filter_threshold_defaults_and_errors(trained):
 
 
 def test_filter_training_resumes_exactly(trained, tmp_path):
-    from hnd.train.train import main as train_main
+    from hnd.train.cli import main as train_main
 
     _, config = trained
     whole, split = tmp_path / "whole", tmp_path / "split"

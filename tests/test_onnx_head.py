@@ -385,7 +385,7 @@ def test_export_cli_errors_are_one_line(argv, match, capsys, tmp_path, monkeypat
 def test_hnd_eval_with_onnx_head(tmp_path, capsys):
     from hnd.common.build import build_model_from_config
     from hnd.common.config import load_config
-    from hnd.train.evaluate import main as eval_main
+    from hnd.train.eval_cli import main as eval_main
     from hnd.train.evaluate import make_onnx_predictor, make_predictor
     from hnd.train.synthetic import make_synthetic_coco, write_config
 

@@ -168,7 +168,7 @@ def test_hnd_eval_temporal_stream_is_the_runtime_stream(tiny_model, clip, tmp_pa
     from hnd.common.split import split_model
     from hnd.common.stream_codec import StreamEncoder
     from hnd.edge.torch_modes import to_tensor
-    from hnd.train.evaluate import main as eval_main
+    from hnd.train.eval_cli import main as eval_main
     from hnd.train.evaluate import make_predictor
     from hnd.train.synthetic import write_config
 

@@ -10,14 +10,13 @@ import torch
 from hnd.common.config import load_config
 from hnd.train.synthetic import make_synthetic_coco, write_config
 from hnd.train.engine import TrainOptions, warmup_scheduler
+from hnd.train.cli import main, train
 from hnd.train.train import (
     build_distillation_models,
     distill_batch,
     distill_layer_names,
     freeze_except,
-    main,
     set_distillation_modes,
-    train,
 )
 
 SMALL = {

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from hnd.common.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -43,6 +43,13 @@ from hnd.common.entropic import (
     ENTROPIC_PREFIX,
     entropic_bottleneck_of,
     update_entropy_tables,
+)
+from hnd.train.train import (
+    Data,
+    distillation_data,
+    set_distillation_modes,
+    set_supervised_modes,
+    teacher_and_seeded_student,
 )
 from hnd.train.engine import (
     FitResult,
@@ -57,8 +64,6 @@ from hnd.common.errors import HndError
 from hnd.common.files import atomic_write
 from torch import nn
 
-if TYPE_CHECKING:
-    from hnd.train.train import Data  # train.train imports this module
 
 BOTTLENECK = "backbone.body.bottleneck_layer"
 STAGE1_TRAINABLE = [BOTTLENECK]
@@ -75,8 +80,6 @@ DISTILL_PAIRS = {
 def build_entropic_models(cfg: Config) -> tuple[nn.Module, nn.Module]:
     """(teacher, student): the student's layer2..4, FPN, RPN and ROI heads are the teacher's; its
     bottleneck starts from ``model.random_weights`` (or ``train.seed``)."""
-    from hnd.train.train import teacher_and_seeded_student
-
     if cfg.teacher is None:
         raise HndError(cfg.path, "train.method entropic needs a teacher section")
     if cfg.model.bottleneck_type != "entropic":
@@ -177,8 +180,6 @@ def _stage_done(paths: RunPaths, epochs: int) -> bool:
 
 def train_entropic(cfg: Config, options: TrainOptions) -> dict[str, Any]:
     """Both stages; returns hnd-train's summary (of stage 2) with ``stage1`` added."""
-    from hnd.train.train import distillation_data
-
     tcfg = cfg.train
     assert tcfg is not None and cfg.dataset is not None
     if tcfg.stage2 is None:
@@ -213,8 +214,6 @@ def _stage1(
     cfg: Config, options: TrainOptions, model: nn.Module, teacher: nn.Module, data: Data, p1: RunPaths
 ) -> FitResult | None:
     """Stage 1 (layer1..4 distillation + beta * bits + aux) on the engine; None when --resume finds it done."""
-    from hnd.train.train import set_distillation_modes
-
     tcfg = cfg.train
     assert tcfg is not None
     epochs1 = options.epochs_of(tcfg)
@@ -250,7 +249,6 @@ def _stage1(
 def _stage2(cfg: Config, options: TrainOptions, model: nn.Module, data: Data, p2: RunPaths) -> FitResult:
     """Stage 2 (supervised, the tables fixed) on the engine, selected by held-out bbox AP or last."""
     from hnd.train.evaluate import evaluate_model
-    from hnd.train.train import set_supervised_modes
 
     tcfg, device = cfg.train, options.device
     assert tcfg is not None and tcfg.stage2 is not None

@@ -297,7 +297,7 @@ def _filter_recipe(
 
 
 def train_filter(cfg: Config, options: TrainOptions) -> dict[str, Any]:
-    """hnd-train for ``train.method: filter``; returns the same summary as hnd.train.train.train."""
+    """hnd-train for ``train.method: filter``; returns the same summary as hnd.train.cli.train."""
     tcfg = check_sections(cfg)
     assert cfg.dataset is not None
     if cfg.model.filter is None:
@@ -521,7 +521,7 @@ def format_filter_report(result: dict[str, Any], max_rows: int = 20) -> str:
 
 
 def eval_main(args: Any) -> int:
-    """hnd-eval on a config with a neural filter (called by hnd.train.evaluate.main)."""
+    """hnd-eval on a config with a neural filter (called by hnd.train.eval_cli.main)."""
     result = evaluate_filter(
         args.config,
         checkpoint=args.checkpoint,

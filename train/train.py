@@ -30,11 +30,8 @@ config's ``model.checkpoint`` (where hnd-eval and hnd-server look for it).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import os
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,8 +44,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops import FrozenBatchNorm2d
 
 from hnd.common.checkpoint import load_checkpoint, save_checkpoint
-from hnd.common.config import Config, load_config
-from hnd.common.build import build_model_from_config, pick_device
+from hnd.common.config import Config
+from hnd.common.build import build_model_from_config
 from hnd.common.models import build_model
 from hnd.train.data import (
     build_dataset,
@@ -60,10 +57,8 @@ from hnd.train.data import (
     split_paths,
 )
 from hnd.train.engine import Recipe, RunPaths, Selection, TrainOptions, check_sections, count_parameters, fit
-from hnd.common.errors import USER_ERRORS, HndError, report
-from hnd.common.flags import HelpFormatter, add_config_argument, add_device_argument
+from hnd.common.errors import HndError
 from hnd.train.evaluate import evaluate_model
-from hnd.train.filter import train_filter
 
 BOTTLENECK_PREFIX = "backbone.body.layer1."
 DISTILL_METHODS = ("hnd", "ghnd")
@@ -408,18 +403,11 @@ def detector_recipe(
     return recipe, model, teacher, layers
 
 
-def train(config: str | os.PathLike | Config, options: TrainOptions | None = None) -> dict[str, Any]:
-    """Run training as configured; return a summary (best value, epoch, paths, history)."""
-    options = options or TrainOptions()
-    cfg = config if isinstance(config, Config) else load_config(config)
+def train_detector(cfg: Config, options: TrainOptions) -> dict[str, Any]:
+    """HND / GHND distillation or supervised training (``train.method`` hnd, ghnd, supervised) as configured;
+    returns a summary (best value, epoch, paths, history). :func:`hnd.train.cli.train` picks this recipe."""
     tcfg = check_sections(cfg)
     method = tcfg.method
-    if method == "filter":  # the neural filter's recipe (hnd.train.filter)
-        return train_filter(cfg, options)
-    if method == "entropic":  # the Entropic Student's two stages (hnd.train.entropic)
-        from hnd.train.entropic import train_entropic
-
-        return train_entropic(cfg, options)
     if method not in DISTILL_METHODS + ("supervised",):
         raise HndError(cfg.path, f"train.method {method} is not handled by hnd-train")
     if options.select_by not in ("bbox", "loss", "last"):
@@ -469,67 +457,3 @@ def train(config: str | os.PathLike | Config, options: TrainOptions | None = Non
         set_epoch=set_loader_epoch,
     )
     return result.summary()
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hnd-train", description="HND / GHND distillation or supervised training.", formatter_class=HelpFormatter
-    )
-    add_config_argument(p, required=True)
-    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/last.pt")
-    add_device_argument(p, "cpu")
-    p.add_argument("--workers", type=int, help="data loader workers (default: dataset.num_workers)")
-    p.add_argument("--epochs", type=int, help="override train.epochs")
-    p.add_argument("--output-dir", help="checkpoints and log.jsonl (default resource/train/<config name>)")
-    p.add_argument(
-        "--select-by",
-        choices=["bbox", "loss", "last"],
-        default="bbox",
-        help="model selection on the held-out split: bbox AP (default), distillation loss, or last epoch",
-    )
-    p.add_argument(
-        "--train-bn",
-        action="store_true",
-        help="supervised from scratch: train the backbone's (otherwise frozen) batch norms; "
-        "best.pt folds them back into FrozenBatchNorm2d",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.device = str(pick_device(args.device))
-        if args.epochs is not None and args.epochs < 1:
-            raise HndError("--epochs", "must be >= 1")
-        summary = train(
-            args.config,
-            TrainOptions(
-                output_dir=args.output_dir,
-                device=args.device,
-                workers=args.workers,
-                epochs=args.epochs,
-                resume=args.resume,
-                select_by=args.select_by,
-                progress=not args.no_progress,
-                train_bn=args.train_bn,
-            ),
-        )
-    except USER_ERRORS as exc:
-        return report("hnd-train", exc)
-    except KeyboardInterrupt:
-        print("hnd-train: interrupted; continue with --resume", file=sys.stderr)
-        return 130
-    print(
-        f"best {summary['select_by']} {summary['best_value']:.4f} at epoch {summary['best_epoch']}: {summary['best']}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
