@@ -265,6 +265,14 @@ def _add_live_arguments(p: argparse.ArgumentParser) -> None:
         help="serve a live view (annotated stream, charts) at http://127.0.0.1:PORT/",
     )
     p.add_argument("--view-host", default="127.0.0.1", help="address for --view-port (default 127.0.0.1)")
+    p.add_argument(
+        "--view-allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the live view answers to besides its address, loopback names and (bound to all "
+        "interfaces) this machine's names and IP addresses; repeat it (other Host headers get 403: DNS rebinding)",
+    )
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -400,7 +408,7 @@ class EdgeOutputs:
             from hnd.edge.view import LiveView  # tornado only when asked for
 
             min_score = args.score_threshold if args.score_threshold is not None else 0.5
-            view = LiveView(args.view_port, args.view_host, min_score=min_score)
+            view = LiveView(args.view_port, args.view_host, min_score=min_score, allowed_hosts=args.view_allow_host)
             live.listeners.append(view.window)
             print(f"{PROG}: live view on {view.url}", file=sys.stderr)
         live.start()

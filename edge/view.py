@@ -11,8 +11,17 @@ it works offline.
   "ms": {stage: ms}}`` followed by the JPEG as a binary message, and once a second the live window
   (``{"type": "window", ...}``, the ``--stats-interval`` line's figures).
 - Frames are drawn with :func:`hnd.edge.draw.draw_detections` (boxes, masks, keypoints), scaled to at
-  most ``max_width`` pixels wide and JPEG-encoded only while a browser is connected, at most ``max_fps``
-  times a second: the view costs the edge nothing when nobody looks.
+  most ``max_width`` pixels wide and JPEG-encoded while a browser is connected, at most ``max_fps``
+  times a second; with nobody connected the edge only keeps a reference to the latest frame, drawn and
+  encoded when ``/frame.jpg`` asks for it: the view costs the edge nothing when nobody looks.
+- **Slow viewers** cost a bounded amount: a WebSocket viewer is sent a frame only once the previous one
+  left the process (tornado's write future), otherwise it skips to a later frame; one that has read
+  nothing for ``stall_s`` seconds is disconnected. An MJPEG viewer is written the latest frame after its
+  previous one was flushed. Each viewer holds at most one frame in the edge's memory.
+- **Host check** (DNS rebinding): a request whose ``Host`` is not the bound address, a loopback name, an
+  IP literal (when bound to all interfaces), this machine's name or one of ``allowed_hosts``
+  (``--view-allow-host``) gets 403, page, frames and WebSocket upgrades alike; WebSocket upgrades must
+  also come from the same origin (tornado's ``check_origin``).
 - The page charts bytes/frame and per-stage latency over the last ``HISTORY`` frames (canvas, drawn by
   the page's own script) and shows the status line.
 """
@@ -20,15 +29,19 @@ it works offline.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
+import socket
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import cv2
 import numpy as np
 import tornado.httpserver
+import tornado.httputil
 import tornado.iostream
 import tornado.netutil
 import tornado.web
@@ -41,6 +54,8 @@ from hnd.edge.records import FrameRecord
 log = logging.getLogger("hnd.edge")
 
 HISTORY = 120  # frames the charts show
+STALL_S = 30.0  # a WebSocket viewer that has taken no frame for this long is disconnected
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class LiveView:
@@ -55,8 +70,16 @@ class LiveView:
         max_width: int = 960,
         jpeg_quality: int = 80,
         min_score: float = 0.5,
+        allowed_hosts: Iterable[str] = (),
+        stall_s: float = STALL_S,
     ) -> None:
         self.host = host
+        self.allowed_hosts = allowed_host_names(host, allowed_hosts)
+        self.stall_s = stall_s
+        self.skipped = 0  # frames a slow WebSocket viewer did not get (it got a later one)
+        self.latest: tuple[np.ndarray, dict[str, Any] | None] | None = None  # published, maybe not encoded
+        self._latest_seq = 0
+        self._encoded_seq = 0
         self.min_score = min_score
         self.max_fps = max_fps
         self.max_width = max_width
@@ -85,7 +108,7 @@ class LiveView:
         asyncio.set_event_loop(asyncio.new_event_loop())
         app = tornado.web.Application(
             [
-                (r"/", _Page),
+                (r"/", _Page, {"view": self}),
                 (r"/frame.jpg", _Frame, {"view": self}),
                 (r"/stream.mjpg", _Mjpeg, {"view": self}),
                 (r"/ws", _Socket, {"view": self}),
@@ -108,21 +131,21 @@ class LiveView:
     # --- from the edge ---------------------------------------------------------------------------
 
     def publish(self, image: np.ndarray | None, detections: dict[str, Any] | None, record: FrameRecord) -> None:
-        """Draw, encode and send one frame to the connected browsers (skipped when none, or too soon)."""
-        if self.loop is None or not (self.clients or self.mjpeg_clients) or image is None:
+        """Keep the frame as the latest (for ``/frame.jpg``), and draw, encode and send it to the connected
+        browsers (not when none is connected, or too soon after the last)."""
+        if self.loop is None or image is None:
+            return
+        self.latest = (image, detections)
+        self._latest_seq += 1
+        if not (self.clients or self.mjpeg_clients):
             return
         now = time.monotonic()
         if now - self._last_publish < 1.0 / self.max_fps:
             return
         self._last_publish = now
-        shown = draw_detections(image, detections, self.min_score) if detections is not None else image
-        h, w = shown.shape[:2]
-        if w > self.max_width:
-            shown = cv2.resize(shown, (self.max_width, round(h * self.max_width / w)), interpolation=cv2.INTER_AREA)
-        ok, buf = cv2.imencode(
-            ".jpg", cv2.cvtColor(shown, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality]
-        )
-        if not ok:
+        seq = self._latest_seq
+        jpeg = self.render(image, detections)
+        if jpeg is None:
             return
         meta = json.dumps(
             {
@@ -133,27 +156,45 @@ class LiveView:
                 "ms": record.ms.to_dict(),
             }
         )
-        self.loop.add_callback(self._broadcast, meta, buf.tobytes())
+        self.loop.add_callback(self._broadcast, meta, jpeg, seq)
+
+    def render(self, image: np.ndarray, detections: dict[str, Any] | None) -> bytes | None:
+        """The frame as the view shows it: detections drawn, at most ``max_width`` wide, JPEG-encoded."""
+        shown = draw_detections(image, detections, self.min_score) if detections is not None else image
+        h, w = shown.shape[:2]
+        if w > self.max_width:
+            shown = cv2.resize(shown, (self.max_width, round(h * self.max_width / w)), interpolation=cv2.INTER_AREA)
+        ok, buf = cv2.imencode(
+            ".jpg", cv2.cvtColor(shown, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality]
+        )
+        return buf.tobytes() if ok else None
+
+    def latest_frame(self) -> bytes | None:
+        """The latest published frame as a JPEG, encoded now when no viewer had it encoded (on the view's loop)."""
+        latest, seq = self.latest, self._latest_seq
+        if latest is not None and seq != self._encoded_seq:
+            jpeg = self.render(*latest)
+            if jpeg is not None:
+                self.latest_jpeg, self._encoded_seq = jpeg, seq
+        return self.latest_jpeg
 
     def window(self, w: dict[str, Any]) -> None:
         if self.loop is not None and self.clients:
             self.loop.add_callback(self._broadcast, json.dumps({"type": "window", **w}), None)
 
-    def _broadcast(self, meta: str, jpeg: bytes | None) -> None:
+    def _broadcast(self, meta: str, jpeg: bytes | None, seq: int = 0) -> None:
         if jpeg is not None:
-            self.latest_jpeg = jpeg
+            if seq >= self._encoded_seq:
+                self.latest_jpeg, self._encoded_seq = jpeg, seq
             self.published += 1
             waiters, self._waiters = self._waiters, []
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
+        now = time.monotonic()
         for client in list(self.clients):
-            try:
-                client.write_message(meta)
-                if jpeg is not None:
-                    client.write_message(jpeg, binary=True)
-            except tornado.websocket.WebSocketClosedError:
-                self.clients.discard(client)
+            if not client.send(meta, jpeg, now):
+                self.skipped += jpeg is not None
 
     def close(self) -> None:
         if self.loop is not None:
@@ -161,29 +202,62 @@ class LiveView:
             self._thread.join(timeout=5)
 
 
-class _Page(tornado.web.RequestHandler):
+def allowed_host_names(bound: str, extra: Iterable[str] = ()) -> frozenset[str]:
+    """Host names (no port) a request may name: the bound address, loopback names, this machine's names
+    when bound to all interfaces, and ``extra``; lower case."""
+    names = {bound, *LOOPBACK_NAMES, *extra}
+    if bound in ("", "0.0.0.0", "::"):
+        names |= {socket.gethostname(), socket.getfqdn()}
+    return frozenset(n.lower().strip("[]") for n in names if n)
+
+
+def host_allowed(view: LiveView, host_header: str) -> bool:
+    """Whether a request's ``Host`` names this view (DNS rebinding: a page of evil.example whose name now
+    resolves to this machine sends ``Host: evil.example``). IP literals pass when bound to all interfaces."""
+    name = tornado.httputil.split_host_and_port(host_header.lower())[0].strip("[]")
+    if name in view.allowed_hosts:
+        return True
+    if view.host in ("", "0.0.0.0", "::"):
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+    return False
+
+
+class _Checked(tornado.web.RequestHandler):
+    """Every handler: 403 for a Host that does not name this view."""
+
+    view: LiveView
+
+    def initialize(self, view: LiveView) -> None:
+        self.view = view
+
+    def prepare(self) -> None:
+        if not host_allowed(self.view, self.request.host):
+            log.warning("live view: refused a request for Host %r (allow it with --view-allow-host)", self.request.host)
+            raise tornado.web.HTTPError(403, "Host not allowed")
+
+
+class _Page(_Checked):
     def get(self) -> None:
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.write(PAGE)
 
 
-class _Frame(tornado.web.RequestHandler):
-    def initialize(self, view: LiveView) -> None:
-        self.view = view
-
+class _Frame(_Checked):
     def get(self) -> None:
-        if self.view.latest_jpeg is None:
+        jpeg = self.view.latest_frame()
+        if jpeg is None:
             raise tornado.web.HTTPError(404, "no frame yet")
         self.set_header("Content-Type", "image/jpeg")
         self.set_header("Cache-Control", "no-store")
-        self.write(self.view.latest_jpeg)
+        self.write(jpeg)
 
 
-class _Mjpeg(tornado.web.RequestHandler):
-    def initialize(self, view: LiveView) -> None:
-        self.view = view
-
+class _Mjpeg(_Checked):
     async def get(self) -> None:
         self.set_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
         self.set_header("Cache-Control", "no-store")
@@ -209,9 +283,35 @@ class _Mjpeg(tornado.web.RequestHandler):
 class _Socket(tornado.websocket.WebSocketHandler):
     def initialize(self, view: LiveView) -> None:
         self.view = view
+        self.sending: asyncio.Future | None = None  # the write of the last frame, until it left the process
+        self.last_sent = time.monotonic()
+        self.sent = 0
+
+    def prepare(self) -> None:
+        _Checked.prepare(self)  # type: ignore[arg-type]
 
     def open(self) -> None:
         self.view.clients.add(self)
+
+    def send(self, meta: str, jpeg: bytes | None, now: float) -> bool:
+        """Send a frame (or a window line) unless the previous frame is still being written: False when
+        skipped. A viewer that took nothing for ``stall_s`` is disconnected."""
+        if self.sending is not None and not self.sending.done():
+            if now - self.last_sent > self.view.stall_s:
+                log.warning("live view: a viewer read nothing for %.0f s: disconnected", now - self.last_sent)
+                self.view.clients.discard(self)
+                self.close(1008, "not reading")
+            return False
+        try:
+            last = self.write_message(meta)
+            if jpeg is not None:
+                last = self.write_message(jpeg, binary=True)
+                self.sent += 1
+        except tornado.websocket.WebSocketClosedError:
+            self.view.clients.discard(self)
+            return False
+        self.sending, self.last_sent = last, now
+        return True
 
     def on_close(self) -> None:
         self.view.clients.discard(self)
