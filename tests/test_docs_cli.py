@@ -202,3 +202,12 @@ def test_eval_bits_zero_is_the_learned_coding_as_on_the_edge(parsers):
     args = parsers["hnd-eval"].parse_args(["--config", "x", "--bits", "0", "--compression", "zstd"])
     with pytest.raises(HndError, match="0 is the learned coding"):
         _check_codec_args(args)
+
+
+def test_the_index_lists_every_command_with_the_extra_it_needs():
+    from hnd.common.launch import SCRIPTS
+
+    index = CLI.index_markdown()
+    for script in SCRIPTS:
+        assert f"| [{script}]({script}.md) | `{SCRIPTS[script].extra}` |" in index
+    assert "| hnd-" not in index.replace("| [hnd-", "")  # descriptions do not repeat the command's name

@@ -95,6 +95,12 @@ def cli_markdown(script: str) -> str:
     return "\n".join(lines)
 
 
+def description(parser: argparse.ArgumentParser, script: str) -> str:
+    """The parser's description without a leading ``script:`` (module docstrings start that way)."""
+    text = (parser.description or "").removeprefix(f"{script}: ")
+    return text[:1].upper() + text[1:]
+
+
 def parser_markdown(parser: argparse.ArgumentParser, level: str) -> list[str]:
     """Description, usage and one table per argument group, group titles at heading ``level``."""
     lines = []
@@ -120,10 +126,21 @@ def parser_markdown(parser: argparse.ArgumentParser, level: str) -> list[str]:
 
 
 def index_markdown() -> str:
-    rows = [f"| [{s}]({s}.md) | {cell(cli_parser(s).description or '')} |" for s in sorted(console_scripts())]
+    """The index: every command, the extra its role installs (hnd.common.launch), what it does."""
+    from hnd.common.launch import SCRIPTS
+
+    rows = [
+        f"| [{s}]({s}.md) | `{SCRIPTS[s].extra}` | {cell(description(cli_parser(s), s))} |"
+        for s in sorted(console_scripts())
+    ]
     return "\n".join(
-        ["# Command-line tools", "", "Generated from each tool's argparse parser at build time.", ""]
-        + ["| command | what it does |", "|---|---|", *rows, ""]
+        ["# Command-line tools", "", "Generated from each tool's argparse parser when the site is built.", ""]
+        + ["| command | extra | what it does |", "|---|---|---|", *rows, ""]
+        + [
+            '`pip install -c constraints.txt ".[EXTRA]"` installs a role; a command run without its extra says '
+            "which one it needs, in one line.",
+            "",
+        ]
     )
 
 
