@@ -40,7 +40,15 @@ from typing import Any
 import numpy as np
 
 from hnd.bench.decode_profile import profile_steps
-from hnd.bench.speed_clients import FloorClient, Sample, make_request, time_floor, time_hnd
+from hnd.bench.speed_clients import (
+    FloorClient,
+    Sample,
+    make_request,
+    make_small_requests,
+    time_floor,
+    time_hnd,
+    time_hnd_deltas,
+)
 from hnd.bench.speed_servers import LADDER, build_runner, child_server, spawn_child, start_child, stop_child, wait_ready
 from hnd.common.files import atomic_write_json
 from hnd.common.timing import percentiles
@@ -68,6 +76,7 @@ def run(
     profile: bool = False,
     compare_python: str | None = None,
     ladder: bool = False,
+    small: bool = False,
 ) -> dict[str, Any]:
     """Measure the floor and hnd side by side; returns the result dict (see ``format_table``).
 
@@ -75,6 +84,9 @@ def run(
     must have this module) in the same alternating rounds, e.g. the code before a change.
     ``ladder``: also run the rungs of ``LADDER`` (``speed_servers``) in the same rounds, so the cost of
     each part of hnd's request path is measured end to end: floor -> proto -> decode -> hnd.
+    ``small``: also the recommended camera setting's small messages in the same rounds (``result["small"]``):
+    4 bits at the frame's own size, per frame on unary calls and as a stream session's delta frames on the
+    stream, each against the floor at its own message size.
     """
     from hnd.server.local import free_port
 
@@ -88,8 +100,11 @@ def run(
         servers.floor = start_child(["--serve", "floor", "--port", str(floor_port), "--reply-bytes", str(reply_bytes)])
         fc = FloorClient(floor_port)
         per_round = max(1, requests // rounds)
-        samples = _alternate_rounds(fc, clients, request, message, warmup, rounds, per_round)
+        small_case = _SmallCase(config, seed, size, servers.ports["hnd"]) if small else None
+        samples = _alternate_rounds(fc, clients, request, message, warmup, rounds, per_round, small_case)
         fc.close()
+        if small_case is not None:
+            small_case.client.close()
         for c in clients.values():
             c.close()
     finally:
@@ -97,6 +112,8 @@ def run(
 
     result = _describe_run(config, tail, bits, size, request, message, reply_bytes, encode_ms, per_round * rounds)
     _add_figures(result, samples, compare_python, ladder)
+    if small_case is not None:
+        result["small"] = small_case.describe(samples)
     if profile:
         result["profile_ms"] = profile_steps(request, build_runner(config, seed, tail, detections))
     return result
@@ -150,18 +167,65 @@ def _connect(servers: _Servers) -> dict[str, Any]:
     return clients
 
 
+class _SmallCase:
+    """The small messages (``make_small_requests``) and their own edge client on hnd's server."""
+
+    def __init__(self, config: str, seed: int, size: tuple[int, int], port: int) -> None:
+        from hnd.edge.client import ClientSettings, SplitClient
+
+        self.intra, self.key, self.delta = make_small_requests(config, seed, size)
+        self.intra_message = self.intra.SerializeToString()
+        self.delta_message = self.delta.SerializeToString()
+        self.client = SplitClient(ClientSettings(f"127.0.0.1:{port}"))
+        self.client.model_info()
+        self.sequence = 1
+
+    def measure(self, fc: FloorClient, samples: dict[str, list[Sample]], n: int) -> None:
+        samples["small floor unary"] += time_floor(fc.call, self.intra_message, n)
+        samples["small hnd unary"] += time_hnd(self.client, self.intra, n, False)
+        samples["small floor stream"] += time_floor(fc.stream_call, self.delta_message, n)
+        timed, self.sequence = time_hnd_deltas(self.client, self.key, self.delta, n, self.sequence)
+        samples["small hnd stream"] += timed
+
+    def describe(self, samples: dict[str, list[Sample]]) -> dict[str, Any]:
+        return {
+            "unary": "4-bit intra, native size",
+            "stream": "4-bit temporal delta frames, native size",
+            "message_bytes": {"unary": len(self.intra_message), "stream": len(self.delta_message)},
+            "payload_bytes": {
+                "unary": len(self.intra.bottleneck.tensor.data),
+                "stream": len(self.delta.bottleneck.tensor.data),
+            },
+            "modes": {call: _figures(samples[f"small floor {call}"], samples[f"small hnd {call}"]) for call in CALLS},
+        }
+
+
+CALLS = ("unary", "stream")
+
+
 def _alternate_rounds(
-    fc: FloorClient, clients: dict[str, Any], request, message: bytes, warmup: int, rounds: int, per_round: int
+    fc: FloorClient,
+    clients: dict[str, Any],
+    request,
+    message: bytes,
+    warmup: int,
+    rounds: int,
+    per_round: int,
+    small: _SmallCase | None = None,
 ) -> dict[str, list[Sample]]:
-    """Samples keyed "NAME unary" / "NAME stream" (NAME: floor, then each client's name), measured in
-    ``rounds`` alternating rounds of ``per_round`` requests each after ``warmup`` untimed ones."""
+    """Samples keyed "NAME unary" / "NAME stream" (NAME: floor, then each client's name; "small floor" and
+    "small hnd" with ``small``), measured in ``rounds`` alternating rounds of ``per_round`` requests each after
+    ``warmup`` untimed ones."""
     # Warm both (connections, stream set-up, allocator), then alternate short rounds of each.
     time_floor(fc.call, message, warmup)
     time_floor(fc.stream_call, message, warmup)
     for c in clients.values():
         time_hnd(c, request, warmup, False)
         time_hnd(c, request, warmup, True)
-    samples: dict[str, list[Sample]] = {f"{k} {call}": [] for k in ("floor", *clients) for call in ("unary", "stream")}
+    names = ("floor", *clients) + (("small floor", "small hnd") if small else ())
+    samples: dict[str, list[Sample]] = {f"{k} {call}": [] for k in names for call in CALLS}
+    if small is not None:
+        small.measure(fc, {k: [] for k in samples}, warmup)
     for _ in range(rounds):
         samples["floor unary"] += time_floor(fc.call, message, per_round)
         for name, c in clients.items():
@@ -169,6 +233,8 @@ def _alternate_rounds(
         samples["floor stream"] += time_floor(fc.stream_call, message, per_round)
         for name, c in clients.items():
             samples[f"{name} stream"] += time_hnd(c, request, per_round, True)
+        if small is not None:
+            small.measure(fc, samples, per_round)
     return samples
 
 
@@ -334,15 +400,17 @@ def format_table(r: dict[str, Any]) -> str:
     rows = [(call, m) for call, m in r["modes"].items()]
     rows += [(f"{call}*", m) for call, m in r.get("compare", {}).get("modes", {}).items()]
     for call, m in rows:
-        f, t, o, s = m["floor_ms"], m["hnd_total_ms"], m["hnd_overhead_ms"], m["server_ms"]
-        server = f"{s['decode']:.2f}/{s['queue']:.2f}/{s['compute']:.2f}/{s['encode']:.2f}"
-        lines.append(
-            f"{call:<8}{f['p50']:>11.2f} / {f['p95']:<6.2f}{t['p50']:>11.2f} / {t['p95']:<6.2f}"
-            f"{o['p50']:>14.2f} / {o['p95']:<6.2f}{server:>32}{m['ratio_p50']:>15.2f}x  "
-            f"{'met' if m['target_met'] else 'NOT met'}"
-        )
+        lines.append(_row(call, m))
     if "compare" in r:
         lines.append(f"* the same against the hnd server of {r['compare']['python']}")
+    if "small" in r:
+        sm = r["small"]
+        lines.append(
+            f"small messages, same rounds: unary {sm['unary']} ({sm['message_bytes']['unary']:,} B), "
+            f"stream {sm['stream']} ({sm['message_bytes']['stream']:,} B):"
+        )
+        for call, m in sm["modes"].items():
+            lines.append(_row(call, m))
     if "ladder" in r:
         lines.append("end to end p50 ms, measured in the same rounds (each rung adds a part of hnd's request path):")
         lines.append(
@@ -361,6 +429,16 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _row(call: str, m: dict[str, Any]) -> str:
+    f, t, o, s = m["floor_ms"], m["hnd_total_ms"], m["hnd_overhead_ms"], m["server_ms"]
+    server = f"{s['decode']:.2f}/{s['queue']:.2f}/{s['compute']:.2f}/{s['encode']:.2f}"
+    return (
+        f"{call:<8}{f['p50']:>11.2f} / {f['p95']:<6.2f}{t['p50']:>11.2f} / {t['p95']:<6.2f}"
+        f"{o['p50']:>14.2f} / {o['p95']:<6.2f}{server:>32}{m['ratio_p50']:>15.2f}x  "
+        f"{'met' if m['target_met'] else 'NOT met'}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hnd.bench.overhead", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=DEFAULT_CONFIG)
@@ -373,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail", default="trivial", help="trivial (default) | real | sleep[:BASE_MS,PER_IMAGE_MS]")
     p.add_argument("--detections", type=int, default=100, help="detections the trivial tail returns per image")
     p.add_argument("--profile", action="store_true", help="add an in-process breakdown of the CPU steps")
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="also the small messages in the same rounds: 4-bit native size, intra on unary, temporal deltas on the stream",
+    )
     p.add_argument(
         "--compare-python",
         metavar="PYTHON",
@@ -430,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         args.profile,
         args.compare_python,
         args.ladder,
+        args.small,
     )
     print(format_table(result))
     if args.json:

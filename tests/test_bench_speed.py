@@ -29,7 +29,7 @@ def test_stand_in_tails():
 
 
 def test_overhead_benchmark_measures_both_sides():
-    r = overhead.run(CONFIG, size=(120, 160), requests=6, rounds=2, warmup=2, ladder=True)
+    r = overhead.run(CONFIG, size=(120, 160), requests=6, rounds=2, warmup=2, ladder=True, small=True)
     assert r["message_bytes"] > r["payload_bytes"] > 0 and r["reply_bytes"] > 0
     assert r["requests_per_mode"] == 6
     for call in ("unary", "stream"):
@@ -43,6 +43,14 @@ def test_overhead_benchmark_measures_both_sides():
     for step in speed_servers.LADDER:
         assert all(r["ladder"][step][call]["hnd_total_ms"]["p50"] > 0 for call in ("unary", "stream"))
     assert "+ validate/decode" in overhead.format_table(r)
+    # The small messages: 4-bit intra on unary, the session's delta frames on the stream (each decoded on its
+    # session, else time_hnd_deltas raises), each against the floor at its own size.
+    small = r["small"]
+    assert 0 < small["message_bytes"]["stream"] < small["message_bytes"]["unary"] < r["message_bytes"]
+    for call in ("unary", "stream"):
+        m = small["modes"][call]
+        assert m["ratio_p50"] == pytest.approx(m["hnd_overhead_ms"]["p50"] / m["floor_ms"]["p50"])
+    assert "small messages, same rounds" in overhead.format_table(r)
 
 
 def test_batching_benchmark_batches_only_under_concurrency():
