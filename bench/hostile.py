@@ -258,13 +258,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(python: str, port: int) -> subprocess.Popen:
+def _start_server(
+    python: str, port: int, config: str = CONFIG, flags: tuple[str, ...] = (), pythonpath: str | None = None
+) -> subprocess.Popen:
     cmd = [
         python,
         "-m",
         "hnd.server.cli",
         "--config",
-        CONFIG,
+        config,
         "--random-weights",
         "0",
         "--port",
@@ -275,8 +277,10 @@ def _start_server(python: str, port: int) -> subprocess.Popen:
         "ERROR",
         "--drain-seconds",
         "1",
+        *flags,
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -323,6 +327,239 @@ def measure(python: str, repeat: int = 1, cases: tuple[Case, ...] = CASES) -> li
     return rows
 
 
+# --- round 3: attacks with a victim (#25) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attack:
+    """A class of bad requests sent ``count`` times (``concurrency`` at once, one gRPC channel: one client) to a
+    fresh server, first alone (its CPU and memory), then again while a victim on its own channel calls
+    ``victim`` ("info": GetModelInfo, the event loop's responsiveness; "infer": a good request, 10 s deadline).
+
+    make(model) -> (method path, one request's bytes); InferStream requests are sent one per stream.
+    """
+
+    name: str
+    config: str
+    flags: tuple[str, ...]
+    make: Callable[[torch.nn.Module], tuple[str, bytes]]
+    count: int
+    concurrency: int
+    victim: str
+    issue: str
+
+
+STREAM = "/hnd.v1.SplitInference/InferStream"
+MODEL_INFO = "/hnd.v1.SplitInference/GetModelInfo"
+ENTROPIC_CONFIG = "test/faster_rcnn-entropic-b24ch"
+# The production resize (min_size 800, max_size 1333) on the tiny test models: the largest bottleneck a server
+# of the real models accepts, 8 x 24 x 199 x 335 for an Entropic Student.
+FULL_SIZE = ("--max-short-side", "800", "--max-long-side", "1333", "--max-batch", "8")
+
+
+def _video_format() -> str:
+    from hnd.common.video import available_formats
+
+    formats = available_formats()
+    return "hevc" if "hevc" in formats else "h264"
+
+
+ATTACKS = (
+    Attack(
+        "Entropic tiny payload, max shape 8x24x199x335",
+        ENTROPIC_CONFIG,
+        FULL_SIZE,
+        lambda m: (INFER, entropic_tiny_payload(entropic_request(m), 8, (800, 1333), (800, 1344))),
+        12,
+        4,
+        "infer",
+        "867 ms CPU per 242-byte request; victim DEADLINE_EXCEEDED; RSS 1.08 -> 17 GB with 60 in flight",
+    ),
+    Attack(
+        "30 MB garbage JPEG, one at a time",
+        CONFIG,
+        (),
+        lambda m: (INFER, jpeg_request(64, garbage_bytes=30 << 20)),
+        10,
+        1,
+        "info",
+        "RSS 0.92 -> 5.1 GB peak, 2.96 GB kept",
+    ),
+    Attack(
+        "1080p lossless video key frame",
+        CONFIG,
+        (),
+        lambda m: (STREAM, video_key_frame((1080, 1920), _video_format(), lossless=True).SerializeToString()),
+        4,
+        1,
+        "info",
+        "178 ms CPU on the event loop; GetModelInfo p50 1.7 -> 168 ms",
+    ),
+    Attack(
+        "12 concurrent 4096x4096 JPEGs",
+        "test/faster_rcnn-b3ch",
+        (),
+        lambda m: (INFER, jpeg_request(4096)),
+        12,
+        12,
+        "info",
+        "RSS +2.7 GB (queued as full-resolution float32)",
+    ),
+    Attack(
+        "one client, 32 requests in flight",
+        "test/faster_rcnn-b3ch",
+        FULL_SIZE,
+        lambda m: (INFER, full_size_request(m)),
+        32,
+        32,
+        "infer",
+        "a victim's 10 s-deadline requests failed 6 of 8",
+    ),
+)
+
+
+def full_size_request(model: torch.nn.Module) -> bytes:
+    """A valid bottleneck request of one 800x1333 frame (at the production resize)."""
+    head, _ = split_model(model)
+    head.transform.min_size, head.transform.max_size = (800,), 1333
+    frame = torch.rand(3, 800, 1333, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        z, meta = head([frame])
+    request = pb.InferRequest(request_id="full", weights_fingerprint=fingerprint(model))
+    request.bottleneck.CopyFrom(wire.bottleneck_to_proto(codec.encode(z), meta))
+    return request.SerializeToString()
+
+
+@dataclass
+class AttackRow:
+    attack: str
+    request_bytes: int
+    codes: dict[str, int]
+    cpu_ms_per_request: float
+    peak_rss_mib_per_request: float
+    kept_rss_mib: float
+    victim: str
+    victim_p50_ms: float
+    victim_p99_ms: float
+    victim_failed: int
+    victim_calls: int
+    before: str
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _send(channel: grpc.Channel, method: str, payload: bytes, timeout: float = 120) -> str:
+    try:
+        if method == STREAM:
+            list(channel.stream_stream(STREAM)(iter([payload]), timeout=timeout))
+        else:
+            channel.unary_unary(method)(payload, timeout=timeout)
+        return "OK"
+    except grpc.RpcError as exc:
+        return exc.code().name
+
+
+def _attack(port: int, method: str, payload: bytes, count: int, concurrency: int) -> dict[str, int]:
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        with ThreadPoolExecutor(concurrency) as pool:
+            codes = list(pool.map(lambda _: _send(channel, method, payload), range(count)))
+    return dict(Counter(codes))
+
+
+def run_attack(attack: Attack, python: str, pythonpath: str | None = None) -> AttackRow:
+    """One attack on a fresh server subprocess: alone (CPU, peak and kept RSS), then with its victim."""
+    import threading
+
+    cfg = load_config(attack.config)
+    model = build_model_from_config(cfg.model, cfg.path).eval()
+    method, payload = attack.make(model)
+    if attack.victim == "infer":
+        good = entropic_request(model) if cfg.model.bottleneck_type == "entropic" else good_request(model).request
+        victim_method, victim_payload, victim_timeout = INFER, good.SerializeToString(), 10.0
+    else:
+        victim_method, victim_payload, victim_timeout = MODEL_INFO, b"", 10.0
+    port = _free_port()
+    proc = _start_server(python, port, attack.config, attack.flags, pythonpath)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            _send(ch, victim_method, victim_payload)  # warm
+        base = proc_status_kib(proc.pid, "VmRSS")
+        reset_peak_rss(proc.pid)
+        cpu0 = _cpu_s(proc.pid)
+        codes = _attack(port, method, payload, attack.count, attack.concurrency)
+        cpu_ms = (_cpu_s(proc.pid) - cpu0) * 1000 / attack.count
+        peak = proc_status_kib(proc.pid, "VmHWM")
+        time.sleep(3)  # what stays after the attack
+        kept = proc_status_kib(proc.pid, "VmRSS")
+        latencies: list[float] = []
+        failed = 0
+        stop = threading.Event()
+
+        def victim() -> None:
+            nonlocal failed
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    if _send(ch, victim_method, victim_payload, victim_timeout) == "OK":
+                        latencies.append(time.perf_counter() - t)
+                    else:
+                        failed += 1
+                    time.sleep(0.05)
+
+        thread = threading.Thread(target=victim, daemon=True)
+        thread.start()
+        _attack(port, method, payload, attack.count, attack.concurrency)
+        stop.set()
+        thread.join(60)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    lat = np.array(latencies or [float("nan")]) * 1000
+    row = AttackRow(
+        attack.name,
+        len(payload),
+        codes,
+        cpu_ms,
+        max(peak - base, 0) / 1024 / attack.count,
+        (kept - base) / 1024,
+        "GetModelInfo" if attack.victim == "info" else "Infer (10 s deadline)",
+        float(np.percentile(lat, 50)),
+        float(np.percentile(lat, 99)),
+        failed,
+        len(latencies) + failed,
+        attack.issue,
+    )
+    print(f"{attack.name}: {row}", file=sys.stderr)
+    return row
+
+
+def attack_markdown(rows: list[AttackRow]) -> str:
+    lines = [
+        "| attack (request bytes) | status | server CPU / request | peak RSS / request | RSS kept after | "
+        "victim | victim p50 / p99 | victim failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        codes = ", ".join(f"{n} {c}" for c, n in sorted(r.codes.items()))
+        lines.append(
+            f"| {r.attack} ({r.request_bytes:,}) | {codes} | {r.cpu_ms_per_request:,.0f} ms | "
+            f"{r.peak_rss_mib_per_request:,.1f} MiB | {r.kept_rss_mib:+,.0f} MiB | {r.victim} | "
+            f"{r.victim_p50_ms:,.0f} / {r.victim_p99_ms:,.0f} ms | {r.victim_failed} of {r.victim_calls} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(rows: list[Row]) -> str:
     lines = ["| class | request bytes | status | worst server time | peak RSS growth |", "|---|---|---|---|---|"]
     for r in rows:
@@ -337,14 +574,31 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hnd.bench.hostile", description=__doc__.split("\n")[0])
     p.add_argument("--server-python", default=sys.executable, help="interpreter whose hnd runs the server")
     p.add_argument("--repeat", type=int, default=1, help="sends per class (the worst time is kept)")
-    p.add_argument("--only", nargs="*", help="case names to run (default: all)")
+    p.add_argument("--only", nargs="*", help="case or attack names to run (default: all)")
     p.add_argument("--json", help="write the rows as JSON")
+    p.add_argument(
+        "--server-pythonpath", help="PYTHONPATH of the server subprocess (an older checkout's hnd, for 'before')"
+    )
+    p.add_argument(
+        "--part",
+        choices=("cases", "attacks", "all"),
+        default="all",
+        help="single hostile requests (round 2), attacks with a victim (round 3), or both",
+    )
     args = p.parse_args(argv)
-    cases = tuple(c for c in CASES if not args.only or c.name in args.only)
-    rows = measure(args.server_python, args.repeat, cases)
-    print(markdown(rows))
+    out: dict[str, list] = {}
+    if args.part in ("cases", "all"):
+        cases = tuple(c for c in CASES if not args.only or c.name in args.only)
+        rows = measure(args.server_python, args.repeat, cases) if cases else []
+        print(markdown(rows))
+        out["cases"] = [asdict(r) for r in rows]
+    if args.part in ("attacks", "all"):
+        attacks = [a for a in ATTACKS if not args.only or a.name in args.only]
+        attack_rows = [run_attack(a, args.server_python, args.server_pythonpath) for a in attacks]
+        print(attack_markdown(attack_rows))
+        out["attacks"] = [asdict(r) for r in attack_rows]
     if args.json:
-        atomic_write_json(args.json, [asdict(r) for r in rows])
+        atomic_write_json(args.json, out)
     return 0
 
 

@@ -27,7 +27,7 @@ from hnd.common.flags import (
 )
 from hnd.server.accel import COMPILE_MODES, PRECISIONS, TailOptions, check_options
 from hnd.server.app import ServerSettings, TlsFiles, read_token, serve
-from hnd.server.service import MAX_QUEUE_BYTES, BatchingOptions, ModelRunner, ServerLimits
+from hnd.server.service import MAX_INFLIGHT_MESSAGE_BYTES, MAX_QUEUE_BYTES, BatchingOptions, ModelRunner, ServerLimits
 from hnd.server.streams import StreamLimits
 
 DEFAULT_METRICS_PORT = 9100
@@ -111,6 +111,13 @@ def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=ServerLimits.max_mask_bytes >> 20,
         help="Mask R-CNN: float32 masks one request may paste at its original size (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-inflight-mib",
+        type=int,
+        default=MAX_INFLIGHT_MESSAGE_BYTES >> 20,
+        help="serialized request MiB held from receipt to answer over all calls; more is RESOURCE_EXHAUSTED "
+        "(0: no bound) (default %(default)s)",
     )
 
 
@@ -264,6 +271,7 @@ def settings_from_args(args: argparse.Namespace, runtime: RuntimeConfig) -> Serv
             max_long_side=args.max_long_side,
             max_original_side=args.max_original_side,
             max_mask_bytes=args.max_mask_mib << 20,
+            max_inflight_message_bytes=(args.max_inflight_mib << 20) or None,
             streams=StreamLimits(
                 max_sessions=args.max_stream_sessions,
                 max_reference_bytes=args.max_reference_mib << 20,

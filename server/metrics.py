@@ -13,7 +13,7 @@ class ServerMetrics:
     """``hnd_requests_total{method,code}``, ``hnd_refusals_total{method,code,reason}``,
     ``hnd_deadline_drops_total{method}``, ``hnd_request_seconds{method,code}``,
     ``hnd_stream_messages_total{outcome}``, ``hnd_log_suppressed_total``, ``hnd_batch_size``,
-    ``hnd_queue_depth``, ``hnd_queue_bytes``, ``hnd_decode_queue_depth``, ``hnd_dropped_total{reason}``, ``hnd_late_images_total``,
+    ``hnd_queue_depth``, ``hnd_queue_bytes``, ``hnd_decode_queue_depth``, ``hnd_inflight_message_bytes``, ``hnd_dropped_total{reason}``, ``hnd_late_images_total``,
     ``hnd_stage_seconds{stage}`` and ``hnd_request_bytes_total``.
 
     InferStream counts per message: one request = one stream message. Every call ends in
@@ -39,6 +39,11 @@ class ServerMetrics:
         self.decode_queue_depth = Gauge(
             "hnd_decode_queue_depth",
             "Requests waiting for the decode thread or on it (max_decode_queue)",
+            registry=self.registry,
+        )
+        self.inflight_message_bytes = Gauge(
+            "hnd_inflight_message_bytes",
+            "Serialized request bytes held from receipt to answer (max_inflight_message_bytes)",
             registry=self.registry,
         )
         self.queue_bytes = Gauge(

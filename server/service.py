@@ -9,6 +9,7 @@ unparseable bytes get INVALID_ARGUMENT rather than a generic INTERNAL error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import time
@@ -38,7 +39,14 @@ from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import tensor_pb2
 from hnd.server.accel import TailOptions, build_tail, tail_info
 from hnd.server.batching import Batcher, BatcherEvents, BatcherStopped, DeadlineExpired, QueueFull
-from hnd.server.budget import BudgetError, check_bottleneck_shape, check_originals, check_split_meta, make_budget
+from hnd.server.budget import (
+    BudgetError,
+    MessageBytes,
+    check_bottleneck_shape,
+    check_originals,
+    check_split_meta,
+    make_budget,
+)
 from hnd.server.metrics import STAGES, ServerMetrics
 from hnd.server.streams import KeyFrameRequired, StreamLimits, StreamSession, StreamSessions, video_request
 from hnd.server.text import RateLimitedLog, client_text
@@ -91,6 +99,10 @@ def bad_bottleneck(exc: codec.CodecError) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad bottleneck: {exc}", "codec")
 
 
+# Serialized request bytes held in flight over all calls: 8 messages of the largest size (max_message_bytes).
+MAX_INFLIGHT_MESSAGE_BYTES = 256 * 2**20
+
+
 @dataclass
 class ServerLimits:
     """Bounds enforced on every request (docs/concepts/split.md, invariant 5)."""
@@ -107,6 +119,8 @@ class ServerLimits:
     # Mask R-CNN pastes detections_per_img float32 masks per image at its original size: this bounds them
     # per request (and so the original pixels a request may declare).
     max_mask_bytes: int = 1 << 30
+    # Serialized request bytes held from receipt to answer, over all calls (hnd.server.budget.MessageBytes).
+    max_inflight_message_bytes: int | None = MAX_INFLIGHT_MESSAGE_BYTES
     streams: StreamLimits = field(default_factory=StreamLimits)  # per-InferStream sessions (server/streams.py)
 
 
@@ -351,6 +365,7 @@ class SplitInferenceService:
         # One decode thread: large and learned-coded bottlenecks (BatchingOptions.offload_decode_bytes).
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hnd-decode")
         self._decoding = 0  # requests waiting for the decode thread or on it (at most max_decode_queue)
+        self.messages = MessageBytes(limits.max_inflight_message_bytes, self.metrics.inflight_message_bytes.set)
         gauge = self.metrics.stream_sessions
         self.streams = StreamSessions(
             limits.streams,
@@ -447,6 +462,7 @@ class SplitInferenceService:
                 max_stream_inflight=lim.max_stream_inflight,
                 max_queue_bytes=self.batching.max_queue_bytes or 0,
                 max_decode_queue=self.batching.max_decode_queue,
+                max_inflight_message_bytes=lim.max_inflight_message_bytes or 0,
             ),
             server_version=hnd.__version__,
             min_size=r.min_size,
@@ -708,6 +724,20 @@ class SplitInferenceService:
         m["encode"].observe(encode_ns / 1e9)
         return response
 
+    def _hold(self, raw: bytes) -> int:
+        """Count a received message against max_inflight_message_bytes (give it back with ``messages.give``)."""
+        if not self.messages.take(len(raw)):
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server holds {self.messages.held} bytes of requests in flight; a {len(raw)}-byte message would "
+                f"pass max_inflight_message_bytes {self.messages.limit}",
+                "inflight_bytes",
+            )
+        return len(raw)
+
+    def _give_back(self, held: int, _task: asyncio.Future) -> None:
+        self.messages.give(held)
+
     def _parse(self, raw: bytes) -> pb.InferRequest:
         self.metrics.request_bytes.inc(len(raw))
         try:
@@ -742,6 +772,9 @@ class SplitInferenceService:
             exc,
             client_text(context.peer()),
         )
+        # Nothing of the refused request may outlive it: its traceback and the error it replaced reach the
+        # frames that held the message, and gRPC's abort keeps them in reference cycles until a full collection.
+        exc.__traceback__ = exc.__context__ = exc.__cause__ = None
         await context.abort(exc.code, str(exc))
 
     # --- gRPC handlers (raw bytes in, messages out) ---------------------------------------------
@@ -752,7 +785,9 @@ class SplitInferenceService:
         # from moving it to another replica.
         context.set_trailing_metadata(self.call_metadata)
         request_id = ""
+        held = 0
         try:
+            held = self._hold(raw)
             request = self._parse(raw)
             request_id = request.request_id
             response = await self.infer(request, context.time_remaining(), method="Infer", client=context.peer())
@@ -760,9 +795,11 @@ class SplitInferenceService:
             self._done("Infer", gone_code(context), start)
             raise
         except RequestError as exc:
+            raw = request = None  # type: ignore[assignment]  # the abort's traceback keeps this frame
             await self._fail(context, "Infer", exc, start, request_id)
         except Exception:  # noqa: BLE001 - never a traceback to the client; one to the log
             log.exception("Infer failed")
+            raw = request = None  # type: ignore[assignment]
             await self._fail(
                 context,
                 "Infer",
@@ -770,6 +807,8 @@ class SplitInferenceService:
                 start,
                 request_id,
             )
+        finally:
+            self.messages.give(held)
         self._done("Infer", "OK", start)
         return response
 
@@ -820,6 +859,7 @@ class SplitInferenceService:
             self._close_session(session)
             reader.cancel()
             dropped = inflight.cancel_unanswered()
+            inflight.tasks.clear()  # tasks and their done callbacks (inflight.end_after) form a cycle
             if dropped:  # read, never answered: their final code is the stream's end (caller gone, or a refusal)
                 self.metrics.stream_messages.labels("dropped").inc(dropped)
                 self.metrics.requests.labels(method, gone_code(context)).inc(dropped)
@@ -840,10 +880,16 @@ class SplitInferenceService:
                 if inflight.ended.is_set():
                     break
                 start = time.perf_counter_ns()
-                request = self._parse(raw)  # parse errors surface in order, below
+                held = self._hold(raw)  # refusals (budget, parse) surface in order, below
+                try:
+                    request = self._parse(raw)
+                except RequestError:
+                    self.messages.give(held)
+                    raise
                 task = asyncio.ensure_future(
                     self.infer(request, context.time_remaining(), session, method=method, client=context.peer())
                 )
+                task.add_done_callback(functools.partial(self._give_back, held))
                 inflight.add(task)
                 try:
                     await inflight.pending.put((task, start, request.request_id))

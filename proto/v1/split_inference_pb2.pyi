@@ -159,7 +159,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_elements", "max_decompressed_bytes", "max_dims", "max_batch", "max_queue", "max_image_pixels", "max_short_side", "max_long_side", "size_divisible", "max_padded_side", "max_padded_pixels", "max_original_side", "max_original_pixels", "max_mask_bytes", "max_stream_inflight", "max_queue_bytes", "max_decode_queue")
+    __slots__ = ("max_message_bytes", "max_elements", "max_decompressed_bytes", "max_dims", "max_batch", "max_queue", "max_image_pixels", "max_short_side", "max_long_side", "size_divisible", "max_padded_side", "max_padded_pixels", "max_original_side", "max_original_pixels", "max_mask_bytes", "max_stream_inflight", "max_queue_bytes", "max_decode_queue", "max_inflight_message_bytes")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_DECOMPRESSED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class ServerLimits(_message.Message):
     MAX_STREAM_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_DECODE_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_INFLIGHT_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_elements: int
     max_decompressed_bytes: int
@@ -196,7 +197,8 @@ class ServerLimits(_message.Message):
     max_stream_inflight: int
     max_queue_bytes: int
     max_decode_queue: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., max_decompressed_bytes: _Optional[int] = ..., max_dims: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_short_side: _Optional[int] = ..., max_long_side: _Optional[int] = ..., size_divisible: _Optional[int] = ..., max_padded_side: _Optional[int] = ..., max_padded_pixels: _Optional[int] = ..., max_original_side: _Optional[int] = ..., max_original_pixels: _Optional[int] = ..., max_mask_bytes: _Optional[int] = ..., max_stream_inflight: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., max_decode_queue: _Optional[int] = ...) -> None: ...
+    max_inflight_message_bytes: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_elements: _Optional[int] = ..., max_decompressed_bytes: _Optional[int] = ..., max_dims: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_short_side: _Optional[int] = ..., max_long_side: _Optional[int] = ..., size_divisible: _Optional[int] = ..., max_padded_side: _Optional[int] = ..., max_padded_pixels: _Optional[int] = ..., max_original_side: _Optional[int] = ..., max_original_pixels: _Optional[int] = ..., max_mask_bytes: _Optional[int] = ..., max_stream_inflight: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., max_decode_queue: _Optional[int] = ..., max_inflight_message_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_kind", "bottleneck_channels", "weights_fingerprint", "accepted_bits", "accepted_granularities", "accepted_compressions", "accepted_image_formats", "limits", "server_version", "min_size", "max_size", "num_keypoints", "stream_sessions", "bottleneck_type", "tail")
