@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes/frame vs accuracy sweep instead (split intra/temporal, JPEG, WebP, H.264, HEVC); "
         "its options: hnd-bench --rate-accuracy --help",
     )
+    p.add_argument(
+        "--adapt-trace",
+        metavar="CSV",
+        help="hnd-edge --adapt against each fixed operating point over a link trace through the shaping proxy "
+        "instead; its options: hnd-bench --adapt-trace x --help",
+    )
     return p
 
 
@@ -208,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         from hnd.bench.rate import main as rate_main
 
         return rate_main(argv)
+    if "--adapt-trace" in argv:  # adaptive vs fixed operating points over a link trace (hnd.bench.adapt_trace)
+        from hnd.bench.adapt_trace import main as trace_main
+
+        return trace_main(argv)
     args = build_parser().parse_args(argv)
     try:
         result = run_bench(options_from_args(args))

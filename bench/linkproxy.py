@@ -128,6 +128,7 @@ def _bps(rate_mbit: float | None) -> float | None:
 def read_schedule(path: str | Path, base: LinkSettings) -> list[tuple[float, LinkSettings]]:
     """``time_s,rate[,delay]`` rows -> [(time_s, settings)], times ascending; UsageError naming the line."""
     out: list[tuple[float, LinkSettings]] = []
+    header_seen = False
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
@@ -139,8 +140,9 @@ def read_schedule(path: str | Path, base: LinkSettings) -> list[tuple[float, Lin
         try:
             t = float(cells[0])
         except ValueError:
-            if n == 1:
-                continue  # a header
+            if not out and not header_seen:
+                header_seen = True  # a header line before the first row
+                continue
             raise UsageError(f"{path}:{n}", f"time {cells[0]!r} is not a number of seconds") from None
         if len(cells) < 2 or t < 0 or (out and t < out[-1][0]):
             raise UsageError(f"{path}:{n}", "expected time_s,rate[,delay] with times >= 0, ascending")

@@ -21,7 +21,8 @@ Predicted latency of a point over a link of ``bandwidth`` and round trip ``rtt``
     latency_ms = edge_ms + server_ms + rtt_ms + inflight * 8 * bytes_p95 / bandwidth_bits_per_ms
 
 with edge / server compute at their p95 (the edge's own observations of a point replace the profile's once
-it has some), ``bytes_p95`` over key and delta frames together, and ``inflight`` the requests the edge keeps
+it has some; a point not observed yet gets the profile's figure scaled by how the observed points compare
+with theirs: the profile may come from another machine, or a quieter hour), ``bytes_p95`` over key and delta frames together, and ``inflight`` the requests the edge keeps
 in flight (on a link that is the bottleneck a frame waits behind the others). With a known frame rate, a
 point whose mean bitrate exceeds ``max_link_share`` of the bandwidth cannot hold any latency (its queue
 grows without bound) and is ruled out. Predicted bitrate: ``8 * bytes_mean * fps``; without a frame rate
@@ -125,6 +126,7 @@ class LinkEstimate:
     samples: int = 0
     inflight: int = 1
     compute_ms: dict[str, float] = field(default_factory=dict)
+    compute_scale: float = 1.0  # observed / profile compute, for the points not observed yet (see choose)
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ def predict(point: OperatingPoint, est: LinkEstimate, params: PolicyParams = Pol
 
     Unknown bandwidth / RTT count as infinite / zero: with no observation yet, no link term.
     """
-    compute = est.compute_ms.get(point.id, point.edge_ms + point.server_ms)
+    compute = est.compute_ms.get(point.id, (point.edge_ms + point.server_ms) * est.compute_scale)
     transfer = 0.0
     if est.bandwidth_bps:
         transfer = 8 * point.bytes_p95 / est.bandwidth_bps * 1e3 * est.inflight
@@ -206,6 +208,7 @@ def choose(
     if not points:
         raise ValueError("no operating points")
     by_id = {p.id: p for p in points}
+    est = calibrated(points, est)
     current = by_id.get(state.current) if state.current is not None else None
     if current is not None and est.samples - state.samples_at_switch < params.min_samples:
         return Decision(current, state, False, not state.infeasible)  # too early to tell: keep it
@@ -239,6 +242,17 @@ def choose(
         switches=state.switches + int(switched),
     )
     return Decision(chosen, new_state, switched, feasible, note)
+
+
+def calibrated(points: list[OperatingPoint], est: LinkEstimate) -> LinkEstimate:
+    """``est`` with ``compute_scale``: the median, over the points observed, of their observed compute over the
+    profile's (this edge and server against the machine that measured the profile; 1 when none observed)."""
+    ratios = [
+        est.compute_ms[p.id] / (p.edge_ms + p.server_ms)
+        for p in points
+        if p.id in est.compute_ms and p.edge_ms + p.server_ms > 0
+    ]
+    return replace(est, compute_scale=float(sorted(ratios)[len(ratios) // 2])) if ratios else est
 
 
 def describe_link(est: LinkEstimate) -> str:

@@ -316,7 +316,8 @@ class AdaptiveMode(EdgeMode):
         owner = self._owner.pop(prepared.frame.index, None)
         if owner is not None:
             owner.after(prepared, record)
-            record.mode = owner.name
+        if owner or self._current:  # the record names the point's mode (split, offload), not "adaptive"
+            record.mode = (owner or self._current).name
         record.extra.setdefault("operating_point", self.state.current)
         if record.ok and record.server_ms is not None and record.ms.network_server is not None:
             server = record.server_ms.total()

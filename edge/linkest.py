@@ -7,7 +7,7 @@ stage times (as the server reports them; durations, never clocks subtracted acro
 
 * **Round trip** (``rtt_ms``): the windowed minimum of ``wire_ms`` over the last ``rtt_window_s`` seconds,
   as BBR keeps its RTprop: the smallest frames give the tightest bound (their bytes take least time), and an
-  old minimum ages out so a longer path is learnt.
+  old minimum ages out so a longer path is learnt (30 s rather than BBR's 10: see ``EstimatorParams``).
 * **Bandwidth** (``bandwidth_bps``): a delivery-rate sample per frame, ``8 * bytes / (wire_ms - rtt_ms)``,
   and the windowed maximum over the last ``bw_window`` samples, as BBR keeps its BtlBw: a frame that waited
   behind another in flight, or whose transfer was too short to time (floored at ``min_transfer_ms``), only
@@ -15,7 +15,9 @@ stage times (as the server reports them; durations, never clocks subtracted acro
   rate the link lost for a whole window; like WebRTC's delay-based controller (GCC), which cuts its
   estimate when the delay grows (overuse), the window restarts from the recent samples when
   ``overuse_samples`` frames in a row took more than ``overuse_factor`` times the transfer time the
-  estimate predicts for their bytes (plus ``overuse_slack_ms`` of jitter).
+  estimate predicts for their bytes (plus ``overuse_slack_ms`` of jitter), or one frame took more than
+  ``gross_overuse_factor`` times it (plus half a round trip): a link that lost most of its rate, where each
+  frame may now take seconds.
 * **Compute** per operating point: the edge's edge-stage and server times of the last frames sent with it
   (a high quantile), which replace the profile's figures in the policy's predictions once there are a few.
 
@@ -35,11 +37,15 @@ from hnd.edge.adapt import LinkEstimate
 @dataclass(frozen=True)
 class EstimatorParams:
     bw_window: int = 10  # delivery-rate samples in the max filter
-    rtt_window_s: float = 10.0  # the min filter's horizon
+    # The min filter's horizon. Longer than BBR's 10 s: a frame is one message, never a small probe, so
+    # over a slow link every recent sample carries seconds of transfer, and a short window would take
+    # that for round trip (then the transfer looks instant and the bandwidth huge).
+    rtt_window_s: float = 30.0
     min_transfer_ms: float = 0.5  # below this a transfer is not timed: the sample is a lower bound
     overuse_factor: float = 2.0
     overuse_slack_ms: float = 5.0
     overuse_samples: int = 2
+    gross_overuse_factor: float = 8.0  # one frame this much slower than predicted is enough
     compute_window: int = 20  # compute observations kept per point
     compute_min: int = 3  # observations of a point before they replace the profile's figures
     compute_quantile: float = 0.9
@@ -101,9 +107,11 @@ class LinkEstimator:
         if bw is None:
             return
         predicted = 8 * nbytes / bw * 1e3
+        rtt = self.rtt_ms(self._wire[-1][0]) or 0.0
         if transfer_ms > p.overuse_factor * predicted + p.overuse_slack_ms:
             self._overuse.append(rate)
-            if len(self._overuse) >= p.overuse_samples:
+            gross = transfer_ms > p.gross_overuse_factor * predicted + max(p.overuse_slack_ms, rtt / 2)
+            if gross or len(self._overuse) >= p.overuse_samples:
                 self._rates.clear()
                 self._rates.extend(self._overuse[:-1])  # the last one is appended by observe()
                 self._overuse.clear()

@@ -70,6 +70,7 @@ MODULE_MARKS = {
     "test_kserve.py": ("e2e",),  # hnd.serve answering KServe v2 and hnd.v1 side by side
     "test_examples.py": ("e2e",),  # examples/ against hnd.serve
     "test_tritonclient.py": ("e2e",),  # hnd-server with tritonclient and perf_analyzer from their own venv
+    "test_adapt_trace.py": ("e2e",),  # hnd-bench --adapt-trace: a live server behind the shaping proxy
 }
 FIXTURE_MARKS = {
     "quick": ("e2e", "slow"),  # test_bench: one hnd-bench --quick run
@@ -80,6 +81,7 @@ FIXTURE_MARKS = {
 TEST_MARKS = {
     # rate steps through the proxy while 18 frames go through the adaptive edge (~25 s)
     "test_adapt_e2e.py::test_the_point_follows_rate_steps_through_the_proxy": ("slow",),
+    "test_adapt_trace.py::test_adapt_trace_writes_the_table_the_runs_and_the_plot": ("slow",),  # hnd-bench (~30 s)
     "test_linkproxy.py::test_a_transfer_takes_the_time_the_rate_and_delay_imply": ("e2e",),  # loopback TCP
     "test_linkproxy.py::test_set_link_changes_the_rate_while_it_runs": ("e2e",),
     "test_bench.py::test_bench_filter_options_are_checked": ("e2e",),

@@ -10,6 +10,7 @@ import pytest
 
 from hnd.edge.adapt import (
     LinkEstimate,
+    calibrated,
     Objective,
     OperatingPoint,
     PolicyState,
@@ -164,9 +165,9 @@ def test_round_trip_is_the_windowed_minimum_of_network_minus_server_time():
     est.observe(1.0, 100, 50, network_ms=30.0, server_ms=0.0)
     est.observe(2.0, 100, 50, network_ms=60.0, server_ms=20.0)  # 40
     assert est.rtt_ms(2.0) == 30.0
-    est.observe(12.0, 100, 50, network_ms=45.0, server_ms=0.0)  # the 30 ms one is 11 s old: aged out
-    assert est.rtt_ms(12.0) == 40.0
-    assert est.rtt_ms(100.0) == 45.0  # all old: the newest stands
+    est.observe(32.0, 100, 50, network_ms=45.0, server_ms=0.0)  # the 30 ms one is 31 s old: aged out
+    assert est.rtt_ms(32.0) == 40.0
+    assert est.rtt_ms(200.0) == 45.0  # all old: the newest stands
 
 
 def test_bandwidth_is_the_windowed_maximum_of_delivery_rates():
@@ -185,13 +186,16 @@ def test_a_rate_drop_restarts_the_window_after_two_overusing_frames():
     est = LinkEstimator()
     est.observe(0.0, 100, 0, network_ms=20.0, server_ms=0.0)
     est.observe(1.0, 125_000, 0, network_ms=120.0, server_ms=0.0)  # 10 Mbit/s
-    # 1 Mbit/s now: 1,000 ms of transfer where 10 Mbit/s predicts 100 (over 2 x 100 + 5)
-    est.observe(2.0, 125_000, 0, network_ms=1020.0, server_ms=0.0)
+    # 4 Mbit/s now: 250 ms of transfer where 10 Mbit/s predicts 100 (over 2 x 100 + 5, under 8 x 100)
+    est.observe(2.0, 125_000, 0, network_ms=270.0, server_ms=0.0)
     assert est.bandwidth_bps == pytest.approx(10e6)  # one slow frame may be jitter
-    est.observe(3.0, 125_000, 0, network_ms=1020.0, server_ms=0.0)
-    assert est.bandwidth_bps == pytest.approx(1e6)
+    est.observe(3.0, 125_000, 0, network_ms=270.0, server_ms=0.0)
+    assert est.bandwidth_bps == pytest.approx(4e6)
     est.observe(4.0, 125_000, 0, network_ms=120.0, server_ms=0.0)  # back to 10 Mbit/s: the max filter rises at once
     assert est.bandwidth_bps == pytest.approx(10e6)
+    # 1 Mbit/s: 1,000 ms where 100 are predicted, over 8 x 100 + 10 (half the round trip): one frame is enough
+    est.observe(5.0, 125_000, 0, network_ms=1020.0, server_ms=0.0)
+    assert est.bandwidth_bps == pytest.approx(1e6)
 
 
 def test_compute_per_point_replaces_the_profile_after_a_few_frames():
@@ -292,3 +296,12 @@ def test_each_family_of_point_is_reproduced_as_edge_options_and_local_ones_left_
         "operating point local-native left out: a local point",
         "operating point split-8b left out: a split point and this edge has no head",
     ]
+
+
+def test_points_not_observed_yet_get_the_profiles_compute_scaled_like_the_observed_ones():
+    # small observed at 120 ms where its profile says 30: the machine is 4x slower; big's 30 ms become 120
+    seen = LinkEstimate(bandwidth_bps=10e6, rtt_ms=20.0, samples=10, compute_ms={"small": 120.0})
+    assert predict(BIG, calibrated(POINTS, seen)).latency_ms == pytest.approx(120 + 20 + 100)
+    assert calibrated(POINTS, LINK).compute_scale == 1.0
+    # so big is out of a 200 ms target (240 ms) although the profile's figures alone would take it (150 ms)
+    assert choose(POINTS, seen, Objective(target_latency_ms=200), PolicyState()).point.id == "mid-tie"

@@ -33,7 +33,7 @@ def test_loss_is_a_stall_per_chunk_with_a_lost_segment():
 
 def test_schedule_rows_and_errors(tmp_path):
     path = tmp_path / "trace.csv"
-    path.write_text("time_s,rate,delay\n# a comment\n0,50mbit,20ms\n2.5,1mbit\n5,10mbit,40ms\n")
+    path.write_text("# a comment\ntime_s,rate,delay\n0,50mbit,20ms\n2.5,1mbit\n5,10mbit,40ms\n")
     rows = read_schedule(path, LinkSettings(delay_ms=5.0, jitter_ms=1.0))
     assert [(t, s.rate_mbit, s.delay_ms, s.jitter_ms) for t, s in rows] == [
         (0.0, 50.0, 20.0, 1.0),
