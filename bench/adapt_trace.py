@@ -53,10 +53,11 @@ ADAPTIVE = "adaptive"
 
 @dataclass
 class RunResult:
-    """One run over the trace: every frame's (seconds since start, point, status, latency ms, payload bytes)."""
+    """One run over the trace: every frame's (seconds since start, point, status, latency ms, payload bytes,
+    the adaptive edge's bandwidth estimate in kbit/s when it chose the point)."""
 
     name: str
-    frames: list[tuple[float, str, str, float | None, int]] = field(default_factory=list)
+    frames: list[tuple[float, str, str, float | None, int, float | None]] = field(default_factory=list)
     switches: int = 0
 
     def figures(self, target_ms: float | None, agreement: dict[str, float]) -> dict[str, Any]:
@@ -115,9 +116,9 @@ def run_trace(
 
             def on_record(record: FrameRecord, frame: Frame) -> None:
                 point = record.extra.get("operating_point", name)
-                result.frames.append(
-                    (round(time.monotonic() - start, 3), point, record.status, record.ms.total, record.bytes.payload)
-                )
+                kbps = (record.extra.get("link") or {}).get("kbps")
+                t = round(time.monotonic() - start, 3)
+                result.frames.append((t, point, record.status, record.ms.total, record.bytes.payload, kbps))
 
             runner.run(CycledFrames(frames, start + duration_s), on_record)
             if isinstance(mode, AdaptiveMode):
@@ -221,11 +222,14 @@ def plot(
     fig, (ax_rate, ax_point, ax_lat) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     times = [t for t, _ in schedule] + [duration_s]
     rates = [s.rate_mbit or float("nan") for _, s in schedule]
-    ax_rate.step(times, rates + rates[-1:], where="post", color="k")
+    ax_rate.step(times, rates + rates[-1:], where="post", color="k", label="the proxy's rate")
+    adaptive = results[0]
+    est = [(f[0], f[5] / 1e3) for f in adaptive.frames if f[5]]
+    ax_rate.plot([t for t, _ in est], [v for _, v in est], ".", color="C0", label="adaptive edge's estimate")
+    ax_rate.legend(fontsize=7)
     ax_rate.set_yscale("log")
     ax_rate.set_ylabel("link rate (Mbit/s)")
     order = {p.id: i for i, p in enumerate(points)}
-    adaptive = results[0]
     ax_point.plot([f[0] for f in adaptive.frames], [order.get(f[1], -1) for f in adaptive.frames], "o-", ms=3)
     ax_point.set_yticks(range(len(points)), [p.id for p in points], fontsize=7)
     ax_point.set_ylabel("adaptive: point")

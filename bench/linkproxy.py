@@ -7,7 +7,8 @@
 In the spirit of toxiproxy and comcast, for a machine where ``tc netem`` is missing (no kernel module) or
 root is not at hand. Each direction is one link shared by every connection through the proxy:
 
-* **rate**: a token bucket (``--rate``, refilled at the rate, ``--burst`` bytes deep): a chunk of bytes
+* **rate**: a token bucket (``--rate``, refilled at the rate, ``--burst`` bytes deep: by default 1 ms of the
+  rate, at least 100 bytes, so that no small message passes at line speed after an idle moment): a chunk of bytes
   leaves once the bucket holds its size, so a transfer of N bytes takes ``8 N / rate``; the proxy reads the
   next chunk only then, so the sender's own TCP buffers fill as they would behind a slow link;
 * **delay**: each chunk is delivered ``--delay`` after it left (one way: a round trip adds twice
@@ -46,6 +47,9 @@ PROG = "python -m hnd.bench.linkproxy"
 CHUNK = 8192  # bytes read (and shaped) at a time
 SEGMENT = 1448  # a TCP segment's payload on a 1500-byte MTU: the unit --loss counts in
 MIN_RTO_S = 0.2  # Linux's minimum retransmission timeout
+# A deeper bucket lets whole small messages through at line speed after an idle moment: at 10 kbit/s a
+# 1500-byte burst is 1.2 s of the link's time given away.
+MIN_BURST = 100
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,14 @@ class LinkSettings:
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
     loss: float = 0.0
-    burst_bytes: int = 1500
+    burst_bytes: int | None = None  # None: 1 ms of the rate, at least MIN_BURST
+
+    @property
+    def burst(self) -> int:
+        """The token bucket's depth: a burst passes at once after the link idled, the rest at the rate."""
+        if self.burst_bytes is not None:
+            return self.burst_bytes
+        return max(MIN_BURST, int((self.rate_mbit or 0) * 1e6 / 8 * 1e-3))
 
 
 class TokenBucket:
@@ -101,12 +112,12 @@ class _Direction:
     def __init__(self, settings: LinkSettings, rng: random.Random, now: float) -> None:
         self.settings = settings
         self.rng = rng
-        self.bucket = TokenBucket(_bps(settings.rate_mbit), settings.burst_bytes, now)
+        self.bucket = TokenBucket(_bps(settings.rate_mbit), settings.burst, now)
         self.last_delivery = 0.0
 
     def update(self, settings: LinkSettings, now: float) -> None:
         self.settings = settings
-        self.bucket.burst = settings.burst_bytes
+        self.bucket.burst = settings.burst
         self.bucket.set_rate(_bps(settings.rate_mbit), now)
 
     def delivery_time(self, nbytes: int, sent: float) -> float:
@@ -353,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share of TCP segments lost: each stalls its bytes (and those behind) for one retransmission time",
     )
-    p.add_argument("--burst", type=int, default=1500, help="token bucket depth in bytes (default 1500)")
+    p.add_argument(
+        "--burst", type=int, default=None, help="token bucket depth in bytes (default: 1 ms of the rate, >= 100)"
+    )
     p.add_argument("--schedule", metavar="CSV", help="rows time_s,rate[,delay]: the link changes as time goes")
     p.add_argument("--seed", type=int, default=0, help="seed of the jitter and loss draws")
     return p
@@ -362,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> LinkSettings:
     if not 0.0 <= args.loss < 1.0:
         raise UsageError(f"--loss {args.loss:g}: expected a share in [0, 1)")
-    if args.burst < 1:
+    if args.burst is not None and args.burst < 1:
         raise UsageError(f"--burst {args.burst}: expected >= 1 byte")
     return LinkSettings(
         rate_mbit=parse_rate_mbit(args.rate, "--rate") if args.rate else None,

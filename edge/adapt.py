@@ -18,12 +18,13 @@ point's latency and bitrate and returns the point to run:
 
 Predicted latency of a point over a link of ``bandwidth`` and round trip ``rtt``::
 
-    latency_ms = edge_ms + server_ms + rtt_ms + inflight * 8 * bytes_p95 / bandwidth_bits_per_ms
+    latency_ms = edge_ms + server_ms + rtt_ms + inflight * 8 * (bytes_p95 + response_bytes) / bandwidth_bits_per_ms
 
 with edge / server compute at their p95 (the edge's own observations of a point replace the profile's once
 it has some; a point not observed yet gets the profile's figure scaled by how the observed points compare
 with theirs: the profile may come from another machine, or a quieter hour), ``bytes_p95`` over key and delta frames together, and ``inflight`` the requests the edge keeps
-in flight (on a link that is the bottleneck a frame waits behind the others). With a known frame rate, a
+in flight (on a link that is the bottleneck a frame waits behind the others) and ``response_bytes`` what an
+answer brings back (detections: the same whatever the point; observed by the edge). With a known frame rate, a
 point whose mean bitrate exceeds ``max_link_share`` of the bandwidth cannot hold any latency (its queue
 grows without bound) and is ruled out. Predicted bitrate: ``8 * bytes_mean * fps``; without a frame rate
 (frames sent as fast as answers come), ``inflight`` frames per predicted latency.
@@ -127,6 +128,7 @@ class LinkEstimate:
     inflight: int = 1
     compute_ms: dict[str, float] = field(default_factory=dict)
     compute_scale: float = 1.0  # observed / profile compute, for the points not observed yet (see choose)
+    response_bytes: float = 0.0  # what an answer takes back over the link (detections), whatever the point
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def predict(point: OperatingPoint, est: LinkEstimate, params: PolicyParams = Pol
     compute = est.compute_ms.get(point.id, (point.edge_ms + point.server_ms) * est.compute_scale)
     transfer = 0.0
     if est.bandwidth_bps:
-        transfer = 8 * point.bytes_p95 / est.bandwidth_bps * 1e3 * est.inflight
+        transfer = 8 * (point.bytes_p95 + est.response_bytes) / est.bandwidth_bps * 1e3 * est.inflight
         if est.fps and 8 * point.bytes_mean * est.fps > params.max_link_share * est.bandwidth_bps:
             transfer = math.inf  # more than the link carries: every frame waits longer than the last
     latency = compute + (est.rtt_ms or 0.0) + transfer

@@ -18,6 +18,8 @@ stage times (as the server reports them; durations, never clocks subtracted acro
   estimate predicts for their bytes (plus ``overuse_slack_ms`` of jitter), or one frame took more than
   ``gross_overuse_factor`` times it (plus half a round trip): a link that lost most of its rate, where each
   frame may now take seconds.
+* **Responses**: the answers' bytes (detections) travel the link back whatever the point; their recent
+  90th percentile goes into every point's predicted transfer.
 * **Compute** per operating point: the edge's edge-stage and server times of the last frames sent with it
   (a high quantile), which replace the profile's figures in the policy's predictions once there are a few.
 
@@ -65,6 +67,7 @@ class LinkEstimator:
         self._wire: deque[tuple[float, float]] = deque(maxlen=1024)  # (time s, wire ms)
         self._overuse: list[float] = []  # rates of the overusing samples in a row
         self._compute: dict[str, deque[float]] = {}
+        self._responses: deque[int] = deque(maxlen=params.compute_window)
 
     def rtt_ms(self, now_s: float) -> float | None:
         """The smallest ``wire_ms`` of the last ``rtt_window_s`` (the newest one when all are older)."""
@@ -97,6 +100,7 @@ class LinkEstimator:
         rate = 8 * nbytes / transfer * 1e3
         self._check_overuse(nbytes, wire - rtt, rate)
         self._rates.append(rate)
+        self._responses.append(response_bytes)
         self.samples += 1
         if point is not None and compute_ms is not None:
             self._compute.setdefault(point, deque(maxlen=p.compute_window)).append(compute_ms)
@@ -135,4 +139,5 @@ class LinkEstimator:
             inflight=self.inflight,
             samples=self.samples,
             compute_ms=self.compute_ms(),
+            response_bytes=float(np.quantile(np.asarray(self._responses), 0.9)) if self._responses else 0.0,
         )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+
 import pytest
 
 from hnd.edge.adapt import (
@@ -51,6 +53,9 @@ def test_predicted_latency_and_bitrate_by_hand():
     # the edge's own observations of a point's compute replace the profile's
     seen = LinkEstimate(bandwidth_bps=10e6, rtt_ms=20.0, samples=10, compute_ms={"small": 100.0})
     assert predict(SMALL, seen).latency_ms == pytest.approx(121.0)
+    # answers travel back over the link too: 12,500 B of detections are 10 ms more at 10 Mbit/s
+    answers = LinkEstimate(bandwidth_bps=10e6, rtt_ms=20.0, samples=10, response_bytes=12_500)
+    assert predict(SMALL, answers).latency_ms == pytest.approx(61.0)
 
 
 def test_highest_agreement_within_target_fewest_bytes_among_ties():
@@ -179,7 +184,9 @@ def test_bandwidth_is_the_windowed_maximum_of_delivery_rates():
     est.observe(2.0, 125_000, 0, network_ms=220.0, server_ms=0.0)  # waited behind another frame: 5 Mbit/s
     assert est.bandwidth_bps == pytest.approx(10e6)  # an understated sample does not lower the maximum
     e = est.estimate(2.0)
-    assert (e.bandwidth_bps, e.rtt_ms, e.samples) == (pytest.approx(10e6), 20.0, 3)
+    assert (e.bandwidth_bps, e.rtt_ms, e.samples, e.response_bytes) == (pytest.approx(10e6), 20.0, 3, 0.0)
+    est.observe(3.0, 100, 1000, network_ms=20.0 + 0.8, server_ms=0.0)
+    assert est.estimate(3.0).response_bytes == pytest.approx(np.quantile([0, 0, 0, 1000], 0.9))
 
 
 def test_a_rate_drop_restarts_the_window_after_two_overusing_frames():

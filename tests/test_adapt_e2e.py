@@ -36,6 +36,9 @@ SIZE = (96, 128)
 KEY_INTERVAL = 8
 # Agreement is given here, not measured (test_rate measures it): what the policy ranks the points by.
 AGREEMENT = {8: 1.0, 4: 0.9, 2: 0.7}
+# Compute is 0.3-1.5 s a frame on a loaded 2-core machine (the tail, in this process); at 10 kbit/s the 8-bit
+# point's frames take 1.2-2.3 s more on the wire, the 4-bit one's 0.3-0.6 s, each answer ~0.5 s back.
+TARGET_MS = 2500
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +75,10 @@ class SteppedFrames(ArrayFrames):
 
 
 def test_the_point_follows_rate_steps_through_the_proxy(model, profile_path):
-    n = 18
+    n = 16
     images = video_frames(n, size=SIZE)
-    link = LinkSettings(delay_ms=40.0, burst_bytes=100)  # a frame is 0.1-3 kB: no burst carries one
-    steps = {0: replace(link, rate_mbit=50.0), 5: replace(link, rate_mbit=0.02), 11: replace(link, rate_mbit=0.2)}
+    link = LinkSettings(delay_ms=40.0)
+    steps = {0: replace(link, rate_mbit=50.0), 5: replace(link, rate_mbit=0.01), 11: replace(link, rate_mbit=0.1)}
     profile = load_profile(profile_path)
     bytes_of = {p.id: p.bytes_mean for p in profile.points}
     head, _ = split_model(model)
@@ -84,7 +87,7 @@ def test_the_point_follows_rate_steps_through_the_proxy(model, profile_path):
     with serving(model) as server, LinkProxy(("127.0.0.1", server.port), steps[0]) as proxy:
         client = SplitClient(ClientSettings(f"127.0.0.1:{proxy.port}"))
         try:
-            objective = Objective(target_latency_ms=1200)
+            objective = Objective(target_latency_ms=TARGET_MS)
             mode = AdaptiveMode(options, profile, objective, make_mode, head, fingerprint(model), client.end_stream)
             check_server(client, mode, fingerprint(model))
             runner = EdgeRunner(options, client=client, mode=mode)
@@ -106,8 +109,8 @@ def test_the_point_follows_rate_steps_through_the_proxy(model, profile_path):
     assert summary.as_dict()["adapt"]["switches"] == len(switch_frames)
     # within a few frames of each step, a point in the step's direction
     size = [bytes_of[p] for p in points]
-    assert any(size[i] < size[4] for i in range(5, 10)), points  # 50 Mbit/s -> 20 kbit/s: fewer bytes
-    assert any(size[i] > size[10] for i in range(11, 16)), points  # 20 -> 200 kbit/s: more bytes again
+    assert any(size[i] < size[4] for i in range(5, 10)), points  # 50 Mbit/s -> 10 kbit/s: fewer bytes
+    assert any(size[i] > size[10] for i in range(11, 16)), points  # 10 -> 100 kbit/s: more bytes again
     # the latency target holds for >= 90 % of the frames from each phase's first switch on
     converged = [
         r["ms"]["total"]
@@ -115,11 +118,11 @@ def test_the_point_follows_rate_steps_through_the_proxy(model, profile_path):
         for first in [next((i for i in switch_frames if start <= i < end), end)]
         for r in records[first:end]
     ]
-    assert len(converged) >= 8 and np.mean([t <= 1200 for t in converged]) >= 0.9, converged
+    assert len(converged) >= 8 and np.mean([t <= TARGET_MS for t in converged]) >= 0.9, (points, converged)
     # a switch starts the new point with a key frame (on a new stream), and every frame's detections are the
-    # in-process ones of its point's stream, checked at each switch and the frame after it
+    # in-process ones of its point's stream: checked at each switch and at the last frame (a delta after one)
     assert all(records[i]["frame_type"] == "key" for i in switch_frames)
-    check_streams_exact(model, images, points, dets, profile, {f for i in switch_frames for f in (i, i + 1) if f < n})
+    check_streams_exact(model, images, points, dets, profile, {*switch_frames, n - 1})
 
 
 def check_streams_exact(model, images, points, dets, profile, frames) -> None:

@@ -25,6 +25,11 @@ def test_token_bucket_by_hand():
     assert TokenBucket(None).reserve(10**9, now=0.0) == 0.0  # unlimited
 
 
+def test_default_burst_is_a_millisecond_of_the_rate():
+    assert LinkSettings(rate_mbit=50.0).burst == 6250 and LinkSettings(rate_mbit=0.01).burst == 100
+    assert LinkSettings(rate_mbit=0.01, burst_bytes=1500).burst == 1500
+
+
 def test_loss_is_a_stall_per_chunk_with_a_lost_segment():
     assert stall_probability(1448, 0.01) == pytest.approx(0.01)
     assert stall_probability(8192, 0.01) == pytest.approx(1 - 0.99**6)  # 6 segments
