@@ -79,7 +79,7 @@ FIXTURE_MARKS = {
     "edge_venv": ("e2e",),  # test_install: console scripts of the fresh edge venv (.ci/make-edge-venv)
 }
 TEST_MARKS = {
-    # rate steps through the proxy while 18 frames go through the adaptive edge (~25 s)
+    # rate steps through the proxy while 16 frames go through the adaptive edge (~40 s on a loaded machine)
     "test_adapt_e2e.py::test_the_point_follows_rate_steps_through_the_proxy": ("slow",),
     "test_adapt_trace.py::test_adapt_trace_writes_the_table_the_runs_and_the_plot": ("slow",),  # hnd-bench (~30 s)
     "test_linkproxy.py::test_a_transfer_takes_the_time_the_rate_and_delay_imply": ("e2e",),  # loopback TCP
