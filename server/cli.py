@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Serve the tail of a split HND/GHND R-CNN over gRPC.", formatter_class=HelpFormatter
     )
-    add_config_argument(p, required=True)
+    add_config_argument(p)
     add_weights_arguments(
         p, "full student checkpoint (default: the config's model.checkpoint)", "seeded random weights (demos, tests)"
     )

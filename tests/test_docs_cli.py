@@ -211,3 +211,15 @@ def test_the_index_lists_every_command_with_the_extra_it_needs():
     for script in SCRIPTS:
         assert f"| [{script}]({script}.md) | `{SCRIPTS[script].extra}` |" in index
     assert "| hnd-" not in index.replace("| [hnd-", "")  # descriptions do not repeat the command's name
+
+
+def test_server_and_edge_default_to_the_same_config(parsers):
+    """The runtime pair meets on one model when neither names one (hnd-server once required --config);
+    training and evaluation name theirs."""
+    from hnd.common.flags import DEFAULT_CONFIG
+
+    for script in ("hnd-server", "hnd-edge", "hnd-demo"):
+        action = next(a for a in parsers[script]._actions if "--config" in a.option_strings)
+        assert action.default == DEFAULT_CONFIG and not action.required, script
+    for script in ("hnd-train", "hnd-eval"):
+        assert next(a for a in parsers[script]._actions if "--config" in a.option_strings).required
