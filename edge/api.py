@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from hnd.common import codec
+from hnd.common import codec, tracing
 from hnd.common.config import Config, ConfigError, RuntimeConfig, check_filter_threshold_flag, load_config, with_weights
 from hnd.common.errors import HndError, UsageError
 from hnd.common.flags import DEFAULT_CONFIG
@@ -193,6 +193,7 @@ def open_detector(settings: EdgeSettings, live: bool = False, plan: Plan | None 
     ``give_up_after`` says otherwise); ``plan``: from :func:`plan_edge`, when the caller made it already.
     """
     plan = plan or plan_edge(settings)
+    tracing.configure_from_env("hnd-edge")  # OTEL_* settings; off unless they (or the application) say so
     cfg, options = plan.cfg, plan.options
     s = settings
     options.give_up_after_s = give_up_after(s, live)

@@ -188,14 +188,17 @@ class SplitClient:
             tls = bool(self.settings.tls_ca or self.settings.tls_cert)
             raise EdgeError(describe_failure(exc, probe, self.settings.target, tls)) from None
 
-    def submit(self, request: pb.InferRequest, stream: bool = False) -> concurrent.futures.Future:
-        """Send one request; the future resolves to a Reply or raises grpc.RpcError."""
+    def submit(
+        self, request: pb.InferRequest, stream: bool = False, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> concurrent.futures.Future:
+        """Send one request; the future resolves to a Reply or raises grpc.RpcError. metadata: more call
+        metadata for a unary call (the frame's trace context); a stream's metadata is the stream's own."""
         if stream:
             if self._stream is None or self._stream.broken:
                 self._stream = _Stream(self)
             return self._stream.submit(request)
         out: concurrent.futures.Future = concurrent.futures.Future()
-        call = self.stub.Infer.future(request, timeout=self.settings.timeout_s, metadata=self.metadata)
+        call = self.stub.Infer.future(request, timeout=self.settings.timeout_s, metadata=self.metadata + metadata)
 
         def done(f: grpc.Future) -> None:
             now = time.perf_counter_ns()

@@ -104,6 +104,7 @@ class Prepared:
     filtered: bool | None = None  # None: no filter ran
     filter_probability: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    span: Any = None  # the frame's OpenTelemetry span while tracing is on (hnd.common.tracing)
 
 
 class EdgeMode:

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
+from hnd.common import tracing
 from hnd.common.timing import now_ns
 from hnd.edge.capture import READ_ERROR, Frame, FrameSource, SourceLost
 from hnd.common.channel import REPLICA_KEY, WEIGHTS_KEY
@@ -77,6 +78,7 @@ class EdgeRunner:
         if options.max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
         self.mode = mode
+        self.tracer = tracing.get_tracer("hnd.edge")  # None: tracing off, nothing per frame
         if self.mode.uses_server and client is None:
             raise ValueError(f"{self.mode.name} mode needs a client")
         self.options = options
@@ -157,7 +159,38 @@ class EdgeRunner:
 
     def _send(self, p: Prepared) -> concurrent.futures.Future:
         p.done_ns = now_ns()
-        return self.client.submit(p.request, stream=self.options.stream)
+        if p.span is None:
+            return self.client.submit(p.request, stream=self.options.stream)
+        p.span.add_event("send", {"hnd.request_id": p.request.request_id})  # each attempt, same trace
+        return self.client.submit(p.request, stream=self.options.stream, metadata=tracing.inject(p.span))
+
+    def _trace(self, p: Prepared) -> None:
+        """The frame's span (from its capture on), its edge stages as children; ended with its record."""
+        start = int(p.frame.wall_time * 1e9)
+        p.span = self.tracer.start_span(
+            "hnd.frame", start_time=start, attributes={"hnd.frame": p.frame.index, "hnd.mode": self.mode.name}
+        )
+        ms = p.ms
+        stages = [("capture", ms.capture), ("preprocess", ms.preprocess), ("head", ms.head), ("encode", ms.encode)]
+        tracing.stage_spans(self.tracer, p.span, start, stages)
+
+    @staticmethod
+    def _end_trace(p: Prepared, record: FrameRecord) -> None:
+        from opentelemetry.trace import Status, StatusCode
+
+        span = p.span
+        span.set_attributes(
+            {
+                "hnd.status": record.status,
+                "hnd.attempts": record.attempts,
+                "hnd.bytes": record.bytes.message,
+                "hnd.replica": record.replica or "",
+            }
+        )
+        if not record.ok:
+            span.set_status(Status(StatusCode.ERROR, f"{record.status}: {record.error}"))
+        span.end()
+        p.span = None
 
     def _answered(self, p: Prepared, reply: Reply) -> FrameRecord:
         """A reply's record: a stream frame the server refused for want of a reference (and that was not
@@ -335,6 +368,8 @@ class EdgeRunner:
             p, fut = Prepared(frame, Timings(capture=frame.capture_ms)), None
         else:
             p = self.prepare(frame)
+            if self.tracer is not None:
+                self._trace(p)
             fut = self._send(p) if p.request is not None else None
         window.frames.append((p, fut))
         while window.backlogged(self.sizing.size):
@@ -396,7 +431,13 @@ class _InFlight:
         """Record the oldest frame; ``abandon`` (status, why): do not wait for its answer."""
         # Popped only once recorded: an interrupt while waiting for its answer leaves it to the handler.
         p, fut = self.frames[0]
-        record = self._record_of(p, fut, abandon)
+        try:
+            record = self._record_of(p, fut, abandon)
+        finally:
+            if p.span is not None and self.runner.mismatch is not None and self.runner.mismatch.frame == p.frame.index:
+                EdgeRunner._end_trace(p, self.runner.mismatch)  # the run stops on other weights
+        if p.span is not None:
+            EdgeRunner._end_trace(p, record)
         self.runner.mode.after(p, record)
         self.runner._measured(record)
         self.summary.add(record)

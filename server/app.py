@@ -21,8 +21,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from hnd.common.channel import REPLICA_KEY, TAIL_KEY, WEIGHTS_KEY, channel_options  # noqa: F401 - re-exported
+from hnd.common import tracing
 from hnd.common.errors import UsageError
 from hnd.server.kserve import V2_SERVICE, InferenceV2
+from hnd.server.otel import TracingInterceptor
 from hnd.server.metrics import MetricsServer
 from hnd.server.service import SERVICE_NAME, BatchingOptions, ModelRunner, ServerLimits, SplitInferenceService
 from hnd.server.text import client_text
@@ -158,7 +160,13 @@ async def start_server(runner: ModelRunner, settings: ServerSettings) -> Running
     service = SplitInferenceService(runner, settings.limits, settings.batching, offload=settings.offload)
     # Replica, weights and tail metadata are set by the service's handlers (SplitInferenceService.call_metadata),
     # not by an interceptor: an interceptor costs every call a coroutine and a new handler.
-    interceptors = [TokenAuthInterceptor(settings.token, service)] if settings.token else []
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    tracer = tracing.get_tracer("hnd.server") if tracing.configure_from_env("hnd-server") else None
+    if tracer is not None:  # OpenTelemetry (hnd.server.otel): installed only when on, so free when off
+        replica = lambda: dict(service.call_metadata).get(REPLICA_KEY, "")  # noqa: E731
+        interceptors.append(TracingInterceptor(tracer, replica))
+    if settings.token:
+        interceptors.append(TokenAuthInterceptor(settings.token, service))
     options = channel_options(settings.limits.max_message_bytes)
     if settings.max_connection_age_s:
         options += [

@@ -69,6 +69,7 @@ MODULE_MARKS = {
     "test_adapt_e2e.py": ("e2e",),  # a live server (behind the shaping proxy) and hnd-edge --adapt
     "test_kserve.py": ("e2e",),  # hnd.serve answering KServe v2 and hnd.v1 side by side
     "test_examples.py": ("e2e",),  # examples/ against hnd.serve
+    "test_tracing.py": ("e2e",),  # servers and edges in fresh interpreters with the in-memory span exporter
     "test_tritonclient.py": ("e2e",),  # hnd-server with tritonclient and perf_analyzer from their own venv
     "test_adapt_trace.py": ("e2e",),  # hnd-bench --adapt-trace: a live server behind the shaping proxy
 }
