@@ -338,3 +338,17 @@ def test_the_configs_page_lists_every_bundled_config():
     for name in names:
         assert f"| `{name}` |" in table
     assert "| `hnd/faster_rcnn-b3ch` | faster_rcnn | hnd, 3 channels | hnd | 8-bit tensor, zstd |" in table
+
+
+def test_ci_builds_the_site_strictly():
+    """.ci/run fails on a broken link, a missing anchor or a page left out of the nav (#26)."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^[^#\n]*mkdocs build --strict", ci, re.M)
+    assert re.search(r'pip"? install [^\n]*-e "\.\[[^\]]*docs[^\]]*\]"', ci)
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
+    assert config["validation"] == {
+        "omitted_files": "warn",
+        "absolute_links": "warn",
+        "unrecognized_links": "warn",
+        "anchors": "warn",
+    }  # warnings, which --strict turns into errors
