@@ -222,22 +222,42 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def model_info(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+def model_info(state_dict: Mapping[str, torch.Tensor], transform: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a weights file says about its model: kind, bottleneck channels (and type), and the transform it
+    was built with (``transform_info``), so a head exported from it resizes as the server's model does."""
     kind, channels = describe_state_dict(state_dict)
     info: dict[str, Any] = {"kind": kind, "bottleneck_channels": channels}
     if bottleneck_type_of_state_dict(state_dict) == "entropic":
         info["bottleneck_type"] = "entropic"
+    if transform:
+        info["transform"] = transform
     return info
+
+
+def transform_info(model: nn.Module) -> dict[str, Any] | None:
+    """The model's GeneralizedRCNNTransform as plain data: ``{"min_size", "max_size", "image_mean",
+    "image_std", "size_divisible"}`` (None for a model without one)."""
+    t = getattr(model, "transform", None)
+    if t is None or not hasattr(t, "min_size"):
+        return None
+    return {
+        "min_size": int(t.min_size[-1]),
+        "max_size": int(t.max_size),
+        "image_mean": [float(v) for v in t.image_mean],
+        "image_std": [float(v) for v in t.image_std],
+        "size_divisible": int(getattr(t, "size_divisible", 32)),
+    }
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> str:
     """Write ``model``'s weights and any training state (``extra``) atomically; returns the fingerprint.
 
     ``extra`` must hold only tensors, numbers, strings and containers (it is read back with
-    ``weights_only=True``): optimizer / scheduler state dicts, epoch, config as a dict.
+    ``weights_only=True``): optimizer / scheduler state dicts, epoch, config as a dict. The file's
+    ``model_info`` records the model's transform (resize, normalization) beside its kind.
     """
     sd = model.state_dict()
-    fields = {"model_info": model_info(sd), **extra}
+    fields = {"model_info": model_info(sd, transform_info(model)), **extra}
     return _save_weights(path, CHECKPOINT_FORMAT, FORMAT_VERSION, sd, fingerprint(sd), **fields)
 
 
@@ -404,8 +424,24 @@ def export_head(path_in: str | os.PathLike, path_out: str | os.PathLike) -> str:
     sd, _, _ = read_student_state_dict(
         path_in, "already a head-only export", "holds a {what}; only a student can be split"
     )
-    head_sd = OrderedDict((k, v) for k, v in sd.items() if is_head_key(k))
-    return _save_weights(path_out, HEAD_FORMAT, FORMAT_VERSION, head_sd, fingerprint(sd), model_info=model_info(sd))
+    return save_head(path_out, sd, checkpoint_transform(path_in))
+
+
+def save_head(
+    path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], transform: dict[str, Any] | None = None
+) -> str:
+    """Write the head's part of a full student's ``state_dict`` (a head-only export) with the full model's
+    fingerprint and its transform; returns the fingerprint."""
+    head_sd = OrderedDict((k, v) for k, v in state_dict.items() if is_head_key(k))
+    info = model_info(state_dict, transform)
+    return _save_weights(path, HEAD_FORMAT, FORMAT_VERSION, head_sd, fingerprint(state_dict), model_info=info)
+
+
+def checkpoint_transform(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The transform a checkpoint's model was built with (``model_info["transform"]``), None when the file
+    does not say (the original releases, files written before it was recorded)."""
+    info = read_checkpoint(path).get("model_info")
+    return info.get("transform") if isinstance(info, dict) else None
 
 
 def read_student_state_dict(

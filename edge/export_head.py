@@ -7,9 +7,11 @@
     hnd-export-head entropic.pt entropic_head.onnx                # Entropic Student: encoder -> int32 symbols
 
 The format follows the output's suffix (``.onnx``: ONNX) unless ``--format`` says. Both carry the full
-model's weights fingerprint, so the server still recognises the edge. ``--config`` builds the model
-from a config (its transform sizes and neural filter threshold go into the ONNX metadata); without
-it the architecture is read off the checkpoint. int8 calibration must use real frames from the
+model's weights fingerprint, so the server still recognises the edge. ``--config`` names the
+architecture the same way for both formats: the model is built from the config and the checkpoint
+loaded into it (its transform sizes and neural filter threshold go into the ONNX metadata); without it
+the architecture is read off the checkpoint, and the transform off what hnd-train recorded in it
+(``model_info``), so an export resizes as the server's model does without extra flags. int8 calibration must use real frames from the
 camera the edge will run on (a few dozen covering its scenes and lighting), never random data.
 
 An Entropic Student's ONNX head outputs the latent already rounded against the prior's medians (int32
@@ -23,7 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hnd.common.checkpoint import export_head
+from hnd.common.checkpoint import checkpoint_transform, export_head, save_head, transform_info
 from hnd.common.errors import USER_ERRORS, UsageError, report
 from hnd.common.flags import HelpFormatter, add_config_argument
 
@@ -35,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="full student checkpoint (ours or the original's)")
     p.add_argument("output", help="file to write (atomically): .onnx for ONNX, anything else for torch")
     p.add_argument("--format", choices=("onnx", "torch"), default=None, help="default: from the output's suffix")
-    add_config_argument(p, default=None, note="ONNX: the model is built from it (default: the checkpoint's own)")
+    add_config_argument(
+        p,
+        default=None,
+        note="the model is built from it and the checkpoint checked against it, for either format "
+        "(default: the architecture and transform the checkpoint records)",
+    )
     p.add_argument("--random-weights", type=int, metavar="SEED", help="with --config: seeded random weights (tests)")
     p.add_argument("--min-size", type=int, help="ONNX: resize short side to this (default: the model's)")
     p.add_argument("--max-size", type=int, help="ONNX: cap on the long side (default: the model's)")
@@ -59,19 +66,23 @@ def export(args: argparse.Namespace) -> str:
     """Everything main() does; returns the line to print. Raises ExportError / CheckpointError / OSError."""
     fmt = args.format or ("onnx" if Path(args.output).suffix.lower() == ".onnx" else "torch")
     onnx_only = [
-        f"--{n.replace('_', '-')}"
-        for n in ("config", "random_weights", "min_size", "max_size", "calibration")
-        if getattr(args, n) is not None
+        f"--{n.replace('_', '-')}" for n in ("min_size", "max_size", "calibration") if getattr(args, n) is not None
     ] + (["--int8"] if args.int8 else [])
+    if args.random_weights is not None and args.config is None:
+        raise ExportError("--random-weights needs --config (the architecture to build)")
+    if args.checkpoint is None and args.random_weights is None:
+        raise ExportError("give the checkpoint to export (or --config with --random-weights)")
     if fmt == "torch":
         if onnx_only:
             raise ExportError(f"{', '.join(onnx_only)}: only for an ONNX export (give a .onnx output)")
-        if args.checkpoint is None:
-            raise ExportError("give the checkpoint to export")
-        fp = export_head(args.checkpoint, args.output)
+        if args.config is None:
+            fp = export_head(args.checkpoint, args.output)
+        else:  # the same architecture naming as an ONNX export: the config's model, checked against the file
+            from hnd.edge.onnx_export import student_model
+
+            model = student_model(args.checkpoint, args.config, args.random_weights)
+            fp = save_head(args.output, model.state_dict(), transform_info(model))
         return f"{args.output}: head of model {fp} (torch weights)"
-    if args.random_weights is not None and args.config is None:
-        raise ExportError("--random-weights needs --config (the architecture to build)")
     if args.int8 and not args.calibration:
         raise ExportError("--int8 needs --calibration DIR_OR_GLOB: real frames like the camera's (not random data)")
     if args.calibration and not args.int8:
@@ -89,9 +100,13 @@ def export(args: argparse.Namespace) -> str:
     meta = head_metadata(head, fp, min_size=args.min_size, max_size=args.max_size)
     if meta.min_size > meta.max_size:
         raise ExportError(f"min size {meta.min_size} exceeds max size {meta.max_size}")
+    resize = f"resize {meta.min_size}/{meta.max_size}"
+    sized = args.config is not None or args.min_size is not None or args.max_size is not None
+    if not sized and checkpoint_transform(args.checkpoint) is None:  # the file is silent: say where sizes came from
+        resize += " (torchvision's default: the checkpoint names no transform; --config or --min-size/--max-size)"
     if not args.int8:
         export_onnx(head, meta, args.output)
-        return f"{args.output}: head of model {fp} (ONNX fp32, resize {meta.min_size}/{meta.max_size})"
+        return f"{args.output}: head of model {fp} (ONNX fp32, {resize})"
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,9 +114,7 @@ def export(args: argparse.Namespace) -> str:
         export_onnx(head, meta, fp32, stem="s2d")  # the stem int8 runs fastest (hnd.bench.head measures it)
         what = f"{len(frames)} frames of {args.calibration} ({args.calibration_method})"
         quantize_int8(fp32, args.output, frames, meta, what, args.calibration_method)
-    return (
-        f"{args.output}: head of model {fp} (ONNX int8, calibrated on {what}, resize {meta.min_size}/{meta.max_size})"
-    )
+    return f"{args.output}: head of model {fp} (ONNX int8, calibrated on {what}, {resize})"
 
 
 def _calibration_frames(pattern: str, count: int) -> list:

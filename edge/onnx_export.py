@@ -415,15 +415,28 @@ def _quantize_before_space_to_depth(model) -> None:
 def student_head(
     checkpoint: str | None, config: str | None = None, random_weights: int | None = None
 ) -> tuple[Head, str]:
-    """(Head in eval mode, full-model fingerprint) to export.
+    """(Head in eval mode, full-model fingerprint) to export; the model as :func:`student_model` builds it."""
+    from hnd.common.split import split_model
+
+    model = student_model(checkpoint, config, random_weights)
+    head, _ = split_model(model)
+    if isinstance(head, EntropicHead) and not head.entropy_bottleneck.updated:
+        raise CheckpointError(
+            f"{checkpoint or config}: the Entropic Student's prior has no CDF tables (stage 1 never ran update()); "
+            "the edge cannot code without them"
+        )
+    return head.eval(), fingerprint(model)
+
+
+def student_model(checkpoint: str | None, config: str | None = None, random_weights: int | None = None) -> nn.Module:
+    """The full student a head is exported from, in eval mode.
 
     With ``config`` the model is built from it (weights from ``checkpoint`` or ``random_weights``);
     without, the architecture is read off the checkpoint's keys (kind, bottleneck channels, classes,
-    keypoints, neural filter) with torchvision's default transform, which ``--min-size / --max-size``
-    can then override in the metadata.
+    keypoints, neural filter) and its transform off the checkpoint's ``model_info`` (hnd-train records
+    it); a file that names none (the original releases) gets torchvision's default transform, which
+    ``--min-size / --max-size`` can then override in the metadata.
     """
-    from hnd.common.split import split_model
-
     if config is not None:
         from hnd.common.build import build_model_from_config
         from hnd.common.config import load_config, with_weights
@@ -436,14 +449,7 @@ def student_head(
         if checkpoint is None:
             raise CheckpointError("give a checkpoint (or --config with --random-weights)")
         model = _model_from_keys(checkpoint)
-    model.eval()
-    head, _ = split_model(model)
-    if isinstance(head, EntropicHead) and not head.entropy_bottleneck.updated:
-        raise CheckpointError(
-            f"{checkpoint or config}: the Entropic Student's prior has no CDF tables (stage 1 never ran update()); "
-            "the edge cannot code without them"
-        )
-    return head.eval(), fingerprint(model)
+    return model.eval()
 
 
 def _model_from_keys(path: str) -> nn.Module:
@@ -463,9 +469,15 @@ def _model_from_keys(path: str) -> nn.Module:
     kps = sd.get("roi_heads.keypoint_predictor.kps_score_lowres.weight")
     if kps is not None:
         kwargs["num_keypoints"] = int(kps.shape[1])  # ConvTranspose2d weight: [in, out, k, k]
-    from hnd.common.checkpoint import bottleneck_type_of_state_dict
+    from hnd.common.checkpoint import bottleneck_type_of_state_dict, checkpoint_transform
 
+    transform = checkpoint_transform(path) or {}
+    for key in ("min_size", "max_size", "image_mean", "image_std"):
+        if key in transform:
+            kwargs[key] = transform[key]
     model = build_model(kind, channels, bottleneck_type=bottleneck_type_of_state_dict(sd) or "hnd", **kwargs)
+    if "size_divisible" in transform:
+        model.transform.size_divisible = int(transform["size_divisible"])
     if any(k.startswith(FILTER_PREFIX) for k in sd):
         attach_filter(model)
     load_checkpoint(path, model)

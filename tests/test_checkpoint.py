@@ -224,7 +224,12 @@ def test_save_and_load_our_format(ours, faster, target):
     assert_same_weights(model, faster)
     assert fingerprint(model) == fp
     assert ckpt["format"] == "hnd-checkpoint" and ckpt["fingerprint"] == fp
-    assert ckpt["model_info"] == {"kind": "faster_rcnn", "bottleneck_channels": 3}
+    transform = {"min_size": 160, "max_size": 256, "size_divisible": 32}  # the test config's, as built
+    assert ckpt["model_info"] == {
+        "kind": "faster_rcnn",
+        "bottleneck_channels": 3,
+        "transform": {**transform, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+    }
     assert ckpt["epoch"] == 3 and ckpt["best_value"] == 0.25 and ckpt["config"] == {"model": {"kind": "faster_rcnn"}}
 
 

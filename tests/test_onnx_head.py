@@ -150,6 +150,29 @@ def test_exports_get_the_umasks_mode_like_any_written_file(tmp_path, tiny_model)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
 
+def test_one_architecture_naming_for_both_formats_and_the_checkpoints_own_transform(tmp_path, tiny_model, capsys):
+    model = tiny_model("faster_rcnn")  # configs/test: min_size 160, max_size 256
+    ckpt = tmp_path / "student.pt"
+    save_checkpoint(ckpt, model)
+    assert export_cli.main([str(ckpt), str(tmp_path / "head.onnx")]) == 0
+    onnx_head = OnnxHead(tmp_path / "head.onnx")
+    assert (onnx_head.min_size, onnx_head.max_size) == (160, 256)  # the checkpoint's, not torchvision's 800/1333
+    # --config names the architecture for a torch export as for an ONNX one, and checks the file against it
+    assert export_cli.main([str(ckpt), str(tmp_path / "a.pt"), "--config", "test/faster_rcnn-b3ch"]) == 0
+    assert export_cli.main([str(ckpt), str(tmp_path / "b.pt")]) == 0
+    a, b = (torch.load(tmp_path / n, weights_only=True) for n in ("a.pt", "b.pt"))
+    assert a["fingerprint"] == b["fingerprint"] == fingerprint(model) and a["model_info"] == b["model_info"]
+    assert a["model_info"]["transform"]["min_size"] == 160 and a["model"].keys() == b["model"].keys()
+    capsys.readouterr()
+    assert export_cli.main([str(ckpt), str(tmp_path / "c.pt"), "--config", "test/mask_rcnn-b3ch"]) == 2
+    assert capsys.readouterr().err.startswith("hnd-export-head: error:")
+    # a file that records no transform (an original release, a bare state dict): the line says what it took
+    bare = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), bare)
+    assert export_cli.main([str(bare), str(tmp_path / "bare.onnx")]) == 0
+    assert "resize 800/1333 (torchvision's default: the checkpoint names no transform" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Exactness: ONNX fp32 head vs the torch head, on the sample photos, through the same tail
 
