@@ -43,6 +43,7 @@ KINDS = ("faster_rcnn", "mask_rcnn", "keypoint_rcnn")
 MODULE_MARKS = {
     "test_docker.py": ("docker",),
     "test_k8s.py": ("docker",),
+    "test_grafana.py": ("docker",),  # deploy/grafana
     "test_edge_streams.py": ("e2e",),
     "test_demo.py": ("e2e", "slow"),
     "test_edge.py": ("e2e",),
