@@ -408,26 +408,14 @@ ATTACKS = (
     Attack(
         "one client, 32 requests in flight",
         "test/faster_rcnn-b3ch",
-        FULL_SIZE,
-        lambda m: (INFER, full_size_request(m)),
+        ("--max-batch", "1"),
+        lambda m: (INFER, good_request(m).request.SerializeToString()),
         32,
         32,
         "infer",
         "a victim's 10 s-deadline requests failed 6 of 8",
     ),
 )
-
-
-def full_size_request(model: torch.nn.Module) -> bytes:
-    """A valid bottleneck request of one 800x1333 frame (at the production resize)."""
-    head, _ = split_model(model)
-    head.transform.min_size, head.transform.max_size = (800,), 1333
-    frame = torch.rand(3, 800, 1333, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        z, meta = head([frame])
-    request = pb.InferRequest(request_id="full", weights_fingerprint=fingerprint(model))
-    request.bottleneck.CopyFrom(wire.bottleneck_to_proto(codec.encode(z), meta))
-    return request.SerializeToString()
 
 
 @dataclass
@@ -443,6 +431,7 @@ class AttackRow:
     victim_p99_ms: float
     victim_failed: int
     victim_calls: int
+    victim_failures: str
     before: str
 
 
@@ -479,12 +468,12 @@ def run_attack(attack: Attack, python: str, pythonpath: str | None = None) -> At
 
     cfg = load_config(attack.config)
     model = build_model_from_config(cfg.model, cfg.path).eval()
-    method, payload = attack.make(model)
     if attack.victim == "infer":
         good = entropic_request(model) if cfg.model.bottleneck_type == "entropic" else good_request(model).request
         victim_method, victim_payload, victim_timeout = INFER, good.SerializeToString(), 10.0
     else:
         victim_method, victim_payload, victim_timeout = MODEL_INFO, b"", 10.0
+    method, payload = attack.make(model)
     port = _free_port()
     proc = _start_server(python, port, attack.config, attack.flags, pythonpath)
     try:
@@ -499,18 +488,19 @@ def run_attack(attack: Attack, python: str, pythonpath: str | None = None) -> At
         time.sleep(3)  # what stays after the attack
         kept = proc_status_kib(proc.pid, "VmRSS")
         latencies: list[float] = []
-        failed = 0
+        failures: list[str] = []
         stop = threading.Event()
 
         def victim() -> None:
-            nonlocal failed
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            # A connection of its own: channels of one process share one by default (one "client").
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
                 while not stop.is_set():
                     t = time.perf_counter()
-                    if _send(ch, victim_method, victim_payload, victim_timeout) == "OK":
+                    code = _send(ch, victim_method, victim_payload, victim_timeout)
+                    if code == "OK":
                         latencies.append(time.perf_counter() - t)
                     else:
-                        failed += 1
+                        failures.append(code)
                     time.sleep(0.05)
 
         thread = threading.Thread(target=victim, daemon=True)
@@ -536,8 +526,9 @@ def run_attack(attack: Attack, python: str, pythonpath: str | None = None) -> At
         "GetModelInfo" if attack.victim == "info" else "Infer (10 s deadline)",
         float(np.percentile(lat, 50)),
         float(np.percentile(lat, 99)),
-        failed,
-        len(latencies) + failed,
+        len(failures),
+        len(latencies) + len(failures),
+        ", ".join(sorted(set(failures))),
         attack.issue,
     )
     print(f"{attack.name}: {row}", file=sys.stderr)
@@ -555,7 +546,7 @@ def attack_markdown(rows: list[AttackRow]) -> str:
         lines.append(
             f"| {r.attack} ({r.request_bytes:,}) | {codes} | {r.cpu_ms_per_request:,.0f} ms | "
             f"{r.peak_rss_mib_per_request:,.1f} MiB | {r.kept_rss_mib:+,.0f} MiB | {r.victim} | "
-            f"{r.victim_p50_ms:,.0f} / {r.victim_p99_ms:,.0f} ms | {r.victim_failed} of {r.victim_calls} |"
+            f"{r.victim_p50_ms:,.0f} / {r.victim_p99_ms:,.0f} ms | {r.victim_failed} of {r.victim_calls} {r.victim_failures} |"
         )
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ import urllib.request
 
 import grpc
 import pytest
+import torch
 from runtime_support import serving
 
 from hnd.bench.hostile import (
@@ -32,7 +33,8 @@ from hnd.bench.hostile import (
     reset_peak_rss,
     video_key_frame,
 )
-from hnd.common import entropy_coder
+from hnd.common import codec, entropy_coder, wire
+from hnd.common.split import split_model
 from hnd.common.video import available_formats
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.server import service as service_module
@@ -382,3 +384,45 @@ def test_messages_in_flight_have_a_byte_budget(model, good):
         with grpc.insecure_channel(f"127.0.0.1:{s.port}") as channel:
             info = pb.ModelInfo.FromString(channel.unary_unary(MODEL_INFO)(b"", timeout=30))
         assert info.limits.max_inflight_message_bytes == 1 << 20
+
+
+# --- round 3 (#25 row 12): fairness across clients -------------------------------------------------------
+
+
+def test_one_client_with_many_requests_in_flight_does_not_starve_another(model, good):
+    """#25 row 12: client A (one connection) has 8 requests queued behind a running batch when client B sends
+    one; B's is computed within the next two batches, not after all of A's (a victim's 10 s-deadline requests
+    failed 6 of 8 behind 2 streams x 32 frames of one client)."""
+    other = pb.InferRequest()
+    other.CopyFrom(good.request)  # B's frame has another size, so its batches can be told apart
+    head = split_model(model)[0]
+    with torch.inference_mode():
+        z, meta = head([torch.rand(3, 120, 150, generator=torch.Generator().manual_seed(1))])
+    other.bottleneck.CopyFrom(wire.bottleneck_to_proto(codec.encode(z), meta))
+    with serving(model, batching=BatchingOptions(max_batch=1, max_delay_ms=0, max_queue=32)) as s:
+        runner = s.service.runner
+        original, gate, order = runner.run_split, threading.Event(), []
+
+        def recording(items):
+            gate.wait(30)
+            order.append(tuple(items[0].meta.image_sizes[0]))
+            return original(items)
+
+        runner.run_split = recording
+        try:
+            own = [("grpc.use_local_subchannel_pool", 1)]  # two connections: channels of a process share one
+            with (
+                grpc.insecure_channel(f"127.0.0.1:{s.port}", options=own) as a,
+                grpc.insecure_channel(f"127.0.0.1:{s.port}", options=own) as b,
+            ):
+                flood = [a.unary_unary(INFER).future(good.request.SerializeToString(), timeout=120) for _ in range(9)]
+                assert _eventually(lambda: s.service.batcher.depth == 8)  # one is running, held at the gate
+                victim = b.unary_unary(INFER).future(other.SerializeToString(), timeout=120)
+                assert _eventually(lambda: s.service.batcher.depth == 9)
+                gate.set()
+                assert victim.result() and all(f.result() for f in flood)
+        finally:
+            gate.set()
+            runner.run_split = original
+    victim_size = tuple(meta.image_sizes[0])
+    assert order.count(victim_size) == 1 and order.index(victim_size) <= 2, order
