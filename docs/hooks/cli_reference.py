@@ -105,7 +105,7 @@ def parser_markdown(parser: argparse.ArgumentParser, level: str) -> list[str]:
     """Description, usage and one table per argument group, group titles at heading ``level``."""
     lines = []
     if parser.description:
-        lines += [cell(parser.description), ""]
+        lines += [cell(description(parser, parser.prog)), ""]
     lines += ["```text", parser.format_usage().strip(), "```", ""]
     for group in parser._action_groups:
         actions = [a for a in group._group_actions if a.help is not argparse.SUPPRESS]
