@@ -263,6 +263,12 @@ def test_ci_runs_the_readmes_set_up_and_test_commands():
         expected = command.replace(".venv/bin/", '"$VENV/bin/').replace('"$VENV/bin/pip', '"$VENV/bin/pip"')
         expected = expected.replace("-m venv .venv", '-m venv "$VENV"')
         assert expected in ci, f".ci/run does not run the README's set-up command {command!r} (as {expected!r})"
+    # Every other page's set-up of a development venv runs the same steps (else the tests fail there).
+    steps = [c for c in commands(setup) if not re.match(r"(\.venv/bin/)?hnd-", c)]
+    for page in (ROOT / "docs").rglob("*.md"):
+        for block in bash_blocks(page.read_text()):
+            if '-e ".[all,dev]"' in block and "-m venv .venv" in block:
+                assert [c for c in commands(block) if not re.match(r"(\.venv/bin/)?hnd-", c)] == steps, page
     test_command = next(c for b in bash_blocks(readme) for c in commands(b) if " -m pytest" in c)
     assert test_command == ".venv/bin/python -m pytest -q"
     pytest_lines = [line for line in ci if "-m pytest" in line and not line.startswith("#")]
