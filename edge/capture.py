@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 import numpy as np
@@ -184,13 +185,52 @@ class ArrayFrames(FrameSource):
             yield Frame(i, name, img, done, (done - start) / 1e6, wall)
 
 
+# Network sources OpenCV reads through FFmpeg (--video rtsp://camera/stream): live, latest frame, reconnected.
+STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
+STREAM_TIMEOUT_MS = 10_000  # opening a network stream, and each read from it, give up after this
+
+
+def is_stream_url(target: object) -> bool:
+    """Whether ``target`` names a network stream (``rtsp://``, ``http://``, ...) rather than a file."""
+    return isinstance(target, str) and target.split("://", 1)[0].lower() in STREAM_SCHEMES and "://" in target
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the password of its ``user:password@`` part (messages and records name the source)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def set_opencv_logging(level: int) -> None:
+    """OpenCV's own ``[ WARN ]`` lines, and FFmpeg's through it, follow the edge's log level: shown at INFO
+    or DEBUG; otherwise only OpenCV's errors, since the edge says what failed in a line of its own
+    (``camera 0: cannot open``). FFmpeg's level is read when OpenCV first uses FFmpeg: call this early."""
+    verbose = level <= logging.INFO
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_WARNING if verbose else cv2.utils.logging.LOG_LEVEL_ERROR)
+    os.environ["OPENCV_FFMPEG_LOGLEVEL"] = "24" if verbose else "-8"  # AV_LOG_WARNING / AV_LOG_QUIET
+
+
 def _open_capture(target: int | str) -> cv2.VideoCapture:
-    cap = cv2.VideoCapture(target)
+    if is_stream_url(target):  # FFmpeg, with timeouts: a dead camera must not block a read for ever
+        timeouts = [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+            STREAM_TIMEOUT_MS,
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+            STREAM_TIMEOUT_MS,
+        ]
+        cap = cv2.VideoCapture(target, cv2.CAP_FFMPEG, timeouts)
+    else:
+        cap = cv2.VideoCapture(target)
     if not cap.isOpened():
         cap.release()
-        what = f"camera {target}" if isinstance(target, int) else str(target)
-        hint = " (no such video device?)" if isinstance(target, int) else " (missing file or unsupported format)"
-        raise SourceError(f"{what}: cannot open{hint}")
+        if isinstance(target, int):
+            raise SourceError(f"camera {target}: cannot open (no such video device?)")
+        if is_stream_url(target):
+            raise SourceError(f"{redact_url(target)}: cannot open (unreachable, or not a stream FFmpeg reads)")
+        raise SourceError(f"{target}: cannot open (missing file or unsupported format)")
     return cap
 
 
@@ -248,14 +288,17 @@ class LiveCapture(FrameSource):
         self.opener = opener or _open_capture
         self.cap = self.opener(target)
         self.target = target
-        self.name = f"camera:{target}" if isinstance(target, int) else f"live:{target}"
-        self.what = f"camera {target}" if isinstance(target, int) else str(target)
+        shown = redact_url(target) if isinstance(target, str) else target
+        self.name = f"camera:{target}" if isinstance(target, int) else f"live:{shown}"
+        self.what = f"camera {target}" if isinstance(target, int) else str(shown)
         self.max_frames = max_frames
         self.lost_after_s = lost_after_s
         self.retries = not (isinstance(target, str) and os.path.isfile(target))  # a file just ends
         self.warn = warn or (lambda line: print(f"hnd-edge: {line}", file=sys.stderr))
-        # A file reads faster than real time; pacing it at its own fps makes it behave like a camera.
-        fps = pace_fps if pace_fps is not None else (self.cap.get(cv2.CAP_PROP_FPS) if isinstance(target, str) else 0)
+        # A file reads faster than real time; pacing it at its own fps makes it behave like a camera. A camera
+        # or a network stream paces itself.
+        paced = isinstance(target, str) and not is_stream_url(target)
+        fps = pace_fps if pace_fps is not None else (self.cap.get(cv2.CAP_PROP_FPS) if paced else 0)
         self.period = 1.0 / fps if fps and fps > 0 else 0.0
         self.dropped = 0
         self.captured = 0
@@ -380,6 +423,8 @@ def open_source(
     if camera is not None:
         return LiveCapture(camera, max_frames=max_frames, lost_after_s=lost_after_s)
     if video is not None:
+        if is_stream_url(video):  # a network camera or stream: live whatever --live says
+            return LiveCapture(video, max_frames=max_frames, lost_after_s=lost_after_s)
         if live:
             if not os.path.isfile(video):
                 raise SourceError(f"{video}: no such video file")

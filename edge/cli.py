@@ -44,7 +44,7 @@ from hnd.common.config import (
     ConfigError,
 )
 from hnd.edge.adapt_mode import add_adapt_arguments
-from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceLost, open_source
+from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceLost, open_source, set_opencv_logging
 from hnd.edge.client import LB_POLICIES, SplitClient
 from hnd.edge.draw import VideoSink, draw_detections
 from hnd.edge.api import DEFAULT_GIVE_UP_S, EdgeSettings, IMAGE_FORMATS, MODES, open_detector, plan_edge
@@ -117,7 +117,12 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
     """Where the frames come from (exactly one)."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--camera", type=int, metavar="N", help="live camera index (latest frame, stale ones dropped)")
-    src.add_argument("--video", metavar="FILE", help="video file (every frame, in order)")
+    src.add_argument(
+        "--video",
+        metavar="FILE_OR_URL",
+        help="video file (every frame, in order), or a network stream FFmpeg reads (rtsp://, http://, udp://, ...: "
+        "live, latest frame, reconnected when it drops)",
+    )
     src.add_argument("--images", metavar="DIR_OR_GLOB", help="image folder or glob (every image, in order)")
     p.add_argument("--live", action="store_true", help="treat --video as a live camera paced at its frame rate")
 
@@ -537,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
         signal.signal(signal.SIGUSR1, _print_running_summary)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    set_opencv_logging(logging.getLogger().getEffectiveLevel())
     try:
         summary = run_edge(args)
     except ServerGone as exc:

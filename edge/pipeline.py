@@ -35,6 +35,9 @@ from hnd.proto.v1 import split_inference_pb2 as pb
 
 log = logging.getLogger("hnd.edge")
 
+# The progress line: frames so far and the elapsed time, then the live status line (fps, kbit/s, latency
+# over the last window); tqdm's own rate ("2.40s/frame" beside "0.1 fps") would say the same thing twice.
+PROGRESS_FORMAT = "{desc}: {n_fmt}{unit} [{elapsed}{postfix}]"
 INTERRUPTED = "CANCELLED"  # a frame in flight when the run was interrupted (its call is cancelled)
 
 
@@ -356,7 +359,13 @@ class EdgeRunner:
         self.source = source
         self._started = time.perf_counter()
         self._answered_at = time.monotonic()
-        self.bar = tqdm(desc=f"hnd-edge {self.options.mode}", unit="frame", disable=not progress, leave=False)
+        self.bar = tqdm(
+            desc=f"hnd-edge {self.options.mode}",
+            unit=" frames",
+            bar_format=PROGRESS_FORMAT,
+            disable=not progress,
+            leave=False,
+        )
         self.window = _InFlight(self, summary, self.bar, on_record)
         return summary
 

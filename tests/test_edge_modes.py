@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -132,3 +133,34 @@ def test_the_edge_imports_no_server_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_progress_line_counts_frames_and_leaves_the_rate_to_the_status_line(capsys):
+    options = EdgeOptions(mode="counting", max_inflight=2)
+    runner = EdgeRunner(options, mode=CountingMode(options))
+    runner.run(ArrayFrames([np.zeros((8, 8, 3), dtype=np.uint8)] * 3), progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"hnd-edge counting: \d frames \[\d\d:\d\d\]", err), err  # "5 frames", not "5frame"
+    assert not any(unit in err for unit in ("s/frame", "frame/s", "frames/s", "it/s"))
+
+
+def test_opencv_warnings_follow_the_log_level(capfd):
+    """Opening a camera that is not there: OpenCV's own [ WARN ] lines only at INFO / DEBUG; the edge's
+    one line ("camera 97: cannot open") says it either way."""
+    import logging
+
+    import cv2
+
+    from hnd.edge.capture import SourceError, _open_capture, set_opencv_logging
+
+    before = cv2.utils.logging.getLogLevel()
+    try:
+        for level in (logging.WARNING, logging.INFO):
+            set_opencv_logging(level)
+            capfd.readouterr()
+            with pytest.raises(SourceError, match="camera 97: cannot open"):
+                _open_capture(97)
+            warned = "WARN" in capfd.readouterr().err
+            assert warned == (level == logging.INFO), level
+    finally:
+        cv2.utils.logging.setLogLevel(before)

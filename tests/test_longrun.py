@@ -4,6 +4,7 @@ live figures (status line, --stats-interval, SIGUSR1, Prometheus), a server gone
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import signal
@@ -379,3 +380,54 @@ def test_source_lost_raises_from_iteration():
     source = LiveCapture(0, opener=lambda target: _FakeCap(0), lost_after_s=0.5, warn=lambda line: None)
     with pytest.raises(SourceLost, match="no frames for 0.5 s"):
         list(source)
+
+
+# --- network sources ----------------------------------------------------------------------------------
+
+
+def _serve_folder(folder) -> http.server.ThreadingHTTPServer:
+    """A quiet HTTP server for ``folder`` on loopback (a port of the OS's choice), in a daemon thread."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_network_stream_is_read_live_and_reconnected_when_it_drops(tmp_path, capsys):
+    """--video http://... (a camera's stream, here an MPEG-TS clip PyAV wrote, served on loopback): read
+    through OpenCV/FFmpeg as a live source; when the stream ends the edge reopens it and frames flow again."""
+    import av
+
+    with av.open(str(tmp_path / "cam.ts"), "w", format="mpegts") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(20):
+            image = np.full((48, 64, 3), 10 * i, np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode())
+    server = _serve_folder(tmp_path)
+    url = f"http://127.0.0.1:{server.server_address[1]}/cam.ts"
+    try:
+        source = capture_mod.open_source(video=url, lost_after_s=20.0)
+        assert isinstance(source, LiveCapture)
+        taken, deadline = [], time.monotonic() + 60
+        for frame in source:
+            taken.append(frame)
+            if source.reopened and source.captured > 20:  # the whole clip, then frames of the reopened stream
+                break
+            assert time.monotonic() < deadline, (source.captured, source.reopened)
+        source.close()
+        with pytest.raises(capture_mod.SourceError, match=r"rtsp://cam:\*\*\*@127.0.0.1:1/s: cannot open"):
+            capture_mod.open_source(video="rtsp://cam:secret@127.0.0.1:1/s")  # nothing listens; no password shown
+    finally:
+        server.shutdown()
+    assert taken[0].source == f"live:{url}" and taken[0].image.shape == (48, 64, 3)
+    err = capsys.readouterr().err
+    assert f"{url}: no frame" in err and f"{url}: delivering frames again" in err
