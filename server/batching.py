@@ -193,7 +193,10 @@ class Batcher:
             self._bytes += nbytes
             self._cond.notify()
         for other in pushed:
-            other.future.set_exception(QueueFull(self._full_message() + "; pushed out by a client with fewer queued"))
+            if not other.future.done():  # cancelled meanwhile: its done callback has not run yet
+                other.future.set_exception(
+                    QueueFull(self._full_message() + "; pushed out by a client with fewer queued")
+                )
             self._emit_dropped("pushed_out", other.images)
         future.add_done_callback(lambda f: self._forget(item) if f.cancelled() else None)
         self._report_depth()

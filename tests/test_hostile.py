@@ -123,6 +123,9 @@ def test_the_model_info_advertises_the_budget(server, model):
     dets = model.roi_heads.detections_per_img
     assert lim.max_original_pixels == (1 << 30) // (4 * dets) and 0 < lim.max_mask_bytes <= 1 << 30
     assert lim.max_stream_inflight == 32
+    # the round-3 budgets: queued bytes, the decode queue, message bytes in flight
+    assert lim.max_queue_bytes == 512 << 20 and lim.max_decode_queue == 16
+    assert lim.max_inflight_message_bytes == 256 << 20
 
 
 def test_refusals_are_counted_by_reason_and_timed(server, good):
