@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_docker import DOCKERFILES, compose, grpc_port, parse_cli, parse_dockerfile
+from test_docker import DOCKERFILES, compose, deploy_text, grpc_port, parse_cli, parse_dockerfile
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -361,7 +361,7 @@ def test_deploy_md_upload_pods_are_valid_and_mount_defined_claims(no_network):
 
     import kubernetes_validate
 
-    text = (ROOT / "DEPLOY.md").read_text()
+    text = deploy_text()
     overrides = re.findall(r"kubectl -n hnd run (\S+) .*?--overrides='(\{.*?\})'", text)
     claims = set()
     for name, spec in overrides:
