@@ -11,14 +11,16 @@ spans, rebuilt back to back from the frame's stage durations) and sends the W3C 
 in each call's gRPC metadata (a resent frame carries the same one: one trace per frame, over every attempt
 and replica). The server continues it with one span per call (``hnd.v1.SplitInference/Infer``,
 ``inference.GRPCInferenceService/ModelInfer``) and children for its stages (validate+decode, queue, compute,
-encode, from the answer's own timings; the batch size as an attribute). InferStream messages are not traced
-per frame: gRPC metadata belongs to the stream, not to each message.
+encode, from the answer's own timings; the batch size as an attribute), and the batcher one ``hnd.batch`` span
+per tail batch, linked to the span of every request it computed. InferStream messages are not traced per
+frame: gRPC metadata belongs to the stream, not to each message.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -118,3 +120,21 @@ def stage_spans(tracer: Any, parent: Any, start_ns: int, stages: Iterable[tuple[
         tracer.start_span(name, context=context, start_time=t).end(end_time=end)
         t = end
     return t
+
+
+def current_span_context() -> Any:
+    """The span context of the current span (the call's server span while it runs), for links."""
+    from opentelemetry import trace
+
+    return trace.get_current_span().get_span_context()
+
+
+def batch_span(tracer: Any, members: list[Any], start_perf_ns: int, compute_ns: int, images: int) -> None:
+    """One ``hnd.batch`` span for a tail batch computed from ``start_perf_ns`` (``time.perf_counter_ns``) for
+    ``compute_ns``, linked to the span of every request in it (batch membership as links)."""
+    from opentelemetry.trace import Link
+
+    start = time.time_ns() - (time.perf_counter_ns() - start_perf_ns)
+    links = [Link(c) for c in members if c is not None and c.is_valid]
+    span = tracer.start_span("hnd.batch", links=links, start_time=start, attributes={"hnd.batch_size": images})
+    span.end(end_time=start + compute_ns)

@@ -157,11 +157,12 @@ class RunningServer:
 
 async def start_server(runner: ModelRunner, settings: ServerSettings) -> RunningServer:
     """Build, bind and start the server on the running loop; health turns SERVING after warm-up."""
+    # Tracing first: the service's batcher asks for its tracer when it is made.
+    tracer = tracing.get_tracer("hnd.server") if tracing.configure_from_env("hnd-server") else None
     service = SplitInferenceService(runner, settings.limits, settings.batching, offload=settings.offload)
     # Replica, weights and tail metadata are set by the service's handlers (SplitInferenceService.call_metadata),
     # not by an interceptor: an interceptor costs every call a coroutine and a new handler.
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    tracer = tracing.get_tracer("hnd.server") if tracing.configure_from_env("hnd-server") else None
     if tracer is not None:  # OpenTelemetry (hnd.server.otel): installed only when on, so free when off
         replica = lambda: dict(service.call_metadata).get(REPLICA_KEY, "")  # noqa: E731
         interceptors.append(TracingInterceptor(tracer, replica))

@@ -31,6 +31,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hnd.common import tracing
 from hnd.common.errors import UsageError
 
 # Keys (bottleneck shape and padded size) whose compute time is remembered for deadline checks.
@@ -73,6 +74,7 @@ class WorkItem:
     started_ns: int = 0
     batch_size: int = 0
     compute_ns: int = 0
+    span_context: Any = None  # the request's OpenTelemetry span, when tracing is on (the batch links to it)
 
 
 @dataclass
@@ -113,6 +115,7 @@ class Batcher:
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
         self.events = events or BatcherEvents()
+        self.tracer = tracing.get_tracer("hnd.server")  # None: tracing off (hnd.common.tracing)
         # client -> its requests in arrival order; the first client is the next to start a batch. Guarded by _cond.
         self._clients: OrderedDict[Hashable, deque[WorkItem]] = OrderedDict()
         self._count = 0
@@ -176,6 +179,8 @@ class Batcher:
         """
         future = asyncio.get_running_loop().create_future()
         item = WorkItem(key, payload, deadline, images, client, nbytes, future=future)
+        if self.tracer is not None:
+            item.span_context = tracing.current_span_context()
         pushed: list[WorkItem] = []
         with self._cond:
             if self._stopping:
@@ -361,6 +366,8 @@ class Batcher:
             if items:
                 self._emit_dropped(reason, sum(i.images for i in items))
         images = sum(i.images for i in live)
+        if self.tracer is not None and live:  # one span per batch, linked to every request in it
+            tracing.batch_span(self.tracer, [i.span_context for i in live], start_ns, compute_ns, images)
         late = 0
         for k, item in enumerate(live):
             item.started_ns, item.compute_ns, item.batch_size = start_ns, compute_ns, images

@@ -46,7 +46,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         parent = tracing.extract(handler_call_details.invocation_metadata)
 
         async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            from opentelemetry.trace import SpanKind, Status, StatusCode
+            from opentelemetry.trace import SpanKind, Status, StatusCode, use_span
 
             start = time.time_ns()
             span = tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER, start_time=start)
@@ -54,7 +54,8 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             if isinstance(request, bytes):
                 span.set_attribute("hnd.request_bytes", len(request))
             try:
-                response = await inner(request, context)
+                with use_span(span, end_on_exit=False):  # current while it runs: the batcher links to it
+                    response = await inner(request, context)
             except BaseException as exc:
                 code = context.code() if hasattr(context, "code") else None
                 name = getattr(code, "name", None) or type(exc).__name__

@@ -1,6 +1,6 @@
 """OpenTelemetry tracing: off by default and then free (no opentelemetry import, no interceptor); on, one
 trace per frame from the edge's span to the server's compute span, a frame retried on another replica
-included, with the SDK's in-memory exporter. Each case runs in a fresh interpreter (the global tracer
+included, and each tail batch linked to its requests, with the SDK's in-memory exporter. Each case runs in a fresh interpreter (the global tracer
 provider can be set once per process)."""
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ spans = [
         "parent": format(s.parent.span_id, "016x") if s.parent else None,
         "error": s.status.status_code.name == "ERROR",
         "attrs": dict(s.attributes),
+        "links": [format(link.context.span_id, "016x") for link in s.links],
     }
     for s in exporter.get_finished_spans()
 ]
@@ -85,6 +86,8 @@ def test_one_trace_per_frame_from_the_edge_to_the_servers_compute_across_a_retry
         stages = sorted(s["name"] for s in trace if s["parent"] == answered[0]["id"])
         assert stages == ["compute", "encode", "queue", "validate+decode"]
         assert answered[0]["attrs"]["hnd.batch_size"] == 1
+        batches = [s for s in spans if s["name"] == "hnd.batch" and answered[0]["id"] in s["links"]]
+        assert len(batches) == 1 and batches[0]["attrs"]["hnd.batch_size"] == 1  # batch membership as a link
         failed = [c for c in calls if c["error"]]
         assert all(c["attrs"]["hnd.replica"] == replicas["a"] for c in failed)
         retried += bool(failed)
