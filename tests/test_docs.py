@@ -1,14 +1,15 @@
-"""The documentation is tested: README.md, DEPLOY.md and every page under docs/.
+"""The documentation is tested: README.md, DEPLOY.md, CHANGELOG.md and every page under docs/.
 
-Every ``hnd-*`` command line in a shell block parses with that command's real parser (the flags
-exist, choices are valid) and names configs that exist; every repository path named in backticks
-exists; every relative link resolves (file and anchor). The site itself is built with
+Every ``hnd-*`` (and ``python -m hnd....``) command line in a shell block parses with that command's real
+parser (the flags exist, choices are valid) and names configs that exist; every repository path named in
+backticks exists; every relative link resolves (file and anchor). The site itself is built with
 ``mkdocs build --strict`` by .ci/run (which also fails on a page left out of the nav).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import itertools
 import re
@@ -83,10 +84,16 @@ def shell_commands(path: Path) -> list[Command]:
                     break
             while words and (re.fullmatch(r"\w+=.*", words[0]) or words[0] in ("sudo", "nice", "exec", "time")):
                 words = words[1:]
-            if not words or not Path(words[0]).name.startswith("hnd-"):
+            if len(words) > 2 and Path(words[0]).name.startswith("python") and words[1] == "-m":
+                if not words[2].startswith("hnd."):
+                    continue
+                words = [f"python -m {words[2]}", *words[3:]]  # a module run as a program: its own parser
+            elif not words or not Path(words[0]).name.startswith("hnd-"):
                 continue
-            script = Path(words[0]).name
-            assert script in scripts, f"{path.name}: {script} is not a console script of pyproject.toml"
+            script = words[0] if words[0].startswith("python -m ") else Path(words[0]).name
+            assert script in scripts or script.startswith("python -m "), (
+                f"{path.name}: {script} is not a console script of pyproject.toml"
+            )
             args = [w.strip("[]") for w in words[1:] if w.strip("[]") not in ("", "...")]
             out.append(Command(str(path.relative_to(ROOT)), script, args, elided="..." in words))
     return out
@@ -120,7 +127,8 @@ def fill_placeholders(parser: argparse.ArgumentParser, args: list[str]) -> list[
 def parse(script: str, args: list[str], elided: bool = False) -> argparse.Namespace:
     """``args`` through the script's real parser (or its mode's: hnd-bench --rate-accuracy); its error
     message is raised, not printed. ``elided``: the line left arguments out (``...``), so none is required."""
-    parser = CLI.parser_for(script, args)
+    parser = module_parser(script.removeprefix("python -m ")) if script.startswith("python -m ") else None
+    parser = parser or CLI.parser_for(script, args)
     if elided:
         for action in parser._actions:
             action.required = False
@@ -132,6 +140,32 @@ def parse(script: str, args: list[str], elided: bool = False) -> argparse.Namesp
 
     parser.error = error  # type: ignore[method-assign]
     return parser.parse_args(fill_placeholders(parser, args))
+
+
+class _Parser(Exception):
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+
+
+def module_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m NAME``: the module's ``build_parser()``, or the one its ``main`` builds
+    (caught when it parses)."""
+    module = importlib.import_module(name)
+    if hasattr(module, "build_parser"):
+        return module.build_parser()
+
+    def capture(self, *args, **kwargs):
+        raise _Parser(self)
+
+    original = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = capture  # type: ignore[method-assign]
+    try:
+        module.main([])
+    except _Parser as found:
+        return found.parser
+    finally:
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+    raise AssertionError(f"python -m {name}: its main() builds no argparse parser")
 
 
 def all_commands() -> list[Command]:
@@ -175,6 +209,9 @@ def test_command_checks_catch_what_they_should():
     with pytest.raises(ValueError, match="invalid choice"):
         parse("hnd-edge", ["--images", "d", "--bits", "3"])
     assert parse("hnd-edge", ["--images", "DIR", "--bits", "N"]).bits in (0, 2, 4, 6, 8, 16, 32)
+    with pytest.raises(ValueError, match="unrecognized"):  # a module run as a program: its main()'s parser
+        parse("python -m hnd.bench.tail", ["--no-such-flag"])
+    assert parse("python -m hnd.bench.tail", ["--device", "cpu"]).device == "cpu"
     with pytest.raises(ConfigError):
         resolve_config_path("hnd/no_such_model")
     assert variants(["--bits", "8|4"]) == [["--bits", "8"], ["--bits", "4"]]
