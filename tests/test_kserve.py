@@ -165,3 +165,35 @@ def test_server_and_model_metadata(server):
     assert sorted((m.name, m.state) for m in index.models) == [(OFFLOAD_MODEL, "READY"), (TAIL_MODEL, "READY")]
     config = stub.ModelConfig(v2.ModelConfigRequest(name=TAIL_MODEL)).config
     assert [i.name for i in config.input] == ["BOTTLENECK", "IMAGE_SIZE", "ORIGINAL_SIZE"]
+
+
+@pytest.mark.parametrize("kind", ["mask_rcnn", "keypoint_rcnn"])
+def test_mask_and_keypoint_outputs_equal_hnd_v1s_and_the_apis(kind):
+    """Mask R-CNN adds masks UINT8 [N, H, W], Keypoint R-CNN keypoints FP32 [N, K, 3] and keypoint_scores;
+    the same arrays as hnd.v1's answer decoded, and as hnd.connect's Detection."""
+    from hnd.common import wire
+
+    config = f"test/{kind}-b3ch"
+    image = frames(1)[0]
+    data = jpeg(image)
+    with hnd.serve(config, device="cpu") as s:
+        channel = grpc.insecure_channel(s.target)
+        v2_stub, v1_stub = v2_grpc.GRPCInferenceServiceStub(channel), pb_grpc.SplitInferenceStub(channel)
+        got = outputs(v2_stub.ModelInfer(offload_request(data)))
+        v1 = v1_stub.Infer(pb.InferRequest(image=pb.EncodedImage(format=pb.EncodedImage.FORMAT_JPEG, data=data)))
+        channel.close()
+        with hnd.connect(s.target, config=config, random_weights=0, mode="offload", image_format="png") as d:
+            det = d.detect(image)
+    want = wire.detections_from_proto(v1.detections[0])
+    n = len(want["scores"])
+    assert n > 0 and got["scores"].tobytes() == want["scores"].tobytes()
+    if kind == "mask_rcnn":
+        assert got["masks"].dtype == np.uint8 and got["masks"].shape == (n, *image.shape[:2])
+        assert got["masks"].tobytes() == want["masks"].tobytes()
+        assert det.masks.dtype == np.uint8 and det.masks.shape == (len(det), *image.shape[:2])
+        assert det.keypoints is None
+    else:
+        assert got["keypoints"].shape == (n, want["keypoints"].shape[1], 3)
+        assert got["keypoints"].tobytes() == want["keypoints"].tobytes()
+        assert got["keypoint_scores"].tobytes() == want["keypoints_scores"].tobytes()
+        assert det.keypoints.dtype == np.float32 and det.keypoints.shape[2] == 3 and det.masks is None
