@@ -62,6 +62,7 @@ class Command:
     script: str
     args: list[str]
     elided: bool = False  # written with "..." for the rest: required arguments may be left out
+    inline: bool = False  # inline code in prose (`hnd-edge --adapt`): flags may be named without a value
 
     def __str__(self) -> str:
         return f"{self.doc}: {self.script} {shlex.join(self.args)}"
@@ -99,6 +100,25 @@ def shell_commands(path: Path) -> list[Command]:
     return out
 
 
+def inline_commands(path: Path) -> list[Command]:
+    """Commands quoted in the prose (`hnd-edge --key-interval N`, `python -m hnd.bench.head --threads 2`):
+    parsed like a shell line with nothing required and flags that may be named without their value."""
+    scripts = CLI.console_scripts()
+    out = []
+    for span in code_spans(path.read_text()):
+        if not re.match(r"^(hnd-[a-z-]+|python -m hnd\.[\w.]+)\s+-", span):
+            continue
+        try:
+            words = shlex.split(span)
+        except ValueError:
+            continue
+        script, args = (f"python -m {words[2]}", words[3:]) if words[0] == "python" else (words[0], words[1:])
+        if script in scripts or script.startswith("python -m "):
+            args = [w.strip("[]") for w in args if w.strip("[]") not in ("", "...")]
+            out.append(Command(str(path.relative_to(ROOT)), script, args, elided=True, inline=True))
+    return out
+
+
 def variants(args: list[str]) -> list[list[str]]:
     """``--bits 8|4|2`` written as alternatives: one argument list per alternative of each such word."""
     alternatives = [w.split("|") if "|" in w and not w.startswith("-") else [w] for w in args]
@@ -124,7 +144,7 @@ def fill_placeholders(parser: argparse.ArgumentParser, args: list[str]) -> list[
     return out
 
 
-def parse(script: str, args: list[str], elided: bool = False) -> argparse.Namespace:
+def parse(script: str, args: list[str], elided: bool = False, inline: bool = False) -> argparse.Namespace:
     """``args`` through the script's real parser (or its mode's: hnd-bench --rate-accuracy); its error
     message is raised, not printed. ``elided``: the line left arguments out (``...``), so none is required."""
     parser = module_parser(script.removeprefix("python -m ")) if script.startswith("python -m ") else None
@@ -139,6 +159,17 @@ def parse(script: str, args: list[str], elided: bool = False) -> argparse.Namesp
         raise ValueError(message)
 
     parser.error = error  # type: ignore[method-assign]
+    if inline:  # a known flag named without its value (prose: "`hnd-edge --adapt` picks ...") is left out
+        options = {s: a for a in parser._actions for s in a.option_strings}
+        args = [
+            a
+            for i, a in enumerate(args)
+            if not (
+                a in options
+                and options[a].nargs != 0
+                and (i + 1 == len(args) or (args[i + 1].startswith("-") and args[i + 1] not in ("-1",)))
+            )
+        ]
     return parser.parse_args(fill_placeholders(parser, args))
 
 
@@ -183,15 +214,15 @@ def test_the_docs_have_commands_of_every_kind():
 @pytest.mark.parametrize("doc", documents(), ids=doc_ids(documents()))
 def test_shell_commands_parse_with_the_real_parsers(doc):
     problems = []
-    for command in shell_commands(doc):
+    for command in shell_commands(doc) + inline_commands(doc):
         for args in variants(command.args):
             try:
-                ns = parse(command.script, args, elided=command.elided)
+                ns = parse(command.script, args, elided=command.elided, inline=command.inline)
             except ValueError as e:
                 problems.append(f"{command}: {e}")
                 continue
             config = getattr(ns, "config", None)
-            if isinstance(config, str) and not PLACEHOLDER.match(config):
+            if isinstance(config, str) and not PLACEHOLDER.match(config) and "..." not in config:
                 try:
                     resolve_config_path(config)
                 except ConfigError as e:
@@ -209,6 +240,9 @@ def test_command_checks_catch_what_they_should():
     with pytest.raises(ValueError, match="invalid choice"):
         parse("hnd-edge", ["--images", "d", "--bits", "3"])
     assert parse("hnd-edge", ["--images", "DIR", "--bits", "N"]).bits in (0, 2, 4, 6, 8, 16, 32)
+    parse("hnd-server", ["--max-short-side", "--max-long-side"], elided=True, inline=True)  # prose names flags
+    with pytest.raises(ValueError, match="unrecognized"):
+        parse("hnd-server", ["--max-short-side", "--no-such-flag"], elided=True, inline=True)
     with pytest.raises(ValueError, match="unrecognized"):  # a module run as a program: its main()'s parser
         parse("python -m hnd.bench.tail", ["--no-such-flag"])
     assert parse("python -m hnd.bench.tail", ["--device", "cpu"]).device == "cpu"
