@@ -224,3 +224,15 @@ def one_line_error(run: subprocess.CompletedProcess) -> str:
     err = run.stderr.strip()
     assert err.startswith("hnd-edge: error:") and "\n" not in err and "Traceback" not in err, err
     return err
+
+
+def v1_detections(response) -> dict[str, np.ndarray]:
+    """boxes float32 [N, 4], labels int64 [N], scores float32 [N] of an hnd.v1 InferResponse's first image (the
+    arrays a KServe v2 answer must equal byte for byte)."""
+    d = response.detections[0]
+    n = len(d.labels)
+    return {
+        "boxes": np.asarray(d.boxes, np.float32).reshape(n, 4),
+        "labels": np.asarray(d.labels, np.int64),
+        "scores": np.asarray(d.scores, np.float32),
+    }

@@ -9,7 +9,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from runtime_support import frames
+from runtime_support import frames, v1_detections
 
 import hnd
 from hnd.common.checkpoint import fingerprint
@@ -54,16 +54,6 @@ def outputs(response: v2.ModelInferResponse) -> dict[str, np.ndarray]:
     return {
         t.name: np.frombuffer(raw, types[t.datatype]).reshape(t.shape)
         for t, raw in zip(response.outputs, response.raw_output_contents)
-    }
-
-
-def v1_detections(response: pb.InferResponse) -> dict[str, np.ndarray]:
-    d = response.detections[0]
-    n = len(d.labels)
-    return {
-        "boxes": np.asarray(d.boxes, np.float32).reshape(n, 4),
-        "labels": np.asarray(d.labels, np.int64),
-        "scores": np.asarray(d.scores, np.float32),
     }
 
 

@@ -16,7 +16,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from runtime_support import frames
+from runtime_support import frames, v1_detections
 
 from hnd.common.checkpoint import fingerprint
 from hnd.common.codec import CodecSettings
@@ -57,16 +57,6 @@ def run_example(venv: Path, server, *args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
     )
-
-
-def v1_detections(response: pb.InferResponse) -> dict[str, np.ndarray]:
-    d = response.detections[0]
-    n = len(d.labels)
-    return {
-        "boxes": np.asarray(d.boxes, np.float32).reshape(n, 4),
-        "labels": np.asarray(d.labels, np.int64),
-        "scores": np.asarray(d.scores, np.float32),
-    }
 
 
 def assert_same(got: dict, want: dict) -> None:
