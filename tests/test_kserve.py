@@ -187,3 +187,17 @@ def test_mask_and_keypoint_outputs_equal_hnd_v1s_and_the_apis(kind):
         assert got["keypoints"].tobytes() == want["keypoints"].tobytes()
         assert got["keypoint_scores"].tobytes() == want["keypoints_scores"].tobytes()
         assert det.keypoints.dtype == np.float32 and det.keypoints.shape[2] == 3 and det.masks is None
+
+
+def test_a_draining_server_is_not_ready_over_v2():
+    """ServerReady / ModelReady / the repository index follow the drain (health NOT_SERVING) as hnd.v1 does."""
+    with hnd.serve(CONFIG, device="cpu") as s:
+        channel = grpc.insecure_channel(s.target)
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerReady(v2.ServerReadyRequest()).ready
+        s.service.begin_drain()
+        assert not stub.ServerReady(v2.ServerReadyRequest()).ready
+        assert not stub.ModelReady(v2.ModelReadyRequest(name=OFFLOAD_MODEL)).ready
+        assert {m.state for m in stub.RepositoryIndex(v2.RepositoryIndexRequest()).models} == {"UNAVAILABLE"}
+        assert stub.ServerLive(v2.ServerLiveRequest()).live  # alive while it drains
+        channel.close()
