@@ -53,13 +53,13 @@ def gemm_model(precision: str, m: int, k: int, n: int, seed: int = 0) -> tuple[b
     else:
         scalars = {"a_scale": np.float32(0.02), "a_zp": np.uint8(128), "b_scale": np.float32(0.01)}
         scalars |= {"b_zp": np.int8(0), "y_scale": np.float32(0.5), "y_zp": np.uint8(128)}
-        inits = [numpy_helper.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), "B")]
-        inits += [numpy_helper.from_array(np.array(v), name) for name, v in scalars.items()]
         if precision == "int8":
             inputs, out_type = ["A", "B", "a_zp"], TensorProto.INT32
         else:
             inputs = ["A", "a_scale", "a_zp", "B", "b_scale", "b_zp", "y_scale", "y_zp"]
             out_type = TensorProto.UINT8
+        inits = [numpy_helper.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), "B")]
+        inits += [numpy_helper.from_array(np.array(v), name) for name, v in scalars.items() if name in inputs]
         a = rng.integers(0, 256, (m, k)).astype(np.uint8)
     in_type = TensorProto.FLOAT if precision == "fp32" else TensorProto.UINT8
     graph = helper.make_graph(
