@@ -256,9 +256,12 @@ def encode(
 
 
 # zstd is kept only where it saves at least this share of the packed bytes. Decompressing costs the server
-# about 1 us per packed kB (python -m hnd.bench.overhead --profile); sending a kB costs ~8 us at 1 Gbit/s and
-# ~1 us on loopback. Below 1/8 saved, the bytes zstd saves are worth less than its decode on a gigabit link.
-MIN_ZSTD_SAVING = 1 / 8
+# about 1 us per packed kB (python -m hnd.bench.overhead --profile), sending a kB ~80 us at 100 Mbit/s, ~8 us
+# at 1 Gbit/s: saving a share f pays on links slower than ~f x 7 Gbit/s. Below 1/32 (an incompressible
+# payload, e.g. 8-bit symbols of a flat histogram) it pays on none a camera uses for long; above, the edge
+# cannot tell its link from here, so it keeps zstd (on loopback or a LAN, ``compression: none`` in the
+# config's runtime section saves the decode outright).
+MIN_ZSTD_SAVING = 1 / 32
 
 
 def compress(raw: bytes, compression: str = "zstd", level: int = 3) -> tuple[bytes, str]:
