@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DOCKERFILES = {"server": DOCKER / "server.Dockerfile", "edge": DOCKER / "edge.Dockerfile"}
 COMPOSE = DOCKER / "compose.yaml"
-DEPLOY = ROOT / "DEPLOY.md"
+DEPLOY = ROOT / "docs" / "guide" / "deployment.md"  # the deployment guide (DEPLOY.md points to it)
 PROGRAMS = {"server": "hnd-server", "edge": "hnd-edge"}
 
 
