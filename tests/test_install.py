@@ -263,8 +263,14 @@ def test_ci_runs_the_readmes_set_up_and_test_commands():
         expected = command.replace(".venv/bin/", '"$VENV/bin/').replace('"$VENV/bin/pip', '"$VENV/bin/pip"')
         expected = expected.replace("-m venv .venv", '-m venv "$VENV"')
         assert expected in ci, f".ci/run does not run the README's set-up command {command!r} (as {expected!r})"
-    # Every other page's set-up of a development venv runs the same steps (else the tests fail there).
+    # And the other way: what .ci/run prepares for the tests (packages of other languages, the venvs
+    # made by .ci/make-*) is in the README's set-up too (CI ran `npm ci`, the README did not: the Node
+    # client test failed on a fresh clone).
     steps = [c for c in commands(setup) if not re.match(r"(\.venv/bin/)?hnd-", c)]
+    for line in ci:
+        if re.match(r"(npm |\.ci/make-)", line):
+            assert line in steps, f"the README's set-up lacks {line!r}, which .ci/run runs before the tests"
+    # Every other page's set-up of a development venv runs the same steps (else the tests fail there).
     for page in (ROOT / "docs").rglob("*.md"):
         for block in bash_blocks(page.read_text()):
             if '-e ".[all,dev]"' in block and "-m venv .venv" in block:
