@@ -248,6 +248,9 @@ def _load_session(path: str, providers: Sequence[str], threads: int | None):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle intra-op threads sleep instead of spinning: the edge's capture, encode and gRPC threads share the
+    # cores (hnd.bench.head's levers: 2-thread int8 head 46 vs 108 ms best on a loaded 2-core machine).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(path, sess_options=options, providers=list(providers))
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types (Fail, InvalidProtobuf, ...)

@@ -99,6 +99,8 @@ def test_export_writes_metadata(exported):
     assert json.loads(props["hnd.image_mean"]) == list(IMAGENET_MEAN) and props["hnd.precision"] == "fp32"
     head = OnnxHead(path)
     assert head.fingerprint == fingerprint(model) and head.metadata.filter_threshold is None
+    # intra-op threads sleep rather than spin (the edge's other threads share the cores)
+    assert head.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_export_min_max_size_override(tmp_path):
