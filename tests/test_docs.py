@@ -423,3 +423,18 @@ def test_ci_builds_the_site_strictly():
         "unrecognized_links": "warn",
         "anchors": "warn",
     }  # warnings, which --strict turns into errors
+
+
+@pytest.mark.parametrize(
+    "page",
+    sorted(p for p in (DOCS / "benchmarks").glob("*.md") if p.name != "index.md"),
+    ids=lambda p: p.name,
+)
+def test_every_benchmark_page_names_its_date_machine_and_command(page):
+    """A figure is only as good as what it says about how it was made (#26): the date, the machine (and
+    its load), the command that reproduces it."""
+    text = page.read_text()
+    assert re.search(r"\b20\d\d-\d\d-\d\d\b", text), f"{page.name}: no date (YYYY-MM-DD)"
+    assert re.search(r"machine|H100|H200|KVM|GPU", text, re.I), f"{page.name}: no machine"
+    command = r"(?:^|`)(?:python -m hnd\.|hnd-[a-z]|python experiments/)"  # inline or in a shell block
+    assert re.search(command, text, re.M), f"{page.name}: no command"
