@@ -100,6 +100,12 @@ def test_aio_connect_detects_from_an_async_source(server):
         async with hnd.aio.connect(server.target, config=CONFIG, random_weights=0, max_inflight=2) as detector:
             first = await detector.detect(images[0])
             rest = [det async for det in detector.detect_many(camera())]
+        awaited = await hnd.aio.connect(server.target, config=CONFIG, random_weights=0)  # no async with
+        try:
+            again = await awaited.detect(images[0])
+        finally:
+            await awaited.aclose()
+        assert again.scores.tobytes() == first.scores.tobytes()
         return first, rest
 
     first, rest = asyncio.run(main())
