@@ -262,6 +262,10 @@ def test_token_auth(model, good_request, tmp_path):
             "hnd_refusals_total", {"method": "Infer", "code": "UNAUTHENTICATED", "reason": "token"}
         )
         assert refused == 2  # counted like every refusal, and logged through the rate-limited log
+        answered = server.service.metrics.registry.get_sample_value(
+            "hnd_requests_total", {"method": "Infer", "code": "UNAUTHENTICATED"}
+        )
+        assert answered == 2  # and by its final code, like every call
         ok = call_raw(server, good_request.SerializeToString(), metadata=(("authorization", "Bearer s3cret"),))
         assert isinstance(ok, bytes)
         client = client_for(server, token="s3cret")
