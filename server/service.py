@@ -13,7 +13,7 @@ import functools
 import io
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +25,7 @@ import torch
 from google.protobuf.message import DecodeError
 from PIL import Image
 from torch import nn
+from torchvision.models.detection.image_list import ImageList
 
 import hnd
 from hnd.common import codec, wire
@@ -74,9 +75,13 @@ class SplitPayload:
 
 @dataclass(frozen=True)
 class ImagePayload:
-    """A decoded full-offload image [3, H, W] uint8; the whole model runs on it (as float in 0..1)."""
+    """A full-offload image after the model's transform (normalized, resized: [1, 3, Hp, Wp] float32, at most
+    the model's max_size per side whatever the picture's size), its resized and original sizes; the rest of
+    the model runs on it (ModelRunner.run_images)."""
 
     image: torch.Tensor
+    image_size: tuple[int, int]
+    original_size: tuple[int, int]
 
 
 Payload = SplitPayload | ImagePayload
@@ -208,12 +213,30 @@ class ModelRunner:
         return results
 
     @torch.inference_mode()
+    def transform_image(self, rgb: torch.Tensor) -> ImagePayload:
+        """An offload picture [3, H, W] uint8 -> the model's transform of it as float 0..1 (on the decode thread,
+        so a queued picture holds the model's size, not its own), on CPU."""
+        images, _ = self.model.transform([rgb.float().div_(255)])
+        return ImagePayload(images.tensors, tuple(images.image_sizes[0]), (int(rgb.shape[1]), int(rgb.shape[2])))
+
+    @torch.inference_mode()
     def run_images(self, items: list[ImagePayload]) -> list[list[dict[str, torch.Tensor]]]:
-        """Full model on one image per request ([3, H, W] uint8, as float 0..1): the offload comparison."""
-        return [
-            [{k: v.cpu() for k, v in d.items()} for d in self.model([item.image.to(self.device).float().div_(255)])]
-            for item in items
-        ]
+        """The rest of the full model on one transformed image per request: the offload comparison.
+
+        GeneralizedRCNN.forward after its transform, step for step, so that on CPU the detections are the
+        model's on the decoded picture bit for bit."""
+        m = self.model
+        out = []
+        for item in items:
+            images = ImageList(item.image.to(self.device), [item.image_size])
+            features = m.backbone(images.tensors)
+            if isinstance(features, torch.Tensor):
+                features = OrderedDict([("0", features)])
+            proposals, _ = m.rpn(images, features)
+            detections, _ = m.roi_heads(features, proposals, images.image_sizes)
+            detections = m.transform.postprocess(detections, images.image_sizes, [item.original_size])
+            out.append([{k: v.cpu() for k, v in d.items()} for d in detections])
+        return out
 
     def compute(self, payloads: list[Payload]) -> list[list[dict[str, torch.Tensor]]]:
         """One batch (the batcher groups same-key payloads, so all of one kind)."""
@@ -608,22 +631,21 @@ class SplitInferenceService:
         payload, self._stream_note = run()
         return payload
 
-    @staticmethod
-    def _image_payload(img: Image.Image, fmt: str) -> ImagePayload:
-        """Decode the pixels (uint8 [3, H, W]: a quarter of float32 while it waits for the model)."""
+    def _image_payload(self, img: Image.Image, fmt: str) -> ImagePayload:
+        """Decode the pixels and apply the model's transform (ImagePayload)."""
         try:
             rgb = np.array(img.convert("RGB"))
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
             message = f"cannot decode {fmt} image: {exc}"
         else:
-            return ImagePayload(torch.from_numpy(rgb).permute(2, 0, 1))
+            return self.runner.transform_image(torch.from_numpy(rgb).permute(2, 0, 1))
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, message, "image")
 
     def _video_payload(self, session: StreamSession | None, request: pb.InferRequest) -> tuple[ImagePayload, str]:
         """An H.264 / HEVC access unit decoded in its stream's session (uint8 [3, H, W]) and the session's note."""
         decoded = video_request(session, request, self.limits.max_image_pixels)
         check_originals([tuple(decoded.value.shape[:2])], self.budget)  # the full model pastes masks at this size
-        return ImagePayload(torch.from_numpy(decoded.value).permute(2, 0, 1)), decoded.note
+        return self.runner.transform_image(torch.from_numpy(decoded.value).permute(2, 0, 1)), decoded.note
 
     def _decode(
         self, request: pb.InferRequest, session: StreamSession | None = None

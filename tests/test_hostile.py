@@ -429,3 +429,13 @@ def test_one_client_with_many_requests_in_flight_does_not_starve_another(model, 
             runner.run_split = original
     victim_size = tuple(meta.image_sizes[0])
     assert order.count(victim_size) == 1 and order.index(victim_size) <= 2, order
+
+
+def test_a_queued_offload_image_holds_the_models_size(server):
+    """#25 row 7: a 2048x2048 JPEG waits for the model as its transform ([1, 3, 160, 160] float32 here, the
+    model's min_size), not as the decoded picture (12.6 M float32 values: 50 MB; 4096x4096: 201 MB)."""
+    request = pb.InferRequest.FromString(jpeg_request(2048))
+    _, deferred = server.service._decode(request)
+    payload, _ = deferred.run()
+    assert tuple(payload.image.shape) == (1, 3, 160, 160) and payload.image.dtype == torch.float32
+    assert payload.original_size == (2048, 2048) and payload.image_size == (160, 160)
