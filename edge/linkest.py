@@ -15,9 +15,9 @@ stage times (as the server reports them; durations, never clocks subtracted acro
   rate the link lost for a whole window; like WebRTC's delay-based controller (GCC), which cuts its
   estimate when the delay grows (overuse), the window restarts from the recent samples when
   ``overuse_samples`` frames in a row took more than ``overuse_factor`` times the transfer time the
-  estimate predicts for their bytes (plus ``overuse_slack_ms`` of jitter), or one frame took more than
-  ``gross_overuse_factor`` times it (plus half a round trip): a link that lost most of its rate, where each
-  frame may now take seconds.
+  estimate predicts for their bytes, or one frame took more than ``gross_overuse_factor`` times it (a link
+  that lost most of its rate, where each frame may now take seconds); either plus a slack for jitter of
+  ``overuse_slack_ms`` or half the round trip, whichever is more.
 * **Responses**: the answers' bytes (detections) travel the link back whatever the point; their recent
   90th percentile goes into every point's predicted transfer.
 * **Compute** per operating point: the edge's edge-stage and server times of the last frames sent with it
@@ -111,10 +111,11 @@ class LinkEstimator:
         if bw is None:
             return
         predicted = 8 * nbytes / bw * 1e3
-        rtt = self.rtt_ms(self._wire[-1][0]) or 0.0
-        if transfer_ms > p.overuse_factor * predicted + p.overuse_slack_ms:
+        # jitter grows with the path (and with a loaded host's scheduling): half a round trip of slack
+        slack = max(p.overuse_slack_ms, (self.rtt_ms(self._wire[-1][0]) or 0.0) / 2)
+        if transfer_ms > p.overuse_factor * predicted + slack:
             self._overuse.append(rate)
-            gross = transfer_ms > p.gross_overuse_factor * predicted + max(p.overuse_slack_ms, rtt / 2)
+            gross = transfer_ms > p.gross_overuse_factor * predicted + slack
             if gross or len(self._overuse) >= p.overuse_samples:
                 self._rates.clear()
                 self._rates.extend(self._overuse[:-1])  # the last one is appended by observe()

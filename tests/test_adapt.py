@@ -312,3 +312,15 @@ def test_points_not_observed_yet_get_the_profiles_compute_scaled_like_the_observ
     assert calibrated(POINTS, LINK).compute_scale == 1.0
     # so big is out of a 200 ms target (240 ms) although the profile's figures alone would take it (150 ms)
     assert choose(POINTS, seen, Objective(target_latency_ms=200), PolicyState()).point.id == "mid-tie"
+
+
+def test_jitter_within_half_a_round_trip_is_no_overuse():
+    est = LinkEstimator()
+    est.observe(0.0, 100, 0, network_ms=80.0, server_ms=0.0)  # an 80 ms round trip
+    est.observe(1.0, 125_000, 0, network_ms=180.0, server_ms=0.0)  # 10 Mbit/s
+    for t in (2.0, 3.0, 4.0):  # 39 ms of jitter on 100 ms of transfer: within 2 x 100 + 40
+        est.observe(t, 125_000, 0, network_ms=80.0 + 100.0 + 39.0, server_ms=0.0)
+    assert est.bandwidth_bps == pytest.approx(10e6)
+    for t in (5.0, 6.0):  # 250 ms: over 2 x 100 + 40, twice
+        est.observe(t, 125_000, 0, network_ms=80.0 + 250.0, server_ms=0.0)
+    assert est.bandwidth_bps == pytest.approx(4e6)

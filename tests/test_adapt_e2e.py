@@ -22,8 +22,9 @@ from hnd.common import wire
 from hnd.common.checkpoint import fingerprint
 from hnd.common.split import split_model
 from hnd.common.stream_codec import StreamEncoder
+from hnd.common.video import available_formats
 from hnd.edge import cli
-from hnd.edge.adapt import Objective, load_profile
+from hnd.edge.adapt import LinkEstimate, Objective, OperatingPoint, Profile, load_profile
 from hnd.edge.adapt_mode import AdaptiveMode, head_at
 from hnd.edge.api import check_server, make_mode
 from hnd.edge.capture import ArrayFrames
@@ -184,3 +185,55 @@ def test_hnd_edge_adapt_errors_are_one_line(profile_path, tmp_path, capsys, extr
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hnd-edge: error:") and "\n" not in err and problem in err, err
+
+
+class ScriptedEstimator:
+    """A link estimate per frame from a script (bandwidth in bit/s), one observation per frame."""
+
+    def __init__(self, bandwidths: list[float]) -> None:
+        self.bandwidths, self.calls = bandwidths, 0
+
+    def estimate(self, now: float) -> LinkEstimate:
+        bw = self.bandwidths[min(self.calls, len(self.bandwidths) - 1)]
+        self.calls += 1
+        return LinkEstimate(bandwidth_bps=bw, rtt_ms=1.0, samples=self.calls)
+
+    def observe(self, *args, **kwargs) -> None:
+        pass
+
+
+@pytest.mark.skipif("h264" not in available_formats(), reason="PyAV without an H.264 encoder")
+def test_switches_between_video_offload_and_a_temporal_split_keep_every_session_whole(model):
+    """H.264 offload <-> 8-bit temporal split and back: each switch a key frame on a new stream, no refusal."""
+    video = OperatingPoint(
+        "h264", "offload", {"image_format": "h264", "crf": 28, "key_interval": 30, "preset": "ultrafast"},
+        1_000, 1_000, 10.0, 10.0, 0.9,
+    )  # fmt: skip
+    split = OperatingPoint(
+        "split-8b", "split", {"bits": 8, "granularity": "tensor", "coding": "temporal", "key_interval": 30},
+        5_000, 5_000, 10.0, 10.0, 1.0,
+    )  # fmt: skip
+    fp = fingerprint(model)
+    head, _ = split_model(model)
+    # 1 Gbit/s: the split (best agreement) fits 150 ms; 100 kbit/s: only the video does (101 ms vs 421)
+    script = ScriptedEstimator([1e9] * 3 + [1e5] * 3 + [1e9] * 2)
+    options = EdgeOptions(max_inflight=2)
+    records = []
+    with serving(model) as server:
+        client = SplitClient(ClientSettings(f"127.0.0.1:{server.port}"))
+        try:
+            mode = AdaptiveMode(
+                options, Profile("p.json", fp, {}, [video, split]), Objective(target_latency_ms=150), make_mode,
+                head, fp, client.end_stream, estimator=script,
+            )  # fmt: skip
+            check_server(client, mode, fp)
+            runner = EdgeRunner(options, client=client, mode=mode)
+            runner.run(ArrayFrames(video_frames(8, size=(48, 64))), lambda r, f: records.append(r.to_dict()))
+        finally:
+            client.close()
+        wait_sessions_free(server)
+    assert [r["operating_point"] for r in records] == ["split-8b"] * 3 + ["h264"] * 3 + ["split-8b"] * 2
+    assert [r["mode"] for r in records] == ["split"] * 3 + ["offload"] * 3 + ["split"] * 2
+    assert [r["frame_type"] for r in records] == ["key", "delta", "delta", "key", "delta", "delta", "key", "delta"]
+    assert all(r["status"] == "OK" and r.get("attempts", 1) == 1 for r in records)
+    assert all(r["detections"][0]["count"] > 0 for r in records)  # the test config answers every frame
