@@ -16,8 +16,9 @@ stage times (as the server reports them; durations, never clocks subtracted acro
   estimate when the delay grows (overuse), the window restarts from the recent samples when
   ``overuse_samples`` frames in a row took more than ``overuse_factor`` times the transfer time the
   estimate predicts for their bytes, or one frame took more than ``gross_overuse_factor`` times it (a link
-  that lost most of its rate, where each frame may now take seconds); either plus a slack for jitter of
-  ``overuse_slack_ms`` or half the round trip, whichever is more.
+  that lost most of its rate, where each frame may now take seconds), or one frame did within ``bw_window``
+  frames of the last restart (the window then holds frames that straddled the drop, partly sent at the old
+  rate); each plus a slack for jitter of ``overuse_slack_ms`` or half the round trip, whichever is more.
 * **Responses**: the answers' bytes (detections) travel the link back whatever the point; their recent
   90th percentile goes into every point's predicted transfer.
 * **Compute** per operating point: the edge's edge-stage and server times of the last frames sent with it
@@ -66,6 +67,7 @@ class LinkEstimator:
         self._rates: deque[float] = deque(maxlen=params.bw_window)  # bit/s
         self._wire: deque[tuple[float, float]] = deque(maxlen=1024)  # (time s, wire ms)
         self._overuse: list[float] = []  # rates of the overusing samples in a row
+        self._since_reset = params.bw_window  # samples since the window last restarted
         self._compute: dict[str, deque[float]] = {}
         self._responses: deque[int] = deque(maxlen=params.compute_window)
 
@@ -113,13 +115,17 @@ class LinkEstimator:
         predicted = 8 * nbytes / bw * 1e3
         # jitter grows with the path (and with a loaded host's scheduling): half a round trip of slack
         slack = max(p.overuse_slack_ms, (self.rtt_ms(self._wire[-1][0]) or 0.0) / 2)
+        self._since_reset += 1
         if transfer_ms > p.overuse_factor * predicted + slack:
             self._overuse.append(rate)
             gross = transfer_ms > p.gross_overuse_factor * predicted + slack
-            if gross or len(self._overuse) >= p.overuse_samples:
+            # just after a restart the window holds a frame or two that straddled the drop: trust them less
+            recovering = self._since_reset <= p.bw_window
+            if gross or recovering or len(self._overuse) >= p.overuse_samples:
                 self._rates.clear()
                 self._rates.extend(self._overuse[:-1])  # the last one is appended by observe()
                 self._overuse.clear()
+                self._since_reset = 0
         else:
             self._overuse.clear()
 

@@ -324,3 +324,13 @@ def test_jitter_within_half_a_round_trip_is_no_overuse():
     for t in (5.0, 6.0):  # 250 ms: over 2 x 100 + 40, twice
         est.observe(t, 125_000, 0, network_ms=80.0 + 250.0, server_ms=0.0)
     assert est.bandwidth_bps == pytest.approx(4e6)
+
+
+def test_after_a_restart_one_overusing_frame_restarts_again():
+    est = LinkEstimator()
+    est.observe(0.0, 100, 0, network_ms=20.0, server_ms=0.0)
+    est.observe(1.0, 125_000, 0, network_ms=120.0, server_ms=0.0)  # 10 Mbit/s
+    est.observe(2.0, 125_000, 0, network_ms=1020.0, server_ms=0.0)  # gross: restart at 1 Mbit/s
+    assert est.bandwidth_bps == pytest.approx(1e6)  # (a frame that straddled the drop: partly at the old rate)
+    est.observe(3.0, 125_000, 0, network_ms=3020.0, server_ms=0.0)  # 3,000 ms where 1,000 are predicted
+    assert est.bandwidth_bps == pytest.approx(1e6 / 3)  # not gross, not twice: restarted since it follows one
