@@ -19,7 +19,7 @@ rate, the adaptive run's point, and every run's latency over time).
 Without ``--profile``, the points are measured here first, on the same frames (``hnd.bench.rate``, the
 ``--profile-out`` sweep: split temporal at ``--bits``, native size, agreement against the unsplit model).
 Without ``--video`` / ``--images``, the frames are a synthetic camera clip (``hnd.train.synthetic_video``)
-of ``--size``; with the tiny ``test/`` configs this runs on a 2-core machine in minutes.
+of ``--clip-size``; with the tiny ``test/`` configs this runs on a 2-core machine in minutes.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 
 from hnd.common.errors import USER_ERRORS, UsageError, report
 from hnd.common.files import atomic_write_json, atomic_write_text
-from hnd.common.flags import add_weights_arguments
+from hnd.common.flags import HelpFormatter, add_config_argument, add_weights_arguments
 from hnd.edge.adapt import Objective, OperatingPoint, Profile, load_profile
 from hnd.edge.adapt_mode import AdaptiveMode, head_at, point_options
 from hnd.edge.capture import ArrayFrames, Frame
@@ -259,16 +259,18 @@ def plot(
 def build_parser() -> argparse.ArgumentParser:
     from hnd.edge.adapt_mode import add_adapt_arguments
 
-    p = argparse.ArgumentParser(prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(
+        prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=HelpFormatter
+    )
     p.add_argument("--adapt-trace", required=True, metavar="CSV", help="the link trace: rows time_s,rate[,delay]")
     p.add_argument("--profile", metavar="JSON", help="operating points (default: measured here on the frames)")
-    p.add_argument("--config", default="test/faster_rcnn-b3ch", help="YAML config or bundled name")
+    add_config_argument(p, default="test/faster_rcnn-b3ch")
     add_weights_arguments(p, "student checkpoint", "seeded random weights")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--video", metavar="FILE", help="video file (its first --frames frames, cycled)")
     src.add_argument("--images", metavar="DIR_OR_GLOB", help="image files (the first --frames, cycled)")
     p.add_argument("--frames", type=int, default=8, help="distinct frames, cycled (default 8)")
-    p.add_argument("--size", default="160x120", help="WxH of the synthetic clip (default 160x120)")
+    p.add_argument("--clip-size", default="160x120", help="WxH of the synthetic clip (default 160x120)")
     p.add_argument("--bits", default="8,4,2", help="split bits of a profile measured here (default 8,4,2)")
     p.add_argument("--key-interval", type=int, default=10, help="key interval of a profile measured here")
     p.add_argument("--delay", default="40ms", help="one-way delay where the trace gives none (default 40ms)")
@@ -298,9 +300,9 @@ def _frames(args: argparse.Namespace) -> tuple[list[np.ndarray], str]:
     from hnd.train.synthetic_video import make_synthetic_video
 
     try:
-        w, h = (int(v) for v in args.size.lower().split("x"))
+        w, h = (int(v) for v in args.clip_size.lower().split("x"))
     except ValueError:
-        raise UsageError(f"--size {args.size!r}: expected WxH, e.g. 160x120") from None
+        raise UsageError(f"--clip-size {args.clip_size!r}: expected WxH, e.g. 160x120") from None
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_synthetic_video(tmp, frames=args.frames, size=(w, h), video=False, seed=0)
         frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(Path(clip["images"]).iterdir())]

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hnd.common.errors import USER_ERRORS, UsageError, report
+from hnd.common.flags import HelpFormatter
 
 from hnd.bench.linkmodel import parse_rate_mbit, parse_time_ms
 
@@ -350,7 +351,9 @@ def _host_port(text: str, flag: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(
+        prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=HelpFormatter
+    )
     p.add_argument(
         "--listen", required=True, metavar="HOST:PORT", help="where the proxy listens (e.g. 127.0.0.1:50052)"
     )

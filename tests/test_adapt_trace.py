@@ -12,7 +12,7 @@ def test_adapt_trace_writes_the_table_the_runs_and_the_plot(tmp_path, capsys):
     trace.write_text("time_s,rate,delay\n0,50mbit,10ms\n1.5,0.05mbit\n")
     out = tmp_path / "out"
     argv = ["--adapt-trace", str(trace), "--target-latency-ms", "5000", "--duration", "3", "--frames", "2"]
-    assert cli.main([*argv, "--bits", "8,2", "--size", "64x48", "--out", str(out)]) == 0
+    assert cli.main([*argv, "--bits", "8,2", "--clip-size", "64x48", "--out", str(out)]) == 0
     data = json.loads((out / "adaptive.json").read_text())
     runs = [f["run"] for f in data["figures"]]
     assert runs == ["adaptive", "split-2b-tensor-temporal-k10-native", "split-8b-tensor-temporal-k10-native"]

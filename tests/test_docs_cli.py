@@ -48,6 +48,7 @@ DIFFERENT = {
         (flag, "hnd-bench --rate-accuracy"): "a comma list of settings to sweep"
         for flag in ("--bits", "--granularity", "--crf", "--jpeg-quality", "--webp-quality")
     },
+    ("--bits", "hnd-bench --adapt-trace"): "a comma list of split settings to measure",
     ("--format", "hnd-export-head"): "the head file's format (onnx / torch), not an image format",
     ("--images", "hnd-make-synthetic-coco"): "how many images to draw, not where to read them",
     ("--video", "hnd-make-synthetic-coco"): "write videos (a switch), not read one",

@@ -36,7 +36,7 @@ def cli_parser(script: str) -> argparse.ArgumentParser:
 
 # A flag that hands the whole command line to another parser: ``hnd-bench --rate-accuracy ...`` runs
 # hnd.bench.rate's (hnd.bench.cli.main). Its page gets a section per mode.
-MODE_PARSERS = {"hnd-bench": {"--rate-accuracy": "hnd.bench.rate"}}
+MODE_PARSERS = {"hnd-bench": {"--rate-accuracy": "hnd.bench.rate", "--adapt-trace": "hnd.bench.adapt_trace"}}
 
 
 def parser_for(script: str, args: list[str] | tuple[str, ...] = ()) -> argparse.ArgumentParser:
