@@ -8,6 +8,10 @@ how long a frame's bytes take against the latency target, and that is what the s
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +19,8 @@ import pytest
 import torch
 from runtime_support import assert_same_detections, edge_argv, serving, write_images
 from test_streams import video_frames, wait_sessions_free
+
+import hnd
 
 from hnd.bench.linkproxy import LinkProxy, LinkSettings
 from hnd.bench.rate import rate_settings, run_sweep, write_profile
@@ -237,3 +243,37 @@ def test_switches_between_video_offload_and_a_temporal_split_keep_every_session_
     assert [r["frame_type"] for r in records] == ["key", "delta", "delta", "key", "delta", "delta", "key", "delta"]
     assert all(r["status"] == "OK" and r.get("attempts", 1) == 1 for r in records)
     assert all(r["detections"][0]["count"] > 0 for r in records)  # the test config answers every frame
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hnd_connect_adapts_through_the_proxy_command(model, profile_path):
+    """The proxy as users run it (python -m hnd.bench.linkproxy), and --adapt through the Python API."""
+    port = free_port()
+    with serving(model) as server:
+        argv = ["--listen", f"127.0.0.1:{port}", "--to", f"127.0.0.1:{server.port}", "--rate", "50mbit"]
+        proxy = subprocess.Popen([sys.executable, "-m", "hnd.bench.linkproxy", *argv, "--delay", "5ms"])
+        try:
+            deadline = time.monotonic() + 60
+            while True:  # until the proxy listens
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and proxy.poll() is None, "the proxy did not start"
+                    time.sleep(0.2)
+            options = {"adapt": str(profile_path), "target_latency_ms": 60000, "max_inflight": 1}
+            with hnd.connect(f"127.0.0.1:{port}", config="test/faster_rcnn-b3ch", random_weights=0, **options) as d:
+                got = list(d.detect_many(video_frames(4, size=SIZE)))
+                summary = d.summary
+        finally:
+            proxy.terminate()
+            proxy.wait(10)
+        wait_sessions_free(server)
+    points = [det.record.extra["operating_point"] for det in got]
+    assert all(det.ok for det in got) and points[0] == "split-2b-tensor-temporal-k8-native"  # the cheapest first
+    assert summary.as_dict()["adapt"]["switches"] == sum(a != b for a, b in zip(points, points[1:]))
