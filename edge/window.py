@@ -15,7 +15,8 @@ time the slower side (edge or server) needs per frame, so that side is always bu
 are out than that (more only wait in the server's queue, towards the deadline), capped by the config's window and by what the server advertises (``limits.max_queue``, and
 ``limits.max_stream_inflight`` on InferStream). The deadline is ``max(base, DEADLINE_FACTOR x`` the
 slowest recent answer ``)``: a server slower than the base deadline is waited for, a hung one is still
-noticed, within at most ``MAX_DEADLINE_FACTOR x base``.
+noticed, within at most ``MAX_DEADLINE_FACTOR x base``. A frame that misses its deadline halves the window
+and doubles the deadline (same bound), so a server slower than the base deadline is learnt too.
 """
 
 from __future__ import annotations
@@ -73,7 +74,15 @@ class Window:
         self.size = min(self.size, self.cap)
 
     def observe(self, record: FrameRecord) -> None:
-        """Update the averages from an answered frame, then the window and the deadline."""
+        """Update the averages from an answered frame, then the window and the deadline. A frame that missed
+        its deadline halves a self-sized window and doubles a self-sized deadline (within its bound): the
+        server is slower than anything measured so far, possibly slower than the base deadline itself."""
+        if record.status == "DEADLINE_EXCEEDED":
+            if not self.fixed_size:
+                self.size = max(1, self.size // 2)
+            if not self.fixed_deadline:
+                self.deadline_s = min(2 * self.deadline_s, MAX_DEADLINE_FACTOR * self.base_deadline_s)
+            return
         ms, server = record.ms, record.server_ms
         if not record.ok or ms.network_server is None or server is None:
             return

@@ -59,3 +59,18 @@ def test_window_stays_within_the_servers_advertised_limits():
     unary = Window.start(cap=16, deadline_s=30.0)
     unary.limit_by_server(max_queue=8, max_stream_inflight=3, stream=False)
     assert unary.cap == 8
+
+
+def test_a_missed_deadline_halves_the_window_and_doubles_the_deadline_within_bounds():
+    """A server slower than the base deadline answers nothing to measure: each miss backs off instead."""
+    w = Window.start(cap=4, deadline_s=30.0)
+    for _ in range(5):
+        w.observe(_answer(10, 100, 0, 10))
+    assert w.size == 4
+    missed = FrameRecord(5, "cam", 0.0, "split", status="DEADLINE_EXCEEDED")
+    for expected in ((2, 60.0), (1, 120.0), (1, 240.0), (1, 300.0)):
+        w.observe(missed)
+        assert (w.size, w.deadline_s) == expected
+    fixed = Window.start(cap=4, deadline_s=30.0, fixed_size=True, fixed_deadline=True)
+    fixed.observe(missed)
+    assert (fixed.size, fixed.deadline_s) == (4, 30.0)
