@@ -581,7 +581,22 @@ def main(argv: list[str] | None = None) -> int:
         default="all",
         help="single hostile requests (round 2), attacks with a victim (round 3), or both",
     )
+    p.add_argument(
+        "--streams",
+        nargs="*",
+        metavar="SCENARIO",
+        help="run the stream scenarios instead (session-hold, session-hold-clients, bottleneck-hold, "
+        "stalled-stream; none named: all), each with an honest hnd-edge beside the attack (hnd.bench.hostile_streams)",
+    )
     args = p.parse_args(argv)
+    if args.streams is not None:
+        from hnd.bench import hostile_streams
+
+        scenario_rows = hostile_streams.measure(args.server_python, args.streams or None)
+        print(hostile_streams.markdown(scenario_rows))
+        if args.json:
+            atomic_write_json(args.json, [asdict(r) for r in scenario_rows])
+        return 0
     out: dict[str, list] = {}
     if args.part in ("cases", "all"):
         cases = tuple(c for c in CASES if not args.only or c.name in args.only)
