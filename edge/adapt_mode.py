@@ -400,6 +400,17 @@ def objective_from_args(args: Any) -> Objective | None:
         raise ConfigError(f"--min-agreement must be in [0, 1], got {args.min_agreement:g}")
     if args.mode != "split":
         raise ConfigError("--adapt switches between the profile's split and offload points: leave --mode split")
+    # what each point sets itself: a flag that says otherwise would be silently overridden
+    overridden = {
+        "--bits": getattr(args, "bits", None) is not None,
+        "--granularity": getattr(args, "granularity", None) is not None,
+        "--compression": getattr(args, "compression", None) is not None,
+        "--key-interval": getattr(args, "key_interval", 1) != 1,
+        "--image-format": getattr(args, "image_format", "jpeg") != "jpeg",
+    }
+    conflicting = [flag for flag, set_ in overridden.items() if set_]
+    if conflicting:
+        raise ConfigError(f"{', '.join(conflicting)}: --adapt takes how to code each frame from the operating points")
     return Objective(args.target_latency_ms, args.max_kbps, args.min_agreement)
 
 
