@@ -334,9 +334,15 @@ def _main(args: argparse.Namespace) -> int:
     from hnd.bench.linkmodel import parse_time_ms
     from hnd.bench.report import machine_info
 
-    args.adapt = args.profile or "(measured here)"
-    args.mode = "split"
-    objective = objective_from_args(args)
+    objective = objective_from_args(
+        argparse.Namespace(
+            adapt=args.profile or "(measured here)",
+            mode="split",
+            target_latency_ms=args.target_latency_ms,
+            max_kbps=args.max_kbps,
+            min_agreement=args.min_agreement,
+        )
+    )
     assert objective is not None
     schedule = read_schedule(args.adapt_trace, LinkSettings(delay_ms=parse_time_ms(args.delay, "--delay")))
     duration = args.duration or schedule[-1][0] + 20.0
