@@ -1,6 +1,11 @@
 """Hostile requests against a live hnd-server: what each costs the server in time and memory.
 
-    python -m hnd.bench.hostile [--server-python .venv/bin/python] [--repeat 3] [--json out.json]
+    python -m hnd.bench.hostile [--part cases|attacks|all] [--server-python .venv/bin/python]
+        [--server-pythonpath OLD_CHECKOUT_PKG] [--repeat 3] [--only NAME ...] [--json out.json]
+
+``--part attacks`` (round 3, ``ATTACKS``): each attack class is sent ``count`` times from one connection to a
+fresh server, alone (server CPU ms and peak RSS per bad request, RSS kept after), then again while a victim on
+its own connection calls GetModelInfo or a good Infer (its p50 / p99 and failures): docs/benchmarks/hostile.md.
 
 Each request class (small requests that declare huge sizes, oversized client strings, ...) is sent to a
 fresh ``hnd-server --config test/mask_rcnn-b3ch --random-weights 0`` subprocess on loopback; the table

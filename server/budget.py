@@ -186,7 +186,7 @@ class MessageBytes:
     after the last.
     """
 
-    TRIM_AFTER_BYTES = 4 << 20
+    TRIM_AFTER_BYTES = 1 << 20
     TRIM_INTERVAL_S = 1.0
     TRIM_DELAY_S = 0.5
 
