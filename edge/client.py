@@ -313,6 +313,7 @@ class _Pending:
     request_id: str
     future: concurrent.futures.Future
     deadline: float | None  # monotonic time after which the frame counts as DEADLINE_EXCEEDED
+    timeout_s: float = 0.0  # the deadline it was sent with (the edge may resize it between frames)
 
 
 class _Stream:
@@ -334,15 +335,12 @@ class _Stream:
         self.error: BaseException | None = None  # what ended the stream (set with broken)
         self._cond = threading.Condition()
         self.client = client
-        self.timeout_s = client.settings.timeout_s
         self.replica = ""
         self.call = client.stub.InferStream(iter(self.requests.get, self._SENTINEL), metadata=client.metadata)
         self.reader = threading.Thread(target=self._read, name="hnd-stream-reader", daemon=True)
         self.reader.start()
-        self.watchdog: threading.Thread | None = None
-        if self.timeout_s:
-            self.watchdog = threading.Thread(target=self._watch, name="hnd-stream-deadlines", daemon=True)
-            self.watchdog.start()
+        self.watchdog = threading.Thread(target=self._watch, name="hnd-stream-deadlines", daemon=True)
+        self.watchdog.start()
 
     def submit(self, request: pb.InferRequest) -> concurrent.futures.Future:
         out: concurrent.futures.Future = concurrent.futures.Future()
@@ -352,9 +350,9 @@ class _Stream:
                     self.error if isinstance(self.error, WeightsMismatch) else StreamBroken("stream closed")
                 )
                 return out
-            self.timeout_s = self.client.settings.timeout_s or self.timeout_s  # the edge may size it as it goes
-            deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
-            self.pending.append(_Pending(request.request_id, out, deadline))
+            timeout = self.client.settings.timeout_s  # read per frame: the edge sizes it from the answers
+            deadline = time.monotonic() + timeout if timeout else None
+            self.pending.append(_Pending(request.request_id, out, deadline, timeout or 0.0))
             self.requests.put(request)
             self._cond.notify_all()
         return out
@@ -405,17 +403,20 @@ class _Stream:
                     self._cond.wait()
                     continue
                 late = self.pending[0]
-                left = (late.deadline or 0.0) - time.monotonic()
+                if late.deadline is None:  # no deadline: nothing to time until it is answered
+                    self._cond.wait()
+                    continue
+                left = late.deadline - time.monotonic()
                 if left > 0:
                     self._cond.wait(left)
                     continue
                 self.pending.popleft()
                 self.broken = True
                 self.error = StreamBroken(
-                    f"stream cancelled: request {late.request_id} had no answer within {self.timeout_s:g} s"
+                    f"stream cancelled: request {late.request_id} had no answer within {late.timeout_s:g} s"
                 )
                 break
-        settle(late.future, error=FrameDeadlineExceeded(self.timeout_s))
+        settle(late.future, error=FrameDeadlineExceeded(late.timeout_s))
         self.call.cancel()  # the reader fails the frames behind it with self.error
 
     def close(self) -> None:
