@@ -131,13 +131,12 @@ def _server(python: str, idle_timeout_s: float | None = None) -> tuple[subproces
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    """Resume it (the stalled-stream scenario stops it), then the usual SIGTERM-wait-kill."""
+    from hnd.server.local import stop_server_process
+
     proc.send_signal(signal.SIGCONT)
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_server_process(proc)
+    proc.wait()
 
 
 def session_hold(
