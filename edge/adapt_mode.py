@@ -44,6 +44,7 @@ from hnd.edge.client import EdgeError
 from hnd.edge.linkest import LinkEstimator
 from hnd.edge.modes import EdgeMode, EdgeOptions, Prepared
 from hnd.edge.summary import StreamingStat
+from hnd.edge.window import Window
 from hnd.proto.v1 import split_inference_pb2 as pb
 
 log = logging.getLogger("hnd.edge")
@@ -178,6 +179,7 @@ class AdaptiveMode(EdgeMode):
         self.head = head
         self.end_stream = end_stream
         self.estimator = estimator or LinkEstimator(inflight=options.max_inflight)
+        self.window: Window | None = None  # the runner's: a self-sized one holds fewer than max_inflight
         self.say = say or (lambda line: print(f"hnd-edge: {line}", file=sys.stderr))
         self.clock = clock
         self._make = make
@@ -271,7 +273,7 @@ class AdaptiveMode(EdgeMode):
         while True:
             if not self.points:
                 raise EdgeError(f"{self.profile.path}: the server can serve none of the operating points")
-            self._estimate = self.estimator.estimate(self.clock())
+            self._estimate = self.link_estimate()
             decision = choose(self.points, self._estimate, self.objective, self.state, self.params)
             if decision.note:
                 self.say(decision.note)
@@ -334,6 +336,15 @@ class AdaptiveMode(EdgeMode):
 
     def summary_sections(self) -> dict[str, Any]:
         return {"adapt": self.stats}
+
+    def use_window(self, window: Window) -> None:
+        self.window = window
+
+    def link_estimate(self) -> LinkEstimate:
+        """The estimate now, for the frames the runner's window keeps in flight now (an auto-sized window
+        starts at one and grows or halves with what it measures; without a runner, ``max_inflight``)."""
+        self.estimator.inflight = self.window.size if self.window is not None else self.options.max_inflight
+        return self.estimator.estimate(self.clock())
 
     def close(self) -> None:
         for mode in self._modes.values():

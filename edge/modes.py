@@ -42,6 +42,7 @@ from hnd.common.timing import ms_since, now_ns
 from hnd.edge.capture import Frame
 from hnd.edge.client import EdgeError, next_request_id
 from hnd.edge.records import Timings
+from hnd.edge.window import Window
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import tensor_pb2
 
@@ -141,6 +142,10 @@ class EdgeMode:
 
     def close(self) -> None:
         pass
+
+    def use_window(self, window: Window) -> None:
+        """The runner's in-flight window (its ``size`` changes as answers are measured when it sizes itself);
+        called once, before the first frame. Default: unused."""
 
     def summary_sections(self) -> dict[str, Any]:
         """The mode's own summary figures by name (objects with as_dict() / format_lines()); default none."""

@@ -92,6 +92,7 @@ class EdgeRunner:
             fixed_size=not options.auto_window,
             fixed_deadline=not options.auto_deadline or client is None,
         )
+        self.mode.use_window(self.sizing)
         self.last_detections: list[Detections] | None = None
         self.mismatch: FrameRecord | None = None  # the record of the frame a WeightsMismatch stopped
         self.summary: Summary | None = None  # of the run in progress (or the last one)

@@ -334,3 +334,34 @@ def test_after_a_restart_one_overusing_frame_restarts_again():
     assert est.bandwidth_bps == pytest.approx(1e6)  # (a frame that straddled the drop: partly at the old rate)
     est.observe(3.0, 125_000, 0, network_ms=3020.0, server_ms=0.0)  # 3,000 ms where 1,000 are predicted
     assert est.bandwidth_bps == pytest.approx(1e6 / 3)  # not gross, not twice: restarted since it follows one
+
+
+def test_the_estimate_counts_the_frames_the_runners_window_keeps_in_flight_now():
+    """An auto-sized window starts at one frame in flight (max_inflight is its cap): predictions over
+    max_inflight would queue frames that are not there and leave the richest point out for nothing."""
+    from types import SimpleNamespace
+
+    from hnd.edge.adapt import Profile
+    from hnd.edge.adapt_mode import AdaptiveMode
+    from hnd.edge.modes import EdgeMode, EdgeOptions
+    from hnd.edge.pipeline import EdgeRunner
+
+    def jpeg(id: str, nbytes: float, agreement: float) -> OperatingPoint:
+        return OperatingPoint(id, "offload", {"image_format": "jpeg", "quality": 75}, nbytes, nbytes, 10, 20, agreement)
+
+    # 10 Mbit/s, 20 ms round trip, 30 ms compute: "big" takes 50 + n x 100 ms with n frames in flight
+    estimator = LinkEstimator()
+    estimator.observe(0.0, 100, 0, network_ms=20.0, server_ms=0.0)
+    estimator.observe(1.0, 125_000, 0, network_ms=120.0, server_ms=0.0)
+    options = EdgeOptions(max_inflight=4, auto_window=True)
+    points = [jpeg("big", 125_000, 0.99), jpeg("small", 1_000, 0.8)]
+    mode = AdaptiveMode(
+        options, Profile("p.json", "f", {}, points), Objective(target_latency_ms=200),
+        lambda *a: EdgeMode(options), None, "f", estimator=estimator, clock=lambda: 2.0,
+    )  # fmt: skip
+    runner = EdgeRunner(options, mode, client=SimpleNamespace(settings=SimpleNamespace(timeout_s=30.0)))
+    assert runner.sizing.size == 1 and mode.link_estimate().inflight == 1
+    assert choose(mode.points, mode.link_estimate(), mode.objective, PolicyState()).point.id == "big"  # 150 ms
+    runner.sizing.size = 3  # grown from measured answers
+    assert mode.link_estimate().inflight == 3
+    assert choose(mode.points, mode.link_estimate(), mode.objective, PolicyState()).point.id == "small"  # 350 ms
