@@ -118,7 +118,8 @@ class LinkEstimate:
     bandwidth_bps: bits per second the link delivers edge -> server; rtt_ms: round trip without payload;
     fps: frames per second the source delivers (None: as fast as answers come); inflight: requests the edge
     keeps in flight now, its runner's window (a frame may wait on the link behind the others); samples:
-    observations so far; compute_ms: the edge's own p95-ish edge + server compute per point id, where it has seen some.
+    observations so far; compute_ms: the edge's own p95-ish edge + server compute per point id, where it
+    has seen some.
     """
 
     bandwidth_bps: float | None = None
