@@ -70,14 +70,19 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)".lstrip()
 
 
-def config_default(key: str) -> str:
-    """Help text for a flag whose default is the config's ``runtime.KEY``, naming the value a config
-    without that key gives (hnd.common.config.RuntimeConfig)."""
+def config_key(key: str) -> str:
+    """``the config's runtime.KEY (V when it sets none)``: a config value a flag's default comes from,
+    with the value a config without that key gives (hnd.common.config.RuntimeConfig)."""
     from hnd.common.config import RuntimeConfig  # here, not at the top: hnd-healthcheck imports this module numpy-free
 
     value = getattr(RuntimeConfig(), key)
     shown = f"{value:g}" if isinstance(value, float) else value
-    return f"(default: the config's runtime.{key}; {shown} when it sets none)"
+    return f"the config's runtime.{key} ({shown} when it sets none)"
+
+
+def config_default(key: str) -> str:
+    """Help text for a flag whose default is the config's ``runtime.KEY``: ``(default: ...)``."""
+    return f"(default: {config_key(key)})"
 
 
 def add_config_argument(

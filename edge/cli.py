@@ -39,6 +39,7 @@ from hnd.common.flags import (
     add_log_level_argument,
     add_weights_arguments,
     config_default,
+    config_key,
 )
 from hnd.common.config import (
     ConfigError,
@@ -200,8 +201,8 @@ def _add_request_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="K",
-        help="requests in flight (pipelining window K; unless given, sized from the server's answers: from 1 up "
-        "to the config's runtime.max_inflight and the server's advertised queue) " + config_default("max_inflight"),
+        help="requests in flight (pipelining window K; default: sized from the server's answers, from 1 up to "
+        f"{config_key('max_inflight')} and the server's advertised queue)",
     )
     p.add_argument("--stream", action="store_true", help="use the bidirectional InferStream instead of unary calls")
     p.add_argument("--score-threshold", type=float, default=None, help="server drops detections below this")
@@ -298,8 +299,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="S",
-        help="per-request deadline in seconds (unless given, raised to 4x the slowest recent answer of a slower "
-        "server, at most 10x the config's) " + config_default("deadline_s"),
+        help=f"per-request deadline in seconds (default: {config_key('deadline_s')}, raised to 4x the slowest "
+        "recent answer of a slower server, at most 10x that)",
     )
     p.add_argument(
         "--give-up-after",
