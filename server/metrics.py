@@ -101,6 +101,13 @@ class ServerMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.stream_sessions_reclaimed = Counter(
+            "hnd_stream_sessions_reclaimed",
+            "Stream sessions whose slot was taken back before their stream ended: idle (no frame for the idle "
+            "timeout) or fair_share (given to a client holding fewer)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.key_frames_required = Counter(
             "hnd_key_frames_required",
             "Stream frames answered with key_frame_required: refused (no valid "

@@ -397,6 +397,7 @@ class SplitInferenceService:
                 gauge.labels("bottleneck").set(bottleneck),
                 gauge.labels("video").set(video),
             ),
+            on_reclaim=lambda reason: self.metrics.stream_sessions_reclaimed.labels(reason).inc(),
         )
         self.draining = False
         self._stream_readers: set[asyncio.Task] = set()

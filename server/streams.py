@@ -97,8 +97,10 @@ class StreamSessions:
         video_formats: tuple[str, ...] | None = None,
         on_change=None,
         clock: Callable[[], float] = time.monotonic,
+        on_reclaim: Callable[[str], None] | None = None,
     ) -> None:
-        """on_change(bottleneck_sessions, video_sessions): called whenever a slot is taken or given back."""
+        """on_change(bottleneck_sessions, video_sessions): called whenever a slot is taken or given back;
+        on_reclaim(reason): whenever a slot is taken back before its stream ended ("idle", "fair_share")."""
         self.limits = limits or StreamLimits()
         self.codec_limits = codec_limits
         self.video_formats = available_formats() if video_formats is None else video_formats
@@ -111,6 +113,7 @@ class StreamSessions:
         self.expired = 0  # slots taken back after idle_timeout_s
         self.evicted = 0  # slots handed to a client with fewer
         self.on_change = on_change
+        self.on_reclaim = on_reclaim
         self.clock = clock
 
     def open(self, client: Hashable = None) -> StreamSession:
@@ -145,6 +148,7 @@ class StreamSessions:
             for session in [s for s in self._holders if s.last_used < oldest]:
                 if session._lose(f"its session expired after {self.limits.idle_timeout_s:g} s idle (idle_timeout)"):
                     self.expired += 1
+                    self._reclaimed("idle")
 
     def _take(self, session: StreamSession, video: bool) -> str | None:
         """A slot for ``session``; None when taken, else why not (the key frame is answered but not kept)."""
@@ -185,6 +189,7 @@ class StreamSessions:
             for victim in sorted(sessions, key=lambda s: s.last_used):
                 if victim._lose("its session was given to a client holding fewer (fair share per client)"):
                     self.evicted += 1
+                    self._reclaimed("fair_share")
                     return True
         return False
 
@@ -209,6 +214,10 @@ class StreamSessions:
                 self.held_bytes -= session.held_bytes
                 session.held_bytes = 0
                 self._changed()
+
+    def _reclaimed(self, reason: str) -> None:
+        if self.on_reclaim is not None:
+            self.on_reclaim(reason)
 
     def _changed(self) -> None:
         if self.on_change is not None:

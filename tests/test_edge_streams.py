@@ -361,6 +361,8 @@ def test_a_client_holding_every_video_session_yields_one(model, fmt):
                 preset="ultrafast",
             )
             assert server.service.streams.evicted == 1
+            sample = server.service.metrics.registry.get_sample_value
+            assert sample("hnd_stream_sessions_reclaimed_total", {"reason": "fair_share"}) == 1
         finally:
             holder.release()
             client.close()

@@ -14,6 +14,7 @@ from hnd.server.streams import VIDEO_PICTURES, StreamLimits, StreamSessions
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0
+        self.reclaimed: list[str] = []
 
     def __call__(self) -> float:
         return self.now
@@ -32,8 +33,11 @@ def frames(n: int = 2, seed: int = 0):
 
 
 def table(**limits) -> tuple[StreamSessions, Clock]:
+    """A session table on a fake clock; ``clock.reclaimed`` collects its on_reclaim reasons."""
     clock = Clock()
-    return StreamSessions(StreamLimits(**limits), video_formats=("h264",), clock=clock), clock
+    return StreamSessions(
+        StreamLimits(**limits), video_formats=("h264",), clock=clock, on_reclaim=clock.reclaimed.append
+    ), clock
 
 
 def test_an_idle_session_gives_its_slot_back():
@@ -46,6 +50,7 @@ def test_an_idle_session_gives_its_slot_back():
     clock.now = 31
     camera = sessions.open("camera")
     assert camera.decode_bottleneck(*key).kept and sessions.active == 1 and sessions.expired == 1
+    assert clock.reclaimed == ["idle"]  # what hnd_stream_sessions_reclaimed_total counts
     with pytest.raises(KeyFrameRequired, match=r"expired after 30 s idle"):
         idle.decode_bottleneck(*delta)
 
@@ -64,7 +69,7 @@ def test_sessions_are_shared_fairly_per_client():
     assert cameras[0].decode_bottleneck(*key).kept  # a free slot
     clock.now += 1
     assert cameras[1].decode_bottleneck(*key).kept  # the hog's least recently used one (3 > 0 + 1)
-    assert sessions.evicted == 1
+    assert sessions.evicted == 1 and clock.reclaimed == ["fair_share"]
     with pytest.raises(KeyFrameRequired, match="fair share"):
         hog[0].decode_bottleneck(*delta)
     assert hog[1].decode_bottleneck(*delta).kept  # the others keep theirs
