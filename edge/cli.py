@@ -307,8 +307,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="S",
-        help=f"end the run (exit {EXIT_SERVER_GONE}) once the server has been unreachable for S seconds "
-        "since its last answer, every frame so far recorded (default: "
+        help=f"end the run (exit {EXIT_SERVER_GONE}) once the server has been unreachable, or has answered "
+        "nothing within --timeout, for S seconds since its last answer, every frame so far recorded (default: "
         f"{DEFAULT_GIVE_UP_S:g} for files; a live camera waits for its server; 0: never give up)",
     )
     p.add_argument("--tls-ca", help="CA certificate (PEM) of the server: use TLS")
