@@ -65,9 +65,15 @@ class HelpFormatter(argparse.HelpFormatter):
         default = action.default
         if action.nargs == 0 or default is None or default is argparse.SUPPRESS or "%(default)" in text:
             return text
-        if "default" in text and str(default) in text:
+        if default_named(text, default):
             return text
         return f"{text} (default: %(default)s)".lstrip()
+
+
+def default_named(text: str, default: object) -> bool:
+    """Whether a help text already names its default (``(default 20)`` names 20.0 too)."""
+    shown = {str(default)} | ({f"{default:g}"} if isinstance(default, float) else set())
+    return "default" in text and any(s in text for s in shown)
 
 
 def config_key(key: str) -> str:

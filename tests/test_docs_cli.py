@@ -14,7 +14,7 @@ import collections
 
 import pytest
 
-from hnd.common.flags import HelpFormatter
+from hnd.common.flags import HelpFormatter, default_named
 from test_docs import CLI, nav_pages
 
 SCRIPTS = sorted(CLI.console_scripts())
@@ -131,7 +131,7 @@ def test_every_default_is_shown_in_help(script, parsers):
         if a.nargs == 0 or a.default is None:
             continue
         shown = parser._get_formatter()._expand_help(a)
-        if str(a.default) not in shown:
+        if not default_named(shown, a.default):
             hidden.append(f"{a.option_strings or a.dest}={a.default!r}")
     assert not hidden, f"{script}: defaults --help does not show: {hidden}"
 
