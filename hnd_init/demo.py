@@ -43,17 +43,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=4, help="sample photos to send (up to 6)")
     add_bits_argument(p, default=8)
     p.add_argument("--stream", action="store_true", help="send the frames on one InferStream instead of unary calls")
-    p.add_argument("--max-inflight", type=int, default=2, help="pipelining window K")
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        help="pipelining window K (default: hnd-edge's, sized from the server's answers: a CPU server on a busy "
+        "machine gets one frame at a time instead of frames that queue past their deadline)",
+    )
     p.add_argument("--summary-json", help="write the summary as JSON")
     p.add_argument("--output", help="per-frame JSONL records")
     return p
+
+
+def _weights(args: argparse.Namespace) -> list[str]:
+    """The weights flags both sides get: the checkpoint, or the seed of the random weights."""
+    return ["--checkpoint", args.checkpoint] if args.checkpoint else ["--random-weights", str(args.random_weights)]
+
+
+def edge_arguments(args: argparse.Namespace, target: str, folder: str, threads: str) -> list[str]:
+    """hnd-edge's command line for the demo's flags: the window and the deadline stay hnd-edge's own
+    (sized from the server's answers) unless ``--max-inflight`` is given."""
+    edge_args = ["--server", target, "--images", folder, "--config", args.config, *_weights(args)]
+    edge_args += ["--bits", str(args.bits), "--no-progress", "--threads", threads]
+    if args.stream:
+        edge_args.append("--stream")
+    if args.max_inflight is not None:
+        edge_args += ["--max-inflight", str(args.max_inflight)]
+    if args.output:
+        edge_args += ["--output", args.output]
+    if args.summary_json:
+        edge_args += ["--summary-json", args.summary_json]
+    return edge_args
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
 
-    weights = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--random-weights", str(args.random_weights)]
     if not args.checkpoint:
         print(
             f"hnd-demo: {args.config} with seeded random weights (seed {args.random_weights}): "
@@ -65,34 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         try:
             server = stack.enter_context(
-                server_process(args.config, weights, ["--log-level", "WARNING", "--threads", threads])
+                server_process(args.config, _weights(args), ["--log-level", "WARNING", "--threads", threads])
             )
         except USER_ERRORS as exc:
             return report("hnd-demo", exc)
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
         write_samples(Path(tmp), args.frames)
-        edge_args = [
-            "--server",
-            server.target,
-            "--images",
-            tmp,
-            "--config",
-            args.config,
-            *weights,
-            "--bits",
-            str(args.bits),
-            "--no-progress",
-            "--threads",
-            threads,
-        ]
-        if args.stream:
-            edge_args.append("--stream")
-        edge_args += ["--max-inflight", str(args.max_inflight)]
-        if args.output:
-            edge_args += ["--output", args.output]
-        if args.summary_json:
-            edge_args += ["--summary-json", args.summary_json]
-        return edge_cli.main(edge_args)
+        return edge_cli.main(edge_arguments(args, server.target, tmp, threads))
 
 
 if __name__ == "__main__":
