@@ -306,7 +306,7 @@ def test_temporal_coding_resumes_once_sessions_free_up(model):
     assert kinds[:5] == ["key"] * 5 and kinds[5:] == ["delta"] * 3, kinds
 
 
-@pytest.mark.parametrize("fmt", available_formats())
+@pytest.mark.parametrize("fmt", available_formats()[:1])  # the fall-back is the same for both codecs
 def test_video_offload_falls_back_to_key_frames_and_back(model, fmt):
     """Idle streams of another client hold the video sessions: an offload camera's key frames are answered
     but not kept; it sends key frames (every frame answered: it used to get FAILED_PRECONDITION for its
