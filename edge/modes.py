@@ -102,6 +102,7 @@ class Prepared:
     message_bytes: int = 0
     local_result: list[Detections] | None = None
     done_ns: int = 0
+    deadline_s: float = 0.0  # the deadline of its last send (a self-sized one moves between sends)
     filtered: bool | None = None  # None: no filter ran
     filter_probability: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -30,7 +30,7 @@ from hnd.edge.client import EdgeError, Reply, SplitClient, StreamBroken, Weights
 from hnd.edge.modes import Detections, EdgeMode, EdgeOptions, Prepared, detections_json
 from hnd.edge.records import SERVER_STAGES, STAGES, ByteCounts, FrameRecord, ServerTimings, Timings
 from hnd.edge.summary import Summary
-from hnd.edge.window import Window
+from hnd.edge.window import Window, seconds
 from hnd.proto.v1 import split_inference_pb2 as pb
 
 log = logging.getLogger("hnd.edge")
@@ -163,6 +163,7 @@ class EdgeRunner:
 
     def _send(self, p: Prepared) -> concurrent.futures.Future:
         p.done_ns = now_ns()
+        p.deadline_s = self.client.settings.timeout_s
         if p.span is None:
             return self.client.submit(p.request, stream=self.options.stream)
         p.span.add_event("send", {"hnd.request_id": p.request.request_id})  # each attempt, same trace
@@ -233,9 +234,9 @@ class EdgeRunner:
         if not self._silence_warned:
             self._silence_warned = True
             log.warning(
-                "frame %d: no answer within the %g s deadline (--timeout); server %s silent for %.1f s%s",
+                "frame %d: no answer within the %s s deadline (--timeout); server %s silent for %.1f s%s",
                 p.frame.index,
-                self.client.settings.timeout_s,
+                seconds(p.deadline_s or self.client.settings.timeout_s),
                 self.client.settings.target,
                 silent,
                 "" if give_up is None else f" (giving up after {give_up:g} s, --give-up-after)",

@@ -102,7 +102,12 @@ class Window:
     def describe(self) -> str:
         """``window 2 (auto, up to 4), deadline 30 s (auto)``: the summary's line."""
         size = f"window {self.size}" + ("" if self.fixed_size else f" (auto, up to {self.cap})")
-        return size + f", deadline {self.deadline_s:g} s" + ("" if self.fixed_deadline else " (auto)")
+        return size + f", deadline {seconds(self.deadline_s)} s" + ("" if self.fixed_deadline else " (auto)")
+
+
+def seconds(value: float) -> str:
+    """A deadline for people: ``30``, ``2.5``, ``66.1`` (a self-sized one is not ``66.1308``)."""
+    return f"{round(value, 1):g}"
 
 
 def _average(old: float | None, new: float) -> float:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
+
+import grpc
 import pytest
 
+from hnd.edge.capture import Frame
+from hnd.edge.client import ClientSettings
+from hnd.edge.modes import EdgeMode, EdgeOptions, Prepared
+from hnd.edge.pipeline import EdgeRunner
 from hnd.edge.records import FrameRecord, ServerTimings, Timings
 from hnd.edge.window import Window
+from hnd.proto.v1 import split_inference_pb2 as pb
 
 
 def _answer(edge_ms: float, network_server_ms: float, queue_ms: float, compute_ms: float, batch: int = 1):
@@ -74,3 +83,37 @@ def test_a_missed_deadline_halves_the_window_and_doubles_the_deadline_within_bou
     fixed = Window.start(cap=4, deadline_s=30.0, fixed_size=True, fixed_deadline=True)
     fixed.observe(missed)
     assert (fixed.size, fixed.deadline_s) == (4, 30.0)
+
+
+class _Deadline(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self):
+        return "Deadline Exceeded"
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.settings = ClientSettings("127.0.0.1:50051", timeout_s=30.0)
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def submit(self, request, stream=False, metadata=None):
+        return self.future
+
+
+def test_a_missed_deadline_is_reported_with_the_deadline_the_frame_was_sent_with(caplog):
+    # hnd-demo on a busy machine said "no answer within the 65.3337 s deadline" of a frame that had waited
+    # 35 s: the frame was sent with the config's 30 s, and an answer in between raised the self-sized one.
+    client = _Client()
+    runner = EdgeRunner(EdgeOptions(), EdgeMode(EdgeOptions()), client)
+    p = Prepared(Frame(1, "cam", None, 0, 0.0, 0.0), Timings(), request=pb.InferRequest())
+    future = runner._send(p)
+    client.settings.timeout_s = 66.1308
+    future.set_exception(_Deadline())
+    with caplog.at_level(logging.WARNING, logger="hnd.edge"):
+        assert runner._finish(p, future).status == "DEADLINE_EXCEEDED"
+    assert "frame 1: no answer within the 30 s deadline" in caplog.text
+    w = Window.start(cap=4, deadline_s=30.0)
+    w.deadline_s = 66.1308
+    assert w.describe() == "window 1 (auto, up to 4), deadline 66.1 s (auto)"
