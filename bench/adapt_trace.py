@@ -8,11 +8,15 @@ A real ``hnd-server`` (in this process, on loopback) behind the shaping proxy (`
 whose rate and delay follow ``trace.csv`` (rows ``time_s,rate[,delay]``, from the start of each run). For
 ``--duration`` seconds (default: the trace's last change + 20 s) the same frames, cycled, go through the
 real edge pipeline (``EdgeRunner``, one request in flight): once with ``--adapt`` (``AdaptiveMode``), then
-once per operating point fixed. Runs follow one another, each with the trace from its start.
+once per operating point fixed. Runs follow one another, each with the trace from its start; ``--rounds N``
+repeats the set N times, each round starting one setting later (adaptive first, then second, ...), so a
+load that drifts over the benchmark falls on every setting alike.
 
-Per run: frames answered, frames within the latency target (count and share), mean agreement (each
-answered frame counts its point's agreement from the profile), payload bytes per frame, p95 latency, and
-the adaptive run's switches. Outputs in ``--out``: ``adaptive.md`` (table), ``adaptive.json`` (with the
+Per setting (its rounds together): frames answered, frames within the latency target, frames **meeting the
+objective** (answered within the target by a point whose profiled agreement is at least
+``--min-agreement``: a fixed point below it meets it with no frame), mean agreement (each answered frame
+counts its point's agreement from the profile), payload bytes per frame, p95 latency, and the adaptive
+run's switches. Outputs in ``--out``: ``adaptive.md`` (table), ``adaptive.json`` (with the
 machine, the trace and every frame's time, point, latency and bytes) and ``adaptive.png`` (the link's
 rate, the adaptive run's point, and every run's latency over time).
 
@@ -25,6 +29,7 @@ of ``--clip-size``; with the tiny ``test/`` configs this runs on a 2-core machin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -59,17 +64,30 @@ class RunResult:
     name: str
     frames: list[tuple[float, str, str, float | None, int, float | None]] = field(default_factory=list)
     switches: int = 0
+    rounds: int = 0
 
-    def figures(self, target_ms: float | None, agreement: dict[str, float]) -> dict[str, Any]:
+    def add(self, other: RunResult) -> None:
+        """Another round of the same setting (its times from its own start, like this one's)."""
+        self.frames += other.frames
+        self.switches += other.switches
+        self.rounds += other.rounds
+
+    def figures(self, objective: Objective, agreement: dict[str, float]) -> dict[str, Any]:
+        target, floor = objective.target_latency_ms, objective.min_agreement
         ok = [f for f in self.frames if f[2] == "OK" and f[3] is not None]
+        within = [f for f in ok if target is None or f[3] <= target]
+        meets = [f for f in within if floor is None or agreement[f[1]] >= floor]
         lat = np.array([f[3] for f in ok]) if ok else np.zeros(0)
-        within = int(np.sum(lat <= target_ms)) if target_ms is not None else len(ok)
+        n = len(self.frames)
         return {
             "run": self.name,
-            "frames": len(self.frames),
+            "rounds": self.rounds,
+            "frames": n,
             "answered": len(ok),
-            "within_target": within,
-            "within_share": within / len(self.frames) if self.frames else 0.0,
+            "within_target": len(within),
+            "within_share": len(within) / n if n else 0.0,
+            "meets_objective": len(meets),
+            "meets_share": len(meets) / n if n else 0.0,
             "mean_agreement": float(np.mean([agreement[f[1]] for f in ok])) if ok else None,
             "bytes_per_frame": float(np.mean([f[4] for f in ok])) if ok else None,
             "p95_ms": float(np.percentile(lat, 95)) if ok else None,
@@ -105,7 +123,7 @@ def run_trace(
     """One run: a fresh proxy following ``schedule``, a client through it, ``mode_for(client)``'s mode."""
     from hnd.edge.api import check_server
 
-    result = RunResult(name)
+    result = RunResult(name, rounds=1)
     with LinkProxy(("127.0.0.1", server_port), schedule=schedule) as proxy:
         start = time.monotonic()
         client = SplitClient(ClientSettings(f"127.0.0.1:{proxy.port}"))
@@ -136,8 +154,11 @@ def run_all(
     frames: list[np.ndarray],
     duration_s: float,
     progress=None,
+    rounds: int = 1,
 ) -> list[RunResult]:
-    """The adaptive run, then one run per runnable operating point fixed, against one in-process server."""
+    """The adaptive run and one run per runnable operating point fixed, against one in-process server;
+    ``rounds`` times, round ``r`` starting with the ``r``-th setting. One merged result per setting,
+    adaptive first."""
     from hnd.common.checkpoint import fingerprint as fingerprint_of
     from hnd.common.split import split_model
     from hnd.edge.api import make_mode
@@ -147,29 +168,37 @@ def run_all(
     head, _ = split_model(model)
     h, w = frames[0].shape[:2]
     native = head_at(head, min(h, w), max(h, w))
-    results = []
+    base = EdgeOptions(max_inflight=1)
+
+    def adaptive(client: SplitClient) -> EdgeMode:
+        # a fresh copy of the options each run: the mode turns streaming on for temporal points
+        o = dataclasses.replace(base)
+        return AdaptiveMode(o, profile, objective, make_mode, head, fp, end_stream=client.end_stream)
+
+    settings: list[tuple[str, Any, EdgeOptions]] = [(ADAPTIVE, adaptive, base)]
+    for point in adaptive_points(profile, base):
+        options = point_options(EdgeOptions(max_inflight=1), point)
+        options.stream = point.temporal
+        point_head = native if point.reproduce.get("resize") == "native" else head
+
+        def fixed(client: SplitClient, o: EdgeOptions = options, p: OperatingPoint = point, hd: Any = point_head):
+            return make_mode(o, hd if p.mode == "split" else None, fp)
+
+        settings.append((point.id, fixed, options))
+    merged: dict[str, RunResult] = {name: RunResult(name) for name, _, _ in settings}
     with background_server(model) as server:
-        base = EdgeOptions(max_inflight=1)
+        for order in round_order(len(settings), rounds):
+            for name, mode_for, options in (settings[i] for i in order):
+                result = run_trace(name, mode_for, options, server.port, schedule, frames, duration_s, fp)
+                merged[name].add(result)
+                if progress:
+                    progress(result)
+    return list(merged.values())
 
-        def adaptive(client: SplitClient) -> EdgeMode:
-            return AdaptiveMode(base, profile, objective, make_mode, head, fp, end_stream=client.end_stream)
 
-        results.append(run_trace(ADAPTIVE, adaptive, base, server.port, schedule, frames, duration_s, fp))
-        if progress:
-            progress(results[-1])
-        runnable = adaptive_points(profile, base)
-        for point in runnable:
-            options = point_options(EdgeOptions(max_inflight=1), point)
-            options.stream = point.temporal
-            point_head = native if point.reproduce.get("resize") == "native" else head
-
-            def fixed(client: SplitClient, o: EdgeOptions = options, p: OperatingPoint = point, hd: Any = point_head):
-                return make_mode(o, hd if p.mode == "split" else None, fp)
-
-            results.append(run_trace(point.id, fixed, options, server.port, schedule, frames, duration_s, fp))
-            if progress:
-                progress(results[-1])
-    return results
+def round_order(settings: int, rounds: int) -> list[list[int]]:
+    """The settings' indices run in each round: round ``r`` starts with setting ``r`` (mod their number)."""
+    return [[(r + i) % settings for i in range(settings)] for r in range(rounds)]
 
 
 def adaptive_points(profile: Profile, options: EdgeOptions) -> list[OperatingPoint]:
@@ -188,19 +217,22 @@ def render_markdown(figures: list[dict[str, Any]], header: dict[str, Any]) -> st
         "",
         f"Machine: {m.get('cpu')}, {m.get('cores')} cores, GPU: {m.get('gpu') or 'none'}; load "
         f"{m.get('loadavg_1_5_15min')}; {m.get('date')}.",
-        f"Trace: {r['trace']} ({r['trace_rows']}); {r['duration_s']:g} s per run; objective: {r['objective']}; "
+        f"Trace: {r['trace']} ({r['trace_rows']}); {r['duration_s']:g} s per run, {r['rounds']} round(s) "
+        f"interleaved; objective: {r['objective']}; "
         f"{r['frames']} frames {r['frame_size'][1]}x{r['frame_size'][0]} cycled; weights {r['weights']}; "
         f"profile {r['profile']}.",
         "",
-        "| run | frames | within target | share | mean agreement | bytes/frame | p95 ms | switches |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | frames | within target | share | meets objective | share | mean agreement | bytes/frame | p95 ms "
+        "| switches |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for f in figures:
         agreement = "—" if f["mean_agreement"] is None else f"{f['mean_agreement']:.3f}"
         nbytes = "—" if f["bytes_per_frame"] is None else f"{f['bytes_per_frame']:,.0f}"
         p95 = "—" if f["p95_ms"] is None else f"{f['p95_ms']:,.0f}"
         lines.append(
-            f"| {f['run']} | {f['frames']} | {f['within_target']} | {100 * f['within_share']:.0f} % | {agreement} | "
+            f"| {f['run']} | {f['frames']} | {f['within_target']} | {100 * f['within_share']:.0f} % | "
+            f"{f['meets_objective']} | {100 * f['meets_share']:.0f} % | {agreement} | "
             f"{nbytes} | {p95} | {f['switches'] if f['run'] == ADAPTIVE else '—'} |"
         )
     return "\n".join(lines) + "\n"
@@ -230,15 +262,14 @@ def plot(
     ax_rate.set_yscale("log")
     ax_rate.set_ylabel("link rate (Mbit/s)")
     order = {p.id: i for i, p in enumerate(points)}
-    ax_point.plot([f[0] for f in adaptive.frames], [order.get(f[1], -1) for f in adaptive.frames], "o-", ms=3)
+    # rounds overlap on one time axis (each follows the trace from its start): markers, no lines
+    ax_point.plot([f[0] for f in adaptive.frames], [order.get(f[1], -1) for f in adaptive.frames], "o", ms=3)
     ax_point.set_yticks(range(len(points)), [p.id for p in points], fontsize=7)
     ax_point.set_ylabel("adaptive: point")
     for r in results:
         ok = [f for f in r.frames if f[3] is not None]
         bold = r.name == ADAPTIVE
-        ax_lat.plot(
-            [f[0] for f in ok], [f[3] for f in ok], "o-" if bold else ".-", lw=2 if bold else 0.8, ms=3, label=r.name
-        )
+        ax_lat.plot([f[0] for f in ok], [f[3] for f in ok], "o" if bold else ".", ms=4 if bold else 3, label=r.name)
     if target_ms is not None:
         ax_lat.axhline(target_ms, color="red", ls="--", lw=1, label="target")
     ax_lat.set_yscale("log")
@@ -275,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-interval", type=int, default=10, help="key interval of a profile measured here")
     p.add_argument("--delay", default="40ms", help="one-way delay where the trace gives none (default 40ms)")
     p.add_argument("--duration", type=float, help="seconds per run (default: last trace change + 20)")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="runs of every setting, interleaved (each round starts one later)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--out", default="adapt-out", help="output folder (default adapt-out)")
     add_adapt_arguments(p)
@@ -346,6 +380,8 @@ def _main(args: argparse.Namespace) -> int:
     assert objective is not None
     schedule = read_schedule(args.adapt_trace, LinkSettings(delay_ms=parse_time_ms(args.delay, "--delay")))
     duration = args.duration or schedule[-1][0] + 20.0
+    if args.rounds < 1:
+        raise UsageError(f"--rounds must be >= 1, got {args.rounds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
@@ -370,14 +406,16 @@ def _main(args: argparse.Namespace) -> int:
         frames,
         duration,
         progress=lambda r: say(f"{r.name}: {len(r.frames)} frames"),
+        rounds=args.rounds,
     )
     agreement = {p.id: p.agreement for p in profile.points}
-    figures = [r.figures(objective.target_latency_ms, agreement) for r in results]
+    figures = [r.figures(objective, agreement) for r in results]
     trace_rows = ", ".join(f"{t:g} s: {s.rate_mbit:g} Mbit/s {s.delay_ms:g} ms" for t, s in schedule)
     header["run"] = {
         "trace": args.adapt_trace,
         "trace_rows": trace_rows,
         "duration_s": duration,
+        "rounds": args.rounds,
         "objective": objective.describe(),
         "frames": len(frames),
         "frame_size": list(frames[0].shape[:2]),
