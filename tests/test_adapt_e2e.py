@@ -28,10 +28,10 @@ from hnd.common import wire
 from hnd.common.checkpoint import fingerprint
 from hnd.common.split import split_model
 from hnd.common.stream_codec import StreamEncoder
-from hnd.common.video import available_formats
+from hnd.common.video import VideoDecoder, VideoEncoder, VideoSettings, available_formats
 from hnd.edge import cli
 from hnd.edge.adapt import LinkEstimate, Objective, OperatingPoint, Profile, load_profile
-from hnd.edge.adapt_mode import AdaptiveMode, head_at
+from hnd.edge.adapt_mode import AdaptiveMode, head_at, point_options
 from hnd.edge.api import check_server, make_mode
 from hnd.edge.capture import ArrayFrames
 from hnd.edge.client import ClientSettings, SplitClient
@@ -129,33 +129,41 @@ def test_the_point_follows_rate_steps_through_the_proxy(model, profile_path):
     # a switch starts the new point with a key frame (on a new stream), and every frame's detections are the
     # in-process ones of its point's stream: checked at each switch and at the last frame (a delta after one)
     assert all(records[i]["frame_type"] == "key" for i in switch_frames)
-    check_streams_exact(model, images, points, dets, profile, {*switch_frames, n - 1})
-
-
-def check_streams_exact(model, images, points, dets, profile, frames) -> None:
-    """Mirror each point's stream encoder in process (a key frame forced at every switch into it) and compare
-    the tail's detections on ``frames`` with what the edge got back."""
-    head, tail = split_model(model)
-    head = head_at(head, min(SIZE), max(SIZE))  # the points split at the frames' own size
     by_id = {p.id: p for p in profile.points}
-    mirrors = {}
+    native = head_at(head, min(SIZE), max(SIZE))  # the points split at the frames' own size
+    check_streams_exact(model, images, points, dets, by_id, {*switch_frames, n - 1}, native)
+
+
+def check_streams_exact(model, images, points, dets, by_id, frames, head) -> None:
+    """Mirror each point's coder in process and compare the detections of ``frames`` with what the edge got
+    back. A temporal split: its stream encoder, the tail on what it dequantizes. A video point: its encoder
+    and a decoder as the server's session holds one, the whole model on the decoded picture. Each coder
+    lives across the run, as the edge's does; a switch into a point forces its key frame and (video) starts
+    a new decoder, as the new stream session does on the server."""
+    _, tail = split_model(model)
+    encoders, decoders = {}, {}
     for i, (img, pid) in enumerate(zip(images, points)):
-        r = by_id[pid].reproduce
-        mirror = mirrors.setdefault(
-            pid,
-            StreamEncoder(r["bits"], r["granularity"], key_interval=r["key_interval"], max_clamped=r["max_clamped"]),
-        )
-        if i and points[i - 1] != pid:
-            mirror.force_key_frame()
+        point, switched = by_id[pid], i > 0 and points[i - 1] != pid
+        o = point_options(EdgeOptions(), point)
+        if point.mode == "split":
+            args = (o.codec.bits, o.codec.granularity)
+            enc = encoders.setdefault(pid, StreamEncoder(*args, key_interval=o.key_interval, max_clamped=o.max_clamped))
+        else:
+            settings = VideoSettings(o.image_format, o.crf, o.bitrate, o.gop, o.video_fps, o.preset)
+            enc = encoders.setdefault(pid, VideoEncoder(settings))
+        if switched:
+            enc.force_key_frame()
+            decoders.pop(pid, None)
         with torch.inference_mode():
-            z, meta = head([to_tensor(img)])
-        zq = mirror.quantize(z).dequantize()
-        if i in frames:
-            with torch.inference_mode():
-                want = [
-                    wire.detections_from_proto(wire.detections_to_proto(d)) for d in tail(torch.as_tensor(zq), meta)
-                ]
-            assert_same_detections(dets[i], want)
+            if point.mode == "split":
+                z, meta = head([to_tensor(img)])
+                zq = torch.as_tensor(enc.quantize(z).dequantize())
+                want = tail(zq, meta) if i in frames else None
+            else:
+                rgb = decoders.setdefault(pid, VideoDecoder(o.image_format)).decode(enc.encode(img)[0])
+                want = model([to_tensor(rgb)]) if i in frames else None
+        if want is not None:
+            assert_same_detections(dets[i], [wire.detections_from_proto(wire.detections_to_proto(d)) for d in want])
 
 
 def test_hnd_edge_adapt_flags_records_and_summary(model, profile_path, tmp_path, capsys):
@@ -211,7 +219,8 @@ class ScriptedEstimator:
 
 @pytest.mark.skipif("h264" not in available_formats(), reason="PyAV without an H.264 encoder")
 def test_switches_between_video_offload_and_a_temporal_split_keep_every_session_whole(model):
-    """H.264 offload <-> 8-bit temporal split and back: each switch a key frame on a new stream, no refusal."""
+    """H.264 offload <-> 8-bit temporal split, twice: each switch a key frame on a new stream, no refusal, and
+    every frame bit-exact with its point's coder mirrored in process."""
     video = OperatingPoint(
         "h264", "offload", {"image_format": "h264", "crf": 28, "key_interval": 30, "preset": "ultrafast"},
         1_000, 1_000, 10.0, 10.0, 0.9,
@@ -223,9 +232,11 @@ def test_switches_between_video_offload_and_a_temporal_split_keep_every_session_
     fp = fingerprint(model)
     head, _ = split_model(model)
     # 1 Gbit/s: the split (best agreement) fits 150 ms; 100 kbit/s: only the video does (101 ms vs 421)
-    script = ScriptedEstimator([1e9] * 3 + [1e5] * 3 + [1e9] * 2)
+    # ... and a second time into the video: its encoder goes on, forced to a key frame, on a new session
+    script = ScriptedEstimator(([1e9] * 3 + [1e5] * 3) * 2)
     options = EdgeOptions(max_inflight=2)
-    records = []
+    images = video_frames(12, size=(48, 64))
+    records, dets = [], []
     with serving(model) as server:
         client = SplitClient(ClientSettings(f"127.0.0.1:{server.port}"))
         try:
@@ -235,15 +246,23 @@ def test_switches_between_video_offload_and_a_temporal_split_keep_every_session_
             )  # fmt: skip
             check_server(client, mode, fp)
             runner = EdgeRunner(options, client=client, mode=mode)
-            runner.run(ArrayFrames(video_frames(8, size=(48, 64))), lambda r, f: records.append(r.to_dict()))
+
+            def on_record(record, frame):
+                records.append(record.to_dict())
+                dets.append(runner.last_detections)
+
+            runner.run(ArrayFrames(images), on_record)
         finally:
             client.close()
         wait_sessions_free(server)
-    assert [r["operating_point"] for r in records] == ["split-8b"] * 3 + ["h264"] * 3 + ["split-8b"] * 2
-    assert [r["mode"] for r in records] == ["split"] * 3 + ["offload"] * 3 + ["split"] * 2
-    assert [r["frame_type"] for r in records] == ["key", "delta", "delta", "key", "delta", "delta", "key", "delta"]
+    points = (["split-8b"] * 3 + ["h264"] * 3) * 2
+    assert [r["operating_point"] for r in records] == points
+    assert [r["mode"] for r in records] == (["split"] * 3 + ["offload"] * 3) * 2
+    assert [r["frame_type"] for r in records] == ["key", "delta", "delta"] * 4
     assert all(r["status"] == "OK" and r.get("attempts", 1) == 1 for r in records)
     assert all(r["detections"][0]["count"] > 0 for r in records)  # the test config answers every frame
+    # every frame's detections are its point's in-process ones: each coder mirrored across the switches
+    check_streams_exact(model, images, points, dets, {"h264": video, "split-8b": split}, set(range(12)), head)
 
 
 def free_port() -> int:
