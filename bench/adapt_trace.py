@@ -29,7 +29,6 @@ of ``--clip-size``; with the tiny ``test/`` configs this runs on a 2-core machin
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
@@ -171,9 +170,8 @@ def run_all(
     base = EdgeOptions(max_inflight=1)
 
     def adaptive(client: SplitClient) -> EdgeMode:
-        # a fresh copy of the options each run: the mode turns streaming on for temporal points
-        o = dataclasses.replace(base)
-        return AdaptiveMode(o, profile, objective, make_mode, head, fp, end_stream=client.end_stream)
+        # the runner's options too: the mode turns streaming on (InferStream) when any point is temporal
+        return AdaptiveMode(base, profile, objective, make_mode, head, fp, end_stream=client.end_stream)
 
     settings: list[tuple[str, Any, EdgeOptions]] = [(ADAPTIVE, adaptive, base)]
     for point in adaptive_points(profile, base):

@@ -20,7 +20,8 @@ def test_adapt_trace_writes_the_table_the_runs_and_the_plot(tmp_path, capsys):
     assert runs == ["adaptive", "split-2b-tensor-temporal-k10-native", "split-8b-tensor-temporal-k10-native"]
     for f in data["figures"]:
         assert f["frames"] >= 1 and 0 <= f["within_share"] <= 1 and f["within_target"] <= f["frames"]
-        assert f["rounds"] == 1 and f["meets_objective"] <= f["within_target"]
+        assert f["rounds"] == 1 and f["meets_objective"] <= f["within_target"] <= f["answered"]
+    assert all(f["answered"] >= 1 for f in data["figures"]), data["figures"]  # every setting's frames served
     assert data["machine"]["cores"] and (out / "points.json").exists() and (out / "adaptive.png").stat().st_size
     assert (
         "| adaptive |" in (out / "adaptive.md").read_text()
