@@ -49,9 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="pipelining window K (default: hnd-edge's, sized from the server's answers: a CPU server on a busy "
         "machine gets one frame at a time instead of frames that queue past their deadline)",
     )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEMO_DEADLINE_S,
+        metavar="S",
+        help="per-photo deadline: the tail runs on this machine, where one call takes from seconds on an idle CPU "
+        "to tens of seconds on a busy one (the config's deadline is sized for a GPU host)",
+    )
     p.add_argument("--summary-json", help="write the summary as JSON")
     p.add_argument("--output", help="per-frame JSONL records")
     return p
+
+
+DEMO_DEADLINE_S = 300.0
 
 
 def _weights(args: argparse.Namespace) -> list[str]:
@@ -60,10 +71,10 @@ def _weights(args: argparse.Namespace) -> list[str]:
 
 
 def edge_arguments(args: argparse.Namespace, target: str, folder: str, threads: str) -> list[str]:
-    """hnd-edge's command line for the demo's flags: the window and the deadline stay hnd-edge's own
-    (sized from the server's answers) unless ``--max-inflight`` is given."""
+    """hnd-edge's command line for the demo's flags: the window stays hnd-edge's own (sized from the
+    server's answers) unless ``--max-inflight`` is given; the deadline is the demo's ``--timeout``."""
     edge_args = ["--server", target, "--images", folder, "--config", args.config, *_weights(args)]
-    edge_args += ["--bits", str(args.bits), "--no-progress", "--threads", threads]
+    edge_args += ["--bits", str(args.bits), "--timeout", f"{args.timeout:g}", "--no-progress", "--threads", threads]
     if args.stream:
         edge_args.append("--stream")
     if args.max_inflight is not None:
