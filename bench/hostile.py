@@ -21,7 +21,6 @@ import argparse
 import io
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hnd.bench.hostile_server import CONFIG, start_server
 from hnd.common.files import atomic_write_json
 from hnd.common import codec, wire
 from hnd.common.checkpoint import fingerprint
@@ -41,9 +41,9 @@ from hnd.common.config import load_config
 from hnd.common.build import build_model_from_config
 from hnd.common.split import SplitMeta, split_model
 from hnd.proto.v1 import split_inference_pb2 as pb
+from hnd.server.local import free_port, stop_server_process
 
 INFER = "/hnd.v1.SplitInference/Infer"
-CONFIG = "test/mask_rcnn-b3ch"
 
 
 @dataclass(frozen=True)
@@ -257,49 +257,6 @@ class Row:
     before: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(
-    python: str, port: int, config: str = CONFIG, flags: tuple[str, ...] = (), pythonpath: str | None = None
-) -> subprocess.Popen:
-    cmd = [
-        python,
-        "-m",
-        "hnd.server.cli",
-        "--config",
-        config,
-        "--random-weights",
-        "0",
-        "--port",
-        str(port),
-        "--threads",
-        "1",
-        "--log-level",
-        "ERROR",
-        "--drain-seconds",
-        "1",
-        *flags,
-    ]
-    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            try:
-                ch.unary_unary("/hnd.v1.SplitInference/GetModelInfo")(b"", timeout=2)
-                return proc
-            except grpc.RpcError:
-                time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not start")
-
-
 def measure(python: str, repeat: int = 1, cases: tuple[Case, ...] = CASES) -> list[Row]:
     """Each case on a fresh server subprocess: worst time over ``repeat`` sends and peak RSS growth."""
     cfg = load_config(CONFIG)
@@ -307,8 +264,8 @@ def measure(python: str, repeat: int = 1, cases: tuple[Case, ...] = CASES) -> li
     rows = []
     for case in cases:
         payload = case.make(good)
-        port = _free_port()
-        proc = _start_server(python, port)
+        port = free_port()
+        proc = start_server(python, port)
         try:
             call(port, good.request.SerializeToString())  # warm: the first real request allocates buffers
             base = proc_status_kib(proc.pid, "VmRSS")
@@ -480,8 +437,8 @@ def run_attack(attack: Attack, python: str, pythonpath: str | None = None) -> At
     else:
         victim_method, victim_payload, victim_timeout = MODEL_INFO, b"", 10.0
     method, payload = attack.make(model)
-    port = _free_port()
-    proc = _start_server(python, port, attack.config, attack.flags, pythonpath)
+    port = free_port()
+    proc = start_server(python, port, attack.config, attack.flags, pythonpath)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             _send(ch, victim_method, victim_payload)  # warm
@@ -519,12 +476,8 @@ def run_attack(attack: Attack, python: str, pythonpath: str | None = None) -> At
         stop.set()
         thread.join(60)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server_process(proc)
+        proc.wait()
     lat = np.array(latencies or [float("nan")]) * 1000
     row = AttackRow(
         attack.name,

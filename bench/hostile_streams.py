@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hnd.bench.hostile_server import CONFIG, start_server
 from hnd.common import wire
 from hnd.common.build import build_model_from_config
 from hnd.common.checkpoint import fingerprint
@@ -46,6 +47,7 @@ from hnd.common.split import split_model
 from hnd.common.stream_codec import StreamEncoder
 from hnd.common.video import VideoEncoder, VideoSettings
 from hnd.proto.v1 import split_inference_pb2 as pb
+from hnd.server.local import free_port, stop_server_process
 
 STREAM = "/hnd.v1.SplitInference/InferStream"
 HOLD_S = 15.0  # how long the bottleneck holders keep the table after the edge's first answer
@@ -81,8 +83,6 @@ def _write_frames(folder: Path, n: int) -> Path:
 
 
 def _edge(python: str, port: int, images: Path, out: Path, *extra: str) -> subprocess.Popen:
-    from hnd.bench.hostile import CONFIG
-
     cmd = [python, "-m", "hnd.edge.cli", "--server", f"127.0.0.1:{port}", "--images", str(images)]
     cmd += ["--config", CONFIG, "--random-weights", "0", "--output", str(out), "--no-progress", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -119,21 +119,17 @@ class _Holder:
 def _server(python: str, idle_timeout_s: float | None = None) -> tuple[subprocess.Popen, int]:
     """A server subprocess; ``idle_timeout_s`` where its hnd-server has --session-idle-timeout (older ones keep
     idle sessions for ever anyway)."""
-    from hnd.bench.hostile import _free_port, _start_server
-
     extra: tuple[str, ...] = ()
     if idle_timeout_s is not None:
         usage = subprocess.run([python, "-m", "hnd.server.cli", "--help"], capture_output=True, text=True).stdout
         if "--session-idle-timeout" in usage:
             extra = ("--session-idle-timeout", f"{idle_timeout_s:g}")
-    port = _free_port()
-    return _start_server(python, port, flags=extra), port
+    port = free_port()
+    return start_server(python, port, flags=extra), port
 
 
 def _stop(proc: subprocess.Popen) -> None:
     """Resume it (the stalled-stream scenario stops it), then the usual SIGTERM-wait-kill."""
-    from hnd.server.local import stop_server_process
-
     proc.send_signal(signal.SIGCONT)
     stop_server_process(proc)
     proc.wait()
@@ -175,8 +171,6 @@ def session_hold(
 
 
 def bottleneck_hold(python: str, work: Path, frames: int = 90) -> ScenarioRow:
-    from hnd.bench.hostile import CONFIG
-
     images = _write_frames(work / "bottleneck-hold", frames)
     cfg = load_config(CONFIG)
     model = build_model_from_config(cfg.model, cfg.path)
