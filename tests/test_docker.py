@@ -798,11 +798,16 @@ def deploy_secrets(tmp_path_factory):
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed: DEPLOY.md's TLS commands cannot run here")
     work = tmp_path_factory.mktemp("deploy")
-    for tag in ("tls", "token"):
-        r = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", tagged_block(tag)], cwd=work, capture_output=True, text=True, timeout=120
-        )
-        assert r.returncode == 0, f"DEPLOY.md {tag} block failed:\n{r.stdout}\n{r.stderr}"
+    # One shell, as a reader types them one after the other (the TLS block's `cd secrets` once put the token
+    # in secrets/secrets/).
+    r = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", tagged_block("tls") + tagged_block("token")],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, f"DEPLOY.md's TLS and token blocks failed:\n{r.stdout}\n{r.stderr}"
     return work / "secrets"
 
 
