@@ -238,3 +238,19 @@ def test_the_api_reference_finds_hnd_in_the_repository_layout(tmp_path):
     module = griffe.load("hnd.common.config", search_paths=[str(tree)])
     assert "load_config" in module.members and module["load_config"].docstring is not None
     assert griffe.load("hnd.edge.api", search_paths=[str(tree)])["connect"].docstring is not None
+
+
+def test_the_built_site_is_ignored_by_git():
+    """`mkdocs build` writes the site into the checkout: git ignores it, as it does build/ and dist/."""
+    import subprocess
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    cfg = yaml.load((root / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)  # !!python/name tags as text
+    site = cfg.get("site_dir", "site")
+    r = subprocess.run(["git", "check-ignore", "-q", f"{site}/index.html"], cwd=root)
+    assert r.returncode == 0, f"git does not ignore {site}/, where mkdocs build writes the site"
