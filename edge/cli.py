@@ -44,7 +44,9 @@ from hnd.common.flags import (
 from hnd.common.config import (
     ConfigError,
 )
+from hnd.edge import interrupts
 from hnd.edge.adapt_mode import add_adapt_arguments
+from hnd.edge.interrupts import Terminated
 from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceLost, open_source, set_opencv_logging
 from hnd.edge.client import LB_POLICIES, SplitClient
 from hnd.edge.draw import VideoSink, draw_detections
@@ -517,14 +519,6 @@ def _print_running_summary(signum, frame) -> None:
         print(runner.running_summary().format(), file=sys.stderr, flush=True)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (systemd, docker stop, Kubernetes), raised in the main thread: the run ends as on Ctrl-C."""
-
-
-def _stop_on_sigterm(signum, frame) -> None:
-    raise Terminated
-
-
 def interrupted_exit(exc: KeyboardInterrupt) -> tuple[str, int]:
     """The signal that ended the run and the shell's exit code for it: 128 + its number (130, 143)."""
     sig = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
@@ -540,7 +534,7 @@ def _print_summary_so_far() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        interrupts.install()  # SIGTERM and Ctrl-C end the run between two steps, never inside grpc
         signal.signal(signal.SIGUSR1, _print_running_summary)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     set_opencv_logging(logging.getLogger().getEffectiveLevel())

@@ -25,6 +25,7 @@ import grpc
 
 from hnd.common.errors import HndError
 from hnd.common.meta import FingerprintMismatch, check_fingerprint
+from hnd.edge import interrupts
 from hnd.edge.diagnose import describe_failure
 from hnd.proto.v1 import split_inference_pb2 as pb
 from hnd.proto.v1 import split_inference_pb2_grpc as pb_grpc
@@ -258,7 +259,7 @@ class SplitClient:
                     log.warning("%s: server back after %.1f s", self.settings.target, time.monotonic() - start)
                     return True
                 except (grpc.FutureTimeoutError, grpc.RpcError):
-                    time.sleep(delay)
+                    interrupts.sleep(delay)  # a signal ends the wait here, between two grpc calls
                     delay = min(delay * 2, 5.0)
             return False
         finally:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from hnd.common import tracing
 from hnd.common.timing import now_ns
+from hnd.edge import interrupts
 from hnd.edge.capture import READ_ERROR, Frame, FrameSource, SourceLost
 from hnd.common.channel import REPLICA_KEY, WEIGHTS_KEY
 from hnd.edge.client import EdgeError, Reply, SplitClient, StreamBroken, WeightsMismatch, metadata_of, next_request_id
@@ -261,6 +262,7 @@ class EdgeRunner:
         while True:
             retry = False
             try:
+                interrupts.wait(future)  # a signal ends the run here, not inside grpc's bookkeeping
                 reply = future.result()
                 if reply.response.refusal and not refused and self.mode.reencode(p, "refused"):
                     log.info("frame %d: %s; sending it again re-coded", p.frame.index, reply.response.refusal)
@@ -329,15 +331,21 @@ class EdgeRunner:
         """Process every frame the source yields; returns the summary (records go to ``on_record``)."""
         summary = self.begin(source, on_record, progress)
         try:
-            try:
-                for frame in source:
-                    self.put(frame)
-                    if self._gave_up:  # stop reading once the server counts as gone
-                        break
-            except SourceLost:
-                self.flush(wait=True)  # the frames already sent still get their records
-                raise
-            self.flush()
+            with interrupts.deferred():  # SIGTERM / Ctrl-C: raised before a frame or while waiting
+                try:
+                    frames = iter(source)
+                    while True:
+                        with interrupts.immediate():  # a stalled camera does not hold a signal back
+                            frame = next(frames, None)
+                        if frame is None:
+                            break
+                        self.put(frame)
+                        if self._gave_up:  # stop reading once the server counts as gone
+                            break
+                except SourceLost:
+                    self.flush(wait=True)  # the frames already sent still get their records
+                    raise
+                self.flush()
         except KeyboardInterrupt:
             # SIGTERM / Ctrl-C: answers already here are recorded, the rest marked; nothing waits.
             self._gave_up = self._gave_up or "interrupted"
@@ -375,6 +383,7 @@ class EdgeRunner:
         """Prepare and send one frame (a frame that could not be read goes straight to the window); the
         oldest frames are recorded while ``max_inflight`` are out or the oldest needs no answer."""
         window = self.window
+        interrupts.checkpoint()
         if frame.error is not None:
             p, fut = Prepared(frame, Timings(capture=frame.capture_ms)), None
         else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from runtime_support import edge_argv, frames, make_certs, serving, write_frames
 from hnd.common.checkpoint import fingerprint
 from hnd.common.split import split_model
 from hnd.edge import cli as edge_cli
+from hnd.edge import interrupts
 from hnd.edge.api import make_mode
 from hnd.edge.capture import DECODE_ERROR, READ_ERROR, ArrayFrames, ImageFiles, read_image
 from hnd.edge.client import ClientSettings, EdgeError, SplitClient
@@ -216,6 +218,59 @@ def test_sigterm_prints_the_summary_writes_its_json_quietly_and_exits_143(model,
     assert err.strip().splitlines()[-1] == "hnd-edge: interrupted (SIGTERM); records and summary so far were written"
     noise = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] + [err]
     assert not any("InvalidStateError" in m or "Exception in callback" in m for m in noise), noise
+
+
+def test_a_signal_that_lands_inside_grpcs_call_creation_ends_the_run_and_the_channel_closes(model, tmp_path):
+    """A signal handler runs wherever the main thread is: one that came while grpc created a call ran right
+    after it, before grpc counted the call; raising there left a call no thread completes and the channel's
+    close waited for it forever (hnd-edge hung on SIGTERM). The handler now runs at that very point (a trace
+    hook puts it there) and the run still ends 143, its channel closed, in bounded time."""
+    import grpc._channel
+
+    images = write_frames(tmp_path / "frames", 8)
+    source = Path(grpc._channel.__file__)
+    lines = source.read_text().splitlines()
+    create = next(i for i, line in enumerate(lines) if "def _channel_managed_call_management" in line)
+    counted = next(i for i, line in enumerate(lines[create:], create + 1) if "state.managed_calls == 0:" in line)
+    calls = {"n": 0}
+
+    def at_line(frame, event, arg):
+        if event == "line" and frame.f_lineno == counted:
+            calls["n"] += 1
+            if calls["n"] == 3:  # two calls in flight: grpc's call thread is running
+                interrupts.on_signal(signal.SIGTERM, frame)
+        return at_line
+
+    def trace(frame, event, arg):
+        return at_line if frame.f_code.co_name == "create" and frame.f_code.co_filename == str(source) else None
+
+    got = {}
+
+    def edge():  # a thread, so that a hang fails the test instead of holding it (the handler is called directly)
+        sys.settrace(trace)
+        try:
+            got["code"] = edge_cli.main(edge_argv(images, "--max-inflight", "4", "--no-progress", server=server))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            got["error"] = exc
+        finally:
+            sys.settrace(None)
+
+    with serving(model) as server:
+        hold = server.service.runner.run_split
+
+        def slow(items):  # answers stay in flight
+            time.sleep(0.3)
+            return hold(items)
+
+        server.service.runner.run_split = slow
+        try:
+            thread = threading.Thread(target=edge, daemon=True)
+            thread.start()
+            thread.join(timeout=180)
+        finally:
+            server.service.runner.run_split = hold
+    assert not thread.is_alive(), "hnd-edge hung after the signal"
+    assert calls["n"] >= 3 and got == {"code": 143}
 
 
 def test_a_slow_server_gets_a_window_and_deadline_it_can_serve(model):
