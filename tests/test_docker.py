@@ -962,3 +962,27 @@ def test_build_edge_image():
         assert r.stdout.strip() == "None", r.stdout + r.stderr
     finally:
         subprocess.run([engine[0], "rmi", "-f", tag], capture_output=True, timeout=300)
+
+
+def test_the_docs_run_on_a_device_only_what_an_edge_install_has():
+    """Commands the docs give to the camera device (a shell block's lines under a `# the device` / `# camera device` comment, or
+    prose saying "from an edge: `hnd-...`") are scripts of the edge extra: the guide once sent the device's
+    user to hnd-healthcheck, which an edge install does not run."""
+    from hnd.common.launch import SCRIPTS
+
+    found = []
+    for page in (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))):
+        text = page.read_text()
+        found += [(page.name, s) for s in re.findall(r"from an\s+edge:\s+`(hnd-[a-z-]+)", text)]
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            device = False
+            for line in block.replace("\\\n", " ").splitlines():
+                if line.lstrip().startswith("#"):
+                    device = re.match(r"\s*#\s*(?:the\s+|a\s+)?(?:camera\s+)?device\b(?!')", line) is not None
+                elif device and (m := re.match(r"\s*(hnd-[a-z-]+)\b", line)):
+                    found.append((page.name, m.group(1)))
+    assert any(script == "hnd-edge" for _, script in found), found
+    for page, script in found:
+        assert SCRIPTS[script].extra == "edge", (
+            f"{page}: runs {script} on the device, which needs {SCRIPTS[script].extra}"
+        )
