@@ -97,10 +97,10 @@ def test_a_transfer_takes_the_time_the_rate_and_delay_imply():
 
 
 def test_set_link_changes_the_rate_while_it_runs():
-    srv, t = _ack_server(40_000)
+    srv, t = _ack_server(400_000)
     with LinkProxy(srv.getsockname(), LinkSettings(rate_mbit=1.0)) as proxy:
         proxy.set_link(LinkSettings(rate_mbit=50.0))
-        elapsed = _round_trip(proxy.port, 40_000)  # 6.4 ms at 50 Mbit/s; 1 Mbit/s would take 320 ms
+        elapsed = _round_trip(proxy.port, 400_000)  # 64 ms at 50 Mbit/s; 1 Mbit/s would take 3.2 s
     srv.close()
     t.join(5)
-    assert elapsed < 0.5, elapsed
+    assert elapsed < 1.6, elapsed  # half the old rate's time: slack for a loaded machine, still telling them apart
