@@ -243,7 +243,9 @@ class InferenceV2:
         start = time.perf_counter_ns()
         context.set_trailing_metadata(service.call_metadata)
         request_id = ""
+        held = 0
         try:
+            held = service._hold(raw)  # the same in-flight byte budget as hnd.v1's messages
             request = _parse(v2.ModelInferRequest, raw, service)
             request_id = request.id
             v1 = self.to_v1(request)
@@ -261,11 +263,15 @@ class InferenceV2:
             service._done(method, gone_code(context), start)
             raise
         except RequestError as exc:
+            raw = request = v1 = None  # type: ignore[assignment]  # the abort's traceback keeps this frame
             await service._fail(context, method, exc, start, request_id)
         except Exception:  # noqa: BLE001 - never a traceback to the client; one to the log
             log.exception("ModelInfer failed")
+            raw = request = v1 = None  # type: ignore[assignment]
             internal = RequestError(grpc.StatusCode.INTERNAL, "internal server error", "internal")
             await service._fail(context, method, internal, start, request_id)
+        finally:
+            service.messages.give(held)
         service._done(method, "OK", start)
         return answer
 

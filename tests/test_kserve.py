@@ -117,6 +117,20 @@ def test_tail_model_answers_as_hnd_v1_bit_for_bit(server, tiny_model):
     assert no_weights.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_v2_messages_count_against_the_in_flight_byte_budget():
+    """ModelInfer holds its message against max_inflight_message_bytes as hnd.v1's Infer does: one that would
+    pass it is refused RESOURCE_EXHAUSTED before any work, and what a call held is given back."""
+    with hnd.serve(CONFIG, device="cpu", max_batch=1, max_original_side=240, max_inflight_mib=1) as s:
+        with grpc.insecure_channel(s.target) as channel:
+            stub = v2_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(offload_request(b"\xff" * (2 << 20)), timeout=60)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_inflight_message_bytes 1048576" in refused.value.details()
+            assert len(outputs(stub.ModelInfer(offload_request(jpeg(frames(1)[0])), timeout=120))["scores"]) > 0
+        assert s.service.messages.held == 0
+
+
 def test_bad_requests_get_hnd_v1s_statuses(server):
     s, stub, _ = server
 
