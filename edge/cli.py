@@ -310,7 +310,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="S",
         help=f"end the run (exit {EXIT_SERVER_GONE}) once the server has been unreachable, or has answered "
-        "nothing within --timeout, for S seconds since its last answer, every frame so far recorded (default: "
+        "nothing within --timeout nor to a short GetModelInfo probe (a busy server is waited for), for S seconds "
+        "since its last answer, every frame so far recorded (default: "
         f"{DEFAULT_GIVE_UP_S:g} for files; a live camera waits for its server; 0: never give up)",
     )
     p.add_argument("--tls-ca", help="CA certificate (PEM) of the server: use TLS")

@@ -35,6 +35,7 @@ log = logging.getLogger("hnd.edge")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitInference"].full_name  # hnd.v1.SplitInference
 LB_POLICIES = ("round_robin", "pick_first")
+PROBE_TIMEOUT_S = 3.0  # a GetModelInfo that asks whether a silent server is busy or gone
 # Schemes of gRPC's target syntax (https://github.com/grpc/grpc/blob/master/doc/naming.md).
 TARGET_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract")
 
@@ -233,6 +234,15 @@ class SplitClient:
             f"(fingerprint {weights[:16]}..., this edge {(self.expected_fingerprint or '?')[:16]}...): "
             "all replicas must load the same checkpoint"
         )
+
+    def responds(self, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+        """Whether the server answers GetModelInfo within ``timeout_s``. The call queues behind no tail's
+        compute: a server busy computing answers it, one whose event loop hangs (SIGSTOP) or is gone does not."""
+        try:
+            self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=timeout_s, metadata=self.metadata)
+            return True
+        except grpc.RpcError:
+            return False
 
     def reconnect(self, timeout_s: float | None = None) -> bool:
         """Wait, with exponential backoff (0.1 s doubling up to 5 s), until the server answers again.

@@ -104,6 +104,7 @@ class EdgeRunner:
         self._unavailable_since: float | None = None  # monotonic time of the first UNAVAILABLE since an answer
         self._answered_at = time.monotonic()  # of the last answer (or the run's start)
         self._silence_warned = False  # the "no answer within the deadline" warning, once per silence
+        self._slow_warned = False  # the "serving but slower than the deadline" warning, once per run
         self._gave_up: str | None = None  # set once the server counts as gone: no more sends or retries
 
     def fit_server(self, info: pb.ModelInfo) -> None:
@@ -243,9 +244,29 @@ class EdgeRunner:
                 "" if give_up is None else f" (giving up after {give_up:g} s, --give-up-after)",
             )
         if give_up is not None and silent >= give_up and not self._gave_up:
+            if self.client.responds():  # busy computing, not gone: the deadline grows (if self-sized) instead
+                self._still_serving(p)
+                return
             self._gave_up = (
                 f"server {self.client.settings.target} answered nothing for {give_up:g} s (--give-up-after): giving up"
             )
+
+    def _still_serving(self, p: Prepared) -> None:
+        """The server answered nothing for ``give_up_after_s`` yet answers a probe: it is slower than the
+        deadline (a CPU tail under load), so the give-up clock starts again; said once a run."""
+        self._answered_at = time.monotonic()
+        self._unavailable_since = None
+        if self._slow_warned:
+            return
+        self._slow_warned = True
+        log.warning(
+            "server %s is serving but slower than the %s s deadline: %s",
+            self.client.settings.target,
+            seconds(p.deadline_s or self.client.settings.timeout_s),
+            "going on with the deadline doubled after each miss"
+            if not self.sizing.fixed_deadline
+            else "going on (--timeout S waits longer)",
+        )
 
     def _finish(self, p: Prepared, future: concurrent.futures.Future) -> FrameRecord:
         """The frame's record; a frame that failed UNAVAILABLE (replica died or drained, stream
@@ -369,6 +390,7 @@ class EdgeRunner:
         self.source = source
         self._started = time.perf_counter()
         self._answered_at = time.monotonic()
+        self._slow_warned = False
         self.bar = tqdm(
             desc=f"hnd-edge {self.options.mode}",
             unit=" frames",

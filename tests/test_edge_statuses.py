@@ -5,6 +5,7 @@ and connection errors that name the likely TLS / network cause."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -298,6 +299,31 @@ def test_a_slow_server_gets_a_window_and_deadline_it_can_serve(model):
     assert got[True].answered == 5 and got[True].failed == 0, got[True].statuses
     assert got[True].window.startswith("window 2 (auto, up to 4), deadline ")
     assert "DEADLINE_EXCEEDED" in got[False].format() and "--timeout S waits longer" in got[False].format()
+
+
+def test_a_server_slower_than_the_deadline_and_the_give_up_is_waited_for_not_given_up_on(model, caplog):
+    """The README's quickstart on a busy machine: the tail takes longer than the first deadline and longer than
+    --give-up-after. The server answers a probe (it is computing, not gone), so the edge goes on with the
+    doubled deadline and gets its frames answered; it used to exit "answered nothing ...: giving up"."""
+    with serving(model) as server:
+        hold = server.service.runner.run_split
+
+        def slow(items):
+            time.sleep(3.0)
+            return hold(items)
+
+        server.service.runner.run_split = slow
+        try:
+            client = SplitClient(ClientSettings(f"127.0.0.1:{server.port}", timeout_s=1.0))
+            runner = _runner(model, client, auto_window=True, auto_deadline=True, give_up_after_s=2.0)
+            with caplog.at_level(logging.WARNING, logger="hnd.edge"):
+                summary = runner.run(ArrayFrames(frames(4)))
+            client.close()
+        finally:
+            server.service.runner.run_split = hold
+    assert runner.gave_up is None and summary.statuses.get("OK", 0) >= 1, summary.statuses
+    assert runner.sizing.deadline_s >= 4.0  # doubled past the tail's 3 s
+    assert caplog.text.count("is serving but slower than the") == 1, caplog.text
 
 
 def test_interrupt_marks_unanswered_frames_cancelled(model):
