@@ -63,6 +63,7 @@ MODULE_MARKS = {
     "test_entropic_onnx.py": ("e2e",),
     "test_entropic_train.py": ("slow",),
     "test_hostile.py": ("e2e",),
+    "test_memory_kept.py": ("e2e",),  # an in-process server answering 1080p video frames on loopback
     "test_longrun.py": ("e2e", "slow"),
     "test_protocol.py": ("e2e",),
     "test_view.py": ("e2e", "slow"),
