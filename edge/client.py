@@ -334,7 +334,9 @@ class _Stream:
     call has: gRPC's deadline covers a whole call, so a watchdog thread times the oldest unanswered frame. When
     it expires, that frame fails DEADLINE_EXCEEDED and the call is cancelled (answers come in order, so none
     behind it can come first; the server frees the stream's session); the frames behind it fail StreamBroken,
-    to be sent again on a new stream.
+    to be sent again on a new stream. The watchdog sleeps until the oldest frame's deadline (with none in flight,
+    until the earliest deadline a frame sent now could have) and is woken only when a frame could expire
+    before that: a frame in flight costs it no wake-up (two per frame before, each a thread switch).
     """
 
     _SENTINEL = object()
@@ -345,6 +347,8 @@ class _Stream:
         self.broken = False
         self.error: BaseException | None = None  # what ended the stream (set with broken)
         self._cond = threading.Condition()
+        # When the watchdog looks next (monotonic; None: only when woken). Guarded by _cond.
+        self._watch_until: float | None = None
         self.client = client
         self.replica = ""
         self.call = client.stub.InferStream(iter(self.requests.get, self._SENTINEL), metadata=client.metadata)
@@ -365,8 +369,13 @@ class _Stream:
             deadline = time.monotonic() + timeout if timeout else None
             self.pending.append(_Pending(request.request_id, out, deadline, timeout or 0.0))
             self.requests.put(request)
-            self._cond.notify_all()
+            if self._expires_first(self.pending[0].deadline):
+                self._cond.notify_all()
         return out
+
+    def _expires_first(self, deadline: float | None) -> bool:
+        """Whether the watchdog must look sooner than it plans to, for a head frame with ``deadline``."""
+        return deadline is not None and (self._watch_until is None or deadline < self._watch_until)
 
     def _read(self) -> None:
         error: BaseException | None = None
@@ -380,7 +389,8 @@ class _Stream:
                     if not self.pending:
                         raise queue.Empty
                     frame = self.pending.popleft()
-                    self._cond.notify_all()
+                    if self.pending and self._expires_first(self.pending[0].deadline):
+                        self._cond.notify_all()  # the next frame's deadline comes first (a shorter timeout)
                 if response.request_id != frame.request_id:
                     settle(
                         frame.future,
@@ -410,23 +420,22 @@ class _Stream:
             while True:
                 if self.broken:
                     return
-                if not self.pending:
-                    self._cond.wait()
-                    continue
-                late = self.pending[0]
-                if late.deadline is None:  # no deadline: nothing to time until it is answered
-                    self._cond.wait()
-                    continue
-                left = late.deadline - time.monotonic()
-                if left > 0:
-                    self._cond.wait(left)
-                    continue
-                self.pending.popleft()
-                self.broken = True
-                self.error = StreamBroken(
-                    f"stream cancelled: request {late.request_id} had no answer within {late.timeout_s:g} s"
-                )
-                break
+                now = time.monotonic()
+                if not self.pending:  # a frame sent from now on expires no sooner than now + timeout
+                    timeout = self.client.settings.timeout_s
+                    self._watch_until = now + timeout if timeout else None
+                else:
+                    late = self.pending[0]
+                    if late.deadline is not None and late.deadline <= now:
+                        break
+                    self._watch_until = late.deadline  # None: nothing to time until it is answered
+                # Woken sooner only by a frame that expires before _watch_until (submit, _read) or the end.
+                self._cond.wait(None if self._watch_until is None else self._watch_until - now)
+            self.pending.popleft()
+            self.broken = True
+            self.error = StreamBroken(
+                f"stream cancelled: request {late.request_id} had no answer within {late.timeout_s:g} s"
+            )
         settle(late.future, error=FrameDeadlineExceeded(late.timeout_s))
         self.call.cancel()  # the reader fails the frames behind it with self.error
 
