@@ -415,6 +415,7 @@ class SplitInferenceService:
         self.refusal_log = RateLimitedLog(log, on_suppressed=self.metrics.log_suppressed.inc)
         # Metric children looked up once (a labels() call takes a lock and hashes the label values).
         self._stage = {k: self.metrics.stage_seconds.labels(k) for k in STAGES}
+        self._stream_messages = {k: self.metrics.stream_messages.labels(k) for k in ("answered", "refused", "dropped")}
         self._answered: dict[tuple[str, str], tuple[Any, Any]] = {}
         # Metadata every SplitInference call carries back (hnd.common.channel): weights and tail now,
         # the replica's name once the port is known (``name_replica``).
@@ -731,15 +732,12 @@ class SplitInferenceService:
         )
         encode_ns = time.perf_counter_ns() - t1
         queue_ns = item.started_ns - item.enqueued_ns
-        response.timings.CopyFrom(
-            pb.ServerTimings(
-                decode_us=decode_ns // 1000,
-                queue_us=queue_ns // 1000,
-                compute_us=item.compute_ns // 1000,
-                encode_us=encode_ns // 1000,
-                batch_size=item.batch_size,
-            )
-        )
+        timings = response.timings  # set in place: no message built and copied per answer
+        timings.decode_us = decode_ns // 1000
+        timings.queue_us = queue_ns // 1000
+        timings.compute_us = item.compute_ns // 1000
+        timings.encode_us = encode_ns // 1000
+        timings.batch_size = item.batch_size
         m = self._stage
         m["decode"].observe(decode_ns / 1e9)
         m["queue"].observe(queue_ns / 1e9)
@@ -860,11 +858,11 @@ class SplitInferenceService:
                 try:
                     response = await task
                 except RequestError as exc:
-                    self.metrics.stream_messages.labels("refused").inc()
+                    self._stream_messages["refused"].inc()
                     await self._fail(context, method, exc, start, request_id)
                 except Exception:  # noqa: BLE001
                     log.exception("InferStream failed")
-                    self.metrics.stream_messages.labels("refused").inc()
+                    self._stream_messages["refused"].inc()
                     await self._fail(
                         context,
                         method,
@@ -873,7 +871,7 @@ class SplitInferenceService:
                         request_id,
                     )
                 inflight.answered(task)
-                self.metrics.stream_messages.labels("answered").inc()
+                self._stream_messages["answered"].inc()
                 self._done(method, "OK", start)
                 yield response
             if self.draining:
@@ -884,7 +882,7 @@ class SplitInferenceService:
             dropped = inflight.cancel_unanswered()
             inflight.tasks.clear()  # tasks and their done callbacks (inflight.end_after) form a cycle
             if dropped:  # read, never answered: their final code is the stream's end (caller gone, or a refusal)
-                self.metrics.stream_messages.labels("dropped").inc(dropped)
+                self._stream_messages["dropped"].inc(dropped)
                 self.metrics.requests.labels(method, gone_code(context)).inc(dropped)
 
     async def _read_stream(
@@ -898,6 +896,7 @@ class SplitInferenceService:
         """InferStream's reader: each message parsed and started as an ``infer`` task, queued on ``inflight`` in
         order; a message that does not parse is queued as a failed future (its refusal comes in order), and None
         last. Stops reading once a request was refused (``inflight.ended``) or when cancelled (drain)."""
+        peer = context.peer()  # a stream's messages all come from its one connection
         try:
             async for raw in request_iterator:
                 if inflight.ended.is_set():
@@ -910,7 +909,7 @@ class SplitInferenceService:
                     self.messages.give(held)
                     raise
                 task = asyncio.ensure_future(
-                    self.infer(request, context.time_remaining(), session, method=method, client=context.peer())
+                    self.infer(request, context.time_remaining(), session, method=method, client=peer)
                 )
                 task.add_done_callback(functools.partial(self._give_back, held))
                 inflight.add(task)
