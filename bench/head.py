@@ -153,7 +153,8 @@ def run(
         int8 = Path(tmp) / "int8.onnx"
         export_onnx(head, meta, fp32)
         s2d = Path(tmp) / "fp32-s2d.onnx"  # int8 from the stem hnd-export-head --int8 uses
-        export_onnx(head, meta, s2d, stem="s2d")
+        pixels = "uint8" if isinstance(head, Head) else "float32"  # what hnd-export-head --int8 writes
+        export_onnx(head, meta, s2d, stem="s2d", pixels=pixels)
         quantize_int8(s2d, int8, calib, meta, f"{len(calib)} photos")
         for n in threads:
             torch.set_num_threads(n)
@@ -163,7 +164,8 @@ def run(
                 h, w = img.shape[:2]
                 for size, (mn, mx) in (("model", (meta.min_size, meta.max_size)), ("native", (min(h, w), max(h, w)))):
                     batch = _with_size(sessions["ORT fp32"], mn, mx).preprocess([img])[0]
-                    cells = _measure(name, size, batch, n, head, cl_head, sessions, repeats)
+                    batch_int8 = _with_size(sessions["ORT int8"], mn, mx).preprocess([img])[0]
+                    cells = _measure(name, size, batch, n, head, cl_head, sessions, repeats, batch_int8)
                     _rate(cells, head_gmac(head, tuple(batch.shape[-2:])), res.gemm_gmac_per_s[str(n)])
                     res.cells += cells
             res.edge_stages_ms[str(n)] = _edge_stages(sessions, frames()["640x480"], repeats)
@@ -183,8 +185,8 @@ def _levers(res: Results, head: Head, meta, calib: list[np.ndarray], folder: Pat
     gmac = head_gmac(head, tuple(batch.shape[-2:]))
     for n in (1, 2):
         gemm = res.gemm_gmac_per_s.get(str(n)) or gemm_rates(n, 5)
-        res.levers += head_levers.measure(files, batch, ref, gmac, gemm, n, rounds)
-    res.frames_per_s = head_levers.frames_per_second(files["int8 s2d"], batch, 4 * rounds)
+        res.levers += head_levers.measure(files, img, ref, gmac, gemm, n, rounds)
+    res.frames_per_s = head_levers.frames_per_second(files["int8 s2d uint8"], img, 4 * rounds)
 
 
 def _rate(cells: list[Cell], gmac: float, gemm: dict[str, float]) -> None:
@@ -218,7 +220,8 @@ def _payload_bytes(head: Head | EntropicHead, sessions: dict[str, OnnxHead], img
     batch, _ = s.preprocess([img])
     out = {"torch eager": len(_encode(head, head.encode(torch.from_numpy(batch)).numpy()).payload)}
     for name, session in sessions.items():
-        out[name] = len(_encode(head, _with_size(session, 480, 640).run(batch).bottleneck).payload)
+        own, _ = _with_size(session, 480, 640).preprocess([img])  # the int8 file takes uint8 pixels
+        out[name] = len(_encode(head, session.run(own).bottleneck).payload)
     return out
 
 
@@ -237,7 +240,10 @@ def _measure(
     cl_head: Head | EntropicHead,
     sessions: dict[str, OnnxHead],
     repeats: int,
+    batch_int8: np.ndarray | None = None,
 ) -> list[Cell]:
+    """batch: the normalized float32 batch; batch_int8: the int8 file's own input (uint8 pixels), default batch."""
+    b8 = batch if batch_int8 is None else batch_int8
     x = torch.from_numpy(batch)
     xc = x.contiguous(memory_format=torch.channels_last)
     ref = head.encode(x).numpy()
@@ -247,7 +253,7 @@ def _measure(
         "torch eager": (lambda: head.encode(x), lambda: head.encode(x).numpy()),
         "torch channels_last": (lambda: cl_head.encode(xc), lambda: cl_head.encode(xc).contiguous().numpy()),
         "ORT fp32": (lambda: sessions["ORT fp32"].run(batch), lambda: sessions["ORT fp32"].run(batch).bottleneck),
-        "ORT int8": (lambda: sessions["ORT int8"].run(batch), lambda: sessions["ORT int8"].run(batch).bottleneck),
+        "ORT int8": (lambda: sessions["ORT int8"].run(b8), lambda: sessions["ORT int8"].run(b8).bottleneck),
     }
     cells = []
     for runtime in RUNTIMES:
@@ -353,13 +359,13 @@ def _lever_tables(res: Results) -> list[str]:
     ]
     lines += [
         "",
-        "| lever | threads | best ms | median ms | GMAC/s | of GEMM | max abs diff |",
-        "|---|---|---|---|---|---|---|",
+        "| lever | threads | preprocess best ms | head best ms | head median ms | GMAC/s | of GEMM | max abs diff |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in res.levers:
         lines.append(
-            f"| {r.name} | {r.threads} | {r.best_ms:.1f} | {r.median_ms:.1f} | {r.gmac_per_s:.0f} | "
-            f"{100 * r.vs_gemm:.0f} % | {r.max_abs_diff:.2g} |"
+            f"| {r.name} | {r.threads} | {r.preprocess_ms:.2f} | {r.best_ms:.1f} | {r.median_ms:.1f} | "
+            f"{r.gmac_per_s:.0f} | {100 * r.vs_gemm:.0f} % | {r.max_abs_diff:.2g} |"
         )
     if res.frames_per_s:
         base = res.frames_per_s["1 session x 1 thread"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hnd.bench.gemm import gemm_ceiling, ort_session_options
-from hnd.edge.onnx_head import INPUT
+from hnd.edge.onnx_head import INPUT, HeadMetadata, head_batch
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,9 @@ LEVERS = (
     Lever("fp32, direct stem (the fp32 file)", "fp32 direct"),
     Lever("fp32, s2d stem", "fp32 s2d"),
     Lever("int8, direct stem", "int8 direct"),
-    Lever("int8, s2d stem (the int8 file)", "int8 s2d"),
+    Lever("fp32, direct stem, uint8 pixels (normalization folded)", "fp32 direct uint8"),
+    Lever("int8, s2d stem", "int8 s2d"),
+    Lever("int8, s2d stem, uint8 pixels (the int8 file)", "int8 s2d uint8"),
     Lever("int8, s2d stem, per-tensor weights", "int8 s2d per-tensor"),
     Lever("int8, s2d stem, graph level basic (no NHWC)", "int8 s2d", level="basic"),
     Lever("int8, s2d stem, no thread spinning", "int8 s2d", spinning=False),
@@ -52,6 +54,7 @@ class LeverRow:
     gmac_per_s: float  # from best_ms
     vs_gemm: float  # gmac_per_s / the same precision's GEMM rate, same threads
     max_abs_diff: float  # against the torch head, bottleneck units
+    preprocess_ms: float = 0.0  # best: the frame to the graph's input (normalized float32, or uint8 pixels)
 
 
 def export_variants(head, meta, calib: list[np.ndarray], folder: Path) -> dict[str, Path]:
@@ -64,6 +67,14 @@ def export_variants(head, meta, calib: list[np.ndarray], folder: Path) -> dict[s
         export_onnx(head, meta, out[f"fp32 {stem}"], stem=stem)
         out[f"int8 {stem}"] = folder / f"int8-{stem}.onnx"
         quantize_int8(out[f"fp32 {stem}"], out[f"int8 {stem}"], calib, meta, f"{len(calib)} photos")
+    for stem, prec in (("direct", "fp32"), ("s2d", "int8")):
+        name = f"{prec} {stem} uint8"
+        fp32 = folder / f"fp32-{stem}-uint8.onnx"
+        export_onnx(head, meta, fp32, stem=stem, pixels="uint8")
+        out[name] = fp32
+        if prec == "int8":
+            out[name] = folder / f"int8-{stem}-uint8.onnx"
+            quantize_int8(fp32, out[name], calib, meta, f"{len(calib)} photos")
     out["int8 s2d per-tensor"] = folder / "int8-s2d-per-tensor.onnx"
     quantize_int8(out["fp32 s2d"], out["int8 s2d per-tensor"], calib, meta, f"{len(calib)} photos", per_channel=False)
     return out
@@ -91,17 +102,26 @@ def available(lever: Lever) -> bool:
     return lever.provider in ort.get_available_providers()
 
 
+def metadata(path: Path) -> HeadMetadata:
+    import onnx
+
+    return HeadMetadata.from_props({p.key: p.value for p in onnx.load(str(path)).metadata_props}, str(path))
+
+
 def measure(
     files: dict[str, Path],
-    batch: np.ndarray,
+    image: np.ndarray,
     ref: np.ndarray,
     gmac: float,
     gemm: dict[str, float],
     threads: int,
     rounds: int,
     levers: tuple[Lever, ...] = LEVERS,
+    sizes: tuple[int, int] = (480, 640),
 ) -> list[LeverRow]:
-    """Each available lever on ``batch`` [1, 3, Hp, Wp], in turns for ``rounds`` rounds after a warm-up.
+    """Each available lever on ``image`` [H, W, 3] uint8 resized to ``sizes`` (min, max: 480 / 640 keeps a
+    640x480 frame at its own size): the file's preprocessing, then the head, in turns for ``rounds`` rounds
+    after a warm-up.
 
     ref: the torch head's bottleneck. gemm: precision -> GMAC/s at these threads (``bench.head.gemm_rates``).
     """
@@ -109,31 +129,55 @@ def measure(
     runs = [
         (lv, session(files[lv.file], threads, lv.level, lv.spinning, lv.provider)) for lv in levers if available(lv)
     ]
-    feed = {INPUT: batch}
-    diffs = [float(np.abs(s.run(None, feed)[0] - ref).max()) for _, s in runs]
+    metas = {lv.file: metadata(files[lv.file]) for lv, _ in runs}
+
+    def prepare(lv: Lever) -> np.ndarray:
+        return head_batch([image], metas[lv.file], *sizes)[0]
+
+    diffs = [float(np.abs(s.run(None, {INPUT: prepare(lv)})[0] - ref).max()) for lv, s in runs]
     times: list[list[float]] = [[] for _ in runs]
+    prep: list[list[float]] = [[] for _ in runs]
     for _ in range(rounds):
-        for i, (_, s) in enumerate(runs):
+        for i, (lv, s) in enumerate(runs):
             start = time.perf_counter()
+            feed = {INPUT: prepare(lv)}
+            mid = time.perf_counter()
             s.run(None, feed)
-            times[i].append((time.perf_counter() - start) * 1e3)
+            prep[i].append((mid - start) * 1e3)
+            times[i].append((time.perf_counter() - mid) * 1e3)
     rows = []
-    for (lv, _), ts, diff in zip(runs, times, diffs):
+    for (lv, _), ts, ps, diff in zip(runs, times, prep, diffs):
         best = min(ts)
         rate = gmac / best * 1e3
         rows.append(
-            LeverRow(lv.name, threads, best, float(np.median(ts)), rate, rate / gemm_ceiling(gemm, lv.file[:4]), diff)
+            LeverRow(
+                lv.name,
+                threads,
+                best,
+                float(np.median(ts)),
+                rate,
+                rate / gemm_ceiling(gemm, lv.file[:4]),
+                diff,
+                min(ps),
+            )
         )
     return rows
 
 
-def frames_per_second(path: Path, batch: np.ndarray, frames: int) -> dict[str, float]:
-    """Frames/s of the head over ``frames`` frames: one session with 1 and 2 intra-op threads, and two 1-thread
-    sessions, each running every other frame in its own Python thread (the edge's frames over two cores).
-    Run in turns, twice, best of the two."""
-    feed = {INPUT: batch}
+def frames_per_second(
+    path: Path, image: np.ndarray, frames: int, sizes: tuple[int, int] = (480, 640)
+) -> dict[str, float]:
+    """Frames/s over ``frames`` frames of ``image`` resized to ``sizes`` (min, max): the head alone on one session with 1 and 2
+    intra-op threads, two 1-thread sessions and one 1-thread session shared, each running every other frame in
+    its own Python thread (ONNX Runtime releases the GIL); then the edge's stages (preprocess, head, 4-bit
+    temporal coding in frame order: ``hnd.edge.onnx_mode``) with 1 and 2 head workers, as ``EdgeRunner``
+    runs them. Run in turns, twice, best of the two."""
+    from hnd.edge.onnx_head import OnnxHead
+
+    feed = {INPUT: head_batch([image], metadata(path), *sizes)[0]}
     one, two = session(path, 1), session(path, 2)
     pair = [session(path, 1), session(path, 1)]
+    edge_head = OnnxHead(path, threads=1, min_size=sizes[0], max_size=sizes[1])
 
     def serial(s) -> float:
         s.run(None, feed)
@@ -142,20 +186,20 @@ def frames_per_second(path: Path, batch: np.ndarray, frames: int) -> dict[str, f
             s.run(None, feed)
         return frames / (time.perf_counter() - start)
 
-    def parallel() -> float:
-        for s in pair:
+    def parallel(sessions) -> float:
+        for s in sessions:
             s.run(None, feed)
 
         def work(s, n: int) -> None:
             for _ in range(n):
                 s.run(None, feed)
 
-        workers = [threading.Thread(target=work, args=(s, frames // 2)) for s in pair]
+        workers = [threading.Thread(target=work, args=(s, frames // 2)) for s in sessions]
         start = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
         return 2 * (frames // 2) / (time.perf_counter() - start)
 
     best: dict[str, float] = {}
@@ -163,7 +207,39 @@ def frames_per_second(path: Path, batch: np.ndarray, frames: int) -> dict[str, f
         for name, fn in (
             ("1 session x 1 thread", lambda: serial(one)),
             ("1 session x 2 threads", lambda: serial(two)),
-            ("2 sessions x 1 thread", parallel),
+            ("2 sessions x 1 thread", lambda: parallel(pair)),
+            ("1 session x 1 thread, 2 callers", lambda: parallel([one, one])),
+            ("edge stages, 1 head worker", lambda: edge_frames_per_second(edge_head, image, frames, 1)),
+            ("edge stages, 2 head workers", lambda: edge_frames_per_second(edge_head, image, frames, 2)),
         ):
             best[name] = max(best.get(name, 0.0), fn())
     return best
+
+
+def edge_frames_per_second(head, image: np.ndarray, frames: int, workers: int) -> float:
+    """Frames/s of the ONNX split's edge stages (``OnnxSplitMode``: compute on a pool of ``workers`` threads, at
+    most ``workers`` frames ahead, then coding in frame order), the way ``EdgeRunner`` schedules them."""
+    import concurrent.futures
+    from collections import deque
+
+    from hnd.common.codec import CodecSettings
+    from hnd.edge.capture import Frame
+    from hnd.edge.modes import EdgeOptions
+    from hnd.edge.onnx_mode import OnnxSplitMode
+
+    opts = EdgeOptions(codec=CodecSettings(bits=4), key_interval=30, stream=True, head_workers=workers)
+    mode = OnnxSplitMode(opts, head)
+    mode.prepare(Frame(0, "bench", image, time.monotonic_ns(), 0.0, time.time()))  # warm-up
+    ahead: deque = deque()
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for i in range(frames):
+            frame = Frame(i, "bench", image, time.monotonic_ns(), 0.0, time.time())
+            ahead.append((frame, pool.submit(mode.compute, frame)))
+            while len(ahead) >= workers:
+                f, fut = ahead.popleft()
+                mode.finish(f, fut.result())
+        while ahead:
+            f, fut = ahead.popleft()
+            mode.finish(f, fut.result())
+    return frames / (time.perf_counter() - start)

@@ -10,6 +10,11 @@ The normalized image equals torch's bit for bit, so a frame already at its split
 equal to its short side, e.g. 480 for 640x480) gives torch's input exactly. A resized one differs
 only where float32 rounds the sample positions differently (at most ~2e-4 in normalized units on the
 sample photos; tests/test_onnx_head.py bounds it).
+
+:func:`preprocess_uint8` is the same geometry for a head whose graph takes raw pixels (the normalization
+folded into its first convolution, ``hnd.edge.onnx_export.PixelStem``): the frame stays uint8, and the
+padding, the batch's and the convolution's own border, holds the mean pixel rounded to uint8 (what zero
+padding of the normalized image is, up to that rounding: at most 0.47 / 255 / std, 0.0082 normalized units).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 from hnd.common.meta import SplitMeta
 from hnd.common.sizes import SIZE_DIVISIBLE, padded_size, resized_size
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "preprocess"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "mean_pixel", "preprocess", "preprocess_uint8"]
 
 # torchvision's GeneralizedRCNNTransform defaults for the R-CNN family.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,5 +72,48 @@ def preprocess(
             x -= m.reshape(3)
             x /= s.reshape(3)
             dst[...] = cv2.resize(x, (rw, rh), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
+    meta = SplitMeta(original_sizes=tuple(originals), image_sizes=tuple(sizes), padded_size=(hp, wp))
+    return batch, meta
+
+
+def mean_pixel(mean: Sequence[float]) -> np.ndarray:
+    """The mean pixel as uint8 [3]: the raw value nearest to a normalized 0 (round(255 * mean))."""
+    return np.clip(np.rint(255.0 * np.asarray(mean, dtype=np.float64)), 0, 255).astype(np.uint8)
+
+
+def preprocess_uint8(
+    images: Sequence[np.ndarray],
+    min_size: int,
+    max_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    size_divisible: int = SIZE_DIVISIBLE,
+    border: tuple[int, int] = (0, 0),
+) -> tuple[np.ndarray, SplitMeta]:
+    """RGB frames [H_i, W_i, 3] uint8 -> (batch [B, 3, b0 + Hp + b1, b0 + Wp + b1] uint8, SplitMeta).
+
+    :func:`preprocess`'s geometry without the normalization: the frame's pixels at (b0, b0), the rest the
+    mean pixel (:func:`mean_pixel`). border (b0, b1): the first convolution's padding, supplied here because
+    the graph's convolution cannot pad with a per-channel value. A frame at its split size is copied as it
+    is (no float at all); a resized one is resized in float32 and rounded to the nearest uint8 (at most 0.5
+    raw levels from torch's resize of the normalized image, plus the float rounding :func:`preprocess` has).
+    SplitMeta's padded_size is the batch's without the border, as :func:`preprocess` gives it.
+    """
+    if not images:
+        raise ValueError("preprocess needs at least one image")
+    originals: list[tuple[int, int]] = []
+    for image in images:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an RGB frame [H, W, 3] of uint8, got {image.dtype} {image.shape}")
+        originals.append((int(image.shape[0]), int(image.shape[1])))
+    sizes = [resized_size(hw, min_size, max_size) for hw in originals]
+    hp, wp = padded_size(sizes, size_divisible)
+    b0, b1 = border
+    batch = np.empty((len(images), 3, b0 + hp + b1, b0 + wp + b1), dtype=np.uint8)
+    batch[...] = mean_pixel(mean).reshape(1, 3, 1, 1)
+    for i, (image, (h, w), (rh, rw)) in enumerate(zip(images, originals, sizes)):
+        if (rh, rw) != (h, w):
+            x = cv2.resize(image.astype(np.float32), (rw, rh), interpolation=cv2.INTER_LINEAR)
+            image = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        batch[i, :, b0 : b0 + rh, b0 : b0 + rw] = image.transpose(2, 0, 1)
     meta = SplitMeta(original_sizes=tuple(originals), image_sizes=tuple(sizes), padded_size=(hp, wp))
     return batch, meta

@@ -23,6 +23,7 @@ modes live in their own modules, and this module, which picks, imports them).
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -96,6 +97,7 @@ class EdgeSettings:
     token_file: str | None = None
     token: str | None = None
     threads: int | None = None
+    head_workers: int | None = None
     ort_provider: list[str] | None = None
     min_size: int | None = None
     max_size: int | None = None
@@ -198,7 +200,16 @@ def open_detector(settings: EdgeSettings, live: bool = False, plan: Plan | None 
     s = settings
     options.give_up_after_s = give_up_after(s, live)
     em = load_edge_model(
-        cfg, s.mode, s.checkpoint, s.head, s.random_weights, s.ort_provider, s.threads, s.min_size, s.max_size
+        cfg,
+        s.mode,
+        s.checkpoint,
+        s.head,
+        s.random_weights,
+        s.ort_provider,
+        s.threads,
+        s.min_size,
+        s.max_size,
+        options.head_workers if s.adapt is None else 1,  # --adapt's modes run their heads in turn
     )
     client = make_client(s, cfg.runtime, live) if s.mode != "local" else None
     try:
@@ -390,7 +401,7 @@ class Detector:
         server has been unreachable for ``give_up_after`` seconds, UsageError for a frame that is not an
         [H, W, 3] uint8 array or while frames sent with :meth:`push` are not drained.
         """
-        if self._done or (self.runner.window is not None and self.runner.window.frames):
+        if self._done or self.runner.pending:
             raise UsageError("detector: frames sent with push() are still in flight; drain() them first")
         self._put(frame)
         self._flush()
@@ -470,10 +481,12 @@ def load_edge_model(
     threads: int | None = None,
     min_size: int | None = None,
     max_size: int | None = None,
+    head_workers: int = 1,
 ) -> EdgeModel:
     """What the edge runs: the head (split), the full model (local) or nothing (offload).
 
-    An ``.onnx`` head runs on ONNX Runtime and needs no torch; everything else imports torch here.
+    An ``.onnx`` head runs on ONNX Runtime and needs no torch; everything else imports torch here. Its intra-op
+    threads, unless given: the cores over ``head_workers`` (the frames whose heads run at once).
     """
     if mode == "offload":
         return EdgeModel(None, "", None)
@@ -485,6 +498,8 @@ def load_edge_model(
         if mode == "local":
             raise ConfigError("--head holds only the head; local mode needs --checkpoint or --random-weights")
         if is_onnx_path(head_path):
+            if not threads and head_workers > 1:
+                threads = max(1, (os.cpu_count() or 1) // head_workers)
             head = OnnxHead(head_path, ort_providers(providers), threads, min_size, max_size)
             return EdgeModel(head, head.fingerprint, None)
     elif providers:
@@ -588,7 +603,18 @@ def edge_options(args: EdgeSettings, cfg: Config) -> EdgeOptions:
         score_threshold=args.score_threshold,
         max_attempts=args.max_attempts,
         filter_threshold=filter_threshold(cfg, args),
+        head_workers=head_workers(args),
     )
+
+
+def head_workers(args: EdgeSettings) -> int:
+    """Frames whose heads run at once (an .onnx head): ``head_workers``, else 2 where the machine has 2 or more
+    cores (hnd.bench.head: two frames over two 1-thread runs beat one frame on two threads), else 1."""
+    if args.head_workers is not None:
+        if args.head_workers < 1:
+            raise ConfigError(f"--head-workers must be >= 1, got {args.head_workers}")
+        return args.head_workers
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 def give_up_after(args: EdgeSettings, live: bool) -> float | None:

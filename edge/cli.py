@@ -328,7 +328,16 @@ def _add_head_arguments(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads of the head: torch's, or ONNX Runtime's intra-op threads (default: theirs)",
+        help="CPU threads of the head: torch's, or ONNX Runtime's intra-op threads (default: theirs; an .onnx "
+        "head on N head workers: the cores over the workers)",
+    )
+    p.add_argument(
+        "--head-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="an .onnx head: frames whose heads run at once, over the cores (coding and sending stay in frame "
+        "order; default: 2 on a machine with 2 or more cores, else 1)",
     )
     p.add_argument(
         "--ort-provider",

@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, help="ONNX: resize short side to this (default: the model's)")
     p.add_argument("--max-size", type=int, help="ONNX: cap on the long side (default: the model's)")
     p.add_argument("--int8", action="store_true", help="ONNX: static int8 quantization (needs --calibration)")
+    p.add_argument(
+        "--pixels",
+        choices=("float32", "uint8"),
+        help="ONNX: the graph's input: the normalized float32 batch (exact against the torch head) or uint8 "
+        "pixels with the normalization folded into the first convolution (less edge preprocessing; the "
+        "border's mean pixel rounded to uint8). Default: uint8 for --int8, float32 otherwise",
+    )
     p.add_argument("--calibration", metavar="DIR_OR_GLOB", help="real frames for int8 calibration")
     p.add_argument("--calibration-frames", type=int, default=32, metavar="N", help="frames to calibrate on")
     p.add_argument(
@@ -66,7 +73,9 @@ def export(args: argparse.Namespace) -> str:
     """Everything main() does; returns the line to print. Raises ExportError / CheckpointError / OSError."""
     fmt = args.format or ("onnx" if Path(args.output).suffix.lower() == ".onnx" else "torch")
     onnx_only = [
-        f"--{n.replace('_', '-')}" for n in ("min_size", "max_size", "calibration") if getattr(args, n) is not None
+        f"--{n.replace('_', '-')}"
+        for n in ("min_size", "max_size", "calibration", "pixels")
+        if getattr(args, n) is not None
     ] + (["--int8"] if args.int8 else [])
     if args.random_weights is not None and args.config is None:
         raise ExportError("--random-weights needs --config (the architecture to build)")
@@ -104,17 +113,22 @@ def export(args: argparse.Namespace) -> str:
     sized = args.config is not None or args.min_size is not None or args.max_size is not None
     if not sized and checkpoint_transform(args.checkpoint) is None:  # the file is silent: say where sizes came from
         resize += " (torchvision's default: the checkpoint names no transform; --config or --min-size/--max-size)"
+    # uint8 pixels pay for int8 (the input is then exact, and preprocessing ~3x cheaper); the fp32 file stays
+    # exact against the torch head unless asked (hnd.bench.head's levers measure both).
+    pixels = args.pixels or ("uint8" if args.int8 and meta.bottleneck_type == "hnd" else "float32")
+    if pixels == "uint8" and meta.bottleneck_type != "hnd":
+        raise ExportError("--pixels uint8 is for HND / GHND heads (an Entropic Student's head takes float32)")
     if not args.int8:
-        export_onnx(head, meta, args.output)
-        return f"{args.output}: head of model {fp} (ONNX fp32, {resize})"
+        export_onnx(head, meta, args.output, pixels=pixels)
+        return f"{args.output}: head of model {fp} (ONNX fp32, {pixels} input, {resize})"
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        export_onnx(head, meta, fp32, stem="s2d")  # the stem int8 runs fastest (hnd.bench.head measures it)
+        export_onnx(head, meta, fp32, stem="s2d", pixels=pixels)  # the stem int8 runs fastest (hnd.bench.head)
         what = f"{len(frames)} frames of {args.calibration} ({args.calibration_method})"
         quantize_int8(fp32, args.output, frames, meta, what, args.calibration_method)
-    return f"{args.output}: head of model {fp} (ONNX int8, calibrated on {what}, {resize})"
+    return f"{args.output}: head of model {fp} (ONNX int8, calibrated on {what}, {pixels} input, {resize})"
 
 
 def _calibration_frames(pattern: str, count: int) -> list:

@@ -85,6 +85,9 @@ class EdgeOptions:
     # Neural filter: frames whose probability of holding anything to detect is below this are not
     # sent (split) or not run (local). None: off. Needs a student with a filter (model.filter).
     filter_threshold: float | None = None
+    # Frames whose head runs at once, on a pool of this many threads (a mode with an order-free head stage,
+    # EdgeMode.compute: the ONNX split); coding and sending stay in frame order. 1: each frame prepared in turn.
+    head_workers: int = 1
 
 
 @dataclass
@@ -124,6 +127,19 @@ class EdgeMode:
         """Raise an HndError (EdgeError, FingerprintMismatch) with one line when the server cannot serve this mode."""
 
     def prepare(self, frame: Frame) -> Prepared:
+        raise NotImplementedError
+
+    # A mode whose prepare splits into an order-free part (the head: no state, safe on several frames at once)
+    # and an in-order rest (coding: temporal coding needs frame order) sets ``parallel_head`` and implements
+    # ``compute`` and ``finish``: prepare(frame) is then finish(frame, compute(frame)).
+    parallel_head = False
+
+    def compute(self, frame: Frame) -> Any:
+        """The order-free part of ``prepare`` (``parallel_head`` modes); may run on several frames at once."""
+        raise NotImplementedError
+
+    def finish(self, frame: Frame, computed: Any) -> Prepared:
+        """The rest of ``prepare`` on ``compute``'s result, called in frame order (``parallel_head`` modes)."""
         raise NotImplementedError
 
     def detections(self, prepared: Prepared, response: pb.InferResponse | None) -> list[Detections]:

@@ -16,6 +16,7 @@ convolutions (a quantized Resize / Pad would add error where there is none).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -29,14 +30,23 @@ from torch import nn
 import hnd
 from hnd.common.checkpoint import CheckpointError, fingerprint, read_student_state_dict
 from hnd.common.files import atomic_write
-from hnd.common.preprocess import preprocess
 from hnd.common.sizes import SIZE_DIVISIBLE
 from hnd.common.entropic import GDN1
 from hnd.common.split import EntropicHead, Head
-from hnd.edge.onnx_head import INPUT, OUTPUT_BOTTLENECK, OUTPUT_FILTER, OUTPUT_SYMBOLS, HeadMetadata, prior_to_json
+from hnd.edge.onnx_head import (
+    INPUT,
+    OUTPUT_BOTTLENECK,
+    OUTPUT_FILTER,
+    OUTPUT_SYMBOLS,
+    HeadMetadata,
+    head_batch,
+    prior_to_json,
+)
 
 __all__ = [
     "OPSET",
+    "PIXELS",
+    "PixelStem",
     "EntropicHeadGraph",
     "HeadGraph",
     "STEMS",
@@ -121,34 +131,94 @@ class SpaceToDepthStem(nn.Module):
             or conv1.groups != 1
         ):
             raise ValueError("SpaceToDepthStem needs torchvision's ResNet conv1 (3 -> n, 7x7, stride 2, padding 3)")
-        w8 = torch.zeros(w.shape[0], 3, 8, 8, dtype=w.dtype)
-        w8[:, :, 1:, 1:] = w
-        # w8[o, c, 2U + a, 2V + b] -> weight[o, (2a + b) * 3 + c, U, V], SpaceToDepth's channel order
-        weight = w8.reshape(w.shape[0], 3, 4, 2, 4, 2).permute(0, 3, 5, 1, 2, 4).reshape(w.shape[0], 12, 4, 4)
-        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("weight", _s2d_weight(w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SpaceToDepthConv.apply(x, self.weight)
 
 
+def _s2d_weight(w: torch.Tensor) -> torch.Tensor:
+    """conv1's weight [O, 3, 7, 7] as the 4x4 weight on SpaceToDepth's 12 channels [O, 12, 4, 4]."""
+    w8 = torch.zeros(w.shape[0], 3, 8, 8, dtype=w.dtype)
+    w8[:, :, 1:, 1:] = w
+    # w8[o, c, 2U + a, 2V + b] -> weight[o, (2a + b) * 3 + c, U, V], SpaceToDepth's channel order
+    return w8.reshape(w.shape[0], 3, 4, 2, 4, 2).permute(0, 3, 5, 1, 2, 4).reshape(w.shape[0], 12, 4, 4).contiguous()
+
+
 STEMS = ("s2d", "direct")
+PIXELS = ("float32", "uint8")
+# The first convolution's padding (before, after) in pixels: conv1's 3 on each side, or, for the space-to-depth
+# stem, 2 before and 1 after in its half-resolution grid.
+STEM_BORDER = {"direct": (3, 3), "s2d": (4, 2)}
+
+
+class _PixelSpaceToDepthConv(torch.autograd.Function):
+    """uint8 pixels -> SpaceToDepth (still uint8) -> float -> 4x4 convolution with bias, no padding; exported as
+    those three ONNX ops (the rearrangement moves bytes, and the int8 graph quantizes nothing before the conv)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.nn.functional.conv2d(_space_to_depth(x).float(), weight, bias)
+
+    @staticmethod
+    def symbolic(g, x, weight, bias):  # type: ignore[no-untyped-def]
+        s2d = g.op("SpaceToDepth", x, blocksize_i=2)
+        as_float = g.op("Cast", s2d, to_i=1)  # TensorProto.FLOAT
+        return g.op("Conv", as_float, weight, bias, kernel_shape_i=[4, 4], pads_i=[0, 0, 0, 0], strides_i=[1, 1])
+
+
+class PixelStem(nn.Module):
+    """conv1 on raw uint8 pixels: the normalization ``(x / 255 - mean_c) / std_c`` folded into its weights and a
+    bias, ``w' = w / (255 std_c)``, ``b' = -sum w mean_c / std_c``; [B, 3, b0 + H + b1, b0 + W + b1] uint8 ->
+    conv1's output [B, 64, H/2, W/2].
+
+    The convolution does not pad: a zero of the normalized image is the mean pixel of the raw one, a value per
+    channel no ONNX convolution pads with, so the edge supplies the border (b0, b1) = ``STEM_BORDER[stem]`` filled
+    with the mean pixel rounded to uint8 (``hnd.common.preprocess.preprocess_uint8``). Inside the image this is
+    conv1 up to float32 summation order; in the border the normalized value is ``(round(255 m) - 255 m) / (255 s)``
+    instead of 0 (at most 0.0082 with the ImageNet normalization, under half a uint8 level).
+    """
+
+    def __init__(self, conv1: nn.Conv2d, mean: Sequence[float], std: Sequence[float], stem: str = "direct") -> None:
+        super().__init__()
+        SpaceToDepthStem(conv1)  # the same check on conv1's shape
+        w = conv1.weight.detach().double()
+        m = torch.tensor([float(v) for v in mean], dtype=torch.float64).reshape(1, 3, 1, 1)
+        s = torch.tensor([float(v) for v in std], dtype=torch.float64).reshape(1, 3, 1, 1)
+        folded = (w / (255.0 * s)).float()
+        self.stem = stem
+        self.register_buffer("weight", _s2d_weight(folded) if stem == "s2d" else folded.contiguous())
+        self.register_buffer("bias", (-(w * (m / s)).sum(dim=(1, 2, 3))).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stem == "s2d":
+            return _PixelSpaceToDepthConv.apply(x, self.weight, self.bias)
+        return torch.nn.functional.conv2d(x.float(), self.weight, self.bias, stride=2)
 
 
 class HeadGraph(nn.Module):
     """What the ONNX file computes: [B, 3, Hp, Wp] -> bottleneck [B, C, Hp/4 + 4, Wp/4 + 4] (and filter
     probability [B]).
 
+    pixels: "float32", the input is the normalized batch; "uint8", the raw pixels with the first convolution's
+    border, [B, 3, b0 + Hp + b1, b0 + Wp + b1], conv1 as :class:`PixelStem` (the normalization folded into it).
+
     stem: "direct" computes conv1 as the model's own convolution, "s2d" as :class:`SpaceToDepthStem` (equal
     up to float32 summation order; the int8 graph's source: measured side by side by ``hnd.bench.head``,
     it makes the int8 head ~1.4x faster and the fp32 head ~10 % slower).
     """
 
-    def __init__(self, head: Head, stem: str = "direct") -> None:
+    def __init__(self, head: Head, stem: str = "direct", pixels: str = "float32") -> None:
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        if pixels not in PIXELS:
+            raise ValueError(f"pixels must be one of {PIXELS}, got {pixels!r}")
         self.head = head
         self.conv1: nn.Module = SpaceToDepthStem(head.conv1) if stem == "s2d" else head.conv1
+        if pixels == "uint8":
+            t = head.transform
+            self.conv1 = PixelStem(head.conv1, t.image_mean, t.image_std, stem)
         self.filter: nn.Module | None = None
         if head.filter is not None:
             flt = copy.deepcopy(head.filter)  # the head's own filter keeps its torch pooling
@@ -267,25 +337,34 @@ def export_onnx(
     path: str | os.PathLike,
     sample_hw: tuple[int, int] = (256, 320),
     stem: str = "direct",
+    pixels: str = "float32",
 ) -> None:
     """Trace the head (legacy exporter, opset 18, dynamic B / H / W) and write it with ``meta`` atomically.
 
     stem: how an HND head's conv1 is computed (:class:`HeadGraph`): "direct" for an fp32 file, "s2d" for
-    the fp32 graph that :func:`quantize_int8` quantizes. An Entropic head has no stem."""
+    the fp32 graph that :func:`quantize_int8` quantizes. An Entropic head has no stem.
+    pixels: "uint8" for a graph on raw pixels (:class:`PixelStem`; the metadata's input_type and input_border
+    say so), "float32" for one on the normalized batch. HND heads only."""
     import onnx
 
     head = head.eval()
     graph: nn.Module
+    border = (0, 0)
     if isinstance(head, EntropicHead):
+        if pixels != "float32":
+            raise ValueError("an Entropic Student's head takes the normalized batch (pixels float32)")
         graph = EntropicHeadGraph(head).eval()
         outputs = [OUTPUT_SYMBOLS]
     else:
-        graph = HeadGraph(head, stem).eval()
+        graph = HeadGraph(head, stem, pixels).eval()
         outputs = [OUTPUT_BOTTLENECK] + ([OUTPUT_FILTER] if graph.with_filter else [])
+        border = STEM_BORDER[stem] if pixels == "uint8" else (0, 0)
+    meta = dataclasses.replace(meta, input_type=pixels, input_border=border)
     axes = {INPUT: {0: "batch", 2: "height", 3: "width"}, outputs[0]: {0: "batch", 2: "h", 3: "w"}}
     if OUTPUT_FILTER in outputs:
         axes[OUTPUT_FILTER] = {0: "batch"}
-    dummy = torch.zeros(1, 3, *sample_hw)
+    dtype = torch.uint8 if pixels == "uint8" else torch.float32
+    dummy = torch.zeros(1, 3, sample_hw[0] + sum(border), sample_hw[1] + sum(border), dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "head.onnx"
         with torch.no_grad(), warnings.catch_warnings():
@@ -355,10 +434,15 @@ def quantize_int8(
         raise ValueError(f"calibration method must be one of {sorted(methods)}, got {method!r}")
     if not frames:
         raise ValueError("int8 calibration needs at least one frame")
+    # The input the fp32 file takes (normalized float32, or uint8 pixels with a border) is the int8 file's too.
+    written = HeadMetadata.from_props(
+        {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props}, str(fp32_path)
+    )
+    meta = dataclasses.replace(meta, input_type=written.input_type, input_border=written.input_border)
 
     def batches() -> Iterator[np.ndarray]:
         for f in frames:
-            yield preprocess([f], meta.min_size, meta.max_size, meta.image_mean, meta.image_std, meta.size_divisible)[0]
+            yield head_batch([f], meta, meta.min_size, meta.max_size)[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
@@ -381,6 +465,7 @@ def quantize_int8(
         )
         model = onnx.load(str(q))
     _quantize_before_space_to_depth(model)
+    _pixels_as_quantized(model)
     int8_meta = HeadMetadata(**{**meta.__dict__, "precision": "int8", "calibration": calibration})
     _set_metadata(model, int8_meta)
     _save(model, out_path)
@@ -410,6 +495,46 @@ def _quantize_before_space_to_depth(model) -> None:
     # Topological order: the quantization first, then the rearrangement.
     model.graph.node.remove(q)
     model.graph.node.insert(list(model.graph.node).index(s2d), q)
+
+
+def _pixels_as_quantized(model) -> None:
+    """images (uint8) [-> SpaceToDepth] -> Cast -> QuantizeLinear(s, z) -> DequantizeLinear  becomes
+    images [-> SpaceToDepth] -> DequantizeLinear(1, 0)  (in place).
+
+    A uint8 graph's pixels are already the quantized values of themselves at scale 1, zero point 0: the first
+    convolution reads them as they are, exactly, instead of through a calibrated 256-level grid of their range.
+    A graph without that pattern (a float32 input) is left as it is.
+    """
+    from onnx import TensorProto, helper
+
+    nodes = list(model.graph.node)
+    cast = next((n for n in nodes if n.op_type == "Cast" and _from_images(nodes, n.input[0])), None)
+    if cast is None:
+        return
+    q = [n for n in nodes if cast.output[0] in n.input]
+    if len(q) != 1 or q[0].op_type != "QuantizeLinear":
+        return
+    dq = [n for n in nodes if q[0].output[0] in n.input]
+    if not dq or any(n.op_type != "DequantizeLinear" for n in dq):
+        return
+    one = helper.make_tensor("pixels_scale", TensorProto.FLOAT, [], [1.0])
+    zero = helper.make_tensor("pixels_zero_point", TensorProto.UINT8, [], [0])
+    model.graph.initializer.extend([one, zero])
+    old = set(q[0].input[1:])
+    for n in dq:
+        n.input[:] = [cast.input[0], one.name, zero.name]
+    model.graph.node.remove(cast)
+    model.graph.node.remove(q[0])
+    used = {i for n in model.graph.node for i in n.input}
+    for init in [i for i in model.graph.initializer if i.name in old and i.name not in used]:
+        model.graph.initializer.remove(init)
+
+
+def _from_images(nodes, name: str) -> bool:
+    """Whether tensor ``name`` is the graph input or a SpaceToDepth of it."""
+    return name == INPUT or any(
+        n.op_type == "SpaceToDepth" and n.output[0] == name and n.input[0] == INPUT for n in nodes
+    )
 
 
 def student_head(

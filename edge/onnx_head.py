@@ -1,8 +1,9 @@
 """The head on ONNX Runtime: an ``hnd-export-head`` .onnx file, checked, run on numpy arrays; no torch.
 
 The graph (see ``hnd.edge.onnx_export``) takes the normalized, padded batch ``images`` [B, 3, Hp, Wp]
-float32 and gives, for an HND / GHND student, ``bottleneck`` [B, C, Hp/4 + 4, Wp/4 + 4] float32 (and
-``filter_probability`` [B] when the student carries a neural filter); for an Entropic Student,
+float32 (or, a file whose metadata says input_type uint8, the raw pixels [B, 3, b0 + Hp + b1, b0 + Wp + b1]
+padded with the mean pixel: the normalization is folded into its first convolution) and gives, for an
+HND / GHND student, ``bottleneck`` [B, C, Hp/4 + 4, Wp/4 + 4] float32 (and ``filter_probability`` [B] when the student carries a neural filter); for an Entropic Student,
 ``symbols`` [B, C, Hp/4 - 1, Wp/4 - 1] int32, the latent already rounded against the prior's medians,
 which the edge range-codes outside the graph with the prior's integer tables from the file's metadata
 (``hnd.prior``; :meth:`OnnxHead.prior`). Normalize, resize and pad run before it in numpy / OpenCV
@@ -27,7 +28,7 @@ import numpy as np
 
 from hnd.common.errors import HndError
 from hnd.common.meta import SplitMeta
-from hnd.common.preprocess import preprocess
+from hnd.common.preprocess import preprocess, preprocess_uint8
 
 if TYPE_CHECKING:
     from hnd.common.entropy_coder import PriorTables
@@ -42,6 +43,7 @@ __all__ = [
     "HeadOutput",
     "OnnxHead",
     "OnnxHeadError",
+    "head_batch",
     "is_onnx_path",
     "prior_from_json",
     "prior_to_json",
@@ -55,6 +57,8 @@ OUTPUT_FILTER = "filter_probability"
 OUTPUT_SYMBOLS = "symbols"  # an Entropic Student's rounded latent, int32
 _PREFIX = "hnd."
 DEFAULT_PROVIDER = "CPUExecutionProvider"
+INPUT_TYPES = ("float32", "uint8")
+_ORT_TYPES = {"float32": "tensor(float)", "uint8": "tensor(uint8)"}
 
 
 class OnnxHeadError(HndError):
@@ -75,6 +79,9 @@ class HeadMetadata:
     filter_threshold: the neural filter's default threshold, None without a filter.
     bottleneck_type: "hnd" (HND / GHND, a float bottleneck) or "entropic" (int32 symbols).
     prior: Entropic only, the factorized prior's coding tables as JSON (:func:`prior_to_json`), empty otherwise.
+    input_type: "float32" (the normalized, zero-padded batch) or "uint8" (raw pixels, the normalization folded
+    into the first convolution; the batch padded with the mean pixel, ``hnd.common.preprocess.preprocess_uint8``).
+    input_border: uint8 only, the first convolution's padding (before, after) the edge supplies around the batch.
     """
 
     fingerprint: str
@@ -92,6 +99,8 @@ class HeadMetadata:
     calibration: str = ""  # int8: what the quantization was calibrated on
     bottleneck_type: str = "hnd"  # files written before Entropic heads existed are HND heads
     prior: str = ""
+    input_type: str = "float32"  # files written before uint8 heads existed take the normalized batch
+    input_border: tuple[int, int] = (0, 0)
 
     def to_props(self) -> dict[str, str]:
         """metadata_props entries (all strings; lists and None as JSON)."""
@@ -121,6 +130,8 @@ class HeadMetadata:
                 fields[name] = raw if f.type in ("str",) else json.loads(raw)
             fields["image_mean"] = tuple(float(v) for v in fields["image_mean"])
             fields["image_std"] = tuple(float(v) for v in fields["image_std"])
+            if "input_border" in fields:
+                fields["input_border"] = tuple(int(v) for v in fields["input_border"])
             meta = cls(**fields)
         except KeyError as exc:
             raise OnnxHeadError(f"{where}: hnd metadata lacks {_PREFIX}{exc.args[0]}") from None
@@ -130,6 +141,12 @@ class HeadMetadata:
             raise OnnxHeadError(f"{where}: malformed hnd metadata (normalization or channels)")
         if meta.bottleneck_type not in ("hnd", "entropic"):
             raise OnnxHeadError(f"{where}: hnd metadata bottleneck_type {meta.bottleneck_type!r} (hnd or entropic)")
+        if meta.input_type not in INPUT_TYPES or len(meta.input_border) != 2:
+            raise OnnxHeadError(f"{where}: hnd metadata input_type {meta.input_type!r} ({' or '.join(INPUT_TYPES)})")
+        if not all(0 <= b <= 16 for b in meta.input_border) or (
+            meta.input_type == "float32" and any(meta.input_border)
+        ):
+            raise OnnxHeadError(f"{where}: hnd metadata input_border {list(meta.input_border)} for {meta.input_type}")
         if (meta.bottleneck_type == "entropic") != bool(meta.prior):
             raise OnnxHeadError(f"{where}: hnd metadata: an Entropic head carries {_PREFIX}prior, an HND head none")
         return meta
@@ -268,7 +285,20 @@ def read_metadata(session, path: str) -> HeadMetadata:
         raise OnnxHeadError(
             f"{path}: graph has inputs {inputs} and outputs {outputs}; an hnd head has [{INPUT!r}] and {want}"
         )
+    graph_type = session.get_inputs()[0].type
+    if graph_type != _ORT_TYPES[meta.input_type]:
+        raise OnnxHeadError(f"{path}: graph input is {graph_type}, its hnd metadata says {meta.input_type}")
     return meta
+
+
+def head_batch(
+    images: Sequence[np.ndarray], meta: HeadMetadata, min_size: int, max_size: int
+) -> tuple[np.ndarray, SplitMeta]:
+    """RGB uint8 frames [H, W, 3] -> (the graph's input batch, SplitMeta), as the file's input_type says:
+    the normalized batch [B, 3, Hp, Wp] float32, or the raw one [B, 3, b0 + Hp + b1, b0 + Wp + b1] uint8."""
+    if meta.input_type == "uint8":
+        return preprocess_uint8(images, min_size, max_size, meta.image_mean, meta.size_divisible, meta.input_border)
+    return preprocess(images, min_size, max_size, meta.image_mean, meta.image_std, meta.size_divisible)
 
 
 class OnnxHead:
@@ -295,6 +325,7 @@ class OnnxHead:
             raise OnnxHeadError(f"{self.path}: need 1 <= min_size <= max_size, got {self.min_size}/{self.max_size}")
         self.providers = self.session.get_providers()
         self._outputs = [o.name for o in self.session.get_outputs()]
+        self._dtype = np.uint8 if self.metadata.input_type == "uint8" else np.float32
         # An Entropic head's coding tables, parsed and checked once (the file's digest must match).
         self.prior: PriorTables | None = (
             prior_from_json(self.metadata.prior, self.path, self.metadata.bottleneck_channels)
@@ -336,13 +367,13 @@ class OnnxHead:
         return self.metadata.bottleneck_type == "entropic"
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, SplitMeta]:
-        """RGB uint8 frames [H, W, 3] -> (padded batch [B, 3, Hp, Wp] float32, SplitMeta)."""
-        m = self.metadata
-        return preprocess(images, self.min_size, self.max_size, m.image_mean, m.image_std, m.size_divisible)
+        """RGB uint8 frames [H, W, 3] -> (the graph's batch: :func:`head_batch`, SplitMeta)."""
+        return head_batch(images, self.metadata, self.min_size, self.max_size)
 
     def run(self, batch: np.ndarray) -> HeadOutput:
-        """[B, 3, Hp, Wp] float32 (``preprocess``'s output) -> bottleneck and filter probability."""
-        out = self.session.run(self._outputs, {INPUT: np.ascontiguousarray(batch, dtype=np.float32)})
+        """``preprocess``'s batch -> bottleneck and filter probability. Safe to call from several threads at
+        once (ONNX Runtime sessions are; each call runs on its caller's thread plus the intra-op pool)."""
+        out = self.session.run(self._outputs, {INPUT: np.ascontiguousarray(batch, dtype=self._dtype)})
         return HeadOutput(out[0], out[1] if len(out) > 1 else None)
 
     def __call__(self, images: Sequence[np.ndarray]) -> tuple[HeadOutput, SplitMeta]:

@@ -19,7 +19,8 @@ from hnd.common.timing import ms_since, now_ns
 from hnd.edge.capture import Frame
 from hnd.edge.client import EdgeError
 from hnd.edge.modes import Detections, EdgeOptions, Prepared, check_split_server
-from hnd.edge.onnx_head import OnnxHead
+from hnd.common.meta import SplitMeta
+from hnd.edge.onnx_head import HeadOutput, OnnxHead
 from hnd.edge.records import Timings
 from hnd.edge.streaming import BottleneckCoder, CodedSplitMode
 from hnd.proto.v1 import split_inference_pb2 as pb
@@ -84,16 +85,29 @@ class OnnxSplitMode(CodedSplitMode):
         check_split_server(info, self.fingerprint, self.options.codec, (h.min_size, h.max_size))
         self.coder.check_server(info)
 
+    # The head is stateless (an ONNX Runtime session takes concurrent runs): the runner may compute several
+    # frames at once (EdgeOptions.head_workers); the coder, stateful, codes them in frame order.
+    parallel_head = True
+
     def prepare(self, frame: Frame) -> Prepared:
-        o = self.options
+        return self.finish(frame, self.compute(frame))
+
+    def compute(self, frame: Frame) -> tuple[Timings, HeadOutput, SplitMeta]:
+        """Preprocess + head of one frame, timed; order-free."""
         ms = Timings(capture=frame.capture_ms)
         start = now_ns()
-        request = self.new_request(frame)
         batch, meta = self.head.preprocess([frame.image])
         ms.preprocess = ms_since(start)
         t = now_ns()
         out = self.head.run(batch)
         ms.head = ms_since(t)
+        return ms, out, meta
+
+    def finish(self, frame: Frame, computed: tuple[Timings, HeadOutput, SplitMeta]) -> Prepared:
+        """The filter's decision and the coding of ``compute``'s output, in frame order."""
+        o = self.options
+        ms, out, meta = computed
+        request = self.new_request(frame)
         probability: float | None = None
         filtered: bool | None = None
         if self.filter_on:

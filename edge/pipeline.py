@@ -1,7 +1,10 @@
 """The edge loop: capture -> mode.prepare (edge stages) -> send, with up to K requests in flight.
 
 While frame i is on the wire or on the server, the mode already prepares frame i+1; results are
-reported in frame order. Every frame ends as one typed :class:`~hnd.edge.records.FrameRecord`:
+reported in frame order. A mode whose head is order-free (``EdgeMode.parallel_head``: the ONNX split) runs
+the heads of up to ``EdgeOptions.head_workers`` frames at once on a thread pool (the frames over the cores:
+ONNX Runtime releases the GIL), while coding and sending stay in frame order on the caller's thread, so a
+temporal coder's references are those of a one-worker run, byte for byte. Every frame ends as one typed :class:`~hnd.edge.records.FrameRecord`:
 answered (with detections and per-stage durations) or failed (with its gRPC status name).
 
 What a frame becomes is the mode's business (:mod:`hnd.edge.modes`: the ``EdgeMode`` interface;
@@ -106,6 +109,12 @@ class EdgeRunner:
         self._silence_warned = False  # the "no answer within the deadline" warning, once per silence
         self._slow_warned = False  # the "serving but slower than the deadline" warning, once per run
         self._gave_up: str | None = None  # set once the server counts as gone: no more sends or retries
+        if options.head_workers < 1:
+            raise ValueError("head_workers must be >= 1")
+        self.head_workers = options.head_workers if mode.parallel_head else 1
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # made by put, shut by end
+        # Frames read, their heads computing on the pool, not yet coded nor sent; oldest first.
+        self._ahead: deque[tuple[Frame, concurrent.futures.Future | None]] = deque()
 
     def fit_server(self, info: pb.ModelInfo) -> None:
         """Keep a self-sized window within what the server advertises (queue, requests per stream)."""
@@ -403,13 +412,39 @@ class EdgeRunner:
 
     def put(self, frame: Frame) -> None:
         """Prepare and send one frame (a frame that could not be read goes straight to the window); the
-        oldest frames are recorded while ``max_inflight`` are out or the oldest needs no answer."""
-        window = self.window
+        oldest frames are recorded while ``max_inflight`` are out or the oldest needs no answer.
+
+        With ``head_workers`` > 1 the frame's head starts on the pool and the oldest frame read is coded and
+        sent once ``head_workers`` frames are computing (``flush`` sends the rest)."""
         interrupts.checkpoint()
+        if self.head_workers == 1:
+            self._admit(frame, None)
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.head_workers, thread_name_prefix="hnd-head")
+        computing = None if frame.error is not None else self._pool.submit(self.mode.compute, frame)
+        self._ahead.append((frame, computing))
+        while len(self._ahead) >= self.head_workers and not self._gave_up:
+            self._admit(*self._ahead[0])
+            self._ahead.popleft()
+
+    @property
+    def pending(self) -> int:
+        """Frames read and not yet recorded: computing on the head pool, or in flight."""
+        return len(self._ahead) + (len(self.window.frames) if self.window is not None else 0)
+
+    def _admit(self, frame: Frame, computing: concurrent.futures.Future | None) -> None:
+        """Code and send one frame, in frame order (``computing``: its head on the pool, None: computed here);
+        the oldest frames are recorded while the window is backlogged."""
+        window = self.window
         if frame.error is not None:
             p, fut = Prepared(frame, Timings(capture=frame.capture_ms)), None
         else:
-            p = self.prepare(frame)
+            if computing is None:
+                p = self.prepare(frame)
+            else:
+                interrupts.wait(computing)
+                p = self.mode.finish(frame, computing.result())
             if self.tracer is not None:
                 self._trace(p)
             fut = self._send(p) if p.request is not None else None
@@ -421,16 +456,33 @@ class EdgeRunner:
 
     def flush(self, abandon: tuple[str, str] | None = None, wait: bool = False) -> None:
         """Record every frame still in flight, oldest first. ``abandon`` (status, why): do not wait for the
-        answers; once the server counts as gone, frames are abandoned as UNAVAILABLE unless ``wait``."""
+        answers; once the server counts as gone, frames are abandoned as UNAVAILABLE unless ``wait``. Frames
+        whose heads are computing are sent first (or, abandoning, recorded with the rest)."""
         window = self.window
+        while self._ahead and abandon is None and not self._gave_up:
+            self._admit(*self._ahead[0])
+            self._ahead.popleft()
         while window is not None and window.frames:
             if abandon is None and self._gave_up and not wait:
                 window.emit_first(abandon=("UNAVAILABLE", self._gave_up))
             else:
                 window.emit_first(abandon=abandon)
+        while window is not None and self._ahead:  # never sent (interrupted, or the server gone): after the rest
+            frame, computing = self._ahead[0]
+            if computing is not None:
+                computing.cancel()
+            never: concurrent.futures.Future = concurrent.futures.Future()  # no answer will come
+            window.frames.append((Prepared(frame, Timings(capture=frame.capture_ms)), never))
+            window.emit_first(abandon=abandon or ("UNAVAILABLE", self._gave_up or "not sent"))
+            self._ahead.popleft()
 
     def end(self) -> Summary | None:
-        """End the run: the progress bar and the source closed, the summary's counters brought up to date."""
+        """End the run: the progress bar and the source closed, the head pool shut, the summary's counters brought
+        up to date."""
+        self._ahead.clear()  # only an exception leaves frames here; their records are not coming
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
         if self.bar is not None:
             self.bar.close()
         if self.source is not None:

@@ -116,3 +116,88 @@ def test_onnx_split_codes_key_and_delta_frames_like_the_torch_split(files):
     z = head([same])[0].bottleneck
     enc = StreamEncoder(8, "tensor", "zstd", 3, key_interval=3, max_clamped=0.001)
     assert [enc.encode(z).tensor.payload for _ in range(3)] == payloads
+
+
+def _pipelined(server, head, images, workers: int, **options):
+    """The ONNX split over ``images`` with ``workers`` head workers on a stream with temporal coding: (records
+    as JSON dicts, each frame's coded bottleneck message, the names of the threads that ran the heads)."""
+    import threading
+
+    from hnd.common.codec import CodecSettings
+    from hnd.edge.capture import ArrayFrames
+    from hnd.edge.modes import EdgeOptions
+    from hnd.edge.onnx_mode import OnnxSplitMode
+    from hnd.edge.pipeline import EdgeRunner
+    from runtime_support import client_for
+
+    class Recording(OnnxSplitMode):
+        def compute(self, frame):
+            threads.add(threading.current_thread().name)
+            return super().compute(frame)
+
+        def finish(self, frame, computed):
+            p = super().finish(frame, computed)
+            sent.append(p.request.bottleneck.SerializeToString())
+            return p
+
+    threads: set[str] = set()
+    sent: list[bytes] = []
+    opts = EdgeOptions(codec=CodecSettings(bits=4), key_interval=3, stream=True, head_workers=workers, **options)
+    client = client_for(server)
+    try:
+        runner = EdgeRunner(opts, Recording(opts, head), client)
+        records: list[dict] = []
+        runner.run(ArrayFrames(images), lambda r, f: records.append(r.to_dict()))
+    finally:
+        client.close()
+    return records, sent, threads
+
+
+def test_head_workers_keep_frame_order_and_the_one_worker_bytes(server, files):
+    """Three head workers: the heads run on the pool's threads, and the records, coded bytes (key / delta frames
+    of a temporal stream) and detections are the one-worker run's, in frame order."""
+    head = OnnxHead(files["head"], threads=1)
+    images = frames(5, seed=3, sizes=((120, 150),))
+    one, sent_one, threads_one = _pipelined(server, head, images, 1)
+    three, sent_three, threads_three = _pipelined(server, head, images, 3)
+    assert not any(t.startswith("hnd-head") for t in threads_one)
+    assert len(threads_three) > 1 and all(t.startswith("hnd-head") for t in threads_three)
+    assert sent_three == sent_one and len(set(sent_one)) == 5
+    assert [r["frame"] for r in three] == [r["frame"] for r in one] == list(range(5))
+    assert [r["frame_type"] for r in one] == ["key", "delta", "delta", "key", "delta"]
+    for a, b in zip(one, three):
+        assert a["status"] == b["status"] == "OK"
+        # (the response's size varies with the server's timings it carries)
+        assert (a["bytes"]["message"], a["frame_type"], a["detections"]) == (
+            b["bytes"]["message"],
+            b["frame_type"],
+            b["detections"],
+        )
+
+
+def test_frames_on_the_head_pool_are_recorded_when_abandoned(server, files):
+    """Frames whose heads were computing when the run was abandoned get their records, in order, unsent."""
+    from hnd.common.codec import CodecSettings
+    from hnd.edge.capture import Frame
+    from hnd.edge.modes import EdgeOptions
+    from hnd.edge.onnx_mode import OnnxSplitMode
+    from hnd.edge.pipeline import EdgeRunner
+    from runtime_support import client_for
+
+    import time
+
+    opts = EdgeOptions(codec=CodecSettings(bits=8), head_workers=4)
+    client = client_for(server)
+    try:
+        runner = EdgeRunner(opts, OnnxSplitMode(opts, OnnxHead(files["head"], threads=1)), client)
+        records = []
+        runner.begin(on_record=lambda r, f: records.append(r))
+        for i, img in enumerate(frames(3)):
+            runner.put(Frame(i, "test", img, time.monotonic_ns(), 0.0, time.time()))
+        assert runner.pending == 3  # all three on the pool, none sent
+        runner.flush(abandon=("CANCELLED", "interrupted"))
+        runner.end()
+    finally:
+        client.close()
+    assert [(r.frame, r.status) for r in records] == [(0, "CANCELLED"), (1, "CANCELLED"), (2, "CANCELLED")]
+    assert runner.pending == 0
