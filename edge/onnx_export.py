@@ -179,6 +179,9 @@ class PixelStem(nn.Module):
     instead of 0 (at most 0.0082 with the ImageNet normalization, under half a uint8 level).
     """
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, conv1: nn.Conv2d, mean: Sequence[float], std: Sequence[float], stem: str = "direct") -> None:
         super().__init__()
         SpaceToDepthStem(conv1)  # the same check on conv1's shape
