@@ -204,6 +204,21 @@ def test_pack_unpack_inverse(bits, data):
     assert np.array_equal(codec._unpack(raw, bits, n), symbols)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("numel", [512 * 4 - 1, 512 * 4])  # the last byte partly padding, or full
+def test_decode_dequantizes_packed_bytes_by_table_as_unpack_and_dequantize(bits, numel):
+    """2- and 4-bit codes of one scale go from packed bytes to floats through a per-byte table (every byte value
+    occurs here): bit for bit what unpacking and ``dequantize`` give."""
+    raw = (bytes(range(256)) * 8)[: codec.packed_size(numel, bits)]
+    e = EncodedTensor((1, 1, 1, numel), "float32", bits, "tensor", (0.0371,), (1 << (bits - 1),), "none", len(raw), raw)
+    symbols = codec._unpack(raw, bits, numel)
+    expected = codec.dequantize(codec.Quantized(e.shape, bits, "tensor", e.scale, e.zero_point, symbols))
+    by_table = codec._dequantize_packed(raw, e)
+    assert by_table is not None and by_table.shape == e.shape
+    assert np.array_equal(by_table.view(np.uint32), expected.view(np.uint32))
+    assert np.array_equal(codec.decode(e).view(np.uint32), expected.view(np.uint32))
+
+
 def test_packing_is_dense():
     assert [codec.packed_size(8, b) for b in (2, 4, 6, 8, 16, 32)] == [2, 4, 6, 8, 16, 32]
     assert codec._pack(np.array([1, 2, 3, 0], np.uint8), 2) == bytes([0b01101100])
