@@ -285,10 +285,9 @@ def decode(encoded: EncodedTensor, limits: Limits = DEFAULT_LIMITS, prior: Prior
     if encoded.compression == LEARNED:
         return _decode_learned(encoded, limits, prior)
     raw = _decompress(encoded)
-    if encoded.bits in _BYTE_CODES:
-        value = _dequantize_packed(raw, encoded)
-        if value is not None:
-            return value
+    value = dequantize_packed(raw, encoded)
+    if value is not None:
+        return value
     symbols = _unpack(raw, encoded.bits, encoded.numel)
     if encoded.bits in _FLOAT_DTYPE and not (np.isfinite(symbols.min()) and np.isfinite(symbols.max())):
         raise CodecError("payload holds NaN or Inf values")
@@ -610,14 +609,15 @@ def _original_params(lo: np.ndarray, hi: np.ndarray) -> tuple[tuple[float, ...],
 _BYTE_CODES = {2: np.dtype("V16"), 4: np.dtype("<u8")}
 
 
-def _dequantize_packed(raw: bytes, encoded: EncodedTensor) -> np.ndarray | None:
+def dequantize_packed(raw: bytes | np.ndarray, encoded: EncodedTensor) -> np.ndarray | None:
     """2- or 4-bit codes of one scale from their packed bytes straight to float32 [encoded.shape]: one look-up per
     byte in a table of each byte value's 4 or 2 dequantized codes. The table is ``dequantize``'s own output for
     every code, so the values are bit for bit those of unpack + ``dequantize``; the bytes are read once and the
     floats written once, where unpacking and dequantizing make five passes (a 4-bit 57,600-value bottleneck:
-    85 -> 61 us; 2 bits: 110 -> 51 us). None for per-channel scales (measured no faster: a table per channel).
+    85 -> 61 us; 2 bits: 110 -> 51 us). ``raw``: the packed bytes (or a uint8 array of them). None for other
+    bits, and for per-channel scales (measured no faster: a table per channel).
     """
-    if encoded.granularity != "tensor":
+    if encoded.bits not in _BYTE_CODES or encoded.granularity != "tensor":
         return None
     bits = encoded.bits
     codes = _BYTE_VALUE_CODES[bits]
@@ -692,7 +692,7 @@ def _unpack(raw: bytes, bits: int, numel: int) -> np.ndarray:
     return cols.reshape(-1)[:numel]
 
 
-# Each byte value's codes, in pack order (the tables of _dequantize_packed are these, dequantized).
+# Each byte value's codes, in pack order (the tables of dequantize_packed are these, dequantized).
 _BYTE_VALUE_CODES = {bits: _unpack(bytes(range(256)), bits, 256 * _GROUP[bits][0]) for bits in _BYTE_CODES}
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -224,13 +225,15 @@ class StreamEncoder:
 class _Reference:
     key_sequence: int
     sequence: int
-    quantized: Quantized
+    quantized: Quantized  # with ``packed``, its symbols are the packed bytes (codec.dequantize_packed's input)
+    packed: bool = False
 
 
 class StreamDecoder:
     """Key / delta frames of one stream -> float32 bottlenecks; holds one reference, bounded.
 
-    max_reference_bytes: largest reference kept (one byte per symbol). A key frame above it is still
+    max_reference_bytes: largest reference kept, counted at one byte per symbol (2- and 4-bit references of one
+    scale are held packed, in a half or a quarter of that). A key frame above it is still
     decoded, but not kept: the next delta raises KeyFrameRequired.
     """
 
@@ -271,14 +274,19 @@ class StreamDecoder:
         if frame.kind == "key":
             if frame.key_sequence != frame.sequence:
                 raise CodecError(f"key frame {frame.sequence} names key {frame.key_sequence}; a key frame names itself")
-            symbols = codec._unpack(codec._decompress(t), t.bits, t.numel)
+            raw = codec._decompress(t)
+            keep = t.bits in codec.AFFINE_BITS and t.numel <= self.max_reference_bytes
+            out = codec.dequantize_packed(raw, t)
+            if out is not None:  # 2 / 4 bits of one scale: the reference stays packed, as the deltas come
+                packed = Quantized(t.shape, t.bits, t.granularity, tuple(t.scale), tuple(t.zero_point), _bytes(raw))
+                self._ref = _Reference(frame.sequence, frame.sequence, packed, packed=True) if keep else None
+                return out
+            symbols = codec._unpack(raw, t.bits, t.numel)
             if t.bits not in codec.AFFINE_BITS and not np.isfinite(symbols).all():
                 raise CodecError("payload holds NaN or Inf values")
             q = Quantized(t.shape, t.bits, t.granularity, tuple(t.scale), tuple(t.zero_point), symbols)
-            out = codec.dequantize(q)
-            keep = t.bits in codec.AFFINE_BITS and t.numel <= self.max_reference_bytes
             self._ref = _Reference(frame.sequence, frame.sequence, q) if keep else None
-            return out
+            return codec.dequantize(q)
         ref = self._ref
         if ref is None:
             raise KeyFrameRequired(f"delta frame {frame.sequence} has no reference on this stream")
@@ -294,8 +302,12 @@ class StreamDecoder:
             or tuple(t.zero_point) != rq.zero_point
         ):
             raise KeyFrameRequired(f"delta frame {frame.sequence} has another shape or quantization than its key")
-        diff = codec._unpack(codec._decompress(t), t.bits, t.numel)
-        symbols = _add(rq.symbols, diff, t.bits)
+        raw = codec._decompress(t)
+        if ref.packed:  # code by code modulo 2^bits, inside each byte: the unpacked sum, packed
+            packed = _add_packed(rq.symbols, _bytes(raw), t.bits)
+            self._ref = _Reference(ref.key_sequence, frame.sequence, dataclasses.replace(rq, symbols=packed), True)
+            return cast(np.ndarray, codec.dequantize_packed(packed, t))
+        symbols = _add(rq.symbols, codec._unpack(raw, t.bits, t.numel), t.bits)
         q = Quantized(rq.shape, rq.bits, rq.granularity, rq.scale, rq.zero_point, symbols)
         self._ref = _Reference(ref.key_sequence, frame.sequence, q)
         return codec.dequantize(q)
@@ -315,6 +327,20 @@ def _difference(new: np.ndarray, old: np.ndarray, bits: int) -> np.ndarray:
 
 def _add(old: np.ndarray, diff: np.ndarray, bits: int) -> np.ndarray:
     return (old + diff) & np.uint8((1 << bits) - 1)
+
+
+# 2 and 4 bits: every other code of a byte, so that a code's carry falls into the gap (or out of the byte).
+_FIELDS = {2: (np.uint8(0x33), np.uint8(0xCC)), 4: (np.uint8(0x0F), np.uint8(0xF0))}
+
+
+def _add_packed(old: np.ndarray, diff: np.ndarray, bits: int) -> np.ndarray:
+    """``_add`` on packed bytes of 2- or 4-bit codes: each code (old + diff) mod 2^bits (uint8 arithmetic wraps)."""
+    even, odd = _FIELDS[bits]
+    return (((old & even) + (diff & even)) & even) | (((old & odd) + (diff & odd)) & odd)
+
+
+def _bytes(raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, dtype=np.uint8)
 
 
 def _as_float32(tensor) -> np.ndarray:

@@ -213,7 +213,7 @@ def test_decode_dequantizes_packed_bytes_by_table_as_unpack_and_dequantize(bits,
     e = EncodedTensor((1, 1, 1, numel), "float32", bits, "tensor", (0.0371,), (1 << (bits - 1),), "none", len(raw), raw)
     symbols = codec._unpack(raw, bits, numel)
     expected = codec.dequantize(codec.Quantized(e.shape, bits, "tensor", e.scale, e.zero_point, symbols))
-    by_table = codec._dequantize_packed(raw, e)
+    by_table = codec.dequantize_packed(raw, e)
     assert by_table is not None and by_table.shape == e.shape
     assert np.array_equal(by_table.view(np.uint32), expected.view(np.uint32))
     assert np.array_equal(codec.decode(e).view(np.uint32), expected.view(np.uint32))

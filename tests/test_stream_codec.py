@@ -11,7 +11,7 @@ import zstandard
 
 from hnd.common import codec
 from hnd.common.codec import CodecError
-from hnd.common.stream_codec import KeyFrameRequired, StreamDecoder, StreamEncoder
+from hnd.common.stream_codec import KeyFrameRequired, StreamDecoder, StreamEncoder, _add, _add_packed
 
 
 def _walk(n: int = 8, shape=(1, 3, 10, 12), seed: int = 0, step: float = 0.02) -> list[torch.Tensor]:
@@ -31,7 +31,7 @@ def _equal(a, b) -> bool:
 
 
 @pytest.mark.parametrize(
-    "bits,granularity", [(8, "tensor"), (4, "channel"), (2, "tensor"), (6, "channel"), (8, "original")]
+    "bits,granularity", [(8, "tensor"), (4, "tensor"), (4, "channel"), (2, "tensor"), (6, "channel"), (8, "original")]
 )
 def test_stream_is_exact_and_equals_quantizing_with_the_key_parameters(bits, granularity):
     frames = _walk(9)
@@ -194,6 +194,20 @@ def test_reference_memory_is_bounded():
     roomy = StreamDecoder(max_reference_bytes=360)
     roomy.decode(key)
     assert roomy.reference_bytes == 360
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_packed_references_add_every_code_modulo_its_bits(bits):
+    """2- and 4-bit references of one scale stay packed (half / a quarter of a byte per symbol), and adding a
+    delta to packed bytes gives, for every pair of byte values, the packed sum of their codes."""
+    old, diff = (np.repeat(np.arange(256, dtype=np.uint8), 256), np.tile(np.arange(256, dtype=np.uint8), 256))
+    n = old.size * (8 // bits)
+    expected = _add(codec._unpack(old.tobytes(), bits, n), codec._unpack(diff.tobytes(), bits, n), bits)
+    assert np.array_equal(codec._unpack(_add_packed(old, diff, bits).tobytes(), bits, n), expected)
+    frames = _walk(2)  # 360 symbols
+    dec = StreamDecoder()
+    dec.decode(StreamEncoder(bits, key_interval=100, max_clamped=1.0).encode(frames[0]))
+    assert dec.reference_bytes == codec.packed_size(360, bits)
 
 
 def test_encoder_argument_checks():

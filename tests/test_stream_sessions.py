@@ -84,10 +84,10 @@ def test_sessions_are_shared_fairly_per_client():
 
 def test_session_bytes_are_bounded():
     key = frames(1)[0]
-    symbols = key[3].numel  # a reference holds one byte per symbol
-    sessions, _ = table(max_session_bytes=symbols * 2)
+    held = key[3].raw_size  # a 4-bit reference of one scale is held packed: half a byte per symbol
+    sessions, _ = table(max_session_bytes=held * 2)
     assert [sessions.open(i).decode_bottleneck(*key).kept for i in range(3)] == [True, True, False]
-    assert sessions.held_bytes == symbols * 2 and sessions.active == 2
+    assert sessions.held_bytes == held * 2 and sessions.active == 2
 
 
 @pytest.mark.skipif("h264" not in available_formats(), reason="this PyAV build has no libx264")
