@@ -100,11 +100,12 @@ def run(
         servers.floor = start_child(["--serve", "floor", "--port", str(floor_port), "--reply-bytes", str(reply_bytes)])
         fc = FloorClient(floor_port)
         per_round = max(1, requests // rounds)
-        small_case = _SmallCase(config, seed, size, servers.ports["hnd"]) if small else None
+        small_ports = {name: servers.ports[name] for name in ("hnd", "compare") if name in servers.ports}
+        small_case = _SmallCase(config, seed, size, small_ports) if small else None
         samples = _alternate_rounds(fc, clients, request, message, warmup, rounds, per_round, small_case)
         fc.close()
         if small_case is not None:
-            small_case.client.close()
+            small_case.close()
         for c in clients.values():
             c.close()
     finally:
@@ -168,26 +169,46 @@ def _connect(servers: _Servers) -> dict[str, Any]:
 
 
 class _SmallCase:
-    """The small messages (``make_small_requests``) and their own edge client on hnd's server."""
+    """The small messages (``make_small_requests``) and their own edge client on each named server ("hnd", and
+    "compare" with ``--compare-python``); samples "small floor CALL" and "small NAME CALL"."""
 
-    def __init__(self, config: str, seed: int, size: tuple[int, int], port: int) -> None:
+    def __init__(self, config: str, seed: int, size: tuple[int, int], ports: dict[str, int]) -> None:
         from hnd.edge.client import ClientSettings, SplitClient
 
         self.intra, self.key, self.delta = make_small_requests(config, seed, size)
         self.intra_message = self.intra.SerializeToString()
         self.delta_message = self.delta.SerializeToString()
-        self.client = SplitClient(ClientSettings(f"127.0.0.1:{port}"))
-        self.client.model_info()
-        self.sequence = 1
+        self.clients = {name: SplitClient(ClientSettings(f"127.0.0.1:{port}")) for name, port in ports.items()}
+        for client in self.clients.values():
+            client.model_info()
+        self.sequence = dict.fromkeys(ports, 1)  # each server's stream session numbers its own deltas
+
+    def names(self) -> tuple[str, ...]:
+        return ("small floor", *(f"small {name}" for name in self.clients))
 
     def measure(self, fc: FloorClient, samples: dict[str, list[Sample]], n: int) -> None:
         samples["small floor unary"] += time_floor(fc.call, self.intra_message, n)
-        samples["small hnd unary"] += time_hnd(self.client, self.intra, n, False)
+        for name, client in self.clients.items():
+            samples[f"small {name} unary"] += time_hnd(client, self.intra, n, False)
         samples["small floor stream"] += time_floor(fc.stream_call, self.delta_message, n)
-        timed, self.sequence = time_hnd_deltas(self.client, self.key, self.delta, n, self.sequence)
-        samples["small hnd stream"] += timed
+        for name, client in self.clients.items():
+            timed, self.sequence[name] = time_hnd_deltas(client, self.key, self.delta, n, self.sequence[name])
+            samples[f"small {name} stream"] += timed
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
 
     def describe(self, samples: dict[str, list[Sample]]) -> dict[str, Any]:
+        compare = (
+            {
+                "compare_modes": {
+                    call: _figures(samples[f"small floor {call}"], samples[f"small compare {call}"]) for call in CALLS
+                }
+            }
+            if "compare" in self.clients
+            else {}
+        )
         return {
             "unary": "4-bit intra, native size",
             "stream": "4-bit temporal delta frames, native size",
@@ -197,6 +218,7 @@ class _SmallCase:
                 "stream": len(self.delta.bottleneck.tensor.data),
             },
             "modes": {call: _figures(samples[f"small floor {call}"], samples[f"small hnd {call}"]) for call in CALLS},
+            **compare,
         }
 
 
@@ -213,8 +235,8 @@ def _alternate_rounds(
     per_round: int,
     small: _SmallCase | None = None,
 ) -> dict[str, list[Sample]]:
-    """Samples keyed "NAME unary" / "NAME stream" (NAME: floor, then each client's name; "small floor" and
-    "small hnd" with ``small``), measured in ``rounds`` alternating rounds of ``per_round`` requests each after
+    """Samples keyed "NAME unary" / "NAME stream" (NAME: floor, then each client's name; ``small.names()`` with
+    ``small``), measured in ``rounds`` alternating rounds of ``per_round`` requests each after
     ``warmup`` untimed ones."""
     # Warm both (connections, stream set-up, allocator), then alternate short rounds of each.
     time_floor(fc.call, message, warmup)
@@ -222,7 +244,7 @@ def _alternate_rounds(
     for c in clients.values():
         time_hnd(c, request, warmup, False)
         time_hnd(c, request, warmup, True)
-    names = ("floor", *clients) + (("small floor", "small hnd") if small else ())
+    names = ("floor", *clients) + (small.names() if small else ())
     samples: dict[str, list[Sample]] = {f"{k} {call}": [] for k in names for call in CALLS}
     if small is not None:
         small.measure(fc, {k: [] for k in samples}, warmup)
@@ -411,6 +433,8 @@ def format_table(r: dict[str, Any]) -> str:
         )
         for call, m in sm["modes"].items():
             lines.append(_row(call, m))
+        for call, m in sm.get("compare_modes", {}).items():
+            lines.append(_row(f"{call}*", m))
     if "ladder" in r:
         lines.append("end to end p50 ms, measured in the same rounds (each rung adds a part of hnd's request path):")
         lines.append(

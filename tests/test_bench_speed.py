@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -29,7 +30,9 @@ def test_stand_in_tails():
 
 
 def test_overhead_benchmark_measures_both_sides():
-    r = overhead.run(CONFIG, size=(120, 160), requests=6, rounds=2, warmup=2, ladder=True, small=True)
+    r = overhead.run(
+        CONFIG, size=(120, 160), requests=6, rounds=2, warmup=2, ladder=True, small=True, compare_python=sys.executable
+    )
     assert r["message_bytes"] > r["payload_bytes"] > 0 and r["reply_bytes"] > 0
     assert r["requests_per_mode"] == 6
     for call in ("unary", "stream"):
@@ -51,6 +54,10 @@ def test_overhead_benchmark_measures_both_sides():
         m = small["modes"][call]
         assert m["ratio_p50"] == pytest.approx(m["hnd_overhead_ms"]["p50"] / m["floor_ms"]["p50"])
     assert "small messages, same rounds" in overhead.format_table(r)
+    # --compare-python: the other build's server gets the same calls, small messages included.
+    for modes in (r["compare"]["modes"], small["compare_modes"]):
+        assert all(modes[call]["hnd_overhead_ms"]["p50"] > 0 for call in ("unary", "stream"))
+    assert "unary*" in overhead.format_table(r).split("small messages")[1]
 
 
 def test_batching_benchmark_batches_only_under_concurrency():
