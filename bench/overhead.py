@@ -100,7 +100,7 @@ def run(
         servers.floor = start_child(["--serve", "floor", "--port", str(floor_port), "--reply-bytes", str(reply_bytes)])
         fc = FloorClient(floor_port)
         per_round = max(1, requests // rounds)
-        small_ports = {name: servers.ports[name] for name in ("hnd", "compare") if name in servers.ports}
+        small_ports: dict[str, int] = {n: servers.ports[n] for n in ("hnd", "compare") if n in servers.ports}
         small_case = _SmallCase(config, seed, size, small_ports) if small else None
         samples = _alternate_rounds(fc, clients, request, message, warmup, rounds, per_round, small_case)
         fc.close()
