@@ -3,7 +3,7 @@
     hnd-edge --server gpu-host:50051 --camera 0 --config hnd/faster_rcnn-b3ch --head head.pt
     hnd-edge --server 127.0.0.1:50051 --images frames/ --config test/faster_rcnn-b3ch --random-weights 0
     hnd-edge --server gpu-host:50051 --camera 0 --config ext/keypoint_rcnn-b3ch --filter-threshold 0.05
-    hnd-edge --server gpu-host:50051 --camera 0 --head head.onnx --min-size 480 --max-size 640 --threads 2
+    hnd-edge --server gpu-host:50051 --camera 0 --head head.onnx --min-size 480 --max-size 640
     hnd-edge --server gpu-host:50051 --camera 0 --config entropic/faster_rcnn-b24ch-beta0.08 --head entropic_head.onnx
 
 ``--head head.onnx`` (from ``hnd-export-head ... head.onnx``) runs the head on ONNX Runtime and never
