@@ -171,6 +171,7 @@ def test_head_benchmark_levers_side_by_side(monkeypatch):
         "edge stages, 1 head worker",
         "edge stages, 2 head workers",
     }
+    assert set(res.cores_used) == set(res.frames_per_s) and all(v > 0 for v in res.cores_used.values())
     text = bench_head.markdown(res)
     assert "share of the same precision's GEMM rate" in text and "Speed-up of 2 threads" in text
     assert "frames/s over the two cores" in text
