@@ -95,6 +95,14 @@ def _request_steps(request, service, p: _RequestParts) -> dict[str, Any]:
         check_split_meta(p.meta, service.budget)
         check_bottleneck_shape(encoded.shape, p.meta, runner.channels, runner.bottleneck_type or "hnd")
 
+    # 2- and 4-bit codes of one scale go to floats by a per-byte table (codec.decode), others unpacked first.
+    if codec.dequantize_packed(p.packed, encoded) is not None:
+        to_floats = {"  packed bytes -> floats (per-byte table)": lambda: codec.dequantize_packed(p.packed, encoded)}
+    else:
+        to_floats = {
+            "  unpack symbols": lambda: codec._unpack(p.packed, encoded.bits, encoded.numel),
+            "  dequantize": lambda: codec.dequantize(p.quantized),
+        }
     return {
         "edge: serialize request": lambda: request.SerializeToString(),
         "server: parse request": lambda: pb.InferRequest.FromString(p.raw),
@@ -103,8 +111,7 @@ def _request_steps(request, service, p: _RequestParts) -> dict[str, Any]:
         "  request budget (sizes, shape)": budget,
         "  codec.validate (again in decode)": lambda: codec.validate(encoded),
         "  zstd decompress": lambda: codec._decompress(encoded),
-        "  unpack symbols": lambda: codec._unpack(p.packed, encoded.bits, encoded.numel),
-        "  dequantize": lambda: codec.dequantize(p.quantized),
+        **to_floats,
         "  numpy -> torch": lambda: torch.from_numpy(p.value).reshape(encoded.shape),
         "server: batch queue -> compute thread -> loop": None,
         "server: run_split (tail stand-in)": lambda: runner.compute([p.payload]),

@@ -116,7 +116,10 @@ def run(
     if small_case is not None:
         result["small"] = small_case.describe(samples)
     if profile:
-        result["profile_ms"] = profile_steps(request, build_runner(config, seed, tail, detections))
+        runner = build_runner(config, seed, tail, detections)
+        result["profile_ms"] = profile_steps(request, runner)
+        if small_case is not None:  # the 4-bit intra message (a delta frame decodes only on its stream's session)
+            result["small"]["profile_ms"] = profile_steps(small_case.intra, runner)
     return result
 
 
@@ -448,9 +451,25 @@ def format_table(r: dict[str, Any]) -> str:
                 f"{m['hnd_total_ms']['p50']:>8.2f}"
             )
     if "profile_ms" in r:
-        lines.append("in-process CPU steps (median ms):")
-        lines += [f"  {k:<46}{v:>8.3f}" for k, v in r["profile_ms"].items()]
+        small = r.get("small", {}).get("profile_ms")
+        lines.append(
+            "in-process CPU steps (median ms)" + (": the 107 kB message, the 4-bit intra one" if small else ":")
+        )
+        big = r["profile_ms"]
+        for k in _merged_steps(list(big), list(small or ())):
+            cells = [f"{d[k]:>8.3f}" if k in d else " " * 8 for d in (big, *([small] if small else []))]
+            lines.append((f"  {k:<46}" + "".join(cells)).rstrip())
     return "\n".join(lines)
+
+
+def _merged_steps(first: list[str], second: list[str]) -> list[str]:
+    """The step names of two profiles in path order: ``first``'s, with each of ``second``'s own steps after the
+    step it follows there (the decode's steps differ with the bit width)."""
+    out = list(first)
+    for i, k in enumerate(second):
+        if k not in out:
+            out.insert(out.index(second[i - 1]) + 1 if i else 0, k)
+    return out
 
 
 def _row(call: str, m: dict[str, Any]) -> str:

@@ -77,7 +77,10 @@ def test_overhead_profile_splits_the_server_decode_into_its_steps():
     threads = torch.get_num_threads()
     try:
         request, _ = speed_clients.make_request(CONFIG, 0, 8, (120, 160))
-        steps = decode_profile.profile_steps(request, speed_servers.build_runner(CONFIG, 0, "trivial", 5), repeats=3)
+        runner = speed_servers.build_runner(CONFIG, 0, "trivial", 5)
+        steps = decode_profile.profile_steps(request, runner, repeats=3)
+        four_bit, _ = speed_clients.make_request(CONFIG, 0, 4, (120, 160))
+        table_steps = decode_profile.profile_steps(four_bit, runner, repeats=3)
     finally:
         torch.set_num_threads(threads)  # build_runner pins the server to one thread
     parts = [k.strip() for k in steps if k.startswith("  ")]
@@ -89,6 +92,20 @@ def test_overhead_profile_splits_the_server_decode_into_its_steps():
     assert {"zstd decompress", "unpack symbols", "dequantize", "numpy -> torch"} <= set(parts)
     assert "server: batch queue -> compute thread -> loop" in steps
     assert all(v > 0 for v in steps.values())
+    # 4 bits of one scale: the decode's table step in place of unpack + dequantize, as codec.decode runs it.
+    table_parts = {k.strip() for k in table_steps if k.startswith("  ")}
+    assert "packed bytes -> floats (per-byte table)" in table_parts and "unpack symbols" not in table_parts
+
+
+def test_profiles_of_two_bit_widths_are_shown_in_path_order():
+    big = ["server: validate + decode", "  zstd decompress", "  unpack symbols", "  dequantize", "  numpy -> torch"]
+    small = [
+        "server: validate + decode",
+        "  zstd decompress",
+        "  packed bytes -> floats (per-byte table)",
+        "  numpy -> torch",
+    ]
+    assert overhead._merged_steps(big, small) == big[:2] + [small[2]] + big[2:]
 
 
 def test_loop_probe_times_another_call_while_the_server_decodes():
