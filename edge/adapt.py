@@ -9,7 +9,9 @@ point's latency and bitrate and returns the point to run:
 
 * among the points that meet the objective, the highest agreement; among equal agreements, fewest bytes;
 * none meets it: the cheapest (fewest bytes), with a note said once when that starts and once when it ends;
-* nothing measured yet: the cheapest (the estimate then tells whether to move up);
+* nothing measured yet: the cheapest (the estimate then tells whether to move up). The edge measures before
+  its first frame (a timed GetModelInfo: :meth:`hnd.edge.linkest.LinkEstimator.observe_probe`), so this
+  only happens without a probe;
 * **hysteresis** (state kept explicit in :class:`PolicyState`): a point with more bytes than the current one
   must meet the objective with ``up_margin`` to spare (0.8: its predicted latency and bitrate within 80 % of
   the target), the current one only has to meet it; and no switch before the estimate holds
@@ -20,7 +22,9 @@ Predicted latency of a point over a link of ``bandwidth`` and round trip ``rtt``
 
     latency_ms = edge_ms + server_ms + rtt_ms + inflight * 8 * (bytes_p95 + response_bytes) / bandwidth_bits_per_ms
 
-with edge / server compute at their p95 (the edge's own observations of a point replace the profile's once
+plus ``latency_bias_ms``, the running point's recent achieved-minus-predicted latency
+(:class:`~hnd.edge.linkest.LinkEstimator` keeps it: a high quantile of the last errors, or the last error
+when it is higher, so one late frame moves the edge down at once), with edge / server compute at their p95 (the edge's own observations of a point replace the profile's once
 it has some; a point not observed yet gets the profile's figure scaled by how the observed points compare
 with theirs: the profile may come from another machine, or a quieter hour), ``bytes_p95`` over key and delta frames together, and ``inflight`` the requests the edge keeps
 in flight (on a link that is the bottleneck a frame waits behind the others) and ``response_bytes`` what an
@@ -130,6 +134,9 @@ class LinkEstimate:
     compute_ms: dict[str, float] = field(default_factory=dict)
     compute_scale: float = 1.0  # observed / profile compute, for the points not observed yet (see choose)
     response_bytes: float = 0.0  # what an answer takes back over the link (detections), whatever the point
+    # achieved minus predicted latency of the running point's recent frames (negative: the prediction was
+    # conservative), added to every point's prediction; 0 until the running point has answers
+    latency_bias_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -165,7 +172,8 @@ class Decision:
 
 
 def predict(point: OperatingPoint, est: LinkEstimate, params: PolicyParams = PolicyParams()) -> Prediction:
-    """Predicted p95 latency (ms) and bitrate (kbit/s) of ``point`` over the estimated link.
+    """Predicted p95 latency (ms) and bitrate (kbit/s) of ``point`` over the estimated link, calibrated by
+    ``est.latency_bias_ms`` (pass an estimate without it for the raw prediction the bias is measured against).
 
     Unknown bandwidth / RTT count as infinite / zero: with no observation yet, no link term.
     """
@@ -175,7 +183,7 @@ def predict(point: OperatingPoint, est: LinkEstimate, params: PolicyParams = Pol
         transfer = 8 * (point.bytes_p95 + est.response_bytes) / est.bandwidth_bps * 1e3 * est.inflight
         if est.fps and 8 * point.bytes_mean * est.fps > params.max_link_share * est.bandwidth_bps:
             transfer = math.inf  # more than the link carries: every frame waits longer than the last
-    latency = compute + (est.rtt_ms or 0.0) + transfer
+    latency = max(compute + (est.rtt_ms or 0.0) + transfer + est.latency_bias_ms, 0.0)
     fps = est.fps if est.fps else (est.inflight * 1e3 / latency if 0 < latency < math.inf else 0.0)
     return Prediction(latency, 8 * point.bytes_mean * fps / 1e3)
 

@@ -154,7 +154,8 @@ class AdaptiveMode(EdgeMode):
     make: ``make(options, head, fingerprint)`` builds a point's mode (``hnd.edge.api.make_mode``: the factory
     lives beside the API that picks modes, so this module imports none of them); end_stream: ends the
     current InferStream so the next request opens a new one (``SplitClient.end_stream``); say: where the
-    once-per-change notes go (stderr); clock: monotonic seconds (tests pass their own).
+    once-per-change notes go (stderr); clock: monotonic seconds (tests pass their own); probe: a timed small
+    call, (bytes, ms) or None, made once the server is checked (``SplitClient.probe_link``: the first measurement).
     """
 
     name = "adaptive"
@@ -172,6 +173,7 @@ class AdaptiveMode(EdgeMode):
         estimator: LinkEstimator | None = None,
         say: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        probe: Callable[[], tuple[int, float] | None] | None = None,
     ) -> None:
         super().__init__(options, fingerprint)
         profile.check_weights(fingerprint)
@@ -182,6 +184,7 @@ class AdaptiveMode(EdgeMode):
         self.window: Window | None = None  # the runner's: a self-sized one holds fewer than max_inflight
         self.say = say or (lambda line: print(f"hnd-edge: {line}", file=sys.stderr))
         self.clock = clock
+        self.probe = probe
         self._make = make
         self.points, left_out = self._runnable(profile.points)
         for why in left_out:
@@ -195,6 +198,8 @@ class AdaptiveMode(EdgeMode):
         self.info: pb.ModelInfo | None = None
         self._modes: dict[tuple[str, tuple[int, int] | None], EdgeMode] = {}
         self._owner: dict[int, EdgeMode] = {}  # frame index -> the mode that prepared it
+        # frame index -> (sent at, request bytes, expected compute ms, raw predicted latency ms), oldest first
+        self._sent: dict[int, tuple[float, int, float, float]] = {}
         self._current: EdgeMode | None = None
         self._estimate = LinkEstimate()
 
@@ -230,6 +235,9 @@ class AdaptiveMode(EdgeMode):
             self._mode_for(p, None)
         if not self.points:
             raise EdgeError(f"{self.profile.path}: the server can serve none of the operating points")
+        measured = self.probe() if self.probe is not None else None
+        if measured is not None:  # a first measurement, so the first frame is not blindly the cheapest
+            self.estimator.observe_probe(self.clock(), *measured)
 
     def _resize(self, point: OperatingPoint, frame: Frame | None) -> tuple[int, int] | None:
         if point.mode != "split" or point.reproduce.get("resize") != "native" or frame is None:
@@ -267,6 +275,9 @@ class AdaptiveMode(EdgeMode):
         self._owner[frame.index] = mode
         p.extra["operating_point"] = point.id
         p.extra["link"] = _link_json(self._estimate)
+        raw = dataclasses.replace(self._estimate, latency_bias_ms=0.0)  # what the calibration is measured against
+        compute = raw.compute_ms.get(point.id, (point.edge_ms + point.server_ms) * raw.compute_scale)
+        self._sent[frame.index] = (self.clock(), p.message_bytes, compute, predict(point, raw, self.params).latency_ms)
         return p
 
     def _choose(self, frame: Frame) -> tuple[EdgeMode, OperatingPoint]:
@@ -316,6 +327,7 @@ class AdaptiveMode(EdgeMode):
 
     def after(self, prepared: Prepared, record: Any) -> None:
         owner = self._owner.pop(prepared.frame.index, None)
+        sent = self._sent.pop(prepared.frame.index, None)
         if owner is not None:
             owner.after(prepared, record)
         if owner or self._current:  # the record names the point's mode (split, offload), not "adaptive"
@@ -331,6 +343,8 @@ class AdaptiveMode(EdgeMode):
                 server,
                 point=record.extra.get("operating_point"),
                 compute_ms=record.ms.edge_ms() + server,
+                predicted_ms=None if sent is None else sent[3],
+                total_ms=record.ms.total,
             )
         self.stats.add(record)
 
@@ -344,7 +358,9 @@ class AdaptiveMode(EdgeMode):
         """The estimate now, for the frames the runner's window keeps in flight now (an auto-sized window
         starts at one and grows or halves with what it measures; without a runner, ``max_inflight``)."""
         self.estimator.inflight = self.window.size if self.window is not None else self.options.max_inflight
-        return self.estimator.estimate(self.clock())
+        oldest = next(iter(self._sent.values()), None)  # the frame longest in flight bounds the rate
+        outstanding = None if oldest is None else oldest[:3]
+        return self.estimator.estimate(self.clock(), self.state.current, outstanding)
 
     def close(self) -> None:
         for mode in self._modes.values():
@@ -439,4 +455,6 @@ def adaptive_mode(
     from hnd.edge.adapt import load_profile
 
     profile = load_profile(path)
-    return AdaptiveMode(options, profile, objective, make, head, fingerprint, end_stream=client.end_stream)
+    return AdaptiveMode(
+        options, profile, objective, make, head, fingerprint, end_stream=client.end_stream, probe=client.probe_link
+    )

@@ -190,6 +190,17 @@ class SplitClient:
             tls = bool(self.settings.tls_ca or self.settings.tls_cert)
             raise EdgeError(describe_failure(exc, probe, self.settings.target, tls)) from None
 
+    def probe_link(self) -> tuple[int, float] | None:
+        """One timed GetModelInfo on the open channel: (message bytes both ways, ms), a first measurement of
+        the link for ``--adapt`` (hnd.edge.linkest.LinkEstimator.observe_probe); None when it fails."""
+        request = pb.ModelInfoRequest()
+        start = time.perf_counter()
+        try:
+            info = self.stub.GetModelInfo(request, timeout=self.settings.connect_timeout_s, metadata=self.metadata)
+        except grpc.RpcError:
+            return None  # the frames will tell
+        return request.ByteSize() + info.ByteSize(), (time.perf_counter() - start) * 1e3
+
     def submit(
         self, request: pb.InferRequest, stream: bool = False, metadata: tuple[tuple[str, str], ...] = ()
     ) -> concurrent.futures.Future:

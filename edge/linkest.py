@@ -21,6 +21,21 @@ stage times (as the server reports them; durations, never clocks subtracted acro
   rate); each plus a slack for jitter of ``overuse_slack_ms`` or half the round trip, whichever is more.
 * **Responses**: the answers' bytes (detections) travel the link back whatever the point; their recent
   90th percentile goes into every point's predicted transfer.
+* **A first measurement** before any frame (:meth:`LinkEstimator.observe_probe`): one small timed call (the
+  edge's GetModelInfo) of ``b`` bytes taking ``t`` ms counts as a round trip of ``t`` and a rate of
+  ``8 b / t``: both bounds on the safe side (the call's time is at least the round trip, and its bytes went
+  no slower), so the first point is the best that fits a link at least this bad, not blindly the cheapest.
+* **A frame still in flight** bounds the rate from above (``estimate(outstanding=...)``): the oldest frame
+  not answered yet, ``b`` bytes sent ``e`` ms ago, has spent at least ``e - rtt - compute`` on the link and
+  is not through; once that exceeds ``overuse_factor`` times what the estimate predicts for it (plus the
+  jitter slack), the link delivers less than ``8 b / (e - rtt - compute)``, and the estimate says so before
+  the answer comes (the next frame, prepared while it is out, is already cheaper).
+* **Calibration** (``latency_bias_ms``): each answered frame's achieved end-to-end latency minus the
+  policy's raw prediction for it when it was chosen. Over the trailing frames of the running point (a
+  switch starts afresh), the bias is the ``calib_quantile`` of the last ``calib_window`` errors, or the
+  last error when that is higher (a late frame moves the edge down at once); with fewer than
+  ``calib_min`` errors, only a positive last error counts. The raw prediction (p90 compute, p95 bytes, the
+  answers' p90 bytes) is meant to be safe; the bias takes out what it overstates on this link and host.
 * **Compute** per operating point: the edge's edge-stage and server times of the last frames sent with it
   (a high quantile), which replace the profile's figures in the policy's predictions once there are a few.
 
@@ -29,6 +44,7 @@ Pure bookkeeping (no clock of its own, no gRPC): callers pass times, tests pass 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -52,6 +68,9 @@ class EstimatorParams:
     compute_window: int = 20  # compute observations kept per point
     compute_min: int = 3  # observations of a point before they replace the profile's figures
     compute_quantile: float = 0.9
+    calib_window: int = 10  # latency errors of the running point in the calibration
+    calib_min: int = 3  # errors before a negative bias (the prediction overstates) is trusted
+    calib_quantile: float = 0.9
 
 
 class LinkEstimator:
@@ -70,6 +89,7 @@ class LinkEstimator:
         self._since_reset = params.bw_window  # samples since the window last restarted
         self._compute: dict[str, deque[float]] = {}
         self._responses: deque[int] = deque(maxlen=params.compute_window)
+        self._errors: deque[tuple[str | None, float]] = deque(maxlen=256)  # (point, achieved - predicted ms)
 
     def rtt_ms(self, now_s: float) -> float | None:
         """The smallest ``wire_ms`` of the last ``rtt_window_s`` (the newest one when all are older)."""
@@ -90,9 +110,12 @@ class LinkEstimator:
         server_ms: float,
         point: str | None = None,
         compute_ms: float | None = None,
+        predicted_ms: float | None = None,
+        total_ms: float | None = None,
     ) -> None:
         """One answered frame: its bytes both ways, request sent -> response arrived (``network_ms``), the
-        server's own time in it, and (optional) its operating point and edge + server compute."""
+        server's own time in it, and (optional) its operating point, edge + server compute, and the raw
+        predicted and achieved end-to-end latency (for the calibration)."""
         p = self.params
         wire = max(network_ms - server_ms, 0.0)
         self._wire.append((now_s, wire))
@@ -106,6 +129,46 @@ class LinkEstimator:
         self.samples += 1
         if point is not None and compute_ms is not None:
             self._compute.setdefault(point, deque(maxlen=p.compute_window)).append(compute_ms)
+        if predicted_ms is not None and total_ms is not None and math.isfinite(predicted_ms):
+            self._errors.append((point, total_ms - predicted_ms))
+
+    def observe_probe(self, now_s: float, nbytes: int, ms: float) -> None:
+        """A small timed call before any frame (``nbytes`` both ways in ``ms``): a round trip of at most
+        ``ms`` and a rate of at least ``8 nbytes / ms``, so the first choice errs on the safe side. Not a
+        frame: ``samples`` is unchanged (the policy's hysteresis counts frames)."""
+        ms = max(ms, self.params.min_transfer_ms)
+        self._wire.append((now_s, ms))
+        self._rates.append(8 * max(nbytes, 1) / ms * 1e3)
+
+    def latency_bias_ms(self, point: str | None) -> float:
+        """Achieved minus predicted latency over ``point``'s trailing frames (see the module docstring)."""
+        p = self.params
+        errors: list[float] = []
+        for pid, err in reversed(self._errors):
+            if pid != point or len(errors) == p.calib_window:
+                break
+            errors.append(err)
+        if not errors:
+            return 0.0
+        last = errors[0]
+        if len(errors) < p.calib_min:
+            return max(last, 0.0)
+        return max(float(np.quantile(np.asarray(errors), p.calib_quantile)), last)
+
+    def rate_bound_bps(self, now_s: float, outstanding: tuple[float, int, float] | None) -> float | None:
+        """The upper bound on the rate that the oldest frame in flight gives (``outstanding``: its send time
+        in seconds, request bytes, expected compute ms), None when it is not overdue (see the module docstring)."""
+        bw = self.bandwidth_bps
+        if outstanding is None or bw is None:
+            return None
+        sent_s, nbytes, compute = outstanding
+        rtt = self.rtt_ms(now_s) or 0.0
+        on_link = (now_s - sent_s) * 1e3 - rtt - compute
+        predicted = 8 * nbytes / bw * 1e3
+        slack = max(self.params.overuse_slack_ms, rtt / 2)
+        if on_link <= self.params.overuse_factor * predicted + slack:
+            return None
+        return 8 * nbytes / on_link * 1e3
 
     def _check_overuse(self, nbytes: int, transfer_ms: float, rate: float) -> None:
         """Restart the max filter from the recent samples when frames keep taking far longer than predicted."""
@@ -138,13 +201,20 @@ class LinkEstimator:
             if len(v) >= p.compute_min
         }
 
-    def estimate(self, now_s: float) -> LinkEstimate:
+    def estimate(
+        self, now_s: float, point: str | None = None, outstanding: tuple[float, int, float] | None = None
+    ) -> LinkEstimate:
+        """The estimate now; ``point``: the running point (its calibration); ``outstanding``: the oldest frame
+        in flight (send time s, request bytes, expected compute ms), which may bound the rate."""
+        bw = self.bandwidth_bps
+        bound = self.rate_bound_bps(now_s, outstanding)
         return LinkEstimate(
-            bandwidth_bps=self.bandwidth_bps,
+            bandwidth_bps=bw if bound is None or bw is None else min(bw, bound),
             rtt_ms=self.rtt_ms(now_s),
             fps=self.fps,
             inflight=self.inflight,
             samples=self.samples,
             compute_ms=self.compute_ms(),
             response_bytes=float(np.quantile(np.asarray(self._responses), 0.9)) if self._responses else 0.0,
+            latency_bias_ms=self.latency_bias_ms(point),
         )
