@@ -29,10 +29,12 @@ of ``--clip-size``; with the tiny ``test/`` configs this runs on a 2-core machin
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ from hnd.bench.linkproxy import LinkProxy, LinkSettings, read_schedule
 
 PROG = "hnd-bench --adapt-trace"
 ADAPTIVE = "adaptive"
+DROPPED = "DROPPED"  # a camera frame the edge was too busy for (the one before was still out)
 
 
 @dataclass
@@ -71,39 +74,85 @@ class RunResult:
         self.switches += other.switches
         self.rounds += other.rounds
 
-    def figures(self, objective: Objective, agreement: dict[str, float]) -> dict[str, Any]:
+    def figures(
+        self, objective: Objective, agreement: dict[str, float], phases: list[float] | None = None
+    ) -> dict[str, Any]:
+        """The table's figures; ``phases``: the trace's change times, for per-phase counts (by the time each
+        frame's answer came). Frames: every frame the camera delivered, a DROPPED one (not sent: the one
+        before was still out) counted as missing the target."""
         target, floor = objective.target_latency_ms, objective.min_agreement
         ok = [f for f in self.frames if f[2] == "OK" and f[3] is not None]
         within = [f for f in ok if target is None or f[3] <= target]
         meets = [f for f in within if floor is None or agreement[f[1]] >= floor]
         lat = np.array([f[3] for f in ok]) if ok else np.zeros(0)
         n = len(self.frames)
-        return {
+        out = {
             "run": self.name,
             "rounds": self.rounds,
             "frames": n,
+            "dropped": sum(f[2] == DROPPED for f in self.frames),
             "answered": len(ok),
             "within_target": len(within),
             "within_share": len(within) / n if n else 0.0,
             "meets_objective": len(meets),
             "meets_share": len(meets) / n if n else 0.0,
             "mean_agreement": float(np.mean([agreement[f[1]] for f in ok])) if ok else None,
+            # a late answer is worth nothing to a real-time user: agreement if within the target, else 0
+            "timely_agreement": sum(agreement[f[1]] for f in within) / n if n else 0.0,
             "bytes_per_frame": float(np.mean([f[4] for f in ok])) if ok else None,
             "p95_ms": float(np.percentile(lat, 95)) if ok else None,
             "switches": self.switches,
         }
+        if phases:
+            bounds = [*phases[1:], math.inf]
+            out["phases"] = []
+            for start, end in zip(phases, bounds):
+                fs = [f for f in self.frames if start <= f[0] < end]
+                w = [f for f in within if start <= f[0] < end]
+                out["phases"].append(
+                    {
+                        "frames": len(fs),
+                        "within_target": len(w),
+                        "meets_objective": sum(floor is None or agreement[f[1]] >= floor for f in w),
+                        "timely_agreement": sum(agreement[f[1]] for f in w) / len(fs) if fs else 0.0,
+                    }
+                )
+        return out
 
 
 class CycledFrames(ArrayFrames):
-    """The frames over and over until ``until`` (monotonic seconds)."""
+    """The frames over and over until ``until`` (monotonic seconds).
 
-    def __init__(self, images: list[np.ndarray], until: float) -> None:
+    ``interval_s``: a camera's pace, one frame every ``interval_s`` from ``start``; the edge gets the latest
+    frame when it is ready for one (waiting for the next when it has sent the latest), and the frames it was
+    too busy for are dropped (their times in ``dropped``, seconds since ``start``). None: as fast as answers
+    come."""
+
+    def __init__(
+        self,
+        images: list[np.ndarray],
+        until: float,
+        interval_s: float | None = None,
+        start: float | None = None,
+        max_frames: int | None = None,
+    ) -> None:
         super().__init__(images)
-        self.until = until
+        self.until, self.interval_s, self.max_frames = until, interval_s, max_frames
+        self.start = time.monotonic() if start is None else start
+        self.dropped: list[float] = []
 
     def __iter__(self):
         n = 0
-        while time.monotonic() < self.until:
+        while time.monotonic() < self.until and (self.max_frames is None or n < self.max_frames):
+            if self.interval_s:
+                latest = int((time.monotonic() - self.start) / self.interval_s)
+                if latest < n:  # sent the latest: wait for the camera's next
+                    time.sleep(max(self.start + n * self.interval_s - time.monotonic(), 0.0))
+                    if time.monotonic() >= self.until:
+                        return
+                else:
+                    self.dropped += [round(k * self.interval_s, 3) for k in range(n, latest)]
+                    n = latest
             for frame in ArrayFrames([self.images[n % len(self.images)]], [f"frame{n}"]):
                 yield Frame(n, frame.source, frame.image, frame.captured_ns, frame.capture_ms, frame.wall_time)
             n += 1
@@ -118,8 +167,12 @@ def run_trace(
     frames: list[np.ndarray],
     duration_s: float,
     fingerprint: str,
+    interval_s: float | None = None,
+    records: list[FrameRecord] | None = None,
+    max_frames: int | None = None,
 ) -> RunResult:
-    """One run: a fresh proxy following ``schedule``, a client through it, ``mode_for(client)``'s mode."""
+    """One run: a fresh proxy following ``schedule``, a client through it, ``mode_for(client)``'s mode;
+    ``interval_s``: the camera's pace (CycledFrames); ``records``: where every record goes too."""
     from hnd.edge.api import check_server
 
     result = RunResult(name, rounds=1)
@@ -136,8 +189,13 @@ def run_trace(
                 kbps = (record.extra.get("link") or {}).get("kbps")
                 t = round(time.monotonic() - start, 3)
                 result.frames.append((t, point, record.status, record.ms.total, record.bytes.payload, kbps))
+                if records is not None:
+                    records.append(record)
 
-            runner.run(CycledFrames(frames, start + duration_s), on_record)
+            source = CycledFrames(frames, start + duration_s, interval_s, start, max_frames)
+            runner.run(source, on_record)
+            result.frames += [(t, name, DROPPED, None, 0, None) for t in source.dropped]
+            result.frames.sort(key=lambda f: f[0])
             if isinstance(mode, AdaptiveMode):
                 result.switches = mode.state.switches
         finally:
@@ -149,15 +207,18 @@ def run_all(
     model: Any,
     profile: Profile,
     objective: Objective,
-    schedule: list[tuple[float, LinkSettings]],
+    schedule: list[tuple[float, LinkSettings]] | Callable[[LinkCosts], list[tuple[float, LinkSettings]]],
     frames: list[np.ndarray],
     duration_s: float,
     progress=None,
     rounds: int = 1,
-) -> list[RunResult]:
+    interval_s: float | None = None,
+) -> tuple[list[RunResult], list[tuple[float, LinkSettings]], LinkCosts | None]:
     """The adaptive run and one run per runnable operating point fixed, against one in-process server;
     ``rounds`` times, round ``r`` starting with the ``r``-th setting. One merged result per setting,
-    adaptive first."""
+    adaptive first; the schedule run, and the costs measured for it. ``schedule``: the trace, or a function
+    of the costs measured first (:func:`measure_costs`, the cheapest point on an unshaped link) that gives it
+    (a trace with ``fit:`` rates); ``interval_s``: the camera's pace."""
     from hnd.common.checkpoint import fingerprint as fingerprint_of
     from hnd.common.split import split_model
     from hnd.edge.api import make_mode
@@ -171,7 +232,9 @@ def run_all(
 
     def adaptive(client: SplitClient) -> EdgeMode:
         # the runner's options too: the mode turns streaming on (InferStream) when any point is temporal
-        return AdaptiveMode(base, profile, objective, make_mode, head, fp, end_stream=client.end_stream)
+        return AdaptiveMode(
+            base, profile, objective, make_mode, head, fp, end_stream=client.end_stream, probe=client.probe_link
+        )
 
     settings: list[tuple[str, Any, EdgeOptions]] = [(ADAPTIVE, adaptive, base)]
     for point in adaptive_points(profile, base):
@@ -184,14 +247,133 @@ def run_all(
 
         settings.append((point.id, fixed, options))
     merged: dict[str, RunResult] = {name: RunResult(name) for name, _, _ in settings}
+    costs = None
     with background_server(model) as server:
+        if callable(schedule):
+            _, cheap, cheap_options = settings[1]  # adaptive_points: fewest bytes first
+            records: list[FrameRecord] = []
+            delay = LinkSettings(delay_ms=schedule_delay_ms(schedule))
+            run_trace(
+                "costs",
+                cheap,
+                cheap_options,
+                server.port,
+                [(0.0, delay)],
+                frames,
+                COSTS_S,
+                fp,
+                None,
+                records,
+                COSTS_FRAMES,
+            )
+            costs = measure_costs(records, cheapest_point(profile))
+            schedule = schedule(costs)
         for order in round_order(len(settings), rounds):
             for name, mode_for, options in (settings[i] for i in order):
-                result = run_trace(name, mode_for, options, server.port, schedule, frames, duration_s, fp)
+                result = run_trace(name, mode_for, options, server.port, schedule, frames, duration_s, fp, interval_s)
                 merged[name].add(result)
                 if progress:
                     progress(result)
-    return list(merged.values())
+    return list(merged.values()), schedule, costs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rates relative to the points: "fit:4b" is the rate at which the 4-bit point just meets the target
+
+# the cheapest point on an unshaped link, to measure compute and overheads: this many frames, at most COSTS_S
+COSTS_FRAMES, COSTS_S = 12, 10.0
+
+
+@dataclass(frozen=True)
+class LinkCosts:
+    """What a frame costs besides its payload, measured on an unshaped link (the trace's delay) with the
+    cheapest point: rtt_ms (the smallest wire time), compute_scale (its edge + server compute, p90, over
+    the profile's), extra_bytes (request overhead beyond the payload, p90, plus the answer's bytes, p90)."""
+
+    rtt_ms: float
+    compute_scale: float
+    extra_bytes: float
+    frames: int
+
+
+def cheapest_point(profile: Profile) -> OperatingPoint:
+    return min(adaptive_points(profile, EdgeOptions()), key=lambda p: p.bytes_mean)
+
+
+def schedule_delay_ms(resolve: Any) -> float:
+    """The first row's one-way delay of a trace to be resolved (``resolve.delay_ms``)."""
+    return float(getattr(resolve, "delay_ms", 0.0))
+
+
+def measure_costs(records: list[FrameRecord], cheapest: OperatingPoint) -> LinkCosts:
+    """LinkCosts from the cheapest point's answered records; UsageError with fewer than 3."""
+    ok = [r for r in records if r.ok and r.server_ms is not None and r.ms.network_server is not None]
+    if len(ok) < 3:
+        raise UsageError(f"measuring the link's costs: {len(ok)} frames answered in {COSTS_S:g} s, need 3")
+    compute = np.quantile([r.ms.edge_ms() + r.server_ms.total() for r in ok], 0.9)
+    wire = min(r.ms.network_server - r.server_ms.total() for r in ok)
+    overhead = np.quantile([r.bytes.message - r.bytes.payload for r in ok], 0.9)
+    answers = np.quantile([r.bytes.response or 0 for r in ok], 0.9)
+    profiled = cheapest.edge_ms + cheapest.server_ms
+    return LinkCosts(
+        round(float(wire), 2), float(compute / profiled) if profiled > 0 else 1.0, float(overhead + answers), len(ok)
+    )
+
+
+def fit_rate_mbit(point: OperatingPoint, costs: LinkCosts, target_ms: float) -> float:
+    """The rate at which ``point``'s p95 frame (and the costs beside it) is answered just within the target."""
+    room = target_ms - costs.rtt_ms - (point.edge_ms + point.server_ms) * costs.compute_scale
+    if room <= 0:
+        raise UsageError(f"{point.id} misses the {target_ms:g} ms target on any link (compute and round trip)")
+    return 8 * (point.bytes_p95 + costs.extra_bytes) / room / 1e3
+
+
+def find_point(points: list[OperatingPoint], name: str) -> OperatingPoint:
+    """A point by id, or by one of its id's dash-separated parts (``4b``) when that names one point."""
+    exact = [p for p in points if p.id == name]
+    found = exact or [p for p in points if name in p.id.split("-")]
+    if len(found) != 1:
+        raise UsageError(f"fit:{name}: {'no' if not found else 'more than one'} operating point named so")
+    return found[0]
+
+
+def fit_rate(expr: str, points: list[OperatingPoint], costs: LinkCosts | None, target_ms: float | None) -> float:
+    """Mbit/s of a ``fit:A`` (the rate at which A just fits the target), ``fit:A..B`` (their geometric mean:
+    A fits with the margin B misses by) or either ``*F`` (times F). Without costs: checked, 1.0."""
+    body, _, factor = expr[len("fit:") :].partition("*")
+    try:
+        scale = float(factor) if factor else 1.0
+    except ValueError:
+        raise UsageError(f"{expr}: expected fit:POINT[..POINT][*FACTOR]") from None
+    names = body.split("..")
+    if not body or len(names) > 2 or not all(names) or not scale > 0:
+        raise UsageError(f"{expr}: expected fit:POINT[..POINT][*FACTOR]")
+    if target_ms is None:
+        raise UsageError(f"{expr}: a fit: rate needs --target-latency-ms")
+    chosen = [find_point(points, n) for n in names]
+    if costs is None:
+        return 1.0
+    rates = [fit_rate_mbit(p, costs, target_ms) for p in chosen]
+    return float(np.prod(rates) ** (1 / len(rates))) * scale
+
+
+class TraceResolver:
+    """A trace whose ``fit:`` rates become Mbit/s once the costs are measured (``resolver(costs)``)."""
+
+    def __init__(self, path: str, base: LinkSettings, points: list[OperatingPoint], target_ms: float | None):
+        self.path, self.base, self.points, self.target_ms = path, base, points, target_ms
+        rows = read_schedule(path, base, lambda e: fit_rate(e, points, None, target_ms))  # checked now
+        self.relative = any(c[1].strip().startswith("fit:") for c in _rows(path) if len(c) > 1)
+        self.delay_ms = rows[0][1].delay_ms
+
+    def __call__(self, costs: LinkCosts | None) -> list[tuple[float, LinkSettings]]:
+        return read_schedule(self.path, self.base, lambda e: fit_rate(e, self.points, costs, self.target_ms))
+
+
+def _rows(path: str) -> list[list[str]]:
+    import csv
+
+    return list(csv.reader(Path(path).read_text().splitlines()))
 
 
 def round_order(settings: int, rounds: int) -> list[list[int]]:
@@ -218,21 +400,44 @@ def render_markdown(figures: list[dict[str, Any]], header: dict[str, Any]) -> st
         f"Trace: {r['trace']} ({r['trace_rows']}); {r['duration_s']:g} s per run, {r['rounds']} round(s) "
         f"interleaved; objective: {r['objective']}; "
         f"{r['frames']} frames {r['frame_size'][1]}x{r['frame_size'][0]} cycled; weights {r['weights']}; "
-        f"profile {r['profile']}.",
+        f"profile {r['profile']}; "
+        + (f"a frame every {1 / r['fps']:g} s." if r.get("fps") else "frames as fast as answers come."),
+    ]
+    c = r.get("costs")
+    if c:
+        lines.append(
+            f"fit: rates from costs measured first ({c['frames']} frames of the cheapest point, unshaped): round trip "
+            f"{c['rtt_ms']:g} ms, compute x{c['compute_scale']:.2f} the profile's, {c['extra_bytes']:,.0f} B a frame "
+            "beside the payload."
+        )
+    lines += [
         "",
-        "| run | frames | within target | share | meets objective | share | mean agreement | bytes/frame | p95 ms "
-        "| switches |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | frames | dropped | within target | share | meets objective | share | mean agreement "
+        "| timely agreement | bytes/frame | p95 ms | switches |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for f in figures:
         agreement = "—" if f["mean_agreement"] is None else f"{f['mean_agreement']:.3f}"
         nbytes = "—" if f["bytes_per_frame"] is None else f"{f['bytes_per_frame']:,.0f}"
         p95 = "—" if f["p95_ms"] is None else f"{f['p95_ms']:,.0f}"
         lines.append(
-            f"| {f['run']} | {f['frames']} | {f['within_target']} | {100 * f['within_share']:.0f} % | "
-            f"{f['meets_objective']} | {100 * f['meets_share']:.0f} % | {agreement} | "
+            f"| {f['run']} | {f['frames']} | {f['dropped']} | {f['within_target']} | {100 * f['within_share']:.0f} % | "
+            f"{f['meets_objective']} | {100 * f['meets_share']:.0f} % | {agreement} | {f['timely_agreement']:.3f} | "
             f"{nbytes} | {p95} | {f['switches'] if f['run'] == ADAPTIVE else '—'} |"
         )
+    phases = figures[0].get("phases") if figures else None
+    if phases and len(phases) > 1:
+        rates = r["trace_rows"].split(", ")
+        lines += [
+            "",
+            "Per phase (by the time each frame's answer came): frames within target / frames, timely agreement.",
+            "",
+            "| run | " + " | ".join(rates) + " |",
+            "|---|" + "---|" * len(rates),
+        ]
+        for f in figures:
+            cells = [f"{ph['within_target']}/{ph['frames']}, {ph['timely_agreement']:.2f}" for ph in f["phases"]]
+            lines.append(f"| {f['run']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -305,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay", default="40ms", help="one-way delay where the trace gives none (default 40ms)")
     p.add_argument("--duration", type=float, help="seconds per run (default: last trace change + 20)")
     p.add_argument(
+        "--fps",
+        type=float,
+        help="the camera's pace: a frame every 1/FPS s, the frames the edge is too busy for dropped (counted as "
+        "missing the target); default one frame per --target-latency-ms; 0: as fast as answers come",
+    )
+    p.add_argument(
         "--rounds", type=int, default=1, help="runs of every setting, interleaved (each round starts one later)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -376,10 +587,16 @@ def _main(args: argparse.Namespace) -> int:
         )
     )
     assert objective is not None
-    schedule = read_schedule(args.adapt_trace, LinkSettings(delay_ms=parse_time_ms(args.delay, "--delay")))
+    base_link = LinkSettings(delay_ms=parse_time_ms(args.delay, "--delay"))
+    schedule = read_schedule(args.adapt_trace, base_link, lambda expr: 1.0)  # fit: rates: checked below
     duration = args.duration or schedule[-1][0] + 20.0
     if args.rounds < 1:
         raise UsageError(f"--rounds must be >= 1, got {args.rounds}")
+    fps = (
+        args.fps if args.fps is not None else (1e3 / objective.target_latency_ms if objective.target_latency_ms else 0)
+    )
+    if fps < 0:
+        raise UsageError(f"--fps must be >= 0, got {args.fps:g}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
@@ -395,20 +612,27 @@ def _main(args: argparse.Namespace) -> int:
     profile = load_profile(profile_path)
     profile.check_weights(fingerprint(model))
     say = lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True)  # noqa: E731
-    say(f"{len(profile.points)} operating points; {duration:g} s per run")
-    results = run_all(
+    trace = TraceResolver(
+        args.adapt_trace, base_link, adaptive_points(profile, EdgeOptions()), objective.target_latency_ms
+    )
+    say(
+        f"{len(profile.points)} operating points; {duration:g} s per run"
+        + (f", a frame every {1 / fps:g} s" if fps else "")
+    )
+    results, schedule, costs = run_all(
         model,
         profile,
         objective,
-        schedule,
+        trace if trace.relative else trace(None),
         frames,
         duration,
         progress=lambda r: say(f"{r.name}: {len(r.frames)} frames"),
         rounds=args.rounds,
+        interval_s=1 / fps if fps else None,
     )
     agreement = {p.id: p.agreement for p in profile.points}
-    figures = [r.figures(objective, agreement) for r in results]
-    trace_rows = ", ".join(f"{t:g} s: {s.rate_mbit:g} Mbit/s {s.delay_ms:g} ms" for t, s in schedule)
+    figures = [r.figures(objective, agreement, [t for t, _ in schedule]) for r in results]
+    trace_rows = ", ".join(f"{t:g} s: {s.rate_mbit:.4g} Mbit/s {s.delay_ms:g} ms" for t, s in schedule)
     header["run"] = {
         "trace": args.adapt_trace,
         "trace_rows": trace_rows,
@@ -420,6 +644,8 @@ def _main(args: argparse.Namespace) -> int:
         "weights": weights,
         "source": source,
         "profile": str(profile_path),
+        "fps": fps or None,
+        "costs": None if costs is None else asdict(costs),
     }
     text = render_markdown(figures, header)
     atomic_write_text(out / "adaptive.md", text)

@@ -37,6 +37,7 @@ import random
 import sys
 import threading
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from pathlib import Path
 
 from hnd.common.errors import USER_ERRORS, UsageError, report
@@ -137,8 +138,12 @@ def _bps(rate_mbit: float | None) -> float | None:
     return None if rate_mbit is None else rate_mbit * 1e6
 
 
-def read_schedule(path: str | Path, base: LinkSettings) -> list[tuple[float, LinkSettings]]:
-    """``time_s,rate[,delay]`` rows -> [(time_s, settings)], times ascending; UsageError naming the line."""
+def read_schedule(
+    path: str | Path, base: LinkSettings, rate_of: Callable[[str], float] | None = None
+) -> list[tuple[float, LinkSettings]]:
+    """``time_s,rate[,delay]`` rows -> [(time_s, settings)], times ascending; UsageError naming the line.
+    ``rate_of``: Mbit/s of a rate cell that is no ``RATE(kbit|mbit|gbit)`` (hnd-bench --adapt-trace's
+    ``fit:`` rates), or UsageError."""
     out: list[tuple[float, LinkSettings]] = []
     header_seen = False
     try:
@@ -159,7 +164,8 @@ def read_schedule(path: str | Path, base: LinkSettings) -> list[tuple[float, Lin
         if len(cells) < 2 or t < 0 or (out and t < out[-1][0]):
             raise UsageError(f"{path}:{n}", "expected time_s,rate[,delay] with times >= 0, ascending")
         try:
-            settings = replace(base, rate_mbit=parse_rate_mbit(cells[1], "rate"))
+            rate = rate_of(cells[1]) if rate_of is not None and cells[1].startswith("fit:") else None
+            settings = replace(base, rate_mbit=rate if rate is not None else parse_rate_mbit(cells[1], "rate"))
             if len(cells) > 2 and cells[2]:
                 settings = replace(settings, delay_ms=parse_time_ms(cells[2], "delay"))
         except UsageError as exc:

@@ -208,7 +208,7 @@ class ScriptedEstimator:
     def __init__(self, bandwidths: list[float]) -> None:
         self.bandwidths, self.calls = bandwidths, 0
 
-    def estimate(self, now: float) -> LinkEstimate:
+    def estimate(self, now: float, *current_and_outstanding) -> LinkEstimate:
         bw = self.bandwidths[min(self.calls, len(self.bandwidths) - 1)]
         self.calls += 1
         return LinkEstimate(bandwidth_bps=bw, rtt_ms=1.0, samples=self.calls)
@@ -295,5 +295,6 @@ def test_hnd_connect_adapts_through_the_proxy_command(model, profile_path):
             proxy.wait(10)
         wait_sessions_free(server)
     points = [det.record.extra["operating_point"] for det in got]
-    assert all(det.ok for det in got) and points[0] == "split-2b-tensor-temporal-k8-native"  # the cheapest first
+    # measured before the first frame (a timed GetModelInfo): on 50 Mbit/s every point fits, so the best runs first
+    assert all(det.ok for det in got) and points[0] == "split-8b-tensor-temporal-k8-native"
     assert summary.as_dict()["adapt"]["switches"] == sum(a != b for a, b in zip(points, points[1:]))
