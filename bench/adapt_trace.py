@@ -29,6 +29,7 @@ of ``--clip-size``; with the tiny ``test/`` configs this runs on a 2-core machin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import tempfile
@@ -213,12 +214,13 @@ def run_all(
     progress=None,
     rounds: int = 1,
     interval_s: float | None = None,
-) -> tuple[list[RunResult], list[tuple[float, LinkSettings]], LinkCosts | None]:
+) -> tuple[list[RunResult], list[tuple[float, LinkSettings]], LinkCosts]:
     """The adaptive run and one run per runnable operating point fixed, against one in-process server;
     ``rounds`` times, round ``r`` starting with the ``r``-th setting. One merged result per setting,
-    adaptive first; the schedule run, and the costs measured for it. ``schedule``: the trace, or a function
-    of the costs measured first (:func:`measure_costs`, the cheapest point on an unshaped link) that gives it
-    (a trace with ``fit:`` rates); ``interval_s``: the camera's pace."""
+    adaptive first; the schedule run, and the costs measured first (:func:`measure_costs`, the cheapest
+    point on an unshaped link). ``schedule``: the trace, or a function of the costs that gives it (a trace
+    with ``fit:`` rates); ``interval_s``: the camera's pace. The adaptive edge gets the profile with its
+    compute scaled to what the costs run measured (:func:`scaled_profile`)."""
     from hnd.common.checkpoint import fingerprint as fingerprint_of
     from hnd.common.split import split_model
     from hnd.edge.api import make_mode
@@ -230,14 +232,7 @@ def run_all(
     native = head_at(head, min(h, w), max(h, w))
     base = EdgeOptions(max_inflight=1)
 
-    def adaptive(client: SplitClient) -> EdgeMode:
-        # the runner's options too: the mode turns streaming on (InferStream) when any point is temporal
-        return AdaptiveMode(
-            base, profile, objective, make_mode, head, fp, end_stream=client.end_stream, probe=client.probe_link
-        )
-
-    settings: list[tuple[str, Any, EdgeOptions]] = [(ADAPTIVE, adaptive, base)]
-    for point in adaptive_points(profile, base):
+    def fixed_setting(point: OperatingPoint) -> tuple[str, Any, EdgeOptions]:
         options = point_options(EdgeOptions(max_inflight=1), point)
         options.stream = point.temporal
         point_head = native if point.reproduce.get("resize") == "native" else head
@@ -245,29 +240,30 @@ def run_all(
         def fixed(client: SplitClient, o: EdgeOptions = options, p: OperatingPoint = point, hd: Any = point_head):
             return make_mode(o, hd if p.mode == "split" else None, fp)
 
-        settings.append((point.id, fixed, options))
-    merged: dict[str, RunResult] = {name: RunResult(name) for name, _, _ in settings}
-    costs = None
+        return point.id, fixed, options
+
     with background_server(model) as server:
+        # the cheapest point on an unshaped link first: what compute and overheads cost here, now
+        records: list[FrameRecord] = []
+        delay = LinkSettings(delay_ms=schedule_delay_ms(schedule))
+        _, cheap, cheap_options = fixed_setting(cheapest_point(profile))
+        run_trace(
+            "costs", cheap, cheap_options, server.port, [(0.0, delay)], frames, COSTS_S, fp, None, records, COSTS_FRAMES
+        )
+        costs = measure_costs(records, cheapest_point(profile))
         if callable(schedule):
-            _, cheap, cheap_options = settings[1]  # adaptive_points: fewest bytes first
-            records: list[FrameRecord] = []
-            delay = LinkSettings(delay_ms=schedule_delay_ms(schedule))
-            run_trace(
-                "costs",
-                cheap,
-                cheap_options,
-                server.port,
-                [(0.0, delay)],
-                frames,
-                COSTS_S,
-                fp,
-                None,
-                records,
-                COSTS_FRAMES,
-            )
-            costs = measure_costs(records, cheapest_point(profile))
             schedule = schedule(costs)
+        # the adaptive edge's profile at this machine's compute (the fit: rates use the same figures)
+        here = scaled_profile(profile, costs.compute_scale)
+
+        def adaptive(client: SplitClient) -> EdgeMode:
+            # the runner's options too: the mode turns streaming on (InferStream) when any point is temporal
+            return AdaptiveMode(
+                base, here, objective, make_mode, head, fp, end_stream=client.end_stream, probe=client.probe_link
+            )
+
+        settings = [(ADAPTIVE, adaptive, base)] + [fixed_setting(p) for p in adaptive_points(profile, base)]
+        merged: dict[str, RunResult] = {name: RunResult(name) for name, _, _ in settings}
         for order in round_order(len(settings), rounds):
             for name, mode_for, options in (settings[i] for i in order):
                 result = run_trace(name, mode_for, options, server.port, schedule, frames, duration_s, fp, interval_s)
@@ -300,8 +296,17 @@ def cheapest_point(profile: Profile) -> OperatingPoint:
     return min(adaptive_points(profile, EdgeOptions()), key=lambda p: p.bytes_mean)
 
 
+def scaled_profile(profile: Profile, scale: float) -> Profile:
+    """``profile`` with every point's edge and server ms times ``scale``: a sweep's compute (measured in
+    process, at its own score threshold, maybe on another machine or hour) brought to this server's."""
+    points = [dataclasses.replace(p, edge_ms=p.edge_ms * scale, server_ms=p.server_ms * scale) for p in profile.points]
+    return dataclasses.replace(profile, points=points)
+
+
 def schedule_delay_ms(resolve: Any) -> float:
-    """The first row's one-way delay of a trace to be resolved (``resolve.delay_ms``)."""
+    """The first row's one-way delay of a trace (rows, or a TraceResolver)."""
+    if isinstance(resolve, list):
+        return resolve[0][1].delay_ms
     return float(getattr(resolve, "delay_ms", 0.0))
 
 
@@ -406,9 +411,9 @@ def render_markdown(figures: list[dict[str, Any]], header: dict[str, Any]) -> st
     c = r.get("costs")
     if c:
         lines.append(
-            f"fit: rates from costs measured first ({c['frames']} frames of the cheapest point, unshaped): round trip "
-            f"{c['rtt_ms']:g} ms, compute x{c['compute_scale']:.2f} the profile's, {c['extra_bytes']:,.0f} B a frame "
-            "beside the payload."
+            f"Costs measured first ({c['frames']} frames of the cheapest point, unshaped link): round trip "
+            f"{c['rtt_ms']:g} ms, compute x{c['compute_scale']:.3f} the profile's (the adaptive edge's profile and "
+            f"the fit: rates use it), {c['extra_bytes']:,.0f} B a frame beside the payload."
         )
     lines += [
         "",
@@ -645,7 +650,7 @@ def _main(args: argparse.Namespace) -> int:
         "source": source,
         "profile": str(profile_path),
         "fps": fps or None,
-        "costs": None if costs is None else asdict(costs),
+        "costs": asdict(costs),
     }
     text = render_markdown(figures, header)
     atomic_write_text(out / "adaptive.md", text)
