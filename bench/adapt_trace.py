@@ -277,14 +277,15 @@ def run_all(
 # Rates relative to the points: "fit:4b" is the rate at which the 4-bit point just meets the target
 
 # the cheapest point on an unshaped link, to measure compute and overheads: this many frames, at most COSTS_S
-COSTS_FRAMES, COSTS_S = 12, 10.0
+COSTS_FRAMES, COSTS_S, COSTS_WARMUP = 16, 15.0, 4
 
 
 @dataclass(frozen=True)
 class LinkCosts:
     """What a frame costs besides its payload, measured on an unshaped link (the trace's delay) with the
-    cheapest point: rtt_ms (the smallest wire time), compute_scale (its edge + server compute, p90, over
-    the profile's), extra_bytes (request overhead beyond the payload, p90, plus the answer's bytes, p90)."""
+    cheapest point, its first COSTS_WARMUP frames left out: rtt_ms (the smallest wire time), compute_scale
+    (its edge + server compute, median, over the profile's), extra_bytes (request overhead beyond the
+    payload, p90, plus the answer's bytes, p90)."""
 
     rtt_ms: float
     compute_scale: float
@@ -313,9 +314,10 @@ def schedule_delay_ms(resolve: Any) -> float:
 def measure_costs(records: list[FrameRecord], cheapest: OperatingPoint) -> LinkCosts:
     """LinkCosts from the cheapest point's answered records; UsageError with fewer than 3."""
     ok = [r for r in records if r.ok and r.server_ms is not None and r.ms.network_server is not None]
+    ok = ok[COSTS_WARMUP:]  # a fresh server's and edge's first frames are slower (allocations, lazy init)
     if len(ok) < 3:
         raise UsageError(f"measuring the link's costs: {len(ok)} frames answered in {COSTS_S:g} s, need 3")
-    compute = np.quantile([r.ms.edge_ms() + r.server_ms.total() for r in ok], 0.9)
+    compute = np.median([r.ms.edge_ms() + r.server_ms.total() for r in ok])
     wire = min(r.ms.network_server - r.server_ms.total() for r in ok)
     overhead = np.quantile([r.bytes.message - r.bytes.payload for r in ok], 0.9)
     answers = np.quantile([r.bytes.response or 0 for r in ok], 0.9)
