@@ -87,7 +87,7 @@ class RunResult:
         meets = [f for f in within if floor is None or agreement[f[1]] >= floor]
         lat = np.array([f[3] for f in ok]) if ok else np.zeros(0)
         n = len(self.frames)
-        out = {
+        out: dict[str, Any] = {
             "run": self.name,
             "rounds": self.rounds,
             "frames": n,
@@ -106,11 +106,11 @@ class RunResult:
         }
         if phases:
             bounds = [*phases[1:], math.inf]
-            out["phases"] = []
+            per_phase: list[dict[str, Any]] = []
             for start, end in zip(phases, bounds):
                 fs = [f for f in self.frames if start <= f[0] < end]
                 w = [f for f in within if start <= f[0] < end]
-                out["phases"].append(
+                per_phase.append(
                     {
                         "frames": len(fs),
                         "within_target": len(w),
@@ -118,6 +118,7 @@ class RunResult:
                         "timely_agreement": sum(agreement[f[1]] for f in w) / len(fs) if fs else 0.0,
                     }
                 )
+            out["phases"] = per_phase
         return out
 
 
