@@ -101,7 +101,8 @@ def run(
         fc = FloorClient(floor_port)
         per_round = max(1, requests // rounds)
         small_ports: dict[str, int] = {n: servers.ports[n] for n in ("hnd", "compare") if n in servers.ports}
-        small_case = _SmallCase(config, seed, size, small_ports) if small else None
+        rungs = {step: clients[step] for step in LADDER if step in clients}
+        small_case = _SmallCase(config, seed, size, small_ports, rungs) if small else None
         samples = _alternate_rounds(fc, clients, request, message, warmup, rounds, per_round, small_case)
         fc.close()
         if small_case is not None:
@@ -173,9 +174,13 @@ def _connect(servers: _Servers) -> dict[str, Any]:
 
 class _SmallCase:
     """The small messages (``make_small_requests``) and their own edge client on each named server ("hnd", and
-    "compare" with ``--compare-python``); samples "small floor CALL" and "small NAME CALL"."""
+    "compare" with ``--compare-python``); samples "small floor CALL" and "small NAME CALL". With ``rungs`` (the
+    ``LADDER`` servers' clients), the intra message also goes both ways through the floor, each rung and hnd:
+    samples "small intra NAME CALL"."""
 
-    def __init__(self, config: str, seed: int, size: tuple[int, int], ports: dict[str, int]) -> None:
+    def __init__(
+        self, config: str, seed: int, size: tuple[int, int], ports: dict[str, int], rungs: dict[str, Any] | None = None
+    ) -> None:
         from hnd.edge.client import ClientSettings, SplitClient
 
         self.intra, self.key, self.delta = make_small_requests(config, seed, size)
@@ -185,9 +190,11 @@ class _SmallCase:
         for client in self.clients.values():
             client.model_info()
         self.sequence = dict.fromkeys(ports, 1)  # each server's stream session numbers its own deltas
+        self.rungs = rungs or {}
 
     def names(self) -> tuple[str, ...]:
-        return ("small floor", *(f"small {name}" for name in self.clients))
+        ladder = ("floor", *self.rungs, "hnd") if self.rungs else ()
+        return ("small floor", *(f"small {name}" for name in self.clients), *(f"small intra {n}" for n in ladder))
 
     def measure(self, fc: FloorClient, samples: dict[str, list[Sample]], n: int) -> None:
         samples["small floor unary"] += time_floor(fc.call, self.intra_message, n)
@@ -197,6 +204,12 @@ class _SmallCase:
         for name, client in self.clients.items():
             timed, self.sequence[name] = time_hnd_deltas(client, self.key, self.delta, n, self.sequence[name])
             samples[f"small {name} stream"] += timed
+        if self.rungs:  # an intra message between deltas leaves the stream's session as it is
+            samples["small intra floor unary"] += time_floor(fc.call, self.intra_message, n)
+            samples["small intra floor stream"] += time_floor(fc.stream_call, self.intra_message, n)
+            for name, client in (*self.rungs.items(), ("hnd", self.clients["hnd"])):
+                for call in CALLS:
+                    samples[f"small intra {name} {call}"] += time_hnd(client, self.intra, n, call == "stream")
 
     def close(self) -> None:
         for client in self.clients.values():
@@ -222,6 +235,19 @@ class _SmallCase:
             },
             "modes": {call: _figures(samples[f"small floor {call}"], samples[f"small hnd {call}"]) for call in CALLS},
             **compare,
+            **(
+                {
+                    "ladder_p50_ms": {
+                        name: {
+                            call: float(np.median([x.total_ms for x in samples[f"small intra {name} {call}"]]))
+                            for call in CALLS
+                        }
+                        for name in ("floor", *self.rungs, "hnd")
+                    }
+                }
+                if self.rungs
+                else {}
+            ),
         }
 
 
@@ -450,6 +476,12 @@ def format_table(r: dict[str, Any]) -> str:
                 f"  {call:<8}{m['floor_ms']['p50']:>8.2f}{p[0]:>16.2f}{p[1]:>19.2f}{p[2]:>15.2f}"
                 f"{m['hnd_total_ms']['p50']:>8.2f}"
             )
+        small_ladder = r.get("small", {}).get("ladder_p50_ms")
+        for call in ("unary", "stream") if small_ladder else ():
+            p = [small_ladder[name][call] for name in ("floor", *LADDER, "hnd")]
+            lines.append(f"  {call + '*':<8}{p[0]:>8.2f}{p[1]:>16.2f}{p[2]:>19.2f}{p[3]:>15.2f}{p[4]:>8.2f}")
+        if small_ladder:
+            lines.append("  * the 4-bit intra message (small messages, unary and on a stream)")
     if "profile_ms" in r:
         small = r.get("small", {}).get("profile_ms")
         lines.append(

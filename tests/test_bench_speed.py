@@ -54,6 +54,9 @@ def test_overhead_benchmark_measures_both_sides():
         m = small["modes"][call]
         assert m["ratio_p50"] == pytest.approx(m["hnd_overhead_ms"]["p50"] / m["floor_ms"]["p50"])
     assert "small messages, same rounds" in overhead.format_table(r)
+    # --ladder with --small: the intra message through the floor, each rung and hnd, both ways.
+    assert set(small["ladder_p50_ms"]) == {"floor", *speed_servers.LADDER, "hnd"}
+    assert all(v[call] > 0 for v in small["ladder_p50_ms"].values() for call in ("unary", "stream"))
     # --compare-python: the other build's server gets the same calls, small messages included.
     for modes in (r["compare"]["modes"], small["compare_modes"]):
         assert all(modes[call]["hnd_overhead_ms"]["p50"] > 0 for call in ("unary", "stream"))
