@@ -3,7 +3,8 @@
 Runs where torch is (a workstation or the server); the edge then needs only onnxruntime
 (``hnd.edge.onnx_head``). The graph is stem + bottleneck encoder (+ the neural filter's probability):
 input ``images`` [B, 3, Hp, Wp], the normalized and padded batch, with dynamic batch, height and
-width. For an Entropic Student the graph is its encoder (conv, GDN, conv, GDN, conv; GDN as Abs, Conv
+width; or, exported with ``pixels="uint8"`` (the int8 file's default), the frame's uint8 pixels with the
+normalization folded into conv1 (:class:`PixelStem`). For an Entropic Student the graph is its encoder (conv, GDN, conv, GDN, conv; GDN as Abs, Conv
 and Div) followed by the rounding against the prior's medians, and it outputs the int32 ``symbols``;
 the range coding stays outside the graph (``hnd.common.entropy_coder``), with the prior's integer tables
 carried in the file's metadata (``hnd.prior``, see :class:`EntropicHeadGraph`). Normalize / resize / pad stay outside the graph, in ``hnd.common.preprocess``: measured on the

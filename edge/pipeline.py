@@ -418,24 +418,24 @@ class EdgeRunner:
         sent once ``head_workers`` frames are computing (``flush`` sends the rest)."""
         interrupts.checkpoint()
         if self.head_workers == 1:
-            self._admit(frame, None)
+            self._admit(frame)
             return
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.head_workers, thread_name_prefix="hnd-head")
         computing = None if frame.error is not None else self._pool.submit(self.mode.compute, frame)
         self._ahead.append((frame, computing))
         while len(self._ahead) >= self.head_workers and not self._gave_up:
-            self._admit(*self._ahead[0])
-            self._ahead.popleft()
+            self._admit(*self._ahead[0], ahead=True)
 
     @property
     def pending(self) -> int:
         """Frames read and not yet recorded: computing on the head pool, or in flight."""
         return len(self._ahead) + (len(self.window.frames) if self.window is not None else 0)
 
-    def _admit(self, frame: Frame, computing: concurrent.futures.Future | None) -> None:
+    def _admit(self, frame: Frame, computing: concurrent.futures.Future | None = None, ahead: bool = False) -> None:
         """Code and send one frame, in frame order (``computing``: its head on the pool, None: computed here);
-        the oldest frames are recorded while the window is backlogged."""
+        the oldest frames are recorded while the window is backlogged. ``ahead``: the frame is the oldest of
+        ``_ahead``, moved from there into the window as it is sent (an interrupt leaves it in one of the two)."""
         window = self.window
         if frame.error is not None:
             p, fut = Prepared(frame, Timings(capture=frame.capture_ms)), None
@@ -448,6 +448,8 @@ class EdgeRunner:
             if self.tracer is not None:
                 self._trace(p)
             fut = self._send(p) if p.request is not None else None
+        if ahead:
+            self._ahead.popleft()
         window.frames.append((p, fut))
         while window.backlogged(self.sizing.size):
             window.emit_first()
@@ -460,21 +462,19 @@ class EdgeRunner:
         whose heads are computing are sent first (or, abandoning, recorded with the rest)."""
         window = self.window
         while self._ahead and abandon is None and not self._gave_up:
-            self._admit(*self._ahead[0])
-            self._ahead.popleft()
+            self._admit(*self._ahead[0], ahead=True)
         while window is not None and window.frames:
             if abandon is None and self._gave_up and not wait:
                 window.emit_first(abandon=("UNAVAILABLE", self._gave_up))
             else:
                 window.emit_first(abandon=abandon)
         while window is not None and self._ahead:  # never sent (interrupted, or the server gone): after the rest
-            frame, computing = self._ahead[0]
+            frame, computing = self._ahead.popleft()
             if computing is not None:
                 computing.cancel()
             never: concurrent.futures.Future = concurrent.futures.Future()  # no answer will come
             window.frames.append((Prepared(frame, Timings(capture=frame.capture_ms)), never))
             window.emit_first(abandon=abandon or ("UNAVAILABLE", self._gave_up or "not sent"))
-            self._ahead.popleft()
 
     def end(self) -> Summary | None:
         """End the run: the progress bar and the source closed, the head pool shut, the summary's counters brought

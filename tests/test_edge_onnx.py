@@ -130,9 +130,14 @@ def _pipelined(server, head, images, workers: int, **options):
     from hnd.edge.pipeline import EdgeRunner
     from runtime_support import client_for
 
+    # With several workers, frames 0 and 1 must compute at once: each waits here for the other.
+    meet = threading.Barrier(2) if workers > 1 else None
+
     class Recording(OnnxSplitMode):
         def compute(self, frame):
             threads.add(threading.current_thread().name)
+            if meet is not None and frame.index < 2:
+                meet.wait(timeout=30)
             return super().compute(frame)
 
         def finish(self, frame, computed):
@@ -154,14 +159,15 @@ def _pipelined(server, head, images, workers: int, **options):
 
 
 def test_head_workers_keep_frame_order_and_the_one_worker_bytes(server, files):
-    """Three head workers: the heads run on the pool's threads, and the records, coded bytes (key / delta frames
-    of a temporal stream) and detections are the one-worker run's, in frame order."""
+    """Three head workers: the heads run on the pool's threads, two frames at once (they wait for each other), and
+    the records, coded bytes (key / delta frames of a temporal stream) and detections are the one-worker run's,
+    in frame order."""
     head = OnnxHead(files["head"], threads=1)
     images = frames(5, seed=3, sizes=((120, 150),))
     one, sent_one, threads_one = _pipelined(server, head, images, 1)
     three, sent_three, threads_three = _pipelined(server, head, images, 3)
     assert not any(t.startswith("hnd-head") for t in threads_one)
-    assert len(threads_three) > 1 and all(t.startswith("hnd-head") for t in threads_three)
+    assert len(threads_three) > 1 and all(t.startswith("hnd-head") for t in threads_three)  # 0 and 1 met
     assert sent_three == sent_one and len(set(sent_one)) == 5
     assert [r["frame"] for r in three] == [r["frame"] for r in one] == list(range(5))
     assert [r["frame_type"] for r in one] == ["key", "delta", "delta", "key", "delta"]
