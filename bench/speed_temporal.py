@@ -91,7 +91,7 @@ def export_heads(model: torch.nn.Module, hw: tuple[int, int], folder: Path) -> d
     imgs, names = sample_images()
     calib = [img for img, n in zip(imgs, names) if n in CALIBRATION]
     export_onnx(head, meta, folder / "fp32.onnx")
-    export_onnx(head, meta, folder / "s2d.onnx", stem="s2d")
+    export_onnx(head, meta, folder / "s2d.onnx", stem="s2d", pixels="uint8")  # what hnd-export-head --int8 writes
     quantize_int8(folder / "s2d.onnx", folder / "int8.onnx", calib, meta, "photos")
     quantize_int8(folder / "s2d.onnx", folder / "int8-last.onnx", calib, meta, "photos", fp32_last=False)
     files = dict(zip(HEADS, ("fp32.onnx", "int8.onnx", "int8-last.onnx")))
