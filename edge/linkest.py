@@ -34,7 +34,8 @@ stage times (as the server reports them; durations, never clocks subtracted acro
   policy's raw prediction for it when it was chosen. Over the trailing frames of the running point (a
   switch starts afresh), the bias is the ``calib_quantile`` of the last ``calib_window`` errors, or the
   last error when that is higher (a late frame moves the edge down at once); with fewer than
-  ``calib_min`` errors, only a positive last error counts. The raw prediction (p90 compute, p95 bytes, the
+  ``calib_min`` errors, only a positive last error counts; a restart of the bandwidth window clears them
+  (the new estimate explains a frame that overused the link). The raw prediction (p90 compute, p95 bytes, the
   answers' p90 bytes) is meant to be safe; the bias takes out what it overstates on this link and host.
 * **Compute** per operating point: the edge's edge-stage and server times of the last frames sent with it
   (a high quantile), which replace the profile's figures in the policy's predictions once there are a few.
@@ -123,13 +124,13 @@ class LinkEstimator:
         nbytes = request_bytes + response_bytes
         transfer = max(wire - rtt, p.min_transfer_ms)
         rate = 8 * nbytes / transfer * 1e3
-        self._check_overuse(nbytes, wire - rtt, rate)
+        restarted = self._check_overuse(nbytes, wire - rtt, rate)
         self._rates.append(rate)
         self._responses.append(response_bytes)
         self.samples += 1
         if point is not None and compute_ms is not None:
             self._compute.setdefault(point, deque(maxlen=p.compute_window)).append(compute_ms)
-        if predicted_ms is not None and total_ms is not None and math.isfinite(predicted_ms):
+        if predicted_ms is not None and total_ms is not None and math.isfinite(predicted_ms) and not restarted:
             self._errors.append((point, total_ms - predicted_ms))
 
     def observe_probe(self, now_s: float, nbytes: int, ms: float) -> None:
@@ -170,11 +171,12 @@ class LinkEstimator:
             return None
         return 8 * nbytes / on_link * 1e3
 
-    def _check_overuse(self, nbytes: int, transfer_ms: float, rate: float) -> None:
-        """Restart the max filter from the recent samples when frames keep taking far longer than predicted."""
+    def _check_overuse(self, nbytes: int, transfer_ms: float, rate: float) -> bool:
+        """Restart the max filter from the recent samples when frames keep taking far longer than predicted
+        (True: restarted; the calibration's errors then go too, this frame's included)."""
         p, bw = self.params, self.bandwidth_bps
         if bw is None:
-            return
+            return False
         predicted = 8 * nbytes / bw * 1e3
         # jitter grows with the path (and with a loaded host's scheduling): half a round trip of slack
         slack = max(p.overuse_slack_ms, (self.rtt_ms(self._wire[-1][0]) or 0.0) / 2)
@@ -189,8 +191,13 @@ class LinkEstimator:
                 self._rates.extend(self._overuse[:-1])  # the last one is appended by observe()
                 self._overuse.clear()
                 self._since_reset = 0
+                # the errors were measured against the link that just went: the new estimate explains them,
+                # and counting them again would put the edge below what the new rate carries
+                self._errors.clear()
+                return True
         else:
             self._overuse.clear()
+        return False
 
     def compute_ms(self) -> dict[str, float]:
         """Per point with enough observations: the ``compute_quantile`` of its recent edge + server times."""

@@ -448,6 +448,16 @@ def test_calibration_takes_out_what_the_prediction_overstates_and_a_late_frame_c
     assert est.latency_bias_ms("b") == 150.0
 
 
+def test_a_frame_that_overused_the_link_restarts_the_estimate_not_the_calibration_too():
+    est = LinkEstimator()
+    est.observe(0.0, 100, 0, network_ms=20.0, server_ms=0.0, point="a", predicted_ms=50.0, total_ms=40.0)
+    est.observe(1.0, 125_000, 0, network_ms=120.0, server_ms=0.0, point="a", predicted_ms=150.0, total_ms=130.0)
+    # the link falls to 1 Mbit/s: 1,000 ms where 100 were predicted, 870 ms late
+    est.observe(2.0, 125_000, 0, network_ms=1020.0, server_ms=0.0, point="a", predicted_ms=150.0, total_ms=1020.0)
+    assert est.bandwidth_bps == pytest.approx(1e6)  # the estimate took it in
+    assert est.latency_bias_ms("a") == 0.0  # and the late frame is not counted a second time
+
+
 def test_a_positive_bias_moves_the_policy_down():
     # target 100 ms: small 51, mid-tie 58 raw; 45 ms late on average: small 96, mid-tie 103
     late = replace(LINK, latency_bias_ms=45.0)
