@@ -207,3 +207,22 @@ def test_frames_on_the_head_pool_are_recorded_when_abandoned(server, files):
         client.close()
     assert [(r.frame, r.status) for r in records] == [(0, "CANCELLED"), (1, "CANCELLED"), (2, "CANCELLED")]
     assert runner.pending == 0
+
+
+def test_head_workers_default_to_the_cores_and_split_them(monkeypatch, files):
+    """hnd-edge's default: 2 head workers on 2 or more cores (1 on one), each ONNX head run on cores / workers
+    intra-op threads unless --threads says; --head-workers 0 is one line."""
+    from hnd.common.config import ConfigError, load_config
+    from hnd.edge import api
+
+    monkeypatch.setattr(api.os, "cpu_count", lambda: 4)
+    assert api.head_workers(api.EdgeSettings()) == 2 and api.head_workers(api.EdgeSettings(head_workers=3)) == 3
+    cfg = load_config(CONFIG)
+    em = api.load_edge_model(cfg, "split", head_path=str(files["head"]), head_workers=2)
+    assert em.head.session.get_session_options().intra_op_num_threads == 2
+    em = api.load_edge_model(cfg, "split", head_path=str(files["head"]), threads=3, head_workers=2)
+    assert em.head.session.get_session_options().intra_op_num_threads == 3
+    monkeypatch.setattr(api.os, "cpu_count", lambda: 1)
+    assert api.head_workers(api.EdgeSettings()) == 1
+    with pytest.raises(ConfigError, match="^--head-workers must be >= 1, got 0$"):
+        api.head_workers(api.EdgeSettings(head_workers=0))
