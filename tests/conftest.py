@@ -113,6 +113,31 @@ TEST_MARKS = {
 }
 
 
+# The test files that take longest (30-95 s each serially on the 2-core project machine), longest first.
+LONGEST_FILES = (
+    "test_scaleout.py",
+    "test_bench_speed.py",
+    "test_edge_statuses.py",
+    "test_filter.py",
+    "test_edge_streams.py",
+    "test_streams.py",
+    "test_train.py",
+    "test_entropic.py",
+)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """How many worker processes ``-n auto`` (pyproject.toml's addopts) starts: one per core this process may
+    use, at most 4 (each holds torch and its own servers); none on one core, or for a run that names a
+    single test file (its tests stay on one worker under --dist loadfile, so a worker would only add an
+    interpreter start)."""
+    files = {arg.split("::")[0] for arg in config.args}
+    if len(files) == 1 and not os.path.isdir(next(iter(files))):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 4) if cores > 1 else 0
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.path.name
@@ -125,6 +150,11 @@ def pytest_collection_modifyitems(config, items):
             names += FIXTURE_MARKS.get(fixture, ())
         for name in dict.fromkeys(names):
             item.add_marker(name)
+    # Under xdist's --dist loadfile a file runs whole on one worker, so the longest files go first: started
+    # last, one of them would run alone on one core at the end of the run while the other cores idle.
+    items.sort(
+        key=lambda item: LONGEST_FILES.index(item.path.name) if item.path.name in LONGEST_FILES else len(LONGEST_FILES)
+    )
 
 
 # The RPN proposal counts the configs/test/ models use (torchvision: 1000), for tests that build
