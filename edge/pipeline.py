@@ -315,7 +315,10 @@ class EdgeRunner:
                     message = self.client.mismatch_message(md.get(REPLICA_KEY, "?"), md[WEIGHTS_KEY])
                     self.mismatch = self._record(p, status=status, error=message)
                     raise WeightsMismatch(message) from None
-                retry = code == grpc.StatusCode.UNAVAILABLE
+                # CANCELLED here is the server's doing, never this edge's (a frame the edge abandons ends its
+                # future, not in an RpcError): a server shutting down cancels the calls it had received but
+                # not yet handed to a handler (grpc/grpc#41785), so it counts as UNAVAILABLE: send again.
+                retry = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     self._unanswered(p)
             except StreamBroken as exc:

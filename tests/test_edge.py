@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
 import time
 
 import cv2
+import grpc
 import numpy as np
 import pytest
 import torch
-from runtime_support import edge_argv, frames, serving, write_frames
+from runtime_support import edge_argv, frames, run_edge, serving, write_frames
 
+from hnd.common.channel import SERVICE_NAME
 from hnd.common.checkpoint import export_head, fingerprint, save_checkpoint
 from hnd.edge import cli as edge_cli
 from hnd.edge.api import make_mode
@@ -147,6 +150,42 @@ def test_edge_reconnects_after_server_restart(model):
     assert summary.answered + summary.failed == 5
     assert summary.answered == 5, [r.get("error") for r in records]
     assert [r.get("attempts", 1) for r in records] == [1, 1, 2, 1, 1]  # frame 2 met the restart and was resent
+
+
+def test_a_call_the_server_cancels_is_sent_again(model, server):
+    """A server shutting down cancels the calls it received but had not handed to a handler yet: the client
+    gets CANCELLED, not UNAVAILABLE (grpc/grpc#41785; seen in a rolling restart). The edge sends such a
+    frame again like an UNAVAILABLE one. Here a front server cancels the second Infer and passes the rest
+    on to the real one."""
+    upstream = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    infers = []
+
+    def forward(method: str):
+        call = upstream.unary_unary(method)
+
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            if method.endswith("/Infer"):
+                infers.append(len(request))
+                if len(infers) == 2:
+                    context.abort(grpc.StatusCode.CANCELLED, "Cancelled on the server side")
+            return call(request, timeout=30)
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    handlers = {name: forward(f"/{SERVICE_NAME}/{name}") for name in ("GetModelInfo", "Infer")}
+    front = grpc.server(concurrent.futures.ThreadPoolExecutor(4))
+    front.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])
+    port = front.add_insecure_port("127.0.0.1:0")
+    front.start()
+    client = SplitClient(ClientSettings(f"127.0.0.1:{port}"))
+    try:
+        summary, records, _ = run_edge(model, client, frames(3), max_inflight=1)
+    finally:
+        client.close()
+        front.stop(None)
+        upstream.close()
+    assert [(r["status"], r.get("attempts", 1)) for r in records] == [("OK", 1), ("OK", 2), ("OK", 1)]
+    assert summary.answered == 3 and len(infers) == 4
 
 
 def test_live_capture_keeps_the_latest_frame_and_counts_drops(tmp_path):
