@@ -34,6 +34,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def batch_geometry(
+    images: Sequence[np.ndarray], min_size: int, max_size: int, size_divisible: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]], tuple[int, int]]:
+    """RGB frames [H_i, W_i, 3] uint8 -> (their sizes, their resized sizes, the batch's padded (Hp, Wp));
+    ValueError for no frame, or a frame of another shape or type."""
+    if not images:
+        raise ValueError("preprocess needs at least one image")
+    originals: list[tuple[int, int]] = []
+    for image in images:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an RGB frame [H, W, 3] of uint8, got {image.dtype} {image.shape}")
+        originals.append((int(image.shape[0]), int(image.shape[1])))
+    sizes = [resized_size(hw, min_size, max_size) for hw in originals]
+    return originals, sizes, padded_size(sizes, size_divisible)
+
+
 def preprocess(
     images: Sequence[np.ndarray],
     min_size: int,
@@ -47,17 +63,9 @@ def preprocess(
     What ``hnd.common.split.Head.preprocess`` does with torch, for frames read as uint8 and scaled to
     0..1 the way ``torchvision.transforms.functional.to_tensor`` does.
     """
-    if not images:
-        raise ValueError("preprocess needs at least one image")
+    originals, sizes, (hp, wp) = batch_geometry(images, min_size, max_size, size_divisible)
     m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-    originals: list[tuple[int, int]] = []
-    for image in images:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected an RGB frame [H, W, 3] of uint8, got {image.dtype} {image.shape}")
-        originals.append((int(image.shape[0]), int(image.shape[1])))
-    sizes = [resized_size(hw, min_size, max_size) for hw in originals]
-    hp, wp = padded_size(sizes, size_divisible)
     batch = np.zeros((len(images), 3, hp, wp), dtype=np.float32)
     for i, (image, (h, w), (rh, rw)) in enumerate(zip(images, originals, sizes)):
         dst = batch[i, :, :rh, :rw]
@@ -98,15 +106,7 @@ def preprocess_uint8(
     raw levels from torch's resize of the normalized image, plus the float rounding :func:`preprocess` has).
     SplitMeta's padded_size is the batch's without the border, as :func:`preprocess` gives it.
     """
-    if not images:
-        raise ValueError("preprocess needs at least one image")
-    originals: list[tuple[int, int]] = []
-    for image in images:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected an RGB frame [H, W, 3] of uint8, got {image.dtype} {image.shape}")
-        originals.append((int(image.shape[0]), int(image.shape[1])))
-    sizes = [resized_size(hw, min_size, max_size) for hw in originals]
-    hp, wp = padded_size(sizes, size_divisible)
+    originals, sizes, (hp, wp) = batch_geometry(images, min_size, max_size, size_divisible)
     b0, b1 = border
     batch = np.empty((len(images), 3, b0 + hp + b1, b0 + wp + b1), dtype=np.uint8)
     batch[...] = mean_pixel(mean).reshape(1, 3, 1, 1)
