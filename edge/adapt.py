@@ -16,7 +16,8 @@ point's latency and bitrate and returns the point to run:
   must meet the objective with ``up_margin`` to spare (0.8: its predicted latency and bitrate within 80 % of
   the target), the current one only has to meet it; and no switch before the estimate holds
   ``min_samples`` observations made since the last switch (frames sent with the new point), so the edge
-  never switches faster than its estimate can tell the switch's effect.
+  never switches faster than its estimate can tell the switch's effect; except away from a current point
+  the estimate says misses the objective (a link that collapsed: each frame kept there would be late).
 
 Predicted latency of a point over a link of ``bandwidth`` and round trip ``rtt``::
 
@@ -221,7 +222,11 @@ def choose(
     by_id = {p.id: p for p in points}
     est = calibrated(points, est)
     current = by_id.get(state.current) if state.current is not None else None
-    if current is not None and est.samples - state.samples_at_switch < params.min_samples:
+    if (
+        current is not None
+        and est.samples - state.samples_at_switch < params.min_samples
+        and (not est.bandwidth_bps or meets(current, est, objective))
+    ):
         return Decision(current, state, False, not state.infeasible)  # too early to tell: keep it
     if not est.bandwidth_bps:  # nothing measured yet: start with the cheapest, move up once the link is known
         chosen = current or cheapest(points)

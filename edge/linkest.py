@@ -8,7 +8,9 @@ stage times (as the server reports them; durations, never clocks subtracted acro
 * **Round trip** (``rtt_ms``): the windowed minimum of ``wire_ms`` over the last ``rtt_window_s`` seconds,
   as BBR keeps its RTprop: the smallest frames give the tightest bound (their bytes take least time), and an
   old minimum ages out so a longer path is learnt (30 s rather than BBR's 10: see ``EstimatorParams``).
-* **Bandwidth** (``bandwidth_bps``): a delivery-rate sample per frame, ``8 * bytes / (wire_ms - rtt_ms)``,
+* **Bandwidth** (``bandwidth_bps``): a delivery-rate sample per frame, ``8 * bytes / (wire_ms - rtt_ms)``
+  (``8 * bytes / wire_ms`` for a frame whose wire time is a new minimum: on a slow link every frame carries
+  transfer, the minimum is no bare round trip, and a faster frame would otherwise look instant),
   and the windowed maximum over the last ``bw_window`` samples, as BBR keeps its BtlBw: a frame that waited
   behind another in flight, or whose transfer was too short to time (floored at ``min_transfer_ms``), only
   understates the rate, so the largest recent sample is the best one. A maximum filter alone would keep a
@@ -119,8 +121,13 @@ class LinkEstimator:
         predicted and achieved end-to-end latency (for the calibration)."""
         p = self.params
         wire = max(network_ms - server_ms, 0.0)
+        before = self.rtt_ms(now_s)
         self._wire.append((now_s, wire))
         rtt = self.rtt_ms(now_s) or 0.0
+        if before is not None and wire < before:
+            # a new minimum: the round trip so far held transfer too (a slow link never shows a bare one),
+            # so this frame cannot be timed against it; against none, its rate is a lower bound
+            rtt = 0.0
         nbytes = request_bytes + response_bytes
         transfer = max(wire - rtt, p.min_transfer_ms)
         rate = 8 * nbytes / transfer * 1e3

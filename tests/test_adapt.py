@@ -100,14 +100,18 @@ def test_hysteresis_up_margin_and_min_samples():
     assert on_big.point.id == "big" and not on_big.switched  # the current one only has to meet the target
     up = choose(POINTS, LINK, Objective(target_latency_ms=200), PolicyState(current="mid-tie", samples_at_switch=0))
     assert up.point.id == "big" and up.switched and up.state.switches == 1 and up.state.samples_at_switch == 10
-    # the link drops to 1 Mbit/s two observations after that switch: too early to tell, keep big
+    # two observations after that switch the link looks a little faster: too early to tell, keep big
+    # (mid-tie would be no switch up anyway; the hold keeps the point while it meets the objective)
+    kept = choose(POINTS, replace(LINK, samples=12), Objective(target_latency_ms=160), up.state)
+    assert kept.point.id == "big" and not kept.switched  # big: 150 ms, within 160
+    # the link drops to 1 Mbit/s (big: 1,050 ms, out of 200): leave it at once, hold or not
     slow = LinkEstimate(bandwidth_bps=1e6, rtt_ms=20.0, samples=12)
-    kept = choose(POINTS, slow, Objective(target_latency_ms=200), up.state)
-    assert kept.point.id == "big" and not kept.switched
-    # the third observation since the switch: down to what 1 Mbit/s holds (mid: 150 ms; small: 60 ms)
-    later = LinkEstimate(bandwidth_bps=1e6, rtt_ms=20.0, samples=13)
-    down = choose(POINTS, later, Objective(target_latency_ms=200), kept.state)
-    assert down.point.id == "mid-tie" and down.switched and down.state.switches == 2
+    down = choose(POINTS, slow, Objective(target_latency_ms=200), up.state)
+    assert down.point.id == "mid-tie" and down.switched and down.state.switches == 2  # mid-tie: 130 ms
+    # and the hold then applies to it: back up needs min_samples frames on mid-tie
+    fast = LinkEstimate(bandwidth_bps=100e6, rtt_ms=20.0, samples=13)
+    assert choose(POINTS, fast, Objective(target_latency_ms=200), down.state).point.id == "mid-tie"
+    assert choose(POINTS, replace(fast, samples=15), Objective(target_latency_ms=200), down.state).point.id == "big"
 
 
 def test_nothing_measured_yet_starts_with_the_cheapest():
@@ -508,3 +512,17 @@ def test_the_adaptive_mode_prices_the_next_frame_with_the_one_still_out():
     mode.prepare(Frame(0, "f", np.zeros((2, 2, 3), np.uint8), 0, 0.0, 0.0))  # sent at 2 s, 30 ms of compute
     now[0] = 2.5  # 450 ms on the link and not through
     assert mode.link_estimate().bandwidth_bps == pytest.approx(8 * 125_000 / 0.45)
+
+
+def test_a_faster_frame_than_the_round_trip_so_far_is_timed_against_none():
+    """On a slow link every frame carries transfer, so the windowed minimum is no bare round trip; when the
+    link speeds up, a frame below it would look instant (a rate of 8 bytes / 0.5 ms) and send the edge to
+    its richest point on a link of a few kbit/s."""
+    est = LinkEstimator()
+    est.observe(0.0, 266, 0, network_ms=925.0, server_ms=0.0)  # 266 B at ~2.3 kbit/s: 925 ms "round trip"
+    est.observe(1.0, 992, 0, network_ms=2_000.0, server_ms=0.0)  # 992 B: 1,075 ms more than that
+    assert est.rtt_ms(1.0) == 925.0
+    est.observe(2.0, 992, 0, network_ms=760.0, server_ms=0.0)  # the link sped up: below the minimum
+    assert est.rtt_ms(2.0) == 760.0
+    assert est._rates[-1] == pytest.approx(8 * 992 / 0.760)  # ~10 kbit/s, a lower bound; not 15.9 Mbit/s
+    assert est.bandwidth_bps < 20e3
