@@ -5,9 +5,15 @@
               --target-latency-ms 250 --min-agreement 0.8
 
 A real ``hnd-server`` (in this process, on loopback) behind the shaping proxy (``hnd.bench.linkproxy``)
-whose rate and delay follow ``trace.csv`` (rows ``time_s,rate[,delay]``, from the start of each run). For
-``--duration`` seconds (default: the trace's last change + 20 s) the same frames, cycled, go through the
-real edge pipeline (``EdgeRunner``, one request in flight): once with ``--adapt`` (``AdaptiveMode``), then
+whose rate and delay follow ``trace.csv`` (rows ``time_s,rate[,delay]``, from the start of each run). A rate
+may be relative to the points: ``fit:A`` is the rate at which point A's p95 frame is answered just within
+the target, ``fit:A..B`` the geometric mean of two such rates, either ``*F`` (A: a point id or a part of it,
+``4b``); they are resolved from the costs measured first (:func:`measure_costs`: the cheapest point on an
+unshaped link), so a trace's phases mean the same whatever the machine's load. For
+``--duration`` seconds (default: the trace's last change + 20 s) a camera delivers the same frames, cycled,
+one every ``1 / --fps`` s (default: one per target; a frame the edge is too busy for is dropped and counts
+as a miss), through the real edge pipeline (``EdgeRunner``, one request in flight): once with ``--adapt``
+(``AdaptiveMode``, its profile at the measured compute), then
 once per operating point fixed. Runs follow one another, each with the trace from its start; ``--rounds N``
 repeats the set N times, each round starting one setting later (adaptive first, then second, ...), so a
 load that drifts over the benchmark falls on every setting alike.
@@ -15,7 +21,8 @@ load that drifts over the benchmark falls on every setting alike.
 Per setting (its rounds together): frames answered, frames within the latency target, frames **meeting the
 objective** (answered within the target by a point whose profiled agreement is at least
 ``--min-agreement``: a fixed point below it meets it with no frame), mean agreement (each answered frame
-counts its point's agreement from the profile), payload bytes per frame, p95 latency, and the adaptive
+counts its point's agreement from the profile), timely agreement (over every camera frame: its point's
+agreement if answered within the target, else 0), payload bytes per frame, p95 latency, and the adaptive
 run's switches. Outputs in ``--out``: ``adaptive.md`` (table), ``adaptive.json`` (with the
 machine, the trace and every frame's time, point, latency and bytes) and ``adaptive.png`` (the link's
 rate, the adaptive run's point, and every run's latency over time).
