@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,6 +80,24 @@ def serving(model: torch.nn.Module, **settings):
     settings.setdefault("batching", BatchingOptions(max_batch=1, max_delay_ms=0, max_queue=64))
     with background_server(model, **settings) as server:
         yield server
+
+
+@contextmanager
+def slow_tail(server, seconds: float):
+    """While inside, each batch of ``server`` (from :func:`serving`) takes ``seconds`` longer: a CPU server, a
+    busy GPU. The tail is restored on leaving."""
+    runner = server.service.runner
+    hold = runner.run_split
+
+    def slow(items):
+        time.sleep(seconds)
+        return hold(items)
+
+    runner.run_split = slow
+    try:
+        yield
+    finally:
+        runner.run_split = hold
 
 
 def client_for(server, **kw) -> SplitClient:

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from runtime_support import edge_argv, frames, make_certs, serving, write_frames
+from runtime_support import edge_argv, frames, make_certs, serving, slow_tail, write_frames
 
 from hnd.common.checkpoint import fingerprint
 from hnd.common.split import split_model
@@ -182,11 +182,6 @@ def test_sigterm_prints_the_summary_writes_its_json_quietly_and_exits_143(model,
     summary_json = tmp_path / "summary.json"
     with serving(model) as server:
         sample = server.service.metrics.registry.get_sample_value
-        hold = server.service.runner.run_split
-
-        def slow(items):  # the next frames stay in flight when the signal comes
-            time.sleep(0.4)
-            return hold(items)
 
         def terminate_after_two_answers():
             deadline = time.monotonic() + 120
@@ -196,18 +191,23 @@ def test_sigterm_prints_the_summary_writes_its_json_quietly_and_exits_143(model,
                 time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGTERM)
 
-        server.service.runner.run_split = slow
         old_handler = signal.getsignal(signal.SIGTERM)
         threading.Thread(target=terminate_after_two_answers, daemon=True).start()
         try:
-            code = edge_cli.main(
-                edge_argv(
-                    images, "--max-inflight", "4", "--summary-json", str(summary_json), "--no-progress", server=server
+            with slow_tail(server, 0.4):  # the next frames stay in flight when the signal comes
+                code = edge_cli.main(
+                    edge_argv(
+                        images,
+                        "--max-inflight",
+                        "4",
+                        "--summary-json",
+                        str(summary_json),
+                        "--no-progress",
+                        server=server,
+                    )
                 )
-            )
         finally:
             signal.signal(signal.SIGTERM, old_handler)
-            server.service.runner.run_split = hold
         time.sleep(0.5)  # late gRPC callbacks of the cancelled calls would log now
     out, err = capsys.readouterr()
     assert code == 143  # 128 + SIGTERM, as a shell reports a run the signal ended
@@ -256,20 +256,10 @@ def test_a_signal_that_lands_inside_grpcs_call_creation_ends_the_run_and_the_cha
         finally:
             sys.settrace(None)
 
-    with serving(model) as server:
-        hold = server.service.runner.run_split
-
-        def slow(items):  # answers stay in flight
-            time.sleep(0.3)
-            return hold(items)
-
-        server.service.runner.run_split = slow
-        try:
-            thread = threading.Thread(target=edge, daemon=True)
-            thread.start()
-            thread.join(timeout=180)
-        finally:
-            server.service.runner.run_split = hold
+    with serving(model) as server, slow_tail(server, 0.3):  # answers stay in flight
+        thread = threading.Thread(target=edge, daemon=True)
+        thread.start()
+        thread.join(timeout=180)
     assert not thread.is_alive(), "hnd-edge hung after the signal"
     assert calls["n"] >= 3 and got == {"code": 143}
 
@@ -277,24 +267,14 @@ def test_a_signal_that_lands_inside_grpcs_call_creation_ends_the_run_and_the_cha
 def test_a_slow_server_gets_a_window_and_deadline_it_can_serve(model):
     """A server whose tail takes over a second a frame (a CPU server): a fixed window of 4 queues frames past
     the deadline; the window the edge sizes from the answers gets every frame answered."""
-    with serving(model) as server:
-        hold = server.service.runner.run_split
-
-        def slow(items):
-            time.sleep(1.2)
-            return hold(items)
-
-        server.service.runner.run_split = slow
-        try:
-            got = {}
-            for auto in (False, True):
-                client = SplitClient(ClientSettings(f"127.0.0.1:{server.port}", timeout_s=4.0))
-                runner = _runner(model, client, max_inflight=4, auto_window=auto, auto_deadline=auto)
-                runner.fit_server(client.model_info())
-                got[auto] = runner.run(ArrayFrames(frames(5)))
-                client.close()
-        finally:
-            server.service.runner.run_split = hold
+    got = {}
+    with serving(model) as server, slow_tail(server, 1.2):
+        for auto in (False, True):
+            client = SplitClient(ClientSettings(f"127.0.0.1:{server.port}", timeout_s=4.0))
+            runner = _runner(model, client, max_inflight=4, auto_window=auto, auto_deadline=auto)
+            runner.fit_server(client.model_info())
+            got[auto] = runner.run(ArrayFrames(frames(5)))
+            client.close()
     assert got[False].failed_by_status().get("DEADLINE_EXCEEDED", 0) >= 1  # the 4th frame waits >= 4.8 s
     assert got[True].answered == 5 and got[True].failed == 0, got[True].statuses
     assert got[True].window.startswith("window 2 (auto, up to 4), deadline ")
@@ -305,22 +285,12 @@ def test_a_server_slower_than_the_deadline_and_the_give_up_is_waited_for_not_giv
     """The README's quickstart on a busy machine: the tail takes longer than the first deadline and longer than
     --give-up-after. The server answers a probe (it is computing, not gone), so the edge goes on with the
     doubled deadline and gets its frames answered; it used to exit "answered nothing ...: giving up"."""
-    with serving(model) as server:
-        hold = server.service.runner.run_split
-
-        def slow(items):
-            time.sleep(3.0)
-            return hold(items)
-
-        server.service.runner.run_split = slow
-        try:
-            client = SplitClient(ClientSettings(f"127.0.0.1:{server.port}", timeout_s=1.0))
-            runner = _runner(model, client, auto_window=True, auto_deadline=True, give_up_after_s=2.0)
-            with caplog.at_level(logging.WARNING, logger="hnd.edge"):
-                summary = runner.run(ArrayFrames(frames(4)))
-            client.close()
-        finally:
-            server.service.runner.run_split = hold
+    with serving(model) as server, slow_tail(server, 3.0):
+        client = SplitClient(ClientSettings(f"127.0.0.1:{server.port}", timeout_s=1.0))
+        runner = _runner(model, client, auto_window=True, auto_deadline=True, give_up_after_s=2.0)
+        with caplog.at_level(logging.WARNING, logger="hnd.edge"):
+            summary = runner.run(ArrayFrames(frames(4)))
+        client.close()
     assert runner.gave_up is None and summary.statuses.get("OK", 0) >= 1, summary.statuses
     assert runner.sizing.deadline_s >= 4.0  # doubled past the tail's 3 s
     assert caplog.text.count("is serving but slower than the") == 1, caplog.text
