@@ -25,6 +25,8 @@ from hnd.proto.v1 import split_inference_pb2 as pb
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """[H, W, 3] uint8 RGB -> [3, H, W] float32 in 0..1 (as torchvision's to_tensor)."""
+    if not image.flags.writeable:  # a read-only frame (a shared or cached one): torch warns on a view of it
+        image = image.copy()
     return torch.from_numpy(image).permute(2, 0, 1).float().div(255)
 
 

@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import threading
 import time
+import warnings
 
 import cv2
 import grpc
@@ -201,3 +202,16 @@ def test_live_capture_keeps_the_latest_frame_and_counts_drops(tmp_path):
     assert source.dropped > 0
     assert len(taken) + source.dropped == source.captured == 30
     assert taken == sorted(taken) and len(set(taken)) == len(taken)  # always newer frames, none twice
+
+
+def test_a_read_only_frame_is_read_the_same_and_without_a_warning():
+    """Frames shared or cached read-only (the adaptive bench's cycled clip) made torch warn on every run."""
+    from hnd.edge.torch_modes import to_tensor
+
+    image = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    read_only = image.copy()
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = to_tensor(read_only)
+    assert tensor.shape == (3, 6, 8) and torch.equal(tensor, to_tensor(image))
