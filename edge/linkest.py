@@ -7,11 +7,23 @@ stage times (as the server reports them; durations, never clocks subtracted acro
 
 * **Round trip** (``rtt_ms``): the windowed minimum of ``wire_ms`` over the last ``rtt_window_s`` seconds,
   as BBR keeps its RTprop: the smallest frames give the tightest bound (their bytes take least time), and an
-  old minimum ages out so a longer path is learnt (30 s rather than BBR's 10: see ``EstimatorParams``).
-* **Bandwidth** (``bandwidth_bps``): a delivery-rate sample per frame, ``8 * bytes / (wire_ms - rtt_ms)``
-  (``8 * bytes / wire_ms`` for a frame whose wire time is a new minimum: on a slow link every frame carries
-  transfer, the minimum is no bare round trip, and a faster frame would otherwise look instant),
-  and the windowed maximum over the last ``bw_window`` samples, as BBR keeps its BtlBw: a frame that waited
+  old minimum ages out so a longer path is learnt (30 s rather than BBR's 10: see ``EstimatorParams``);
+  or, below it, the round trip fitted from a pair of sizes (next).
+* **Bare round trip from sizes** (as pathchar does: the minimum delay grows with size, the slope is the
+  rate, the intercept the round trip): on a slow link every frame carries seconds of transfer, so the
+  windowed minimum is no bare round trip. A frame at least ``pair_ratio`` times the bytes of the frame that
+  set the minimum is timed against it as a pair: its extra bytes took its extra wire time, whatever the
+  round trip, so ``8 * (bytes - bytes_min) / (wire_ms - wire_min)`` is its delivery rate, and
+  ``wire_min - 8 * bytes_min / rate`` the bare round trip (kept ``fit_window_s``, the newest fit counting).
+  Only with a minimum sent since the bandwidth window last restarted, and where the fit is consistent (a
+  round trip of zero or more: the pair crossed one link rate); and only where the minimum's own bytes took
+  ``pair_min_share`` of its wire time and over ``min_transfer_ms`` (else taking them out changes little).
+  Without it a larger frame was timed against a minimum that already held transfer and over-read the rate
+  (a 4-bit frame at 9 kbit/s looked like 22 kbit/s, and the edge tried 8-bit). The edge's first frame pairs
+  with its probe (below), and a switch or a key frame makes another pair.
+* **Bandwidth** (``bandwidth_bps``): a delivery-rate sample per frame: the pair's above, else
+  ``8 * bytes / (wire_ms - rtt_ms)`` (``8 * bytes / wire_ms`` for a frame whose wire time is below both the
+  minimum and the round trip: it would otherwise look instant), and the windowed maximum over the last ``bw_window`` samples, as BBR keeps its BtlBw: a frame that waited
   behind another in flight, or whose transfer was too short to time (floored at ``min_transfer_ms``), only
   understates the rate, so the largest recent sample is the best one. A maximum filter alone would keep a
   rate the link lost for a whole window; like WebRTC's delay-based controller (GCC), which cuts its
@@ -63,7 +75,13 @@ class EstimatorParams:
     # over a slow link every recent sample carries seconds of transfer, and a short window would take
     # that for round trip (then the transfer looks instant and the bandwidth huge).
     rtt_window_s: float = 30.0
+    # How long a round trip fitted from a pair holds. Longer than the minimum's window: frames of one size give
+    # no new fit, and without one a frame at the minimum of a slow link looks instant; short enough that a
+    # path whose round trip grew is learnt again (until then its rate is under-read: the edge runs cheaper).
+    fit_window_s: float = 120.0
     min_transfer_ms: float = 0.5  # below this a transfer is not timed: the sample is a lower bound
+    pair_ratio: float = 1.5  # a frame this many times the bytes of the minimum's is timed against it as a pair
+    pair_min_share: float = 0.1  # ... when the minimum's own transfer is at least this share of its wire time
     overuse_factor: float = 2.0
     overuse_slack_ms: float = 5.0
     overuse_samples: int = 2
@@ -87,18 +105,31 @@ class LinkEstimator:
         self.inflight = inflight  # requests the edge keeps in flight
         self.samples = 0
         self._rates: deque[float] = deque(maxlen=params.bw_window)  # bit/s
-        self._wire: deque[tuple[float, float]] = deque(maxlen=1024)  # (time s, wire ms)
+        self._wire: deque[tuple[float, int, float]] = deque(maxlen=1024)  # (time s, bytes both ways, wire ms)
+        self._fits: deque[tuple[float, float]] = deque(maxlen=64)  # (time s, bare round trip ms fitted from a pair)
         self._overuse: list[float] = []  # rates of the overusing samples in a row
         self._since_reset = params.bw_window  # samples since the window last restarted
+        self._restart_s = -math.inf  # when it last restarted
         self._compute: dict[str, deque[float]] = {}
         self._responses: deque[int] = deque(maxlen=params.compute_window)
         self._errors: deque[tuple[str | None, float]] = deque(maxlen=256)  # (point, achieved - predicted ms)
 
-    def rtt_ms(self, now_s: float) -> float | None:
-        """The smallest ``wire_ms`` of the last ``rtt_window_s`` (the newest one when all are older)."""
+    def _minimum(self, now_s: float) -> tuple[float, int, float] | None:
+        """(time s, bytes, wire ms) of the smallest ``wire_ms`` of the last ``rtt_window_s`` (the newest sample
+        when all are older)."""
         while len(self._wire) > 1 and now_s - self._wire[0][0] > self.params.rtt_window_s:
             self._wire.popleft()
-        return min(w for _, w in self._wire) if self._wire else None
+        return min(self._wire, key=lambda sample: sample[2]) if self._wire else None
+
+    def rtt_ms(self, now_s: float) -> float | None:
+        """The round trip without payload: the newest pair's fit of the last ``fit_window_s`` where there is one
+        below the windowed minimum of ``wire_ms``, else that minimum (see the module docstring)."""
+        minimum = self._minimum(now_s)
+        if minimum is None:
+            return None
+        while self._fits and now_s - self._fits[0][0] > self.params.fit_window_s:
+            self._fits.popleft()
+        return min(self._fits[-1][1], minimum[2]) if self._fits else minimum[2]
 
     @property
     def bandwidth_bps(self) -> float | None:
@@ -121,17 +152,10 @@ class LinkEstimator:
         predicted and achieved end-to-end latency (for the calibration)."""
         p = self.params
         wire = max(network_ms - server_ms, 0.0)
-        before = self.rtt_ms(now_s)
-        self._wire.append((now_s, wire))
-        rtt = self.rtt_ms(now_s) or 0.0
-        if before is not None and wire < before:
-            # a new minimum: the round trip so far held transfer too (a slow link never shows a bare one),
-            # so this frame cannot be timed against it; against none, its rate is a lower bound
-            rtt = 0.0
         nbytes = request_bytes + response_bytes
-        transfer = max(wire - rtt, p.min_transfer_ms)
-        rate = 8 * nbytes / transfer * 1e3
-        restarted = self._check_overuse(nbytes, wire - rtt, rate)
+        rate, transfer = self._delivery_rate(now_s, nbytes, wire)
+        self._wire.append((now_s, nbytes, wire))
+        restarted = self._check_overuse(now_s, nbytes, transfer, rate)
         self._rates.append(rate)
         self._responses.append(response_bytes)
         self.samples += 1
@@ -140,12 +164,37 @@ class LinkEstimator:
         if predicted_ms is not None and total_ms is not None and math.isfinite(predicted_ms) and not restarted:
             self._errors.append((point, total_ms - predicted_ms))
 
+    def _delivery_rate(self, now_s: float, nbytes: int, wire: float) -> tuple[float, float]:
+        """This frame's delivery-rate sample (bit/s) and the time its bytes took on the link (ms): timed as a
+        pair with the minimum so far, or against the round trip (see the module docstring)."""
+        p = self.params
+        minimum = self._minimum(now_s)
+        if minimum is None:  # the first sample: its own round trip, untimed transfer (a lower bound)
+            return 8 * nbytes / p.min_transfer_ms * 1e3, 0.0
+        min_time, min_bytes, min_wire = minimum
+        # a pair only with a minimum sent at the link's current rate (since the last restart of the window)
+        if nbytes >= p.pair_ratio * min_bytes and wire > min_wire and min_time >= self._restart_s:
+            rate = 8 * (nbytes - min_bytes) / max(wire - min_wire, p.min_transfer_ms) * 1e3
+            own = 8 * min_bytes / rate * 1e3  # the minimum's own transfer at that rate
+            # a pair when the minimum's transfer is long enough to time and a share of its wire time worth
+            # taking out, and consistent (no longer than the whole wire time: else the rate changed between)
+            if max(p.min_transfer_ms, p.pair_min_share * min_wire) < own <= min_wire:
+                bare = min_wire - own
+                self._fits.append((now_s, bare))
+                return rate, wire - bare
+        rtt = self.rtt_ms(now_s) or 0.0
+        if wire < min_wire and wire - rtt <= p.min_transfer_ms:
+            # faster than the round trip as known (a slow link's minimum holds transfer): against it this frame
+            # would look instant, so it is timed against none (a lower bound), and it overused nothing
+            return 8 * nbytes / max(wire, p.min_transfer_ms) * 1e3, 0.0
+        return 8 * nbytes / max(wire - rtt, p.min_transfer_ms) * 1e3, wire - rtt
+
     def observe_probe(self, now_s: float, nbytes: int, ms: float) -> None:
         """A small timed call before any frame (``nbytes`` both ways in ``ms``): a round trip of at most
         ``ms`` and a rate of at least ``8 nbytes / ms``, so the first choice errs on the safe side. Not a
         frame: ``samples`` is unchanged (the policy's hysteresis counts frames)."""
         ms = max(ms, self.params.min_transfer_ms)
-        self._wire.append((now_s, ms))
+        self._wire.append((now_s, nbytes, ms))
         self._rates.append(8 * max(nbytes, 1) / ms * 1e3)
 
     def latency_bias_ms(self, point: str | None) -> float:
@@ -178,7 +227,7 @@ class LinkEstimator:
             return None
         return 8 * nbytes / on_link * 1e3
 
-    def _check_overuse(self, nbytes: int, transfer_ms: float, rate: float) -> bool:
+    def _check_overuse(self, now_s: float, nbytes: int, transfer_ms: float, rate: float) -> bool:
         """Restart the max filter from the recent samples when frames keep taking far longer than predicted
         (True: restarted; the calibration's errors then go too, this frame's included)."""
         p, bw = self.params, self.bandwidth_bps
@@ -198,6 +247,7 @@ class LinkEstimator:
                 self._rates.extend(self._overuse[:-1])  # the last one is appended by observe()
                 self._overuse.clear()
                 self._since_reset = 0
+                self._restart_s = now_s
                 # the errors were measured against the link that just went: the new estimate explains them,
                 # and counting them again would put the edge below what the new rate carries
                 self._errors.clear()

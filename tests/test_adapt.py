@@ -517,12 +517,45 @@ def test_the_adaptive_mode_prices_the_next_frame_with_the_one_still_out():
 def test_a_faster_frame_than_the_round_trip_so_far_is_timed_against_none():
     """On a slow link every frame carries transfer, so the windowed minimum is no bare round trip; when the
     link speeds up, a frame below it would look instant (a rate of 8 bytes / 0.5 ms) and send the edge to
-    its richest point on a link of a few kbit/s."""
+    its richest point on a link of a few kbit/s. Frames of one size give no fit of the round trip (below)."""
     est = LinkEstimator()
-    est.observe(0.0, 266, 0, network_ms=925.0, server_ms=0.0)  # 266 B at ~2.3 kbit/s: 925 ms "round trip"
-    est.observe(1.0, 992, 0, network_ms=2_000.0, server_ms=0.0)  # 992 B: 1,075 ms more than that
-    assert est.rtt_ms(1.0) == 925.0
-    est.observe(2.0, 992, 0, network_ms=760.0, server_ms=0.0)  # the link sped up: below the minimum
-    assert est.rtt_ms(2.0) == 760.0
-    assert est._rates[-1] == pytest.approx(8 * 992 / 0.760)  # ~10 kbit/s, a lower bound; not 15.9 Mbit/s
+    est.observe_probe(0.0, 992, 3_530.0)  # 992 B at 2.3 kbit/s, 80 ms round trip
+    assert est.rtt_ms(1.0) == 3_530.0
+    est.observe(2.0, 992, 0, network_ms=874.0, server_ms=0.0)  # the link sped up to 10 kbit/s: below the minimum
+    assert est.rtt_ms(2.0) == 874.0 and not est._fits
+    assert est._rates[-1] == pytest.approx(8 * 992 / 0.874)  # ~9 kbit/s, a lower bound; not 15.9 Mbit/s
     assert est.bandwidth_bps < 20e3
+
+
+def test_a_larger_frame_is_timed_as_a_pair_with_the_minimum_so_a_slow_links_rate_is_not_over_read():
+    """Rerun of #27, rise trace, 9.1 kbit/s with a 80 ms round trip: the minimum is a 2-bit frame (1,007 B both
+    ways, 885 ms of it transfer). A 4-bit frame (1,763 B) timed against that minimum as if it were the round
+    trip read 8 x 1,763 / 665 ms = 21 kbit/s, and the edge tried 8-bit (4.3-4.5 s, late). As a pair, its
+    756 extra bytes took its 665 extra ms: 9.1 kbit/s, and the round trip is 965 - 885 = 80 ms."""
+    est = LinkEstimator()
+    two_bit, four_bit = 1_007, 1_763
+    on_wire = lambda nbytes: 80.0 + 8 * nbytes / 9.1  # noqa: E731 - ms at 9.1 kbit/s
+    est.observe(0.0, two_bit, 0, network_ms=on_wire(two_bit) + 30.0, server_ms=30.0)
+    est.observe(3.0, two_bit, 0, network_ms=on_wire(two_bit) + 40.0, server_ms=30.0)  # 10 ms of jitter
+    est.observe(6.0, four_bit, 0, network_ms=on_wire(four_bit) + 30.0, server_ms=30.0)
+    assert est._rates[-1] == pytest.approx(9.1e3)  # not 8 x 1,763 / 0.665 = 21.2 kbit/s
+    assert est.rtt_ms(6.0) == pytest.approx(80.0)  # the pair's fit, not the minimum's 965 ms
+    # the fit times the frames of one size too: 4-bit again, 50 ms late, reads 8.9 kbit/s, not 8 x 1,763 / 50 ms
+    est.observe(9.0, four_bit, 0, network_ms=on_wire(four_bit) + 50.0, server_ms=0.0)
+    assert est._rates[-1] == pytest.approx(8 * four_bit / (8 * four_bit / 9.1 + 50.0) * 1e3)
+    assert est.bandwidth_bps < 10e3
+    # so 8-bit (4,760 B: 4.2 s) does not fit a 3 s target with the margin, and 4-bit (1.6 s) does
+    eight = OperatingPoint("8b", "split", {}, 4_175, 4_175, 10.0, 10.0, 0.98)
+    four = OperatingPoint("4b", "split", {}, 1_178, 1_178, 10.0, 10.0, 0.89)
+    e = replace(est.estimate(9.0), response_bytes=585.0)
+    assert predict(eight, e).latency_ms > 3_000 > 0.8 * 3_000 > predict(four, e).latency_ms
+
+
+def test_a_pair_across_a_rate_change_is_not_fitted():
+    """A small frame sent before the link slowed and a larger one after it: the extra bytes did not cross
+    one rate, so the fit would be a negative round trip; the frame is timed against the minimum instead."""
+    est = LinkEstimator()
+    est.observe_probe(0.0, 266, 80.0)  # 80 ms round trip on a fast link
+    est.observe(1.0, 4_760, 0, network_ms=80.0 + 8 * 4_760 / 8.8, server_ms=0.0)  # 8.8 kbit/s now
+    assert est.rtt_ms(1.0) == 80.0 and not est._fits
+    assert est._rates[-1] == pytest.approx(8.8e3)
