@@ -10,20 +10,26 @@ stage times (as the server reports them; durations, never clocks subtracted acro
   old minimum ages out so a longer path is learnt (30 s rather than BBR's 10: see ``EstimatorParams``);
   or, below it, the round trip fitted from a pair of sizes (next).
 * **Bare round trip from sizes** (as pathchar does: the minimum delay grows with size, the slope is the
-  rate, the intercept the round trip): on a slow link every frame carries seconds of transfer, so the
-  windowed minimum is no bare round trip. A frame at least ``pair_ratio`` times the bytes of the frame that
-  set the minimum is timed against it as a pair: its extra bytes took its extra wire time, whatever the
-  round trip, so ``8 * (bytes - bytes_min) / (wire_ms - wire_min)`` is its delivery rate, and
-  ``wire_min - 8 * bytes_min / rate`` the bare round trip (kept ``fit_window_s``, the newest fit counting).
-  Only with a minimum sent since the bandwidth window last restarted, and where the fit is consistent (a
-  round trip of zero or more: the pair crossed one link rate); and only where the minimum's own bytes took
-  ``pair_min_share`` of its wire time and over ``min_transfer_ms`` (else taking them out changes little).
-  Without it a larger frame was timed against a minimum that already held transfer and over-read the rate
-  (a 4-bit frame at 9 kbit/s looked like 22 kbit/s, and the edge tried 8-bit). The edge's first frame pairs
-  with its probe (below), and a switch or a key frame makes another pair.
+  rate, the intercept the round trip). On a slow link every frame carries seconds of transfer, so the
+  windowed minimum is no bare round trip, and a frame timed against it over-reads the rate (a 4-bit frame at
+  9 kbit/s read 22 kbit/s and the edge tried 8-bit; a 2-bit frame 20 ms slower than the 2-bit minimum read
+  400 kbit/s). Two fits of the bare round trip, each kept ``fit_window_s`` (the newest counting), and each
+  only from a minimum sent since the bandwidth window last restarted (at the rate the window holds now):
+
+  - a frame at least ``pair_ratio`` times the bytes of the frame that set the minimum is timed against it
+    as a pair: its extra bytes took its extra wire time, whatever the round trip, so
+    ``8 * (bytes - bytes_min) / (wire_ms - wire_min)`` is its delivery rate and ``wire_min - 8 * bytes_min /
+    rate`` the round trip; where that is zero or more (else the rate changed between the two), and where
+    the minimum's own transfer is over ``pair_min_share`` of its wire time and ``min_transfer_ms`` (else
+    taking it out changes little). The edge's first frame pairs with its probe, a switch or a key frame
+    makes another pair;
+  - a minimum whose own bytes take less than ``pair_min_share`` of it at the current rate is a round trip as
+    it is (less that transfer): the round trip a fast link showed is still known when the link slows.
+
 * **Bandwidth** (``bandwidth_bps``): a delivery-rate sample per frame: the pair's above, else
   ``8 * bytes / (wire_ms - rtt_ms)`` (``8 * bytes / wire_ms`` for a frame whose wire time is below both the
-  minimum and the round trip: it would otherwise look instant), and the windowed maximum over the last ``bw_window`` samples, as BBR keeps its BtlBw: a frame that waited
+  minimum and the round trip: it would otherwise look instant), and the windowed maximum over the last
+  ``bw_window`` samples, as BBR keeps its BtlBw: a frame that waited
   behind another in flight, or whose transfer was too short to time (floored at ``min_transfer_ms``), only
   understates the rate, so the largest recent sample is the best one. A maximum filter alone would keep a
   rate the link lost for a whole window; like WebRTC's delay-based controller (GCC), which cuts its
@@ -172,8 +178,14 @@ class LinkEstimator:
         if minimum is None:  # the first sample: its own round trip, untimed transfer (a lower bound)
             return 8 * nbytes / p.min_transfer_ms * 1e3, 0.0
         min_time, min_bytes, min_wire = minimum
+        bw = self.bandwidth_bps
+        since_restart = min_time >= self._restart_s  # the minimum was sent at the rate the window holds now
+        if bw and since_restart:  # a minimum whose own bytes take a small share of it is a round trip
+            own = 8 * min_bytes / bw * 1e3
+            if own <= p.pair_min_share * min_wire:
+                self._fits.append((now_s, min_wire - own if own > p.min_transfer_ms else min_wire))
         # a pair only with a minimum sent at the link's current rate (since the last restart of the window)
-        if nbytes >= p.pair_ratio * min_bytes and wire > min_wire and min_time >= self._restart_s:
+        if nbytes >= p.pair_ratio * min_bytes and wire > min_wire and since_restart:
             rate = 8 * (nbytes - min_bytes) / max(wire - min_wire, p.min_transfer_ms) * 1e3
             own = 8 * min_bytes / rate * 1e3  # the minimum's own transfer at that rate
             # a pair when the minimum's transfer is long enough to time and a share of its wire time worth

@@ -559,3 +559,21 @@ def test_a_pair_across_a_rate_change_is_not_fitted():
     est.observe(1.0, 4_760, 0, network_ms=80.0 + 8 * 4_760 / 8.8, server_ms=0.0)  # 8.8 kbit/s now
     assert est.rtt_ms(1.0) == 80.0 and not est._fits
     assert est._rates[-1] == pytest.approx(8.8e3)
+
+
+def test_frames_of_one_size_on_a_slow_link_are_timed_against_the_fast_links_round_trip():
+    """Steps trace, 50 Mbit/s then 4.1 kbit/s with a 80 ms round trip: once the fast frames leave the 30 s
+    minimum, the minimum is a slow 2-bit frame of ~2 s, most of it transfer. Timed against it, the next 2-bit
+    frame, 20 ms slower by jitter, read 8 x 1,007 / 20 ms = 400 kbit/s and sent the edge up to a late 4-bit.
+    The fast link's minimum was a round trip (its bytes took well under a tenth of it): kept as one."""
+    est = LinkEstimator()
+    est.observe_probe(0.0, 266, 82.0)
+    for t in range(1, 6):
+        est.observe(float(t), 4_760, 0, network_ms=82.0 + (t % 3) * 0.8 + 8 * 4_760 / 50e3, server_ms=0.0)
+    est.observe(20.0, 4_760, 0, network_ms=80.0 + 8 * 4_760 / 4.1, server_ms=0.0)  # the drop: 9.4 s
+    assert est.bandwidth_bps == pytest.approx(4.1e3, rel=0.02)
+    for i, t in enumerate(range(30, 75, 3)):
+        jitter = (i % 3) * 20.0
+        est.observe(float(t), 1_007, 0, network_ms=80.0 + 8 * 1_007 / 4.1 + jitter, server_ms=0.0)
+        assert est.bandwidth_bps < 4.2e3, t
+    assert est._minimum(72.0)[2] > 2_000 and est.rtt_ms(72.0) == pytest.approx(82.0, abs=1.0)
