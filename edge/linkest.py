@@ -16,13 +16,14 @@ stage times (as the server reports them; durations, never clocks subtracted acro
   400 kbit/s). Two fits of the bare round trip, each kept ``fit_window_s`` (the newest counting), and each
   only from a minimum sent since the bandwidth window last restarted (at the rate the window holds now):
 
-  - a frame at least ``pair_ratio`` times the bytes of the frame that set the minimum is timed against it
-    as a pair: its extra bytes took its extra wire time, whatever the round trip, so
-    ``8 * (bytes - bytes_min) / (wire_ms - wire_min)`` is its delivery rate and ``wire_min - 8 * bytes_min /
+  - a frame at least ``pair_ratio`` times the bytes of the quickest of the last ``pair_window`` samples is
+    timed against it as a pair: its extra bytes took its extra wire time, whatever the round trip, so
+    ``8 * (bytes - bytes_ref) / (wire_ms - wire_ref)`` is its delivery rate and ``wire_ref - 8 * bytes_ref /
     rate`` the round trip; where that is zero or more (else the rate changed between the two), and where
-    the minimum's own transfer is over ``pair_min_share`` of its wire time and ``min_transfer_ms`` (else
-    taking it out changes little). The edge's first frame pairs with its probe, a switch or a key frame
-    makes another pair;
+    the reference's own transfer is over ``pair_min_share`` of its wire time and ``min_transfer_ms`` (else
+    taking it out changes little). A recent reference, not the window's minimum: a pair across a rise of
+    the rate reads the rise as a high rate (8.6 kbit/s read 16 kbit/s against a probe sent at 4 kbit/s 20 s
+    before). The edge's first frame pairs with its probe, a switch or a key frame makes another pair;
   - a minimum whose own bytes take less than ``pair_min_share`` of it at the current rate is a round trip as
     it is (less that transfer): the round trip a fast link showed is still known when the link slows.
 
@@ -86,7 +87,8 @@ class EstimatorParams:
     # path whose round trip grew is learnt again (until then its rate is under-read: the edge runs cheaper).
     fit_window_s: float = 120.0
     min_transfer_ms: float = 0.5  # below this a transfer is not timed: the sample is a lower bound
-    pair_ratio: float = 1.5  # a frame this many times the bytes of the minimum's is timed against it as a pair
+    pair_ratio: float = 1.5  # a frame this many times the bytes of a recent one is timed against it as a pair
+    pair_window: int = 3  # ... one of the last this many samples (the quickest of them)
     pair_min_share: float = 0.1  # ... when the minimum's own transfer is at least this share of its wire time
     overuse_factor: float = 2.0
     overuse_slack_ms: float = 5.0
@@ -172,7 +174,7 @@ class LinkEstimator:
 
     def _delivery_rate(self, now_s: float, nbytes: int, wire: float) -> tuple[float, float]:
         """This frame's delivery-rate sample (bit/s) and the time its bytes took on the link (ms): timed as a
-        pair with the minimum so far, or against the round trip (see the module docstring)."""
+        pair with a recent frame, or against the round trip (see the module docstring)."""
         p = self.params
         minimum = self._minimum(now_s)
         if minimum is None:  # the first sample: its own round trip, untimed transfer (a lower bound)
@@ -184,16 +186,20 @@ class LinkEstimator:
             own = 8 * min_bytes / bw * 1e3
             if own <= p.pair_min_share * min_wire:
                 self._fits.append((now_s, min_wire - own if own > p.min_transfer_ms else min_wire))
-        # a pair only with a minimum sent at the link's current rate (since the last restart of the window)
-        if nbytes >= p.pair_ratio * min_bytes and wire > min_wire and since_restart:
-            rate = 8 * (nbytes - min_bytes) / max(wire - min_wire, p.min_transfer_ms) * 1e3
-            own = 8 * min_bytes / rate * 1e3  # the minimum's own transfer at that rate
-            # a pair when the minimum's transfer is long enough to time and a share of its wire time worth
-            # taking out, and consistent (no longer than the whole wire time: else the rate changed between)
-            if max(p.min_transfer_ms, p.pair_min_share * min_wire) < own <= min_wire:
-                bare = min_wire - own
-                self._fits.append((now_s, bare))
-                return rate, wire - bare
+        # a pair with the quickest of the last few samples (the same link rate, most likely: an older one may
+        # have crossed a slower link, and timed against it this frame would look fast), since the last restart
+        recent = [s for s in list(self._wire)[-p.pair_window :] if s[0] >= self._restart_s]
+        if recent:
+            _, ref_bytes, ref_wire = min(recent, key=lambda sample: sample[2])
+            if nbytes >= p.pair_ratio * ref_bytes and wire > ref_wire:
+                rate = 8 * (nbytes - ref_bytes) / max(wire - ref_wire, p.min_transfer_ms) * 1e3
+                own = 8 * ref_bytes / rate * 1e3  # the reference's own transfer at that rate
+                # a fit when that transfer is long enough to time and a share of its wire time worth taking
+                # out, and consistent (no longer than its whole wire time: else the rate changed between)
+                if max(p.min_transfer_ms, p.pair_min_share * ref_wire) < own <= ref_wire:
+                    bare = ref_wire - own
+                    self._fits.append((now_s, bare))
+                    return rate, wire - bare
         rtt = self.rtt_ms(now_s) or 0.0
         if wire < min_wire and wire - rtt <= p.min_transfer_ms:
             # faster than the round trip as known (a slow link's minimum holds transfer): against it this frame

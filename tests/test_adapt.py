@@ -577,3 +577,19 @@ def test_frames_of_one_size_on_a_slow_link_are_timed_against_the_fast_links_roun
         est.observe(float(t), 1_007, 0, network_ms=80.0 + 8 * 1_007 / 4.1 + jitter, server_ms=0.0)
         assert est.bandwidth_bps < 4.2e3, t
     assert est._minimum(72.0)[2] > 2_000 and est.rtt_ms(72.0) == pytest.approx(82.0, abs=1.0)
+
+
+def test_a_pair_is_made_with_a_recent_frame_not_one_sent_before_the_link_sped_up():
+    """Rise trace, 4 kbit/s then 8.6 kbit/s (80 ms round trip): the probe, sent at 4 kbit/s, stayed the 30 s
+    minimum; paired with it, the first 2-bit frame at 8.6 kbit/s read 16 kbit/s, and the edge tried 8-bit
+    (4.6 s, late). Paired with the last few frames (the same size: no pair), it is timed against the round
+    trip fitted at the start."""
+    est = LinkEstimator()
+    on_wire = lambda nbytes, kbps: 80.0 + 8 * nbytes / kbps  # noqa: E731
+    est.observe_probe(0.0, 266, on_wire(266, 3.96))
+    for t in range(2, 20, 3):
+        est.observe(float(t), 1_085, 0, network_ms=on_wire(1_085, 3.96), server_ms=0.0)
+    assert est.rtt_ms(20.0) == pytest.approx(80.0)  # the first frame and the probe: a pair at one rate
+    est.observe(22.0, 1_085, 0, network_ms=on_wire(1_085, 8.6), server_ms=0.0)
+    assert est._rates[-1] == pytest.approx(8.6e3)  # not 8 x (1,085 - 266) / (1,089 - 617) ms = 13.9 kbit/s
+    assert est.bandwidth_bps == pytest.approx(8.6e3)
