@@ -7,26 +7,26 @@ stage times (as the server reports them; durations, never clocks subtracted acro
 
 * **Round trip** (``rtt_ms``): the windowed minimum of ``wire_ms`` over the last ``rtt_window_s`` seconds,
   as BBR keeps its RTprop: the smallest frames give the tightest bound (their bytes take least time), and an
-  old minimum ages out so a longer path is learnt (30 s rather than BBR's 10: see ``EstimatorParams``);
-  or, below it, the round trip fitted from a pair of sizes (next).
-* **Bare round trip from sizes** (as pathchar does: the minimum delay grows with size, the slope is the
-  rate, the intercept the round trip). On a slow link every frame carries seconds of transfer, so the
-  windowed minimum is no bare round trip, and a frame timed against it over-reads the rate (a 4-bit frame at
-  9 kbit/s read 22 kbit/s and the edge tried 8-bit; a 2-bit frame 20 ms slower than the 2-bit minimum read
-  400 kbit/s). Two fits of the bare round trip, each kept ``fit_window_s`` (the newest counting), and each
-  only from a minimum sent since the bandwidth window last restarted (at the rate the window holds now):
-
-  - a frame at least ``pair_ratio`` times the bytes of the quickest of the last ``pair_window`` samples is
-    timed against it as a pair: its extra bytes took its extra wire time, whatever the round trip, so
-    ``8 * (bytes - bytes_ref) / (wire_ms - wire_ref)`` is its delivery rate and ``wire_ref - 8 * bytes_ref /
-    rate`` the round trip; where that is zero or more (else the rate changed between the two), and where
-    the reference's own transfer is over ``pair_min_share`` of its wire time and ``min_transfer_ms`` (else
-    taking it out changes little). A recent reference, not the window's minimum: a pair across a rise of
-    the rate reads the rise as a high rate (8.6 kbit/s read 16 kbit/s against a probe sent at 4 kbit/s 20 s
-    before). The edge's first frame pairs with its probe, a switch or a key frame makes another pair;
-  - a minimum whose own bytes take less than ``pair_min_share`` of it at the current rate is a round trip as
-    it is (less that transfer): the round trip a fast link showed is still known when the link slows.
-
+  old minimum ages out so a longer path is learnt (30 s rather than BBR's 10: see ``EstimatorParams``).
+  Or, below it, the round trip a fast link showed: a minimum whose own bytes took under ``pair_min_share``
+  of it at the rate of the moment (less that transfer), kept ``fit_window_s``. When the link slows, frames
+  are still timed against it, not against a minimum of seconds that holds transfer.
+* **Pairs of sizes** (as pathchar does: the minimum delay grows with size, and the slope is the rate). On a
+  slow link even the smallest frame spends seconds on the wire, so the minimum is no bare round trip, and a
+  frame timed against it over-reads the rate: a 4-bit frame at 9 kbit/s read 22 kbit/s and the edge tried
+  8-bit; a 2-bit frame 20 ms slower than the 2-bit minimum read 400 kbit/s at 4 kbit/s.
+  A frame at least ``pair_ratio`` times the bytes of the quickest of the last ``pair_window`` samples (since
+  the window's last restart) is timed against that one: its extra bytes took its extra wire time, whatever
+  the round trip and the per-call bytes the edge does not see (HTTP/2 headers). So
+  ``8 * (bytes - bytes_ref) / (wire_ms - wire_ref)`` is its delivery rate, where the reference's own
+  transfer at that rate is over ``pair_min_share`` of its wire time and ``min_transfer_ms`` (else the
+  pair adds little) and no longer than its whole wire time (else the rate changed between the two).
+  A recent reference, not the window's minimum: a pair across a rise of the rate reads the rise as a high
+  rate. Frames of about the minimum's size are then timed no higher than the last pair's rate (or than
+  their own lower bound ``8 * bytes / wire_ms``, where that is higher). The pair's intercept is not taken for
+  the round trip: it holds those unseen bytes' transfer at the rate of the moment, and a frame timed
+  against it after the link sped up looked three times as fast as it was. The edge's first frame pairs with
+  its probe, and a switch or a key frame makes another pair.
 * **Bandwidth** (``bandwidth_bps``): a delivery-rate sample per frame: the pair's above, else
   ``8 * bytes / (wire_ms - rtt_ms)`` (``8 * bytes / wire_ms`` for a frame whose wire time is below both the
   minimum and the round trip: it would otherwise look instant), and the windowed maximum over the last
@@ -114,7 +114,8 @@ class LinkEstimator:
         self.samples = 0
         self._rates: deque[float] = deque(maxlen=params.bw_window)  # bit/s
         self._wire: deque[tuple[float, int, float]] = deque(maxlen=1024)  # (time s, bytes both ways, wire ms)
-        self._fits: deque[tuple[float, float]] = deque(maxlen=64)  # (time s, bare round trip ms fitted from a pair)
+        self._fits: deque[tuple[float, float]] = deque(maxlen=64)  # (time s, round trip ms a fast link showed)
+        self._slopes: deque[tuple[float, float]] = deque(maxlen=64)  # (time s, a pair's rate bit/s)
         self._overuse: list[float] = []  # rates of the overusing samples in a row
         self._since_reset = params.bw_window  # samples since the window last restarted
         self._restart_s = -math.inf  # when it last restarted
@@ -130,14 +131,20 @@ class LinkEstimator:
         return min(self._wire, key=lambda sample: sample[2]) if self._wire else None
 
     def rtt_ms(self, now_s: float) -> float | None:
-        """The round trip without payload: the newest pair's fit of the last ``fit_window_s`` where there is one
-        below the windowed minimum of ``wire_ms``, else that minimum (see the module docstring)."""
+        """The round trip without payload: the windowed minimum of ``wire_ms``, or below it the newest round
+        trip a fast link showed in the last ``fit_window_s`` (see the module docstring)."""
         minimum = self._minimum(now_s)
         if minimum is None:
             return None
         while self._fits and now_s - self._fits[0][0] > self.params.fit_window_s:
             self._fits.popleft()
         return min(self._fits[-1][1], minimum[2]) if self._fits else minimum[2]
+
+    def _slope_bps(self, now_s: float) -> float | None:
+        """The newest pair's rate since the window's last restart, within ``fit_window_s``; None without one."""
+        while self._slopes and now_s - self._slopes[0][0] > self.params.fit_window_s:
+            self._slopes.popleft()
+        return self._slopes[-1][1] if self._slopes and self._slopes[-1][0] >= self._restart_s else None
 
     @property
     def bandwidth_bps(self) -> float | None:
@@ -194,18 +201,24 @@ class LinkEstimator:
             if nbytes >= p.pair_ratio * ref_bytes and wire > ref_wire:
                 rate = 8 * (nbytes - ref_bytes) / max(wire - ref_wire, p.min_transfer_ms) * 1e3
                 own = 8 * ref_bytes / rate * 1e3  # the reference's own transfer at that rate
-                # a fit when that transfer is long enough to time and a share of its wire time worth taking
+                # a pair where that transfer is long enough to time and a share of its wire time worth taking
                 # out, and consistent (no longer than its whole wire time: else the rate changed between)
                 if max(p.min_transfer_ms, p.pair_min_share * ref_wire) < own <= ref_wire:
-                    bare = ref_wire - own
-                    self._fits.append((now_s, bare))
-                    return rate, wire - bare
+                    self._slopes.append((now_s, rate))
+                    return rate, 8 * nbytes / rate * 1e3
         rtt = self.rtt_ms(now_s) or 0.0
+        floor = 8 * nbytes / max(wire, p.min_transfer_ms) * 1e3  # against no round trip: a lower bound
         if wire < min_wire and wire - rtt <= p.min_transfer_ms:
             # faster than the round trip as known (a slow link's minimum holds transfer): against it this frame
             # would look instant, so it is timed against none (a lower bound), and it overused nothing
-            return 8 * nbytes / max(wire, p.min_transfer_ms) * 1e3, 0.0
-        return 8 * nbytes / max(wire - rtt, p.min_transfer_ms) * 1e3, wire - rtt
+            return floor, 0.0
+        rate = 8 * nbytes / max(wire - rtt, p.min_transfer_ms) * 1e3
+        slope = self._slope_bps(now_s)
+        if slope is not None:
+            # a frame of about the minimum's size, timed against a minimum that may hold transfer, reads its
+            # jitter as rate: no higher than the last pair's rate, or this frame's lower bound if higher
+            rate = min(rate, max(slope, floor))
+        return rate, wire - rtt
 
     def observe_probe(self, now_s: float, nbytes: int, ms: float) -> None:
         """A small timed call before any frame (``nbytes`` both ways in ``ms``): a round trip of at most
