@@ -227,7 +227,8 @@ class AdaptiveMode(EdgeMode):
 
     def check_server(self, info: pb.ModelInfo) -> None:
         """Every point's own check against the server (a point the server cannot serve is left out, said
-        once); EdgeError when none is left. Split points at ``native`` size are checked at their first frame."""
+        once); EdgeError when none is left. Split points at ``native`` size are checked at the first frame of
+        each size, all of them before the policy chooses (:meth:`_choose`)."""
         self.info = info
         for p in list(self.points):
             if p.mode == "split" and p.reproduce.get("resize") == "native":
@@ -281,6 +282,10 @@ class AdaptiveMode(EdgeMode):
         return p
 
     def _choose(self, frame: Frame) -> tuple[EdgeMode, OperatingPoint]:
+        # split points at the frame's own size are checked against the server at the first frame of each
+        # size, all of them before any choice: else the policy named a point it was about to leave out
+        for p in [p for p in self.points if self._resize(p, frame) is not None]:
+            self._mode_for(p, frame)
         while True:
             if not self.points:
                 raise EdgeError(f"{self.profile.path}: the server can serve none of the operating points")

@@ -595,3 +595,47 @@ def test_a_pair_is_made_with_a_recent_frame_not_one_sent_before_the_link_sped_up
     # not 8 x (1,085 - 266) / (1,089 - 617) ms = 13.9 kbit/s: its own lower bound, 8 x 1,085 / 1,089 ms
     assert est._rates[-1] == pytest.approx(8 * 1_085 / on_wire(1_085, 8.6) * 1e3)
     assert 7.9e3 < est.bandwidth_bps < 8.6e3
+
+
+def test_split_points_at_the_frames_size_are_left_out_at_the_first_frame_before_any_choice():
+    """A walk-through: 320x240 frames, a server taking at most 256 px, a slow link at first. The edge ran the
+    cheapest point (H.264), and when the link allowed a native split point it said "the objective is met
+    again: running split-8b..." and only then left it out; one such pair of lines per native point. Now
+    every native point is checked at the first frame, before the policy runs."""
+    import types
+
+    from hnd.edge.adapt import Profile
+    from hnd.edge.adapt_mode import AdaptiveMode
+    from hnd.edge.capture import Frame
+    from hnd.edge.modes import EdgeMode, EdgeOptions, Prepared
+    from hnd.edge.records import Timings
+    from hnd.proto.v1 import split_inference_pb2 as pb
+
+    class Fake(EdgeMode):
+        def check_server(self, info: pb.ModelInfo) -> None:
+            if self.options.mode == "split":
+                raise ValueError("resize 240/320 is beyond what the server accepts")
+
+        def prepare(self, frame: Frame) -> Prepared:
+            return Prepared(frame, Timings(), pb.InferRequest(), 10, 20)
+
+    def split(id: str, nbytes: float, agreement: float) -> OperatingPoint:
+        r = {"bits": 8, "granularity": "tensor", "coding": "intra", "resize": "native"}
+        return OperatingPoint(id, "split", r, nbytes, nbytes, 10, 20, agreement)
+
+    jpeg = OperatingPoint("jpeg", "offload", {"image_format": "jpeg", "quality": 75}, 500, 500, 10, 20, 0.9)
+    said: list[str] = []
+    mode = AdaptiveMode(
+        EdgeOptions(max_inflight=1), Profile("p.json", "f", {}, [split("8b", 4_000, 0.98), split("4b", 1_000, 0.95), jpeg]),
+        Objective(target_latency_ms=1_000), lambda o, *a: Fake(o), types.SimpleNamespace(), "f",
+        say=said.append, clock=lambda: 0.0, probe=lambda: (1_000, 2_000.0),  # >= 4 kbit/s: nothing fits 1 s
+    )  # fmt: skip
+    mode.check_server(pb.ModelInfo())
+    assert said == [] and len(mode.points) == 3  # native points wait for a frame's size
+    prepared = mode.prepare(Frame(0, "f", np.zeros((240, 320, 3), np.uint8), 0, 0.0, 0.0))
+    assert prepared.extra["operating_point"] == "jpeg" and [p.id for p in mode.points] == ["jpeg"]
+    assert said[:2] == [
+        "operating point 8b left out: resize 240/320 is beyond what the server accepts",
+        "operating point 4b left out: resize 240/320 is beyond what the server accepts",
+    ]
+    assert len(said) == 3 and said[2].startswith("no operating point meets the objective") and "jpeg" in said[2]
