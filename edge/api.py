@@ -89,6 +89,7 @@ class EdgeSettings:
     lb: str = "round_robin"
     max_attempts: int = 3
     timeout: float | None = None
+    connect_timeout: float = 10.0
     give_up_after: float | None = None
     tls_ca: str | None = None
     tls_cert: str | None = None
@@ -121,6 +122,8 @@ class EdgeSettings:
             if getattr(self, name) not in allowed:
                 shown = ", ".join(str(a) for a in allowed if a is not None)
                 raise UsageError(f"{name} {getattr(self, name)!r}: expected one of {shown}")
+        if not self.connect_timeout > 0:
+            raise UsageError(f"connect_timeout (--connect-timeout) must be > 0 seconds, got {self.connect_timeout!r}")
 
     @classmethod
     def from_args(cls, args: Any) -> EdgeSettings:
@@ -236,8 +239,9 @@ def connect(server: str, head: str | None = None, **options: Any) -> Detector:
     ``checkpoint=`` / ``random_weights=`` for the full student; ``mode="offload"`` sends the frame
     itself. Common options: ``config`` (the model config, as hnd-edge's ``--config``), ``bits``,
     ``key_interval`` (temporal coding on a stream), ``max_inflight`` (the pipelining window of
-    ``detect_many``), ``score_threshold``, ``timeout``, ``tls_ca`` / ``token``. The server is checked
-    (same weights, a codec it takes) before this returns. Use it as a context manager, or ``close()`` it.
+    ``detect_many``), ``score_threshold``, ``timeout``, ``connect_timeout`` (seconds to wait for a server
+    that is not up yet, default 10), ``tls_ca`` / ``token``. The server is checked (same weights, a codec it
+    takes) before this returns. Use it as a context manager, or ``close()`` it.
 
     Raises an HndError with one line: ConfigError / UsageError for options, EdgeError when the server
     is unreachable or cannot serve these options, FingerprintMismatch for other weights.
@@ -639,6 +643,7 @@ def make_client(args: EdgeSettings, rt: RuntimeConfig, live: bool) -> SplitClien
             token=token,
             max_message_bytes=rt.max_message_bytes,
             timeout_s=args.timeout or rt.deadline_s,
+            connect_timeout_s=args.connect_timeout,
             lb=args.lb,
             max_attempts=args.max_attempts,
             tls_server_name=args.tls_server_name,

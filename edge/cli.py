@@ -305,6 +305,14 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
         "recent answer of a slower server, at most 10x that)",
     )
     p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait at start for a server that is not up yet (it may be starting) before ending the "
+        "run with one line naming the cause (default 10)",
+    )
+    p.add_argument(
         "--give-up-after",
         type=float,
         default=None,

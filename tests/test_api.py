@@ -72,8 +72,10 @@ def test_errors_are_hnd_errors_never_grpc(server):
     with pytest.raises(UsageError, match="image_format 'gif'"):
         hnd.connect(server.target, mode="offload", image_format="gif")
     with pytest.raises(HndError) as unreachable:
-        hnd.connect("127.0.0.1:1", config=CONFIG, random_weights=0, timeout=1)
-    assert not isinstance(unreachable.value, grpc.RpcError)
+        hnd.connect("127.0.0.1:1", config=CONFIG, random_weights=0, timeout=1, connect_timeout=1)
+    assert not isinstance(unreachable.value, grpc.RpcError) and "nothing listens there" in str(unreachable.value)
+    with pytest.raises(UsageError, match=r"connect_timeout \(--connect-timeout\) must be > 0 seconds, got 0"):
+        hnd.connect(server.target, connect_timeout=0)
     with hnd.connect(server.target, config=CONFIG, random_weights=0) as detector:
         with pytest.raises(UsageError, match=r"\[H, W, 3\] uint8"):
             detector.detect(np.zeros((8, 8), np.uint8))
@@ -132,6 +134,20 @@ def test_onnx_head_api_never_imports_torch(server, tiny_model, tmp_path):
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.startswith("ok"), run.stderr
+
+
+def test_the_connect_timeout_is_the_clients_wait_for_a_server_not_up_yet():
+    from hnd.common.config import RuntimeConfig
+    from hnd.edge.api import make_client
+
+    assert EdgeSettings().connect_timeout == 10.0  # a server may be starting: gRPC's wait_for_ready, bounded
+    client = make_client(EdgeSettings(connect_timeout=0.5), RuntimeConfig(), live=False)
+    try:
+        assert client.settings.connect_timeout_s == 0.5
+    finally:
+        client.close()
+    args = edge_parser().parse_args(["--images", "x", "--connect-timeout", "2.5"])
+    assert EdgeSettings.from_args(args).connect_timeout == 2.5
 
 
 def test_settings_defaults_are_hnd_edges():
