@@ -89,7 +89,7 @@ class EdgeSettings:
     lb: str = "round_robin"
     max_attempts: int = 3
     timeout: float | None = None
-    connect_timeout: float = 10.0
+    connect_timeout: float = ClientSettings.connect_timeout_s
     give_up_after: float | None = None
     tls_ca: str | None = None
     tls_cert: str | None = None

@@ -48,7 +48,7 @@ from hnd.edge import interrupts
 from hnd.edge.adapt_mode import add_adapt_arguments
 from hnd.edge.interrupts import Terminated
 from hnd.edge.capture import Frame, FrameSource, LiveCapture, SourceLost, open_source, set_opencv_logging
-from hnd.edge.client import LB_POLICIES, SplitClient
+from hnd.edge.client import LB_POLICIES, ClientSettings, SplitClient
 from hnd.edge.draw import VideoSink, draw_detections
 from hnd.edge.api import DEFAULT_GIVE_UP_S, EdgeSettings, IMAGE_FORMATS, MODES, open_detector, plan_edge
 from hnd.edge.pipeline import EdgeRunner, ServerGone
@@ -307,10 +307,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--connect-timeout",
         type=float,
-        default=10.0,
+        default=ClientSettings.connect_timeout_s,
         metavar="S",
         help="seconds to wait at start for a server that is not up yet (it may be starting) before ending the "
-        "run with one line naming the cause (default 10)",
+        f"run with one line naming the cause (default {ClientSettings.connect_timeout_s:g})",
     )
     p.add_argument(
         "--give-up-after",
