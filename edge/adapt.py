@@ -178,7 +178,7 @@ def predict(point: OperatingPoint, est: LinkEstimate, params: PolicyParams = Pol
 
     Unknown bandwidth / RTT count as infinite / zero: with no observation yet, no link term.
     """
-    compute = est.compute_ms.get(point.id, (point.edge_ms + point.server_ms) * est.compute_scale)
+    compute = expected_compute_ms(point, est)
     transfer = 0.0
     if est.bandwidth_bps:
         transfer = 8 * (point.bytes_p95 + est.response_bytes) / est.bandwidth_bps * 1e3 * est.inflight
@@ -187,6 +187,12 @@ def predict(point: OperatingPoint, est: LinkEstimate, params: PolicyParams = Pol
     latency = max(compute + (est.rtt_ms or 0.0) + transfer + est.latency_bias_ms, 0.0)
     fps = est.fps if est.fps else (est.inflight * 1e3 / latency if 0 < latency < math.inf else 0.0)
     return Prediction(latency, 8 * point.bytes_mean * fps / 1e3)
+
+
+def expected_compute_ms(point: OperatingPoint, est: LinkEstimate) -> float:
+    """``point``'s edge + server compute: the edge's own observations of it, else the profile's figures at
+    ``est.compute_scale`` (:func:`calibrated`)."""
+    return est.compute_ms.get(point.id, (point.edge_ms + point.server_ms) * est.compute_scale)
 
 
 def meets(point: OperatingPoint, est: LinkEstimate, objective: Objective, share: float = 1.0) -> bool:

@@ -36,7 +36,9 @@ from hnd.edge.adapt import (
     PolicyParams,
     PolicyState,
     Profile,
+    calibrated,
     choose,
+    expected_compute_ms,
     predict,
 )
 from hnd.edge.capture import Frame
@@ -277,7 +279,7 @@ class AdaptiveMode(EdgeMode):
         p.extra["operating_point"] = point.id
         p.extra["link"] = _link_json(self._estimate)
         raw = dataclasses.replace(self._estimate, latency_bias_ms=0.0)  # what the calibration is measured against
-        compute = raw.compute_ms.get(point.id, (point.edge_ms + point.server_ms) * raw.compute_scale)
+        compute = expected_compute_ms(point, raw)
         self._sent[frame.index] = (self.clock(), p.message_bytes, compute, predict(point, raw, self.params).latency_ms)
         return p
 
@@ -289,7 +291,9 @@ class AdaptiveMode(EdgeMode):
         while True:
             if not self.points:
                 raise EdgeError(f"{self.profile.path}: the server can serve none of the operating points")
-            self._estimate = self.link_estimate()
+            # the estimate as the policy sees it (compute scaled as in choose): the frame's expected compute and
+            # raw prediction (prepare) are measured against it
+            self._estimate = calibrated(self.points, self.link_estimate())
             decision = choose(self.points, self._estimate, self.objective, self.state, self.params)
             if decision.note:
                 self.say(decision.note)

@@ -639,3 +639,44 @@ def test_split_points_at_the_frames_size_are_left_out_at_the_first_frame_before_
         "operating point 4b left out: resize 240/320 is beyond what the server accepts",
     ]
     assert len(said) == 3 and said[2].startswith("no operating point meets the objective") and "jpeg" in said[2]
+
+
+def test_a_frame_is_priced_at_the_compute_scale_the_policy_chose_it_with():
+    """A profile from a machine 10x slower: the edge has seen point a at a tenth of its profile's compute, so
+    the policy prices point b, not seen yet, at a tenth too. The frame's expected compute (the in-flight bound)
+    and its raw prediction (what the calibration measures achieved latency against) were priced at the
+    profile's own figures, 10x what the policy chose with."""
+    import types
+
+    from hnd.edge.adapt import Profile
+    from hnd.edge.adapt_mode import AdaptiveMode
+    from hnd.edge.capture import Frame
+    from hnd.edge.modes import EdgeMode, EdgeOptions, Prepared
+    from hnd.edge.records import Timings
+    from hnd.proto.v1 import split_inference_pb2 as pb
+
+    class Fake(EdgeMode):
+        def prepare(self, frame: Frame) -> Prepared:
+            return Prepared(frame, Timings(), pb.InferRequest(), 10, 20)
+
+    def jpeg(id: str, edge_ms: float, server_ms: float, agreement: float) -> OperatingPoint:
+        r = {"image_format": "jpeg", "quality": 75}
+        return OperatingPoint(id, "offload", r, 1_000, 1_000, edge_ms, server_ms, agreement)
+
+    a, b = jpeg("a", 10.0, 90.0, 0.8), jpeg("b", 100.0, 900.0, 0.9)
+    est = LinkEstimator(EstimatorParams(compute_min=3, compute_quantile=1.0))
+    for t in range(3):  # 1 kB in 20 ms: the link is no bottleneck; a's compute 10 ms, its profile's 100
+        est.observe(float(t), 1_000, 0, network_ms=20.0, server_ms=0.0, point="a", compute_ms=10.0)
+    mode = AdaptiveMode(
+        EdgeOptions(max_inflight=1), Profile("p.json", "f", {}, [a, b]), Objective(target_latency_ms=1_000),
+        lambda o, *x: Fake(o), types.SimpleNamespace(), "f", estimator=est, clock=lambda: 3.0,
+    )  # fmt: skip
+    mode.check_server(pb.ModelInfo())
+    prepared = mode.prepare(Frame(0, "f", np.zeros((8, 8, 3), np.uint8), 0, 0.0, 0.0))
+    assert prepared.extra["operating_point"] == "b"
+    _, _, compute, predicted = mode._sent[0]
+    assert compute == pytest.approx(100.0)  # b's 1,000 profiled ms at a's scale, 0.1
+    assert predicted == pytest.approx(
+        predict(b, replace(calibrated([a, b], mode.link_estimate()), latency_bias_ms=0.0)).latency_ms
+    )
+    assert predicted < 1_000  # priced as chosen: b fits the target
