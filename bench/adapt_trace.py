@@ -377,18 +377,18 @@ class TraceResolver:
 
     def __init__(self, path: str, base: LinkSettings, points: list[OperatingPoint], target_ms: float | None):
         self.path, self.base, self.points, self.target_ms = path, base, points, target_ms
-        rows = read_schedule(path, base, lambda e: fit_rate(e, points, None, target_ms))  # checked now
-        self.relative = any(c[1].strip().startswith("fit:") for c in _rows(path) if len(c) > 1)
+        fits: list[str] = []  # the fit: cells, as read_schedule meets them
+
+        def check(expr: str) -> float:
+            fits.append(expr)
+            return fit_rate(expr, points, None, target_ms)
+
+        rows = read_schedule(path, base, check)  # checked now
+        self.relative = bool(fits)
         self.delay_ms = rows[0][1].delay_ms
 
     def __call__(self, costs: LinkCosts | None) -> list[tuple[float, LinkSettings]]:
         return read_schedule(self.path, self.base, lambda e: fit_rate(e, self.points, costs, self.target_ms))
-
-
-def _rows(path: str) -> list[list[str]]:
-    import csv
-
-    return list(csv.reader(Path(path).read_text().splitlines()))
 
 
 def round_order(settings: int, rounds: int) -> list[list[int]]:

@@ -128,3 +128,16 @@ def test_a_paced_camera_drops_the_frames_the_edge_was_too_busy_for():
     dropped = [round(t / 0.05) for t in source.dropped]
     assert sorted(sent + dropped) == list(range(max(sent + dropped) + 1))  # every camera frame, once
     assert {2, 3} <= set(dropped) and not set(sent) & set(dropped) and len(sent) >= 4
+
+
+def test_a_trace_is_relative_when_a_rate_the_schedule_reads_is_a_fit_rate(tmp_path):
+    from hnd.bench.adapt_trace import TraceResolver
+    from hnd.bench.linkproxy import LinkSettings
+    from hnd.edge.adapt import OperatingPoint
+
+    points = [OperatingPoint("split-4b-tensor", "split", {}, 1_000, 1_000, 10, 10, 0.9)]
+    absolute, relative = tmp_path / "absolute.csv", tmp_path / "relative.csv"
+    absolute.write_text("time_s,rate\n# not a row: 0,fit:4b\n0,50mbit\n")  # a comment is no rate
+    relative.write_text("0,50mbit\n20,fit:4b\n")
+    assert not TraceResolver(str(absolute), LinkSettings(), points, 3_000).relative
+    assert TraceResolver(str(relative), LinkSettings(), points, 3_000).relative
