@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hnd.bench.gemm import gemm_ceiling, ort_session_options
-from hnd.edge.onnx_head import INPUT, HeadMetadata, head_batch
+from hnd.edge.onnx_head import INPUT, head_batch
 
 
 @dataclass(frozen=True)
@@ -102,12 +102,6 @@ def available(lever: Lever) -> bool:
     return lever.provider in ort.get_available_providers()
 
 
-def metadata(path: Path) -> HeadMetadata:
-    import onnx
-
-    return HeadMetadata.from_props({p.key: p.value for p in onnx.load(str(path)).metadata_props}, str(path))
-
-
 def measure(
     files: dict[str, Path],
     image: np.ndarray,
@@ -129,7 +123,9 @@ def measure(
     runs = [
         (lv, session(files[lv.file], threads, lv.level, lv.spinning, lv.provider)) for lv in levers if available(lv)
     ]
-    metas = {lv.file: metadata(files[lv.file]) for lv, _ in runs}
+    from hnd.edge.onnx_export import file_metadata
+
+    metas = {lv.file: file_metadata(files[lv.file]) for lv, _ in runs}
 
     def prepare(lv: Lever) -> np.ndarray:
         return head_batch([image], metas[lv.file], *sizes)[0]
@@ -174,9 +170,10 @@ def frames_per_second(
     runs them. Run in turns, ``turns`` times, best of them (on a shared machine the best turn is the one the
     others' load touched least). Returns (frames/s, cores used in that turn: this process's CPU time over the
     wall time; 2 workers that get ~1.0 found no second core free)."""
+    from hnd.edge.onnx_export import file_metadata
     from hnd.edge.onnx_head import OnnxHead
 
-    feed = {INPUT: head_batch([image], metadata(path), *sizes)[0]}
+    feed = {INPUT: head_batch([image], file_metadata(path), *sizes)[0]}
     one, two = session(path, 1), session(path, 2)
     pair = [session(path, 1), session(path, 1)]
     edge_head = OnnxHead(path, threads=1, min_size=sizes[0], max_size=sizes[1])

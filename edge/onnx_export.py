@@ -330,6 +330,13 @@ def _set_metadata(model, meta: HeadMetadata) -> None:
         entry.key, entry.value = key, value
 
 
+def file_metadata(path: str | os.PathLike) -> HeadMetadata:
+    """The hnd metadata an exported .onnx file carries (OnnxHeadError when it has none or it is malformed)."""
+    import onnx
+
+    return HeadMetadata.from_props({p.key: p.value for p in onnx.load(str(path)).metadata_props}, str(path))
+
+
 def _save(model, path: str | os.PathLike) -> None:
     data = model.SerializeToString()
     atomic_write(path, lambda f: f.write(data))
@@ -439,9 +446,7 @@ def quantize_int8(
     if not frames:
         raise ValueError("int8 calibration needs at least one frame")
     # The input the fp32 file takes (normalized float32, or uint8 pixels with a border) is the int8 file's too.
-    written = HeadMetadata.from_props(
-        {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props}, str(fp32_path)
-    )
+    written = file_metadata(fp32_path)
     meta = dataclasses.replace(meta, input_type=written.input_type, input_border=written.input_border)
 
     def batches() -> Iterator[np.ndarray]:
