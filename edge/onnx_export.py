@@ -123,19 +123,23 @@ class SpaceToDepthStem(nn.Module):
 
     def __init__(self, conv1: nn.Conv2d) -> None:
         super().__init__()
-        w = conv1.weight.detach()
-        if (
-            tuple(w.shape[1:]) != (3, 7, 7)
-            or conv1.stride != (2, 2)
-            or conv1.padding != (3, 3)
-            or conv1.bias is not None
-            or conv1.groups != 1
-        ):
-            raise ValueError("SpaceToDepthStem needs torchvision's ResNet conv1 (3 -> n, 7x7, stride 2, padding 3)")
-        self.register_buffer("weight", _s2d_weight(w))
+        _check_resnet_conv1(conv1, "SpaceToDepthStem")
+        self.register_buffer("weight", _s2d_weight(conv1.weight.detach()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SpaceToDepthConv.apply(x, self.weight)
+
+
+def _check_resnet_conv1(conv1: nn.Conv2d, who: str) -> None:
+    """ValueError naming ``who`` unless ``conv1`` is torchvision's ResNet conv1 (the stems rewrite exactly that)."""
+    if (
+        tuple(conv1.weight.shape[1:]) != (3, 7, 7)
+        or conv1.stride != (2, 2)
+        or conv1.padding != (3, 3)
+        or conv1.bias is not None
+        or conv1.groups != 1
+    ):
+        raise ValueError(f"{who} needs torchvision's ResNet conv1 (3 -> n, 7x7, stride 2, padding 3)")
 
 
 def _s2d_weight(w: torch.Tensor) -> torch.Tensor:
@@ -185,7 +189,7 @@ class PixelStem(nn.Module):
 
     def __init__(self, conv1: nn.Conv2d, mean: Sequence[float], std: Sequence[float], stem: str = "direct") -> None:
         super().__init__()
-        SpaceToDepthStem(conv1)  # the same check on conv1's shape
+        _check_resnet_conv1(conv1, "PixelStem")
         w = conv1.weight.detach().double()
         m = torch.tensor([float(v) for v in mean], dtype=torch.float64).reshape(1, 3, 1, 1)
         s = torch.tensor([float(v) for v in std], dtype=torch.float64).reshape(1, 3, 1, 1)

@@ -578,3 +578,14 @@ def test_head_metadata_parsing_is_bounded():
     assert peak < 48 << 20, peak  # the JSON's own objects, never the 128 MB dense table
     with pytest.raises(OnnxHeadError, match=r"6000 table rows for a 24-channel head"):
         prior_from_json(json.dumps({**ragged, "quantized_cdf": [[0, 65536]] * 6000}), "head.onnx", channels=24)
+
+
+@pytest.mark.parametrize("stem", ["SpaceToDepthStem", "PixelStem"])
+def test_the_stems_take_only_a_resnet_conv1(stem):
+    from torch import nn
+
+    from hnd.edge import onnx_export
+
+    extra = ((0.5, 0.5, 0.5), (0.2, 0.2, 0.2)) if stem == "PixelStem" else ()
+    with pytest.raises(ValueError, match=f"{stem} needs torchvision's ResNet conv1"):
+        getattr(onnx_export, stem)(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), *extra)
