@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -98,9 +98,12 @@ def original_dequantize(qx: torch.Tensor, scale: torch.Tensor, zero_point: int) 
 
 @settings(max_examples=60, deadline=None)
 @given(x=float_tensors())
+@example(x=torch.tensor([[[[0.0, 3.3631e-44]]]]))  # a range whose step underflows: CI drew it once
 def test_original_mode_is_the_original_code(x):
-    if x.min() == x.max():
-        return  # the original divides by zero there; covered by test_constant_tensors_are_exact
+    if float((x.max() - x.min()) / 255.0) == 0.0:
+        # the original divides by zero there: a constant tensor (test_constant_tensors_are_exact), or a range
+        # so small that its float32 step underflows to 0
+        return
     qx, scale, zp = original_quantize(x)
     q = codec.quantize(x, 8, "original")
     assert q.scale == (float(scale),) and q.zero_point == (zp,)
